@@ -1,0 +1,195 @@
+//! Starts the parts in order, runs them, and stops them in reverse order.
+//!
+//! Shutdown finishes in-flight work before anything closes: the dispatcher stops taking messages
+//! and hands on what it already received, the pipeline runs every queued step (commits, replies,
+//! broker acks), then the offline status goes out, the MQTT connection closes, and last the
+//! store commits what remains and closes the database.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::Publish;
+use tokio::sync::{mpsc, watch};
+
+use crate::broker::{BrokerError, EmbeddedBroker};
+use crate::config::{BrokerMode, Settings};
+use crate::metasync;
+use crate::mqtt::{Link, LinkOptions};
+use crate::node::{self, Node};
+use crate::operations::{self, Step};
+use crate::store::{Store, StoreError};
+use crate::topics::Topics;
+
+/// Steps queued between the dispatcher and the pipeline; bounds memory under a burst.
+const STEP_QUEUE: usize = 4096;
+/// How long shutdown waits for queued work before giving up on it.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+/// Runs MetaManager until `shutdown` resolves.
+pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
+    let store = {
+        let path = settings.database.path.clone();
+        tokio::task::spawn_blocking(move || Store::open(&path))
+            .await
+            .map_err(|e| StoreError::Commit(format!("store start-up task failed: {e}")))??
+    };
+    tracing::info!(path = %store.path().display(), "store open");
+
+    let mut connect_host = settings.mqtt.host.clone();
+    if settings.mqtt.mode == BrokerMode::Embedded {
+        let limit = settings.mqtt.max_payload_bytes;
+        let (host, port) = (settings.mqtt.host.clone(), settings.mqtt.port);
+        // The broker relays up to twice MetaManager's limit, so an oversized message still
+        // reaches MetaManager and its sender gets an error reply instead of a disconnect.
+        let broker =
+            tokio::task::spawn_blocking(move || EmbeddedBroker::start(&host, port, limit * 2))
+                .await
+                .map_err(|e| StoreError::Commit(format!("broker start-up task failed: {e}")))??;
+        if broker.addr.ip().is_unspecified() {
+            connect_host = "127.0.0.1".into();
+        }
+    }
+
+    let topics = Topics::new(&settings.mqtt.topic_prefix, &settings.node_id);
+    let (link, inbound) = Link::start(
+        LinkOptions {
+            client_id: format!("metamanager-{}", settings.node_id),
+            host: connect_host,
+            port: settings.mqtt.port,
+            offline_status: node::offline_status(&settings.node_id),
+        },
+        topics.clone(),
+    );
+    let node = Arc::new(Node::new(
+        &settings,
+        Arc::new(topics),
+        store.clone(),
+        link.publisher.clone(),
+    ));
+    tracing::info!(
+        node_id = %settings.node_id,
+        broker = %format!("{}:{}", settings.mqtt.host, settings.mqtt.port),
+        mode = ?settings.mqtt.mode,
+        "metamanager starting"
+    );
+
+    let (stop_tx, stop) = watch::channel(false);
+    let (steps_tx, steps_rx) = mpsc::channel(STEP_QUEUE);
+    let dispatcher = tokio::spawn(run_dispatcher(
+        node.clone(),
+        inbound,
+        steps_tx,
+        stop.clone(),
+    ));
+    let pipeline = tokio::spawn(run_pipeline(steps_rx));
+    let session = tokio::spawn(keep_session(
+        node.clone(),
+        link.connected.clone(),
+        stop.clone(),
+    ));
+    let sync = tokio::spawn(metasync::run_periodic(
+        node.clone(),
+        settings.meta.sync.podstatus.interval,
+        stop.clone(),
+    ));
+
+    shutdown.await;
+    tracing::info!("shutting down: finishing in-flight work");
+    stop_tx.send_replace(true);
+    let drained = async {
+        let _ = dispatcher.await;
+        let _ = pipeline.await;
+    };
+    if tokio::time::timeout(DRAIN_TIMEOUT, drained).await.is_err() {
+        tracing::warn!("in-flight work did not finish within {DRAIN_TIMEOUT:?}; unacknowledged messages will be redelivered by the broker where it keeps the session");
+    }
+    let _ = session.await;
+    let _ = sync.await;
+    node.publisher.status(node.offline_status()).await;
+    link.shutdown().await;
+    store.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn run_dispatcher(
+    node: Arc<Node>,
+    mut inbound: mpsc::Receiver<Publish>,
+    steps: mpsc::Sender<Step>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let publish = tokio::select! {
+            p = inbound.recv() => match p {
+                Some(p) => p,
+                None => return,
+            },
+            _ = stop.changed() => break,
+        };
+        if steps
+            .send(operations::dispatch(&node, publish).await)
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+    // Hand on what already arrived; the broker sees it acknowledged once it is handled.
+    while let Ok(publish) = inbound.try_recv() {
+        if steps
+            .send(operations::dispatch(&node, publish).await)
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+async fn run_pipeline(mut steps: mpsc::Receiver<Step>) {
+    while let Some(step) = steps.recv().await {
+        step.await;
+    }
+}
+
+/// On every broker (re)connection: resubscribe and republish the online status. On every
+/// change of the cloud state: republish the status.
+async fn keep_session(
+    node: Arc<Node>,
+    mut connected: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut cloud = node.watch_cloud();
+    loop {
+        tokio::select! {
+            changed = connected.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                if *connected.borrow_and_update() {
+                    node.publisher.subscribe().await;
+                    node.publisher.status(node.online_status()).await;
+                }
+            }
+            changed = cloud.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                cloud.borrow_and_update();
+                if *connected.borrow() {
+                    node.publisher.status(node.online_status()).await;
+                }
+            }
+            _ = stop.changed() => return,
+        }
+    }
+}

@@ -1,0 +1,287 @@
+//! Typed settings, read from an optional YAML file.
+//!
+//! Every key is optional and falls back to the built-in default, so `metamanager` with no
+//! arguments runs. Unknown keys are rejected rather than ignored: a typo in a config file on a
+//! remote edge node should stop start-up loudly, not silently fall back to a default.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// Why the configuration could not be used. Each variant names the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+/// Whether MetaManager starts its own broker or joins one that already runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BrokerMode {
+    Embedded,
+    External,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub node_id: String,
+    pub mqtt: MqttSettings,
+    pub database: DatabaseSettings,
+    pub meta: MetaSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttSettings {
+    pub mode: BrokerMode,
+    pub host: String,
+    pub port: u16,
+    pub topic_prefix: String,
+    /// Largest inbound payload accepted, in bytes. Bigger messages get an `error` reply.
+    pub max_payload_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseSettings {
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetaSettings {
+    pub sync: SyncSettings,
+    #[serde(deserialize_with = "duration")]
+    pub remote_query_timeout: Duration,
+    /// Resource types that edged may fetch from the cloud when the node holds no copy.
+    pub remote_types: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SyncSettings {
+    pub podstatus: PodStatusSync,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PodStatusSync {
+    #[serde(deserialize_with = "duration")]
+    pub interval: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            node_id: "edge-node".into(),
+            mqtt: MqttSettings::default(),
+            database: DatabaseSettings::default(),
+            meta: MetaSettings::default(),
+        }
+    }
+}
+
+impl Default for MqttSettings {
+    fn default() -> Self {
+        Self {
+            mode: BrokerMode::Embedded,
+            host: "127.0.0.1".into(),
+            port: 1884,
+            topic_prefix: "edge".into(),
+            max_payload_bytes: 1024 * 1024,
+        }
+    }
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("./data/metamanager.db"),
+        }
+    }
+}
+
+impl Default for MetaSettings {
+    fn default() -> Self {
+        Self {
+            sync: SyncSettings::default(),
+            remote_query_timeout: Duration::from_secs(60),
+            remote_types: [
+                "configmap",
+                "secret",
+                "serviceaccounttoken",
+                "persistentvolume",
+                "persistentvolumeclaim",
+                "volumeattachment",
+                "node",
+            ]
+            .map(String::from)
+            .to_vec(),
+        }
+    }
+}
+
+impl Default for PodStatusSync {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Settings {
+    /// Reads and validates a YAML file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_yaml(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates YAML text; an empty document means all defaults.
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        let settings: Settings = if text.trim().is_empty() {
+            Settings::default()
+        } else {
+            serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse {
+                path: PathBuf::new(),
+                message: e.to_string(),
+            })?
+        };
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks what serde's types cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        topic_level("node_id", &self.node_id)?;
+        topic_level("mqtt.topic_prefix", &self.mqtt.topic_prefix)?;
+        if self.mqtt.port == 0 {
+            return invalid("mqtt.port", "must be between 1 and 65535".into());
+        }
+        if self.mqtt.host.trim().is_empty() {
+            return invalid("mqtt.host", "must not be empty".into());
+        }
+        if self.mqtt.max_payload_bytes < 1024 {
+            return invalid("mqtt.max_payload_bytes", "must be at least 1024".into());
+        }
+        if self.database.path.as_os_str().is_empty() {
+            return invalid("database.path", "must not be empty".into());
+        }
+        if self.meta.sync.podstatus.interval.is_zero() {
+            return invalid("meta.sync.podstatus.interval", "must be positive".into());
+        }
+        if self.meta.remote_query_timeout.is_zero() {
+            return invalid("meta.remote_query_timeout", "must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+fn invalid(key: &'static str, message: String) -> Result<(), ConfigError> {
+    Err(ConfigError::Invalid { key, message })
+}
+
+/// Node id and prefix each become one topic level, so they may not contain MQTT's separators
+/// or wildcards; otherwise two nodes' topics could overlap.
+fn topic_level(key: &'static str, value: &str) -> Result<(), ConfigError> {
+    if value.is_empty() {
+        return invalid(key, "must not be empty".into());
+    }
+    if let Some(c) = value
+        .chars()
+        .find(|c| matches!(c, '/' | '+' | '#') || c.is_control() || c.is_whitespace())
+    {
+        return invalid(
+            key,
+            format!("{value:?} contains {c:?}; a topic level may not contain '/', '+', '#', spaces or control characters"),
+        );
+    }
+    Ok(())
+}
+
+/// Accepts whole seconds (`60`, KubeEdge's form) or a duration string (`"90s"`, `"1m30s"`).
+fn duration<'de, D: Deserializer<'de>>(de: D) -> Result<Duration, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Form {
+        Seconds(u64),
+        Text(String),
+    }
+    match Form::deserialize(de)? {
+        Form::Seconds(s) => Ok(Duration::from_secs(s)),
+        Form::Text(t) => parse_duration(&t).map_err(serde::de::Error::custom),
+    }
+}
+
+/// Parses a duration string; a bare number is taken as seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if let Ok(secs) = text.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(text).map_err(|e| {
+        format!(
+            "{text:?} is not a duration ({e}); use whole seconds or a form like \"90s\", \"1m30s\""
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        let s = Settings::from_yaml("").unwrap();
+        assert_eq!(s.node_id, "edge-node");
+        assert_eq!(s.mqtt.port, 1884);
+        assert_eq!(s.mqtt.mode, BrokerMode::Embedded);
+        assert_eq!(s.meta.sync.podstatus.interval, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn durations_take_seconds_or_strings() {
+        let s = Settings::from_yaml(
+            "meta:\n  sync:\n    podstatus:\n      interval: 90\n  remote_query_timeout: 1m30s\n",
+        )
+        .unwrap();
+        assert_eq!(s.meta.sync.podstatus.interval, Duration::from_secs(90));
+        assert_eq!(s.meta.remote_query_timeout, Duration::from_secs(90));
+        let s = Settings::from_yaml("meta:\n  sync:\n    podstatus:\n      interval: \"2s\"\n")
+            .unwrap();
+        assert_eq!(s.meta.sync.podstatus.interval, Duration::from_secs(2));
+    }
+
+    fn error_of(yaml: &str) -> String {
+        Settings::from_yaml(yaml).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        assert!(error_of("mqtt:\n  mode: sideways\n").contains("mode"));
+        assert!(error_of("mqtt:\n  port: 70000\n").contains("port"));
+        assert!(error_of("mqtt:\n  port: 0\n").contains("mqtt.port"));
+        assert!(error_of("meta:\n  remote_query_timeout: soon\n").contains("remote_query_timeout"));
+        assert!(error_of("nodeid: x\n").contains("nodeid"));
+        assert!(error_of("mqtt:\n  hots: x\n").contains("hots"));
+        assert!(error_of("node_id: a/b\n").contains("node_id"));
+    }
+}

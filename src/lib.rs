@@ -1,0 +1,32 @@
+//! MetaManager: the edge node's metadata store between edgehub (the cloud link) and edged (the
+//! node agent), speaking MQTT and persisting to SQLite.
+//!
+//! Module map, from the outside in:
+//! - [`config`]: typed settings from the optional YAML file.
+//! - [`telemetry`]: logging set-up.
+//! - [`app`]: starts the parts in order and stops them in reverse order.
+//! - [`broker`]: the embedded rumqttd broker.
+//! - [`mqtt`]: the MQTT connection: a receive loop that never blocks, a [`mqtt::Publisher`]
+//!   for everything outbound, reconnects with backoff.
+//! - [`topics`]: the node's topic names and the two peers, edgehub and edged.
+//! - [`message`]: the wire message, its validation, and the replies MetaManager builds.
+//! - [`resource`]: the `namespace/type[/name]` resource key.
+//! - [`operations`]: what each operation does, split into an immediate part and an ordered step.
+//! - [`remote`]: queries waiting for the cloud's answer.
+//! - [`metasync`]: the periodic pod-status sync to the cloud.
+//! - [`node`]: the state the running node's tasks share, and its status object.
+//! - [`store`]: SQLite with one writer thread (group commit) and reads beside it.
+
+pub mod app;
+pub mod broker;
+pub mod config;
+pub mod message;
+pub mod metasync;
+pub mod mqtt;
+pub mod node;
+pub mod operations;
+pub mod remote;
+pub mod resource;
+pub mod store;
+pub mod telemetry;
+pub mod topics;

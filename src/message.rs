@@ -1,0 +1,441 @@
+//! The wire message in KubeEdge's beehive form, its validation, and the replies MetaManager
+//! builds.
+//!
+//! Content is kept as raw JSON text: most operations only store or forward it, so parsing it
+//! into a tree on every message would be wasted work. The few operations that must look inside
+//! (update's comparison, delete's uid check) parse it where they need it.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::de::IgnoredAny;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::resource::{Resource, ResourceError};
+
+/// Deepest nesting accepted in content. Below serde_json's own limit (128), so anything
+/// accepted can be parsed again later (update's comparison, delete's uid check).
+pub const MAX_DEPTH: usize = 100;
+
+/// `route.source` of every message MetaManager creates.
+pub const SOURCE: &str = "metamanager";
+/// `route.group` of every message MetaManager creates.
+pub const GROUP: &str = "meta";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Operation {
+    Insert,
+    Update,
+    Delete,
+    Query,
+    Response,
+    Error,
+    Connect,
+    MetaInternalSync,
+}
+
+impl Operation {
+    pub const ALL: [Operation; 8] = [
+        Operation::Insert,
+        Operation::Update,
+        Operation::Delete,
+        Operation::Query,
+        Operation::Response,
+        Operation::Error,
+        Operation::Connect,
+        Operation::MetaInternalSync,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Insert => "insert",
+            Operation::Update => "update",
+            Operation::Delete => "delete",
+            Operation::Query => "query",
+            Operation::Response => "response",
+            Operation::Error => "error",
+            Operation::Connect => "connect",
+            Operation::MetaInternalSync => "meta-internal-sync",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|op| op.as_str() == text)
+    }
+}
+
+impl Serialize for Operation {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Header {
+    pub msg_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_msg_id: Option<String>,
+    #[serde(default)]
+    pub timestamp: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resourceversion: Option<String>,
+    #[serde(default)]
+    pub sync: bool,
+}
+
+/// The route as it arrives; the operation and resource are checked after decoding so the error
+/// can say exactly what was wrong with them.
+#[derive(Debug, Deserialize)]
+struct WireRoute {
+    #[serde(default)]
+    source: String,
+    #[serde(default)]
+    group: String,
+    operation: String,
+    resource: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct WireMessage {
+    header: Header,
+    route: WireRoute,
+    #[serde(default)]
+    content: Option<Box<RawValue>>,
+}
+
+/// A validated inbound message.
+#[derive(Debug)]
+pub struct Message {
+    pub header: Header,
+    pub source: String,
+    pub group: String,
+    pub operation: Operation,
+    pub resource: Resource,
+    /// `None` when the message had no content or `null`.
+    pub content: Option<Box<RawValue>>,
+}
+
+/// Why an inbound payload is not a valid message. The text is what the sender sees.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("message is {size} bytes; the limit is {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
+    #[error("payload is not valid JSON: {0}")]
+    NotJson(String),
+    #[error("payload is not a JSON object")]
+    NotObject,
+    #[error("invalid message: {0}")]
+    Shape(String),
+    #[error("header.msg_id must be a non-empty string")]
+    EmptyMsgId,
+    #[error("unknown operation {0:?}; expected one of insert, update, delete, query, response, error, connect, meta-internal-sync")]
+    UnknownOperation(String),
+    #[error("content is nested deeper than {MAX_DEPTH} levels")]
+    TooDeep,
+    #[error("invalid route.resource: {0}")]
+    Resource(#[from] ResourceError),
+}
+
+impl Message {
+    /// Decodes and validates one payload. Nothing here panics on hostile input: serde_json
+    /// bounds nesting depth, and the size is checked before any parsing.
+    pub fn decode(payload: &[u8], limit: usize) -> Result<Self, DecodeError> {
+        if payload.len() > limit {
+            return Err(DecodeError::TooLarge {
+                size: payload.len(),
+                limit,
+            });
+        }
+        let first = payload.iter().find(|b| !b.is_ascii_whitespace());
+        if first != Some(&b'{') {
+            return match serde_json::from_slice::<IgnoredAny>(payload) {
+                Ok(_) => Err(DecodeError::NotObject),
+                Err(e) => Err(DecodeError::NotJson(e.to_string())),
+            };
+        }
+        let mut de = serde_json::Deserializer::from_slice(payload);
+        let wire: WireMessage = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if inner.is_syntax() || inner.is_eof() {
+                DecodeError::NotJson(inner.to_string())
+            } else if path == "." {
+                DecodeError::Shape(inner.to_string())
+            } else {
+                DecodeError::Shape(format!("{path}: {inner}"))
+            }
+        })?;
+        // Trailing garbage after the object makes the payload invalid JSON as a whole.
+        de.end().map_err(|e| DecodeError::NotJson(e.to_string()))?;
+        if wire.header.msg_id.is_empty() {
+            return Err(DecodeError::EmptyMsgId);
+        }
+        let operation = Operation::parse(&wire.route.operation)
+            .ok_or(DecodeError::UnknownOperation(wire.route.operation))?;
+        let resource = Resource::parse(&wire.route.resource)?;
+        let content = wire.content.filter(|c| c.get() != "null");
+        if content.as_deref().is_some_and(|c| too_deep(c.get())) {
+            return Err(DecodeError::TooDeep);
+        }
+        Ok(Self {
+            header: wire.header,
+            source: wire.route.source,
+            group: wire.route.group,
+            operation,
+            resource,
+            content,
+        })
+    }
+
+    pub fn msg_id(&self) -> &str {
+        &self.header.msg_id
+    }
+
+    /// Content as raw JSON text, `null` when absent.
+    pub fn content_json(&self) -> &str {
+        self.content.as_deref().map_or("null", RawValue::get)
+    }
+}
+
+/// Whether JSON text nests deeper than [`MAX_DEPTH`]. Raw content is skipped over by the
+/// decoder without a depth limit, so it is checked here, in one pass with no allocation.
+fn too_deep(json: &str) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for b in json.bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+/// Reads `header.msg_id` from a payload that failed validation, so the error reply can carry
+/// `parent_msg_id`. It allocates nothing for the rest of the document.
+pub fn salvage_msg_id(payload: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Head {
+        msg_id: Option<serde_json::Value>,
+    }
+    #[derive(Deserialize)]
+    struct Loose {
+        header: Option<Head>,
+    }
+    let loose: Loose = serde_json::from_slice(payload).ok()?;
+    match loose.header?.msg_id? {
+        serde_json::Value::String(s) if !s.is_empty() => Some(s),
+        _ => None,
+    }
+}
+
+#[derive(Serialize)]
+struct OutRoute<'a> {
+    source: &'a str,
+    group: &'a str,
+    operation: Operation,
+    resource: &'a str,
+}
+
+#[derive(Serialize)]
+struct OutMessage<'a> {
+    header: Header,
+    route: OutRoute<'a>,
+    content: &'a RawValue,
+}
+
+/// Builds a message MetaManager originates: fresh UUID v4 id, current time.
+pub fn build(
+    parent_msg_id: Option<&str>,
+    operation: Operation,
+    resource: &str,
+    content: &RawValue,
+) -> Vec<u8> {
+    build_with_id(new_msg_id(), parent_msg_id, operation, resource, content)
+}
+
+pub fn new_msg_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// Builds a message with a chosen id, for callers that must remember it (remote queries).
+pub fn build_with_id(
+    msg_id: String,
+    parent_msg_id: Option<&str>,
+    operation: Operation,
+    resource: &str,
+    content: &RawValue,
+) -> Vec<u8> {
+    let msg = OutMessage {
+        header: Header {
+            msg_id,
+            parent_msg_id: parent_msg_id.map(str::to_owned),
+            timestamp: now_millis(),
+            resourceversion: None,
+            sync: false,
+        },
+        route: OutRoute {
+            source: SOURCE,
+            group: GROUP,
+            operation,
+            resource,
+        },
+        content,
+    };
+    // Serialising a struct of strings and already-valid raw JSON cannot fail.
+    serde_json::to_vec(&msg).unwrap_or_default()
+}
+
+/// The ack: `response` with content `"OK"`.
+pub fn ack(to: &Message) -> Vec<u8> {
+    build(
+        Some(to.msg_id()),
+        Operation::Response,
+        to.resource.key(),
+        &raw_string("OK"),
+    )
+}
+
+/// A reply to `to` with `operation` and raw JSON `content`.
+pub fn reply(to: &Message, operation: Operation, content: &RawValue) -> Vec<u8> {
+    build(Some(to.msg_id()), operation, to.resource.key(), content)
+}
+
+/// An `error` reply whose content is the human-readable `text`.
+pub fn error(parent_msg_id: Option<&str>, resource: &str, text: &str) -> Vec<u8> {
+    build(parent_msg_id, Operation::Error, resource, &raw_string(text))
+}
+
+/// A JSON string as raw JSON.
+pub fn raw_string(text: &str) -> Box<RawValue> {
+    raw(serde_json::to_string(text).unwrap_or_else(|_| "\"\"".into()))
+}
+
+/// Wraps JSON text that MetaManager produced itself (or read from its own store) as raw JSON.
+pub fn raw(json: String) -> Box<RawValue> {
+    RawValue::from_string(json).unwrap_or_else(|_| raw_null())
+}
+
+pub fn raw_null() -> Box<RawValue> {
+    RawValue::from_string("null".into()).unwrap_or_else(|_| unreachable!("null is valid JSON"))
+}
+
+/// `[a,b,c]` from stored JSON texts, without re-parsing them.
+pub fn raw_array<'a>(items: impl IntoIterator<Item = &'a str>) -> Box<RawValue> {
+    let mut out = String::from("[");
+    for (i, item) in items.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(item);
+    }
+    out.push(']');
+    raw(out)
+}
+
+pub fn now_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMIT: usize = 1 << 20;
+
+    #[test]
+    fn decodes_fixture() {
+        let payload = include_bytes!("../tests/fixtures/insert-pod.message.json");
+        let m = Message::decode(payload, LIMIT).unwrap();
+        assert_eq!(m.operation, Operation::Insert);
+        assert_eq!(m.resource.key(), "default/pod/nginx-7d9c5b8f4-x2k9p");
+        assert!(m.content_json().contains("nginx"));
+    }
+
+    fn err(payload: &str) -> String {
+        Message::decode(payload.as_bytes(), LIMIT)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn names_what_is_wrong() {
+        assert!(err("nope").contains("not valid JSON"));
+        assert!(err("[1]").contains("not a JSON object"));
+        assert!(err("{}").contains("header"));
+        let no_id = r#"{"header":{},"route":{"operation":"insert","resource":"a/b/c"}}"#;
+        assert!(err(no_id).contains("msg_id"));
+        let empty_id =
+            r#"{"header":{"msg_id":""},"route":{"operation":"insert","resource":"a/b/c"}}"#;
+        assert!(err(empty_id).contains("msg_id"));
+        let bad_ts = r#"{"header":{"msg_id":"1","timestamp":"x"},"route":{"operation":"insert","resource":"a/b/c"}}"#;
+        assert!(err(bad_ts).contains("header.timestamp"));
+        let bad_op =
+            r#"{"header":{"msg_id":"1"},"route":{"operation":"upsert","resource":"a/b/c"}}"#;
+        assert!(err(bad_op).contains("upsert"));
+        let bad_res =
+            r#"{"header":{"msg_id":"1"},"route":{"operation":"insert","resource":"a//c"}}"#;
+        assert!(err(bad_res).contains("route.resource"));
+        assert!(Message::decode(&vec![b' '; 2048], 1024)
+            .unwrap_err()
+            .to_string()
+            .contains("limit"));
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_crash() {
+        let deep = format!(
+            r#"{{"header":{{"msg_id":"1"}},"route":{{"operation":"insert","resource":"a/b/c"}},"content":{}{}}}"#,
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        let e = Message::decode(deep.as_bytes(), LIMIT).unwrap_err();
+        assert!(matches!(e, DecodeError::TooDeep), "{e}");
+        // Brackets inside strings do not count.
+        let text = format!(
+            r#"{{"header":{{"msg_id":"1"}},"route":{{"operation":"insert","resource":"a/b/c"}},"content":{{"s":"{}\\\"["}}}}"#,
+            "[".repeat(500)
+        );
+        Message::decode(text.as_bytes(), LIMIT).unwrap();
+    }
+
+    #[test]
+    fn salvages_msg_id() {
+        assert_eq!(
+            salvage_msg_id(br#"{"header":{"msg_id":"abc"},"route":5}"#).as_deref(),
+            Some("abc")
+        );
+        assert_eq!(salvage_msg_id(b"garbage"), None);
+    }
+
+    #[test]
+    fn replies_carry_parent_and_source() {
+        let payload = include_bytes!("../tests/fixtures/insert-pod.message.json");
+        let m = Message::decode(payload, LIMIT).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&ack(&m)).unwrap();
+        assert_eq!(v["header"]["parent_msg_id"], m.msg_id());
+        assert_eq!(v["route"]["source"], "metamanager");
+        assert_eq!(v["route"]["group"], "meta");
+        assert_eq!(v["route"]["operation"], "response");
+        assert_eq!(v["content"], "OK");
+        assert_eq!(v["header"]["msg_id"].as_str().unwrap().len(), 36);
+    }
+}

@@ -1,0 +1,111 @@
+//! MetaSync: periodically tells the cloud the status of the node's pods.
+//!
+//! For each namespace with stored `podstatus` objects, one `update` of `ns/podstatus` carries
+//! them all, so the cloud gets one message per namespace rather than one per pod. A podstatus
+//! whose pod is gone is deleted instead of sent, so stale statuses do not outlive their pods.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tokio::sync::Mutex;
+
+use crate::message::{self, Operation};
+use crate::node::Node;
+use crate::resource::Resource;
+use crate::store::{StoreError, Write};
+use crate::topics::Peer;
+
+const PODSTATUS: &str = "podstatus";
+
+/// What one run did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub enum Report {
+    /// The cloud is disconnected; nothing was sent.
+    #[default]
+    Skipped,
+    Synced {
+        namespaces: usize,
+        statuses: usize,
+        removed: usize,
+    },
+}
+
+/// Serialises runs, so the timer and an on-demand `meta-internal-sync` never overlap.
+#[derive(Default)]
+pub struct MetaSync {
+    running: Mutex<()>,
+}
+
+impl MetaSync {
+    pub async fn run(&self, node: &Node) -> Result<Report, StoreError> {
+        let _guard = self.running.lock().await;
+        if !node.cloud_connected() {
+            return Ok(Report::Skipped);
+        }
+        let statuses = node.store.list_type(PODSTATUS).await?;
+        let pod_keys: Vec<String> = statuses
+            .iter()
+            .map(|(key, _)| pod_key(key).unwrap_or_default())
+            .collect();
+        let pod_exists = node.store.existing(pod_keys).await?;
+
+        let mut by_namespace: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        let mut removed = 0;
+        for ((key, value), exists) in statuses.iter().zip(pod_exists) {
+            if exists {
+                let namespace = key.split('/').next().unwrap_or_default();
+                by_namespace.entry(namespace).or_default().push(value);
+            } else {
+                node.store
+                    .write(Write::Delete {
+                        key: key.clone(),
+                        uid: None,
+                    })
+                    .await?;
+                removed += 1;
+            }
+        }
+        for (namespace, values) in &by_namespace {
+            let payload = message::build(
+                None,
+                Operation::Update,
+                &format!("{namespace}/{PODSTATUS}"),
+                &message::raw_array(values.iter().copied()),
+            );
+            node.publisher.send(Peer::Edgehub, payload).await;
+        }
+        let report = Report::Synced {
+            namespaces: by_namespace.len(),
+            statuses: statuses.len() - removed,
+            removed,
+        };
+        tracing::debug!(?report, "metasync");
+        Ok(report)
+    }
+}
+
+/// `ns/podstatus/name` → `ns/pod/name`.
+fn pod_key(podstatus_key: &str) -> Option<String> {
+    let r = Resource::parse(podstatus_key).ok()?;
+    Some(format!("{}/pod/{}", r.namespace(), r.name()?))
+}
+
+/// Runs MetaSync every `interval` until `shutdown` fires.
+pub async fn run_periodic(
+    node: std::sync::Arc<Node>,
+    interval: Duration,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                if let Err(e) = node.metasync.run(&node).await {
+                    tracing::warn!(error = %e, "metasync failed");
+                }
+            }
+            _ = shutdown.changed() => return,
+        }
+    }
+}

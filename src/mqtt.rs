@@ -1,0 +1,198 @@
+//! The MQTT connection, wrapped so that receiving and sending never wait on each other.
+//!
+//! rumqttc's event loop must be polled for anything to move, and its request channel is bounded:
+//! a task that polls the loop and also awaits a publish can stall forever once that channel
+//! fills. So one task does nothing but poll (the receive loop) and hands inbound publishes on
+//! without waiting; everything else sends through [`Publisher`]. The receive loop also owns
+//! reconnection: it backs off between attempts and reports each (re)connection, on which the
+//! application resubscribes, since rumqttc does not.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet,
+    Publish, QoS,
+};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::topics::{Peer, Topics};
+
+/// Largest packet rumqttc accepts or sends. Kept well above the message size limit so that an
+/// oversized message is received and answered with an error, rather than dropping the
+/// connection and being redelivered on every reconnect.
+const MAX_PACKET: usize = 256 * 1024 * 1024;
+const REQUEST_CHANNEL: usize = 1024;
+const INBOUND_QUEUE: usize = 1024;
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_CAP: Duration = Duration::from_secs(5);
+
+/// Where and how to connect.
+#[derive(Debug, Clone)]
+pub struct LinkOptions {
+    pub client_id: String,
+    pub host: String,
+    pub port: u16,
+    /// Payload of the retained last will on the status topic.
+    pub offline_status: Vec<u8>,
+}
+
+/// Sends to the broker; cheap to clone and safe to use from any task.
+#[derive(Clone)]
+pub struct Publisher {
+    client: AsyncClient,
+    topics: std::sync::Arc<Topics>,
+}
+
+impl Publisher {
+    /// Publishes `payload` at QoS 1 on the topic that reaches `peer`. Takes `Bytes` so a
+    /// forwarded message goes out without copying its payload.
+    pub async fn send(&self, peer: Peer, payload: impl Into<Bytes>) {
+        self.publish(self.topics.to(peer), false, payload.into())
+            .await;
+    }
+
+    /// Publishes the retained status object.
+    pub async fn status(&self, payload: Vec<u8>) {
+        self.publish(&self.topics.status, true, payload.into())
+            .await;
+    }
+
+    async fn publish(&self, topic: &str, retain: bool, payload: Bytes) {
+        if let Err(e) = self
+            .client
+            .publish_bytes(topic, QoS::AtLeastOnce, retain, payload)
+            .await
+        {
+            tracing::warn!(topic, error = %e, "publish dropped: MQTT client is shut down");
+        }
+    }
+
+    /// Acknowledges an inbound QoS 1 publish to the broker.
+    pub async fn ack(&self, publish: &Publish) {
+        if let Err(e) = self.client.ack(publish).await {
+            tracing::debug!(error = %e, "ack dropped: MQTT client is shut down");
+        }
+    }
+
+    /// Subscribes to the inbound topics; called on every connection.
+    pub async fn subscribe(&self) {
+        let filters = self
+            .topics
+            .inbound()
+            .map(|t| rumqttc::SubscribeFilter::new(t.to_owned(), QoS::AtLeastOnce));
+        if let Err(e) = self.client.subscribe_many(filters).await {
+            tracing::warn!(error = %e, "subscribe dropped: MQTT client is shut down");
+        }
+    }
+}
+
+/// The running connection.
+pub struct Link {
+    pub publisher: Publisher,
+    /// `true` while connected; changes on every (re)connection and loss.
+    pub connected: watch::Receiver<bool>,
+    client: AsyncClient,
+    receive_loop: JoinHandle<()>,
+}
+
+impl Link {
+    /// Connects in the background; also returns the inbound publishes, in arrival order.
+    pub fn start(options: LinkOptions, topics: Topics) -> (Self, mpsc::Receiver<Publish>) {
+        let mut mqtt = MqttOptions::new(options.client_id, options.host, options.port);
+        mqtt.set_keep_alive(Duration::from_secs(30))
+            .set_max_packet_size(MAX_PACKET, MAX_PACKET)
+            .set_request_channel_capacity(REQUEST_CHANNEL)
+            .set_manual_acks(true)
+            .set_clean_session(true)
+            .set_last_will(LastWill::new(
+                &topics.status,
+                options.offline_status,
+                QoS::AtLeastOnce,
+                true,
+            ));
+        let (client, eventloop) = AsyncClient::new(mqtt, REQUEST_CHANNEL);
+        let (inbound_tx, inbound) = mpsc::channel(INBOUND_QUEUE);
+        let (connected_tx, connected) = watch::channel(false);
+        let receive_loop = tokio::spawn(receive_loop(
+            eventloop,
+            client.clone(),
+            inbound_tx,
+            connected_tx,
+        ));
+        let link = Self {
+            publisher: Publisher {
+                client: client.clone(),
+                topics: std::sync::Arc::new(topics),
+            },
+            connected,
+            client,
+            receive_loop,
+        };
+        (link, inbound)
+    }
+
+    /// Sends DISCONNECT after everything already queued, and waits for the receive loop to end.
+    pub async fn shutdown(self) {
+        let _ = self.client.disconnect().await;
+        let mut receive_loop = self.receive_loop;
+        if tokio::time::timeout(Duration::from_secs(3), &mut receive_loop)
+            .await
+            .is_err()
+        {
+            receive_loop.abort();
+        }
+    }
+}
+
+async fn receive_loop(
+    mut eventloop: EventLoop,
+    client: AsyncClient,
+    inbound: mpsc::Sender<Publish>,
+    connected: watch::Sender<bool>,
+) {
+    let mut backoff = BACKOFF_START;
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                tracing::info!("connected to MQTT broker");
+                backoff = BACKOFF_START;
+                connected.send_replace(true);
+            }
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                if let Err(e) = inbound.try_send(publish) {
+                    let publish = match e {
+                        mpsc::error::TrySendError::Full(p) => p,
+                        mpsc::error::TrySendError::Closed(_) => return,
+                    };
+                    // Never wait here: waiting would stall the event loop that the
+                    // consumers of this queue need to publish their replies.
+                    tracing::error!(
+                        topic = %publish.topic,
+                        "inbound queue full ({INBOUND_QUEUE}); message dropped"
+                    );
+                    let _ = client.try_ack(&publish);
+                }
+            }
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                connected.send_replace(false);
+                // Give the DISCONNECT packet a chance to be flushed.
+                let _ = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
+                return;
+            }
+            Ok(_) => {}
+            Err(ConnectionError::RequestsDone) => return,
+            Err(e) => {
+                if connected.send_replace(false) {
+                    tracing::warn!(error = %e, "lost MQTT broker connection");
+                } else {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "cannot connect to MQTT broker");
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_CAP);
+            }
+        }
+    }
+}

@@ -1,0 +1,416 @@
+//! What MetaManager does with each operation.
+//!
+//! Handling is split in two so that writes can share a commit without losing order:
+//! [`dispatch`] validates a message and queues its store write at once, then returns a [`Step`]:
+//! the rest of the work (forward, reply, acknowledge to the broker), which the pipeline runs
+//! strictly in arrival order. A step awaits its own commit before anything leaves, so no reply
+//! or forward ever announces a change that is not on disk, and a query's step runs only after
+//! every earlier write is committed, so edged always reads its own writes.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use rumqttc::Publish;
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use crate::message::{self, Message, Operation};
+use crate::node::Node;
+use crate::remote::Answer;
+use crate::store::{self, Outcome, StoreError, Write};
+use crate::topics::Peer;
+
+/// The ordered remainder of one message's handling.
+pub type Step = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+type Committed = oneshot::Receiver<Result<Outcome, StoreError>>;
+
+/// Validates `publish`, queues its write if it has one, and returns the step that finishes it.
+pub async fn dispatch(node: &Arc<Node>, publish: Publish) -> Step {
+    let Some(sender) = node.topics.sender(&publish.topic) else {
+        tracing::warn!(topic = %publish.topic, "message on a topic MetaManager does not serve; ignored");
+        return finish(node, publish);
+    };
+    let msg = match Message::decode(&publish.payload, node.max_payload) {
+        Ok(msg) => msg,
+        Err(e) => {
+            let parent = message::salvage_msg_id(&publish.payload);
+            let text = e.to_string();
+            return refuse(node, sender, publish, parent, "", text);
+        }
+    };
+    tracing::debug!(
+        from = sender.as_str(),
+        operation = msg.operation.as_str(),
+        resource = %msg.resource,
+        msg_id = msg.msg_id(),
+        "message"
+    );
+    match msg.operation {
+        Operation::Insert => change(node, sender, publish, msg, WriteKind::Put).await,
+        Operation::Update => change(node, sender, publish, msg, WriteKind::PutIfChanged).await,
+        Operation::Delete => change(node, sender, publish, msg, WriteKind::Delete).await,
+        Operation::Query => query(node, sender, publish, msg),
+        Operation::Response | Operation::Error => match sender {
+            Peer::Edged => relay_from_edged(node, publish, msg).await,
+            Peer::Edgehub => answer_from_cloud(node, publish, msg),
+        },
+        Operation::Connect => connect(node, sender, publish, msg),
+        Operation::MetaInternalSync => sync_now(node, sender, publish, msg),
+    }
+}
+
+#[derive(Clone, Copy)]
+enum WriteKind {
+    Put,
+    PutIfChanged,
+    Delete,
+}
+
+/// insert, update, delete: store, then forward to the other side, then ack.
+async fn change(
+    node: &Arc<Node>,
+    sender: Peer,
+    publish: Publish,
+    msg: Message,
+    kind: WriteKind,
+) -> Step {
+    let op = msg.operation.as_str();
+    let Some(_) = msg.resource.name() else {
+        let text = format!(
+            "{op} needs a single object (namespace/type/name), not the list {}",
+            msg.resource
+        );
+        return refuse_message(node, sender, publish, &msg, text);
+    };
+    let key = msg.resource.key().to_owned();
+    let rtype = msg.resource.rtype().to_owned();
+    let write = match kind {
+        WriteKind::Delete => Write::Delete {
+            uid: (rtype == "pod")
+                .then(|| store::stored_uid(msg.content_json()))
+                .flatten(),
+            key,
+        },
+        WriteKind::Put | WriteKind::PutIfChanged => {
+            if msg.content.is_none() {
+                return refuse_message(node, sender, publish, &msg, format!("{op} needs content"));
+            }
+            let value = msg.content_json().to_owned();
+            match kind {
+                WriteKind::Put => Write::Put { key, rtype, value },
+                _ => Write::PutIfChanged { key, rtype, value },
+            }
+        }
+    };
+    let committed = match node.store.submit(write).await {
+        Ok(c) => c,
+        Err(e) => return store_failed(node, sender, publish, msg, e),
+    };
+    let node = node.clone();
+    Box::pin(async move {
+        match committed.await.unwrap_or(Err(StoreError::Closed)) {
+            Ok(outcome) => {
+                // An update that changes nothing is not news to the other side.
+                if outcome != Outcome::Unchanged {
+                    node.publisher
+                        .send(sender.other(), publish.payload.clone())
+                        .await;
+                }
+                node.publisher.send(sender, message::ack(&msg)).await;
+            }
+            Err(e) => report_store_error(&node, sender, &msg, &e).await,
+        }
+        node.publisher.ack(&publish).await;
+    })
+}
+
+/// query: answer from the store; fetch from the cloud what edged may not have locally.
+fn query(node: &Arc<Node>, sender: Peer, publish: Publish, msg: Message) -> Step {
+    let node = node.clone();
+    Box::pin(async move {
+        let r = &msg.resource;
+        let found = match r.name() {
+            Some(_) => node
+                .store
+                .get(r.key())
+                .await
+                .map(|v| v.into_iter().collect()),
+            None => node
+                .store
+                .list(r.namespace(), r.rtype())
+                .await
+                .map(|rows| rows.into_iter().map(|(_, v)| v).collect::<Vec<_>>()),
+        };
+        match found {
+            Ok(objects)
+                if objects.is_empty()
+                    && sender == Peer::Edged
+                    && node.remote_types.contains(r.rtype()) =>
+            {
+                remote_query(&node, msg).await;
+            }
+            Ok(objects) => {
+                let content = message::raw_array(objects.iter().map(String::as_str));
+                let reply = message::reply(&msg, Operation::Response, &content);
+                node.publisher.send(sender, reply).await;
+            }
+            Err(e) => report_store_error(&node, sender, &msg, &e).await,
+        }
+        node.publisher.ack(&publish).await;
+    })
+}
+
+/// Asks the cloud for an object edged needs and the node does not hold, and answers edged when
+/// the cloud does, or when it does not in time.
+async fn remote_query(node: &Arc<Node>, query: Message) {
+    let key = query.resource.key().to_owned();
+    if !node.cloud_connected() {
+        let text = format!("{key} is not stored on this node and the cloud is not connected");
+        tracing::info!(resource = %key, "remote query refused: cloud not connected");
+        let reply = message::error(Some(query.msg_id()), &key, &text);
+        node.publisher.send(Peer::Edged, reply).await;
+        return;
+    }
+    let id = message::new_msg_id();
+    let answer = match node.remote.register(&id) {
+        Ok(rx) => rx,
+        Err(e) => {
+            tracing::warn!(resource = %key, "{e}");
+            let reply = message::error(Some(query.msg_id()), &key, &e.to_string());
+            node.publisher.send(Peer::Edged, reply).await;
+            return;
+        }
+    };
+    let content = query.content.clone().unwrap_or_else(message::raw_null);
+    let ask = message::build_with_id(id.clone(), None, Operation::Query, &key, &content);
+    node.publisher.send(Peer::Edgehub, ask).await;
+    let timeout = node.remote_query_timeout();
+    let node = node.clone();
+    tokio::spawn(async move {
+        match tokio::time::timeout(timeout, answer).await {
+            Ok(Ok(answer)) => {
+                fill_from_cloud(&node, &query, answer.message).await;
+                node.publisher.ack(&answer.publish).await;
+            }
+            _ => {
+                node.remote.forget(&id);
+                tracing::warn!(resource = %key, ?timeout, "remote query timed out");
+                let text = format!(
+                    "the cloud did not answer the query for {key} in time ({})",
+                    humantime::format_duration(timeout)
+                );
+                let reply = message::error(Some(query.msg_id()), &key, &text);
+                node.publisher.send(Peer::Edged, reply).await;
+            }
+        }
+    });
+}
+
+/// Stores what the cloud sent for a remote query and answers edged with it.
+async fn fill_from_cloud(node: &Node, query: &Message, answer: Message) {
+    let key = query.resource.key();
+    if answer.operation == Operation::Error {
+        let content = answer.content.unwrap_or_else(message::raw_null);
+        let reply = message::reply(query, Operation::Error, &content);
+        node.publisher.send(Peer::Edged, reply).await;
+        return;
+    }
+    let objects = match serde_json::from_str::<Value>(answer.content_json()) {
+        Ok(Value::Array(items)) => items,
+        Ok(Value::Null) => Vec::new(),
+        Ok(object @ Value::Object(_)) => vec![object],
+        _ => {
+            let text = format!("the cloud answered the query for {key} with content that is neither an object nor a list");
+            let reply = message::error(Some(query.msg_id()), key, &text);
+            node.publisher.send(Peer::Edged, reply).await;
+            return;
+        }
+    };
+    let mut pending = Vec::with_capacity(objects.len());
+    let mut answered = Vec::with_capacity(objects.len());
+    for object in objects {
+        let json = object.to_string();
+        let object_key = match query.resource.name() {
+            Some(_) => Some(key.to_owned()),
+            None => object
+                .pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .and_then(|name| {
+                    crate::resource::Resource::object(
+                        query.resource.namespace(),
+                        query.resource.rtype(),
+                        name,
+                    )
+                    .ok()
+                })
+                .map(|r| r.key().to_owned()),
+        };
+        if let Some(object_key) = object_key {
+            let write = Write::Put {
+                key: object_key,
+                rtype: query.resource.rtype().to_owned(),
+                value: json.clone(),
+            };
+            if let Ok(committed) = node.store.submit(write).await {
+                pending.push(committed);
+            }
+        }
+        answered.push(json);
+    }
+    for committed in pending {
+        if let Err(e) = committed.await.unwrap_or(Err(StoreError::Closed)) {
+            tracing::warn!(resource = %key, error = %e, "could not store the cloud's answer; answering edged anyway");
+        }
+    }
+    let content = message::raw_array(answered.iter().map(String::as_str));
+    let reply = message::reply(query, Operation::Response, &content);
+    node.publisher.send(Peer::Edged, reply).await;
+}
+
+/// edged's response or error: stored when it carries an object, relayed to the cloud unchanged.
+async fn relay_from_edged(node: &Arc<Node>, publish: Publish, msg: Message) -> Step {
+    let stores = msg.operation == Operation::Response
+        && msg.resource.name().is_some()
+        && msg.content_json().starts_with('{');
+    let committed: Option<Committed> = if stores {
+        let write = Write::Put {
+            key: msg.resource.key().to_owned(),
+            rtype: msg.resource.rtype().to_owned(),
+            value: msg.content_json().to_owned(),
+        };
+        match node.store.submit(write).await {
+            Ok(c) => Some(c),
+            Err(e) => return store_failed(node, Peer::Edged, publish, msg, e),
+        }
+    } else {
+        None
+    };
+    let node = node.clone();
+    Box::pin(async move {
+        if let Some(committed) = committed {
+            if let Err(e) = committed.await.unwrap_or(Err(StoreError::Closed)) {
+                report_store_error(&node, Peer::Edged, &msg, &e).await;
+                node.publisher.ack(&publish).await;
+                return;
+            }
+        }
+        node.publisher
+            .send(Peer::Edgehub, publish.payload.clone())
+            .await;
+        node.publisher.ack(&publish).await;
+    })
+}
+
+/// The cloud's response or error: completes the remote query it answers, else goes to edged.
+fn answer_from_cloud(node: &Arc<Node>, publish: Publish, message: Message) -> Step {
+    let node = node.clone();
+    Box::pin(async move {
+        if let Err(unclaimed) = node.remote.complete(Answer { message, publish }) {
+            node.publisher
+                .send(Peer::Edged, unclaimed.publish.payload.clone())
+                .await;
+            node.publisher.ack(&unclaimed.publish).await;
+        }
+    })
+}
+
+/// connect: edgehub reports whether the cloud is reachable. No reply.
+fn connect(node: &Arc<Node>, sender: Peer, publish: Publish, msg: Message) -> Step {
+    if sender != Peer::Edgehub {
+        let text = "connect is accepted only from edgehub".to_owned();
+        return refuse_message(node, sender, publish, &msg, text);
+    }
+    let connected = match serde_json::from_str::<String>(msg.content_json()).as_deref() {
+        Ok("cloud_connected") => true,
+        Ok("cloud_disconnected") => false,
+        _ => {
+            let text = format!(
+                "connect content must be \"cloud_connected\" or \"cloud_disconnected\", not {}",
+                msg.content_json()
+            );
+            return refuse_message(node, sender, publish, &msg, text);
+        }
+    };
+    if node.set_cloud_connected(connected) {
+        tracing::info!(connected, "cloud connection changed");
+    }
+    finish(node, publish)
+}
+
+/// meta-internal-sync: run MetaSync now, then ack.
+fn sync_now(node: &Arc<Node>, sender: Peer, publish: Publish, msg: Message) -> Step {
+    let node = node.clone();
+    Box::pin(async move {
+        match node.metasync.run(&node).await {
+            Ok(report) => {
+                tracing::info!(?report, "metasync on request");
+                node.publisher.send(sender, message::ack(&msg)).await;
+            }
+            Err(e) => report_store_error(&node, sender, &msg, &e).await,
+        }
+        node.publisher.ack(&publish).await;
+    })
+}
+
+/// Only the broker ack is left to do.
+fn finish(node: &Arc<Node>, publish: Publish) -> Step {
+    let node = node.clone();
+    Box::pin(async move { node.publisher.ack(&publish).await })
+}
+
+/// An `error` reply to bad input, which leaves the store untouched.
+fn refuse(
+    node: &Arc<Node>,
+    sender: Peer,
+    publish: Publish,
+    parent: Option<String>,
+    resource: &str,
+    text: String,
+) -> Step {
+    tracing::warn!(
+        from = sender.as_str(),
+        msg_id = parent.as_deref().unwrap_or("-"),
+        "rejected message: {text}"
+    );
+    let reply = message::error(parent.as_deref(), resource, &text);
+    let node = node.clone();
+    Box::pin(async move {
+        node.publisher.send(sender, reply).await;
+        node.publisher.ack(&publish).await;
+    })
+}
+
+fn refuse_message(
+    node: &Arc<Node>,
+    sender: Peer,
+    publish: Publish,
+    msg: &Message,
+    text: String,
+) -> Step {
+    let parent = Some(msg.msg_id().to_owned());
+    refuse(node, sender, publish, parent, msg.resource.key(), text)
+}
+
+fn store_failed(
+    node: &Arc<Node>,
+    sender: Peer,
+    publish: Publish,
+    msg: Message,
+    e: StoreError,
+) -> Step {
+    let node = node.clone();
+    Box::pin(async move {
+        report_store_error(&node, sender, &msg, &e).await;
+        node.publisher.ack(&publish).await;
+    })
+}
+
+async fn report_store_error(node: &Node, sender: Peer, msg: &Message, e: &StoreError) {
+    let key = msg.resource.key();
+    tracing::error!(resource = %key, operation = msg.operation.as_str(), error = %e, "store failed");
+    let text = format!("{} of {key} failed: {e}", msg.operation.as_str());
+    let reply = message::error(Some(msg.msg_id()), key, &text);
+    node.publisher.send(sender, reply).await;
+}

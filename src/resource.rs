@@ -1,0 +1,157 @@
+//! The `route.resource` string: `namespace/type/name` for one object, `namespace/type` for all
+//! objects of a type in a namespace. The whole string is the storage key, so it is validated
+//! before anything touches the store.
+
+use std::fmt;
+
+/// Longest resource string accepted. Kubernetes names are at most 253 bytes and namespaces 63,
+/// so this leaves room without letting a key grow unbounded.
+pub const MAX_KEY_LEN: usize = 512;
+const MAX_SEGMENT_LEN: usize = 253;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resource {
+    key: String,
+    type_start: usize,
+    name_start: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResourceError {
+    #[error("resource is empty")]
+    Empty,
+    #[error("resource is {len} bytes long; at most {MAX_KEY_LEN} are allowed")]
+    TooLong { len: usize },
+    #[error("resource {0:?} must be namespace/type or namespace/type/name")]
+    Shape(String),
+    #[error("resource {0:?} has an empty segment")]
+    EmptySegment(String),
+    #[error("resource segment {segment:?} is longer than {MAX_SEGMENT_LEN} bytes")]
+    SegmentTooLong { segment: String },
+    #[error("resource {0:?} contains a control character")]
+    ControlCharacter(String),
+}
+
+impl Resource {
+    pub fn parse(text: &str) -> Result<Self, ResourceError> {
+        if text.is_empty() {
+            return Err(ResourceError::Empty);
+        }
+        if text.len() > MAX_KEY_LEN {
+            return Err(ResourceError::TooLong { len: text.len() });
+        }
+        if text.chars().any(char::is_control) {
+            return Err(ResourceError::ControlCharacter(text.into()));
+        }
+        let segments: Vec<&str> = text.split('/').collect();
+        if !(2..=3).contains(&segments.len()) {
+            return Err(ResourceError::Shape(text.into()));
+        }
+        if segments.iter().any(|s| s.is_empty()) {
+            return Err(ResourceError::EmptySegment(text.into()));
+        }
+        if let Some(s) = segments.iter().find(|s| s.len() > MAX_SEGMENT_LEN) {
+            return Err(ResourceError::SegmentTooLong {
+                segment: (*s).into(),
+            });
+        }
+        let type_start = segments[0].len() + 1;
+        let name_start = (segments.len() == 3).then(|| type_start + segments[1].len() + 1);
+        Ok(Self {
+            key: text.into(),
+            type_start,
+            name_start,
+        })
+    }
+
+    /// Builds the key of one object; the parts come from the store or a validated resource.
+    pub fn object(namespace: &str, rtype: &str, name: &str) -> Result<Self, ResourceError> {
+        Self::parse(&format!("{namespace}/{rtype}/{name}"))
+    }
+
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.key[..self.type_start - 1]
+    }
+
+    pub fn rtype(&self) -> &str {
+        match self.name_start {
+            Some(n) => &self.key[self.type_start..n - 1],
+            None => &self.key[self.type_start..],
+        }
+    }
+
+    /// `None` for a list resource (`namespace/type`).
+    pub fn name(&self) -> Option<&str> {
+        self.name_start.map(|n| &self.key[n..])
+    }
+
+    pub fn is_list(&self) -> bool {
+        self.name_start.is_none()
+    }
+}
+
+impl fmt::Display for Resource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_object_and_list() {
+        let r = Resource::parse("default/pod/nginx").unwrap();
+        assert_eq!(
+            (r.namespace(), r.rtype(), r.name()),
+            ("default", "pod", Some("nginx"))
+        );
+        assert!(!r.is_list());
+        let r = Resource::parse("kube-system/configmap").unwrap();
+        assert_eq!(
+            (r.namespace(), r.rtype(), r.name()),
+            ("kube-system", "configmap", None)
+        );
+        assert!(r.is_list());
+    }
+
+    #[test]
+    fn rejects_malformed() {
+        assert_eq!(Resource::parse(""), Err(ResourceError::Empty));
+        assert!(matches!(
+            Resource::parse("default"),
+            Err(ResourceError::Shape(_))
+        ));
+        assert!(matches!(
+            Resource::parse("a/b/c/d"),
+            Err(ResourceError::Shape(_))
+        ));
+        assert!(matches!(
+            Resource::parse("a//c"),
+            Err(ResourceError::EmptySegment(_))
+        ));
+        assert!(matches!(
+            Resource::parse("a/b/"),
+            Err(ResourceError::EmptySegment(_))
+        ));
+        assert!(matches!(
+            Resource::parse("a/b\n/c"),
+            Err(ResourceError::ControlCharacter(_))
+        ));
+        let long = format!("a/b/{}", "x".repeat(300));
+        assert!(matches!(
+            Resource::parse(&long),
+            Err(ResourceError::SegmentTooLong { .. })
+        ));
+        let longer = format!("a/b/{}", "x".repeat(600));
+        assert!(matches!(
+            Resource::parse(&longer),
+            Err(ResourceError::TooLong { .. })
+        ));
+    }
+}
