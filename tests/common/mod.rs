@@ -1,0 +1,498 @@
+//! Test harness: starts the real `metamanager` binary against a real broker (its embedded
+//! rumqttd, or a mosquitto process started here on a free port) with a real SQLite file, and
+//! plays edgehub and edged with a real MQTT client.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+pub const NODE: &str = "test-node";
+pub const WAIT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerKind {
+    Embedded,
+    Mosquitto,
+}
+
+pub fn fixture(name: &str) -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
+    serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
+}
+
+pub fn fixture_path(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// A port nobody listens on right now. rumqttd cannot bind port 0, so callers retry when
+/// another process takes the port first.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Finds the mosquitto broker binary, or decides the test is skipped.
+/// `None` means skip; with METAMANAGER_REQUIRE_MOSQUITTO=1 a missing mosquitto panics instead.
+pub fn mosquitto_binary() -> Option<PathBuf> {
+    let candidates = [
+        "mosquitto",
+        "/usr/sbin/mosquitto",
+        "/usr/local/sbin/mosquitto",
+    ];
+    for c in candidates {
+        let ok = Command::new(c)
+            .arg("-h")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok();
+        if ok {
+            return Some(PathBuf::from(c));
+        }
+    }
+    if std::env::var("METAMANAGER_REQUIRE_MOSQUITTO").as_deref() == Ok("1") {
+        panic!("mosquitto is not installed and METAMANAGER_REQUIRE_MOSQUITTO=1");
+    }
+    eprintln!("skipped: mosquitto is not installed (apt-get install mosquitto mosquitto-clients)");
+    None
+}
+
+/// Whether the mosquitto_pub/mosquitto_sub clients are available (same skip rule).
+pub fn mosquitto_clients() -> bool {
+    let ok = Command::new("mosquitto_pub")
+        .arg("--help")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    if !ok {
+        if std::env::var("METAMANAGER_REQUIRE_MOSQUITTO").as_deref() == Ok("1") {
+            panic!("mosquitto_pub is not installed and METAMANAGER_REQUIRE_MOSQUITTO=1");
+        }
+        eprintln!(
+            "skipped: mosquitto-clients are not installed (apt-get install mosquitto-clients)"
+        );
+    }
+    ok
+}
+
+/// A mosquitto process on a free port, killed on drop.
+pub struct Mosquitto {
+    pub port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    pub fn start(binary: &Path) -> Self {
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().unwrap();
+            let port = free_port();
+            let conf = dir.path().join("mosquitto.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\n"
+                ),
+            )
+            .unwrap();
+            let mut child = Command::new(binary)
+                .arg("-c")
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            if wait_for_port(port, Duration::from_secs(5)) {
+                return Self {
+                    port,
+                    child,
+                    _dir: dir,
+                };
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("mosquitto did not start");
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn wait_for_port(port: u16, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// Options for one MetaManager under test.
+#[derive(Clone)]
+pub struct Options {
+    pub kind: BrokerKind,
+    /// Extra YAML appended under the top level (e.g. a `meta:` block).
+    pub extra_yaml: String,
+    pub max_payload_bytes: usize,
+}
+
+impl Options {
+    pub fn new(kind: BrokerKind) -> Self {
+        Self {
+            kind,
+            extra_yaml: String::new(),
+            max_payload_bytes: 1 << 20,
+        }
+    }
+
+    pub fn yaml(mut self, extra: &str) -> Self {
+        self.extra_yaml = extra.to_owned();
+        self
+    }
+}
+
+/// A running MetaManager with its broker, database and a client playing edgehub and edged.
+pub struct TestApp {
+    pub options: Options,
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub child: Option<Child>,
+    pub client: Peer,
+    pub mosquitto: Option<Mosquitto>,
+}
+
+impl TestApp {
+    /// Starts MetaManager (and mosquitto for that kind). `None` when mosquitto is needed and
+    /// not installed.
+    pub async fn spawn(options: Options) -> Option<Self> {
+        let mosquitto = match options.kind {
+            BrokerKind::Embedded => None,
+            BrokerKind::Mosquitto => Some(Mosquitto::start(&mosquitto_binary()?)),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let mut app = Self {
+            options,
+            dir,
+            port: 0,
+            child: None,
+            client: Peer::dummy(),
+            mosquitto,
+        };
+        app.start().await;
+        Some(app)
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.path().join("data/metamanager.db")
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("edge.yaml")
+    }
+
+    fn write_config(&self, port: u16) {
+        let (mode, port) = match &self.mosquitto {
+            Some(m) => ("external", m.port),
+            None => ("embedded", port),
+        };
+        let yaml = format!(
+            "node_id: {NODE}\nmqtt:\n  mode: {mode}\n  host: 127.0.0.1\n  port: {port}\n  max_payload_bytes: {}\ndatabase:\n  path: {}\n{}",
+            self.options.max_payload_bytes,
+            self.db_path().display(),
+            self.options.extra_yaml
+        );
+        std::fs::write(self.config_path(), yaml).unwrap();
+    }
+
+    /// Starts (or restarts) the binary and waits until its status is online.
+    pub async fn start(&mut self) {
+        for _ in 0..5 {
+            let port = if self.port != 0 {
+                self.port
+            } else {
+                match &self.mosquitto {
+                    Some(m) => m.port,
+                    None => free_port(),
+                }
+            };
+            self.write_config(port);
+            let mut child = Command::new(env!("CARGO_BIN_EXE_metamanager"))
+                .arg("--config")
+                .arg(self.config_path())
+                .current_dir(self.dir.path())
+                .env("RUST_LOG", "info,metamanager=debug")
+                .stdout(Stdio::null())
+                .stderr(Stdio::from(
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(self.dir.path().join("metamanager.log"))
+                        .unwrap(),
+                ))
+                .spawn()
+                .unwrap();
+            if !wait_for_port(port, Duration::from_secs(10)) {
+                // The embedded broker lost a race for the port: try another.
+                let _ = child.kill();
+                let _ = child.wait();
+                continue;
+            }
+            self.port = port;
+            self.child = Some(child);
+            self.client = Peer::connect(port).await;
+            self.client
+                .wait_for("metamanager/status", |v| v["state"] == "online")
+                .await;
+            return;
+        }
+        panic!("metamanager did not start; log:\n{}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("metamanager.log")).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let pid = child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "metamanager ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops cleanly and starts again on the same database (and, embedded, the same port).
+    pub async fn restart(&mut self) {
+        let status = self.terminate();
+        assert!(status.success(), "exit status {status}");
+        self.start().await;
+    }
+
+    pub async fn set_cloud(&mut self, connected: bool) {
+        let content = if connected {
+            "cloud_connected"
+        } else {
+            "cloud_disconnected"
+        };
+        let want = if connected {
+            "connected"
+        } else {
+            "disconnected"
+        };
+        self.client
+            .publish(
+                "edgehub",
+                &message("connect", "default/node/edge-node", json!(content)),
+            )
+            .await;
+        self.client
+            .wait_for("metamanager/status", |v| v["cloud"] == want)
+            .await;
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- metamanager log ---\n{}", self.log());
+        }
+    }
+}
+
+/// A new message with a fresh msg_id.
+pub fn message(operation: &str, resource: &str, content: Value) -> Value {
+    json!({
+        "header": {"msg_id": uuid::Uuid::new_v4().to_string(), "timestamp": 1795774500123i64},
+        "route": {"source": "test", "group": "resource", "operation": operation, "resource": resource},
+        "content": content,
+    })
+}
+
+pub fn msg_id(m: &Value) -> &str {
+    m["header"]["msg_id"].as_str().unwrap()
+}
+
+/// An MQTT client that plays edgehub and edged and records what MetaManager publishes.
+pub struct Peer {
+    client: Option<AsyncClient>,
+    received: mpsc::UnboundedReceiver<(String, Value)>,
+    seen: Vec<(String, Value)>,
+}
+
+impl Peer {
+    fn dummy() -> Self {
+        Self {
+            client: None,
+            received: mpsc::unbounded_channel().1,
+            seen: Vec::new(),
+        }
+    }
+
+    pub async fn connect(port: u16) -> Self {
+        let id = format!("test-{}", uuid::Uuid::new_v4());
+        let mut options = MqttOptions::new(id, "127.0.0.1", port);
+        options.set_max_packet_size(64 << 20, 64 << 20);
+        options.set_keep_alive(Duration::from_secs(30));
+        let (client, mut eventloop) = AsyncClient::new(options, 1000);
+        let (tx, received) = mpsc::unbounded_channel();
+        let (subscribed_tx, mut subscribed) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let value = serde_json::from_slice(&p.payload).unwrap_or_else(|_| {
+                            Value::String(String::from_utf8_lossy(&p.payload).into())
+                        });
+                        let suffix = p
+                            .topic
+                            .strip_prefix(&format!("edge/{NODE}/"))
+                            .unwrap_or(&p.topic)
+                            .to_owned();
+                        if tx.send((suffix, value)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        let _ = subscribed_tx.send(());
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        client
+            .subscribe(format!("edge/{NODE}/metamanager/#"), QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        tokio::time::timeout(WAIT, subscribed.recv())
+            .await
+            .expect("test client subscribed");
+        Self {
+            client: Some(client),
+            received,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Publishes `msg` as `peer` ("edgehub" or "edged").
+    pub async fn publish(&self, peer: &str, msg: &Value) {
+        self.publish_raw(peer, serde_json::to_vec(msg).unwrap())
+            .await;
+    }
+
+    pub async fn publish_raw(&self, peer: &str, payload: Vec<u8>) {
+        self.client
+            .as_ref()
+            .unwrap()
+            .publish(
+                format!("edge/{NODE}/{peer}/to/metamanager"),
+                QoS::AtLeastOnce,
+                false,
+                payload,
+            )
+            .await
+            .unwrap();
+    }
+
+    /// The next message on `topic` (a suffix after `edge/NODE/`) that satisfies `pred`;
+    /// others are kept in `seen`.
+    pub async fn wait_for(&mut self, topic: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let next = tokio::time::timeout_at(deadline, self.received.recv()).await;
+            match next {
+                Ok(Some((t, v))) => {
+                    if t == topic && pred(&v) {
+                        return v;
+                    }
+                    self.seen.push((t, v));
+                }
+                _ => panic!(
+                    "nothing on {topic} matched within {WAIT:?}; saw: {:#?}",
+                    self.seen
+                ),
+            }
+        }
+    }
+
+    /// The reply on `topic` whose parent_msg_id is `parent`.
+    pub async fn reply_to(&mut self, topic: &str, parent: &str) -> Value {
+        let parent = parent.to_owned();
+        self.wait_for(topic, move |v| {
+            v["header"]["parent_msg_id"] == parent.as_str()
+        })
+        .await
+    }
+
+    /// Everything received so far, and whatever arrives within `quiet`.
+    pub async fn drain(&mut self, quiet: Duration) -> Vec<(String, Value)> {
+        while let Ok(Some(m)) = tokio::time::timeout(quiet, self.received.recv()).await {
+            self.seen.push(m);
+        }
+        std::mem::take(&mut self.seen)
+    }
+
+    /// Queries `resource` as `peer` and returns the reply's content.
+    pub async fn query(&mut self, peer: &str, resource: &str) -> Value {
+        let q = message("query", resource, Value::Null);
+        self.publish(peer, &q).await;
+        let topic = format!("metamanager/to/{peer}");
+        let reply = self.reply_to(&topic, msg_id(&q)).await;
+        assert_eq!(reply["route"]["operation"], "response", "{reply}");
+        reply["content"].clone()
+    }
+}
+
+/// Declares one test per broker kind from an async fn taking a [`BrokerKind`].
+#[macro_export]
+macro_rules! both_brokers {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::BrokerKind::Embedded).await
+                }
+            )*
+        }
+        mod mosquitto {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::BrokerKind::Mosquitto).await
+                }
+            )*
+        }
+    };
+}

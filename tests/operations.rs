@@ -1,0 +1,585 @@
+//! Every row of the contract's operations table, against the embedded broker and against a
+//! real mosquitto process, with the real binary and a real SQLite file.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{fixture, message, msg_id, BrokerKind, Options, TestApp};
+use serde_json::{json, Value};
+
+const POD_KEY: &str = "default/pod/nginx-7d9c5b8f4-x2k9p";
+
+async fn app(kind: BrokerKind) -> Option<TestApp> {
+    TestApp::spawn(Options::new(kind)).await
+}
+
+fn assert_ack(reply: &Value, parent: &str, resource: &str) {
+    assert_eq!(reply["header"]["parent_msg_id"], parent, "{reply}");
+    assert_eq!(reply["route"]["operation"], "response", "{reply}");
+    assert_eq!(reply["route"]["source"], "metamanager", "{reply}");
+    assert_eq!(reply["route"]["group"], "meta", "{reply}");
+    assert_eq!(reply["route"]["resource"], resource, "{reply}");
+    assert_eq!(reply["content"], "OK", "{reply}");
+    let id = reply["header"]["msg_id"].as_str().unwrap();
+    assert!(uuid::Uuid::parse_str(id).is_ok(), "msg_id {id} is a UUID");
+    assert!(reply["header"]["timestamp"].as_i64().unwrap() > 1_700_000_000_000);
+}
+
+fn is_forward_of(sent: &Value) -> impl Fn(&Value) -> bool + '_ {
+    move |v: &Value| v["header"]["msg_id"] == sent["header"]["msg_id"]
+}
+
+async fn insert_from_edgehub_stores_forwards_then_acks(kind: BrokerKind) {
+    let Some(mut app) = app(kind).await else {
+        return;
+    };
+    let insert = fixture("insert-pod.message.json");
+    app.client.publish("edgehub", &insert).await;
+
+    let forwarded = app
+        .client
+        .wait_for("metamanager/to/edged", is_forward_of(&insert))
+        .await;
+    assert_eq!(forwarded, insert, "forwarded unchanged");
+    let ack = app
+        .client
+        .reply_to("metamanager/to/edgehub", msg_id(&insert))
+        .await;
+    assert_ack(&ack, msg_id(&insert), POD_KEY);
+
+    let stored = app.client.query("edged", POD_KEY).await;
+    assert_eq!(stored, json!([fixture("pod.json")]));
+}
+
+async fn reinsert_replaces_the_stored_object(kind: BrokerKind) {
+    let Some(mut app) = app(kind).await else {
+        return;
+    };
+    let mut pod = fixture("pod.json");
+    app.client
+        .publish("edgehub", &message("insert", POD_KEY, pod.clone()))
+        .await;
+    pod["status"]["phase"] = json!("Running");
+    let second = message("insert", POD_KEY, pod.clone());
+    app.client.publish("edgehub", &second).await;
+    app.client
+        .reply_to("metamanager/to/edgehub", msg_id(&second))
+        .await;
+    assert_eq!(app.client.query("edged", POD_KEY).await, json!([pod]));
+}
+
+async fn insert_from_edged_goes_to_edgehub(kind: BrokerKind) {
+    let Some(mut app) = app(kind).await else {
+        return;
+    };
+    let status = fixture("podstatus.json");
+    let key = "default/podstatus/nginx-7d9c5b8f4-x2k9p";
+    let insert = message("insert", key, status.clone());
+    app.client.publish("edged", &insert).await;
+    let forwarded = app
+        .client
+        .wait_for("metamanager/to/edgehub", is_forward_of(&insert))
+        .await;
+    assert_eq!(forwarded, insert);
+    let ack = app
+        .client
+        .reply_to("metamanager/to/edged", msg_id(&insert))
+        .await;
+    assert_ack(&ack, msg_id(&insert), key);
+    assert_eq!(app.client.query("edged", key).await, json!([status]));
+}
+
+async fn update_forwards_only_real_changes(kind: BrokerKind) {
+    let Some(mut app) = app(kind).await else {
+        return;
+    };
+    let key = "default/configmap/app-config";
+    let cm = fixture("configmap.json");
+
+    // Absent: stored, forwarded, acked.
+    let first = message("update", key, cm.clone());
+    app.client.publish("edgehub", &first).await;
+    app.client
+        .wait_for("metamanager/to/edged", is_forward_of(&first))
+        .await;
+    let ack = app
+        .client
+        .reply_to("metamanager/to/edgehub", msg_id(&first))
+        .await;
+    assert_ack(&ack, msg_id(&first), key);
+
+    // Equal as JSON, keys in another order: acked, not forwarded.
+    let reordered: Value = serde_json::from_str(&reorder_keys(&cm)).unwrap();
+    let same = message("update", key, reordered);
+    app.client.publish("edgehub", &same).await;
+    let ack = app
+        .client
+        .reply_to("metamanager/to/edgehub", msg_id(&same))
+        .await;
+    assert_ack(&ack, msg_id(&same), key);
+
+    // Different: stored and forwarded.
+    let mut changed_cm = cm.clone();
+    changed_cm["data"]["feature-flags"] = json!("beta=true\n");
+    let changed = message("update", key, changed_cm.clone());
+    app.client.publish("edgehub", &changed).await;
+    app.client
+        .wait_for("metamanager/to/edged", is_forward_of(&changed))
+        .await;
+    app.client
+        .reply_to("metamanager/to/edgehub", msg_id(&changed))
+        .await;
+
+    let seen = app.client.drain(Duration::from_millis(300)).await;
+    assert!(
+        !seen
+            .iter()
+            .any(|(_, v)| v["header"]["msg_id"] == msg_id(&same)),
+        "an equal update must not be forwarded: {seen:#?}"
+    );
+    assert_eq!(app.client.query("edged", key).await, json!([changed_cm]));
+}
+
+/// The same JSON object text with its top-level keys written in reverse order.
+fn reorder_keys(v: &Value) -> String {
+    let obj = v.as_object().unwrap();
+    let parts: Vec<String> = obj
+        .iter()
+        .rev()
+        .map(|(k, v)| format!("{}:{}", Value::String(k.clone()), v))
+        .collect();
+    format!("{{{}}}", parts.join(","))
+}
+
+async fn update_from_edged_goes_to_edgehub(kind: BrokerKind) {
+    let Some(mut app) = app(kind).await else {
+        return;
+    };
+    let key = "default/podstatus/nginx-7d9c5b8f4-x2k9p";
+    let update = message("update", key, fixture("podstatus.json"));
+    app.client.publish("edged", &update).await;
+    app.client
+        .wait_for("metamanager/to/edgehub", is_forward_of(&update))
+        .await;
+    let ack = app
+        .client
+        .reply_to("metamanager/to/edged", msg_id(&update))
+        .await;
+    assert_ack(&ack, msg_id(&update), key);
+}
+
+async fn delete_removes_and_respects_pod_uid(kind: BrokerKind) {
+    let Some(mut app) = app(kind).await else {
+        return;
+    };
+    let pod = fixture("pod.json");
+    let insert = message("insert", POD_KEY, pod.clone());
+    app.client.publish("edgehub", &insert).await;
+    app.client
+        .reply_to("metamanager/to/edgehub", msg_id(&insert))
+        .await;
+
+    // A delete carrying another uid leaves the stored pod alone, but is forwarded and acked.
+    let stale = message(
+        "delete",
+        POD_KEY,
+        json!({"metadata": {"uid": "some-older-uid"}}),
+    );
+    app.client.publish("edgehub", &stale).await;
+    app.client
+        .wait_for("metamanager/to/edged", is_forward_of(&stale))
+        .await;
+    let ack = app
+        .client
+        .reply_to("metamanager/to/edgehub", msg_id(&stale))
+        .await;
+    assert_ack(&ack, msg_id(&stale), POD_KEY);
+    assert_eq!(app.client.query("edged", POD_KEY).await, json!([pod]));
+
+    // The matching uid removes it.
+    let delete = message("delete", POD_KEY, pod.clone());
+    app.client.publish("edgehub", &delete).await;
+    let forwarded = app
+        .client
+        .wait_for("metamanager/to/edged", is_forward_of(&delete))
+        .await;
+    assert_eq!(forwarded, delete);
+    let ack = app
+        .client
+        .reply_to("metamanager/to/edgehub", msg_id(&delete))
+        .await;
+    assert_ack(&ack, msg_id(&delete), POD_KEY);
+    assert_eq!(app.client.query("edged", POD_KEY).await, json!([]));
+
+    // Deleting what is absent is not an error.
+    let again = message("delete", POD_KEY, Value::Null);
+    app.client.publish("edgehub", &again).await;
+    let ack = app
+        .client
+        .reply_to("metamanager/to/edgehub", msg_id(&again))
+        .await;
+    assert_ack(&ack, msg_id(&again), POD_KEY);
+}
+
+async fn query_lists_one_namespace_in_key_order(kind: BrokerKind) {
+    let Some(mut app) = app(kind).await else {
+        return;
+    };
+    let cm = |ns: &str, name: &str| {
+        let mut v = fixture("configmap.json");
+        v["metadata"]["name"] = json!(name);
+        v["metadata"]["namespace"] = json!(ns);
+        v
+    };
+    let objects = [
+        ("default", "zeta"),
+        ("default", "alpha"),
+        ("other", "beta"),
+        ("default-2", "gamma"),
+    ];
+    let mut last = String::new();
+    for (ns, name) in objects {
+        let m = message("insert", &format!("{ns}/configmap/{name}"), cm(ns, name));
+        last = msg_id(&m).to_owned();
+        app.client.publish("edgehub", &m).await;
+    }
+    app.client.reply_to("metamanager/to/edgehub", &last).await;
+    let list = app.client.query("edged", "default/configmap").await;
+    assert_eq!(list, json!([cm("default", "alpha"), cm("default", "zeta")]));
+    // A query from edgehub is answered on edgehub's topic, from the store.
+    let list = app.client.query("edgehub", "other/configmap").await;
+    assert_eq!(list, json!([cm("other", "beta")]));
+    // An absent object of a type that is not fetched remotely: an empty list.
+    assert_eq!(
+        app.client.query("edged", "default/pod/none").await,
+        json!([])
+    );
+}
+
+async fn response_from_edged_is_relayed_and_stored(kind: BrokerKind) {
+    let Some(mut app) = app(kind).await else {
+        return;
+    };
+    let mut pod = fixture("pod.json");
+    pod["status"]["phase"] = json!("Running");
+    let mut response = message("response", POD_KEY, pod.clone());
+    response["header"]["parent_msg_id"] = json!("cloud-op-1");
+    app.client.publish("edged", &response).await;
+    let relayed = app
+        .client
+        .wait_for("metamanager/to/edgehub", is_forward_of(&response))
+        .await;
+    assert_eq!(relayed, response);
+    assert_eq!(relayed["header"]["parent_msg_id"], "cloud-op-1");
+    assert_eq!(app.client.query("edged", POD_KEY).await, json!([pod]));
+
+    // A response whose content is not an object is relayed and stores nothing.
+    let ok = message("response", "default/pod/other", json!("OK"));
+    app.client.publish("edged", &ok).await;
+    app.client
+        .wait_for("metamanager/to/edgehub", is_forward_of(&ok))
+        .await;
+    assert_eq!(
+        app.client.query("edged", "default/pod/other").await,
+        json!([])
+    );
+}
+
+async fn unclaimed_cloud_response_and_error_go_to_edged(kind: BrokerKind) {
+    let Some(mut app) = app(kind).await else {
+        return;
+    };
+    for op in ["response", "error"] {
+        let mut m = message(op, "default/secret/db-credentials", json!("from the cloud"));
+        m["header"]["parent_msg_id"] = json!("nobody-waits-for-this");
+        app.client.publish("edgehub", &m).await;
+        let relayed = app
+            .client
+            .wait_for("metamanager/to/edged", is_forward_of(&m))
+            .await;
+        assert_eq!(relayed, m);
+    }
+}
+
+async fn connect_state_shows_in_status(kind: BrokerKind) {
+    let Some(mut app) = app(kind).await else {
+        return;
+    };
+    // Starts disconnected.
+    let status = retained_status(app.port).await;
+    assert_eq!(status["state"], "online");
+    assert_eq!(status["cloud"], "disconnected");
+    assert_eq!(status["node_id"], common::NODE);
+
+    app.set_cloud(true).await;
+    let status = retained_status(app.port).await;
+    assert_eq!(
+        status["cloud"], "connected",
+        "retained status follows the cloud"
+    );
+    app.set_cloud(false).await;
+
+    // connect has no reply; a bad connect gets an error.
+    let bad = message("connect", "default/node/edge-node", json!("maybe"));
+    app.client.publish("edgehub", &bad).await;
+    let err = app
+        .client
+        .reply_to("metamanager/to/edgehub", msg_id(&bad))
+        .await;
+    assert_eq!(err["route"]["operation"], "error");
+    assert!(err["content"].as_str().unwrap().contains("cloud_connected"));
+    let seen = app.client.drain(Duration::from_millis(300)).await;
+    assert!(
+        !seen
+            .iter()
+            .any(|(t, v)| t.ends_with("to/edgehub") && v["route"]["operation"] == "response"),
+        "connect is not acked: {seen:#?}"
+    );
+}
+
+/// The retained status as a newly connecting client sees it.
+async fn retained_status(port: u16) -> Value {
+    let mut c = common::Peer::connect(port).await;
+    c.wait_for("metamanager/status", |_| true).await
+}
+
+async fn remote_query_answered_by_the_cloud_is_stored(kind: BrokerKind) {
+    let Some(mut app) = app(kind).await else {
+        return;
+    };
+    app.set_cloud(true).await;
+    let key = "default/secret/db-credentials";
+    let query = message("query", key, Value::Null);
+    app.client.publish("edged", &query).await;
+
+    // Play the cloud: answer the query MetaManager forwarded.
+    let asked = app
+        .client
+        .wait_for("metamanager/to/edgehub", |v| {
+            v["route"]["operation"] == "query" && v["route"]["resource"] == key
+        })
+        .await;
+    assert_ne!(
+        asked["header"]["msg_id"], query["header"]["msg_id"],
+        "new msg_id"
+    );
+    let secret = fixture("secret.json");
+    let mut answer = message("response", key, secret.clone());
+    answer["header"]["parent_msg_id"] = asked["header"]["msg_id"].clone();
+    app.client.publish("edgehub", &answer).await;
+
+    let reply = app
+        .client
+        .reply_to("metamanager/to/edged", msg_id(&query))
+        .await;
+    assert_eq!(reply["route"]["operation"], "response");
+    assert_eq!(reply["content"], json!([secret]));
+
+    // Now it is local: answered without asking the cloud again.
+    assert_eq!(app.client.query("edged", key).await, json!([secret]));
+    let seen = app.client.drain(Duration::from_millis(200)).await;
+    let asks = seen
+        .iter()
+        .filter(|(t, v)| t.ends_with("to/edgehub") && v["route"]["operation"] == "query")
+        .count();
+    assert_eq!(asks, 0, "second query went to the cloud: {seen:#?}");
+}
+
+async fn remote_query_error_is_relayed_and_nothing_stored(kind: BrokerKind) {
+    let Some(mut app) = app(kind).await else {
+        return;
+    };
+    app.set_cloud(true).await;
+    let key = "default/configmap/missing";
+    let query = message("query", key, Value::Null);
+    app.client.publish("edged", &query).await;
+    let asked = app
+        .client
+        .wait_for("metamanager/to/edgehub", |v| {
+            v["route"]["operation"] == "query"
+        })
+        .await;
+    let mut answer = message("error", key, json!("configmap \"missing\" not found"));
+    answer["header"]["parent_msg_id"] = asked["header"]["msg_id"].clone();
+    app.client.publish("edgehub", &answer).await;
+    let reply = app
+        .client
+        .reply_to("metamanager/to/edged", msg_id(&query))
+        .await;
+    assert_eq!(reply["route"]["operation"], "error");
+    assert_eq!(reply["content"], "configmap \"missing\" not found");
+    assert_eq!(app.client.query("edgehub", key).await, json!([]));
+}
+
+async fn remote_query_times_out(kind: BrokerKind) {
+    let options = Options::new(kind).yaml("meta:\n  remote_query_timeout: 1s\n");
+    let Some(mut app) = TestApp::spawn(options).await else {
+        return;
+    };
+    app.set_cloud(true).await;
+    let query = message("query", "default/configmap/app-config", Value::Null);
+    let sent = std::time::Instant::now();
+    app.client.publish("edged", &query).await;
+    let reply = app
+        .client
+        .reply_to("metamanager/to/edged", msg_id(&query))
+        .await;
+    assert_eq!(reply["route"]["operation"], "error");
+    assert!(
+        reply["content"]
+            .as_str()
+            .unwrap()
+            .contains("did not answer"),
+        "{reply}"
+    );
+    assert!(sent.elapsed() >= Duration::from_millis(900));
+}
+
+async fn remote_query_while_disconnected_fails_fast(kind: BrokerKind) {
+    let Some(mut app) = app(kind).await else {
+        return;
+    };
+    let query = message("query", "default/configmap/app-config", Value::Null);
+    app.client.publish("edged", &query).await;
+    let reply = app
+        .client
+        .reply_to("metamanager/to/edged", msg_id(&query))
+        .await;
+    assert_eq!(reply["route"]["operation"], "error");
+    assert!(reply["content"].as_str().unwrap().contains("not connected"));
+    let seen = app.client.drain(Duration::from_millis(300)).await;
+    assert!(
+        !seen.iter().any(|(t, _)| t.ends_with("to/edgehub")),
+        "nothing goes to edgehub: {seen:#?}"
+    );
+}
+
+async fn metasync_sends_statuses_and_drops_orphans(kind: BrokerKind) {
+    let options = Options::new(kind).yaml("meta:\n  sync:\n    podstatus:\n      interval: 1\n");
+    let Some(mut app) = TestApp::spawn(options).await else {
+        return;
+    };
+    let status = fixture("podstatus.json");
+    let inserts = [
+        message("insert", POD_KEY, fixture("pod.json")),
+        message(
+            "insert",
+            "default/podstatus/nginx-7d9c5b8f4-x2k9p",
+            status.clone(),
+        ),
+        message("insert", "default/podstatus/gone", json!({"Name": "gone"})),
+    ];
+    for m in &inserts {
+        app.client.publish("edgehub", m).await;
+    }
+    app.client
+        .reply_to("metamanager/to/edgehub", msg_id(&inserts[2]))
+        .await;
+    app.set_cloud(true).await;
+    let sync = app
+        .client
+        .wait_for("metamanager/to/edgehub", |v| {
+            v["route"]["operation"] == "update"
+        })
+        .await;
+    assert_eq!(sync["route"]["resource"], "default/podstatus");
+    assert_eq!(sync["route"]["source"], "metamanager");
+    assert_eq!(sync["content"], json!([status]));
+    assert_eq!(
+        app.client.query("edged", "default/podstatus/gone").await,
+        json!([])
+    );
+}
+
+async fn meta_internal_sync_runs_now(kind: BrokerKind) {
+    let options = Options::new(kind).yaml("meta:\n  sync:\n    podstatus:\n      interval: 1h\n");
+    let Some(mut app) = TestApp::spawn(options).await else {
+        return;
+    };
+    let status = fixture("podstatus.json");
+    for m in [
+        message("insert", POD_KEY, fixture("pod.json")),
+        message(
+            "insert",
+            "default/podstatus/nginx-7d9c5b8f4-x2k9p",
+            status.clone(),
+        ),
+    ] {
+        app.client.publish("edgehub", &m).await;
+        app.client
+            .reply_to("metamanager/to/edgehub", msg_id(&m))
+            .await;
+    }
+    app.set_cloud(true).await;
+    let sync = message("meta-internal-sync", "default/podstatus", Value::Null);
+    app.client.publish("edged", &sync).await;
+    let update = app
+        .client
+        .wait_for("metamanager/to/edgehub", |v| {
+            v["route"]["operation"] == "update"
+        })
+        .await;
+    assert_eq!(update["content"], json!([status]));
+    let ack = app
+        .client
+        .reply_to("metamanager/to/edged", msg_id(&sync))
+        .await;
+    assert_ack(&ack, msg_id(&sync), "default/podstatus");
+}
+
+async fn store_survives_restart(kind: BrokerKind) {
+    let Some(mut app) = app(kind).await else {
+        return;
+    };
+    let insert = fixture("insert-pod.message.json");
+    app.client.publish("edgehub", &insert).await;
+    app.client
+        .reply_to("metamanager/to/edgehub", msg_id(&insert))
+        .await;
+    let status = app.terminate();
+    assert!(status.success(), "clean exit on SIGTERM: {status}");
+
+    // The database is closed and holds the pod.
+    let conn = rusqlite::Connection::open(app.db_path()).unwrap();
+    let stored: String = conn
+        .query_row("SELECT value FROM meta WHERE key = ?1", [POD_KEY], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(&stored).unwrap(),
+        fixture("pod.json")
+    );
+    drop(conn);
+    // An external broker keeps the offline status (the embedded one stopped with the process).
+    if let Some(m) = &app.mosquitto {
+        assert_eq!(retained_status(m.port).await["state"], "offline");
+    }
+
+    app.start().await;
+    assert_eq!(
+        app.client.query("edged", POD_KEY).await,
+        json!([fixture("pod.json")])
+    );
+}
+
+both_brokers!(
+    insert_from_edgehub_stores_forwards_then_acks,
+    reinsert_replaces_the_stored_object,
+    insert_from_edged_goes_to_edgehub,
+    update_forwards_only_real_changes,
+    update_from_edged_goes_to_edgehub,
+    delete_removes_and_respects_pod_uid,
+    query_lists_one_namespace_in_key_order,
+    response_from_edged_is_relayed_and_stored,
+    unclaimed_cloud_response_and_error_go_to_edged,
+    connect_state_shows_in_status,
+    remote_query_answered_by_the_cloud_is_stored,
+    remote_query_error_is_relayed_and_nothing_stored,
+    remote_query_times_out,
+    remote_query_while_disconnected_fails_fast,
+    metasync_sends_statuses_and_drops_orphans,
+    meta_internal_sync_runs_now,
+    store_survives_restart,
+);
