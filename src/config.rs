@@ -156,13 +156,30 @@ impl Settings {
     }
 
     /// Parses and validates YAML text; an empty document means all defaults.
+    ///
+    /// The YAML is read into a generic tree first and the settings are taken from that tree,
+    /// so that a wrong value is reported with its full key (`mqtt.port: ...`).
     pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
-        let settings: Settings = if text.trim().is_empty() {
+        let parse_error = |message: String| ConfigError::Parse {
+            path: PathBuf::new(),
+            message,
+        };
+        let tree: serde_json::Value = if text.trim().is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_saphyr::from_str(text).map_err(|e| parse_error(e.to_string()))?
+        };
+        let settings: Settings = if tree.is_null() {
             Settings::default()
         } else {
-            serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse {
-                path: PathBuf::new(),
-                message: e.to_string(),
+            serde_path_to_error::deserialize(tree).map_err(|e| {
+                let path = e.path().to_string();
+                let inner = e.into_inner().to_string();
+                parse_error(if path == "." {
+                    inner
+                } else {
+                    format!("key `{path}`: {inner}")
+                })
             })?
         };
         settings.validate()?;
@@ -219,16 +236,25 @@ fn topic_level(key: &'static str, value: &str) -> Result<(), ConfigError> {
 
 /// Accepts whole seconds (`60`, KubeEdge's form) or a duration string (`"90s"`, `"1m30s"`).
 fn duration<'de, D: Deserializer<'de>>(de: D) -> Result<Duration, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Form {
-        Seconds(u64),
-        Text(String),
+    struct DurationVisitor;
+    impl serde::de::Visitor<'_> for DurationVisitor {
+        type Value = Duration;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("whole seconds or a duration string such as \"90s\" or \"1m30s\"")
+        }
+        fn visit_u64<E: serde::de::Error>(self, secs: u64) -> Result<Duration, E> {
+            Ok(Duration::from_secs(secs))
+        }
+        fn visit_i64<E: serde::de::Error>(self, secs: i64) -> Result<Duration, E> {
+            u64::try_from(secs)
+                .map(Duration::from_secs)
+                .map_err(|_| E::custom(format!("{secs} is negative; a duration must not be")))
+        }
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Duration, E> {
+            parse_duration(text).map_err(E::custom)
+        }
     }
-    match Form::deserialize(de)? {
-        Form::Seconds(s) => Ok(Duration::from_secs(s)),
-        Form::Text(t) => parse_duration(&t).map_err(serde::de::Error::custom),
-    }
+    de.deserialize_any(DurationVisitor)
 }
 
 /// Parses a duration string; a bare number is taken as seconds.
@@ -277,7 +303,12 @@ mod tests {
     #[test]
     fn bad_values_name_their_key() {
         assert!(error_of("mqtt:\n  mode: sideways\n").contains("mode"));
-        assert!(error_of("mqtt:\n  port: 70000\n").contains("port"));
+        assert!(error_of("mqtt:\n  port: 70000\n").contains("mqtt.port"));
+        assert!(error_of("mqtt:\n  mode: sideways\n").contains("mqtt.mode"));
+        assert!(
+            error_of("meta:\n  sync:\n    podstatus:\n      interval: -5\n")
+                .contains("meta.sync.podstatus.interval")
+        );
         assert!(error_of("mqtt:\n  port: 0\n").contains("mqtt.port"));
         assert!(error_of("meta:\n  remote_query_timeout: soon\n").contains("remote_query_timeout"));
         assert!(error_of("nodeid: x\n").contains("nodeid"));

@@ -26,7 +26,6 @@ fn main() -> ExitCode {
     let settings = match settings {
         Ok(s) => s,
         Err(e) => {
-            tracing::error!("{e}");
             eprintln!("metamanager: {e}");
             return ExitCode::from(2);
         }
@@ -41,8 +40,7 @@ fn main() -> ExitCode {
     match runtime.block_on(metamanager::app::run(settings, shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e}");
-            eprintln!("metamanager: {e}");
+            tracing::error!("cannot start: {e}");
             ExitCode::FAILURE
         }
     }

@@ -1,0 +1,200 @@
+//! The binary as an operator meets it: config errors, start-up failures, signals, and the
+//! mosquitto_pub / mosquitto_sub walkthrough from the README.
+
+mod common;
+
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use common::{fixture_path, BrokerKind, Options, TestApp};
+use serde_json::{json, Value};
+
+fn run_with_config(yaml: &str) -> (Output, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("edge.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_metamanager"))
+        .arg("-c")
+        .arg(&config)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    (output, dir)
+}
+
+#[test]
+fn bad_config_stops_before_connecting_and_names_the_key() {
+    let cases = [
+        ("mqtt:\n  mode: sideways\n", "mode"),
+        ("mqtt:\n  port: 70000\n", "port"),
+        ("mqtt:\n  port: 0\n", "mqtt.port"),
+        (
+            "meta:\n  remote_query_timeout: soonish\n",
+            "remote_query_timeout",
+        ),
+        (
+            "meta:\n  sync:\n    podstatus:\n      interval: often\n",
+            "interval",
+        ),
+        ("mqtt:\n  hostname: x\n", "hostname"),
+        ("node_id: a/b\n", "node_id"),
+    ];
+    for (yaml, key) in cases {
+        let (out, dir) = run_with_config(yaml);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{yaml}: {stderr}");
+        assert!(
+            stderr.contains(key),
+            "{yaml}: error should name {key}: {stderr}"
+        );
+        assert!(
+            !dir.path().join("data").exists(),
+            "{yaml}: nothing may be created before the config is valid"
+        );
+    }
+}
+
+#[test]
+fn missing_config_file_is_named() {
+    let out = Command::new(env!("CARGO_BIN_EXE_metamanager"))
+        .args(["--config", "/nonexistent/edge.yaml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/edge.yaml"));
+}
+
+#[test]
+fn a_file_that_is_not_a_database_stops_start_up_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("meta.db");
+    let garbage = b"this is not a SQLite database, and must survive as it is\n".repeat(200);
+    std::fs::write(&db, &garbage).unwrap();
+    let port = common::free_port();
+    let (out, _dir) = run_with_config(&format!(
+        "mqtt:\n  port: {port}\ndatabase:\n  path: {}\n",
+        db.display()
+    ));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("meta.db"), "{stderr}");
+    assert_eq!(std::fs::read(&db).unwrap(), garbage, "file modified");
+}
+
+#[test]
+fn embedded_broker_port_in_use_is_reported() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let (out, _dir) = run_with_config(&format!("mqtt:\n  port: {port}\n"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&format!("127.0.0.1:{port}")), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_zero_and_leaves_offline_status() {
+    let Some(mut app) = TestApp::spawn(Options::new(BrokerKind::Mosquitto)).await else {
+        return;
+    };
+    let status = app.terminate();
+    assert!(status.success(), "{status}");
+    let port = app.mosquitto.as_ref().unwrap().port;
+    let mut watcher = common::Peer::connect(port).await;
+    let retained = watcher.wait_for("metamanager/status", |_| true).await;
+    assert_eq!(retained["state"], "offline");
+    assert_eq!(retained["node_id"], common::NODE);
+    assert!(app.log().contains("stopped"));
+}
+
+fn mosquitto_sub(port: u16, topic: &str, count: usize) -> std::process::Child {
+    Command::new("mosquitto_sub")
+        .args(["-p", &port.to_string(), "-q", "1", "-v", "-t", topic])
+        .args(["-C", &count.to_string(), "-W", "20"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn mosquitto_pub(port: u16, topic: &str, payload: PubPayload) {
+    let mut cmd = Command::new("mosquitto_pub");
+    cmd.args(["-p", &port.to_string(), "-q", "1", "-t", topic]);
+    match payload {
+        PubPayload::File(path) => cmd.arg("-f").arg(path),
+        PubPayload::Message(m) => cmd.args(["-m", m]),
+    };
+    let status = cmd.status().unwrap();
+    assert!(status.success());
+}
+
+enum PubPayload<'a> {
+    File(&'a std::path::Path),
+    Message(&'a str),
+}
+
+/// `topic payload` lines from `mosquitto_sub -v`, payload parsed as JSON.
+fn lines(child: std::process::Child) -> Vec<(String, Value)> {
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    // Payloads may span lines (the fixture is pretty-printed): split on the topic prefix.
+    let mut result = Vec::new();
+    for chunk in text.split(&format!("edge/{}/", common::NODE)).skip(1) {
+        let (topic, payload) = chunk.split_once(' ').unwrap();
+        let value: Value = serde_json::from_str(payload.trim()).unwrap();
+        result.push((topic.to_owned(), value));
+    }
+    result
+}
+
+/// The README walkthrough, driven with the real mosquitto clients: insert a pod as the cloud,
+/// see it reach edged, query it back as edged.
+async fn walkthrough_with_mosquitto_clients(kind: BrokerKind) {
+    if !common::mosquitto_clients() {
+        return;
+    }
+    let Some(app) = TestApp::spawn(Options::new(kind)).await else {
+        return;
+    };
+    let node = common::NODE;
+    let port = app.port;
+
+    // Forward to edged, ack to edgehub.
+    let sub = mosquitto_sub(port, &format!("edge/{node}/metamanager/to/#"), 2);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    mosquitto_pub(
+        port,
+        &format!("edge/{node}/edgehub/to/metamanager"),
+        PubPayload::File(&fixture_path("insert-pod.message.json")),
+    );
+    let got = lines(sub);
+    let insert = common::fixture("insert-pod.message.json");
+    let forwarded = got
+        .iter()
+        .find(|(t, _)| t == "metamanager/to/edged")
+        .expect("forwarded to edged");
+    assert_eq!(forwarded.1, insert);
+    let ack = got
+        .iter()
+        .find(|(t, _)| t == "metamanager/to/edgehub")
+        .expect("acked to edgehub");
+    assert_eq!(ack.1["content"], "OK");
+    assert_eq!(ack.1["header"]["parent_msg_id"], insert["header"]["msg_id"]);
+
+    // Query it back as edged.
+    let sub = mosquitto_sub(port, &format!("edge/{node}/metamanager/to/edged"), 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    mosquitto_pub(
+        port,
+        &format!("edge/{node}/edged/to/metamanager"),
+        PubPayload::Message(
+            r#"{"header":{"msg_id":"q-1"},"route":{"operation":"query","resource":"default/pod/nginx-7d9c5b8f4-x2k9p"}}"#,
+        ),
+    );
+    let got = lines(sub);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].1["header"]["parent_msg_id"], "q-1");
+    assert_eq!(got[0].1["route"]["operation"], "response");
+    assert_eq!(got[0].1["content"], json!([common::fixture("pod.json")]));
+}
+
+both_brokers!(walkthrough_with_mosquitto_clients);
