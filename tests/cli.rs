@@ -91,6 +91,126 @@ fn embedded_broker_port_in_use_is_reported() {
     assert!(stderr.contains(&format!("127.0.0.1:{port}")), "{stderr}");
 }
 
+#[test]
+fn no_arguments_runs_on_the_defaults() {
+    if std::net::TcpStream::connect("127.0.0.1:1884").is_ok() {
+        eprintln!("skipped: port 1884 is in use, so the defaults cannot be tried here");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_metamanager"))
+        .current_dir(dir.path())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(common::wait_for_port(1884, Duration::from_secs(10)));
+    let db = dir.path().join("data/metamanager.db");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !db.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(db.exists(), "database at ./data/metamanager.db");
+    assert!(log.contains("node_id=edge-node"), "{log}");
+    assert!(log.contains("127.0.0.1:1884"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_leaves_the_last_will_offline_status() {
+    let Some(mut app) = TestApp::spawn(Options::new(BrokerKind::Mosquitto)).await else {
+        return;
+    };
+    let port = app.mosquitto.as_ref().unwrap().port;
+    let mut child = app.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mut watcher = common::Peer::connect(port).await;
+    let will = watcher
+        .wait_for("metamanager/status", |v| v["state"] == "offline")
+        .await;
+    assert_eq!(will["node_id"], common::NODE);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_sharing_a_broker_do_not_see_each_other() {
+    let Some(binary) = common::mosquitto_binary() else {
+        return;
+    };
+    if !common::mosquitto_clients() {
+        return;
+    }
+    let broker = common::Mosquitto::start(&binary);
+    let dir = tempfile::tempdir().unwrap();
+    let mut children = Vec::new();
+    for node in ["node-a", "node-b"] {
+        let config = dir.path().join(format!("{node}.yaml"));
+        std::fs::write(
+            &config,
+            format!(
+                "node_id: {node}\nmqtt:\n  mode: external\n  port: {}\ndatabase:\n  path: {}\n",
+                broker.port,
+                dir.path().join(format!("{node}.db")).display()
+            ),
+        )
+        .unwrap();
+        children.push(
+            Command::new(env!("CARGO_BIN_EXE_metamanager"))
+                .arg("-c")
+                .arg(&config)
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+    }
+    // A raw client that sees every node's traffic.
+    let sub = Command::new("mosquitto_sub")
+        .args([
+            "-p",
+            &broker.port.to_string(),
+            "-v",
+            "-t",
+            "edge/#",
+            "-W",
+            "4",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let insert = common::fixture("insert-pod.message.json");
+    let published = Command::new("mosquitto_pub")
+        .args(["-p", &broker.port.to_string(), "-q", "1"])
+        .args(["-t", "edge/node-a/edgehub/to/metamanager"])
+        .args(["-m", &insert.to_string()])
+        .status()
+        .unwrap();
+    assert!(published.success());
+    let out = String::from_utf8(sub.wait_with_output().unwrap().stdout).unwrap();
+    for mut child in children {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    assert!(out.contains("edge/node-a/metamanager/to/edged"), "{out}");
+    assert!(out.contains("edge/node-b/metamanager/status"), "{out}");
+    assert!(!out.contains("edge/node-b/metamanager/to/"), "{out}");
+    // Only node-a stored the pod.
+    let count = |node: &str| -> i64 {
+        rusqlite::Connection::open(dir.path().join(format!("{node}.db")))
+            .unwrap()
+            .query_row("SELECT count(*) FROM meta", [], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(count("node-a"), 1);
+    assert_eq!(count("node-b"), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_exits_zero_and_leaves_offline_status() {
     let Some(mut app) = TestApp::spawn(Options::new(BrokerKind::Mosquitto)).await else {

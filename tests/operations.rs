@@ -61,7 +61,11 @@ async fn reinsert_replaces_the_stored_object(kind: BrokerKind) {
         .publish("edgehub", &message("insert", POD_KEY, pod.clone()))
         .await;
     pod["status"]["phase"] = json!("Running");
-    let second = message("insert", POD_KEY, pod.clone());
+    let mut second = message("insert", POD_KEY, pod.clone());
+    // Unknown fields anywhere in the envelope are ignored.
+    second["header"]["trace_id"] = json!("abc");
+    second["route"]["priority"] = json!(5);
+    second["extension"] = json!({"any": ["thing"]});
     app.client.publish("edgehub", &second).await;
     app.client
         .reply_to("metamanager/to/edgehub", msg_id(&second))
@@ -386,6 +390,39 @@ async fn remote_query_answered_by_the_cloud_is_stored(kind: BrokerKind) {
     assert_eq!(asks, 0, "second query went to the cloud: {seen:#?}");
 }
 
+async fn remote_list_query_stores_each_object(kind: BrokerKind) {
+    let Some(mut app) = app(kind).await else {
+        return;
+    };
+    app.set_cloud(true).await;
+    let query = message("query", "default/configmap", Value::Null);
+    app.client.publish("edged", &query).await;
+    let asked = app
+        .client
+        .wait_for("metamanager/to/edgehub", |v| {
+            v["route"]["operation"] == "query"
+        })
+        .await;
+    assert_eq!(asked["route"]["resource"], "default/configmap");
+    let first = fixture("configmap.json");
+    let mut second = first.clone();
+    second["metadata"]["name"] = json!("app-config-2");
+    let mut answer = message("response", "default/configmap", json!([first, second]));
+    answer["header"]["parent_msg_id"] = asked["header"]["msg_id"].clone();
+    app.client.publish("edgehub", &answer).await;
+    let reply = app
+        .client
+        .reply_to("metamanager/to/edged", msg_id(&query))
+        .await;
+    assert_eq!(reply["content"], json!([first, second]));
+    assert_eq!(
+        app.client
+            .query("edgehub", "default/configmap/app-config-2")
+            .await,
+        json!([second])
+    );
+}
+
 async fn remote_query_error_is_relayed_and_nothing_stored(kind: BrokerKind) {
     let Some(mut app) = app(kind).await else {
         return;
@@ -476,6 +513,14 @@ async fn metasync_sends_statuses_and_drops_orphans(kind: BrokerKind) {
     app.client
         .reply_to("metamanager/to/edgehub", msg_id(&inserts[2]))
         .await;
+    // Disconnected: nothing is synced, however many intervals pass.
+    let seen = app.client.drain(Duration::from_millis(2500)).await;
+    assert!(
+        !seen
+            .iter()
+            .any(|(_, v)| v["route"]["operation"] == "update"),
+        "metasync ran while the cloud was disconnected: {seen:#?}"
+    );
     app.set_cloud(true).await;
     let sync = app
         .client
@@ -577,6 +622,7 @@ both_brokers!(
     connect_state_shows_in_status,
     remote_query_answered_by_the_cloud_is_stored,
     remote_query_error_is_relayed_and_nothing_stored,
+    remote_list_query_stores_each_object,
     remote_query_times_out,
     remote_query_while_disconnected_fails_fast,
     metasync_sends_statuses_and_drops_orphans,
