@@ -13,7 +13,7 @@ use rumqttc::Publish;
 use tokio::sync::{mpsc, watch};
 
 use crate::broker::{BrokerError, EmbeddedBroker};
-use crate::config::{BrokerMode, Settings};
+use crate::config::{BrokerMode, ConfigError, Settings};
 use crate::metasync;
 use crate::mqtt::{Link, LinkOptions};
 use crate::node::{self, Node};
@@ -32,10 +32,16 @@ pub enum AppError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Broker(#[from] BrokerError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
 }
 
 /// Runs MetaManager until `shutdown` resolves.
 pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
+    let credentials = match (&settings.mqtt.username, settings.mqtt.resolved_password()?) {
+        (Some(user), password) => Some((user.clone(), password.unwrap_or_default())),
+        (None, _) => None,
+    };
     let store = {
         let path = settings.database.path.clone();
         tokio::task::spawn_blocking(move || Store::open(&path))
@@ -48,24 +54,31 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     if settings.mqtt.mode == BrokerMode::Embedded {
         let limit = settings.mqtt.max_payload_bytes;
         let (host, port) = (settings.mqtt.host.clone(), settings.mqtt.port);
+        let auth = credentials.clone();
         // The broker relays up to twice MetaManager's limit, so an oversized message still
         // reaches MetaManager and its sender gets an error reply instead of a disconnect.
-        let broker =
-            tokio::task::spawn_blocking(move || EmbeddedBroker::start(&host, port, limit * 2))
-                .await
-                .map_err(|e| StoreError::Commit(format!("broker start-up task failed: {e}")))??;
+        let broker = tokio::task::spawn_blocking(move || {
+            EmbeddedBroker::start(&host, port, limit * 2, auth)
+        })
+        .await
+        .map_err(|e| StoreError::Commit(format!("broker start-up task failed: {e}")))??;
         if broker.addr.ip().is_unspecified() {
             connect_host = "127.0.0.1".into();
         }
     }
 
     let topics = Topics::new(&settings.mqtt.topic_prefix, &settings.node_id);
+
     let (link, inbound) = Link::start(
         LinkOptions {
             client_id: format!("metamanager-{}", settings.node_id),
             host: connect_host,
             port: settings.mqtt.port,
             offline_status: node::offline_status(&settings.node_id),
+            // The embedded broker dies with the process, so a persistent session there would
+            // only outlive reconnects on loopback; external brokers keep it across restarts.
+            clean_session: settings.mqtt.mode == BrokerMode::Embedded,
+            credentials,
         },
         topics.clone(),
     );

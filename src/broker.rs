@@ -40,7 +40,13 @@ impl EmbeddedBroker {
     /// Starts rumqttd on `host:port` and returns once it accepts connections.
     /// `max_payload` is the largest publish it relays; MetaManager's own limit sits below it
     /// so that an oversized message reaches MetaManager and gets an error reply.
-    pub fn start(host: &str, port: u16, max_payload: usize) -> Result<Self, BrokerError> {
+    /// With `auth`, clients must present that username and password.
+    pub fn start(
+        host: &str,
+        port: u16,
+        max_payload: usize,
+        auth: Option<(String, String)>,
+    ) -> Result<Self, BrokerError> {
         let addr = (host, port)
             .to_socket_addrs()
             .map_err(|e| BrokerError::Resolve {
@@ -52,13 +58,13 @@ impl EmbeddedBroker {
                 addr: format!("{host}:{port}"),
                 reason: "no address".into(),
             })?;
-        if !addr.ip().is_loopback() {
+        if !addr.ip().is_loopback() && auth.is_none() {
             tracing::warn!(%addr, "embedded broker listens beyond loopback without authentication: anyone who reaches this address can read and write the node's metadata");
         }
         // Fail with the OS's reason (address in use, permission) rather than rumqttd's log line.
         drop(TcpListener::bind(addr).map_err(|source| BrokerError::Bind { addr, source })?);
 
-        let config = config(addr, max_payload);
+        let config = config(addr, max_payload, auth);
         let handle = std::thread::Builder::new()
             .name("embedded-broker".into())
             .spawn(move || {
@@ -92,7 +98,7 @@ impl EmbeddedBroker {
     }
 }
 
-fn config(addr: SocketAddr, max_payload: usize) -> Config {
+fn config(addr: SocketAddr, max_payload: usize, auth: Option<(String, String)>) -> Config {
     // RouterConfig::default() is all zeros, which rumqttd takes literally.
     let router = RouterConfig {
         max_connections: 1024,
@@ -107,7 +113,7 @@ fn config(addr: SocketAddr, max_payload: usize) -> Config {
         connection_timeout_ms: 10_000,
         max_payload_size: max_payload,
         max_inflight_count: 200,
-        auth: None,
+        auth: auth.map(|(user, password)| HashMap::from([(user, password)])),
         external_auth: None,
         // Without this, a publish to a topic nobody subscribed to disconnects the publisher.
         dynamic_filters: true,

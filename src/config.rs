@@ -38,6 +38,7 @@ pub struct Settings {
     pub mqtt: MqttSettings,
     pub database: DatabaseSettings,
     pub meta: MetaSettings,
+    pub outbox: OutboxSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -49,6 +50,48 @@ pub struct MqttSettings {
     pub topic_prefix: String,
     /// Largest inbound payload accepted, in bytes. Bigger messages get an `error` reply.
     pub max_payload_bytes: usize,
+    /// Credentials. External: sent to the broker. Embedded: the broker requires them.
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Read the password from this file (trailing newline ignored), so it stays out of the
+    /// config file.
+    pub password_file: Option<PathBuf>,
+    /// TLS to an external broker.
+    pub tls: Option<TlsSettings>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// PEM file of the CA(s) that signed the broker's certificate.
+    pub ca_file: PathBuf,
+    /// PEM client certificate chain and key, for brokers that require client certificates.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+/// Bounds and pacing of the durable outbox that holds messages for the cloud while it is
+/// disconnected.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutboxSettings {
+    /// Most messages kept; beyond it the oldest are dropped (and counted).
+    pub max_messages: usize,
+    /// Messages older than this are dropped instead of sent.
+    #[serde(deserialize_with = "duration")]
+    pub max_age: Duration,
+    /// Messages per second sent when the cloud comes back.
+    pub drain_rate: u32,
+}
+
+impl Default for OutboxSettings {
+    fn default() -> Self {
+        Self {
+            max_messages: 10_000,
+            max_age: Duration::from_secs(24 * 3600),
+            drain_rate: 200,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -87,6 +130,7 @@ impl Default for Settings {
             mqtt: MqttSettings::default(),
             database: DatabaseSettings::default(),
             meta: MetaSettings::default(),
+            outbox: OutboxSettings::default(),
         }
     }
 }
@@ -99,6 +143,10 @@ impl Default for MqttSettings {
             port: 1884,
             topic_prefix: "edge".into(),
             max_payload_bytes: 1024 * 1024,
+            username: None,
+            password: None,
+            password_file: None,
+            tls: None,
         }
     }
 }
@@ -208,7 +256,53 @@ impl Settings {
         if self.meta.remote_query_timeout.is_zero() {
             return invalid("meta.remote_query_timeout", "must be positive".into());
         }
+        if self.mqtt.password.is_some() && self.mqtt.password_file.is_some() {
+            return invalid(
+                "mqtt.password_file",
+                "set either mqtt.password or mqtt.password_file, not both".into(),
+            );
+        }
+        if (self.mqtt.password.is_some() || self.mqtt.password_file.is_some())
+            && self.mqtt.username.is_none()
+        {
+            return invalid("mqtt.username", "a password needs a username".into());
+        }
+        if let Some(tls) = &self.mqtt.tls {
+            if self.mqtt.mode == BrokerMode::Embedded {
+                return invalid(
+                    "mqtt.tls",
+                    "TLS is for an external broker; the embedded one listens in plain MQTT".into(),
+                );
+            }
+            if tls.cert_file.is_some() != tls.key_file.is_some() {
+                return invalid(
+                    "mqtt.tls.key_file",
+                    "a client certificate needs both cert_file and key_file".into(),
+                );
+            }
+        }
+        if self.outbox.max_messages == 0 {
+            return invalid("outbox.max_messages", "must be at least 1".into());
+        }
+        if self.outbox.drain_rate == 0 {
+            return invalid("outbox.drain_rate", "must be at least 1".into());
+        }
         Ok(())
+    }
+}
+
+impl MqttSettings {
+    /// The password, read from `password_file` when that is set.
+    pub fn resolved_password(&self) -> Result<Option<String>, ConfigError> {
+        match &self.password_file {
+            Some(path) => std::fs::read_to_string(path)
+                .map(|p| Some(p.trim_end_matches(['\r', '\n']).to_owned()))
+                .map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                }),
+            None => Ok(self.password.clone()),
+        }
     }
 }
 

@@ -7,6 +7,7 @@
 //! reconnection: it backs off between attempts and reports each (re)connection, on which the
 //! application resubscribes, since rumqttc does not.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -37,13 +38,17 @@ pub struct LinkOptions {
     pub port: u16,
     /// Payload of the retained last will on the status topic.
     pub offline_status: Vec<u8>,
+    /// `false` keeps the session at the broker while MetaManager is away, so the broker
+    /// queues and redelivers what MetaManager has not acknowledged.
+    pub clean_session: bool,
+    pub credentials: Option<(String, String)>,
 }
 
 /// Sends to the broker; cheap to clone and safe to use from any task.
 #[derive(Clone)]
 pub struct Publisher {
     client: AsyncClient,
-    topics: std::sync::Arc<Topics>,
+    topics: Arc<Topics>,
 }
 
 impl Publisher {
@@ -106,26 +111,31 @@ impl Link {
             .set_max_packet_size(MAX_PACKET, MAX_PACKET)
             .set_request_channel_capacity(REQUEST_CHANNEL)
             .set_manual_acks(true)
-            .set_clean_session(true)
+            .set_clean_session(options.clean_session)
             .set_last_will(LastWill::new(
                 &topics.status,
                 options.offline_status,
                 QoS::AtLeastOnce,
                 true,
             ));
+        if let Some((user, password)) = options.credentials {
+            mqtt.set_credentials(user, password);
+        }
         let (client, eventloop) = AsyncClient::new(mqtt, REQUEST_CHANNEL);
         let (inbound_tx, inbound) = mpsc::channel(INBOUND_QUEUE);
         let (connected_tx, connected) = watch::channel(false);
+        let topics = Arc::new(topics);
         let receive_loop = tokio::spawn(receive_loop(
             eventloop,
             client.clone(),
+            topics.clone(),
             inbound_tx,
             connected_tx,
         ));
         let link = Self {
             publisher: Publisher {
                 client: client.clone(),
-                topics: std::sync::Arc::new(topics),
+                topics,
             },
             connected,
             client,
@@ -150,6 +160,7 @@ impl Link {
 async fn receive_loop(
     mut eventloop: EventLoop,
     client: AsyncClient,
+    topics: Arc<Topics>,
     inbound: mpsc::Sender<Publish>,
     connected: watch::Sender<bool>,
 ) {
@@ -169,11 +180,7 @@ async fn receive_loop(
                     };
                     // Never wait here: waiting would stall the event loop that the
                     // consumers of this queue need to publish their replies.
-                    tracing::error!(
-                        topic = %publish.topic,
-                        "inbound queue full ({INBOUND_QUEUE}); message dropped"
-                    );
-                    let _ = client.try_ack(&publish);
+                    refuse_overflow(&client, &topics, &publish);
                 }
             }
             Ok(Event::Outgoing(Outgoing::Disconnect)) => {
@@ -185,14 +192,50 @@ async fn receive_loop(
             Ok(_) => {}
             Err(ConnectionError::RequestsDone) => return,
             Err(e) => {
+                let reason = describe(&e);
                 if connected.send_replace(false) {
-                    tracing::warn!(error = %e, "lost MQTT broker connection");
+                    tracing::warn!(%reason, "lost MQTT broker connection");
                 } else {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "cannot connect to MQTT broker");
+                    tracing::warn!(%reason, retry_in = ?backoff, "cannot connect to MQTT broker");
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_CAP);
             }
         }
     }
+}
+
+/// An operator-facing reason for a connection failure.
+fn describe(e: &ConnectionError) -> String {
+    use rumqttc::ConnectReturnCode as Code;
+    match e {
+        ConnectionError::ConnectionRefused(Code::BadUserNamePassword) => {
+            "broker refused the connection: bad username or password (mqtt.username, mqtt.password)".into()
+        }
+        ConnectionError::ConnectionRefused(Code::NotAuthorized) => {
+            "broker refused the connection: not authorized (check mqtt.username and the broker's ACLs)".into()
+        }
+        ConnectionError::ConnectionRefused(code) => {
+            format!("broker refused the connection: {code:?}")
+        }
+        other => other.to_string(),
+    }
+}
+
+/// Answers a message that arrived while the inbound queue was full: an `error` to its sender,
+/// and a broker ack so it is not redelivered into the same overload. Nothing here waits.
+fn refuse_overflow(client: &AsyncClient, topics: &Topics, publish: &Publish) {
+    tracing::error!(
+        topic = %publish.topic,
+        "inbound queue full ({INBOUND_QUEUE} messages); message refused"
+    );
+    if let Some(sender) = topics.sender(&publish.topic) {
+        let parent = crate::message::salvage_msg_id(&publish.payload);
+        let text = format!(
+            "MetaManager is overloaded ({INBOUND_QUEUE} messages queued); send again later"
+        );
+        let reply = crate::message::error(parent.as_deref(), "", &text);
+        let _ = client.try_publish(topics.to(sender), QoS::AtLeastOnce, false, reply);
+    }
+    let _ = client.try_ack(publish);
 }
