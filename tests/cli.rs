@@ -98,7 +98,7 @@ fn no_arguments_runs_on_the_defaults() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_metamanager"))
+    let child = Command::new(env!("CARGO_BIN_EXE_metamanager"))
         .current_dir(dir.path())
         .stderr(Stdio::piped())
         .spawn()
