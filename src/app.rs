@@ -18,7 +18,9 @@ use crate::metasync;
 use crate::mqtt::{Link, LinkOptions};
 use crate::node::{self, Node};
 use crate::operations::{self, Step};
-use crate::store::{Store, StoreError};
+use crate::outbox;
+use crate::store::{Store, StoreError, StoreOptions};
+use crate::tls::{self, TlsError};
 use crate::topics::Topics;
 
 /// Steps queued between the dispatcher and the pipeline; bounds memory under a burst.
@@ -34,6 +36,8 @@ pub enum AppError {
     Broker(#[from] BrokerError),
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// Runs MetaManager until `shutdown` resolves.
@@ -42,9 +46,18 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         (Some(user), password) => Some((user.clone(), password.unwrap_or_default())),
         (None, _) => None,
     };
+    // Checked before anything is created, like the password file.
+    let tls = match &settings.mqtt.tls {
+        Some(t) => Some(tls::client_config(t, &settings.mqtt.host)?),
+        None => None,
+    };
     let store = {
         let path = settings.database.path.clone();
-        tokio::task::spawn_blocking(move || Store::open(&path))
+        let options = StoreOptions {
+            outbox_max: settings.outbox.max_messages,
+            ..StoreOptions::default()
+        };
+        tokio::task::spawn_blocking(move || Store::open(&path, options))
             .await
             .map_err(|e| StoreError::Commit(format!("store start-up task failed: {e}")))??
     };
@@ -79,6 +92,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
             // only outlive reconnects on loopback; external brokers keep it across restarts.
             clean_session: settings.mqtt.mode == BrokerMode::Embedded,
             credentials,
+            tls,
         },
         topics.clone(),
     );
@@ -115,6 +129,12 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         stop.clone(),
     ));
 
+    let drain = tokio::spawn(outbox::run_drain(
+        node.clone(),
+        settings.outbox.clone(),
+        stop.clone(),
+    ));
+
     shutdown.await;
     tracing::info!("shutting down: finishing in-flight work");
     stop_tx.send_replace(true);
@@ -127,6 +147,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     }
     let _ = session.await;
     let _ = sync.await;
+    let _ = drain.await;
     node.publisher.status(node.offline_status()).await;
     link.shutdown().await;
     store.close().await;

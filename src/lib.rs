@@ -8,12 +8,14 @@
 //! - [`broker`]: the embedded rumqttd broker.
 //! - [`mqtt`]: the MQTT connection: a receive loop that never blocks, a [`mqtt::Publisher`]
 //!   for everything outbound, reconnects with backoff.
+//! - [`tls`]: the rustls client configuration for an external broker, and TLS failure reasons.
 //! - [`topics`]: the node's topic names and the two peers, edgehub and edged.
 //! - [`message`]: the wire message, its validation, and the replies MetaManager builds.
 //! - [`resource`]: the `namespace/type[/name]` resource key.
 //! - [`operations`]: what each operation does, split into an immediate part and an ordered step.
 //! - [`remote`]: queries waiting for the cloud's answer.
 //! - [`metasync`]: the periodic pod-status sync to the cloud.
+//! - [`outbox`]: what waits for the cloud while it is away, and its paced sending.
 //! - [`node`]: the state the running node's tasks share, and its status object.
 //! - [`store`]: SQLite with one writer thread (group commit) and reads beside it.
 
@@ -25,8 +27,10 @@ pub mod metasync;
 pub mod mqtt;
 pub mod node;
 pub mod operations;
+pub mod outbox;
 pub mod remote;
 pub mod resource;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod topics;

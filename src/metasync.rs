@@ -11,9 +11,9 @@ use tokio::sync::Mutex;
 
 use crate::message::{self, Operation};
 use crate::node::Node;
+use crate::outbox;
 use crate::resource::Resource;
 use crate::store::{StoreError, Write};
-use crate::topics::Peer;
 
 const PODSTATUS: &str = "podstatus";
 
@@ -72,7 +72,9 @@ impl MetaSync {
                 &format!("{namespace}/{PODSTATUS}"),
                 &message::raw_array(values.iter().copied()),
             );
-            node.publisher.send(Peer::Edgehub, payload).await;
+            let resource = format!("{namespace}/{PODSTATUS}");
+            let message = outbox::cloud_message(&resource, payload.into(), true);
+            outbox::send_to_cloud(node, message).await?;
         }
         let report = Report::Synced {
             namespaces: by_namespace.len(),

@@ -14,7 +14,7 @@ use bytes::Bytes;
 
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet,
-    Publish, QoS,
+    Publish, QoS, TlsConfiguration, TlsError, Transport,
 };
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -42,6 +42,8 @@ pub struct LinkOptions {
     /// queues and redelivers what MetaManager has not acknowledged.
     pub clean_session: bool,
     pub credentials: Option<(String, String)>,
+    /// TLS to the broker (see [`crate::tls::client_config`]); `None` is plain MQTT.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// Sends to the broker; cheap to clone and safe to use from any task.
@@ -120,6 +122,9 @@ impl Link {
             ));
         if let Some((user, password)) = options.credentials {
             mqtt.set_credentials(user, password);
+        }
+        if let Some(tls) = options.tls {
+            mqtt.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
         }
         let (client, eventloop) = AsyncClient::new(mqtt, REQUEST_CHANNEL);
         let (inbound_tx, inbound) = mpsc::channel(INBOUND_QUEUE);
@@ -210,14 +215,22 @@ fn describe(e: &ConnectionError) -> String {
     use rumqttc::ConnectReturnCode as Code;
     match e {
         ConnectionError::ConnectionRefused(Code::BadUserNamePassword) => {
-            "broker refused the connection: bad username or password (mqtt.username, mqtt.password)".into()
+            "broker refused the connection: bad username or password (mqtt.username, mqtt.password or mqtt.password_file)".into()
         }
+        // Mosquitto answers a wrong password with this code in MQTT 3.1.1.
         ConnectionError::ConnectionRefused(Code::NotAuthorized) => {
-            "broker refused the connection: not authorized (check mqtt.username and the broker's ACLs)".into()
+            "broker refused the connection: not authorized (wrong username or password, or the broker does not let this user connect: check mqtt.username, mqtt.password or mqtt.password_file, and the broker's password file and ACLs)".into()
         }
         ConnectionError::ConnectionRefused(code) => {
             format!("broker refused the connection: {code:?}")
         }
+        ConnectionError::Tls(TlsError::Io(io)) | ConnectionError::Io(io) => {
+            match crate::tls::rustls_error(io) {
+                Some(tls) => crate::tls::describe(tls),
+                None => e.to_string(),
+            }
+        }
+        ConnectionError::Tls(TlsError::TLS(tls)) => crate::tls::describe(tls),
         other => other.to_string(),
     }
 }

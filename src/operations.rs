@@ -13,18 +13,16 @@ use std::sync::Arc;
 
 use rumqttc::Publish;
 use serde_json::Value;
-use tokio::sync::oneshot;
 
 use crate::message::{self, Message, Operation};
 use crate::node::Node;
+use crate::outbox;
 use crate::remote::Answer;
-use crate::store::{self, Outcome, StoreError, Write};
+use crate::store::{self, Applied, Change, Committed, Outcome, StoreError, Write};
 use crate::topics::Peer;
 
 /// The ordered remainder of one message's handling.
 pub type Step = Pin<Box<dyn Future<Output = ()> + Send>>;
-
-type Committed = oneshot::Receiver<Result<Outcome, StoreError>>;
 
 /// Validates `publish`, queues its write if it has one, and returns the step that finishes it.
 pub async fn dispatch(node: &Arc<Node>, publish: Publish) -> Step {
@@ -54,7 +52,7 @@ pub async fn dispatch(node: &Arc<Node>, publish: Publish) -> Step {
         Operation::Query => query(node, sender, publish, msg),
         Operation::Response | Operation::Error => match sender {
             Peer::Edged => relay_from_edged(node, publish, msg).await,
-            Peer::Edgehub => answer_from_cloud(node, publish, msg),
+            Peer::Edgehub => answer_from_cloud(node, publish, msg).await,
         },
         Operation::Connect => connect(node, sender, publish, msg),
         Operation::MetaInternalSync => sync_now(node, sender, publish, msg),
@@ -104,19 +102,23 @@ async fn change(
             }
         }
     };
-    let committed = match node.store.submit(write).await {
+    let change = Change {
+        msg_id: Some(msg.msg_id().to_owned()),
+        write: Some(write),
+        to_cloud: queue_for_cloud(node, sender.other(), &msg, &publish, kind),
+    };
+    let committed = match node.store.submit(change).await {
         Ok(c) => c,
         Err(e) => return store_failed(node, sender, publish, msg, e),
     };
     let node = node.clone();
     Box::pin(async move {
         match committed.await.unwrap_or(Err(StoreError::Closed)) {
-            Ok(outcome) => {
+            Ok(applied) => {
                 // An update that changes nothing is not news to the other side.
-                if outcome != Outcome::Unchanged {
-                    node.publisher
-                        .send(sender.other(), publish.payload.clone())
-                        .await;
+                if applied.outcome != Outcome::Unchanged {
+                    let coalesce = matches!(kind, WriteKind::PutIfChanged);
+                    forward(&node, sender.other(), &msg, &publish, applied, coalesce).await;
                 }
                 node.publisher.send(sender, message::ack(&msg)).await;
             }
@@ -124,6 +126,58 @@ async fn change(
         }
         node.publisher.ack(&publish).await;
     })
+}
+
+/// The outbox entry for a change bound for the cloud, when it must wait for the cloud.
+fn queue_for_cloud(
+    node: &Node,
+    to: Peer,
+    msg: &Message,
+    publish: &Publish,
+    kind: WriteKind,
+) -> Option<store::CloudMessage> {
+    (to == Peer::Edgehub && outbox::must_queue(node)).then(|| {
+        let coalesce = matches!(kind, WriteKind::PutIfChanged);
+        outbox::cloud_message(msg.resource.key(), publish.payload.clone(), coalesce)
+    })
+}
+
+/// Passes an inbound message on, unchanged, once its change is committed.
+///
+/// A redelivery (same msg_id) is passed on again only when this process did not forward the
+/// original: then the original was cut off by a crash between its commit and its forward.
+async fn forward(
+    node: &Node,
+    to: Peer,
+    msg: &Message,
+    publish: &Publish,
+    applied: Applied,
+    coalesce: bool,
+) {
+    let id = msg.msg_id();
+    if applied.queued || (applied.outcome == Outcome::Duplicate && node.was_forwarded(id)) {
+        return;
+    }
+    if applied.outcome == Outcome::Duplicate {
+        tracing::info!(
+            msg_id = id,
+            "redelivered message was not forwarded before; forwarding it now"
+        );
+    }
+    match to {
+        Peer::Edged => {
+            node.publisher
+                .send(Peer::Edged, publish.payload.clone())
+                .await
+        }
+        Peer::Edgehub => {
+            let m = outbox::cloud_message(msg.resource.key(), publish.payload.clone(), coalesce);
+            if let Err(e) = outbox::send_to_cloud(node, m).await {
+                tracing::error!(msg_id = id, error = %e, "could not queue a message for the cloud");
+            }
+        }
+    }
+    node.note_forwarded(id);
 }
 
 /// query: answer from the store; fetch from the cloud what edged may not have locally.
@@ -274,45 +328,61 @@ async fn relay_from_edged(node: &Arc<Node>, publish: Publish, msg: Message) -> S
     let stores = msg.operation == Operation::Response
         && msg.resource.name().is_some()
         && msg.content_json().starts_with('{');
-    let committed: Option<Committed> = if stores {
-        let write = Write::Put {
-            key: msg.resource.key().to_owned(),
-            rtype: msg.resource.rtype().to_owned(),
-            value: msg.content_json().to_owned(),
-        };
-        match node.store.submit(write).await {
-            Ok(c) => Some(c),
-            Err(e) => return store_failed(node, Peer::Edged, publish, msg, e),
-        }
-    } else {
-        None
+    let write = stores.then(|| Write::Put {
+        key: msg.resource.key().to_owned(),
+        rtype: msg.resource.rtype().to_owned(),
+        value: msg.content_json().to_owned(),
+    });
+    let change = Change {
+        msg_id: Some(msg.msg_id().to_owned()),
+        write,
+        to_cloud: queue_for_cloud(node, Peer::Edgehub, &msg, &publish, WriteKind::Put),
+    };
+    let committed: Committed = match node.store.submit(change).await {
+        Ok(c) => c,
+        Err(e) => return store_failed(node, Peer::Edged, publish, msg, e),
     };
     let node = node.clone();
     Box::pin(async move {
-        if let Some(committed) = committed {
-            if let Err(e) = committed.await.unwrap_or(Err(StoreError::Closed)) {
-                report_store_error(&node, Peer::Edged, &msg, &e).await;
-                node.publisher.ack(&publish).await;
-                return;
-            }
+        match committed.await.unwrap_or(Err(StoreError::Closed)) {
+            Ok(applied) => forward(&node, Peer::Edgehub, &msg, &publish, applied, false).await,
+            Err(e) => report_store_error(&node, Peer::Edged, &msg, &e).await,
         }
-        node.publisher
-            .send(Peer::Edgehub, publish.payload.clone())
-            .await;
         node.publisher.ack(&publish).await;
     })
 }
 
 /// The cloud's response or error: completes the remote query it answers, else goes to edged.
-fn answer_from_cloud(node: &Arc<Node>, publish: Publish, message: Message) -> Step {
+async fn answer_from_cloud(node: &Arc<Node>, publish: Publish, message: Message) -> Step {
+    let change = Change {
+        msg_id: Some(message.msg_id().to_owned()),
+        ..Change::default()
+    };
+    let committed = match node.store.submit(change).await {
+        Ok(c) => c,
+        Err(e) => return store_failed(node, Peer::Edgehub, publish, message, e),
+    };
     let node = node.clone();
     Box::pin(async move {
+        let duplicate = matches!(
+            committed.await,
+            Ok(Ok(Applied {
+                outcome: Outcome::Duplicate,
+                ..
+            }))
+        );
+        if duplicate && node.was_forwarded(message.msg_id()) {
+            node.publisher.ack(&publish).await;
+            return;
+        }
+        let id = message.msg_id().to_owned();
         if let Err(unclaimed) = node.remote.complete(Answer { message, publish }) {
             node.publisher
                 .send(Peer::Edged, unclaimed.publish.payload.clone())
                 .await;
             node.publisher.ack(&unclaimed.publish).await;
         }
+        node.note_forwarded(&id);
     })
 }
 

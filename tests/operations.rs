@@ -77,6 +77,8 @@ async fn insert_from_edged_goes_to_edgehub(kind: BrokerKind) {
     let Some(mut app) = app(kind).await else {
         return;
     };
+    // Connected, so it goes straight out (disconnected, it waits in the outbox).
+    app.set_cloud(true).await;
     let status = fixture("podstatus.json");
     let key = "default/podstatus/nginx-7d9c5b8f4-x2k9p";
     let insert = message("insert", key, status.clone());
@@ -160,6 +162,8 @@ async fn update_from_edged_goes_to_edgehub(kind: BrokerKind) {
     let Some(mut app) = app(kind).await else {
         return;
     };
+    // Connected, so it goes straight out (disconnected, it waits in the outbox).
+    app.set_cloud(true).await;
     let key = "default/podstatus/nginx-7d9c5b8f4-x2k9p";
     let update = message("update", key, fixture("podstatus.json"));
     app.client.publish("edged", &update).await;
@@ -265,6 +269,8 @@ async fn response_from_edged_is_relayed_and_stored(kind: BrokerKind) {
     let Some(mut app) = app(kind).await else {
         return;
     };
+    // Connected, so it goes straight out (disconnected, it waits in the outbox).
+    app.set_cloud(true).await;
     let mut pod = fixture("pod.json");
     pod["status"]["phase"] = json!("Running");
     let mut response = message("response", POD_KEY, pod.clone());

@@ -11,16 +11,20 @@
 //! "database is locked" cannot happen between MetaManager's own connections.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
-use tokio::sync::{mpsc, oneshot};
+use bytes::Bytes;
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use tokio::sync::{mpsc, oneshot, Notify};
 
-/// Most writes committed in one transaction; bounds the latency a batch adds to its first write.
-const MAX_BATCH: usize = 512;
-/// Writes queued for the writer thread before submitters wait.
+mod writer;
+
+pub use writer::DEDUPE_WINDOW;
+
+/// Changes queued for the writer thread before submitters wait.
 const QUEUE_DEPTH: usize = 4096;
 /// Idle read connections kept open.
 const MAX_IDLE_READERS: usize = 4;
@@ -38,6 +42,8 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("database {path} is damaged or not a MetaManager database: {reason}")]
+    Unusable { path: PathBuf, reason: String },
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("database commit failed: {0}")]
@@ -46,7 +52,26 @@ pub enum StoreError {
     Closed,
 }
 
-/// One change to the store.
+/// How the store is opened.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// SQLite's `synchronous` setting: `FULL` survives power loss, `NORMAL` survives a crash of
+    /// the process.
+    pub synchronous: String,
+    /// Most messages the outbox keeps.
+    pub outbox_max: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            synchronous: "FULL".into(),
+            outbox_max: 10_000,
+        }
+    }
+}
+
+/// One change to the `meta` table.
 #[derive(Debug, Clone)]
 pub enum Write {
     /// Insert, replacing any old value.
@@ -63,6 +88,36 @@ pub enum Write {
     },
     /// Remove `key`; with `uid`, only when the stored object's `metadata.uid` is that uid.
     Delete { key: String, uid: Option<String> },
+    /// Remove outbox entries that have been sent (or dropped).
+    OutboxRemove { seqs: Vec<i64> },
+}
+
+/// A message for the cloud, kept in the outbox until the cloud is back.
+#[derive(Debug, Clone)]
+pub struct CloudMessage {
+    pub resource: String,
+    pub payload: Bytes,
+    /// An update: replaces any queued update of the same resource.
+    pub coalesce: bool,
+}
+
+/// Everything one inbound message changes, committed together.
+#[derive(Debug, Clone, Default)]
+pub struct Change {
+    /// The message's id, remembered so that a redelivery is recognised and not applied twice.
+    pub msg_id: Option<String>,
+    pub write: Option<Write>,
+    /// Queued in the outbox, in the same transaction, unless the write changed nothing.
+    pub to_cloud: Option<CloudMessage>,
+}
+
+impl From<Write> for Change {
+    fn from(write: Write) -> Self {
+        Self {
+            write: Some(write),
+            ..Self::default()
+        }
+    }
 }
 
 /// What a committed write did.
@@ -75,11 +130,41 @@ pub enum Outcome {
     Absent,
     /// Delete whose uid did not match the stored object's; nothing was removed.
     UidMismatch,
+    /// The message id was seen before: nothing was applied again.
+    Duplicate,
+    /// Only the message id was recorded (a change with no write).
+    Recorded,
 }
 
+/// The result of one committed change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Applied {
+    pub outcome: Outcome,
+    /// Its message for the cloud went into the outbox.
+    pub queued: bool,
+}
+
+pub type Committed = oneshot::Receiver<Result<Applied, StoreError>>;
+
 struct Job {
-    write: Write,
-    done: oneshot::Sender<Result<Outcome, StoreError>>,
+    change: Change,
+    done: oneshot::Sender<Result<Applied, StoreError>>,
+}
+
+/// A queued message for the cloud.
+#[derive(Debug, Clone)]
+pub struct OutboxEntry {
+    pub seq: i64,
+    pub created_ms: i64,
+    pub payload: Bytes,
+}
+
+/// Counters the writer keeps for everyone else.
+#[derive(Default)]
+struct Shared {
+    outbox_len: AtomicUsize,
+    outbox_dropped_full: AtomicU64,
+    outbox_changed: Notify,
 }
 
 /// A handle to the store; cheap to clone.
@@ -93,13 +178,17 @@ struct Inner {
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     readers: Mutex<Vec<Connection>>,
+    shared: Arc<Shared>,
 }
 
 impl Store {
-    /// Opens (or creates) the database and starts the writer thread. A file that is not a
-    /// SQLite database stops here with an error naming it; it is never modified.
-    pub fn open(path: &Path) -> Result<Self, StoreError> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+    /// Opens (or creates) the database and starts the writer thread. An existing file is
+    /// checked read-only first: one that is not a SQLite database, or whose tables cannot be
+    /// read, stops here with an error naming it, and is never modified.
+    pub fn open(path: &Path, options: StoreOptions) -> Result<Self, StoreError> {
+        if path.exists() {
+            check_existing(path)?;
+        } else if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
                 path: dir.to_owned(),
                 source,
@@ -110,11 +199,19 @@ impl Store {
             source,
         };
         let conn = Connection::open(path).map_err(open_err)?;
-        prepare_writer(&conn).map_err(open_err)?;
+        writer::prepare(&conn, &options.synchronous).map_err(open_err)?;
+        let shared = Arc::new(Shared::default());
+        let writer = writer::Writer {
+            conn,
+            shared: shared.clone(),
+            outbox_max: options.outbox_max,
+            recorded_since_prune: 0,
+        };
+        writer.refresh_outbox_len();
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let writer = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || run_writer(conn, rx))
+            .spawn(move || writer.run(rx))
             .map_err(|e| StoreError::Commit(format!("cannot start writer thread: {e}")))?;
         Ok(Self {
             inner: Arc::new(Inner {
@@ -122,6 +219,7 @@ impl Store {
                 jobs: Mutex::new(Some(tx)),
                 writer: Mutex::new(Some(writer)),
                 readers: Mutex::new(Vec::new()),
+                shared,
             }),
         })
     }
@@ -130,12 +228,10 @@ impl Store {
         &self.inner.path
     }
 
-    /// Queues a write and returns at once; the returned receiver resolves after the commit.
-    /// Submitting in order and awaiting later is what lets writes share a commit.
-    pub async fn submit(
-        &self,
-        write: Write,
-    ) -> Result<oneshot::Receiver<Result<Outcome, StoreError>>, StoreError> {
+    /// Queues a change and returns at once; the returned receiver resolves after the commit.
+    /// Submitting in order and awaiting later is what lets changes share a commit.
+    pub async fn submit(&self, change: impl Into<Change>) -> Result<Committed, StoreError> {
+        let change = change.into();
         let sender = self
             .inner
             .jobs
@@ -145,18 +241,54 @@ impl Store {
             .ok_or(StoreError::Closed)?;
         let (done, outcome) = oneshot::channel();
         sender
-            .send(Job { write, done })
+            .send(Job { change, done })
             .await
             .map_err(|_| StoreError::Closed)?;
         Ok(outcome)
     }
 
     /// Submits and waits for the commit.
-    pub async fn write(&self, write: Write) -> Result<Outcome, StoreError> {
-        self.submit(write)
+    pub async fn write(&self, change: impl Into<Change>) -> Result<Applied, StoreError> {
+        self.submit(change)
             .await?
             .await
             .unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// Messages waiting in the outbox for the cloud.
+    pub fn outbox_len(&self) -> usize {
+        self.inner.shared.outbox_len.load(Ordering::Relaxed)
+    }
+
+    /// Messages dropped because the outbox was full, since start.
+    pub fn outbox_dropped_full(&self) -> u64 {
+        self.inner
+            .shared
+            .outbox_dropped_full
+            .load(Ordering::Relaxed)
+    }
+
+    /// Resolves after the next commit that changed the outbox.
+    pub async fn outbox_changed(&self) {
+        self.inner.shared.outbox_changed.notified().await
+    }
+
+    /// The oldest `limit` outbox entries, oldest first.
+    pub async fn outbox_batch(&self, limit: usize) -> Result<Vec<OutboxEntry>, StoreError> {
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT seq, created_ms, payload FROM outbox ORDER BY seq LIMIT ?1",
+            )?;
+            let rows = stmt.query_map([limit as i64], |r| {
+                Ok(OutboxEntry {
+                    seq: r.get(0)?,
+                    created_ms: r.get(1)?,
+                    payload: Bytes::from(r.get::<_, Vec<u8>>(2)?),
+                })
+            })?;
+            rows.collect()
+        })
+        .await
     }
 
     /// The stored JSON of one object.
@@ -250,22 +382,6 @@ impl Store {
     }
 }
 
-fn prepare_writer(conn: &Connection) -> rusqlite::Result<()> {
-    conn.busy_timeout(BUSY_TIMEOUT)?;
-    // journal_mode is the first statement that reads the file, so a file that is not a
-    // database fails here, before anything is written to it.
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.execute_batch(
-        "CREATE TABLE IF NOT EXISTS meta (
-             key   TEXT PRIMARY KEY,
-             type  TEXT NOT NULL,
-             value TEXT NOT NULL
-         );
-         CREATE INDEX IF NOT EXISTS meta_type ON meta(type);",
-    )
-}
-
 fn open_reader(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open_with_flags(
         path,
@@ -279,119 +395,6 @@ fn open_reader(path: &Path) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
-fn run_writer(mut conn: Connection, mut jobs: mpsc::Receiver<Job>) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = jobs.blocking_recv() {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
-        let outcomes = commit_batch(&mut conn, &batch);
-        for (job, outcome) in batch.drain(..).zip(outcomes) {
-            let _ = job.done.send(outcome);
-        }
-    }
-    if let Err(e) = conn.pragma_update(None, "wal_checkpoint", "TRUNCATE") {
-        tracing::warn!(error = %e, "final WAL checkpoint failed");
-    }
-}
-
-/// Applies a batch in one transaction; each write in its own savepoint.
-fn commit_batch(conn: &mut Connection, batch: &[Job]) -> Vec<Result<Outcome, StoreError>> {
-    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
-        let text = e.to_string();
-        return batch
-            .iter()
-            .map(|_| Err(StoreError::Commit(text.clone())))
-            .collect();
-    }
-    let mut outcomes: Vec<Result<Outcome, StoreError>> = Vec::with_capacity(batch.len());
-    for job in batch {
-        let outcome = conn
-            .execute_batch("SAVEPOINT w")
-            .and_then(|()| apply(conn, &job.write));
-        match outcome {
-            Ok(o) => {
-                let released = conn.execute_batch("RELEASE w");
-                outcomes.push(released.map(|()| o).map_err(StoreError::from));
-            }
-            Err(e) => {
-                let _ = conn.execute_batch("ROLLBACK TO w; RELEASE w");
-                outcomes.push(Err(StoreError::Sqlite(e)));
-            }
-        }
-    }
-    if let Err(e) = conn.execute_batch("COMMIT") {
-        let _ = conn.execute_batch("ROLLBACK");
-        let text = e.to_string();
-        tracing::error!(error = %text, writes = batch.len(), "store commit failed");
-        return batch
-            .iter()
-            .map(|_| Err(StoreError::Commit(text.clone())))
-            .collect();
-    }
-    outcomes
-}
-
-fn apply(conn: &Connection, write: &Write) -> rusqlite::Result<Outcome> {
-    match write {
-        Write::Put { key, rtype, value } => {
-            upsert(conn, key, rtype, value)?;
-            Ok(Outcome::Stored)
-        }
-        Write::PutIfChanged { key, rtype, value } => {
-            let stored = stored_value(conn, key)?;
-            if stored.is_some_and(|old| same_json(&old, value)) {
-                return Ok(Outcome::Unchanged);
-            }
-            upsert(conn, key, rtype, value)?;
-            Ok(Outcome::Stored)
-        }
-        Write::Delete { key, uid } => {
-            let Some(stored) = stored_value(conn, key)? else {
-                return Ok(Outcome::Absent);
-            };
-            if let Some(uid) = uid {
-                if stored_uid(&stored).is_some_and(|s| &s != uid) {
-                    return Ok(Outcome::UidMismatch);
-                }
-            }
-            conn.prepare_cached("DELETE FROM meta WHERE key = ?1")?
-                .execute([key])?;
-            Ok(Outcome::Deleted)
-        }
-    }
-}
-
-fn upsert(conn: &Connection, key: &str, rtype: &str, value: &str) -> rusqlite::Result<()> {
-    conn.prepare_cached(
-        "INSERT INTO meta (key, type, value) VALUES (?1, ?2, ?3)
-         ON CONFLICT(key) DO UPDATE SET type = excluded.type, value = excluded.value",
-    )?
-    .execute(params![key, rtype, value])?;
-    Ok(())
-}
-
-fn stored_value(conn: &Connection, key: &str) -> rusqlite::Result<Option<String>> {
-    conn.prepare_cached("SELECT value FROM meta WHERE key = ?1")?
-        .query_row([key], |r| r.get(0))
-        .optional()
-}
-
-/// JSON equality; object key order does not matter.
-fn same_json(a: &str, b: &str) -> bool {
-    match (
-        serde_json::from_str::<serde_json::Value>(a),
-        serde_json::from_str::<serde_json::Value>(b),
-    ) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
-    }
-}
-
 /// `metadata.uid` of a stored object, if it has one.
 pub fn stored_uid(json: &str) -> Option<String> {
     #[derive(serde::Deserialize)]
@@ -403,6 +406,42 @@ pub fn stored_uid(json: &str) -> Option<String> {
         metadata: Option<Meta>,
     }
     serde_json::from_str::<Obj>(json).ok()?.metadata?.uid
+}
+
+/// Reads an existing file without writing to it, so that a damaged file is reported, not
+/// "repaired" by SQLite's first write.
+fn check_existing(path: &Path) -> Result<(), StoreError> {
+    let unusable = |reason: String| StoreError::Unusable {
+        path: path.to_owned(),
+        reason,
+    };
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| unusable(e.to_string()))?;
+    let tables: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table'")
+        .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+        .map_err(|e| unusable(e.to_string()))?;
+    if tables.iter().any(|t| t == "meta") {
+        // Touch both ends of the key index and the table, where damage shows first.
+        for sql in [
+            "SELECT key FROM meta ORDER BY key LIMIT 1",
+            "SELECT key FROM meta ORDER BY key DESC LIMIT 1",
+            "SELECT value FROM meta ORDER BY rowid DESC LIMIT 1",
+        ] {
+            conn.query_row(sql, [], |_| Ok(()))
+                .optional()
+                .map_err(|e| unusable(e.to_string()))?;
+        }
+    } else if !tables.is_empty() {
+        return Err(unusable(format!(
+            "it has tables ({}) but no `meta` table",
+            tables.join(", ")
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -421,7 +460,7 @@ mod tests {
     async fn one_failed_write_does_not_sink_its_batch() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.db");
-        let store = Store::open(&path).unwrap();
+        let store = Store::open(&path, StoreOptions::default()).unwrap();
         // A real SQLite failure for one key only.
         let other = Connection::open(&path).unwrap();
         other
@@ -439,11 +478,11 @@ mod tests {
         let bad = store.submit(put("ns/pod/bad", "{}")).await.unwrap();
         let after = store.submit(put("ns/pod/b", "{}")).await.unwrap();
         other.execute_batch("COMMIT").unwrap();
-        assert_eq!(seed.await.unwrap().unwrap(), Outcome::Stored);
-        assert_eq!(before.await.unwrap().unwrap(), Outcome::Stored);
+        assert_eq!(seed.await.unwrap().unwrap().outcome, Outcome::Stored);
+        assert_eq!(before.await.unwrap().unwrap().outcome, Outcome::Stored);
         let err = bad.await.unwrap().unwrap_err().to_string();
         assert!(err.contains("rejected by test trigger"), "{err}");
-        assert_eq!(after.await.unwrap().unwrap(), Outcome::Stored);
+        assert_eq!(after.await.unwrap().unwrap().outcome, Outcome::Stored);
         let keys: Vec<String> = store
             .list("ns", "pod")
             .await
@@ -458,22 +497,22 @@ mod tests {
     #[tokio::test]
     async fn update_compares_as_json() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("m.db")).unwrap();
+        let store = Store::open(&dir.path().join("m.db"), StoreOptions::default()).unwrap();
         let w = |v: &str| Write::PutIfChanged {
             key: "ns/configmap/c".into(),
             rtype: "configmap".into(),
             value: v.into(),
         };
         assert_eq!(
-            store.write(w(r#"{"a":1,"b":2}"#)).await.unwrap(),
+            store.write(w(r#"{"a":1,"b":2}"#)).await.unwrap().outcome,
             Outcome::Stored
         );
         assert_eq!(
-            store.write(w(r#"{"b":2, "a":1}"#)).await.unwrap(),
+            store.write(w(r#"{"b":2, "a":1}"#)).await.unwrap().outcome,
             Outcome::Unchanged
         );
         assert_eq!(
-            store.write(w(r#"{"b":3,"a":1}"#)).await.unwrap(),
+            store.write(w(r#"{"b":3,"a":1}"#)).await.unwrap().outcome,
             Outcome::Stored
         );
         store.close().await;
@@ -482,7 +521,7 @@ mod tests {
     #[tokio::test]
     async fn delete_respects_uid() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("m.db")).unwrap();
+        let store = Store::open(&dir.path().join("m.db"), StoreOptions::default()).unwrap();
         store
             .write(put("ns/pod/p", r#"{"metadata":{"uid":"u1"}}"#))
             .await
@@ -491,17 +530,26 @@ mod tests {
             key: "ns/pod/p".into(),
             uid: Some(uid.into()),
         };
-        assert_eq!(store.write(del("u2")).await.unwrap(), Outcome::UidMismatch);
+        assert_eq!(
+            store.write(del("u2")).await.unwrap().outcome,
+            Outcome::UidMismatch
+        );
         assert!(store.get("ns/pod/p").await.unwrap().is_some());
-        assert_eq!(store.write(del("u1")).await.unwrap(), Outcome::Deleted);
-        assert_eq!(store.write(del("u1")).await.unwrap(), Outcome::Absent);
+        assert_eq!(
+            store.write(del("u1")).await.unwrap().outcome,
+            Outcome::Deleted
+        );
+        assert_eq!(
+            store.write(del("u1")).await.unwrap().outcome,
+            Outcome::Absent
+        );
         store.close().await;
     }
 
     #[tokio::test]
     async fn lists_are_scoped_to_the_namespace_and_type() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("m.db")).unwrap();
+        let store = Store::open(&dir.path().join("m.db"), StoreOptions::default()).unwrap();
         for key in ["a/pod/1", "a/pod/2", "a/podstatus/1", "ab/pod/3", "b/pod/4"] {
             store.write(put(key, "{}")).await.unwrap();
         }
@@ -522,7 +570,7 @@ mod tests {
         let path = dir.path().join("m.db");
         let garbage = vec![0x5au8; 8192];
         std::fs::write(&path, &garbage).unwrap();
-        let err = match Store::open(&path) {
+        let err = match Store::open(&path, StoreOptions::default()) {
             Ok(_) => panic!("opened a file that is not a database"),
             Err(e) => e.to_string(),
         };

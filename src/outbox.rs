@@ -1,0 +1,137 @@
+//! The durable outbox: what is bound for the cloud while the cloud is away.
+//!
+//! Messages for edgehub (edge inserts, updates, deletes, responses, MetaSync) are written to the
+//! `outbox` table in the same transaction as the change they report, whenever the cloud is
+//! disconnected or older messages are still queued (sending directly would overtake them). When
+//! edgehub reports the cloud connected again, they are sent oldest first at a bounded rate, so a
+//! long outage ends in a steady stream rather than a flood. The store bounds the outbox by count
+//! (dropping the oldest); this module drops what has grown older than the configured age.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::watch;
+
+use crate::config::OutboxSettings;
+use crate::node::Node;
+use crate::store::{Change, CloudMessage, StoreError, Write};
+use crate::topics::Peer;
+
+/// The drain sends in small slices ten times a second.
+const TICK: Duration = Duration::from_millis(100);
+
+/// Counters of what the outbox did not deliver.
+#[derive(Default)]
+pub struct OutboxStats {
+    pub dropped_expired: AtomicU64,
+}
+
+/// Whether a message for the cloud must wait in the outbox rather than go out now.
+pub fn must_queue(node: &Node) -> bool {
+    !node.cloud_connected() || node.store.outbox_len() > 0
+}
+
+/// A message for the cloud, ready to be queued.
+pub fn cloud_message(resource: &str, payload: Bytes, coalesce: bool) -> CloudMessage {
+    CloudMessage {
+        resource: resource.to_owned(),
+        payload,
+        coalesce,
+    }
+}
+
+/// Sends to edgehub now, or queues durably when it must wait.
+pub async fn send_to_cloud(node: &Node, message: CloudMessage) -> Result<(), StoreError> {
+    if must_queue(node) {
+        node.store
+            .write(Change {
+                to_cloud: Some(message),
+                ..Change::default()
+            })
+            .await?;
+    } else {
+        node.publisher.send(Peer::Edgehub, message.payload).await;
+    }
+    Ok(())
+}
+
+/// Sends the outbox whenever the cloud is connected and something is queued.
+pub async fn run_drain(node: Arc<Node>, settings: OutboxSettings, mut stop: watch::Receiver<bool>) {
+    let mut cloud = node.watch_cloud();
+    let per_tick = (settings.drain_rate as usize / 10).max(1);
+    let max_age_ms = settings.max_age.as_millis() as i64;
+    loop {
+        while !(node.cloud_connected() && node.store.outbox_len() > 0) {
+            tokio::select! {
+                _ = cloud.changed() => {}
+                _ = node.store.outbox_changed() => {}
+                // A queued entry can race a reconnect; look again now and then.
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stop.changed() => return,
+            }
+        }
+        tracing::info!(
+            queued = node.store.outbox_len(),
+            rate = settings.drain_rate,
+            "cloud connected: sending the outbox"
+        );
+        match drain(&node, per_tick, max_age_ms, &mut stop).await {
+            Ok(true) => tracing::info!("outbox sent"),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "outbox drain failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+        if *stop.borrow() {
+            return;
+        }
+    }
+}
+
+/// Sends until the outbox is empty (`true`), the cloud goes away or shutdown starts (`false`).
+async fn drain(
+    node: &Node,
+    per_tick: usize,
+    max_age_ms: i64,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<bool, StoreError> {
+    loop {
+        if !node.cloud_connected() || *stop.borrow() {
+            return Ok(false);
+        }
+        let batch = node.store.outbox_batch(per_tick).await?;
+        if batch.is_empty() {
+            return Ok(true);
+        }
+        let now = crate::message::now_millis();
+        let mut done = Vec::with_capacity(batch.len());
+        let mut expired = 0u64;
+        for entry in batch {
+            if !node.cloud_connected() {
+                break;
+            }
+            if now - entry.created_ms > max_age_ms {
+                expired += 1;
+            } else {
+                node.publisher.send(Peer::Edgehub, entry.payload).await;
+            }
+            done.push(entry.seq);
+        }
+        if expired > 0 {
+            node.outbox_stats
+                .dropped_expired
+                .fetch_add(expired, Ordering::Relaxed);
+            tracing::warn!(expired, "outbox messages older than outbox.max_age dropped");
+        }
+        // Removed after the publish is handed to the MQTT client: a crash in between sends
+        // them again (at least once), never loses them.
+        node.store.write(Write::OutboxRemove { seqs: done }).await?;
+        tokio::select! {
+            _ = tokio::time::sleep(TICK) => {}
+            _ = stop.changed() => return Ok(false),
+        }
+    }
+}

@@ -1,0 +1,293 @@
+//! The writer thread: the only code that writes to the database.
+//!
+//! It drains whatever is queued, up to a bound, into one `BEGIN IMMEDIATE` transaction and
+//! commits once; each change runs in its own savepoint so that one failure is rolled back alone.
+//! Every change also records its message id (so a redelivery is recognised) and, when the cloud
+//! is away, its message for the cloud in the outbox, all in the same transaction: either the
+//! change, its id and its outbox entry are on disk together, or none of them is.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use tokio::sync::mpsc;
+
+use super::{Applied, Change, Job, Outcome, Shared, StoreError, Write};
+
+/// Most changes committed in one transaction; bounds the latency a batch adds to its first.
+const MAX_BATCH: usize = 512;
+/// How many message ids are remembered for recognising redeliveries.
+pub const DEDUPE_WINDOW: i64 = 10_000;
+/// Ids recorded between two prunings of the window.
+const PRUNE_EVERY: usize = 1_000;
+
+pub(super) fn prepare(conn: &Connection, synchronous: &str) -> rusqlite::Result<()> {
+    conn.busy_timeout(super::BUSY_TIMEOUT)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", synchronous)?;
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS meta (
+             key   TEXT PRIMARY KEY,
+             type  TEXT NOT NULL,
+             value TEXT NOT NULL
+         );
+         CREATE INDEX IF NOT EXISTS meta_type ON meta(type);
+         CREATE TABLE IF NOT EXISTS processed (
+             seq    INTEGER PRIMARY KEY,
+             msg_id TEXT NOT NULL UNIQUE
+         );
+         CREATE TABLE IF NOT EXISTS outbox (
+             seq          INTEGER PRIMARY KEY,
+             resource     TEXT NOT NULL,
+             coalesce_key TEXT UNIQUE,
+             created_ms   INTEGER NOT NULL,
+             payload      BLOB NOT NULL
+         );",
+    )
+}
+
+pub(super) struct Writer {
+    pub conn: Connection,
+    pub shared: Arc<Shared>,
+    pub outbox_max: usize,
+    pub recorded_since_prune: usize,
+}
+
+/// What one change did to the outbox, applied to the shared counters only after the commit.
+#[derive(Default)]
+struct OutboxEffect {
+    touched: bool,
+    dropped: u64,
+}
+
+impl Writer {
+    pub fn run(mut self, mut jobs: mpsc::Receiver<Job>) {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        while let Some(first) = jobs.blocking_recv() {
+            batch.push(first);
+            while batch.len() < MAX_BATCH {
+                match jobs.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            let outcomes = self.commit_batch(&batch);
+            for (job, outcome) in batch.drain(..).zip(outcomes) {
+                let _ = job.done.send(outcome);
+            }
+        }
+        if let Err(e) = self.conn.pragma_update(None, "wal_checkpoint", "TRUNCATE") {
+            tracing::warn!(error = %e, "final WAL checkpoint failed");
+        }
+    }
+
+    fn commit_batch(&mut self, batch: &[Job]) -> Vec<Result<Applied, StoreError>> {
+        let fail_all = |text: String| {
+            batch
+                .iter()
+                .map(|_| Err(StoreError::Commit(text.clone())))
+                .collect()
+        };
+        if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
+            return fail_all(e.to_string());
+        }
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut effect = OutboxEffect::default();
+        for job in batch {
+            let applied = self
+                .conn
+                .execute_batch("SAVEPOINT change")
+                .and_then(|()| self.apply(&job.change, &mut effect));
+            match applied {
+                Ok(a) => {
+                    let released = self.conn.execute_batch("RELEASE change");
+                    outcomes.push(released.map(|()| a).map_err(StoreError::from));
+                }
+                Err(e) => {
+                    let _ = self
+                        .conn
+                        .execute_batch("ROLLBACK TO change; RELEASE change");
+                    outcomes.push(Err(StoreError::Sqlite(e)));
+                }
+            }
+        }
+        if self.recorded_since_prune >= PRUNE_EVERY {
+            if let Err(e) = self.prune_processed() {
+                tracing::warn!(error = %e, "pruning remembered message ids failed");
+            }
+            self.recorded_since_prune = 0;
+        }
+        if let Err(e) = self.conn.execute_batch("COMMIT") {
+            let _ = self.conn.execute_batch("ROLLBACK");
+            let text = e.to_string();
+            tracing::error!(error = %text, changes = batch.len(), "store commit failed");
+            return fail_all(text);
+        }
+        if effect.touched {
+            self.refresh_outbox_len();
+            if effect.dropped > 0 {
+                self.shared
+                    .outbox_dropped_full
+                    .fetch_add(effect.dropped, Ordering::Relaxed);
+                tracing::warn!(
+                    dropped = effect.dropped,
+                    max = self.outbox_max,
+                    "outbox full: oldest messages for the cloud dropped"
+                );
+            }
+            self.shared.outbox_changed.notify_one();
+        }
+        outcomes
+    }
+
+    fn apply(&mut self, change: &Change, effect: &mut OutboxEffect) -> rusqlite::Result<Applied> {
+        let conn = &self.conn;
+        if let Some(id) = &change.msg_id {
+            let seen = conn
+                .prepare_cached("SELECT 1 FROM processed WHERE msg_id = ?1")?
+                .exists([id])?;
+            if seen {
+                return Ok(Applied {
+                    outcome: Outcome::Duplicate,
+                    queued: false,
+                });
+            }
+        }
+        let outcome = match &change.write {
+            Some(w) => apply_write(conn, w)?,
+            None => Outcome::Recorded,
+        };
+        if matches!(change.write, Some(Write::OutboxRemove { .. })) {
+            effect.touched = true;
+        }
+        if let Some(id) = &change.msg_id {
+            conn.prepare_cached("INSERT INTO processed (msg_id) VALUES (?1)")?
+                .execute([id])?;
+            self.recorded_since_prune += 1;
+        }
+        let queued = match &change.to_cloud {
+            Some(m) if outcome != Outcome::Unchanged => {
+                self.enqueue(m, effect)?;
+                true
+            }
+            _ => false,
+        };
+        Ok(Applied { outcome, queued })
+    }
+
+    fn enqueue(&self, m: &super::CloudMessage, effect: &mut OutboxEffect) -> rusqlite::Result<()> {
+        let conn = &self.conn;
+        let coalesce_key = m.coalesce.then_some(m.resource.as_str());
+        if let Some(key) = coalesce_key {
+            // Only the latest update of a resource is worth sending; it takes the place at
+            // the end of the queue, after anything it depends on.
+            conn.prepare_cached("DELETE FROM outbox WHERE coalesce_key = ?1")?
+                .execute([key])?;
+        }
+        conn.prepare_cached(
+            "INSERT INTO outbox (resource, coalesce_key, created_ms, payload)
+             VALUES (?1, ?2, ?3, ?4)",
+        )?
+        .execute(params![
+            m.resource,
+            coalesce_key,
+            crate::message::now_millis(),
+            &m.payload[..]
+        ])?;
+        let len: i64 = conn
+            .prepare_cached("SELECT count(*) FROM outbox")?
+            .query_row([], |r| r.get(0))?;
+        let excess = len - self.outbox_max as i64;
+        if excess > 0 {
+            conn.prepare_cached(
+                "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox ORDER BY seq LIMIT ?1)",
+            )?
+            .execute([excess])?;
+            effect.dropped += excess as u64;
+        }
+        effect.touched = true;
+        Ok(())
+    }
+
+    fn prune_processed(&self) -> rusqlite::Result<()> {
+        self.conn
+            .prepare_cached(
+                "DELETE FROM processed WHERE seq <= (SELECT max(seq) FROM processed) - ?1",
+            )?
+            .execute([DEDUPE_WINDOW])?;
+        Ok(())
+    }
+
+    pub fn refresh_outbox_len(&self) {
+        let len: i64 = self
+            .conn
+            .query_row("SELECT count(*) FROM outbox", [], |r| r.get(0))
+            .unwrap_or(0);
+        self.shared
+            .outbox_len
+            .store(len.max(0) as usize, Ordering::Relaxed);
+    }
+}
+
+fn apply_write(conn: &Connection, write: &Write) -> rusqlite::Result<Outcome> {
+    match write {
+        Write::Put { key, rtype, value } => {
+            upsert(conn, key, rtype, value)?;
+            Ok(Outcome::Stored)
+        }
+        Write::PutIfChanged { key, rtype, value } => {
+            let stored = stored_value(conn, key)?;
+            if stored.is_some_and(|old| same_json(&old, value)) {
+                return Ok(Outcome::Unchanged);
+            }
+            upsert(conn, key, rtype, value)?;
+            Ok(Outcome::Stored)
+        }
+        Write::Delete { key, uid } => {
+            let Some(stored) = stored_value(conn, key)? else {
+                return Ok(Outcome::Absent);
+            };
+            if let Some(uid) = uid {
+                if super::stored_uid(&stored).is_some_and(|s| &s != uid) {
+                    return Ok(Outcome::UidMismatch);
+                }
+            }
+            conn.prepare_cached("DELETE FROM meta WHERE key = ?1")?
+                .execute([key])?;
+            Ok(Outcome::Deleted)
+        }
+        Write::OutboxRemove { seqs } => {
+            let mut stmt = conn.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?;
+            for seq in seqs {
+                stmt.execute([seq])?;
+            }
+            Ok(Outcome::Deleted)
+        }
+    }
+}
+
+fn upsert(conn: &Connection, key: &str, rtype: &str, value: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO meta (key, type, value) VALUES (?1, ?2, ?3)
+         ON CONFLICT(key) DO UPDATE SET type = excluded.type, value = excluded.value",
+    )?
+    .execute(params![key, rtype, value])?;
+    Ok(())
+}
+
+fn stored_value(conn: &Connection, key: &str) -> rusqlite::Result<Option<String>> {
+    conn.prepare_cached("SELECT value FROM meta WHERE key = ?1")?
+        .query_row([key], |r| r.get(0))
+        .optional()
+}
+
+/// JSON equality; object key order does not matter.
+fn same_json(a: &str, b: &str) -> bool {
+    match (
+        serde_json::from_str::<serde_json::Value>(a),
+        serde_json::from_str::<serde_json::Value>(b),
+    ) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}

@@ -1,0 +1,189 @@
+//! TLS to an external broker: a rustls client configuration built from the PEM files named in
+//! `mqtt.tls`, and operator-facing reasons for TLS failures while connecting.
+//!
+//! Everything that can be checked before connecting is checked at start-up, so that a typo in a
+//! path or a wrong file stops the process with an error naming the key and the file, instead of
+//! turning into an endless series of failed connection attempts. The crypto provider is rustls's
+//! `ring` one, chosen explicitly (no process-wide default is installed or needed).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::pem::{self, PemObject};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
+
+use crate::config::TlsSettings;
+
+/// Why the TLS settings cannot be used. Each variant names the config key and the file.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("config key `{key}`: cannot read {}: {source}", path.display())]
+    Read {
+        key: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config key `{key}`: {} is not valid PEM: {source}", path.display())]
+    Pem {
+        key: &'static str,
+        path: PathBuf,
+        source: pem::Error,
+    },
+    #[error("config key `{key}`: {} holds no {what}", path.display())]
+    Missing {
+        key: &'static str,
+        path: PathBuf,
+        what: &'static str,
+    },
+    #[error("config key `mqtt.tls.ca_file`: {}: certificate {index} cannot be used as a CA: {reason}", path.display())]
+    BadCa {
+        path: PathBuf,
+        index: usize,
+        reason: String,
+    },
+    #[error(
+        "config keys `mqtt.tls.cert_file` / `mqtt.tls.key_file`: {} and {} cannot be used as a client certificate: {source}",
+        cert.display(),
+        key.display()
+    )]
+    ClientCert {
+        cert: PathBuf,
+        key: PathBuf,
+        source: rustls::Error,
+    },
+    #[error("config key `mqtt.host`: {host:?} is neither an IP address nor a valid DNS name, so the broker's certificate cannot be checked against it")]
+    Host { host: String },
+    #[error("cannot set up TLS: {0}")]
+    Setup(rustls::Error),
+}
+
+/// Builds the client configuration for a broker at `host` (the name its certificate must carry:
+/// a DNS name, or an IP address that must appear among the certificate's IP SANs).
+pub fn client_config(settings: &TlsSettings, host: &str) -> Result<Arc<ClientConfig>, TlsError> {
+    if ServerName::try_from(host).is_err() {
+        return Err(TlsError::Host { host: host.into() });
+    }
+
+    let ca_key = "mqtt.tls.ca_file";
+    let ca_certs = certificates(ca_key, &settings.ca_file)?;
+    let mut roots = RootCertStore::empty();
+    for (index, cert) in ca_certs.into_iter().enumerate() {
+        roots.add(cert).map_err(|e| TlsError::BadCa {
+            path: settings.ca_file.clone(),
+            index: index + 1,
+            reason: e.to_string(),
+        })?;
+    }
+
+    let builder =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(TlsError::Setup)?
+            .with_root_certificates(roots);
+
+    let config = match (&settings.cert_file, &settings.key_file) {
+        (Some(cert_path), Some(key_path)) => {
+            let chain = certificates("mqtt.tls.cert_file", cert_path)?;
+            let key = private_key(key_path)?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|source| TlsError::ClientCert {
+                    cert: cert_path.clone(),
+                    key: key_path.clone(),
+                    source,
+                })?
+        }
+        // Config validation requires both or neither.
+        _ => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(config))
+}
+
+fn read(key: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        key,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Every `CERTIFICATE` section of a PEM file; at least one.
+fn certificates(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let text = read(key, path)?;
+    let certs = CertificateDer::pem_slice_iter(&text)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| TlsError::Pem {
+            key,
+            path: path.to_owned(),
+            source,
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Missing {
+            key,
+            path: path.to_owned(),
+            what: "PEM certificate (-----BEGIN CERTIFICATE-----)",
+        });
+    }
+    Ok(certs)
+}
+
+/// The first private key of a PEM file (PKCS#8, PKCS#1 or SEC1; not encrypted).
+fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let key = "mqtt.tls.key_file";
+    let text = read(key, path)?;
+    PrivateKeyDer::from_pem_slice(&text).map_err(|e| match e {
+        pem::Error::NoItemsFound => TlsError::Missing {
+            key,
+            path: path.to_owned(),
+            what: "unencrypted PEM private key (PKCS#8, PKCS#1 or SEC1)",
+        },
+        source => TlsError::Pem {
+            key,
+            path: path.to_owned(),
+            source,
+        },
+    })
+}
+
+/// The rustls error inside an I/O error, where rumqttc wraps handshake and alert failures.
+pub fn rustls_error(e: &std::io::Error) -> Option<&rustls::Error> {
+    e.get_ref()?.downcast_ref::<rustls::Error>()
+}
+
+/// An operator-facing account of a TLS failure, with the config key most likely at fault.
+pub fn describe(e: &rustls::Error) -> String {
+    use rustls::AlertDescription as Alert;
+    let hint = match e {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer) => {
+            "the broker's certificate is not signed by a CA in mqtt.tls.ca_file"
+        }
+        rustls::Error::InvalidCertificate(
+            rustls::CertificateError::NotValidForName
+            | rustls::CertificateError::NotValidForNameContext { .. },
+        ) => "the broker's certificate is not issued for mqtt.host (a host name needs a DNS SAN, an IP address an IP SAN)",
+        rustls::Error::InvalidCertificate(_) => {
+            "the broker's certificate was rejected; check mqtt.tls.ca_file and the broker's certificate"
+        }
+        rustls::Error::AlertReceived(
+            Alert::CertificateRequired
+            | Alert::BadCertificate
+            | Alert::UnknownCA
+            | Alert::CertificateUnknown
+            | Alert::UnsupportedCertificate
+            | Alert::CertificateExpired
+            | Alert::CertificateRevoked
+            | Alert::AccessDenied,
+        ) => "the broker rejected MetaManager's client certificate (mqtt.tls.cert_file, mqtt.tls.key_file)",
+        rustls::Error::AlertReceived(_) => "the broker ended the TLS handshake",
+        rustls::Error::InvalidMessage(_) => {
+            "is the broker's port a TLS listener? (mqtt.port)"
+        }
+        _ => "",
+    };
+    if hint.is_empty() {
+        format!("TLS handshake failed: {e}")
+    } else {
+        format!("TLS handshake failed: {e} ({hint})")
+    }
+}
