@@ -14,7 +14,7 @@ use bytes::Bytes;
 
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet,
-    Publish, QoS, TlsConfiguration, TlsError, Transport,
+    Publish, QoS, TlsConfiguration, Transport,
 };
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -224,14 +224,17 @@ fn describe(e: &ConnectionError) -> String {
         ConnectionError::ConnectionRefused(code) => {
             format!("broker refused the connection: {code:?}")
         }
-        ConnectionError::Tls(TlsError::Io(io)) | ConnectionError::Io(io) => {
-            match crate::tls::rustls_error(io) {
-                Some(tls) => crate::tls::describe(tls),
-                None => e.to_string(),
-            }
-        }
-        ConnectionError::Tls(TlsError::TLS(tls)) => crate::tls::describe(tls),
-        other => other.to_string(),
+        other => match crate::tls::rustls_error(other) {
+            Some(tls) => crate::tls::describe(tls),
+            // The broker closed the connection in the middle of the handshake: most often a
+            // plain MQTT port.
+            None => match other {
+                ConnectionError::Tls(inner) => format!(
+                    "TLS handshake failed: {inner} (is mqtt.port the broker's TLS listener?)"
+                ),
+                _ => other.to_string(),
+            },
+        },
     }
 }
 

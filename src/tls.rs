@@ -146,9 +146,26 @@ fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     })
 }
 
-/// The rustls error inside an I/O error, where rumqttc wraps handshake and alert failures.
-pub fn rustls_error(e: &std::io::Error) -> Option<&rustls::Error> {
-    e.get_ref()?.downcast_ref::<rustls::Error>()
+/// The rustls error behind a connection failure, if any. rumqttc wraps TLS failures in I/O
+/// errors at varying depths: handshake failures directly, alerts that arrive after the handshake
+/// (a TLS 1.3 broker refusing the client certificate) inside its packet-reading errors.
+pub fn rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        // An I/O error's `source()` skips the error it wraps, so look inside it here.
+        if let Some(tls) = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            return Some(tls);
+        }
+        next = err.source();
+    }
+    None
 }
 
 /// An operator-facing account of a TLS failure, with the config key most likely at fault.
@@ -165,9 +182,11 @@ pub fn describe(e: &rustls::Error) -> String {
         rustls::Error::InvalidCertificate(_) => {
             "the broker's certificate was rejected; check mqtt.tls.ca_file and the broker's certificate"
         }
+        rustls::Error::AlertReceived(Alert::CertificateRequired) => {
+            "the broker requires a client certificate: set mqtt.tls.cert_file and mqtt.tls.key_file"
+        }
         rustls::Error::AlertReceived(
-            Alert::CertificateRequired
-            | Alert::BadCertificate
+            Alert::BadCertificate
             | Alert::UnknownCA
             | Alert::CertificateUnknown
             | Alert::UnsupportedCertificate
@@ -185,5 +204,48 @@ pub fn describe(e: &rustls::Error) -> String {
         format!("TLS handshake failed: {e}")
     } else {
         format!("TLS handshake failed: {e} ({hint})")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(ca: &str) -> TlsSettings {
+        TlsSettings {
+            ca_file: PathBuf::from(ca),
+            cert_file: None,
+            key_file: None,
+        }
+    }
+
+    #[test]
+    fn an_unreadable_ca_file_is_named_with_its_key() {
+        let e = client_config(&settings("/nonexistent/ca.pem"), "127.0.0.1").unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("mqtt.tls.ca_file"), "{text}");
+        assert!(text.contains("/nonexistent/ca.pem"), "{text}");
+    }
+
+    #[test]
+    fn a_host_that_cannot_be_verified_is_refused() {
+        let e = client_config(&settings("/nonexistent/ca.pem"), "bad host").unwrap_err();
+        assert!(e.to_string().contains("mqtt.host"), "{e}");
+    }
+
+    #[test]
+    fn tls_failures_are_found_inside_io_errors() {
+        let alert = rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRequired);
+        let io = std::io::Error::new(std::io::ErrorKind::InvalidData, alert);
+        let e = rumqttc::ConnectionError::MqttState(rumqttc::StateError::Io(io));
+        let found = rustls_error(&e).expect("rustls error found");
+        assert!(describe(found).contains("mqtt.tls.cert_file"));
+
+        let unknown = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        assert_eq!(
+            describe(&unknown),
+            "TLS handshake failed: invalid peer certificate: UnknownIssuer \
+             (the broker's certificate is not signed by a CA in mqtt.tls.ca_file)"
+        );
     }
 }
