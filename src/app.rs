@@ -9,13 +9,13 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::Publish;
 use tokio::sync::{mpsc, watch};
 
 use crate::broker::{BrokerError, EmbeddedBroker};
+use crate::budget::Permit;
 use crate::config::{BrokerMode, ConfigError, Settings};
 use crate::metasync;
-use crate::mqtt::{Link, LinkOptions};
+use crate::mqtt::{Inbound, Link, LinkOptions};
 use crate::node::{self, Node};
 use crate::operations::{self, Step};
 use crate::outbox;
@@ -157,40 +157,29 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
 
 async fn run_dispatcher(
     node: Arc<Node>,
-    mut inbound: mpsc::Receiver<Publish>,
-    steps: mpsc::Sender<Step>,
+    mut inbound: mpsc::UnboundedReceiver<Inbound>,
+    steps: mpsc::Sender<(Step, Permit)>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
-        let publish = tokio::select! {
-            p = inbound.recv() => match p {
-                Some(p) => p,
-                None => return,
-            },
-            _ = stop.changed() => break,
+        let next = tokio::select! {
+            next = inbound.recv() => next,
+            // Hand on what already arrived; the broker sees it acknowledged once handled.
+            _ = stop.changed() => inbound.try_recv().ok(),
         };
-        if steps
-            .send(operations::dispatch(&node, publish).await)
-            .await
-            .is_err()
-        {
+        let Some((publish, permit)) = next else {
             return;
-        }
-    }
-    // Hand on what already arrived; the broker sees it acknowledged once it is handled.
-    while let Ok(publish) = inbound.try_recv() {
-        if steps
-            .send(operations::dispatch(&node, publish).await)
-            .await
-            .is_err()
-        {
+        };
+        let step = operations::dispatch(&node, publish).await;
+        if steps.send((step, permit)).await.is_err() {
             return;
         }
     }
 }
 
-async fn run_pipeline(mut steps: mpsc::Receiver<Step>) {
-    while let Some(step) = steps.recv().await {
+/// Runs the steps in arrival order; a message's budget share is returned when its step ends.
+async fn run_pipeline(mut steps: mpsc::Receiver<(Step, Permit)>) {
+    while let Some((step, _permit)) = steps.recv().await {
         step.await;
     }
 }

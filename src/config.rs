@@ -21,6 +21,12 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("config key `{key}`: {message}")]
     Invalid { key: &'static str, message: String },
+    #[error("config key `{key}`: cannot read {path}: {source}")]
+    ReadFile {
+        key: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Whether MetaManager starts its own broker or joins one that already runs.
@@ -297,7 +303,8 @@ impl MqttSettings {
         match &self.password_file {
             Some(path) => std::fs::read_to_string(path)
                 .map(|p| Some(p.trim_end_matches(['\r', '\n']).to_owned()))
-                .map_err(|source| ConfigError::Read {
+                .map_err(|source| ConfigError::ReadFile {
+                    key: "mqtt.password_file",
                     path: path.clone(),
                     source,
                 }),

@@ -9,6 +9,7 @@
 //! - [`mqtt`]: the MQTT connection: a receive loop that never blocks, a [`mqtt::Publisher`]
 //!   for everything outbound, reconnects with backoff.
 //! - [`tls`]: the rustls client configuration for an external broker, and TLS failure reasons.
+//! - [`budget`]: the bound on messages in flight, so a flood is refused, not buffered.
 //! - [`topics`]: the node's topic names and the two peers, edgehub and edged.
 //! - [`message`]: the wire message, its validation, and the replies MetaManager builds.
 //! - [`resource`]: the `namespace/type[/name]` resource key.
@@ -21,6 +22,7 @@
 
 pub mod app;
 pub mod broker;
+pub mod budget;
 pub mod config;
 pub mod message;
 pub mod metasync;

@@ -19,14 +19,17 @@ use rumqttc::{
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use crate::budget::{self, InboundBudget, Permit};
 use crate::topics::{Peer, Topics};
+
+/// A received publish and its share of the inbound budget, held until it is finished.
+pub type Inbound = (Publish, Permit);
 
 /// Largest packet rumqttc accepts or sends. Kept well above the message size limit so that an
 /// oversized message is received and answered with an error, rather than dropping the
 /// connection and being redelivered on every reconnect.
 const MAX_PACKET: usize = 256 * 1024 * 1024;
 const REQUEST_CHANNEL: usize = 1024;
-const INBOUND_QUEUE: usize = 1024;
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(5);
 
@@ -107,7 +110,7 @@ pub struct Link {
 
 impl Link {
     /// Connects in the background; also returns the inbound publishes, in arrival order.
-    pub fn start(options: LinkOptions, topics: Topics) -> (Self, mpsc::Receiver<Publish>) {
+    pub fn start(options: LinkOptions, topics: Topics) -> (Self, mpsc::UnboundedReceiver<Inbound>) {
         let mut mqtt = MqttOptions::new(options.client_id, options.host, options.port);
         mqtt.set_keep_alive(Duration::from_secs(30))
             .set_max_packet_size(MAX_PACKET, MAX_PACKET)
@@ -127,7 +130,8 @@ impl Link {
             mqtt.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
         }
         let (client, eventloop) = AsyncClient::new(mqtt, REQUEST_CHANNEL);
-        let (inbound_tx, inbound) = mpsc::channel(INBOUND_QUEUE);
+        // Unbounded as a channel, bounded by the budget: the receive loop never waits.
+        let (inbound_tx, inbound) = mpsc::unbounded_channel();
         let (connected_tx, connected) = watch::channel(false);
         let topics = Arc::new(topics);
         let receive_loop = tokio::spawn(receive_loop(
@@ -151,6 +155,11 @@ impl Link {
 
     /// Sends DISCONNECT after everything already queued, and waits for the receive loop to end.
     pub async fn shutdown(self) {
+        if !*self.connected.borrow() {
+            // Nothing to say goodbye to; do not wait out a reconnect attempt.
+            self.receive_loop.abort();
+            return;
+        }
         let _ = self.client.disconnect().await;
         let mut receive_loop = self.receive_loop;
         if tokio::time::timeout(Duration::from_secs(3), &mut receive_loop)
@@ -166,9 +175,10 @@ async fn receive_loop(
     mut eventloop: EventLoop,
     client: AsyncClient,
     topics: Arc<Topics>,
-    inbound: mpsc::Sender<Publish>,
+    inbound: mpsc::UnboundedSender<Inbound>,
     connected: watch::Sender<bool>,
 ) {
+    let budget = Arc::new(InboundBudget::default());
     let mut backoff = BACKOFF_START;
     loop {
         match eventloop.poll().await {
@@ -178,14 +188,15 @@ async fn receive_loop(
                 connected.send_replace(true);
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
-                if let Err(e) = inbound.try_send(publish) {
-                    let publish = match e {
-                        mpsc::error::TrySendError::Full(p) => p,
-                        mpsc::error::TrySendError::Closed(_) => return,
-                    };
+                match budget.admit(publish.payload.len()) {
+                    Some(permit) => {
+                        if inbound.send((publish, permit)).is_err() {
+                            return;
+                        }
+                    }
                     // Never wait here: waiting would stall the event loop that the
                     // consumers of this queue need to publish their replies.
-                    refuse_overflow(&client, &topics, &publish);
+                    None => refuse_overflow(&client, &topics, &publish),
                 }
             }
             Ok(Event::Outgoing(Outgoing::Disconnect)) => {
@@ -238,17 +249,21 @@ fn describe(e: &ConnectionError) -> String {
     }
 }
 
-/// Answers a message that arrived while the inbound queue was full: an `error` to its sender,
+/// Answers a message that arrived with the inbound budget spent: an `error` to its sender,
 /// and a broker ack so it is not redelivered into the same overload. Nothing here waits.
 fn refuse_overflow(client: &AsyncClient, topics: &Topics, publish: &Publish) {
     tracing::error!(
         topic = %publish.topic,
-        "inbound queue full ({INBOUND_QUEUE} messages); message refused"
+        max_messages = budget::MAX_MESSAGES,
+        max_bytes = budget::MAX_BYTES,
+        "inbound queue full; message refused"
     );
     if let Some(sender) = topics.sender(&publish.topic) {
         let parent = crate::message::salvage_msg_id(&publish.payload);
         let text = format!(
-            "MetaManager is overloaded ({INBOUND_QUEUE} messages queued); send again later"
+            "MetaManager is overloaded ({} messages or {} bytes in flight); send again later",
+            budget::MAX_MESSAGES,
+            budget::MAX_BYTES
         );
         let reply = crate::message::error(parent.as_deref(), "", &text);
         let _ = client.try_publish(topics.to(sender), QoS::AtLeastOnce, false, reply);

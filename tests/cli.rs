@@ -109,6 +109,7 @@ fn no_arguments_runs_on_the_defaults() {
     while !db.exists() && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
+    // Signalled as early as this, it must still stop cleanly.
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

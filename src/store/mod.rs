@@ -201,13 +201,14 @@ impl Store {
         let conn = Connection::open(path).map_err(open_err)?;
         writer::prepare(&conn, &options.synchronous).map_err(open_err)?;
         let shared = Arc::new(Shared::default());
-        let writer = writer::Writer {
+        let mut writer = writer::Writer {
             conn,
             shared: shared.clone(),
             outbox_max: options.outbox_max,
             recorded_since_prune: 0,
+            outbox_rows: 0,
         };
-        writer.refresh_outbox_len();
+        writer.count_outbox().map_err(open_err)?;
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let writer = std::thread::Builder::new()
             .name("store-writer".into())

@@ -51,6 +51,9 @@ pub(super) struct Writer {
     pub shared: Arc<Shared>,
     pub outbox_max: usize,
     pub recorded_since_prune: usize,
+    /// Rows in the outbox as seen inside the current transaction; counted here rather than
+    /// with `count(*)` on every insert, which would make a long outage quadratic.
+    pub outbox_rows: i64,
 }
 
 /// What one change did to the outbox, applied to the shared counters only after the commit.
@@ -93,20 +96,21 @@ impl Writer {
         }
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut effect = OutboxEffect::default();
+        let rows_at_start = self.outbox_rows;
         for job in batch {
+            let rows_before = self.outbox_rows;
             let applied = self
                 .conn
                 .execute_batch("SAVEPOINT change")
-                .and_then(|()| self.apply(&job.change, &mut effect));
+                .and_then(|()| self.apply(&job.change, &mut effect))
+                .and_then(|a| self.conn.execute_batch("RELEASE change").map(|()| a));
             match applied {
-                Ok(a) => {
-                    let released = self.conn.execute_batch("RELEASE change");
-                    outcomes.push(released.map(|()| a).map_err(StoreError::from));
-                }
+                Ok(a) => outcomes.push(Ok(a)),
                 Err(e) => {
                     let _ = self
                         .conn
                         .execute_batch("ROLLBACK TO change; RELEASE change");
+                    self.outbox_rows = rows_before;
                     outcomes.push(Err(StoreError::Sqlite(e)));
                 }
             }
@@ -119,12 +123,13 @@ impl Writer {
         }
         if let Err(e) = self.conn.execute_batch("COMMIT") {
             let _ = self.conn.execute_batch("ROLLBACK");
+            self.outbox_rows = rows_at_start;
             let text = e.to_string();
             tracing::error!(error = %text, changes = batch.len(), "store commit failed");
             return fail_all(text);
         }
         if effect.touched {
-            self.refresh_outbox_len();
+            self.publish_outbox_len();
             if effect.dropped > 0 {
                 self.shared
                     .outbox_dropped_full
@@ -154,12 +159,17 @@ impl Writer {
             }
         }
         let outcome = match &change.write {
+            Some(Write::OutboxRemove { seqs }) => {
+                let mut stmt = conn.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?;
+                for seq in seqs {
+                    self.outbox_rows -= stmt.execute([seq])? as i64;
+                }
+                effect.touched = true;
+                Outcome::Deleted
+            }
             Some(w) => apply_write(conn, w)?,
             None => Outcome::Recorded,
         };
-        if matches!(change.write, Some(Write::OutboxRemove { .. })) {
-            effect.touched = true;
-        }
         if let Some(id) = &change.msg_id {
             conn.prepare_cached("INSERT INTO processed (msg_id) VALUES (?1)")?
                 .execute([id])?;
@@ -175,14 +185,19 @@ impl Writer {
         Ok(Applied { outcome, queued })
     }
 
-    fn enqueue(&self, m: &super::CloudMessage, effect: &mut OutboxEffect) -> rusqlite::Result<()> {
+    fn enqueue(
+        &mut self,
+        m: &super::CloudMessage,
+        effect: &mut OutboxEffect,
+    ) -> rusqlite::Result<()> {
         let conn = &self.conn;
         let coalesce_key = m.coalesce.then_some(m.resource.as_str());
         if let Some(key) = coalesce_key {
             // Only the latest update of a resource is worth sending; it takes the place at
             // the end of the queue, after anything it depends on.
-            conn.prepare_cached("DELETE FROM outbox WHERE coalesce_key = ?1")?
-                .execute([key])?;
+            self.outbox_rows -= conn
+                .prepare_cached("DELETE FROM outbox WHERE coalesce_key = ?1")?
+                .execute([key])? as i64;
         }
         conn.prepare_cached(
             "INSERT INTO outbox (resource, coalesce_key, created_ms, payload)
@@ -194,16 +209,16 @@ impl Writer {
             crate::message::now_millis(),
             &m.payload[..]
         ])?;
-        let len: i64 = conn
-            .prepare_cached("SELECT count(*) FROM outbox")?
-            .query_row([], |r| r.get(0))?;
-        let excess = len - self.outbox_max as i64;
+        self.outbox_rows += 1;
+        let excess = self.outbox_rows - self.outbox_max as i64;
         if excess > 0 {
-            conn.prepare_cached(
-                "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox ORDER BY seq LIMIT ?1)",
-            )?
-            .execute([excess])?;
-            effect.dropped += excess as u64;
+            let dropped = conn
+                .prepare_cached(
+                    "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox ORDER BY seq LIMIT ?1)",
+                )?
+                .execute([excess])?;
+            self.outbox_rows -= dropped as i64;
+            effect.dropped += dropped as u64;
         }
         effect.touched = true;
         Ok(())
@@ -218,14 +233,19 @@ impl Writer {
         Ok(())
     }
 
-    pub fn refresh_outbox_len(&self) {
-        let len: i64 = self
+    /// Counts the outbox once, at start-up.
+    pub fn count_outbox(&mut self) -> rusqlite::Result<()> {
+        self.outbox_rows = self
             .conn
-            .query_row("SELECT count(*) FROM outbox", [], |r| r.get(0))
-            .unwrap_or(0);
+            .query_row("SELECT count(*) FROM outbox", [], |r| r.get(0))?;
+        self.publish_outbox_len();
+        Ok(())
+    }
+
+    fn publish_outbox_len(&self) {
         self.shared
             .outbox_len
-            .store(len.max(0) as usize, Ordering::Relaxed);
+            .store(self.outbox_rows.max(0) as usize, Ordering::Relaxed);
     }
 }
 
@@ -256,13 +276,7 @@ fn apply_write(conn: &Connection, write: &Write) -> rusqlite::Result<Outcome> {
                 .execute([key])?;
             Ok(Outcome::Deleted)
         }
-        Write::OutboxRemove { seqs } => {
-            let mut stmt = conn.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?;
-            for seq in seqs {
-                stmt.execute([seq])?;
-            }
-            Ok(Outcome::Deleted)
-        }
+        Write::OutboxRemove { .. } => unreachable!("handled by Writer::apply"),
     }
 }
 

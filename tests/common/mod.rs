@@ -99,8 +99,23 @@ pub struct Mosquitto {
 impl Mosquitto {
     pub fn start(binary: &Path) -> Self {
         for _ in 0..5 {
+            if let Some(m) = Self::start_on(binary, free_port()) {
+                return m;
+            }
+        }
+        panic!("mosquitto did not start");
+    }
+
+    /// Kills the broker with SIGKILL: no goodbye to its clients, no saved state.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts mosquitto on `port`; `None` if it did not come up.
+    pub fn start_on(binary: &Path, port: u16) -> Option<Self> {
+        {
             let dir = tempfile::tempdir().unwrap();
-            let port = free_port();
             let conf = dir.path().join("mosquitto.conf");
             std::fs::write(
                 &conf,
@@ -117,16 +132,16 @@ impl Mosquitto {
                 .spawn()
                 .unwrap();
             if wait_for_port(port, Duration::from_secs(5)) {
-                return Self {
+                return Some(Self {
                     port,
                     child,
                     _dir: dir,
-                };
+                });
             }
             let _ = child.kill();
             let _ = child.wait();
         }
-        panic!("mosquitto did not start");
+        None
     }
 }
 
@@ -288,6 +303,13 @@ impl TestApp {
         }
     }
 
+    /// Kills the process with SIGKILL, the way a power cut or the OOM killer would.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
     /// Stops cleanly and starts again on the same database (and, embedded, the same port).
     pub async fn restart(&mut self) {
         let status = self.terminate();
@@ -346,6 +368,8 @@ pub fn msg_id(m: &Value) -> &str {
 /// An MQTT client that plays edgehub and edged and records what MetaManager publishes.
 pub struct Peer {
     client: Option<AsyncClient>,
+    /// QoS 1 publishes the broker has acknowledged to this client.
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     received: mpsc::UnboundedReceiver<(String, Value)>,
     seen: Vec<(String, Value)>,
 }
@@ -354,6 +378,7 @@ impl Peer {
     fn dummy() -> Self {
         Self {
             client: None,
+            accepted: Default::default(),
             received: mpsc::unbounded_channel().1,
             seen: Vec::new(),
         }
@@ -367,6 +392,8 @@ impl Peer {
         let (client, mut eventloop) = AsyncClient::new(options, 1000);
         let (tx, received) = mpsc::unbounded_channel();
         let (subscribed_tx, mut subscribed) = mpsc::unbounded_channel();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let accepted_by_broker = accepted.clone();
         tokio::spawn(async move {
             loop {
                 match eventloop.poll().await {
@@ -386,6 +413,9 @@ impl Peer {
                     Ok(Event::Incoming(Packet::SubAck(_))) => {
                         let _ = subscribed_tx.send(());
                     }
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        accepted_by_broker.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
                     Ok(_) => {}
                     Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
                 }
@@ -400,6 +430,7 @@ impl Peer {
             .expect("test client subscribed");
         Self {
             client: Some(client),
+            accepted,
             received,
             seen: Vec::new(),
         }
@@ -409,6 +440,33 @@ impl Peer {
     pub async fn publish(&self, peer: &str, msg: &Value) {
         self.publish_raw(peer, serde_json::to_vec(msg).unwrap())
             .await;
+    }
+
+    /// Waits until the broker has acknowledged `n` QoS 1 publishes from this client.
+    pub async fn wait_accepted(&self, n: usize) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while self.accepted.load(std::sync::atomic::Ordering::SeqCst) < n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "broker did not accept {n} publishes"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Publishes at QoS 0, as a fire-and-forget sender would.
+    pub async fn publish_qos0(&self, peer: &str, msg: &Value) {
+        self.client
+            .as_ref()
+            .unwrap()
+            .publish(
+                format!("edge/{NODE}/{peer}/to/metamanager"),
+                QoS::AtMostOnce,
+                false,
+                serde_json::to_vec(msg).unwrap(),
+            )
+            .await
+            .unwrap();
     }
 
     pub async fn publish_raw(&self, peer: &str, payload: Vec<u8>) {
@@ -425,9 +483,14 @@ impl Peer {
             .unwrap();
     }
 
-    /// The next message on `topic` (a suffix after `edge/NODE/`) that satisfies `pred`;
-    /// others are kept in `seen`.
+    /// The first message on `topic` (a suffix after `edge/NODE/`) that satisfies `pred`,
+    /// among those set aside earlier or arriving within [`WAIT`]; others are set aside.
     pub async fn wait_for(&mut self, topic: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        // Messages set aside while waiting for something else count too, so callers need not
+        // know in which order two replies arrive.
+        if let Some(i) = self.seen.iter().position(|(t, v)| t == topic && pred(v)) {
+            return self.seen.remove(i).1;
+        }
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             let next = tokio::time::timeout_at(deadline, self.received.recv()).await;
@@ -453,6 +516,11 @@ impl Peer {
             v["header"]["parent_msg_id"] == parent.as_str()
         })
         .await
+    }
+
+    /// The next message received, in arrival order, ignoring anything set aside.
+    pub async fn next(&mut self) -> Option<(String, Value)> {
+        self.received.recv().await
     }
 
     /// Everything received so far, and whatever arrives within `quiet`.

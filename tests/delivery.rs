@@ -1,0 +1,452 @@
+//! Delivery guarantees, proven by breaking things for real: SIGKILL of MetaManager in the
+//! middle of a stream, SIGKILL and restart of mosquitto, redeliveries, the outbox across a
+//! restart, a failing database, and an overloaded inbound queue.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use common::{fixture, message, msg_id, BrokerKind, Options, TestApp};
+use serde_json::{json, Value};
+
+fn pod_named(name: &str) -> Value {
+    let mut pod = fixture("pod.json");
+    pod["metadata"]["name"] = json!(name);
+    pod
+}
+
+fn count_rows(app: &TestApp, sql: &str) -> i64 {
+    rusqlite::Connection::open(app.db_path())
+        .unwrap()
+        .query_row(sql, [], |r| r.get(0))
+        .unwrap()
+}
+
+fn stored_keys(app: &TestApp) -> HashSet<String> {
+    let conn = rusqlite::Connection::open(app.db_path()).unwrap();
+    let mut stmt = conn.prepare("SELECT key FROM meta").unwrap();
+    let keys = stmt
+        .query_map([], |r| r.get::<_, String>(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    keys
+}
+
+/// SIGKILL in the middle of a stream of QoS 1 inserts: every insert MetaManager acked is
+/// stored at that moment, and after a restart the broker's redelivery completes the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_stream_loses_nothing_acked_and_nothing_accepted() {
+    let Some(mut app) = TestApp::spawn(Options::new(BrokerKind::Mosquitto)).await else {
+        return;
+    };
+    const N: usize = 2000;
+    let inserts: Vec<Value> = (0..N)
+        .map(|i| {
+            let name = format!("pod-{i:05}");
+            message("insert", &format!("default/pod/{name}"), pod_named(&name))
+        })
+        .collect();
+    // A separate publisher keeps streaming while MetaManager is killed under it.
+    let publisher = std::sync::Arc::new(common::Peer::connect(app.port).await);
+    let stream = {
+        let publisher = publisher.clone();
+        let inserts = inserts.clone();
+        tokio::spawn(async move {
+            for m in &inserts {
+                publisher.publish("edgehub", m).await;
+            }
+        })
+    };
+    // Let part of the stream through, then pull the plug.
+    let mut acked = Vec::new();
+    while acked.len() < N / 4 {
+        let ack = app
+            .client
+            .wait_for("metamanager/to/edgehub", |v| v["content"] == "OK")
+            .await;
+        acked.push(ack["header"]["parent_msg_id"].as_str().unwrap().to_owned());
+    }
+    app.kill9();
+
+    let by_id: std::collections::HashMap<&str, &str> = inserts
+        .iter()
+        .map(|m| (msg_id(m), m["route"]["resource"].as_str().unwrap()))
+        .collect();
+    let stored = stored_keys(&app);
+    assert!(stored.len() < N, "the kill came too late to test anything");
+    for id in &acked {
+        assert!(
+            stored.contains(by_id[id.as_str()]),
+            "acked but not stored: {id}"
+        );
+    }
+
+    // Every insert reached the broker, which keeps MetaManager's session: it redelivers what
+    // MetaManager did not acknowledge and delivers what arrived while it was down.
+    stream.await.unwrap();
+    publisher.wait_accepted(N).await;
+    app.start().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while count_rows(&app, "SELECT count(*) FROM meta") < N as i64 {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {N} stored after restart",
+            count_rows(&app, "SELECT count(*) FROM meta")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(stored_keys(&app).len(), N);
+}
+
+/// The broker dies without warning and comes back on the same port with no memory of the
+/// session: MetaManager reconnects with backoff, resubscribes and is online again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn survives_mosquitto_sigkill_and_restart() {
+    let Some(binary) = common::mosquitto_binary() else {
+        return;
+    };
+    let Some(mut app) = TestApp::spawn(Options::new(BrokerKind::Mosquitto)).await else {
+        return;
+    };
+    let port = app.port;
+    app.mosquitto.as_mut().unwrap().kill();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        app.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "still running"
+    );
+    let down_since = Instant::now();
+    app.mosquitto = Some(common::Mosquitto::start_on(&binary, port).expect("mosquitto restarts"));
+
+    let mut watcher = common::Peer::connect(port).await;
+    watcher
+        .wait_for("metamanager/status", |v| v["state"] == "online")
+        .await;
+    assert!(
+        down_since.elapsed() < Duration::from_secs(10),
+        "reconnected within seconds of the broker's return"
+    );
+    let insert = fixture("insert-pod.message.json");
+    watcher.publish("edgehub", &insert).await;
+    let ack = watcher
+        .reply_to("metamanager/to/edgehub", msg_id(&insert))
+        .await;
+    assert_eq!(ack["content"], "OK", "resubscribed and working");
+    let log = app.log();
+    let attempts = log.matches("cannot connect to MQTT broker").count();
+    assert!(
+        (1..=12).contains(&attempts),
+        "reconnects back off instead of spinning: {attempts} attempts"
+    );
+}
+
+/// The same message twice (a redelivery): applied once, forwarded once, acked both times.
+async fn duplicate_delivery_is_applied_once(kind: BrokerKind) {
+    let Some(mut app) = TestApp::spawn(Options::new(kind)).await else {
+        return;
+    };
+    let key = "default/pod/nginx-7d9c5b8f4-x2k9p";
+    let insert = fixture("insert-pod.message.json");
+    app.client.publish("edgehub", &insert).await;
+    app.client
+        .reply_to("metamanager/to/edgehub", msg_id(&insert))
+        .await;
+    let mut newer_pod = fixture("pod.json");
+    newer_pod["status"]["phase"] = json!("Running");
+    let update = message("update", key, newer_pod.clone());
+    app.client.publish("edgehub", &update).await;
+    app.client
+        .reply_to("metamanager/to/edgehub", msg_id(&update))
+        .await;
+
+    // The insert comes again, late: it must not roll the pod back.
+    app.client.publish("edgehub", &insert).await;
+    let ack = app
+        .client
+        .reply_to("metamanager/to/edgehub", msg_id(&insert))
+        .await;
+    assert_eq!(ack["content"], "OK", "a redelivery is still acked");
+    assert_eq!(app.client.query("edged", key).await, json!([newer_pod]));
+    let seen = app.client.drain(Duration::from_millis(300)).await;
+    let forwards = seen
+        .iter()
+        .filter(|(t, v)| t == "metamanager/to/edged" && v["header"]["msg_id"] == msg_id(&insert))
+        .count();
+    assert_eq!(forwards, 1, "forwarded at most once: {seen:#?}");
+
+    // The window is durable: after a restart the old insert is still recognised.
+    app.restart().await;
+    app.client.publish("edgehub", &insert).await;
+    app.client
+        .reply_to("metamanager/to/edgehub", msg_id(&insert))
+        .await;
+    assert_eq!(app.client.query("edged", key).await, json!([newer_pod]));
+}
+
+/// Edge changes made while the cloud is away wait in the outbox, survive a restart, and go
+/// out in order when the cloud is back, with repeated updates of one resource coalesced.
+async fn outbox_survives_restart_and_drains_in_order(kind: BrokerKind) {
+    let options = Options::new(kind).yaml("outbox:\n  drain_rate: 50\n");
+    let Some(mut app) = TestApp::spawn(options).await else {
+        return;
+    };
+    let status_key = "default/podstatus/nginx-7d9c5b8f4-x2k9p";
+    let mut sent = Vec::new();
+    let first = message("insert", "default/pod/edge-made", pod_named("edge-made"));
+    sent.push(first.clone());
+    let mut last_status = Value::Null;
+    for phase in ["Pending", "ContainerCreating", "Running"] {
+        let mut status = fixture("podstatus.json");
+        status["Status"]["phase"] = json!(phase);
+        let update = message("update", status_key, status);
+        last_status = update.clone();
+        sent.push(update);
+    }
+    let delete = message("delete", "default/pod/edge-made", Value::Null);
+    sent.push(delete.clone());
+    for m in &sent {
+        app.client.publish("edged", m).await;
+        let ack = app.client.reply_to("metamanager/to/edged", msg_id(m)).await;
+        assert_eq!(
+            ack["content"], "OK",
+            "acked to edged while the cloud is away"
+        );
+    }
+    let seen = app.client.drain(Duration::from_millis(300)).await;
+    assert!(
+        !seen.iter().any(|(t, _)| t == "metamanager/to/edgehub"),
+        "nothing goes to edgehub while the cloud is disconnected: {seen:#?}"
+    );
+    assert_eq!(count_rows(&app, "SELECT count(*) FROM outbox"), 3);
+
+    app.restart().await;
+    app.set_cloud(true).await;
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let m = app
+            .client
+            .wait_for("metamanager/to/edgehub", |v| {
+                v["route"]["source"] != "metamanager"
+            })
+            .await;
+        got.push(m);
+    }
+    assert_eq!(
+        got,
+        vec![first, last_status, delete],
+        "in order, updates coalesced"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while count_rows(&app, "SELECT count(*) FROM outbox") > 0 {
+        assert!(Instant::now() < deadline, "outbox emptied after sending");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The outbox is bounded by count and age; what it drops is logged.
+async fn outbox_bounds_drop_oldest_and_expired(kind: BrokerKind) {
+    let options = Options::new(kind).yaml("outbox:\n  max_messages: 3\n  max_age: 1s\n");
+    let Some(mut app) = TestApp::spawn(options).await else {
+        return;
+    };
+    let mut inserts = Vec::new();
+    for i in 0..5 {
+        let name = format!("edge-{i}");
+        let m = message("insert", &format!("default/pod/{name}"), pod_named(&name));
+        app.client.publish("edged", &m).await;
+        app.client
+            .reply_to("metamanager/to/edged", msg_id(&m))
+            .await;
+        inserts.push(m);
+    }
+    assert_eq!(
+        count_rows(&app, "SELECT count(*) FROM outbox"),
+        3,
+        "bounded by count"
+    );
+    assert!(app.log().contains("outbox full"), "drops are logged");
+
+    // Older than max_age by the time the cloud is back: dropped, not sent.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let fresh = message("insert", "default/pod/fresh", pod_named("fresh"));
+    app.client.publish("edged", &fresh).await;
+    app.client
+        .reply_to("metamanager/to/edged", msg_id(&fresh))
+        .await;
+    app.set_cloud(true).await;
+    let sent = app
+        .client
+        .wait_for("metamanager/to/edgehub", |v| {
+            v["route"]["source"] != "metamanager"
+        })
+        .await;
+    assert_eq!(sent, fresh, "only the fresh message is sent");
+    let seen = app.client.drain(Duration::from_millis(500)).await;
+    assert!(
+        !seen
+            .iter()
+            .any(|(t, v)| t == "metamanager/to/edgehub" && v["route"]["source"] == "test"),
+        "expired messages are not sent: {seen:#?}"
+    );
+    assert!(app.log().contains("older than outbox.max_age dropped"));
+}
+
+/// Paced: a backlog goes out at the configured rate, not all at once.
+async fn outbox_drain_is_paced(kind: BrokerKind) {
+    let options = Options::new(kind).yaml("outbox:\n  drain_rate: 20\n");
+    let Some(mut app) = TestApp::spawn(options).await else {
+        return;
+    };
+    let mut last = String::new();
+    for i in 0..30 {
+        let name = format!("paced-{i}");
+        let m = message("insert", &format!("default/pod/{name}"), pod_named(&name));
+        last = msg_id(&m).to_owned();
+        app.client.publish("edged", &m).await;
+    }
+    app.client.reply_to("metamanager/to/edged", &last).await;
+    let start = Instant::now();
+    app.set_cloud(true).await;
+    app.client
+        .wait_for("metamanager/to/edgehub", |v| {
+            v["header"]["msg_id"] == last.as_str()
+        })
+        .await;
+    // 30 messages at 20 per second cannot all be out in under a second.
+    assert!(
+        start.elapsed() >= Duration::from_secs(1),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+/// A write that fails in SQLite gets an error reply, no ack, and the process goes on.
+async fn database_failure_gets_an_error_not_an_ack(kind: BrokerKind) {
+    let Some(mut app) = TestApp::spawn(Options::new(kind)).await else {
+        return;
+    };
+    let conn = rusqlite::Connection::open(app.db_path()).unwrap();
+    conn.execute_batch(
+        "CREATE TRIGGER disk_full BEFORE INSERT ON meta
+         BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END;",
+    )
+    .unwrap();
+    let insert = fixture("insert-pod.message.json");
+    app.client.publish("edgehub", &insert).await;
+    let reply = app
+        .client
+        .reply_to("metamanager/to/edgehub", msg_id(&insert))
+        .await;
+    assert_eq!(reply["route"]["operation"], "error", "{reply}");
+    assert!(reply["content"].as_str().unwrap().contains("disk is full"));
+    let seen = app.client.drain(Duration::from_millis(300)).await;
+    assert!(
+        !seen.iter().any(|(t, _)| t == "metamanager/to/edged"),
+        "nothing forwarded that was not stored: {seen:#?}"
+    );
+
+    // The disk is freed: the cloud sends again (same msg_id) and it is stored, once.
+    conn.execute_batch("DROP TRIGGER disk_full").unwrap();
+    app.client.publish("edgehub", &insert).await;
+    let ack = app
+        .client
+        .reply_to("metamanager/to/edgehub", msg_id(&insert))
+        .await;
+    assert_eq!(ack["content"], "OK");
+    app.client
+        .wait_for("metamanager/to/edged", |v| {
+            v["header"]["msg_id"] == msg_id(&insert)
+        })
+        .await;
+}
+
+/// More messages than the inbound queue holds, while the store is stalled: the excess is
+/// refused with a clear error instead of growing memory or blocking the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_is_refused_with_an_error() {
+    let Some(mut app) = TestApp::spawn(Options::new(BrokerKind::Mosquitto)).await else {
+        return;
+    };
+    // Stall the writer: another connection holds the write lock for a while.
+    let conn = rusqlite::Connection::open(app.db_path()).unwrap();
+    conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+    const N: usize = 12_000;
+    for i in 0..N {
+        let m = message(
+            "update",
+            &format!("default/configmap/c{i}"),
+            json!({"i": i}),
+        );
+        app.client.publish_qos0("edged", &m).await;
+    }
+    // Hold the lock until the refusals start, and well within the writer's busy timeout.
+    let stalled = Instant::now();
+    while !app.log().contains("inbound queue full") && stalled.elapsed() < Duration::from_secs(4) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    conn.execute_batch("COMMIT").unwrap();
+    drop(conn);
+
+    // Every message is either handled (acked) or refused (logged; the error reply is best
+    // effort under overload, since waiting to send it is what the refusal avoids).
+    let log_path = app.dir.path().join("metamanager.log");
+    let refused_in_log = || {
+        std::fs::read_to_string(&log_path)
+            .unwrap_or_default()
+            .matches("inbound queue full")
+            .count()
+    };
+    let mut acked = 0;
+    let mut refused_replies = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acked + refused_in_log() < N {
+        assert!(
+            Instant::now() < deadline,
+            "{acked} acked, {} refused of {N}",
+            refused_in_log()
+        );
+        let Ok(Some((topic, reply))) =
+            tokio::time::timeout(Duration::from_secs(1), app.client.next()).await
+        else {
+            continue;
+        };
+        if topic != "metamanager/to/edged" {
+            continue;
+        }
+        match reply["route"]["operation"].as_str() {
+            Some("response") => acked += 1,
+            Some("error") => {
+                let text = reply["content"].as_str().unwrap();
+                assert!(text.contains("overloaded"), "{text}");
+                refused_replies += 1;
+            }
+            other => panic!("unexpected reply {other:?}"),
+        }
+    }
+    assert!(
+        refused_in_log() > 0,
+        "the budget never ran out ({acked} acked); the test proves nothing"
+    );
+    assert!(refused_replies > 0, "refused senders get an error reply");
+    assert!(acked >= budget_messages(), "{acked} acked");
+    // Still serving.
+    let q = message("query", "default/configmap/c1", Value::Null);
+    app.client.publish("edged", &q).await;
+    app.client
+        .reply_to("metamanager/to/edged", msg_id(&q))
+        .await;
+}
+
+fn budget_messages() -> usize {
+    metamanager::budget::MAX_MESSAGES
+}
+
+both_brokers!(
+    duplicate_delivery_is_applied_once,
+    outbox_survives_restart_and_drains_in_order,
+    outbox_bounds_drop_oldest_and_expired,
+    outbox_drain_is_paced,
+    database_failure_gets_an_error_not_an_ack,
+);
