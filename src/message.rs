@@ -237,7 +237,11 @@ pub fn salvage_msg_id(payload: &[u8]) -> Option<String> {
     struct Loose {
         header: Option<Head>,
     }
-    let loose: Loose = serde_json::from_slice(payload).ok()?;
+    // The first JSON value only: trailing garbage must not hide an id that was readable.
+    let loose: Loose = serde_json::Deserializer::from_slice(payload)
+        .into_iter()
+        .next()?
+        .ok()?;
     match loose.header?.msg_id? {
         serde_json::Value::String(s) if !s.is_empty() => Some(s),
         _ => None,
@@ -415,6 +419,31 @@ mod tests {
             "[".repeat(500)
         );
         Message::decode(text.as_bytes(), LIMIT).unwrap();
+    }
+
+    #[test]
+    fn deep_nesting_in_unknown_fields_is_skipped_without_recursion() {
+        // Unknown fields are skipped by an iterative scanner: no stack is at risk, nothing is
+        // kept, so the message stands (the contract ignores unknown fields).
+        let deep = |at: &str| {
+            let nest = format!("{}{}", "[".repeat(200_000), "]".repeat(200_000));
+            match at {
+                "header" => format!(
+                    r#"{{"header":{{"msg_id":"1","x":{nest}}},"route":{{"operation":"insert","resource":"a/b/c"}}}}"#
+                ),
+                "route" => format!(
+                    r#"{{"header":{{"msg_id":"1"}},"route":{{"operation":"insert","resource":"a/b/c","x":{nest}}}}}"#
+                ),
+                _ => format!(
+                    r#"{{"header":{{"msg_id":"1"}},"route":{{"operation":"insert","resource":"a/b/c"}},"x":{nest}}}"#
+                ),
+            }
+        };
+        for at in ["header", "route", "top"] {
+            let payload = deep(at);
+            assert!(Message::decode(payload.as_bytes(), 1 << 22).is_ok(), "{at}");
+            assert_eq!(salvage_msg_id(payload.as_bytes()).as_deref(), Some("1"));
+        }
     }
 
     #[test]

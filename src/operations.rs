@@ -155,14 +155,15 @@ async fn forward(
     coalesce: bool,
 ) {
     let id = msg.msg_id();
-    if applied.queued || (applied.outcome == Outcome::Duplicate && node.was_forwarded(id)) {
-        return;
-    }
-    if applied.outcome == Outcome::Duplicate {
-        tracing::info!(
+    match applied.outcome {
+        _ if applied.queued => return,
+        Outcome::Duplicate { settled: true } => return,
+        Outcome::Duplicate { settled: false } if node.was_forwarded(id) => return,
+        Outcome::Duplicate { settled: false } => tracing::info!(
             msg_id = id,
             "redelivered message was not forwarded before; forwarding it now"
-        );
+        ),
+        _ => {}
     }
     match to {
         Peer::Edged => {
@@ -271,7 +272,7 @@ async fn fill_from_cloud(node: &Node, query: &Message, answer: Message) {
         node.publisher.send(Peer::Edged, reply).await;
         return;
     }
-    let objects = match serde_json::from_str::<Value>(answer.content_json()) {
+    let mut objects = match serde_json::from_str::<Value>(answer.content_json()) {
         Ok(Value::Array(items)) => items,
         Ok(Value::Null) => Vec::new(),
         Ok(object @ Value::Object(_)) => vec![object],
@@ -282,6 +283,17 @@ async fn fill_from_cloud(node: &Node, query: &Message, answer: Message) {
             return;
         }
     };
+    if let Some(name) = query.resource.name() {
+        // One object was asked for: keep the one of that name, else the first.
+        let named = objects
+            .iter()
+            .position(|o| o.pointer("/metadata/name").and_then(Value::as_str) == Some(name));
+        objects = objects
+            .into_iter()
+            .nth(named.unwrap_or(0))
+            .into_iter()
+            .collect();
+    }
     let mut pending = Vec::with_capacity(objects.len());
     let mut answered = Vec::with_capacity(objects.len());
     for object in objects {
@@ -367,7 +379,7 @@ async fn answer_from_cloud(node: &Arc<Node>, publish: Publish, message: Message)
         let duplicate = matches!(
             committed.await,
             Ok(Ok(Applied {
-                outcome: Outcome::Duplicate,
+                outcome: Outcome::Duplicate { .. },
                 ..
             }))
         );

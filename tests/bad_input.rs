@@ -150,6 +150,63 @@ fn cases(limit: usize) -> Vec<Case> {
             says: "nested",
         },
         Case {
+            what: "invalid UTF-8",
+            peer: "edgehub",
+            payload: b"{\"header\":{\"msg_id\":\"\xff\xfe\"},\"route\":{}}".to_vec(),
+            parent: None,
+            says: "not valid JSON",
+        },
+        Case {
+            what: "a byte-order mark before the object",
+            peer: "edged",
+            payload: [&b"\xef\xbb\xbf"[..], &raw(json!({"header": {"msg_id": "b12"}}))].concat(),
+            parent: None,
+            says: "not valid JSON",
+        },
+        Case {
+            what: "a number out of range",
+            peer: "edgehub",
+            payload: br#"{"header":{"msg_id":"b13","timestamp":1e400},"route":{"operation":"insert","resource":"default/pod/bad"},"content":{}}"#.to_vec(),
+            parent: Some("b13"),
+            says: "number out of range",
+        },
+        Case {
+            what: "a NUL in the resource",
+            peer: "edgehub",
+            payload: raw(json!({"header": {"msg_id": "b14"},
+                "route": {"operation": "insert", "resource": "default/pod/a\u{0}b"}, "content": {}})),
+            parent: Some("b14"),
+            says: "control character",
+        },
+        Case {
+            what: "a resource key of 100 KB",
+            peer: "edged",
+            payload: raw(json!({"header": {"msg_id": "b15"},
+                "route": {"operation": "insert", "resource": format!("default/pod/{}", "n".repeat(100_000))},
+                "content": {}})),
+            parent: Some("b15"),
+            says: "at most",
+        },
+        Case {
+            what: "trailing garbage after the object",
+            peer: "edgehub",
+            payload: [raw(json!({"header": {"msg_id": "b16"}, "route": {"operation": "query", "resource": "default/pod"}})), b"}}}".to_vec()].concat(),
+            parent: Some("b16"),
+            says: "not valid JSON",
+        },
+        Case {
+            what: "two hundred thousand nested arrays in the content",
+            peer: "edgehub",
+            payload: format!(
+                r#"{{"header":{{"msg_id":"b17"}},"route":{{"operation":"update","resource":"default/configmap/c"}},"content":{}{}}}"#,
+                "[".repeat(200_000),
+                "]".repeat(200_000)
+            )
+            .into_bytes(),
+            parent: Some("b17"),
+            says: "nested",
+        },
+        Case {
             what: "connect from edged",
             peer: "edged",
             payload: raw(json!({"header": {"msg_id": "b11"},
@@ -162,7 +219,7 @@ fn cases(limit: usize) -> Vec<Case> {
 }
 
 async fn each_bad_input_gets_an_error_and_changes_nothing(kind: BrokerKind) {
-    let limit = 64 * 1024;
+    let limit = 512 * 1024;
     let mut options = Options::new(kind);
     options.max_payload_bytes = limit;
     let Some(mut app) = TestApp::spawn(options).await else {

@@ -82,6 +82,77 @@ fn a_file_that_is_not_a_database_stops_start_up_untouched() {
 }
 
 #[test]
+fn a_damaged_database_stops_start_up_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("meta.db");
+    {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, type TEXT NOT NULL, value TEXT NOT NULL);",
+        )
+        .unwrap();
+        let pod = std::fs::read_to_string(fixture_path("pod.json")).unwrap();
+        for i in 0..200 {
+            conn.execute(
+                "INSERT INTO meta VALUES (?1, 'pod', ?2)",
+                (format!("default/pod/p{i}"), &pod),
+            )
+            .unwrap();
+        }
+    }
+    // Overwrite the pages after the first with noise: a valid header, damaged tables.
+    let mut bytes = std::fs::read(&db).unwrap();
+    assert!(bytes.len() > 16 * 4096);
+    for (i, b) in bytes[4096..].iter_mut().enumerate() {
+        *b = (i * 7 % 251) as u8;
+    }
+    std::fs::write(&db, &bytes).unwrap();
+
+    let port = common::free_port();
+    let (out, _dir) = run_with_config(&format!(
+        "mqtt:\n  port: {port}\ndatabase:\n  path: {}\n",
+        db.display()
+    ));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("meta.db"), "{stderr}");
+    assert!(stderr.contains("damaged"), "{stderr}");
+    assert_eq!(std::fs::read(&db).unwrap(), bytes, "file modified");
+    assert!(
+        !dir.path().join("meta.db-wal").exists(),
+        "no journal written beside it"
+    );
+}
+
+#[test]
+fn embedded_broker_beyond_loopback_without_auth_warns() {
+    let port = common::free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("edge.yaml");
+    std::fs::write(&config, format!("mqtt:\n  host: 0.0.0.0\n  port: {port}\n")).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_metamanager"))
+        .arg("-c")
+        .arg(&config)
+        .current_dir(dir.path())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(common::wait_for_port(port, Duration::from_secs(10)));
+    std::thread::sleep(Duration::from_millis(300));
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains("WARN") && log.contains("without authentication"),
+        "{log}"
+    );
+}
+
+#[test]
 fn embedded_broker_port_in_use_is_reported() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();

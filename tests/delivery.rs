@@ -185,6 +185,55 @@ async fn duplicate_delivery_is_applied_once(kind: BrokerKind) {
     assert_eq!(app.client.query("edged", key).await, json!([newer_pod]));
 }
 
+/// A redelivery of a message that needed nothing passed on (an update that changed nothing,
+/// or a change already waiting in the outbox) passes nothing on, even after a restart.
+async fn redelivery_of_a_settled_message_passes_nothing_on(kind: BrokerKind) {
+    let Some(mut app) = TestApp::spawn(Options::new(kind)).await else {
+        return;
+    };
+    let key = "default/configmap/app-config";
+    let first = message("update", key, fixture("configmap.json"));
+    let same = message("update", key, fixture("configmap.json"));
+    let queued = message("insert", "default/pod/edge-made", pod_named("edge-made"));
+    for (peer, m) in [("edgehub", &first), ("edgehub", &same), ("edged", &queued)] {
+        app.client.publish(peer, m).await;
+        let topic = format!("metamanager/to/{peer}");
+        app.client.reply_to(&topic, msg_id(m)).await;
+    }
+    app.restart().await;
+    for (peer, m) in [("edgehub", &same), ("edged", &queued)] {
+        app.client.publish(peer, m).await;
+        let topic = format!("metamanager/to/{peer}");
+        let ack = app.client.reply_to(&topic, msg_id(m)).await;
+        assert_eq!(ack["content"], "OK");
+    }
+    let seen = app.client.drain(Duration::from_millis(300)).await;
+    assert!(
+        !seen
+            .iter()
+            .any(|(_, v)| v["header"]["msg_id"] == msg_id(&same)),
+        "a no-op update is not forwarded on redelivery: {seen:#?}"
+    );
+    assert_eq!(
+        count_rows(&app, "SELECT count(*) FROM outbox"),
+        1,
+        "queued once"
+    );
+    app.set_cloud(true).await;
+    app.client
+        .wait_for("metamanager/to/edgehub", |v| {
+            v["header"]["msg_id"] == msg_id(&queued)
+        })
+        .await;
+    let seen = app.client.drain(Duration::from_millis(500)).await;
+    assert!(
+        !seen
+            .iter()
+            .any(|(_, v)| v["header"]["msg_id"] == msg_id(&queued)),
+        "sent to the cloud once: {seen:#?}"
+    );
+}
+
 /// Edge changes made while the cloud is away wait in the outbox, survive a restart, and go
 /// out in order when the cloud is back, with repeated updates of one resource coalesced.
 async fn outbox_survives_restart_and_drains_in_order(kind: BrokerKind) {
@@ -445,8 +494,49 @@ fn budget_messages() -> usize {
 
 both_brokers!(
     duplicate_delivery_is_applied_once,
+    redelivery_of_a_settled_message_passes_nothing_on,
     outbox_survives_restart_and_drains_in_order,
     outbox_bounds_drop_oldest_and_expired,
     outbox_drain_is_paced,
     database_failure_gets_an_error_not_an_ack,
 );
+
+/// A message over the size limit is answered and dropped: it never drops the connection and
+/// comes back again and again (a disconnect-redeliver loop).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_message_is_refused_without_a_reconnect_loop() {
+    let mut options = Options::new(BrokerKind::Mosquitto);
+    options.max_payload_bytes = 64 * 1024;
+    let Some(mut app) = TestApp::spawn(options).await else {
+        return;
+    };
+    let huge = message(
+        "insert",
+        "default/configmap/huge",
+        json!({"data": {"blob": "x".repeat(512 * 1024)}}),
+    );
+    app.client.publish("edgehub", &huge).await;
+    let error = app
+        .client
+        .reply_to("metamanager/to/edgehub", msg_id(&huge))
+        .await;
+    assert_eq!(error["route"]["operation"], "error");
+    assert!(error["content"].as_str().unwrap().contains("limit"));
+
+    let insert = fixture("insert-pod.message.json");
+    app.client.publish("edgehub", &insert).await;
+    app.client
+        .reply_to("metamanager/to/edgehub", msg_id(&insert))
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let log = app.log();
+    assert!(!log.contains("lost MQTT broker connection"), "{log}");
+    assert_eq!(log.matches("connected to MQTT broker").count(), 1, "{log}");
+    assert_eq!(
+        count_rows(
+            &app,
+            "SELECT count(*) FROM meta WHERE key = 'default/configmap/huge'"
+        ),
+        0
+    );
+}

@@ -429,6 +429,34 @@ async fn remote_list_query_stores_each_object(kind: BrokerKind) {
     );
 }
 
+async fn remote_object_query_keeps_only_the_object_asked_for(kind: BrokerKind) {
+    let Some(mut app) = app(kind).await else {
+        return;
+    };
+    app.set_cloud(true).await;
+    let key = "default/configmap/app-config";
+    let query = message("query", key, Value::Null);
+    app.client.publish("edged", &query).await;
+    let asked = app
+        .client
+        .wait_for("metamanager/to/edgehub", |v| {
+            v["route"]["operation"] == "query"
+        })
+        .await;
+    let wanted = fixture("configmap.json");
+    let mut other = wanted.clone();
+    other["metadata"]["name"] = json!("someone-else");
+    let mut answer = message("response", key, json!([other, wanted]));
+    answer["header"]["parent_msg_id"] = asked["header"]["msg_id"].clone();
+    app.client.publish("edgehub", &answer).await;
+    let reply = app
+        .client
+        .reply_to("metamanager/to/edged", msg_id(&query))
+        .await;
+    assert_eq!(reply["content"], json!([wanted]));
+    assert_eq!(app.client.query("edgehub", key).await, json!([wanted]));
+}
+
 async fn remote_query_error_is_relayed_and_nothing_stored(kind: BrokerKind) {
     let Some(mut app) = app(kind).await else {
         return;
@@ -629,6 +657,7 @@ both_brokers!(
     remote_query_answered_by_the_cloud_is_stored,
     remote_query_error_is_relayed_and_nothing_stored,
     remote_list_query_stores_each_object,
+    remote_object_query_keeps_only_the_object_asked_for,
     remote_query_times_out,
     remote_query_while_disconnected_fails_fast,
     metasync_sends_statuses_and_drops_orphans,

@@ -130,8 +130,11 @@ pub enum Outcome {
     Absent,
     /// Delete whose uid did not match the stored object's; nothing was removed.
     UidMismatch,
-    /// The message id was seen before: nothing was applied again.
-    Duplicate,
+    /// The message id was seen before: nothing was applied again. `settled`: the original
+    /// needed nothing passed on (a no-op, or its message for the cloud is in the outbox).
+    Duplicate {
+        settled: bool,
+    },
     /// Only the message id was recorded (a change with no write).
     Recorded,
 }

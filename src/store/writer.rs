@@ -33,8 +33,9 @@ pub(super) fn prepare(conn: &Connection, synchronous: &str) -> rusqlite::Result<
          );
          CREATE INDEX IF NOT EXISTS meta_type ON meta(type);
          CREATE TABLE IF NOT EXISTS processed (
-             seq    INTEGER PRIMARY KEY,
-             msg_id TEXT NOT NULL UNIQUE
+             seq     INTEGER PRIMARY KEY,
+             msg_id  TEXT NOT NULL UNIQUE,
+             settled INTEGER NOT NULL DEFAULT 0
          );
          CREATE TABLE IF NOT EXISTS outbox (
              seq          INTEGER PRIMARY KEY,
@@ -148,12 +149,13 @@ impl Writer {
     fn apply(&mut self, change: &Change, effect: &mut OutboxEffect) -> rusqlite::Result<Applied> {
         let conn = &self.conn;
         if let Some(id) = &change.msg_id {
-            let seen = conn
-                .prepare_cached("SELECT 1 FROM processed WHERE msg_id = ?1")?
-                .exists([id])?;
-            if seen {
+            let seen: Option<bool> = conn
+                .prepare_cached("SELECT settled FROM processed WHERE msg_id = ?1")?
+                .query_row([id], |r| r.get(0))
+                .optional()?;
+            if let Some(settled) = seen {
                 return Ok(Applied {
-                    outcome: Outcome::Duplicate,
+                    outcome: Outcome::Duplicate { settled },
                     queued: false,
                 });
             }
@@ -170,11 +172,6 @@ impl Writer {
             Some(w) => apply_write(conn, w)?,
             None => Outcome::Recorded,
         };
-        if let Some(id) = &change.msg_id {
-            conn.prepare_cached("INSERT INTO processed (msg_id) VALUES (?1)")?
-                .execute([id])?;
-            self.recorded_since_prune += 1;
-        }
         let queued = match &change.to_cloud {
             Some(m) if outcome != Outcome::Unchanged => {
                 self.enqueue(m, effect)?;
@@ -182,6 +179,15 @@ impl Writer {
             }
             _ => false,
         };
+        if let Some(id) = &change.msg_id {
+            // Settled: nothing is left to pass on, because the change was a no-op or its
+            // message is already in the outbox, committed with it.
+            let settled = queued || outcome == Outcome::Unchanged;
+            self.conn
+                .prepare_cached("INSERT INTO processed (msg_id, settled) VALUES (?1, ?2)")?
+                .execute(params![id, settled])?;
+            self.recorded_since_prune += 1;
+        }
         Ok(Applied { outcome, queued })
     }
 
