@@ -540,3 +540,60 @@ async fn oversized_message_is_refused_without_a_reconnect_loop() {
         0
     );
 }
+
+/// A real full disk: the database lives on a small tmpfs. Writes that do not fit get an error
+/// reply, what was acked is stored, and the process keeps answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_disk_gets_errors_and_keeps_every_ack_honest() {
+    let mount_dir = tempfile::tempdir().unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(mount_dir.path())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root), so no disk can be filled");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mount_dir.path().to_owned());
+    let db = mount_dir.path().join("meta.db");
+    let options = Options::new(BrokerKind::Embedded);
+    let Some(mut app) = TestApp::spawn_with_db(options, db.clone()).await else {
+        return;
+    };
+
+    let mut acked = Vec::new();
+    let mut failure = None;
+    for i in 0..2000 {
+        let name = format!("fill-{i:04}");
+        let key = format!("default/pod/{name}");
+        let m = message("insert", &key, pod_named(&name));
+        app.client.publish("edgehub", &m).await;
+        let reply = app
+            .client
+            .reply_to("metamanager/to/edgehub", msg_id(&m))
+            .await;
+        if reply["route"]["operation"] == "error" {
+            failure = Some(reply["content"].as_str().unwrap().to_owned());
+            break;
+        }
+        acked.push(key);
+    }
+    let failure = failure.expect("a 1 MiB disk filled up");
+    assert!(failure.contains("full"), "{failure}");
+    assert!(!acked.is_empty());
+    // Still answering, from what is stored, and every acked insert is there.
+    let first = app.client.query("edged", &acked[0]).await;
+    assert_eq!(first.as_array().map(Vec::len), Some(1));
+    app.kill9();
+    let stored = stored_keys(&app);
+    for key in &acked {
+        assert!(stored.contains(key), "acked but not stored: {key}");
+    }
+}

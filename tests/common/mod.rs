@@ -190,6 +190,8 @@ impl Options {
 /// A running MetaManager with its broker, database and a client playing edgehub and edged.
 pub struct TestApp {
     pub options: Options,
+    /// Where the database lives, when not in the temporary directory.
+    pub db: Option<PathBuf>,
     pub dir: tempfile::TempDir,
     pub port: u16,
     pub child: Option<Child>,
@@ -201,14 +203,23 @@ impl TestApp {
     /// Starts MetaManager (and mosquitto for that kind). `None` when mosquitto is needed and
     /// not installed.
     pub async fn spawn(options: Options) -> Option<Self> {
+        Self::spawn_at(options, None).await
+    }
+
+    /// Like [`TestApp::spawn`], with the database at `db`.
+    pub async fn spawn_with_db(options: Options, db: PathBuf) -> Option<Self> {
+        Self::spawn_at(options, Some(db)).await
+    }
+
+    async fn spawn_at(options: Options, db: Option<PathBuf>) -> Option<Self> {
         let mosquitto = match options.kind {
             BrokerKind::Embedded => None,
             BrokerKind::Mosquitto => Some(Mosquitto::start(&mosquitto_binary()?)),
         };
-        let dir = tempfile::tempdir().unwrap();
         let mut app = Self {
             options,
-            dir,
+            db,
+            dir: tempfile::tempdir().unwrap(),
             port: 0,
             child: None,
             client: Peer::dummy(),
@@ -219,7 +230,9 @@ impl TestApp {
     }
 
     pub fn db_path(&self) -> PathBuf {
-        self.dir.path().join("data/metamanager.db")
+        self.db
+            .clone()
+            .unwrap_or_else(|| self.dir.path().join("data/metamanager.db"))
     }
 
     pub fn config_path(&self) -> PathBuf {
