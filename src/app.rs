@@ -55,7 +55,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         let path = settings.database.path.clone();
         let options = StoreOptions {
             outbox_max: settings.outbox.max_messages,
-            ..StoreOptions::default()
+            synchronous: settings.database.synchronous,
         };
         tokio::task::spawn_blocking(move || Store::open(&path, options))
             .await

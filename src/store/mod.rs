@@ -22,6 +22,8 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 mod writer;
 
+use crate::config::Synchronous;
+
 pub use writer::DEDUPE_WINDOW;
 
 /// Changes queued for the writer thread before submitters wait.
@@ -55,9 +57,7 @@ pub enum StoreError {
 /// How the store is opened.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
-    /// SQLite's `synchronous` setting: `FULL` survives power loss, `NORMAL` survives a crash of
-    /// the process.
-    pub synchronous: String,
+    pub synchronous: Synchronous,
     /// Most messages the outbox keeps.
     pub outbox_max: usize,
 }
@@ -65,7 +65,7 @@ pub struct StoreOptions {
 impl Default for StoreOptions {
     fn default() -> Self {
         Self {
-            synchronous: "FULL".into(),
+            synchronous: Synchronous::Full,
             outbox_max: 10_000,
         }
     }
@@ -202,7 +202,7 @@ impl Store {
             source,
         };
         let conn = Connection::open(path).map_err(open_err)?;
-        writer::prepare(&conn, &options.synchronous).map_err(open_err)?;
+        writer::prepare(&conn, options.synchronous.as_str()).map_err(open_err)?;
         let shared = Arc::new(Shared::default());
         let mut writer = writer::Writer {
             conn,
