@@ -95,10 +95,14 @@ struct WireRoute {
     resource: String,
 }
 
+/// The outer object. Header and route are taken as raw text first and checked to be JSON
+/// objects: serde would otherwise also accept them written as arrays of their fields.
 #[derive(Debug, Deserialize)]
-struct WireMessage {
-    header: Header,
-    route: WireRoute,
+struct WireMessage<'a> {
+    #[serde(borrow)]
+    header: &'a RawValue,
+    #[serde(borrow)]
+    route: &'a RawValue,
     #[serde(default)]
     content: Option<Box<RawValue>>,
 }
@@ -132,6 +136,8 @@ pub enum DecodeError {
     UnknownOperation(String),
     #[error("content is nested deeper than {MAX_DEPTH} levels")]
     TooDeep,
+    #[error("invalid content: {0}")]
+    BadContent(String),
     #[error("invalid route.resource: {0}")]
     Resource(#[from] ResourceError),
 }
@@ -154,33 +160,26 @@ impl Message {
             };
         }
         let mut de = serde_json::Deserializer::from_slice(payload);
-        let wire: WireMessage = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner();
-            if inner.is_syntax() || inner.is_eof() {
-                DecodeError::NotJson(inner.to_string())
-            } else if path == "." {
-                DecodeError::Shape(inner.to_string())
-            } else {
-                DecodeError::Shape(format!("{path}: {inner}"))
-            }
-        })?;
+        let wire: WireMessage =
+            serde_path_to_error::deserialize(&mut de).map_err(|e| shape_error("", e))?;
         // Trailing garbage after the object makes the payload invalid JSON as a whole.
         de.end().map_err(|e| DecodeError::NotJson(e.to_string()))?;
-        if wire.header.msg_id.is_empty() {
+        let header: Header = field_object("header", wire.header)?;
+        let route: WireRoute = field_object("route", wire.route)?;
+        if header.msg_id.is_empty() {
             return Err(DecodeError::EmptyMsgId);
         }
-        let operation = Operation::parse(&wire.route.operation)
-            .ok_or(DecodeError::UnknownOperation(wire.route.operation))?;
-        let resource = Resource::parse(&wire.route.resource)?;
+        let operation = Operation::parse(&route.operation)
+            .ok_or(DecodeError::UnknownOperation(route.operation))?;
+        let resource = Resource::parse(&route.resource)?;
         let content = wire.content.filter(|c| c.get() != "null");
-        if content.as_deref().is_some_and(|c| too_deep(c.get())) {
-            return Err(DecodeError::TooDeep);
+        if let Some(c) = &content {
+            check_content(c.get())?;
         }
         Ok(Self {
-            header: wire.header,
-            source: wire.route.source,
-            group: wire.route.group,
+            header,
+            source: route.source,
+            group: route.group,
             operation,
             resource,
             content,
@@ -197,33 +196,111 @@ impl Message {
     }
 }
 
-/// Whether JSON text nests deeper than [`MAX_DEPTH`]. Raw content is skipped over by the
-/// decoder without a depth limit, so it is checked here, in one pass with no allocation.
-fn too_deep(json: &str) -> bool {
-    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
-    for b in json.bytes() {
-        if in_string {
-            match b {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_string = false,
-                _ => {}
+/// Decodes `header` or `route`, which must be a JSON object.
+fn field_object<T: serde::de::DeserializeOwned>(
+    name: &str,
+    raw: &RawValue,
+) -> Result<T, DecodeError> {
+    if !raw.get().starts_with('{') {
+        return Err(DecodeError::Shape(format!("{name} must be a JSON object")));
+    }
+    let mut de = serde_json::Deserializer::from_str(raw.get());
+    serde_path_to_error::deserialize(&mut de).map_err(|e| shape_error(name, e))
+}
+
+/// A decoding error, with the path of the field it concerns under `prefix`.
+fn shape_error(prefix: &str, e: serde_path_to_error::Error<serde_json::Error>) -> DecodeError {
+    let path = e.path().to_string();
+    let inner = e.into_inner();
+    if inner.is_syntax() || inner.is_eof() {
+        return DecodeError::NotJson(inner.to_string());
+    }
+    let path = match (prefix, path.as_str()) {
+        ("", ".") => String::new(),
+        (p, ".") => p.to_owned(),
+        ("", rest) => rest.to_owned(),
+        (p, rest) => format!("{p}.{rest}"),
+    };
+    if path.is_empty() {
+        DecodeError::Shape(inner.to_string())
+    } else {
+        DecodeError::Shape(format!("{path}: {inner}"))
+    }
+}
+
+/// Checks raw content for what the decoder lets through but a later parse would refuse:
+/// nesting deeper than [`MAX_DEPTH`], numbers beyond f64's range, and unpaired UTF-16
+/// surrogate escapes. One pass, no allocation. The text is already known to be JSON.
+fn check_content(json: &str) -> Result<(), DecodeError> {
+    let b = json.as_bytes();
+    let (mut i, mut depth) = (0usize, 0usize);
+    while i < b.len() {
+        match b[i] {
+            b'"' => {
+                i = skip_string(b, i + 1)?;
+                continue;
             }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
             b'[' | b'{' => {
                 depth += 1;
                 if depth > MAX_DEPTH {
-                    return true;
+                    return Err(DecodeError::TooDeep);
                 }
             }
             b']' | b'}' => depth = depth.saturating_sub(1),
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i < b.len() && matches!(b[i], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')
+                {
+                    i += 1;
+                }
+                let number = &json[start..i];
+                if number.parse::<f64>().is_ok_and(f64::is_infinite) {
+                    return Err(DecodeError::BadContent(format!(
+                        "number {number} is out of range"
+                    )));
+                }
+                continue;
+            }
             _ => {}
         }
+        i += 1;
     }
-    false
+    Ok(())
+}
+
+/// Skips a string body from just after its opening quote; returns the index after the
+/// closing quote.
+fn skip_string(b: &[u8], mut i: usize) -> Result<usize, DecodeError> {
+    let hex = |at: usize| -> Option<u32> {
+        let digits = b.get(at..at + 4)?;
+        u32::from_str_radix(std::str::from_utf8(digits).ok()?, 16).ok()
+    };
+    let lone =
+        || DecodeError::BadContent("a string contains an unpaired UTF-16 surrogate escape".into());
+    while i < b.len() {
+        match b[i] {
+            b'"' => return Ok(i + 1),
+            b'\\' if b.get(i + 1) == Some(&b'u') => {
+                let unit = hex(i + 2).ok_or_else(lone)?;
+                match unit {
+                    0xD800..=0xDBFF => {
+                        let low = (b.get(i + 6..i + 8) == Some(b"\\u"))
+                            .then(|| hex(i + 8))
+                            .flatten();
+                        if !matches!(low, Some(0xDC00..=0xDFFF)) {
+                            return Err(lone());
+                        }
+                        i += 12;
+                    }
+                    0xDC00..=0xDFFF => return Err(lone()),
+                    _ => i += 6,
+                }
+            }
+            b'\\' => i += 2,
+            _ => i += 1,
+        }
+    }
+    Ok(i)
 }
 
 /// Reads `header.msg_id` from a payload that failed validation, so the error reply can carry
@@ -234,15 +311,24 @@ pub fn salvage_msg_id(payload: &[u8]) -> Option<String> {
         msg_id: Option<serde_json::Value>,
     }
     #[derive(Deserialize)]
-    struct Loose {
-        header: Option<Head>,
+    struct Loose<'a> {
+        #[serde(borrow)]
+        header: Option<&'a RawValue>,
+    }
+    // Only an object with an object header has an id; serde alone would also read arrays.
+    if payload.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return None;
     }
     // The first JSON value only: trailing garbage must not hide an id that was readable.
     let loose: Loose = serde_json::Deserializer::from_slice(payload)
         .into_iter()
         .next()?
         .ok()?;
-    match loose.header?.msg_id? {
+    let header = loose.header?;
+    if !header.get().starts_with('{') {
+        return None;
+    }
+    match serde_json::from_str::<Head>(header.get()).ok()?.msg_id? {
         serde_json::Value::String(s) if !s.is_empty() => Some(s),
         _ => None,
     }
@@ -444,6 +530,50 @@ mod tests {
             assert!(Message::decode(payload.as_bytes(), 1 << 22).is_ok(), "{at}");
             assert_eq!(salvage_msg_id(payload.as_bytes()).as_deref(), Some("1"));
         }
+    }
+
+    #[test]
+    fn refuses_content_that_could_not_be_parsed_again() {
+        let with = |content: &str| {
+            format!(
+                r#"{{"header":{{"msg_id":"1"}},"route":{{"operation":"insert","resource":"a/pod/c"}},"content":{content}}}"#
+            )
+        };
+        for bad in [
+            r#""\ud800""#,
+            r#""\udc00x""#,
+            r#""\ud800\u0041""#,
+            "1e400",
+            r#"{"a":-1e309}"#,
+        ] {
+            let e = Message::decode(with(bad).as_bytes(), LIMIT).unwrap_err();
+            assert!(matches!(e, DecodeError::BadContent(_)), "{bad}: {e}");
+        }
+        for good in [
+            r#""\ud83d\ude00""#,
+            "1e308",
+            "1e-400",
+            r#""\\ud800""#,
+            "123456789012345678901234567890",
+        ] {
+            let m = Message::decode(with(good).as_bytes(), LIMIT).unwrap();
+            serde_json::from_str::<serde_json::Value>(m.content_json()).unwrap();
+        }
+    }
+
+    #[test]
+    fn header_and_route_must_be_objects() {
+        let arrays = r#"{"header":["1"],"route":["s","g","insert","a/b"]}"#;
+        let e = Message::decode(arrays.as_bytes(), LIMIT).unwrap_err();
+        assert!(
+            e.to_string().contains("header must be a JSON object"),
+            "{e}"
+        );
+        assert_eq!(salvage_msg_id(arrays.as_bytes()), None);
+        assert_eq!(salvage_msg_id(br#"[["abc"]]"#), None);
+        let route = r#"{"header":{"msg_id":"1"},"route":["s","g","insert","a/b"]}"#;
+        let e = Message::decode(route.as_bytes(), LIMIT).unwrap_err();
+        assert!(e.to_string().contains("route must be a JSON object"), "{e}");
     }
 
     #[test]
