@@ -165,6 +165,9 @@ pub struct OutboxEntry {
 /// Counters the writer keeps for everyone else.
 #[derive(Default)]
 struct Shared {
+    /// Transactions committed, and changes in them: group commit's effect, observable.
+    commits: AtomicU64,
+    committed_changes: AtomicU64,
     outbox_len: AtomicUsize,
     outbox_dropped_full: AtomicU64,
     outbox_changed: Notify,
@@ -257,6 +260,14 @@ impl Store {
             .await?
             .await
             .unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// Transactions committed so far, and the changes they held.
+    pub fn commits(&self) -> (u64, u64) {
+        (
+            self.inner.shared.commits.load(Ordering::Relaxed),
+            self.inner.shared.committed_changes.load(Ordering::Relaxed),
+        )
     }
 
     /// Messages waiting in the outbox for the cloud.
@@ -495,6 +506,54 @@ mod tests {
             .map(|(k, _)| k)
             .collect();
         assert_eq!(keys, ["ns/pod/a", "ns/pod/b", "ns/pod/seed"]);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_lone_write_is_committed_without_waiting_for_company() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("m.db"), StoreOptions::default()).unwrap();
+        // Nothing else is queued or will be: if the writer held a batch open for more
+        // writes, this would never resolve.
+        let applied = store.write(put("ns/pod/alone", "{}")).await.unwrap();
+        assert_eq!(applied.outcome, Outcome::Stored);
+        assert_eq!(
+            store.commits(),
+            (1, 1),
+            "committed on its own, in its own transaction"
+        );
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn queued_writes_share_a_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        let store = Store::open(&path, StoreOptions::default()).unwrap();
+        // Stall the writer on its first write while 100 more queue up behind it.
+        let other = Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let first = store.submit(put("ns/pod/first", "{}")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut rest = Vec::new();
+        for i in 0..100 {
+            rest.push(
+                store
+                    .submit(put(&format!("ns/pod/p{i}"), "{}"))
+                    .await
+                    .unwrap(),
+            );
+        }
+        other.execute_batch("COMMIT").unwrap();
+        first.await.unwrap().unwrap();
+        for r in rest {
+            r.await.unwrap().unwrap();
+        }
+        assert_eq!(
+            store.commits(),
+            (2, 101),
+            "one commit for the first, one for the rest"
+        );
         store.close().await;
     }
 

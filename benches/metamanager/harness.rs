@@ -1,0 +1,263 @@
+//! What every measurement needs: a mosquitto on loopback, MetaManager as a real process, MQTT
+//! clients that publish and count, and the process's memory from /proc.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::sync::mpsc;
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+pub fn wait_for_port(port: u16, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+/// A mosquitto on a free loopback port, killed on drop. In-flight and queue limits are raised
+/// so that the broker's defaults (20 messages in flight per client) do not cap what the
+/// processors under test can show; the same broker serves the relay and MetaManager.
+pub struct Mosquitto {
+    pub port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    pub fn start() -> Self {
+        let binary = ["mosquitto", "/usr/sbin/mosquitto"]
+            .into_iter()
+            .find(|b| {
+                Command::new(b)
+                    .arg("-h")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok()
+            })
+            .expect("mosquitto is not installed (apt-get install mosquitto mosquitto-clients)");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                 max_inflight_messages 1000\nmax_queued_messages 1000000\n"
+            ),
+        )
+        .expect("write mosquitto.conf");
+        let child = Command::new(binary)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start mosquitto");
+        assert!(
+            wait_for_port(port, Duration::from_secs(5)),
+            "mosquitto did not start"
+        );
+        Self {
+            port,
+            child,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// MetaManager as a real process against the bench's mosquitto.
+pub struct MetaManager {
+    pub child: Child,
+}
+
+impl MetaManager {
+    pub fn spawn(port: u16, node: &str, db: &Path, synchronous: &str, dir: &Path) -> Self {
+        let config = dir.join(format!("{node}.yaml"));
+        std::fs::write(
+            &config,
+            format!(
+                "node_id: {node}\nmqtt:\n  mode: external\n  host: 127.0.0.1\n  port: {port}\n\
+                 database:\n  path: {}\n  synchronous: {synchronous}\n",
+                db.display()
+            ),
+        )
+        .expect("write config");
+        let child = Command::new(env!("CARGO_BIN_EXE_metamanager"))
+            .arg("-c")
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start metamanager");
+        Self { child }
+    }
+
+    /// Resident and peak resident memory, in KiB.
+    pub fn memory_kib(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+
+    pub fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// An MQTT client whose received messages arrive on a channel, and whose publishes are
+/// counted when the broker acknowledges them.
+pub struct Client {
+    pub client: AsyncClient,
+    pub received: mpsc::UnboundedReceiver<(String, bytes::Bytes)>,
+    pub accepted: Arc<AtomicUsize>,
+}
+
+impl Client {
+    pub async fn connect(port: u16, id: &str, subscriptions: &[&str]) -> Self {
+        let mut options = MqttOptions::new(id, "127.0.0.1", port);
+        options
+            .set_max_packet_size(512 << 20, 512 << 20)
+            .set_inflight(1000)
+            .set_keep_alive(Duration::from_secs(60));
+        let (client, mut eventloop) = AsyncClient::new(options, 10_000);
+        let (tx, received) = mpsc::unbounded_channel();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counted = accepted.clone();
+        let (suback_tx, mut suback) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        if tx.send((p.topic, p.payload)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        counted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        let _ = suback_tx.send(());
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+        });
+        for topic in subscriptions {
+            client
+                .subscribe(*topic, QoS::AtLeastOnce)
+                .await
+                .expect("subscribe");
+            tokio::time::timeout(Duration::from_secs(5), suback.recv())
+                .await
+                .expect("suback");
+        }
+        Self {
+            client,
+            received,
+            accepted,
+        }
+    }
+
+    pub async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .expect("publish");
+    }
+
+    /// Waits for `n` messages on `topic` that satisfy `keep`; `None` on timeout.
+    pub async fn count(
+        &mut self,
+        topic: &str,
+        n: usize,
+        within: Duration,
+        keep: impl Fn(&[u8]) -> bool,
+    ) -> Option<Instant> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut seen = 0;
+        while seen < n {
+            let (t, payload) = tokio::time::timeout_at(deadline, self.received.recv())
+                .await
+                .ok()??;
+            if t == topic && keep(&payload) {
+                seen += 1;
+            }
+        }
+        Some(Instant::now())
+    }
+
+    /// The next message on `topic` whose payload contains `needle`.
+    pub async fn next_containing(&mut self, topic: &str, needle: &str, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let Ok(Some((t, payload))) =
+                tokio::time::timeout_at(deadline, self.received.recv()).await
+            else {
+                return false;
+            };
+            if t == topic && contains(&payload, needle.as_bytes()) {
+                return true;
+            }
+        }
+    }
+}
+
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Percentiles of a sample of durations, in microseconds.
+pub struct Percentiles {
+    pub p50: f64,
+    pub p99: f64,
+    pub p999: f64,
+}
+
+pub fn percentiles(mut samples: Vec<Duration>) -> Percentiles {
+    samples.sort();
+    let at = |q: f64| {
+        let i = ((samples.len() as f64 - 1.0) * q).round() as usize;
+        samples[i].as_secs_f64() * 1e6
+    };
+    Percentiles {
+        p50: at(0.50),
+        p99: at(0.99),
+        p999: at(0.999),
+    }
+}

@@ -1,0 +1,593 @@
+//! MetaManager's benchmark: `cargo bench` (add `-- --quick` for a short run).
+//!
+//! Every figure is set beside a yardstick measured in the same run on the same broker: a null
+//! relay (subscribe, republish unchanged, nothing else) for the MQTT figures, and a plain
+//! rusqlite loop for the store. The ratios mean something on a noisy machine where the absolute
+//! numbers do not. The report is Markdown on stdout; BENCHMARKS.md explains it.
+
+mod harness;
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use harness::{percentiles, Client, MetaManager, Mosquitto, Percentiles};
+use metamanager::config::Synchronous;
+use metamanager::store::{Store, StoreOptions, Write};
+
+struct Sizes {
+    inserts: usize,
+    queries: usize,
+    scale: usize,
+    store_rows: usize,
+}
+
+const LONG: Duration = Duration::from_secs(600);
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let sizes = if quick {
+        Sizes {
+            inserts: 10_000,
+            queries: 1_000,
+            scale: 100_000,
+            store_rows: 20_000,
+        }
+    } else {
+        Sizes {
+            inserts: 100_000,
+            queries: 5_000,
+            scale: 1_000_000,
+            store_rows: 100_000,
+        }
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("metamanager-bench")
+        .tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| "target".into()))
+        .expect("bench directory");
+    let pod = compact_fixture("pod.json");
+    let configmap = compact_fixture("configmap.json");
+    let broker = Mosquitto::start();
+    let port = broker.port;
+
+    println!("# MetaManager benchmark\n");
+    println!("{}", machine());
+    println!(
+        "sizes: {} inserts of the {}-byte pod fixture, {} sequential queries, {} objects for the scale run, {} rows for the store run\n",
+        sizes.inserts,
+        std::fs::read(fixture_path("pod.json")).map(|b| b.len()).unwrap_or(0),
+        sizes.queries,
+        sizes.scale,
+        sizes.store_rows
+    );
+
+    // Insert throughput, against the relay.
+    let relay_rate = relay_throughput(port, &pod, sizes.inserts).await;
+    let pipe_rate = pipe_throughput(port, &pod, sizes.inserts.min(20_000)).await;
+    let normal = metamanager_inserts(port, dir.path(), "NORMAL", &pod, &sizes).await;
+    let full = metamanager_inserts(port, dir.path(), "FULL", &pod, &sizes).await;
+    let relay_rtt = relay_latency(port, sizes.queries).await;
+
+    println!("## Inserts (QoS 1, until every ack is back)\n");
+    println!("| processor | msgs/s | ÷ relay |");
+    println!("|---|---:|---:|");
+    println!("| null relay (rumqttc) | {relay_rate:.0} | 1.00 |");
+    println!(
+        "| mosquitto_sub \\| mosquitto_pub -l | {pipe_rate:.0} | {:.2} |",
+        pipe_rate / relay_rate
+    );
+    for run in [&normal, &full] {
+        println!(
+            "| MetaManager, synchronous={} | {:.0} | {:.2} |",
+            run.synchronous,
+            run.rate,
+            run.rate / relay_rate
+        );
+    }
+    println!("\n## Query round trip (sequential, stored pods)\n");
+    println!("| path | p50 µs | p99 µs | p99.9 µs |");
+    println!("|---|---:|---:|---:|");
+    print_latency("null relay round trip", &relay_rtt);
+    print_latency("MetaManager query (FULL run's store)", &full.query);
+    println!(
+        "\nquery p99 ÷ relay p99: {:.2}\n",
+        full.query.p99 / relay_rtt.p99
+    );
+    println!("## Memory (RSS)\n");
+    println!("| when | MiB |");
+    println!("|---|---:|");
+    println!("| idle after start | {:.1} |", kib(full.idle_rss));
+    println!("| peak during the insert run | {:.1} |", kib(full.peak_rss));
+    println!(
+        "| after {} pods stored | {:.1} |",
+        sizes.inserts,
+        kib(full.rss_after)
+    );
+
+    // Scale.
+    let small = scale_run(port, dir.path(), &configmap, &pod, 1_000, sizes.queries).await;
+    let large = scale_run(
+        port,
+        dir.path(),
+        &configmap,
+        &pod,
+        sizes.scale,
+        sizes.queries,
+    )
+    .await;
+    println!("\n## Scale\n");
+    println!(
+        "| objects stored | start-up to online ms | get p50 µs | get p99 µs | list 10k pods ms |"
+    );
+    println!("|---:|---:|---:|---:|---:|");
+    for run in [&small, &large] {
+        println!(
+            "| {} | {:.0} | {:.0} | {:.0} | {} |",
+            run.objects,
+            run.startup.as_secs_f64() * 1e3,
+            run.get.p50,
+            run.get.p99,
+            run.list
+                .map(|d| format!("{:.0}", d.as_secs_f64() * 1e3))
+                .unwrap_or_else(|| "-".into())
+        );
+    }
+    println!(
+        "\nget p50 at {} ÷ at 1000: {:.2}\n",
+        large.objects,
+        large.get.p50 / small.get.p50
+    );
+
+    // Storage alone.
+    let (store_rate, plain_rate) = storage_alone(dir.path(), &pod, sizes.store_rows).await;
+    println!("## Storage alone (synchronous=FULL)\n");
+    println!("| writer | upserts/s | ÷ plain |");
+    println!("|---|---:|---:|");
+    println!("| plain rusqlite, 512 rows per transaction | {plain_rate:.0} | 1.00 |");
+    println!(
+        "| MetaManager store (group commit) | {store_rate:.0} | {:.2} |",
+        store_rate / plain_rate
+    );
+    drop(broker);
+}
+
+fn kib(v: u64) -> f64 {
+    v as f64 / 1024.0
+}
+
+fn print_latency(name: &str, p: &Percentiles) {
+    println!("| {name} | {:.0} | {:.0} | {:.0} |", p.p50, p.p99, p.p999);
+}
+
+fn fixture_path(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// A fixture on one line, so that `mosquitto_pub -l` carries it as one message too.
+fn compact_fixture(name: &str) -> String {
+    let text = std::fs::read_to_string(fixture_path(name)).expect("fixture");
+    let value: serde_json::Value = serde_json::from_str(&text).expect("fixture JSON");
+    value.to_string()
+}
+
+fn insert_message(i: usize, namespace: &str, rtype: &str, content: &str) -> String {
+    format!(
+        r#"{{"header":{{"msg_id":"bench-{i}-{}","timestamp":1795774500123}},"route":{{"source":"bench","group":"resource","operation":"insert","resource":"{namespace}/{rtype}/obj-{i:07}"}},"content":{content}}}"#,
+        uuid::Uuid::new_v4()
+    )
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let commit = std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|| "unknown".into());
+    let mosquitto = std::process::Command::new("mosquitto")
+        .arg("-h")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    format!("machine: {cpu}, {cores} cores; commit {commit}; {mosquitto}\n")
+}
+
+/// The yardstick: subscribe, republish unchanged, nothing else.
+async fn run_relay(port: u16, id: &str, input: &str, output: &str) -> tokio::task::JoinHandle<()> {
+    let mut relay = Client::connect(port, id, &[input]).await;
+    let output = output.to_owned();
+    tokio::spawn(async move {
+        while let Some((_, payload)) = relay.received.recv().await {
+            relay.publish(&output, payload.to_vec()).await;
+        }
+    })
+}
+
+async fn relay_throughput(port: u16, content: &str, n: usize) -> f64 {
+    let relay = run_relay(port, "relay", "bench/relay/in", "bench/relay/out").await;
+    let rate = stream_through(
+        port,
+        "relay",
+        "bench/relay/in",
+        "bench/relay/out",
+        content,
+        n,
+    )
+    .await;
+    relay.abort();
+    rate
+}
+
+/// The relay anyone can reproduce without Rust.
+async fn pipe_throughput(port: u16, content: &str, n: usize) -> f64 {
+    let p = port.to_string();
+    let mut pipe = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "mosquitto_sub -p {p} -q 1 -t bench/pipe/in | mosquitto_pub -p {p} -q 1 -t bench/pipe/out -l"
+        ))
+        .spawn()
+        .expect("mosquitto_sub | mosquitto_pub");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rate = stream_through(port, "pipe", "bench/pipe/in", "bench/pipe/out", content, n).await;
+    let _ = std::process::Command::new("pkill")
+        .args(["-f", "bench/pipe/"])
+        .status();
+    let _ = pipe.wait();
+    rate
+}
+
+/// Publishes `n` messages to `input` and times until `n` have come out of `output`.
+async fn stream_through(
+    port: u16,
+    name: &str,
+    input: &str,
+    output: &str,
+    content: &str,
+    n: usize,
+) -> f64 {
+    let mut counter = Client::connect(port, &format!("{name}-counter"), &[output]).await;
+    let publisher = Client::connect(port, &format!("{name}-publisher"), &[]).await;
+    let messages: Vec<String> = (0..n)
+        .map(|i| insert_message(i, "default", "pod", content))
+        .collect();
+    let start = Instant::now();
+    let input = input.to_owned();
+    let feeding = tokio::spawn(async move {
+        for m in messages {
+            publisher.publish(&input, m).await;
+        }
+        publisher
+    });
+    let done = counter.count(output, n, LONG, |_| true).await;
+    let _ = feeding.await;
+    let end = done.expect("every message came through");
+    n as f64 / (end - start).as_secs_f64()
+}
+
+async fn relay_latency(port: u16, n: usize) -> Percentiles {
+    let relay = run_relay(port, "relay-rtt", "bench/rtt/in", "bench/rtt/out").await;
+    let mut client = Client::connect(port, "rtt-client", &["bench/rtt/out"]).await;
+    let query = r#"{"header":{"msg_id":"q"},"route":{"operation":"query","resource":"default/pod/obj-0000001"}}"#;
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let start = Instant::now();
+        client.publish("bench/rtt/in", query).await;
+        client
+            .count("bench/rtt/out", 1, Duration::from_secs(10), |_| true)
+            .await
+            .expect("relay answered");
+        samples.push(start.elapsed());
+    }
+    relay.abort();
+    percentiles(samples)
+}
+
+struct InsertRun {
+    synchronous: &'static str,
+    rate: f64,
+    idle_rss: u64,
+    peak_rss: u64,
+    rss_after: u64,
+    query: Percentiles,
+}
+
+async fn metamanager_inserts(
+    port: u16,
+    dir: &Path,
+    synchronous: &'static str,
+    content: &str,
+    sizes: &Sizes,
+) -> InsertRun {
+    let node = format!("bench-{}", synchronous.to_lowercase());
+    let prefix = format!("edge/{node}");
+    let mut cloud = Client::connect(
+        port,
+        &format!("{node}-cloud"),
+        &[
+            &format!("{prefix}/metamanager/to/edgehub"),
+            &format!("{prefix}/metamanager/status"),
+        ],
+    )
+    .await;
+    // edged is there, as on a real node, and takes every forward.
+    let mut edged = Client::connect(
+        port,
+        &format!("{node}-edged"),
+        &[&format!("{prefix}/metamanager/to/edged")],
+    )
+    .await;
+    let draining = tokio::spawn(async move { while edged.received.recv().await.is_some() {} });
+    let db = dir.join(format!("{node}.db"));
+    let mm = MetaManager::spawn(port, &node, &db, synchronous, dir);
+    assert!(
+        cloud
+            .next_containing(
+                &format!("{prefix}/metamanager/status"),
+                "\"online\"",
+                Duration::from_secs(10)
+            )
+            .await,
+        "MetaManager came online"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (idle_rss, _) = mm.memory_kib();
+
+    let n = sizes.inserts;
+    let messages: Vec<String> = (0..n)
+        .map(|i| insert_message(i, "default", "pod", content))
+        .collect();
+    let publisher = Client::connect(port, &format!("{node}-publisher"), &[]).await;
+    let topic = format!("{prefix}/edgehub/to/metamanager");
+    let start = Instant::now();
+    let feeding = tokio::spawn(async move {
+        for m in messages {
+            publisher.publish(&topic, m).await;
+        }
+        publisher
+    });
+    let acks = cloud
+        .count(&format!("{prefix}/metamanager/to/edgehub"), n, LONG, |p| {
+            harness::contains(p, br#""content":"OK""#)
+        })
+        .await
+        .expect("every insert acked");
+    let rate = n as f64 / (acks - start).as_secs_f64();
+    let publisher = feeding.await.expect("publisher");
+    assert_eq!(publisher.accepted.load(Ordering::Relaxed), n);
+    let (rss_after, peak_rss) = mm.memory_kib();
+    draining.abort();
+
+    let stored: i64 = rusqlite::Connection::open(&db)
+        .and_then(|c| c.query_row("SELECT count(*) FROM meta", [], |r| r.get(0)))
+        .expect("count stored");
+    assert_eq!(stored as usize, n, "every acked insert is committed");
+
+    let query = sequential_queries(port, &node, sizes.queries, |i| {
+        format!("default/pod/obj-{:07}", (i * 7919) % n)
+    })
+    .await;
+    mm.stop();
+    InsertRun {
+        synchronous,
+        rate,
+        idle_rss,
+        peak_rss,
+        rss_after,
+        query,
+    }
+}
+
+/// `n` queries from edged, one after the other, each timed from publish to answer.
+async fn sequential_queries(
+    port: u16,
+    node: &str,
+    n: usize,
+    resource: impl Fn(usize) -> String,
+) -> Percentiles {
+    let prefix = format!("edge/{node}");
+    let answers = format!("{prefix}/metamanager/to/edged");
+    let mut edged = Client::connect(port, &format!("{node}-edged-q"), &[&answers]).await;
+    let topic = format!("{prefix}/edged/to/metamanager");
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..n {
+        let id = format!("q-{i}");
+        let query = format!(
+            r#"{{"header":{{"msg_id":"{id}"}},"route":{{"operation":"query","resource":"{}"}}}}"#,
+            resource(i)
+        );
+        let start = Instant::now();
+        edged.publish(&topic, query).await;
+        let needle = format!(r#""parent_msg_id":"{id}""#);
+        assert!(
+            edged
+                .next_containing(&answers, &needle, Duration::from_secs(10))
+                .await,
+            "query answered"
+        );
+        samples.push(start.elapsed());
+    }
+    percentiles(samples)
+}
+
+struct ScaleRun {
+    objects: usize,
+    startup: Duration,
+    get: Percentiles,
+    list: Option<Duration>,
+}
+
+/// A database with `objects` objects (configmaps across namespaces, plus 10 000 pods in one
+/// namespace when there is room), written directly with rusqlite, then served.
+async fn scale_run(
+    port: u16,
+    dir: &Path,
+    configmap: &str,
+    pod: &str,
+    objects: usize,
+    queries: usize,
+) -> ScaleRun {
+    let node = format!("scale-{objects}");
+    let db = dir.join(format!("{node}.db"));
+    let pods = if objects >= 100_000 { 10_000 } else { 0 };
+    let configmaps = objects - pods;
+    {
+        let mut conn = rusqlite::Connection::open(&db).expect("scale db");
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=OFF;
+             CREATE TABLE meta (key TEXT PRIMARY KEY, type TEXT NOT NULL, value TEXT NOT NULL);
+             CREATE INDEX meta_type ON meta(type);",
+        )
+        .expect("schema");
+        let tx = conn.transaction().expect("tx");
+        {
+            let mut stmt = tx
+                .prepare("INSERT INTO meta (key, type, value) VALUES (?1, ?2, ?3)")
+                .expect("prepare");
+            for i in 0..configmaps {
+                let key = format!("ns-{:03}/configmap/obj-{i:07}", i % 100);
+                stmt.execute((key, "configmap", configmap)).expect("insert");
+            }
+            for i in 0..pods {
+                stmt.execute((format!("big/pod/obj-{i:07}"), "pod", pod))
+                    .expect("insert");
+            }
+        }
+        tx.commit().expect("commit");
+        conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+            .expect("checkpoint");
+    }
+    let prefix = format!("edge/{node}");
+    let status = format!("{prefix}/metamanager/status");
+    let mut watcher = Client::connect(port, &format!("{node}-watch"), &[&status]).await;
+    let start = Instant::now();
+    let mm = MetaManager::spawn(port, &node, &db, "FULL", dir);
+    assert!(
+        watcher
+            .next_containing(&status, "\"online\"", Duration::from_secs(60))
+            .await,
+        "online"
+    );
+    let startup = start.elapsed();
+    let get = sequential_queries(port, &node, queries, |i| {
+        let k = (i * 7919) % configmaps;
+        format!("ns-{:03}/configmap/obj-{k:07}", k % 100)
+    })
+    .await;
+    let list = if pods > 0 {
+        let answers = format!("{prefix}/metamanager/to/edged");
+        let mut edged = Client::connect(port, &format!("{node}-lister"), &[&answers]).await;
+        let mut times = Vec::new();
+        for i in 0..5 {
+            let id = format!("list-{i}");
+            let query = format!(
+                r#"{{"header":{{"msg_id":"{id}"}},"route":{{"operation":"query","resource":"big/pod"}}}}"#
+            );
+            let t = Instant::now();
+            edged
+                .publish(&format!("{prefix}/edged/to/metamanager"), query)
+                .await;
+            assert!(
+                edged
+                    .next_containing(
+                        &answers,
+                        &format!(r#""parent_msg_id":"{id}""#),
+                        Duration::from_secs(60)
+                    )
+                    .await
+            );
+            times.push(t.elapsed());
+        }
+        times.sort();
+        Some(times[times.len() / 2])
+    } else {
+        None
+    };
+    mm.stop();
+    let _ = std::fs::remove_file(&db);
+    ScaleRun {
+        objects,
+        startup,
+        get,
+        list,
+    }
+}
+
+/// The store's writer against the physical limit: the same upserts in batched transactions.
+async fn storage_alone(dir: &Path, content: &str, n: usize) -> (f64, f64) {
+    let keys: Vec<String> = (0..n).map(|i| format!("default/pod/obj-{i:07}")).collect();
+
+    let plain_db = dir.join("plain.db");
+    let mut conn = rusqlite::Connection::open(&plain_db).expect("plain db");
+    conn.execute_batch(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;
+         CREATE TABLE meta (key TEXT PRIMARY KEY, type TEXT NOT NULL, value TEXT NOT NULL);
+         CREATE INDEX meta_type ON meta(type);",
+    )
+    .expect("schema");
+    let start = Instant::now();
+    for chunk in keys.chunks(512) {
+        let tx = conn.transaction().expect("tx");
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "INSERT INTO meta (key, type, value) VALUES (?1, ?2, ?3)
+                     ON CONFLICT(key) DO UPDATE SET type = excluded.type, value = excluded.value",
+                )
+                .expect("prepare");
+            for key in chunk {
+                stmt.execute((key, "pod", content)).expect("upsert");
+            }
+        }
+        tx.commit().expect("commit");
+    }
+    let plain = n as f64 / start.elapsed().as_secs_f64();
+    drop(conn);
+
+    let store = Store::open(
+        &dir.join("store.db"),
+        StoreOptions {
+            synchronous: Synchronous::Full,
+            ..StoreOptions::default()
+        },
+    )
+    .expect("store");
+    let start = Instant::now();
+    let mut pending = Vec::with_capacity(n);
+    for key in &keys {
+        let write = Write::Put {
+            key: key.clone(),
+            rtype: "pod".into(),
+            value: content.to_owned(),
+        };
+        pending.push(store.submit(write).await.expect("submit"));
+    }
+    for committed in pending {
+        committed.await.expect("answer").expect("stored");
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    store.close().await;
+    (rate, plain)
+}
