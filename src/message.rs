@@ -1,12 +1,14 @@
 //! The wire message in KubeEdge's beehive form, its validation, and the replies MetaManager
 //! builds.
 //!
-//! Content is kept as raw JSON text: most operations only store or forward it, so parsing it
-//! into a tree on every message would be wasted work. The few operations that must look inside
-//! (update's comparison, delete's uid check) parse it where they need it.
+//! Content is kept as raw JSON text, a slice of the received payload: most operations only store
+//! or forward it, so parsing it into a tree, or even copying it, on every message would be wasted
+//! work. The few operations that must look inside (update's comparison, delete's uid check) parse
+//! it where they need it.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -103,8 +105,8 @@ struct WireMessage<'a> {
     header: &'a RawValue,
     #[serde(borrow)]
     route: &'a RawValue,
-    #[serde(default)]
-    content: Option<Box<RawValue>>,
+    #[serde(default, borrow)]
+    content: Option<&'a RawValue>,
 }
 
 /// A validated inbound message.
@@ -115,8 +117,9 @@ pub struct Message {
     pub group: String,
     pub operation: Operation,
     pub resource: Resource,
-    /// `None` when the message had no content or `null`.
-    pub content: Option<Box<RawValue>>,
+    /// The content's JSON text: a slice of the received payload, shared, not copied. `None`
+    /// when the message had no content or `null`.
+    pub content: Option<Bytes>,
 }
 
 /// Why an inbound payload is not a valid message. The text is what the sender sees.
@@ -143,9 +146,20 @@ pub enum DecodeError {
 }
 
 impl Message {
-    /// Decodes and validates one payload. Nothing here panics on hostile input: serde_json
-    /// bounds nesting depth, and the size is checked before any parsing.
+    /// Decodes and validates a payload held in a byte slice (copies it once).
     pub fn decode(payload: &[u8], limit: usize) -> Result<Self, DecodeError> {
+        if payload.len() > limit {
+            return Err(DecodeError::TooLarge {
+                size: payload.len(),
+                limit,
+            });
+        }
+        Self::decode_bytes(&Bytes::copy_from_slice(payload), limit)
+    }
+
+    /// Decodes and validates one received payload; the content stays in `payload`. Nothing
+    /// here panics on hostile input: nesting is bounded, and the size is checked first.
+    pub fn decode_bytes(payload: &Bytes, limit: usize) -> Result<Self, DecodeError> {
         if payload.len() > limit {
             return Err(DecodeError::TooLarge {
                 size: payload.len(),
@@ -172,10 +186,13 @@ impl Message {
         let operation = Operation::parse(&route.operation)
             .ok_or(DecodeError::UnknownOperation(route.operation))?;
         let resource = Resource::parse(&route.resource)?;
-        let content = wire.content.filter(|c| c.get() != "null");
-        if let Some(c) = &content {
-            check_content(c.get())?;
-        }
+        let content = match wire.content.filter(|c| c.get() != "null") {
+            Some(raw) => {
+                check_content(raw.get())?;
+                Some(share(payload, raw.get().as_bytes()))
+            }
+            None => None,
+        };
         Ok(Self {
             header,
             source: route.source,
@@ -192,7 +209,27 @@ impl Message {
 
     /// Content as raw JSON text, `null` when absent.
     pub fn content_json(&self) -> &str {
-        self.content.as_deref().map_or("null", RawValue::get)
+        // Validated as JSON (hence UTF-8) by decode.
+        self.content
+            .as_deref()
+            .and_then(|c| std::str::from_utf8(c).ok())
+            .unwrap_or("null")
+    }
+
+    /// Content as an owned raw JSON value, for the rare replies that carry it on.
+    pub fn content_raw(&self) -> Box<RawValue> {
+        raw(self.content_json().to_owned())
+    }
+}
+
+/// `part` as a shared slice of `payload` when it lies inside it (a borrowed raw value always
+/// does), else as a copy; never a panic.
+fn share(payload: &Bytes, part: &[u8]) -> Bytes {
+    let start = (part.as_ptr() as usize).wrapping_sub(payload.as_ptr() as usize);
+    if start <= payload.len() && part.len() <= payload.len() - start {
+        payload.slice(start..start + part.len())
+    } else {
+        Bytes::copy_from_slice(part)
     }
 }
 

@@ -129,7 +129,12 @@ impl Link {
         if let Some(tls) = options.tls {
             mqtt.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
         }
-        let (client, eventloop) = AsyncClient::new(mqtt, REQUEST_CHANNEL);
+        let (client, mut eventloop) = AsyncClient::new(mqtt, REQUEST_CHANNEL);
+        // Replies are small and answer someone who is waiting: send them now, not when
+        // Nagle's algorithm has waited for an ACK (tens of milliseconds on loopback).
+        let mut network = eventloop.network_options();
+        network.set_tcp_nodelay(true);
+        eventloop.set_network_options(network);
         // Unbounded as a channel, bounded by the budget: the receive loop never waits.
         let (inbound_tx, inbound) = mpsc::unbounded_channel();
         let (connected_tx, connected) = watch::channel(false);

@@ -30,7 +30,7 @@ pub async fn dispatch(node: &Arc<Node>, publish: Publish) -> Step {
         tracing::warn!(topic = %publish.topic, "message on a topic MetaManager does not serve; ignored");
         return finish(node, publish);
     };
-    let msg = match Message::decode(&publish.payload, node.max_payload) {
+    let msg = match Message::decode_bytes(&publish.payload, node.max_payload) {
         Ok(msg) => msg,
         Err(e) => {
             let parent = message::salvage_msg_id(&publish.payload);
@@ -92,10 +92,9 @@ async fn change(
             key,
         },
         WriteKind::Put | WriteKind::PutIfChanged => {
-            if msg.content.is_none() {
+            let Some(value) = msg.content.clone() else {
                 return refuse_message(node, sender, publish, &msg, format!("{op} needs content"));
-            }
-            let value = msg.content_json().to_owned();
+            };
             match kind {
                 WriteKind::Put => Write::Put { key, rtype, value },
                 _ => Write::PutIfChanged { key, rtype, value },
@@ -238,7 +237,7 @@ async fn remote_query(node: &Arc<Node>, query: Message) {
             return;
         }
     };
-    let content = query.content.clone().unwrap_or_else(message::raw_null);
+    let content = query.content_raw();
     let ask = message::build_with_id(id.clone(), None, Operation::Query, &key, &content);
     node.publisher.send(Peer::Edgehub, ask).await;
     let timeout = node.remote_query_timeout();
@@ -267,7 +266,7 @@ async fn remote_query(node: &Arc<Node>, query: Message) {
 async fn fill_from_cloud(node: &Node, query: &Message, answer: Message) {
     let key = query.resource.key();
     if answer.operation == Operation::Error {
-        let content = answer.content.unwrap_or_else(message::raw_null);
+        let content = answer.content_raw();
         let reply = message::reply(query, Operation::Error, &content);
         node.publisher.send(Peer::Edged, reply).await;
         return;
@@ -317,7 +316,7 @@ async fn fill_from_cloud(node: &Node, query: &Message, answer: Message) {
             let write = Write::Put {
                 key: object_key,
                 rtype: query.resource.rtype().to_owned(),
-                value: json.clone(),
+                value: json.clone().into(),
             };
             if let Ok(committed) = node.store.submit(write).await {
                 pending.push(committed);
@@ -343,7 +342,7 @@ async fn relay_from_edged(node: &Arc<Node>, publish: Publish, msg: Message) -> S
     let write = stores.then(|| Write::Put {
         key: msg.resource.key().to_owned(),
         rtype: msg.resource.rtype().to_owned(),
-        value: msg.content_json().to_owned(),
+        value: msg.content.clone().unwrap_or_default(),
     });
     let change = Change {
         msg_id: Some(msg.msg_id().to_owned()),

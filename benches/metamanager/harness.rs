@@ -58,7 +58,7 @@ impl Mosquitto {
             &conf,
             format!(
                 "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-                 max_inflight_messages 1000\nmax_queued_messages 1000000\n"
+                 max_inflight_messages 1000\nmax_queued_messages 1000000\nset_tcp_nodelay true\n"
             ),
         )
         .expect("write mosquitto.conf");
@@ -155,6 +155,9 @@ impl Client {
             .set_inflight(1000)
             .set_keep_alive(Duration::from_secs(60));
         let (client, mut eventloop) = AsyncClient::new(options, 10_000);
+        let mut network = eventloop.network_options();
+        network.set_tcp_nodelay(true);
+        eventloop.set_network_options(network);
         let (tx, received) = mpsc::unbounded_channel();
         let accepted = Arc::new(AtomicUsize::new(0));
         let counted = accepted.clone();

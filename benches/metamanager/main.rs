@@ -580,7 +580,7 @@ async fn storage_alone(dir: &Path, content: &str, n: usize) -> (f64, f64) {
         let write = Write::Put {
             key: key.clone(),
             rtype: "pod".into(),
-            value: content.to_owned(),
+            value: content.to_owned().into(),
         };
         pending.push(store.submit(write).await.expect("submit"));
     }

@@ -51,9 +51,10 @@ fn check_accepted(data: &[u8], msg: &Message, salvaged: Option<&str>) {
 
     // Content: absent or a JSON value other than null, nested at most MAX_DEPTH deep, and
     // parseable again (update's comparison and delete's uid check parse it later).
-    if let Some(content) = &msg.content {
-        assert_ne!(content.get(), "null");
-        match serde_json::from_str::<serde_json::Value>(content.get()) {
+    if msg.content.is_some() {
+        let content = msg.content_json();
+        assert_ne!(content, "null");
+        match serde_json::from_str::<serde_json::Value>(content) {
             Ok(value) => assert!(depth(&value) <= MAX_DEPTH, "content deeper than MAX_DEPTH"),
             Err(e) => panic!("accepted content does not parse again: {e}"),
         }
@@ -65,7 +66,7 @@ fn check_accepted(data: &[u8], msg: &Message, salvaged: Option<&str>) {
     assert_eq!(ack.content_json(), r#""OK""#);
 
     // Reply carrying the original content, with the original operation.
-    let content = msg.content.clone().unwrap_or_else(message::raw_null);
+    let content = msg.content_raw();
     let rep = decode_reply(
         &message::reply(msg, msg.operation, &content),
         msg,

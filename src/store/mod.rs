@@ -74,17 +74,18 @@ impl Default for StoreOptions {
 /// One change to the `meta` table.
 #[derive(Debug, Clone)]
 pub enum Write {
-    /// Insert, replacing any old value.
+    /// Insert, replacing any old value. `value` is JSON text, usually a slice of the received
+    /// message: shared, not copied.
     Put {
         key: String,
         rtype: String,
-        value: String,
+        value: Bytes,
     },
     /// Store only when `value` differs, compared as JSON, from what is stored.
     PutIfChanged {
         key: String,
         rtype: String,
-        value: String,
+        value: Bytes,
     },
     /// Remove `key`; with `uid`, only when the stored object's `metadata.uid` is that uid.
     Delete { key: String, uid: Option<String> },
@@ -467,7 +468,7 @@ mod tests {
         Write::Put {
             key: key.into(),
             rtype: key.split('/').nth(1).unwrap_or_default().into(),
-            value: value.into(),
+            value: Bytes::copy_from_slice(value.as_bytes()),
         }
     }
 
@@ -564,7 +565,7 @@ mod tests {
         let w = |v: &str| Write::PutIfChanged {
             key: "ns/configmap/c".into(),
             rtype: "configmap".into(),
-            value: v.into(),
+            value: Bytes::copy_from_slice(v.as_bytes()),
         };
         assert_eq!(
             store.write(w(r#"{"a":1,"b":2}"#)).await.unwrap().outcome,

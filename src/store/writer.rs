@@ -88,6 +88,9 @@ impl Writer {
         }
     }
 
+    /// Commits a batch. The common case runs every change straight into one transaction; only
+    /// when one fails is the transaction rolled back and the batch run again with a savepoint
+    /// per change, so that the failure is isolated without paying for savepoints every time.
     fn commit_batch(&mut self, batch: &[Job]) -> Vec<Result<Applied, StoreError>> {
         let fail_all = |text: String| {
             batch
@@ -95,30 +98,29 @@ impl Writer {
                 .map(|_| Err(StoreError::Commit(text.clone())))
                 .collect()
         };
+        let rows_at_start = self.outbox_rows;
+        let recorded_at_start = self.recorded_since_prune;
         if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
             return fail_all(e.to_string());
         }
-        let mut outcomes = Vec::with_capacity(batch.len());
         let mut effect = OutboxEffect::default();
-        let rows_at_start = self.outbox_rows;
-        for job in batch {
-            let rows_before = self.outbox_rows;
-            let applied = self
-                .conn
-                .execute_batch("SAVEPOINT change")
-                .and_then(|()| self.apply(&job.change, &mut effect))
-                .and_then(|a| self.conn.execute_batch("RELEASE change").map(|()| a));
-            match applied {
-                Ok(a) => outcomes.push(Ok(a)),
-                Err(e) => {
-                    let _ = self
-                        .conn
-                        .execute_batch("ROLLBACK TO change; RELEASE change");
-                    self.outbox_rows = rows_before;
-                    outcomes.push(Err(StoreError::Sqlite(e)));
+        let fast: rusqlite::Result<Vec<Applied>> = batch
+            .iter()
+            .map(|job| self.apply(&job.change, &mut effect))
+            .collect();
+        let outcomes = match fast {
+            Ok(applied) => applied.into_iter().map(Ok).collect(),
+            Err(_) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                self.outbox_rows = rows_at_start;
+                self.recorded_since_prune = recorded_at_start;
+                effect = OutboxEffect::default();
+                if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
+                    return fail_all(e.to_string());
                 }
+                self.apply_isolated(batch, &mut effect)
             }
-        }
+        };
         if self.recorded_since_prune >= PRUNE_EVERY {
             if let Err(e) = self.prune_processed() {
                 tracing::warn!(error = %e, "pruning remembered message ids failed");
@@ -149,6 +151,34 @@ impl Writer {
                 );
             }
             self.shared.outbox_changed.notify_one();
+        }
+        outcomes
+    }
+
+    /// Each change in its own savepoint: a failing one is rolled back alone.
+    fn apply_isolated(
+        &mut self,
+        batch: &[Job],
+        effect: &mut OutboxEffect,
+    ) -> Vec<Result<Applied, StoreError>> {
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for job in batch {
+            let rows_before = self.outbox_rows;
+            let applied = self
+                .conn
+                .execute_batch("SAVEPOINT change")
+                .and_then(|()| self.apply(&job.change, effect))
+                .and_then(|a| self.conn.execute_batch("RELEASE change").map(|()| a));
+            match applied {
+                Ok(a) => outcomes.push(Ok(a)),
+                Err(e) => {
+                    let _ = self
+                        .conn
+                        .execute_batch("ROLLBACK TO change; RELEASE change");
+                    self.outbox_rows = rows_before;
+                    outcomes.push(Err(StoreError::Sqlite(e)));
+                }
+            }
         }
         outcomes
     }
@@ -265,10 +295,11 @@ impl Writer {
 fn apply_write(conn: &Connection, write: &Write) -> rusqlite::Result<Outcome> {
     match write {
         Write::Put { key, rtype, value } => {
-            upsert(conn, key, rtype, value)?;
+            upsert(conn, key, rtype, text(value)?)?;
             Ok(Outcome::Stored)
         }
         Write::PutIfChanged { key, rtype, value } => {
+            let value = text(value)?;
             let stored = stored_value(conn, key)?;
             if stored.is_some_and(|old| same_json(&old, value)) {
                 return Ok(Outcome::Unchanged);
@@ -291,6 +322,11 @@ fn apply_write(conn: &Connection, write: &Write) -> rusqlite::Result<Outcome> {
         }
         Write::OutboxRemove { .. } => unreachable!("handled by Writer::apply"),
     }
+}
+
+/// Values are stored as TEXT, as in KubeEdge's table.
+fn text(value: &[u8]) -> rusqlite::Result<&str> {
+    std::str::from_utf8(value).map_err(rusqlite::Error::from)
 }
 
 fn upsert(conn: &Connection, key: &str, rtype: &str, value: &str) -> rusqlite::Result<()> {
