@@ -8,7 +8,53 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
+
+/// Messages a bench publisher may have outstanding (sent, not yet answered). A sender that
+/// waits for answers is what a real peer is; without a window, a publisher faster than the
+/// processor only measures how the broker and the processor behave under a flood.
+pub const WINDOW: usize = 1_000;
+
+/// How many answers have come back, shared between a counter and a publisher.
+#[derive(Default)]
+pub struct Progress {
+    done: AtomicUsize,
+    changed: Notify,
+}
+
+impl Progress {
+    fn advance(&self) {
+        self.done.fetch_add(1, Ordering::Release);
+        self.changed.notify_waiters();
+    }
+
+    /// Waits until at most [`WINDOW`] of the first `sent` messages are unanswered.
+    pub async fn wait_window(&self, sent: usize) {
+        loop {
+            let changed = self.changed.notified();
+            if sent < self.done.load(Ordering::Acquire) + WINDOW {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
+
+/// Publishes `messages` to `topic`, keeping at most [`WINDOW`] unanswered.
+pub fn feed(
+    publisher: Client,
+    topic: String,
+    messages: Vec<String>,
+    progress: Arc<Progress>,
+) -> tokio::task::JoinHandle<Client> {
+    tokio::spawn(async move {
+        for (i, m) in messages.into_iter().enumerate() {
+            progress.wait_window(i).await;
+            publisher.publish(&topic, m).await;
+        }
+        publisher
+    })
+}
 
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -204,12 +250,14 @@ impl Client {
             .expect("publish");
     }
 
-    /// Waits for `n` messages on `topic` that satisfy `keep`; `None` on timeout.
+    /// Waits for `n` messages on `topic` that satisfy `keep`, reporting each to `progress`;
+    /// `None` on timeout.
     pub async fn count(
         &mut self,
         topic: &str,
         n: usize,
         within: Duration,
+        progress: &Progress,
         keep: impl Fn(&[u8]) -> bool,
     ) -> Option<Instant> {
         let deadline = tokio::time::Instant::now() + within;
@@ -220,6 +268,7 @@ impl Client {
                 .ok()??;
             if t == topic && keep(&payload) {
                 seen += 1;
+                progress.advance();
             }
         }
         Some(Instant::now())

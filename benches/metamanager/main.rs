@@ -11,7 +11,9 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use harness::{percentiles, Client, MetaManager, Mosquitto, Percentiles};
+use std::sync::Arc;
+
+use harness::{percentiles, Client, MetaManager, Mosquitto, Percentiles, Progress};
 use metamanager::config::Synchronous;
 use metamanager::store::{Store, StoreOptions, Write};
 
@@ -54,9 +56,10 @@ async fn main() {
     println!("# MetaManager benchmark\n");
     println!("{}", machine());
     println!(
-        "sizes: {} inserts of the {}-byte pod fixture, {} sequential queries, {} objects for the scale run, {} rows for the store run\n",
+        "sizes: {} inserts of the {}-byte pod fixture (at most {} unanswered at a time), {} sequential queries, {} objects for the scale run, {} rows for the store run\n",
         sizes.inserts,
         std::fs::read(fixture_path("pod.json")).map(|b| b.len()).unwrap_or(0),
+        harness::WINDOW,
         sizes.queries,
         sizes.scale,
         sizes.store_rows
@@ -312,15 +315,10 @@ async fn stream_through(
     let messages: Vec<String> = (0..n)
         .map(|i| insert_message(i, "default", "pod", content))
         .collect();
+    let progress = Arc::new(Progress::default());
     let start = Instant::now();
-    let input = input.to_owned();
-    let feeding = tokio::spawn(async move {
-        for m in messages {
-            publisher.publish(&input, m).await;
-        }
-        publisher
-    });
-    let done = counter.count(output, n, LONG, |_| true).await;
+    let feeding = harness::feed(publisher, input.to_owned(), messages, progress.clone());
+    let done = counter.count(output, n, LONG, &progress, |_| true).await;
     let _ = feeding.await;
     let end = done.expect("every message came through");
     n as f64 / (end - start).as_secs_f64()
@@ -335,7 +333,13 @@ async fn relay_latency(port: u16, n: usize) -> Percentiles {
         let start = Instant::now();
         client.publish("bench/rtt/in", query).await;
         client
-            .count("bench/rtt/out", 1, Duration::from_secs(10), |_| true)
+            .count(
+                "bench/rtt/out",
+                1,
+                Duration::from_secs(10),
+                &Progress::default(),
+                |_| true,
+            )
             .await
             .expect("relay answered");
         samples.push(start.elapsed());
@@ -400,17 +404,17 @@ async fn metamanager_inserts(
         .collect();
     let publisher = Client::connect(port, &format!("{node}-publisher"), &[]).await;
     let topic = format!("{prefix}/edgehub/to/metamanager");
+    let progress = Arc::new(Progress::default());
     let start = Instant::now();
-    let feeding = tokio::spawn(async move {
-        for m in messages {
-            publisher.publish(&topic, m).await;
-        }
-        publisher
-    });
+    let feeding = harness::feed(publisher, topic, messages, progress.clone());
     let acks = cloud
-        .count(&format!("{prefix}/metamanager/to/edgehub"), n, LONG, |p| {
-            harness::contains(p, br#""content":"OK""#)
-        })
+        .count(
+            &format!("{prefix}/metamanager/to/edgehub"),
+            n,
+            LONG,
+            &progress,
+            |p| harness::contains(p, br#""content":"OK""#),
+        )
         .await
         .expect("every insert acked");
     let rate = n as f64 / (acks - start).as_secs_f64();
