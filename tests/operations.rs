@@ -348,6 +348,23 @@ async fn connect_state_shows_in_status(kind: BrokerKind) {
     );
 }
 
+/// The query MetaManager forwarded to the cloud.
+async fn forwarded_query(app: &mut TestApp) -> Value {
+    app.client
+        .wait_for("metamanager/to/edgehub", |v| {
+            v["route"]["operation"] == "query"
+        })
+        .await
+}
+
+/// Plays the cloud: answers the forwarded query `asked`.
+async fn answer_as_cloud(app: &TestApp, asked: &Value, operation: &str, content: Value) {
+    let resource = asked["route"]["resource"].as_str().unwrap();
+    let mut answer = message(operation, resource, content);
+    answer["header"]["parent_msg_id"] = asked["header"]["msg_id"].clone();
+    app.client.publish("edgehub", &answer).await;
+}
+
 /// The retained status as a newly connecting client sees it.
 async fn retained_status(port: u16) -> Value {
     let mut c = common::Peer::connect(port).await;
@@ -364,20 +381,14 @@ async fn remote_query_answered_by_the_cloud_is_stored(kind: BrokerKind) {
     app.client.publish("edged", &query).await;
 
     // Play the cloud: answer the query MetaManager forwarded.
-    let asked = app
-        .client
-        .wait_for("metamanager/to/edgehub", |v| {
-            v["route"]["operation"] == "query" && v["route"]["resource"] == key
-        })
-        .await;
+    let asked = forwarded_query(&mut app).await;
+    assert_eq!(asked["route"]["resource"], key);
     assert_ne!(
         asked["header"]["msg_id"], query["header"]["msg_id"],
         "new msg_id"
     );
     let secret = fixture("secret.json");
-    let mut answer = message("response", key, secret.clone());
-    answer["header"]["parent_msg_id"] = asked["header"]["msg_id"].clone();
-    app.client.publish("edgehub", &answer).await;
+    answer_as_cloud(&app, &asked, "response", secret.clone()).await;
 
     let reply = app
         .client
@@ -403,19 +414,12 @@ async fn remote_list_query_stores_each_object(kind: BrokerKind) {
     app.set_cloud(true).await;
     let query = message("query", "default/configmap", Value::Null);
     app.client.publish("edged", &query).await;
-    let asked = app
-        .client
-        .wait_for("metamanager/to/edgehub", |v| {
-            v["route"]["operation"] == "query"
-        })
-        .await;
+    let asked = forwarded_query(&mut app).await;
     assert_eq!(asked["route"]["resource"], "default/configmap");
     let first = fixture("configmap.json");
     let mut second = first.clone();
     second["metadata"]["name"] = json!("app-config-2");
-    let mut answer = message("response", "default/configmap", json!([first, second]));
-    answer["header"]["parent_msg_id"] = asked["header"]["msg_id"].clone();
-    app.client.publish("edgehub", &answer).await;
+    answer_as_cloud(&app, &asked, "response", json!([first, second])).await;
     let reply = app
         .client
         .reply_to("metamanager/to/edged", msg_id(&query))
@@ -437,18 +441,11 @@ async fn remote_object_query_keeps_only_the_object_asked_for(kind: BrokerKind) {
     let key = "default/configmap/app-config";
     let query = message("query", key, Value::Null);
     app.client.publish("edged", &query).await;
-    let asked = app
-        .client
-        .wait_for("metamanager/to/edgehub", |v| {
-            v["route"]["operation"] == "query"
-        })
-        .await;
+    let asked = forwarded_query(&mut app).await;
     let wanted = fixture("configmap.json");
     let mut other = wanted.clone();
     other["metadata"]["name"] = json!("someone-else");
-    let mut answer = message("response", key, json!([other, wanted]));
-    answer["header"]["parent_msg_id"] = asked["header"]["msg_id"].clone();
-    app.client.publish("edgehub", &answer).await;
+    answer_as_cloud(&app, &asked, "response", json!([other, wanted])).await;
     let reply = app
         .client
         .reply_to("metamanager/to/edged", msg_id(&query))
@@ -465,15 +462,14 @@ async fn remote_query_error_is_relayed_and_nothing_stored(kind: BrokerKind) {
     let key = "default/configmap/missing";
     let query = message("query", key, Value::Null);
     app.client.publish("edged", &query).await;
-    let asked = app
-        .client
-        .wait_for("metamanager/to/edgehub", |v| {
-            v["route"]["operation"] == "query"
-        })
-        .await;
-    let mut answer = message("error", key, json!("configmap \"missing\" not found"));
-    answer["header"]["parent_msg_id"] = asked["header"]["msg_id"].clone();
-    app.client.publish("edgehub", &answer).await;
+    let asked = forwarded_query(&mut app).await;
+    answer_as_cloud(
+        &app,
+        &asked,
+        "error",
+        json!("configmap \"missing\" not found"),
+    )
+    .await;
     let reply = app
         .client
         .reply_to("metamanager/to/edged", msg_id(&query))
