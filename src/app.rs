@@ -101,6 +101,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         Arc::new(topics),
         store.clone(),
         link.publisher.clone(),
+        link.connected.clone(),
     ));
     tracing::info!(
         node_id = %settings.node_id,

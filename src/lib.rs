@@ -17,6 +17,7 @@
 //! - [`remote`]: queries waiting for the cloud's answer.
 //! - [`metasync`]: the periodic pod-status sync to the cloud.
 //! - [`outbox`]: what waits for the cloud while it is away, and its paced sending.
+//! - [`metrics`]: the Prometheus metrics served on `/metrics`.
 //! - [`node`]: the state the running node's tasks share, and its status object.
 //! - [`store`]: SQLite with one writer thread (group commit) and reads beside it.
 
@@ -26,6 +27,7 @@ pub mod budget;
 pub mod config;
 pub mod message;
 pub mod metasync;
+pub mod metrics;
 pub mod mqtt;
 pub mod node;
 pub mod operations;

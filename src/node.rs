@@ -10,6 +10,7 @@ use tokio::sync::watch;
 
 use crate::config::Settings;
 use crate::metasync::MetaSync;
+use crate::metrics::Metrics;
 use crate::mqtt::Publisher;
 use crate::outbox::OutboxStats;
 use crate::remote::RemoteQueries;
@@ -26,6 +27,9 @@ pub struct Node {
     pub remote_types: HashSet<String>,
     pub max_payload: usize,
     pub outbox_stats: OutboxStats,
+    pub metrics: Metrics,
+    /// Whether the MQTT connection to the broker is up.
+    pub broker_connected: watch::Receiver<bool>,
     /// Ids of messages this process has already forwarded; see [`RecentIds`].
     pub forwarded: Mutex<RecentIds>,
     /// Whether edgehub last reported the cloud as connected. Starts disconnected.
@@ -38,6 +42,7 @@ impl Node {
         topics: Arc<Topics>,
         store: Store,
         publisher: Publisher,
+        broker_connected: watch::Receiver<bool>,
     ) -> Self {
         Self {
             node_id: settings.node_id.clone(),
@@ -49,6 +54,8 @@ impl Node {
             remote_types: settings.meta.remote_types.iter().cloned().collect(),
             max_payload: settings.mqtt.max_payload_bytes,
             outbox_stats: OutboxStats::default(),
+            metrics: Metrics::default(),
+            broker_connected,
             forwarded: Mutex::new(RecentIds::default()),
             cloud: watch::channel(false).0,
         }
