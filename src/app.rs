@@ -56,6 +56,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         let options = StoreOptions {
             outbox_max: settings.outbox.max_messages,
             synchronous: settings.database.synchronous,
+            ..StoreOptions::default()
         };
         tokio::task::spawn_blocking(move || Store::open(&path, options))
             .await

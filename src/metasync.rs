@@ -38,6 +38,19 @@ pub struct MetaSync {
 
 impl MetaSync {
     pub async fn run(&self, node: &Node) -> Result<Report, StoreError> {
+        let result = self.run_once(node).await;
+        node.metrics.metasync(match &result {
+            Ok(Report::Synced { .. }) => "synced",
+            Ok(Report::Skipped) => "skipped",
+            Err(_) => {
+                node.metrics.error("metasync");
+                "failed"
+            }
+        });
+        result
+    }
+
+    async fn run_once(&self, node: &Node) -> Result<Report, StoreError> {
         let _guard = self.running.lock().await;
         if !node.cloud_connected() {
             return Ok(Report::Skipped);

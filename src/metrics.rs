@@ -1,12 +1,479 @@
 //! Prometheus metrics: what an operator scrapes from `/metrics`.
+//!
+//! Counters and histograms are updated where things happen (operations, the remote-query task,
+//! MetaSync, the store's writer thread). Values that other parts already keep (outbox length
+//! and drops, pending remote queries, connection states, database size) are read at render
+//! time instead of being mirrored on every change, so they cannot drift from their source.
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
 
 use crate::node::Node;
 
-/// The node's counters, gauges and histograms.
-#[derive(Default)]
-pub struct Metrics {}
+/// Every metric name starts with this.
+const PREFIX: &str = "metamanager";
 
-/// The Prometheus text exposition of the node's metrics.
-pub fn render(_node: &Node) -> String {
-    String::new()
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TopicOperation {
+    topic: String,
+    operation: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OperationLabel {
+    operation: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: String,
+}
+
+/// How a remote query ended.
+#[derive(Clone, Copy, Debug)]
+pub enum RemoteOutcome {
+    Answered,
+    Error,
+    Timeout,
+    Disconnected,
+    Refused,
+}
+
+impl RemoteOutcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Answered => "answered",
+            Self::Error => "error",
+            Self::Timeout => "timeout",
+            Self::Disconnected => "disconnected",
+            Self::Refused => "refused",
+        }
+    }
+}
+
+/// What the store's writer thread measures. It lives in the store (which knows nothing of the
+/// node) and is shared with [`Metrics`]; the histograms are handles onto the same values.
+#[derive(Clone, Debug)]
+pub struct StoreMetrics {
+    commit_seconds: Histogram,
+    batch_size: Histogram,
+}
+
+impl Default for StoreMetrics {
+    fn default() -> Self {
+        Self {
+            // 100 µs to about 3 s: an fsync on flash is milliseconds, a stalled disk seconds.
+            commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            // 1 to 512, the writer's largest batch.
+            batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
+        }
+    }
+}
+
+impl StoreMetrics {
+    /// One committed transaction of `changes` changes that took `elapsed`.
+    pub fn commit(&self, elapsed: Duration, changes: usize) {
+        self.commit_seconds.observe(elapsed.as_secs_f64());
+        self.batch_size.observe(changes as f64);
+    }
+}
+
+/// Counters that mirror a count kept elsewhere, brought up to date at render time.
+#[derive(Default)]
+struct Mirrored {
+    dropped: Family<ReasonLabel, Counter>,
+}
+
+/// The node's counters, gauges and histograms.
+pub struct Metrics {
+    registry: Registry,
+    received: Family<TopicOperation, Counter>,
+    replies: Family<OperationLabel, Counter>,
+    errors: Family<ReasonLabel, Counter>,
+    remote_seconds: Histogram,
+    remote_outcomes: Family<OutcomeLabel, Counter>,
+    metasync_runs: Family<OutcomeLabel, Counter>,
+    outbox_len: Gauge,
+    remote_pending: Gauge,
+    cloud_connected: Gauge,
+    broker_connected: Gauge,
+    db_bytes: Gauge,
+    /// Held while rendering: mirrored counters are read, compared and advanced together.
+    mirrored: Mutex<Mirrored>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new(StoreMetrics::default())
+    }
+}
+
+impl Metrics {
+    /// Registers every metric; `store` is the writer thread's share.
+    pub fn new(store: StoreMetrics) -> Self {
+        let mut registry = Registry::with_prefix(PREFIX);
+        let received = Family::<TopicOperation, Counter>::default();
+        registry.register(
+            "messages_received",
+            "Messages received, by sending peer's topic (edgehub, edged) and operation (invalid when undecodable)",
+            received.clone(),
+        );
+        let replies = Family::<OperationLabel, Counter>::default();
+        registry.register(
+            "replies_sent",
+            "Replies MetaManager sent (response, error), by operation",
+            replies.clone(),
+        );
+        let errors = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "errors",
+            "Errors, by reason (decode, invalid, store, remote_timeout, remote_disconnected, remote_refused, metasync)",
+            errors.clone(),
+        );
+        registry.register_with_unit(
+            "store_commit",
+            "Time one store transaction (a group-commit batch) took to commit",
+            Unit::Seconds,
+            store.commit_seconds.clone(),
+        );
+        registry.register(
+            "store_batch_changes",
+            "Changes committed together in one store transaction",
+            store.batch_size.clone(),
+        );
+        let outbox_len = Gauge::default();
+        registry.register(
+            "outbox_messages",
+            "Messages waiting in the outbox for the cloud",
+            outbox_len.clone(),
+        );
+        let mirrored = Mirrored::default();
+        registry.register(
+            "outbox_dropped_messages",
+            "Outbox messages dropped, by reason (full, expired)",
+            mirrored.dropped.clone(),
+        );
+        let remote_pending = Gauge::default();
+        registry.register(
+            "remote_queries_pending",
+            "Remote queries waiting for the cloud's answer",
+            remote_pending.clone(),
+        );
+        // 5 ms to about 80 s: the default remote_query_timeout is 60 s.
+        let remote_seconds = Histogram::new(exponential_buckets(0.005, 2.0, 15));
+        registry.register_with_unit(
+            "remote_query_duration",
+            "Time from sending a remote query to the cloud until it ended, whatever the outcome",
+            Unit::Seconds,
+            remote_seconds.clone(),
+        );
+        let remote_outcomes = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "remote_queries",
+            "Remote queries, by outcome (answered, error, timeout, disconnected, refused)",
+            remote_outcomes.clone(),
+        );
+        let cloud_connected = Gauge::default();
+        registry.register(
+            "cloud_connected",
+            "1 when edgehub last reported the cloud as connected",
+            cloud_connected.clone(),
+        );
+        let broker_connected = Gauge::default();
+        registry.register(
+            "broker_connected",
+            "1 while the MQTT connection to the broker is up",
+            broker_connected.clone(),
+        );
+        let db_bytes = Gauge::default();
+        registry.register_with_unit(
+            "database_size",
+            "Size of the database file and its write-ahead log",
+            Unit::Bytes,
+            db_bytes.clone(),
+        );
+        let metasync_runs = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "metasync_runs",
+            "MetaSync runs, by outcome (synced, skipped, failed)",
+            metasync_runs.clone(),
+        );
+        Self {
+            registry,
+            received,
+            replies,
+            errors,
+            remote_seconds,
+            remote_outcomes,
+            metasync_runs,
+            outbox_len,
+            remote_pending,
+            cloud_connected,
+            broker_connected,
+            db_bytes,
+            mirrored: Mutex::new(mirrored),
+        }
+    }
+
+    /// A message arrived from `topic` (the peer) with `operation` (`invalid` if undecodable).
+    pub fn received(&self, topic: &str, operation: &str) {
+        self.received
+            .get_or_create(&TopicOperation {
+                topic: topic.to_owned(),
+                operation: operation.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A reply (`response` or `error`) went out.
+    pub fn replied(&self, operation: &str) {
+        self.replies
+            .get_or_create(&OperationLabel {
+                operation: operation.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Something went wrong, for `reason`.
+    pub fn error(&self, reason: &str) {
+        self.errors
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A remote query ended with `outcome`; `elapsed` is `None` when it was never sent.
+    pub fn remote_query(&self, outcome: RemoteOutcome, elapsed: Option<Duration>) {
+        if let Some(elapsed) = elapsed {
+            self.remote_seconds.observe(elapsed.as_secs_f64());
+        }
+        self.remote_outcomes
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.as_str().to_owned(),
+            })
+            .inc();
+        match outcome {
+            RemoteOutcome::Timeout => self.error("remote_timeout"),
+            RemoteOutcome::Disconnected => self.error("remote_disconnected"),
+            RemoteOutcome::Refused => self.error("remote_refused"),
+            RemoteOutcome::Answered | RemoteOutcome::Error => {}
+        }
+    }
+
+    /// A MetaSync run ended: `synced`, `skipped` or `failed`.
+    pub fn metasync(&self, outcome: &str) {
+        self.metasync_runs
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+}
+
+/// The Prometheus text exposition (OpenMetrics) of the node's metrics.
+pub fn render(node: &Node) -> String {
+    let m = &node.metrics;
+    let mirrored = m.mirrored.lock().unwrap_or_else(|p| p.into_inner());
+    m.outbox_len.set(gauge(node.store.outbox_len() as u64));
+    m.remote_pending.set(gauge(node.remote.len() as u64));
+    m.cloud_connected.set(i64::from(node.cloud_connected()));
+    m.broker_connected
+        .set(i64::from(*node.broker_connected.borrow()));
+    m.db_bytes.set(gauge(database_bytes(node.store.path())));
+    let dropped_expired = node
+        .outbox_stats
+        .dropped_expired
+        .load(std::sync::atomic::Ordering::Relaxed);
+    for (reason, total) in [
+        ("full", node.store.outbox_dropped_full()),
+        ("expired", dropped_expired),
+    ] {
+        let counter = mirrored.dropped.get_or_create(&ReasonLabel {
+            reason: reason.to_owned(),
+        });
+        counter.inc_by(total.saturating_sub(counter.get()));
+    }
+    let mut out = String::new();
+    if let Err(e) = encode(&mut out, &m.registry) {
+        tracing::warn!(error = %e, "could not encode metrics");
+    }
+    out
+}
+
+fn gauge(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Bytes on disk of the database and its write-ahead log; a file that is missing counts 0.
+fn database_bytes(path: &Path) -> u64 {
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    [path, Path::new(&wal)]
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::config::Settings;
+    use crate::mqtt::{Link, LinkOptions};
+    use crate::store::{Store, StoreOptions, Write};
+    use crate::topics::Topics;
+
+    /// Every family the exposition must carry, as the parser names them.
+    const FAMILIES: &[&str] = &[
+        "metamanager_messages_received_total",
+        "metamanager_replies_sent_total",
+        "metamanager_errors_total",
+        "metamanager_store_commit_seconds",
+        "metamanager_store_batch_changes",
+        "metamanager_outbox_messages",
+        "metamanager_outbox_dropped_messages_total",
+        "metamanager_remote_queries_pending",
+        "metamanager_remote_query_duration_seconds",
+        "metamanager_remote_queries_total",
+        "metamanager_cloud_connected",
+        "metamanager_broker_connected",
+        "metamanager_database_size_bytes",
+        "metamanager_metasync_runs_total",
+    ];
+
+    /// A node with a real store and a link to a broker that is not there (port 1 refuses).
+    fn node(dir: &Path) -> Node {
+        let settings = Settings::from_yaml("").expect("defaults parse");
+        let store = Store::open(&dir.join("m.db"), StoreOptions::default()).expect("store opens");
+        let topics = Topics::new("edge", "test-node");
+        let (link, _inbound) = Link::start(
+            LinkOptions {
+                client_id: "metrics-test".into(),
+                host: "127.0.0.1".into(),
+                port: 1,
+                offline_status: Vec::new(),
+                clean_session: true,
+                credentials: None,
+                tls: None,
+            },
+            topics.clone(),
+        );
+        Node::new(
+            &settings,
+            Arc::new(topics),
+            store,
+            link.publisher.clone(),
+            link.connected.clone(),
+        )
+    }
+
+    fn sample<'a>(
+        scrape: &'a prometheus_parse::Scrape,
+        name: &str,
+        label: (&str, &str),
+    ) -> Option<&'a prometheus_parse::Sample> {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && s.labels.get(label.0) == Some(label.1))
+    }
+
+    fn value(s: &prometheus_parse::Sample) -> f64 {
+        match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => f64::NAN,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn render_parses_as_prometheus_text_and_carries_every_family() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let node = node(dir.path());
+        node.store
+            .write(Write::Put {
+                key: "default/pod/a".into(),
+                rtype: "pod".into(),
+                value: r#"{"a":1}"#.into(),
+            })
+            .await
+            .expect("write commits");
+        node.metrics.received("edged", "insert");
+        node.metrics.received("edged", "invalid");
+        node.metrics.replied("response");
+        node.metrics.error("decode");
+        node.metrics
+            .remote_query(RemoteOutcome::Timeout, Some(Duration::from_millis(20)));
+        node.metrics.metasync("skipped");
+        node.set_cloud_connected(true);
+
+        let text = render(&node);
+        let lines = text.lines().map(|l| Ok(l.to_owned()));
+        let scrape = prometheus_parse::Scrape::parse(lines).expect("exposition parses");
+        for family in FAMILIES {
+            assert!(
+                text.contains(&format!("# TYPE {family}"))
+                    || text.contains(&format!("# TYPE {}", family.trim_end_matches("_total"))),
+                "family {family} missing from:\n{text}"
+            );
+        }
+        let received = sample(
+            &scrape,
+            "metamanager_messages_received_total",
+            ("operation", "invalid"),
+        )
+        .expect("invalid counted");
+        assert_eq!(value(received), 1.0);
+        let errors = sample(
+            &scrape,
+            "metamanager_errors_total",
+            ("reason", "remote_timeout"),
+        )
+        .expect("timeout counted as an error");
+        assert_eq!(value(errors), 1.0);
+        let cloud = scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == "metamanager_cloud_connected")
+            .expect("cloud gauge");
+        assert_eq!(value(cloud), 1.0);
+        let size = scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == "metamanager_database_size_bytes")
+            .expect("size gauge");
+        assert!(value(size) > 0.0, "database size is read from disk");
+        assert!(
+            text.contains("metamanager_store_commit_seconds_count 1"),
+            "the writer recorded its commit:\n{text}"
+        );
+        node.store.close().await;
+    }
+
+    #[test]
+    fn mirrored_counters_advance_to_their_source_and_never_back() {
+        let counter = Counter::<u64>::default();
+        for total in [3u64, 3, 5, 2] {
+            counter.inc_by(total.saturating_sub(counter.get()));
+        }
+        assert_eq!(counter.get(), 5);
+    }
 }

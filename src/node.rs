@@ -44,6 +44,7 @@ impl Node {
         publisher: Publisher,
         broker_connected: watch::Receiver<bool>,
     ) -> Self {
+        let metrics = Metrics::new(store.metrics().clone());
         Self {
             node_id: settings.node_id.clone(),
             topics,
@@ -54,7 +55,7 @@ impl Node {
             remote_types: settings.meta.remote_types.iter().cloned().collect(),
             max_payload: settings.mqtt.max_payload_bytes,
             outbox_stats: OutboxStats::default(),
-            metrics: Metrics::default(),
+            metrics,
             broker_connected,
             forwarded: Mutex::new(RecentIds::default()),
             cloud: watch::channel(false).0,

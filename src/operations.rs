@@ -10,11 +10,13 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Instant;
 
 use rumqttc::Publish;
 use serde_json::Value;
 
 use crate::message::{self, Message, Operation};
+use crate::metrics::RemoteOutcome;
 use crate::node::Node;
 use crate::outbox;
 use crate::remote::Answer;
@@ -33,11 +35,15 @@ pub async fn dispatch(node: &Arc<Node>, publish: Publish) -> Step {
     let msg = match Message::decode_bytes(&publish.payload, node.max_payload) {
         Ok(msg) => msg,
         Err(e) => {
+            node.metrics.received(sender.as_str(), "invalid");
+            node.metrics.error("decode");
             let parent = message::salvage_msg_id(&publish.payload);
             let text = e.to_string();
             return refuse(node, sender, publish, parent, "", text);
         }
     };
+    node.metrics
+        .received(sender.as_str(), msg.operation.as_str());
     tracing::debug!(
         from = sender.as_str(),
         operation = msg.operation.as_str(),
@@ -119,7 +125,7 @@ async fn change(
                     let coalesce = matches!(kind, WriteKind::PutIfChanged);
                     forward(&node, sender.other(), &msg, &publish, applied, coalesce).await;
                 }
-                node.publisher.send(sender, message::ack(&msg)).await;
+                send_reply(&node, sender, message::ack(&msg), Operation::Response).await;
             }
             Err(e) => report_store_error(&node, sender, &msg, &e).await,
         }
@@ -208,7 +214,7 @@ fn query(node: &Arc<Node>, sender: Peer, publish: Publish, msg: Message) -> Step
             Ok(objects) => {
                 let content = message::raw_array(objects.iter().map(String::as_str));
                 let reply = message::reply(&msg, Operation::Response, &content);
-                node.publisher.send(sender, reply).await;
+                send_reply(&node, sender, reply, Operation::Response).await;
             }
             Err(e) => report_store_error(&node, sender, &msg, &e).await,
         }
@@ -223,8 +229,9 @@ async fn remote_query(node: &Arc<Node>, query: Message) {
     if !node.cloud_connected() {
         let text = format!("{key} is not stored on this node and the cloud is not connected");
         tracing::info!(resource = %key, "remote query refused: cloud not connected");
+        node.metrics.remote_query(RemoteOutcome::Disconnected, None);
         let reply = message::error(Some(query.msg_id()), &key, &text);
-        node.publisher.send(Peer::Edged, reply).await;
+        send_reply(&node, Peer::Edged, reply, Operation::Error).await;
         return;
     }
     let id = message::new_msg_id();
@@ -232,8 +239,9 @@ async fn remote_query(node: &Arc<Node>, query: Message) {
         Ok(rx) => rx,
         Err(e) => {
             tracing::warn!(resource = %key, "{e}");
+            node.metrics.remote_query(RemoteOutcome::Refused, None);
             let reply = message::error(Some(query.msg_id()), &key, &e.to_string());
-            node.publisher.send(Peer::Edged, reply).await;
+            send_reply(&node, Peer::Edged, reply, Operation::Error).await;
             return;
         }
     };
@@ -241,22 +249,30 @@ async fn remote_query(node: &Arc<Node>, query: Message) {
     let ask = message::build_with_id(id.clone(), None, Operation::Query, &key, &content);
     node.publisher.send(Peer::Edgehub, ask).await;
     let timeout = node.remote_query_timeout();
+    let sent = Instant::now();
     let node = node.clone();
     tokio::spawn(async move {
         match tokio::time::timeout(timeout, answer).await {
             Ok(Ok(answer)) => {
+                let outcome = match answer.message.operation {
+                    Operation::Error => RemoteOutcome::Error,
+                    _ => RemoteOutcome::Answered,
+                };
+                node.metrics.remote_query(outcome, Some(sent.elapsed()));
                 fill_from_cloud(&node, &query, answer.message).await;
                 node.publisher.ack(&answer.publish).await;
             }
             _ => {
                 node.remote.forget(&id);
+                node.metrics
+                    .remote_query(RemoteOutcome::Timeout, Some(sent.elapsed()));
                 tracing::warn!(resource = %key, ?timeout, "remote query timed out");
                 let text = format!(
                     "the cloud did not answer the query for {key} in time ({})",
                     humantime::format_duration(timeout)
                 );
                 let reply = message::error(Some(query.msg_id()), &key, &text);
-                node.publisher.send(Peer::Edged, reply).await;
+                send_reply(&node, Peer::Edged, reply, Operation::Error).await;
             }
         }
     });
@@ -268,7 +284,7 @@ async fn fill_from_cloud(node: &Node, query: &Message, answer: Message) {
     if answer.operation == Operation::Error {
         let content = answer.content_raw();
         let reply = message::reply(query, Operation::Error, &content);
-        node.publisher.send(Peer::Edged, reply).await;
+        send_reply(&node, Peer::Edged, reply, Operation::Error).await;
         return;
     }
     let mut objects = match serde_json::from_str::<Value>(answer.content_json()) {
@@ -278,7 +294,7 @@ async fn fill_from_cloud(node: &Node, query: &Message, answer: Message) {
         _ => {
             let text = format!("the cloud answered the query for {key} with content that is neither an object nor a list");
             let reply = message::error(Some(query.msg_id()), key, &text);
-            node.publisher.send(Peer::Edged, reply).await;
+            send_reply(&node, Peer::Edged, reply, Operation::Error).await;
             return;
         }
     };
@@ -331,7 +347,7 @@ async fn fill_from_cloud(node: &Node, query: &Message, answer: Message) {
     }
     let content = message::raw_array(answered.iter().map(String::as_str));
     let reply = message::reply(query, Operation::Response, &content);
-    node.publisher.send(Peer::Edged, reply).await;
+    send_reply(&node, Peer::Edged, reply, Operation::Response).await;
 }
 
 /// edged's response or error: stored when it carries an object, relayed to the cloud unchanged.
@@ -427,7 +443,7 @@ fn sync_now(node: &Arc<Node>, sender: Peer, publish: Publish, msg: Message) -> S
         match node.metasync.run(&node).await {
             Ok(report) => {
                 tracing::info!(?report, "metasync on request");
-                node.publisher.send(sender, message::ack(&msg)).await;
+                send_reply(&node, sender, message::ack(&msg), Operation::Response).await;
             }
             Err(e) => report_store_error(&node, sender, &msg, &e).await,
         }
@@ -458,7 +474,7 @@ fn refuse(
     let reply = message::error(parent.as_deref(), resource, &text);
     let node = node.clone();
     Box::pin(async move {
-        node.publisher.send(sender, reply).await;
+        send_reply(&node, sender, reply, Operation::Error).await;
         node.publisher.ack(&publish).await;
     })
 }
@@ -470,6 +486,7 @@ fn refuse_message(
     msg: &Message,
     text: String,
 ) -> Step {
+    node.metrics.error("invalid");
     let parent = Some(msg.msg_id().to_owned());
     refuse(node, sender, publish, parent, msg.resource.key(), text)
 }
@@ -490,8 +507,15 @@ fn store_failed(
 
 async fn report_store_error(node: &Node, sender: Peer, msg: &Message, e: &StoreError) {
     let key = msg.resource.key();
+    node.metrics.error("store");
     tracing::error!(resource = %key, operation = msg.operation.as_str(), error = %e, "store failed");
     let text = format!("{} of {key} failed: {e}", msg.operation.as_str());
     let reply = message::error(Some(msg.msg_id()), key, &text);
-    node.publisher.send(sender, reply).await;
+    send_reply(&node, sender, reply, Operation::Error).await;
+}
+
+/// Sends a reply MetaManager built (an ack, a query result, an error) and counts it.
+async fn send_reply(node: &Node, to: Peer, payload: Vec<u8>, operation: Operation) {
+    node.metrics.replied(operation.as_str());
+    node.publisher.send(to, payload).await;
 }

@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 mod writer;
 
 use crate::config::Synchronous;
+use crate::metrics::StoreMetrics;
 
 pub use writer::DEDUPE_WINDOW;
 
@@ -63,6 +64,8 @@ pub struct StoreOptions {
     pub synchronous: Synchronous,
     /// Most messages the outbox keeps.
     pub outbox_max: usize,
+    /// Where the writer thread records each commit's latency and size.
+    pub metrics: StoreMetrics,
 }
 
 impl Default for StoreOptions {
@@ -70,6 +73,7 @@ impl Default for StoreOptions {
         Self {
             synchronous: Synchronous::Full,
             outbox_max: 10_000,
+            metrics: StoreMetrics::default(),
         }
     }
 }
@@ -189,6 +193,7 @@ struct Inner {
     writer: Mutex<Option<JoinHandle<()>>>,
     readers: Mutex<Vec<Connection>>,
     shared: Arc<Shared>,
+    metrics: StoreMetrics,
 }
 
 impl Store {
@@ -217,6 +222,7 @@ impl Store {
             outbox_max: options.outbox_max,
             recorded_since_prune: 0,
             outbox_rows: 0,
+            metrics: options.metrics.clone(),
         };
         writer.count_outbox().map_err(open_err)?;
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
@@ -231,12 +237,18 @@ impl Store {
                 writer: Mutex::new(Some(writer)),
                 readers: Mutex::new(Vec::new()),
                 shared,
+                metrics: options.metrics,
             }),
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// The commit measurements the writer thread records, for the node's metrics.
+    pub fn metrics(&self) -> &StoreMetrics {
+        &self.inner.metrics
     }
 
     /// Queues a change and returns at once; the returned receiver resolves after the commit.

@@ -8,6 +8,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::mpsc;
@@ -55,6 +56,7 @@ pub(super) struct Writer {
     /// Rows in the outbox as seen inside the current transaction; counted here rather than
     /// with `count(*)` on every insert, which would make a long outage quadratic.
     pub outbox_rows: i64,
+    pub metrics: crate::metrics::StoreMetrics,
 }
 
 /// What one change did to the outbox, applied to the shared counters only after the commit.
@@ -98,6 +100,7 @@ impl Writer {
                 .map(|_| Err(StoreError::Commit(text.clone())))
                 .collect()
         };
+        let started = Instant::now();
         let rows_at_start = self.outbox_rows;
         let recorded_at_start = self.recorded_since_prune;
         if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
@@ -134,6 +137,7 @@ impl Writer {
             tracing::error!(error = %text, changes = batch.len(), "store commit failed");
             return fail_all(text);
         }
+        self.metrics.commit(started.elapsed(), batch.len());
         self.shared.commits.fetch_add(1, Ordering::Relaxed);
         self.shared
             .committed_changes
