@@ -231,7 +231,7 @@ async fn remote_query(node: &Arc<Node>, query: Message) {
         tracing::info!(resource = %key, "remote query refused: cloud not connected");
         node.metrics.remote_query(RemoteOutcome::Disconnected, None);
         let reply = message::error(Some(query.msg_id()), &key, &text);
-        send_reply(&node, Peer::Edged, reply, Operation::Error).await;
+        send_reply(node, Peer::Edged, reply, Operation::Error).await;
         return;
     }
     let id = message::new_msg_id();
@@ -241,7 +241,7 @@ async fn remote_query(node: &Arc<Node>, query: Message) {
             tracing::warn!(resource = %key, "{e}");
             node.metrics.remote_query(RemoteOutcome::Refused, None);
             let reply = message::error(Some(query.msg_id()), &key, &e.to_string());
-            send_reply(&node, Peer::Edged, reply, Operation::Error).await;
+            send_reply(node, Peer::Edged, reply, Operation::Error).await;
             return;
         }
     };
@@ -284,7 +284,7 @@ async fn fill_from_cloud(node: &Node, query: &Message, answer: Message) {
     if answer.operation == Operation::Error {
         let content = answer.content_raw();
         let reply = message::reply(query, Operation::Error, &content);
-        send_reply(&node, Peer::Edged, reply, Operation::Error).await;
+        send_reply(node, Peer::Edged, reply, Operation::Error).await;
         return;
     }
     let mut objects = match serde_json::from_str::<Value>(answer.content_json()) {
@@ -294,7 +294,7 @@ async fn fill_from_cloud(node: &Node, query: &Message, answer: Message) {
         _ => {
             let text = format!("the cloud answered the query for {key} with content that is neither an object nor a list");
             let reply = message::error(Some(query.msg_id()), key, &text);
-            send_reply(&node, Peer::Edged, reply, Operation::Error).await;
+            send_reply(node, Peer::Edged, reply, Operation::Error).await;
             return;
         }
     };
@@ -347,7 +347,7 @@ async fn fill_from_cloud(node: &Node, query: &Message, answer: Message) {
     }
     let content = message::raw_array(answered.iter().map(String::as_str));
     let reply = message::reply(query, Operation::Response, &content);
-    send_reply(&node, Peer::Edged, reply, Operation::Response).await;
+    send_reply(node, Peer::Edged, reply, Operation::Response).await;
 }
 
 /// edged's response or error: stored when it carries an object, relayed to the cloud unchanged.
@@ -511,7 +511,7 @@ async fn report_store_error(node: &Node, sender: Peer, msg: &Message, e: &StoreE
     tracing::error!(resource = %key, operation = msg.operation.as_str(), error = %e, "store failed");
     let text = format!("{} of {key} failed: {e}", msg.operation.as_str());
     let reply = message::error(Some(msg.msg_id()), key, &text);
-    send_reply(&node, sender, reply, Operation::Error).await;
+    send_reply(node, sender, reply, Operation::Error).await;
 }
 
 /// Sends a reply MetaManager built (an ack, a query result, an error) and counts it.
