@@ -18,6 +18,7 @@
 //! - [`metasync`]: the periodic pod-status sync to the cloud.
 //! - [`outbox`]: what waits for the cloud while it is away, and its paced sending.
 //! - [`metrics`]: the Prometheus metrics served on `/metrics`.
+//! - [`inspect`]: read-only access to a database for the `get`, `list` and `export` commands.
 //! - [`node`]: the state the running node's tasks share, and its status object.
 //! - [`store`]: SQLite with one writer thread (group commit) and reads beside it.
 
@@ -25,6 +26,7 @@ pub mod app;
 pub mod broker;
 pub mod budget;
 pub mod config;
+pub mod inspect;
 pub mod message;
 pub mod metasync;
 pub mod metrics;

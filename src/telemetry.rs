@@ -8,13 +8,29 @@ use tracing_subscriber::EnvFilter;
 
 const DEFAULT_FILTER: &str = "info,rumqttd=off,rumqttc=warn";
 
-pub fn init() {
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object a line, for log collectors that index fields.
+    Json,
+}
+
+pub fn init(format: LogFormat) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colour only on a terminal; journald and log files get plain text.
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder
+            // Colour only on a terminal; journald and log files get plain text.
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+        // The message and fields at the top level, beside `level` and `timestamp`, so a
+        // collector finds `message` without knowing tracing's nesting.
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
 }
