@@ -468,6 +468,79 @@ mod tests {
         node.store.close().await;
     }
 
+    /// Messages handled by the real operations code move the counters they should.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn handled_messages_are_counted_by_topic_operation_and_reason() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let node = Arc::new(node(dir.path()));
+        let [from_edgehub, from_edged] = node.topics.inbound().map(str::to_owned);
+        let publish = |topic: &str, payload: &str| {
+            rumqttc::Publish::new(
+                topic,
+                rumqttc::QoS::AtLeastOnce,
+                payload.as_bytes().to_vec(),
+            )
+        };
+        let insert = r#"{"header":{"msg_id":"m1"},"route":{"source":"edgecontroller","group":"resource","operation":"insert","resource":"default/pod/a"},"content":{"metadata":{"name":"a"}}}"#;
+        let query = r#"{"header":{"msg_id":"m2"},"route":{"source":"edged","group":"meta","operation":"query","resource":"default/pod/a"}}"#;
+        let remote = r#"{"header":{"msg_id":"m3"},"route":{"source":"edged","group":"meta","operation":"query","resource":"default/secret/s"}}"#;
+        for (topic, payload) in [
+            (&from_edgehub, insert),
+            (&from_edged, query),
+            (&from_edged, "not json"),
+            (&from_edged, remote),
+        ] {
+            crate::operations::dispatch(&node, publish(topic, payload))
+                .await
+                .await;
+        }
+        let text = render(&node);
+        let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+            .expect("exposition parses");
+        let count = |name: &str, labels: &[(&str, &str)]| {
+            scrape
+                .samples
+                .iter()
+                .find(|s| {
+                    s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
+                })
+                .map(value)
+        };
+        let received = "metamanager_messages_received_total";
+        assert_eq!(
+            count(received, &[("topic", "edgehub"), ("operation", "insert")]),
+            Some(1.0)
+        );
+        assert_eq!(
+            count(received, &[("topic", "edged"), ("operation", "query")]),
+            Some(2.0)
+        );
+        assert_eq!(
+            count(received, &[("topic", "edged"), ("operation", "invalid")]),
+            Some(1.0)
+        );
+        let replies = "metamanager_replies_sent_total";
+        assert_eq!(
+            count(replies, &[("operation", "response")]),
+            Some(2.0),
+            "{text}"
+        );
+        assert_eq!(
+            count(replies, &[("operation", "error")]),
+            Some(2.0),
+            "{text}"
+        );
+        let errors = "metamanager_errors_total";
+        assert_eq!(count(errors, &[("reason", "decode")]), Some(1.0));
+        assert_eq!(
+            count(errors, &[("reason", "remote_disconnected")]),
+            Some(1.0)
+        );
+        let remote = "metamanager_remote_queries_total";
+        assert_eq!(count(remote, &[("outcome", "disconnected")]), Some(1.0));
+        node.store.close().await;
+    }
+
     #[test]
     fn mirrored_counters_advance_to_their_source_and_never_back() {
         let counter = Counter::<u64>::default();
