@@ -96,6 +96,8 @@ impl StoreMetrics {
 #[derive(Default)]
 struct Mirrored {
     dropped: Family<ReasonLabel, Counter>,
+    /// The `overload` series of the errors family, counted by the MQTT receive loop.
+    overload: Counter,
 }
 
 /// The node's counters, gauges and histograms.
@@ -141,7 +143,7 @@ impl Metrics {
         let errors = Family::<ReasonLabel, Counter>::default();
         registry.register(
             "errors",
-            "Errors, by reason (decode, invalid, store, remote_timeout, remote_disconnected, remote_refused, metasync)",
+            "Errors, by reason (decode, invalid, overload, store, remote_timeout, remote_disconnected, remote_refused, metasync)",
             errors.clone(),
         );
         registry.register_with_unit(
@@ -161,7 +163,14 @@ impl Metrics {
             "Messages waiting in the outbox for the cloud",
             outbox_len.clone(),
         );
-        let mirrored = Mirrored::default();
+        let mirrored = Mirrored {
+            overload: errors
+                .get_or_create(&ReasonLabel {
+                    reason: "overload".into(),
+                })
+                .clone(),
+            ..Mirrored::default()
+        };
         registry.register(
             "outbox_dropped_messages",
             "Outbox messages dropped, by reason (full, expired)",
@@ -308,6 +317,12 @@ pub fn render(node: &Node) -> String {
         });
         counter.inc_by(total.saturating_sub(counter.get()));
     }
+    let overload = &mirrored.overload;
+    overload.inc_by(
+        node.publisher
+            .refused_overloaded()
+            .saturating_sub(overload.get()),
+    );
     let mut out = String::new();
     if let Err(e) = encode(&mut out, &m.registry) {
         tracing::warn!(error = %e, "could not encode metrics");
@@ -461,6 +476,10 @@ mod tests {
             .find(|s| s.metric == "metamanager_database_size_bytes")
             .expect("size gauge");
         assert!(value(size) > 0.0, "database size is read from disk");
+        assert!(
+            text.contains(r#"metamanager_errors_total{reason="overload"} 0"#),
+            "overload is shown before it first happens:\n{text}"
+        );
         assert!(
             text.contains("metamanager_store_commit_seconds_count 1"),
             "the writer recorded its commit:\n{text}"

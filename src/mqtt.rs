@@ -7,6 +7,7 @@
 //! reconnection: it backs off between attempts and reports each (re)connection, on which the
 //! application resubscribes, since rumqttc does not.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,6 +55,9 @@ pub struct LinkOptions {
 pub struct Publisher {
     client: AsyncClient,
     topics: Arc<Topics>,
+    /// Messages the receive loop refused because the inbound budget was spent. Kept here
+    /// because the publisher is what the node holds of the connection.
+    refused: Arc<AtomicU64>,
 }
 
 impl Publisher {
@@ -81,6 +85,11 @@ impl Publisher {
     }
 
     /// Acknowledges an inbound QoS 1 publish to the broker.
+    /// Messages refused for overload since start.
+    pub fn refused_overloaded(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
     pub async fn ack(&self, publish: &Publish) {
         if let Err(e) = self.client.ack(publish).await {
             tracing::debug!(error = %e, "ack dropped: MQTT client is shut down");
@@ -139,17 +148,20 @@ impl Link {
         let (inbound_tx, inbound) = mpsc::unbounded_channel();
         let (connected_tx, connected) = watch::channel(false);
         let topics = Arc::new(topics);
+        let refused = Arc::new(AtomicU64::new(0));
         let receive_loop = tokio::spawn(receive_loop(
             eventloop,
             client.clone(),
             topics.clone(),
             inbound_tx,
             connected_tx,
+            refused.clone(),
         ));
         let link = Self {
             publisher: Publisher {
                 client: client.clone(),
                 topics,
+                refused,
             },
             connected,
             client,
@@ -182,6 +194,7 @@ async fn receive_loop(
     topics: Arc<Topics>,
     inbound: mpsc::UnboundedSender<Inbound>,
     connected: watch::Sender<bool>,
+    refused: Arc<AtomicU64>,
 ) {
     let budget = Arc::new(InboundBudget::default());
     let mut backoff = BACKOFF_START;
@@ -201,7 +214,10 @@ async fn receive_loop(
                     }
                     // Never wait here: waiting would stall the event loop that the
                     // consumers of this queue need to publish their replies.
-                    None => refuse_overflow(&client, &topics, &publish),
+                    None => {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                        refuse_overflow(&client, &topics, &publish);
+                    }
                 }
             }
             Ok(Event::Outgoing(Outgoing::Disconnect)) => {
