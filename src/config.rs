@@ -45,6 +45,41 @@ pub struct Settings {
     pub database: DatabaseSettings,
     pub meta: MetaSettings,
     pub outbox: OutboxSettings,
+    pub http: HttpSettings,
+}
+
+/// The local HTTP endpoint: probes, metrics and the read-only Kubernetes-style API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSettings {
+    pub enabled: bool,
+    /// `host:port` to listen on. Loopback by default: the API serves secrets, unauthenticated.
+    pub listen: String,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: "127.0.0.1:10550".into(),
+        }
+    }
+}
+
+impl HttpSettings {
+    /// The listen address; `validate` has already checked that it parses.
+    pub fn listen_addr(&self) -> Result<std::net::SocketAddr, ConfigError> {
+        self.listen
+            .trim()
+            .parse()
+            .map_err(|e| ConfigError::Invalid {
+                key: "http.listen",
+                message: format!(
+                    "{:?} is not a socket address ({e}); use host:port, e.g. 127.0.0.1:10550",
+                    self.listen
+                ),
+            })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -160,6 +195,7 @@ impl Default for Settings {
             database: DatabaseSettings::default(),
             meta: MetaSettings::default(),
             outbox: OutboxSettings::default(),
+            http: HttpSettings::default(),
         }
     }
 }
@@ -317,6 +353,7 @@ impl Settings {
         if self.outbox.drain_rate == 0 {
             return invalid("outbox.drain_rate", "must be at least 1".into());
         }
+        self.http.listen_addr()?;
         Ok(())
     }
 }
@@ -406,6 +443,8 @@ mod tests {
         assert_eq!(s.mqtt.port, 1884);
         assert_eq!(s.mqtt.mode, BrokerMode::Embedded);
         assert_eq!(s.meta.sync.podstatus.interval, Duration::from_secs(60));
+        assert!(s.http.enabled);
+        assert_eq!(s.http.listen, "127.0.0.1:10550");
     }
 
     #[test]
@@ -439,5 +478,7 @@ mod tests {
         assert!(error_of("nodeid: x\n").contains("nodeid"));
         assert!(error_of("mqtt:\n  hots: x\n").contains("hots"));
         assert!(error_of("node_id: a/b\n").contains("node_id"));
+        assert!(error_of("http:\n  listen: localhost\n").contains("http.listen"));
+        assert!(error_of("http:\n  listne: x\n").contains("listne"));
     }
 }

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 
 mod writer;
 
@@ -35,6 +35,9 @@ const QUEUE_DEPTH: usize = 4096;
 /// Idle read connections kept open.
 const MAX_IDLE_READERS: usize = 4;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Committed changes buffered for each watcher of the change feed; one that falls further
+/// behind learns it has lagged instead of slowing the writer.
+const FEED_DEPTH: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -170,8 +173,26 @@ pub struct OutboxEntry {
     pub payload: Bytes,
 }
 
+/// What a committed change did to a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    Added,
+    Modified,
+    Deleted,
+}
+
+/// One committed change to the `meta` table, as the change feed reports it.
+#[derive(Debug, Clone)]
+pub struct StoreEvent {
+    pub kind: ChangeKind,
+    pub key: String,
+    pub rtype: String,
+    /// JSON text: the new value, or for a deletion the last stored one (`{}` when nobody was
+    /// watching at the time, because it is only read for watchers).
+    pub value: Bytes,
+}
+
 /// Counters the writer keeps for everyone else.
-#[derive(Default)]
 struct Shared {
     /// Transactions committed, and changes in them: group commit's effect, observable.
     commits: AtomicU64,
@@ -179,6 +200,21 @@ struct Shared {
     outbox_len: AtomicUsize,
     outbox_dropped_full: AtomicU64,
     outbox_changed: Notify,
+    /// The change feed: sent to after each commit; a send never blocks the writer.
+    changes: broadcast::Sender<Arc<StoreEvent>>,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Self {
+            commits: AtomicU64::default(),
+            committed_changes: AtomicU64::default(),
+            outbox_len: AtomicUsize::default(),
+            outbox_dropped_full: AtomicU64::default(),
+            outbox_changed: Notify::default(),
+            changes: broadcast::channel(FEED_DEPTH).0,
+        }
+    }
 }
 
 /// A handle to the store; cheap to clone.
@@ -276,6 +312,17 @@ impl Store {
             .await?
             .await
             .unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// Whether the store still takes writes (false once [`Store::close`] has begun).
+    pub fn is_open(&self) -> bool {
+        self.inner.jobs.lock().is_ok_and(|j| j.is_some())
+    }
+
+    /// The change feed: every change to `meta` from any source, after its commit, in commit
+    /// order. A receiver that falls more than a buffer behind gets `Lagged`.
+    pub fn subscribe_changes(&self) -> broadcast::Receiver<Arc<StoreEvent>> {
+        self.inner.shared.changes.subscribe()
     }
 
     /// Transactions committed so far, and the changes they held.
@@ -647,6 +694,56 @@ mod tests {
             .map(|(k, _)| k)
             .collect();
         assert_eq!(keys, ["a/pod/1", "a/pod/2"]);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn the_change_feed_reports_committed_changes_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("m.db"), StoreOptions::default()).unwrap();
+        let mut feed = store.subscribe_changes();
+        store.write(put("ns/pod/p", r#"{"a":1}"#)).await.unwrap();
+        store.write(put("ns/pod/p", r#"{"a":2}"#)).await.unwrap();
+        let same = Write::PutIfChanged {
+            key: "ns/pod/p".into(),
+            rtype: "pod".into(),
+            value: Bytes::from_static(br#"{"a": 2}"#),
+        };
+        assert_eq!(store.write(same).await.unwrap().outcome, Outcome::Unchanged);
+        let del = |key: &str| Write::Delete {
+            key: key.into(),
+            uid: None,
+        };
+        store.write(del("ns/pod/absent")).await.unwrap();
+        store.write(del("ns/pod/p")).await.unwrap();
+        let mut seen = Vec::new();
+        while let Ok(e) = feed.try_recv() {
+            seen.push((e.kind, e.key.clone(), e.rtype.clone(), e.value.clone()));
+        }
+        let b = |s: &'static str| Bytes::from_static(s.as_bytes());
+        assert_eq!(
+            seen,
+            [
+                (
+                    ChangeKind::Added,
+                    "ns/pod/p".into(),
+                    "pod".into(),
+                    b(r#"{"a":1}"#)
+                ),
+                (
+                    ChangeKind::Modified,
+                    "ns/pod/p".into(),
+                    "pod".into(),
+                    b(r#"{"a":2}"#)
+                ),
+                (
+                    ChangeKind::Deleted,
+                    "ns/pod/p".into(),
+                    "pod".into(),
+                    b(r#"{"a":2}"#)
+                ),
+            ]
+        );
         store.close().await;
     }
 

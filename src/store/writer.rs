@@ -13,7 +13,7 @@ use std::time::Instant;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::mpsc;
 
-use super::{Applied, Change, Job, Outcome, Shared, StoreError, Write};
+use super::{Applied, Change, ChangeKind, Job, Outcome, Shared, StoreError, StoreEvent, Write};
 
 /// Most changes committed in one transaction; bounds the latency a batch adds to its first.
 const MAX_BATCH: usize = 512;
@@ -59,11 +59,13 @@ pub(super) struct Writer {
     pub metrics: crate::metrics::StoreMetrics,
 }
 
-/// What one change did to the outbox, applied to the shared counters only after the commit.
+/// What a batch did beyond its rows, made known only after the commit: the outbox counters,
+/// and the changes for the change feed.
 #[derive(Default)]
 struct OutboxEffect {
     touched: bool,
     dropped: u64,
+    events: Vec<StoreEvent>,
 }
 
 impl Writer {
@@ -156,6 +158,10 @@ impl Writer {
             }
             self.shared.outbox_changed.notify_one();
         }
+        for event in effect.events {
+            // Never blocks: a receiver that is behind loses the oldest and is told so.
+            let _ = self.shared.changes.send(Arc::new(event));
+        }
         outcomes
     }
 
@@ -168,6 +174,7 @@ impl Writer {
         let mut outcomes = Vec::with_capacity(batch.len());
         for job in batch {
             let rows_before = self.outbox_rows;
+            let events_before = effect.events.len();
             let applied = self
                 .conn
                 .execute_batch("SAVEPOINT change")
@@ -180,6 +187,7 @@ impl Writer {
                         .conn
                         .execute_batch("ROLLBACK TO change; RELEASE change");
                     self.outbox_rows = rows_before;
+                    effect.events.truncate(events_before);
                     outcomes.push(Err(StoreError::Sqlite(e)));
                 }
             }
@@ -210,7 +218,26 @@ impl Writer {
                 effect.touched = true;
                 Outcome::Deleted
             }
-            Some(w) => apply_write(conn, w)?,
+            Some(w) => {
+                // What the key held before matters only to watchers (ADDED or MODIFIED, and
+                // the object a DELETED carries), so it is read only while somebody watches.
+                let watched = self.shared.changes.receiver_count() > 0;
+                let before = match w {
+                    Write::Put { key, .. }
+                    | Write::PutIfChanged { key, .. }
+                    | Write::Delete { key, .. }
+                        if watched =>
+                    {
+                        stored_value(conn, key)?
+                    }
+                    _ => None,
+                };
+                let outcome = apply_write(conn, w)?;
+                if let Some(event) = feed_event(w, outcome, before) {
+                    effect.events.push(event);
+                }
+                outcome
+            }
             None => Outcome::Recorded,
         };
         let queued = match &change.to_cloud {
@@ -325,6 +352,33 @@ fn apply_write(conn: &Connection, write: &Write) -> rusqlite::Result<Outcome> {
             Ok(Outcome::Deleted)
         }
         Write::OutboxRemove { .. } => unreachable!("handled by Writer::apply"),
+    }
+}
+
+/// What the change feed reports for a write that changed `meta`; `None` when it did not.
+/// `before` is the value the key held, when it was read.
+fn feed_event(write: &Write, outcome: Outcome, before: Option<String>) -> Option<StoreEvent> {
+    match (write, outcome) {
+        (
+            Write::Put { key, rtype, value } | Write::PutIfChanged { key, rtype, value },
+            Outcome::Stored,
+        ) => Some(StoreEvent {
+            kind: if before.is_some() {
+                ChangeKind::Modified
+            } else {
+                ChangeKind::Added
+            },
+            key: key.clone(),
+            rtype: rtype.clone(),
+            value: value.clone(),
+        }),
+        (Write::Delete { key, .. }, Outcome::Deleted) => Some(StoreEvent {
+            kind: ChangeKind::Deleted,
+            key: key.clone(),
+            rtype: key.split('/').nth(1).unwrap_or_default().to_owned(),
+            value: before.map_or_else(|| bytes::Bytes::from_static(b"{}"), bytes::Bytes::from),
+        }),
+        _ => None,
     }
 }
 
