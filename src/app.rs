@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, watch};
 use crate::broker::{BrokerError, EmbeddedBroker};
 use crate::budget::Permit;
 use crate::config::{BrokerMode, ConfigError, Settings};
+use crate::http::{self, HttpError};
 use crate::metasync;
 use crate::mqtt::{Inbound, Link, LinkOptions};
 use crate::node::{self, Node};
@@ -38,6 +39,8 @@ pub enum AppError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error(transparent)]
+    Http(#[from] HttpError),
 }
 
 /// Runs MetaManager until `shutdown` resolves.
@@ -50,6 +53,12 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     let tls = match &settings.mqtt.tls {
         Some(t) => Some(tls::client_config(t, &settings.mqtt.host)?),
         None => None,
+    };
+    // Bound first, so a taken port stops start-up before anything connects or opens.
+    let http_listener = if settings.http.enabled {
+        Some(http::Listener::bind(settings.http.listen_addr()?).await?)
+    } else {
+        None
     };
     let store = {
         let path = settings.database.path.clone();
@@ -137,9 +146,17 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         stop.clone(),
     ));
 
+    let http = http_listener.map(|l| tokio::spawn(l.serve(node.clone(), stop.clone())));
+
     shutdown.await;
     tracing::info!("shutting down: finishing in-flight work");
     stop_tx.send_replace(true);
+    if let Some(http) = http {
+        // Probes answer until here; open watches end on the stop flag.
+        if tokio::time::timeout(DRAIN_TIMEOUT, http).await.is_err() {
+            tracing::warn!("HTTP endpoint did not stop within {DRAIN_TIMEOUT:?}");
+        }
+    }
     let drained = async {
         let _ = dispatcher.await;
         let _ = pipeline.await;

@@ -17,6 +17,10 @@
 //! - [`remote`]: queries waiting for the cloud's answer.
 //! - [`metasync`]: the periodic pod-status sync to the cloud.
 //! - [`outbox`]: what waits for the cloud while it is away, and its paced sending.
+//! - [`http`]: the local HTTP endpoint: `/healthz`, `/readyz`, `/metrics`.
+//!   - [`http::kube`]: read-only Kubernetes-style API over the store, for `kubectl get`.
+//!   - [`http::selector`]: label and field selectors of list and watch requests.
+//!   - [`http::watch`]: watch streams fed by the store's change feed.
 //! - [`metrics`]: the Prometheus metrics served on `/metrics`.
 //! - [`inspect`]: read-only access to a database for the `get`, `list` and `export` commands.
 //! - [`node`]: the state the running node's tasks share, and its status object.
@@ -26,6 +30,7 @@ pub mod app;
 pub mod broker;
 pub mod budget;
 pub mod config;
+pub mod http;
 pub mod inspect;
 pub mod message;
 pub mod metasync;

@@ -72,7 +72,7 @@ fn a_file_that_is_not_a_database_stops_start_up_untouched() {
     std::fs::write(&db, &garbage).unwrap();
     let port = common::free_port();
     let (out, _dir) = run_with_config(&format!(
-        "mqtt:\n  port: {port}\ndatabase:\n  path: {}\n",
+        "mqtt:\n  port: {port}\ndatabase:\n  path: {}\nhttp:\n  enabled: false\n",
         db.display()
     ));
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -110,7 +110,7 @@ fn a_damaged_database_stops_start_up_untouched() {
 
     let port = common::free_port();
     let (out, _dir) = run_with_config(&format!(
-        "mqtt:\n  port: {port}\ndatabase:\n  path: {}\n",
+        "mqtt:\n  port: {port}\ndatabase:\n  path: {}\nhttp:\n  enabled: false\n",
         db.display()
     ));
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -129,7 +129,11 @@ fn embedded_broker_beyond_loopback_without_auth_warns() {
     let port = common::free_port();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("edge.yaml");
-    std::fs::write(&config, format!("mqtt:\n  host: 0.0.0.0\n  port: {port}\n")).unwrap();
+    std::fs::write(
+        &config,
+        format!("mqtt:\n  host: 0.0.0.0\n  port: {port}\nhttp:\n  enabled: false\n"),
+    )
+    .unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_metamanager"))
         .arg("-c")
         .arg(&config)
@@ -156,7 +160,7 @@ fn embedded_broker_beyond_loopback_without_auth_warns() {
 fn embedded_broker_port_in_use_is_reported() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
-    let (out, _dir) = run_with_config(&format!("mqtt:\n  port: {port}\n"));
+    let (out, _dir) = run_with_config(&format!("mqtt:\n  port: {port}\nhttp:\n  enabled: false\n"));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains(&format!("127.0.0.1:{port}")), "{stderr}");
@@ -164,8 +168,10 @@ fn embedded_broker_port_in_use_is_reported() {
 
 #[test]
 fn no_arguments_runs_on_the_defaults() {
-    if std::net::TcpStream::connect("127.0.0.1:1884").is_ok() {
-        eprintln!("skipped: port 1884 is in use, so the defaults cannot be tried here");
+    if std::net::TcpStream::connect("127.0.0.1:1884").is_ok()
+        || std::net::TcpStream::connect("127.0.0.1:10550").is_ok()
+    {
+        eprintln!("skipped: port 1884 or 10550 is in use, so the defaults cannot be tried here");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -225,7 +231,7 @@ async fn nodes_sharing_a_broker_do_not_see_each_other() {
         std::fs::write(
             &config,
             format!(
-                "node_id: {node}\nmqtt:\n  mode: external\n  port: {}\ndatabase:\n  path: {}\n",
+                "node_id: {node}\nmqtt:\n  mode: external\n  port: {}\ndatabase:\n  path: {}\nhttp:\n  enabled: false\n",
                 broker.port,
                 dir.path().join(format!("{node}.db")).display()
             ),

@@ -329,7 +329,7 @@ fn spawn(dir: &Path, mqtt_yaml: &str) -> Child {
     std::fs::write(
         &config,
         format!(
-            "node_id: {NODE}\nmqtt:\n{mqtt_yaml}database:\n  path: {}\n",
+            "node_id: {NODE}\nmqtt:\n{mqtt_yaml}database:\n  path: {}\nhttp:\n  enabled: false\n",
             dir.join("data/metamanager.db").display()
         ),
     )

@@ -146,7 +146,7 @@ impl MetaManager {
             &config,
             format!(
                 "node_id: {node}\nmqtt:\n  mode: external\n  host: 127.0.0.1\n  port: {port}\n\
-                 database:\n  path: {}\n  synchronous: {synchronous}\n",
+                 database:\n  path: {}\n  synchronous: {synchronous}\nhttp:\n  enabled: false\n",
                 db.display()
             ),
         )

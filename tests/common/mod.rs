@@ -194,6 +194,8 @@ pub struct TestApp {
     pub db: Option<PathBuf>,
     pub dir: tempfile::TempDir,
     pub port: u16,
+    /// Where its HTTP endpoint listens (127.0.0.1).
+    pub http_port: u16,
     pub child: Option<Child>,
     pub client: Peer,
     pub mosquitto: Option<Mosquitto>,
@@ -221,6 +223,7 @@ impl TestApp {
             db,
             dir: tempfile::tempdir().unwrap(),
             port: 0,
+            http_port: free_port(),
             child: None,
             client: Peer::dummy(),
             mosquitto,
@@ -245,9 +248,10 @@ impl TestApp {
             None => ("embedded", port),
         };
         let yaml = format!(
-            "node_id: {NODE}\nmqtt:\n  mode: {mode}\n  host: 127.0.0.1\n  port: {port}\n  max_payload_bytes: {}\ndatabase:\n  path: {}\n{}",
+            "node_id: {NODE}\nmqtt:\n  mode: {mode}\n  host: 127.0.0.1\n  port: {port}\n  max_payload_bytes: {}\ndatabase:\n  path: {}\nhttp:\n  listen: 127.0.0.1:{}\n{}",
             self.options.max_payload_bytes,
             self.db_path().display(),
+            self.http_port,
             self.options.extra_yaml
         );
         std::fs::write(self.config_path(), yaml).unwrap();
@@ -255,7 +259,11 @@ impl TestApp {
 
     /// Starts (or restarts) the binary and waits until its status is online.
     pub async fn start(&mut self) {
-        for _ in 0..5 {
+        for attempt in 0..5 {
+            if attempt > 0 {
+                // The HTTP port may be what was lost to another process.
+                self.http_port = free_port();
+            }
             let port = if self.port != 0 {
                 self.port
             } else {

@@ -1,0 +1,131 @@
+//! The local HTTP endpoint: liveness and readiness probes, metrics, and the read-only
+//! Kubernetes-style API in [`kube`].
+//!
+//! The listener is bound before anything else starts, so a port that is taken stops start-up
+//! with the address in the error; it serves once the node exists and stops with the other
+//! tasks, on the same stop signal.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{FromRef, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use tokio::net::TcpListener;
+use tokio::sync::watch as flag;
+
+use crate::node::Node;
+
+pub mod kube;
+pub mod selector;
+pub mod watch;
+
+/// Content type of the Prometheus text exposition format.
+const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("cannot listen for HTTP on {addr} (http.listen): {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// What handlers share: the node, and the stop flag that ends open watches on shutdown
+/// (graceful shutdown waits for every connection, and a watch would otherwise never end).
+#[derive(Clone)]
+pub struct HttpState {
+    pub node: Arc<Node>,
+    pub stop: flag::Receiver<bool>,
+}
+
+impl FromRef<HttpState> for Arc<Node> {
+    fn from_ref(state: &HttpState) -> Self {
+        state.node.clone()
+    }
+}
+
+/// A bound listener, not yet serving.
+pub struct Listener {
+    listener: TcpListener,
+}
+
+impl Listener {
+    pub async fn bind(addr: SocketAddr) -> Result<Self, HttpError> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| HttpError::Bind { addr, source })?;
+        Ok(Self { listener })
+    }
+
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+
+    /// Serves until `stop` turns true; requests in progress finish, open watches end.
+    pub async fn serve(self, node: Arc<Node>, stop: flag::Receiver<bool>) {
+        let addr = self.local_addr();
+        tracing::info!(addr = ?addr, "HTTP endpoint listening");
+        let app = router(HttpState {
+            node,
+            stop: stop.clone(),
+        });
+        let mut stop = stop;
+        let shutdown = async move {
+            while !*stop.borrow_and_update() {
+                if stop.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        if let Err(e) = axum::serve(self.listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::error!(error = %e, "HTTP endpoint failed");
+        }
+    }
+}
+
+/// Every route the endpoint serves.
+pub fn router(state: HttpState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .merge(kube::routes())
+        .with_state(state)
+}
+
+/// Alive as long as the process answers at all.
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// Ready when the store takes writes and the broker connection is up: without either, no
+/// message can be handled.
+async fn readyz(State(node): State<Arc<Node>>) -> Response {
+    let store = node.store.is_open();
+    let broker = *node.broker_connected.borrow();
+    let body = serde_json::json!({
+        "store": if store { "ok" } else { "closed" },
+        "broker": if broker { "connected" } else { "disconnected" },
+    });
+    let code = if store && broker {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(body)).into_response()
+}
+
+async fn metrics(State(node): State<Arc<Node>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)],
+        crate::metrics::render(&node),
+    )
+        .into_response()
+}
