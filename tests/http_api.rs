@@ -1,0 +1,506 @@
+//! The HTTP endpoint against the real binary: probes, the read-only Kubernetes-style API
+//! (with a raw HTTP client and with kubectl), and watches, including one that never reads.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{fixture, message, msg_id, BrokerKind, Options, TestApp, WAIT};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// One HTTP/1.1 exchange on a fresh connection: status, headers (lower-cased), body.
+async fn http(port: u16, method: &str, path: &str) -> (u16, String, String) {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let request =
+        format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut raw))
+        .await
+        .expect("response within WAIT")
+        .unwrap();
+    let text = String::from_utf8(raw).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let code = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (code, head.to_lowercase(), body.to_owned())
+}
+
+async fn get_json(port: u16, path: &str) -> (u16, Value) {
+    let (code, head, body) = http(port, "GET", path).await;
+    assert!(head.contains("content-type: application/json"), "{head}");
+    (code, serde_json::from_str(&body).unwrap())
+}
+
+/// Inserts `object` at `resource` as the cloud would, and waits for the ack.
+async fn insert(app: &mut TestApp, resource: &str, object: Value) {
+    let m = message("insert", resource, object);
+    app.client.publish("edgehub", &m).await;
+    let reply = app
+        .client
+        .reply_to("metamanager/to/edgehub", msg_id(&m))
+        .await;
+    assert_eq!(reply["content"], "OK", "{reply}");
+}
+
+fn pod(ns: &str, name: &str, app_label: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": name, "namespace": ns, "labels": {"app": app_label}},
+           "spec": {"containers": [{"name": "c", "image": "busybox"}]}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_follows_the_broker_and_healthz_stays_up() {
+    let Some(mut app) = TestApp::spawn(Options::new(BrokerKind::Mosquitto)).await else {
+        return;
+    };
+    let port = app.http_port;
+    assert_eq!(http(port, "GET", "/healthz").await.0, 200);
+    assert_eq!(http(port, "GET", "/healthz").await.2, "ok");
+    let (code, body) = get_json(port, "/readyz").await;
+    assert_eq!(code, 200);
+    assert_eq!(body, json!({"store": "ok", "broker": "connected"}));
+    let (code, head, _) = http(port, "GET", "/metrics").await;
+    assert_eq!(code, 200);
+    assert!(
+        head.contains("content-type: text/plain; version=0.0.4")
+            || head.contains("content-type: application/openmetrics-text"),
+        "{head}"
+    );
+
+    app.mosquitto.as_mut().unwrap().kill();
+    let deadline = Instant::now() + WAIT;
+    let body = loop {
+        let (code, body) = get_json(port, "/readyz").await;
+        if code == 503 {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "readyz stayed {code} {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(body, json!({"store": "ok", "broker": "disconnected"}));
+    assert_eq!(http(port, "GET", "/healthz").await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_get_list_selectors_and_refused_writes() {
+    let Some(mut app) = TestApp::spawn(Options::new(BrokerKind::Embedded)).await else {
+        return;
+    };
+    let port = app.http_port;
+    let nginx = fixture("pod.json");
+    let nginx_name = nginx["metadata"]["name"].as_str().unwrap().to_owned();
+    insert(
+        &mut app,
+        &format!("default/pod/{nginx_name}"),
+        nginx.clone(),
+    )
+    .await;
+    insert(&mut app, "default/pod/db-0", pod("default", "db-0", "db")).await;
+    insert(&mut app, "other/pod/web-1", pod("other", "web-1", "nginx")).await;
+    insert(
+        &mut app,
+        "default/configmap/app-config",
+        fixture("configmap.json"),
+    )
+    .await;
+    let node = fixture("node.json");
+    insert(&mut app, "default/node/edge-node-1", node.clone()).await;
+
+    // Discovery.
+    let (code, api) = get_json(port, "/api").await;
+    assert_eq!(code, 200);
+    assert_eq!(api["kind"], "APIVersions");
+    assert_eq!(api["versions"], json!(["v1"]));
+    assert_eq!(
+        api["serverAddressByClientCIDRs"][0]["clientCIDR"],
+        "0.0.0.0/0"
+    );
+    let (_, apis) = get_json(port, "/apis").await;
+    assert_eq!(apis["kind"], "APIGroupList");
+    assert_eq!(apis["groups"], json!([]));
+    let (_, v1) = get_json(port, "/api/v1").await;
+    assert_eq!(v1["kind"], "APIResourceList");
+    assert_eq!(v1["groupVersion"], "v1");
+    let names: Vec<&str> = v1["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "pods",
+            "configmaps",
+            "secrets",
+            "nodes",
+            "services",
+            "endpoints"
+        ]
+    );
+    let nodes = &v1["resources"][3];
+    assert_eq!(nodes["namespaced"], false);
+    assert_eq!(nodes["kind"], "Node");
+    assert_eq!(nodes["verbs"], json!(["get", "list", "watch"]));
+
+    // Get: exactly as stored.
+    let (code, got) = get_json(
+        port,
+        &format!("/api/v1/namespaces/default/pods/{nginx_name}"),
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert_eq!(got, nginx);
+    let (code, got) = get_json(port, "/api/v1/nodes/edge-node-1").await;
+    assert_eq!(code, 200);
+    assert_eq!(got, node);
+
+    // Missing object: a Status, as kube-apiserver answers.
+    let (code, status) = get_json(port, "/api/v1/namespaces/default/pods/x").await;
+    assert_eq!(code, 404);
+    assert_eq!(
+        status,
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "message": "pods \"x\" not found", "reason": "NotFound",
+               "details": {"name": "x", "kind": "pods"}, "code": 404})
+    );
+    let (code, status) = get_json(port, "/api/v1/widgets").await;
+    assert_eq!((code, &status["reason"]), (404, &json!("NotFound")));
+
+    // Writes are refused.
+    for (method, path) in [
+        ("POST", "/api/v1/namespaces/default/pods"),
+        ("PUT", "/api/v1/namespaces/default/pods/db-0"),
+        ("PATCH", "/api/v1/namespaces/default/pods/db-0"),
+        ("DELETE", "/api/v1/namespaces/default/pods/db-0"),
+        ("POST", "/api/v1/pods"),
+        ("DELETE", "/api/v1/nodes/edge-node-1"),
+    ] {
+        let (code, _, body) = http(port, method, path).await;
+        assert_eq!(code, 405, "{method} {path}");
+        let status: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(status["kind"], "Status");
+        assert_eq!(status["reason"], "MethodNotAllowed");
+        assert_eq!(status["code"], 405);
+    }
+
+    // Lists and selectors.
+    let names = |list: &Value| -> Vec<String> {
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["metadata"]["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let (code, all) = get_json(port, "/api/v1/pods").await;
+    assert_eq!(code, 200);
+    assert_eq!(all["kind"], "PodList");
+    assert_eq!(all["apiVersion"], "v1");
+    assert!(all["metadata"]["resourceVersion"].is_string());
+    assert_eq!(names(&all), ["db-0", nginx_name.as_str(), "web-1"]);
+    assert_eq!(all["items"][1], nginx, "items exactly as stored");
+    let (_, default) = get_json(port, "/api/v1/namespaces/default/pods").await;
+    assert_eq!(names(&default), ["db-0", nginx_name.as_str()]);
+    let (_, l) = get_json(port, "/api/v1/pods?labelSelector=app%3Dnginx").await;
+    assert_eq!(names(&l), [nginx_name.as_str(), "web-1"]);
+    let (_, l) = get_json(port, "/api/v1/pods?labelSelector=app%21%3Dnginx").await;
+    assert_eq!(names(&l), ["db-0"]);
+    let (_, l) = get_json(
+        port,
+        "/api/v1/pods?labelSelector=app%3D%3Dnginx,pod-template-hash%3D7d9c5b8f4",
+    )
+    .await;
+    assert_eq!(names(&l), [nginx_name.as_str()]);
+    let (_, l) = get_json(port, "/api/v1/pods?fieldSelector=metadata.name%3Ddb-0").await;
+    assert_eq!(names(&l), ["db-0"]);
+    let (_, l) = get_json(
+        port,
+        "/api/v1/pods?fieldSelector=metadata.namespace%21%3Ddefault",
+    )
+    .await;
+    assert_eq!(names(&l), ["web-1"]);
+    let (code, status) = get_json(port, "/api/v1/pods?fieldSelector=spec.nodeName%3Dx").await;
+    assert_eq!((code, &status["reason"]), (400, &json!("BadRequest")));
+    let (_, cms) = get_json(port, "/api/v1/namespaces/default/configmaps").await;
+    assert_eq!(cms["kind"], "ConfigMapList");
+    assert_eq!(cms["items"], json!([fixture("configmap.json")]));
+    let (_, nodes) = get_json(port, "/api/v1/nodes").await;
+    assert_eq!(nodes["items"], json!([node]));
+}
+
+/// kubectl, or `None` (skip) when it is not installed and not required.
+fn kubectl() -> Option<()> {
+    let ok = Command::new("kubectl")
+        .args(["version", "--client"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if ok {
+        return Some(());
+    }
+    if std::env::var("METAMANAGER_REQUIRE_KUBECTL").as_deref() == Ok("1") {
+        panic!("kubectl is not installed and METAMANAGER_REQUIRE_KUBECTL=1");
+    }
+    eprintln!("skipped: kubectl not installed");
+    None
+}
+
+/// kubectl pointed at the node, reading no user configuration and caching in `home`.
+fn kubectl_cmd(port: u16, home: &std::path::Path, args: &[&str]) -> Command {
+    let config = home.join("kubeconfig");
+    if !config.exists() {
+        std::fs::write(&config, "").unwrap();
+    }
+    let mut cmd = Command::new("kubectl");
+    cmd.env("HOME", home)
+        .env("KUBECONFIG", &config)
+        .arg("--kubeconfig")
+        .arg(&config)
+        .args(["--server", &format!("http://127.0.0.1:{port}")])
+        .args(args);
+    cmd
+}
+
+fn kubectl_out(port: u16, home: &std::path::Path, args: &[&str]) -> String {
+    let out = kubectl_cmd(port, home, args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "kubectl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Waits for a line of output that contains `want`.
+async fn wait_line(lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>, want: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, lines.recv()).await {
+            Ok(Some(line)) if line.contains(want) => return,
+            Ok(Some(_)) => {}
+            other => panic!("kubectl -w never printed {want}: {other:?}"),
+        }
+    }
+}
+
+/// Reads a streamed response into `seen` until it contains `want`.
+async fn read_until(stream: &mut tokio::net::TcpStream, seen: &mut String, want: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut buf = vec![0u8; 65536];
+    while !seen.contains(want) {
+        let n = tokio::time::timeout_at(deadline, stream.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("no {want} in {seen}"))
+            .unwrap();
+        assert!(n > 0, "stream ended before {want}: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_gets_lists_and_watches() {
+    if kubectl().is_none() {
+        return;
+    }
+    let Some(mut app) = TestApp::spawn(Options::new(BrokerKind::Embedded)).await else {
+        return;
+    };
+    let port = app.http_port;
+    let home = tempfile::tempdir().unwrap();
+    let nginx = fixture("pod.json");
+    let name = nginx["metadata"]["name"].as_str().unwrap().to_owned();
+    let insert_msg = fixture("insert-pod.message.json");
+    app.client.publish("edgehub", &insert_msg).await;
+    app.client
+        .reply_to("metamanager/to/edgehub", msg_id(&insert_msg))
+        .await;
+    insert(
+        &mut app,
+        "default/configmap/app-config",
+        fixture("configmap.json"),
+    )
+    .await;
+
+    let all = kubectl_out(port, home.path(), &["get", "pods", "-A"]);
+    assert!(all.contains("NAMESPACE") && all.contains(&name), "{all}");
+    let one = kubectl_out(
+        port,
+        home.path(),
+        &["get", "pod", &name, "-n", "default", "-o", "json"],
+    );
+    assert_eq!(serde_json::from_str::<Value>(&one).unwrap(), nginx);
+    let cms = kubectl_out(port, home.path(), &["get", "configmaps", "-n", "default"]);
+    assert!(cms.contains("app-config"), "{cms}");
+
+    // A watch prints a pod inserted over MQTT while it runs.
+    let mut watcher = kubectl_cmd(port, home.path(), &["get", "pods", "-w", "-n", "default"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    let stdout = watcher.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if lines_tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    // The listed pod first: from then on the watch is established.
+    wait_line(&mut lines, &name).await;
+    insert(
+        &mut app,
+        "default/pod/watched-1",
+        pod("default", "watched-1", "x"),
+    )
+    .await;
+    wait_line(&mut lines, "watched-1").await;
+    let _ = watcher.kill();
+    let _ = watcher.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_streams_inserts_updates_and_deletes_in_its_scope() {
+    let Some(mut app) = TestApp::spawn(Options::new(BrokerKind::Embedded)).await else {
+        return;
+    };
+    let port = app.http_port;
+    insert(
+        &mut app,
+        "default/pod/before",
+        pod("default", "before", "a"),
+    )
+    .await;
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let request = "GET /api/v1/namespaces/default/pods?watch=true&labelSelector=app%3Da HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut seen = String::new();
+    read_until(&mut stream, &mut seen, r#""type":"ADDED""#).await;
+    insert(&mut app, "default/pod/after", pod("default", "after", "a")).await;
+    insert(&mut app, "default/pod/other", pod("default", "other", "b")).await;
+    insert(
+        &mut app,
+        "other/pod/elsewhere",
+        pod("other", "elsewhere", "a"),
+    )
+    .await;
+    let mut changed = pod("default", "after", "a");
+    changed["spec"]["nodeName"] = json!("n1");
+    let m = message("update", "default/pod/after", changed);
+    app.client.publish("edged", &m).await;
+    app.client
+        .reply_to("metamanager/to/edged", msg_id(&m))
+        .await;
+    let m = message("delete", "default/pod/after", Value::Null);
+    app.client.publish("edgehub", &m).await;
+    app.client
+        .reply_to("metamanager/to/edgehub", msg_id(&m))
+        .await;
+    read_until(&mut stream, &mut seen, r#""type":"DELETED""#).await;
+    let events: Vec<Value> = seen
+        .lines()
+        .filter_map(|l| serde_json::from_str(l.trim()).ok())
+        .collect();
+    let summary: Vec<(String, String)> = events
+        .iter()
+        .map(|e| {
+            (
+                e["type"].as_str().unwrap().to_owned(),
+                e["object"]["metadata"]["name"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let s = |a: &str, b: &str| (a.to_owned(), b.to_owned());
+    assert_eq!(
+        summary,
+        [
+            s("ADDED", "before"),
+            s("ADDED", "after"),
+            s("MODIFIED", "after"),
+            s("DELETED", "after")
+        ]
+    );
+    assert_eq!(events[2]["object"]["spec"]["nodeName"], "n1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_that_never_reads_does_not_slow_the_message_path() {
+    let Some(mut app) = TestApp::spawn(Options::new(BrokerKind::Embedded)).await else {
+        return;
+    };
+    let port = app.http_port;
+    // A small receive buffer, so the connection is full after a few events.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(([127, 0, 0, 1], port).into()).await.unwrap();
+    stream
+        .write_all(b"GET /api/v1/pods?watch=true HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+
+    // Established once it has reported a first pod; from then on it is never read.
+    insert(
+        &mut app,
+        "default/pod/marker",
+        pod("default", "marker", "m"),
+    )
+    .await;
+    let mut seen = String::new();
+    read_until(&mut stream, &mut seen, "marker").await;
+
+    const N: usize = 3000;
+    let padding = "x".repeat(2048);
+    let started = Instant::now();
+    let mut ids = std::collections::HashSet::new();
+    for i in 0..N {
+        let mut p = pod("default", &format!("flood-{i:04}"), "flood");
+        p["metadata"]["annotations"] = json!({"padding": padding});
+        let m = message("insert", &format!("default/pod/flood-{i:04}"), p);
+        ids.insert(msg_id(&m).to_owned());
+        app.client.publish("edgehub", &m).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !ids.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {N} inserts not acked while a watcher stalls",
+            ids.len()
+        );
+        let Ok(Some((topic, reply))) =
+            tokio::time::timeout(Duration::from_secs(1), app.client.next()).await
+        else {
+            continue;
+        };
+        if topic == "metamanager/to/edgehub" && reply["content"] == "OK" {
+            if let Some(parent) = reply["header"]["parent_msg_id"].as_str() {
+                ids.remove(parent);
+            }
+        }
+    }
+    eprintln!(
+        "{N} inserts acked in {:?} beside a stalled watcher",
+        started.elapsed()
+    );
+
+    // Read now: the watcher fell behind, so its stream ends with an ERROR (410).
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), stream.read_to_end(&mut raw))
+        .await
+        .expect("the stalled watch ends once read")
+        .unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.contains(r#""type":"ERROR""#), "no ERROR event");
+    assert!(text.contains("watch fell behind; list again"));
+    assert!(text.contains(r#""code":410"#));
+}
