@@ -16,7 +16,7 @@ fn json_log_lines_carry_level_and_message() {
     std::fs::write(
         &config,
         format!(
-            "mqtt:\n  port: {port}\ndatabase:\n  path: {}\n",
+            "mqtt:\n  port: {port}\ndatabase:\n  path: {}\nhttp:\n  enabled: false\n",
             dir.path().join("m.db").display()
         ),
     )

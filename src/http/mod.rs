@@ -22,8 +22,8 @@ pub mod kube;
 pub mod selector;
 pub mod watch;
 
-/// Content type of the Prometheus text exposition format.
-const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// Content type of the OpenMetrics text that [`crate::metrics::render`] writes.
+const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
