@@ -410,7 +410,9 @@ async fn a_watch_streams_inserts_updates_and_deletes_in_its_scope() {
     read_until(&mut stream, &mut seen, r#""type":"DELETED""#).await;
     let events: Vec<Value> = seen
         .lines()
-        .filter_map(|l| serde_json::from_str(l.trim()).ok())
+        .filter_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
+        // Chunk-size lines of the HTTP framing are not events.
+        .filter(|e| e.get("type").is_some())
         .collect();
     let summary: Vec<(String, String)> = events
         .iter()
@@ -503,4 +505,86 @@ async fn a_watcher_that_never_reads_does_not_slow_the_message_path() {
     assert!(text.contains(r#""type":"ERROR""#), "no ERROR event");
     assert!(text.contains("watch fell behind; list again"));
     assert!(text.contains(r#""code":410"#));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_from_a_list_version_misses_nothing_in_between() {
+    let Some(mut app) = TestApp::spawn(Options::new(BrokerKind::Embedded)).await else {
+        return;
+    };
+    let port = app.http_port;
+    insert(
+        &mut app,
+        "default/pod/listed",
+        pod("default", "listed", "a"),
+    )
+    .await;
+    let (_, list) = get_json(port, "/api/v1/namespaces/default/pods").await;
+    let version = list["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Changes after the list and before the watch.
+    insert(
+        &mut app,
+        "default/pod/between",
+        pod("default", "between", "a"),
+    )
+    .await;
+    let m = message("delete", "default/pod/listed", Value::Null);
+    app.client.publish("edgehub", &m).await;
+    app.client
+        .reply_to("metamanager/to/edgehub", msg_id(&m))
+        .await;
+
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let request = format!(
+        "GET /api/v1/namespaces/default/pods?watch=1&resourceVersion={version} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut seen = String::new();
+    read_until(&mut stream, &mut seen, r#""type":"DELETED""#).await;
+    insert(&mut app, "default/pod/later", pod("default", "later", "a")).await;
+    read_until(&mut stream, &mut seen, "later").await;
+    let summary: Vec<(String, String)> = seen
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
+        // Chunk-size lines of the HTTP framing are not events.
+        .filter(|e| e.get("type").is_some())
+        .map(|e| {
+            (
+                e["type"].as_str().unwrap().to_owned(),
+                e["object"]["metadata"]["name"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let s = |a: &str, b: &str| (a.to_owned(), b.to_owned());
+    assert_eq!(
+        summary,
+        [
+            s("ADDED", "between"),
+            s("DELETED", "listed"),
+            s("ADDED", "later")
+        ]
+    );
+
+    // A version the node never gave out, or no longer holds: list again.
+    let (code, head, body) = http(
+        port,
+        "GET",
+        "/api/v1/namespaces/default/pods?watch=true&resourceVersion=1",
+    )
+    .await;
+    assert_eq!(code, 200, "{head}");
+    assert!(body.contains(r#""type":"ERROR""#), "{body}");
+    assert!(body.contains(r#""code":410"#), "{body}");
+    let (code, _, _) = http(
+        port,
+        "GET",
+        "/api/v1/namespaces/default/pods?watch=true&resourceVersion=abc",
+    )
+    .await;
+    assert_eq!(code, 400);
 }

@@ -285,24 +285,26 @@ async fn list(
         .is_some_and(|w| matches!(w.as_str(), "true" | "1"))
     {
         // Without a version the watcher has not listed, so it is first told what exists.
-        let from_version = params
-            .get("resourceVersion")
-            .is_some_and(|rv| !rv.is_empty() && rv != "0");
-        return watch::respond(state.node, state.stop, scope, !from_version).await;
+        let version = match params.get("resourceVersion").map(String::as_str) {
+            None | Some("") | Some("0") => None,
+            Some(v) => Some(v.parse::<u64>().map_err(|_| {
+                ApiError::BadRequest(format!(
+                    "resourceVersion {v:?} is not a version this server gave out"
+                ))
+            })?),
+        };
+        return watch::respond(state.node, state.stop, scope, version).await;
     }
+    // Read before the list, so that the list holds every change up to this version.
+    let version = state.node.store.feed_position().to_string();
     let items = scope.current(&state.node).await?;
     Ok(Json(json!({
         "kind": format!("{}List", kind.kind),
         "apiVersion": "v1",
-        "metadata": {"resourceVersion": resource_version(&state.node)},
+        "metadata": {"resourceVersion": version},
         "items": items,
     }))
     .into_response())
-}
-
-/// The list's version: the store's commit count, which grows with every change.
-pub fn resource_version(node: &Node) -> String {
-    node.store.commits().0.to_string()
 }
 
 async fn get_in_namespace(

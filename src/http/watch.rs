@@ -25,35 +25,59 @@ const HEARTBEAT: Duration = Duration::from_secs(30);
 /// Encoded events buffered toward one connection before its task waits for the client.
 const WATCHER_BUFFER: usize = 64;
 
-/// Starts a watch of `scope`. With `initial`, the objects in scope are first sent as
-/// `ADDED`, as kube-apiserver does for a watch without a resource version.
+/// Starts a watch of `scope`. Without a `version`, the objects in scope are first sent as
+/// `ADDED`, as kube-apiserver does; from a version (a list's `resourceVersion`), the changes
+/// after it are sent, recorded ones first, or an `ERROR` (410) when they are no longer known.
 pub async fn respond(
     node: Arc<Node>,
     stop: watch::Receiver<bool>,
     scope: Scope,
-    initial: bool,
+    version: Option<u64>,
 ) -> Result<Response, ApiError> {
-    // Subscribed before the objects are read, so no change falls between the two; a change
-    // that is in both arrives once more as MODIFIED, which a watcher takes in its stride.
-    let changes = node.store.subscribe_changes();
-    let first = if initial {
-        scope.current(&node).await?
-    } else {
-        Vec::new()
+    let (changes, first, seen) = match version {
+        None => {
+            // Subscribed before the objects are read, and changes up to `seen` are in what
+            // is read: nothing falls between, nothing is sent twice.
+            let changes = node.store.subscribe_changes();
+            let seen = node.store.feed_position();
+            let first = scope
+                .current(&node)
+                .await?
+                .iter()
+                .map(|object| event_line("ADDED", object))
+                .collect();
+            (changes, first, seen)
+        }
+        Some(version) => match node.store.changes_since(version) {
+            Ok((changes, backlog)) => {
+                let seen = backlog.last().map_or(version, |e| e.seq.max(version));
+                let first = backlog.iter().filter_map(|e| encode(&scope, e)).collect();
+                (changes, first, seen)
+            }
+            Err(expired) => {
+                let status =
+                    kube::status_object(StatusCode::GONE, "Expired", expired.to_string(), None);
+                return Ok(stream_response(Body::from(event_line("ERROR", &status))));
+            }
+        },
     };
     let (tx, rx) = mpsc::channel(WATCHER_BUFFER);
-    tokio::spawn(feed(scope, first, changes, tx, stop));
+    tokio::spawn(feed(scope, first, seen, changes, tx, stop));
     let body = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv()
             .await
             .map(|line| (Ok::<Bytes, std::convert::Infallible>(line), rx))
     });
-    Ok((
+    Ok(stream_response(Body::from_stream(body)))
+}
+
+fn stream_response(body: Body) -> Response {
+    (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "application/json")],
-        Body::from_stream(body),
+        body,
     )
-        .into_response())
+        .into_response()
 }
 
 /// Why a watcher's task stops sending.
@@ -62,9 +86,12 @@ enum End {
     Gone,
 }
 
+/// Sends `first`, then every change numbered after `seen`, until the client goes away, the
+/// server stops, or the watcher falls behind.
 async fn feed(
     scope: Scope,
-    first: Vec<Value>,
+    first: Vec<Bytes>,
+    seen: u64,
     mut changes: tokio::sync::broadcast::Receiver<Arc<StoreEvent>>,
     tx: mpsc::Sender<Bytes>,
     mut stop: watch::Receiver<bool>,
@@ -73,8 +100,8 @@ async fn feed(
         tx,
         stop: &mut stop,
     };
-    for object in first {
-        if out.send(event_line("ADDED", &object)).await.is_err() {
+    for line in first {
+        if out.send(line).await.is_err() {
             return;
         }
     }
@@ -107,6 +134,9 @@ async fn feed(
             }
             Err(RecvError::Closed) => return,
         };
+        if event.seq <= seen {
+            continue;
+        }
         if let Some(line) = encode(&scope, &event) {
             if out.send(line).await.is_err() {
                 return;

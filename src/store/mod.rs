@@ -23,11 +23,13 @@ use bytes::Bytes;
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 
+mod feed;
 mod writer;
 
 use crate::config::Synchronous;
 use crate::metrics::StoreMetrics;
 
+pub use feed::{Expired, Resume};
 pub use writer::DEDUPE_WINDOW;
 
 /// Changes queued for the writer thread before submitters wait.
@@ -35,9 +37,6 @@ const QUEUE_DEPTH: usize = 4096;
 /// Idle read connections kept open.
 const MAX_IDLE_READERS: usize = 4;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-/// Committed changes buffered for each watcher of the change feed; one that falls further
-/// behind learns it has lagged instead of slowing the writer.
-const FEED_DEPTH: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -184,6 +183,8 @@ pub enum ChangeKind {
 /// One committed change to the `meta` table, as the change feed reports it.
 #[derive(Debug, Clone)]
 pub struct StoreEvent {
+    /// Its number in the feed, increasing by one per change.
+    pub seq: u64,
     pub kind: ChangeKind,
     pub key: String,
     pub rtype: String,
@@ -193,6 +194,7 @@ pub struct StoreEvent {
 }
 
 /// Counters the writer keeps for everyone else.
+#[derive(Default)]
 struct Shared {
     /// Transactions committed, and changes in them: group commit's effect, observable.
     commits: AtomicU64,
@@ -200,21 +202,8 @@ struct Shared {
     outbox_len: AtomicUsize,
     outbox_dropped_full: AtomicU64,
     outbox_changed: Notify,
-    /// The change feed: sent to after each commit; a send never blocks the writer.
-    changes: broadcast::Sender<Arc<StoreEvent>>,
-}
-
-impl Default for Shared {
-    fn default() -> Self {
-        Self {
-            commits: AtomicU64::default(),
-            committed_changes: AtomicU64::default(),
-            outbox_len: AtomicUsize::default(),
-            outbox_dropped_full: AtomicU64::default(),
-            outbox_changed: Notify::default(),
-            changes: broadcast::channel(FEED_DEPTH).0,
-        }
-    }
+    /// The change feed: published to after each commit; publishing never waits.
+    feed: feed::Feed,
 }
 
 /// A handle to the store; cheap to clone.
@@ -322,7 +311,19 @@ impl Store {
     /// The change feed: every change to `meta` from any source, after its commit, in commit
     /// order. A receiver that falls more than a buffer behind gets `Lagged`.
     pub fn subscribe_changes(&self) -> broadcast::Receiver<Arc<StoreEvent>> {
-        self.inner.shared.changes.subscribe()
+        self.inner.shared.feed.subscribe()
+    }
+
+    /// The number of the last change in the feed. A read started after this call includes
+    /// that change, so it is the `resourceVersion` of a list read next.
+    pub fn feed_position(&self) -> u64 {
+        self.inner.shared.feed.position()
+    }
+
+    /// Subscribes to the feed and returns the recorded changes numbered after `version`, for a
+    /// watch that starts where a list left off. The live receiver may repeat some of them.
+    pub fn changes_since(&self, version: u64) -> Result<Resume, Expired> {
+        self.inner.shared.feed.since(version)
     }
 
     /// Transactions committed so far, and the changes they held.

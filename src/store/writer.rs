@@ -158,10 +158,7 @@ impl Writer {
             }
             self.shared.outbox_changed.notify_one();
         }
-        for event in effect.events {
-            // Never blocks: a receiver that is behind loses the oldest and is told so.
-            let _ = self.shared.changes.send(Arc::new(event));
-        }
+        self.shared.feed.publish(effect.events);
         outcomes
     }
 
@@ -221,7 +218,7 @@ impl Writer {
             Some(w) => {
                 // What the key held before matters only to watchers (ADDED or MODIFIED, and
                 // the object a DELETED carries), so it is read only while somebody watches.
-                let watched = self.shared.changes.receiver_count() > 0;
+                let watched = self.shared.feed.watched();
                 let before = match w {
                     Write::Put { key, .. }
                     | Write::PutIfChanged { key, .. }
@@ -363,6 +360,7 @@ fn feed_event(write: &Write, outcome: Outcome, before: Option<String>) -> Option
             Write::Put { key, rtype, value } | Write::PutIfChanged { key, rtype, value },
             Outcome::Stored,
         ) => Some(StoreEvent {
+            seq: 0,
             kind: if before.is_some() {
                 ChangeKind::Modified
             } else {
@@ -373,6 +371,7 @@ fn feed_event(write: &Write, outcome: Outcome, before: Option<String>) -> Option
             value: value.clone(),
         }),
         (Write::Delete { key, .. }, Outcome::Deleted) => Some(StoreEvent {
+            seq: 0,
             kind: ChangeKind::Deleted,
             key: key.clone(),
             rtype: key.split('/').nth(1).unwrap_or_default().to_owned(),

@@ -1,0 +1,203 @@
+//! The change feed: every committed change to `meta`, numbered, for watchers.
+//!
+//! The writer numbers each change after its commit, records it in a short history and sends it
+//! on a broadcast channel; neither step can make it wait. The numbers are what a list reports as
+//! its `resourceVersion`, so a client that lists and then watches from that version is given
+//! the changes in between from the history, instead of missing them. They start at the
+//! microseconds since the epoch when the store opened, so a version from an earlier run of the
+//! process is older than anything in the history and the client is told to list again.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::broadcast;
+
+use super::StoreEvent;
+
+/// Changes kept for watchers that start from a version, and buffered for each live watcher.
+pub const FEED_DEPTH: usize = 1024;
+
+/// A watch asked for changes the history no longer holds.
+#[derive(Debug, thiserror::Error)]
+#[error("resource version {0} is too old or unknown; list again")]
+pub struct Expired(pub u64);
+
+/// Where a watch resumes: a live receiver, and the recorded changes it will not receive.
+pub type Resume = (broadcast::Receiver<Arc<StoreEvent>>, Vec<Arc<StoreEvent>>);
+
+pub(super) struct Feed {
+    /// The number of the last change sent.
+    seq: AtomicU64,
+    sender: broadcast::Sender<Arc<StoreEvent>>,
+    history: Mutex<History>,
+    /// Non-zero: the number of the last change the writer could not record because a watcher
+    /// was reading the history at that moment. The history is not complete up to there.
+    gap: AtomicU64,
+}
+
+struct History {
+    events: VecDeque<Arc<StoreEvent>>,
+    /// Every change numbered from here on is in `events`.
+    since: u64,
+}
+
+impl Default for Feed {
+    fn default() -> Self {
+        let start = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_micros() as u64);
+        Self {
+            seq: AtomicU64::new(start),
+            sender: broadcast::channel(FEED_DEPTH).0,
+            history: Mutex::new(History {
+                events: VecDeque::with_capacity(FEED_DEPTH),
+                since: start + 1,
+            }),
+            gap: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Feed {
+    pub fn watched(&self) -> bool {
+        self.sender.receiver_count() > 0
+    }
+
+    /// Numbers, records and sends one commit's changes. Called by the writer only; never waits.
+    pub fn publish(&self, events: Vec<StoreEvent>) {
+        if events.is_empty() {
+            return;
+        }
+        let events: Vec<Arc<StoreEvent>> = events
+            .into_iter()
+            .map(|mut e| {
+                e.seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
+                Arc::new(e)
+            })
+            .collect();
+        // Recorded before sent: a watcher that subscribes and then reads the history sees
+        // each change in one or the other, possibly both (it skips numbers it has seen).
+        match self.history.try_lock() {
+            Ok(mut h) => {
+                let gap = self.gap.swap(0, Ordering::SeqCst);
+                if gap != 0 {
+                    h.events.clear();
+                    h.since = gap + 1;
+                }
+                for e in &events {
+                    h.events.push_back(e.clone());
+                }
+                while h.events.len() > FEED_DEPTH {
+                    if let Some(old) = h.events.pop_front() {
+                        h.since = old.seq + 1;
+                    }
+                }
+            }
+            Err(_) => {
+                if let Some(last) = events.last() {
+                    self.gap.store(last.seq, Ordering::SeqCst);
+                }
+            }
+        }
+        for e in events {
+            // A receiver that is behind loses the oldest and is told so; the send never waits.
+            let _ = self.sender.send(e);
+        }
+    }
+
+    /// The number of the last change sent: what a list read after this call includes.
+    pub fn position(&self) -> u64 {
+        self.seq.load(Ordering::SeqCst)
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<StoreEvent>> {
+        self.sender.subscribe()
+    }
+
+    /// A live receiver, and the recorded changes after `version` that it will not see.
+    pub fn since(&self, version: u64) -> Result<Resume, Expired> {
+        let live = self.sender.subscribe();
+        if version > self.position() {
+            return Err(Expired(version));
+        }
+        let h = self.history.lock().map_err(|_| Expired(version))?;
+        let since = match self.gap.load(Ordering::SeqCst) {
+            0 => h.since,
+            gap => gap + 1,
+        };
+        if version + 1 < since {
+            return Err(Expired(version));
+        }
+        let backlog = h
+            .events
+            .iter()
+            .filter(|e| e.seq > version)
+            .cloned()
+            .collect();
+        Ok((live, backlog))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::ChangeKind;
+
+    fn event(key: &str) -> StoreEvent {
+        StoreEvent {
+            seq: 0,
+            kind: ChangeKind::Added,
+            key: key.into(),
+            rtype: "pod".into(),
+            value: bytes::Bytes::from_static(b"{}"),
+        }
+    }
+
+    #[test]
+    fn a_watch_from_a_version_gets_what_came_after_it() {
+        let feed = Feed::default();
+        feed.publish(vec![event("a")]);
+        let listed = feed.position();
+        feed.publish(vec![event("b"), event("c")]);
+        let (_live, backlog) = feed.since(listed).unwrap();
+        let keys: Vec<&str> = backlog.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["b", "c"]);
+        assert_eq!(backlog[1].seq, feed.position());
+        assert!(feed.since(feed.position()).unwrap().1.is_empty());
+        assert!(feed.since(feed.position() + 1).is_err(), "a future version");
+    }
+
+    #[test]
+    fn versions_the_history_no_longer_holds_are_expired() {
+        let feed = Feed::default();
+        let start = feed.position();
+        for i in 0..FEED_DEPTH + 10 {
+            feed.publish(vec![event(&format!("k{i}"))]);
+        }
+        assert!(feed.since(start).is_err());
+        assert!(feed.since(1).is_err(), "a version from an earlier run");
+        let recent = feed.position() - 5;
+        assert_eq!(feed.since(recent).unwrap().1.len(), 5);
+    }
+
+    #[test]
+    fn a_change_not_recorded_while_a_watcher_reads_expires_older_versions() {
+        let feed = Feed::default();
+        let before = feed.position();
+        let held = feed.history.lock().unwrap();
+        feed.publish(vec![event("a")]);
+        drop(held);
+        assert!(feed.since(before).is_err(), "the history misses `a`");
+        let after = feed.position();
+        feed.publish(vec![event("b")]);
+        let keys: Vec<String> = feed
+            .since(after)
+            .unwrap()
+            .1
+            .iter()
+            .map(|e| e.key.clone())
+            .collect();
+        assert_eq!(keys, ["b"]);
+    }
+}
