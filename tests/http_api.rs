@@ -588,3 +588,75 @@ async fn a_watch_from_a_list_version_misses_nothing_in_between() {
     .await;
     assert_eq!(code, 400);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_sees_objects_a_remote_query_fetched_from_the_cloud() {
+    let Some(mut app) = TestApp::spawn(Options::new(BrokerKind::Embedded)).await else {
+        return;
+    };
+    let port = app.http_port;
+    app.set_cloud(true).await;
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    stream
+        .write_all(
+            b"GET /api/v1/secrets?watch=true HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    // The response head arrives once the (empty) watch is set up.
+    let mut seen = String::new();
+    read_until(&mut stream, &mut seen, "\r\n\r\n").await;
+
+    let key = "default/secret/db-credentials";
+    let query = message("query", key, Value::Null);
+    app.client.publish("edged", &query).await;
+    let asked = app
+        .client
+        .wait_for("metamanager/to/edgehub", |v| {
+            v["route"]["operation"] == "query"
+        })
+        .await;
+    let secret = fixture("secret.json");
+    let mut answer = message("response", key, secret.clone());
+    answer["header"]["parent_msg_id"] = asked["header"]["msg_id"].clone();
+    app.client.publish("edgehub", &answer).await;
+    app.client
+        .reply_to("metamanager/to/edged", msg_id(&query))
+        .await;
+
+    read_until(&mut stream, &mut seen, "db-credentials").await;
+    let event: Value = seen
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
+        .find(|e| e.get("type").is_some())
+        .unwrap();
+    assert_eq!(event, json!({"type": "ADDED", "object": secret}));
+}
+
+#[test]
+fn an_http_port_in_use_stops_start_up_naming_the_address() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let http = taken.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("edge.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "mqtt:\n  port: {}\ndatabase:\n  path: {}\nhttp:\n  listen: {http}\n",
+            common::free_port(),
+            dir.path().join("m.db").display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_metamanager"))
+        .arg("-c")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&http.to_string()), "{stderr}");
+    assert!(stderr.contains("http.listen"), "{stderr}");
+}
