@@ -26,6 +26,31 @@ fn assert_ack(reply: &Value, parent: &str, resource: &str) {
     assert!(reply["header"]["timestamp"].as_i64().unwrap() > 1_700_000_000_000);
 }
 
+/// Publishes `msg` as `from` and checks that it is forwarded to the other peer unchanged,
+/// then acked to `from`.
+async fn forwarded_then_acked(app: &mut TestApp, from: &str, msg: &Value) {
+    let to = if from == "edgehub" {
+        "edged"
+    } else {
+        "edgehub"
+    };
+    app.client.publish(from, msg).await;
+    let forwarded = app
+        .client
+        .wait_for(&format!("metamanager/to/{to}"), is_forward_of(msg))
+        .await;
+    assert_eq!(&forwarded, msg, "forwarded unchanged");
+    let ack = app
+        .client
+        .reply_to(&format!("metamanager/to/{from}"), msg_id(msg))
+        .await;
+    assert_ack(
+        &ack,
+        msg_id(msg),
+        msg["route"]["resource"].as_str().unwrap(),
+    );
+}
+
 fn is_forward_of(sent: &Value) -> impl Fn(&Value) -> bool + '_ {
     move |v: &Value| v["header"]["msg_id"] == sent["header"]["msg_id"]
 }
@@ -35,18 +60,7 @@ async fn insert_from_edgehub_stores_forwards_then_acks(kind: BrokerKind) {
         return;
     };
     let insert = fixture("insert-pod.message.json");
-    app.client.publish("edgehub", &insert).await;
-
-    let forwarded = app
-        .client
-        .wait_for("metamanager/to/edged", is_forward_of(&insert))
-        .await;
-    assert_eq!(forwarded, insert, "forwarded unchanged");
-    let ack = app
-        .client
-        .reply_to("metamanager/to/edgehub", msg_id(&insert))
-        .await;
-    assert_ack(&ack, msg_id(&insert), POD_KEY);
+    forwarded_then_acked(&mut app, "edgehub", &insert).await;
 
     let stored = app.client.query("edged", POD_KEY).await;
     assert_eq!(stored, json!([fixture("pod.json")]));
@@ -82,17 +96,7 @@ async fn insert_from_edged_goes_to_edgehub(kind: BrokerKind) {
     let status = fixture("podstatus.json");
     let key = "default/podstatus/nginx-7d9c5b8f4-x2k9p";
     let insert = message("insert", key, status.clone());
-    app.client.publish("edged", &insert).await;
-    let forwarded = app
-        .client
-        .wait_for("metamanager/to/edgehub", is_forward_of(&insert))
-        .await;
-    assert_eq!(forwarded, insert);
-    let ack = app
-        .client
-        .reply_to("metamanager/to/edged", msg_id(&insert))
-        .await;
-    assert_ack(&ack, msg_id(&insert), key);
+    forwarded_then_acked(&mut app, "edged", &insert).await;
     assert_eq!(app.client.query("edged", key).await, json!([status]));
 }
 
@@ -105,15 +109,7 @@ async fn update_forwards_only_real_changes(kind: BrokerKind) {
 
     // Absent: stored, forwarded, acked.
     let first = message("update", key, cm.clone());
-    app.client.publish("edgehub", &first).await;
-    app.client
-        .wait_for("metamanager/to/edged", is_forward_of(&first))
-        .await;
-    let ack = app
-        .client
-        .reply_to("metamanager/to/edgehub", msg_id(&first))
-        .await;
-    assert_ack(&ack, msg_id(&first), key);
+    forwarded_then_acked(&mut app, "edgehub", &first).await;
 
     // Equal as JSON, keys in another order: acked, not forwarded.
     let reordered: Value = serde_json::from_str(&reorder_keys(&cm)).unwrap();
@@ -129,13 +125,7 @@ async fn update_forwards_only_real_changes(kind: BrokerKind) {
     let mut changed_cm = cm.clone();
     changed_cm["data"]["feature-flags"] = json!("beta=true\n");
     let changed = message("update", key, changed_cm.clone());
-    app.client.publish("edgehub", &changed).await;
-    app.client
-        .wait_for("metamanager/to/edged", is_forward_of(&changed))
-        .await;
-    app.client
-        .reply_to("metamanager/to/edgehub", msg_id(&changed))
-        .await;
+    forwarded_then_acked(&mut app, "edgehub", &changed).await;
 
     let seen = app.client.drain(Duration::from_millis(300)).await;
     assert!(
@@ -166,15 +156,7 @@ async fn update_from_edged_goes_to_edgehub(kind: BrokerKind) {
     app.set_cloud(true).await;
     let key = "default/podstatus/nginx-7d9c5b8f4-x2k9p";
     let update = message("update", key, fixture("podstatus.json"));
-    app.client.publish("edged", &update).await;
-    app.client
-        .wait_for("metamanager/to/edgehub", is_forward_of(&update))
-        .await;
-    let ack = app
-        .client
-        .reply_to("metamanager/to/edged", msg_id(&update))
-        .await;
-    assert_ack(&ack, msg_id(&update), key);
+    forwarded_then_acked(&mut app, "edged", &update).await;
 }
 
 async fn delete_removes_and_respects_pod_uid(kind: BrokerKind) {
@@ -194,30 +176,12 @@ async fn delete_removes_and_respects_pod_uid(kind: BrokerKind) {
         POD_KEY,
         json!({"metadata": {"uid": "some-older-uid"}}),
     );
-    app.client.publish("edgehub", &stale).await;
-    app.client
-        .wait_for("metamanager/to/edged", is_forward_of(&stale))
-        .await;
-    let ack = app
-        .client
-        .reply_to("metamanager/to/edgehub", msg_id(&stale))
-        .await;
-    assert_ack(&ack, msg_id(&stale), POD_KEY);
+    forwarded_then_acked(&mut app, "edgehub", &stale).await;
     assert_eq!(app.client.query("edged", POD_KEY).await, json!([pod]));
 
     // The matching uid removes it.
     let delete = message("delete", POD_KEY, pod.clone());
-    app.client.publish("edgehub", &delete).await;
-    let forwarded = app
-        .client
-        .wait_for("metamanager/to/edged", is_forward_of(&delete))
-        .await;
-    assert_eq!(forwarded, delete);
-    let ack = app
-        .client
-        .reply_to("metamanager/to/edgehub", msg_id(&delete))
-        .await;
-    assert_ack(&ack, msg_id(&delete), POD_KEY);
+    forwarded_then_acked(&mut app, "edgehub", &delete).await;
     assert_eq!(app.client.query("edged", POD_KEY).await, json!([]));
 
     // Deleting what is absent is not an error.
