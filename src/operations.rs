@@ -111,6 +111,7 @@ async fn change(
         msg_id: Some(msg.msg_id().to_owned()),
         write: Some(write),
         to_cloud: queue_for_cloud(node, sender.other(), &msg, &publish, kind),
+        ..Change::default()
     };
     let committed = match node.store.submit(change).await {
         Ok(c) => c,
@@ -364,6 +365,7 @@ async fn relay_from_edged(node: &Arc<Node>, publish: Publish, msg: Message) -> S
         msg_id: Some(msg.msg_id().to_owned()),
         write,
         to_cloud: queue_for_cloud(node, Peer::Edgehub, &msg, &publish, WriteKind::Put),
+        ..Change::default()
     };
     let committed: Committed = match node.store.submit(change).await {
         Ok(c) => c,

@@ -16,7 +16,7 @@ use tokio::sync::watch;
 
 use crate::config::OutboxSettings;
 use crate::node::Node;
-use crate::store::{Change, CloudMessage, StoreError, Write};
+use crate::store::{Change, CloudMessage, StoreError};
 use crate::topics::Peer;
 
 /// The drain sends in small slices ten times a second.
@@ -128,7 +128,12 @@ async fn drain(
         }
         // Removed after the publish is handed to the MQTT client: a crash in between sends
         // them again (at least once), never loses them.
-        node.store.write(Write::OutboxRemove { seqs: done }).await?;
+        node.store
+            .write(Change {
+                outbox_done: done,
+                ..Change::default()
+            })
+            .await?;
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {}
             _ = stop.changed() => return Ok(false),

@@ -98,8 +98,17 @@ pub enum Write {
     },
     /// Remove `key`; with `uid`, only when the stored object's `metadata.uid` is that uid.
     Delete { key: String, uid: Option<String> },
-    /// Remove outbox entries that have been sent (or dropped).
-    OutboxRemove { seqs: Vec<i64> },
+}
+
+impl Write {
+    /// The key the write changes.
+    pub fn key(&self) -> &str {
+        match self {
+            Write::Put { key, .. }
+            | Write::PutIfChanged { key, .. }
+            | Write::Delete { key, .. } => key,
+        }
+    }
 }
 
 /// A message for the cloud, kept in the outbox until the cloud is back.
@@ -119,6 +128,8 @@ pub struct Change {
     pub write: Option<Write>,
     /// Queued in the outbox, in the same transaction, unless the write changed nothing.
     pub to_cloud: Option<CloudMessage>,
+    /// Outbox entries that have been sent (or dropped), to remove.
+    pub outbox_done: Vec<i64>,
 }
 
 impl From<Write> for Change {

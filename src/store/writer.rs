@@ -206,28 +206,22 @@ impl Writer {
                 });
             }
         }
-        let outcome = match &change.write {
-            Some(Write::OutboxRemove { seqs }) => {
-                let mut stmt = conn.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?;
-                for seq in seqs {
-                    self.outbox_rows -= stmt.execute([seq])? as i64;
-                }
-                effect.touched = true;
-                Outcome::Deleted
+        if !change.outbox_done.is_empty() {
+            let mut stmt = conn.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?;
+            for seq in &change.outbox_done {
+                self.outbox_rows -= stmt.execute([seq])? as i64;
             }
+            effect.touched = true;
+        }
+        let outcome = match &change.write {
             Some(w) => {
                 // What the key held before matters only to watchers (ADDED or MODIFIED, and
                 // the object a DELETED carries), so it is read only while somebody watches.
                 let watched = self.shared.feed.watched();
-                let before = match w {
-                    Write::Put { key, .. }
-                    | Write::PutIfChanged { key, .. }
-                    | Write::Delete { key, .. }
-                        if watched =>
-                    {
-                        stored_value(conn, key)?
-                    }
-                    _ => None,
+                let before = if watched {
+                    stored_value(conn, w.key())?
+                } else {
+                    None
                 };
                 let outcome = apply_write(conn, w)?;
                 if let Some(event) = feed_event(w, outcome, before) {
@@ -348,7 +342,6 @@ fn apply_write(conn: &Connection, write: &Write) -> rusqlite::Result<Outcome> {
                 .execute([key])?;
             Ok(Outcome::Deleted)
         }
-        Write::OutboxRemove { .. } => unreachable!("handled by Writer::apply"),
     }
 }
 
