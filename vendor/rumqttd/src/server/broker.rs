@@ -400,6 +400,12 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                 }
             };
 
+            // Replies are small and latency-bound: without this, Nagle's algorithm meets the
+            // client's delayed ACK and every reply waits ~40 ms.
+            if let Err(e) = stream.set_nodelay(true) {
+                warn!(error=?e, "Unable to set TCP_NODELAY");
+            }
+
             let (network, tenant_id) = match self.tls_accept(stream).await {
                 Ok(o) => o,
                 Err(e) => {
