@@ -13,7 +13,7 @@ use crate::{meters, ConnectionSettings, Meter};
 use flume::{RecvError, SendError, Sender};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use tracing::{error, field, info, warn, Instrument};
 use uuid::Uuid;
 
@@ -541,20 +541,23 @@ async fn remote<P: Protocol>(
         client_id = format!("{tenant_id}.{client_id}");
     }
 
-    if let Some(sender) = will_handlers.lock().unwrap().remove(&client_id) {
+    // The previous connection with this client id may be gone without awaiting its will
+    // receiver (e.g. it failed before the link started), so the send may fail: that is fine.
+    // The lock is released before sending and never unwrapped, so no client can poison it.
+    let previous = lock_will_handlers(&will_handlers).remove(&client_id);
+    if let Some(sender) = previous {
         let awaiting_will = if clean_session {
             AwaitingWill::Fire
         } else {
             AwaitingWill::Cancel
         };
-        sender.try_send(awaiting_will).unwrap();
+        if let Err(e) = sender.try_send(awaiting_will) {
+            info!(error=?e, "previous connection no longer awaits its will");
+        }
     }
 
     let (will_tx, will_rx) = flume::bounded::<AwaitingWill>(1);
-    will_handlers
-        .lock()
-        .unwrap()
-        .insert(client_id.clone(), will_tx);
+    lock_will_handlers(&will_handlers).insert(client_id.clone(), will_tx.clone());
 
     // Start the link
     let mut link = match RemoteLink::new(
@@ -570,6 +573,7 @@ async fn remote<P: Protocol>(
         Ok(l) => l,
         Err(e) => {
             error!(error=?e, "Remote link error");
+            remove_will_handler(&will_handlers, &client_id, &will_tx);
             return;
         }
     };
@@ -617,7 +621,7 @@ async fn remote<P: Protocol>(
         Ok(w) => w.is_ok_and(|k| k == AwaitingWill::Fire),
         Err(_) => {
             // no need to keep the sender after timeout
-            will_handlers.lock().unwrap().remove(&client_id);
+            remove_will_handler(&will_handlers, &client_id, &will_tx);
             // as will delay interval has passed, publish the will message
             true
         }
@@ -631,5 +635,22 @@ async fn remote<P: Protocol>(
         // It won't matter in this case as we don't use it
         // but might affect logs?
         router_tx.send((connection_id, message)).ok();
+    }
+}
+
+type WillHandlers = Mutex<HashMap<String, Sender<AwaitingWill>>>;
+
+/// The will handlers map, also after a panic elsewhere poisoned its lock: the map holds no
+/// invariant that a panic could break halfway.
+fn lock_will_handlers(handlers: &WillHandlers) -> MutexGuard<'_, HashMap<String, Sender<AwaitingWill>>> {
+    handlers.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Removes this connection's will sender, unless a newer connection with the same client id
+/// has replaced it.
+fn remove_will_handler(handlers: &WillHandlers, client_id: &str, own: &Sender<AwaitingWill>) {
+    let mut handlers = lock_will_handlers(handlers);
+    if handlers.get(client_id).is_some_and(|s| s.same_channel(own)) {
+        handlers.remove(client_id);
     }
 }
