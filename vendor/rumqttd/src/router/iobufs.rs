@@ -133,16 +133,11 @@ impl Outgoing {
 
         for mut p in publishes {
             // Index and pkid of current outgoing packet
-            self.last_pkid += 1;
+            self.last_pkid = self.next_pkid();
             p.publish.pkid = self.last_pkid;
 
             self.inflight_buffer
                 .push_back((self.last_pkid, filter_idx, p.cursor));
-
-            // Place max pkid packet at index 0
-            if self.last_pkid == MAX_PKID {
-                self.last_pkid = 0;
-            }
 
             self.meter.publish_count += 1;
             self.meter.total_size += p.publish.topic.len() + p.publish.payload.len();
@@ -162,18 +157,32 @@ impl Outgoing {
         (buffer_count, inflight_count)
     }
 
-    // Returns (unsolicited, outoforder) flags
-    // Return: Out of order or unsolicited acks
+    /// Removes `pkid` from the inflight buffer, wherever it is: clients may ack in any order.
+    /// `None` when `pkid` is not in flight (an unsolicited ack).
     pub fn register_ack(&mut self, pkid: u16) -> Option<()> {
-        let (head, _filter_idx, _cursor) = self.inflight_buffer.pop_front()?;
-
-        // We don't support out of order acks
-        if pkid != head {
-            error!(pkid, head, "out of order ack.");
-            return None;
-        }
-
+        let index = self
+            .inflight_buffer
+            .iter()
+            .position(|(inflight, _, _)| *inflight == pkid)?;
+        // `remove` keeps the order of the rest, which `retransmission_map` relies on.
+        self.inflight_buffer.remove(index);
         Some(())
+    }
+
+    /// The next pkid after `last_pkid` that is not in flight. With acks in any order, the next
+    /// pkid in sequence may still be in flight; there is always a free one when the caller
+    /// checked `free_slots`.
+    fn next_pkid(&self) -> u16 {
+        let mut pkid = self.last_pkid;
+        for _ in 0..MAX_PKID {
+            pkid = pkid % MAX_PKID + 1;
+            if !self.inflight_buffer.iter().any(|(p, _, _)| *p == pkid) {
+                return pkid;
+            }
+        }
+        // Only reached when more than MAX_INFLIGHT are in flight (which push_forwards warns
+        // about); fall back to the sequence.
+        self.last_pkid % MAX_PKID + 1
     }
 
     pub fn register_pubrec(&mut self, pkid: u16) {
@@ -243,6 +252,60 @@ mod test {
 
         outgoing.inflight_buffer.extend(buf);
         assert_eq!(outgoing.retransmission_map(), result);
+    }
+
+    fn forward(cursor: Cursor) -> Forward {
+        Forward {
+            cursor: Some(cursor),
+            size: 0,
+            publish: crate::protocol::Publish {
+                dup: false,
+                qos: crate::protocol::QoS::AtLeastOnce,
+                retain: false,
+                topic: "t".into(),
+                pkid: 0,
+                payload: "p".into(),
+            },
+            properties: None,
+        }
+    }
+
+    fn pkids(outgoing: &Outgoing) -> Vec<u16> {
+        outgoing.inflight_buffer.iter().map(|(p, _, _)| *p).collect()
+    }
+
+    #[test]
+    fn acks_in_any_order_are_accepted_and_unknown_ones_refused() {
+        let (mut outgoing, _rx) = Outgoing::new("ooo".to_string());
+        outgoing.push_forwards((1..=5).map(|o| forward((0, o))), 1, 7);
+        assert_eq!(pkids(&outgoing), vec![1, 2, 3, 4, 5]);
+
+        assert!(outgoing.register_ack(3).is_some());
+        assert!(outgoing.register_ack(5).is_some());
+        assert!(outgoing.register_ack(3).is_none(), "already acked");
+        assert!(outgoing.register_ack(42).is_none(), "never sent");
+        assert_eq!(pkids(&outgoing), vec![1, 2, 4]);
+        // Retransmission starts at the oldest unacked publish.
+        assert_eq!(outgoing.retransmission_map()[&7], (0, 1));
+        assert!(outgoing.register_ack(1).is_some());
+        assert_eq!(outgoing.retransmission_map()[&7], (0, 2));
+    }
+
+    #[test]
+    fn pkids_in_flight_are_not_reused_after_out_of_order_acks() {
+        let (mut outgoing, _rx) = Outgoing::new("reuse".to_string());
+        outgoing.push_forwards((0..MAX_INFLIGHT as u64).map(|o| forward((0, o))), 1, 0);
+        assert_eq!(outgoing.free_slots(), 0);
+        // Everything but pkid 1 is acked, out of order.
+        for pkid in (2..=MAX_PKID).rev() {
+            assert!(outgoing.register_ack(pkid).is_some());
+        }
+        outgoing.push_forwards((0..(MAX_INFLIGHT as u64 - 1)).map(|o| forward((1, o))), 1, 0);
+        let mut in_flight = pkids(&outgoing);
+        assert_eq!(in_flight.len(), MAX_INFLIGHT);
+        in_flight.sort_unstable();
+        in_flight.dedup();
+        assert_eq!(in_flight.len(), MAX_INFLIGHT, "every pkid in flight is distinct");
     }
 
     // use super::{Outgoing, MAX_INFLIGHT};

@@ -768,10 +768,11 @@ impl Router {
 
                     let outgoing = self.obufs.get_mut(id).unwrap();
                     let pkid = puback.pkid;
+                    // Acks may come in any order; one for a pkid not in flight (e.g. a
+                    // duplicate) changes nothing and is no reason to drop the client.
                     if outgoing.register_ack(pkid).is_none() {
-                        error!(pkid, "Unsolicited/ooo ack received for pkid {}", pkid);
-                        disconnect = true;
-                        break;
+                        warn!(pkid, "Unsolicited ack received for pkid {}, ignored", pkid);
+                        continue;
                     }
 
                     self.scheduler.reschedule(id, ScheduleReason::IncomingAck);
