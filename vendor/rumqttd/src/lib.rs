@@ -202,6 +202,12 @@ pub struct RouterConfig {
     // defaults to Round Robin
     #[serde(default)]
     pub shared_subscriptions_strategy: Strategy,
+    /// Client ids whose reading the commit log must never overrun: while one of them is
+    /// connected, a publish that would drop a segment it has not read yet is held back, with the
+    /// rest of its publisher's packets, until it has read further. Not applied while it is
+    /// disconnected, nor to its own publishes.
+    #[serde(default)]
+    pub lossless_clients: Vec<String>,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]

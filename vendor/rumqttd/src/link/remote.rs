@@ -3,7 +3,7 @@ use crate::link::network;
 use crate::link::network::Network;
 use crate::local::LinkBuilder;
 use crate::protocol::{ConnAck, Connect, ConnectReturnCode, Login, Packet, Protocol};
-use crate::router::{Event, Notification};
+use crate::router::{Event, Notification, MAX_CHANNEL_CAPACITY};
 use crate::{ConnectionId, ConnectionSettings};
 
 use flume::{RecvError, SendError, Sender, TrySendError};
@@ -48,6 +48,12 @@ pub enum Error {
     #[error("Link error = {0}")]
     Link(#[from] LinkError),
 }
+
+/// Packets read from the network and not yet taken by the router above which the link stops
+/// reading from the network (it reads at most `max_inflight_count` more in one go).
+const MAX_UNREAD_INCOMING: usize = MAX_CHANNEL_CAPACITY;
+/// How often a paused link looks whether the router has taken its packets.
+const INCOMING_RECHECK: Duration = Duration::from_millis(5);
 
 /// Orchestrates between Router and Network.
 pub struct RemoteLink<P> {
@@ -136,8 +142,13 @@ impl<P: Protocol> RemoteLink<P> {
         // Note:
         // Shouldn't result in bounded queue deadlocks because of blocking n/w send
         loop {
+            // Stop reading while the router has not taken what was read before (it holds back a
+            // publisher whose messages would overrun a lossless reader): the socket's receive
+            // window then closes and the client is slowed instead of filling memory. Acks and
+            // forwards are still written meanwhile.
+            let paused = self.link_tx.buffer().len() >= MAX_UNREAD_INCOMING;
             select! {
-                o = self.network.read() => {
+                o = self.network.read(), if !paused => {
                     let packet = o?;
                     let len = {
                         let mut buffer = self.link_tx.buffer();
@@ -169,6 +180,7 @@ impl<P: Protocol> RemoteLink<P> {
                         self.link_rx.wake().await?;
                     }
                 }
+                _ = time::sleep(INCOMING_RECHECK), if paused => {}
             }
         }
     }

@@ -448,6 +448,7 @@ mod test {
             custom_segment: None,
             initialized_filters: None,
             shared_subscriptions_strategy: Strategy::RoundRobin,
+            lossless_clients: Vec::new(),
         };
         let mut data = DataLog::new(config).unwrap();
         data.next_native_offset("topic/a");
@@ -468,6 +469,7 @@ mod test {
             custom_segment: None,
             initialized_filters: None,
             shared_subscriptions_strategy: Strategy::RoundRobin,
+            lossless_clients: Vec::new(),
         };
         let mut data = DataLog::new(config).unwrap();
         data.next_native_offset("+/+");

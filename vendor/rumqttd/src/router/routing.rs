@@ -102,6 +102,13 @@ pub struct Router {
     shared_subscriptions: HashMap<String, SharedGroup>,
     /// Will messages per client_id
     last_wills: HashMap<String, (LastWill, Option<LastWillProperties>)>,
+    /// Connected clients named in `RouterConfig::lossless_clients`
+    lossless: HashSet<ConnectionId>,
+    /// Publishers held back because their next publish would overrun a lossless reader; their
+    /// packets wait in their incoming buffers
+    held_publishers: Vec<ConnectionId>,
+    /// A lossless reader may have read further (or left) since held publishers were last tried
+    lossless_progress: bool,
 }
 
 impl Router {
@@ -143,6 +150,9 @@ impl Router {
             cache: Some(VecDeque::with_capacity(MAX_CHANNEL_CAPACITY)),
             shared_subscriptions: HashMap::new(),
             last_wills: HashMap::new(),
+            lossless: HashSet::new(),
+            held_publishers: Vec::new(),
+            lossless_progress: false,
         }
     }
 
@@ -225,6 +235,10 @@ impl Router {
         // Poll 100 connections which are ready in ready queue
         for _ in 0..100 {
             self.consume();
+        }
+
+        if std::mem::take(&mut self.lossless_progress) {
+            self.resume_held_publishers();
         }
 
         // self.send_all_alerts();
@@ -360,6 +374,9 @@ impl Router {
 
         self.connection_map.insert(client_id.clone(), connection_id);
         info!(connection_id, "Client connection registered");
+        if self.config.lossless_clients.contains(&client_id) {
+            self.lossless.insert(connection_id);
+        }
 
         assert_eq!(self.ackslog.insert(ackslog), connection_id);
         assert_eq!(self.scheduler.add(tracker), connection_id);
@@ -457,6 +474,11 @@ impl Router {
         let mut tracker = self.scheduler.remove(id);
         self.connection_map.remove(&client_id);
         self.ackslog.remove(id);
+        self.held_publishers.retain(|&held| held != id);
+        if self.lossless.remove(&id) {
+            // Nothing is held back for a reader that is not connected.
+            self.lossless_progress = true;
+        }
 
         // Don't remove connection id from readyqueue with index. This will
         // remove wrong connection from readyqueue. Instead just leave disconnected
@@ -554,10 +576,24 @@ impl Router {
         let mut new_data = false;
         let mut disconnect = false;
         let mut disconnect_reason: Option<DisconnectReasonCode> = None;
+        // A lossless reader's own publishes are never held: its acks queue behind them.
+        let may_hold = !self.lossless.is_empty() && !self.lossless.contains(&id);
+        let mut held = false;
 
         // info!("{:15.15}[I] {:20} count = {}", client_id, "packets", packets.len());
 
-        for packet in packets.drain(0..) {
+        while let Some(packet) = packets.pop_front() {
+            if may_hold {
+                if let Packet::Publish(publish, _) = &packet {
+                    if self.publish_would_overrun_lossless_reader(publish) {
+                        // Neither appended nor acked: it and everything after it wait.
+                        packets.push_front(packet);
+                        held = true;
+                        break;
+                    }
+                }
+            }
+
             match packet {
                 Packet::Publish(publish, properties) => {
                     let span = tracing::error_span!("publish", topic = ?publish.topic, pkid = publish.pkid);
@@ -883,6 +919,25 @@ impl Router {
             }
         }
 
+        if held {
+            debug!(
+                count = packets.len(),
+                "Holding back publisher until lossless readers catch up"
+            );
+            if let Some(incoming) = self.ibufs.get_mut(id) {
+                let mut buffer = incoming.buffer.lock();
+                while let Some(packet) = packets.pop_back() {
+                    buffer.push_front(packet);
+                }
+            }
+            if !self.held_publishers.contains(&id) {
+                self.held_publishers.push(id);
+            }
+        } else {
+            self.held_publishers.retain(|&held| held != id);
+        }
+        // Whatever is left after a disconnection must not reach another connection.
+        packets.clear();
         self.cache = Some(packets);
 
         // Prepare AcksRequest in tracker if router is operating in a
@@ -907,6 +962,53 @@ impl Router {
         // 1 - 4. Hence we use a flag instead of diconnecting immediately
         if disconnect {
             self.handle_disconnection(id, disconnect_reason);
+        }
+    }
+
+    /// Whether appending `publish` would drop a commit log segment that a connected lossless
+    /// reader has not read yet. Its data requests are in its tracker or, right after an
+    /// append woke them, in `notifications`; parked ones (in waiters) are caught up and only
+    /// need the active segment.
+    fn publish_would_overrun_lossless_reader(&mut self, publish: &Publish) -> bool {
+        let Ok(topic) = std::str::from_utf8(&publish.topic) else {
+            return false;
+        };
+        let Some(filter_idxs) = self.datalog.matches(topic) else {
+            return false;
+        };
+        filter_idxs.into_iter().any(|filter_idx| {
+            let Some(segment) = self
+                .datalog
+                .native
+                .get(filter_idx)
+                .and_then(|data| data.log.segment_dropped_by_next_append())
+            else {
+                return false;
+            };
+            let needs = |id: ConnectionId, request: &DataRequest| {
+                let cursor = request
+                    .group
+                    .as_ref()
+                    .and_then(|name| self.shared_subscriptions.get(name))
+                    .map_or(request.cursor, |group| group.cursor);
+                request.filter_idx == filter_idx
+                    && cursor.0 <= segment
+                    && self.lossless.contains(&id)
+            };
+            self.lossless.iter().any(|&id| {
+                self.scheduler
+                    .trackers
+                    .get(id)
+                    .is_some_and(|t| t.data_requests.iter().any(|r| needs(id, r)))
+            }) || self.notifications.iter().any(|(id, r)| needs(*id, r))
+        })
+    }
+
+    /// Gives held publishers another go after a lossless reader read further or left; those
+    /// still in the way are held again.
+    fn resume_held_publishers(&mut self) {
+        for id in std::mem::take(&mut self.held_publishers) {
+            self.handle_device_payload(id);
         }
     }
 
@@ -1002,6 +1104,10 @@ impl Router {
 
         let span = tracing::info_span!("[<] outgoing", connection_id = id);
         let _guard = span.enter();
+
+        if self.lossless.contains(&id) && !self.held_publishers.is_empty() {
+            self.lossless_progress = true;
+        }
 
         let outgoing = match self.obufs.get_mut(id) {
             Some(v) => v,

@@ -143,6 +143,12 @@ where
         (self.tail, absolute_offset)
     }
 
+    /// The index of the segment that the next append would drop, if it would drop one.
+    pub fn segment_dropped_by_next_append(&self) -> Option<u64> {
+        let full = self.active_segment().size() >= self.max_segment_size as u64;
+        (full && self.memory_segments_count() >= self.max_mem_segments).then_some(self.head)
+    }
+
     fn apply_retention(&mut self) {
         if self.active_segment().size() >= self.max_segment_size as u64 {
             // Read absolute_offset before applying memory retention, in case there is only 1
@@ -282,6 +288,22 @@ mod tests {
         let expected = Bytes::from(vec![expected_id as u8; expected_size as usize]);
         // dbg!(expected_id, &expected);
         assert_eq!(out.0, expected);
+    }
+
+    #[test]
+    fn tells_which_segment_the_next_append_drops() {
+        // 1 KB segments, 2 in memory; 1 KB payloads fill a segment each.
+        let mut log: CommitLog<Bytes> = CommitLog::new(1024, 2).unwrap();
+        assert_eq!(log.segment_dropped_by_next_append(), None);
+        log.append(random_payload(0, 1024));
+        // The active segment is full, but there is room for another segment.
+        assert_eq!(log.segment_dropped_by_next_append(), None);
+        log.append(random_payload(1, 1024));
+        assert_eq!(log._head_and_tail(), (0, 1));
+        assert_eq!(log.segment_dropped_by_next_append(), Some(0));
+        log.append(random_payload(2, 1024));
+        assert_eq!(log._head_and_tail(), (1, 2), "segment 0 was dropped as announced");
+        assert_eq!(log.segment_dropped_by_next_append(), Some(1));
     }
 
     #[test]
