@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
-use crate::broker::{BrokerError, EmbeddedBroker};
+use crate::broker::{BrokerError, BrokerOptions, EmbeddedBroker, DEFAULT_MAX_CONNECTIONS};
 use crate::budget::Permit;
 use crate::config::{BrokerMode, ConfigError, Settings};
 use crate::http::{self, HttpError};
@@ -73,28 +73,37 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     };
     tracing::info!(path = %store.path().display(), "store open");
 
+    let client_id = format!("metamanager-{}", settings.node_id);
     let mut connect_host = settings.mqtt.host.clone();
+    let mut credentials = credentials;
     if settings.mqtt.mode == BrokerMode::Embedded {
-        let limit = settings.mqtt.max_payload_bytes;
-        let (host, port) = (settings.mqtt.host.clone(), settings.mqtt.port);
-        let auth = credentials.clone();
-        // The broker relays up to twice MetaManager's limit, so an oversized message still
-        // reaches MetaManager and its sender gets an error reply instead of a disconnect.
-        let broker = tokio::task::spawn_blocking(move || {
-            EmbeddedBroker::start(&host, port, limit * 2, auth)
-        })
-        .await
-        .map_err(|e| StoreError::Commit(format!("broker start-up task failed: {e}")))??;
+        // Fresh for every start: only this process can use its client id on its own broker.
+        let own_credentials = ("metamanager".to_string(), uuid::Uuid::new_v4().to_string());
+        let options = BrokerOptions {
+            host: settings.mqtt.host.clone(),
+            port: settings.mqtt.port,
+            // The broker relays up to twice MetaManager's limit, so an oversized message still
+            // reaches MetaManager and its sender gets an error reply instead of a disconnect.
+            max_payload: settings.mqtt.max_payload_bytes * 2,
+            auth: credentials.clone(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            own_client_ids: vec![client_id.clone()],
+            own_credentials: own_credentials.clone(),
+        };
+        let broker = tokio::task::spawn_blocking(move || EmbeddedBroker::start(options))
+            .await
+            .map_err(|e| StoreError::Commit(format!("broker start-up task failed: {e}")))??;
         if broker.addr.ip().is_unspecified() {
             connect_host = "127.0.0.1".into();
         }
+        credentials = Some(own_credentials);
     }
 
     let topics = Topics::new(&settings.mqtt.topic_prefix, &settings.node_id);
 
     let (link, inbound) = Link::start(
         LinkOptions {
-            client_id: format!("metamanager-{}", settings.node_id),
+            client_id,
             host: connect_host,
             port: settings.mqtt.port,
             offline_status: node::offline_status(&settings.node_id),

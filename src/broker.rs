@@ -3,12 +3,18 @@
 //! rumqttd reports a failed bind only in its own log and then returns, so start-up checks the
 //! address first and then waits until the broker accepts connections, turning both failures into
 //! an error that names the address.
+//!
+//! rumqttd is a patched copy (vendor/rumqttd, see its PATCHES.md): MetaManager's own client ids
+//! are reserved to its own credentials, and the broker never lets its in-memory log overrun
+//! MetaManager's reading, slowing publishers instead. [`probe`] checks from outside that the
+//! broker still completes an MQTT handshake, for a watchdog.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
-use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings};
+use rumqttd::{Config, ConnectionSettings, ReservedCredentials, RouterConfig, ServerSettings};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -29,6 +35,42 @@ pub enum BrokerError {
     Thread(std::io::Error),
 }
 
+/// How the embedded broker is set up.
+#[derive(Debug, Clone)]
+pub struct BrokerOptions {
+    pub host: String,
+    pub port: u16,
+    /// largest publish relayed
+    pub max_payload: usize,
+    /// username/password every other client must present, when set
+    pub auth: Option<(String, String)>,
+    /// most client connections at once (default 1024)
+    pub max_connections: usize,
+    /// MetaManager's own client ids: only a client with `own_credentials` may use them,
+    /// and the router never lets its commit log overrun their reading.
+    pub own_client_ids: Vec<String>,
+    pub own_credentials: (String, String),
+}
+
+impl BrokerOptions {
+    /// Defaults for everything but the address: 1 MiB payloads, no auth, 1024 connections,
+    /// no own client ids and empty own credentials.
+    pub fn new(host: impl Into<String>, port: u16) -> Self {
+        Self {
+            host: host.into(),
+            port,
+            max_payload: 1 << 20,
+            auth: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            own_client_ids: Vec::new(),
+            own_credentials: (String::new(), String::new()),
+        }
+    }
+}
+
+/// Default for [`BrokerOptions::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+
 /// A running embedded broker. It lives as long as the process: rumqttd has no shutdown, and
 /// MetaManager's clean exit publishes its offline status before the process ends.
 #[derive(Debug)]
@@ -40,13 +82,11 @@ impl EmbeddedBroker {
     /// Starts rumqttd on `host:port` and returns once it accepts connections.
     /// `max_payload` is the largest publish it relays; MetaManager's own limit sits below it
     /// so that an oversized message reaches MetaManager and gets an error reply.
-    /// With `auth`, clients must present that username and password.
-    pub fn start(
-        host: &str,
-        port: u16,
-        max_payload: usize,
-        auth: Option<(String, String)>,
-    ) -> Result<Self, BrokerError> {
+    /// With `auth`, clients must present that username and password; `own_credentials` are
+    /// accepted too, for any client id (so [`probe`] can use them), and are the only ones
+    /// accepted for `own_client_ids`.
+    pub fn start(options: BrokerOptions) -> Result<Self, BrokerError> {
+        let (host, port) = (options.host.as_str(), options.port);
         let addr = (host, port)
             .to_socket_addrs()
             .map_err(|e| BrokerError::Resolve {
@@ -58,13 +98,13 @@ impl EmbeddedBroker {
                 addr: format!("{host}:{port}"),
                 reason: "no address".into(),
             })?;
-        if !addr.ip().is_loopback() && auth.is_none() {
+        if !addr.ip().is_loopback() && options.auth.is_none() {
             tracing::warn!(%addr, "embedded broker listens beyond loopback without authentication: anyone who reaches this address can read and write the node's metadata");
         }
         // Fail with the OS's reason (address in use, permission) rather than rumqttd's log line.
         drop(TcpListener::bind(addr).map_err(|source| BrokerError::Bind { addr, source })?);
 
-        let config = config(addr, max_payload, auth);
+        let config = config(addr, &options);
         let handle = std::thread::Builder::new()
             .name("embedded-broker".into())
             .spawn(move || {
@@ -98,25 +138,51 @@ impl EmbeddedBroker {
     }
 }
 
-fn config(addr: SocketAddr, max_payload: usize, auth: Option<(String, String)>) -> Config {
+fn config(addr: SocketAddr, options: &BrokerOptions) -> Config {
     // RouterConfig::default() is all zeros, which rumqttd takes literally.
     let router = RouterConfig {
-        max_connections: 1024,
+        // Each connection costs a slab slot and two buffers of at most 200 packets.
+        max_connections: options.max_connections,
+        // Most QoS 0 publishes handed to one subscriber in one go.
         max_outgoing_packet_count: 200,
-        // A segment must hold at least one maximal message; a few segments per topic bound the
-        // broker's memory on a small device.
-        max_segment_size: (max_payload * 2).max(1 << 20),
+        // Each filter (subscription) keeps its messages in an in-memory log of at most
+        // `max_segment_count` segments of `max_segment_size` bytes; the oldest segment goes when
+        // a new one starts. A segment holds at least one maximal message, and four of them bound
+        // the broker's memory per filter on a small device (4 MiB with the default payload).
+        max_segment_size: (options.max_payload * 2).max(1 << 20),
         max_segment_count: 4,
+        // MetaManager commits to SQLite before it acks, so under a burst it reads slower than a
+        // publisher writes: rather than dropping a segment it has not read, the router holds
+        // the publisher back (which stops reading its socket, so TCP slows it down).
+        lossless_clients: options.own_client_ids.clone(),
         ..RouterConfig::default()
     };
+    let (user, password) = options.own_credentials.clone();
+    let reserved = options
+        .own_client_ids
+        .iter()
+        .map(|id| {
+            let credentials = ReservedCredentials {
+                username: user.clone(),
+                password: password.clone(),
+            };
+            (id.clone(), credentials)
+        })
+        .collect::<HashMap<_, _>>();
     let connections = ConnectionSettings {
+        // A client has this long to send CONNECT after the TCP handshake.
         connection_timeout_ms: 10_000,
-        max_payload_size: max_payload,
+        max_payload_size: options.max_payload,
+        // Most packets read from one client's socket in one go.
         max_inflight_count: 200,
-        auth: auth.map(|(user, password)| HashMap::from([(user, password)])),
+        auth: options
+            .auth
+            .clone()
+            .map(|(user, password)| HashMap::from([(user, password)])),
         external_auth: None,
         // Without this, a publish to a topic nobody subscribed to disconnects the publisher.
         dynamic_filters: true,
+        reserved_clients: (!reserved.is_empty()).then_some(reserved),
     };
     let server = ServerSettings {
         name: "metamanager-embedded".into(),
@@ -130,5 +196,164 @@ fn config(addr: SocketAddr, max_payload: usize, auth: Option<(String, String)>) 
         router,
         v4: Some(HashMap::from([("1".to_string(), server)])),
         ..Config::default()
+    }
+}
+
+/// Why [`probe`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("cannot connect to the broker at {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("broker at {addr} did not answer CONNECT within {timeout:?}")]
+    Timeout { addr: SocketAddr, timeout: Duration },
+    #[error("connection to the broker at {addr} failed during the handshake: {source}")]
+    Io {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("broker at {addr} closed the connection before CONNACK")]
+    Closed { addr: SocketAddr },
+    #[error("broker at {addr} answered CONNECT with something other than CONNACK: {bytes:02x?}")]
+    Malformed { addr: SocketAddr, bytes: [u8; 4] },
+    #[error("broker at {addr} refused the connection: CONNACK return code {code}")]
+    Refused { addr: SocketAddr, code: u8 },
+}
+
+/// Checks that the broker at `addr` completes an MQTT 3.1.1 handshake within `timeout`: a fresh
+/// TCP connection, CONNECT with a fresh random client id and a clean session (with
+/// `credentials` when given), a successful CONNACK, then DISCONNECT. Against the embedded
+/// broker, MetaManager passes its own credentials, which it accepts for any client id.
+pub async fn probe(
+    addr: SocketAddr,
+    timeout: Duration,
+    credentials: Option<(String, String)>,
+) -> Result<(), ProbeError> {
+    let client_id = format!("metamanager-probe-{}", uuid::Uuid::new_v4().simple());
+    let connect = connect_packet(&client_id, credentials.as_ref(), timeout);
+    let handshake = async {
+        let mut stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|source| ProbeError::Connect { addr, source })?;
+        let _ = stream.set_nodelay(true);
+        let io = |source| ProbeError::Io { addr, source };
+        stream.write_all(&connect).await.map_err(io)?;
+        let mut connack = [0u8; 4];
+        stream.read_exact(&mut connack).await.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                ProbeError::Closed { addr }
+            } else {
+                io(e)
+            }
+        })?;
+        if connack[..2] != [0x20, 0x02] {
+            return Err(ProbeError::Malformed {
+                addr,
+                bytes: connack,
+            });
+        }
+        if connack[3] != 0 {
+            return Err(ProbeError::Refused {
+                addr,
+                code: connack[3],
+            });
+        }
+        stream.write_all(&[0xe0, 0x00]).await.map_err(io)?;
+        let _ = stream.shutdown().await;
+        Ok(())
+    };
+    tokio::time::timeout(timeout, handshake)
+        .await
+        .map_err(|_| ProbeError::Timeout { addr, timeout })?
+}
+
+/// An MQTT 3.1.1 CONNECT packet with a clean session (what [`probe`] sends; tests use it to
+/// play misbehaving clients).
+pub fn connect_packet(
+    client_id: &str,
+    credentials: Option<&(String, String)>,
+    keep_alive: Duration,
+) -> Vec<u8> {
+    fn string(out: &mut Vec<u8>, s: &str) {
+        // MQTT strings are at most 65535 bytes; longer credentials are cut (and then refused).
+        let bytes = &s.as_bytes()[..s.len().min(usize::from(u16::MAX))];
+        out.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
+        out.extend_from_slice(bytes);
+    }
+    let mut body = Vec::with_capacity(64);
+    string(&mut body, "MQTT");
+    body.push(4); // protocol level 3.1.1
+    let mut flags = 0x02; // clean session
+    if credentials.is_some() {
+        flags |= 0x80 | 0x40; // username, password
+    }
+    body.push(flags);
+    let keep_alive = keep_alive.as_secs().clamp(1, u64::from(u16::MAX)) as u16;
+    body.extend_from_slice(&keep_alive.to_be_bytes());
+    string(&mut body, client_id);
+    if let Some((user, password)) = credentials {
+        string(&mut body, user);
+        string(&mut body, password);
+    }
+    let mut packet = vec![0x10];
+    let mut len = body.len();
+    loop {
+        let mut byte = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            byte |= 0x80;
+        }
+        packet.push(byte);
+        if len == 0 {
+            break;
+        }
+    }
+    packet.extend_from_slice(&body);
+    packet
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_is_mqtt_3_1_1_with_clean_session() {
+        let packet = connect_packet("abc", None, Duration::from_secs(5));
+        assert_eq!(
+            packet,
+            [0x10, 15, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 5, 0, 3, b'a', b'b', b'c']
+        );
+        let credentials = ("u".to_string(), "p".repeat(200));
+        let packet = connect_packet("abc", Some(&credentials), Duration::from_secs(5));
+        assert_eq!(
+            packet[9], 0xc2,
+            "username, password and clean session flags"
+        );
+        // 15 + (2 + 1) + (2 + 200) = 220 bytes: a two-byte remaining length.
+        assert_eq!(&packet[1..3], &[(220 - 128) | 0x80, 1]);
+        assert_eq!(packet.len(), 3 + 220);
+    }
+
+    #[tokio::test]
+    async fn probe_reports_a_refused_connection() {
+        let addr = {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap()
+        };
+        let err = probe(addr, Duration::from_secs(2), None).await.unwrap_err();
+        assert!(matches!(err, ProbeError::Connect { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn probe_times_out_on_a_silent_listener() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let err = probe(addr, Duration::from_millis(200), None)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ProbeError::Timeout { .. }), "{err}");
+        drop(listener);
     }
 }

@@ -152,6 +152,26 @@ pub struct ConnectionSettings {
     pub external_auth: Option<AuthHandler>,
     #[serde(default)]
     pub dynamic_filters: bool,
+    /// Client ids that only the given credentials may use (checked before `auth` and
+    /// `external_auth`; any other login gets CONNACK NotAuthorized). These credentials are also
+    /// accepted for client ids that are not reserved.
+    #[serde(default)]
+    pub reserved_clients: Option<HashMap<String, ReservedCredentials>>,
+}
+
+/// The only username and password allowed to connect with a reserved client id.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct ReservedCredentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl fmt::Debug for ReservedCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReservedCredentials")
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ConnectionSettings {
@@ -177,6 +197,7 @@ impl fmt::Debug for ConnectionSettings {
             .field("auth", &self.auth)
             .field("external_auth", &self.external_auth.is_some())
             .field("dynamic_filters", &self.dynamic_filters)
+            .field("reserved_clients", &self.reserved_clients)
             .finish()
     }
 }

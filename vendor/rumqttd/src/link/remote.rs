@@ -4,7 +4,7 @@ use crate::link::network::Network;
 use crate::local::LinkBuilder;
 use crate::protocol::{ConnAck, Connect, ConnectReturnCode, Login, Packet, Protocol};
 use crate::router::{Event, Notification, MAX_CHANNEL_CAPACITY};
-use crate::{ConnectionId, ConnectionSettings};
+use crate::{ConnectionId, ConnectionSettings, ReservedCredentials};
 
 use flume::{RecvError, SendError, Sender, TrySendError};
 use std::cmp::min;
@@ -212,7 +212,28 @@ where
 
     Span::current().record("client_id", &connect.client_id);
 
-    handle_auth(config.clone(), login.as_ref(), &connect.client_id).await?;
+    match config
+        .reserved_clients
+        .as_ref()
+        .and_then(|reserved| reserved.get(&connect.client_id))
+    {
+        // A reserved client id: only its own credentials, whatever the other auth settings say.
+        Some(reserved) => {
+            if !login.as_ref().is_some_and(|l| credentials_match(l, reserved)) {
+                tracing::warn!(
+                    client_id = connect.client_id,
+                    "refused: reserved client id without its credentials"
+                );
+                let ack = ConnAck {
+                    session_present: false,
+                    code: ConnectReturnCode::NotAuthorized,
+                };
+                network.write(Packet::ConnAck(ack, None)).await?;
+                return Err(Error::InvalidAuth);
+            }
+        }
+        None => handle_auth(config.clone(), login.as_ref(), &connect.client_id).await?,
+    }
 
     // When keep_alive feature is disabled client can live forever, which is not good in
     // distributed broker context so currenlty we don't allow it.
@@ -239,6 +260,13 @@ where
     Ok(packet)
 }
 
+/// Compares both username and password in constant time (no early exit on the username).
+fn credentials_match(login: &Login, reserved: &ReservedCredentials) -> bool {
+    let user = login.username.as_bytes().ct_eq(reserved.username.as_bytes());
+    let password = login.password.as_bytes().ct_eq(reserved.password.as_bytes());
+    (user & password).into()
+}
+
 async fn handle_auth(
     config: Arc<ConnectionSettings>,
     login: Option<&Login>,
@@ -246,6 +274,13 @@ async fn handle_auth(
 ) -> Result<(), Error> {
     if config.auth.is_none() && config.external_auth.is_none() {
         return Ok(());
+    }
+
+    // The credentials of a reserved client id are also good for any id that is not reserved.
+    if let (Some(login), Some(reserved)) = (login, &config.reserved_clients) {
+        if reserved.values().any(|r| credentials_match(login, r)) {
+            return Ok(());
+        }
     }
 
     // if authentication is configured and connect packet doesn't have login details
@@ -300,6 +335,7 @@ mod tests {
             auth: None,
             external_auth: None,
             dynamic_filters: false,
+            reserved_clients: None,
         }
     }
 

@@ -299,8 +299,9 @@ impl Router {
 
             let connection_id = self.connection_map.get(&client_id);
             if let Some(connection_id) = connection_id {
-                error!(
-                    "Duplicate client_id, dropping previous connection with connection_id: {}",
+                warn!(
+                    client_id,
+                    "Duplicate client_id {client_id}, dropping previous connection with connection_id: {}",
                     connection_id
                 );
                 self.handle_disconnection(*connection_id, None);
