@@ -23,6 +23,7 @@ use crate::outbox;
 use crate::store::{Store, StoreError, StoreOptions};
 use crate::tls::{self, TlsError};
 use crate::topics::Topics;
+use crate::watchdog::{BrokerUnresponsive, Watchdog};
 
 /// Steps queued between the dispatcher and the pipeline; bounds memory under a burst.
 const STEP_QUEUE: usize = 4096;
@@ -41,6 +42,9 @@ pub enum AppError {
     Tls(#[from] TlsError),
     #[error(transparent)]
     Http(#[from] HttpError),
+    /// Not a start-up failure: the embedded broker stopped serving while running.
+    #[error(transparent)]
+    BrokerUnresponsive(#[from] BrokerUnresponsive),
 }
 
 /// Runs MetaManager until `shutdown` resolves.
@@ -76,6 +80,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     let client_id = format!("metamanager-{}", settings.node_id);
     let mut connect_host = settings.mqtt.host.clone();
     let mut credentials = credentials;
+    let mut embedded_addr = None;
     if settings.mqtt.mode == BrokerMode::Embedded {
         // Fresh for every start: only this process can use its client id on its own broker.
         let own_credentials = ("metamanager".to_string(), uuid::Uuid::new_v4().to_string());
@@ -87,7 +92,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
             max_payload: settings.mqtt.max_payload_bytes * 2,
             auth: credentials.clone(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
-            own_client_ids: vec![client_id.clone()],
+            own_client_ids: vec![client_id.clone(), format!("{client_id}-out")],
             own_credentials: own_credentials.clone(),
         };
         let broker = tokio::task::spawn_blocking(move || EmbeddedBroker::start(options))
@@ -96,22 +101,41 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         if broker.addr.ip().is_unspecified() {
             connect_host = "127.0.0.1".into();
         }
+        embedded_addr = Some(std::net::SocketAddr::new(
+            connect_host.parse().unwrap_or(broker.addr.ip()),
+            broker.addr.port(),
+        ));
+        // MetaManager's own connections, and its watchdog's probes, use the reserved account.
         credentials = Some(own_credentials);
     }
 
     let topics = Topics::new(&settings.mqtt.topic_prefix, &settings.node_id);
 
+    let watchdog_credentials = credentials.clone();
+    // External brokers may give the sending connection an account of its own.
+    let publish_credentials = match settings.mqtt.mode {
+        BrokerMode::Embedded => credentials.clone(),
+        BrokerMode::External => credentials.clone().map(|(user, password)| {
+            (
+                settings.mqtt.publish_username.clone().unwrap_or(user),
+                password,
+            )
+        }),
+    };
     let (link, inbound) = Link::start(
         LinkOptions {
             client_id,
             host: connect_host,
             port: settings.mqtt.port,
             offline_status: node::offline_status(&settings.node_id),
-            // The embedded broker dies with the process, so a persistent session there would
-            // only outlive reconnects on loopback; external brokers keep it across restarts.
-            clean_session: settings.mqtt.mode == BrokerMode::Embedded,
+            // Persistent on both brokers: an external one keeps the sessions across MetaManager's
+            // restarts; the embedded one (which dies with the process) keeps what was in flight
+            // across a reconnect, which a clean session would drop.
+            clean_session: false,
+            publish_credentials,
             credentials,
             tls,
+            inflight: settings.mqtt.inflight(),
         },
         topics.clone(),
     );
@@ -157,7 +181,29 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
 
     let http = http_listener.map(|l| tokio::spawn(l.serve(node.clone(), stop.clone())));
 
-    shutdown.await;
+    let mut watchdog = embedded_addr.map(|addr| {
+        let check = Watchdog {
+            addr,
+            credentials: watchdog_credentials.clone(),
+            interval: settings.mqtt.watchdog_interval,
+            timeout: settings.mqtt.watchdog_timeout,
+        };
+        tokio::spawn(check.run(node.clone(), stop.clone()))
+    });
+    let mut failure = None;
+    match watchdog.as_mut() {
+        Some(check) => tokio::select! {
+            _ = shutdown => {}
+            outcome = check => {
+                if let Ok(Err(e)) = outcome {
+                    tracing::error!("{e}; stopping so that the service manager restarts MetaManager");
+                    failure = Some(e);
+                }
+                watchdog = None;
+            }
+        },
+        None => shutdown.await,
+    }
     tracing::info!("shutting down: finishing in-flight work");
     stop_tx.send_replace(true);
     if let Some(http) = http {
@@ -176,11 +222,17 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     let _ = session.await;
     let _ = sync.await;
     let _ = drain.await;
+    if let Some(check) = watchdog {
+        let _ = check.await;
+    }
     node.publisher.status(node.offline_status()).await;
     link.shutdown().await;
     store.close().await;
     tracing::info!("stopped");
-    Ok(())
+    match failure {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
 }
 
 async fn run_dispatcher(
@@ -212,7 +264,7 @@ async fn run_pipeline(mut steps: mpsc::Receiver<(Step, Permit)>) {
     }
 }
 
-/// On every broker (re)connection: resubscribe and republish the online status. On every
+/// On every broker (re)connection: republish the online status (the link resubscribes). On every
 /// change of the cloud state: republish the status.
 async fn keep_session(
     node: Arc<Node>,
@@ -227,7 +279,6 @@ async fn keep_session(
                     return;
                 }
                 if *connected.borrow_and_update() {
-                    node.publisher.subscribe().await;
                     node.publisher.status(node.online_status()).await;
                 }
             }

@@ -99,6 +99,32 @@ pub struct MqttSettings {
     pub password_file: Option<PathBuf>,
     /// TLS to an external broker.
     pub tls: Option<TlsSettings>,
+    /// Account of the sending connection (`metamanager-{node_id}-out`), when the broker gives
+    /// it one of its own (as with mosquitto's `use_username_as_clientid`); it uses the same
+    /// password. Defaults to `username`.
+    pub publish_username: Option<String>,
+    /// Messages received and not yet finished, at most; beyond it MetaManager stops reading
+    /// and the broker holds the rest.
+    pub max_inflight_messages: usize,
+    /// Payload bytes received and not yet finished, at most (same effect).
+    pub max_inflight_bytes: usize,
+    /// How often the embedded broker is checked with a fresh connection.
+    #[serde(deserialize_with = "duration")]
+    pub watchdog_interval: Duration,
+    /// How long the embedded broker may fail that check before MetaManager exits (status 3)
+    /// so that its service manager restarts it.
+    #[serde(deserialize_with = "duration")]
+    pub watchdog_timeout: Duration,
+}
+
+impl MqttSettings {
+    /// The inbound budget.
+    pub fn inflight(&self) -> crate::budget::Limits {
+        crate::budget::Limits {
+            messages: self.max_inflight_messages,
+            bytes: self.max_inflight_bytes,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -212,6 +238,11 @@ impl Default for MqttSettings {
             password: None,
             password_file: None,
             tls: None,
+            publish_username: None,
+            max_inflight_messages: crate::budget::Limits::default().messages,
+            max_inflight_bytes: crate::budget::Limits::default().bytes,
+            watchdog_interval: Duration::from_secs(5),
+            watchdog_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -312,6 +343,21 @@ impl Settings {
         }
         if self.mqtt.max_payload_bytes < 1024 {
             return invalid("mqtt.max_payload_bytes", "must be at least 1024".into());
+        }
+        if self.mqtt.max_inflight_messages == 0 {
+            return invalid("mqtt.max_inflight_messages", "must be at least 1".into());
+        }
+        if self.mqtt.max_inflight_bytes < 1024 {
+            return invalid("mqtt.max_inflight_bytes", "must be at least 1024".into());
+        }
+        if self.mqtt.watchdog_interval.is_zero() {
+            return invalid("mqtt.watchdog_interval", "must be positive".into());
+        }
+        if self.mqtt.watchdog_timeout < self.mqtt.watchdog_interval {
+            return invalid(
+                "mqtt.watchdog_timeout",
+                "must be at least mqtt.watchdog_interval".into(),
+            );
         }
         if self.database.path.as_os_str().is_empty() {
             return invalid("database.path", "must not be empty".into());

@@ -5,11 +5,12 @@
 //! - [`config`]: typed settings from the optional YAML file.
 //! - [`telemetry`]: logging set-up.
 //! - [`app`]: starts the parts in order and stops them in reverse order.
-//! - [`broker`]: the embedded rumqttd broker.
-//! - [`mqtt`]: the MQTT connection: a receive loop that never blocks, a [`mqtt::Publisher`]
-//!   for everything outbound, reconnects with backoff.
+//! - [`broker`]: the embedded rumqttd broker (a patched copy, `vendor/rumqttd`).
+//! - [`watchdog`]: checks now and then that the embedded broker still accepts clients.
+//! - [`mqtt`]: the link to the broker: a receiving connection that reads only as fast as the
+//!   inbound budget allows, and a sending one for everything outbound ([`mqtt::Publisher`]).
 //! - [`tls`]: the rustls client configuration for an external broker, and TLS failure reasons.
-//! - [`budget`]: the bound on messages in flight, so a flood is refused, not buffered.
+//! - [`budget`]: the bound on messages in flight; when it is spent, MetaManager stops reading.
 //! - [`topics`]: the node's topic names and the two peers, edgehub and edged.
 //! - [`message`]: the wire message, its validation, and the replies MetaManager builds.
 //! - [`resource`]: the `namespace/type[/name]` resource key.
@@ -45,3 +46,4 @@ pub mod store;
 pub mod telemetry;
 pub mod tls;
 pub mod topics;
+pub mod watchdog;

@@ -47,6 +47,8 @@ enum Command {
 const NOT_FOUND: u8 = 1;
 /// Exit status for bad arguments or configuration (clap uses it too).
 const BAD_INPUT: u8 = 2;
+/// Exit status when the embedded broker stopped accepting connections (see `watchdog`).
+const BROKER_UNRESPONSIVE: u8 = 3;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -81,6 +83,10 @@ fn main() -> ExitCode {
     });
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
+        Err(metamanager::app::AppError::BrokerUnresponsive(e)) => {
+            tracing::error!("stopped: {e}");
+            ExitCode::from(BROKER_UNRESPONSIVE)
+        }
         Err(e) => {
             tracing::error!("cannot start: {e}");
             ExitCode::FAILURE

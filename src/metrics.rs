@@ -96,8 +96,9 @@ impl StoreMetrics {
 #[derive(Default)]
 struct Mirrored {
     dropped: Family<ReasonLabel, Counter>,
-    /// The `overload` series of the errors family, counted by the MQTT receive loop.
-    overload: Counter,
+    /// The `broker_session_lost` series of the errors family: publishes given up because the
+    /// broker answered a reconnect of the sending connection with a new session.
+    session_lost: Counter,
 }
 
 /// The node's counters, gauges and histograms.
@@ -143,7 +144,7 @@ impl Metrics {
         let errors = Family::<ReasonLabel, Counter>::default();
         registry.register(
             "errors",
-            "Errors, by reason (decode, invalid, overload, store, remote_timeout, remote_disconnected, remote_refused, metasync)",
+            "Errors, by reason (decode, invalid, broker_session_lost, store, remote_timeout, remote_disconnected, remote_refused, metasync)",
             errors.clone(),
         );
         registry.register_with_unit(
@@ -164,9 +165,9 @@ impl Metrics {
             outbox_len.clone(),
         );
         let mirrored = Mirrored {
-            overload: errors
+            session_lost: errors
                 .get_or_create(&ReasonLabel {
-                    reason: "overload".into(),
+                    reason: "broker_session_lost".into(),
                 })
                 .clone(),
             ..Mirrored::default()
@@ -317,11 +318,11 @@ pub fn render(node: &Node) -> String {
         });
         counter.inc_by(total.saturating_sub(counter.get()));
     }
-    let overload = &mirrored.overload;
-    overload.inc_by(
+    let session_lost = &mirrored.session_lost;
+    session_lost.inc_by(
         node.publisher
-            .refused_overloaded()
-            .saturating_sub(overload.get()),
+            .lost_publishes()
+            .saturating_sub(session_lost.get()),
     );
     let mut out = String::new();
     if let Err(e) = encode(&mut out, &m.registry) {
@@ -386,7 +387,9 @@ mod tests {
                 offline_status: Vec::new(),
                 clean_session: true,
                 credentials: None,
+                publish_credentials: None,
                 tls: None,
+                inflight: Default::default(),
             },
             topics.clone(),
         );
@@ -477,8 +480,8 @@ mod tests {
             .expect("size gauge");
         assert!(value(size) > 0.0, "database size is read from disk");
         assert!(
-            text.contains(r#"metamanager_errors_total{reason="overload"} 0"#),
-            "overload is shown before it first happens:\n{text}"
+            text.contains(r#"metamanager_errors_total{reason="broker_session_lost"} 0"#),
+            "broker_session_lost is shown before it first happens:\n{text}"
         );
         assert!(
             text.contains("metamanager_store_commit_seconds_count 1"),

@@ -34,6 +34,9 @@ pub struct Node {
     pub forwarded: Mutex<RecentIds>,
     /// Whether edgehub last reported the cloud as connected. Starts disconnected.
     cloud: watch::Sender<bool>,
+    /// Whether the embedded broker passed its watchdog's last check (always true with an
+    /// external broker, which has its own supervision).
+    broker_serving: std::sync::atomic::AtomicBool,
 }
 
 impl Node {
@@ -59,6 +62,7 @@ impl Node {
             broker_connected,
             forwarded: Mutex::new(RecentIds::default()),
             cloud: watch::channel(false).0,
+            broker_serving: std::sync::atomic::AtomicBool::new(true),
         }
     }
 
@@ -90,6 +94,16 @@ impl Node {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .contains(msg_id)
+    }
+
+    pub fn broker_serving(&self) -> bool {
+        self.broker_serving
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn set_broker_serving(&self, serving: bool) {
+        self.broker_serving
+            .store(serving, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn remote_query_timeout(&self) -> Duration {

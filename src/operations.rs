@@ -130,7 +130,7 @@ async fn change(
             }
             Err(e) => report_store_error(&node, sender, &msg, &e).await,
         }
-        node.publisher.ack(&publish).await;
+        node.publisher.ack(&publish);
     })
 }
 
@@ -219,7 +219,7 @@ fn query(node: &Arc<Node>, sender: Peer, publish: Publish, msg: Message) -> Step
             }
             Err(e) => report_store_error(&node, sender, &msg, &e).await,
         }
-        node.publisher.ack(&publish).await;
+        node.publisher.ack(&publish);
     })
 }
 
@@ -261,7 +261,7 @@ async fn remote_query(node: &Arc<Node>, query: Message) {
                 };
                 node.metrics.remote_query(outcome, Some(sent.elapsed()));
                 fill_from_cloud(&node, &query, answer.message).await;
-                node.publisher.ack(&answer.publish).await;
+                node.publisher.ack(&answer.publish);
             }
             _ => {
                 node.remote.forget(&id);
@@ -377,7 +377,7 @@ async fn relay_from_edged(node: &Arc<Node>, publish: Publish, msg: Message) -> S
             Ok(applied) => forward(&node, Peer::Edgehub, &msg, &publish, applied, false).await,
             Err(e) => report_store_error(&node, Peer::Edged, &msg, &e).await,
         }
-        node.publisher.ack(&publish).await;
+        node.publisher.ack(&publish);
     })
 }
 
@@ -401,7 +401,7 @@ async fn answer_from_cloud(node: &Arc<Node>, publish: Publish, message: Message)
             }))
         );
         if duplicate && node.was_forwarded(message.msg_id()) {
-            node.publisher.ack(&publish).await;
+            node.publisher.ack(&publish);
             return;
         }
         let id = message.msg_id().to_owned();
@@ -409,7 +409,7 @@ async fn answer_from_cloud(node: &Arc<Node>, publish: Publish, message: Message)
             node.publisher
                 .send(Peer::Edged, unclaimed.publish.payload.clone())
                 .await;
-            node.publisher.ack(&unclaimed.publish).await;
+            node.publisher.ack(&unclaimed.publish);
         }
         node.note_forwarded(&id);
     })
@@ -449,14 +449,14 @@ fn sync_now(node: &Arc<Node>, sender: Peer, publish: Publish, msg: Message) -> S
             }
             Err(e) => report_store_error(&node, sender, &msg, &e).await,
         }
-        node.publisher.ack(&publish).await;
+        node.publisher.ack(&publish);
     })
 }
 
 /// Only the broker ack is left to do.
 fn finish(node: &Arc<Node>, publish: Publish) -> Step {
     let node = node.clone();
-    Box::pin(async move { node.publisher.ack(&publish).await })
+    Box::pin(async move { node.publisher.ack(&publish) })
 }
 
 /// An `error` reply to bad input, which leaves the store untouched.
@@ -477,7 +477,7 @@ fn refuse(
     let node = node.clone();
     Box::pin(async move {
         send_reply(&node, sender, reply, Operation::Error).await;
-        node.publisher.ack(&publish).await;
+        node.publisher.ack(&publish);
     })
 }
 
@@ -503,7 +503,7 @@ fn store_failed(
     let node = node.clone();
     Box::pin(async move {
         report_store_error(&node, sender, &msg, &e).await;
-        node.publisher.ack(&publish).await;
+        node.publisher.ack(&publish);
     })
 }
 

@@ -371,6 +371,50 @@ async fn remote_query_answered_by_the_cloud_is_stored(kind: BrokerKind) {
     assert_eq!(asks, 0, "second query went to the cloud: {seen:#?}");
 }
 
+/// edged asks for 20 configmaps the node does not hold, and the cloud answers each query as it
+/// arrives, while later queries are still coming in: every answer reaches MetaManager and
+/// every query gets its object.
+async fn concurrent_remote_queries_all_get_their_answers(kind: BrokerKind) {
+    let Some(mut app) = app(kind).await else {
+        return;
+    };
+    app.set_cloud(true).await;
+    const N: usize = 20;
+    let queries: Vec<Value> = (0..N)
+        .map(|i| message("query", &format!("default/configmap/cm{i}"), Value::Null))
+        .collect();
+    for q in &queries {
+        app.client.publish("edged", q).await;
+    }
+    let mut answered = 0;
+    while answered < N {
+        let asked = forwarded_query(&mut app).await;
+        let name = asked["route"]["resource"]
+            .as_str()
+            .unwrap()
+            .rsplit('/')
+            .next()
+            .unwrap()
+            .to_owned();
+        let object =
+            json!({"metadata": {"name": name, "namespace": "default"}, "data": {"n": name}});
+        answer_as_cloud(&app, &asked, "response", object).await;
+        answered += 1;
+    }
+    for (i, q) in queries.iter().enumerate() {
+        let reply = app.client.reply_to("metamanager/to/edged", msg_id(q)).await;
+        assert_eq!(
+            reply["route"]["operation"], "response",
+            "query {i}: {reply}"
+        );
+        assert_eq!(
+            reply["content"][0]["data"]["n"],
+            format!("cm{i}"),
+            "{reply}"
+        );
+    }
+}
+
 async fn remote_list_query_stores_each_object(kind: BrokerKind) {
     let Some(mut app) = app(kind).await else {
         return;
@@ -615,6 +659,7 @@ both_brokers!(
     unclaimed_cloud_response_and_error_go_to_edged,
     connect_state_shows_in_status,
     remote_query_answered_by_the_cloud_is_stored,
+    concurrent_remote_queries_all_get_their_answers,
     remote_query_error_is_relayed_and_nothing_stored,
     remote_list_query_stores_each_object,
     remote_object_query_keeps_only_the_object_asked_for,

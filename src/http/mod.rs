@@ -100,21 +100,32 @@ pub fn router(state: HttpState) -> Router {
         .with_state(state)
 }
 
-/// Alive as long as the process answers at all.
-async fn healthz() -> &'static str {
-    "ok"
+/// Alive while the process answers and, with the embedded broker, while that broker accepts
+/// new connections (its watchdog's last check): a node whose broker stopped serving is not
+/// alive for edged and edgehub, whatever MetaManager's own connections say.
+async fn healthz(State(node): State<Arc<Node>>) -> Response {
+    if node.broker_serving() {
+        "ok".into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "embedded broker is not accepting connections",
+        )
+            .into_response()
+    }
 }
 
-/// Ready when the store takes writes and the broker connection is up: without either, no
-/// message can be handled.
+/// Ready when the store takes writes, the broker connections are up and (embedded) the broker
+/// accepts new clients: without all three, no message can be handled.
 async fn readyz(State(node): State<Arc<Node>>) -> Response {
     let store = node.store.is_open();
     let broker = *node.broker_connected.borrow();
+    let serving = node.broker_serving();
     let body = serde_json::json!({
         "store": if store { "ok" } else { "closed" },
-        "broker": if broker { "connected" } else { "disconnected" },
+        "broker": if !serving { "not serving" } else if broker { "connected" } else { "disconnected" },
     });
-    let code = if store && broker {
+    let code = if store && broker && serving {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

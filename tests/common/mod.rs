@@ -120,7 +120,7 @@ impl Mosquitto {
             std::fs::write(
                 &conf,
                 format!(
-                    "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\n"
+                    "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\nset_tcp_nodelay true\n"
                 ),
             )
             .unwrap();
@@ -170,6 +170,8 @@ pub struct Options {
     /// Extra YAML appended under the top level (e.g. a `meta:` block).
     pub extra_yaml: String,
     pub max_payload_bytes: usize,
+    /// `mqtt.max_inflight_messages`, when not the default.
+    pub max_inflight_messages: Option<usize>,
 }
 
 impl Options {
@@ -178,7 +180,14 @@ impl Options {
             kind,
             extra_yaml: String::new(),
             max_payload_bytes: 1 << 20,
+            max_inflight_messages: None,
         }
+    }
+
+    /// Sets the inbound budget, so that backpressure engages early.
+    pub fn inflight(mut self, messages: usize) -> Self {
+        self.max_inflight_messages = Some(messages);
+        self
     }
 
     pub fn yaml(mut self, extra: &str) -> Self {
@@ -247,8 +256,13 @@ impl TestApp {
             Some(m) => ("external", m.port),
             None => ("embedded", port),
         };
+        let inflight = self
+            .options
+            .max_inflight_messages
+            .map(|n| format!("  max_inflight_messages: {n}\n"))
+            .unwrap_or_default();
         let yaml = format!(
-            "node_id: {NODE}\nmqtt:\n  mode: {mode}\n  host: 127.0.0.1\n  port: {port}\n  max_payload_bytes: {}\ndatabase:\n  path: {}\nhttp:\n  listen: 127.0.0.1:{}\n{}",
+            "node_id: {NODE}\nmqtt:\n  mode: {mode}\n  host: 127.0.0.1\n  port: {port}\n  max_payload_bytes: {}\n{inflight}database:\n  path: {}\nhttp:\n  listen: 127.0.0.1:{}\n{}",
             self.options.max_payload_bytes,
             self.db_path().display(),
             self.http_port,

@@ -1,0 +1,435 @@
+//! MetaManager's link to the broker: two MQTT connections, one that receives and one that sends.
+//!
+//! rumqttc's event loop must be polled for anything to move, in either direction. With one
+//! connection, a receive loop that stopped reading to slow the broker down would also stop the
+//! replies whose sending frees the room it waits for. So the link has two:
+//! - the receiving connection (`metamanager-{node_id}`, the session the broker queues for, with
+//!   the last will) reads only as fast as the inbound budget allows ([`crate::budget`]), and
+//!   sends nothing but subscriptions and the broker acks of what it received;
+//! - the sending connection (`metamanager-{node_id}-out`) carries every publish
+//!   ([`Publisher`]), and tracks which the broker has acknowledged.
+//!
+//! An inbound message is acknowledged to the broker only after every publish queued before the
+//! ack was asked for has been acknowledged by the broker, so no forward or reply can be lost
+//! behind an ack that was already given. Each connection reconnects on its own with backoff,
+//! and a connection that the broker closes soon after it was accepted is reported as a likely
+//! session takeover (another client with the same client id) and backed off longer, instead of
+//! fighting the other client in a loop.
+
+mod publish;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet,
+    Publish, QoS, StateError, TlsConfiguration, Transport,
+};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::budget::{self, InboundBudget, Permit};
+use crate::topics::Topics;
+
+pub use publish::Publisher;
+use publish::{Deliveries, PendingAck};
+
+/// A received publish and its share of the inbound budget, held until it is finished.
+pub type Inbound = (Publish, Permit);
+
+/// Largest packet rumqttc accepts or sends. Kept well above the message size limit so that an
+/// oversized message is received and answered with an error, rather than dropping the
+/// connection and being redelivered on every reconnect.
+const MAX_PACKET: usize = 256 * 1024 * 1024;
+/// Publishes queued for the sending connection before `Publisher::send` waits.
+const SEND_QUEUE: usize = 1024;
+/// Publishes the sending connection keeps unacknowledged at the broker.
+const SEND_INFLIGHT: u16 = 1024;
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_CAP: Duration = Duration::from_secs(5);
+/// Backoff cap after the broker closed a connection soon after accepting it: most often
+/// another client connected with the same client id, and reconnecting at once would only
+/// throw it off to be thrown off again.
+const TAKEOVER_BACKOFF_CAP: Duration = Duration::from_secs(30);
+/// A connection that lasted this long was healthy; its loss starts backoff afresh.
+const STABLE_AFTER: Duration = Duration::from_secs(10);
+
+/// Where and how to connect.
+#[derive(Debug, Clone)]
+pub struct LinkOptions {
+    /// Client id of the receiving connection; the sending one appends `-out`.
+    pub client_id: String,
+    pub host: String,
+    pub port: u16,
+    /// Payload of the retained last will on the status topic.
+    pub offline_status: Vec<u8>,
+    /// `false` keeps the sessions at the broker while MetaManager is away, so the broker
+    /// queues and redelivers what MetaManager has not acknowledged.
+    pub clean_session: bool,
+    /// Credentials of the receiving connection.
+    pub credentials: Option<(String, String)>,
+    /// Credentials of the sending connection (the same account unless configured apart).
+    pub publish_credentials: Option<(String, String)>,
+    /// TLS to the broker (see [`crate::tls::client_config`]); `None` is plain MQTT.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// How much received work may be in flight before the receiving connection stops reading.
+    pub inflight: budget::Limits,
+}
+
+/// The running connections.
+pub struct Link {
+    pub publisher: Publisher,
+    /// `true` while both connections are up; changes on every (re)connection and loss.
+    pub connected: watch::Receiver<bool>,
+    receiver: AsyncClient,
+    sender: AsyncClient,
+    deliveries: Arc<Deliveries>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Both connections' states, folded into the one flag the rest of MetaManager watches.
+struct Connected {
+    receiving: AtomicBool,
+    sending: AtomicBool,
+    both: watch::Sender<bool>,
+}
+
+impl Connected {
+    fn set(&self, which: &AtomicBool, up: bool) -> bool {
+        let was = which.swap(up, Ordering::AcqRel);
+        let both = self.receiving.load(Ordering::Acquire) && self.sending.load(Ordering::Acquire);
+        self.both
+            .send_if_modified(|v| std::mem::replace(v, both) != both);
+        was
+    }
+}
+
+impl Link {
+    /// Connects in the background; also returns the inbound publishes, in arrival order.
+    pub fn start(options: LinkOptions, topics: Topics) -> (Self, mpsc::UnboundedReceiver<Inbound>) {
+        let topics = Arc::new(topics);
+        let out_id = format!("{}-out", options.client_id);
+
+        let mut receive = mqtt_options(&options, options.client_id.clone());
+        receive
+            .set_manual_acks(true)
+            // Room for an ack of every message the budget lets in, and the subscriptions.
+            .set_request_channel_capacity(options.inflight.messages + 16)
+            .set_last_will(LastWill::new(
+                &topics.status,
+                options.offline_status.clone(),
+                QoS::AtLeastOnce,
+                true,
+            ));
+        if let Some((user, password)) = options.credentials.clone() {
+            receive.set_credentials(user, password);
+        }
+        let (receiver, receive_loop) = AsyncClient::new(receive, options.inflight.messages + 16);
+
+        let mut send = mqtt_options(&options, out_id.clone());
+        // The sending connection keeps its session too: rumqttc drops what was unacknowledged
+        // when the broker answers a reconnect with a new session.
+        send.set_clean_session(options.clean_session)
+            .set_inflight(SEND_INFLIGHT)
+            .set_request_channel_capacity(SEND_QUEUE);
+        if let Some((user, password)) = options.publish_credentials.clone() {
+            send.set_credentials(user, password);
+        }
+        let (sender, send_loop) = AsyncClient::new(send, SEND_QUEUE);
+
+        let (both, connected) = watch::channel(false);
+        let state = Arc::new(Connected {
+            receiving: AtomicBool::new(false),
+            sending: AtomicBool::new(false),
+            both,
+        });
+        let deliveries = Arc::new(Deliveries::default());
+        let (acks_tx, acks_rx) = mpsc::unbounded_channel();
+        // Unbounded as a channel, bounded by the budget.
+        let (inbound_tx, inbound) = mpsc::unbounded_channel();
+        let budget = InboundBudget::new(options.inflight);
+
+        let tasks = vec![
+            tokio::spawn(receive_loop_task(
+                nodelay(receive_loop),
+                receiver.clone(),
+                topics.clone(),
+                budget,
+                inbound_tx,
+                state.clone(),
+                options.client_id.clone(),
+            )),
+            tokio::spawn(send_loop_task(
+                nodelay(send_loop),
+                deliveries.clone(),
+                state,
+                out_id,
+            )),
+            tokio::spawn(ack_in_order(acks_rx, receiver.clone(), deliveries.clone())),
+        ];
+        let link = Self {
+            publisher: Publisher::new(sender.clone(), topics, deliveries.clone(), acks_tx),
+            connected,
+            receiver,
+            sender,
+            deliveries,
+            tasks,
+        };
+        (link, inbound)
+    }
+
+    /// Lets waiting acks go out, sends DISCONNECT on both connections after everything already
+    /// queued, and waits for the loops to end.
+    pub async fn shutdown(self) {
+        let up = *self.connected.borrow();
+        if up {
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while self.deliveries.acks_waiting.load(Ordering::Acquire) > 0
+                && Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let _ = self.receiver.disconnect().await;
+            let _ = self.sender.disconnect().await;
+        }
+        let [receive, send, acker]: [JoinHandle<()>; 3] = match self.tasks.try_into() {
+            Ok(tasks) => tasks,
+            Err(tasks) => {
+                tasks.iter().for_each(JoinHandle::abort);
+                return;
+            }
+        };
+        acker.abort();
+        for mut task in [receive, send] {
+            // Nothing to say goodbye to when down: do not wait out a reconnect attempt.
+            if !up
+                || tokio::time::timeout(Duration::from_secs(3), &mut task)
+                    .await
+                    .is_err()
+            {
+                task.abort();
+            }
+        }
+    }
+}
+
+fn mqtt_options(options: &LinkOptions, client_id: String) -> MqttOptions {
+    let mut mqtt = MqttOptions::new(client_id, options.host.clone(), options.port);
+    mqtt.set_keep_alive(Duration::from_secs(30))
+        .set_max_packet_size(MAX_PACKET, MAX_PACKET)
+        .set_clean_session(options.clean_session);
+    if let Some(tls) = options.tls.clone() {
+        mqtt.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+    }
+    mqtt
+}
+
+/// Replies are small and answer someone who is waiting: send them now, not when Nagle's
+/// algorithm has waited for an ACK (tens of milliseconds on loopback).
+fn nodelay(mut eventloop: EventLoop) -> EventLoop {
+    let mut network = eventloop.network_options();
+    network.set_tcp_nodelay(true);
+    eventloop.set_network_options(network);
+    eventloop
+}
+
+async fn receive_loop_task(
+    mut eventloop: EventLoop,
+    client: AsyncClient,
+    topics: Arc<Topics>,
+    budget: Arc<InboundBudget>,
+    inbound: mpsc::UnboundedSender<Inbound>,
+    state: Arc<Connected>,
+    client_id: String,
+) {
+    let mut reconnect = Reconnect::new(client_id);
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                reconnect.connected("receiving");
+                // rumqttc does not resubscribe; the channel has room for this by construction.
+                let filters = topics
+                    .inbound()
+                    .map(|t| rumqttc::SubscribeFilter::new(t.to_owned(), QoS::AtLeastOnce));
+                if let Err(e) = client.try_subscribe_many(filters) {
+                    tracing::error!(error = %e, "cannot subscribe to the inbound topics");
+                }
+                state.set(&state.receiving, true);
+            }
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                // With the budget spent, wait here: the broker keeps what is not read.
+                let permit = budget.acquire(publish.payload.len()).await;
+                if inbound.send((publish, permit)).is_err() {
+                    return;
+                }
+            }
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                state.set(&state.receiving, false);
+                // Give the DISCONNECT packet a chance to be flushed.
+                let _ = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
+                return;
+            }
+            Ok(_) => {}
+            Err(ConnectionError::RequestsDone) => return,
+            Err(e) => {
+                let was_up = state.set(&state.receiving, false);
+                reconnect.failed(&e, was_up).await;
+            }
+        }
+    }
+}
+
+async fn send_loop_task(
+    mut eventloop: EventLoop,
+    deliveries: Arc<Deliveries>,
+    state: Arc<Connected>,
+    client_id: String,
+) {
+    let mut reconnect = Reconnect::new(client_id);
+    let mut connected_before = false;
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                reconnect.connected("sending");
+                if connected_before && !ack.session_present {
+                    let lost = deliveries.session_lost();
+                    if lost > 0 {
+                        tracing::error!(
+                            lost,
+                            "the broker started a new session for the sending connection: publishes it had not acknowledged are lost (enable persistence on the broker)"
+                        );
+                    }
+                }
+                connected_before = true;
+                state.set(&state.sending, true);
+            }
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => deliveries.sent(pkid),
+            Ok(Event::Incoming(Packet::PubAck(ack))) => deliveries.acknowledged(ack.pkid),
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                state.set(&state.sending, false);
+                let _ = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
+                return;
+            }
+            Ok(_) => {}
+            Err(ConnectionError::RequestsDone) => return,
+            Err(e) => {
+                let was_up = state.set(&state.sending, false);
+                reconnect.failed(&e, was_up).await;
+            }
+        }
+    }
+}
+
+/// Hands inbound acks to the receiving connection in the order they were asked for, each once
+/// the publishes queued before it are acknowledged by the broker.
+async fn ack_in_order(
+    mut acks: mpsc::UnboundedReceiver<PendingAck>,
+    receiver: AsyncClient,
+    deliveries: Arc<Deliveries>,
+) {
+    let mut confirmed = deliveries.confirmed();
+    while let Some(PendingAck { ack, after }) = acks.recv().await {
+        if confirmed.wait_for(|c| *c >= after).await.is_err() {
+            return;
+        }
+        // Waits only while the receiving connection's queue is full, which its loop drains
+        // whenever the budget has room; the budget does not wait for this ack.
+        let sent = receiver.ack(&ack).await;
+        deliveries.acks_waiting.fetch_sub(1, Ordering::AcqRel);
+        if sent.is_err() {
+            return;
+        }
+    }
+}
+
+/// Backoff between connection attempts, and the operator-facing account of each failure.
+struct Reconnect {
+    client_id: String,
+    delay: Duration,
+    connected_at: Option<Instant>,
+}
+
+impl Reconnect {
+    fn new(client_id: String) -> Self {
+        Self {
+            client_id,
+            delay: BACKOFF_START,
+            connected_at: None,
+        }
+    }
+
+    fn connected(&mut self, role: &str) {
+        tracing::info!(client_id = %self.client_id, role, "connected to MQTT broker");
+        self.connected_at = Some(Instant::now());
+    }
+
+    async fn failed(&mut self, e: &ConnectionError, was_up: bool) {
+        let lasted = self.connected_at.take().map(|at| at.elapsed());
+        let closed_soon = matches!(lasted, Some(d) if d < STABLE_AFTER) && closed_by_peer(e);
+        let cap = if closed_soon {
+            TAKEOVER_BACKOFF_CAP
+        } else {
+            if matches!(lasted, Some(d) if d >= STABLE_AFTER) {
+                self.delay = BACKOFF_START;
+            }
+            BACKOFF_CAP
+        };
+        let retry_in = self.delay;
+        if closed_soon {
+            tracing::warn!(
+                client_id = %self.client_id,
+                ?retry_in,
+                "the broker closed the connection soon after accepting it: another client connected with client id {} (session takeover), or the broker refuses this client; backing off",
+                self.client_id
+            );
+        } else if was_up {
+            tracing::warn!(client_id = %self.client_id, reason = %describe(e), ?retry_in, "lost MQTT broker connection");
+        } else {
+            tracing::warn!(client_id = %self.client_id, reason = %describe(e), ?retry_in, "cannot connect to MQTT broker");
+        }
+        tokio::time::sleep(retry_in).await;
+        self.delay = (self.delay * 2).min(cap);
+    }
+}
+
+/// Whether the broker ended the connection itself, as it does when another client takes over
+/// the client id.
+fn closed_by_peer(e: &ConnectionError) -> bool {
+    use std::io::ErrorKind;
+    match e {
+        ConnectionError::MqttState(StateError::ConnectionAborted) => true,
+        ConnectionError::MqttState(StateError::Io(io)) | ConnectionError::Io(io) => matches!(
+            io.kind(),
+            ErrorKind::ConnectionReset | ErrorKind::UnexpectedEof | ErrorKind::ConnectionAborted
+        ),
+        _ => false,
+    }
+}
+/// An operator-facing reason for a connection failure.
+fn describe(e: &ConnectionError) -> String {
+    use rumqttc::ConnectReturnCode as Code;
+    match e {
+        ConnectionError::ConnectionRefused(Code::BadUserNamePassword) => {
+            "broker refused the connection: bad username or password (mqtt.username, mqtt.password or mqtt.password_file)".into()
+        }
+        // Mosquitto answers a wrong password with this code in MQTT 3.1.1.
+        ConnectionError::ConnectionRefused(Code::NotAuthorized) => {
+            "broker refused the connection: not authorized (wrong username or password, or the broker does not let this user connect: check mqtt.username, mqtt.password or mqtt.password_file, and the broker's password file and ACLs)".into()
+        }
+        ConnectionError::ConnectionRefused(code) => {
+            format!("broker refused the connection: {code:?}")
+        }
+        other => match crate::tls::rustls_error(other) {
+            Some(tls) => crate::tls::describe(tls),
+            // The broker closed the connection in the middle of the handshake: most often a
+            // plain MQTT port.
+            None => match other {
+                ConnectionError::Tls(inner) => format!(
+                    "TLS handshake failed: {inner} (is mqtt.port the broker's TLS listener?)"
+                ),
+                _ => other.to_string(),
+            },
+        },
+    }
+}

@@ -1,0 +1,73 @@
+//! The embedded broker's watchdog.
+//!
+//! rumqttd runs on threads MetaManager cannot look into. If its router stopped, or it ran out
+//! of connection slots, MetaManager's own connections could stay up while no other client can
+//! reach the node's metadata, and nothing would say so. So a fresh client connects now and then,
+//! the way edged would. While that fails, the health probes fail; once it has failed for the
+//! configured time, MetaManager stops with a non-zero status so that its service manager
+//! starts it again, with a new broker.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use crate::broker;
+use crate::node::Node;
+
+/// How long one check may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+#[error("the embedded broker on {addr} has not accepted a connection for {failing_for:?} (last reason: {reason})")]
+pub struct BrokerUnresponsive {
+    pub addr: SocketAddr,
+    pub failing_for: Duration,
+    pub reason: String,
+}
+
+pub struct Watchdog {
+    pub addr: SocketAddr,
+    pub credentials: Option<(String, String)>,
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+impl Watchdog {
+    /// Checks until `stop`; returns an error when the broker failed every check for `timeout`.
+    pub async fn run(
+        self,
+        node: Arc<Node>,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<(), BrokerUnresponsive> {
+        let mut failing_since: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(self.interval) => {}
+                _ = stop.changed() => return Ok(()),
+            }
+            match broker::probe(self.addr, PROBE_TIMEOUT, self.credentials.clone()).await {
+                Ok(()) => {
+                    if failing_since.take().is_some() {
+                        tracing::info!(addr = %self.addr, "embedded broker accepts connections again");
+                    }
+                    node.set_broker_serving(true);
+                }
+                Err(e) => {
+                    let since = *failing_since.get_or_insert_with(Instant::now);
+                    node.set_broker_serving(false);
+                    let failing_for = since.elapsed();
+                    tracing::error!(addr = %self.addr, error = %e, ?failing_for, "embedded broker check failed");
+                    if failing_for >= self.timeout {
+                        return Err(BrokerUnresponsive {
+                            addr: self.addr,
+                            failing_for,
+                            reason: e.to_string(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+}
