@@ -30,6 +30,7 @@ pub mod app;
 pub mod broker;
 pub mod budget;
 pub mod config;
+pub mod delivery;
 pub mod http;
 pub mod inspect;
 pub mod message;

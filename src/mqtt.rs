@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::budget::{self, InboundBudget, Permit};
+use crate::delivery::Delivery;
 use crate::topics::{Peer, Topics};
 
 /// A received publish and its share of the inbound budget, held until it is finished.
@@ -58,6 +59,8 @@ pub struct Publisher {
     /// Messages the receive loop refused because the inbound budget was spent. Kept here
     /// because the publisher is what the node holds of the connection.
     refused: Arc<AtomicU64>,
+    /// Which of its QoS 1 publishes the broker has acknowledged.
+    pub delivery: Arc<Delivery>,
 }
 
 impl Publisher {
@@ -75,11 +78,13 @@ impl Publisher {
     }
 
     async fn publish(&self, topic: &str, retain: bool, payload: Bytes) {
+        self.delivery.handing();
         if let Err(e) = self
             .client
             .publish_bytes(topic, QoS::AtLeastOnce, retain, payload)
             .await
         {
+            self.delivery.not_handed();
             tracing::warn!(topic, error = %e, "publish dropped: MQTT client is shut down");
         }
     }
@@ -149,6 +154,7 @@ impl Link {
         let (connected_tx, connected) = watch::channel(false);
         let topics = Arc::new(topics);
         let refused = Arc::new(AtomicU64::new(0));
+        let delivery = Arc::new(Delivery::default());
         let receive_loop = tokio::spawn(receive_loop(
             eventloop,
             client.clone(),
@@ -156,12 +162,14 @@ impl Link {
             inbound_tx,
             connected_tx,
             refused.clone(),
+            delivery.clone(),
         ));
         let link = Self {
             publisher: Publisher {
                 client: client.clone(),
                 topics,
                 refused,
+                delivery,
             },
             connected,
             client,
@@ -195,6 +203,7 @@ async fn receive_loop(
     inbound: mpsc::UnboundedSender<Inbound>,
     connected: watch::Sender<bool>,
     refused: Arc<AtomicU64>,
+    delivery: Arc<Delivery>,
 ) {
     let budget = Arc::new(InboundBudget::default());
     let mut backoff = BACKOFF_START;
@@ -216,10 +225,11 @@ async fn receive_loop(
                     // consumers of this queue need to publish their replies.
                     None => {
                         refused.fetch_add(1, Ordering::Relaxed);
-                        refuse_overflow(&client, &topics, &publish);
+                        refuse_overflow(&client, &topics, &publish, &delivery);
                     }
                 }
             }
+            Ok(Event::Incoming(Packet::PubAck(_))) => delivery.acked(),
             Ok(Event::Outgoing(Outgoing::Disconnect)) => {
                 connected.send_replace(false);
                 // Give the DISCONNECT packet a chance to be flushed.
@@ -272,7 +282,7 @@ fn describe(e: &ConnectionError) -> String {
 
 /// Answers a message that arrived with the inbound budget spent: an `error` to its sender,
 /// and a broker ack so it is not redelivered into the same overload. Nothing here waits.
-fn refuse_overflow(client: &AsyncClient, topics: &Topics, publish: &Publish) {
+fn refuse_overflow(client: &AsyncClient, topics: &Topics, publish: &Publish, delivery: &Delivery) {
     tracing::error!(
         topic = %publish.topic,
         max_messages = budget::MAX_MESSAGES,
@@ -287,7 +297,13 @@ fn refuse_overflow(client: &AsyncClient, topics: &Topics, publish: &Publish) {
             budget::MAX_BYTES
         );
         let reply = crate::message::error(parent.as_deref(), "", &text);
-        let _ = client.try_publish(topics.to(sender), QoS::AtLeastOnce, false, reply);
+        delivery.handing();
+        if client
+            .try_publish(topics.to(sender), QoS::AtLeastOnce, false, reply)
+            .is_err()
+        {
+            delivery.not_handed();
+        }
     }
     let _ = client.try_ack(publish);
 }
