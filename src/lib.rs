@@ -10,6 +10,7 @@
 //! - [`mqtt`]: the link to the broker: a receiving connection that reads only as fast as the
 //!   inbound budget allows, and a sending one for everything outbound ([`mqtt::Publisher`]).
 //! - [`tls`]: the rustls client configuration for an external broker, and TLS failure reasons.
+//! - [`delivery`]: which of MetaManager's publishes the broker has acknowledged.
 //! - [`budget`]: the bound on messages in flight; when it is spent, MetaManager stops reading.
 //! - [`topics`]: the node's topic names and the two peers, edgehub and edged.
 //! - [`message`]: the wire message, its validation, and the replies MetaManager builds.
@@ -31,6 +32,7 @@ pub mod app;
 pub mod broker;
 pub mod budget;
 pub mod config;
+pub mod delivery;
 pub mod http;
 pub mod inspect;
 pub mod message;

@@ -1,8 +1,8 @@
 //! What the running node shares between its tasks: the store, the way out to the broker, the
 //! cloud connection state, and the settings operations need.
 
-use std::collections::{HashSet, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -30,8 +30,6 @@ pub struct Node {
     pub metrics: Metrics,
     /// Whether the MQTT connection to the broker is up.
     pub broker_connected: watch::Receiver<bool>,
-    /// Ids of messages this process has already forwarded; see [`RecentIds`].
-    pub forwarded: Mutex<RecentIds>,
     /// Whether edgehub last reported the cloud as connected. Starts disconnected.
     cloud: watch::Sender<bool>,
     /// Whether the embedded broker passed its watchdog's last check (always true with an
@@ -48,6 +46,7 @@ impl Node {
         broker_connected: watch::Receiver<bool>,
     ) -> Self {
         let metrics = Metrics::new(store.metrics().clone());
+        store.track_delivery(publisher.delivery.clone());
         Self {
             node_id: settings.node_id.clone(),
             topics,
@@ -60,7 +59,6 @@ impl Node {
             outbox_stats: OutboxStats::default(),
             metrics,
             broker_connected,
-            forwarded: Mutex::new(RecentIds::default()),
             cloud: watch::channel(false).0,
             broker_serving: std::sync::atomic::AtomicBool::new(true),
         }
@@ -78,22 +76,6 @@ impl Node {
     /// Changes of the cloud state, for the task that keeps the status topic current.
     pub fn watch_cloud(&self) -> watch::Receiver<bool> {
         self.cloud.subscribe()
-    }
-
-    /// Notes that the message `msg_id` was forwarded by this process.
-    pub fn note_forwarded(&self, msg_id: &str) {
-        self.forwarded
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(msg_id);
-    }
-
-    /// Whether this process already forwarded `msg_id`.
-    pub fn was_forwarded(&self, msg_id: &str) -> bool {
-        self.forwarded
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(msg_id)
     }
 
     pub fn broker_serving(&self) -> bool {
@@ -143,46 +125,4 @@ fn status(node_id: &str, online: bool, cloud: Option<bool>) -> Vec<u8> {
 /// The status published on a clean exit and registered as the last will.
 pub fn offline_status(node_id: &str) -> Vec<u8> {
     status(node_id, false, None)
-}
-
-/// The most recent message ids this process forwarded, bounded.
-///
-/// A redelivered message is never applied twice (the store remembers its id durably), but
-/// whether to forward it again depends on why it came back. If this process forwarded the
-/// original, the redelivery is only a lost broker ack and is acked alone. If not, the original
-/// was interrupted between its commit and its forward (a crash), and forwarding now is what
-/// keeps the other side from missing it.
-pub struct RecentIds {
-    order: VecDeque<String>,
-    ids: HashSet<String>,
-}
-
-/// How many forwarded ids are kept; redeliveries come within one broker session.
-const RECENT_IDS: usize = 10_000;
-
-impl Default for RecentIds {
-    fn default() -> Self {
-        Self {
-            order: VecDeque::with_capacity(RECENT_IDS),
-            ids: HashSet::with_capacity(RECENT_IDS),
-        }
-    }
-}
-
-impl RecentIds {
-    pub fn insert(&mut self, id: &str) {
-        if !self.ids.insert(id.to_owned()) {
-            return;
-        }
-        self.order.push_back(id.to_owned());
-        if self.order.len() > RECENT_IDS {
-            if let Some(old) = self.order.pop_front() {
-                self.ids.remove(&old);
-            }
-        }
-    }
-
-    pub fn contains(&self, id: &str) -> bool {
-        self.ids.contains(id)
-    }
 }

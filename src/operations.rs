@@ -148,10 +148,12 @@ fn queue_for_cloud(
     })
 }
 
-/// Passes an inbound message on, unchanged, once its change is committed.
+/// Passes an inbound message on, unchanged, once its change is committed, and settles its id.
 ///
-/// A redelivery (same msg_id) is passed on again only when this process did not forward the
-/// original: then the original was cut off by a crash between its commit and its forward.
+/// A redelivery (same msg_id) of a settled message passes nothing on. An unsettled one was
+/// cut off between its commit and its forward, or its forward was handed on but not yet
+/// recorded before a restart: it is passed on again only while its change is still the
+/// stored state, so a late copy of an insert never brings back what a later delete removed.
 async fn forward(
     node: &Node,
     to: Peer,
@@ -161,13 +163,23 @@ async fn forward(
     coalesce: bool,
 ) {
     let id = msg.msg_id();
+    if applied.settled() {
+        return;
+    }
     match applied.outcome {
-        _ if applied.queued => return,
-        Outcome::Duplicate { settled: true } => return,
-        Outcome::Duplicate { settled: false } if node.was_forwarded(id) => return,
-        Outcome::Duplicate { settled: false } => tracing::info!(
+        Outcome::Duplicate { current: false, .. } => {
+            tracing::info!(
+                msg_id = id,
+                resource = %msg.resource,
+                "redelivered message superseded by a later change; acked, not passed on"
+            );
+            // Nothing to deliver: settled with the next commit.
+            node.store.settle(id, 0);
+            return;
+        }
+        Outcome::Duplicate { .. } => tracing::info!(
             msg_id = id,
-            "redelivered message was not forwarded before; forwarding it now"
+            "redelivered message may not have been passed on and is still current; passing it on"
         ),
         _ => {}
     }
@@ -181,10 +193,19 @@ async fn forward(
             let m = outbox::cloud_message(msg.resource.key(), publish.payload.clone(), coalesce);
             if let Err(e) = outbox::send_to_cloud(node, m).await {
                 tracing::error!(msg_id = id, error = %e, "could not queue a message for the cloud");
+                return;
             }
         }
     }
-    node.note_forwarded(id);
+    settle(node, id);
+}
+
+/// Marks `msg_id` settled once what was just handed to the MQTT client (its forward) is
+/// acknowledged by the broker: with the store's first commit after that. A forward still
+/// waiting in the client dies with the process, so until then the id stays unsettled, and a
+/// redelivery after a crash is passed on again if it is still current.
+fn settle(node: &Node, msg_id: &str) {
+    node.store.settle(msg_id, node.publisher.delivery.mark());
 }
 
 /// query: answer from the store; fetch from the cloud what edged may not have locally.
@@ -393,17 +414,16 @@ async fn answer_from_cloud(node: &Arc<Node>, publish: Publish, message: Message)
     };
     let node = node.clone();
     Box::pin(async move {
-        let duplicate = matches!(
-            committed.await,
-            Ok(Ok(Applied {
-                outcome: Outcome::Duplicate { .. },
-                ..
-            }))
-        );
-        if duplicate && node.was_forwarded(message.msg_id()) {
-            node.publisher.ack(&publish);
-            return;
-        }
+        // Nothing stored, so nothing can supersede an answer: an unsettled redelivery is
+        // always handled again, a settled one only acked.
+        let recorded = match committed.await {
+            Ok(Ok(applied)) if applied.settled() => {
+                node.publisher.ack(&publish);
+                return;
+            }
+            Ok(Ok(_)) => true,
+            _ => false,
+        };
         let id = message.msg_id().to_owned();
         if let Err(unclaimed) = node.remote.complete(Answer { message, publish }) {
             node.publisher
@@ -411,7 +431,9 @@ async fn answer_from_cloud(node: &Arc<Node>, publish: Publish, message: Message)
                 .await;
             node.publisher.ack(&unclaimed.publish);
         }
-        node.note_forwarded(&id);
+        if recorded {
+            settle(&node, &id);
+        }
     })
 }
 

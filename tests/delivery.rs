@@ -23,6 +23,31 @@ fn count_rows(app: &TestApp, sql: &str) -> i64 {
         .unwrap()
 }
 
+/// How often a message with `id` went to edged among `seen`.
+fn forwards_to_edged(seen: &[(String, Value)], id: &str) -> usize {
+    seen.iter()
+        .filter(|(t, v)| t == "metamanager/to/edged" && v["header"]["msg_id"] == id)
+        .count()
+}
+
+/// The `processed` rows as `(msg_id, settled)`, read from the file without writing to it.
+fn processed_rows(app: &TestApp) -> Vec<(String, bool)> {
+    let conn = rusqlite::Connection::open_with_flags(
+        app.db_path(),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let mut stmt = conn
+        .prepare("SELECT msg_id, settled FROM processed ORDER BY seq")
+        .unwrap();
+    let rows = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    rows
+}
+
 fn stored_keys(app: &TestApp) -> HashSet<String> {
     let conn = rusqlite::Connection::open(app.db_path()).unwrap();
     let mut stmt = conn.prepare("SELECT key FROM meta").unwrap();
@@ -48,6 +73,8 @@ async fn sigkill_mid_stream_loses_nothing_acked_and_nothing_accepted() {
             message("insert", &format!("default/pod/{name}"), pod_named(&name))
         })
         .collect();
+    // Plays edged across the kill: every insert must reach it at least once.
+    let mut edged = common::Peer::connect(app.port).await;
     // A separate publisher keeps streaming while MetaManager is killed under it.
     let publisher = std::sync::Arc::new(common::Peer::connect(app.port).await);
     let stream = {
@@ -98,6 +125,29 @@ async fn sigkill_mid_stream_loses_nothing_acked_and_nothing_accepted() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(stored_keys(&app).len(), N);
+
+    // Inserts committed before the kill whose forward was cut off are forwarded when the
+    // broker redelivers them: nothing stored is missing at edged.
+    let mut missing: HashSet<&str> = by_id.keys().copied().collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !missing.is_empty() && Instant::now() < deadline {
+        if let Ok(Some((topic, m))) =
+            tokio::time::timeout(Duration::from_millis(500), edged.next()).await
+        {
+            if topic == "metamanager/to/edged" {
+                missing.remove(m["header"]["msg_id"].as_str().unwrap_or_default());
+            }
+        }
+    }
+    let settled: Vec<(String, bool)> = processed_rows(&app)
+        .into_iter()
+        .filter(|(id, _)| missing.contains(id.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} stored inserts never reached edged; (msg_id, settled): {settled:?}",
+        missing.len(),
+    );
 }
 
 /// The broker dies without warning and comes back on the same port with no memory of the
@@ -232,6 +282,213 @@ async fn redelivery_of_a_settled_message_passes_nothing_on(kind: BrokerKind) {
             .any(|(_, v)| v["header"]["msg_id"] == msg_id(&queued)),
         "sent to the cloud once: {seen:#?}"
     );
+}
+
+/// The resurrection case: a pod inserted and then deleted, and after a restart the insert comes
+/// again with its msg_id (a broker redelivery or a cloud retry). It is acked, not passed on,
+/// and the pod stays gone: edged must not start a pod the store says is deleted.
+async fn redelivered_insert_does_not_resurrect_a_deleted_pod(kind: BrokerKind) {
+    let Some(mut app) = TestApp::spawn(Options::new(kind)).await else {
+        return;
+    };
+    let key = "default/pod/nginx-7d9c5b8f4-x2k9p";
+    let insert = fixture("insert-pod.message.json");
+    let delete = message("delete", key, fixture("pod.json"));
+    for m in [&insert, &delete] {
+        app.client.publish("edgehub", m).await;
+        let ack = app
+            .client
+            .reply_to("metamanager/to/edgehub", msg_id(m))
+            .await;
+        assert_eq!(ack["content"], "OK");
+        app.client
+            .wait_for("metamanager/to/edged", |v| {
+                v["header"]["msg_id"] == msg_id(m)
+            })
+            .await;
+    }
+    app.restart().await;
+
+    app.client.publish("edgehub", &insert).await;
+    let ack = app
+        .client
+        .reply_to("metamanager/to/edgehub", msg_id(&insert))
+        .await;
+    assert_eq!(ack["content"], "OK", "a redelivery is acked");
+    assert_eq!(app.client.query("edged", key).await, json!([]));
+    let seen = app.client.drain(Duration::from_millis(500)).await;
+    assert_eq!(
+        forwards_to_edged(&seen, msg_id(&insert)),
+        0,
+        "the deleted pod was sent to edged again: {seen:#?}"
+    );
+
+    // After a crash that came before the forwards were recorded as settled (what a kill -9
+    // leaves), the ids count as possibly unforwarded: the insert is checked against the
+    // stored state and found superseded.
+    let status = app.terminate();
+    assert!(status.success(), "exit status {status}");
+    rusqlite::Connection::open(app.db_path())
+        .unwrap()
+        .execute("UPDATE processed SET settled = 0", [])
+        .unwrap();
+    app.start().await;
+    app.client.publish("edgehub", &insert).await;
+    let ack = app
+        .client
+        .reply_to("metamanager/to/edgehub", msg_id(&insert))
+        .await;
+    assert_eq!(ack["content"], "OK");
+    let seen = app.client.drain(Duration::from_millis(500)).await;
+    assert_eq!(
+        forwards_to_edged(&seen, msg_id(&insert)),
+        0,
+        "the deleted pod was sent to edged again: {seen:#?}"
+    );
+    assert!(app.log().contains("superseded by a later change"));
+    assert!(!stored_keys(&app).contains(key));
+}
+
+/// An insert superseded by an update: its redelivery after a restart does not roll edged back.
+async fn redelivered_insert_does_not_undo_a_later_update(kind: BrokerKind) {
+    let Some(mut app) = TestApp::spawn(Options::new(kind)).await else {
+        return;
+    };
+    let key = "default/configmap/app-config";
+    let x = fixture("configmap.json");
+    let mut y = x.clone();
+    y["data"] = json!({"mode": "updated"});
+    let insert = message("insert", key, x);
+    let update = message("update", key, y.clone());
+    for m in [&insert, &update] {
+        app.client.publish("edgehub", m).await;
+        app.client
+            .reply_to("metamanager/to/edgehub", msg_id(m))
+            .await;
+    }
+    app.restart().await;
+
+    app.client.publish("edgehub", &insert).await;
+    let ack = app
+        .client
+        .reply_to("metamanager/to/edgehub", msg_id(&insert))
+        .await;
+    assert_eq!(ack["content"], "OK");
+    assert_eq!(app.client.query("edged", key).await, json!([y]));
+    let seen = app.client.drain(Duration::from_millis(500)).await;
+    assert_eq!(
+        forwards_to_edged(&seen, msg_id(&insert)),
+        0,
+        "the superseded insert was passed on: {seen:#?}"
+    );
+}
+
+/// After a clean stop, every message that was passed on is recorded as settled, whichever
+/// path passed it on: forwards to edged, a direct send to the cloud, relayed responses.
+async fn clean_stop_leaves_every_forwarded_message_settled(kind: BrokerKind) {
+    let Some(mut app) = TestApp::spawn(Options::new(kind)).await else {
+        return;
+    };
+    app.set_cloud(true).await;
+    let pod = "default/pod/nginx-7d9c5b8f4-x2k9p";
+    let mut running = fixture("pod.json");
+    running["status"]["phase"] = json!("Running");
+    let sent = [
+        ("edgehub", fixture("insert-pod.message.json")),
+        ("edgehub", message("update", pod, running)),
+        (
+            "edged",
+            message("insert", "default/pod/edge-made", pod_named("edge-made")),
+        ),
+        (
+            "edged",
+            message("response", "default/configmap/c", json!({"a": 1})),
+        ),
+        (
+            "edgehub",
+            message("response", "default/configmap/c", json!("unasked")),
+        ),
+        ("edgehub", message("delete", pod, fixture("pod.json"))),
+    ];
+    for (peer, m) in &sent {
+        app.client.publish(peer, m).await;
+    }
+    // Everything was passed on before the stop.
+    for (peer, m) in &sent {
+        let to = if *peer == "edgehub" {
+            "edged"
+        } else {
+            "edgehub"
+        };
+        app.client
+            .wait_for(&format!("metamanager/to/{to}"), |v| {
+                v["header"]["msg_id"] == msg_id(m)
+            })
+            .await;
+    }
+    let status = app.terminate();
+    assert!(status.success(), "exit status {status}");
+    let rows = processed_rows(&app);
+    let ids: HashSet<&str> = rows.iter().map(|(id, _)| id.as_str()).collect();
+    for (_, m) in &sent {
+        assert!(ids.contains(msg_id(m)), "{} not recorded", msg_id(m));
+    }
+    let unsettled: Vec<_> = rows.iter().filter(|(_, s)| !s).collect();
+    assert!(
+        unsettled.is_empty(),
+        "unsettled after a clean stop: {unsettled:?}"
+    );
+}
+
+/// The crash case: a change committed whose forward was cut off (the process died between the
+/// commit and the forward, so its id is recorded unsettled). Its redelivery, still the stored
+/// state, is passed on, once; after that it is settled.
+async fn redelivery_after_a_lost_forward_is_passed_on_while_current(kind: BrokerKind) {
+    let Some(mut app) = TestApp::spawn(Options::new(kind)).await else {
+        return;
+    };
+    let key = "default/pod/nginx-7d9c5b8f4-x2k9p";
+    let insert = fixture("insert-pod.message.json");
+    app.client.publish("edgehub", &insert).await;
+    app.client
+        .reply_to("metamanager/to/edgehub", msg_id(&insert))
+        .await;
+    let status = app.terminate();
+    assert!(status.success(), "exit status {status}");
+    // What a crash between commit and forward leaves on disk: the id, not settled.
+    rusqlite::Connection::open(app.db_path())
+        .unwrap()
+        .execute(
+            "UPDATE processed SET settled = 0 WHERE msg_id = ?1",
+            [msg_id(&insert)],
+        )
+        .unwrap();
+    app.start().await;
+
+    app.client.publish("edgehub", &insert).await;
+    let forwarded = app
+        .client
+        .wait_for("metamanager/to/edged", |v| {
+            v["header"]["msg_id"] == msg_id(&insert)
+        })
+        .await;
+    assert_eq!(forwarded, insert, "passed on unchanged");
+    let ack = app
+        .client
+        .reply_to("metamanager/to/edgehub", msg_id(&insert))
+        .await;
+    assert_eq!(ack["content"], "OK");
+    assert_eq!(stored_keys(&app).len(), 1, "not stored twice");
+    assert!(stored_keys(&app).contains(key));
+
+    // Now it is settled: another copy after a restart is only acked.
+    app.restart().await;
+    app.client.publish("edgehub", &insert).await;
+    app.client
+        .reply_to("metamanager/to/edgehub", msg_id(&insert))
+        .await;
+    let seen = app.client.drain(Duration::from_millis(500)).await;
+    assert_eq!(forwards_to_edged(&seen, msg_id(&insert)), 0, "{seen:#?}");
 }
 
 /// Edge changes made while the cloud is away wait in the outbox, survive a restart, and go
@@ -477,6 +734,10 @@ async fn a_stalled_store_slows_the_sender_and_refuses_nothing() {
 both_brokers!(
     duplicate_delivery_is_applied_once,
     redelivery_of_a_settled_message_passes_nothing_on,
+    redelivered_insert_does_not_resurrect_a_deleted_pod,
+    redelivered_insert_does_not_undo_a_later_update,
+    clean_stop_leaves_every_forwarded_message_settled,
+    redelivery_after_a_lost_forward_is_passed_on_while_current,
     outbox_survives_restart_and_drains_in_order,
     outbox_bounds_drop_oldest_and_expired,
     outbox_drain_is_paced,

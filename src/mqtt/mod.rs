@@ -32,8 +32,9 @@ use tokio::task::JoinHandle;
 use crate::budget::{self, InboundBudget, Permit};
 use crate::topics::Topics;
 
+use crate::delivery::Delivery;
+use publish::PendingAck;
 pub use publish::Publisher;
-use publish::{Deliveries, PendingAck};
 
 /// A received publish and its share of the inbound budget, held until it is finished.
 pub type Inbound = (Publish, Permit);
@@ -84,7 +85,7 @@ pub struct Link {
     pub connected: watch::Receiver<bool>,
     receiver: AsyncClient,
     sender: AsyncClient,
-    deliveries: Arc<Deliveries>,
+    deliveries: Arc<Delivery>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -144,7 +145,7 @@ impl Link {
             sending: AtomicBool::new(false),
             both,
         });
-        let deliveries = Arc::new(Deliveries::default());
+        let deliveries = Arc::new(Delivery::default());
         let (acks_tx, acks_rx) = mpsc::unbounded_channel();
         // Unbounded as a channel, bounded by the budget.
         let (inbound_tx, inbound) = mpsc::unbounded_channel();
@@ -282,7 +283,7 @@ async fn receive_loop_task(
 
 async fn send_loop_task(
     mut eventloop: EventLoop,
-    deliveries: Arc<Deliveries>,
+    deliveries: Arc<Delivery>,
     state: Arc<Connected>,
     client_id: String,
 ) {
@@ -326,7 +327,7 @@ async fn send_loop_task(
 async fn ack_in_order(
     mut acks: mpsc::UnboundedReceiver<PendingAck>,
     receiver: AsyncClient,
-    deliveries: Arc<Deliveries>,
+    deliveries: Arc<Delivery>,
 ) {
     let mut confirmed = deliveries.confirmed();
     while let Some(PendingAck { ack, after }) = acks.recv().await {

@@ -15,7 +15,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -27,6 +27,7 @@ mod feed;
 mod writer;
 
 use crate::config::Synchronous;
+use crate::delivery::Delivery;
 use crate::metrics::StoreMetrics;
 
 pub use feed::{Expired, Resume};
@@ -34,6 +35,9 @@ pub use writer::DEDUPE_WINDOW;
 
 /// Changes queued for the writer thread before submitters wait.
 const QUEUE_DEPTH: usize = 4096;
+/// Settle marks kept for the next commit at most (one per handled message, so in practice
+/// never more than a batch or two; the bound matters only while commits fail).
+const MAX_PENDING_SETTLES: usize = writer::DEDUPE_WINDOW as usize;
 /// Idle read connections kept open.
 const MAX_IDLE_READERS: usize = 4;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -151,10 +155,16 @@ pub enum Outcome {
     Absent,
     /// Delete whose uid did not match the stored object's; nothing was removed.
     UidMismatch,
-    /// The message id was seen before: nothing was applied again. `settled`: the original
-    /// needed nothing passed on (a no-op, or its message for the cloud is in the outbox).
+    /// The message id was seen before: nothing was applied again. `settled`: nothing is left
+    /// to pass on for the original (a no-op, its message for the cloud is in the outbox, or its
+    /// forward was handed to the connection and recorded with [`Store::settle`]). `current`,
+    /// looked at only when not settled: the original's change is still the stored state (an
+    /// insert or update whose content equals the stored value as JSON, a delete whose key, or
+    /// pod of that uid, is absent, or a message that changes nothing in `meta`), so passing
+    /// it on again cannot undo a later change.
     Duplicate {
         settled: bool,
+        current: bool,
     },
     /// Only the message id was recorded (a change with no write).
     Recorded,
@@ -166,6 +176,20 @@ pub struct Applied {
     pub outcome: Outcome,
     /// Its message for the cloud went into the outbox.
     pub queued: bool,
+}
+
+impl Applied {
+    /// Whether nothing is left to pass on for the message: it changed nothing, its message for
+    /// the cloud is in the outbox, or it is a redelivery of a settled message. The writer
+    /// records a new message's id with this flag; the others are settled by their caller with
+    /// [`Store::settle`] once their forward is handed on.
+    pub fn settled(&self) -> bool {
+        self.queued
+            || matches!(
+                self.outcome,
+                Outcome::Unchanged | Outcome::Duplicate { settled: true, .. }
+            )
+    }
 }
 
 pub type Committed = oneshot::Receiver<Result<Applied, StoreError>>;
@@ -215,6 +239,13 @@ struct Shared {
     outbox_changed: Notify,
     /// The change feed: published to after each commit; publishing never waits.
     feed: feed::Feed,
+    /// Message ids whose forward has been handed on, each with its delivery mark, waiting to
+    /// be marked settled by the first commit after the broker acknowledged the forward (see
+    /// [`Store::settle`]).
+    settle: Mutex<Vec<(u64, String)>>,
+    /// The broker's acknowledgements of MetaManager's publishes; without it (a store used
+    /// without a connection) a mark is ready at once.
+    delivery: OnceLock<Arc<Delivery>>,
 }
 
 /// A handle to the store; cheap to clone.
@@ -312,6 +343,32 @@ impl Store {
             .await?
             .await
             .unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// Where the broker's acknowledgements of the connection's publishes are counted; set
+    /// once, when the node is assembled.
+    pub fn track_delivery(&self, delivery: Arc<Delivery>) {
+        let _ = self.inner.shared.delivery.set(delivery);
+    }
+
+    /// Records that nothing is left to pass on for the message `msg_id` once the broker has
+    /// acknowledged the publishes up to `mark` ([`Delivery::mark`] read after handing its
+    /// forward on; 0 when it needs no forward). Costs no commit of its own: the writer marks
+    /// the id settled in the first transaction after that, or on [`Store::close`] if it is
+    /// acknowledged by then. Until then, or if the process dies first, the id stays unsettled,
+    /// which only means that a redelivery is passed on again if its change is still the
+    /// stored state.
+    pub fn settle(&self, msg_id: &str, mark: u64) {
+        let mut pending = self
+            .inner
+            .shared
+            .settle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        // Full only while commits fail; a mark left out is the safe direction.
+        if pending.len() < MAX_PENDING_SETTLES {
+            pending.push((mark, msg_id.to_owned()));
+        }
     }
 
     /// Whether the store still takes writes (false once [`Store::close`] has begun).
@@ -756,6 +813,234 @@ mod tests {
                 ),
             ]
         );
+        store.close().await;
+    }
+
+    fn with_id(id: &str, write: Option<Write>) -> Change {
+        Change {
+            msg_id: Some(id.into()),
+            write,
+            ..Change::default()
+        }
+    }
+
+    fn settled_flag(path: &Path, id: &str) -> Option<bool> {
+        Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap()
+            .query_row(
+                "SELECT settled FROM processed WHERE msg_id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .optional()
+            .unwrap()
+    }
+
+    const fn dup(settled: bool, current: bool) -> Outcome {
+        Outcome::Duplicate { settled, current }
+    }
+
+    #[tokio::test]
+    async fn a_duplicate_reports_whether_its_change_is_still_the_stored_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("m.db"), StoreOptions::default()).unwrap();
+        let outcome = |c: Change| {
+            let store = store.clone();
+            async move { store.write(c).await.unwrap().outcome }
+        };
+        let pod = "ns/pod/p";
+        let update = |v: &str| Write::PutIfChanged {
+            key: pod.into(),
+            rtype: "pod".into(),
+            value: Bytes::copy_from_slice(v.as_bytes()),
+        };
+        let delete = |uid: Option<&str>| Write::Delete {
+            key: pod.into(),
+            uid: uid.map(Into::into),
+        };
+        let x = r#"{"metadata":{"uid":"u1"},"spec":{"v":1}}"#;
+        let y = r#"{"metadata":{"uid":"u1"},"spec":{"v":2}}"#;
+
+        // Insert X: a redelivery is current while X is stored, whatever its key order.
+        assert_eq!(
+            outcome(with_id("a", Some(put(pod, x)))).await,
+            Outcome::Stored
+        );
+        assert_eq!(
+            outcome(with_id("a", Some(put(pod, x)))).await,
+            dup(false, true)
+        );
+        // Update to Y supersedes it; the update itself is current.
+        assert_eq!(
+            outcome(with_id("b", Some(update(y)))).await,
+            Outcome::Stored
+        );
+        assert_eq!(
+            outcome(with_id("a", Some(put(pod, x)))).await,
+            dup(false, false)
+        );
+        let y_reordered = r#"{"spec":{"v":2},"metadata":{"uid":"u1"}}"#;
+        assert_eq!(
+            outcome(with_id("b", Some(update(y_reordered)))).await,
+            dup(false, true)
+        );
+        // A delete with the pod's uid removes it and supersedes both.
+        assert_eq!(
+            outcome(with_id("c", Some(delete(Some("u1"))))).await,
+            Outcome::Deleted
+        );
+        assert_eq!(
+            outcome(with_id("a", Some(put(pod, x)))).await,
+            dup(false, false)
+        );
+        assert_eq!(
+            outcome(with_id("b", Some(update(y)))).await,
+            dup(false, false)
+        );
+        assert_eq!(
+            outcome(with_id("c", Some(delete(Some("u1"))))).await,
+            dup(false, true)
+        );
+        // Another pod of the same name: the delete of u1 is still in effect, a delete
+        // without uid is not.
+        let other = r#"{"metadata":{"uid":"u2"}}"#;
+        assert_eq!(
+            outcome(with_id("d", Some(put(pod, other)))).await,
+            Outcome::Stored
+        );
+        assert_eq!(
+            outcome(with_id("c", Some(delete(Some("u1"))))).await,
+            dup(false, true)
+        );
+        assert_eq!(
+            outcome(with_id("e", Some(delete(None)))).await,
+            Outcome::Deleted
+        );
+        assert_eq!(
+            outcome(with_id("d", Some(put(pod, other)))).await,
+            dup(false, false)
+        );
+        assert_eq!(
+            outcome(with_id("e", Some(delete(None)))).await,
+            dup(false, true)
+        );
+        // A message that writes nothing cannot be superseded.
+        assert_eq!(outcome(with_id("f", None)).await, Outcome::Recorded);
+        assert_eq!(outcome(with_id("f", None)).await, dup(false, true));
+        // An update that changed nothing is settled at once.
+        assert_eq!(
+            outcome(with_id("g", Some(put(pod, x)))).await,
+            Outcome::Stored
+        );
+        assert_eq!(
+            outcome(with_id("h", Some(update(x)))).await,
+            Outcome::Unchanged
+        );
+        assert_eq!(
+            outcome(with_id("h", Some(update(x)))).await,
+            dup(true, false)
+        );
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn settle_marks_ride_the_next_commit_and_are_flushed_on_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        let store = Store::open(&path, StoreOptions::default()).unwrap();
+        let first = store
+            .write(with_id("a", Some(put("ns/pod/a", "{}"))))
+            .await
+            .unwrap();
+        assert!(!first.settled(), "a forward is still to come");
+        store.settle("a", 0);
+        assert_eq!(store.commits(), (1, 1), "a mark costs no commit of its own");
+        assert_eq!(settled_flag(&path, "a"), Some(false));
+
+        // The next commit carries the mark, before its own changes: a redelivery in it
+        // already sees the original settled.
+        let again = store
+            .write(with_id("a", Some(put("ns/pod/a", "{}"))))
+            .await
+            .unwrap();
+        assert_eq!(again.outcome, dup(true, false));
+        assert!(again.settled());
+        assert_eq!(store.commits(), (2, 2));
+        assert_eq!(settled_flag(&path, "a"), Some(true));
+
+        store
+            .write(with_id("b", Some(put("ns/pod/b", "{}"))))
+            .await
+            .unwrap();
+        store.settle("b", 0);
+        store.settle("never-seen", 0);
+        store.close().await;
+        assert_eq!(settled_flag(&path, "b"), Some(true), "flushed on close");
+        assert_eq!(settled_flag(&path, "never-seen"), None);
+    }
+
+    #[tokio::test]
+    async fn a_mark_waits_for_the_broker_to_acknowledge_the_forward() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        let store = Store::open(&path, StoreOptions::default()).unwrap();
+        let delivery = Arc::new(Delivery::default());
+        store.track_delivery(delivery.clone());
+        store
+            .write(with_id("a", Some(put("ns/pod/a", "{}"))))
+            .await
+            .unwrap();
+        delivery.queue();
+        delivery.sent(1);
+        store.settle("a", delivery.mark());
+        // Handed on, not acknowledged: a commit leaves it unsettled.
+        store
+            .write(with_id("b", Some(put("ns/pod/b", "{}"))))
+            .await
+            .unwrap();
+        assert_eq!(settled_flag(&path, "a"), Some(false));
+        delivery.acknowledged(1);
+        store
+            .write(with_id("c", Some(put("ns/pod/c", "{}"))))
+            .await
+            .unwrap();
+        assert_eq!(settled_flag(&path, "a"), Some(true));
+        // Not acknowledged by the close: it stays unsettled.
+        delivery.queue();
+        delivery.sent(2);
+        store.settle("b", delivery.mark());
+        store.close().await;
+        assert_eq!(settled_flag(&path, "b"), Some(false));
+    }
+
+    #[tokio::test]
+    async fn a_database_without_the_settled_flag_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        {
+            // The schema of the first version that remembered message ids.
+            let old = Connection::open(&path).unwrap();
+            old.execute_batch(
+                "CREATE TABLE meta (key TEXT PRIMARY KEY, type TEXT NOT NULL, value TEXT NOT NULL);
+                 CREATE TABLE processed (seq INTEGER PRIMARY KEY, msg_id TEXT NOT NULL UNIQUE);
+                 INSERT INTO meta VALUES ('ns/pod/p', 'pod', '{\"v\":2}');
+                 INSERT INTO processed (msg_id) VALUES ('old-insert');",
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path, StoreOptions::default()).unwrap();
+        let redelivered = with_id("old-insert", Some(put("ns/pod/p", r#"{"v":1}"#)));
+        assert_eq!(
+            store.write(redelivered).await.unwrap().outcome,
+            dup(false, false),
+            "an id from before the flag is unsettled, and checked against the stored state"
+        );
+        store.write(with_id("new", None)).await.unwrap();
+        store.settle("new", 0);
+        store.close().await;
+        assert_eq!(settled_flag(&path, "new"), Some(true));
+        // Opening again finds the column and leaves it alone.
+        let store = Store::open(&path, StoreOptions::default()).unwrap();
         store.close().await;
     }
 

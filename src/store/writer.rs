@@ -5,6 +5,11 @@
 //! Every change also records its message id (so a redelivery is recognised) and, when the cloud
 //! is away, its message for the cloud in the outbox, all in the same transaction: either the
 //! change, its id and its outbox entry are on disk together, or none of them is.
+//!
+//! An id is recorded unsettled when the message's forward is still to come. Once the forward
+//! is handed on, [`super::Store::settle`] queues a mark, and the first transaction after the
+//! broker acknowledged the forward (or the close) sets the flag: the mark rides along with
+//! other changes' commit and costs no fsync of its own.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -45,7 +50,17 @@ pub(super) fn prepare(conn: &Connection, synchronous: &str) -> rusqlite::Result<
              created_ms   INTEGER NOT NULL,
              payload      BLOB NOT NULL
          );",
-    )
+    )?;
+    // Databases from before the settled flag have `processed` without it. An id from then
+    // counts as unsettled: a redelivery of it is passed on again only if its change is still
+    // the stored state.
+    let has_settled = conn
+        .prepare("SELECT 1 FROM pragma_table_info('processed') WHERE name = 'settled'")?
+        .exists([])?;
+    if !has_settled {
+        conn.execute_batch("ALTER TABLE processed ADD COLUMN settled INTEGER NOT NULL DEFAULT 0")?;
+    }
+    Ok(())
 }
 
 pub(super) struct Writer {
@@ -87,6 +102,19 @@ impl Writer {
                 let _ = job.done.send(outcome);
             }
         }
+        // Closing: whatever the broker acknowledged since the last commit is recorded before
+        // the database closes, so a clean stop leaves nothing unsettled that was forwarded.
+        let marks = self.take_settle_marks();
+        if !marks.is_empty() {
+            let flushed = self.conn.execute_batch("BEGIN IMMEDIATE").and_then(|()| {
+                self.apply_settle_marks(&marks);
+                self.conn.execute_batch("COMMIT")
+            });
+            if let Err(e) = flushed {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                tracing::warn!(error = %e, marks = marks.len(), "could not record settled message ids at close");
+            }
+        }
         if let Err(e) = self.conn.pragma_update(None, "wal_checkpoint", "TRUNCATE") {
             tracing::warn!(error = %e, "final WAL checkpoint failed");
         }
@@ -105,9 +133,14 @@ impl Writer {
         let started = Instant::now();
         let rows_at_start = self.outbox_rows;
         let recorded_at_start = self.recorded_since_prune;
+        let marks = self.take_settle_marks();
         if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
+            self.requeue_settle_marks(marks);
             return fail_all(e.to_string());
         }
+        // Before the batch's own changes, so that a redelivery in this batch already sees
+        // the original settled when its forward was handed on before the redelivery arrived.
+        self.apply_settle_marks(&marks);
         let mut effect = OutboxEffect::default();
         let fast: rusqlite::Result<Vec<Applied>> = batch
             .iter()
@@ -121,8 +154,10 @@ impl Writer {
                 self.recorded_since_prune = recorded_at_start;
                 effect = OutboxEffect::default();
                 if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
+                    self.requeue_settle_marks(marks);
                     return fail_all(e.to_string());
                 }
+                self.apply_settle_marks(&marks);
                 self.apply_isolated(batch, &mut effect)
             }
         };
@@ -135,6 +170,7 @@ impl Writer {
         if let Err(e) = self.conn.execute_batch("COMMIT") {
             let _ = self.conn.execute_batch("ROLLBACK");
             self.outbox_rows = rows_at_start;
+            self.requeue_settle_marks(marks);
             let text = e.to_string();
             tracing::error!(error = %text, changes = batch.len(), "store commit failed");
             return fail_all(text);
@@ -200,8 +236,9 @@ impl Writer {
                 .query_row([id], |r| r.get(0))
                 .optional()?;
             if let Some(settled) = seen {
+                let current = !settled && is_current(conn, change.write.as_ref())?;
                 return Ok(Applied {
-                    outcome: Outcome::Duplicate { settled },
+                    outcome: Outcome::Duplicate { settled, current },
                     queued: false,
                 });
             }
@@ -238,16 +275,61 @@ impl Writer {
             }
             _ => false,
         };
+        let applied = Applied { outcome, queued };
         if let Some(id) = &change.msg_id {
             // Settled: nothing is left to pass on, because the change was a no-op or its
-            // message is already in the outbox, committed with it.
-            let settled = queued || outcome == Outcome::Unchanged;
+            // message is already in the outbox, committed with it. Otherwise the caller
+            // settles it once the forward is handed on.
+            let settled = applied.settled();
             self.conn
                 .prepare_cached("INSERT INTO processed (msg_id, settled) VALUES (?1, ?2)")?
                 .execute(params![id, settled])?;
             self.recorded_since_prune += 1;
         }
-        Ok(Applied { outcome, queued })
+        Ok(applied)
+    }
+
+    /// The marks whose forward the broker has acknowledged; the others wait.
+    fn take_settle_marks(&self) -> Vec<(u64, String)> {
+        let mut pending = self.shared.settle.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(delivery) = self.shared.delivery.get() else {
+            return std::mem::take(&mut *pending);
+        };
+        let (ready, waiting) = std::mem::take(&mut *pending)
+            .into_iter()
+            .partition(|(mark, _)| delivery.reached(*mark));
+        *pending = waiting;
+        ready
+    }
+
+    /// Puts marks back for the next transaction, after this one failed.
+    fn requeue_settle_marks(&self, marks: Vec<(u64, String)>) {
+        if marks.is_empty() {
+            return;
+        }
+        let mut pending = self.shared.settle.lock().unwrap_or_else(|p| p.into_inner());
+        let room = super::MAX_PENDING_SETTLES.saturating_sub(pending.len());
+        pending.extend(marks.into_iter().take(room));
+    }
+
+    /// Sets the settled flag of each id, inside the open transaction. A failure costs only the
+    /// mark (the id stays unsettled, the safe direction), never the batch: a failed statement
+    /// leaves the transaction open.
+    fn apply_settle_marks(&self, marks: &[(u64, String)]) {
+        if marks.is_empty() {
+            return;
+        }
+        let marked = self
+            .conn
+            .prepare_cached("UPDATE processed SET settled = 1 WHERE msg_id = ?1")
+            .and_then(|mut stmt| {
+                marks
+                    .iter()
+                    .try_for_each(|(_, id)| stmt.execute([id]).map(drop))
+            });
+        if let Err(e) = marked {
+            tracing::warn!(error = %e, "could not mark forwarded message ids settled");
+        }
     }
 
     fn enqueue(
@@ -343,6 +425,28 @@ fn apply_write(conn: &Connection, write: &Write) -> rusqlite::Result<Outcome> {
             Ok(Outcome::Deleted)
         }
     }
+}
+
+/// Whether the change a message made is still the stored state: passing the message on again
+/// then cannot undo a later change. A message without a write changes nothing in `meta`.
+fn is_current(conn: &Connection, write: Option<&Write>) -> rusqlite::Result<bool> {
+    let Some(write) = write else {
+        return Ok(true);
+    };
+    let stored = stored_value(conn, write.key())?;
+    Ok(match (write, stored) {
+        (Write::Put { value, .. } | Write::PutIfChanged { value, .. }, Some(stored)) => {
+            same_json(&stored, text(value)?)
+        }
+        (Write::Put { .. } | Write::PutIfChanged { .. }, None) => false,
+        (Write::Delete { .. }, None) => true,
+        // A pod delete with a uid removes only the pod of that uid: it is still in effect
+        // while the stored pod is another one.
+        (Write::Delete { uid: Some(uid), .. }, Some(stored)) => {
+            super::stored_uid(&stored).is_some_and(|s| &s != uid)
+        }
+        (Write::Delete { uid: None, .. }, Some(_)) => false,
+    })
 }
 
 /// What the change feed reports for a write that changed `meta`; `None` when it did not.

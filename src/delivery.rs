@@ -1,0 +1,161 @@
+//! Which of MetaManager's own QoS 1 publishes the broker has acknowledged.
+//!
+//! Handing a publish to the MQTT client is not delivering it: it may wait in the client's queue
+//! and dies with the process. Only the broker's PUBACK says it arrived. Two things wait on that:
+//! the broker ack of the inbound message that caused the publish ([`crate::mqtt`]), and the
+//! settled mark of its msg_id in the store ([`crate::store::Store::settle`]). The client does not
+//! tell which publish a PUBACK answers, so every publish gets a number as it is queued, the
+//! connection's events say which packet id each queued publish went out with, and a PUBACK
+//! names its packet id. [`Delivery`] keeps the highest number up to which every publish is
+//! acknowledged, whatever order the acks come in; a [`Delivery::mark`] read after queueing a
+//! publish is reached once that publish and every one before it are acknowledged.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use tokio::sync::watch;
+
+/// Which publishes the broker has acknowledged.
+#[derive(Default)]
+pub struct Delivery {
+    /// Held while a publish is queued, so numbers follow the connection's order.
+    pub(crate) enqueue: tokio::sync::Mutex<()>,
+    state: Mutex<DeliveryState>,
+    /// All publishes numbered up to this are acknowledged (or known lost).
+    confirmed: watch::Sender<u64>,
+    /// Inbound acks asked for and not yet handed to the receiving connection.
+    pub acks_waiting: AtomicU64,
+    /// Publishes given up because the broker lost the session that held them.
+    pub lost: AtomicU64,
+}
+
+#[derive(Default)]
+struct DeliveryState {
+    /// Number of the last publish queued.
+    last: u64,
+    /// Queued publishes the connection has not yet sent, in order.
+    queued: VecDeque<u64>,
+    /// Sent publishes by packet id, awaiting the broker's PUBACK.
+    sent: HashMap<u16, u64>,
+    /// Acknowledged numbers above `confirmed`, waiting for the gap below them to close.
+    done: BTreeSet<u64>,
+    confirmed: u64,
+}
+
+impl Delivery {
+    fn lock(&self) -> std::sync::MutexGuard<'_, DeliveryState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn queue(&self) -> u64 {
+        let mut s = self.lock();
+        s.last += 1;
+        let seq = s.last;
+        s.queued.push_back(seq);
+        seq
+    }
+
+    /// The number of the last publish queued: read after queueing a publish, it is reached once
+    /// that publish, and every one queued before it, is acknowledged.
+    pub fn mark(&self) -> u64 {
+        self.lock().last
+    }
+
+    pub fn reached(&self, mark: u64) -> bool {
+        *self.confirmed.borrow() >= mark
+    }
+
+    pub fn confirmed(&self) -> watch::Receiver<u64> {
+        self.confirmed.subscribe()
+    }
+
+    pub(crate) fn forget_queued(&self, seq: u64) {
+        let mut s = self.lock();
+        s.queued.retain(|&q| q != seq);
+        self.finish(&mut s, seq);
+    }
+
+    /// The connection sent a publish with packet id `pkid`. A packet id already awaiting its
+    /// ack is a retransmission; any other is the oldest queued publish, since publishes are
+    /// sent in the order they were queued.
+    pub fn sent(&self, pkid: u16) {
+        let mut s = self.lock();
+        if s.sent.contains_key(&pkid) {
+            return;
+        }
+        if let Some(seq) = s.queued.pop_front() {
+            s.sent.insert(pkid, seq);
+        }
+    }
+
+    pub fn acknowledged(&self, pkid: u16) {
+        let mut s = self.lock();
+        if let Some(seq) = s.sent.remove(&pkid) {
+            self.finish(&mut s, seq);
+        }
+    }
+
+    /// The broker started a new session: rumqttc drops what the old one had not delivered,
+    /// so nothing outstanding will be acknowledged any more.
+    pub fn session_lost(&self) -> usize {
+        let mut s = self.lock();
+        let outstanding: Vec<u64> = s.sent.drain().map(|(_, seq)| seq).collect();
+        let queued: Vec<u64> = s.queued.drain(..).collect();
+        let n = outstanding.len() + queued.len();
+        for seq in outstanding.into_iter().chain(queued) {
+            self.finish(&mut s, seq);
+        }
+        self.lost.fetch_add(n as u64, Ordering::Relaxed);
+        n
+    }
+
+    fn finish(&self, s: &mut DeliveryState, seq: u64) {
+        if seq <= s.confirmed {
+            return;
+        }
+        s.done.insert(seq);
+        let before = s.confirmed;
+        while s.done.remove(&(s.confirmed + 1)) {
+            s.confirmed += 1;
+        }
+        if s.confirmed != before {
+            self.confirmed.send_replace(s.confirmed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn confirms_in_order_whatever_order_the_acks_come_in() {
+        let d = Delivery::default();
+        let (a, b, c) = (d.queue(), d.queue(), d.queue());
+        assert_eq!((a, b, c), (1, 2, 3));
+        d.sent(7);
+        d.sent(8);
+        d.sent(7); // a retransmission takes no new number
+        d.sent(9);
+        d.acknowledged(9);
+        d.acknowledged(8);
+        assert_eq!(*d.confirmed().borrow(), 0, "1 is not acknowledged yet");
+        d.acknowledged(7);
+        assert_eq!(*d.confirmed().borrow(), 3);
+        // An ack for a packet id nobody waits for changes nothing.
+        d.acknowledged(7);
+        assert_eq!(*d.confirmed().borrow(), 3);
+    }
+
+    #[test]
+    fn a_lost_session_releases_every_waiting_ack() {
+        let d = Delivery::default();
+        d.queue();
+        d.queue();
+        d.sent(1);
+        assert_eq!(d.session_lost(), 2);
+        assert_eq!(*d.confirmed().borrow(), 2);
+        assert_eq!(d.lost.load(Ordering::Relaxed), 2);
+    }
+}
