@@ -327,13 +327,77 @@ mod tests {
         );
         let credentials = ("u".to_string(), "p".repeat(200));
         let packet = connect_packet("abc", Some(&credentials), Duration::from_secs(5));
+        // Fixed header (3 bytes here), protocol name (6), level (1), then the flags.
         assert_eq!(
-            packet[9], 0xc2,
+            packet[10], 0xc2,
             "username, password and clean session flags"
         );
         // 15 + (2 + 1) + (2 + 200) = 220 bytes: a two-byte remaining length.
         assert_eq!(&packet[1..3], &[(220 - 128) | 0x80, 1]);
         assert_eq!(packet.len(), 3 + 220);
+    }
+
+    /// CONNECT as `client_id` with `credentials`; the CONNACK return code, `None` when the
+    /// broker closes the connection without one.
+    async fn connack_code(
+        addr: SocketAddr,
+        client_id: &str,
+        credentials: Option<&(String, String)>,
+    ) -> Option<u8> {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let connect = connect_packet(client_id, credentials, Duration::from_secs(5));
+        stream.write_all(&connect).await.unwrap();
+        let mut connack = [0u8; 4];
+        stream.read_exact(&mut connack).await.ok()?;
+        Some(connack[3])
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn own_credentials_are_reserved_to_own_ids_and_good_for_the_probe() {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let auth = ("user".to_string(), "secret".to_string());
+        let own = ("metamanager".to_string(), uuid::Uuid::new_v4().to_string());
+        let options = BrokerOptions {
+            auth: Some(auth.clone()),
+            own_client_ids: vec!["metamanager-n1".into()],
+            own_credentials: own.clone(),
+            ..BrokerOptions::new("127.0.0.1", port)
+        };
+        let broker = tokio::task::spawn_blocking(move || EmbeddedBroker::start(options))
+            .await
+            .unwrap()
+            .unwrap();
+        let addr = broker.addr;
+        let timeout = Duration::from_secs(5);
+
+        // The probe's random client id is not reserved: own or normal credentials both work.
+        probe(addr, timeout, Some(own.clone())).await.unwrap();
+        probe(addr, timeout, Some(auth.clone())).await.unwrap();
+        let err = probe(addr, timeout, None).await.unwrap_err();
+        assert!(
+            matches!(err, ProbeError::Closed { .. } | ProbeError::Io { .. }),
+            "{err}"
+        );
+
+        // The reserved id takes only its own credentials, not the normal ones, not none.
+        assert_eq!(
+            connack_code(addr, "metamanager-n1", Some(&own)).await,
+            Some(0)
+        );
+        assert_eq!(
+            connack_code(addr, "metamanager-n1", Some(&auth)).await,
+            Some(5)
+        );
+        assert_eq!(connack_code(addr, "metamanager-n1", None).await, Some(5));
+        let wrong = (own.0.clone(), "guess".to_string());
+        assert_eq!(
+            connack_code(addr, "metamanager-n1", Some(&wrong)).await,
+            Some(5)
+        );
     }
 
     #[tokio::test]

@@ -163,6 +163,19 @@ pub fn wait_for_port(port: u16, within: Duration) -> bool {
     false
 }
 
+/// Opens a TCP connection to `port`, sends an MQTT CONNECT with `client_id` and resets the
+/// connection (SO_LINGER 0) at once, the way a client that crashes right after CONNECT does.
+pub fn connect_then_reset(port: u16, client_id: &str) {
+    use std::io::Write;
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let connect = metamanager::broker::connect_packet(client_id, None, Duration::from_secs(30));
+    stream.write_all(&connect).unwrap();
+    socket2::SockRef::from(&stream)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(stream);
+}
+
 /// Options for one MetaManager under test.
 #[derive(Clone)]
 pub struct Options {

@@ -219,7 +219,10 @@ where
     {
         // A reserved client id: only its own credentials, whatever the other auth settings say.
         Some(reserved) => {
-            if !login.as_ref().is_some_and(|l| credentials_match(l, reserved)) {
+            if !login
+                .as_ref()
+                .is_some_and(|l| credentials_match(l, reserved))
+            {
                 tracing::warn!(
                     client_id = connect.client_id,
                     "refused: reserved client id without its credentials"
@@ -262,8 +265,14 @@ where
 
 /// Compares both username and password in constant time (no early exit on the username).
 fn credentials_match(login: &Login, reserved: &ReservedCredentials) -> bool {
-    let user = login.username.as_bytes().ct_eq(reserved.username.as_bytes());
-    let password = login.password.as_bytes().ct_eq(reserved.password.as_bytes());
+    let user = login
+        .username
+        .as_bytes()
+        .ct_eq(reserved.username.as_bytes());
+    let password = login
+        .password
+        .as_bytes()
+        .ct_eq(reserved.password.as_bytes());
     (user & password).into()
 }
 

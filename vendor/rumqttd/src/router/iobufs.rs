@@ -271,7 +271,11 @@ mod test {
     }
 
     fn pkids(outgoing: &Outgoing) -> Vec<u16> {
-        outgoing.inflight_buffer.iter().map(|(p, _, _)| *p).collect()
+        outgoing
+            .inflight_buffer
+            .iter()
+            .map(|(p, _, _)| *p)
+            .collect()
     }
 
     #[test]
@@ -300,12 +304,20 @@ mod test {
         for pkid in (2..=MAX_PKID).rev() {
             assert!(outgoing.register_ack(pkid).is_some());
         }
-        outgoing.push_forwards((0..(MAX_INFLIGHT as u64 - 1)).map(|o| forward((1, o))), 1, 0);
+        outgoing.push_forwards(
+            (0..(MAX_INFLIGHT as u64 - 1)).map(|o| forward((1, o))),
+            1,
+            0,
+        );
         let mut in_flight = pkids(&outgoing);
         assert_eq!(in_flight.len(), MAX_INFLIGHT);
         in_flight.sort_unstable();
         in_flight.dedup();
-        assert_eq!(in_flight.len(), MAX_INFLIGHT, "every pkid in flight is distinct");
+        assert_eq!(
+            in_flight.len(),
+            MAX_INFLIGHT,
+            "every pkid in flight is distinct"
+        );
     }
 
     // use super::{Outgoing, MAX_INFLIGHT};

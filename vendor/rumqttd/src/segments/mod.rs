@@ -302,7 +302,11 @@ mod tests {
         assert_eq!(log._head_and_tail(), (0, 1));
         assert_eq!(log.segment_dropped_by_next_append(), Some(0));
         log.append(random_payload(2, 1024));
-        assert_eq!(log._head_and_tail(), (1, 2), "segment 0 was dropped as announced");
+        assert_eq!(
+            log._head_and_tail(),
+            (1, 2),
+            "segment 0 was dropped as announced"
+        );
         assert_eq!(log.segment_dropped_by_next_append(), Some(1));
     }
 

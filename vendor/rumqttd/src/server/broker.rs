@@ -642,7 +642,9 @@ type WillHandlers = Mutex<HashMap<String, Sender<AwaitingWill>>>;
 
 /// The will handlers map, also after a panic elsewhere poisoned its lock: the map holds no
 /// invariant that a panic could break halfway.
-fn lock_will_handlers(handlers: &WillHandlers) -> MutexGuard<'_, HashMap<String, Sender<AwaitingWill>>> {
+fn lock_will_handlers(
+    handlers: &WillHandlers,
+) -> MutexGuard<'_, HashMap<String, Sender<AwaitingWill>>> {
     handlers.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
