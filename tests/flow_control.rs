@@ -12,9 +12,16 @@ use common::{fixture, mosquitto_clients, BrokerKind, Options, TestApp, NODE};
 use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, Packet};
 use serde_json::json;
 
-/// Peak resident memory MetaManager may reach during a burst (a debug build; the release
-/// figure is in BENCHMARKS.md).
-const PEAK_RSS_LIMIT_KIB: u64 = 128 * 1024;
+/// Peak resident memory MetaManager may reach during a burst: a debug build, and with the
+/// embedded broker the broker's own buffers live in the same process. These are guards against
+/// growth with the burst's length, not figures; the release figures are measured by
+/// `cargo bench`.
+fn peak_rss_limit_kib(kind: BrokerKind) -> u64 {
+    match kind {
+        BrokerKind::Embedded => 256 * 1024,
+        BrokerKind::Mosquitto => 128 * 1024,
+    }
+}
 
 /// Writes `n` pod inserts, one JSON message a line, each with its own pod and msg_id.
 fn burst_file(dir: &std::path::Path, n: usize) -> std::path::PathBuf {
@@ -126,9 +133,10 @@ async fn burst_is_stored_and_acked(options: Options, n: usize) {
     assert_eq!(stored_pods(&app), n);
     let pid = app.child.as_ref().unwrap().id();
     let peak = peak_rss_kib(pid);
+    let limit = peak_rss_limit_kib(app.options.kind);
     assert!(
-        peak > 0 && peak < PEAK_RSS_LIMIT_KIB,
-        "peak RSS {peak} KiB (limit {PEAK_RSS_LIMIT_KIB})"
+        peak > 0 && peak < limit,
+        "peak RSS {peak} KiB (limit {limit})"
     );
     let _ = acks_sub.kill();
     let _ = acks_sub.wait();
