@@ -114,21 +114,46 @@ impl Mosquitto {
 
     /// Starts mosquitto on `port`; `None` if it did not come up.
     pub fn start_on(binary: &Path, port: u16) -> Option<Self> {
+        Self::start_conf(binary, port, |port, _| {
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\nset_tcp_nodelay true\n"
+            )
+        })
+    }
+
+    /// Starts mosquitto on a free port with the configuration `conf(port, dir)` returns; `dir`
+    /// is the broker's temporary directory, where `conf` may write files it refers to.
+    pub fn start_with(binary: &Path, conf: impl Fn(u16, &Path) -> String) -> Self {
+        for _ in 0..5 {
+            if let Some(m) = Self::start_conf(binary, free_port(), &conf) {
+                return m;
+            }
+        }
+        panic!("mosquitto did not start");
+    }
+
+    /// The broker's temporary directory.
+    pub fn dir(&self) -> &Path {
+        self._dir.path()
+    }
+
+    /// The broker's own log (stderr).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("mosquitto.log")).unwrap_or_default()
+    }
+
+    fn start_conf(binary: &Path, port: u16, conf: impl Fn(u16, &Path) -> String) -> Option<Self> {
         {
             let dir = tempfile::tempdir().unwrap();
+            let text = conf(port, dir.path());
             let conf = dir.path().join("mosquitto.conf");
-            std::fs::write(
-                &conf,
-                format!(
-                    "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\nset_tcp_nodelay true\n"
-                ),
-            )
-            .unwrap();
+            std::fs::write(&conf, text).unwrap();
+            let log = std::fs::File::create(dir.path().join("mosquitto.log")).unwrap();
             let mut child = Command::new(binary)
                 .arg("-c")
                 .arg(&conf)
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stderr(log)
                 .spawn()
                 .unwrap();
             if wait_for_port(port, Duration::from_secs(5)) {
@@ -185,6 +210,12 @@ pub struct Options {
     pub max_payload_bytes: usize,
     /// `mqtt.max_inflight_messages`, when not the default.
     pub max_inflight_messages: Option<usize>,
+    /// `mqtt.username`, `mqtt.publish_username` and `mqtt.password_file`, when set.
+    pub username: Option<String>,
+    pub publish_username: Option<String>,
+    pub password_file: Option<PathBuf>,
+    /// The account the test client ([`TestApp::client`]) logs in with, if any.
+    pub peer_login: Option<(String, String)>,
 }
 
 impl Options {
@@ -194,6 +225,10 @@ impl Options {
             extra_yaml: String::new(),
             max_payload_bytes: 1 << 20,
             max_inflight_messages: None,
+            username: None,
+            publish_username: None,
+            password_file: None,
+            peer_login: None,
         }
     }
 
@@ -240,6 +275,19 @@ impl TestApp {
             BrokerKind::Embedded => None,
             BrokerKind::Mosquitto => Some(Mosquitto::start(&mosquitto_binary()?)),
         };
+        Some(Self::spawn_inner(options, db, mosquitto).await)
+    }
+
+    /// Starts MetaManager against `mosquitto`, a broker the test configured itself.
+    pub async fn spawn_on(options: Options, mosquitto: Mosquitto) -> Self {
+        Self::spawn_inner(options, None, Some(mosquitto)).await
+    }
+
+    async fn spawn_inner(
+        options: Options,
+        db: Option<PathBuf>,
+        mosquitto: Option<Mosquitto>,
+    ) -> Self {
         let mut app = Self {
             options,
             db,
@@ -251,7 +299,7 @@ impl TestApp {
             mosquitto,
         };
         app.start().await;
-        Some(app)
+        app
     }
 
     pub fn db_path(&self) -> PathBuf {
@@ -274,8 +322,18 @@ impl TestApp {
             .max_inflight_messages
             .map(|n| format!("  max_inflight_messages: {n}\n"))
             .unwrap_or_default();
+        let mut login = String::new();
+        if let Some(u) = &self.options.username {
+            login += &format!("  username: {u}\n");
+        }
+        if let Some(u) = &self.options.publish_username {
+            login += &format!("  publish_username: {u}\n");
+        }
+        if let Some(p) = &self.options.password_file {
+            login += &format!("  password_file: {}\n", p.display());
+        }
         let yaml = format!(
-            "node_id: {NODE}\nmqtt:\n  mode: {mode}\n  host: 127.0.0.1\n  port: {port}\n  max_payload_bytes: {}\n{inflight}database:\n  path: {}\nhttp:\n  listen: 127.0.0.1:{}\n{}",
+            "node_id: {NODE}\nmqtt:\n  mode: {mode}\n  host: 127.0.0.1\n  port: {port}\n  max_payload_bytes: {}\n{inflight}{login}database:\n  path: {}\nhttp:\n  listen: 127.0.0.1:{}\n{}",
             self.options.max_payload_bytes,
             self.db_path().display(),
             self.http_port,
@@ -323,7 +381,10 @@ impl TestApp {
             }
             self.port = port;
             self.child = Some(child);
-            self.client = Peer::connect(port).await;
+            // The old client goes first: with mosquitto's use_username_as_clientid, two clients
+            // of one account would take each other's client id in turn.
+            self.client = Peer::dummy();
+            self.client = Peer::connect_as(port, self.options.peer_login.clone()).await;
             self.client
                 .wait_for("metamanager/status", |v| v["state"] == "online")
                 .await;
@@ -433,8 +494,16 @@ impl Peer {
     }
 
     pub async fn connect(port: u16) -> Self {
+        Self::connect_as(port, None).await
+    }
+
+    /// Like [`Peer::connect`], logged in as `login` (username, password) when set.
+    pub async fn connect_as(port: u16, login: Option<(String, String)>) -> Self {
         let id = format!("test-{}", uuid::Uuid::new_v4());
         let mut options = MqttOptions::new(id, "127.0.0.1", port);
+        if let Some((user, password)) = login {
+            options.set_credentials(user, password);
+        }
         options.set_max_packet_size(64 << 20, 64 << 20);
         options.set_keep_alive(Duration::from_secs(30));
         let (client, mut eventloop) = AsyncClient::new(options, 1000);
@@ -465,6 +534,8 @@ impl Peer {
                         accepted_by_broker.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     }
                     Ok(_) => {}
+                    // Dropped: stop rather than reconnect.
+                    Err(_) if tx.is_closed() => return,
                     Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
                 }
             }

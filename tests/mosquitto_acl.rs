@@ -1,0 +1,333 @@
+//! The shipped lock-down for an external mosquitto (conf/mosquitto-secure.conf and
+//! conf/mosquitto.acl, node `edge-node` rewritten to the test node): MetaManager works with
+//! its two accounts, no other account can read what edgehub sends it or take its session, and
+//! anonymous clients and wrong passwords are refused. Skipped without mosquitto unless
+//! METAMANAGER_REQUIRE_MOSQUITTO=1.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{
+    fixture, message, mosquitto_binary, mosquitto_clients, msg_id, BrokerKind, Mosquitto, Options,
+    Peer, TestApp, NODE, WAIT,
+};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+const MM_PASSWORD: &str = "mm-pass";
+const EDGEHUB_PASSWORD: &str = "edgehub-pass";
+const EDGED_PASSWORD: &str = "edged-pass";
+const POD_KEY: &str = "default/pod/nginx-7d9c5b8f4-x2k9p";
+
+fn mm_user() -> String {
+    format!("metamanager-{NODE}")
+}
+fn mm_out_user() -> String {
+    format!("metamanager-{NODE}-out")
+}
+fn edgehub() -> (String, String) {
+    (format!("edgehub-{NODE}"), EDGEHUB_PASSWORD.into())
+}
+fn edged() -> (String, String) {
+    (format!("edged-{NODE}"), EDGED_PASSWORD.into())
+}
+
+fn repo_file(name: &str) -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(name)).unwrap()
+}
+
+/// The shipped configuration, with the port, the file locations and the node id of the test.
+fn secure_conf(port: u16, dir: &Path) -> String {
+    let passwd = dir.join("passwd");
+    for (i, (user, password)) in [
+        (mm_user(), MM_PASSWORD.to_string()),
+        (mm_out_user(), MM_PASSWORD.to_string()),
+        edgehub(),
+        edged(),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut cmd = Command::new("mosquitto_passwd");
+        if i == 0 {
+            cmd.arg("-c");
+        }
+        let out = cmd
+            .arg("-b")
+            .arg(&passwd)
+            .args([user, password])
+            .output()
+            .expect("mosquitto_passwd runs");
+        assert!(out.status.success(), "{out:?}");
+    }
+    let acl = dir.join("mosquitto.acl");
+    std::fs::write(
+        &acl,
+        repo_file("conf/mosquitto.acl").replace("edge-node", NODE),
+    )
+    .unwrap();
+    // MetaManager's password file (both of its accounts have this password).
+    std::fs::write(dir.join("mm-password"), format!("{MM_PASSWORD}\n")).unwrap();
+    let store = dir.join("store");
+    std::fs::create_dir(&store).unwrap();
+    // Run as root (as in CI), mosquitto would switch to the `mosquitto` user and could then
+    // not read the files in this private temp dir.
+    let mut conf = String::from("user root\nlog_dest stderr\nlog_type all\n");
+    for line in repo_file("conf/mosquitto-secure.conf").lines() {
+        let key = line.split_whitespace().next().unwrap_or("");
+        conf += &match key {
+            "listener" => format!("listener {port} 127.0.0.1"),
+            "password_file" => format!("password_file {}", passwd.display()),
+            "acl_file" => format!("acl_file {}", acl.display()),
+            "persistence_location" => format!("persistence_location {}/", store.display()),
+            _ => line.to_owned(),
+        };
+        conf.push('\n');
+    }
+    conf
+}
+
+/// MetaManager with its two accounts on the secured broker, its test client logged in as
+/// edgehub. `None` (skip) without mosquitto.
+async fn secured_app() -> Option<TestApp> {
+    let binary = mosquitto_binary()?;
+    if !mosquitto_clients() {
+        return None;
+    }
+    let broker = Mosquitto::start_with(&binary, secure_conf);
+    let password_file = broker.dir().join("mm-password");
+    let mut options = Options::new(BrokerKind::Mosquitto);
+    options.username = Some(mm_user());
+    options.publish_username = Some(mm_out_user());
+    options.password_file = Some(password_file);
+    options.peer_login = Some(edgehub());
+    Some(TestApp::spawn_on(options, broker).await)
+}
+
+/// A raw client with `id` logged in as `login`, subscribed to `topic`; what it receives
+/// arrives on the channel as (full topic, payload).
+async fn raw_client(
+    port: u16,
+    id: &str,
+    login: (String, String),
+    clean_session: bool,
+    topic: &str,
+) -> (AsyncClient, mpsc::UnboundedReceiver<(String, Vec<u8>)>) {
+    let mut options = MqttOptions::new(id, "127.0.0.1", port);
+    options.set_credentials(login.0, login.1);
+    options.set_clean_session(clean_session);
+    options.set_max_packet_size(64 << 20, 64 << 20);
+    let (client, mut eventloop) = AsyncClient::new(options, 100);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (subscribed_tx, mut subscribed) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if tx.send((p.topic.clone(), p.payload.to_vec())).is_err() {
+                        return;
+                    }
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    let _ = subscribed_tx.send(());
+                }
+                Ok(_) => {}
+                // Gone (disconnected or dropped by the test): no reconnecting, which would
+                // fight other clients of the same account over its client id.
+                Err(_) => return,
+            }
+        }
+    });
+    client.subscribe(topic, QoS::AtLeastOnce).await.unwrap();
+    tokio::time::timeout(WAIT, subscribed.recv())
+        .await
+        .expect("raw client subscribed");
+    (client, rx)
+}
+
+async fn drain(
+    rx: &mut mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+    quiet: Duration,
+) -> Vec<String> {
+    let mut topics = Vec::new();
+    while let Ok(Some((t, _))) = tokio::time::timeout(quiet, rx.recv()).await {
+        topics.push(t);
+    }
+    topics
+}
+
+/// HTTP status of a GET on MetaManager's local API.
+async fn http_status(port: u16, path: &str) -> u16 {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut raw))
+        .await
+        .expect("response within WAIT")
+        .unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    text.split(' ').nth(1).unwrap().parse().unwrap()
+}
+
+/// Waits until the local API serves `path` (the object is stored).
+async fn wait_stored(app: &TestApp, path: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if http_status(app.http_port, path).await == 200 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{path} not stored; log:\n{}",
+            app.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn broker_log(app: &TestApp) -> String {
+    app.mosquitto.as_ref().unwrap().log()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn insert_from_edgehub_is_stored_forwarded_and_acked() {
+    let Some(mut app) = secured_app().await else {
+        return;
+    };
+    let mut edged_peer = Peer::connect_as(app.port, Some(edged())).await;
+    let insert = fixture("insert-pod.message.json");
+    app.client.publish("edgehub", &insert).await;
+
+    let forwarded = edged_peer
+        .wait_for("metamanager/to/edged", |v| {
+            v["header"]["msg_id"] == insert["header"]["msg_id"]
+        })
+        .await;
+    assert_eq!(forwarded["content"], insert["content"]);
+    let ack = app
+        .client
+        .reply_to("metamanager/to/edgehub", msg_id(&insert))
+        .await;
+    assert_eq!(ack["content"], "OK", "{ack}");
+    wait_stored(
+        &app,
+        "/api/v1/namespaces/default/pods/nginx-7d9c5b8f4-x2k9p",
+    )
+    .await;
+    // And edged's own queries are answered on its topic.
+    assert_eq!(
+        edged_peer.query("edged", POD_KEY).await,
+        json!([fixture("pod.json")])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn impostor_with_metamanagers_client_id_reads_nothing_and_takes_nothing() {
+    let Some(mut app) = secured_app().await else {
+        return;
+    };
+    let everything = format!("edge/{NODE}/#");
+    let inbound = [
+        format!("edge/{NODE}/edgehub/to/metamanager"),
+        format!("edge/{NODE}/edged/to/metamanager"),
+    ];
+
+    // While MetaManager runs: edged's account asks for MetaManager's client id.
+    let (impostor, mut seen) = raw_client(app.port, &mm_user(), edged(), true, &everything).await;
+    let secret = fixture("secret.json");
+    let insert = message("insert", "default/secret/db-credentials", secret.clone());
+    app.client.publish("edgehub", &insert).await;
+    let ack = app
+        .client
+        .reply_to("metamanager/to/edgehub", msg_id(&insert))
+        .await;
+    assert_eq!(ack["content"], "OK", "MetaManager was thrown off: {ack}");
+    wait_stored(&app, "/api/v1/namespaces/default/secrets/db-credentials").await;
+    let topics = drain(&mut seen, Duration::from_millis(500)).await;
+    for t in &inbound {
+        assert!(!topics.contains(t), "impostor read {t}: {topics:?}");
+    }
+    // What it did get is what edged may read: the forward, on metamanager/to/edged.
+    assert!(
+        topics.contains(&format!("edge/{NODE}/metamanager/to/edged")),
+        "{topics:?}"
+    );
+    let _ = impostor.disconnect().await;
+    drop(seen);
+
+    // While MetaManager is stopped: an insert waits in its session; the impostor, persistent
+    // and with MetaManager's client id, must not get it.
+    let status = app.terminate();
+    assert!(status.success(), "exit status {status}");
+    let pod = fixture("insert-pod.message.json");
+    app.client.publish("edgehub", &pod).await;
+    app.client.wait_accepted(2).await;
+    let (impostor, mut seen) = raw_client(app.port, &mm_user(), edged(), false, &everything).await;
+    let topics = drain(&mut seen, Duration::from_millis(500)).await;
+    for t in &inbound {
+        assert!(!topics.contains(t), "impostor read {t}: {topics:?}");
+    }
+    let _ = impostor.disconnect().await;
+    drop(seen);
+
+    app.start().await;
+    wait_stored(
+        &app,
+        "/api/v1/namespaces/default/pods/nginx-7d9c5b8f4-x2k9p",
+    )
+    .await;
+
+    // MetaManager's id was never taken over by anyone.
+    let log = broker_log(&app);
+    assert!(
+        !log.contains(&format!("Client {} already connected", mm_user())),
+        "{log}"
+    );
+}
+
+/// mosquitto_pub with `args`; whether the broker accepted it.
+fn pub_ok(port: u16, args: &[&str]) -> bool {
+    let out = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1"])
+        .args(args)
+        .args([
+            "-t",
+            &format!("edge/{NODE}/edgehub/to/metamanager"),
+            "-m",
+            "{}",
+        ])
+        .output()
+        .unwrap();
+    out.status.success()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_and_wrong_passwords_are_refused() {
+    let Some(app) = secured_app().await else {
+        return;
+    };
+    let (user, password) = edgehub();
+    assert!(pub_ok(app.port, &["-u", &user, "-P", &password]));
+    assert!(!pub_ok(app.port, &[]), "anonymous accepted");
+    assert!(
+        !pub_ok(app.port, &["-u", &user, "-P", "wrong"]),
+        "wrong password accepted"
+    );
+    assert!(
+        !pub_ok(app.port, &["-u", &mm_user(), "-P", EDGEHUB_PASSWORD]),
+        "MetaManager's account with another password accepted"
+    );
+    assert!(
+        !pub_ok(app.port, &["-u", "nobody", "-P", "x"]),
+        "unknown user accepted"
+    );
+}
