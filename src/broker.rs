@@ -138,6 +138,9 @@ impl EmbeddedBroker {
     }
 }
 
+/// Size at which the embedded broker closes a segment of a filter's log.
+const SEGMENT_SIZE: usize = 1 << 20;
+
 fn config(addr: SocketAddr, options: &BrokerOptions) -> Config {
     // RouterConfig::default() is all zeros, which rumqttd takes literally.
     let router = RouterConfig {
@@ -146,10 +149,11 @@ fn config(addr: SocketAddr, options: &BrokerOptions) -> Config {
         // Most QoS 0 publishes handed to one subscriber in one go.
         max_outgoing_packet_count: 200,
         // Each filter (subscription) keeps its messages in an in-memory log of at most
-        // `max_segment_count` segments of `max_segment_size` bytes; the oldest segment goes when
-        // a new one starts. A segment holds at least one maximal message, and four of them bound
-        // the broker's memory per filter on a small device (4 MiB with the default payload).
-        max_segment_size: (options.max_payload * 2).max(1 << 20),
+        // `max_segment_count` segments of about `max_segment_size` bytes; the oldest segment
+        // goes when a new one starts. A segment is closed once it reaches the size, so one
+        // message larger than that fills a segment alone: the size bounds memory, not the
+        // message. About 4 MiB per filter, whatever the payload limit.
+        max_segment_size: SEGMENT_SIZE,
         max_segment_count: 4,
         // MetaManager commits to SQLite before it acks, so under a burst it reads slower than a
         // publisher writes: rather than dropping a segment it has not read, the router holds

@@ -2,6 +2,7 @@
 //! cloud connection state, and the settings operations need.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,7 +35,7 @@ pub struct Node {
     cloud: watch::Sender<bool>,
     /// Whether the embedded broker passed its watchdog's last check (always true with an
     /// external broker, which has its own supervision).
-    broker_serving: std::sync::atomic::AtomicBool,
+    broker_serving: AtomicBool,
 }
 
 impl Node {
@@ -60,7 +61,7 @@ impl Node {
             metrics,
             broker_connected,
             cloud: watch::channel(false).0,
-            broker_serving: std::sync::atomic::AtomicBool::new(true),
+            broker_serving: AtomicBool::new(true),
         }
     }
 
@@ -79,13 +80,11 @@ impl Node {
     }
 
     pub fn broker_serving(&self) -> bool {
-        self.broker_serving
-            .load(std::sync::atomic::Ordering::Relaxed)
+        self.broker_serving.load(Ordering::Relaxed)
     }
 
     pub fn set_broker_serving(&self, serving: bool) {
-        self.broker_serving
-            .store(serving, std::sync::atomic::Ordering::Relaxed);
+        self.broker_serving.store(serving, Ordering::Relaxed);
     }
 
     pub fn remote_query_timeout(&self) -> Duration {

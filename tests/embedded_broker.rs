@@ -517,3 +517,88 @@ async fn burst_from_mosquitto_pub_is_stored_completely() {
     eprintln!("{N} inserts stored and acked in {:?}", started.elapsed());
     assert_serves(&mut app).await;
 }
+
+/// The watchdog, with the broker made unreachable: idle clients take every connection slot, so
+/// the broker accepts nobody else. `/healthz` fails, and once the check has failed for
+/// `mqtt.watchdog_timeout` MetaManager exits with status 3 for its service manager to restart it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchdog_fails_health_and_exits_when_the_broker_accepts_nobody() {
+    use std::io::{Read, Write};
+    let options =
+        Options::new(BrokerKind::Embedded).mqtt("watchdog_interval: 1s\nwatchdog_timeout: 3s");
+    let mut app = TestApp::spawn(options).await.expect("embedded");
+    assert_eq!(common::http(app.http_port, "GET", "/healthz").await.0, 200);
+
+    // Idle clients that completed their handshake, until the broker takes no more.
+    let mut idle = Vec::new();
+    let full = loop {
+        assert!(
+            idle.len() <= 1100,
+            "the broker took more clients than its limit"
+        );
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", app.port)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let id = format!("idle-{}", idle.len());
+        let connect = metamanager::broker::connect_packet(&id, None, Duration::from_secs(600));
+        stream.write_all(&connect).unwrap();
+        let mut connack = [0u8; 4];
+        match stream.read_exact(&mut connack) {
+            Ok(()) if connack[0] == 0x20 && connack[3] == 0 => idle.push(stream),
+            _ => break idle.len(),
+        }
+    };
+    assert!(full >= 1000, "only {full} idle clients fitted");
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while common::http(app.http_port, "GET", "/healthz").await.0 != 503 {
+        assert!(Instant::now() < deadline, "/healthz did not fail");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut child = app.child.take().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "MetaManager did not exit");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(status.code(), Some(3), "{}", app.log());
+    assert!(
+        app.log().contains("has not accepted a connection"),
+        "{}",
+        app.log()
+    );
+    drop(idle);
+}
+
+/// Half-open connections: hundreds of TCP connections that never send CONNECT (a client that
+/// died mid-handshake, a port scanner) do not keep the broker from serving others, and are
+/// closed after the CONNECT timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_open_connections_do_not_stop_the_broker() {
+    use std::io::Read;
+    let mut app = app().await;
+    let silent: Vec<std::net::TcpStream> = (0..500)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", app.port)).unwrap())
+        .collect();
+    assert_serves(&mut app).await;
+    // The broker gives up on them: each is closed within the 10 s CONNECT timeout.
+    let mut first = silent.into_iter().next().unwrap();
+    first
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut buf = [0u8; 1];
+    let closed = match first.read(&mut buf) {
+        Ok(0) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        Ok(_) => false,
+    };
+    assert!(
+        closed,
+        "a connection that never sent CONNECT is closed by the broker"
+    );
+    assert_serves(&mut app).await;
+}

@@ -16,7 +16,6 @@ use common::{
 };
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 const MM_PASSWORD: &str = "mm-pass";
@@ -161,28 +160,11 @@ async fn drain(
     topics
 }
 
-/// HTTP status of a GET on MetaManager's local API.
-async fn http_status(port: u16, path: &str) -> u16 {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let request =
-        format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    tokio::time::timeout(WAIT, stream.read_to_end(&mut raw))
-        .await
-        .expect("response within WAIT")
-        .unwrap();
-    let text = String::from_utf8_lossy(&raw);
-    text.split(' ').nth(1).unwrap().parse().unwrap()
-}
-
 /// Waits until the local API serves `path` (the object is stored).
 async fn wait_stored(app: &TestApp, path: &str) {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        if http_status(app.http_port, path).await == 200 {
+        if common::http(app.http_port, "GET", path).await.0 == 200 {
             return;
         }
         assert!(

@@ -210,6 +210,8 @@ pub struct Options {
     pub max_payload_bytes: usize,
     /// `mqtt.max_inflight_messages`, when not the default.
     pub max_inflight_messages: Option<usize>,
+    /// More `mqtt:` keys, one `key: value` a line.
+    pub mqtt_yaml: String,
     /// `mqtt.username`, `mqtt.publish_username` and `mqtt.password_file`, when set.
     pub username: Option<String>,
     pub publish_username: Option<String>,
@@ -225,11 +227,20 @@ impl Options {
             extra_yaml: String::new(),
             max_payload_bytes: 1 << 20,
             max_inflight_messages: None,
+            mqtt_yaml: String::new(),
             username: None,
             publish_username: None,
             password_file: None,
             peer_login: None,
         }
+    }
+
+    /// Adds `mqtt:` keys (`key: value` lines).
+    pub fn mqtt(mut self, lines: &str) -> Self {
+        for line in lines.lines() {
+            self.mqtt_yaml.push_str(&format!("  {}\n", line.trim()));
+        }
+        self
     }
 
     /// Sets the inbound budget, so that backpressure engages early.
@@ -333,8 +344,9 @@ impl TestApp {
             login += &format!("  password_file: {}\n", p.display());
         }
         let yaml = format!(
-            "node_id: {NODE}\nmqtt:\n  mode: {mode}\n  host: 127.0.0.1\n  port: {port}\n  max_payload_bytes: {}\n{inflight}{login}database:\n  path: {}\nhttp:\n  listen: 127.0.0.1:{}\n{}",
+            "node_id: {NODE}\nmqtt:\n  mode: {mode}\n  host: 127.0.0.1\n  port: {port}\n  max_payload_bytes: {}\n{inflight}{login}{}database:\n  path: {}\nhttp:\n  listen: 127.0.0.1:{}\n{}",
             self.options.max_payload_bytes,
+            self.options.mqtt_yaml,
             self.db_path().display(),
             self.http_port,
             self.options.extra_yaml
@@ -682,4 +694,28 @@ macro_rules! both_brokers {
             )*
         }
     };
+}
+
+/// One HTTP/1.1 exchange on a fresh connection: status, headers (lower-cased), body.
+pub async fn http(port: u16, method: &str, path: &str) -> (u16, String, String) {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let request =
+        format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
+    tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes())
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(
+        WAIT,
+        tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut raw),
+    )
+    .await
+    .expect("response within WAIT")
+    .unwrap();
+    let text = String::from_utf8(raw).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let code = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (code, head.to_lowercase(), body.to_owned())
 }
