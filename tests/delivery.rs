@@ -179,10 +179,7 @@ async fn survives_mosquitto_sigkill_and_restart() {
         "reconnected within seconds of the broker's return"
     );
     let insert = fixture("insert-pod.message.json");
-    watcher.publish("edgehub", &insert).await;
-    let ack = watcher
-        .reply_to("metamanager/to/edgehub", msg_id(&insert))
-        .await;
+    let ack = watcher.request("edgehub", &insert).await;
     assert_eq!(ack["content"], "OK", "resubscribed and working");
     let log = app.log();
     let attempts = log.matches("cannot connect to MQTT broker").count();
@@ -199,17 +196,11 @@ async fn duplicate_delivery_is_applied_once(kind: BrokerKind) {
     };
     let key = "default/pod/nginx-7d9c5b8f4-x2k9p";
     let insert = fixture("insert-pod.message.json");
-    app.client.publish("edgehub", &insert).await;
-    app.client
-        .reply_to("metamanager/to/edgehub", msg_id(&insert))
-        .await;
+    app.client.request("edgehub", &insert).await;
     let mut newer_pod = fixture("pod.json");
     newer_pod["status"]["phase"] = json!("Running");
     let update = message("update", key, newer_pod.clone());
-    app.client.publish("edgehub", &update).await;
-    app.client
-        .reply_to("metamanager/to/edgehub", msg_id(&update))
-        .await;
+    app.client.request("edgehub", &update).await;
 
     // The insert comes again, late: it must not roll the pod back.
     app.client.publish("edgehub", &insert).await;
@@ -228,10 +219,7 @@ async fn duplicate_delivery_is_applied_once(kind: BrokerKind) {
 
     // The window is durable: after a restart the old insert is still recognised.
     app.restart().await;
-    app.client.publish("edgehub", &insert).await;
-    app.client
-        .reply_to("metamanager/to/edgehub", msg_id(&insert))
-        .await;
+    app.client.request("edgehub", &insert).await;
     assert_eq!(app.client.query("edged", key).await, json!([newer_pod]));
 }
 
@@ -449,10 +437,7 @@ async fn redelivery_after_a_lost_forward_is_passed_on_while_current(kind: Broker
     };
     let key = "default/pod/nginx-7d9c5b8f4-x2k9p";
     let insert = fixture("insert-pod.message.json");
-    app.client.publish("edgehub", &insert).await;
-    app.client
-        .reply_to("metamanager/to/edgehub", msg_id(&insert))
-        .await;
+    app.client.request("edgehub", &insert).await;
     let status = app.terminate();
     assert!(status.success(), "exit status {status}");
     // What a crash between commit and forward leaves on disk: the id, not settled.
@@ -483,10 +468,7 @@ async fn redelivery_after_a_lost_forward_is_passed_on_while_current(kind: Broker
 
     // Now it is settled: another copy after a restart is only acked.
     app.restart().await;
-    app.client.publish("edgehub", &insert).await;
-    app.client
-        .reply_to("metamanager/to/edgehub", msg_id(&insert))
-        .await;
+    app.client.request("edgehub", &insert).await;
     let seen = app.client.drain(Duration::from_millis(500)).await;
     assert_eq!(forwards_to_edged(&seen, msg_id(&insert)), 0, "{seen:#?}");
 }
@@ -561,10 +543,7 @@ async fn outbox_bounds_drop_oldest_and_expired(kind: BrokerKind) {
     for i in 0..5 {
         let name = format!("edge-{i}");
         let m = message("insert", &format!("default/pod/{name}"), pod_named(&name));
-        app.client.publish("edged", &m).await;
-        app.client
-            .reply_to("metamanager/to/edged", msg_id(&m))
-            .await;
+        app.client.request("edged", &m).await;
         inserts.push(m);
     }
     assert_eq!(
@@ -577,10 +556,7 @@ async fn outbox_bounds_drop_oldest_and_expired(kind: BrokerKind) {
     // Older than max_age by the time the cloud is back: dropped, not sent.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let fresh = message("insert", "default/pod/fresh", pod_named("fresh"));
-    app.client.publish("edged", &fresh).await;
-    app.client
-        .reply_to("metamanager/to/edged", msg_id(&fresh))
-        .await;
+    app.client.request("edged", &fresh).await;
     app.set_cloud(true).await;
     let sent = app
         .client
@@ -767,10 +743,7 @@ async fn oversized_message_is_refused_without_a_reconnect_loop() {
     assert!(error["content"].as_str().unwrap().contains("limit"));
 
     let insert = fixture("insert-pod.message.json");
-    app.client.publish("edgehub", &insert).await;
-    app.client
-        .reply_to("metamanager/to/edgehub", msg_id(&insert))
-        .await;
+    app.client.request("edgehub", &insert).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let log = app.log();
     assert!(!log.contains("lost MQTT broker connection"), "{log}");

@@ -39,10 +39,7 @@ async fn assert_serves(app: &mut TestApp) {
     let name = format!("check-{}", uuid::Uuid::new_v4().simple());
     let key = format!("default/pod/{name}");
     let insert = message("insert", &key, pod_named(&name));
-    peer.publish("edgehub", &insert).await;
-    let ack = peer
-        .reply_to("metamanager/to/edgehub", msg_id(&insert))
-        .await;
+    let ack = peer.request("edgehub", &insert).await;
     assert_eq!(ack["content"], "OK", "{ack}");
     let stored = peer.query("edged", &key).await;
     assert_eq!(stored[0]["metadata"]["name"], name.as_str(), "{stored}");
@@ -352,10 +349,7 @@ async fn duplicate_client_id_takes_over_and_is_logged() {
 async fn query_round_trip_is_not_delayed_by_nagle() {
     let mut app = app().await;
     let insert = fixture("insert-pod.message.json");
-    app.client.publish("edgehub", &insert).await;
-    app.client
-        .reply_to("metamanager/to/edgehub", msg_id(&insert))
-        .await;
+    app.client.request("edgehub", &insert).await;
     let key = insert["route"]["resource"].as_str().unwrap().to_owned();
 
     let mut options = options(

@@ -298,10 +298,7 @@ async fn kubectl_gets_lists_and_watches() {
     let nginx = fixture("pod.json");
     let name = nginx["metadata"]["name"].as_str().unwrap().to_owned();
     let insert_msg = fixture("insert-pod.message.json");
-    app.client.publish("edgehub", &insert_msg).await;
-    app.client
-        .reply_to("metamanager/to/edgehub", msg_id(&insert_msg))
-        .await;
+    app.client.request("edgehub", &insert_msg).await;
     insert(
         &mut app,
         "default/configmap/app-config",
@@ -379,15 +376,9 @@ async fn a_watch_streams_inserts_updates_and_deletes_in_its_scope() {
     let mut changed = pod("default", "after", "a");
     changed["spec"]["nodeName"] = json!("n1");
     let m = message("update", "default/pod/after", changed);
-    app.client.publish("edged", &m).await;
-    app.client
-        .reply_to("metamanager/to/edged", msg_id(&m))
-        .await;
+    app.client.request("edged", &m).await;
     let m = message("delete", "default/pod/after", Value::Null);
-    app.client.publish("edgehub", &m).await;
-    app.client
-        .reply_to("metamanager/to/edgehub", msg_id(&m))
-        .await;
+    app.client.request("edgehub", &m).await;
     read_until(&mut stream, &mut seen, r#""type":"DELETED""#).await;
     let events: Vec<Value> = seen
         .lines()
@@ -513,10 +504,7 @@ async fn a_watch_from_a_list_version_misses_nothing_in_between() {
     )
     .await;
     let m = message("delete", "default/pod/listed", Value::Null);
-    app.client.publish("edgehub", &m).await;
-    app.client
-        .reply_to("metamanager/to/edgehub", msg_id(&m))
-        .await;
+    app.client.request("edgehub", &m).await;
 
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{fixture, message, msg_id, BrokerKind, Options, TestApp};
+use common::{fixture, message, BrokerKind, Options, TestApp};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -53,15 +53,9 @@ async fn counters_move_with_mqtt_traffic() {
     let port = app.http_port;
 
     let insert = message("insert", POD_KEY, fixture("pod.json"));
-    app.client.publish("edgehub", &insert).await;
-    app.client
-        .reply_to("metamanager/to/edgehub", msg_id(&insert))
-        .await;
+    app.client.request("edgehub", &insert).await;
     let query = message("query", POD_KEY, Value::Null);
-    app.client.publish("edged", &query).await;
-    app.client
-        .reply_to("metamanager/to/edged", msg_id(&query))
-        .await;
+    app.client.request("edged", &query).await;
     app.client.publish_raw("edged", b"not json".to_vec()).await;
     app.client
         .wait_for("metamanager/to/edged", |v| {

@@ -80,10 +80,7 @@ async fn reinsert_replaces_the_stored_object(kind: BrokerKind) {
     second["header"]["trace_id"] = json!("abc");
     second["route"]["priority"] = json!(5);
     second["extension"] = json!({"any": ["thing"]});
-    app.client.publish("edgehub", &second).await;
-    app.client
-        .reply_to("metamanager/to/edgehub", msg_id(&second))
-        .await;
+    app.client.request("edgehub", &second).await;
     assert_eq!(app.client.query("edged", POD_KEY).await, json!([pod]));
 }
 
@@ -165,10 +162,7 @@ async fn delete_removes_and_respects_pod_uid(kind: BrokerKind) {
     };
     let pod = fixture("pod.json");
     let insert = message("insert", POD_KEY, pod.clone());
-    app.client.publish("edgehub", &insert).await;
-    app.client
-        .reply_to("metamanager/to/edgehub", msg_id(&insert))
-        .await;
+    app.client.request("edgehub", &insert).await;
 
     // A delete carrying another uid leaves the stored pod alone, but is forwarded and acked.
     let stale = message(
@@ -589,10 +583,7 @@ async fn meta_internal_sync_runs_now(kind: BrokerKind) {
             status.clone(),
         ),
     ] {
-        app.client.publish("edgehub", &m).await;
-        app.client
-            .reply_to("metamanager/to/edgehub", msg_id(&m))
-            .await;
+        app.client.request("edgehub", &m).await;
     }
     app.set_cloud(true).await;
     let sync = message("meta-internal-sync", "default/podstatus", Value::Null);
@@ -616,10 +607,7 @@ async fn store_survives_restart(kind: BrokerKind) {
         return;
     };
     let insert = fixture("insert-pod.message.json");
-    app.client.publish("edgehub", &insert).await;
-    app.client
-        .reply_to("metamanager/to/edgehub", msg_id(&insert))
-        .await;
+    app.client.request("edgehub", &insert).await;
     let status = app.terminate();
     assert!(status.success(), "clean exit on SIGTERM: {status}");
 

@@ -573,6 +573,17 @@ impl Peer {
             .await;
     }
 
+    /// Publishes `msg` as `peer` and waits for MetaManager's reply to it on that peer's topic.
+    pub async fn request(&mut self, peer: &str, msg: &Value) -> Value {
+        self.publish(peer, msg).await;
+        let topic = format!("metamanager/to/{peer}");
+        let id = msg["header"]["msg_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        self.reply_to(&topic, &id).await
+    }
+
     /// Waits until the broker has acknowledged `n` QoS 1 publishes from this client.
     pub async fn wait_accepted(&self, n: usize) {
         let deadline = tokio::time::Instant::now() + WAIT;
