@@ -12,7 +12,6 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
 use crate::broker::{BrokerError, BrokerOptions, EmbeddedBroker, DEFAULT_MAX_CONNECTIONS};
-use crate::budget::Permit;
 use crate::config::{BrokerMode, ConfigError, Settings};
 use crate::http::{self, HttpError};
 use crate::metasync;
@@ -29,6 +28,8 @@ use crate::watchdog::{BrokerUnresponsive, Watchdog};
 const STEP_QUEUE: usize = 4096;
 /// How long shutdown waits for queued work before giving up on it.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long shutdown waits for each background task, and for the offline status to be queued.
+const TASK_STOP_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -195,10 +196,15 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         Some(check) => tokio::select! {
             _ = shutdown => {}
             outcome = check => {
-                if let Ok(Err(e)) = outcome {
-                    tracing::error!("{e}; stopping so that the service manager restarts MetaManager");
-                    failure = Some(e);
-                }
+                // Before a stop the watchdog only ends by failing; a panic counts as failing too,
+                // so that the service manager restarts a node whose broker is unwatched.
+                let e = match outcome {
+                    Ok(Err(e)) => e,
+                    Ok(Ok(())) => BrokerUnresponsive::watchdog_ended(embedded_addr, "it ended".into()),
+                    Err(e) => BrokerUnresponsive::watchdog_ended(embedded_addr, e.to_string()),
+                };
+                tracing::error!("{e}; stopping so that the service manager restarts MetaManager");
+                failure = Some(e);
                 watchdog = None;
             }
         },
@@ -212,20 +218,43 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
             tracing::warn!("HTTP endpoint did not stop within {DRAIN_TIMEOUT:?}");
         }
     }
+    let mut dispatcher = dispatcher;
+    let mut pipeline = pipeline;
     let drained = async {
-        let _ = dispatcher.await;
-        let _ = pipeline.await;
+        let _ = (&mut dispatcher).await;
+        let _ = (&mut pipeline).await;
     };
     if tokio::time::timeout(DRAIN_TIMEOUT, drained).await.is_err() {
         tracing::warn!("in-flight work did not finish within {DRAIN_TIMEOUT:?}; unacknowledged messages will be redelivered by the broker where it keeps the session");
+        dispatcher.abort();
+        pipeline.abort();
     }
-    let _ = session.await;
-    let _ = sync.await;
-    let _ = drain.await;
-    if let Some(check) = watchdog {
-        let _ = check.await;
+    // Each may be waiting for room to publish on a connection that is down: bounded too.
+    for mut task in [session, sync, drain] {
+        if tokio::time::timeout(TASK_STOP_TIMEOUT, &mut task)
+            .await
+            .is_err()
+        {
+            task.abort();
+        }
     }
-    node.publisher.status(node.offline_status()).await;
+    if let Some(mut check) = watchdog {
+        if tokio::time::timeout(TASK_STOP_TIMEOUT, &mut check)
+            .await
+            .is_err()
+        {
+            check.abort();
+        }
+    }
+    let offline = node.publisher.status(node.offline_status());
+    if tokio::time::timeout(TASK_STOP_TIMEOUT, offline)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "could not publish the offline status; the broker publishes the last will instead"
+        );
+    }
     link.shutdown().await;
     store.close().await;
     tracing::info!("stopped");
@@ -238,28 +267,35 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
 async fn run_dispatcher(
     node: Arc<Node>,
     mut inbound: mpsc::UnboundedReceiver<Inbound>,
-    steps: mpsc::Sender<(Step, Permit)>,
+    steps: mpsc::Sender<Step>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
-        let next = tokio::select! {
+        let publish = tokio::select! {
             next = inbound.recv() => next,
-            // Hand on what already arrived; the broker sees it acknowledged once handled.
-            _ = stop.changed() => inbound.try_recv().ok(),
+            _ = stop.changed() => None,
         };
-        let Some((publish, permit)) = next else {
-            return;
+        let Some(publish) = publish else {
+            break;
         };
         let step = operations::dispatch(&node, publish).await;
-        if steps.send((step, permit)).await.is_err() {
+        if steps.send(step).await.is_err() {
+            return;
+        }
+    }
+    // Stopping: hand on what already arrived (the broker sees it acknowledged once handled),
+    // then end; what arrives later stays unacknowledged and is redelivered.
+    while let Ok(publish) = inbound.try_recv() {
+        let step = operations::dispatch(&node, publish).await;
+        if steps.send(step).await.is_err() {
             return;
         }
     }
 }
 
-/// Runs the steps in arrival order; a message's budget share is returned when its step ends.
-async fn run_pipeline(mut steps: mpsc::Receiver<(Step, Permit)>) {
-    while let Some((step, _permit)) = steps.recv().await {
+/// Runs the steps in arrival order.
+async fn run_pipeline(mut steps: mpsc::Receiver<Step>) {
+    while let Some(step) = steps.recv().await {
         step.await;
     }
 }

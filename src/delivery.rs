@@ -16,18 +16,38 @@ use std::sync::Mutex;
 
 use tokio::sync::watch;
 
+/// Publishes queued or awaiting their PUBACK, at most. Half the sending connection's in-flight
+/// window: everything outstanding then fits the window when rumqttc sends it again after a
+/// reconnect, and a new packet id never lands on one still in use (rumqttc would hold such a
+/// publish aside, and a second one would overwrite the first).
+pub const MAX_OUTSTANDING: usize = 512;
+
 /// Which publishes the broker has acknowledged.
-#[derive(Default)]
 pub struct Delivery {
     /// Held while a publish is queued, so numbers follow the connection's order.
     pub(crate) enqueue: tokio::sync::Mutex<()>,
+    /// One for each publish that may still be queued or outstanding.
+    pub(crate) slots: tokio::sync::Semaphore,
     state: Mutex<DeliveryState>,
-    /// All publishes numbered up to this are acknowledged (or known lost).
+    /// All publishes numbered up to this are acknowledged.
     confirmed: watch::Sender<u64>,
     /// Inbound acks asked for and not yet handed to the receiving connection.
     pub acks_waiting: AtomicU64,
-    /// Publishes given up because the broker lost the session that held them.
-    pub lost: AtomicU64,
+    /// Publishes sent again because the broker lost the session that held them.
+    pub resent: AtomicU64,
+}
+
+impl Default for Delivery {
+    fn default() -> Self {
+        Self {
+            enqueue: Default::default(),
+            slots: tokio::sync::Semaphore::new(MAX_OUTSTANDING),
+            state: Default::default(),
+            confirmed: Default::default(),
+            acks_waiting: Default::default(),
+            resent: Default::default(),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -96,25 +116,40 @@ impl Delivery {
         }
     }
 
-    /// The broker started a new session: rumqttc drops what the old one had not delivered,
-    /// so nothing outstanding will be acknowledged any more.
-    pub fn session_lost(&self) -> usize {
+    /// The broker started a new session, and rumqttc dropped what the old one had not
+    /// acknowledged; MetaManager sends it again. `resend` lists those publishes in the order they
+    /// will go out again: the packet id each had in the old session, or `None` for one that was
+    /// never sent. Numbers follow that order, so the resend's events map to the right publishes.
+    pub fn resend(&self, resend: &[Option<u16>]) {
         let mut s = self.lock();
-        let outstanding: Vec<u64> = s.sent.drain().map(|(_, seq)| seq).collect();
-        let queued: Vec<u64> = s.queued.drain(..).collect();
-        let n = outstanding.len() + queued.len();
-        for seq in outstanding.into_iter().chain(queued) {
+        let mut sent = std::mem::take(&mut s.sent);
+        let mut queued = std::mem::take(&mut s.queued);
+        let mut order = VecDeque::with_capacity(resend.len() + queued.len());
+        for pkid in resend {
+            match pkid
+                .and_then(|p| sent.remove(&p))
+                .or_else(|| queued.pop_front())
+            {
+                Some(seq) => order.push_back(seq),
+                None => tracing::warn!(?pkid, "a publish to send again has no number"),
+            }
+        }
+        order.extend(queued);
+        s.queued = order;
+        // Sent, unacknowledged and not in the resend: nothing will acknowledge it any more.
+        for (_, seq) in sent {
+            tracing::error!(seq, "a publish the broker did not acknowledge is lost");
             self.finish(&mut s, seq);
         }
-        self.lost.fetch_add(n as u64, Ordering::Relaxed);
-        n
+        self.resent
+            .fetch_add(resend.len() as u64, Ordering::Relaxed);
     }
 
     fn finish(&self, s: &mut DeliveryState, seq: u64) {
-        if seq <= s.confirmed {
+        if seq <= s.confirmed || !s.done.insert(seq) {
             return;
         }
-        s.done.insert(seq);
+        self.slots.add_permits(1);
         let before = s.confirmed;
         while s.done.remove(&(s.confirmed + 1)) {
             s.confirmed += 1;
@@ -149,13 +184,22 @@ mod tests {
     }
 
     #[test]
-    fn a_lost_session_releases_every_waiting_ack() {
+    fn a_lost_session_renumbers_the_resend_in_its_order() {
         let d = Delivery::default();
-        d.queue();
-        d.queue();
-        d.sent(1);
-        assert_eq!(d.session_lost(), 2);
-        assert_eq!(*d.confirmed().borrow(), 2);
-        assert_eq!(d.lost.load(Ordering::Relaxed), 2);
+        let (a, b, c) = (d.queue(), d.queue(), d.queue());
+        d.sent(5); // a
+        d.sent(6); // b
+                   // The session is lost; rumqttc sends b, a (by packet id) and then c, never sent.
+        d.resend(&[Some(6), Some(5), None]);
+        d.sent(1); // b again
+        d.sent(2); // a again
+        d.sent(3); // c
+        d.acknowledged(2);
+        assert_eq!(*d.confirmed().borrow(), a);
+        d.acknowledged(1);
+        assert_eq!(*d.confirmed().borrow(), b);
+        d.acknowledged(3);
+        assert_eq!(*d.confirmed().borrow(), c);
+        assert_eq!(d.resent.load(Ordering::Relaxed), 3);
     }
 }

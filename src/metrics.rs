@@ -96,9 +96,9 @@ impl StoreMetrics {
 #[derive(Default)]
 struct Mirrored {
     dropped: Family<ReasonLabel, Counter>,
-    /// The `broker_session_lost` series of the errors family: publishes given up because the
-    /// broker answered a reconnect of the sending connection with a new session.
-    session_lost: Counter,
+    /// Publishes sent again because the broker answered a reconnect of the sending connection
+    /// with a new session (it had lost what it held for MetaManager).
+    resent: Counter,
 }
 
 /// The node's counters, gauges and histograms.
@@ -144,7 +144,7 @@ impl Metrics {
         let errors = Family::<ReasonLabel, Counter>::default();
         registry.register(
             "errors",
-            "Errors, by reason (decode, invalid, broker_session_lost, store, remote_timeout, remote_disconnected, remote_refused, metasync)",
+            "Errors, by reason (decode, invalid, store, remote_timeout, remote_disconnected, remote_refused, metasync)",
             errors.clone(),
         );
         registry.register_with_unit(
@@ -164,14 +164,12 @@ impl Metrics {
             "Messages waiting in the outbox for the cloud",
             outbox_len.clone(),
         );
-        let mirrored = Mirrored {
-            session_lost: errors
-                .get_or_create(&ReasonLabel {
-                    reason: "broker_session_lost".into(),
-                })
-                .clone(),
-            ..Mirrored::default()
-        };
+        let mirrored = Mirrored::default();
+        registry.register(
+            "broker_resent_publishes",
+            "Publishes sent again because the broker started a new session for MetaManager",
+            mirrored.resent.clone(),
+        );
         registry.register(
             "outbox_dropped_messages",
             "Outbox messages dropped, by reason (full, expired)",
@@ -318,11 +316,11 @@ pub fn render(node: &Node) -> String {
         });
         counter.inc_by(total.saturating_sub(counter.get()));
     }
-    let session_lost = &mirrored.session_lost;
-    session_lost.inc_by(
+    let resent = &mirrored.resent;
+    resent.inc_by(
         node.publisher
-            .lost_publishes()
-            .saturating_sub(session_lost.get()),
+            .resent_publishes()
+            .saturating_sub(resent.get()),
     );
     let mut out = String::new();
     if let Err(e) = encode(&mut out, &m.registry) {
@@ -480,8 +478,8 @@ mod tests {
             .expect("size gauge");
         assert!(value(size) > 0.0, "database size is read from disk");
         assert!(
-            text.contains(r#"metamanager_errors_total{reason="broker_session_lost"} 0"#),
-            "broker_session_lost is shown before it first happens:\n{text}"
+            text.contains("metamanager_broker_resent_publishes_total 0"),
+            "resends are shown before they first happen:\n{text}"
         );
         assert!(
             text.contains("metamanager_store_commit_seconds_count 1"),

@@ -281,7 +281,10 @@ async fn remote_query(node: &Arc<Node>, query: Message) {
                     _ => RemoteOutcome::Answered,
                 };
                 node.metrics.remote_query(outcome, Some(sent.elapsed()));
+                let answer_id = answer.message.msg_id().to_owned();
                 fill_from_cloud(&node, &query, answer.message).await;
+                // Settled once the reply to edged, queued just now, is acknowledged.
+                settle(&node, &answer_id);
                 node.publisher.ack(&answer.publish);
             }
             _ => {
@@ -416,23 +419,20 @@ async fn answer_from_cloud(node: &Arc<Node>, publish: Publish, message: Message)
     Box::pin(async move {
         // Nothing stored, so nothing can supersede an answer: an unsettled redelivery is
         // always handled again, a settled one only acked.
-        let recorded = match committed.await {
-            Ok(Ok(applied)) if applied.settled() => {
+        if let Ok(Ok(applied)) = committed.await {
+            if applied.settled() {
                 node.publisher.ack(&publish);
                 return;
             }
-            Ok(Ok(_)) => true,
-            _ => false,
-        };
+        }
         let id = message.msg_id().to_owned();
+        // A claimed answer is settled by the query waiting for it, once it has replied.
         if let Err(unclaimed) = node.remote.complete(Answer { message, publish }) {
             node.publisher
                 .send(Peer::Edged, unclaimed.publish.payload.clone())
                 .await;
-            node.publisher.ack(&unclaimed.publish);
-        }
-        if recorded {
             settle(&node, &id);
+            node.publisher.ack(&unclaimed.publish);
         }
     })
 }

@@ -126,8 +126,18 @@ async fn drain(
                 .fetch_add(expired, Ordering::Relaxed);
             tracing::warn!(expired, "outbox messages older than outbox.max_age dropped");
         }
-        // Removed after the publish is handed to the MQTT client: a crash in between sends
-        // them again (at least once), never loses them.
+        // Removed once the broker has acknowledged them: until then they live only in the MQTT
+        // client, and a crash in between sends them again (at least once), never loses them.
+        let mark = node.publisher.delivery.mark();
+        let mut confirmed = node.publisher.delivery.confirmed();
+        tokio::select! {
+            acked = confirmed.wait_for(|c| *c >= mark) => {
+                if acked.is_err() {
+                    return Ok(false);
+                }
+            }
+            _ = stop.changed() => return Ok(false),
+        }
         node.store
             .write(Change {
                 outbox_done: done,

@@ -27,6 +27,18 @@ pub struct BrokerUnresponsive {
     pub reason: String,
 }
 
+impl BrokerUnresponsive {
+    /// The watchdog itself stopped before MetaManager did (a panic): the broker is no longer
+    /// watched, which is treated like a broker that stopped serving.
+    pub fn watchdog_ended(addr: Option<SocketAddr>, reason: String) -> Self {
+        Self {
+            addr: addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
+            failing_for: Duration::ZERO,
+            reason: format!("the watchdog stopped: {reason}"),
+        }
+    }
+}
+
 pub struct Watchdog {
     pub addr: SocketAddr,
     pub credentials: Option<(String, String)>,

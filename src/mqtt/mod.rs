@@ -17,27 +17,32 @@
 //! fighting the other client in a loop.
 
 mod publish;
+mod unacked;
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet,
-    Publish, QoS, StateError, TlsConfiguration, Transport,
+    Publish, QoS, Request, StateError, TlsConfiguration, Transport,
 };
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::budget::{self, InboundBudget, Permit};
+use crate::budget::{self, InboundBudget};
 use crate::topics::Topics;
 
 use crate::delivery::Delivery;
 use publish::PendingAck;
 pub use publish::Publisher;
+use unacked::Taken;
+use unacked::Unacked;
 
-/// A received publish and its share of the inbound budget, held until it is finished.
-pub type Inbound = (Publish, Permit);
+/// A received publish. Its share of the inbound budget is held until [`Publisher::ack`] has
+/// handed its PUBACK on.
+pub type Inbound = Publish;
 
 /// Largest packet rumqttc accepts or sends. Kept well above the message size limit so that an
 /// oversized message is received and answered with an error, rather than dropping the
@@ -115,7 +120,8 @@ impl Link {
         let mut receive = mqtt_options(&options, options.client_id.clone());
         receive
             .set_manual_acks(true)
-            // Room for an ack of every message the budget lets in, and the subscriptions.
+            // Acks wait here only while the receive loop is not polling; each has already
+            // released its budget share, so the loop is never kept waiting by a full queue.
             .set_request_channel_capacity(options.inflight.messages + 16)
             .set_last_will(LastWill::new(
                 &topics.status,
@@ -146,6 +152,8 @@ impl Link {
             both,
         });
         let deliveries = Arc::new(Delivery::default());
+        let unacked = Arc::new(Unacked::default());
+        // Unbounded as a channel, bounded by the budget: each entry holds a share.
         let (acks_tx, acks_rx) = mpsc::unbounded_channel();
         // Unbounded as a channel, bounded by the budget.
         let (inbound_tx, inbound) = mpsc::unbounded_channel();
@@ -157,6 +165,7 @@ impl Link {
                 receiver.clone(),
                 topics.clone(),
                 budget,
+                unacked.clone(),
                 inbound_tx,
                 state.clone(),
                 options.client_id.clone(),
@@ -167,10 +176,15 @@ impl Link {
                 state,
                 out_id,
             )),
-            tokio::spawn(ack_in_order(acks_rx, receiver.clone(), deliveries.clone())),
+            tokio::spawn(ack_in_order(
+                acks_rx,
+                receiver.clone(),
+                deliveries.clone(),
+                unacked.clone(),
+            )),
         ];
         let link = Self {
-            publisher: Publisher::new(sender.clone(), topics, deliveries.clone(), acks_tx),
+            publisher: Publisher::new(sender.clone(), topics, deliveries.clone(), unacked, acks_tx),
             connected,
             receiver,
             sender,
@@ -191,8 +205,10 @@ impl Link {
             {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            let _ = self.receiver.disconnect().await;
-            let _ = self.sender.disconnect().await;
+            // Bounded: a connection that went down after the check above has nobody to tell.
+            let bye = Duration::from_secs(3);
+            let _ = tokio::time::timeout(bye, self.receiver.disconnect()).await;
+            let _ = tokio::time::timeout(bye, self.sender.disconnect()).await;
         }
         let [receive, send, acker]: [JoinHandle<()>; 3] = match self.tasks.try_into() {
             Ok(tasks) => tasks,
@@ -235,11 +251,13 @@ fn nodelay(mut eventloop: EventLoop) -> EventLoop {
     eventloop
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn receive_loop_task(
     mut eventloop: EventLoop,
     client: AsyncClient,
     topics: Arc<Topics>,
     budget: Arc<InboundBudget>,
+    unacked: Arc<Unacked>,
     inbound: mpsc::UnboundedSender<Inbound>,
     state: Arc<Connected>,
     client_id: String,
@@ -249,20 +267,17 @@ async fn receive_loop_task(
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 reconnect.connected("receiving");
-                // rumqttc does not resubscribe; the channel has room for this by construction.
-                let filters = topics
-                    .inbound()
-                    .map(|t| rumqttc::SubscribeFilter::new(t.to_owned(), QoS::AtLeastOnce));
-                if let Err(e) = client.try_subscribe_many(filters) {
-                    tracing::error!(error = %e, "cannot subscribe to the inbound topics");
-                }
+                unacked.connected();
+                subscribe(&client, &topics);
                 state.set(&state.receiving, true);
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
                 // With the budget spent, wait here: the broker keeps what is not read.
                 let permit = budget.acquire(publish.payload.len()).await;
-                if inbound.send((publish, permit)).is_err() {
-                    return;
+                unacked.received(&publish, permit);
+                if let Err(refused) = inbound.send(publish) {
+                    // Shutting down: leave it unacknowledged, for the broker to send again.
+                    unacked.take(&refused.0);
                 }
             }
             Ok(Event::Outgoing(Outgoing::Disconnect)) => {
@@ -281,32 +296,52 @@ async fn receive_loop_task(
     }
 }
 
+/// Subscribes to the inbound topics (rumqttc does not resubscribe on a new session).
+fn subscribe(client: &AsyncClient, topics: &Topics) {
+    let filters: Vec<_> = topics
+        .inbound()
+        .into_iter()
+        .map(|t| rumqttc::SubscribeFilter::new(t.to_owned(), QoS::AtLeastOnce))
+        .collect();
+    if client.try_subscribe_many(filters.clone()).is_err() {
+        // The queue is full of acks for now: wait for room rather than not subscribe.
+        let client = client.clone();
+        tokio::spawn(async move {
+            if let Err(e) = client.subscribe_many(filters).await {
+                tracing::error!(error = %e, "cannot subscribe to the inbound topics");
+            }
+        });
+    }
+}
+
 async fn send_loop_task(
     mut eventloop: EventLoop,
-    deliveries: Arc<Delivery>,
+    delivery: Arc<Delivery>,
     state: Arc<Connected>,
     client_id: String,
 ) {
     let mut reconnect = Reconnect::new(client_id);
-    let mut connected_before = false;
+    // What rumqttc held to send again when the connection was lost: it forgets it if the
+    // broker answers the reconnect with a new session.
+    let mut held: VecDeque<Request> = VecDeque::new();
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 reconnect.connected("sending");
-                if connected_before && !ack.session_present {
-                    let lost = deliveries.session_lost();
-                    if lost > 0 {
-                        tracing::error!(
-                            lost,
-                            "the broker started a new session for the sending connection: publishes it had not acknowledged are lost (enable persistence on the broker)"
-                        );
-                    }
+                // Events of publishes whose writing failed with the old connection; the
+                // publishes themselves are sent again and report again.
+                eventloop
+                    .state
+                    .events
+                    .retain(|e| !matches!(e, Event::Outgoing(Outgoing::Publish(_))));
+                if !ack.session_present {
+                    resend(&mut eventloop, &delivery, std::mem::take(&mut held));
                 }
-                connected_before = true;
+                held.clear();
                 state.set(&state.sending, true);
             }
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => deliveries.sent(pkid),
-            Ok(Event::Incoming(Packet::PubAck(ack))) => deliveries.acknowledged(ack.pkid),
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => delivery.sent(pkid),
+            Ok(Event::Incoming(Packet::PubAck(ack))) => delivery.acknowledged(ack.pkid),
             Ok(Event::Outgoing(Outgoing::Disconnect)) => {
                 state.set(&state.sending, false);
                 let _ = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
@@ -315,10 +350,47 @@ async fn send_loop_task(
             Ok(_) => {}
             Err(ConnectionError::RequestsDone) => return,
             Err(e) => {
+                if !eventloop.pending.is_empty() {
+                    held = eventloop.pending.clone();
+                }
                 let was_up = state.set(&state.sending, false);
                 reconnect.failed(&e, was_up).await;
             }
         }
+    }
+}
+
+/// Puts back what the broker's new session lost: the publishes it had not acknowledged, the one
+/// rumqttc held aside for a packet id still in use, then those never sent, in that order, with
+/// fresh packet ids.
+fn resend(eventloop: &mut EventLoop, delivery: &Delivery, held: VecDeque<Request>) {
+    let mut with_id = Vec::new();
+    let mut without_id = Vec::new();
+    for request in held {
+        match request {
+            Request::Publish(p) if p.pkid != 0 => with_id.push(p),
+            Request::Publish(p) => without_id.push(p),
+            _ => {}
+        }
+    }
+    let aside = eventloop.state.collision.take();
+    let order: Vec<Option<u16>> = with_id
+        .iter()
+        .map(|p| Some(p.pkid))
+        .chain(aside.iter().map(|_| None))
+        .chain(without_id.iter().map(|_| None))
+        .collect();
+    if order.is_empty() {
+        return;
+    }
+    tracing::warn!(
+        count = order.len(),
+        "the broker started a new session for the sending connection; sending again what it had not acknowledged"
+    );
+    delivery.resend(&order);
+    for mut publish in with_id.into_iter().chain(aside).chain(without_id) {
+        publish.pkid = 0;
+        eventloop.pending.push_back(Request::Publish(publish));
     }
 }
 
@@ -327,18 +399,25 @@ async fn send_loop_task(
 async fn ack_in_order(
     mut acks: mpsc::UnboundedReceiver<PendingAck>,
     receiver: AsyncClient,
-    deliveries: Arc<Delivery>,
+    delivery: Arc<Delivery>,
+    unacked: Arc<Unacked>,
 ) {
-    let mut confirmed = deliveries.confirmed();
-    while let Some(PendingAck { ack, after }) = acks.recv().await {
-        if confirmed.wait_for(|c| *c >= after).await.is_err() {
-            return;
-        }
-        // Waits only while the receiving connection's queue is full, which its loop drains
-        // whenever the budget has room; the budget does not wait for this ack.
-        let sent = receiver.ack(&ack).await;
-        deliveries.acks_waiting.fetch_sub(1, Ordering::AcqRel);
-        if sent.is_err() {
+    let mut confirmed = delivery.confirmed();
+    while let Some(PendingAck { ack, after, taken }) = acks.recv().await {
+        let waited = confirmed.wait_for(|c| *c >= after).await.is_ok();
+        // The budget share goes back before the ack is queued: the queue drains only while
+        // the receive loop polls, which may be waiting for exactly this share.
+        let Taken { connection, permit } = taken;
+        drop(permit);
+        let sent = if waited && connection == unacked.connection() {
+            receiver.ack(&ack).await.is_ok()
+        } else {
+            // A packet id of an earlier connection means nothing on this one; the broker
+            // sends that message again.
+            true
+        };
+        delivery.acks_waiting.fetch_sub(1, Ordering::AcqRel);
+        if !waited || !sent {
             return;
         }
     }

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use rumqttc::{AsyncClient, Publish, QoS};
 use tokio::sync::mpsc;
 
+use super::unacked::{Taken, Unacked};
 use crate::delivery::Delivery;
 use crate::topics::{Peer, Topics};
 
@@ -23,6 +24,8 @@ pub(crate) struct PendingAck {
     pub ack: Publish,
     /// [`Delivery::mark`] when the ack was asked for.
     pub after: u64,
+    /// The receiving connection the message came on, and its share of the inbound budget.
+    pub taken: Taken,
 }
 
 /// Sends to the broker; cheap to clone and safe to use from any task.
@@ -32,6 +35,7 @@ pub struct Publisher {
     topics: Arc<Topics>,
     /// What the broker has acknowledged of this publisher's publishes.
     pub delivery: Arc<Delivery>,
+    unacked: Arc<Unacked>,
     acks: mpsc::UnboundedSender<PendingAck>,
 }
 
@@ -39,13 +43,15 @@ impl Publisher {
     pub(crate) fn new(
         client: AsyncClient,
         topics: Arc<Topics>,
-        deliveries: Arc<Delivery>,
+        delivery: Arc<Delivery>,
+        unacked: Arc<Unacked>,
         acks: mpsc::UnboundedSender<PendingAck>,
     ) -> Self {
         Self {
             client,
             topics,
-            delivery: deliveries,
+            delivery,
+            unacked,
             acks,
         }
     }
@@ -65,6 +71,11 @@ impl Publisher {
     }
 
     async fn publish(&self, topic: &str, retain: bool, payload: Bytes) {
+        // Given back when the broker acknowledges this publish (Delivery::finish).
+        match self.delivery.slots.acquire().await {
+            Ok(slot) => slot.forget(),
+            Err(_) => return,
+        }
         // Held while the request is queued, so sequence numbers follow the connection's order.
         let _order = self.delivery.enqueue.lock().await;
         let seq = self.delivery.queue();
@@ -78,14 +89,24 @@ impl Publisher {
         }
     }
 
-    /// Publishes given up since start because the broker lost the sending connection's session.
-    pub fn lost_publishes(&self) -> u64 {
-        self.delivery.lost.load(Ordering::Relaxed)
+    /// Publishes sent again since start because the broker lost the sending connection's
+    /// session.
+    pub fn resent_publishes(&self) -> u64 {
+        self.delivery.resent.load(Ordering::Relaxed)
     }
 
     /// Acknowledges an inbound QoS 1 publish to the broker, once everything published before
-    /// this call has been accepted by the broker. Never waits.
+    /// this call has been accepted by the broker, and releases its share of the inbound budget
+    /// then. Never waits. A message that came on an earlier connection is not acknowledged: the
+    /// broker sends it again.
     pub fn ack(&self, publish: &Publish) {
+        let Some(taken) = self.unacked.take(publish) else {
+            tracing::debug!(
+                pkid = publish.pkid,
+                "ack of a message from an earlier connection dropped; the broker redelivers it"
+            );
+            return;
+        };
         if publish.qos == QoS::AtMostOnce {
             return;
         }
@@ -93,7 +114,7 @@ impl Publisher {
         ack.pkid = publish.pkid;
         let after = self.delivery.mark();
         self.delivery.acks_waiting.fetch_add(1, Ordering::AcqRel);
-        if self.acks.send(PendingAck { ack, after }).is_err() {
+        if self.acks.send(PendingAck { ack, after, taken }).is_err() {
             self.delivery.acks_waiting.fetch_sub(1, Ordering::AcqRel);
             tracing::debug!("ack dropped: MQTT link is shut down");
         }
