@@ -141,11 +141,28 @@ pub struct MetaManager {
 
 impl MetaManager {
     pub fn spawn(port: u16, node: &str, db: &Path, synchronous: &str, dir: &Path) -> Self {
+        Self::spawn_mode("external", port, node, db, synchronous, dir)
+    }
+
+    /// MetaManager with its embedded broker listening on `port` (pick it with [`free_port`];
+    /// wait for it with [`wait_for_port`]).
+    pub fn spawn_embedded(port: u16, node: &str, db: &Path, synchronous: &str, dir: &Path) -> Self {
+        Self::spawn_mode("embedded", port, node, db, synchronous, dir)
+    }
+
+    fn spawn_mode(
+        mode: &str,
+        port: u16,
+        node: &str,
+        db: &Path,
+        synchronous: &str,
+        dir: &Path,
+    ) -> Self {
         let config = dir.join(format!("{node}.yaml"));
         std::fs::write(
             &config,
             format!(
-                "node_id: {node}\nmqtt:\n  mode: external\n  host: 127.0.0.1\n  port: {port}\n\
+                "node_id: {node}\nmqtt:\n  mode: {mode}\n  host: 127.0.0.1\n  port: {port}\n\
                  database:\n  path: {}\n  synchronous: {synchronous}\nhttp:\n  enabled: false\n",
                 db.display()
             ),

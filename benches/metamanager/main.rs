@@ -117,6 +117,48 @@ async fn main() {
         kib(full.rss_after)
     );
 
+    // The burst: mosquitto_pub -l, no window, against both brokers.
+    let burst_external = burst(Broker::External(port), dir.path(), &pod, &sizes).await;
+    let burst_embedded = burst(Broker::Embedded, dir.path(), &pod, &sizes).await;
+    println!(
+        "\n## Burst (mosquitto_pub -q 1 -l, no window, {} pods, {} publishers)\n",
+        sizes.inserts,
+        sizes.inserts.div_ceil(BURST_LINES)
+    );
+    println!("| broker | stored | msgs/s | ÷ mosquitto_sub \\| mosquitto_pub -l | peak RSS MiB |");
+    println!("|---|---:|---:|---:|---:|");
+    for run in [&burst_external, &burst_embedded] {
+        println!(
+            "| {} | {}/{} | {} | {} | {:.1} |",
+            run.broker,
+            run.stored,
+            sizes.inserts,
+            run.rate.map_or("timed out".into(), |r| format!("{r:.0}")),
+            run.rate
+                .map_or("-".into(), |r| format!("{:.2}", r / pipe_rate)),
+            kib(run.peak_rss)
+        );
+    }
+    println!(
+        "\ntargets: every message stored ({}), peak RSS ≤ 64 MiB ({}), embedded rate ≥ the pipe relay rate ({})\n",
+        verdict([&burst_external, &burst_embedded].iter().all(|r| r.stored == sizes.inserts)),
+        verdict([&burst_external, &burst_embedded].iter().all(|r| r.peak_rss <= 64 * 1024)),
+        verdict(burst_embedded.rate.is_some_and(|r| r >= pipe_rate))
+    );
+    println!("## Query round trip through the embedded broker (sequential, stored pods)\n");
+    println!("| path | p50 µs | p99 µs | p99.9 µs |");
+    println!("|---|---:|---:|---:|");
+    print_latency("null relay round trip (mosquitto)", &relay_rtt);
+    if let Some(query) = &burst_embedded.query {
+        print_latency("MetaManager query (embedded broker)", query);
+        println!(
+            "\nquery ÷ relay through mosquitto: p50 {:.2}, p99 {:.2} (target p99 ≤ 1.5: {})\n",
+            query.p50 / relay_rtt.p50,
+            query.p99 / relay_rtt.p99,
+            verdict(query.p99 / relay_rtt.p99 <= 1.5)
+        );
+    }
+
     // Scale.
     let small = scale_run(port, dir.path(), &configmap, &pod, 1_000, sizes.queries).await;
     let large = scale_run(
@@ -186,8 +228,12 @@ fn compact_fixture(name: &str) -> String {
 }
 
 fn insert_message(i: usize, namespace: &str, rtype: &str, content: &str) -> String {
+    insert_of(i, &format!("{namespace}/{rtype}/obj-{i:07}"), content)
+}
+
+fn insert_of(i: usize, resource: &str, content: &str) -> String {
     format!(
-        r#"{{"header":{{"msg_id":"bench-{i}-{}","timestamp":1795774500123}},"route":{{"source":"bench","group":"resource","operation":"insert","resource":"{namespace}/{rtype}/obj-{i:07}"}},"content":{content}}}"#,
+        r#"{{"header":{{"msg_id":"bench-{i}-{}","timestamp":1795774500123}},"route":{{"source":"bench","group":"resource","operation":"insert","resource":"{resource}"}},"content":{content}}}"#,
         uuid::Uuid::new_v4()
     )
 }
@@ -633,4 +679,161 @@ async fn storage_alone(dir: &Path, content: &str, n: usize) -> (f64, f64) {
     let rate = n as f64 / start.elapsed().as_secs_f64();
     store.close().await;
     (rate, plain)
+}
+
+/// Lines per `mosquitto_pub -l` in the burst: below its 65 535 packet ids.
+const BURST_LINES: usize = 50_000;
+
+fn verdict(met: bool) -> &'static str {
+    if met {
+        "met"
+    } else {
+        "NOT met"
+    }
+}
+
+enum Broker {
+    /// The bench's mosquitto, on this port.
+    External(u16),
+    /// MetaManager's own broker, on a free port.
+    Embedded,
+}
+
+struct BurstRun {
+    broker: &'static str,
+    /// `None` when not every ack came back.
+    rate: Option<f64>,
+    stored: usize,
+    peak_rss: u64,
+    /// Sequential queries of the burst's pods (embedded broker only).
+    query: Option<Percentiles>,
+}
+
+/// `sizes.inserts` inserts of distinct pods, one per line in a file, published by
+/// `mosquitto_pub -q 1 -l` (no window of its own); timed from the first publish to the last
+/// ack MetaManager sends edgehub.
+async fn burst(broker: Broker, dir: &Path, content: &str, sizes: &Sizes) -> BurstRun {
+    let (name, embedded) = match broker {
+        Broker::External(_) => ("mosquitto", false),
+        Broker::Embedded => ("embedded", true),
+    };
+    let node = format!("burst-{name}");
+    let prefix = format!("edge/{node}");
+    let db = dir.join(format!("{node}.db"));
+    let n = sizes.inserts;
+    // mosquitto_pub -l takes the ack of the last line's packet id as the end of its input: past
+    // 65 535 lines that id has wrapped and was already used, so it disconnects early and drops
+    // what it still had queued. Hence one publisher per 50 000 lines, all started at once.
+    let files: Vec<std::path::PathBuf> = (0..n)
+        .step_by(BURST_LINES)
+        .map(|first| {
+            let lines: String = (first..n.min(first + BURST_LINES))
+                .map(|i| insert_of(i, &format!("default/pod/burst-{i}"), content) + "\n")
+                .collect();
+            let file = dir.join(format!("{node}-{first}.lines"));
+            std::fs::write(&file, lines).expect("write burst file");
+            file
+        })
+        .collect();
+
+    let status = format!("{prefix}/metamanager/status");
+    let acks = format!("{prefix}/metamanager/to/edgehub");
+    let (port, mm) = match broker {
+        Broker::External(port) => (port, MetaManager::spawn(port, &node, &db, "FULL", dir)),
+        Broker::Embedded => {
+            let port = harness::free_port();
+            let mm = MetaManager::spawn_embedded(port, &node, &db, "FULL", dir);
+            assert!(
+                harness::wait_for_port(port, Duration::from_secs(10)),
+                "embedded broker listening"
+            );
+            (port, mm)
+        }
+    };
+    let mut cloud = Client::connect(port, &format!("{node}-cloud"), &[&acks, &status]).await;
+    let mut edged = Client::connect(
+        port,
+        &format!("{node}-edged"),
+        &[&format!("{prefix}/metamanager/to/edged")],
+    )
+    .await;
+    let draining = tokio::spawn(async move { while edged.received.recv().await.is_some() {} });
+    // The status is retained: it is there whether MetaManager came online before or after.
+    assert!(
+        cloud
+            .next_containing(&status, "\"online\"", Duration::from_secs(10))
+            .await,
+        "MetaManager came online"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let start = Instant::now();
+    let mut publishers: Vec<std::process::Child> = files
+        .iter()
+        .enumerate()
+        .map(|(k, file)| {
+            std::process::Command::new("mosquitto_pub")
+                .args(["-p", &port.to_string(), "-i", &format!("{node}-pub-{k}")])
+                .args(["-q", "1", "-l", "-t"])
+                .arg(format!("{prefix}/edgehub/to/metamanager"))
+                .stdin(std::fs::File::open(file).expect("burst file"))
+                .spawn()
+                .expect("mosquitto_pub")
+        })
+        .collect();
+    let done = cloud
+        .count(
+            &acks,
+            n,
+            Duration::from_secs(300),
+            &Progress::default(),
+            |p| harness::contains(p, br#""operation":"response""#),
+        )
+        .await;
+    let rate = done.map(|end| n as f64 / (end - start).as_secs_f64());
+    let (_, peak_rss) = mm.memory_kib();
+    for publisher in &mut publishers {
+        if rate.is_none() {
+            let _ = publisher.kill();
+        }
+        let _ = publisher.wait();
+    }
+    draining.abort();
+
+    let stored: i64 = rusqlite::Connection::open_with_flags(
+        &db,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .and_then(|c| {
+        c.query_row("SELECT count(*) FROM meta WHERE type = 'pod'", [], |r| {
+            r.get(0)
+        })
+    })
+    .expect("count stored");
+
+    let query = if embedded && rate.is_some() {
+        Some(
+            sequential_queries(port, &node, sizes.queries, |i| {
+                format!("default/pod/burst-{}", (i * 7919) % n)
+            })
+            .await,
+        )
+    } else {
+        None
+    };
+    mm.stop();
+    for file in &files {
+        let _ = std::fs::remove_file(file);
+    }
+    BurstRun {
+        broker: if embedded {
+            "MetaManager's embedded broker"
+        } else {
+            "mosquitto (external)"
+        },
+        rate,
+        stored: stored as usize,
+        peak_rss,
+        query,
+    }
 }
