@@ -155,6 +155,9 @@ impl Link {
         let unacked = Arc::new(Unacked::default());
         // Unbounded as a channel, bounded by the budget: each entry holds a share.
         let (acks_tx, acks_rx) = mpsc::unbounded_channel();
+        // Confirmed acks waiting for room in the receiving connection's queue; it drains
+        // whenever the receive loop polls, which the budget they gave back lets it do.
+        let (confirmed_tx, confirmed_rx) = mpsc::unbounded_channel();
         // Unbounded as a channel, bounded by the budget.
         let (inbound_tx, inbound) = mpsc::unbounded_channel();
         let budget = InboundBudget::new(options.inflight);
@@ -176,8 +179,9 @@ impl Link {
                 state,
                 out_id,
             )),
-            tokio::spawn(ack_in_order(
-                acks_rx,
+            tokio::spawn(confirm_in_order(acks_rx, deliveries.clone(), confirmed_tx)),
+            tokio::spawn(hand_acks(
+                confirmed_rx,
                 receiver.clone(),
                 deliveries.clone(),
                 unacked.clone(),
@@ -210,13 +214,14 @@ impl Link {
             let _ = tokio::time::timeout(bye, self.receiver.disconnect()).await;
             let _ = tokio::time::timeout(bye, self.sender.disconnect()).await;
         }
-        let [receive, send, acker]: [JoinHandle<()>; 3] = match self.tasks.try_into() {
+        let [receive, send, confirmer, acker]: [JoinHandle<()>; 4] = match self.tasks.try_into() {
             Ok(tasks) => tasks,
             Err(tasks) => {
                 tasks.iter().for_each(JoinHandle::abort);
                 return;
             }
         };
+        confirmer.abort();
         acker.abort();
         for mut task in [receive, send] {
             // Nothing to say goodbye to when down: do not wait out a reconnect attempt.
@@ -394,30 +399,44 @@ fn resend(eventloop: &mut EventLoop, delivery: &Delivery, held: VecDeque<Request
     }
 }
 
-/// Hands inbound acks to the receiving connection in the order they were asked for, each once
-/// the publishes queued before it are acknowledged by the broker.
-async fn ack_in_order(
+/// Passes inbound acks on in the order they were asked for, each once the publishes queued
+/// before it are acknowledged by the broker, and gives back its budget share then.
+///
+/// Handing an ack to the receiving connection may wait for room in its queue, which drains only
+/// while the receive loop polls, and the receive loop may be waiting for budget. So the shares
+/// go back here, at confirmation, and the waiting for room happens in [`hand_acks`], which holds
+/// none: however full that queue is, the receive loop gets its budget back and drains it.
+async fn confirm_in_order(
     mut acks: mpsc::UnboundedReceiver<PendingAck>,
+    delivery: Arc<Delivery>,
+    confirmed_acks: mpsc::UnboundedSender<(Publish, u64)>,
+) {
+    let mut confirmed = delivery.confirmed();
+    while let Some(PendingAck { ack, after, taken }) = acks.recv().await {
+        if confirmed.wait_for(|c| *c >= after).await.is_err() {
+            return;
+        }
+        let Taken { connection, permit } = taken;
+        drop(permit);
+        if confirmed_acks.send((ack, connection)).is_err() {
+            return;
+        }
+    }
+}
+
+/// Queues confirmed acks on the receiving connection, in order. An ack from an earlier
+/// connection is dropped: its packet id means nothing on this one, and the broker sends that
+/// message again.
+async fn hand_acks(
+    mut confirmed_acks: mpsc::UnboundedReceiver<(Publish, u64)>,
     receiver: AsyncClient,
     delivery: Arc<Delivery>,
     unacked: Arc<Unacked>,
 ) {
-    let mut confirmed = delivery.confirmed();
-    while let Some(PendingAck { ack, after, taken }) = acks.recv().await {
-        let waited = confirmed.wait_for(|c| *c >= after).await.is_ok();
-        // The budget share goes back before the ack is queued: the queue drains only while
-        // the receive loop polls, which may be waiting for exactly this share.
-        let Taken { connection, permit } = taken;
-        drop(permit);
-        let sent = if waited && connection == unacked.connection() {
-            receiver.ack(&ack).await.is_ok()
-        } else {
-            // A packet id of an earlier connection means nothing on this one; the broker
-            // sends that message again.
-            true
-        };
+    while let Some((ack, connection)) = confirmed_acks.recv().await {
+        let sent = connection != unacked.connection() || receiver.ack(&ack).await.is_ok();
         delivery.acks_waiting.fetch_sub(1, Ordering::AcqRel);
-        if !waited || !sent {
+        if !sent {
             return;
         }
     }
