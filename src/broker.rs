@@ -139,7 +139,7 @@ impl EmbeddedBroker {
 }
 
 /// Size at which the embedded broker closes a segment of a filter's log.
-const SEGMENT_SIZE: usize = 1 << 20;
+const SEGMENT_SIZE: usize = 1 << 19;
 
 fn config(addr: SocketAddr, options: &BrokerOptions) -> Config {
     // RouterConfig::default() is all zeros, which rumqttd takes literally.
@@ -152,7 +152,9 @@ fn config(addr: SocketAddr, options: &BrokerOptions) -> Config {
         // `max_segment_count` segments of about `max_segment_size` bytes; the oldest segment
         // goes when a new one starts. A segment is closed once it reaches the size, so one
         // message larger than that fills a segment alone: the size bounds memory, not the
-        // message. About 4 MiB per filter, whatever the payload limit.
+        // message. About 2 MiB per filter, whatever the payload limit; the logs are most of the
+        // broker's memory under a burst (peak RSS 66 MiB with 1 MiB segments, 44 MiB with
+        // 512 KiB, for 100 000 inserts; BENCHMARKS.md).
         max_segment_size: SEGMENT_SIZE,
         max_segment_count: 4,
         // MetaManager commits to SQLite before it acks, so under a burst it reads slower than a
