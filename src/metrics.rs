@@ -99,6 +99,8 @@ struct Mirrored {
     /// Publishes sent again because the broker answered a reconnect of the sending connection
     /// with a new session (it had lost what it held for MetaManager).
     resent: Counter,
+    /// Messages the embedded broker's subscribers skipped by falling a log's length behind.
+    skipped: Counter,
 }
 
 /// The node's counters, gauges and histograms.
@@ -169,6 +171,11 @@ impl Metrics {
             "broker_resent_publishes",
             "Publishes sent again because the broker started a new session for MetaManager",
             mirrored.resent.clone(),
+        );
+        registry.register(
+            "embedded_broker_skipped_messages",
+            "Messages subscribers of the embedded broker skipped by falling more than its log's length behind (never MetaManager's own)",
+            mirrored.skipped.clone(),
         );
         registry.register(
             "outbox_dropped_messages",
@@ -322,6 +329,8 @@ pub fn render(node: &Node) -> String {
             .resent_publishes()
             .saturating_sub(resent.get()),
     );
+    let skipped = &mirrored.skipped;
+    skipped.inc_by(rumqttd::skipped_messages().saturating_sub(skipped.get()));
     let mut out = String::new();
     if let Err(e) = encode(&mut out, &m.registry) {
         tracing::warn!(error = %e, "could not encode metrics");

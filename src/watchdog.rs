@@ -54,10 +54,20 @@ impl Watchdog {
         mut stop: watch::Receiver<bool>,
     ) -> Result<(), BrokerUnresponsive> {
         let mut failing_since: Option<Instant> = None;
+        let mut skipped = rumqttd::skipped_messages();
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(self.interval) => {}
                 _ = stop.changed() => return Ok(()),
+            }
+            // The one bound of the embedded broker that loses messages, made loud.
+            let now = rumqttd::skipped_messages();
+            if now > skipped {
+                tracing::warn!(
+                    skipped = now - skipped,
+                    "subscribers of the embedded broker fell more than its log's length behind and skipped messages (edged or edgehub not reading fast enough)"
+                );
+                skipped = now;
             }
             match broker::probe(self.addr, PROBE_TIMEOUT, self.credentials.clone()).await {
                 Ok(()) => {

@@ -596,3 +596,89 @@ async fn half_open_connections_do_not_stop_the_broker() {
     );
     assert_serves(&mut app).await;
 }
+
+/// A watcher that stops reading: the embedded broker holds at most a log's length for it, and
+/// when it reads again the messages it missed are counted and logged, not silently lost.
+/// MetaManager itself is never held up by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_falls_behind_is_counted_and_logged() {
+    use std::io::{Read, Write};
+    let options = Options::new(BrokerKind::Embedded).mqtt("watchdog_interval: 1s");
+    let mut app = TestApp::spawn(options).await.expect("embedded");
+
+    // A QoS 0 subscriber to the forwards, which then stops reading its socket. A small receive
+    // buffer, so that the kernel does not absorb what the broker holds back.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let addr: SocketAddr = ([127, 0, 0, 1], app.port).into();
+    socket.connect(&addr.into()).unwrap();
+    let mut watcher: std::net::TcpStream = socket.into();
+    watcher
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let connect =
+        metamanager::broker::connect_packet("slow-watcher", None, Duration::from_secs(600));
+    watcher.write_all(&connect).unwrap();
+    let mut connack = [0u8; 4];
+    watcher.read_exact(&mut connack).unwrap();
+    let topic = format!("edge/{NODE}/metamanager/to/edged");
+    let mut subscribe = vec![0x82, (2 + 2 + topic.len() + 1) as u8, 0, 1];
+    subscribe.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    subscribe.extend_from_slice(topic.as_bytes());
+    subscribe.push(0);
+    watcher.write_all(&subscribe).unwrap();
+    let mut suback = [0u8; 5];
+    watcher.read_exact(&mut suback).unwrap();
+    assert_eq!(suback[0], 0x90, "SUBACK");
+
+    // Far more than the broker's log holds for one topic (about 2 MiB) and the sockets between.
+    const N: usize = 5000;
+    let peer = Peer::connect(app.port).await;
+    for i in 0..N {
+        let name = format!("fill-{i}");
+        let insert = message("insert", &format!("default/pod/{name}"), pod_named(&name));
+        peer.publish("edgehub", &insert).await;
+    }
+    // MetaManager handles every one, whatever the watcher does.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, _, metrics) = common::http(app.http_port, "GET", "/metrics").await;
+        let handled = metrics
+            .lines()
+            .filter(|l| l.starts_with("metamanager_replies_sent_total") && l.contains("response"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>();
+        if handled >= N as f64 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{handled} of {N} handled");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The watcher reads again; the broker resumes it past what it no longer has.
+    watcher
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut sink = vec![0u8; 1 << 16];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let skipped = loop {
+        while matches!(watcher.read(&mut sink), Ok(n) if n > 0) {}
+        let (_, _, metrics) = common::http(app.http_port, "GET", "/metrics").await;
+        let skipped = metrics
+            .lines()
+            .find(|l| l.starts_with("metamanager_embedded_broker_skipped_messages_total"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if skipped > 0.0 {
+            break skipped;
+        }
+        assert!(Instant::now() < deadline, "nothing counted as skipped");
+    };
+    assert!(skipped < N as f64, "{skipped}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !app.log().contains("skipped messages") {
+        assert!(Instant::now() < deadline, "no warning logged");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_serves(&mut app).await;
+}

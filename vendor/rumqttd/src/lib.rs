@@ -24,6 +24,8 @@ pub use link::meters;
 pub use router::{Alert, Forward, IncomingMeter, Meter, Notification, OutgoingMeter, Router};
 use segments::Storage;
 pub use server::{Broker, LinkType, Server};
+/// Messages subscribers skipped because they fell more than a log's length behind.
+pub use segments::skipped as skipped_messages;
 
 pub use self::router::shared_subs::Strategy;
 

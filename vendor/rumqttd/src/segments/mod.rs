@@ -7,6 +7,19 @@ pub mod utils;
 use segment::{Segment, SegmentPosition};
 use tracing::warn;
 
+/// Messages readers skipped because the log had already dropped them (a subscriber that fell
+/// more than the log's length behind), since start, over every log in the process.
+static SKIPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// See [`SKIPPED`].
+pub fn skipped() -> u64 {
+    SKIPPED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn count_skipped(from: u64, to: u64) {
+    SKIPPED.fetch_add(to.saturating_sub(from), std::sync::atomic::Ordering::Relaxed);
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Position {
     Next { start: (u64, u64), end: (u64, u64) },
@@ -195,6 +208,7 @@ where
                 "given index {} less than head {}, jumping to head",
                 cursor.0, head_absolute_offset
             );
+            count_skipped(cursor.1, head_absolute_offset);
             cursor = (self.head, head_absolute_offset);
             start = cursor;
         }
@@ -207,6 +221,7 @@ where
                 "offset specified {} if less than actual {}, jumping",
                 cursor.1, curr_segment.absolute_offset
             );
+            count_skipped(cursor.1, curr_segment.absolute_offset);
             start.1 = curr_segment.absolute_offset;
             cursor.1 = curr_segment.absolute_offset;
         }
@@ -692,6 +707,7 @@ mod tests {
         assert_eq!(log.head, 10);
         assert_eq!(log.tail, 19);
 
+        let skipped_before = skipped();
         let next = log.readv((0, 0), 5, &mut out).unwrap();
         assert_eq!(
             next,
@@ -700,5 +716,8 @@ mod tests {
                 end: (10, 105)
             }
         );
+        // The reader at offset 0 lost the 100 messages the log had dropped; other tests may
+        // count skips of their own at the same time.
+        assert!(skipped() - skipped_before >= 100);
     }
 }
