@@ -152,11 +152,14 @@ fn config(addr: SocketAddr, options: &BrokerOptions) -> Config {
         // `max_segment_count` segments of about `max_segment_size` bytes; the oldest segment
         // goes when a new one starts. A segment is closed once it reaches the size, so one
         // message larger than that fills a segment alone: the size bounds memory, not the
-        // message. About 2 MiB per filter, whatever the payload limit; the logs are most of the
-        // broker's memory under a burst (peak RSS 66 MiB with 1 MiB segments, 44 MiB with
-        // 512 KiB, for 100 000 inserts; BENCHMARKS.md).
+        // message. About 3 MiB per filter, whatever the payload limit. The length is a trade:
+        // the logs are most of the broker's memory under a burst, while a longer log holds
+        // publishers back less often (MetaManager's lossless reading, below) and lets other
+        // subscribers lag further before they skip. For 100 000 inserts from two
+        // `mosquitto_pub -l` (release build, by hand): 4 x 512 KiB peaked at 44 MiB and took
+        // 6.6 s, 6 x 512 KiB 55 MiB and 3.9 s, 8 x 512 KiB 66 MiB and 3.8 s.
         max_segment_size: SEGMENT_SIZE,
-        max_segment_count: 4,
+        max_segment_count: 6,
         // MetaManager commits to SQLite before it acks, so under a burst it reads slower than a
         // publisher writes: rather than dropping a segment it has not read, the router holds
         // the publisher back (which stops reading its socket, so TCP slows it down).

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{fixture, message, msg_id, BrokerKind, Options, TestApp};
+use common::{fixture, message, BrokerKind, Options, TestApp};
 use serde_json::{json, Value};
 
 /// A payload, the peer that sends it, the msg_id the error should carry, and a phrase the
@@ -264,11 +264,7 @@ async fn each_bad_input_gets_an_error_and_changes_nothing(kind: BrokerKind) {
     assert!(app.child.as_mut().unwrap().try_wait().unwrap().is_none());
 
     let insert = fixture("insert-pod.message.json");
-    app.client.publish("edgehub", &insert).await;
-    let ack = app
-        .client
-        .reply_to("metamanager/to/edgehub", msg_id(&insert))
-        .await;
+    let ack = app.client.request("edgehub", &insert).await;
     assert_eq!(ack["content"], "OK");
     let log = app.log();
     assert!(log.contains("rejected message"), "bad input is logged");
@@ -285,11 +281,7 @@ async fn a_burst_of_garbage_does_not_stall_valid_messages(kind: BrokerKind) {
             .await;
     }
     let q = message("query", "default/pod/none", Value::Null);
-    app.client.publish("edged", &q).await;
-    let reply = app
-        .client
-        .reply_to("metamanager/to/edged", msg_id(&q))
-        .await;
+    let reply = app.client.request("edged", &q).await;
     assert_eq!(reply["content"], json!([]));
     let errors = app
         .client

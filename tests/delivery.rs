@@ -203,11 +203,7 @@ async fn duplicate_delivery_is_applied_once(kind: BrokerKind) {
     app.client.request("edgehub", &update).await;
 
     // The insert comes again, late: it must not roll the pod back.
-    app.client.publish("edgehub", &insert).await;
-    let ack = app
-        .client
-        .reply_to("metamanager/to/edgehub", msg_id(&insert))
-        .await;
+    let ack = app.client.request("edgehub", &insert).await;
     assert_eq!(ack["content"], "OK", "a redelivery is still acked");
     assert_eq!(app.client.query("edged", key).await, json!([newer_pod]));
     let seen = app.client.drain(Duration::from_millis(300)).await;
@@ -297,11 +293,7 @@ async fn redelivered_insert_does_not_resurrect_a_deleted_pod(kind: BrokerKind) {
     }
     app.restart().await;
 
-    app.client.publish("edgehub", &insert).await;
-    let ack = app
-        .client
-        .reply_to("metamanager/to/edgehub", msg_id(&insert))
-        .await;
+    let ack = app.client.request("edgehub", &insert).await;
     assert_eq!(ack["content"], "OK", "a redelivery is acked");
     assert_eq!(app.client.query("edged", key).await, json!([]));
     let seen = app.client.drain(Duration::from_millis(500)).await;
@@ -321,11 +313,7 @@ async fn redelivered_insert_does_not_resurrect_a_deleted_pod(kind: BrokerKind) {
         .execute("UPDATE processed SET settled = 0", [])
         .unwrap();
     app.start().await;
-    app.client.publish("edgehub", &insert).await;
-    let ack = app
-        .client
-        .reply_to("metamanager/to/edgehub", msg_id(&insert))
-        .await;
+    let ack = app.client.request("edgehub", &insert).await;
     assert_eq!(ack["content"], "OK");
     let seen = app.client.drain(Duration::from_millis(500)).await;
     assert_eq!(
@@ -356,11 +344,7 @@ async fn redelivered_insert_does_not_undo_a_later_update(kind: BrokerKind) {
     }
     app.restart().await;
 
-    app.client.publish("edgehub", &insert).await;
-    let ack = app
-        .client
-        .reply_to("metamanager/to/edgehub", msg_id(&insert))
-        .await;
+    let ack = app.client.request("edgehub", &insert).await;
     assert_eq!(ack["content"], "OK");
     assert_eq!(app.client.query("edged", key).await, json!([y]));
     let seen = app.client.drain(Duration::from_millis(500)).await;
@@ -616,11 +600,7 @@ async fn database_failure_gets_an_error_not_an_ack(kind: BrokerKind) {
     )
     .unwrap();
     let insert = fixture("insert-pod.message.json");
-    app.client.publish("edgehub", &insert).await;
-    let reply = app
-        .client
-        .reply_to("metamanager/to/edgehub", msg_id(&insert))
-        .await;
+    let reply = app.client.request("edgehub", &insert).await;
     assert_eq!(reply["route"]["operation"], "error", "{reply}");
     assert!(reply["content"].as_str().unwrap().contains("disk is full"));
     let seen = app.client.drain(Duration::from_millis(300)).await;
@@ -631,11 +611,7 @@ async fn database_failure_gets_an_error_not_an_ack(kind: BrokerKind) {
 
     // The disk is freed: the cloud sends again (same msg_id) and it is stored, once.
     conn.execute_batch("DROP TRIGGER disk_full").unwrap();
-    app.client.publish("edgehub", &insert).await;
-    let ack = app
-        .client
-        .reply_to("metamanager/to/edgehub", msg_id(&insert))
-        .await;
+    let ack = app.client.request("edgehub", &insert).await;
     assert_eq!(ack["content"], "OK");
     app.client
         .wait_for("metamanager/to/edged", |v| {
@@ -699,11 +675,7 @@ async fn a_stalled_store_slows_the_sender_and_refuses_nothing() {
     }
     assert!(!app.log().contains("overloaded"));
     let q = message("query", "default/configmap/c499", Value::Null);
-    app.client.publish("edged", &q).await;
-    let reply = app
-        .client
-        .reply_to("metamanager/to/edged", msg_id(&q))
-        .await;
+    let reply = app.client.request("edged", &q).await;
     assert_eq!(reply["content"][0]["i"], 499);
 }
 
@@ -734,11 +706,7 @@ async fn oversized_message_is_refused_without_a_reconnect_loop() {
         "default/configmap/huge",
         json!({"data": {"blob": "x".repeat(512 * 1024)}}),
     );
-    app.client.publish("edgehub", &huge).await;
-    let error = app
-        .client
-        .reply_to("metamanager/to/edgehub", msg_id(&huge))
-        .await;
+    let error = app.client.request("edgehub", &huge).await;
     assert_eq!(error["route"]["operation"], "error");
     assert!(error["content"].as_str().unwrap().contains("limit"));
 
@@ -791,11 +759,7 @@ async fn full_disk_gets_errors_and_keeps_every_ack_honest() {
         let name = format!("fill-{i:04}");
         let key = format!("default/pod/{name}");
         let m = message("insert", &key, pod_named(&name));
-        app.client.publish("edgehub", &m).await;
-        let reply = app
-            .client
-            .reply_to("metamanager/to/edgehub", msg_id(&m))
-            .await;
+        let reply = app.client.request("edgehub", &m).await;
         if reply["route"]["operation"] == "error" {
             failure = Some(reply["content"].as_str().unwrap().to_owned());
             break;

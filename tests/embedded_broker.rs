@@ -631,7 +631,7 @@ async fn a_subscriber_that_falls_behind_is_counted_and_logged() {
     watcher.read_exact(&mut suback).unwrap();
     assert_eq!(suback[0], 0x90, "SUBACK");
 
-    // Far more than the broker's log holds for one topic (about 2 MiB) and the sockets between.
+    // Far more than the broker's log holds for one topic (about 3 MiB) and the sockets between.
     const N: usize = 5000;
     let peer = Peer::connect(app.port).await;
     for i in 0..N {

@@ -20,11 +20,7 @@ async fn get_json(port: u16, path: &str) -> (u16, Value) {
 /// Inserts `object` at `resource` as the cloud would, and waits for the ack.
 async fn insert(app: &mut TestApp, resource: &str, object: Value) {
     let m = message("insert", resource, object);
-    app.client.publish("edgehub", &m).await;
-    let reply = app
-        .client
-        .reply_to("metamanager/to/edgehub", msg_id(&m))
-        .await;
+    let reply = app.client.request("edgehub", &m).await;
     assert_eq!(reply["content"], "OK", "{reply}");
 }
 

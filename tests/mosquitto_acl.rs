@@ -227,11 +227,7 @@ async fn impostor_with_metamanagers_client_id_reads_nothing_and_takes_nothing() 
     let (impostor, mut seen) = raw_client(app.port, &mm_user(), edged(), true, &everything).await;
     let secret = fixture("secret.json");
     let insert = message("insert", "default/secret/db-credentials", secret.clone());
-    app.client.publish("edgehub", &insert).await;
-    let ack = app
-        .client
-        .reply_to("metamanager/to/edgehub", msg_id(&insert))
-        .await;
+    let ack = app.client.request("edgehub", &insert).await;
     assert_eq!(ack["content"], "OK", "MetaManager was thrown off: {ack}");
     wait_stored(&app, "/api/v1/namespaces/default/secrets/db-credentials").await;
     let topics = drain(&mut seen, Duration::from_millis(500)).await;

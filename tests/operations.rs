@@ -111,11 +111,7 @@ async fn update_forwards_only_real_changes(kind: BrokerKind) {
     // Equal as JSON, keys in another order: acked, not forwarded.
     let reordered: Value = serde_json::from_str(&reorder_keys(&cm)).unwrap();
     let same = message("update", key, reordered);
-    app.client.publish("edgehub", &same).await;
-    let ack = app
-        .client
-        .reply_to("metamanager/to/edgehub", msg_id(&same))
-        .await;
+    let ack = app.client.request("edgehub", &same).await;
     assert_ack(&ack, msg_id(&same), key);
 
     // Different: stored and forwarded.
@@ -180,11 +176,7 @@ async fn delete_removes_and_respects_pod_uid(kind: BrokerKind) {
 
     // Deleting what is absent is not an error.
     let again = message("delete", POD_KEY, Value::Null);
-    app.client.publish("edgehub", &again).await;
-    let ack = app
-        .client
-        .reply_to("metamanager/to/edgehub", msg_id(&again))
-        .await;
+    let ack = app.client.request("edgehub", &again).await;
     assert_ack(&ack, msg_id(&again), POD_KEY);
 }
 
@@ -290,11 +282,7 @@ async fn connect_state_shows_in_status(kind: BrokerKind) {
 
     // connect has no reply; a bad connect gets an error.
     let bad = message("connect", "default/node/edge-node", json!("maybe"));
-    app.client.publish("edgehub", &bad).await;
-    let err = app
-        .client
-        .reply_to("metamanager/to/edgehub", msg_id(&bad))
-        .await;
+    let err = app.client.request("edgehub", &bad).await;
     assert_eq!(err["route"]["operation"], "error");
     assert!(err["content"].as_str().unwrap().contains("cloud_connected"));
     let seen = app.client.drain(Duration::from_millis(300)).await;
@@ -489,11 +477,7 @@ async fn remote_query_times_out(kind: BrokerKind) {
     app.set_cloud(true).await;
     let query = message("query", "default/configmap/app-config", Value::Null);
     let sent = std::time::Instant::now();
-    app.client.publish("edged", &query).await;
-    let reply = app
-        .client
-        .reply_to("metamanager/to/edged", msg_id(&query))
-        .await;
+    let reply = app.client.request("edged", &query).await;
     assert_eq!(reply["route"]["operation"], "error");
     assert!(
         reply["content"]
@@ -510,11 +494,7 @@ async fn remote_query_while_disconnected_fails_fast(kind: BrokerKind) {
         return;
     };
     let query = message("query", "default/configmap/app-config", Value::Null);
-    app.client.publish("edged", &query).await;
-    let reply = app
-        .client
-        .reply_to("metamanager/to/edged", msg_id(&query))
-        .await;
+    let reply = app.client.request("edged", &query).await;
     assert_eq!(reply["route"]["operation"], "error");
     assert!(reply["content"].as_str().unwrap().contains("not connected"));
     let seen = app.client.drain(Duration::from_millis(300)).await;
