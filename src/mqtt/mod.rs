@@ -32,16 +32,15 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::budget::{self, InboundBudget};
+use crate::delivery::{Delivery, MAX_OUTSTANDING};
 use crate::topics::Topics;
 
-use crate::delivery::Delivery;
 use publish::PendingAck;
 pub use publish::Publisher;
-use unacked::Taken;
-use unacked::Unacked;
+use unacked::{Taken, Unacked};
 
-/// A received publish. Its share of the inbound budget is held until [`Publisher::ack`] has
-/// handed its PUBACK on.
+/// A received publish. Its share of the inbound budget is held until its PUBACK is confirmed
+/// (see [`Publisher::ack`]).
 pub type Inbound = Publish;
 
 /// Largest packet rumqttc accepts or sends. Kept well above the message size limit so that an
@@ -50,8 +49,9 @@ pub type Inbound = Publish;
 const MAX_PACKET: usize = 256 * 1024 * 1024;
 /// Publishes queued for the sending connection before `Publisher::send` waits.
 const SEND_QUEUE: usize = 1024;
-/// Publishes the sending connection keeps unacknowledged at the broker.
-const SEND_INFLIGHT: u16 = 1024;
+/// rumqttc's in-flight window of the sending connection: twice what [`Delivery`] lets be
+/// outstanding, so that a resend fits and new packet ids never collide.
+const SEND_INFLIGHT: u16 = (2 * MAX_OUTSTANDING) as u16;
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(5);
 /// Backoff cap after the broker closed a connection soon after accepting it: most often
