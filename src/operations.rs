@@ -122,11 +122,15 @@ async fn change(
         match committed.await.unwrap_or(Err(StoreError::Closed)) {
             Ok(applied) => {
                 // An update that changes nothing is not news to the other side.
-                if applied.outcome != Outcome::Unchanged {
+                let passed_on = applied.outcome == Outcome::Unchanged || {
                     let coalesce = matches!(kind, WriteKind::PutIfChanged);
-                    forward(&node, sender.other(), &msg, &publish, applied, coalesce).await;
+                    forward(&node, sender.other(), &msg, &publish, applied, coalesce).await
+                };
+                if passed_on {
+                    send_reply(&node, sender, message::ack(&msg), Operation::Response).await;
+                } else {
+                    report_not_queued(&node, sender, &msg).await;
                 }
-                send_reply(&node, sender, message::ack(&msg), Operation::Response).await;
             }
             Err(e) => report_store_error(&node, sender, &msg, &e).await,
         }
@@ -154,6 +158,7 @@ fn queue_for_cloud(
 /// cut off between its commit and its forward, or its forward was handed on but not yet
 /// recorded before a restart: it is passed on again only while its change is still the
 /// stored state, so a late copy of an insert never brings back what a later delete removed.
+/// `false` when a message for the cloud could not be queued.
 async fn forward(
     node: &Node,
     to: Peer,
@@ -161,10 +166,10 @@ async fn forward(
     publish: &Publish,
     applied: Applied,
     coalesce: bool,
-) {
+) -> bool {
     let id = msg.msg_id();
     if applied.settled() {
-        return;
+        return true;
     }
     match applied.outcome {
         Outcome::Duplicate { current: false, .. } => {
@@ -175,7 +180,7 @@ async fn forward(
             );
             // Nothing to deliver: settled with the next commit.
             node.store.settle(id, 0);
-            return;
+            return true;
         }
         Outcome::Duplicate { .. } => tracing::info!(
             msg_id = id,
@@ -193,11 +198,12 @@ async fn forward(
             let m = outbox::cloud_message(msg.resource.key(), publish.payload.clone(), coalesce);
             if let Err(e) = outbox::send_to_cloud(node, m).await {
                 tracing::error!(msg_id = id, error = %e, "could not queue a message for the cloud");
-                return;
+                return false;
             }
         }
     }
     settle(node, id);
+    true
 }
 
 /// Marks `msg_id` settled once what was just handed to the MQTT client (its forward) is
@@ -398,7 +404,11 @@ async fn relay_from_edged(node: &Arc<Node>, publish: Publish, msg: Message) -> S
     let node = node.clone();
     Box::pin(async move {
         match committed.await.unwrap_or(Err(StoreError::Closed)) {
-            Ok(applied) => forward(&node, Peer::Edgehub, &msg, &publish, applied, false).await,
+            Ok(applied) => {
+                if !forward(&node, Peer::Edgehub, &msg, &publish, applied, false).await {
+                    report_not_queued(&node, Peer::Edged, &msg).await;
+                }
+            }
             Err(e) => report_store_error(&node, Peer::Edged, &msg, &e).await,
         }
         node.publisher.ack(&publish);
@@ -527,6 +537,19 @@ fn store_failed(
         report_store_error(&node, sender, &msg, &e).await;
         node.publisher.ack(&publish);
     })
+}
+
+/// The message for the cloud could not be queued (the cloud went away after the change was
+/// committed, and the outbox write failed). The sender's retry, with the same msg_id, passes it
+/// on: its id stays unsettled while its change is the stored state.
+async fn report_not_queued(node: &Node, sender: Peer, msg: &Message) {
+    let key = msg.resource.key();
+    let text = format!(
+        "{} of {key} could not be queued for the cloud; send it again",
+        msg.operation.as_str()
+    );
+    let reply = message::error(Some(msg.msg_id()), key, &text);
+    send_reply(node, sender, reply, Operation::Error).await;
 }
 
 async fn report_store_error(node: &Node, sender: Peer, msg: &Message, e: &StoreError) {

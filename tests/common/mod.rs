@@ -523,9 +523,16 @@ impl Peer {
         let (subscribed_tx, mut subscribed) = mpsc::unbounded_channel();
         let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let accepted_by_broker = accepted.clone();
+        let resubscribe = client.clone();
         tokio::spawn(async move {
             loop {
                 match eventloop.poll().await {
+                    // On every connection: rumqttc drops a queued subscription when a connection
+                    // attempt fails before the broker is ready.
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        let _ = resubscribe
+                            .try_subscribe(format!("edge/{NODE}/metamanager/#"), QoS::AtLeastOnce);
+                    }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         let value = serde_json::from_slice(&p.payload).unwrap_or_else(|_| {
                             Value::String(String::from_utf8_lossy(&p.payload).into())
@@ -552,10 +559,6 @@ impl Peer {
                 }
             }
         });
-        client
-            .subscribe(format!("edge/{NODE}/metamanager/#"), QoS::AtLeastOnce)
-            .await
-            .unwrap();
         tokio::time::timeout(WAIT, subscribed.recv())
             .await
             .expect("test client subscribed");
