@@ -1,5 +1,5 @@
-//! The sending half: MetaManager's second MQTT connection, which carries everything it
-//! publishes, and the record of which of those publishes the broker has acknowledged.
+//! The sending half: [`Publisher`] puts everything MetaManager publishes on its second MQTT
+//! connection, and takes the requests for inbound acks, which wait for those publishes.
 //!
 //! Replies and forwards leave here rather than on the receiving connection so that the receive
 //! loop can stop reading under load without stopping the replies that make room (see
