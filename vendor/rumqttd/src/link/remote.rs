@@ -52,6 +52,8 @@ pub enum Error {
 /// Packets read from the network and not yet taken by the router above which the link stops
 /// reading from the network (it reads at most `max_inflight_count` more in one go).
 const MAX_UNREAD_INCOMING: usize = MAX_CHANNEL_CAPACITY;
+/// The same in bytes of publish topics and payloads, so that large messages are bounded too.
+const MAX_UNREAD_INCOMING_BYTES: usize = 4 << 20;
 /// How often a paused link looks whether the router has taken its packets.
 const INCOMING_RECHECK: Duration = Duration::from_millis(5);
 
@@ -146,7 +148,7 @@ impl<P: Protocol> RemoteLink<P> {
             // publisher whose messages would overrun a lossless reader): the socket's receive
             // window then closes and the client is slowed instead of filling memory. Acks and
             // forwards are still written meanwhile.
-            let paused = self.link_tx.buffer().len() >= MAX_UNREAD_INCOMING;
+            let paused = unread_incoming_is_full(&self.link_tx.buffer());
             select! {
                 o = self.network.read(), if !paused => {
                     let packet = o?;
@@ -184,6 +186,21 @@ impl<P: Protocol> RemoteLink<P> {
             }
         }
     }
+}
+
+/// Whether the router has left so much of what was read unprocessed that the link should stop
+/// reading from the network.
+fn unread_incoming_is_full(unread: &VecDeque<Packet>) -> bool {
+    let bytes = || -> usize {
+        unread
+            .iter()
+            .map(|packet| match packet {
+                Packet::Publish(publish, _) => publish.topic.len() + publish.payload.len(),
+                _ => 0,
+            })
+            .sum()
+    };
+    unread.len() >= MAX_UNREAD_INCOMING || bytes() >= MAX_UNREAD_INCOMING_BYTES
 }
 
 /// Read MQTT connect packet from network and verify it.
@@ -353,6 +370,27 @@ mod tests {
             username: "u".to_owned(),
             password: "p".to_owned(),
         }
+    }
+
+    #[test]
+    fn reading_pauses_on_unread_packets_or_bytes() {
+        use super::{unread_incoming_is_full, MAX_UNREAD_INCOMING, MAX_UNREAD_INCOMING_BYTES};
+        use crate::protocol::{Packet, PingReq, Publish};
+        use std::collections::VecDeque;
+
+        let publish =
+            |size: usize| Packet::Publish(Publish::new(vec![b't'], vec![0u8; size], false), None);
+        let mut unread: VecDeque<Packet> = (0..MAX_UNREAD_INCOMING - 1)
+            .map(|_| Packet::PingReq(PingReq))
+            .collect();
+        assert!(!unread_incoming_is_full(&unread));
+        unread.push_back(Packet::PingReq(PingReq));
+        assert!(unread_incoming_is_full(&unread));
+
+        let mut unread = VecDeque::from([publish(MAX_UNREAD_INCOMING_BYTES / 2)]);
+        assert!(!unread_incoming_is_full(&unread));
+        unread.push_back(publish(MAX_UNREAD_INCOMING_BYTES / 2));
+        assert!(unread_incoming_is_full(&unread));
     }
 
     #[tokio::test]
