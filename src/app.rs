@@ -129,10 +129,6 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
             host: connect_host,
             port: settings.mqtt.port,
             offline_status: node::offline_status(&settings.node_id),
-            // Persistent on both brokers: an external one keeps the sessions across MetaManager's
-            // restarts; the embedded one (which dies with the process) keeps what was in flight
-            // across a reconnect, which a clean session would drop.
-            clean_session: false,
             publish_credentials,
             credentials,
             tls,

@@ -102,10 +102,6 @@ impl InboundBudget {
     pub fn messages(&self) -> usize {
         self.messages.load(Ordering::Acquire)
     }
-
-    pub fn limits(&self) -> Limits {
-        self.limits
-    }
 }
 
 impl Drop for Permit {

@@ -31,8 +31,6 @@ pub struct Delivery {
     state: Mutex<DeliveryState>,
     /// All publishes numbered up to this are acknowledged.
     confirmed: watch::Sender<u64>,
-    /// Inbound acks asked for and not yet handed to the receiving connection.
-    pub acks_waiting: AtomicU64,
     /// Publishes sent again because the broker lost the session that held them.
     pub resent: AtomicU64,
 }
@@ -44,7 +42,6 @@ impl Default for Delivery {
             slots: tokio::sync::Semaphore::new(MAX_OUTSTANDING),
             state: Default::default(),
             confirmed: Default::default(),
-            acks_waiting: Default::default(),
             resent: Default::default(),
         }
     }

@@ -392,7 +392,6 @@ mod tests {
                 host: "127.0.0.1".into(),
                 port: 1,
                 offline_status: Vec::new(),
-                clean_session: true,
                 credentials: None,
                 publish_credentials: None,
                 tls: None,

@@ -403,6 +403,17 @@ struct InsertRun {
     query: Percentiles,
 }
 
+/// Plays edged: subscribes to the forwards and reads them all, as a real node's edged does.
+async fn drain_as_edged(port: u16, node: &str, prefix: &str) -> tokio::task::JoinHandle<()> {
+    let mut edged = Client::connect(
+        port,
+        &format!("{node}-edged"),
+        &[&format!("{prefix}/metamanager/to/edged")],
+    )
+    .await;
+    tokio::spawn(async move { while edged.received.recv().await.is_some() {} })
+}
+
 async fn metamanager_inserts(
     port: u16,
     dir: &Path,
@@ -422,13 +433,7 @@ async fn metamanager_inserts(
     )
     .await;
     // edged is there, as on a real node, and takes every forward.
-    let mut edged = Client::connect(
-        port,
-        &format!("{node}-edged"),
-        &[&format!("{prefix}/metamanager/to/edged")],
-    )
-    .await;
-    let draining = tokio::spawn(async move { while edged.received.recv().await.is_some() {} });
+    let draining = drain_as_edged(port, &node, &prefix).await;
     let db = dir.join(format!("{node}.db"));
     let mm = MetaManager::spawn(port, &node, &db, synchronous, dir);
     assert!(
@@ -751,13 +756,7 @@ async fn burst(broker: Broker, dir: &Path, content: &str, sizes: &Sizes) -> Burs
         }
     };
     let mut cloud = Client::connect(port, &format!("{node}-cloud"), &[&acks, &status]).await;
-    let mut edged = Client::connect(
-        port,
-        &format!("{node}-edged"),
-        &[&format!("{prefix}/metamanager/to/edged")],
-    )
-    .await;
-    let draining = tokio::spawn(async move { while edged.received.recv().await.is_some() {} });
+    let draining = drain_as_edged(port, &node, &prefix).await;
     // The status is retained: it is there whether MetaManager came online before or after.
     assert!(
         cloud

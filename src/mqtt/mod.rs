@@ -70,9 +70,6 @@ pub struct LinkOptions {
     pub port: u16,
     /// Payload of the retained last will on the status topic.
     pub offline_status: Vec<u8>,
-    /// `false` keeps the sessions at the broker while MetaManager is away, so the broker
-    /// queues and redelivers what MetaManager has not acknowledged.
-    pub clean_session: bool,
     /// Credentials of the receiving connection.
     pub credentials: Option<(String, String)>,
     /// Credentials of the sending connection (the same account unless configured apart).
@@ -90,8 +87,16 @@ pub struct Link {
     pub connected: watch::Receiver<bool>,
     receiver: AsyncClient,
     sender: AsyncClient,
-    deliveries: Arc<Delivery>,
-    tasks: Vec<JoinHandle<()>>,
+    unacked: Arc<Unacked>,
+    tasks: Tasks,
+}
+
+/// The link's tasks: a loop for each connection and the two stages of inbound acks.
+struct Tasks {
+    receive: JoinHandle<()>,
+    send: JoinHandle<()>,
+    confirm: JoinHandle<()>,
+    hand: JoinHandle<()>,
 }
 
 /// Both connections' states, folded into the one flag the rest of MetaManager watches.
@@ -118,28 +123,21 @@ impl Link {
         let out_id = format!("{}-out", options.client_id);
 
         let mut receive = mqtt_options(&options, options.client_id.clone());
-        receive
-            .set_manual_acks(true)
-            // Acks wait here only while the receive loop is not polling; each has already
-            // released its budget share, so the loop is never kept waiting by a full queue.
-            .set_request_channel_capacity(options.inflight.messages + 16)
-            .set_last_will(LastWill::new(
-                &topics.status,
-                options.offline_status.clone(),
-                QoS::AtLeastOnce,
-                true,
-            ));
+        receive.set_manual_acks(true).set_last_will(LastWill::new(
+            &topics.status,
+            options.offline_status.clone(),
+            QoS::AtLeastOnce,
+            true,
+        ));
         if let Some((user, password)) = options.credentials.clone() {
             receive.set_credentials(user, password);
         }
+        // Acks wait in this queue only while the receive loop is not polling; each has already
+        // released its budget share, so the loop is never kept waiting by a full queue.
         let (receiver, receive_loop) = AsyncClient::new(receive, options.inflight.messages + 16);
 
         let mut send = mqtt_options(&options, out_id.clone());
-        // The sending connection keeps its session too: rumqttc drops what was unacknowledged
-        // when the broker answers a reconnect with a new session.
-        send.set_clean_session(options.clean_session)
-            .set_inflight(SEND_INFLIGHT)
-            .set_request_channel_capacity(SEND_QUEUE);
+        send.set_inflight(SEND_INFLIGHT);
         if let Some((user, password)) = options.publish_credentials.clone() {
             send.set_credentials(user, password);
         }
@@ -162,8 +160,8 @@ impl Link {
         let (inbound_tx, inbound) = mpsc::unbounded_channel();
         let budget = InboundBudget::new(options.inflight);
 
-        let tasks = vec![
-            tokio::spawn(receive_loop_task(
+        let tasks = Tasks {
+            receive: tokio::spawn(receive_loop_task(
                 nodelay(receive_loop),
                 receiver.clone(),
                 topics.clone(),
@@ -173,26 +171,21 @@ impl Link {
                 state.clone(),
                 options.client_id.clone(),
             )),
-            tokio::spawn(send_loop_task(
+            send: tokio::spawn(send_loop_task(
                 nodelay(send_loop),
                 deliveries.clone(),
                 state,
                 out_id,
             )),
-            tokio::spawn(confirm_in_order(acks_rx, deliveries.clone(), confirmed_tx)),
-            tokio::spawn(hand_acks(
-                confirmed_rx,
-                receiver.clone(),
-                deliveries.clone(),
-                unacked.clone(),
-            )),
-        ];
+            confirm: tokio::spawn(confirm_in_order(acks_rx, deliveries.clone(), confirmed_tx)),
+            hand: tokio::spawn(hand_acks(confirmed_rx, receiver.clone(), unacked.clone())),
+        };
         let link = Self {
-            publisher: Publisher::new(sender.clone(), topics, deliveries.clone(), unacked, acks_tx),
+            publisher: Publisher::new(sender.clone(), topics, deliveries, unacked.clone(), acks_tx),
             connected,
             receiver,
             sender,
-            deliveries,
+            unacked,
             tasks,
         };
         (link, inbound)
@@ -204,9 +197,7 @@ impl Link {
         let up = *self.connected.borrow();
         if up {
             let deadline = Instant::now() + Duration::from_secs(3);
-            while self.deliveries.acks_waiting.load(Ordering::Acquire) > 0
-                && Instant::now() < deadline
-            {
+            while self.unacked.waiting.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             // Bounded: a connection that went down after the check above has nobody to tell.
@@ -214,15 +205,14 @@ impl Link {
             let _ = tokio::time::timeout(bye, self.receiver.disconnect()).await;
             let _ = tokio::time::timeout(bye, self.sender.disconnect()).await;
         }
-        let [receive, send, confirmer, acker]: [JoinHandle<()>; 4] = match self.tasks.try_into() {
-            Ok(tasks) => tasks,
-            Err(tasks) => {
-                tasks.iter().for_each(JoinHandle::abort);
-                return;
-            }
-        };
-        confirmer.abort();
-        acker.abort();
+        let Tasks {
+            receive,
+            send,
+            confirm,
+            hand,
+        } = self.tasks;
+        confirm.abort();
+        hand.abort();
         for mut task in [receive, send] {
             // Nothing to say goodbye to when down: do not wait out a reconnect attempt.
             if !up
@@ -238,9 +228,13 @@ impl Link {
 
 fn mqtt_options(options: &LinkOptions, client_id: String) -> MqttOptions {
     let mut mqtt = MqttOptions::new(client_id, options.host.clone(), options.port);
+    // Persistent sessions on both connections and both brokers: the broker keeps what
+    // MetaManager has not acknowledged across its restarts (external) and reconnects, and
+    // rumqttc keeps what the broker has not acknowledged, unless the broker starts a new
+    // session (see `resend`).
     mqtt.set_keep_alive(Duration::from_secs(30))
         .set_max_packet_size(MAX_PACKET, MAX_PACKET)
-        .set_clean_session(options.clean_session);
+        .set_clean_session(false);
     if let Some(tls) = options.tls.clone() {
         mqtt.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
     }
@@ -430,12 +424,11 @@ async fn confirm_in_order(
 async fn hand_acks(
     mut confirmed_acks: mpsc::UnboundedReceiver<(Publish, u64)>,
     receiver: AsyncClient,
-    delivery: Arc<Delivery>,
     unacked: Arc<Unacked>,
 ) {
     while let Some((ack, connection)) = confirmed_acks.recv().await {
         let sent = connection != unacked.connection() || receiver.ack(&ack).await.is_ok();
-        delivery.acks_waiting.fetch_sub(1, Ordering::AcqRel);
+        unacked.waiting.fetch_sub(1, Ordering::AcqRel);
         if !sent {
             return;
         }

@@ -113,9 +113,9 @@ impl Publisher {
         let mut ack = Publish::new("", publish.qos, Vec::new());
         ack.pkid = publish.pkid;
         let after = self.delivery.mark();
-        self.delivery.acks_waiting.fetch_add(1, Ordering::AcqRel);
+        self.unacked.waiting.fetch_add(1, Ordering::AcqRel);
         if self.acks.send(PendingAck { ack, after, taken }).is_err() {
-            self.delivery.acks_waiting.fetch_sub(1, Ordering::AcqRel);
+            self.unacked.waiting.fetch_sub(1, Ordering::AcqRel);
             tracing::debug!("ack dropped: MQTT link is shut down");
         }
     }

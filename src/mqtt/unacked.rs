@@ -9,6 +9,7 @@
 //! it is acknowledged then.
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
 
 use rumqttc::Publish;
@@ -18,6 +19,8 @@ use crate::budget::Permit;
 #[derive(Default)]
 pub(crate) struct Unacked {
     state: Mutex<State>,
+    /// Acks asked for and not yet handed to the receiving connection, which shutdown waits for.
+    pub waiting: AtomicU64,
 }
 
 #[derive(Default)]

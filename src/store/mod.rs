@@ -182,7 +182,7 @@ impl Applied {
     /// Whether nothing is left to pass on for the message: it changed nothing, its message for
     /// the cloud is in the outbox, or it is a redelivery of a settled message. The writer
     /// records a new message's id with this flag; the others are settled by their caller with
-    /// [`Store::settle`] once their forward is handed on.
+    /// [`Store::settle`] once the broker has acknowledged their forward.
     pub fn settled(&self) -> bool {
         self.queued
             || matches!(
@@ -365,7 +365,8 @@ impl Store {
             .settle
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        // Full only while commits fail; a mark left out is the safe direction.
+        // Full only while commits fail or the broker acknowledges nothing; a mark left out is
+        // the safe direction.
         if pending.len() < MAX_PENDING_SETTLES {
             pending.push((mark, msg_id.to_owned()));
         }
