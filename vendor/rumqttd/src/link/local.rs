@@ -177,7 +177,8 @@ impl LinkTx {
         Ok(len)
     }
 
-    /// Send raw device data
+    /// Send raw device data. Waits, without blocking the executor, while the router's channel
+    /// is full.
     pub async fn send(&mut self, data: Packet) -> Result<usize, LinkError> {
         let len = {
             let mut buffer = self.recv_buffer.lock();
@@ -186,7 +187,8 @@ impl LinkTx {
         };
 
         self.router_tx
-            .send((self.connection_id, Event::DeviceData))?;
+            .send_async((self.connection_id, Event::DeviceData))
+            .await?;
 
         Ok(len)
     }
@@ -422,6 +424,36 @@ mod test {
     use flume::bounded;
     use parking_lot::Mutex;
     use std::{collections::VecDeque, sync::Arc, thread};
+
+    #[test]
+    fn send_waits_for_a_full_router_channel_without_blocking_the_executor() {
+        use crate::protocol::{Packet, PingReq};
+        use crate::router::Event;
+        use std::time::{Duration, Instant};
+
+        let (router_tx, router_rx) = bounded(1);
+        router_tx.send((0, Event::Ready)).unwrap();
+        let mut link_tx = LinkTx::new(0, router_tx, Arc::new(Mutex::new(VecDeque::new())));
+        // One executor thread: a blocking send would keep the drainer from ever running.
+        let done = thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let drain = tokio::spawn(async move {
+                    router_rx.recv_async().await.unwrap();
+                    router_rx.recv_async().await.unwrap();
+                });
+                link_tx.send(Packet::PingReq(PingReq)).await.unwrap();
+                drain.await.unwrap();
+            });
+        });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !done.is_finished() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
+        assert!(done.is_finished(), "send blocked the only executor thread");
+    }
 
     #[test]
     fn push_sends_all_data_and_notifications_to_router() {

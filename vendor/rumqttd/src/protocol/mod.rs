@@ -191,6 +191,28 @@ impl Publish {
         }
     }
 
+    /// A QoS 1 publish with its packet id, for an in-process link that, like a network client,
+    /// wants the router's PUBACK.
+    pub fn at_least_once(topic: Bytes, payload: Bytes, retain: bool, pkid: u16) -> Publish {
+        Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            pkid,
+            retain,
+            topic,
+            payload,
+        }
+    }
+
+    pub fn qos(&self) -> QoS {
+        self.qos
+    }
+
+    /// The packet id to acknowledge a QoS 1 or 2 delivery with.
+    pub fn pkid(&self) -> u16 {
+        self.pkid
+    }
+
     pub fn is_empty(&self) -> bool {
         false
     }

@@ -147,6 +147,12 @@ impl Broker {
         Ok(link)
     }
 
+    /// A builder for an in-process link with this broker's router, for options `link` does not
+    /// take (persistent session, last will, dynamic filters).
+    pub fn link_builder<'a>(&self, client_id: &'a str) -> LinkBuilder<'a> {
+        LinkBuilder::new(client_id, self.router_tx.clone())
+    }
+
     pub fn link(&self, client_id: &str) -> Result<(LinkTx, LinkRx), local::LinkError> {
         // Register this connection with the router. Router replies with ack which if ok will
         // start the link. Router can sometimes reject the connection (ex. max connection limit).
