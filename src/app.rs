@@ -79,63 +79,67 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     tracing::info!(path = %store.path().display(), "store open");
 
     let client_id = format!("metamanager-{}", settings.node_id);
-    let mut connect_host = settings.mqtt.host.clone();
-    let mut credentials = credentials;
-    let mut embedded_addr = None;
-    if settings.mqtt.mode == BrokerMode::Embedded {
-        // Fresh for every start: only this process can use its client id on its own broker.
-        let own_credentials = ("metamanager".to_string(), uuid::Uuid::new_v4().to_string());
-        let options = BrokerOptions {
-            host: settings.mqtt.host.clone(),
-            port: settings.mqtt.port,
-            // The broker relays up to twice MetaManager's limit, so an oversized message still
-            // reaches MetaManager and its sender gets an error reply instead of a disconnect.
-            max_payload: settings.mqtt.max_payload_bytes * 2,
-            auth: credentials.clone(),
-            max_connections: DEFAULT_MAX_CONNECTIONS,
-            own_client_ids: vec![client_id.clone(), format!("{client_id}-out")],
-            own_credentials: own_credentials.clone(),
-        };
-        let broker = tokio::task::spawn_blocking(move || EmbeddedBroker::start(options))
-            .await
-            .map_err(|e| StoreError::Commit(format!("broker start-up task failed: {e}")))??;
-        if broker.addr.ip().is_unspecified() {
-            connect_host = "127.0.0.1".into();
-        }
-        embedded_addr = Some(std::net::SocketAddr::new(
-            connect_host.parse().unwrap_or(broker.addr.ip()),
-            broker.addr.port(),
-        ));
-        // MetaManager's own connections, and its watchdog's probes, use the reserved account.
-        credentials = Some(own_credentials);
-    }
-
     let topics = Topics::new(&settings.mqtt.topic_prefix, &settings.node_id);
-
-    let watchdog_credentials = credentials.clone();
-    // External brokers may give the sending connection an account of its own.
-    let publish_credentials = match settings.mqtt.mode {
-        BrokerMode::Embedded => credentials.clone(),
-        BrokerMode::External => credentials.clone().map(|(user, password)| {
-            (
-                settings.mqtt.publish_username.clone().unwrap_or(user),
-                password,
+    // The embedded broker's address and the account its watchdog probes it with.
+    let mut embedded = None;
+    let (link, inbound) = match settings.mqtt.mode {
+        BrokerMode::Embedded => {
+            // Fresh for every start: only this process can use its client ids on its own
+            // broker, and its watchdog probes with them.
+            let own_credentials = ("metamanager".to_string(), uuid::Uuid::new_v4().to_string());
+            let options = BrokerOptions {
+                host: settings.mqtt.host.clone(),
+                port: settings.mqtt.port,
+                // The broker relays up to twice MetaManager's limit, so an oversized message
+                // still reaches MetaManager and its sender gets an error reply instead of a
+                // disconnect.
+                max_payload: settings.mqtt.max_payload_bytes * 2,
+                auth: credentials,
+                max_connections: DEFAULT_MAX_CONNECTIONS,
+                own_client_id: Some(client_id.clone()),
+                own_credentials: own_credentials.clone(),
+            };
+            let broker = tokio::task::spawn_blocking(move || EmbeddedBroker::start(options))
+                .await
+                .map_err(|e| BrokerError::Task(e.to_string()))??;
+            let host = if broker.addr.ip().is_unspecified() {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            } else {
+                broker.addr.ip()
+            };
+            embedded = Some((
+                std::net::SocketAddr::new(host, broker.addr.port()),
+                own_credentials,
+            ));
+            let links = broker.own_links.ok_or(BrokerError::Link {
+                client_id: client_id.clone(),
+                reason: "not registered".into(),
+            })?;
+            Link::start_in_process(links, topics.clone(), settings.mqtt.inflight())
+        }
+        BrokerMode::External => {
+            // The sending connection may have an account of its own.
+            let publish_credentials = credentials.clone().map(|(user, password)| {
+                (
+                    settings.mqtt.publish_username.clone().unwrap_or(user),
+                    password,
+                )
+            });
+            Link::start(
+                LinkOptions {
+                    client_id,
+                    host: settings.mqtt.host.clone(),
+                    port: settings.mqtt.port,
+                    offline_status: node::offline_status(&settings.node_id),
+                    publish_credentials,
+                    credentials,
+                    tls,
+                    inflight: settings.mqtt.inflight(),
+                },
+                topics.clone(),
             )
-        }),
+        }
     };
-    let (link, inbound) = Link::start(
-        LinkOptions {
-            client_id,
-            host: connect_host,
-            port: settings.mqtt.port,
-            offline_status: node::offline_status(&settings.node_id),
-            publish_credentials,
-            credentials,
-            tls,
-            inflight: settings.mqtt.inflight(),
-        },
-        topics.clone(),
-    );
     let node = Arc::new(Node::new(
         &settings,
         Arc::new(topics),
@@ -178,10 +182,11 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
 
     let http = http_listener.map(|l| tokio::spawn(l.serve(node.clone(), stop.clone())));
 
-    let mut watchdog = embedded_addr.map(|addr| {
+    let embedded_addr = embedded.as_ref().map(|(addr, _)| *addr);
+    let mut watchdog = embedded.map(|(addr, credentials)| {
         let check = Watchdog {
             addr,
-            credentials: watchdog_credentials.clone(),
+            credentials: Some(credentials),
             interval: settings.mqtt.watchdog_interval,
             timeout: settings.mqtt.watchdog_timeout,
         };

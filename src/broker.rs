@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
+use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::{Config, ConnectionSettings, ReservedCredentials, RouterConfig, ServerSettings};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -33,6 +34,10 @@ pub enum BrokerError {
     NotReady { addr: SocketAddr },
     #[error("cannot start embedded broker thread: {0}")]
     Thread(std::io::Error),
+    #[error("embedded broker start-up task failed: {0}")]
+    Task(String),
+    #[error("embedded broker refused MetaManager's in-process link {client_id}: {reason}")]
+    Link { client_id: String, reason: String },
 }
 
 /// How the embedded broker is set up.
@@ -46,15 +51,16 @@ pub struct BrokerOptions {
     pub auth: Option<(String, String)>,
     /// most client connections at once (default 1024)
     pub max_connections: usize,
-    /// MetaManager's own client ids: only a client with `own_credentials` may use them,
-    /// and the router never lets its commit log overrun their reading.
-    pub own_client_ids: Vec<String>,
+    /// MetaManager's own client id. The broker gives MetaManager in-process links under it and
+    /// under `{id}-out` ([`OwnLinks`]). Only a client with `own_credentials` may use these ids
+    /// over the network, and the router never lets its commit log overrun their reading.
+    pub own_client_id: Option<String>,
     pub own_credentials: (String, String),
 }
 
 impl BrokerOptions {
     /// Defaults for everything but the address: 1 MiB payloads, no auth, 1024 connections,
-    /// no own client ids and empty own credentials.
+    /// no own client id and empty own credentials.
     pub fn new(host: impl Into<String>, port: u16) -> Self {
         Self {
             host: host.into(),
@@ -62,7 +68,7 @@ impl BrokerOptions {
             max_payload: 1 << 20,
             auth: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
-            own_client_ids: Vec::new(),
+            own_client_id: None,
             own_credentials: (String::new(), String::new()),
         }
     }
@@ -73,9 +79,49 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
 /// A running embedded broker. It lives as long as the process: rumqttd has no shutdown, and
 /// MetaManager's clean exit publishes its offline status before the process ends.
-#[derive(Debug)]
 pub struct EmbeddedBroker {
     pub addr: SocketAddr,
+    /// MetaManager's links with the router, when [`BrokerOptions::own_client_id`] is set.
+    pub own_links: Option<OwnLinks>,
+}
+
+/// MetaManager's two in-process links with the embedded broker's router (see
+/// [`crate::mqtt`]): each is the pair rumqttd gives, one half to send into the router and
+/// one to receive from it.
+pub struct OwnLinks {
+    /// `metamanager-{node_id}`: subscribes, receives, acknowledges.
+    pub receive: (LinkTx, LinkRx),
+    /// `metamanager-{node_id}-out`: publishes and receives the router's acks.
+    pub send: (LinkTx, LinkRx),
+}
+
+/// MetaManager's ids: the receiving one, and the sending one after it.
+fn own_ids(options: &BrokerOptions) -> Vec<String> {
+    options
+        .own_client_id
+        .iter()
+        .flat_map(|id| [id.clone(), format!("{id}-out")])
+        .collect()
+}
+
+/// Registers MetaManager's links with the router. Both may publish to topics nobody has
+/// subscribed to yet, as every network client of this broker may.
+fn own_links(broker: &rumqttd::Broker, client_id: &str) -> Result<OwnLinks, BrokerError> {
+    let link = |id: &str| {
+        broker
+            .link_builder(id)
+            .dynamic_filters(true)
+            .build()
+            .map(|(tx, rx, _connack)| (tx, rx))
+            .map_err(|e| BrokerError::Link {
+                client_id: id.to_owned(),
+                reason: e.to_string(),
+            })
+    };
+    Ok(OwnLinks {
+        receive: link(client_id)?,
+        send: link(&format!("{client_id}-out"))?,
+    })
 }
 
 impl EmbeddedBroker {
@@ -84,7 +130,7 @@ impl EmbeddedBroker {
     /// so that an oversized message reaches MetaManager and gets an error reply.
     /// With `auth`, clients must present that username and password; `own_credentials` are
     /// accepted too, for any client id (so [`probe`] can use them), and are the only ones
-    /// accepted for `own_client_ids`.
+    /// accepted for the own client ids.
     pub fn start(options: BrokerOptions) -> Result<Self, BrokerError> {
         let (host, port) = (options.host.as_str(), options.port);
         let addr = (host, port)
@@ -105,15 +151,26 @@ impl EmbeddedBroker {
         drop(TcpListener::bind(addr).map_err(|source| BrokerError::Bind { addr, source })?);
 
         let config = config(addr, &options);
+        let own_id = options.own_client_id.clone();
+        let (links_tx, links_rx) = std::sync::mpsc::channel();
         let handle = std::thread::Builder::new()
             .name("embedded-broker".into())
             .spawn(move || {
                 let mut broker = rumqttd::Broker::new(config);
+                // Registered before the listener opens, so no client can take their ids first.
+                let links = own_id.map(|id| own_links(&broker, &id)).transpose();
+                let linked = links.is_ok();
+                if links_tx.send(links).is_err() || !linked {
+                    return;
+                }
                 if let Err(e) = broker.start() {
                     tracing::error!(error = %e, "embedded broker stopped");
                 }
             })
             .map_err(BrokerError::Thread)?;
+        let own_links = links_rx
+            .recv()
+            .map_err(|_| BrokerError::Stopped { addr })??;
 
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
@@ -128,7 +185,7 @@ impl EmbeddedBroker {
                     return Err(BrokerError::Stopped { addr });
                 }
                 tracing::info!(%addr, "embedded broker listening");
-                return Ok(Self { addr });
+                return Ok(Self { addr, own_links });
             }
             if Instant::now() > deadline {
                 return Err(BrokerError::NotReady { addr });
@@ -163,19 +220,18 @@ fn config(addr: SocketAddr, options: &BrokerOptions) -> Config {
         // MetaManager commits to SQLite before it acks, so under a burst it reads slower than a
         // publisher writes: rather than dropping a segment it has not read, the router holds
         // the publisher back (which stops reading its socket, so TCP slows it down).
-        lossless_clients: options.own_client_ids.clone(),
+        lossless_clients: own_ids(options),
         ..RouterConfig::default()
     };
     let (user, password) = options.own_credentials.clone();
-    let reserved = options
-        .own_client_ids
-        .iter()
+    let reserved = own_ids(options)
+        .into_iter()
         .map(|id| {
             let credentials = ReservedCredentials {
                 username: user.clone(),
                 password: password.clone(),
             };
-            (id.clone(), credentials)
+            (id, credentials)
         })
         .collect::<HashMap<_, _>>();
     let connections = ConnectionSettings {
@@ -372,7 +428,7 @@ mod tests {
         let own = ("metamanager".to_string(), uuid::Uuid::new_v4().to_string());
         let options = BrokerOptions {
             auth: Some(auth.clone()),
-            own_client_ids: vec!["metamanager-n1".into()],
+            own_client_id: Some("metamanager-n1".into()),
             own_credentials: own.clone(),
             ..BrokerOptions::new("127.0.0.1", port)
         };

@@ -503,11 +503,7 @@ mod tests {
         let node = Arc::new(node(dir.path()));
         let [from_edgehub, from_edged] = node.topics.inbound().map(str::to_owned);
         let publish = |topic: &str, payload: &str| {
-            rumqttc::Publish::new(
-                topic,
-                rumqttc::QoS::AtLeastOnce,
-                payload.as_bytes().to_vec(),
-            )
+            crate::mqtt::Inbound::detached(topic, payload.as_bytes().to_vec())
         };
         let insert = r#"{"header":{"msg_id":"m1"},"route":{"source":"edgecontroller","group":"resource","operation":"insert","resource":"default/pod/a"},"content":{"metadata":{"name":"a"}}}"#;
         let query = r#"{"header":{"msg_id":"m2"},"route":{"source":"edged","group":"meta","operation":"query","resource":"default/pod/a"}}"#;

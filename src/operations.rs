@@ -12,7 +12,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
-use rumqttc::Publish;
+use crate::mqtt::Inbound;
 use serde_json::Value;
 
 use crate::message::{self, Message, Operation};
@@ -27,7 +27,7 @@ use crate::topics::Peer;
 pub type Step = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Validates `publish`, queues its write if it has one, and returns the step that finishes it.
-pub async fn dispatch(node: &Arc<Node>, publish: Publish) -> Step {
+pub async fn dispatch(node: &Arc<Node>, publish: Inbound) -> Step {
     let Some(sender) = node.topics.sender(&publish.topic) else {
         tracing::warn!(topic = %publish.topic, "message on a topic MetaManager does not serve; ignored");
         return finish(node, publish);
@@ -76,7 +76,7 @@ enum WriteKind {
 async fn change(
     node: &Arc<Node>,
     sender: Peer,
-    publish: Publish,
+    publish: Inbound,
     msg: Message,
     kind: WriteKind,
 ) -> Step {
@@ -143,7 +143,7 @@ fn queue_for_cloud(
     node: &Node,
     to: Peer,
     msg: &Message,
-    publish: &Publish,
+    publish: &Inbound,
     kind: WriteKind,
 ) -> Option<store::CloudMessage> {
     (to == Peer::Edgehub && outbox::must_queue(node)).then(|| {
@@ -163,7 +163,7 @@ async fn forward(
     node: &Node,
     to: Peer,
     msg: &Message,
-    publish: &Publish,
+    publish: &Inbound,
     applied: Applied,
     coalesce: bool,
 ) -> bool {
@@ -215,7 +215,7 @@ fn settle(node: &Node, msg_id: &str) {
 }
 
 /// query: answer from the store; fetch from the cloud what edged may not have locally.
-fn query(node: &Arc<Node>, sender: Peer, publish: Publish, msg: Message) -> Step {
+fn query(node: &Arc<Node>, sender: Peer, publish: Inbound, msg: Message) -> Step {
     let node = node.clone();
     Box::pin(async move {
         let r = &msg.resource;
@@ -382,7 +382,7 @@ async fn fill_from_cloud(node: &Node, query: &Message, answer: Message) {
 }
 
 /// edged's response or error: stored when it carries an object, relayed to the cloud unchanged.
-async fn relay_from_edged(node: &Arc<Node>, publish: Publish, msg: Message) -> Step {
+async fn relay_from_edged(node: &Arc<Node>, publish: Inbound, msg: Message) -> Step {
     let stores = msg.operation == Operation::Response
         && msg.resource.name().is_some()
         && msg.content_json().starts_with('{');
@@ -416,7 +416,7 @@ async fn relay_from_edged(node: &Arc<Node>, publish: Publish, msg: Message) -> S
 }
 
 /// The cloud's response or error: completes the remote query it answers, else goes to edged.
-async fn answer_from_cloud(node: &Arc<Node>, publish: Publish, message: Message) -> Step {
+async fn answer_from_cloud(node: &Arc<Node>, publish: Inbound, message: Message) -> Step {
     let change = Change {
         msg_id: Some(message.msg_id().to_owned()),
         ..Change::default()
@@ -448,7 +448,7 @@ async fn answer_from_cloud(node: &Arc<Node>, publish: Publish, message: Message)
 }
 
 /// connect: edgehub reports whether the cloud is reachable. No reply.
-fn connect(node: &Arc<Node>, sender: Peer, publish: Publish, msg: Message) -> Step {
+fn connect(node: &Arc<Node>, sender: Peer, publish: Inbound, msg: Message) -> Step {
     if sender != Peer::Edgehub {
         let text = "connect is accepted only from edgehub".to_owned();
         return refuse_message(node, sender, publish, &msg, text);
@@ -471,7 +471,7 @@ fn connect(node: &Arc<Node>, sender: Peer, publish: Publish, msg: Message) -> St
 }
 
 /// meta-internal-sync: run MetaSync now, then ack.
-fn sync_now(node: &Arc<Node>, sender: Peer, publish: Publish, msg: Message) -> Step {
+fn sync_now(node: &Arc<Node>, sender: Peer, publish: Inbound, msg: Message) -> Step {
     let node = node.clone();
     Box::pin(async move {
         match node.metasync.run(&node).await {
@@ -486,7 +486,7 @@ fn sync_now(node: &Arc<Node>, sender: Peer, publish: Publish, msg: Message) -> S
 }
 
 /// Only the broker ack is left to do.
-fn finish(node: &Arc<Node>, publish: Publish) -> Step {
+fn finish(node: &Arc<Node>, publish: Inbound) -> Step {
     let node = node.clone();
     Box::pin(async move { node.publisher.ack(&publish) })
 }
@@ -495,7 +495,7 @@ fn finish(node: &Arc<Node>, publish: Publish) -> Step {
 fn refuse(
     node: &Arc<Node>,
     sender: Peer,
-    publish: Publish,
+    publish: Inbound,
     parent: Option<String>,
     resource: &str,
     text: String,
@@ -516,7 +516,7 @@ fn refuse(
 fn refuse_message(
     node: &Arc<Node>,
     sender: Peer,
-    publish: Publish,
+    publish: Inbound,
     msg: &Message,
     text: String,
 ) -> Step {
@@ -528,7 +528,7 @@ fn refuse_message(
 fn store_failed(
     node: &Arc<Node>,
     sender: Peer,
-    publish: Publish,
+    publish: Inbound,
     msg: Message,
     e: StoreError,
 ) -> Step {

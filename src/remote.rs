@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use rumqttc::Publish;
+use crate::mqtt::Inbound;
 use tokio::sync::oneshot;
 
 use crate::message::Message;
@@ -19,7 +19,7 @@ pub const MAX_PENDING: usize = 1024;
 /// The cloud's answer, with the inbound publish to acknowledge once it has been handled.
 pub struct Answer {
     pub message: Message,
-    pub publish: Publish,
+    pub publish: Inbound,
 }
 
 pub struct RemoteQueries {

@@ -1,97 +1,90 @@
-//! MetaManager's link to the broker: two MQTT connections, one that receives and one that sends.
+//! MetaManager's link to the broker: one side that receives and one that sends.
 //!
-//! rumqttc's event loop must be polled for anything to move, in either direction. With one
-//! connection, a receive loop that stopped reading to slow the broker down would also stop the
-//! replies whose sending frees the room it waits for. So the link has two:
-//! - the receiving connection (`metamanager-{node_id}`, the session the broker queues for, with
-//!   the last will) reads only as fast as the inbound budget allows ([`crate::budget`]), and
-//!   sends nothing but subscriptions and the broker acks of what it received;
-//! - the sending connection (`metamanager-{node_id}-out`) carries every publish
-//!   ([`Publisher`]), and tracks which the broker has acknowledged.
+//! Two backends give the rest of MetaManager the same [`Inbound`] messages and the same
+//! [`Publisher`]:
+//! - [`client`]: two MQTT connections through rumqttc, for an external broker;
+//! - [`in_process`]: two in-process links with the embedded broker's router, so MetaManager's
+//!   own traffic crosses neither TCP nor MQTT encoding.
+//!
+//! Either way there are two ways in, not one. A receive side that stopped reading to slow the
+//! broker down would also stop the acks of MetaManager's publishes, whose arrival frees the room
+//! it waits for. So:
+//! - the receiving side (`metamanager-{node_id}`, the session the broker queues for) reads only
+//!   as fast as the inbound budget allows ([`crate::budget`]), and sends nothing but
+//!   subscriptions and the broker acks of what it received;
+//! - the sending side (`metamanager-{node_id}-out`) carries every publish ([`Publisher`]), and
+//!   tracks which the broker has acknowledged ([`Delivery`]).
 //!
 //! An inbound message is acknowledged to the broker only after every publish queued before the
 //! ack was asked for has been acknowledged by the broker, so no forward or reply can be lost
-//! behind an ack that was already given. Each connection reconnects on its own with backoff,
-//! and a connection that the broker closes soon after it was accepted is reported as a likely
-//! session takeover (another client with the same client id) and backed off longer, instead of
-//! fighting the other client in a loop.
+//! behind an ack that was already given.
 
+mod client;
+mod in_process;
 mod publish;
 mod unacked;
 
-use std::collections::VecDeque;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet,
-    Publish, QoS, Request, StateError, TlsConfiguration, Transport,
-};
+use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::budget::{self, InboundBudget};
-use crate::delivery::{Delivery, MAX_OUTSTANDING};
-use crate::topics::Topics;
+use crate::delivery::Delivery;
 
+pub use client::LinkOptions;
 use publish::PendingAck;
 pub use publish::Publisher;
 use unacked::{Taken, Unacked};
 
-/// A received publish. Its share of the inbound budget is held until its PUBACK is confirmed
-/// (see [`Publisher::ack`]).
-pub type Inbound = Publish;
+/// How long shutdown waits for acks and publishes still on their way.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Largest packet rumqttc accepts or sends. Kept well above the message size limit so that an
-/// oversized message is received and answered with an error, rather than dropping the
-/// connection and being redelivered on every reconnect.
-const MAX_PACKET: usize = 256 * 1024 * 1024;
-/// Publishes queued for the sending connection before `Publisher::send` waits.
-const SEND_QUEUE: usize = 1024;
-/// rumqttc's in-flight window of the sending connection: twice what [`Delivery`] lets be
-/// outstanding, so that a resend fits and new packet ids never collide.
-const SEND_INFLIGHT: u16 = (2 * MAX_OUTSTANDING) as u16;
-const BACKOFF_START: Duration = Duration::from_millis(100);
-const BACKOFF_CAP: Duration = Duration::from_secs(5);
-/// Backoff cap after the broker closed a connection soon after accepting it: most often
-/// another client connected with the same client id, and reconnecting at once would only
-/// throw it off to be thrown off again.
-const TAKEOVER_BACKOFF_CAP: Duration = Duration::from_secs(30);
-/// A connection that lasted this long was healthy; its loss starts backoff afresh.
-const STABLE_AFTER: Duration = Duration::from_secs(10);
-
-/// Where and how to connect.
+/// A message received from the broker. Its share of the inbound budget is held until its ack
+/// is confirmed (see [`Publisher::ack`]).
 #[derive(Debug, Clone)]
-pub struct LinkOptions {
-    /// Client id of the receiving connection; the sending one appends `-out`.
-    pub client_id: String,
-    pub host: String,
-    pub port: u16,
-    /// Payload of the retained last will on the status topic.
-    pub offline_status: Vec<u8>,
-    /// Credentials of the receiving connection.
-    pub credentials: Option<(String, String)>,
-    /// Credentials of the sending connection (the same account unless configured apart).
-    pub publish_credentials: Option<(String, String)>,
-    /// TLS to the broker (see [`crate::tls::client_config`]); `None` is plain MQTT.
-    pub tls: Option<Arc<rustls::ClientConfig>>,
-    /// How much received work may be in flight before the receiving connection stops reading.
-    pub inflight: budget::Limits,
+pub struct Inbound {
+    pub topic: String,
+    pub payload: Bytes,
+    /// Its entry in the record of unacknowledged messages; 0 for none.
+    receipt: u64,
 }
 
-/// The running connections.
+impl Inbound {
+    /// A message that no broker delivered: acknowledging it does nothing. For driving the
+    /// message path without a broker.
+    pub fn detached(topic: impl Into<String>, payload: impl Into<Bytes>) -> Self {
+        Self {
+            topic: topic.into(),
+            payload: payload.into(),
+            receipt: 0,
+        }
+    }
+}
+
+/// The running link.
 pub struct Link {
     pub publisher: Publisher,
-    /// `true` while both connections are up; changes on every (re)connection and loss.
+    /// `true` while both sides are up; changes on every (re)connection and loss.
     pub connected: watch::Receiver<bool>,
-    receiver: AsyncClient,
-    sender: AsyncClient,
+    closing: Closing,
     unacked: Arc<Unacked>,
     tasks: Tasks,
 }
 
-/// The link's tasks: a loop for each connection and the two stages of inbound acks.
+/// What shutdown must say goodbye to.
+enum Closing {
+    Client {
+        receiver: rumqttc::AsyncClient,
+        sender: rumqttc::AsyncClient,
+    },
+    InProcess,
+}
+
+/// The link's tasks: a loop for each side, and the two stages of inbound acks.
 struct Tasks {
     receive: JoinHandle<()>,
     send: JoinHandle<()>,
@@ -99,7 +92,7 @@ struct Tasks {
     hand: JoinHandle<()>,
 }
 
-/// Both connections' states, folded into the one flag the rest of MetaManager watches.
+/// Both sides' states, folded into the one flag the rest of MetaManager watches.
 struct Connected {
     receiving: AtomicBool,
     sending: AtomicBool,
@@ -107,6 +100,16 @@ struct Connected {
 }
 
 impl Connected {
+    fn new() -> (Arc<Self>, watch::Receiver<bool>) {
+        let (both, connected) = watch::channel(false);
+        let state = Arc::new(Self {
+            receiving: AtomicBool::new(false),
+            sending: AtomicBool::new(false),
+            both,
+        });
+        (state, connected)
+    }
+
     fn set(&self, which: &AtomicBool, up: bool) -> bool {
         let was = which.swap(up, Ordering::AcqRel);
         let both = self.receiving.load(Ordering::Acquire) && self.sending.load(Ordering::Acquire);
@@ -117,93 +120,34 @@ impl Connected {
 }
 
 impl Link {
-    /// Connects in the background; also returns the inbound publishes, in arrival order.
-    pub fn start(options: LinkOptions, topics: Topics) -> (Self, mpsc::UnboundedReceiver<Inbound>) {
-        let topics = Arc::new(topics);
-        let out_id = format!("{}-out", options.client_id);
-
-        let mut receive = mqtt_options(&options, options.client_id.clone());
-        receive.set_manual_acks(true).set_last_will(LastWill::new(
-            &topics.status,
-            options.offline_status.clone(),
-            QoS::AtLeastOnce,
-            true,
-        ));
-        if let Some((user, password)) = options.credentials.clone() {
-            receive.set_credentials(user, password);
-        }
-        // Acks wait in this queue only while the receive loop is not polling; each has already
-        // released its budget share, so the loop is never kept waiting by a full queue.
-        let (receiver, receive_loop) = AsyncClient::new(receive, options.inflight.messages + 16);
-
-        let mut send = mqtt_options(&options, out_id.clone());
-        send.set_inflight(SEND_INFLIGHT);
-        if let Some((user, password)) = options.publish_credentials.clone() {
-            send.set_credentials(user, password);
-        }
-        let (sender, send_loop) = AsyncClient::new(send, SEND_QUEUE);
-
-        let (both, connected) = watch::channel(false);
-        let state = Arc::new(Connected {
-            receiving: AtomicBool::new(false),
-            sending: AtomicBool::new(false),
-            both,
-        });
-        let deliveries = Arc::new(Delivery::default());
-        let unacked = Arc::new(Unacked::default());
-        // Unbounded as a channel, bounded by the budget: each entry holds a share.
-        let (acks_tx, acks_rx) = mpsc::unbounded_channel();
-        // Confirmed acks waiting for room in the receiving connection's queue; it drains
-        // whenever the receive loop polls, which the budget they gave back lets it do.
-        let (confirmed_tx, confirmed_rx) = mpsc::unbounded_channel();
-        // Unbounded as a channel, bounded by the budget.
-        let (inbound_tx, inbound) = mpsc::unbounded_channel();
-        let budget = InboundBudget::new(options.inflight);
-
-        let tasks = Tasks {
-            receive: tokio::spawn(receive_loop_task(
-                nodelay(receive_loop),
-                receiver.clone(),
-                topics.clone(),
-                budget,
-                unacked.clone(),
-                inbound_tx,
-                state.clone(),
-                options.client_id.clone(),
-            )),
-            send: tokio::spawn(send_loop_task(
-                nodelay(send_loop),
-                deliveries.clone(),
-                state,
-                out_id,
-            )),
-            confirm: tokio::spawn(confirm_in_order(acks_rx, deliveries.clone(), confirmed_tx)),
-            hand: tokio::spawn(hand_acks(confirmed_rx, receiver.clone(), unacked.clone())),
-        };
-        let link = Self {
-            publisher: Publisher::new(sender.clone(), topics, deliveries, unacked.clone(), acks_tx),
-            connected,
-            receiver,
-            sender,
-            unacked,
-            tasks,
-        };
-        (link, inbound)
+    /// Connects to an external broker in the background; also returns the inbound messages, in
+    /// arrival order.
+    pub fn start(
+        options: LinkOptions,
+        topics: crate::topics::Topics,
+    ) -> (Self, mpsc::UnboundedReceiver<Inbound>) {
+        client::start(options, topics)
     }
 
-    /// Lets waiting acks go out, sends DISCONNECT on both connections after everything already
-    /// queued, and waits for the loops to end.
+    /// Uses the embedded broker's in-process links; also returns the inbound messages, in
+    /// arrival order.
+    pub fn start_in_process(
+        links: crate::broker::OwnLinks,
+        topics: crate::topics::Topics,
+        inflight: crate::budget::Limits,
+    ) -> (Self, mpsc::UnboundedReceiver<Inbound>) {
+        in_process::start(links, topics, inflight)
+    }
+
+    /// Lets waiting acks go out, then closes both sides after everything already queued, and
+    /// waits for the loops to end.
     pub async fn shutdown(self) {
         let up = *self.connected.borrow();
         if up {
-            let deadline = Instant::now() + Duration::from_secs(3);
+            let deadline = Instant::now() + FLUSH_TIMEOUT;
             while self.unacked.waiting.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            // Bounded: a connection that went down after the check above has nobody to tell.
-            let bye = Duration::from_secs(3);
-            let _ = tokio::time::timeout(bye, self.receiver.disconnect()).await;
-            let _ = tokio::time::timeout(bye, self.sender.disconnect()).await;
         }
         let Tasks {
             receive,
@@ -213,315 +157,85 @@ impl Link {
         } = self.tasks;
         confirm.abort();
         hand.abort();
-        for mut task in [receive, send] {
-            // Nothing to say goodbye to when down: do not wait out a reconnect attempt.
-            if !up
-                || tokio::time::timeout(Duration::from_secs(3), &mut task)
-                    .await
-                    .is_err()
-            {
-                task.abort();
-            }
-        }
-    }
-}
-
-fn mqtt_options(options: &LinkOptions, client_id: String) -> MqttOptions {
-    let mut mqtt = MqttOptions::new(client_id, options.host.clone(), options.port);
-    // Persistent sessions on both connections and both brokers: the broker keeps what
-    // MetaManager has not acknowledged across its restarts (external) and reconnects, and
-    // rumqttc keeps what the broker has not acknowledged, unless the broker starts a new
-    // session (see `resend`).
-    mqtt.set_keep_alive(Duration::from_secs(30))
-        .set_max_packet_size(MAX_PACKET, MAX_PACKET)
-        .set_clean_session(false);
-    if let Some(tls) = options.tls.clone() {
-        mqtt.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
-    }
-    mqtt
-}
-
-/// Replies are small and answer someone who is waiting: send them now, not when Nagle's
-/// algorithm has waited for an ACK (tens of milliseconds on loopback).
-fn nodelay(mut eventloop: EventLoop) -> EventLoop {
-    let mut network = eventloop.network_options();
-    network.set_tcp_nodelay(true);
-    eventloop.set_network_options(network);
-    eventloop
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn receive_loop_task(
-    mut eventloop: EventLoop,
-    client: AsyncClient,
-    topics: Arc<Topics>,
-    budget: Arc<InboundBudget>,
-    unacked: Arc<Unacked>,
-    inbound: mpsc::UnboundedSender<Inbound>,
-    state: Arc<Connected>,
-    client_id: String,
-) {
-    let mut reconnect = Reconnect::new(client_id);
-    loop {
-        match eventloop.poll().await {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                reconnect.connected("receiving");
-                unacked.connected();
-                subscribe(&client, &topics);
-                state.set(&state.receiving, true);
-            }
-            Ok(Event::Incoming(Packet::Publish(publish))) => {
-                // With the budget spent, wait here: the broker keeps what is not read.
-                let permit = budget.acquire(publish.payload.len()).await;
-                unacked.received(&publish, permit);
-                if let Err(refused) = inbound.send(publish) {
-                    // Shutting down: leave it unacknowledged, for the broker to send again.
-                    unacked.take(&refused.0);
+        match self.closing {
+            Closing::Client { receiver, sender } => {
+                if up {
+                    // Bounded: a connection that went down after the check above has nobody
+                    // to tell.
+                    let _ = tokio::time::timeout(FLUSH_TIMEOUT, receiver.disconnect()).await;
+                    let _ = tokio::time::timeout(FLUSH_TIMEOUT, sender.disconnect()).await;
+                }
+                for mut task in [receive, send] {
+                    // Nothing to say goodbye to when down: do not wait out a reconnect attempt.
+                    if !up
+                        || tokio::time::timeout(FLUSH_TIMEOUT, &mut task)
+                            .await
+                            .is_err()
+                    {
+                        task.abort();
+                    }
                 }
             }
-            Ok(Event::Outgoing(Outgoing::Disconnect)) => {
-                state.set(&state.receiving, false);
-                // Give the DISCONNECT packet a chance to be flushed.
-                let _ = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
-                return;
-            }
-            Ok(_) => {}
-            Err(ConnectionError::RequestsDone) => return,
-            Err(e) => {
-                let was_up = state.set(&state.receiving, false);
-                reconnect.failed(&e, was_up).await;
-            }
-        }
-    }
-}
-
-/// Subscribes to the inbound topics (rumqttc does not resubscribe on a new session).
-fn subscribe(client: &AsyncClient, topics: &Topics) {
-    let filters: Vec<_> = topics
-        .inbound()
-        .into_iter()
-        .map(|t| rumqttc::SubscribeFilter::new(t.to_owned(), QoS::AtLeastOnce))
-        .collect();
-    if client.try_subscribe_many(filters.clone()).is_err() {
-        // The queue is full of acks for now: wait for room rather than not subscribe.
-        let client = client.clone();
-        tokio::spawn(async move {
-            if let Err(e) = client.subscribe_many(filters).await {
-                tracing::error!(error = %e, "cannot subscribe to the inbound topics");
-            }
-        });
-    }
-}
-
-async fn send_loop_task(
-    mut eventloop: EventLoop,
-    delivery: Arc<Delivery>,
-    state: Arc<Connected>,
-    client_id: String,
-) {
-    let mut reconnect = Reconnect::new(client_id);
-    // What rumqttc held to send again when the connection was lost: it forgets it if the
-    // broker answers the reconnect with a new session.
-    let mut held: VecDeque<Request> = VecDeque::new();
-    loop {
-        match eventloop.poll().await {
-            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                reconnect.connected("sending");
-                // Events of publishes whose writing failed with the old connection; the
-                // publishes themselves are sent again and report again.
-                eventloop
-                    .state
-                    .events
-                    .retain(|e| !matches!(e, Event::Outgoing(Outgoing::Publish(_))));
-                if !ack.session_present {
-                    resend(&mut eventloop, &delivery, std::mem::take(&mut held));
-                }
-                held.clear();
-                state.set(&state.sending, true);
-            }
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => delivery.sent(pkid),
-            Ok(Event::Incoming(Packet::PubAck(ack))) => delivery.acknowledged(ack.pkid),
-            Ok(Event::Outgoing(Outgoing::Disconnect)) => {
-                state.set(&state.sending, false);
-                let _ = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
-                return;
-            }
-            Ok(_) => {}
-            Err(ConnectionError::RequestsDone) => return,
-            Err(e) => {
-                if !eventloop.pending.is_empty() {
-                    held = eventloop.pending.clone();
-                }
-                let was_up = state.set(&state.sending, false);
-                reconnect.failed(&e, was_up).await;
+            Closing::InProcess => {
+                // The router lives as long as the process: hand it what is queued, so clients
+                // of the embedded broker still get the last publishes (the offline status).
+                let delivery = &self.publisher.delivery;
+                let mark = delivery.mark();
+                let mut confirmed = delivery.confirmed();
+                let _ =
+                    tokio::time::timeout(FLUSH_TIMEOUT, confirmed.wait_for(|c| *c >= mark)).await;
+                receive.abort();
+                send.abort();
             }
         }
-    }
-}
-
-/// Puts back what the broker's new session lost: the publishes it had not acknowledged, the one
-/// rumqttc held aside for a packet id still in use, then those never sent, in that order, with
-/// fresh packet ids.
-fn resend(eventloop: &mut EventLoop, delivery: &Delivery, held: VecDeque<Request>) {
-    let mut with_id = Vec::new();
-    let mut without_id = Vec::new();
-    for request in held {
-        match request {
-            Request::Publish(p) if p.pkid != 0 => with_id.push(p),
-            Request::Publish(p) => without_id.push(p),
-            _ => {}
-        }
-    }
-    let aside = eventloop.state.collision.take();
-    let order: Vec<Option<u16>> = with_id
-        .iter()
-        .map(|p| Some(p.pkid))
-        .chain(aside.iter().map(|_| None))
-        .chain(without_id.iter().map(|_| None))
-        .collect();
-    if order.is_empty() {
-        return;
-    }
-    tracing::warn!(
-        count = order.len(),
-        "the broker started a new session for the sending connection; sending again what it had not acknowledged"
-    );
-    delivery.resend(&order);
-    for mut publish in with_id.into_iter().chain(aside).chain(without_id) {
-        publish.pkid = 0;
-        eventloop.pending.push_back(Request::Publish(publish));
     }
 }
 
 /// Passes inbound acks on in the order they were asked for, each once the publishes queued
 /// before it are acknowledged by the broker, and gives back its budget share then.
 ///
-/// Handing an ack to the receiving connection may wait for room in its queue, which drains only
+/// Handing an ack to the receiving side may wait for room in its queue, which drains only
 /// while the receive loop polls, and the receive loop may be waiting for budget. So the shares
 /// go back here, at confirmation, and the waiting for room happens in [`hand_acks`], which holds
 /// none: however full that queue is, the receive loop gets its budget back and drains it.
 async fn confirm_in_order(
     mut acks: mpsc::UnboundedReceiver<PendingAck>,
     delivery: Arc<Delivery>,
-    confirmed_acks: mpsc::UnboundedSender<(Publish, u64)>,
+    confirmed_acks: mpsc::UnboundedSender<(u16, u64)>,
 ) {
     let mut confirmed = delivery.confirmed();
-    while let Some(PendingAck { ack, after, taken }) = acks.recv().await {
+    while let Some(PendingAck { pkid, after, taken }) = acks.recv().await {
         if confirmed.wait_for(|c| *c >= after).await.is_err() {
             return;
         }
-        let Taken { connection, permit } = taken;
+        let Taken {
+            connection, permit, ..
+        } = taken;
         drop(permit);
-        if confirmed_acks.send((ack, connection)).is_err() {
+        if confirmed_acks.send((pkid, connection)).is_err() {
             return;
         }
     }
 }
 
-/// Queues confirmed acks on the receiving connection, in order. An ack from an earlier
-/// connection is dropped: its packet id means nothing on this one, and the broker sends that
-/// message again.
+/// The receiving side's way to acknowledge a message to the broker.
+trait AckSink: Send + 'static {
+    /// Queues the ack of `pkid`; `false` when the link is shut down.
+    fn ack(&mut self, pkid: u16) -> impl Future<Output = bool> + Send;
+}
+
+/// Queues confirmed acks on the receiving side, in order. An ack from an earlier connection is
+/// dropped: its packet id means nothing on this one, and the broker sends that message again.
 async fn hand_acks(
-    mut confirmed_acks: mpsc::UnboundedReceiver<(Publish, u64)>,
-    receiver: AsyncClient,
+    mut confirmed_acks: mpsc::UnboundedReceiver<(u16, u64)>,
+    mut receiver: impl AckSink,
     unacked: Arc<Unacked>,
 ) {
-    while let Some((ack, connection)) = confirmed_acks.recv().await {
-        let sent = connection != unacked.connection() || receiver.ack(&ack).await.is_ok();
+    while let Some((pkid, connection)) = confirmed_acks.recv().await {
+        let sent = connection != unacked.connection() || receiver.ack(pkid).await;
         unacked.waiting.fetch_sub(1, Ordering::AcqRel);
         if !sent {
             return;
         }
-    }
-}
-
-/// Backoff between connection attempts, and the operator-facing account of each failure.
-struct Reconnect {
-    client_id: String,
-    delay: Duration,
-    connected_at: Option<Instant>,
-}
-
-impl Reconnect {
-    fn new(client_id: String) -> Self {
-        Self {
-            client_id,
-            delay: BACKOFF_START,
-            connected_at: None,
-        }
-    }
-
-    fn connected(&mut self, role: &str) {
-        tracing::info!(client_id = %self.client_id, role, "connected to MQTT broker");
-        self.connected_at = Some(Instant::now());
-    }
-
-    async fn failed(&mut self, e: &ConnectionError, was_up: bool) {
-        let lasted = self.connected_at.take().map(|at| at.elapsed());
-        let closed_soon = matches!(lasted, Some(d) if d < STABLE_AFTER) && closed_by_peer(e);
-        let cap = if closed_soon {
-            TAKEOVER_BACKOFF_CAP
-        } else {
-            if matches!(lasted, Some(d) if d >= STABLE_AFTER) {
-                self.delay = BACKOFF_START;
-            }
-            BACKOFF_CAP
-        };
-        let retry_in = self.delay;
-        if closed_soon {
-            tracing::warn!(
-                client_id = %self.client_id,
-                ?retry_in,
-                "the broker closed the connection soon after accepting it: another client connected with client id {} (session takeover), or the broker refuses this client; backing off",
-                self.client_id
-            );
-        } else if was_up {
-            tracing::warn!(client_id = %self.client_id, reason = %describe(e), ?retry_in, "lost MQTT broker connection");
-        } else {
-            tracing::warn!(client_id = %self.client_id, reason = %describe(e), ?retry_in, "cannot connect to MQTT broker");
-        }
-        tokio::time::sleep(retry_in).await;
-        self.delay = (self.delay * 2).min(cap);
-    }
-}
-
-/// Whether the broker ended the connection itself, as it does when another client takes over
-/// the client id.
-fn closed_by_peer(e: &ConnectionError) -> bool {
-    use std::io::ErrorKind;
-    match e {
-        ConnectionError::MqttState(StateError::ConnectionAborted) => true,
-        ConnectionError::MqttState(StateError::Io(io)) | ConnectionError::Io(io) => matches!(
-            io.kind(),
-            ErrorKind::ConnectionReset | ErrorKind::UnexpectedEof | ErrorKind::ConnectionAborted
-        ),
-        _ => false,
-    }
-}
-/// An operator-facing reason for a connection failure.
-fn describe(e: &ConnectionError) -> String {
-    use rumqttc::ConnectReturnCode as Code;
-    match e {
-        ConnectionError::ConnectionRefused(Code::BadUserNamePassword) => {
-            "broker refused the connection: bad username or password (mqtt.username, mqtt.password or mqtt.password_file)".into()
-        }
-        // Mosquitto answers a wrong password with this code in MQTT 3.1.1.
-        ConnectionError::ConnectionRefused(Code::NotAuthorized) => {
-            "broker refused the connection: not authorized (wrong username or password, or the broker does not let this user connect: check mqtt.username, mqtt.password or mqtt.password_file, and the broker's password file and ACLs)".into()
-        }
-        ConnectionError::ConnectionRefused(code) => {
-            format!("broker refused the connection: {code:?}")
-        }
-        other => match crate::tls::rustls_error(other) {
-            Some(tls) => crate::tls::describe(tls),
-            // The broker closed the connection in the middle of the handshake: most often a
-            // plain MQTT port.
-            None => match other {
-                ConnectionError::Tls(inner) => format!(
-                    "TLS handshake failed: {inner} (is mqtt.port the broker's TLS listener?)"
-                ),
-                _ => other.to_string(),
-            },
-        },
     }
 }

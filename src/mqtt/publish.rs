@@ -1,9 +1,9 @@
-//! The sending half: [`Publisher`] puts everything MetaManager publishes on its second MQTT
-//! connection, and takes the requests for inbound acks, which wait for those publishes.
+//! The sending half: [`Publisher`] puts everything MetaManager publishes on the link's sending
+//! side, and takes the requests for inbound acks, which wait for those publishes.
 //!
-//! Replies and forwards leave here rather than on the receiving connection so that the receive
-//! loop can stop reading under load without stopping the replies that make room (see
-//! [`crate::budget`]). Because the two connections are independent, an inbound message may be
+//! Replies and forwards leave on the sending side rather than the receiving one so that the
+//! receive loop can stop reading under load without stopping the replies that make room (see
+//! [`crate::budget`]). Because the two sides are independent, an inbound message may be
 //! acknowledged to the broker only once everything published because of it has been accepted
 //! by the broker: otherwise a crash could lose a forward whose trigger was already acked
 //! ([`Delivery`] keeps count).
@@ -12,26 +12,41 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use rumqttc::{AsyncClient, Publish, QoS};
+use rumqttc::{AsyncClient, QoS};
 use tokio::sync::mpsc;
 
 use super::unacked::{Taken, Unacked};
+use super::Inbound;
 use crate::delivery::Delivery;
 use crate::topics::{Peer, Topics};
 
 /// An inbound message's broker ack, held until the publishes before it are confirmed.
 pub(crate) struct PendingAck {
-    pub ack: Publish,
+    pub pkid: u16,
     /// [`Delivery::mark`] when the ack was asked for.
     pub after: u64,
-    /// The receiving connection the message came on, and its share of the inbound budget.
+    /// The connection the message came on, and its share of the inbound budget.
     pub taken: Taken,
+}
+
+/// A publish on its way to the in-process sending link.
+pub(crate) struct Outgoing {
+    pub topic: String,
+    pub retain: bool,
+    pub payload: Bytes,
+}
+
+/// Where publishes go: the sending connection's client, or the in-process sending link's task.
+#[derive(Clone)]
+pub(crate) enum Outlet {
+    Client(AsyncClient),
+    InProcess(mpsc::Sender<Outgoing>),
 }
 
 /// Sends to the broker; cheap to clone and safe to use from any task.
 #[derive(Clone)]
 pub struct Publisher {
-    client: AsyncClient,
+    outlet: Outlet,
     topics: Arc<Topics>,
     /// What the broker has acknowledged of this publisher's publishes.
     pub delivery: Arc<Delivery>,
@@ -41,14 +56,14 @@ pub struct Publisher {
 
 impl Publisher {
     pub(crate) fn new(
-        client: AsyncClient,
+        outlet: Outlet,
         topics: Arc<Topics>,
         delivery: Arc<Delivery>,
         unacked: Arc<Unacked>,
         acks: mpsc::UnboundedSender<PendingAck>,
     ) -> Self {
         Self {
-            client,
+            outlet,
             topics,
             delivery,
             unacked,
@@ -58,7 +73,7 @@ impl Publisher {
 
     /// Publishes `payload` at QoS 1 on the topic that reaches `peer`. Takes `Bytes` so a
     /// forwarded message goes out without copying its payload. Waits only while the sending
-    /// connection's queue is full: that is how a slow broker slows MetaManager down.
+    /// side's queue is full: that is how a slow broker slows MetaManager down.
     pub async fn send(&self, peer: Peer, payload: impl Into<Bytes>) {
         self.publish(self.topics.to(peer), false, payload.into())
             .await;
@@ -76,15 +91,29 @@ impl Publisher {
             Ok(slot) => slot.forget(),
             Err(_) => return,
         }
-        // Held while the request is queued, so sequence numbers follow the connection's order.
+        // Held while the request is queued, so sequence numbers follow the link's order.
         let _order = self.delivery.enqueue.lock().await;
         let seq = self.delivery.queue();
-        if let Err(e) = self
-            .client
-            .publish_bytes(topic, QoS::AtLeastOnce, retain, payload)
-            .await
-        {
-            tracing::warn!(topic, error = %e, "publish dropped: MQTT client is shut down");
+        let queued = match &self.outlet {
+            Outlet::Client(client) => client
+                .publish_bytes(topic, QoS::AtLeastOnce, retain, payload)
+                .await
+                .is_ok(),
+            Outlet::InProcess(link) => {
+                let topic = topic.to_owned();
+                let outgoing = Outgoing {
+                    topic,
+                    retain,
+                    payload,
+                };
+                link.send(outgoing).await.is_ok()
+            }
+        };
+        if !queued {
+            tracing::warn!(
+                topic,
+                "publish dropped: the link to the broker is shut down"
+            );
             self.delivery.forget_queued(seq);
         }
     }
@@ -95,28 +124,29 @@ impl Publisher {
         self.delivery.resent.load(Ordering::Relaxed)
     }
 
-    /// Acknowledges an inbound QoS 1 publish to the broker, once everything published before
+    /// Acknowledges an inbound QoS 1 message to the broker, once everything published before
     /// this call has been accepted by the broker, and releases its share of the inbound budget
     /// then. Never waits. A message that came on an earlier connection is not acknowledged: the
     /// broker sends it again.
-    pub fn ack(&self, publish: &Publish) {
-        let Some(taken) = self.unacked.take(publish) else {
+    pub fn ack(&self, message: &Inbound) {
+        if message.receipt == 0 {
+            return;
+        }
+        let Some(taken) = self.unacked.take(message.receipt) else {
             tracing::debug!(
-                pkid = publish.pkid,
                 "ack of a message from an earlier connection dropped; the broker redelivers it"
             );
             return;
         };
-        if publish.qos == QoS::AtMostOnce {
+        let Some(pkid) = taken.pkid else {
+            // QoS 0: nothing to acknowledge; its share goes back now.
             return;
-        }
-        let mut ack = Publish::new("", publish.qos, Vec::new());
-        ack.pkid = publish.pkid;
+        };
         let after = self.delivery.mark();
         self.unacked.waiting.fetch_add(1, Ordering::AcqRel);
-        if self.acks.send(PendingAck { ack, after, taken }).is_err() {
+        if self.acks.send(PendingAck { pkid, after, taken }).is_err() {
             self.unacked.waiting.fetch_sub(1, Ordering::AcqRel);
-            tracing::debug!("ack dropped: MQTT link is shut down");
+            tracing::debug!("ack dropped: the link to the broker is shut down");
         }
     }
 }

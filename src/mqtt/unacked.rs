@@ -6,13 +6,12 @@
 //! reconnect the broker sends what was unacknowledged again, and may give it (or another
 //! message) a new packet id. So the record is dropped on every new connection, and an ack asked
 //! for a message of an earlier connection is not sent: the broker redelivers that message and
-//! it is acknowledged then.
+//! it is acknowledged then. Messages are told apart by a receipt number of their own, never by
+//! packet id, which the broker reuses.
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
-
-use rumqttc::Publish;
 
 use crate::budget::Permit;
 
@@ -27,25 +26,23 @@ pub(crate) struct Unacked {
 struct State {
     /// Counts connections, so an ack can tell whether its connection is still the current one.
     connection: u64,
-    by_pkid: HashMap<u16, Entry>,
+    /// The last receipt given; receipt 0 is never given (see [`super::Inbound::detached`]).
+    last_receipt: u64,
+    by_receipt: HashMap<u64, Entry>,
 }
 
 struct Entry {
-    /// The payload's address and length tell this message from another that was given the same
-    /// packet id on a later connection.
-    payload: (usize, usize),
+    /// The packet id to acknowledge; `None` for a QoS 0 message, which has no ack.
+    pkid: Option<u16>,
     permit: Permit,
 }
 
-/// What an ack needs from the record: the connection it belongs to and the budget share to
-/// release once it is sent.
+/// What an ack needs from the record: the connection it belongs to, the packet id to name, and
+/// the budget share to release once it is sent.
 pub(crate) struct Taken {
     pub connection: u64,
+    pub pkid: Option<u16>,
     pub permit: Permit,
-}
-
-fn identity(publish: &Publish) -> (usize, usize) {
-    (publish.payload.as_ptr() as usize, publish.payload.len())
 }
 
 impl Unacked {
@@ -57,34 +54,29 @@ impl Unacked {
     pub fn connected(&self) {
         let mut s = self.lock();
         s.connection += 1;
-        s.by_pkid.clear();
+        s.by_receipt.clear();
     }
 
     pub fn connection(&self) -> u64 {
         self.lock().connection
     }
 
-    pub fn received(&self, publish: &Publish, permit: Permit) {
-        let entry = Entry {
-            payload: identity(publish),
-            permit,
-        };
-        self.lock().by_pkid.insert(publish.pkid, entry);
+    /// Records a received message and returns its receipt.
+    pub fn received(&self, pkid: Option<u16>, permit: Permit) -> u64 {
+        let mut s = self.lock();
+        s.last_receipt += 1;
+        let receipt = s.last_receipt;
+        s.by_receipt.insert(receipt, Entry { pkid, permit });
+        receipt
     }
 
-    /// Takes `publish` out of the record; `None` when it belongs to an earlier connection.
-    pub fn take(&self, publish: &Publish) -> Option<Taken> {
+    /// Takes a message out of the record; `None` when it belongs to an earlier connection.
+    pub fn take(&self, receipt: u64) -> Option<Taken> {
         let mut s = self.lock();
-        let ours = s
-            .by_pkid
-            .get(&publish.pkid)
-            .is_some_and(|e| e.payload == identity(publish));
-        if !ours {
-            return None;
-        }
-        let entry = s.by_pkid.remove(&publish.pkid)?;
+        let entry = s.by_receipt.remove(&receipt)?;
         Some(Taken {
             connection: s.connection,
+            pkid: entry.pkid,
             permit: entry.permit,
         })
     }
@@ -92,26 +84,15 @@ impl Unacked {
 
 #[cfg(test)]
 mod tests {
-    use bytes::Bytes;
-    use rumqttc::QoS;
-
     use super::*;
     use crate::budget::{InboundBudget, Limits};
-
-    fn publish(pkid: u16, payload: &Bytes) -> Publish {
-        let mut p = Publish::from_bytes("t", QoS::AtLeastOnce, payload.clone());
-        p.pkid = pkid;
-        p
-    }
 
     #[test]
     fn an_ack_from_an_earlier_connection_finds_nothing_and_frees_its_share() {
         let budget = InboundBudget::new(Limits::default());
         let unacked = Unacked::default();
         unacked.connected();
-        let first = Bytes::from_static(b"first");
-        let m = publish(7, &first);
-        unacked.received(&m, budget.try_acquire(5).unwrap());
+        let old = unacked.received(Some(7), budget.try_acquire(5).unwrap());
         unacked.connected();
         assert_eq!(
             budget.messages(),
@@ -119,15 +100,13 @@ mod tests {
             "a new connection releases the old shares"
         );
         // The broker gives packet id 7 to another message on the new connection.
-        let second = Bytes::from(b"second".to_vec());
-        let other = publish(7, &second);
-        unacked.received(&other, budget.try_acquire(6).unwrap());
+        let new = unacked.received(Some(7), budget.try_acquire(6).unwrap());
         assert!(
-            unacked.take(&m).is_none(),
+            unacked.take(old).is_none(),
             "the old message's ack is not sent"
         );
-        let taken = unacked.take(&other).expect("the new one is acked");
-        assert_eq!(taken.connection, 2);
+        let taken = unacked.take(new).expect("the new one is acked");
+        assert_eq!((taken.connection, taken.pkid), (2, Some(7)));
         drop(taken);
         assert_eq!(budget.messages(), 0);
     }
