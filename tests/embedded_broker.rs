@@ -289,6 +289,34 @@ async fn acks_out_of_order_keep_the_subscriber_connected() {
     assert_serves(&mut app).await;
 }
 
+/// Change 11: a subscriber may hold up to 1000 unacknowledged QoS 1 messages, not 100, so
+/// MetaManager's own in-flight budget (1000 by default) is what bounds it, and its group
+/// commits are not cut to 100 messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_gets_a_window_of_1000_unacknowledged_messages() {
+    let mut app = app().await;
+    let topic = format!("edge/{NODE}/test/window");
+    let mut subscriber = Client::start(options(
+        app.port,
+        &format!("window-{}", uuid::Uuid::new_v4().simple()),
+        true,
+    ));
+    subscriber.connected().await;
+    subscriber.subscribe(&topic).await;
+    let publisher = publisher(app.port).await;
+    for i in 0..1000 {
+        publish(&publisher, &topic, format!("m-{i}")).await;
+    }
+    // None acknowledged: with a window of 100 the 101st never comes and `next` times out.
+    let held = subscriber.publishes(1000).await;
+    let pkids: std::collections::HashSet<u16> = held.iter().map(|p| p.pkid).collect();
+    assert_eq!(pkids.len(), 1000, "each in-flight message has its own packet id");
+    for p in &held {
+        subscriber.client.ack(p).await.unwrap();
+    }
+    assert_serves(&mut app).await;
+}
+
 /// Bug 7: MetaManager's own client id is reserved to its own (random, per start) credentials;
 /// a client that tries to take it over is refused and MetaManager stays connected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,7 +15,9 @@ use crate::{
 
 use super::{Forward, IncomingMeter, OutgoingMeter};
 
-const MAX_INFLIGHT: usize = 100;
+/// Unacknowledged QoS 1/2 forwards per connection. (MetaManager patch: was 100, which cut its
+/// in-flight budget and group commits to 100 messages; see PATCHES.md.)
+const MAX_INFLIGHT: usize = 1000;
 const MAX_PKID: u16 = MAX_INFLIGHT as u16;
 
 #[derive(Debug)]
