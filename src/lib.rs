@@ -7,8 +7,9 @@
 //! - [`app`]: starts the parts in order and stops them in reverse order.
 //! - [`broker`]: the embedded rumqttd broker (a patched copy, `vendor/rumqttd`).
 //! - [`watchdog`]: checks now and then that the embedded broker still accepts clients.
-//! - [`mqtt`]: the link to the broker: a receiving connection that reads only as fast as the
-//!   inbound budget allows, and a sending one for everything outbound ([`mqtt::Publisher`]).
+//! - [`mqtt`]: the link to the broker: a receiving side that reads only as fast as the inbound
+//!   budget allows, and a sending one for everything outbound ([`mqtt::Publisher`]); two MQTT
+//!   connections to an external broker, two in-process links to the embedded one.
 //! - [`tls`]: the rustls client configuration for an external broker, and TLS failure reasons.
 //! - [`delivery`]: which of MetaManager's publishes the broker has acknowledged.
 //! - [`budget`]: the bound on messages in flight; when it is spent, MetaManager stops reading.

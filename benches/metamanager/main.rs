@@ -1,4 +1,5 @@
-//! MetaManager's benchmark: `cargo bench` (add `-- --quick` for a short run).
+//! MetaManager's benchmark: `cargo bench --bench metamanager` (add `-- --quick` for a short run,
+//! `-- --burst` for the burst and the embedded query round trip alone, with their yardsticks).
 //!
 //! Every figure is set beside a yardstick measured in the same run on the same broker: a null
 //! relay (subscribe, republish unchanged, nothing else) for the MQTT figures, and a plain
@@ -29,6 +30,7 @@ const LONG: Duration = Duration::from_secs(600);
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    let burst_only = std::env::args().any(|a| a == "--burst");
     let sizes = if quick {
         Sizes {
             inserts: 10_000,
@@ -65,13 +67,31 @@ async fn main() {
         sizes.store_rows
     );
 
-    // Insert throughput, against the relay.
-    let relay_rate = relay_throughput(port, &pod, sizes.inserts).await;
-    let fanout_rate = fanout_throughput(port, &pod, sizes.inserts).await;
     let pipe_rate = pipe_throughput(port, &pod, sizes.inserts.min(20_000)).await;
-    let normal = metamanager_inserts(port, dir.path(), "NORMAL", &pod, &sizes).await;
-    let full = metamanager_inserts(port, dir.path(), "FULL", &pod, &sizes).await;
     let relay_rtt = relay_latency(port, sizes.queries).await;
+    if !burst_only {
+        inserts_and_queries(port, dir.path(), &pod, &sizes, pipe_rate, &relay_rtt).await;
+    }
+    burst_and_embedded_queries(port, dir.path(), &pod, &sizes, pipe_rate, &relay_rtt).await;
+    if !burst_only {
+        scale_and_storage(port, dir.path(), &configmap, &pod, &sizes).await;
+    }
+    drop(broker);
+}
+
+/// Insert throughput and query round trip through mosquitto, against the relays.
+async fn inserts_and_queries(
+    port: u16,
+    dir: &Path,
+    pod: &str,
+    sizes: &Sizes,
+    pipe_rate: f64,
+    relay_rtt: &Percentiles,
+) {
+    let relay_rate = relay_throughput(port, pod, sizes.inserts).await;
+    let fanout_rate = fanout_throughput(port, pod, sizes.inserts).await;
+    let normal = metamanager_inserts(port, dir, "NORMAL", pod, sizes).await;
+    let full = metamanager_inserts(port, dir, "FULL", pod, sizes).await;
 
     println!("## Inserts (QoS 1, until every ack is back)\n");
     println!("| processor | msgs/s | ÷ relay |");
@@ -100,7 +120,7 @@ async fn main() {
     println!("\n## Query round trip (sequential, stored pods)\n");
     println!("| path | p50 µs | p99 µs | p99.9 µs |");
     println!("|---|---:|---:|---:|");
-    print_latency("null relay round trip", &relay_rtt);
+    print_latency("null relay round trip", relay_rtt);
     print_latency("MetaManager query (FULL run's store)", &full.query);
     println!(
         "\nquery p99 ÷ relay p99: {:.2}\n",
@@ -116,10 +136,20 @@ async fn main() {
         sizes.inserts,
         kib(full.rss_after)
     );
+}
 
-    // The burst: mosquitto_pub -l, no window, against both brokers.
-    let burst_external = burst(Broker::External(port), dir.path(), &pod, &sizes).await;
-    let burst_embedded = burst(Broker::Embedded, dir.path(), &pod, &sizes).await;
+/// The burst (`mosquitto_pub -l`, no window) against both brokers, and the query round trip
+/// through the embedded broker.
+async fn burst_and_embedded_queries(
+    port: u16,
+    dir: &Path,
+    pod: &str,
+    sizes: &Sizes,
+    pipe_rate: f64,
+    relay_rtt: &Percentiles,
+) {
+    let burst_external = burst(Broker::External(port), dir, pod, sizes).await;
+    let burst_embedded = burst(Broker::Embedded, dir, pod, sizes).await;
     println!(
         "\n## Burst (mosquitto_pub -q 1 -l, no window, {} pods, {} publishers)\n",
         sizes.inserts,
@@ -148,7 +178,7 @@ async fn main() {
     println!("## Query round trip through the embedded broker (sequential, stored pods)\n");
     println!("| path | p50 µs | p99 µs | p99.9 µs |");
     println!("|---|---:|---:|---:|");
-    print_latency("null relay round trip (mosquitto)", &relay_rtt);
+    print_latency("null relay round trip (mosquitto)", relay_rtt);
     if let Some(query) = &burst_embedded.query {
         print_latency("MetaManager query (embedded broker)", query);
         println!(
@@ -158,18 +188,12 @@ async fn main() {
             verdict(query.p99 / relay_rtt.p99 <= 1.5)
         );
     }
+}
 
-    // Scale.
-    let small = scale_run(port, dir.path(), &configmap, &pod, 1_000, sizes.queries).await;
-    let large = scale_run(
-        port,
-        dir.path(),
-        &configmap,
-        &pod,
-        sizes.scale,
-        sizes.queries,
-    )
-    .await;
+/// Start-up and reads at scale, and the store alone against plain rusqlite.
+async fn scale_and_storage(port: u16, dir: &Path, configmap: &str, pod: &str, sizes: &Sizes) {
+    let small = scale_run(port, dir, configmap, pod, 1_000, sizes.queries).await;
+    let large = scale_run(port, dir, configmap, pod, sizes.scale, sizes.queries).await;
     println!("\n## Scale\n");
     println!(
         "| objects stored | start-up to online ms | get p50 µs | get p99 µs | list 10k pods ms |"
@@ -194,7 +218,7 @@ async fn main() {
     );
 
     // Storage alone.
-    let (store_rate, plain_rate) = storage_alone(dir.path(), &pod, sizes.store_rows).await;
+    let (store_rate, plain_rate) = storage_alone(dir, pod, sizes.store_rows).await;
     println!("## Storage alone (synchronous=FULL)\n");
     println!("| writer | upserts/s | ÷ plain |");
     println!("|---|---:|---:|");
@@ -203,7 +227,6 @@ async fn main() {
         "| MetaManager store (group commit) | {store_rate:.0} | {:.2} |",
         store_rate / plain_rate
     );
-    drop(broker);
 }
 
 fn kib(v: u64) -> f64 {
