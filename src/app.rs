@@ -15,7 +15,7 @@ use crate::broker::{BrokerError, BrokerOptions, EmbeddedBroker, DEFAULT_MAX_CONN
 use crate::config::{BrokerMode, ConfigError, Settings};
 use crate::http::{self, HttpError};
 use crate::metasync;
-use crate::mqtt::{Inbound, Link, LinkOptions};
+use crate::mqtt::{Incoming, Link, LinkOptions};
 use crate::node::{self, Node};
 use crate::operations::{self, Step};
 use crate::outbox;
@@ -267,7 +267,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
 
 async fn run_dispatcher(
     node: Arc<Node>,
-    mut inbound: mpsc::UnboundedReceiver<Inbound>,
+    mut inbound: Incoming,
     steps: mpsc::Sender<Step>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -286,7 +286,7 @@ async fn run_dispatcher(
     }
     // Stopping: hand on what already arrived (the broker sees it acknowledged once handled),
     // then end; what arrives later stays unacknowledged and is redelivered.
-    while let Ok(publish) = inbound.try_recv() {
+    while let Some(publish) = inbound.try_recv() {
         let step = operations::dispatch(&node, publish).await;
         if steps.send(step).await.is_err() {
             return;

@@ -310,7 +310,11 @@ async fn a_subscriber_gets_a_window_of_1000_unacknowledged_messages() {
     // None acknowledged: with a window of 100 the 101st never comes and `next` times out.
     let held = subscriber.publishes(1000).await;
     let pkids: std::collections::HashSet<u16> = held.iter().map(|p| p.pkid).collect();
-    assert_eq!(pkids.len(), 1000, "each in-flight message has its own packet id");
+    assert_eq!(
+        pkids.len(),
+        1000,
+        "each in-flight message has its own packet id"
+    );
     for p in &held {
         subscriber.client.ack(p).await.unwrap();
     }

@@ -213,7 +213,8 @@ async fn takeover_is_refused_by_the_embedded_broker() {
     // MetaManager's own links are in-process: the impostor could not disturb them.
     let log = app.log();
     assert_eq!(
-        log.matches("linked to the embedded broker in-process").count(),
+        log.matches("linked to the embedded broker in-process")
+            .count(),
         1,
         "{log}"
     );

@@ -7,6 +7,7 @@
 //! id) and backed off longer, instead of fighting the other client in a loop.
 
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,8 +18,10 @@ use rumqttc::{
 use tokio::sync::mpsc;
 
 use super::publish::Outlet;
+use super::publish::PendingAck;
+use super::unacked::Taken;
 use super::unacked::Unacked;
-use super::{confirm_in_order, hand_acks, AckSink, Closing, Connected, Inbound, Link, Tasks};
+use super::{Closing, Connected, Inbound, Incoming, Link, Source, Tasks};
 use crate::budget::{self, InboundBudget};
 use crate::delivery::{Delivery, MAX_OUTSTANDING};
 use crate::topics::Topics;
@@ -60,18 +63,14 @@ pub struct LinkOptions {
     pub inflight: budget::Limits,
 }
 
-impl AckSink for AsyncClient {
-    async fn ack(&mut self, pkid: u16) -> bool {
-        let mut ack = Publish::new("", QoS::AtLeastOnce, Vec::new());
-        ack.pkid = pkid;
-        AsyncClient::ack(self, &ack).await.is_ok()
-    }
+/// Queues the PUBACK of `pkid` on the receiving connection; `false` when it is shut down.
+async fn ack(receiver: &AsyncClient, pkid: u16) -> bool {
+    let mut ack = Publish::new("", QoS::AtLeastOnce, Vec::new());
+    ack.pkid = pkid;
+    receiver.ack(&ack).await.is_ok()
 }
 
-pub(super) fn start(
-    options: LinkOptions,
-    topics: Topics,
-) -> (Link, mpsc::UnboundedReceiver<Inbound>) {
+pub(super) fn start(options: LinkOptions, topics: Topics) -> (Link, Incoming) {
     let topics = Arc::new(topics);
     let out_id = format!("{}-out", options.client_id);
 
@@ -109,7 +108,7 @@ pub(super) fn start(
     let budget = InboundBudget::new(options.inflight);
 
     let tasks = Tasks {
-        receive: tokio::spawn(receive_loop_task(
+        receive: Some(tokio::spawn(receive_loop_task(
             nodelay(receive_loop),
             receiver.clone(),
             topics.clone(),
@@ -118,15 +117,17 @@ pub(super) fn start(
             inbound_tx,
             state.clone(),
             options.client_id.clone(),
-        )),
+        ))),
         send: tokio::spawn(send_loop_task(
             nodelay(send_loop),
             deliveries.clone(),
             state,
             out_id,
         )),
-        confirm: tokio::spawn(confirm_in_order(acks_rx, deliveries.clone(), confirmed_tx)),
-        hand: tokio::spawn(hand_acks(confirmed_rx, receiver.clone(), unacked.clone())),
+        helpers: vec![
+            tokio::spawn(confirm_in_order(acks_rx, deliveries.clone(), confirmed_tx)),
+            tokio::spawn(hand_acks(confirmed_rx, receiver.clone(), unacked.clone())),
+        ],
     };
     let link = Link {
         publisher: super::Publisher::new(
@@ -141,7 +142,7 @@ pub(super) fn start(
         unacked,
         tasks,
     };
-    (link, inbound)
+    (link, Incoming(Source::Queued(inbound)))
 }
 
 fn mqtt_options(options: &LinkOptions, client_id: String) -> MqttOptions {
@@ -313,6 +314,49 @@ fn resend(eventloop: &mut EventLoop, delivery: &Delivery, held: VecDeque<Request
     for mut publish in with_id.into_iter().chain(aside).chain(without_id) {
         publish.pkid = 0;
         eventloop.pending.push_back(Request::Publish(publish));
+    }
+}
+
+/// Passes inbound acks on in the order they were asked for, each once the publishes queued
+/// before it are acknowledged by the broker, and gives back its budget share then.
+///
+/// Handing an ack to the receiving side may wait for room in its queue, which drains only
+/// while the receive loop polls, and the receive loop may be waiting for budget. So the shares
+/// go back here, at confirmation, and the waiting for room happens in [`hand_acks`], which holds
+/// none: however full that queue is, the receive loop gets its budget back and drains it.
+async fn confirm_in_order(
+    mut acks: mpsc::UnboundedReceiver<PendingAck>,
+    delivery: Arc<Delivery>,
+    confirmed_acks: mpsc::UnboundedSender<(u16, u64)>,
+) {
+    let mut confirmed = delivery.confirmed();
+    while let Some(PendingAck { pkid, after, taken }) = acks.recv().await {
+        if confirmed.wait_for(|c| *c >= after).await.is_err() {
+            return;
+        }
+        let Taken {
+            connection, permit, ..
+        } = taken;
+        drop(permit);
+        if confirmed_acks.send((pkid, connection)).is_err() {
+            return;
+        }
+    }
+}
+
+/// Queues confirmed acks on the receiving side, in order. An ack from an earlier connection is
+/// dropped: its packet id means nothing on this one, and the broker sends that message again.
+async fn hand_acks(
+    mut confirmed_acks: mpsc::UnboundedReceiver<(u16, u64)>,
+    receiver: AsyncClient,
+    unacked: Arc<Unacked>,
+) {
+    while let Some((pkid, connection)) = confirmed_acks.recv().await {
+        let sent = connection != unacked.connection() || ack(&receiver, pkid).await;
+        unacked.waiting.fetch_sub(1, Ordering::AcqRel);
+        if !sent {
+            return;
+        }
     }
 }
 

@@ -12,6 +12,8 @@
 //! There is no last will: a last will speaks for a client whose broker outlives it, and this
 //! one does not.
 
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -22,32 +24,16 @@ use rumqttd::protocol::{
 use rumqttd::Notification;
 use tokio::sync::mpsc;
 
-use super::publish::{Outgoing, Outlet};
+use super::publish::Outlet;
+use super::publish::PendingAck;
 use super::unacked::Unacked;
-use super::{confirm_in_order, hand_acks, AckSink, Closing, Connected, Inbound, Link, Tasks};
+use super::{Closing, Connected, Inbound, Incoming, Link, Source, Tasks};
 use crate::broker::OwnLinks;
 use crate::budget::{self, InboundBudget};
 use crate::delivery::Delivery;
 use crate::topics::Topics;
 
-/// Publishes queued for the sending link before `Publisher::send` waits.
-const SEND_QUEUE: usize = 1024;
-
-impl AckSink for LinkTx {
-    async fn ack(&mut self, pkid: u16) -> bool {
-        let ack = PubAck {
-            pkid,
-            reason: PubAckReason::Success,
-        };
-        self.send(Packet::PubAck(ack, None)).await.is_ok()
-    }
-}
-
-pub(super) fn start(
-    links: OwnLinks,
-    topics: Topics,
-    inflight: budget::Limits,
-) -> (Link, mpsc::UnboundedReceiver<Inbound>) {
+pub(super) fn start(links: OwnLinks, topics: Topics, inflight: budget::Limits) -> (Link, Incoming) {
     let OwnLinks {
         receive: (receive_tx, receive_rx),
         send: (send_tx, send_rx),
@@ -58,39 +44,35 @@ pub(super) fn start(
     let unacked = Arc::new(Unacked::default());
     unacked.connected();
     let (acks_tx, acks_rx) = mpsc::unbounded_channel();
-    let (confirmed_tx, confirmed_rx) = mpsc::unbounded_channel();
-    // Unbounded as a channel, bounded by the budget.
-    let (inbound_tx, inbound) = mpsc::unbounded_channel();
-    let (outgoing_tx, outgoing_rx) = mpsc::channel(SEND_QUEUE);
-    let budget = InboundBudget::new(inflight);
+    let sending = Arc::new(Sending {
+        link: tokio::sync::Mutex::new((send_tx, 0)),
+        state: state.clone(),
+    });
+    let receiving = Receiving {
+        link: receive_rx,
+        budget: InboundBudget::new(inflight),
+        unacked: unacked.clone(),
+        state: state.clone(),
+        waiting: None,
+        ended: false,
+    };
 
     let tasks = Tasks {
-        receive: tokio::spawn(receive_loop(
-            receive_rx,
-            budget,
-            unacked.clone(),
-            inbound_tx,
-            state.clone(),
-        )),
-        send: tokio::spawn(send_loop(
-            send_tx,
-            send_rx,
-            outgoing_rx,
-            delivery.clone(),
-            state.clone(),
-        )),
-        confirm: tokio::spawn(confirm_in_order(acks_rx, delivery.clone(), confirmed_tx)),
-        hand: tokio::spawn(subscribe_then_hand_acks(
+        receive: None,
+        send: tokio::spawn(subscribe_then_acknowledge(
             receive_tx,
+            send_rx,
             topics.clone(),
-            confirmed_rx,
+            acks_rx,
+            delivery.clone(),
             unacked.clone(),
             state,
         )),
+        helpers: Vec::new(),
     };
     let link = Link {
         publisher: super::Publisher::new(
-            Outlet::InProcess(outgoing_tx),
+            Outlet::InProcess(sending),
             topics,
             delivery,
             unacked.clone(),
@@ -101,15 +83,17 @@ pub(super) fn start(
         unacked,
         tasks,
     };
-    (link, inbound)
+    (link, Incoming(Source::InProcess(receiving)))
 }
 
-/// Subscribes the receiving link to the inbound topics, reports both sides up, then hands the
-/// confirmed acks to the router.
-async fn subscribe_then_hand_acks(
+/// Subscribes the receiving link to the inbound topics and reports both sides up, then runs
+/// [`acknowledge`].
+async fn subscribe_then_acknowledge(
     mut receive_tx: LinkTx,
+    publish_acks: LinkRx,
     topics: Arc<Topics>,
-    confirmed: mpsc::UnboundedReceiver<(u16, u64)>,
+    acks: mpsc::UnboundedReceiver<PendingAck>,
+    delivery: Arc<Delivery>,
     unacked: Arc<Unacked>,
     state: Arc<Connected>,
 ) {
@@ -133,87 +117,32 @@ async fn subscribe_then_hand_acks(
     tracing::info!("linked to the embedded broker in-process");
     state.set(&state.receiving, true);
     state.set(&state.sending, true);
-    hand_acks(confirmed, receive_tx, unacked).await;
+    acknowledge(publish_acks, receive_tx, acks, delivery, unacked, state).await;
 }
 
-/// Takes the router's deliveries to the receiving link, as fast as the inbound budget allows.
-async fn receive_loop(
-    mut link: LinkRx,
-    budget: Arc<InboundBudget>,
-    unacked: Arc<Unacked>,
-    inbound: mpsc::UnboundedSender<Inbound>,
-    state: Arc<Connected>,
-) {
-    loop {
-        let notification = match link.next().await {
-            Ok(Some(n)) => n,
-            Ok(None) => continue,
-            Err(e) => {
-                state.set(&state.receiving, false);
-                tracing::error!(error = %e, "the embedded broker's router dropped MetaManager's receiving link");
-                return;
-            }
-        };
-        match notification {
-            Notification::Forward(forward) => {
-                let pkid =
-                    (forward.publish.qos() != QoS::AtMostOnce).then_some(forward.publish.pkid());
-                let Publish { topic, payload, .. } = forward.publish;
-                // With the budget spent, wait here: the router holds what is not taken.
-                let permit = budget.acquire(payload.len()).await;
-                let message = Inbound {
-                    // Not UTF-8 cannot match a topic MetaManager serves; it is logged and
-                    // acknowledged as such.
-                    topic: String::from_utf8_lossy(&topic).into_owned(),
-                    payload,
-                    receipt: unacked.received(pkid, permit),
-                };
-                if let Err(refused) = inbound.send(message) {
-                    unacked.take(refused.0.receipt);
-                    return;
-                }
-            }
-            // The router stopped filling the link's buffer because it was full: now that it
-            // is drained, ask for more.
-            Notification::Unschedule => {
-                if link.wake().await.is_err() {
-                    return;
-                }
-            }
-            other => tracing::trace!(?other, "receiving link notification"),
-        }
-    }
-}
-
-/// Passes publishes to the router in the order they were queued, with packet ids of its own,
-/// and reports the router's acks to [`Delivery`].
-async fn send_loop(
-    mut link_tx: LinkTx,
-    mut link_rx: LinkRx,
-    mut outgoing: mpsc::Receiver<Outgoing>,
+/// Both directions of acknowledgement in one task: it reads the router's acks of the sending
+/// link's publishes, and gives the router the acks of inbound messages as soon as everything
+/// published before each was acknowledged, in the order they were asked for.
+///
+/// The client backend needs three tasks for this, because handing an ack to rumqttc may wait on
+/// its receive loop, which may wait on the budget these acks give back. Handing an ack to the
+/// router waits on nothing but the router, so here an ack is released the moment it is
+/// confirmed, without a hand-over between tasks.
+async fn acknowledge(
+    mut publish_acks: LinkRx,
+    mut receive_tx: LinkTx,
+    mut acks: mpsc::UnboundedReceiver<PendingAck>,
     delivery: Arc<Delivery>,
+    unacked: Arc<Unacked>,
     state: Arc<Connected>,
 ) {
-    // Delivery lets far fewer than 65 535 publishes be outstanding, so a packet id comes round
-    // again only long after its ack.
-    let mut pkid: u16 = 0;
+    let mut pending: VecDeque<PendingAck> = VecDeque::new();
+    let mut asking = true;
     loop {
         tokio::select! {
-            next = outgoing.recv() => {
-                let Some(Outgoing { topic, retain, payload }) = next else { return };
-                pkid = pkid.checked_add(1).unwrap_or(1);
-                // Recorded first: the router may ack before `send` returns.
-                delivery.sent(pkid);
-                let publish = Publish::at_least_once(Bytes::from(topic), payload, retain, pkid);
-                if let Err(e) = link_tx.send(Packet::Publish(publish, None)).await {
-                    state.set(&state.sending, false);
-                    tracing::error!(error = %e, "the embedded broker's router dropped MetaManager's sending link");
-                    return;
-                }
-            }
-            notification = link_rx.next() => match notification {
+            notification = publish_acks.next() => match notification {
                 Ok(Some(Notification::Unschedule)) => {
-                    if link_rx.wake().await.is_err() {
+                    if publish_acks.wake().await.is_err() {
                         return;
                     }
                 }
@@ -229,6 +158,126 @@ async fn send_loop(
                     return;
                 }
             },
+            ack = acks.recv(), if asking => match ack {
+                Some(ack) => pending.push_back(ack),
+                None => asking = false,
+            },
+        }
+        while pending.front().is_some_and(|a| delivery.reached(a.after)) {
+            let Some(PendingAck { pkid, taken, .. }) = pending.pop_front() else {
+                break;
+            };
+            drop(taken.permit);
+            let ack = PubAck {
+                pkid,
+                reason: PubAckReason::Success,
+            };
+            let sent = receive_tx.send(Packet::PubAck(ack, None)).await;
+            unacked.waiting.fetch_sub(1, Ordering::AcqRel);
+            if sent.is_err() {
+                state.set(&state.receiving, false);
+                tracing::error!(
+                    "the embedded broker's router dropped MetaManager's receiving link"
+                );
+                return;
+            }
+        }
+    }
+}
+
+/// The receiving link, read by the task that handles the messages: no task of its own stands
+/// between the router and the dispatcher.
+pub(crate) struct Receiving {
+    link: LinkRx,
+    budget: Arc<InboundBudget>,
+    unacked: Arc<Unacked>,
+    state: Arc<Connected>,
+    /// A delivery taken from the link and waiting for budget; kept here so that a `recv`
+    /// cancelled while it waits loses nothing.
+    waiting: Option<Publish>,
+    /// The router dropped the link; nothing more comes.
+    ended: bool,
+}
+
+impl Receiving {
+    /// The next message, once the inbound budget has room for it (while it has none, the
+    /// router holds what follows). `None` once the router dropped the link. Cancel-safe.
+    pub(crate) async fn recv(&mut self) -> Option<Inbound> {
+        loop {
+            if let Some(publish) = &self.waiting {
+                let permit = self.budget.acquire(publish.payload.len()).await;
+                let publish = self.waiting.take()?;
+                let pkid = (publish.qos() != QoS::AtMostOnce).then_some(publish.pkid());
+                let Publish { topic, payload, .. } = publish;
+                return Some(Inbound {
+                    // Not UTF-8 cannot match a topic MetaManager serves; it is logged and
+                    // acknowledged as such.
+                    topic: String::from_utf8_lossy(&topic).into_owned(),
+                    payload,
+                    receipt: self.unacked.received(pkid, permit),
+                });
+            }
+            if self.ended {
+                return None;
+            }
+            match self.link.next().await {
+                Ok(Some(Notification::Forward(forward))) => self.waiting = Some(forward.publish),
+                // The router stopped filling the link's buffer because it was full: now that
+                // it is drained, ask for more.
+                Ok(Some(Notification::Unschedule)) => {
+                    if self.link.wake().await.is_err() {
+                        self.lost();
+                    }
+                }
+                Ok(Some(other)) => tracing::trace!(?other, "receiving link notification"),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "the embedded broker's router dropped MetaManager's receiving link");
+                    self.lost();
+                }
+            }
+        }
+    }
+
+    fn lost(&mut self) {
+        self.state.set(&self.state.receiving, false);
+        self.ended = true;
+    }
+}
+
+/// The sending link's way in: publishes go straight to the router from the publishing task,
+/// under [`Delivery`]'s queueing order, with packet ids of the link's own.
+pub(crate) struct Sending {
+    link: tokio::sync::Mutex<(LinkTx, u16)>,
+    state: Arc<Connected>,
+}
+
+impl Sending {
+    /// Hands one publish to the router; `false` when the router is gone. Called with
+    /// `Delivery::enqueue` held, so publishes reach the router in the order they were numbered.
+    pub(crate) async fn publish(
+        &self,
+        delivery: &Delivery,
+        topic: &str,
+        retain: bool,
+        payload: Bytes,
+    ) -> bool {
+        let mut guard = self.link.lock().await;
+        let (link, pkid) = &mut *guard;
+        // Delivery lets far fewer than 65 535 publishes be outstanding, so a packet id comes
+        // round again only long after its ack.
+        *pkid = pkid.checked_add(1).unwrap_or(1);
+        // Recorded first: the router may ack before `send` returns.
+        delivery.sent(*pkid);
+        let topic = Bytes::copy_from_slice(topic.as_bytes());
+        let publish = Publish::at_least_once(topic, payload, retain, *pkid);
+        match link.send(Packet::Publish(publish, None)).await {
+            Ok(_) => true,
+            Err(e) => {
+                self.state.set(&self.state.sending, false);
+                tracing::error!(error = %e, "the embedded broker's router dropped MetaManager's sending link");
+                false
+            }
         }
     }
 }

@@ -24,7 +24,6 @@ mod in_process;
 mod publish;
 mod unacked;
 
-use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,12 +32,9 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::delivery::Delivery;
-
 pub use client::LinkOptions;
-use publish::PendingAck;
 pub use publish::Publisher;
-use unacked::{Taken, Unacked};
+use unacked::Unacked;
 
 /// How long shutdown waits for acks and publishes still on their way.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(3);
@@ -65,6 +61,35 @@ impl Inbound {
     }
 }
 
+/// The inbound messages, in arrival order, each taken only when the inbound budget has room.
+pub struct Incoming(Source);
+
+enum Source {
+    /// Received by the connection's own loop, which must keep polling rumqttc.
+    Queued(mpsc::UnboundedReceiver<Inbound>),
+    /// Read from the router's link by whoever asks, with no task in between.
+    InProcess(in_process::Receiving),
+}
+
+impl Incoming {
+    /// The next message; `None` once the link is shut down. Cancel-safe.
+    pub async fn recv(&mut self) -> Option<Inbound> {
+        match &mut self.0 {
+            Source::Queued(queue) => queue.recv().await,
+            Source::InProcess(link) => link.recv().await,
+        }
+    }
+
+    /// A message already received and not yet taken, if any. The in-process link has none:
+    /// what the router holds for it is not received yet.
+    pub fn try_recv(&mut self) -> Option<Inbound> {
+        match &mut self.0 {
+            Source::Queued(queue) => queue.try_recv().ok(),
+            Source::InProcess(_) => None,
+        }
+    }
+}
+
 /// The running link.
 pub struct Link {
     pub publisher: Publisher,
@@ -84,12 +109,14 @@ enum Closing {
     InProcess,
 }
 
-/// The link's tasks: a loop for each side, and the two stages of inbound acks.
+/// The link's tasks.
 struct Tasks {
-    receive: JoinHandle<()>,
+    /// The receiving connection's loop; the in-process receiving side has none.
+    receive: Option<JoinHandle<()>>,
+    /// The sending connection's loop, or the in-process acknowledging task.
     send: JoinHandle<()>,
-    confirm: JoinHandle<()>,
-    hand: JoinHandle<()>,
+    /// Helpers that end with the link: the client backend's two stages of inbound acks.
+    helpers: Vec<JoinHandle<()>>,
 }
 
 /// Both sides' states, folded into the one flag the rest of MetaManager watches.
@@ -122,10 +149,7 @@ impl Connected {
 impl Link {
     /// Connects to an external broker in the background; also returns the inbound messages, in
     /// arrival order.
-    pub fn start(
-        options: LinkOptions,
-        topics: crate::topics::Topics,
-    ) -> (Self, mpsc::UnboundedReceiver<Inbound>) {
+    pub fn start(options: LinkOptions, topics: crate::topics::Topics) -> (Self, Incoming) {
         client::start(options, topics)
     }
 
@@ -135,7 +159,7 @@ impl Link {
         links: crate::broker::OwnLinks,
         topics: crate::topics::Topics,
         inflight: crate::budget::Limits,
-    ) -> (Self, mpsc::UnboundedReceiver<Inbound>) {
+    ) -> (Self, Incoming) {
         in_process::start(links, topics, inflight)
     }
 
@@ -152,11 +176,11 @@ impl Link {
         let Tasks {
             receive,
             send,
-            confirm,
-            hand,
+            helpers,
         } = self.tasks;
-        confirm.abort();
-        hand.abort();
+        for helper in helpers {
+            helper.abort();
+        }
         match self.closing {
             Closing::Client { receiver, sender } => {
                 if up {
@@ -165,7 +189,7 @@ impl Link {
                     let _ = tokio::time::timeout(FLUSH_TIMEOUT, receiver.disconnect()).await;
                     let _ = tokio::time::timeout(FLUSH_TIMEOUT, sender.disconnect()).await;
                 }
-                for mut task in [receive, send] {
+                for mut task in receive.into_iter().chain([send]) {
                     // Nothing to say goodbye to when down: do not wait out a reconnect attempt.
                     if !up
                         || tokio::time::timeout(FLUSH_TIMEOUT, &mut task)
@@ -184,58 +208,11 @@ impl Link {
                 let mut confirmed = delivery.confirmed();
                 let _ =
                     tokio::time::timeout(FLUSH_TIMEOUT, confirmed.wait_for(|c| *c >= mark)).await;
-                receive.abort();
+                if let Some(receive) = receive {
+                    receive.abort();
+                }
                 send.abort();
             }
-        }
-    }
-}
-
-/// Passes inbound acks on in the order they were asked for, each once the publishes queued
-/// before it are acknowledged by the broker, and gives back its budget share then.
-///
-/// Handing an ack to the receiving side may wait for room in its queue, which drains only
-/// while the receive loop polls, and the receive loop may be waiting for budget. So the shares
-/// go back here, at confirmation, and the waiting for room happens in [`hand_acks`], which holds
-/// none: however full that queue is, the receive loop gets its budget back and drains it.
-async fn confirm_in_order(
-    mut acks: mpsc::UnboundedReceiver<PendingAck>,
-    delivery: Arc<Delivery>,
-    confirmed_acks: mpsc::UnboundedSender<(u16, u64)>,
-) {
-    let mut confirmed = delivery.confirmed();
-    while let Some(PendingAck { pkid, after, taken }) = acks.recv().await {
-        if confirmed.wait_for(|c| *c >= after).await.is_err() {
-            return;
-        }
-        let Taken {
-            connection, permit, ..
-        } = taken;
-        drop(permit);
-        if confirmed_acks.send((pkid, connection)).is_err() {
-            return;
-        }
-    }
-}
-
-/// The receiving side's way to acknowledge a message to the broker.
-trait AckSink: Send + 'static {
-    /// Queues the ack of `pkid`; `false` when the link is shut down.
-    fn ack(&mut self, pkid: u16) -> impl Future<Output = bool> + Send;
-}
-
-/// Queues confirmed acks on the receiving side, in order. An ack from an earlier connection is
-/// dropped: its packet id means nothing on this one, and the broker sends that message again.
-async fn hand_acks(
-    mut confirmed_acks: mpsc::UnboundedReceiver<(u16, u64)>,
-    mut receiver: impl AckSink,
-    unacked: Arc<Unacked>,
-) {
-    while let Some((pkid, connection)) = confirmed_acks.recv().await {
-        let sent = connection != unacked.connection() || receiver.ack(pkid).await;
-        unacked.waiting.fetch_sub(1, Ordering::AcqRel);
-        if !sent {
-            return;
         }
     }
 }

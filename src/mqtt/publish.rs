@@ -15,6 +15,7 @@ use bytes::Bytes;
 use rumqttc::{AsyncClient, QoS};
 use tokio::sync::mpsc;
 
+use super::in_process::Sending;
 use super::unacked::{Taken, Unacked};
 use super::Inbound;
 use crate::delivery::Delivery;
@@ -29,18 +30,11 @@ pub(crate) struct PendingAck {
     pub taken: Taken,
 }
 
-/// A publish on its way to the in-process sending link.
-pub(crate) struct Outgoing {
-    pub topic: String,
-    pub retain: bool,
-    pub payload: Bytes,
-}
-
-/// Where publishes go: the sending connection's client, or the in-process sending link's task.
+/// Where publishes go: the sending connection's client, or the in-process sending link.
 #[derive(Clone)]
 pub(crate) enum Outlet {
     Client(AsyncClient),
-    InProcess(mpsc::Sender<Outgoing>),
+    InProcess(Arc<Sending>),
 }
 
 /// Sends to the broker; cheap to clone and safe to use from any task.
@@ -99,15 +93,7 @@ impl Publisher {
                 .publish_bytes(topic, QoS::AtLeastOnce, retain, payload)
                 .await
                 .is_ok(),
-            Outlet::InProcess(link) => {
-                let topic = topic.to_owned();
-                let outgoing = Outgoing {
-                    topic,
-                    retain,
-                    payload,
-                };
-                link.send(outgoing).await.is_ok()
-            }
+            Outlet::InProcess(link) => link.publish(&self.delivery, topic, retain, payload).await,
         };
         if !queued {
             tracing::warn!(
