@@ -440,14 +440,15 @@ impl Store {
     }
 
     /// The stored JSON of one object.
+    ///
+    /// A lookup by primary key takes microseconds, less than handing the worker thread over
+    /// ([`Self::read`]), so it runs on the calling task.
     pub async fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
-        let key = key.to_owned();
-        self.read(move |c| {
+        self.read_now(|c| {
             c.prepare_cached("SELECT value FROM meta WHERE key = ?1")?
                 .query_row([key], |r| r.get(0))
                 .optional()
         })
-        .await
     }
 
     /// Every object of `rtype` in `namespace`, in key order, as `(key, json)`.
@@ -491,6 +492,14 @@ impl Store {
         .await
     }
 
+    /// Runs a short `f` on a read connection right here, on the calling thread.
+    fn read_now<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        with_reader(&self.inner, f)
+    }
+
     /// Runs `f` on a read connection on the blocking pool.
     async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
     where
@@ -498,19 +507,7 @@ impl Store {
         F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     {
         let inner = self.inner.clone();
-        let run = move || {
-            let conn = match inner.readers.lock().ok().and_then(|mut p| p.pop()) {
-                Some(c) => c,
-                None => open_reader(&inner.path)?,
-            };
-            let result = f(&conn).map_err(StoreError::from);
-            if let Ok(mut pool) = inner.readers.lock() {
-                if pool.len() < MAX_IDLE_READERS {
-                    pool.push(conn);
-                }
-            }
-            result
-        };
+        let run = move || with_reader(&inner, f);
         let multi_thread = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
         if multi_thread {
@@ -535,6 +532,24 @@ impl Store {
             pool.clear();
         }
     }
+}
+
+/// Runs `f` on an idle read connection (or a new one), and keeps the connection for later.
+fn with_reader<T>(
+    inner: &Inner,
+    f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+) -> Result<T, StoreError> {
+    let conn = match inner.readers.lock().ok().and_then(|mut p| p.pop()) {
+        Some(c) => c,
+        None => open_reader(&inner.path)?,
+    };
+    let result = f(&conn).map_err(StoreError::from);
+    if let Ok(mut pool) = inner.readers.lock() {
+        if pool.len() < MAX_IDLE_READERS {
+            pool.push(conn);
+        }
+    }
+    result
 }
 
 fn open_reader(path: &Path) -> Result<Connection, StoreError> {
