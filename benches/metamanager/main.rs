@@ -68,11 +68,10 @@ async fn main() {
     );
 
     let pipe_rate = pipe_throughput(port, &pod, sizes.inserts.min(20_000)).await;
-    let relay_rtt = relay_latency(port, sizes.queries).await;
     if !burst_only {
-        inserts_and_queries(port, dir.path(), &pod, &sizes, pipe_rate, &relay_rtt).await;
+        inserts_and_queries(port, dir.path(), &pod, &sizes, pipe_rate).await;
     }
-    burst_and_embedded_queries(port, dir.path(), &pod, &sizes, pipe_rate, &relay_rtt).await;
+    burst_and_embedded_queries(port, dir.path(), &pod, &sizes, pipe_rate).await;
     if !burst_only {
         scale_and_storage(port, dir.path(), &configmap, &pod, &sizes).await;
     }
@@ -80,18 +79,12 @@ async fn main() {
 }
 
 /// Insert throughput and query round trip through mosquitto, against the relays.
-async fn inserts_and_queries(
-    port: u16,
-    dir: &Path,
-    pod: &str,
-    sizes: &Sizes,
-    pipe_rate: f64,
-    relay_rtt: &Percentiles,
-) {
+async fn inserts_and_queries(port: u16, dir: &Path, pod: &str, sizes: &Sizes, pipe_rate: f64) {
     let relay_rate = relay_throughput(port, pod, sizes.inserts).await;
     let fanout_rate = fanout_throughput(port, pod, sizes.inserts).await;
     let normal = metamanager_inserts(port, dir, "NORMAL", pod, sizes).await;
     let full = metamanager_inserts(port, dir, "FULL", pod, sizes).await;
+    let relay_rtt = relay_latency(port, sizes.queries).await;
 
     println!("## Inserts (QoS 1, until every ack is back)\n");
     println!("| processor | msgs/s | ÷ relay |");
@@ -120,7 +113,7 @@ async fn inserts_and_queries(
     println!("\n## Query round trip (sequential, stored pods)\n");
     println!("| path | p50 µs | p99 µs | p99.9 µs |");
     println!("|---|---:|---:|---:|");
-    print_latency("null relay round trip", relay_rtt);
+    print_latency("null relay round trip", &relay_rtt);
     print_latency("MetaManager query (FULL run's store)", &full.query);
     println!(
         "\nquery p99 ÷ relay p99: {:.2}\n",
@@ -146,10 +139,9 @@ async fn burst_and_embedded_queries(
     pod: &str,
     sizes: &Sizes,
     pipe_rate: f64,
-    relay_rtt: &Percentiles,
 ) {
-    let burst_external = burst(Broker::External(port), dir, pod, sizes).await;
-    let burst_embedded = burst(Broker::Embedded, dir, pod, sizes).await;
+    let burst_external = burst(Broker::External(port), port, dir, pod, sizes).await;
+    let burst_embedded = burst(Broker::Embedded, port, dir, pod, sizes).await;
     println!(
         "\n## Burst (mosquitto_pub -q 1 -l, no window, {} pods, {} publishers)\n",
         sizes.inserts,
@@ -178,14 +170,17 @@ async fn burst_and_embedded_queries(
     println!("## Query round trip through the embedded broker (sequential, stored pods)\n");
     println!("| path | p50 µs | p99 µs | p99.9 µs |");
     println!("|---|---:|---:|---:|");
-    print_latency("null relay round trip (mosquitto)", relay_rtt);
-    if let Some(query) = &burst_embedded.query {
-        print_latency("MetaManager query (embedded broker)", query);
+    if let Some(Alternated { relay, metamanager }) = &burst_embedded.query {
+        print_latency("null relay round trip (mosquitto), alternating", relay);
+        print_latency(
+            "MetaManager query (embedded broker), alternating",
+            metamanager,
+        );
         println!(
             "\nquery ÷ relay through mosquitto: p50 {:.2}, p99 {:.2} (target p99 ≤ 1.5: {})\n",
-            query.p50 / relay_rtt.p50,
-            query.p99 / relay_rtt.p99,
-            verdict(query.p99 / relay_rtt.p99 <= 1.5)
+            metamanager.p50 / relay.p50,
+            metamanager.p99 / relay.p99,
+            verdict(metamanager.p99 / relay.p99 <= 1.5)
         );
     }
 }
@@ -549,6 +544,61 @@ async fn sequential_queries(
     percentiles(samples)
 }
 
+/// [`sequential_queries`] through MetaManager on `port`, each followed by one round trip
+/// through the null relay on mosquitto (`relay_port`).
+async fn alternating_queries(
+    relay_port: u16,
+    port: u16,
+    node: &str,
+    n: usize,
+    resource: impl Fn(usize) -> String,
+) -> Alternated {
+    let relay = run_relay(relay_port, "relay-alt", "bench/alt/in", "bench/alt/out").await;
+    let mut relay_client = Client::connect(relay_port, "alt-client", &["bench/alt/out"]).await;
+    let prefix = format!("edge/{node}");
+    let answers = format!("{prefix}/metamanager/to/edged");
+    let mut edged = Client::connect(port, &format!("{node}-edged-q"), &[&answers]).await;
+    let topic = format!("{prefix}/edged/to/metamanager");
+    let mut through_relay = Vec::with_capacity(n);
+    let mut through_metamanager = Vec::with_capacity(n);
+    for i in 0..n {
+        let id = format!("q-{i}");
+        let query = format!(
+            r#"{{"header":{{"msg_id":"{id}"}},"route":{{"operation":"query","resource":"{}"}}}}"#,
+            resource(i)
+        );
+        let start = Instant::now();
+        edged.publish(&topic, query.clone()).await;
+        let needle = format!(r#""parent_msg_id":"{id}""#);
+        assert!(
+            edged
+                .next_containing(&answers, &needle, Duration::from_secs(10))
+                .await,
+            "query answered"
+        );
+        through_metamanager.push(start.elapsed());
+
+        let start = Instant::now();
+        relay_client.publish("bench/alt/in", query).await;
+        relay_client
+            .count(
+                "bench/alt/out",
+                1,
+                Duration::from_secs(10),
+                &Progress::default(),
+                |_| true,
+            )
+            .await
+            .expect("relay answered");
+        through_relay.push(start.elapsed());
+    }
+    relay.abort();
+    Alternated {
+        relay: percentiles(through_relay),
+        metamanager: percentiles(through_metamanager),
+    }
+}
+
 struct ScaleRun {
     objects: usize,
     startup: Duration,
@@ -733,14 +783,29 @@ struct BurstRun {
     rate: Option<f64>,
     stored: usize,
     peak_rss: u64,
-    /// Sequential queries of the burst's pods (embedded broker only).
-    query: Option<Percentiles>,
+    /// Sequential queries of the burst's pods, alternating with relay round trips (embedded
+    /// broker only).
+    query: Option<Alternated>,
+}
+
+/// Round trips measured one of each in turn, so that both meet the same machine state.
+struct Alternated {
+    /// Through the null relay on mosquitto.
+    relay: Percentiles,
+    /// Through MetaManager.
+    metamanager: Percentiles,
 }
 
 /// `sizes.inserts` inserts of distinct pods, one per line in a file, published by
 /// `mosquitto_pub -q 1 -l` (no window of its own); timed from the first publish to the last
 /// ack MetaManager sends edgehub.
-async fn burst(broker: Broker, dir: &Path, content: &str, sizes: &Sizes) -> BurstRun {
+async fn burst(
+    broker: Broker,
+    relay_port: u16,
+    dir: &Path,
+    content: &str,
+    sizes: &Sizes,
+) -> BurstRun {
     let (name, embedded) = match broker {
         Broker::External(_) => ("mosquitto", false),
         Broker::Embedded => ("embedded", true),
@@ -835,7 +900,7 @@ async fn burst(broker: Broker, dir: &Path, content: &str, sizes: &Sizes) -> Burs
 
     let query = if embedded && rate.is_some() {
         Some(
-            sequential_queries(port, &node, sizes.queries, |i| {
+            alternating_queries(relay_port, port, &node, sizes.queries, |i| {
                 format!("default/pod/burst-{}", (i * 7919) % n)
             })
             .await,
