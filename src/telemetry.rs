@@ -1,6 +1,8 @@
-//! Logging set-up. `RUST_LOG` filters as usual; without it MetaManager logs at `info` and keeps
-//! the embedded broker quiet: it logs every client connection, and MetaManager reports the
-//! broker failures that matter itself. `RUST_LOG=info,rumqttd=info` brings its log back.
+//! Logging set-up. `RUST_LOG` filters as usual; without it MetaManager logs at `info`. Either
+//! way the embedded broker stays quiet unless `RUST_LOG` names `rumqttd`: it logs every client
+//! connection, its router builds a span for every publish (which costs throughput even when
+//! nothing is printed), and MetaManager reports the broker failures that matter itself.
+//! `RUST_LOG=info,rumqttd=info` brings its log back.
 
 use std::io::IsTerminal;
 
@@ -19,8 +21,10 @@ pub enum LogFormat {
 }
 
 pub fn init(format: LogFormat) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
+    let filter = match std::env::var(EnvFilter::DEFAULT_ENV) {
+        Ok(directives) => EnvFilter::new(with_broker_quiet(&directives)),
+        Err(_) => EnvFilter::new(DEFAULT_FILTER),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -33,4 +37,24 @@ pub fn init(format: LogFormat) {
         // collector finds `message` without knowing tracing's nesting.
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+}
+
+/// `directives`, with the embedded broker's log off unless they say something of it.
+fn with_broker_quiet(directives: &str) -> String {
+    if directives.contains("rumqttd") {
+        directives.to_owned()
+    } else {
+        format!("{directives},rumqttd=off")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_broker_quiet;
+
+    #[test]
+    fn the_embedded_broker_stays_quiet_unless_named() {
+        assert_eq!(with_broker_quiet("debug"), "debug,rumqttd=off");
+        assert_eq!(with_broker_quiet("warn,rumqttd=info"), "warn,rumqttd=info");
+    }
 }

@@ -374,7 +374,7 @@ impl TestApp {
                 .arg("--config")
                 .arg(self.config_path())
                 .current_dir(self.dir.path())
-                .env("RUST_LOG", "info,metamanager=debug")
+                .env("RUST_LOG", "info,metamanager=debug,rumqttd=warn")
                 .stdout(Stdio::null())
                 .stderr(Stdio::from(
                     std::fs::OpenOptions::new()
