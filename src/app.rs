@@ -17,7 +17,7 @@ use crate::http::{self, HttpError};
 use crate::metasync;
 use crate::mqtt::{Incoming, Link, LinkOptions};
 use crate::node::{self, Node};
-use crate::operations::{self, Step};
+use crate::ops::{self, Step};
 use crate::outbox;
 use crate::store::{Store, StoreError, StoreOptions};
 use crate::tls::{self, TlsError};
@@ -279,7 +279,7 @@ async fn run_dispatcher(
         let Some(publish) = publish else {
             break;
         };
-        let step = operations::dispatch(&node, publish).await;
+        let step = ops::dispatch(&node, publish).await;
         if steps.send(step).await.is_err() {
             return;
         }
@@ -287,7 +287,7 @@ async fn run_dispatcher(
     // Stopping: hand on what already arrived (the broker sees it acknowledged once handled),
     // then end; what arrives later stays unacknowledged and is redelivered.
     while let Some(publish) = inbound.try_recv() {
-        let step = operations::dispatch(&node, publish).await;
+        let step = ops::dispatch(&node, publish).await;
         if steps.send(step).await.is_err() {
             return;
         }

@@ -16,7 +16,8 @@
 //! - [`topics`]: the node's topic names and the two peers, edgehub and edged.
 //! - [`message`]: the wire message, its validation, and the replies MetaManager builds.
 //! - [`resource`]: the `namespace/type[/name]` resource key.
-//! - [`operations`]: what each operation does, split into an immediate part and an ordered step.
+//! - [`ops`]: what each operation does, one file per operation, each split into an immediate part
+//!   and an ordered step.
 //! - [`remote`]: queries waiting for the cloud's answer.
 //! - [`metasync`]: the periodic pod-status sync to the cloud.
 //! - [`outbox`]: what waits for the cloud while it is away, and its paced sending.
@@ -41,7 +42,7 @@ pub mod metasync;
 pub mod metrics;
 pub mod mqtt;
 pub mod node;
-pub mod operations;
+pub mod ops;
 pub mod outbox;
 pub mod remote;
 pub mod resource;

@@ -514,7 +514,7 @@ mod tests {
             (&from_edged, "not json"),
             (&from_edged, remote),
         ] {
-            crate::operations::dispatch(&node, publish(topic, payload))
+            crate::ops::dispatch(&node, publish(topic, payload))
                 .await
                 .await;
         }

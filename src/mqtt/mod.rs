@@ -2,8 +2,8 @@
 //!
 //! Two backends give the rest of MetaManager the same [`Inbound`] messages and the same
 //! [`Publisher`]:
-//! - [`client`]: two MQTT connections through rumqttc, for an external broker;
-//! - [`in_process`]: two in-process links with the embedded broker's router, so MetaManager's
+//! - `client`: two MQTT connections through rumqttc, for an external broker;
+//! - `in_process`: two in-process links with the embedded broker's router, so MetaManager's
 //!   own traffic crosses neither TCP nor MQTT encoding.
 //!
 //! Either way there are two ways in, not one. A receive side that stopped reading to slow the
@@ -13,7 +13,7 @@
 //!   as fast as the inbound budget allows ([`crate::budget`]), and sends nothing but
 //!   subscriptions and the broker acks of what it received;
 //! - the sending side (`metamanager-{node_id}-out`) carries every publish ([`Publisher`]), and
-//!   tracks which the broker has acknowledged ([`Delivery`]).
+//!   tracks which the broker has acknowledged ([`crate::delivery::Delivery`]).
 //!
 //! An inbound message is acknowledged to the broker only after every publish queued before the
 //! ack was asked for has been acknowledged by the broker, so no forward or reply can be lost

@@ -442,7 +442,7 @@ impl Store {
     /// The stored JSON of one object.
     ///
     /// A lookup by primary key takes microseconds, less than handing the worker thread over
-    /// ([`Self::read`]), so it runs on the calling task.
+    /// (`read`), so it runs on the calling task.
     pub async fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
         self.read_now(|c| {
             c.prepare_cached("SELECT value FROM meta WHERE key = ?1")?

@@ -1,0 +1,48 @@
+//! The cloud's responses and errors: to the remote query waiting for them, else to edged.
+
+use std::sync::Arc;
+
+use crate::message::Message;
+use crate::mqtt::Inbound;
+use crate::node::Node;
+use crate::remote::Answer;
+use crate::store::Change;
+use crate::topics::Peer;
+
+use super::{settle, store_failed, Step};
+
+/// The cloud's response or error: completes the remote query it answers, else goes to edged.
+pub(super) async fn answer_from_cloud(
+    node: &Arc<Node>,
+    publish: Inbound,
+    message: Message,
+) -> Step {
+    let change = Change {
+        msg_id: Some(message.msg_id().to_owned()),
+        ..Change::default()
+    };
+    let committed = match node.store.submit(change).await {
+        Ok(c) => c,
+        Err(e) => return store_failed(node, Peer::Edgehub, publish, message, e),
+    };
+    let node = node.clone();
+    Box::pin(async move {
+        // Nothing stored, so nothing can supersede an answer: an unsettled redelivery is
+        // always handled again, a settled one only acked.
+        if let Ok(Ok(applied)) = committed.await {
+            if applied.settled() {
+                node.publisher.ack(&publish);
+                return;
+            }
+        }
+        let id = message.msg_id().to_owned();
+        // A claimed answer is settled by the query waiting for it, once it has replied.
+        if let Err(unclaimed) = node.remote.complete(Answer { message, publish }) {
+            node.publisher
+                .send(Peer::Edged, unclaimed.publish.payload.clone())
+                .await;
+            settle(&node, &id);
+            node.publisher.ack(&unclaimed.publish);
+        }
+    })
+}

@@ -1,0 +1,155 @@
+//! insert, update and delete: store, then pass the message on to the other side, then ack.
+
+use std::sync::Arc;
+
+use crate::message::{self, Message, Operation};
+use crate::mqtt::Inbound;
+use crate::node::Node;
+use crate::outbox;
+use crate::store::{self, Applied, Change, Outcome, StoreError, Write};
+use crate::topics::Peer;
+
+use super::{
+    refuse_message, report_not_queued, report_store_error, send_reply, settle, store_failed, Step,
+};
+
+#[derive(Clone, Copy)]
+pub(super) enum WriteKind {
+    Put,
+    PutIfChanged,
+    Delete,
+}
+
+/// insert, update, delete: store, then forward to the other side, then ack.
+pub(super) async fn change(
+    node: &Arc<Node>,
+    sender: Peer,
+    publish: Inbound,
+    msg: Message,
+    kind: WriteKind,
+) -> Step {
+    let op = msg.operation.as_str();
+    let Some(_) = msg.resource.name() else {
+        let text = format!(
+            "{op} needs a single object (namespace/type/name), not the list {}",
+            msg.resource
+        );
+        return refuse_message(node, sender, publish, &msg, text);
+    };
+    let key = msg.resource.key().to_owned();
+    let rtype = msg.resource.rtype().to_owned();
+    let write = match kind {
+        WriteKind::Delete => Write::Delete {
+            uid: (rtype == "pod")
+                .then(|| store::stored_uid(msg.content_json()))
+                .flatten(),
+            key,
+        },
+        WriteKind::Put | WriteKind::PutIfChanged => {
+            let Some(value) = msg.content.clone() else {
+                return refuse_message(node, sender, publish, &msg, format!("{op} needs content"));
+            };
+            match kind {
+                WriteKind::Put => Write::Put { key, rtype, value },
+                _ => Write::PutIfChanged { key, rtype, value },
+            }
+        }
+    };
+    let change = Change {
+        msg_id: Some(msg.msg_id().to_owned()),
+        write: Some(write),
+        to_cloud: queue_for_cloud(node, sender.other(), &msg, &publish, kind),
+        ..Change::default()
+    };
+    let committed = match node.store.submit(change).await {
+        Ok(c) => c,
+        Err(e) => return store_failed(node, sender, publish, msg, e),
+    };
+    let node = node.clone();
+    Box::pin(async move {
+        match committed.await.unwrap_or(Err(StoreError::Closed)) {
+            Ok(applied) => {
+                // An update that changes nothing is not news to the other side.
+                let passed_on = applied.outcome == Outcome::Unchanged || {
+                    let coalesce = matches!(kind, WriteKind::PutIfChanged);
+                    forward(&node, sender.other(), &msg, &publish, applied, coalesce).await
+                };
+                if passed_on {
+                    send_reply(&node, sender, message::ack(&msg), Operation::Response).await;
+                } else {
+                    report_not_queued(&node, sender, &msg).await;
+                }
+            }
+            Err(e) => report_store_error(&node, sender, &msg, &e).await,
+        }
+        node.publisher.ack(&publish);
+    })
+}
+
+/// The outbox entry for a change bound for the cloud, when it must wait for the cloud.
+pub(super) fn queue_for_cloud(
+    node: &Node,
+    to: Peer,
+    msg: &Message,
+    publish: &Inbound,
+    kind: WriteKind,
+) -> Option<store::CloudMessage> {
+    (to == Peer::Edgehub && outbox::must_queue(node)).then(|| {
+        let coalesce = matches!(kind, WriteKind::PutIfChanged);
+        outbox::cloud_message(msg.resource.key(), publish.payload.clone(), coalesce)
+    })
+}
+
+/// Passes an inbound message on, unchanged, once its change is committed, and settles its id.
+///
+/// A redelivery (same msg_id) of a settled message passes nothing on. An unsettled one was
+/// cut off between its commit and its forward, or its forward was handed on but not yet
+/// recorded before a restart: it is passed on again only while its change is still the
+/// stored state, so a late copy of an insert never brings back what a later delete removed.
+/// `false` when a message for the cloud could not be queued.
+pub(super) async fn forward(
+    node: &Node,
+    to: Peer,
+    msg: &Message,
+    publish: &Inbound,
+    applied: Applied,
+    coalesce: bool,
+) -> bool {
+    let id = msg.msg_id();
+    if applied.settled() {
+        return true;
+    }
+    match applied.outcome {
+        Outcome::Duplicate { current: false, .. } => {
+            tracing::info!(
+                msg_id = id,
+                resource = %msg.resource,
+                "redelivered message superseded by a later change; acked, not passed on"
+            );
+            // Nothing to deliver: settled with the next commit.
+            node.store.settle(id, 0);
+            return true;
+        }
+        Outcome::Duplicate { .. } => tracing::info!(
+            msg_id = id,
+            "redelivered message may not have been passed on and is still current; passing it on"
+        ),
+        _ => {}
+    }
+    match to {
+        Peer::Edged => {
+            node.publisher
+                .send(Peer::Edged, publish.payload.clone())
+                .await
+        }
+        Peer::Edgehub => {
+            let m = outbox::cloud_message(msg.resource.key(), publish.payload.clone(), coalesce);
+            if let Err(e) = outbox::send_to_cloud(node, m).await {
+                tracing::error!(msg_id = id, error = %e, "could not queue a message for the cloud");
+                return false;
+            }
+        }
+    }
+    settle(node, id);
+    true
+}

@@ -1,0 +1,46 @@
+//! edged's responses and errors: stored when they carry an object, passed on to the cloud.
+
+use std::sync::Arc;
+
+use crate::message::{Message, Operation};
+use crate::mqtt::Inbound;
+use crate::node::Node;
+use crate::store::{Change, Committed, StoreError, Write};
+use crate::topics::Peer;
+
+use super::change::{forward, queue_for_cloud, WriteKind};
+use super::{report_not_queued, report_store_error, store_failed, Step};
+
+/// edged's response or error: stored when it carries an object, relayed to the cloud unchanged.
+pub(super) async fn relay_from_edged(node: &Arc<Node>, publish: Inbound, msg: Message) -> Step {
+    let stores = msg.operation == Operation::Response
+        && msg.resource.name().is_some()
+        && msg.content_json().starts_with('{');
+    let write = stores.then(|| Write::Put {
+        key: msg.resource.key().to_owned(),
+        rtype: msg.resource.rtype().to_owned(),
+        value: msg.content.clone().unwrap_or_default(),
+    });
+    let change = Change {
+        msg_id: Some(msg.msg_id().to_owned()),
+        write,
+        to_cloud: queue_for_cloud(node, Peer::Edgehub, &msg, &publish, WriteKind::Put),
+        ..Change::default()
+    };
+    let committed: Committed = match node.store.submit(change).await {
+        Ok(c) => c,
+        Err(e) => return store_failed(node, Peer::Edged, publish, msg, e),
+    };
+    let node = node.clone();
+    Box::pin(async move {
+        match committed.await.unwrap_or(Err(StoreError::Closed)) {
+            Ok(applied) => {
+                if !forward(&node, Peer::Edgehub, &msg, &publish, applied, false).await {
+                    report_not_queued(&node, Peer::Edged, &msg).await;
+                }
+            }
+            Err(e) => report_store_error(&node, Peer::Edged, &msg, &e).await,
+        }
+        node.publisher.ack(&publish);
+    })
+}

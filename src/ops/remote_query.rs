@@ -1,0 +1,146 @@
+//! A query for an object edged needs and the node does not hold: asked of the cloud, answered
+//! when the cloud answers or when it does not in time.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::Value;
+
+use crate::message::{self, Message, Operation};
+use crate::metrics::RemoteOutcome;
+use crate::node::Node;
+use crate::store::{StoreError, Write};
+use crate::topics::Peer;
+
+use super::{send_reply, settle};
+
+/// Asks the cloud for an object edged needs and the node does not hold, and answers edged when
+/// the cloud does, or when it does not in time.
+pub(super) async fn remote_query(node: &Arc<Node>, query: Message) {
+    let key = query.resource.key().to_owned();
+    if !node.cloud_connected() {
+        let text = format!("{key} is not stored on this node and the cloud is not connected");
+        tracing::info!(resource = %key, "remote query refused: cloud not connected");
+        node.metrics.remote_query(RemoteOutcome::Disconnected, None);
+        let reply = message::error(Some(query.msg_id()), &key, &text);
+        send_reply(node, Peer::Edged, reply, Operation::Error).await;
+        return;
+    }
+    let id = message::new_msg_id();
+    let answer = match node.remote.register(&id) {
+        Ok(rx) => rx,
+        Err(e) => {
+            tracing::warn!(resource = %key, "{e}");
+            node.metrics.remote_query(RemoteOutcome::Refused, None);
+            let reply = message::error(Some(query.msg_id()), &key, &e.to_string());
+            send_reply(node, Peer::Edged, reply, Operation::Error).await;
+            return;
+        }
+    };
+    let content = query.content_raw();
+    let ask = message::build_with_id(id.clone(), None, Operation::Query, &key, &content);
+    node.publisher.send(Peer::Edgehub, ask).await;
+    let timeout = node.remote_query_timeout();
+    let sent = Instant::now();
+    let node = node.clone();
+    tokio::spawn(async move {
+        match tokio::time::timeout(timeout, answer).await {
+            Ok(Ok(answer)) => {
+                let outcome = match answer.message.operation {
+                    Operation::Error => RemoteOutcome::Error,
+                    _ => RemoteOutcome::Answered,
+                };
+                node.metrics.remote_query(outcome, Some(sent.elapsed()));
+                let answer_id = answer.message.msg_id().to_owned();
+                fill_from_cloud(&node, &query, answer.message).await;
+                // Settled once the reply to edged, queued just now, is acknowledged.
+                settle(&node, &answer_id);
+                node.publisher.ack(&answer.publish);
+            }
+            _ => {
+                node.remote.forget(&id);
+                node.metrics
+                    .remote_query(RemoteOutcome::Timeout, Some(sent.elapsed()));
+                tracing::warn!(resource = %key, ?timeout, "remote query timed out");
+                let text = format!(
+                    "the cloud did not answer the query for {key} in time ({})",
+                    humantime::format_duration(timeout)
+                );
+                let reply = message::error(Some(query.msg_id()), &key, &text);
+                send_reply(&node, Peer::Edged, reply, Operation::Error).await;
+            }
+        }
+    });
+}
+
+/// Stores what the cloud sent for a remote query and answers edged with it.
+async fn fill_from_cloud(node: &Node, query: &Message, answer: Message) {
+    let key = query.resource.key();
+    if answer.operation == Operation::Error {
+        let content = answer.content_raw();
+        let reply = message::reply(query, Operation::Error, &content);
+        send_reply(node, Peer::Edged, reply, Operation::Error).await;
+        return;
+    }
+    let mut objects = match serde_json::from_str::<Value>(answer.content_json()) {
+        Ok(Value::Array(items)) => items,
+        Ok(Value::Null) => Vec::new(),
+        Ok(object @ Value::Object(_)) => vec![object],
+        _ => {
+            let text = format!("the cloud answered the query for {key} with content that is neither an object nor a list");
+            let reply = message::error(Some(query.msg_id()), key, &text);
+            send_reply(node, Peer::Edged, reply, Operation::Error).await;
+            return;
+        }
+    };
+    if let Some(name) = query.resource.name() {
+        // One object was asked for: keep the one of that name, else the first.
+        let named = objects
+            .iter()
+            .position(|o| o.pointer("/metadata/name").and_then(Value::as_str) == Some(name));
+        objects = objects
+            .into_iter()
+            .nth(named.unwrap_or(0))
+            .into_iter()
+            .collect();
+    }
+    let mut pending = Vec::with_capacity(objects.len());
+    let mut answered = Vec::with_capacity(objects.len());
+    for object in objects {
+        let json = object.to_string();
+        let object_key = match query.resource.name() {
+            Some(_) => Some(key.to_owned()),
+            None => object
+                .pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .and_then(|name| {
+                    crate::resource::Resource::object(
+                        query.resource.namespace(),
+                        query.resource.rtype(),
+                        name,
+                    )
+                    .ok()
+                })
+                .map(|r| r.key().to_owned()),
+        };
+        if let Some(object_key) = object_key {
+            let write = Write::Put {
+                key: object_key,
+                rtype: query.resource.rtype().to_owned(),
+                value: json.clone().into(),
+            };
+            if let Ok(committed) = node.store.submit(write).await {
+                pending.push(committed);
+            }
+        }
+        answered.push(json);
+    }
+    for committed in pending {
+        if let Err(e) = committed.await.unwrap_or(Err(StoreError::Closed)) {
+            tracing::warn!(resource = %key, error = %e, "could not store the cloud's answer; answering edged anyway");
+        }
+    }
+    let content = message::raw_array(answered.iter().map(String::as_str));
+    let reply = message::reply(query, Operation::Response, &content);
+    send_reply(node, Peer::Edged, reply, Operation::Response).await;
+}
