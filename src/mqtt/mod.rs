@@ -21,6 +21,8 @@
 
 mod client;
 mod in_process;
+#[cfg(test)]
+pub mod memory;
 mod publish;
 mod unacked;
 

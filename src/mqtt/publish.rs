@@ -35,6 +35,9 @@ pub(crate) struct PendingAck {
 pub(crate) enum Outlet {
     Client(AsyncClient),
     InProcess(Arc<Sending>),
+    /// The unit tests' broker in memory.
+    #[cfg(test)]
+    Memory(Arc<super::memory::MemoryOutlet>),
 }
 
 /// Sends to the broker; cheap to clone and safe to use from any task.
@@ -94,6 +97,8 @@ impl Publisher {
                 .await
                 .is_ok(),
             Outlet::InProcess(link) => link.publish(&self.delivery, topic, retain, payload).await,
+            #[cfg(test)]
+            Outlet::Memory(broker) => broker.publish(&self.delivery, topic, retain, payload),
         };
         if !queued {
             tracing::warn!(

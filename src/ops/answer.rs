@@ -46,3 +46,26 @@ pub(super) async fn answer_from_cloud(
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use crate::ops::testing::Harness;
+    use crate::topics::Peer;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cloud_answer_nobody_waits_for_goes_to_edged() {
+        let mut h = Harness::new().await;
+        let answer = json!({
+            "header": {"msg_id": "cloud-1", "parent_msg_id": "nobody"},
+            "route": {"source": "cloud", "group": "meta", "operation": "response", "resource": "default/pod/p"},
+            "content": "OK",
+        })
+        .to_string();
+        let pkid = h.handle(Peer::Edgehub, answer.clone()).await;
+        let passed = h.published_to(Peer::Edged).await;
+        assert_eq!(passed.payload, answer.as_bytes());
+        assert_eq!(h.broker.acked().await, pkid);
+    }
+}

@@ -153,3 +153,104 @@ pub(super) async fn forward(
     settle(node, id);
     true
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{json, Value};
+
+    use crate::ops::testing::{message, pod, Harness};
+    use crate::topics::Peer;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_insert_is_stored_then_forwarded_whole_then_answered_then_acked() {
+        let mut h = Harness::new().await;
+        let insert = include_str!("../../tests/fixtures/insert-pod.message.json");
+        let pkid = h.handle(Peer::Edgehub, insert.as_bytes().to_vec()).await;
+
+        let key = "default/pod/nginx-7d9c5b8f4-x2k9p";
+        assert!(h.stored(key).await.is_some(), "stored");
+        let forward = h.published_to(Peer::Edged).await;
+        assert_eq!(
+            forward.payload,
+            insert.as_bytes(),
+            "passed on byte for byte"
+        );
+        let reply = h.published_to(Peer::Edgehub).await.json();
+        assert_eq!(reply["route"]["operation"], "response");
+        assert_eq!(reply["content"], "OK");
+        let sent: Value = serde_json::from_str(insert).unwrap();
+        assert_eq!(reply["header"]["parent_msg_id"], sent["header"]["msg_id"]);
+        assert_eq!(
+            h.broker.acked().await,
+            pkid,
+            "acked after its forward and reply"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_update_that_changes_nothing_is_answered_but_not_passed_on() {
+        let mut h = Harness::new().await;
+        let insert = message("i-1", "insert", "default/pod/p", pod("p"));
+        h.handle(Peer::Edgehub, insert).await;
+        h.published_to(Peer::Edged).await;
+        h.published_to(Peer::Edgehub).await;
+        h.broker.acked().await;
+
+        let same = message("u-1", "update", "default/pod/p", pod("p"));
+        let pkid = h.handle(Peer::Edgehub, same).await;
+        let reply = h.published_to(Peer::Edgehub).await.json();
+        assert_eq!(reply["header"]["parent_msg_id"], "u-1");
+        assert_eq!(reply["content"], "OK");
+        assert_eq!(h.broker.acked().await, pkid);
+        assert!(h.broker.published_now().is_empty(), "nothing for edged");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_delete_of_a_list_is_refused_and_changes_nothing() {
+        let mut h = Harness::new().await;
+        h.handle(
+            Peer::Edgehub,
+            message("i-1", "insert", "default/pod/p", pod("p")),
+        )
+        .await;
+        h.published_to(Peer::Edged).await;
+        h.published_to(Peer::Edgehub).await;
+        h.broker.acked().await;
+
+        let pkid = h
+            .handle(
+                Peer::Edgehub,
+                message("d-1", "delete", "default/pod", Value::Null),
+            )
+            .await;
+        let reply = h.published_to(Peer::Edgehub).await.json();
+        assert_eq!(reply["route"]["operation"], "error");
+        assert_eq!(reply["header"]["parent_msg_id"], "d-1");
+        assert!(
+            reply["content"].as_str().unwrap().contains("single object"),
+            "{reply}"
+        );
+        assert_eq!(h.broker.acked().await, pkid);
+        assert!(h.stored("default/pod/p").await.is_some(), "untouched");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_change_from_edged_goes_to_the_cloud_and_is_answered_to_edged() {
+        let mut h = Harness::new().await;
+        h.handle(
+            Peer::Edgehub,
+            message("c-1", "connect", "default/node/n", json!("cloud_connected")),
+        )
+        .await;
+        h.broker.acked().await;
+        let status = json!({"metadata": {"name": "p", "namespace": "default"}, "status": {"phase": "Running"}});
+        let update = message("e-1", "update", "default/podstatus/p", status.clone());
+        let pkid = h.handle(Peer::Edged, update.clone()).await;
+        let forward = h.published_to(Peer::Edgehub).await;
+        assert_eq!(forward.payload, update.as_bytes());
+        let reply = h.published_to(Peer::Edged).await.json();
+        assert_eq!(reply["header"]["parent_msg_id"], "e-1");
+        assert_eq!(h.broker.acked().await, pkid);
+        assert_eq!(h.stored("default/podstatus/p").await, Some(status));
+    }
+}

@@ -31,3 +31,39 @@ pub(super) fn connect(node: &Arc<Node>, sender: Peer, publish: Inbound, msg: Mes
     }
     finish(node, publish)
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use crate::ops::testing::{message, Harness};
+    use crate::topics::Peer;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connect_sets_the_cloud_state_and_answers_nothing() {
+        let mut h = Harness::new().await;
+        assert!(!h.node.cloud_connected(), "starts disconnected");
+        let pkid = h
+            .handle(
+                Peer::Edgehub,
+                message("c-1", "connect", "default/node/n", json!("cloud_connected")),
+            )
+            .await;
+        assert_eq!(h.broker.acked().await, pkid);
+        assert!(h.node.cloud_connected());
+        assert!(h.broker.published_now().is_empty(), "no reply to connect");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connect_from_edged_is_refused() {
+        let mut h = Harness::new().await;
+        h.handle(
+            Peer::Edged,
+            message("c-1", "connect", "default/node/n", json!("cloud_connected")),
+        )
+        .await;
+        let reply = h.published_to(Peer::Edged).await.json();
+        assert_eq!(reply["route"]["operation"], "error");
+        assert!(!h.node.cloud_connected());
+    }
+}

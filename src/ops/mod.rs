@@ -171,3 +171,104 @@ pub(super) async fn send_reply(node: &Node, to: Peer, payload: Vec<u8>, operatio
     node.metrics.replied(operation.as_str());
     node.publisher.send(to, payload).await;
 }
+
+/// What the operations' unit tests share: a node with a real store in a temporary directory and
+/// an in-memory broker ([`crate::mqtt::memory`]).
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::sync::Arc;
+
+    use serde_json::{json, Value};
+
+    use crate::config::Settings;
+    use crate::mqtt::memory::{self, MemoryBroker, Published};
+    use crate::mqtt::Incoming;
+    use crate::node::Node;
+    use crate::topics::{Peer, Topics};
+
+    pub(crate) struct Harness {
+        pub node: Arc<Node>,
+        pub broker: MemoryBroker,
+        incoming: Incoming,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Harness {
+        pub async fn new() -> Self {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let settings = Settings::from_yaml("").expect("defaults parse");
+            let store = crate::store::Store::open(
+                &dir.path().join("m.db"),
+                crate::store::StoreOptions::default(),
+            )
+            .expect("store opens");
+            let topics = Topics::new("edge", "test-node");
+            let (link, incoming, broker) = memory::link(topics.clone());
+            let node = Arc::new(Node::new(
+                &settings,
+                Arc::new(topics),
+                store,
+                link.publisher.clone(),
+                link.connected.clone(),
+            ));
+            Self {
+                node,
+                broker,
+                incoming,
+                _dir: dir,
+            }
+        }
+
+        /// The topic `peer` publishes to MetaManager on.
+        pub fn from(&self, peer: Peer) -> String {
+            let [edgehub, edged] = self.node.topics.inbound();
+            match peer {
+                Peer::Edgehub => edgehub.to_owned(),
+                Peer::Edged => edged.to_owned(),
+            }
+        }
+
+        /// The topic MetaManager publishes to `peer` on.
+        pub fn to(&self, peer: Peer) -> String {
+            self.node.topics.to(peer).to_owned()
+        }
+
+        /// Delivers `payload` from `peer` and runs its handling to the end, as the dispatcher
+        /// and the pipeline do; returns the packet id its ack will name.
+        pub async fn handle(&mut self, peer: Peer, payload: impl Into<bytes::Bytes>) -> u16 {
+            let pkid = self.broker.deliver(&self.from(peer), payload);
+            let message = self.incoming.recv().await.expect("delivered");
+            super::dispatch(&self.node, message).await.await;
+            pkid
+        }
+
+        /// The next publish, which must go to `peer`.
+        pub async fn published_to(&mut self, peer: Peer) -> Published {
+            let published = self.broker.published().await;
+            assert_eq!(published.topic, self.to(peer), "{:?}", published.json());
+            published
+        }
+
+        pub async fn stored(&self, key: &str) -> Option<Value> {
+            let json = self.node.store.get(key).await.expect("store reads")?;
+            Some(serde_json::from_str(&json).expect("stored JSON"))
+        }
+    }
+
+    /// A message as the wire carries it.
+    pub(crate) fn message(msg_id: &str, operation: &str, resource: &str, content: Value) -> String {
+        let mut m = json!({
+            "header": {"msg_id": msg_id},
+            "route": {"source": "test", "group": "resource", "operation": operation, "resource": resource},
+        });
+        if !content.is_null() {
+            m["content"] = content;
+        }
+        m.to_string()
+    }
+
+    /// A pod object named `name`.
+    pub(crate) fn pod(name: &str) -> Value {
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "default", "uid": format!("uid-{name}")}, "spec": {"containers": [{"name": "c", "image": "nginx"}]}})
+    }
+}

@@ -45,3 +45,63 @@ pub(super) fn query(node: &Arc<Node>, sender: Peer, publish: Inbound, msg: Messa
         node.publisher.ack(&publish);
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::Value;
+
+    use crate::ops::testing::{message, pod, Harness};
+    use crate::topics::Peer;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_query_reads_its_own_writes_and_lists_in_key_order() {
+        let mut h = Harness::new().await;
+        for name in ["b", "a"] {
+            let insert = message(
+                &format!("i-{name}"),
+                "insert",
+                &format!("default/pod/{name}"),
+                pod(name),
+            );
+            h.handle(Peer::Edgehub, insert).await;
+        }
+        let pkid = h
+            .handle(
+                Peer::Edged,
+                message("q-1", "query", "default/pod", Value::Null),
+            )
+            .await;
+        let answer = loop {
+            let p = h.broker.published().await;
+            if p.topic == h.to(Peer::Edged) && p.json()["header"]["parent_msg_id"] == "q-1" {
+                break p.json();
+            }
+        };
+        assert_eq!(answer["route"]["operation"], "response");
+        let names: Vec<&str> = answer["content"]
+            .as_array()
+            .expect("a list")
+            .iter()
+            .map(|o| o["metadata"]["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["a", "b"]);
+        let mut acked = Vec::new();
+        for _ in 0..3 {
+            acked.push(h.broker.acked().await);
+        }
+        assert_eq!(acked.last(), Some(&pkid), "acked last, in order: {acked:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_query_for_a_missing_local_type_is_an_empty_list() {
+        let mut h = Harness::new().await;
+        h.handle(
+            Peer::Edged,
+            message("q-1", "query", "default/pod/none", Value::Null),
+        )
+        .await;
+        let answer = h.published_to(Peer::Edged).await.json();
+        assert_eq!(answer["route"]["operation"], "response");
+        assert_eq!(answer["content"], serde_json::json!([]));
+    }
+}

@@ -144,3 +144,67 @@ async fn fill_from_cloud(node: &Node, query: &Message, answer: Message) {
     let reply = message::reply(query, Operation::Response, &content);
     send_reply(node, Peer::Edged, reply, Operation::Response).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{json, Value};
+
+    use crate::ops::testing::{message, Harness};
+    use crate::topics::Peer;
+
+    fn configmap(name: &str) -> Value {
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": "default"}, "data": {"k": "v"}})
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn without_the_cloud_a_missing_configmap_is_an_error_at_once() {
+        let mut h = Harness::new().await;
+        let pkid = h
+            .handle(
+                Peer::Edged,
+                message("q-1", "query", "default/configmap/c", Value::Null),
+            )
+            .await;
+        let reply = h.published_to(Peer::Edged).await.json();
+        assert_eq!(reply["route"]["operation"], "error");
+        assert!(
+            reply["content"]
+                .as_str()
+                .unwrap()
+                .contains("cloud is not connected"),
+            "{reply}"
+        );
+        assert_eq!(h.broker.acked().await, pkid);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_cloud_is_asked_and_its_answer_is_stored_and_given_to_edged() {
+        let mut h = Harness::new().await;
+        h.handle(
+            Peer::Edgehub,
+            message("c-1", "connect", "default/node/n", json!("cloud_connected")),
+        )
+        .await;
+        h.broker.acked().await;
+        h.handle(
+            Peer::Edged,
+            message("q-1", "query", "default/configmap/c", Value::Null),
+        )
+        .await;
+        let ask = h.published_to(Peer::Edgehub).await.json();
+        assert_eq!(ask["route"]["operation"], "query");
+        assert_eq!(ask["route"]["resource"], "default/configmap/c");
+        let asked_id = ask["header"]["msg_id"].as_str().unwrap().to_owned();
+
+        let answer = json!({
+            "header": {"msg_id": "cloud-1", "parent_msg_id": asked_id},
+            "route": {"source": "cloud", "group": "meta", "operation": "response", "resource": "default/configmap/c"},
+            "content": [configmap("c")],
+        });
+        h.handle(Peer::Edgehub, answer.to_string()).await;
+        let reply = h.published_to(Peer::Edged).await.json();
+        assert_eq!(reply["header"]["parent_msg_id"], "q-1");
+        assert_eq!(reply["content"], json!([configmap("c")]));
+        assert_eq!(h.stored("default/configmap/c").await, Some(configmap("c")));
+    }
+}

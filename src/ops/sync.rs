@@ -23,3 +23,26 @@ pub(super) fn sync_now(node: &Arc<Node>, sender: Peer, publish: Inbound, msg: Me
         node.publisher.ack(&publish);
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::Value;
+
+    use crate::ops::testing::{message, Harness};
+    use crate::topics::Peer;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn meta_internal_sync_is_answered_ok() {
+        let mut h = Harness::new().await;
+        let pkid = h
+            .handle(
+                Peer::Edged,
+                message("s-1", "meta-internal-sync", "default/pod", Value::Null),
+            )
+            .await;
+        let reply = h.published_to(Peer::Edged).await.json();
+        assert_eq!(reply["header"]["parent_msg_id"], "s-1");
+        assert_eq!(reply["content"], "OK");
+        assert_eq!(h.broker.acked().await, pkid);
+    }
+}
