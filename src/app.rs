@@ -12,17 +12,17 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
 use crate::broker::{BrokerError, BrokerOptions, EmbeddedBroker, DEFAULT_MAX_CONNECTIONS};
+use crate::cloud::CloudState;
 use crate::config::{BrokerMode, ConfigError, Settings};
 use crate::http::{self, HttpError};
-use crate::metasync;
-use crate::mqtt::{Incoming, Link, LinkOptions};
-use crate::node::{self, Node};
+use crate::metrics::Exporter;
+use crate::mqtt::{Incoming, Link, LinkOptions, Publisher};
 use crate::ops::{self, Step};
-use crate::outbox;
+use crate::status;
 use crate::store::{Store, StoreError, StoreOptions};
 use crate::tls::{self, TlsError};
 use crate::topics::Topics;
-use crate::watchdog::{BrokerUnresponsive, Watchdog};
+use crate::watchdog::{BrokerServing, BrokerUnresponsive, Watchdog};
 
 /// Steps queued between the dispatcher and the pipeline; bounds memory under a burst.
 const STEP_QUEUE: usize = 4096;
@@ -74,7 +74,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         };
         tokio::task::spawn_blocking(move || Store::open(&path, options))
             .await
-            .map_err(|e| StoreError::Commit(format!("store start-up task failed: {e}")))??
+            .map_err(|e| StoreError::Task(format!("start-up: {e}")))??
     };
     tracing::info!(path = %store.path().display(), "store open");
 
@@ -130,7 +130,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
                     client_id,
                     host: settings.mqtt.host.clone(),
                     port: settings.mqtt.port,
-                    offline_status: node::offline_status(&settings.node_id),
+                    offline_status: status::offline_status(&settings.node_id),
                     publish_credentials,
                     credentials,
                     tls,
@@ -140,13 +140,13 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
             )
         }
     };
-    let node = Arc::new(Node::new(
+    let ops = Arc::new(ops::Context::new(
         &settings,
         Arc::new(topics),
         store.clone(),
         link.publisher.clone(),
-        link.connected.clone(),
     ));
+    let serving = BrokerServing::default();
     tracing::info!(
         node_id = %settings.node_id,
         broker = %format!("{}:{}", settings.mqtt.host, settings.mqtt.port),
@@ -156,31 +156,43 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
 
     let (stop_tx, stop) = watch::channel(false);
     let (steps_tx, steps_rx) = mpsc::channel(STEP_QUEUE);
-    let dispatcher = tokio::spawn(run_dispatcher(
-        node.clone(),
-        inbound,
-        steps_tx,
-        stop.clone(),
-    ));
+    let dispatcher = tokio::spawn(run_dispatcher(ops.clone(), inbound, steps_tx, stop.clone()));
     let pipeline = tokio::spawn(run_pipeline(steps_rx));
     let session = tokio::spawn(keep_session(
-        node.clone(),
+        link.publisher.clone(),
+        settings.node_id.clone(),
+        ops.cloud.clone(),
         link.connected.clone(),
         stop.clone(),
     ));
-    let sync = tokio::spawn(metasync::run_periodic(
-        node.clone(),
-        settings.meta.sync.podstatus.interval,
-        stop.clone(),
-    ));
+    let sync = tokio::spawn(
+        ops.metasync
+            .clone()
+            .run_periodic(settings.meta.sync.podstatus.interval, stop.clone()),
+    );
+    let drain = tokio::spawn(
+        ops.outbox
+            .clone()
+            .run_drain(settings.outbox.clone(), stop.clone()),
+    );
 
-    let drain = tokio::spawn(outbox::run_drain(
-        node.clone(),
-        settings.outbox.clone(),
-        stop.clone(),
-    ));
-
-    let http = http_listener.map(|l| tokio::spawn(l.serve(node.clone(), stop.clone())));
+    let http = http_listener.map(|listener| {
+        let ctx = http::Context {
+            store: store.clone(),
+            exporter: Exporter {
+                metrics: ops.metrics.clone(),
+                store: store.clone(),
+                outbox: ops.outbox.clone(),
+                remote: ops.remote.clone(),
+                cloud: ops.cloud.clone(),
+                broker_connected: link.connected.clone(),
+                publisher: link.publisher.clone(),
+            },
+            broker_connected: link.connected.clone(),
+            serving: serving.clone(),
+        };
+        tokio::spawn(listener.serve(ctx, stop.clone()))
+    });
 
     let embedded_addr = embedded.as_ref().map(|(addr, _)| *addr);
     let mut watchdog = embedded.map(|(addr, credentials)| {
@@ -190,7 +202,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
             interval: settings.mqtt.watchdog_interval,
             timeout: settings.mqtt.watchdog_timeout,
         };
-        tokio::spawn(check.run(node.clone(), stop.clone()))
+        tokio::spawn(check.run(serving.clone(), stop.clone()))
     });
     let mut failure = None;
     match watchdog.as_mut() {
@@ -247,7 +259,9 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
             check.abort();
         }
     }
-    let offline = node.publisher.status(node.offline_status());
+    let offline = link
+        .publisher
+        .status(status::offline_status(&settings.node_id));
     if tokio::time::timeout(TASK_STOP_TIMEOUT, offline)
         .await
         .is_err()
@@ -266,7 +280,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
 }
 
 async fn run_dispatcher(
-    node: Arc<Node>,
+    ops: Arc<ops::Context>,
     mut inbound: Incoming,
     steps: mpsc::Sender<Step>,
     mut stop: watch::Receiver<bool>,
@@ -279,7 +293,7 @@ async fn run_dispatcher(
         let Some(publish) = publish else {
             break;
         };
-        let step = ops::dispatch(&node, publish).await;
+        let step = ops::dispatch(&ops, publish).await;
         if steps.send(step).await.is_err() {
             return;
         }
@@ -287,7 +301,7 @@ async fn run_dispatcher(
     // Stopping: hand on what already arrived (the broker sees it acknowledged once handled),
     // then end; what arrives later stays unacknowledged and is redelivered.
     while let Some(publish) = inbound.try_recv() {
-        let step = ops::dispatch(&node, publish).await;
+        let step = ops::dispatch(&ops, publish).await;
         if steps.send(step).await.is_err() {
             return;
         }
@@ -304,11 +318,14 @@ async fn run_pipeline(mut steps: mpsc::Receiver<Step>) {
 /// On every broker (re)connection: republish the online status (the link resubscribes). On every
 /// change of the cloud state: republish the status.
 async fn keep_session(
-    node: Arc<Node>,
+    publisher: Publisher,
+    node_id: String,
+    cloud_state: CloudState,
     mut connected: watch::Receiver<bool>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut cloud = node.watch_cloud();
+    let mut cloud = cloud_state.watch();
+    let online = || status::online_status(&node_id, cloud_state.connected());
     loop {
         tokio::select! {
             changed = connected.changed() => {
@@ -316,7 +333,7 @@ async fn keep_session(
                     return;
                 }
                 if *connected.borrow_and_update() {
-                    node.publisher.status(node.online_status()).await;
+                    publisher.status(online()).await;
                 }
             }
             changed = cloud.changed() => {
@@ -325,7 +342,7 @@ async fn keep_session(
                 }
                 cloud.borrow_and_update();
                 if *connected.borrow() {
-                    node.publisher.status(node.online_status()).await;
+                    publisher.status(online()).await;
                 }
             }
             _ = stop.changed() => return,

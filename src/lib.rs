@@ -17,22 +17,30 @@
 //! - [`message`]: the wire message, its validation, and the replies MetaManager builds.
 //! - [`resource`]: the `namespace/type[/name]` resource key.
 //! - [`ops`]: what each operation does, one file per operation, each split into an immediate part
-//!   and an ordered step.
+//!   and an ordered step; [`ops::Context`] is what they are given.
+//! - [`cloud`]: whether the cloud is connected, as edgehub last said.
 //! - [`remote`]: queries waiting for the cloud's answer.
 //! - [`metasync`]: the periodic pod-status sync to the cloud.
 //! - [`outbox`]: what waits for the cloud while it is away, and its paced sending.
 //! - [`http`]: the local HTTP endpoint: `/healthz`, `/readyz`, `/metrics`.
 //!   - [`http::kube`]: read-only Kubernetes-style API over the store, for `kubectl get`.
+//!   - [`http::scope`]: the kinds it serves, the scope of a list or watch, its error answers.
 //!   - [`http::selector`]: label and field selectors of list and watch requests.
 //!   - [`http::watch`]: watch streams fed by the store's change feed.
-//! - [`metrics`]: the Prometheus metrics served on `/metrics`.
+//! - [`metrics`]: the Prometheus metrics, and the [`metrics::Exporter`] that renders them with
+//!   the gauges read from their sources.
 //! - [`inspect`]: read-only access to a database for the `get`, `list` and `export` commands.
-//! - [`node`]: the state the running node's tasks share, and its status object.
-//! - [`store`]: SQLite with one writer thread (group commit) and reads beside it.
+//! - [`status`]: the status object on the status topic.
+//! - [`store`]: SQLite with one writer thread (group commit) and reads beside it, and its own
+//!   commit measurements.
+//!
+//! Each part is given what it uses when `app` builds it; nothing shares one object of
+//! everything, and no two modules import each other.
 
 pub mod app;
 pub mod broker;
 pub mod budget;
+pub mod cloud;
 pub mod config;
 pub mod delivery;
 pub mod http;
@@ -41,11 +49,11 @@ pub mod message;
 pub mod metasync;
 pub mod metrics;
 pub mod mqtt;
-pub mod node;
 pub mod ops;
 pub mod outbox;
 pub mod remote;
 pub mod resource;
+pub mod status;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

@@ -7,13 +7,16 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use tokio::sync::Mutex;
 
+use crate::cloud::CloudState;
 use crate::message::{self, Operation};
-use crate::node::Node;
-use crate::outbox;
+use crate::metrics::Metrics;
+use crate::outbox::{self, Outbox};
 use crate::resource::Resource;
-use crate::store::{StoreError, Write};
+use crate::store::{Store, StoreError, Write};
 
 const PODSTATUS: &str = "podstatus";
 
@@ -30,37 +33,52 @@ pub enum Report {
     },
 }
 
-/// Serialises runs, so the timer and an on-demand `meta-internal-sync` never overlap.
-#[derive(Default)]
+/// The sync, with what it reads and where it sends. Cheap to clone; clones share one lock that
+/// serialises runs, so the timer and an on-demand `meta-internal-sync` never overlap.
+#[derive(Clone)]
 pub struct MetaSync {
-    running: Mutex<()>,
+    store: Store,
+    outbox: Outbox,
+    cloud: CloudState,
+    metrics: Arc<Metrics>,
+    running: Arc<Mutex<()>>,
 }
 
 impl MetaSync {
-    pub async fn run(&self, node: &Node) -> Result<Report, StoreError> {
-        let result = self.run_once(node).await;
-        node.metrics.metasync(match &result {
+    pub fn new(store: Store, outbox: Outbox, cloud: CloudState, metrics: Arc<Metrics>) -> Self {
+        Self {
+            store,
+            outbox,
+            cloud,
+            metrics,
+            running: Arc::default(),
+        }
+    }
+
+    pub async fn run(&self) -> Result<Report, StoreError> {
+        let result = self.run_once().await;
+        self.metrics.metasync(match &result {
             Ok(Report::Synced { .. }) => "synced",
             Ok(Report::Skipped) => "skipped",
             Err(_) => {
-                node.metrics.error("metasync");
+                self.metrics.error("metasync");
                 "failed"
             }
         });
         result
     }
 
-    async fn run_once(&self, node: &Node) -> Result<Report, StoreError> {
+    async fn run_once(&self) -> Result<Report, StoreError> {
         let _guard = self.running.lock().await;
-        if !node.cloud_connected() {
+        if !self.cloud.connected() {
             return Ok(Report::Skipped);
         }
-        let statuses = node.store.list_type(PODSTATUS).await?;
+        let statuses = self.store.list_type(PODSTATUS).await?;
         let pod_keys: Vec<String> = statuses
             .iter()
             .map(|(key, _)| pod_key(key).unwrap_or_default())
             .collect();
-        let pod_exists = node.store.existing(pod_keys).await?;
+        let pod_exists = self.store.existing(pod_keys).await?;
 
         let mut by_namespace: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
         let mut removed = 0;
@@ -69,7 +87,7 @@ impl MetaSync {
                 let namespace = key.split('/').next().unwrap_or_default();
                 by_namespace.entry(namespace).or_default().push(value);
             } else {
-                node.store
+                self.store
                     .write(Write::Delete {
                         key: key.clone(),
                         uid: None,
@@ -87,7 +105,7 @@ impl MetaSync {
             );
             let resource = format!("{namespace}/{PODSTATUS}");
             let message = outbox::cloud_message(&resource, payload.into(), true);
-            outbox::send_to_cloud(node, message).await?;
+            self.outbox.send_to_cloud(message).await?;
         }
         let report = Report::Synced {
             namespaces: by_namespace.len(),
@@ -105,22 +123,24 @@ fn pod_key(podstatus_key: &str) -> Option<String> {
     Some(format!("{}/pod/{}", r.namespace(), r.name()?))
 }
 
-/// Runs MetaSync every `interval` until `shutdown` fires.
-pub async fn run_periodic(
-    node: std::sync::Arc<Node>,
-    interval: Duration,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
-) {
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {
-                if let Err(e) = node.metasync.run(&node).await {
-                    tracing::warn!(error = %e, "metasync failed");
+impl MetaSync {
+    /// Runs MetaSync every `interval` until `shutdown` fires.
+    pub async fn run_periodic(
+        self,
+        interval: Duration,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {
+                    if let Err(e) = self.run().await {
+                        tracing::warn!(error = %e, "metasync failed");
+                    }
                 }
+                _ = shutdown.changed() => return,
             }
-            _ = shutdown.changed() => return,
         }
     }
 }

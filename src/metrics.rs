@@ -6,7 +6,7 @@
 //! time instead of being mirrored on every change, so they cannot drift from their source.
 
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
@@ -16,8 +16,13 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
+use tokio::sync::watch;
 
-use crate::node::Node;
+use crate::cloud::CloudState;
+use crate::mqtt::Publisher;
+use crate::outbox::Outbox;
+use crate::remote::RemoteQueries;
+use crate::store::{Store, StoreMetrics};
 
 /// Every metric name starts with this.
 const PREFIX: &str = "metamanager";
@@ -62,33 +67,6 @@ impl RemoteOutcome {
             Self::Disconnected => "disconnected",
             Self::Refused => "refused",
         }
-    }
-}
-
-/// What the store's writer thread measures. It lives in the store (which knows nothing of the
-/// node) and is shared with [`Metrics`]; the histograms are handles onto the same values.
-#[derive(Clone, Debug)]
-pub struct StoreMetrics {
-    commit_seconds: Histogram,
-    batch_size: Histogram,
-}
-
-impl Default for StoreMetrics {
-    fn default() -> Self {
-        Self {
-            // 100 µs to about 3 s: an fsync on flash is milliseconds, a stalled disk seconds.
-            commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
-            // 1 to 512, the writer's largest batch.
-            batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
-        }
-    }
-}
-
-impl StoreMetrics {
-    /// One committed transaction of `changes` changes that took `elapsed`.
-    pub fn commit(&self, elapsed: Duration, changes: usize) {
-        self.commit_seconds.observe(elapsed.as_secs_f64());
-        self.batch_size.observe(changes as f64);
     }
 }
 
@@ -301,41 +279,53 @@ impl Metrics {
 }
 
 /// The Prometheus text exposition (OpenMetrics) of the node's metrics.
-pub fn render(node: &Node) -> String {
-    let m = &node.metrics;
-    let mirrored = m.mirrored.lock().unwrap_or_else(|p| p.into_inner());
-    m.outbox_len.set(gauge(node.store.outbox_len() as u64));
-    m.remote_pending.set(gauge(node.remote.len() as u64));
-    m.cloud_connected.set(i64::from(node.cloud_connected()));
-    m.broker_connected
-        .set(i64::from(*node.broker_connected.borrow()));
-    m.db_bytes.set(gauge(database_bytes(node.store.path())));
-    let dropped_expired = node
-        .outbox_stats
-        .dropped_expired
-        .load(std::sync::atomic::Ordering::Relaxed);
-    for (reason, total) in [
-        ("full", node.store.outbox_dropped_full()),
-        ("expired", dropped_expired),
-    ] {
-        let counter = mirrored.dropped.get_or_create(&ReasonLabel {
-            reason: reason.to_owned(),
-        });
-        counter.inc_by(total.saturating_sub(counter.get()));
+/// What `/metrics` reads besides the counters: the gauges' and mirrored counters' sources,
+/// read at render time.
+#[derive(Clone)]
+pub struct Exporter {
+    pub metrics: Arc<Metrics>,
+    pub store: Store,
+    pub outbox: Outbox,
+    pub remote: Arc<RemoteQueries>,
+    pub cloud: CloudState,
+    pub broker_connected: watch::Receiver<bool>,
+    pub publisher: Publisher,
+}
+
+impl Exporter {
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let m = &self.metrics;
+        let mirrored = m.mirrored.lock().unwrap_or_else(|p| p.into_inner());
+        m.outbox_len.set(gauge(self.store.outbox_len() as u64));
+        m.remote_pending.set(gauge(self.remote.len() as u64));
+        m.cloud_connected.set(i64::from(self.cloud.connected()));
+        m.broker_connected
+            .set(i64::from(*self.broker_connected.borrow()));
+        m.db_bytes.set(gauge(database_bytes(self.store.path())));
+        for (reason, total) in [
+            ("full", self.store.outbox_dropped_full()),
+            ("expired", self.outbox.dropped_expired()),
+        ] {
+            let counter = mirrored.dropped.get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            });
+            counter.inc_by(total.saturating_sub(counter.get()));
+        }
+        let resent = &mirrored.resent;
+        resent.inc_by(
+            self.publisher
+                .resent_publishes()
+                .saturating_sub(resent.get()),
+        );
+        let skipped = &mirrored.skipped;
+        skipped.inc_by(rumqttd::skipped_messages().saturating_sub(skipped.get()));
+        let mut out = String::new();
+        if let Err(e) = encode(&mut out, &m.registry) {
+            tracing::warn!(error = %e, "could not encode metrics");
+        }
+        out
     }
-    let resent = &mirrored.resent;
-    resent.inc_by(
-        node.publisher
-            .resent_publishes()
-            .saturating_sub(resent.get()),
-    );
-    let skipped = &mirrored.skipped;
-    skipped.inc_by(rumqttd::skipped_messages().saturating_sub(skipped.get()));
-    let mut out = String::new();
-    if let Err(e) = encode(&mut out, &m.registry) {
-        tracing::warn!(error = %e, "could not encode metrics");
-    }
-    out
 }
 
 fn gauge(v: u64) -> i64 {
@@ -355,13 +345,9 @@ fn database_bytes(path: &Path) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
-    use crate::config::Settings;
-    use crate::mqtt::{Link, LinkOptions};
-    use crate::store::{Store, StoreOptions, Write};
-    use crate::topics::Topics;
+    use crate::ops::testing::Harness;
+    use crate::store::Write;
 
     /// Every family the exposition must carry, as the parser names them.
     const FAMILIES: &[&str] = &[
@@ -381,31 +367,17 @@ mod tests {
         "metamanager_metasync_runs_total",
     ];
 
-    /// A node with a real store and a link to a broker that is not there (port 1 refuses).
-    fn node(dir: &Path) -> Node {
-        let settings = Settings::from_yaml("").expect("defaults parse");
-        let store = Store::open(&dir.join("m.db"), StoreOptions::default()).expect("store opens");
-        let topics = Topics::new("edge", "test-node");
-        let (link, _inbound) = Link::start(
-            LinkOptions {
-                client_id: "metrics-test".into(),
-                host: "127.0.0.1".into(),
-                port: 1,
-                offline_status: Vec::new(),
-                credentials: None,
-                publish_credentials: None,
-                tls: None,
-                inflight: Default::default(),
-            },
-            topics.clone(),
-        );
-        Node::new(
-            &settings,
-            Arc::new(topics),
-            store,
-            link.publisher.clone(),
-            link.connected.clone(),
-        )
+    /// The exporter of a context with a real store and an in-memory broker.
+    fn exporter(h: &Harness) -> Exporter {
+        Exporter {
+            metrics: h.ctx.metrics.clone(),
+            store: h.ctx.store.clone(),
+            outbox: h.ctx.outbox.clone(),
+            remote: h.ctx.remote.clone(),
+            cloud: h.ctx.cloud.clone(),
+            broker_connected: h.connected.clone(),
+            publisher: h.ctx.publisher.clone(),
+        }
     }
 
     fn sample<'a>(
@@ -430,8 +402,8 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread")]
     async fn render_parses_as_prometheus_text_and_carries_every_family() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let node = node(dir.path());
+        let h = Harness::new().await;
+        let node = &h.ctx;
         node.store
             .write(Write::Put {
                 key: "default/pod/a".into(),
@@ -447,9 +419,9 @@ mod tests {
         node.metrics
             .remote_query(RemoteOutcome::Timeout, Some(Duration::from_millis(20)));
         node.metrics.metasync("skipped");
-        node.set_cloud_connected(true);
+        node.cloud.set(true);
 
-        let text = render(&node);
+        let text = exporter(&h).render();
         let lines = text.lines().map(|l| Ok(l.to_owned()));
         let scrape = prometheus_parse::Scrape::parse(lines).expect("exposition parses");
         for family in FAMILIES {
@@ -499,8 +471,8 @@ mod tests {
     /// Messages handled by the real operations code move the counters they should.
     #[tokio::test(flavor = "multi_thread")]
     async fn handled_messages_are_counted_by_topic_operation_and_reason() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let node = Arc::new(node(dir.path()));
+        let h = Harness::new().await;
+        let node = h.ctx.clone();
         let [from_edgehub, from_edged] = node.topics.inbound().map(str::to_owned);
         let publish = |topic: &str, payload: &str| {
             crate::mqtt::Inbound::detached(topic, payload.as_bytes().to_vec())
@@ -518,7 +490,7 @@ mod tests {
                 .await
                 .await;
         }
-        let text = render(&node);
+        let text = exporter(&h).render();
         let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
             .expect("exposition parses");
         let count = |name: &str, labels: &[(&str, &str)]| {

@@ -14,23 +14,24 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::watch;
 
+use crate::cloud::CloudState;
 use crate::config::OutboxSettings;
-use crate::node::Node;
-use crate::store::{Change, CloudMessage, StoreError};
+use crate::mqtt::Publisher;
+use crate::store::{Change, CloudMessage, Store, StoreError};
 use crate::topics::Peer;
 
 /// The drain sends in small slices ten times a second.
 const TICK: Duration = Duration::from_millis(100);
 
-/// Counters of what the outbox did not deliver.
-#[derive(Default)]
-pub struct OutboxStats {
-    pub dropped_expired: AtomicU64,
-}
-
-/// Whether a message for the cloud must wait in the outbox rather than go out now.
-pub fn must_queue(node: &Node) -> bool {
-    !node.cloud_connected() || node.store.outbox_len() > 0
+/// The way to the cloud: straight out while it is connected and nothing older waits, else into
+/// the durable queue. Cheap to clone.
+#[derive(Clone)]
+pub struct Outbox {
+    store: Store,
+    publisher: Publisher,
+    cloud: CloudState,
+    /// Entries dropped for being older than `outbox.max_age`.
+    dropped_expired: Arc<AtomicU64>,
 }
 
 /// A message for the cloud, ready to be queued.
@@ -42,111 +43,132 @@ pub fn cloud_message(resource: &str, payload: Bytes, coalesce: bool) -> CloudMes
     }
 }
 
-/// Sends to edgehub now, or queues durably when it must wait.
-pub async fn send_to_cloud(node: &Node, message: CloudMessage) -> Result<(), StoreError> {
-    if must_queue(node) {
-        node.store
-            .write(Change {
-                to_cloud: Some(message),
-                ..Change::default()
-            })
-            .await?;
-    } else {
-        node.publisher.send(Peer::Edgehub, message.payload).await;
-    }
-    Ok(())
-}
-
-/// Sends the outbox whenever the cloud is connected and something is queued.
-pub async fn run_drain(node: Arc<Node>, settings: OutboxSettings, mut stop: watch::Receiver<bool>) {
-    let mut cloud = node.watch_cloud();
-    let per_tick = (settings.drain_rate as usize / 10).max(1);
-    let max_age_ms = settings.max_age.as_millis() as i64;
-    loop {
-        while !(node.cloud_connected() && node.store.outbox_len() > 0) {
-            tokio::select! {
-                _ = cloud.changed() => {}
-                _ = node.store.outbox_changed() => {}
-                // A queued entry can race a reconnect; look again now and then.
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = stop.changed() => return,
-            }
-        }
-        tracing::info!(
-            queued = node.store.outbox_len(),
-            rate = settings.drain_rate,
-            "cloud connected: sending the outbox"
-        );
-        match drain(&node, per_tick, max_age_ms, &mut stop).await {
-            Ok(true) => tracing::info!("outbox sent"),
-            Ok(false) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, "outbox drain failed; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
-        if *stop.borrow() {
-            return;
+impl Outbox {
+    pub fn new(store: Store, publisher: Publisher, cloud: CloudState) -> Self {
+        Self {
+            store,
+            publisher,
+            cloud,
+            dropped_expired: Arc::default(),
         }
     }
-}
 
-/// Sends until the outbox is empty (`true`), the cloud goes away or shutdown starts (`false`).
-async fn drain(
-    node: &Node,
-    per_tick: usize,
-    max_age_ms: i64,
-    stop: &mut watch::Receiver<bool>,
-) -> Result<bool, StoreError> {
-    loop {
-        if !node.cloud_connected() || *stop.borrow() {
-            return Ok(false);
+    /// Whether a message for the cloud must wait in the outbox rather than go out now.
+    pub fn must_queue(&self) -> bool {
+        !self.cloud.connected() || self.store.outbox_len() > 0
+    }
+
+    /// Entries dropped since start for being older than `outbox.max_age`.
+    pub fn dropped_expired(&self) -> u64 {
+        self.dropped_expired.load(Ordering::Relaxed)
+    }
+
+    /// Sends to edgehub now, or queues durably when it must wait.
+    pub async fn send_to_cloud(&self, message: CloudMessage) -> Result<(), StoreError> {
+        if self.must_queue() {
+            self.store
+                .write(Change {
+                    to_cloud: Some(message),
+                    ..Change::default()
+                })
+                .await?;
+        } else {
+            self.publisher.send(Peer::Edgehub, message.payload).await;
         }
-        let batch = node.store.outbox_batch(per_tick).await?;
-        if batch.is_empty() {
-            return Ok(true);
-        }
-        let now = crate::message::now_millis();
-        let mut done = Vec::with_capacity(batch.len());
-        let mut expired = 0u64;
-        for entry in batch {
-            if !node.cloud_connected() {
-                break;
-            }
-            if now - entry.created_ms > max_age_ms {
-                expired += 1;
-            } else {
-                node.publisher.send(Peer::Edgehub, entry.payload).await;
-            }
-            done.push(entry.seq);
-        }
-        if expired > 0 {
-            node.outbox_stats
-                .dropped_expired
-                .fetch_add(expired, Ordering::Relaxed);
-            tracing::warn!(expired, "outbox messages older than outbox.max_age dropped");
-        }
-        // Removed once the broker has acknowledged them: until then they live only in the MQTT
-        // client, and a crash in between sends them again (at least once), never loses them.
-        let mark = node.publisher.delivery.mark();
-        let mut confirmed = node.publisher.delivery.confirmed();
-        tokio::select! {
-            acked = confirmed.wait_for(|c| *c >= mark) => {
-                if acked.is_err() {
-                    return Ok(false);
+        Ok(())
+    }
+
+    /// Sends the outbox whenever the cloud is connected and something is queued.
+    pub async fn run_drain(self, settings: OutboxSettings, mut stop: watch::Receiver<bool>) {
+        let mut cloud = self.cloud.watch();
+        let per_tick = (settings.drain_rate as usize / 10).max(1);
+        let max_age_ms = settings.max_age.as_millis() as i64;
+        loop {
+            while !(self.cloud.connected() && self.store.outbox_len() > 0) {
+                tokio::select! {
+                    _ = cloud.changed() => {}
+                    _ = self.store.outbox_changed() => {}
+                    // A queued entry can race a reconnect; look again now and then.
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = stop.changed() => return,
                 }
             }
-            _ = stop.changed() => return Ok(false),
+            tracing::info!(
+                queued = self.store.outbox_len(),
+                rate = settings.drain_rate,
+                "cloud connected: sending the outbox"
+            );
+            match self.drain(per_tick, max_age_ms, &mut stop).await {
+                Ok(true) => tracing::info!("outbox sent"),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "outbox drain failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+            if *stop.borrow() {
+                return;
+            }
         }
-        node.store
-            .write(Change {
-                outbox_done: done,
-                ..Change::default()
-            })
-            .await?;
-        tokio::select! {
-            _ = tokio::time::sleep(TICK) => {}
-            _ = stop.changed() => return Ok(false),
+    }
+
+    /// Sends until the outbox is empty (`true`), the cloud goes away or shutdown starts
+    /// (`false`).
+    async fn drain(
+        &self,
+        per_tick: usize,
+        max_age_ms: i64,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<bool, StoreError> {
+        loop {
+            if !self.cloud.connected() || *stop.borrow() {
+                return Ok(false);
+            }
+            let batch = self.store.outbox_batch(per_tick).await?;
+            if batch.is_empty() {
+                return Ok(true);
+            }
+            let now = crate::message::now_millis();
+            let mut done = Vec::with_capacity(batch.len());
+            let mut expired = 0u64;
+            for entry in batch {
+                if !self.cloud.connected() {
+                    break;
+                }
+                if now - entry.created_ms > max_age_ms {
+                    expired += 1;
+                } else {
+                    self.publisher.send(Peer::Edgehub, entry.payload).await;
+                }
+                done.push(entry.seq);
+            }
+            if expired > 0 {
+                self.dropped_expired.fetch_add(expired, Ordering::Relaxed);
+                tracing::warn!(expired, "outbox messages older than outbox.max_age dropped");
+            }
+            // Removed once the broker has acknowledged them: until then they live only in the
+            // MQTT client, and a crash in between sends them again (at least once), never loses
+            // them.
+            let mark = self.publisher.delivery.mark();
+            let mut confirmed = self.publisher.delivery.confirmed();
+            tokio::select! {
+                acked = confirmed.wait_for(|c| *c >= mark) => {
+                    if acked.is_err() {
+                        return Ok(false);
+                    }
+                }
+                _ = stop.changed() => return Ok(false),
+            }
+            self.store
+                .write(Change {
+                    outbox_done: done,
+                    ..Change::default()
+                })
+                .await?;
+            tokio::select! {
+                _ = tokio::time::sleep(TICK) => {}
+                _ = stop.changed() => return Ok(false),
+            }
         }
     }
 }

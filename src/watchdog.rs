@@ -8,13 +8,13 @@
 //! starts it again, with a new broker.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
 use crate::broker;
-use crate::node::Node;
 
 /// How long one check may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -39,6 +39,27 @@ impl BrokerUnresponsive {
     }
 }
 
+/// Whether the embedded broker passed the watchdog's last check. Starts, and with an external
+/// broker (which has its own supervision) stays, true. Cheap to clone.
+#[derive(Clone)]
+pub struct BrokerServing(Arc<AtomicBool>);
+
+impl Default for BrokerServing {
+    fn default() -> Self {
+        Self(Arc::new(AtomicBool::new(true)))
+    }
+}
+
+impl BrokerServing {
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn set(&self, serving: bool) {
+        self.0.store(serving, Ordering::Relaxed);
+    }
+}
+
 pub struct Watchdog {
     pub addr: SocketAddr,
     pub credentials: Option<(String, String)>,
@@ -50,7 +71,7 @@ impl Watchdog {
     /// Checks until `stop`; returns an error when the broker failed every check for `timeout`.
     pub async fn run(
         self,
-        node: Arc<Node>,
+        serving: BrokerServing,
         mut stop: watch::Receiver<bool>,
     ) -> Result<(), BrokerUnresponsive> {
         let mut failing_since: Option<Instant> = None;
@@ -74,11 +95,11 @@ impl Watchdog {
                     if failing_since.take().is_some() {
                         tracing::info!(addr = %self.addr, "embedded broker accepts connections again");
                     }
-                    node.set_broker_serving(true);
+                    serving.set(true);
                 }
                 Err(e) => {
                     let since = *failing_since.get_or_insert_with(Instant::now);
-                    node.set_broker_serving(false);
+                    serving.set(false);
                     let failing_for = since.elapsed();
                     tracing::error!(addr = %self.addr, error = %e, ?failing_for, "embedded broker check failed");
                     if failing_for >= self.timeout {

@@ -2,7 +2,7 @@
 //! Kubernetes-style API in [`kube`].
 //!
 //! The listener is bound before anything else starts, so a port that is taken stops start-up
-//! with the address in the error; it serves once the node exists and stops with the other
+//! with the address in the error; it serves once the other parts exist and stops with the other
 //! tasks, on the same stop signal.
 
 use std::net::SocketAddr;
@@ -16,13 +16,16 @@ use axum::{Json, Router};
 use tokio::net::TcpListener;
 use tokio::sync::watch as flag;
 
-use crate::node::Node;
+use crate::metrics::Exporter;
+use crate::store::Store;
+use crate::watchdog::BrokerServing;
 
 pub mod kube;
+pub mod scope;
 pub mod selector;
 pub mod watch;
 
-/// Content type of the OpenMetrics text that [`crate::metrics::render`] writes.
+/// Content type of the OpenMetrics text that [`Exporter::render`] writes.
 const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 #[derive(Debug, thiserror::Error)]
@@ -34,17 +37,35 @@ pub enum HttpError {
     },
 }
 
-/// What handlers share: the node, and the stop flag that ends open watches on shutdown
+/// What the endpoint serves from, given at construction.
+pub struct Context {
+    /// Read by the Kubernetes-style API and the readiness probe.
+    pub store: Store,
+    /// `/metrics`.
+    pub exporter: Exporter,
+    /// Whether MetaManager's link to the broker is up, for the readiness probe.
+    pub broker_connected: flag::Receiver<bool>,
+    /// Whether the embedded broker accepts clients, for both probes.
+    pub serving: BrokerServing,
+}
+
+/// What handlers share: the context, and the stop flag that ends open watches on shutdown
 /// (graceful shutdown waits for every connection, and a watch would otherwise never end).
 #[derive(Clone)]
 pub struct HttpState {
-    pub node: Arc<Node>,
+    pub ctx: Arc<Context>,
     pub stop: flag::Receiver<bool>,
 }
 
-impl FromRef<HttpState> for Arc<Node> {
+impl FromRef<HttpState> for Arc<Context> {
     fn from_ref(state: &HttpState) -> Self {
-        state.node.clone()
+        state.ctx.clone()
+    }
+}
+
+impl FromRef<HttpState> for Store {
+    fn from_ref(state: &HttpState) -> Self {
+        state.ctx.store.clone()
     }
 }
 
@@ -66,11 +87,11 @@ impl Listener {
     }
 
     /// Serves until `stop` turns true; requests in progress finish, open watches end.
-    pub async fn serve(self, node: Arc<Node>, stop: flag::Receiver<bool>) {
+    pub async fn serve(self, ctx: Context, stop: flag::Receiver<bool>) {
         let addr = self.local_addr();
         tracing::info!(addr = ?addr, "HTTP endpoint listening");
         let app = router(HttpState {
-            node,
+            ctx: Arc::new(ctx),
             stop: stop.clone(),
         });
         let mut stop = stop;
@@ -103,8 +124,8 @@ pub fn router(state: HttpState) -> Router {
 /// Alive while the process answers and, with the embedded broker, while that broker accepts
 /// new connections (its watchdog's last check): a node whose broker stopped serving is not
 /// alive for edged and edgehub, whatever MetaManager's own connections say.
-async fn healthz(State(node): State<Arc<Node>>) -> Response {
-    if node.broker_serving() {
+async fn healthz(State(ctx): State<Arc<Context>>) -> Response {
+    if ctx.serving.get() {
         "ok".into_response()
     } else {
         (
@@ -117,10 +138,10 @@ async fn healthz(State(node): State<Arc<Node>>) -> Response {
 
 /// Ready when the store takes writes, the broker connections are up and (embedded) the broker
 /// accepts new clients: without all three, no message can be handled.
-async fn readyz(State(node): State<Arc<Node>>) -> Response {
-    let store = node.store.is_open();
-    let broker = *node.broker_connected.borrow();
-    let serving = node.broker_serving();
+async fn readyz(State(ctx): State<Arc<Context>>) -> Response {
+    let store = ctx.store.is_open();
+    let broker = *ctx.broker_connected.borrow();
+    let serving = ctx.serving.get();
     let body = serde_json::json!({
         "store": if store { "ok" } else { "closed" },
         "broker": if !serving { "not serving" } else if broker { "connected" } else { "disconnected" },
@@ -133,10 +154,10 @@ async fn readyz(State(node): State<Arc<Node>>) -> Response {
     (code, Json(body)).into_response()
 }
 
-async fn metrics(State(node): State<Arc<Node>>) -> Response {
+async fn metrics(State(ctx): State<Arc<Context>>) -> Response {
     (
         [(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)],
-        crate::metrics::render(&node),
+        ctx.exporter.render(),
     )
         .into_response()
 }

@@ -15,8 +15,8 @@ use serde_json::{json, Value};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{mpsc, watch};
 
-use super::kube::{self, ApiError, Scope};
-use crate::node::Node;
+use super::scope::{self, ApiError, Scope};
+use crate::store::Store;
 use crate::store::{ChangeKind, StoreEvent};
 
 /// A bare newline this often keeps an idle stream (and proxies on the way) from timing out;
@@ -29,7 +29,7 @@ const WATCHER_BUFFER: usize = 64;
 /// `ADDED`, as kube-apiserver does; from a version (a list's `resourceVersion`), the changes
 /// after it are sent, recorded ones first, or an `ERROR` (410) when they are no longer known.
 pub async fn respond(
-    node: Arc<Node>,
+    store: Store,
     stop: watch::Receiver<bool>,
     scope: Scope,
     version: Option<u64>,
@@ -38,17 +38,17 @@ pub async fn respond(
         None => {
             // Subscribed before the objects are read, and changes up to `seen` are in what
             // is read: nothing falls between, nothing is sent twice.
-            let changes = node.store.subscribe_changes();
-            let seen = node.store.feed_position();
+            let changes = store.subscribe_changes();
+            let seen = store.feed_position();
             let first = scope
-                .current(&node)
+                .current(&store)
                 .await?
                 .iter()
                 .map(|object| event_line("ADDED", object))
                 .collect();
             (changes, first, seen)
         }
-        Some(version) => match node.store.changes_since(version) {
+        Some(version) => match store.changes_since(version) {
             Ok((changes, backlog)) => {
                 let seen = backlog.last().map_or(version, |e| e.seq.max(version));
                 let first = backlog.iter().filter_map(|e| encode(&scope, e)).collect();
@@ -56,7 +56,7 @@ pub async fn respond(
             }
             Err(expired) => {
                 let status =
-                    kube::status_object(StatusCode::GONE, "Expired", expired.to_string(), None);
+                    scope::status_object(StatusCode::GONE, "Expired", expired.to_string(), None);
                 return Ok(stream_response(Body::from(event_line("ERROR", &status))));
             }
         },
@@ -123,7 +123,7 @@ async fn feed(
             Ok(event) => event,
             Err(RecvError::Lagged(missed)) => {
                 tracing::debug!(missed, "watcher fell behind the change feed");
-                let status = kube::status_object(
+                let status = scope::status_object(
                     StatusCode::GONE,
                     "Expired",
                     "watch fell behind; list again".into(),
@@ -184,7 +184,7 @@ fn encode(scope: &Scope, event: &StoreEvent) -> Option<Bytes> {
         let stub = json!({"metadata": {"name": name, "namespace": ns}});
         return scope
             .matches(&event.key, &stub)
-            .then(|| event_line("DELETED", &kube::served(scope.kind, stub)));
+            .then(|| event_line("DELETED", &scope::served(scope.kind, stub)));
     }
     if !scope.matches(&event.key, &value) {
         return None;
@@ -194,7 +194,7 @@ fn encode(scope: &Scope, event: &StoreEvent) -> Option<Bytes> {
         ChangeKind::Modified => "MODIFIED",
         ChangeKind::Deleted => "DELETED",
     };
-    Some(event_line(kind, &kube::served(scope.kind, value)))
+    Some(event_line(kind, &scope::served(scope.kind, value)))
 }
 
 fn event_line(kind: &str, object: &Value) -> Bytes {

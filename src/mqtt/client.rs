@@ -17,11 +17,8 @@ use rumqttc::{
 };
 use tokio::sync::mpsc;
 
-use super::publish::Outlet;
-use super::publish::PendingAck;
-use super::unacked::Taken;
-use super::unacked::Unacked;
-use super::{Closing, Connected, Inbound, Incoming, Link, Source, Tasks};
+use super::unacked::{PendingAck, Taken, Unacked};
+use super::{Closing, Connected, Inbound, Incoming, Link, Outlet, Source, Tasks};
 use crate::budget::{self, InboundBudget};
 use crate::delivery::{Delivery, MAX_OUTSTANDING};
 use crate::topics::Topics;

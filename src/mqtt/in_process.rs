@@ -24,10 +24,8 @@ use rumqttd::protocol::{
 use rumqttd::Notification;
 use tokio::sync::mpsc;
 
-use super::publish::Outlet;
-use super::publish::PendingAck;
-use super::unacked::Unacked;
-use super::{Closing, Connected, Inbound, Incoming, Link, Source, Tasks};
+use super::unacked::{PendingAck, Unacked};
+use super::{Closing, Connected, Inbound, Incoming, Link, Outlet, Source, Tasks};
 use crate::broker::OwnLinks;
 use crate::budget::{self, InboundBudget};
 use crate::delivery::Delivery;

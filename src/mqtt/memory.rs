@@ -13,9 +13,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::publish::{Outlet, PendingAck};
-use super::unacked::Unacked;
-use super::{Closing, Connected, Inbound, Incoming, Link, Publisher, Source, Tasks};
+use super::unacked::{PendingAck, Unacked};
+use super::{Closing, Connected, Inbound, Incoming, Link, Outlet, Publisher, Source, Tasks};
 use crate::budget::{InboundBudget, Limits};
 use crate::delivery::Delivery;
 use crate::topics::Topics;

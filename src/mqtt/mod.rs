@@ -92,6 +92,16 @@ impl Incoming {
     }
 }
 
+/// Where publishes go: the sending connection's client, or the in-process sending link.
+#[derive(Clone)]
+pub(crate) enum Outlet {
+    Client(rumqttc::AsyncClient),
+    InProcess(Arc<in_process::Sending>),
+    /// The unit tests' broker in memory.
+    #[cfg(test)]
+    Memory(Arc<memory::MemoryOutlet>),
+}
+
 /// The running link.
 pub struct Link {
     pub publisher: Publisher,

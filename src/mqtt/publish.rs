@@ -12,33 +12,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use rumqttc::{AsyncClient, QoS};
+use rumqttc::QoS;
 use tokio::sync::mpsc;
 
-use super::in_process::Sending;
-use super::unacked::{Taken, Unacked};
-use super::Inbound;
+use super::unacked::{PendingAck, Unacked};
+use super::{Inbound, Outlet};
 use crate::delivery::Delivery;
 use crate::topics::{Peer, Topics};
-
-/// An inbound message's broker ack, held until the publishes before it are confirmed.
-pub(crate) struct PendingAck {
-    pub pkid: u16,
-    /// [`Delivery::mark`] when the ack was asked for.
-    pub after: u64,
-    /// The connection the message came on, and its share of the inbound budget.
-    pub taken: Taken,
-}
-
-/// Where publishes go: the sending connection's client, or the in-process sending link.
-#[derive(Clone)]
-pub(crate) enum Outlet {
-    Client(AsyncClient),
-    InProcess(Arc<Sending>),
-    /// The unit tests' broker in memory.
-    #[cfg(test)]
-    Memory(Arc<super::memory::MemoryOutlet>),
-}
 
 /// Sends to the broker; cheap to clone and safe to use from any task.
 #[derive(Clone)]

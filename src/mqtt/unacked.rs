@@ -45,6 +45,15 @@ pub(crate) struct Taken {
     pub permit: Permit,
 }
 
+/// An inbound message's broker ack, held until the publishes before it are confirmed.
+pub(crate) struct PendingAck {
+    pub pkid: u16,
+    /// [`crate::delivery::Delivery::mark`] when the ack was asked for.
+    pub after: u64,
+    /// The connection the message came on, and its share of the inbound budget.
+    pub taken: Taken,
+}
+
 impl Unacked {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())

@@ -4,16 +4,15 @@ use std::sync::Arc;
 
 use crate::message::Message;
 use crate::mqtt::Inbound;
-use crate::node::Node;
 use crate::remote::Answer;
 use crate::store::Change;
 use crate::topics::Peer;
 
-use super::{settle, store_failed, Step};
+use super::{settle, store_failed, Context, Step};
 
 /// The cloud's response or error: completes the remote query it answers, else goes to edged.
 pub(super) async fn answer_from_cloud(
-    node: &Arc<Node>,
+    ctx: &Arc<Context>,
     publish: Inbound,
     message: Message,
 ) -> Step {
@@ -21,28 +20,28 @@ pub(super) async fn answer_from_cloud(
         msg_id: Some(message.msg_id().to_owned()),
         ..Change::default()
     };
-    let committed = match node.store.submit(change).await {
+    let committed = match ctx.store.submit(change).await {
         Ok(c) => c,
-        Err(e) => return store_failed(node, Peer::Edgehub, publish, message, e),
+        Err(e) => return store_failed(ctx, Peer::Edgehub, publish, message, e),
     };
-    let node = node.clone();
+    let ctx = ctx.clone();
     Box::pin(async move {
         // Nothing stored, so nothing can supersede an answer: an unsettled redelivery is
         // always handled again, a settled one only acked.
         if let Ok(Ok(applied)) = committed.await {
             if applied.settled() {
-                node.publisher.ack(&publish);
+                ctx.publisher.ack(&publish);
                 return;
             }
         }
         let id = message.msg_id().to_owned();
         // A claimed answer is settled by the query waiting for it, once it has replied.
-        if let Err(unclaimed) = node.remote.complete(Answer { message, publish }) {
-            node.publisher
+        if let Err(unclaimed) = ctx.remote.complete(Answer { message, publish }) {
+            ctx.publisher
                 .send(Peer::Edged, unclaimed.publish.payload.clone())
                 .await;
-            settle(&node, &id);
-            node.publisher.ack(&unclaimed.publish);
+            settle(&ctx, &id);
+            ctx.publisher.ack(&unclaimed.publish);
         }
     })
 }

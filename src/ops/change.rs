@@ -4,13 +4,13 @@ use std::sync::Arc;
 
 use crate::message::{self, Message, Operation};
 use crate::mqtt::Inbound;
-use crate::node::Node;
 use crate::outbox;
 use crate::store::{self, Applied, Change, Outcome, StoreError, Write};
 use crate::topics::Peer;
 
 use super::{
-    refuse_message, report_not_queued, report_store_error, send_reply, settle, store_failed, Step,
+    refuse_message, report_not_queued, report_store_error, send_reply, settle, store_failed,
+    Context, Step,
 };
 
 #[derive(Clone, Copy)]
@@ -22,7 +22,7 @@ pub(super) enum WriteKind {
 
 /// insert, update, delete: store, then forward to the other side, then ack.
 pub(super) async fn change(
-    node: &Arc<Node>,
+    ctx: &Arc<Context>,
     sender: Peer,
     publish: Inbound,
     msg: Message,
@@ -34,20 +34,20 @@ pub(super) async fn change(
             "{op} needs a single object (namespace/type/name), not the list {}",
             msg.resource
         );
-        return refuse_message(node, sender, publish, &msg, text);
+        return refuse_message(ctx, sender, publish, &msg, text);
     };
     let key = msg.resource.key().to_owned();
     let rtype = msg.resource.rtype().to_owned();
     let write = match kind {
         WriteKind::Delete => Write::Delete {
             uid: (rtype == "pod")
-                .then(|| store::stored_uid(msg.content_json()))
+                .then(|| store::object_uid(msg.content_json()))
                 .flatten(),
             key,
         },
         WriteKind::Put | WriteKind::PutIfChanged => {
             let Some(value) = msg.content.clone() else {
-                return refuse_message(node, sender, publish, &msg, format!("{op} needs content"));
+                return refuse_message(ctx, sender, publish, &msg, format!("{op} needs content"));
             };
             match kind {
                 WriteKind::Put => Write::Put { key, rtype, value },
@@ -58,43 +58,43 @@ pub(super) async fn change(
     let change = Change {
         msg_id: Some(msg.msg_id().to_owned()),
         write: Some(write),
-        to_cloud: queue_for_cloud(node, sender.other(), &msg, &publish, kind),
+        to_cloud: queue_for_cloud(ctx, sender.other(), &msg, &publish, kind),
         ..Change::default()
     };
-    let committed = match node.store.submit(change).await {
+    let committed = match ctx.store.submit(change).await {
         Ok(c) => c,
-        Err(e) => return store_failed(node, sender, publish, msg, e),
+        Err(e) => return store_failed(ctx, sender, publish, msg, e),
     };
-    let node = node.clone();
+    let ctx = ctx.clone();
     Box::pin(async move {
         match committed.await.unwrap_or(Err(StoreError::Closed)) {
             Ok(applied) => {
                 // An update that changes nothing is not news to the other side.
                 let passed_on = applied.outcome == Outcome::Unchanged || {
                     let coalesce = matches!(kind, WriteKind::PutIfChanged);
-                    forward(&node, sender.other(), &msg, &publish, applied, coalesce).await
+                    forward(&ctx, sender.other(), &msg, &publish, applied, coalesce).await
                 };
                 if passed_on {
-                    send_reply(&node, sender, message::ack(&msg), Operation::Response).await;
+                    send_reply(&ctx, sender, message::ack(&msg), Operation::Response).await;
                 } else {
-                    report_not_queued(&node, sender, &msg).await;
+                    report_not_queued(&ctx, sender, &msg).await;
                 }
             }
-            Err(e) => report_store_error(&node, sender, &msg, &e).await,
+            Err(e) => report_store_error(&ctx, sender, &msg, &e).await,
         }
-        node.publisher.ack(&publish);
+        ctx.publisher.ack(&publish);
     })
 }
 
 /// The outbox entry for a change bound for the cloud, when it must wait for the cloud.
 pub(super) fn queue_for_cloud(
-    node: &Node,
+    ctx: &Context,
     to: Peer,
     msg: &Message,
     publish: &Inbound,
     kind: WriteKind,
 ) -> Option<store::CloudMessage> {
-    (to == Peer::Edgehub && outbox::must_queue(node)).then(|| {
+    (to == Peer::Edgehub && ctx.outbox.must_queue()).then(|| {
         let coalesce = matches!(kind, WriteKind::PutIfChanged);
         outbox::cloud_message(msg.resource.key(), publish.payload.clone(), coalesce)
     })
@@ -108,7 +108,7 @@ pub(super) fn queue_for_cloud(
 /// stored state, so a late copy of an insert never brings back what a later delete removed.
 /// `false` when a message for the cloud could not be queued.
 pub(super) async fn forward(
-    node: &Node,
+    ctx: &Context,
     to: Peer,
     msg: &Message,
     publish: &Inbound,
@@ -127,7 +127,7 @@ pub(super) async fn forward(
                 "redelivered message superseded by a later change; acked, not passed on"
             );
             // Nothing to deliver: settled with the next commit.
-            node.store.settle(id, 0);
+            ctx.store.settle(id, 0);
             return true;
         }
         Outcome::Duplicate { .. } => tracing::info!(
@@ -138,19 +138,19 @@ pub(super) async fn forward(
     }
     match to {
         Peer::Edged => {
-            node.publisher
+            ctx.publisher
                 .send(Peer::Edged, publish.payload.clone())
                 .await
         }
         Peer::Edgehub => {
             let m = outbox::cloud_message(msg.resource.key(), publish.payload.clone(), coalesce);
-            if let Err(e) = outbox::send_to_cloud(node, m).await {
+            if let Err(e) = ctx.outbox.send_to_cloud(m).await {
                 tracing::error!(msg_id = id, error = %e, "could not queue a message for the cloud");
                 return false;
             }
         }
     }
-    settle(node, id);
+    settle(ctx, id);
     true
 }
 

@@ -4,16 +4,15 @@ use std::sync::Arc;
 
 use crate::message::Message;
 use crate::mqtt::Inbound;
-use crate::node::Node;
 use crate::topics::Peer;
 
-use super::{finish, refuse_message, Step};
+use super::{finish, refuse_message, Context, Step};
 
 /// connect: edgehub reports whether the cloud is reachable. No reply.
-pub(super) fn connect(node: &Arc<Node>, sender: Peer, publish: Inbound, msg: Message) -> Step {
+pub(super) fn connect(ctx: &Arc<Context>, sender: Peer, publish: Inbound, msg: Message) -> Step {
     if sender != Peer::Edgehub {
         let text = "connect is accepted only from edgehub".to_owned();
-        return refuse_message(node, sender, publish, &msg, text);
+        return refuse_message(ctx, sender, publish, &msg, text);
     }
     let connected = match serde_json::from_str::<String>(msg.content_json()).as_deref() {
         Ok("cloud_connected") => true,
@@ -23,13 +22,13 @@ pub(super) fn connect(node: &Arc<Node>, sender: Peer, publish: Inbound, msg: Mes
                 "connect content must be \"cloud_connected\" or \"cloud_disconnected\", not {}",
                 msg.content_json()
             );
-            return refuse_message(node, sender, publish, &msg, text);
+            return refuse_message(ctx, sender, publish, &msg, text);
         }
     };
-    if node.set_cloud_connected(connected) {
+    if ctx.cloud.set(connected) {
         tracing::info!(connected, "cloud connection changed");
     }
-    finish(node, publish)
+    finish(ctx, publish)
 }
 
 #[cfg(test)]
@@ -42,7 +41,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn connect_sets_the_cloud_state_and_answers_nothing() {
         let mut h = Harness::new().await;
-        assert!(!h.node.cloud_connected(), "starts disconnected");
+        assert!(!h.ctx.cloud.connected(), "starts disconnected");
         let pkid = h
             .handle(
                 Peer::Edgehub,
@@ -50,7 +49,7 @@ mod tests {
             )
             .await;
         assert_eq!(h.broker.acked().await, pkid);
-        assert!(h.node.cloud_connected());
+        assert!(h.ctx.cloud.connected());
         assert!(h.broker.published_now().is_empty(), "no reply to connect");
     }
 
@@ -64,6 +63,6 @@ mod tests {
         .await;
         let reply = h.published_to(Peer::Edged).await.json();
         assert_eq!(reply["route"]["operation"], "error");
-        assert!(!h.node.cloud_connected());
+        assert!(!h.ctx.cloud.connected());
     }
 }

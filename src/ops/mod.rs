@@ -24,36 +24,91 @@ mod relay;
 mod remote_query;
 mod sync;
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use crate::cloud::CloudState;
 use crate::message::{self, Message, Operation};
-use crate::mqtt::Inbound;
-use crate::node::Node;
-use crate::store::StoreError;
-use crate::topics::Peer;
+use crate::metasync::MetaSync;
+use crate::metrics::Metrics;
+use crate::mqtt::{Inbound, Publisher};
+use crate::outbox::Outbox;
+use crate::remote::RemoteQueries;
+use crate::store::{Store, StoreError};
+use crate::topics::{Peer, Topics};
+
+/// What the operations use, given to them at construction.
+pub struct Context {
+    pub topics: Arc<Topics>,
+    pub store: Store,
+    pub publisher: Publisher,
+    pub outbox: Outbox,
+    pub metasync: MetaSync,
+    pub remote: Arc<RemoteQueries>,
+    pub cloud: CloudState,
+    pub metrics: Arc<Metrics>,
+    /// Types asked of the cloud when edged queries one that is not stored.
+    pub remote_types: HashSet<String>,
+    /// The largest payload MetaManager accepts (`mqtt.max_payload_bytes`).
+    pub max_payload: usize,
+}
+
+impl Context {
+    /// Everything built here from `settings`, `store` and `publisher`, with the cloud
+    /// disconnected.
+    pub fn new(
+        settings: &crate::config::Settings,
+        topics: Arc<Topics>,
+        store: Store,
+        publisher: Publisher,
+    ) -> Self {
+        let metrics = Arc::new(Metrics::new(store.metrics().clone()));
+        store.track_delivery(publisher.delivery.clone());
+        let cloud = CloudState::default();
+        let outbox = Outbox::new(store.clone(), publisher.clone(), cloud.clone());
+        let metasync = MetaSync::new(
+            store.clone(),
+            outbox.clone(),
+            cloud.clone(),
+            metrics.clone(),
+        );
+        Self {
+            topics,
+            store,
+            publisher,
+            outbox,
+            metasync,
+            remote: Arc::new(RemoteQueries::new(settings.meta.remote_query_timeout)),
+            cloud,
+            metrics,
+            remote_types: settings.meta.remote_types.iter().cloned().collect(),
+            max_payload: settings.mqtt.max_payload_bytes,
+        }
+    }
+}
 
 /// The ordered remainder of one message's handling.
 pub type Step = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Validates `publish`, queues its write if it has one, and returns the step that finishes it.
-pub async fn dispatch(node: &Arc<Node>, publish: Inbound) -> Step {
-    let Some(sender) = node.topics.sender(&publish.topic) else {
+pub async fn dispatch(ctx: &Arc<Context>, publish: Inbound) -> Step {
+    let Some(sender) = ctx.topics.sender(&publish.topic) else {
         tracing::warn!(topic = %publish.topic, "message on a topic MetaManager does not serve; ignored");
-        return finish(node, publish);
+        return finish(ctx, publish);
     };
-    let msg = match Message::decode_bytes(&publish.payload, node.max_payload) {
+    let msg = match Message::decode_bytes(&publish.payload, ctx.max_payload) {
         Ok(msg) => msg,
         Err(e) => {
-            node.metrics.received(sender.as_str(), "invalid");
-            node.metrics.error("decode");
+            ctx.metrics.received(sender.as_str(), "invalid");
+            ctx.metrics.error("decode");
             let parent = message::salvage_msg_id(&publish.payload);
             let text = e.to_string();
-            return refuse(node, sender, publish, parent, "", text);
+            return refuse(ctx, sender, publish, parent, "", text);
         }
     };
-    node.metrics
+    ctx.metrics
         .received(sender.as_str(), msg.operation.as_str());
     tracing::debug!(
         from = sender.as_str(),
@@ -64,21 +119,21 @@ pub async fn dispatch(node: &Arc<Node>, publish: Inbound) -> Step {
     );
     match msg.operation {
         Operation::Insert => {
-            change::change(node, sender, publish, msg, change::WriteKind::Put).await
+            change::change(ctx, sender, publish, msg, change::WriteKind::Put).await
         }
         Operation::Update => {
-            change::change(node, sender, publish, msg, change::WriteKind::PutIfChanged).await
+            change::change(ctx, sender, publish, msg, change::WriteKind::PutIfChanged).await
         }
         Operation::Delete => {
-            change::change(node, sender, publish, msg, change::WriteKind::Delete).await
+            change::change(ctx, sender, publish, msg, change::WriteKind::Delete).await
         }
-        Operation::Query => query::query(node, sender, publish, msg),
+        Operation::Query => query::query(ctx, sender, publish, msg),
         Operation::Response | Operation::Error => match sender {
-            Peer::Edged => relay::relay_from_edged(node, publish, msg).await,
-            Peer::Edgehub => answer::answer_from_cloud(node, publish, msg).await,
+            Peer::Edged => relay::relay_from_edged(ctx, publish, msg).await,
+            Peer::Edgehub => answer::answer_from_cloud(ctx, publish, msg).await,
         },
-        Operation::Connect => connect::connect(node, sender, publish, msg),
-        Operation::MetaInternalSync => sync::sync_now(node, sender, publish, msg),
+        Operation::Connect => connect::connect(ctx, sender, publish, msg),
+        Operation::MetaInternalSync => sync::sync_now(ctx, sender, publish, msg),
     }
 }
 
@@ -86,19 +141,19 @@ pub async fn dispatch(node: &Arc<Node>, publish: Inbound) -> Step {
 /// acknowledged by the broker: with the store's first commit after that. A forward still
 /// waiting in the client dies with the process, so until then the id stays unsettled, and a
 /// redelivery after a crash is passed on again if it is still current.
-pub(super) fn settle(node: &Node, msg_id: &str) {
-    node.store.settle(msg_id, node.publisher.delivery.mark());
+pub(super) fn settle(ctx: &Context, msg_id: &str) {
+    ctx.store.settle(msg_id, ctx.publisher.delivery.mark());
 }
 
 /// Only the broker ack is left to do.
-pub(super) fn finish(node: &Arc<Node>, publish: Inbound) -> Step {
-    let node = node.clone();
-    Box::pin(async move { node.publisher.ack(&publish) })
+pub(super) fn finish(ctx: &Arc<Context>, publish: Inbound) -> Step {
+    let ctx = ctx.clone();
+    Box::pin(async move { ctx.publisher.ack(&publish) })
 }
 
 /// An `error` reply to bad input, which leaves the store untouched.
 pub(super) fn refuse(
-    node: &Arc<Node>,
+    ctx: &Arc<Context>,
     sender: Peer,
     publish: Inbound,
     parent: Option<String>,
@@ -111,68 +166,68 @@ pub(super) fn refuse(
         "rejected message: {text}"
     );
     let reply = message::error(parent.as_deref(), resource, &text);
-    let node = node.clone();
+    let ctx = ctx.clone();
     Box::pin(async move {
-        send_reply(&node, sender, reply, Operation::Error).await;
-        node.publisher.ack(&publish);
+        send_reply(&ctx, sender, reply, Operation::Error).await;
+        ctx.publisher.ack(&publish);
     })
 }
 
 pub(super) fn refuse_message(
-    node: &Arc<Node>,
+    ctx: &Arc<Context>,
     sender: Peer,
     publish: Inbound,
     msg: &Message,
     text: String,
 ) -> Step {
-    node.metrics.error("invalid");
+    ctx.metrics.error("invalid");
     let parent = Some(msg.msg_id().to_owned());
-    refuse(node, sender, publish, parent, msg.resource.key(), text)
+    refuse(ctx, sender, publish, parent, msg.resource.key(), text)
 }
 
 pub(super) fn store_failed(
-    node: &Arc<Node>,
+    ctx: &Arc<Context>,
     sender: Peer,
     publish: Inbound,
     msg: Message,
     e: StoreError,
 ) -> Step {
-    let node = node.clone();
+    let ctx = ctx.clone();
     Box::pin(async move {
-        report_store_error(&node, sender, &msg, &e).await;
-        node.publisher.ack(&publish);
+        report_store_error(&ctx, sender, &msg, &e).await;
+        ctx.publisher.ack(&publish);
     })
 }
 
 /// The message for the cloud could not be queued (the cloud went away after the change was
 /// committed, and the outbox write failed). The sender's retry, with the same msg_id, passes it
 /// on: its id stays unsettled while its change is the stored state.
-pub(super) async fn report_not_queued(node: &Node, sender: Peer, msg: &Message) {
+pub(super) async fn report_not_queued(ctx: &Context, sender: Peer, msg: &Message) {
     let key = msg.resource.key();
     let text = format!(
         "{} of {key} could not be queued for the cloud; send it again",
         msg.operation.as_str()
     );
     let reply = message::error(Some(msg.msg_id()), key, &text);
-    send_reply(node, sender, reply, Operation::Error).await;
+    send_reply(ctx, sender, reply, Operation::Error).await;
 }
 
-pub(super) async fn report_store_error(node: &Node, sender: Peer, msg: &Message, e: &StoreError) {
+pub(super) async fn report_store_error(ctx: &Context, sender: Peer, msg: &Message, e: &StoreError) {
     let key = msg.resource.key();
-    node.metrics.error("store");
+    ctx.metrics.error("store");
     tracing::error!(resource = %key, operation = msg.operation.as_str(), error = %e, "store failed");
     let text = format!("{} of {key} failed: {e}", msg.operation.as_str());
     let reply = message::error(Some(msg.msg_id()), key, &text);
-    send_reply(node, sender, reply, Operation::Error).await;
+    send_reply(ctx, sender, reply, Operation::Error).await;
 }
 
 /// Sends a reply MetaManager built (an ack, a query result, an error) and counts it.
-pub(super) async fn send_reply(node: &Node, to: Peer, payload: Vec<u8>, operation: Operation) {
-    node.metrics.replied(operation.as_str());
-    node.publisher.send(to, payload).await;
+pub(super) async fn send_reply(ctx: &Context, to: Peer, payload: Vec<u8>, operation: Operation) {
+    ctx.metrics.replied(operation.as_str());
+    ctx.publisher.send(to, payload).await;
 }
 
-/// What the operations' unit tests share: a node with a real store in a temporary directory and
+/// What the operations' unit tests share: a context with a real store in a temporary directory and
 /// an in-memory broker ([`crate::mqtt::memory`]).
 #[cfg(test)]
 pub(crate) mod testing {
@@ -180,15 +235,17 @@ pub(crate) mod testing {
 
     use serde_json::{json, Value};
 
+    use super::Context;
     use crate::config::Settings;
     use crate::mqtt::memory::{self, MemoryBroker, Published};
     use crate::mqtt::Incoming;
-    use crate::node::Node;
     use crate::topics::{Peer, Topics};
 
     pub(crate) struct Harness {
-        pub node: Arc<Node>,
+        pub ctx: Arc<Context>,
         pub broker: MemoryBroker,
+        /// Kept for the exporter of the metrics tests.
+        pub connected: tokio::sync::watch::Receiver<bool>,
         incoming: Incoming,
         _dir: tempfile::TempDir,
     }
@@ -204,16 +261,16 @@ pub(crate) mod testing {
             .expect("store opens");
             let topics = Topics::new("edge", "test-node");
             let (link, incoming, broker) = memory::link(topics.clone());
-            let node = Arc::new(Node::new(
+            let ctx = Arc::new(Context::new(
                 &settings,
                 Arc::new(topics),
                 store,
                 link.publisher.clone(),
-                link.connected.clone(),
             ));
             Self {
-                node,
+                ctx,
                 broker,
+                connected: link.connected.clone(),
                 incoming,
                 _dir: dir,
             }
@@ -221,7 +278,7 @@ pub(crate) mod testing {
 
         /// The topic `peer` publishes to MetaManager on.
         pub fn from(&self, peer: Peer) -> String {
-            let [edgehub, edged] = self.node.topics.inbound();
+            let [edgehub, edged] = self.ctx.topics.inbound();
             match peer {
                 Peer::Edgehub => edgehub.to_owned(),
                 Peer::Edged => edged.to_owned(),
@@ -230,7 +287,7 @@ pub(crate) mod testing {
 
         /// The topic MetaManager publishes to `peer` on.
         pub fn to(&self, peer: Peer) -> String {
-            self.node.topics.to(peer).to_owned()
+            self.ctx.topics.to(peer).to_owned()
         }
 
         /// Delivers `payload` from `peer` and runs its handling to the end, as the dispatcher
@@ -238,7 +295,7 @@ pub(crate) mod testing {
         pub async fn handle(&mut self, peer: Peer, payload: impl Into<bytes::Bytes>) -> u16 {
             let pkid = self.broker.deliver(&self.from(peer), payload);
             let message = self.incoming.recv().await.expect("delivered");
-            super::dispatch(&self.node, message).await.await;
+            super::dispatch(&self.ctx, message).await.await;
             pkid
         }
 
@@ -250,7 +307,7 @@ pub(crate) mod testing {
         }
 
         pub async fn stored(&self, key: &str) -> Option<Value> {
-            let json = self.node.store.get(key).await.expect("store reads")?;
+            let json = self.ctx.store.get(key).await.expect("store reads")?;
             Some(serde_json::from_str(&json).expect("stored JSON"))
         }
     }

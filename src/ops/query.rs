@@ -4,24 +4,23 @@ use std::sync::Arc;
 
 use crate::message::{self, Message, Operation};
 use crate::mqtt::Inbound;
-use crate::node::Node;
 use crate::topics::Peer;
 
 use super::remote_query::remote_query;
-use super::{report_store_error, send_reply, Step};
+use super::{report_store_error, send_reply, Context, Step};
 
 /// query: answer from the store; fetch from the cloud what edged may not have locally.
-pub(super) fn query(node: &Arc<Node>, sender: Peer, publish: Inbound, msg: Message) -> Step {
-    let node = node.clone();
+pub(super) fn query(ctx: &Arc<Context>, sender: Peer, publish: Inbound, msg: Message) -> Step {
+    let ctx = ctx.clone();
     Box::pin(async move {
         let r = &msg.resource;
         let found = match r.name() {
-            Some(_) => node
+            Some(_) => ctx
                 .store
                 .get(r.key())
                 .await
                 .map(|v| v.into_iter().collect()),
-            None => node
+            None => ctx
                 .store
                 .list(r.namespace(), r.rtype())
                 .await
@@ -31,18 +30,18 @@ pub(super) fn query(node: &Arc<Node>, sender: Peer, publish: Inbound, msg: Messa
             Ok(objects)
                 if objects.is_empty()
                     && sender == Peer::Edged
-                    && node.remote_types.contains(r.rtype()) =>
+                    && ctx.remote_types.contains(r.rtype()) =>
             {
-                remote_query(&node, msg).await;
+                remote_query(&ctx, msg).await;
             }
             Ok(objects) => {
                 let content = message::raw_array(objects.iter().map(String::as_str));
                 let reply = message::reply(&msg, Operation::Response, &content);
-                send_reply(&node, sender, reply, Operation::Response).await;
+                send_reply(&ctx, sender, reply, Operation::Response).await;
             }
-            Err(e) => report_store_error(&node, sender, &msg, &e).await,
+            Err(e) => report_store_error(&ctx, sender, &msg, &e).await,
         }
-        node.publisher.ack(&publish);
+        ctx.publisher.ack(&publish);
     })
 }
 

@@ -4,15 +4,14 @@ use std::sync::Arc;
 
 use crate::message::{Message, Operation};
 use crate::mqtt::Inbound;
-use crate::node::Node;
 use crate::store::{Change, Committed, StoreError, Write};
 use crate::topics::Peer;
 
 use super::change::{forward, queue_for_cloud, WriteKind};
-use super::{report_not_queued, report_store_error, store_failed, Step};
+use super::{report_not_queued, report_store_error, store_failed, Context, Step};
 
 /// edged's response or error: stored when it carries an object, relayed to the cloud unchanged.
-pub(super) async fn relay_from_edged(node: &Arc<Node>, publish: Inbound, msg: Message) -> Step {
+pub(super) async fn relay_from_edged(ctx: &Arc<Context>, publish: Inbound, msg: Message) -> Step {
     let stores = msg.operation == Operation::Response
         && msg.resource.name().is_some()
         && msg.content_json().starts_with('{');
@@ -24,24 +23,24 @@ pub(super) async fn relay_from_edged(node: &Arc<Node>, publish: Inbound, msg: Me
     let change = Change {
         msg_id: Some(msg.msg_id().to_owned()),
         write,
-        to_cloud: queue_for_cloud(node, Peer::Edgehub, &msg, &publish, WriteKind::Put),
+        to_cloud: queue_for_cloud(ctx, Peer::Edgehub, &msg, &publish, WriteKind::Put),
         ..Change::default()
     };
-    let committed: Committed = match node.store.submit(change).await {
+    let committed: Committed = match ctx.store.submit(change).await {
         Ok(c) => c,
-        Err(e) => return store_failed(node, Peer::Edged, publish, msg, e),
+        Err(e) => return store_failed(ctx, Peer::Edged, publish, msg, e),
     };
-    let node = node.clone();
+    let ctx = ctx.clone();
     Box::pin(async move {
         match committed.await.unwrap_or(Err(StoreError::Closed)) {
             Ok(applied) => {
-                if !forward(&node, Peer::Edgehub, &msg, &publish, applied, false).await {
-                    report_not_queued(&node, Peer::Edged, &msg).await;
+                if !forward(&ctx, Peer::Edgehub, &msg, &publish, applied, false).await {
+                    report_not_queued(&ctx, Peer::Edged, &msg).await;
                 }
             }
-            Err(e) => report_store_error(&node, Peer::Edged, &msg, &e).await,
+            Err(e) => report_store_error(&ctx, Peer::Edged, &msg, &e).await,
         }
-        node.publisher.ack(&publish);
+        ctx.publisher.ack(&publish);
     })
 }
 

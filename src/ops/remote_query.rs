@@ -1,4 +1,4 @@
-//! A query for an object edged needs and the node does not hold: asked of the cloud, answered
+//! A query for an object edged needs and the ctx does not hold: asked of the cloud, answered
 //! when the cloud answers or when it does not in time.
 
 use std::sync::Arc;
@@ -8,41 +8,40 @@ use serde_json::Value;
 
 use crate::message::{self, Message, Operation};
 use crate::metrics::RemoteOutcome;
-use crate::node::Node;
 use crate::store::{StoreError, Write};
 use crate::topics::Peer;
 
-use super::{send_reply, settle};
+use super::{send_reply, settle, Context};
 
-/// Asks the cloud for an object edged needs and the node does not hold, and answers edged when
+/// Asks the cloud for an object edged needs and the ctx does not hold, and answers edged when
 /// the cloud does, or when it does not in time.
-pub(super) async fn remote_query(node: &Arc<Node>, query: Message) {
+pub(super) async fn remote_query(ctx: &Arc<Context>, query: Message) {
     let key = query.resource.key().to_owned();
-    if !node.cloud_connected() {
-        let text = format!("{key} is not stored on this node and the cloud is not connected");
+    if !ctx.cloud.connected() {
+        let text = format!("{key} is not stored on this ctx and the cloud is not connected");
         tracing::info!(resource = %key, "remote query refused: cloud not connected");
-        node.metrics.remote_query(RemoteOutcome::Disconnected, None);
+        ctx.metrics.remote_query(RemoteOutcome::Disconnected, None);
         let reply = message::error(Some(query.msg_id()), &key, &text);
-        send_reply(node, Peer::Edged, reply, Operation::Error).await;
+        send_reply(ctx, Peer::Edged, reply, Operation::Error).await;
         return;
     }
     let id = message::new_msg_id();
-    let answer = match node.remote.register(&id) {
+    let answer = match ctx.remote.register(&id) {
         Ok(rx) => rx,
         Err(e) => {
             tracing::warn!(resource = %key, "{e}");
-            node.metrics.remote_query(RemoteOutcome::Refused, None);
+            ctx.metrics.remote_query(RemoteOutcome::Refused, None);
             let reply = message::error(Some(query.msg_id()), &key, &e.to_string());
-            send_reply(node, Peer::Edged, reply, Operation::Error).await;
+            send_reply(ctx, Peer::Edged, reply, Operation::Error).await;
             return;
         }
     };
     let content = query.content_raw();
     let ask = message::build_with_id(id.clone(), None, Operation::Query, &key, &content);
-    node.publisher.send(Peer::Edgehub, ask).await;
-    let timeout = node.remote_query_timeout();
+    ctx.publisher.send(Peer::Edgehub, ask).await;
+    let timeout = ctx.remote.timeout();
     let sent = Instant::now();
-    let node = node.clone();
+    let ctx = ctx.clone();
     tokio::spawn(async move {
         match tokio::time::timeout(timeout, answer).await {
             Ok(Ok(answer)) => {
@@ -50,16 +49,16 @@ pub(super) async fn remote_query(node: &Arc<Node>, query: Message) {
                     Operation::Error => RemoteOutcome::Error,
                     _ => RemoteOutcome::Answered,
                 };
-                node.metrics.remote_query(outcome, Some(sent.elapsed()));
+                ctx.metrics.remote_query(outcome, Some(sent.elapsed()));
                 let answer_id = answer.message.msg_id().to_owned();
-                fill_from_cloud(&node, &query, answer.message).await;
+                fill_from_cloud(&ctx, &query, answer.message).await;
                 // Settled once the reply to edged, queued just now, is acknowledged.
-                settle(&node, &answer_id);
-                node.publisher.ack(&answer.publish);
+                settle(&ctx, &answer_id);
+                ctx.publisher.ack(&answer.publish);
             }
             _ => {
-                node.remote.forget(&id);
-                node.metrics
+                ctx.remote.forget(&id);
+                ctx.metrics
                     .remote_query(RemoteOutcome::Timeout, Some(sent.elapsed()));
                 tracing::warn!(resource = %key, ?timeout, "remote query timed out");
                 let text = format!(
@@ -67,19 +66,19 @@ pub(super) async fn remote_query(node: &Arc<Node>, query: Message) {
                     humantime::format_duration(timeout)
                 );
                 let reply = message::error(Some(query.msg_id()), &key, &text);
-                send_reply(&node, Peer::Edged, reply, Operation::Error).await;
+                send_reply(&ctx, Peer::Edged, reply, Operation::Error).await;
             }
         }
     });
 }
 
 /// Stores what the cloud sent for a remote query and answers edged with it.
-async fn fill_from_cloud(node: &Node, query: &Message, answer: Message) {
+async fn fill_from_cloud(ctx: &Context, query: &Message, answer: Message) {
     let key = query.resource.key();
     if answer.operation == Operation::Error {
         let content = answer.content_raw();
         let reply = message::reply(query, Operation::Error, &content);
-        send_reply(node, Peer::Edged, reply, Operation::Error).await;
+        send_reply(ctx, Peer::Edged, reply, Operation::Error).await;
         return;
     }
     let mut objects = match serde_json::from_str::<Value>(answer.content_json()) {
@@ -89,7 +88,7 @@ async fn fill_from_cloud(node: &Node, query: &Message, answer: Message) {
         _ => {
             let text = format!("the cloud answered the query for {key} with content that is neither an object nor a list");
             let reply = message::error(Some(query.msg_id()), key, &text);
-            send_reply(node, Peer::Edged, reply, Operation::Error).await;
+            send_reply(ctx, Peer::Edged, reply, Operation::Error).await;
             return;
         }
     };
@@ -129,7 +128,7 @@ async fn fill_from_cloud(node: &Node, query: &Message, answer: Message) {
                 rtype: query.resource.rtype().to_owned(),
                 value: json.clone().into(),
             };
-            if let Ok(committed) = node.store.submit(write).await {
+            if let Ok(committed) = ctx.store.submit(write).await {
                 pending.push(committed);
             }
         }
@@ -142,7 +141,7 @@ async fn fill_from_cloud(node: &Node, query: &Message, answer: Message) {
     }
     let content = message::raw_array(answered.iter().map(String::as_str));
     let reply = message::reply(query, Operation::Response, &content);
-    send_reply(node, Peer::Edged, reply, Operation::Response).await;
+    send_reply(ctx, Peer::Edged, reply, Operation::Response).await;
 }
 
 #[cfg(test)]

@@ -24,13 +24,14 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 
 mod feed;
+mod metrics;
 mod writer;
 
 use crate::config::Synchronous;
 use crate::delivery::Delivery;
-use crate::metrics::StoreMetrics;
 
 pub use feed::{Expired, Resume};
+pub use metrics::StoreMetrics;
 pub use writer::DEDUPE_WINDOW;
 
 /// Changes queued for the writer thread before submitters wait.
@@ -60,6 +61,9 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("database commit failed: {0}")]
     Commit(String),
+    /// A thread or task of the store could not start or ended abnormally.
+    #[error("store task failed: {0}")]
+    Task(String),
     #[error("the store is closed")]
     Closed,
 }
@@ -296,7 +300,7 @@ impl Store {
         let writer = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || writer.run(rx))
-            .map_err(|e| StoreError::Commit(format!("cannot start writer thread: {e}")))?;
+            .map_err(|e| StoreError::Task(format!("cannot start the writer thread: {e}")))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 path: path.to_owned(),
@@ -515,7 +519,7 @@ impl Store {
         } else {
             tokio::task::spawn_blocking(run)
                 .await
-                .map_err(|e| StoreError::Commit(format!("read task failed: {e}")))?
+                .map_err(|e| StoreError::Task(format!("read task: {e}")))?
         }
     }
 
@@ -565,8 +569,8 @@ fn open_reader(path: &Path) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
-/// `metadata.uid` of a stored object, if it has one.
-pub fn stored_uid(json: &str) -> Option<String> {
+/// `metadata.uid` of an object's JSON, stored or arriving, if it has one.
+pub fn object_uid(json: &str) -> Option<String> {
     #[derive(serde::Deserialize)]
     struct Meta {
         uid: Option<String>,

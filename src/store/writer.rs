@@ -71,13 +71,13 @@ pub(super) struct Writer {
     /// Rows in the outbox as seen inside the current transaction; counted here rather than
     /// with `count(*)` on every insert, which would make a long outage quadratic.
     pub outbox_rows: i64,
-    pub metrics: crate::metrics::StoreMetrics,
+    pub metrics: super::StoreMetrics,
 }
 
 /// What a batch did beyond its rows, made known only after the commit: the outbox counters,
 /// and the changes for the change feed.
 #[derive(Default)]
-struct OutboxEffect {
+struct BatchEffects {
     touched: bool,
     dropped: u64,
     events: Vec<StoreEvent>,
@@ -141,7 +141,7 @@ impl Writer {
         // Before the batch's own changes, so that a redelivery in this batch already sees
         // the original settled when its forward was handed on before the redelivery arrived.
         self.apply_settle_marks(&marks);
-        let mut effect = OutboxEffect::default();
+        let mut effect = BatchEffects::default();
         let fast: rusqlite::Result<Vec<Applied>> = batch
             .iter()
             .map(|job| self.apply(&job.change, &mut effect))
@@ -152,7 +152,7 @@ impl Writer {
                 let _ = self.conn.execute_batch("ROLLBACK");
                 self.outbox_rows = rows_at_start;
                 self.recorded_since_prune = recorded_at_start;
-                effect = OutboxEffect::default();
+                effect = BatchEffects::default();
                 if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
                     self.requeue_settle_marks(marks);
                     return fail_all(e.to_string());
@@ -202,7 +202,7 @@ impl Writer {
     fn apply_isolated(
         &mut self,
         batch: &[Job],
-        effect: &mut OutboxEffect,
+        effect: &mut BatchEffects,
     ) -> Vec<Result<Applied, StoreError>> {
         let mut outcomes = Vec::with_capacity(batch.len());
         for job in batch {
@@ -228,7 +228,7 @@ impl Writer {
         outcomes
     }
 
-    fn apply(&mut self, change: &Change, effect: &mut OutboxEffect) -> rusqlite::Result<Applied> {
+    fn apply(&mut self, change: &Change, effect: &mut BatchEffects) -> rusqlite::Result<Applied> {
         let conn = &self.conn;
         if let Some(id) = &change.msg_id {
             let seen: Option<bool> = conn
@@ -335,7 +335,7 @@ impl Writer {
     fn enqueue(
         &mut self,
         m: &super::CloudMessage,
-        effect: &mut OutboxEffect,
+        effect: &mut BatchEffects,
     ) -> rusqlite::Result<()> {
         let conn = &self.conn;
         let coalesce_key = m.coalesce.then_some(m.resource.as_str());
@@ -416,7 +416,7 @@ fn apply_write(conn: &Connection, write: &Write) -> rusqlite::Result<Outcome> {
                 return Ok(Outcome::Absent);
             };
             if let Some(uid) = uid {
-                if super::stored_uid(&stored).is_some_and(|s| &s != uid) {
+                if super::object_uid(&stored).is_some_and(|s| &s != uid) {
                     return Ok(Outcome::UidMismatch);
                 }
             }
@@ -443,7 +443,7 @@ fn is_current(conn: &Connection, write: Option<&Write>) -> rusqlite::Result<bool
         // A pod delete with a uid removes only the pod of that uid: it is still in effect
         // while the stored pod is another one.
         (Write::Delete { uid: Some(uid), .. }, Some(stored)) => {
-            super::stored_uid(&stored).is_some_and(|s| &s != uid)
+            super::object_uid(&stored).is_some_and(|s| &s != uid)
         }
         (Write::Delete { uid: None, .. }, Some(_)) => false,
     })

@@ -1,0 +1,209 @@
+//! What the Kubernetes-style API serves and how a request selects it: the kinds, the scope of
+//! a list or watch, the objects as served, and the `Status` answer to a failure. Shared by the
+//! request handlers ([`super::kube`]) and the watch streams ([`super::watch`]).
+
+use std::collections::HashMap;
+
+use axum::http::{Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Map, Value};
+
+use super::selector::{FieldSelector, LabelSelector};
+use crate::resource::Resource;
+use crate::store::{Store, StoreError};
+
+#[derive(Debug)]
+pub struct Kind {
+    /// The URL segment: `pods`.
+    pub plural: &'static str,
+    /// The store's `type` column, which is also kube's singular name: `pod`.
+    pub rtype: &'static str,
+    pub kind: &'static str,
+    pub namespaced: bool,
+}
+
+/// Every kind served, in discovery order.
+pub const KINDS: &[Kind] = &[
+    Kind {
+        plural: "pods",
+        rtype: "pod",
+        kind: "Pod",
+        namespaced: true,
+    },
+    Kind {
+        plural: "configmaps",
+        rtype: "configmap",
+        kind: "ConfigMap",
+        namespaced: true,
+    },
+    Kind {
+        plural: "secrets",
+        rtype: "secret",
+        kind: "Secret",
+        namespaced: true,
+    },
+    Kind {
+        plural: "nodes",
+        rtype: "node",
+        kind: "Node",
+        namespaced: false,
+    },
+    Kind {
+        plural: "services",
+        rtype: "service",
+        kind: "Service",
+        namespaced: true,
+    },
+    Kind {
+        plural: "endpoints",
+        rtype: "endpoints",
+        kind: "Endpoints",
+        namespaced: true,
+    },
+];
+
+pub(super) fn kind_of(plural: &str) -> Option<&'static Kind> {
+    KINDS.iter().find(|k| k.plural == plural)
+}
+
+/// The routes of the API: discovery, objects, and a Status answer to every write method.
+/// Why a request to the API failed; each becomes a Kubernetes `Status` answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{plural} {name:?} not found")]
+    NotFound { plural: &'static str, name: String },
+    #[error("the server could not find the requested resource")]
+    NoRoute,
+    #[error("{0} is not allowed: this API is read-only; changes come from the cloud")]
+    MethodNotAllowed(Method),
+    #[error("reading the store failed: {0}")]
+    Store(#[from] StoreError),
+    #[error("{plural} {name:?} is stored but is not JSON: {source}")]
+    NotJson {
+        plural: &'static str,
+        name: String,
+        source: serde_json::Error,
+    },
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (code, reason) = match &self {
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "BadRequest"),
+            ApiError::NotFound { .. } | ApiError::NoRoute => (StatusCode::NOT_FOUND, "NotFound"),
+            ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed"),
+            ApiError::Store(_) | ApiError::NotJson { .. } => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "InternalError")
+            }
+        };
+        let details = match &self {
+            ApiError::NotFound { plural, name } => Some(json!({"name": name, "kind": plural})),
+            _ => None,
+        };
+        let body = status_object(code, reason, self.to_string(), details);
+        (code, Json(body)).into_response()
+    }
+}
+
+/// Which objects a list or watch covers, and how they are filtered.
+pub struct Scope {
+    pub kind: &'static Kind,
+    /// `None`: every namespace.
+    pub namespace: Option<String>,
+    pub labels: LabelSelector,
+    pub fields: FieldSelector,
+}
+
+impl Scope {
+    pub(super) fn new(
+        kind: &'static Kind,
+        namespace: Option<String>,
+        params: &HashMap<String, String>,
+    ) -> Result<Self, ApiError> {
+        let param = |name: &str| params.get(name).map_or("", String::as_str);
+        let labels = LabelSelector::parse(param("labelSelector")).map_err(ApiError::BadRequest)?;
+        let fields = FieldSelector::parse(param("fieldSelector")).map_err(ApiError::BadRequest)?;
+        // A cluster-scoped kind has no namespace, whatever segment it is stored under.
+        let namespace = namespace.filter(|_| kind.namespaced);
+        Ok(Self {
+            kind,
+            namespace,
+            labels,
+            fields,
+        })
+    }
+
+    /// Whether the stored object `key` = `value` is in scope; `value` already parsed.
+    pub fn matches(&self, key: &str, value: &Value) -> bool {
+        let Ok(resource) = Resource::parse(key) else {
+            return false;
+        };
+        let (ns, rtype) = (resource.namespace(), resource.rtype());
+        let Some(name) = resource.name() else {
+            return false;
+        };
+        if rtype != self.kind.rtype {
+            return false;
+        }
+        let meta = &value["metadata"];
+        let name = meta["name"].as_str().unwrap_or(name);
+        let ns = if self.kind.namespaced {
+            meta["namespace"].as_str().unwrap_or(ns)
+        } else {
+            ""
+        };
+        if self.namespace.as_deref().is_some_and(|want| want != ns) {
+            return false;
+        }
+        self.fields.matches(name, ns) && self.labels.matches(meta["labels"].as_object())
+    }
+
+    /// The stored objects in scope, in key order, as served (kind and apiVersion filled in).
+    /// A stored value that is not JSON is skipped: one bad row does not hide the others.
+    pub async fn current(&self, store: &Store) -> Result<Vec<Value>, ApiError> {
+        let rows = match &self.namespace {
+            Some(ns) => store.list(ns, self.kind.rtype).await,
+            None => store.list_type(self.kind.rtype).await,
+        }?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(key, text)| {
+                let value: Value = serde_json::from_str(&text).ok()?;
+                self.matches(&key, &value).then(|| served(self.kind, value))
+            })
+            .collect())
+    }
+}
+
+/// An object as served: `kind` and `apiVersion` added only where the stored one lacks them.
+pub fn served(kind: &Kind, mut value: Value) -> Value {
+    if let Some(obj) = value.as_object_mut() {
+        obj.entry("kind").or_insert_with(|| json!(kind.kind));
+        obj.entry("apiVersion").or_insert_with(|| json!("v1"));
+    }
+    value
+}
+
+/// A Kubernetes `Status` object, the body kubectl expects with every failure.
+pub fn status_object(
+    code: StatusCode,
+    reason: &str,
+    message: String,
+    details: Option<Value>,
+) -> Value {
+    let mut s = Map::new();
+    s.insert("kind".into(), json!("Status"));
+    s.insert("apiVersion".into(), json!("v1"));
+    s.insert("metadata".into(), json!({}));
+    s.insert("status".into(), json!("Failure"));
+    s.insert("message".into(), json!(message));
+    s.insert("reason".into(), json!(reason));
+    if let Some(d) = details {
+        s.insert("details".into(), d);
+    }
+    s.insert("code".into(), json!(code.as_u16()));
+    Value::Object(s)
+}
