@@ -394,22 +394,27 @@ async fn relay_latency(port: u16, n: usize) -> Percentiles {
     let query = r#"{"header":{"msg_id":"q"},"route":{"operation":"query","resource":"default/pod/obj-0000001"}}"#;
     let mut samples = Vec::with_capacity(n);
     for _ in 0..n {
-        let start = Instant::now();
-        client.publish("bench/rtt/in", query).await;
-        client
-            .count(
-                "bench/rtt/out",
-                1,
-                Duration::from_secs(10),
-                &Progress::default(),
-                |_| true,
-            )
-            .await
-            .expect("relay answered");
-        samples.push(start.elapsed());
+        samples.push(relay_round_trip(&mut client, "bench/rtt", query.to_owned()).await);
     }
     relay.abort();
     percentiles(samples)
+}
+
+/// One message through the null relay on `{topics}/in` and back on `{topics}/out`, timed.
+async fn relay_round_trip(client: &mut Client, topics: &str, payload: String) -> Duration {
+    let start = Instant::now();
+    client.publish(&format!("{topics}/in"), payload).await;
+    client
+        .count(
+            &format!("{topics}/out"),
+            1,
+            Duration::from_secs(10),
+            &Progress::default(),
+            |_| true,
+        )
+        .await
+        .expect("relay answered");
+    start.elapsed()
 }
 
 struct InsertRun {
@@ -512,34 +517,61 @@ async fn metamanager_inserts(
     }
 }
 
-/// `n` queries from edged, one after the other, each timed from publish to answer.
+/// edged's side of sequential queries: one query at a time, timed until its answer.
+struct EdgedQueries {
+    edged: Client,
+    topic: String,
+    answers: String,
+}
+
+impl EdgedQueries {
+    async fn connect(port: u16, node: &str) -> Self {
+        let prefix = format!("edge/{node}");
+        let answers = format!("{prefix}/metamanager/to/edged");
+        let edged = Client::connect(port, &format!("{node}-edged-q"), &[&answers]).await;
+        Self {
+            edged,
+            topic: format!("{prefix}/edged/to/metamanager"),
+            answers,
+        }
+    }
+
+    /// The round trip of query `i` for `resource`.
+    async fn round_trip(&mut self, i: usize, resource: &str) -> Duration {
+        let id = format!("q-{i}");
+        let start = Instant::now();
+        self.edged
+            .publish(&self.topic, query_message(&id, resource))
+            .await;
+        let needle = format!(r#""parent_msg_id":"{id}""#);
+        assert!(
+            self.edged
+                .next_containing(&self.answers, &needle, Duration::from_secs(10))
+                .await,
+            "query answered"
+        );
+        start.elapsed()
+    }
+}
+
+/// edged's query `msg_id` of one object or list.
+fn query_message(msg_id: &str, resource: &str) -> String {
+    format!(
+        r#"{{"header":{{"msg_id":"{msg_id}"}},"route":{{"operation":"query","resource":"{resource}"}}}}"#
+    )
+}
+
+/// `n` queries from edged, one after another, each timed until its answer.
 async fn sequential_queries(
     port: u16,
     node: &str,
     n: usize,
     resource: impl Fn(usize) -> String,
 ) -> Percentiles {
-    let prefix = format!("edge/{node}");
-    let answers = format!("{prefix}/metamanager/to/edged");
-    let mut edged = Client::connect(port, &format!("{node}-edged-q"), &[&answers]).await;
-    let topic = format!("{prefix}/edged/to/metamanager");
+    let mut edged = EdgedQueries::connect(port, node).await;
     let mut samples = Vec::with_capacity(n);
     for i in 0..n {
-        let id = format!("q-{i}");
-        let query = format!(
-            r#"{{"header":{{"msg_id":"{id}"}},"route":{{"operation":"query","resource":"{}"}}}}"#,
-            resource(i)
-        );
-        let start = Instant::now();
-        edged.publish(&topic, query).await;
-        let needle = format!(r#""parent_msg_id":"{id}""#);
-        assert!(
-            edged
-                .next_containing(&answers, &needle, Duration::from_secs(10))
-                .await,
-            "query answered"
-        );
-        samples.push(start.elapsed());
+        samples.push(edged.round_trip(i, &resource(i)).await);
     }
     percentiles(samples)
 }
@@ -555,42 +587,14 @@ async fn alternating_queries(
 ) -> Alternated {
     let relay = run_relay(relay_port, "relay-alt", "bench/alt/in", "bench/alt/out").await;
     let mut relay_client = Client::connect(relay_port, "alt-client", &["bench/alt/out"]).await;
-    let prefix = format!("edge/{node}");
-    let answers = format!("{prefix}/metamanager/to/edged");
-    let mut edged = Client::connect(port, &format!("{node}-edged-q"), &[&answers]).await;
-    let topic = format!("{prefix}/edged/to/metamanager");
+    let mut edged = EdgedQueries::connect(port, node).await;
     let mut through_relay = Vec::with_capacity(n);
     let mut through_metamanager = Vec::with_capacity(n);
     for i in 0..n {
-        let id = format!("q-{i}");
-        let query = format!(
-            r#"{{"header":{{"msg_id":"{id}"}},"route":{{"operation":"query","resource":"{}"}}}}"#,
-            resource(i)
-        );
-        let start = Instant::now();
-        edged.publish(&topic, query.clone()).await;
-        let needle = format!(r#""parent_msg_id":"{id}""#);
-        assert!(
-            edged
-                .next_containing(&answers, &needle, Duration::from_secs(10))
-                .await,
-            "query answered"
-        );
-        through_metamanager.push(start.elapsed());
-
-        let start = Instant::now();
-        relay_client.publish("bench/alt/in", query).await;
-        relay_client
-            .count(
-                "bench/alt/out",
-                1,
-                Duration::from_secs(10),
-                &Progress::default(),
-                |_| true,
-            )
-            .await
-            .expect("relay answered");
-        through_relay.push(start.elapsed());
+        through_metamanager.push(edged.round_trip(i, &resource(i)).await);
+        // The same message as the query, so both carry the same bytes in.
+        let query = query_message(&format!("q-{i}"), &resource(i));
+        through_relay.push(relay_round_trip(&mut relay_client, "bench/alt", query).await);
     }
     relay.abort();
     Alternated {

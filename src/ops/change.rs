@@ -237,12 +237,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_change_from_edged_goes_to_the_cloud_and_is_answered_to_edged() {
         let mut h = Harness::new().await;
-        h.handle(
-            Peer::Edgehub,
-            message("c-1", "connect", "default/node/n", json!("cloud_connected")),
-        )
-        .await;
-        h.broker.acked().await;
+        h.connect_cloud().await;
         let status = json!({"metadata": {"name": "p", "namespace": "default"}, "status": {"phase": "Running"}});
         let update = message("e-1", "update", "default/podstatus/p", status.clone());
         let pkid = h.handle(Peer::Edged, update.clone()).await;

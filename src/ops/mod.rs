@@ -299,6 +299,13 @@ pub(crate) mod testing {
             pkid
         }
 
+        /// edgehub reports the cloud connected (no reply; its ack is taken).
+        pub async fn connect_cloud(&mut self) {
+            let connect = message("c-1", "connect", "default/node/n", json!("cloud_connected"));
+            self.handle(Peer::Edgehub, connect).await;
+            self.broker.acked().await;
+        }
+
         /// The next publish, which must go to `peer`.
         pub async fn published_to(&mut self, peer: Peer) -> Published {
             let published = self.broker.published().await;

@@ -46,20 +46,13 @@ pub(super) async fn relay_from_edged(ctx: &Arc<Context>, publish: Inbound, msg: 
 
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
-
     use crate::ops::testing::{message, pod, Harness};
     use crate::topics::Peer;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn edged_s_response_with_an_object_is_stored_and_relayed_unchanged() {
         let mut h = Harness::new().await;
-        h.handle(
-            Peer::Edgehub,
-            message("c-1", "connect", "default/node/n", json!("cloud_connected")),
-        )
-        .await;
-        h.broker.acked().await;
+        h.connect_cloud().await;
         let response = message("r-1", "response", "default/pod/p", pod("p"));
         let pkid = h.handle(Peer::Edged, response.clone()).await;
         let relayed = h.published_to(Peer::Edgehub).await;

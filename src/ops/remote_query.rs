@@ -179,12 +179,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_cloud_is_asked_and_its_answer_is_stored_and_given_to_edged() {
         let mut h = Harness::new().await;
-        h.handle(
-            Peer::Edgehub,
-            message("c-1", "connect", "default/node/n", json!("cloud_connected")),
-        )
-        .await;
-        h.broker.acked().await;
+        h.connect_cloud().await;
         h.handle(
             Peer::Edged,
             message("q-1", "query", "default/configmap/c", Value::Null),
