@@ -7,14 +7,12 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use rusqlite::Connection;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
 use crate::resource::{Resource, ResourceError};
-
-/// How long a read waits for the writer's lock before giving up.
-const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+use crate::store::read;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InspectError {
@@ -59,16 +57,10 @@ impl Inspector {
                 path: path.to_owned(),
             });
         }
-        let open_err = |source| InspectError::Open {
+        let conn = read::open(path).map_err(|source| InspectError::Open {
             path: path.to_owned(),
             source,
-        };
-        let conn = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(open_err)?;
-        conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
+        })?;
         Ok(Self { conn })
     }
 
@@ -78,12 +70,7 @@ impl Inspector {
         if r.name().is_none() {
             return Err(InspectError::NotAnObject(resource.to_owned()));
         }
-        Ok(self
-            .conn
-            .query_row("SELECT value FROM meta WHERE key = ?1", [r.key()], |row| {
-                row.get(0)
-            })
-            .optional()?)
+        Ok(read::get(&self.conn, r.key())?)
     }
 
     /// Writes every object of `namespace/type`, in key order, as JSON lines; returns how many.
@@ -92,35 +79,20 @@ impl Inspector {
         if r.name().is_some() {
             return Err(InspectError::NotAList(resource.to_owned()));
         }
-        let prefix = format!("{}/{}/", r.namespace(), r.rtype());
-        // Keys are compared as text from the prefix up to the prefix with its last byte
-        // raised: the range of keys that start with it, served from the primary key index.
-        let end = format!("{}/{}0", r.namespace(), r.rtype());
-        self.write_rows(
-            "SELECT key, type, value FROM meta WHERE key >= ?1 AND key < ?2 ORDER BY key",
-            [prefix.as_str(), end.as_str()],
-            out,
-        )
+        self.write_rows(Some((r.namespace(), r.rtype())), out)
     }
 
     /// Writes every stored object, in key order, as JSON lines; returns how many.
     pub fn export(&self, out: &mut impl Write) -> Result<usize, InspectError> {
-        self.write_rows("SELECT key, type, value FROM meta ORDER BY key", [], out)
+        self.write_rows(None, out)
     }
 
-    fn write_rows<P: rusqlite::Params>(
+    fn write_rows(
         &self,
-        sql: &str,
-        params: P,
+        within: Option<(&str, &str)>,
         out: &mut impl Write,
     ) -> Result<usize, InspectError> {
-        let mut stmt = self.conn.prepare(sql)?;
-        let mut rows = stmt.query(params)?;
-        let mut count = 0;
-        while let Some(row) = rows.next()? {
-            let key: String = row.get(0)?;
-            let rtype: String = row.get(1)?;
-            let value: String = row.get(2)?;
+        let count = read::for_each(&self.conn, within, |key, rtype, value| {
             // Stored values are JSON; one that is not is shown as a JSON string, not dropped.
             let raw = RawValue::from_string(value.clone())
                 .or_else(|_| RawValue::from_string(serde_json::Value::String(value).to_string()))
@@ -132,8 +104,8 @@ impl Inspector {
             })
             .map_err(std::io::Error::other)?;
             writeln!(out, "{line}")?;
-            count += 1;
-        }
+            Ok::<_, InspectError>(())
+        })?;
         out.flush()?;
         Ok(count)
     }

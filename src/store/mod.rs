@@ -25,6 +25,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 
 mod feed;
 mod metrics;
+pub mod read;
 mod writer;
 
 use crate::config::Synchronous;
@@ -448,11 +449,7 @@ impl Store {
     /// A lookup by primary key takes microseconds, less than handing the worker thread over
     /// (`read`), so it runs on the calling task.
     pub async fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
-        self.read_now(|c| {
-            c.prepare_cached("SELECT value FROM meta WHERE key = ?1")?
-                .query_row([key], |r| r.get(0))
-                .optional()
-        })
+        self.read_now(|c| read::get(c, key))
     }
 
     /// Every object of `rtype` in `namespace`, in key order, as `(key, json)`.
@@ -461,39 +458,19 @@ impl Store {
         namespace: &str,
         rtype: &str,
     ) -> Result<Vec<(String, String)>, StoreError> {
-        // Keys of the list share the prefix "ns/type/"; '0' is the byte after '/', so the
-        // half-open range is exactly that prefix and is served by the primary key index.
-        let low = format!("{namespace}/{rtype}/");
-        let high = format!("{namespace}/{rtype}0");
-        self.read(move |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT key, value FROM meta WHERE key >= ?1 AND key < ?2 ORDER BY key",
-            )?;
-            let rows = stmt.query_map([low, high], |r| Ok((r.get(0)?, r.get(1)?)))?;
-            rows.collect()
-        })
-        .await
+        let (namespace, rtype) = (namespace.to_owned(), rtype.to_owned());
+        self.read(move |c| read::list(c, &namespace, &rtype)).await
     }
 
     /// Every object of `rtype` in any namespace, in key order.
     pub async fn list_type(&self, rtype: &str) -> Result<Vec<(String, String)>, StoreError> {
         let rtype = rtype.to_owned();
-        self.read(move |c| {
-            let mut stmt =
-                c.prepare_cached("SELECT key, value FROM meta WHERE type = ?1 ORDER BY key")?;
-            let rows = stmt.query_map([rtype], |r| Ok((r.get(0)?, r.get(1)?)))?;
-            rows.collect()
-        })
-        .await
+        self.read(move |c| read::list_type(c, &rtype)).await
     }
 
     /// Which of `keys` are stored.
     pub async fn existing(&self, keys: Vec<String>) -> Result<Vec<bool>, StoreError> {
-        self.read(move |c| {
-            let mut stmt = c.prepare_cached("SELECT 1 FROM meta WHERE key = ?1")?;
-            keys.iter().map(|k| stmt.exists([k])).collect()
-        })
-        .await
+        self.read(move |c| read::existing(c, &keys)).await
     }
 
     /// Runs a short `f` on a read connection right here, on the calling thread.
@@ -557,16 +534,10 @@ fn with_reader<T>(
 }
 
 fn open_reader(path: &Path) -> Result<Connection, StoreError> {
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(|source| StoreError::Open {
+    read::open(path).map_err(|source| StoreError::Open {
         path: path.to_owned(),
         source,
-    })?;
-    conn.busy_timeout(BUSY_TIMEOUT)?;
-    Ok(conn)
+    })
 }
 
 /// `metadata.uid` of an object's JSON, stored or arriving, if it has one.
@@ -589,11 +560,7 @@ fn check_existing(path: &Path) -> Result<(), StoreError> {
         path: path.to_owned(),
         reason,
     };
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(|e| unusable(e.to_string()))?;
+    let conn = read::open(path).map_err(|e| unusable(e.to_string()))?;
     let tables: Vec<String> = conn
         .prepare("SELECT name FROM sqlite_master WHERE type = 'table'")
         .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())

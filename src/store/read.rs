@@ -1,0 +1,83 @@
+//! The store's queries that only read, for any read-only connection: the running store's readers
+//! and the `get`, `list` and `export` commands ([`crate::inspect`]) use the same ones.
+
+use std::path::Path;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
+
+use super::BUSY_TIMEOUT;
+
+/// Opens `path` with SQLite's read-only flag: nothing done through it can change the database,
+/// its write-ahead log or its schema, and it works beside the writer (WAL).
+pub fn open(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    Ok(conn)
+}
+
+/// The stored JSON of one object.
+pub fn get(c: &Connection, key: &str) -> rusqlite::Result<Option<String>> {
+    c.prepare_cached("SELECT value FROM meta WHERE key = ?1")?
+        .query_row([key], |r| r.get(0))
+        .optional()
+}
+
+/// The half-open key range of the objects of `rtype` in `namespace`: keys of the list share the
+/// prefix `ns/type/`, and `0` is the byte after `/`, so the range holds exactly that prefix and
+/// is served by the primary key index.
+fn list_range(namespace: &str, rtype: &str) -> [String; 2] {
+    [
+        format!("{namespace}/{rtype}/"),
+        format!("{namespace}/{rtype}0"),
+    ]
+}
+
+/// Every object of `rtype` in `namespace`, in key order, as `(key, json)`.
+pub fn list(
+    c: &Connection,
+    namespace: &str,
+    rtype: &str,
+) -> rusqlite::Result<Vec<(String, String)>> {
+    let mut stmt =
+        c.prepare_cached("SELECT key, value FROM meta WHERE key >= ?1 AND key < ?2 ORDER BY key")?;
+    let rows = stmt.query_map(list_range(namespace, rtype), |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
+}
+
+/// Every object of `rtype` in any namespace, in key order, as `(key, json)`.
+pub fn list_type(c: &Connection, rtype: &str) -> rusqlite::Result<Vec<(String, String)>> {
+    let mut stmt = c.prepare_cached("SELECT key, value FROM meta WHERE type = ?1 ORDER BY key")?;
+    let rows = stmt.query_map([rtype], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
+}
+
+/// Which of `keys` are stored.
+pub fn existing(c: &Connection, keys: &[String]) -> rusqlite::Result<Vec<bool>> {
+    let mut stmt = c.prepare_cached("SELECT 1 FROM meta WHERE key = ?1")?;
+    keys.iter().map(|k| stmt.exists([k])).collect()
+}
+
+/// Calls `each` with `(key, type, json)` of every object of `rtype` in `namespace` (`Some`), or
+/// of every object (`None`), in key order, one row at a time; returns how many.
+pub fn for_each<E: From<rusqlite::Error>>(
+    c: &Connection,
+    within: Option<(&str, &str)>,
+    mut each: impl FnMut(String, String, String) -> Result<(), E>,
+) -> Result<usize, E> {
+    let mut all = c.prepare("SELECT key, type, value FROM meta ORDER BY key")?;
+    let mut range =
+        c.prepare("SELECT key, type, value FROM meta WHERE key >= ?1 AND key < ?2 ORDER BY key")?;
+    let mut rows = match within {
+        Some((namespace, rtype)) => range.query(list_range(namespace, rtype))?,
+        None => all.query([])?,
+    };
+    let mut count = 0;
+    while let Some(row) = rows.next()? {
+        each(row.get(0)?, row.get(1)?, row.get(2)?)?;
+        count += 1;
+    }
+    Ok(count)
+}
