@@ -80,11 +80,13 @@ impl MetaSync {
             .collect();
         let pod_exists = self.store.existing(pod_keys).await?;
 
-        let mut by_namespace: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        let mut by_namespace: BTreeMap<String, Vec<&str>> = BTreeMap::new();
         let mut removed = 0;
         for ((key, value), exists) in statuses.iter().zip(pod_exists) {
             if exists {
-                let namespace = key.split('/').next().unwrap_or_default();
+                let namespace = Resource::parse(key)
+                    .map(|r| r.namespace().to_owned())
+                    .unwrap_or_default();
                 by_namespace.entry(namespace).or_default().push(value);
             } else {
                 self.store

@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 
 use super::scope::{kind_of, served, ApiError, Kind, Scope, KINDS};
 use super::{watch, HttpState};
+use crate::resource::Resource;
 use crate::store::Store;
 
 /// One kind of object the API serves.
@@ -164,9 +165,8 @@ async fn get_cluster(
             .ok()
             .and_then(|v| v["metadata"]["name"].as_str().map(str::to_owned));
         stored_name
-            .as_deref()
-            .unwrap_or(key.rsplit('/').next().unwrap_or_default())
-            == name
+            .or_else(|| Resource::parse(key).ok()?.name().map(str::to_owned))
+            .is_some_and(|stored| stored == name)
     });
     match found {
         Some((_, text)) => object(kind, name, &text),

@@ -16,6 +16,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{mpsc, watch};
 
 use super::scope::{self, ApiError, Scope};
+use crate::resource::Resource;
 use crate::store::Store;
 use crate::store::{ChangeKind, StoreEvent};
 
@@ -179,8 +180,8 @@ fn encode(scope: &Scope, event: &StoreEvent) -> Option<Bytes> {
     if event.kind == ChangeKind::Deleted && value.as_object().is_some_and(|o| o.is_empty()) {
         // The old object was not read (nobody watched when the delete was applied): name it
         // from the key so the client still learns what went.
-        let mut parts = event.key.splitn(3, '/');
-        let (ns, _, name) = (parts.next()?, parts.next()?, parts.next()?);
+        let resource = Resource::parse(&event.key).ok()?;
+        let (ns, name) = (resource.namespace(), resource.name()?);
         let stub = json!({"metadata": {"name": name, "namespace": ns}});
         return scope
             .matches(&event.key, &stub)

@@ -20,7 +20,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use bytes::Bytes;
-use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use rusqlite::{Connection, OptionalExtension};
 use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 
 mod feed;
@@ -592,7 +592,10 @@ mod tests {
     fn put(key: &str, value: &str) -> Write {
         Write::Put {
             key: key.into(),
-            rtype: key.split('/').nth(1).unwrap_or_default().into(),
+            rtype: crate::resource::Resource::parse(key)
+                .expect("a resource key")
+                .rtype()
+                .into(),
             value: Bytes::copy_from_slice(value.as_bytes()),
         }
     }
@@ -812,7 +815,7 @@ mod tests {
     }
 
     fn settled_flag(path: &Path, id: &str) -> Option<bool> {
-        Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
             .unwrap()
             .query_row(
                 "SELECT settled FROM processed WHERE msg_id = ?1",

@@ -19,6 +19,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::mpsc;
 
 use super::{Applied, Change, ChangeKind, Job, Outcome, Shared, StoreError, StoreEvent, Write};
+use crate::resource::Resource;
 
 /// Most changes committed in one transaction; bounds the latency a batch adds to its first.
 const MAX_BATCH: usize = 512;
@@ -471,7 +472,9 @@ fn feed_event(write: &Write, outcome: Outcome, before: Option<String>) -> Option
             seq: 0,
             kind: ChangeKind::Deleted,
             key: key.clone(),
-            rtype: key.split('/').nth(1).unwrap_or_default().to_owned(),
+            rtype: Resource::parse(key)
+                .map(|r| r.rtype().to_owned())
+                .unwrap_or_default(),
             value: before.map_or_else(|| bytes::Bytes::from_static(b"{}"), bytes::Bytes::from),
         }),
         _ => None,
