@@ -18,6 +18,7 @@ use crate::http::{self, HttpError};
 use crate::metrics::Exporter;
 use crate::mqtt::{Incoming, Link, LinkOptions, Publisher};
 use crate::ops::{self, Step};
+use crate::shutdown::{self, Shutdown};
 use crate::status;
 use crate::store::{Store, StoreError, StoreOptions};
 use crate::tls::{self, TlsError};
@@ -154,7 +155,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         "metamanager starting"
     );
 
-    let (stop_tx, stop) = watch::channel(false);
+    let (stop_tx, stop) = shutdown::channel();
     let (steps_tx, steps_rx) = mpsc::channel(STEP_QUEUE);
     let dispatcher = tokio::spawn(run_dispatcher(ops.clone(), inbound, steps_tx, stop.clone()));
     let pipeline = tokio::spawn(run_pipeline(steps_rx));
@@ -224,7 +225,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         None => shutdown.await,
     }
     tracing::info!("shutting down: finishing in-flight work");
-    stop_tx.send_replace(true);
+    stop_tx.fire();
     if let Some(http) = http {
         // Probes answer until here; open watches end on the stop flag.
         if tokio::time::timeout(DRAIN_TIMEOUT, http).await.is_err() {
@@ -283,12 +284,12 @@ async fn run_dispatcher(
     ops: Arc<ops::Context>,
     mut inbound: Incoming,
     steps: mpsc::Sender<Step>,
-    mut stop: watch::Receiver<bool>,
+    mut stop: Shutdown,
 ) {
     loop {
         let publish = tokio::select! {
             next = inbound.recv() => next,
-            _ = stop.changed() => None,
+            _ = stop.wait() => None,
         };
         let Some(publish) = publish else {
             break;
@@ -322,7 +323,7 @@ async fn keep_session(
     node_id: String,
     cloud_state: CloudState,
     mut connected: watch::Receiver<bool>,
-    mut stop: watch::Receiver<bool>,
+    mut stop: Shutdown,
 ) {
     let mut cloud = cloud_state.watch();
     let online = || status::online_status(&node_id, cloud_state.connected());
@@ -345,7 +346,7 @@ async fn keep_session(
                     publisher.status(online()).await;
                 }
             }
-            _ = stop.changed() => return,
+            _ = stop.wait() => return,
         }
     }
 }

@@ -31,6 +31,7 @@
 //!   the gauges read from their sources.
 //! - [`inspect`]: read-only access to a database for the `get`, `list` and `export` commands.
 //! - [`status`]: the status object on the status topic.
+//! - [`shutdown`]: the one signal every task stops on.
 //! - [`store`]: SQLite with one writer thread (group commit) and reads beside it, and its own
 //!   commit measurements.
 //!
@@ -53,6 +54,7 @@ pub mod ops;
 pub mod outbox;
 pub mod remote;
 pub mod resource;
+pub mod shutdown;
 pub mod status;
 pub mod store;
 pub mod telemetry;

@@ -13,9 +13,10 @@ use tokio::sync::Mutex;
 
 use crate::cloud::CloudState;
 use crate::message::{self, Operation};
-use crate::metrics::Metrics;
+use crate::metrics::{ErrorReason, Metrics, SyncOutcome};
 use crate::outbox::{self, Outbox};
 use crate::resource::Resource;
+use crate::shutdown::Shutdown;
 use crate::store::{Store, StoreError, Write};
 
 const PODSTATUS: &str = "podstatus";
@@ -58,11 +59,11 @@ impl MetaSync {
     pub async fn run(&self) -> Result<Report, StoreError> {
         let result = self.run_once().await;
         self.metrics.metasync(match &result {
-            Ok(Report::Synced { .. }) => "synced",
-            Ok(Report::Skipped) => "skipped",
+            Ok(Report::Synced { .. }) => SyncOutcome::Synced,
+            Ok(Report::Skipped) => SyncOutcome::Skipped,
             Err(_) => {
-                self.metrics.error("metasync");
-                "failed"
+                self.metrics.error(ErrorReason::Metasync);
+                SyncOutcome::Failed
             }
         });
         result
@@ -126,12 +127,8 @@ fn pod_key(podstatus_key: &str) -> Option<String> {
 }
 
 impl MetaSync {
-    /// Runs MetaSync every `interval` until `shutdown` fires.
-    pub async fn run_periodic(
-        self,
-        interval: Duration,
-        mut shutdown: tokio::sync::watch::Receiver<bool>,
-    ) {
+    /// Runs MetaSync every `interval` until shutdown.
+    pub async fn run_periodic(self, interval: Duration, mut shutdown: Shutdown) {
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -141,7 +138,7 @@ impl MetaSync {
                         tracing::warn!(error = %e, "metasync failed");
                     }
                 }
-                _ = shutdown.changed() => return,
+                _ = shutdown.wait() => return,
             }
         }
     }

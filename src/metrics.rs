@@ -70,6 +70,55 @@ impl RemoteOutcome {
     }
 }
 
+/// Why something counted in `metamanager_errors_total` went wrong.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorReason {
+    /// A message that is not a valid MetaManager message.
+    Decode,
+    /// A valid message that asks for something MetaManager refuses.
+    Invalid,
+    /// A store write or read failed.
+    Store,
+    /// A MetaSync run failed.
+    Metasync,
+    RemoteTimeout,
+    RemoteDisconnected,
+    RemoteRefused,
+}
+
+impl ErrorReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Decode => "decode",
+            Self::Invalid => "invalid",
+            Self::Store => "store",
+            Self::Metasync => "metasync",
+            Self::RemoteTimeout => "remote_timeout",
+            Self::RemoteDisconnected => "remote_disconnected",
+            Self::RemoteRefused => "remote_refused",
+        }
+    }
+}
+
+/// How a MetaSync run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncOutcome {
+    Synced,
+    /// The cloud was disconnected; nothing was sent.
+    Skipped,
+    Failed,
+}
+
+impl SyncOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Synced => "synced",
+            Self::Skipped => "skipped",
+            Self::Failed => "failed",
+        }
+    }
+}
+
 /// Counters that mirror a count kept elsewhere, brought up to date at render time.
 #[derive(Default)]
 struct Mirrored {
@@ -242,10 +291,10 @@ impl Metrics {
     }
 
     /// Something went wrong, for `reason`.
-    pub fn error(&self, reason: &str) {
+    pub fn error(&self, reason: ErrorReason) {
         self.errors
             .get_or_create(&ReasonLabel {
-                reason: reason.to_owned(),
+                reason: reason.as_str().to_owned(),
             })
             .inc();
     }
@@ -261,24 +310,23 @@ impl Metrics {
             })
             .inc();
         match outcome {
-            RemoteOutcome::Timeout => self.error("remote_timeout"),
-            RemoteOutcome::Disconnected => self.error("remote_disconnected"),
-            RemoteOutcome::Refused => self.error("remote_refused"),
+            RemoteOutcome::Timeout => self.error(ErrorReason::RemoteTimeout),
+            RemoteOutcome::Disconnected => self.error(ErrorReason::RemoteDisconnected),
+            RemoteOutcome::Refused => self.error(ErrorReason::RemoteRefused),
             RemoteOutcome::Answered | RemoteOutcome::Error => {}
         }
     }
 
     /// A MetaSync run ended: `synced`, `skipped` or `failed`.
-    pub fn metasync(&self, outcome: &str) {
+    pub fn metasync(&self, outcome: SyncOutcome) {
         self.metasync_runs
             .get_or_create(&OutcomeLabel {
-                outcome: outcome.to_owned(),
+                outcome: outcome.as_str().to_owned(),
             })
             .inc();
     }
 }
 
-/// The Prometheus text exposition (OpenMetrics) of the node's metrics.
 /// What `/metrics` reads besides the counters: the gauges' and mirrored counters' sources,
 /// read at render time.
 #[derive(Clone)]
@@ -415,10 +463,10 @@ mod tests {
         node.metrics.received("edged", "insert");
         node.metrics.received("edged", "invalid");
         node.metrics.replied("response");
-        node.metrics.error("decode");
+        node.metrics.error(ErrorReason::Decode);
         node.metrics
             .remote_query(RemoteOutcome::Timeout, Some(Duration::from_millis(20)));
-        node.metrics.metasync("skipped");
+        node.metrics.metasync(SyncOutcome::Skipped);
         node.cloud.set(true);
 
         let text = exporter(&h).render();

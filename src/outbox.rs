@@ -12,11 +12,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::watch;
 
 use crate::cloud::CloudState;
 use crate::config::OutboxSettings;
 use crate::mqtt::Publisher;
+use crate::shutdown::Shutdown;
 use crate::store::{Change, CloudMessage, Store, StoreError};
 use crate::topics::Peer;
 
@@ -79,7 +79,7 @@ impl Outbox {
     }
 
     /// Sends the outbox whenever the cloud is connected and something is queued.
-    pub async fn run_drain(self, settings: OutboxSettings, mut stop: watch::Receiver<bool>) {
+    pub async fn run_drain(self, settings: OutboxSettings, mut stop: Shutdown) {
         let mut cloud = self.cloud.watch();
         let per_tick = (settings.drain_rate as usize / 10).max(1);
         let max_age_ms = settings.max_age.as_millis() as i64;
@@ -90,7 +90,7 @@ impl Outbox {
                     _ = self.store.outbox_changed() => {}
                     // A queued entry can race a reconnect; look again now and then.
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = stop.changed() => return,
+                    _ = stop.wait() => return,
                 }
             }
             tracing::info!(
@@ -106,7 +106,7 @@ impl Outbox {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
-            if *stop.borrow() {
+            if stop.is_shutdown() {
                 return;
             }
         }
@@ -118,10 +118,10 @@ impl Outbox {
         &self,
         per_tick: usize,
         max_age_ms: i64,
-        stop: &mut watch::Receiver<bool>,
+        stop: &mut Shutdown,
     ) -> Result<bool, StoreError> {
         loop {
-            if !self.cloud.connected() || *stop.borrow() {
+            if !self.cloud.connected() || stop.is_shutdown() {
                 return Ok(false);
             }
             let batch = self.store.outbox_batch(per_tick).await?;
@@ -157,7 +157,7 @@ impl Outbox {
                         return Ok(false);
                     }
                 }
-                _ = stop.changed() => return Ok(false),
+                _ = stop.wait() => return Ok(false),
             }
             self.store
                 .write(Change {
@@ -167,7 +167,7 @@ impl Outbox {
                 .await?;
             tokio::select! {
                 _ = tokio::time::sleep(TICK) => {}
-                _ = stop.changed() => return Ok(false),
+                _ = stop.wait() => return Ok(false),
             }
         }
     }

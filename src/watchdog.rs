@@ -12,9 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
-
 use crate::broker;
+use crate::shutdown::Shutdown;
 
 /// How long one check may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -68,18 +67,18 @@ pub struct Watchdog {
 }
 
 impl Watchdog {
-    /// Checks until `stop`; returns an error when the broker failed every check for `timeout`.
+    /// Checks until shutdown; returns an error when the broker failed every check for `timeout`.
     pub async fn run(
         self,
         serving: BrokerServing,
-        mut stop: watch::Receiver<bool>,
+        mut stop: Shutdown,
     ) -> Result<(), BrokerUnresponsive> {
         let mut failing_since: Option<Instant> = None;
         let mut skipped = rumqttd::skipped_messages();
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(self.interval) => {}
-                _ = stop.changed() => return Ok(()),
+                _ = stop.wait() => return Ok(()),
             }
             // The one bound of the embedded broker that loses messages, made loud.
             let now = rumqttd::skipped_messages();

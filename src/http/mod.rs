@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch as flag;
 
 use crate::metrics::Exporter;
+use crate::shutdown::Shutdown;
 use crate::store::Store;
 use crate::watchdog::BrokerServing;
 
@@ -54,7 +55,7 @@ pub struct Context {
 #[derive(Clone)]
 pub struct HttpState {
     pub ctx: Arc<Context>,
-    pub stop: flag::Receiver<bool>,
+    pub stop: Shutdown,
 }
 
 impl FromRef<HttpState> for Arc<Context> {
@@ -86,8 +87,8 @@ impl Listener {
         self.listener.local_addr().ok()
     }
 
-    /// Serves until `stop` turns true; requests in progress finish, open watches end.
-    pub async fn serve(self, ctx: Context, stop: flag::Receiver<bool>) {
+    /// Serves until shutdown; requests in progress finish, open watches end.
+    pub async fn serve(self, ctx: Context, stop: Shutdown) {
         let addr = self.local_addr();
         tracing::info!(addr = ?addr, "HTTP endpoint listening");
         let app = router(HttpState {
@@ -95,13 +96,7 @@ impl Listener {
             stop: stop.clone(),
         });
         let mut stop = stop;
-        let shutdown = async move {
-            while !*stop.borrow_and_update() {
-                if stop.changed().await.is_err() {
-                    return;
-                }
-            }
-        };
+        let shutdown = async move { stop.wait().await };
         if let Err(e) = axum::serve(self.listener, app)
             .with_graceful_shutdown(shutdown)
             .await

@@ -13,10 +13,11 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 use tokio::sync::broadcast::error::RecvError;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 use super::scope::{self, ApiError, Scope};
 use crate::resource::Resource;
+use crate::shutdown::Shutdown;
 use crate::store::Store;
 use crate::store::{ChangeKind, StoreEvent};
 
@@ -31,7 +32,7 @@ const WATCHER_BUFFER: usize = 64;
 /// after it are sent, recorded ones first, or an `ERROR` (410) when they are no longer known.
 pub async fn respond(
     store: Store,
-    stop: watch::Receiver<bool>,
+    stop: Shutdown,
     scope: Scope,
     version: Option<u64>,
 ) -> Result<Response, ApiError> {
@@ -95,7 +96,7 @@ async fn feed(
     seen: u64,
     mut changes: tokio::sync::broadcast::Receiver<Arc<StoreEvent>>,
     tx: mpsc::Sender<Bytes>,
-    mut stop: watch::Receiver<bool>,
+    mut stop: Shutdown,
 ) {
     let mut out = Out {
         tx,
@@ -117,7 +118,7 @@ async fn feed(
                 }
                 continue;
             }
-            _ = stopped(out.stop) => return,
+            _ = out.stop.wait() => return,
             _ = out.tx.closed() => return,
         };
         let event = match next {
@@ -149,7 +150,7 @@ async fn feed(
 /// The connection side of one watcher.
 struct Out<'a> {
     tx: mpsc::Sender<Bytes>,
-    stop: &'a mut watch::Receiver<bool>,
+    stop: &'a mut Shutdown,
 }
 
 impl Out<'_> {
@@ -157,16 +158,7 @@ impl Out<'_> {
     async fn send(&mut self, line: Bytes) -> Result<(), End> {
         tokio::select! {
             sent = self.tx.send(line) => sent.map_err(|_| End::Gone),
-            _ = stopped(self.stop) => Err(End::Gone),
-        }
-    }
-}
-
-/// Resolves once the stop flag is set (or its sender is gone).
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    while !*stop.borrow_and_update() {
-        if stop.changed().await.is_err() {
-            return;
+            _ = self.stop.wait() => Err(End::Gone),
         }
     }
 }

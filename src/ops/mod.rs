@@ -32,7 +32,7 @@ use std::sync::Arc;
 use crate::cloud::CloudState;
 use crate::message::{self, Message, Operation};
 use crate::metasync::MetaSync;
-use crate::metrics::Metrics;
+use crate::metrics::{ErrorReason, Metrics};
 use crate::mqtt::{Inbound, Publisher};
 use crate::outbox::Outbox;
 use crate::remote::RemoteQueries;
@@ -102,7 +102,7 @@ pub async fn dispatch(ctx: &Arc<Context>, publish: Inbound) -> Step {
         Ok(msg) => msg,
         Err(e) => {
             ctx.metrics.received(sender.as_str(), "invalid");
-            ctx.metrics.error("decode");
+            ctx.metrics.error(ErrorReason::Decode);
             let parent = message::salvage_msg_id(&publish.payload);
             let text = e.to_string();
             return refuse(ctx, sender, publish, parent, "", text);
@@ -180,7 +180,7 @@ pub(super) fn refuse_message(
     msg: &Message,
     text: String,
 ) -> Step {
-    ctx.metrics.error("invalid");
+    ctx.metrics.error(ErrorReason::Invalid);
     let parent = Some(msg.msg_id().to_owned());
     refuse(ctx, sender, publish, parent, msg.resource.key(), text)
 }
@@ -214,7 +214,7 @@ pub(super) async fn report_not_queued(ctx: &Context, sender: Peer, msg: &Message
 
 pub(super) async fn report_store_error(ctx: &Context, sender: Peer, msg: &Message, e: &StoreError) {
     let key = msg.resource.key();
-    ctx.metrics.error("store");
+    ctx.metrics.error(ErrorReason::Store);
     tracing::error!(resource = %key, operation = msg.operation.as_str(), error = %e, "store failed");
     let text = format!("{} of {key} failed: {e}", msg.operation.as_str());
     let reply = message::error(Some(msg.msg_id()), key, &text);
