@@ -103,15 +103,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
             let broker = tokio::task::spawn_blocking(move || EmbeddedBroker::start(options))
                 .await
                 .map_err(|e| BrokerError::Task(e.to_string()))??;
-            let host = if broker.addr.ip().is_unspecified() {
-                std::net::Ipv4Addr::LOCALHOST.into()
-            } else {
-                broker.addr.ip()
-            };
-            embedded = Some((
-                std::net::SocketAddr::new(host, broker.addr.port()),
-                own_credentials,
-            ));
+            embedded = Some((crate::broker::connect_addr(broker.addr), own_credentials));
             let links = broker.own_links.ok_or(BrokerError::Link {
                 client_id: client_id.clone(),
                 reason: "not registered".into(),
@@ -148,9 +140,13 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         link.publisher.clone(),
     ));
     let serving = BrokerServing::default();
+    let broker = match &embedded {
+        Some((addr, _)) => addr.to_string(),
+        None => format!("{}:{}", settings.mqtt.host, settings.mqtt.port),
+    };
     tracing::info!(
         node_id = %settings.node_id,
-        broker = %format!("{}:{}", settings.mqtt.host, settings.mqtt.port),
+        %broker,
         mode = ?settings.mqtt.mode,
         "metamanager starting"
     );

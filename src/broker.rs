@@ -147,10 +147,23 @@ impl EmbeddedBroker {
         if !addr.ip().is_loopback() && options.auth.is_none() {
             tracing::warn!(%addr, "embedded broker listens beyond loopback without authentication: anyone who reaches this address can read and write the node's metadata");
         }
-        // Fail with the OS's reason (address in use, permission) rather than rumqttd's log line.
-        drop(TcpListener::bind(addr).map_err(|source| BrokerError::Bind { addr, source })?);
+        // Bound here and handed to rumqttd: a failure carries the OS's reason (address in use,
+        // permission) rather than only rumqttd's log line, no other process can take the port
+        // between a check and rumqttd's bind, and port 0 gets a free port whose number is known.
+        let listener =
+            TcpListener::bind(addr).map_err(|source| BrokerError::Bind { addr, source })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| BrokerError::Bind { addr, source })?;
 
-        let config = config(addr, &options);
+        let mut config = config(addr, &options);
+        if let Some(server) = config
+            .v4
+            .as_mut()
+            .and_then(|servers| servers.values_mut().next())
+        {
+            server.bound = Some(std::sync::Arc::new(listener));
+        }
         let own_id = options.own_client_id.clone();
         let (links_tx, links_rx) = std::sync::mpsc::channel();
         let handle = std::thread::Builder::new()
@@ -177,13 +190,7 @@ impl EmbeddedBroker {
             if handle.is_finished() {
                 return Err(BrokerError::Stopped { addr });
             }
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                // Another process could have taken the port in the gap after the check above;
-                // rumqttd then ends its server thread, so look once more.
-                std::thread::sleep(Duration::from_millis(20));
-                if handle.is_finished() {
-                    return Err(BrokerError::Stopped { addr });
-                }
+            if TcpStream::connect_timeout(&connect_addr(addr), Duration::from_millis(200)).is_ok() {
                 tracing::info!(%addr, "embedded broker listening");
                 return Ok(Self { addr, own_links });
             }
@@ -192,6 +199,16 @@ impl EmbeddedBroker {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+}
+
+/// Where a client on this host reaches a listener on `addr`: the loopback address for a
+/// listener on every address.
+pub fn connect_addr(addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
+    } else {
+        addr
     }
 }
 
@@ -255,6 +272,7 @@ fn config(addr: SocketAddr, options: &BrokerOptions) -> Config {
         tls: None,
         next_connection_delay_ms: 1,
         connections,
+        bound: None,
     };
     Config {
         id: 0,
@@ -463,6 +481,19 @@ mod tests {
             connack_code(addr, "metamanager-n1", Some(&wrong)).await,
             Some(5)
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn port_zero_gets_a_free_port_that_serves() {
+        let options = BrokerOptions::new("127.0.0.1", 0);
+        let broker = tokio::task::spawn_blocking(move || EmbeddedBroker::start(options))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_ne!(broker.addr.port(), 0);
+        probe(broker.addr, Duration::from_secs(5), None)
+            .await
+            .expect("the broker serves on the port it reports");
     }
 
     #[tokio::test]

@@ -335,8 +335,13 @@ impl Settings {
     pub fn validate(&self) -> Result<(), ConfigError> {
         topic_level("node_id", &self.node_id)?;
         topic_level("mqtt.topic_prefix", &self.mqtt.topic_prefix)?;
-        if self.mqtt.port == 0 {
-            return invalid("mqtt.port", "must be between 1 and 65535".into());
+        // 0 lets the embedded broker take any free port (logged at start); an external broker
+        // is never on port 0.
+        if self.mqtt.port == 0 && self.mqtt.mode == BrokerMode::External {
+            return invalid(
+                "mqtt.port",
+                "must be between 1 and 65535 for an external broker".into(),
+            );
         }
         if self.mqtt.host.trim().is_empty() {
             return invalid("mqtt.host", "must not be empty".into());
@@ -519,7 +524,11 @@ mod tests {
             error_of("meta:\n  sync:\n    podstatus:\n      interval: -5\n")
                 .contains("meta.sync.podstatus.interval")
         );
-        assert!(error_of("mqtt:\n  port: 0\n").contains("mqtt.port"));
+        assert!(error_of("mqtt:\n  mode: external\n  port: 0\n").contains("mqtt.port"));
+        assert!(
+            Settings::from_yaml("mqtt:\n  port: 0\n").is_ok(),
+            "embedded: any free port"
+        );
         assert!(error_of("meta:\n  remote_query_timeout: soon\n").contains("remote_query_timeout"));
         assert!(error_of("nodeid: x\n").contains("nodeid"));
         assert!(error_of("mqtt:\n  hots: x\n").contains("hots"));

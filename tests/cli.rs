@@ -27,7 +27,7 @@ fn bad_config_stops_before_connecting_and_names_the_key() {
     let cases = [
         ("mqtt:\n  mode: sideways\n", "mode"),
         ("mqtt:\n  port: 70000\n", "port"),
-        ("mqtt:\n  port: 0\n", "mqtt.port"),
+        ("mqtt:\n  mode: external\n  port: 0\n", "mqtt.port"),
         (
             "meta:\n  remote_query_timeout: soonish\n",
             "remote_query_timeout",

@@ -34,8 +34,9 @@ pub fn fixture_path(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// A port nobody listens on right now. rumqttd cannot bind port 0, so callers retry when
-/// another process takes the port first.
+/// A port nobody listens on right now, for mosquitto, which cannot be told to take any free
+/// port and say which: callers retry when another process takes the port first. (MetaManager
+/// itself is started on port 0 and logs what it got.)
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -304,7 +305,7 @@ impl TestApp {
             db,
             dir: tempfile::tempdir().unwrap(),
             port: 0,
-            http_port: free_port(),
+            http_port: 0,
             child: None,
             client: Peer::dummy(),
             mosquitto,
@@ -354,55 +355,72 @@ impl TestApp {
         std::fs::write(self.config_path(), yaml).unwrap();
     }
 
-    /// Starts (or restarts) the binary and waits until its status is online.
+    /// Starts (or restarts) the binary and waits until its status is online. The first start
+    /// lets MetaManager bind its ports (port 0; it logs what it got), so no port can be lost
+    /// to another process between choosing it and binding it; later starts reuse those ports.
     pub async fn start(&mut self) {
-        for attempt in 0..5 {
-            if attempt > 0 {
-                // The HTTP port may be what was lost to another process.
-                self.http_port = free_port();
+        let port = match &self.mosquitto {
+            Some(m) => m.port,
+            None => self.port,
+        };
+        self.write_config(port);
+        let log_from = self.log().len();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_metamanager"))
+            .arg("--config")
+            .arg(self.config_path())
+            .current_dir(self.dir.path())
+            .env("RUST_LOG", "info,metamanager=debug,rumqttd=warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.dir.path().join("metamanager.log"))
+                    .unwrap(),
+            ))
+            .spawn()
+            .unwrap();
+        let (broker, http) = self.bound_ports(log_from, &mut child);
+        self.port = broker;
+        self.http_port = http;
+        self.child = Some(child);
+        // The old client goes first: with mosquitto's use_username_as_clientid, two clients
+        // of one account would take each other's client id in turn.
+        self.client = Peer::dummy();
+        self.client = Peer::connect_as(self.port, self.options.peer_login.clone()).await;
+        self.client
+            .wait_for("metamanager/status", |v| v["state"] == "online")
+            .await;
+    }
+
+    /// The broker's and the HTTP endpoint's ports, from the start-up log lines after
+    /// `log_from`: `metamanager starting ... broker=HOST:PORT` and
+    /// `HTTP endpoint listening addr=Some(HOST:PORT)`.
+    fn bound_ports(&self, log_from: usize, child: &mut std::process::Child) -> (u16, u16) {
+        let port_after = |text: &str, line_has: &str, key: &str| -> Option<u16> {
+            let line = text.lines().find(|l| l.contains(line_has))?;
+            let value = &line[line.find(key)? + key.len()..];
+            let addr = value.split([' ', ')']).next()?;
+            addr.rsplit(':').next()?.parse().ok()
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let log = self.log();
+            let text = log.get(log_from..).unwrap_or_default();
+            let broker = port_after(text, "metamanager starting", "broker=");
+            let http = port_after(text, "HTTP endpoint listening", "addr=Some(");
+            if let (Some(broker), Some(http)) = (broker, http) {
+                return (broker, http);
             }
-            let port = if self.port != 0 {
-                self.port
-            } else {
-                match &self.mosquitto {
-                    Some(m) => m.port,
-                    None => free_port(),
-                }
-            };
-            self.write_config(port);
-            let mut child = Command::new(env!("CARGO_BIN_EXE_metamanager"))
-                .arg("--config")
-                .arg(self.config_path())
-                .current_dir(self.dir.path())
-                .env("RUST_LOG", "info,metamanager=debug,rumqttd=warn")
-                .stdout(Stdio::null())
-                .stderr(Stdio::from(
-                    std::fs::OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(self.dir.path().join("metamanager.log"))
-                        .unwrap(),
-                ))
-                .spawn()
-                .unwrap();
-            if !wait_for_port(port, Duration::from_secs(10)) {
-                // The embedded broker lost a race for the port: try another.
-                let _ = child.kill();
-                let _ = child.wait();
-                continue;
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("metamanager exited with {status} while starting; log:\n{log}");
             }
-            self.port = port;
-            self.child = Some(child);
-            // The old client goes first: with mosquitto's use_username_as_clientid, two clients
-            // of one account would take each other's client id in turn.
-            self.client = Peer::dummy();
-            self.client = Peer::connect_as(port, self.options.peer_login.clone()).await;
-            self.client
-                .wait_for("metamanager/status", |v| v["state"] == "online")
-                .await;
-            return;
+            assert!(
+                Instant::now() < deadline,
+                "metamanager did not start; log:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("metamanager did not start; log:\n{}", self.log());
     }
 
     pub fn log(&self) -> String {

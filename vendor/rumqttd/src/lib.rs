@@ -115,6 +115,10 @@ impl TlsConfig {
 pub struct ServerSettings {
     pub name: String,
     pub listen: SocketAddr,
+    /// A listener the embedding program bound already (on `listen`, or on port 0): the server
+    /// accepts on it instead of binding `listen` itself. (MetaManager patch, see PATCHES.md.)
+    #[serde(skip)]
+    pub bound: Option<Arc<std::net::TcpListener>>,
     pub tls: Option<TlsConfig>,
     pub next_connection_delay_ms: u64,
     pub connections: ConnectionSettings,
