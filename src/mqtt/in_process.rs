@@ -52,6 +52,7 @@ pub(super) fn start(links: OwnLinks, topics: Topics, inflight: budget::Limits) -
         unacked: unacked.clone(),
         state: state.clone(),
         waiting: None,
+        must_wake: false,
         ended: false,
     };
 
@@ -193,6 +194,9 @@ pub(crate) struct Receiving {
     /// A delivery taken from the link and waiting for budget; kept here so that a `recv`
     /// cancelled while it waits loses nothing.
     waiting: Option<Publish>,
+    /// The router unscheduled the link (its buffer was full) and has not been asked for more
+    /// yet; kept here so that a `recv` cancelled while it asks still asks next time.
+    must_wake: bool,
     /// The router dropped the link; nothing more comes.
     ended: bool,
 }
@@ -218,15 +222,18 @@ impl Receiving {
             if self.ended {
                 return None;
             }
+            if self.must_wake {
+                if self.link.wake().await.is_err() {
+                    self.lost();
+                    continue;
+                }
+                self.must_wake = false;
+            }
             match self.link.next().await {
                 Ok(Some(Notification::Forward(forward))) => self.waiting = Some(forward.publish),
                 // The router stopped filling the link's buffer because it was full: now that
                 // it is drained, ask for more.
-                Ok(Some(Notification::Unschedule)) => {
-                    if self.link.wake().await.is_err() {
-                        self.lost();
-                    }
-                }
+                Ok(Some(Notification::Unschedule)) => self.must_wake = true,
                 Ok(Some(other)) => tracing::trace!(?other, "receiving link notification"),
                 Ok(None) => {}
                 Err(e) => {
