@@ -49,8 +49,27 @@ pub enum AppError {
     BrokerUnresponsive(#[from] BrokerUnresponsive),
 }
 
-/// Runs MetaManager until `shutdown` resolves.
+/// Listeners bound by the caller, used instead of the addresses in the settings: a test binds
+/// port 0 and knows its ports before MetaManager starts.
+#[derive(Default)]
+pub struct Listeners {
+    /// For the HTTP endpoint (when `http.enabled`).
+    pub http: Option<http::Listener>,
+    /// For the embedded broker (in embedded mode).
+    pub broker: Option<std::net::TcpListener>,
+}
+
+/// Runs MetaManager until `shutdown` resolves, binding the addresses of `settings`.
 pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
+    run_with(settings, Listeners::default(), shutdown).await
+}
+
+/// [`run`] on listeners the caller bound, where given.
+pub async fn run_with(
+    settings: Settings,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AppError> {
     let credentials = match (&settings.mqtt.username, settings.mqtt.resolved_password()?) {
         (Some(user), password) => Some((user.clone(), password.unwrap_or_default())),
         (None, _) => None,
@@ -61,10 +80,14 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         None => None,
     };
     // Bound first, so a taken port stops start-up before anything connects or opens.
-    let http_listener = if settings.http.enabled {
-        Some(http::Listener::bind(settings.http.listen_addr()?).await?)
-    } else {
-        None
+    let Listeners {
+        http: http_given,
+        broker: broker_given,
+    } = listeners;
+    let http_listener = match (settings.http.enabled, http_given) {
+        (false, _) => None,
+        (true, Some(listener)) => Some(listener),
+        (true, None) => Some(http::Listener::bind(settings.http.listen_addr()?).await?),
     };
     let store = {
         let path = settings.database.path.clone();
@@ -100,9 +123,12 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
                 own_client_id: Some(client_id.clone()),
                 own_credentials: own_credentials.clone(),
             };
-            let broker = tokio::task::spawn_blocking(move || EmbeddedBroker::start(options))
-                .await
-                .map_err(|e| BrokerError::Task(e.to_string()))??;
+            let broker = tokio::task::spawn_blocking(move || match broker_given {
+                Some(listener) => EmbeddedBroker::start_on(options, listener),
+                None => EmbeddedBroker::start(options),
+            })
+            .await
+            .map_err(|e| BrokerError::Task(e.to_string()))??;
             embedded = Some((crate::broker::connect_addr(broker.addr), own_credentials));
             let links = broker.own_links.ok_or(BrokerError::Link {
                 client_id: client_id.clone(),

@@ -132,29 +132,20 @@ impl EmbeddedBroker {
     /// accepted too, for any client id (so [`probe`] can use them), and are the only ones
     /// accepted for the own client ids.
     pub fn start(options: BrokerOptions) -> Result<Self, BrokerError> {
-        let (host, port) = (options.host.as_str(), options.port);
-        let addr = (host, port)
-            .to_socket_addrs()
-            .map_err(|e| BrokerError::Resolve {
-                addr: format!("{host}:{port}"),
-                reason: e.to_string(),
-            })?
-            .next()
-            .ok_or_else(|| BrokerError::Resolve {
-                addr: format!("{host}:{port}"),
-                reason: "no address".into(),
-            })?;
+        let listener = bind(&options.host, options.port)?;
+        Self::start_on(options, listener)
+    }
+
+    /// [`Self::start`] on a listener bound already (`host` and `port` are not used): for a
+    /// caller that binds port 0 itself, or holds the port from before.
+    pub fn start_on(options: BrokerOptions, listener: TcpListener) -> Result<Self, BrokerError> {
+        let addr = listener.local_addr().map_err(|source| BrokerError::Bind {
+            addr: SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), options.port),
+            source,
+        })?;
         if !addr.ip().is_loopback() && options.auth.is_none() {
             tracing::warn!(%addr, "embedded broker listens beyond loopback without authentication: anyone who reaches this address can read and write the node's metadata");
         }
-        // Bound here and handed to rumqttd: a failure carries the OS's reason (address in use,
-        // permission) rather than only rumqttd's log line, no other process can take the port
-        // between a check and rumqttd's bind, and port 0 gets a free port whose number is known.
-        let listener =
-            TcpListener::bind(addr).map_err(|source| BrokerError::Bind { addr, source })?;
-        let addr = listener
-            .local_addr()
-            .map_err(|source| BrokerError::Bind { addr, source })?;
 
         let mut config = config(addr, &options);
         if let Some(server) = config
@@ -200,6 +191,25 @@ impl EmbeddedBroker {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
+}
+
+/// Binds the embedded broker's address. MetaManager binds it and hands it to rumqttd: a failure
+/// carries the OS's reason (address in use, permission) rather than only rumqttd's log line, no
+/// other process can take the port between a check and rumqttd's bind, and port 0 gets a free
+/// port whose number is known.
+pub fn bind(host: &str, port: u16) -> Result<TcpListener, BrokerError> {
+    let addr = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| BrokerError::Resolve {
+            addr: format!("{host}:{port}"),
+            reason: e.to_string(),
+        })?
+        .next()
+        .ok_or_else(|| BrokerError::Resolve {
+            addr: format!("{host}:{port}"),
+            reason: "no address".into(),
+        })?;
+    TcpListener::bind(addr).map_err(|source| BrokerError::Bind { addr, source })
 }
 
 /// Where a client on this host reaches a listener on `addr`: the loopback address for a
