@@ -579,62 +579,79 @@ fn tls_with_password_file_and_client_certificate_works_end_to_end() {
     assert!(status.success(), "{status}; log:\n{}", mm.log());
 }
 
-#[test]
-fn wrong_password_is_logged_and_retried_with_backoff() {
+/// A TLS connection the broker refuses, and what MetaManager must log about it.
+struct Refused<'a> {
+    /// Whether the broker asks for a client certificate.
+    client_certificate_required: bool,
+    password: &'a str,
+    /// The CA file MetaManager trusts, in the test PKI.
+    ca: &'a str,
+    /// Whether MetaManager presents the client certificate.
+    client_certificate: bool,
+    /// One of these is the logged reason of every failed attempt.
+    reasons: &'a [&'a str],
+    /// The log names each of these, to point the operator at what to fix.
+    hints: &'a [&'a str],
+}
+
+/// Runs MetaManager against a TLS broker that refuses it as `case` says, and checks that it
+/// logs why and retries with backoff.
+fn refused_and_retried_with_backoff(case: Refused) {
     let Some(pki) = Pki::generate() else { return };
-    let Some(broker) = TlsBroker::start(&pki, true) else {
+    let Some(broker) = TlsBroker::start(&pki, case.client_certificate_required) else {
         return;
     };
     let conf = tempfile::tempdir().unwrap();
+    let (cert, key) = (pki.path("client.crt"), pki.path("client.key"));
     let yaml = external_yaml(
         conf.path(),
         broker.port,
-        "not-the-password",
-        &pki.path("ca.crt"),
-        Some((&pki.path("client.crt"), &pki.path("client.key"))),
+        case.password,
+        &pki.path(case.ca),
+        case.client_certificate
+            .then_some((cert.as_path(), key.as_path())),
     );
     let mm = MetaManager::start(&yaml);
-    let log = assert_retries_with_backoff(mm, &["not authorized", "bad username or password"]);
-    assert!(log.contains("mqtt.password_file"), "{log}");
+    let log = assert_retries_with_backoff(mm, case.reasons);
+    for hint in case.hints {
+        assert!(log.contains(hint), "{hint:?} missing from:\n{log}");
+    }
+}
+
+#[test]
+fn wrong_password_is_logged_and_retried_with_backoff() {
+    refused_and_retried_with_backoff(Refused {
+        client_certificate_required: true,
+        password: "not-the-password",
+        ca: "ca.crt",
+        client_certificate: true,
+        reasons: &["not authorized", "bad username or password"],
+        hints: &["mqtt.password_file"],
+    });
 }
 
 #[test]
 fn broker_certificate_from_another_ca_is_logged_and_retried_with_backoff() {
-    let Some(pki) = Pki::generate() else { return };
-    let Some(broker) = TlsBroker::start(&pki, false) else {
-        return;
-    };
-    let conf = tempfile::tempdir().unwrap();
-    let yaml = external_yaml(
-        conf.path(),
-        broker.port,
-        PASSWORD,
-        &pki.path("other-ca.crt"),
-        None,
-    );
-    let mm = MetaManager::start(&yaml);
-    let log = assert_retries_with_backoff(mm, &["TLS handshake failed: invalid peer certificate"]);
-    assert!(log.contains("UnknownIssuer"), "{log}");
-    assert!(log.contains("mqtt.tls.ca_file"), "{log}");
+    refused_and_retried_with_backoff(Refused {
+        client_certificate_required: false,
+        password: PASSWORD,
+        ca: "other-ca.crt",
+        client_certificate: false,
+        reasons: &["TLS handshake failed: invalid peer certificate"],
+        hints: &["UnknownIssuer", "mqtt.tls.ca_file"],
+    });
 }
 
 #[test]
 fn missing_client_certificate_is_logged_and_retried_with_backoff() {
-    let Some(pki) = Pki::generate() else { return };
-    let Some(broker) = TlsBroker::start(&pki, true) else {
-        return;
-    };
-    let conf = tempfile::tempdir().unwrap();
-    let yaml = external_yaml(
-        conf.path(),
-        broker.port,
-        PASSWORD,
-        &pki.path("ca.crt"),
-        None,
-    );
-    let mm = MetaManager::start(&yaml);
-    let log = assert_retries_with_backoff(mm, &["TLS handshake failed"]);
-    assert!(log.contains("client certificate"), "{log}");
+    refused_and_retried_with_backoff(Refused {
+        client_certificate_required: true,
+        password: PASSWORD,
+        ca: "ca.crt",
+        client_certificate: false,
+        reasons: &["TLS handshake failed"],
+        hints: &["client certificate"],
+    });
 }
 
 /// Unusable TLS files stop start-up with exit code 1, before the database is created, with an
