@@ -64,20 +64,26 @@ fn missing_config_file_is_named() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/edge.yaml"));
 }
 
+/// Starts MetaManager on `db` (embedded broker on any free port, no HTTP) and checks that it
+/// stops at start-up with exit status 1 and names the file; returns its stderr.
+fn refuses_to_start_on(db: &std::path::Path) -> String {
+    let (out, _dir) = run_with_config(&format!(
+        "mqtt:\n  port: 0\ndatabase:\n  path: {}\nhttp:\n  enabled: false\n",
+        db.display()
+    ));
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("meta.db"), "{stderr}");
+    stderr
+}
+
 #[test]
 fn a_file_that_is_not_a_database_stops_start_up_untouched() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("meta.db");
     let garbage = b"this is not a SQLite database, and must survive as it is\n".repeat(200);
     std::fs::write(&db, &garbage).unwrap();
-    let port = common::free_port();
-    let (out, _dir) = run_with_config(&format!(
-        "mqtt:\n  port: {port}\ndatabase:\n  path: {}\nhttp:\n  enabled: false\n",
-        db.display()
-    ));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("meta.db"), "{stderr}");
+    refuses_to_start_on(&db);
     assert_eq!(std::fs::read(&db).unwrap(), garbage, "file modified");
 }
 
@@ -108,14 +114,7 @@ fn a_damaged_database_stops_start_up_untouched() {
     }
     std::fs::write(&db, &bytes).unwrap();
 
-    let port = common::free_port();
-    let (out, _dir) = run_with_config(&format!(
-        "mqtt:\n  port: {port}\ndatabase:\n  path: {}\nhttp:\n  enabled: false\n",
-        db.display()
-    ));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("meta.db"), "{stderr}");
+    let stderr = refuses_to_start_on(&db);
     assert!(stderr.contains("damaged"), "{stderr}");
     assert_eq!(std::fs::read(&db).unwrap(), bytes, "file modified");
     assert!(
