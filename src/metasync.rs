@@ -75,19 +75,22 @@ impl MetaSync {
             return Ok(Report::Skipped);
         }
         let statuses = self.store.list_type(PODSTATUS).await?;
-        let pod_keys: Vec<String> = statuses
+        // Each key parsed once: for its pod's key and for its namespace.
+        let resources: Vec<Option<Resource>> = statuses
             .iter()
-            .map(|(key, _)| pod_key(key).unwrap_or_default())
+            .map(|(key, _)| Resource::parse(key).ok())
+            .collect();
+        let pod_keys: Vec<String> = resources
+            .iter()
+            .map(|r| r.as_ref().and_then(pod_key).unwrap_or_default())
             .collect();
         let pod_exists = self.store.existing(pod_keys).await?;
 
-        let mut by_namespace: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+        let mut by_namespace: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
         let mut removed = 0;
-        for ((key, value), exists) in statuses.iter().zip(pod_exists) {
+        for (((key, value), resource), exists) in statuses.iter().zip(&resources).zip(pod_exists) {
             if exists {
-                let namespace = Resource::parse(key)
-                    .map(|r| r.namespace().to_owned())
-                    .unwrap_or_default();
+                let namespace = resource.as_ref().map_or("", Resource::namespace);
                 by_namespace.entry(namespace).or_default().push(value);
             } else {
                 self.store
@@ -121,9 +124,12 @@ impl MetaSync {
 }
 
 /// `ns/podstatus/name` → `ns/pod/name`.
-fn pod_key(podstatus_key: &str) -> Option<String> {
-    let r = Resource::parse(podstatus_key).ok()?;
-    Some(format!("{}/pod/{}", r.namespace(), r.name()?))
+fn pod_key(podstatus: &Resource) -> Option<String> {
+    Some(format!(
+        "{}/pod/{}",
+        podstatus.namespace(),
+        podstatus.name()?
+    ))
 }
 
 impl MetaSync {

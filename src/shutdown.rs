@@ -45,15 +45,21 @@ mod tests {
 
     #[tokio::test]
     async fn every_clone_sees_the_signal_even_after_it_fired() {
+        let within = std::time::Duration::from_secs(5);
         let (trigger, mut early) = channel();
         assert!(!early.is_shutdown());
         let waiting = tokio::spawn(async move { early.wait().await });
         trigger.fire();
-        waiting.await.unwrap();
+        tokio::time::timeout(within, waiting)
+            .await
+            .expect("a waiting task sees the signal")
+            .unwrap();
         let (trigger, late) = channel();
         trigger.fire();
         let mut late = late.clone();
         assert!(late.is_shutdown());
-        late.wait().await;
+        tokio::time::timeout(within, late.wait())
+            .await
+            .expect("a clone made after the signal sees it at once");
     }
 }

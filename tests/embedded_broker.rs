@@ -157,6 +157,15 @@ async fn publisher(port: u16) -> Client {
     client
 }
 
+/// A connected client with a clean session and manual acks, subscribed to `topic` at QoS 1.
+async fn subscriber(port: u16, name: &str, topic: &str) -> Client {
+    let id = format!("{name}-{}", uuid::Uuid::new_v4().simple());
+    let mut client = Client::start(options(port, &id, true));
+    client.connected().await;
+    client.subscribe(topic).await;
+    client
+}
+
 async fn publish(client: &Client, topic: &str, payload: String) {
     client
         .client
@@ -252,13 +261,7 @@ async fn shared_subscriber_with_persistent_session_comes_and_goes() {
 async fn acks_out_of_order_keep_the_subscriber_connected() {
     let mut app = app().await;
     let topic = format!("edge/{NODE}/test/ooo");
-    let mut subscriber = Client::start(options(
-        app.port,
-        &format!("ooo-{}", uuid::Uuid::new_v4().simple()),
-        true,
-    ));
-    subscriber.connected().await;
-    subscriber.subscribe(&topic).await;
+    let mut subscriber = subscriber(app.port, "ooo", &topic).await;
     let publisher = publisher(app.port).await;
 
     for i in 0..10 {
@@ -296,13 +299,7 @@ async fn acks_out_of_order_keep_the_subscriber_connected() {
 async fn a_subscriber_gets_a_window_of_1000_unacknowledged_messages() {
     let mut app = app().await;
     let topic = format!("edge/{NODE}/test/window");
-    let mut subscriber = Client::start(options(
-        app.port,
-        &format!("window-{}", uuid::Uuid::new_v4().simple()),
-        true,
-    ));
-    subscriber.connected().await;
-    subscriber.subscribe(&topic).await;
+    let mut subscriber = subscriber(app.port, "window", &topic).await;
     let publisher = publisher(app.port).await;
     for i in 0..1000 {
         publish(&publisher, &topic, format!("m-{i}")).await;

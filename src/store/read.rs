@@ -67,12 +67,13 @@ pub fn for_each<E: From<rusqlite::Error>>(
     within: Option<(&str, &str)>,
     mut each: impl FnMut(String, String, String) -> Result<(), E>,
 ) -> Result<usize, E> {
-    let mut all = c.prepare("SELECT key, type, value FROM meta ORDER BY key")?;
-    let mut range =
-        c.prepare("SELECT key, type, value FROM meta WHERE key >= ?1 AND key < ?2 ORDER BY key")?;
+    let mut stmt = c.prepare(match within {
+        Some(_) => "SELECT key, type, value FROM meta WHERE key >= ?1 AND key < ?2 ORDER BY key",
+        None => "SELECT key, type, value FROM meta ORDER BY key",
+    })?;
     let mut rows = match within {
-        Some((namespace, rtype)) => range.query(list_range(namespace, rtype))?,
-        None => all.query([])?,
+        Some((namespace, rtype)) => stmt.query(list_range(namespace, rtype))?,
+        None => stmt.query([])?,
     };
     let mut count = 0;
     while let Some(row) = rows.next()? {
