@@ -19,6 +19,16 @@ use crate::resource::{Resource, ResourceError};
 /// accepted can be parsed again later (update's comparison, delete's uid check).
 pub const MAX_DEPTH: usize = 100;
 
+/// Deepest nesting accepted in `header` and in `route`, counting the object itself as level 1.
+/// Both are small fixed records; anything deeper is an attack or a bug, and the header is
+/// forwarded byte for byte, so it must be refused here rather than passed on to edged.
+pub const MAX_ENVELOPE_DEPTH: usize = 8;
+
+/// Longest `header.msg_id` and `header.parent_msg_id` accepted, in bytes. Ids are remembered
+/// (the duplicate window) and echoed in replies, so their size bounds that memory; KubeEdge's
+/// are 36-byte UUIDs.
+pub const MAX_ID_BYTES: usize = 256;
+
 /// `route.source` of every message MetaManager creates.
 pub const SOURCE: &str = "metamanager";
 /// `route.group` of every message MetaManager creates.
@@ -139,6 +149,10 @@ pub enum DecodeError {
     UnknownOperation(String),
     #[error("content is nested deeper than {MAX_DEPTH} levels")]
     TooDeep,
+    #[error("{0} is nested deeper than {MAX_ENVELOPE_DEPTH} levels")]
+    EnvelopeTooDeep(&'static str),
+    #[error("header.{field} is {size} bytes; the limit is {MAX_ID_BYTES} bytes")]
+    IdTooLong { field: &'static str, size: usize },
     #[error("invalid content: {0}")]
     BadContent(String),
     #[error("invalid route.resource: {0}")]
@@ -182,6 +196,10 @@ impl Message {
         let route: WireRoute = field_object("route", wire.route)?;
         if header.msg_id.is_empty() {
             return Err(DecodeError::EmptyMsgId);
+        }
+        check_id("msg_id", &header.msg_id)?;
+        if let Some(parent) = &header.parent_msg_id {
+            check_id("parent_msg_id", parent)?;
         }
         let operation = Operation::parse(&route.operation)
             .ok_or(DecodeError::UnknownOperation(route.operation))?;
@@ -233,14 +251,32 @@ fn share(payload: &Bytes, part: &[u8]) -> Bytes {
     }
 }
 
-/// Decodes `header` or `route`, which must be a JSON object.
+fn check_id(field: &'static str, id: &str) -> Result<(), DecodeError> {
+    if id.len() > MAX_ID_BYTES {
+        return Err(DecodeError::IdTooLong {
+            field,
+            size: id.len(),
+        });
+    }
+    Ok(())
+}
+
+/// Decodes `header` or `route`, which must be a JSON object nested at most
+/// [`MAX_ENVELOPE_DEPTH`] levels.
 fn field_object<T: serde::de::DeserializeOwned>(
-    name: &str,
+    name: &'static str,
     raw: &RawValue,
 ) -> Result<T, DecodeError> {
     if !raw.get().starts_with('{') {
         return Err(DecodeError::Shape(format!("{name} must be a JSON object")));
     }
+    scan(raw.get(), MAX_ENVELOPE_DEPTH, || {
+        DecodeError::EnvelopeTooDeep(name)
+    })
+    .map_err(|e| match e {
+        DecodeError::BadContent(why) => DecodeError::Shape(format!("{name}: {why}")),
+        other => other,
+    })?;
     let mut de = serde_json::Deserializer::from_str(raw.get());
     serde_path_to_error::deserialize(&mut de).map_err(|e| shape_error(name, e))
 }
@@ -267,8 +303,19 @@ fn shape_error(prefix: &str, e: serde_path_to_error::Error<serde_json::Error>) -
 
 /// Checks raw content for what the decoder lets through but a later parse would refuse:
 /// nesting deeper than [`MAX_DEPTH`], numbers beyond f64's range, and unpaired UTF-16
-/// surrogate escapes. One pass, no allocation. The text is already known to be JSON.
+/// surrogate escapes.
 fn check_content(json: &str) -> Result<(), DecodeError> {
+    scan(json, MAX_DEPTH, || DecodeError::TooDeep)
+}
+
+/// One pass over JSON text, no allocation: nesting deeper than `max_depth` is `too_deep()`,
+/// and numbers beyond f64's range and unpaired UTF-16 surrogate escapes are bad content. The
+/// text is already known to be JSON.
+fn scan(
+    json: &str,
+    max_depth: usize,
+    too_deep: impl Fn() -> DecodeError,
+) -> Result<(), DecodeError> {
     let b = json.as_bytes();
     let (mut i, mut depth) = (0usize, 0usize);
     while i < b.len() {
@@ -279,8 +326,8 @@ fn check_content(json: &str) -> Result<(), DecodeError> {
             }
             b'[' | b'{' => {
                 depth += 1;
-                if depth > MAX_DEPTH {
-                    return Err(DecodeError::TooDeep);
+                if depth > max_depth {
+                    return Err(too_deep());
                 }
             }
             b']' | b'}' => depth = depth.saturating_sub(1),
@@ -365,8 +412,9 @@ pub fn salvage_msg_id(payload: &[u8]) -> Option<String> {
     if !header.get().starts_with('{') {
         return None;
     }
+    // An id over the limit is not echoed: the error must not carry what it refuses.
     match serde_json::from_str::<Head>(header.get()).ok()?.msg_id? {
-        serde_json::Value::String(s) if !s.is_empty() => Some(s),
+        serde_json::Value::String(s) if !s.is_empty() && s.len() <= MAX_ID_BYTES => Some(s),
         _ => None,
     }
 }
@@ -547,7 +595,7 @@ mod tests {
     #[test]
     fn deep_nesting_in_unknown_fields_is_skipped_without_recursion() {
         // Unknown fields are skipped by an iterative scanner: no stack is at risk, nothing is
-        // kept, so the message stands (the contract ignores unknown fields).
+        // kept. At the top level the message stands (the contract ignores unknown fields).
         let deep = |at: &str| {
             let nest = format!("{}{}", "[".repeat(200_000), "]".repeat(200_000));
             match at {
@@ -564,7 +612,9 @@ mod tests {
         };
         for at in ["header", "route", "top"] {
             let payload = deep(at);
-            assert!(Message::decode(payload.as_bytes(), 1 << 22).is_ok(), "{at}");
+            let decoded = Message::decode(payload.as_bytes(), 1 << 22);
+            // In header and route the envelope's depth limit refuses it, after one scan.
+            assert_eq!(decoded.is_ok(), at == "top", "{at}");
             assert_eq!(salvage_msg_id(payload.as_bytes()).as_deref(), Some("1"));
         }
     }
@@ -633,5 +683,68 @@ mod tests {
         assert_eq!(v["route"]["operation"], "response");
         assert_eq!(v["content"], "OK");
         assert_eq!(v["header"]["msg_id"].as_str().unwrap().len(), 36);
+    }
+
+    #[test]
+    fn ids_over_the_limit_are_refused_and_not_echoed() {
+        let long = "x".repeat(MAX_ID_BYTES + 1);
+        let at_limit = "x".repeat(MAX_ID_BYTES);
+        let with_id = |id: &str| {
+            format!(
+                r#"{{"header":{{"msg_id":"{id}"}},"route":{{"operation":"insert","resource":"a/b/c"}}}}"#
+            )
+        };
+        assert!(Message::decode(with_id(&at_limit).as_bytes(), 1 << 20).is_ok());
+        let e = err(&with_id(&long));
+        assert!(
+            e.contains("header.msg_id") && e.contains("256 bytes"),
+            "{e}"
+        );
+        assert_eq!(salvage_msg_id(with_id(&long).as_bytes()), None);
+
+        let parent = format!(
+            r#"{{"header":{{"msg_id":"1","parent_msg_id":"{long}"}},"route":{{"operation":"response","resource":"a/b/c"}}}}"#
+        );
+        let e = err(&parent);
+        assert!(
+            e.contains("header.parent_msg_id") && e.contains("256 bytes"),
+            "{e}"
+        );
+        assert_eq!(salvage_msg_id(parent.as_bytes()).as_deref(), Some("1"));
+    }
+
+    #[test]
+    fn header_and_route_nest_at_most_eight_levels() {
+        // `{"x":` repeated: the header object is level 1, so seven more fit.
+        let nest = |levels: usize| {
+            format!(
+                "{}{}",
+                "{\"x\":".repeat(levels),
+                "1".to_owned() + &"}".repeat(levels)
+            )
+        };
+        let header = |extra: &str| {
+            format!(
+                r#"{{"header":{{"msg_id":"1","deep":{extra}}},"route":{{"operation":"insert","resource":"a/b/c"}}}}"#
+            )
+        };
+        let route = |extra: &str| {
+            format!(
+                r#"{{"header":{{"msg_id":"1"}},"route":{{"operation":"insert","resource":"a/b/c","deep":{extra}}}}}"#
+            )
+        };
+        assert!(Message::decode(header(&nest(7)).as_bytes(), 1 << 20).is_ok());
+        assert!(Message::decode(route(&nest(7)).as_bytes(), 1 << 20).is_ok());
+        for levels in [8, 5000] {
+            let e = err(&header(&nest(levels)));
+            assert!(e.contains("header is nested deeper than 8 levels"), "{e}");
+            let e = err(&route(&nest(levels)));
+            assert!(e.contains("route is nested deeper than 8 levels"), "{e}");
+        }
+        // The id is still echoed in the error's parent_msg_id.
+        assert_eq!(
+            salvage_msg_id(route(&nest(5000)).as_bytes()).as_deref(),
+            Some("1")
+        );
     }
 }

@@ -168,7 +168,7 @@ fn cases(limit: usize) -> Vec<Case> {
             peer: "edgehub",
             payload: br#"{"header":{"msg_id":"b13","timestamp":1e400},"route":{"operation":"insert","resource":"default/pod/bad"},"content":{}}"#.to_vec(),
             parent: Some("b13"),
-            says: "number out of range",
+            says: "header: number 1e400 is out of range",
         },
         Case {
             what: "a NUL in the resource",
@@ -205,6 +205,51 @@ fn cases(limit: usize) -> Vec<Case> {
             .into_bytes(),
             parent: Some("b17"),
             says: "nested",
+        },
+        Case {
+            what: "a msg_id of 100 KB",
+            peer: "edgehub",
+            payload: raw(json!({"header": {"msg_id": "i".repeat(100_000)}, "route": route, "content": {}})),
+            parent: None,
+            says: "header.msg_id is 100000 bytes; the limit is 256 bytes",
+        },
+        Case {
+            what: "a parent_msg_id of 257 bytes",
+            peer: "edged",
+            payload: raw(json!({"header": {"msg_id": "b18", "parent_msg_id": "p".repeat(257)},
+                "route": {"operation": "response", "resource": "default/pod/bad"}, "content": "OK"})),
+            parent: Some("b18"),
+            says: "header.parent_msg_id is 257 bytes; the limit is 256 bytes",
+        },
+        Case {
+            what: "a header 5 000 levels deep",
+            peer: "edgehub",
+            payload: format!(
+                r#"{{"header":{{"msg_id":"b19","x":{}1{}}},"route":{{"operation":"insert","resource":"default/pod/bad"}},"content":{{}}}}"#,
+                "{\"x\":".repeat(5000),
+                "}".repeat(5000)
+            )
+            .into_bytes(),
+            parent: Some("b19"),
+            says: "header is nested deeper than 8 levels",
+        },
+        Case {
+            what: "a route 9 levels deep",
+            peer: "edged",
+            payload: raw(json!({"header": {"msg_id": "b20"},
+                "route": {"operation": "insert", "resource": "default/pod/bad",
+                    "x": {"x": {"x": {"x": {"x": {"x": {"x": {"x": {"x": 1}}}}}}}}}, "content": {}})),
+            parent: Some("b20"),
+            says: "route is nested deeper than 8 levels",
+        },
+        Case {
+            what: "a pod delete whose uid is a number",
+            peer: "edgehub",
+            payload: raw(json!({"header": {"msg_id": "b21"},
+                "route": {"operation": "delete", "resource": "default/pod/bad"},
+                "content": {"metadata": {"name": "bad", "uid": 123}}})),
+            parent: Some("b21"),
+            says: "metadata.uid must be a string",
         },
         Case {
             what: "connect from edged",

@@ -20,6 +20,43 @@ pub(super) enum WriteKind {
     Delete,
 }
 
+/// The `metadata.uid` a pod delete is limited to. A uid that is there but not a string is
+/// refused: taking it as "no uid" would delete whatever pod holds the name, the one thing the
+/// uid is sent to prevent.
+fn delete_uid(content: &str) -> Result<Option<String>, String> {
+    #[derive(serde::Deserialize)]
+    struct Meta {
+        #[serde(default, deserialize_with = "present")]
+        uid: Option<Box<serde_json::value::RawValue>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Pod {
+        metadata: Option<Meta>,
+    }
+    /// `Some` even for `null`, which serde's `Option` would read as absent.
+    fn present<'de, D: serde::Deserializer<'de>>(
+        de: D,
+    ) -> Result<Option<Box<serde_json::value::RawValue>>, D::Error> {
+        serde::Deserialize::deserialize(de).map(Some)
+    }
+    if !content.trim_start().starts_with('{') {
+        return Ok(None);
+    }
+    let pod: Pod = serde_json::from_str(content)
+        .map_err(|e| format!("content.metadata of a pod delete must be an object: {e}"))?;
+    match pod.metadata.and_then(|m| m.uid) {
+        None => Ok(None),
+        Some(raw) => serde_json::from_str::<String>(raw.get())
+            .map(Some)
+            .map_err(|_| {
+                format!(
+                    "content.metadata.uid must be a string, not {}",
+                    raw.get().chars().take(64).collect::<String>()
+                )
+            }),
+    }
+}
+
 /// insert, update, delete: store, then forward to the other side, then ack.
 pub(super) async fn change(
     ctx: &Arc<Context>,
@@ -39,12 +76,17 @@ pub(super) async fn change(
     let key = msg.resource.key().to_owned();
     let rtype = msg.resource.rtype().to_owned();
     let write = match kind {
-        WriteKind::Delete => Write::Delete {
-            uid: (rtype == "pod")
-                .then(|| store::object_uid(msg.content_json()))
-                .flatten(),
-            key,
-        },
+        WriteKind::Delete => {
+            let uid = if rtype == "pod" {
+                match delete_uid(msg.content_json()) {
+                    Ok(uid) => uid,
+                    Err(text) => return refuse_message(ctx, sender, publish, &msg, text),
+                }
+            } else {
+                None
+            };
+            Write::Delete { uid, key }
+        }
         WriteKind::Put | WriteKind::PutIfChanged => {
             let Some(value) = msg.content.clone() else {
                 return refuse_message(ctx, sender, publish, &msg, format!("{op} needs content"));
@@ -247,5 +289,76 @@ mod tests {
         assert_eq!(reply["header"]["parent_msg_id"], "e-1");
         assert_eq!(h.broker.acked().await, pkid);
         assert_eq!(h.stored("default/podstatus/p").await, Some(status));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pod_delete_whose_uid_is_not_a_string_is_refused_and_deletes_nothing() {
+        let mut h = Harness::new().await;
+        h.handle(
+            Peer::Edgehub,
+            message("i-1", "insert", "default/pod/p", pod("p")),
+        )
+        .await;
+        h.published_to(Peer::Edged).await;
+        h.published_to(Peer::Edgehub).await;
+        h.broker.acked().await;
+
+        for (n, uid) in [json!(123), Value::Null, json!({}), json!(["uid-p"])]
+            .into_iter()
+            .enumerate()
+        {
+            let id = format!("d-{n}");
+            let content = json!({"metadata": {"name": "p", "uid": uid}});
+            let pkid = h
+                .handle(
+                    Peer::Edgehub,
+                    message(&id, "delete", "default/pod/p", content),
+                )
+                .await;
+            let reply = h.published_to(Peer::Edgehub).await.json();
+            assert_eq!(reply["route"]["operation"], "error", "uid {uid}");
+            assert_eq!(reply["header"]["parent_msg_id"], id.as_str());
+            assert!(
+                reply["content"]
+                    .as_str()
+                    .unwrap()
+                    .contains("metadata.uid must be a string"),
+                "{reply}"
+            );
+            assert_eq!(h.broker.acked().await, pkid);
+            assert!(h.broker.published_now().is_empty(), "nothing for edged");
+            assert!(h.stored("default/pod/p").await.is_some(), "uid {uid}: kept");
+        }
+
+        // The same delete with the pod's uid as a string goes through.
+        let content = json!({"metadata": {"name": "p", "uid": "uid-p"}});
+        h.handle(
+            Peer::Edgehub,
+            message("d-ok", "delete", "default/pod/p", content),
+        )
+        .await;
+        h.published_to(Peer::Edged).await;
+        assert!(h.stored("default/pod/p").await.is_none(), "deleted");
+    }
+
+    #[test]
+    fn delete_uid_reads_a_string_and_refuses_other_types() {
+        use super::delete_uid;
+        assert_eq!(delete_uid("null"), Ok(None));
+        assert_eq!(delete_uid(r#"{"metadata":{"name":"p"}}"#), Ok(None));
+        assert_eq!(delete_uid(r#"{"spec":{}}"#), Ok(None));
+        assert_eq!(
+            delete_uid(r#"{"metadata":{"uid":"u1"}}"#),
+            Ok(Some("u1".into()))
+        );
+        for bad in [
+            r#"{"metadata":{"uid":123}}"#,
+            r#"{"metadata":{"uid":null}}"#,
+            r#"{"metadata":{"uid":{}}}"#,
+            r#"{"metadata":{"uid":["u1"]}}"#,
+            r#"{"metadata":5}"#,
+        ] {
+            assert!(delete_uid(bad).is_err(), "{bad}");
+        }
     }
 }
