@@ -18,6 +18,7 @@ use crate::http::{self, HttpError};
 use crate::metrics::Exporter;
 use crate::mqtt::{Incoming, Link, LinkOptions, Publisher};
 use crate::ops::{self, Step};
+use crate::readiness::{self, Readiness};
 use crate::shutdown::{self, Shutdown};
 use crate::status;
 use crate::store::{Store, StoreError, StoreOptions};
@@ -104,8 +105,10 @@ pub async fn run_with(
 
     let client_id = format!("metamanager-{}", settings.node_id);
     let topics = Topics::new(&settings.mqtt.topic_prefix, &settings.node_id);
-    // The embedded broker's address and the account its watchdog probes it with.
+    // The embedded broker's address and the account its watchdog probes it with; or how to
+    // reach the external broker, for the readiness probe.
     let mut embedded = None;
+    let mut external = None;
     let (link, inbound) = match settings.mqtt.mode {
         BrokerMode::Embedded => {
             // Fresh for every start: only this process can use its client ids on its own
@@ -144,21 +147,28 @@ pub async fn run_with(
                     password,
                 )
             });
-            Link::start(
-                LinkOptions {
-                    client_id,
-                    host: settings.mqtt.host.clone(),
-                    port: settings.mqtt.port,
-                    offline_status: status::offline_status(&settings.node_id),
-                    publish_credentials,
-                    credentials,
-                    tls,
-                    inflight: settings.mqtt.inflight(),
-                },
-                topics.clone(),
-            )
+            let options = LinkOptions {
+                client_id,
+                host: settings.mqtt.host.clone(),
+                port: settings.mqtt.port,
+                offline_status: status::offline_status(&settings.node_id),
+                publish_credentials,
+                credentials,
+                tls,
+                inflight: settings.mqtt.inflight(),
+            };
+            external = Some(options.clone());
+            Link::start(options, topics.clone())
         }
     };
+    let readiness = Arc::new(Readiness::new(match (&embedded, external) {
+        (Some((addr, credentials)), _) => readiness::Target::Embedded {
+            addr: *addr,
+            credentials: Some(credentials.clone()),
+        },
+        (None, Some(options)) => readiness::Target::External(Box::new(options)),
+        (None, None) => unreachable!("one broker mode or the other"),
+    }));
     let ops = Arc::new(ops::Context::new(
         &settings,
         Arc::new(topics),
@@ -213,8 +223,9 @@ pub async fn run_with(
             },
             broker_connected: link.connected.clone(),
             serving: serving.clone(),
+            readiness,
         };
-        tokio::spawn(listener.serve(ctx, stop.clone()))
+        tokio::spawn(listener.serve(ctx, http::Limits::default(), stop.clone()))
     });
 
     let embedded_addr = embedded.as_ref().map(|(addr, _)| *addr);

@@ -7,6 +7,8 @@
 //! - [`app`]: starts the parts in order and stops them in reverse order.
 //! - [`broker`]: the embedded rumqttd broker (a patched copy, `vendor/rumqttd`).
 //! - [`watchdog`]: checks now and then that the embedded broker still accepts clients.
+//! - [`readiness`]: whether a new client can connect to the broker now, for `/readyz`.
+//! - [`descriptors`]: the file descriptor limit, and each listener's share of it.
 //! - [`mqtt`]: the link to the broker: a receiving side that reads only as fast as the inbound
 //!   budget allows, and a sending one for everything outbound ([`mqtt::Publisher`]); two MQTT
 //!   connections to an external broker, two in-process links to the embedded one.
@@ -23,7 +25,11 @@
 //! - [`metasync`]: the periodic pod-status sync to the cloud.
 //! - [`outbox`]: what waits for the cloud while it is away, and its paced sending.
 //! - [`http`]: the local HTTP endpoint: `/healthz`, `/readyz`, `/metrics`.
+//!   - [`http::server`]: connections under a cap, with header and idle timeouts.
+//!   - [`http::caps`]: caps on concurrent requests and watches (429 over them).
+//!   - [`http::host`]: the `Host` check of a loopback listener (DNS rebinding).
 //!   - [`http::kube`]: read-only Kubernetes-style API over the store, for `kubectl get`.
+//!   - [`http::list_page`]: a list answer streamed a page at a time, `limit` and `continue`.
 //!   - [`http::scope`]: the kinds it serves, the scope of a list or watch, its error answers.
 //!   - [`http::selector`]: label and field selectors of list and watch requests.
 //!   - [`http::watch`]: watch streams fed by the store's change feed.
@@ -44,6 +50,7 @@ pub mod budget;
 pub mod cloud;
 pub mod config;
 pub mod delivery;
+pub mod descriptors;
 pub mod http;
 pub mod inspect;
 pub mod message;
@@ -52,6 +59,7 @@ pub mod metrics;
 pub mod mqtt;
 pub mod ops;
 pub mod outbox;
+pub mod readiness;
 pub mod remote;
 pub mod resource;
 pub mod shutdown;

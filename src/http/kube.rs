@@ -15,7 +15,7 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use super::scope::{kind_of, served, ApiError, Kind, Scope, KINDS};
-use super::{watch, HttpState};
+use super::{list_page, watch, HttpState};
 use crate::resource::Resource;
 use crate::store::Store;
 
@@ -112,6 +112,7 @@ async fn list(
         .get("watch")
         .is_some_and(|w| matches!(w.as_str(), "true" | "1"))
     {
+        let permit = state.caps.watch()?;
         // Without a version the watcher has not listed, so it is first told what exists.
         let version = match params.get("resourceVersion").map(String::as_str) {
             None | Some("") | Some("0") => None,
@@ -121,18 +122,24 @@ async fn list(
                 ))
             })?),
         };
-        return watch::respond(state.ctx.store.clone(), state.stop, scope, version).await;
+        return watch::respond(state.ctx.store.clone(), state.stop, scope, version, permit).await;
     }
-    // Read before the list, so that the list holds every change up to this version.
-    let version = state.ctx.store.feed_position().to_string();
-    let items = scope.current(&state.ctx.store).await?;
-    Ok(Json(json!({
-        "kind": format!("{}List", kind.kind),
-        "apiVersion": "v1",
-        "metadata": {"resourceVersion": version},
-        "items": items,
-    }))
-    .into_response())
+    let limit = match params.get("limit").map(String::as_str) {
+        None | Some("") | Some("0") => None,
+        Some(n) => Some(n.parse::<usize>().map_err(|_| {
+            ApiError::BadRequest(format!("limit {n:?} is not a non-negative whole number"))
+        })?),
+    };
+    let (version, after) = match params.get("continue").filter(|t| !t.is_empty()) {
+        Some(token) => list_page::resume(token)?,
+        // Read before the list, so that the list holds every change up to this version.
+        None => (state.ctx.store.feed_position(), String::new()),
+    };
+    let mut pager = scope.pager(&state.ctx.store, after);
+    // The first page is read before the answer starts, so a store that cannot be read is
+    // an error status, not a cut-off body.
+    let first = pager.next().await?;
+    Ok(list_page::stream(scope, pager, first, version, limit))
 }
 
 async fn get_in_namespace(

@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{FromRef, State};
 use axum::http::{header, StatusCode};
@@ -17,13 +18,18 @@ use tokio::net::TcpListener;
 use tokio::sync::watch as flag;
 
 use crate::metrics::Exporter;
+use crate::readiness::Readiness;
 use crate::shutdown::Shutdown;
 use crate::store::Store;
 use crate::watchdog::BrokerServing;
 
+pub mod caps;
+pub mod host;
 pub mod kube;
+pub mod list_page;
 pub mod scope;
 pub mod selector;
+pub mod server;
 pub mod watch;
 
 /// Content type of the OpenMetrics text that [`Exporter::render`] writes.
@@ -48,13 +54,44 @@ pub struct Context {
     pub broker_connected: flag::Receiver<bool>,
     /// Whether the embedded broker accepts clients, for both probes.
     pub serving: BrokerServing,
+    /// Whether a new client can connect now, for the readiness probe.
+    pub readiness: Arc<Readiness>,
 }
 
-/// What handlers share: the context, and the stop flag that ends open watches on shutdown
-/// (graceful shutdown waits for every connection, and a watch would otherwise never end).
+/// The endpoint's bounds; each has a config key under `http` (see the README's Limits).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub connections: server::ConnectionLimits,
+    /// API requests in progress at once (watches not counted), at most.
+    pub max_requests: usize,
+    /// Watches open at once, at most.
+    pub max_watches: usize,
+    /// Names a loopback listener answers besides the loopback ones.
+    pub allowed_hosts: Vec<String>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            connections: server::ConnectionLimits {
+                max_connections: 256,
+                header_timeout: Duration::from_secs(10),
+                idle_timeout: Duration::from_secs(90),
+            },
+            max_requests: 64,
+            max_watches: 64,
+            allowed_hosts: Vec::new(),
+        }
+    }
+}
+
+/// What handlers share: the context, the caps, and the stop flag that ends open watches on
+/// shutdown (graceful shutdown waits for every connection, and a watch would otherwise never
+/// end).
 #[derive(Clone)]
 pub struct HttpState {
     pub ctx: Arc<Context>,
+    pub caps: caps::Caps,
     pub stop: Shutdown,
 }
 
@@ -88,31 +125,38 @@ impl Listener {
     }
 
     /// Serves until shutdown; requests in progress finish, open watches end.
-    pub async fn serve(self, ctx: Context, stop: Shutdown) {
+    pub async fn serve(self, ctx: Context, limits: Limits, stop: Shutdown) {
         let addr = self.local_addr();
         tracing::info!(addr = ?addr, "HTTP endpoint listening");
-        let app = router(HttpState {
+        let state = HttpState {
             ctx: Arc::new(ctx),
+            caps: caps::Caps::new(limits.max_requests, limits.max_watches),
             stop: stop.clone(),
-        });
-        let mut stop = stop;
-        let shutdown = async move { stop.wait().await };
-        if let Err(e) = axum::serve(self.listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
-            tracing::error!(error = %e, "HTTP endpoint failed");
+        };
+        let mut app = router(state);
+        if addr.is_some_and(|a| a.ip().is_loopback()) {
+            let allowed = host::AllowedHosts::new(&limits.allowed_hosts);
+            app = app.layer(axum::middleware::from_fn_with_state(
+                allowed,
+                host::check_host,
+            ));
         }
+        server::serve(self.listener, app, limits.connections, stop).await;
     }
 }
 
 /// Every route the endpoint serves.
 pub fn router(state: HttpState) -> Router {
+    let caps = state.caps.clone();
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .merge(kube::routes())
+        .layer(axum::middleware::from_fn_with_state(
+            caps,
+            caps::limit_requests,
+        ))
         .with_state(state)
 }
 
@@ -131,17 +175,23 @@ async fn healthz(State(ctx): State<Arc<Context>>) -> Response {
     }
 }
 
-/// Ready when the store takes writes, the broker connections are up and (embedded) the broker
-/// accepts new clients: without all three, no message can be handled.
+/// Ready when the store takes writes, MetaManager's broker connections are up, and a new
+/// client can connect to the broker (checked with a fresh connection, see [`Readiness`]):
+/// without all of them, no message can be handled or no peer can reach the node.
 async fn readyz(State(ctx): State<Arc<Context>>) -> Response {
     let store = ctx.store.is_open();
     let broker = *ctx.broker_connected.borrow();
     let serving = ctx.serving.get();
+    let fresh = ctx.readiness.fresh_connection().await;
     let body = serde_json::json!({
         "store": if store { "ok" } else { "closed" },
         "broker": if !serving { "not serving" } else if broker { "connected" } else { "disconnected" },
+        "new_connection": match &fresh {
+            Ok(()) => "ok".to_owned(),
+            Err(e) => e.clone(),
+        },
     });
-    let code = if store && broker && serving {
+    let code = if store && broker && serving && fresh.is_ok() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

@@ -11,6 +11,7 @@ use serde_json::{json, Map, Value};
 
 use super::selector::{FieldSelector, LabelSelector};
 use crate::resource::Resource;
+use crate::store::read::Range;
 use crate::store::{Store, StoreError};
 
 #[derive(Debug)]
@@ -67,7 +68,9 @@ pub(super) fn kind_of(plural: &str) -> Option<&'static Kind> {
     KINDS.iter().find(|k| k.plural == plural)
 }
 
-/// The routes of the API: discovery, objects, and a Status answer to every write method.
+/// How long a client told 429 waits before it tries again, as kube-apiserver says it.
+pub const RETRY_AFTER_SECONDS: u32 = 1;
+
 /// Why a request to the API failed; each becomes a Kubernetes `Status` answer.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -87,6 +90,13 @@ pub enum ApiError {
         name: String,
         source: serde_json::Error,
     },
+    /// A cap on concurrent requests or watches is reached: kube-apiserver's 429, which
+    /// clients retry after `Retry-After`.
+    #[error("{0}; try again later")]
+    TooManyRequests(String),
+    /// The request is not for this server: see [`super::host`].
+    #[error("{0}")]
+    Forbidden(String),
 }
 
 impl IntoResponse for ApiError {
@@ -98,13 +108,26 @@ impl IntoResponse for ApiError {
             ApiError::Store(_) | ApiError::NotJson { .. } => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "InternalError")
             }
+            ApiError::TooManyRequests(_) => (StatusCode::TOO_MANY_REQUESTS, "TooManyRequests"),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "Forbidden"),
         };
         let details = match &self {
             ApiError::NotFound { plural, name } => Some(json!({"name": name, "kind": plural})),
             _ => None,
         };
+        let details = match &self {
+            ApiError::TooManyRequests(_) => Some(json!({"retryAfterSeconds": RETRY_AFTER_SECONDS})),
+            _ => details,
+        };
         let body = status_object(code, reason, self.to_string(), details);
-        (code, Json(body)).into_response()
+        let mut response = (code, Json(body)).into_response();
+        if code == StatusCode::TOO_MANY_REQUESTS {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(RETRY_AFTER_SECONDS),
+            );
+        }
+        response
     }
 }
 
@@ -161,20 +184,82 @@ impl Scope {
         self.fields.matches(name, ns) && self.labels.matches(meta["labels"].as_object())
     }
 
-    /// The stored objects in scope, in key order, as served (kind and apiVersion filled in).
-    /// A stored value that is not JSON is skipped: one bad row does not hide the others.
-    pub async fn current(&self, store: &Store) -> Result<Vec<Value>, ApiError> {
-        let rows = match &self.namespace {
-            Some(ns) => store.list(ns, self.kind.rtype).await,
-            None => store.list_type(self.kind.rtype).await,
-        }?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|(key, text)| {
-                let value: Value = serde_json::from_str(&text).ok()?;
-                self.matches(&key, &value).then(|| served(self.kind, value))
-            })
-            .collect())
+    /// Reads the objects in scope a page at a time, from after the key `after`.
+    pub fn pager(&self, store: &Store, after: String) -> Pager {
+        let range = match &self.namespace {
+            Some(ns) => Range::InNamespace {
+                namespace: ns.clone(),
+                rtype: self.kind.rtype.to_owned(),
+            },
+            None => Range::OfType(self.kind.rtype.to_owned()),
+        };
+        Pager {
+            store: store.clone(),
+            range,
+            after,
+            done: false,
+        }
+    }
+}
+
+/// Rows read per page: enough that a page costs one read, few enough that a page of large
+/// objects stays small (see also [`PAGE_BYTES`]).
+const PAGE_ROWS: usize = 256;
+/// Stored JSON read per page, at most (and one row at least).
+pub const PAGE_BYTES: usize = 512 * 1024;
+
+/// The objects of a scope, read a page at a time so that no list or watch holds the whole
+/// store (50 lists of a 10 MB store at once would otherwise hold it 50 times, twice).
+pub struct Pager {
+    store: Store,
+    range: Range,
+    after: String,
+    done: bool,
+}
+
+/// One page: the feed position read before it (every change up to there is in it), the last
+/// key it read (in scope or not), and its stored rows.
+pub struct Page {
+    pub position: u64,
+    pub last_key: Option<String>,
+    pub rows: Vec<(String, String)>,
+}
+
+impl Pager {
+    /// The next page, or `None` once the range is read to its end.
+    pub async fn next(&mut self) -> Result<Option<Page>, ApiError> {
+        if self.done {
+            return Ok(None);
+        }
+        let position = self.store.feed_position();
+        let rows = self
+            .store
+            .page(
+                self.range.clone(),
+                self.after.clone(),
+                PAGE_ROWS,
+                PAGE_BYTES,
+            )
+            .await?;
+        let last_key = rows.last().map(|(k, _)| k.clone());
+        match &last_key {
+            Some(k) => self.after.clone_from(k),
+            None => self.done = true,
+        }
+        Ok(Some(Page {
+            position,
+            last_key,
+            rows,
+        }))
+    }
+}
+
+impl Scope {
+    /// The object as served when the stored `key` = `text` is in scope; `None` when it is not,
+    /// or is not JSON (one bad row does not hide the others).
+    pub fn served_if_matches(&self, key: &str, text: &str) -> Option<Value> {
+        let value: Value = serde_json::from_str(text).ok()?;
+        self.matches(key, &value).then(|| served(self.kind, value))
     }
 }
 

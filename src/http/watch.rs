@@ -1,21 +1,25 @@
 //! Watch streams: newline-delimited `{"type": ..., "object": ...}` events from the store's
 //! change feed, the way kube-apiserver streams them and kubectl reads them.
 //!
-//! Each watcher has its own task, its own change-feed receiver and a small buffer toward its
-//! connection. The writer's sends never wait for a watcher: one that does not keep up falls
-//! behind in the feed, gets an `ERROR` event (410, list again) and its stream ends.
+//! Each watcher has a task that takes its changes off the feed as they come, so the feed never
+//! holds changes for a slow watcher, and puts them on the watcher's own queue. The connection
+//! takes events off that queue as fast as the client reads, and only then encodes them. The
+//! queue has a byte budget: a watcher whose client falls that far behind is ended with an
+//! `ERROR` event (410, list again), and what it held is let go at once. Memory per watcher is
+//! therefore its budget at most, and watchers that never read cost no more than that.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
-use tokio::sync::broadcast::error::RecvError;
-use tokio::sync::mpsc;
+use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit};
 
-use super::scope::{self, ApiError, Scope};
+use super::scope::{self, ApiError, Pager, Scope};
 use crate::resource::Resource;
 use crate::shutdown::Shutdown;
 use crate::store::Store;
@@ -24,37 +28,43 @@ use crate::store::{ChangeKind, StoreEvent};
 /// A bare newline this often keeps an idle stream (and proxies on the way) from timing out;
 /// JSON decoders skip it as whitespace.
 const HEARTBEAT: Duration = Duration::from_secs(30);
-/// Encoded events buffered toward one connection before its task waits for the client.
-const WATCHER_BUFFER: usize = 64;
+
+/// Bytes of changes one watcher may have waiting for its client (as the feed counts them,
+/// [`StoreEvent::size`]). Several watchers that do not read hold the same changes, which the
+/// feed shares among them, so together they hold about this much, not this much each.
+pub const WATCH_BUDGET_BYTES: usize = 16 * 1024 * 1024;
 
 /// Starts a watch of `scope`. Without a `version`, the objects in scope are first sent as
 /// `ADDED`, as kube-apiserver does; from a version (a list's `resourceVersion`), the changes
 /// after it are sent, recorded ones first, or an `ERROR` (410) when they are no longer known.
+/// `permit` is the watcher's place under the cap, held until its stream ends.
 pub async fn respond(
     store: Store,
     stop: Shutdown,
     scope: Scope,
     version: Option<u64>,
+    permit: OwnedSemaphorePermit,
 ) -> Result<Response, ApiError> {
-    let (changes, first, seen) = match version {
+    let queue = Arc::new(Queue::default());
+    let (changes, seen, initial) = match version {
         None => {
-            // Subscribed before the objects are read, and changes up to `seen` are in what
-            // is read: nothing falls between, nothing is sent twice.
+            // Subscribed before anything is read: each page then holds every change up to
+            // the position read before it, and later ones come from the feed.
             let changes = store.subscribe_changes();
             let seen = store.feed_position();
-            let first = scope
-                .current(&store)
-                .await?
-                .iter()
-                .map(|object| event_line("ADDED", object))
-                .collect();
-            (changes, first, seen)
+            let mut pager = scope.pager(&store, String::new());
+            // The first page is read now, so that a store that cannot be read is an error
+            // status rather than a stream that ends at once.
+            let first = pager.next().await?;
+            (changes, seen, Initial::new(pager, first))
         }
         Some(version) => match store.changes_since(version) {
             Ok((changes, backlog)) => {
                 let seen = backlog.last().map_or(version, |e| e.seq.max(version));
-                let first = backlog.iter().filter_map(|e| encode(&scope, e)).collect();
-                (changes, first, seen)
+                for event in backlog.into_iter().filter(|e| e.seq > version) {
+                    queue.push(event);
+                }
+                (changes, seen, Initial::done())
             }
             Err(expired) => {
                 let status =
@@ -63,12 +73,28 @@ pub async fn respond(
             }
         },
     };
-    let (tx, rx) = mpsc::channel(WATCHER_BUFFER);
-    tokio::spawn(feed(scope, first, seen, changes, tx, stop));
-    let body = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv()
+    let (gone, client_gone) = oneshot::channel();
+    tokio::spawn(receive(
+        changes,
+        seen,
+        scope.kind.rtype,
+        queue.clone(),
+        stop.clone(),
+        client_gone,
+    ));
+    let stream = Stream {
+        scope,
+        store,
+        stop,
+        queue,
+        initial,
+        _gone: gone,
+        _permit: permit,
+    };
+    let body = futures_util::stream::unfold(stream, |mut s| async move {
+        s.next_line()
             .await
-            .map(|line| (Ok::<Bytes, std::convert::Infallible>(line), rx))
+            .map(|line| (Ok::<Bytes, std::convert::Infallible>(line), s))
     });
     Ok(stream_response(Body::from_stream(body)))
 }
@@ -82,112 +108,272 @@ fn stream_response(body: Body) -> Response {
         .into_response()
 }
 
-/// Why a watcher's task stops sending.
-enum End {
-    /// The client went away or the server is stopping.
-    Gone,
-}
-
-/// Sends `first`, then every change numbered after `seen`, until the client goes away, the
-/// server stops, or the watcher falls behind.
-async fn feed(
-    scope: Scope,
-    first: Vec<Bytes>,
+/// Takes the changes numbered after `seen` off the feed onto the watcher's queue, until the
+/// client goes away, the server stops, the feed ends, or the queue overruns its budget.
+async fn receive(
+    mut changes: broadcast::Receiver<Arc<StoreEvent>>,
     seen: u64,
-    mut changes: tokio::sync::broadcast::Receiver<Arc<StoreEvent>>,
-    tx: mpsc::Sender<Bytes>,
+    rtype: &'static str,
+    queue: Arc<Queue>,
     mut stop: Shutdown,
+    mut client_gone: oneshot::Receiver<()>,
 ) {
-    let mut out = Out {
-        tx,
-        stop: &mut stop,
-    };
-    for line in first {
-        if out.send(line).await.is_err() {
-            return;
-        }
-    }
     let mut heartbeat =
         tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT);
     loop {
         let next = tokio::select! {
             next = changes.recv() => next,
             _ = heartbeat.tick() => {
-                if out.send(Bytes::from_static(b"\n")).await.is_err() {
+                queue.heartbeat();
+                continue;
+            }
+            _ = stop.wait() => return queue.end(),
+            _ = &mut client_gone => return,
+        };
+        match next {
+            Ok(event) if event.seq > seen && event.rtype == rtype => {
+                if queue.push(event) == Pushed::Overrun {
+                    tracing::info!(
+                        budget = WATCH_BUDGET_BYTES,
+                        "watch ended: its client fell behind by more than its budget"
+                    );
                     return;
+                }
+            }
+            Ok(_) => {}
+            Err(RecvError::Lagged(missed)) => {
+                tracing::debug!(missed, "watcher fell behind the change feed");
+                return queue.expire("watch fell behind; list again".into());
+            }
+            Err(RecvError::Closed) => return queue.end(),
+        }
+    }
+}
+
+/// What waits for one watcher's client.
+#[derive(Default)]
+struct Queue {
+    inner: Mutex<Waiting>,
+    ready: Notify,
+}
+
+#[derive(Default)]
+struct Waiting {
+    items: VecDeque<Item>,
+    bytes: usize,
+    /// Nothing more will be added; the stream ends once `items` is empty.
+    ended: bool,
+}
+
+enum Item {
+    Change(Arc<StoreEvent>),
+    Line(Bytes),
+}
+
+#[derive(PartialEq, Eq)]
+enum Pushed {
+    Queued,
+    Overrun,
+}
+
+impl Queue {
+    fn push(&self, event: Arc<StoreEvent>) -> Pushed {
+        {
+            let Ok(mut w) = self.inner.lock() else {
+                return Pushed::Overrun;
+            };
+            if w.ended {
+                return Pushed::Queued;
+            }
+            w.bytes += event.size();
+            if w.bytes > WATCH_BUDGET_BYTES {
+                drop(w);
+                self.expire(format!(
+                    "watch fell more than {WATCH_BUDGET_BYTES} bytes behind; list again"
+                ));
+                return Pushed::Overrun;
+            }
+            w.items.push_back(Item::Change(event));
+        }
+        self.ready.notify_one();
+        Pushed::Queued
+    }
+
+    /// A keep-alive newline, unless something is already waiting to be sent.
+    fn heartbeat(&self) {
+        if let Ok(mut w) = self.inner.lock() {
+            if !w.items.is_empty() || w.ended {
+                return;
+            }
+            w.items.push_back(Item::Line(Bytes::from_static(b"\n")));
+        }
+        self.ready.notify_one();
+    }
+
+    /// Drops what waits, and ends the stream with a 410 `ERROR` event that says why.
+    fn expire(&self, why: String) {
+        let status = scope::status_object(StatusCode::GONE, "Expired", why, None);
+        if let Ok(mut w) = self.inner.lock() {
+            w.items.clear();
+            w.bytes = 0;
+            w.items.push_back(Item::Line(event_line("ERROR", &status)));
+            w.ended = true;
+        }
+        self.ready.notify_one();
+    }
+
+    /// Ends the stream once what waits is sent.
+    fn end(&self) {
+        if let Ok(mut w) = self.inner.lock() {
+            w.ended = true;
+        }
+        self.ready.notify_one();
+    }
+
+    /// The next item, waiting for one; `None` once the stream has ended.
+    async fn pop(&self) -> Option<Item> {
+        loop {
+            let notified = self.ready.notified();
+            {
+                let mut w = self.inner.lock().ok()?;
+                if let Some(item) = w.items.pop_front() {
+                    if let Item::Change(e) = &item {
+                        w.bytes = w.bytes.saturating_sub(e.size());
+                    }
+                    return Some(item);
+                }
+                if w.ended {
+                    return None;
+                }
+            }
+            notified.await;
+        }
+    }
+}
+
+/// The `ADDED` events of a watch that did not start from a version: the objects in scope,
+/// read a page at a time as the client takes them.
+struct Initial {
+    pager: Option<Pager>,
+    rows: std::vec::IntoIter<(String, String)>,
+    /// Per page read, its last key (`None`: the end of the range) and the feed position read
+    /// before it. A change to a key at or below a page's last key, numbered at or below its
+    /// position, is already in what the page sent, and is not sent again.
+    covered: Vec<(Option<String>, u64)>,
+}
+
+impl Initial {
+    fn new(pager: Pager, first: Option<scope::Page>) -> Self {
+        let mut initial = Self {
+            pager: Some(pager),
+            rows: Vec::new().into_iter(),
+            covered: Vec::new(),
+        };
+        initial.take(first);
+        initial
+    }
+
+    fn done() -> Self {
+        Self {
+            pager: None,
+            rows: Vec::new().into_iter(),
+            covered: Vec::new(),
+        }
+    }
+
+    fn take(&mut self, page: Option<scope::Page>) {
+        match page {
+            Some(page) => {
+                self.covered.push((page.last_key, page.position));
+                self.rows = page.rows.into_iter();
+            }
+            None => self.pager = None,
+        }
+    }
+
+    /// Whether the initial pages already sent the change `event`.
+    fn sent(&self, event: &StoreEvent) -> bool {
+        let page = self.covered.iter().find(|(last, _)| {
+            last.as_deref()
+                .is_none_or(|last| event.key.as_str() <= last)
+        });
+        page.is_some_and(|(_, position)| event.seq <= *position)
+    }
+}
+
+/// One watcher's connection side.
+struct Stream {
+    scope: Scope,
+    store: Store,
+    stop: Shutdown,
+    queue: Arc<Queue>,
+    initial: Initial,
+    /// Dropped with the stream, which tells the receiving task that the client went away.
+    _gone: oneshot::Sender<()>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Stream {
+    /// The next line for the client; `None` ends the stream.
+    async fn next_line(&mut self) -> Option<Bytes> {
+        loop {
+            if self.stop.is_shutdown() {
+                return None;
+            }
+            if let Some((key, text)) = self.initial.rows.next() {
+                match self.scope.served_if_matches(&key, &text) {
+                    Some(object) => return Some(event_line("ADDED", &object)),
+                    None => continue,
+                }
+            }
+            if let Some(pager) = &mut self.initial.pager {
+                match pager.next().await {
+                    Ok(page) => self.initial.take(page),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "watch could not read the store");
+                        return None;
+                    }
                 }
                 continue;
             }
-            _ = out.stop.wait() => return,
-            _ = out.tx.closed() => return,
-        };
-        let event = match next {
-            Ok(event) => event,
-            Err(RecvError::Lagged(missed)) => {
-                tracing::debug!(missed, "watcher fell behind the change feed");
-                let status = scope::status_object(
-                    StatusCode::GONE,
-                    "Expired",
-                    "watch fell behind; list again".into(),
-                    None,
-                );
-                let _ = out.send(event_line("ERROR", &status)).await;
-                return;
-            }
-            Err(RecvError::Closed) => return,
-        };
-        if event.seq <= seen {
-            continue;
-        }
-        if let Some(line) = encode(&scope, &event) {
-            if out.send(line).await.is_err() {
-                return;
+            let line = match self.queue.pop().await? {
+                Item::Line(line) => Some(line),
+                Item::Change(event) if self.initial.sent(&event) => None,
+                Item::Change(event) => self.encode(&event).await,
+            };
+            if line.is_some() {
+                return line;
             }
         }
     }
-}
 
-/// The connection side of one watcher.
-struct Out<'a> {
-    tx: mpsc::Sender<Bytes>,
-    stop: &'a mut Shutdown,
-}
-
-impl Out<'_> {
-    /// Waits for room in the buffer, unless the client leaves or the server stops first.
-    async fn send(&mut self, line: Bytes) -> Result<(), End> {
-        tokio::select! {
-            sent = self.tx.send(line) => sent.map_err(|_| End::Gone),
-            _ = self.stop.wait() => Err(End::Gone),
-        }
+    /// The event line for a change in scope; `None` for one outside it.
+    async fn encode(&self, event: &StoreEvent) -> Option<Bytes> {
+        let kind = match event.kind {
+            ChangeKind::Added => "ADDED",
+            ChangeKind::Modified => "MODIFIED",
+            ChangeKind::Deleted => "DELETED",
+        };
+        let value: Value = match (&event.value, event.kind) {
+            (Some(value), _) => serde_json::from_slice(value).ok()?,
+            (None, ChangeKind::Deleted) => {
+                // The old object was not read (nobody watched when the delete was applied):
+                // name it from the key so the client still learns what went.
+                let resource = Resource::parse(&event.key).ok()?;
+                let (ns, name) = (resource.namespace(), resource.name()?);
+                json!({"metadata": {"name": name, "namespace": ns}})
+            }
+            (None, _) => {
+                // Not kept (nobody watched then): the object as stored now. If it has gone
+                // since, its deletion follows in the feed.
+                let text = self.store.get(&event.key).await.ok()??;
+                serde_json::from_str(&text).ok()?
+            }
+        };
+        self.scope
+            .matches(&event.key, &value)
+            .then(|| event_line(kind, &scope::served(self.scope.kind, value)))
     }
-}
-
-/// The event line for a change in scope; `None` for one outside it.
-fn encode(scope: &Scope, event: &StoreEvent) -> Option<Bytes> {
-    if event.rtype != scope.kind.rtype {
-        return None;
-    }
-    let value: Value = serde_json::from_slice(&event.value).ok()?;
-    if event.kind == ChangeKind::Deleted && value.as_object().is_some_and(|o| o.is_empty()) {
-        // The old object was not read (nobody watched when the delete was applied): name it
-        // from the key so the client still learns what went.
-        let resource = Resource::parse(&event.key).ok()?;
-        let (ns, name) = (resource.namespace(), resource.name()?);
-        let stub = json!({"metadata": {"name": name, "namespace": ns}});
-        return scope
-            .matches(&event.key, &stub)
-            .then(|| event_line("DELETED", &scope::served(scope.kind, stub)));
-    }
-    if !scope.matches(&event.key, &value) {
-        return None;
-    }
-    let kind = match event.kind {
-        ChangeKind::Added => "ADDED",
-        ChangeKind::Modified => "MODIFIED",
-        ChangeKind::Deleted => "DELETED",
-    };
-    Some(event_line(kind, &scope::served(scope.kind, value)))
 }
 
 fn event_line(kind: &str, object: &Value) -> Bytes {

@@ -157,6 +157,41 @@ fn mqtt_options(options: &LinkOptions, client_id: String) -> MqttOptions {
     mqtt
 }
 
+/// Connects a new client with `options`' address, TLS and credentials, as edged or edgehub
+/// would, waits for the broker's CONNACK, and disconnects: whether the broker takes new
+/// clients now, which MetaManager's own long-lived connections cannot tell.
+pub async fn probe(options: &LinkOptions, timeout: Duration) -> Result<(), String> {
+    let id = format!(
+        "{}-ready-{}",
+        options.client_id,
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let mut mqtt = mqtt_options(options, id);
+    mqtt.set_clean_session(true);
+    if let Some((user, password)) = &options.credentials {
+        mqtt.set_credentials(user, password);
+    }
+    let (client, mut eventloop) = AsyncClient::new(mqtt, 1);
+    let connack = async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(describe(&e)),
+            }
+        }
+    };
+    let outcome = match tokio::time::timeout(timeout, connack).await {
+        Ok(outcome) => outcome,
+        Err(_) => Err(format!("no CONNACK within {timeout:?}")),
+    };
+    if outcome.is_ok() {
+        let _ = client.try_disconnect();
+        let _ = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
+    }
+    outcome
+}
+
 /// Replies are small and answer someone who is waiting: send them now, not when Nagle's
 /// algorithm has waited for an ACK (tens of milliseconds on loopback).
 fn nodelay(mut eventloop: EventLoop) -> EventLoop {

@@ -34,7 +34,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-pub use client::LinkOptions;
+pub use client::{probe, LinkOptions};
 pub use publish::Publisher;
 use unacked::Unacked;
 

@@ -18,6 +18,10 @@ use super::StoreEvent;
 /// Changes kept for watchers that start from a version, and buffered for each live watcher.
 pub const FEED_DEPTH: usize = 1024;
 
+/// Bytes the history may hold (values, keys and bookkeeping, see [`StoreEvent::size`]). With
+/// large objects the byte bound, not [`FEED_DEPTH`], decides how far back a watch can resume.
+pub const FEED_HISTORY_BYTES: usize = 8 * 1024 * 1024;
+
 /// A watch asked for changes the history no longer holds.
 #[derive(Debug, thiserror::Error)]
 #[error("resource version {0} is too old or unknown; list again")]
@@ -38,6 +42,8 @@ pub(super) struct Feed {
 
 struct History {
     events: VecDeque<Arc<StoreEvent>>,
+    /// What `events` holds, by [`StoreEvent::size`].
+    bytes: usize,
     /// Every change numbered from here on is in `events`.
     since: u64,
 }
@@ -52,6 +58,7 @@ impl Default for Feed {
             sender: broadcast::channel(FEED_DEPTH).0,
             history: Mutex::new(History {
                 events: VecDeque::with_capacity(FEED_DEPTH),
+                bytes: 0,
                 since: start + 1,
             }),
             gap: AtomicU64::new(0),
@@ -83,15 +90,19 @@ impl Feed {
                 let gap = self.gap.swap(0, Ordering::SeqCst);
                 if gap != 0 {
                     h.events.clear();
+                    h.bytes = 0;
                     h.since = gap + 1;
                 }
                 for e in &events {
+                    h.bytes += e.size();
                     h.events.push_back(e.clone());
                 }
-                while h.events.len() > FEED_DEPTH {
-                    if let Some(old) = h.events.pop_front() {
-                        h.since = old.seq + 1;
-                    }
+                while h.events.len() > FEED_DEPTH || h.bytes > FEED_HISTORY_BYTES {
+                    let Some(old) = h.events.pop_front() else {
+                        break;
+                    };
+                    h.bytes -= old.size();
+                    h.since = old.seq + 1;
                 }
             }
             Err(_) => {
@@ -150,8 +161,26 @@ mod tests {
             kind: ChangeKind::Added,
             key: key.into(),
             rtype: "pod".into(),
-            value: bytes::Bytes::from_static(b"{}"),
+            value: Some(bytes::Bytes::from_static(b"{}")),
         }
+    }
+
+    #[test]
+    fn the_history_is_bounded_in_bytes() {
+        let feed = Feed::default();
+        let start = feed.position();
+        let big = bytes::Bytes::from(vec![b' '; 1024 * 1024]);
+        for i in 0..20 {
+            let mut e = event(&format!("k{i}"));
+            e.value = Some(big.clone());
+            feed.publish(vec![e]);
+        }
+        let h = feed.history.lock().unwrap();
+        assert!(h.bytes <= FEED_HISTORY_BYTES, "{} bytes held", h.bytes);
+        assert!(h.events.len() < 20 && !h.events.is_empty());
+        drop(h);
+        assert!(feed.since(start).is_err(), "what was let go is expired");
+        assert_eq!(feed.since(feed.position() - 2).unwrap().1.len(), 2);
     }
 
     #[test]

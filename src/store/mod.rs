@@ -228,9 +228,19 @@ pub struct StoreEvent {
     pub kind: ChangeKind,
     pub key: String,
     pub rtype: String,
-    /// JSON text: the new value, or for a deletion the last stored one (`{}` when nobody was
-    /// watching at the time, because it is only read for watchers).
-    pub value: Bytes,
+    /// JSON text: the new value, or for a deletion the last stored one. `None` when nobody
+    /// watched at the time: the feed then keeps no payloads (a 1 MB object updated a thousand
+    /// times would otherwise be held a thousand times), and a watcher that later resumes over
+    /// this change reads the key's current value instead.
+    pub value: Option<Bytes>,
+}
+
+impl StoreEvent {
+    /// What the feed's history counts against its byte budget for this change.
+    pub fn size(&self) -> usize {
+        const OVERHEAD: usize = 64;
+        OVERHEAD + self.key.len() + self.rtype.len() + self.value.as_ref().map_or(0, Bytes::len)
+    }
 }
 
 /// Counters the writer keeps for everyone else.
@@ -450,6 +460,18 @@ impl Store {
     /// (`read`), so it runs on the calling task.
     pub async fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
         self.read_now(|c| read::get(c, key))
+    }
+
+    /// One page of `range` after the key `after`: see [`read::page`].
+    pub async fn page(
+        &self,
+        range: read::Range,
+        after: String,
+        max_rows: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        self.read(move |c| read::page(c, &range, &after, max_rows, max_bytes))
+            .await
     }
 
     /// Every object of `rtype` in `namespace`, in key order, as `(key, json)`.
@@ -779,7 +801,7 @@ mod tests {
         while let Ok(e) = feed.try_recv() {
             seen.push((e.kind, e.key.clone(), e.rtype.clone(), e.value.clone()));
         }
-        let b = |s: &'static str| Bytes::from_static(s.as_bytes());
+        let b = |s: &'static str| Some(Bytes::from_static(s.as_bytes()));
         assert_eq!(
             seen,
             [
@@ -803,6 +825,61 @@ mod tests {
                 ),
             ]
         );
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn pages_read_a_range_in_key_order_bounded_in_rows_and_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("m.db"), StoreOptions::default()).unwrap();
+        for key in ["a/pod/1", "a/pod/2", "a/pod/3", "a/podstatus/1", "b/pod/4"] {
+            store
+                .write(put(key, r#"{"x":"0123456789"}"#))
+                .await
+                .unwrap();
+        }
+        let keys = |rows: Vec<(String, String)>| -> Vec<String> {
+            rows.into_iter().map(|(k, _)| k).collect()
+        };
+        let in_a = read::Range::InNamespace {
+            namespace: "a".into(),
+            rtype: "pod".into(),
+        };
+        let page = |range: &read::Range, after: &str, rows, bytes| {
+            store.page(range.clone(), after.into(), rows, bytes)
+        };
+        assert_eq!(
+            keys(page(&in_a, "", 2, 1 << 20).await.unwrap()),
+            ["a/pod/1", "a/pod/2"]
+        );
+        assert_eq!(
+            keys(page(&in_a, "a/pod/2", 2, 1 << 20).await.unwrap()),
+            ["a/pod/3"]
+        );
+        assert!(page(&in_a, "a/pod/3", 2, 1 << 20).await.unwrap().is_empty());
+        // One row at least, however small the byte bound.
+        assert_eq!(keys(page(&in_a, "", 10, 1).await.unwrap()), ["a/pod/1"]);
+        let pods = read::Range::OfType("pod".into());
+        assert_eq!(
+            keys(page(&pods, "a/pod/2", 10, 1 << 20).await.unwrap()),
+            ["a/pod/3", "b/pod/4"]
+        );
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn changes_nobody_watches_are_numbered_but_carry_no_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("m.db"), StoreOptions::default()).unwrap();
+        let before = store.feed_position();
+        store
+            .write(put("ns/configmap/c", r#"{"a":1}"#))
+            .await
+            .unwrap();
+        let (_live, backlog) = store.changes_since(before).unwrap();
+        assert_eq!(backlog.len(), 1);
+        assert_eq!(backlog[0].key, "ns/configmap/c");
+        assert_eq!(backlog[0].value, None, "no payload kept without a watcher");
         store.close().await;
     }
 

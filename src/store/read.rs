@@ -54,6 +54,56 @@ pub fn list_type(c: &Connection, rtype: &str) -> rusqlite::Result<Vec<(String, S
     rows.collect()
 }
 
+/// Which objects a [`page`] reads.
+#[derive(Debug, Clone)]
+pub enum Range {
+    /// The objects of a type in one namespace.
+    InNamespace { namespace: String, rtype: String },
+    /// The objects of a type in every namespace.
+    OfType(String),
+}
+
+/// The next objects of `range` after the key `after` (`""`: from the start), in key order, as
+/// `(key, json)`: at most `max_rows`, and no more once `max_bytes` of JSON are read (at least
+/// one row, however large). An empty page means the range holds nothing after `after`.
+///
+/// Reading a range a page at a time keeps a list's memory to one page, whatever the store
+/// holds, and no read transaction stays open between pages.
+pub fn page(
+    c: &Connection,
+    range: &Range,
+    after: &str,
+    max_rows: usize,
+    max_bytes: usize,
+) -> rusqlite::Result<Vec<(String, String)>> {
+    let mut stmt;
+    let mut rows = match range {
+        Range::InNamespace { namespace, rtype } => {
+            let [start, end] = list_range(namespace, rtype);
+            stmt = c.prepare_cached(
+                "SELECT key, value FROM meta WHERE key > ?1 AND key < ?2 ORDER BY key",
+            )?;
+            stmt.query([std::cmp::max(start.as_str(), after), end.as_str()])?
+        }
+        Range::OfType(rtype) => {
+            stmt = c.prepare_cached(
+                "SELECT key, value FROM meta WHERE type = ?1 AND key > ?2 ORDER BY key",
+            )?;
+            stmt.query([rtype.as_str(), after])?
+        }
+    };
+    let (mut page, mut bytes) = (Vec::new(), 0usize);
+    while page.len() < max_rows && (page.is_empty() || bytes < max_bytes) {
+        let Some(row) = rows.next()? else {
+            break;
+        };
+        let (key, value): (String, String) = (row.get(0)?, row.get(1)?);
+        bytes += value.len();
+        page.push((key, value));
+    }
+    Ok(page)
+}
+
 /// Which of `keys` are stored.
 pub fn existing(c: &Connection, keys: &[String]) -> rusqlite::Result<Vec<bool>> {
     let mut stmt = c.prepare_cached("SELECT 1 FROM meta WHERE key = ?1")?;

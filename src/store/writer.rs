@@ -262,7 +262,7 @@ impl Writer {
                     None
                 };
                 let outcome = apply_write(conn, w)?;
-                if let Some(event) = feed_event(w, outcome, before) {
+                if let Some(event) = feed_event(w, outcome, before, watched) {
                     effect.events.push(event);
                 }
                 outcome
@@ -451,8 +451,14 @@ fn is_current(conn: &Connection, write: Option<&Write>) -> rusqlite::Result<bool
 }
 
 /// What the change feed reports for a write that changed `meta`; `None` when it did not.
-/// `before` is the value the key held, when it was read.
-fn feed_event(write: &Write, outcome: Outcome, before: Option<String>) -> Option<StoreEvent> {
+/// `before` is the value the key held, read only while somebody watches; without a watcher
+/// the event carries no value (see [`StoreEvent::value`]).
+fn feed_event(
+    write: &Write,
+    outcome: Outcome,
+    before: Option<String>,
+    watched: bool,
+) -> Option<StoreEvent> {
     match (write, outcome) {
         (
             Write::Put { key, rtype, value } | Write::PutIfChanged { key, rtype, value },
@@ -466,7 +472,7 @@ fn feed_event(write: &Write, outcome: Outcome, before: Option<String>) -> Option
             },
             key: key.clone(),
             rtype: rtype.clone(),
-            value: value.clone(),
+            value: watched.then(|| value.clone()),
         }),
         (Write::Delete { key, .. }, Outcome::Deleted) => Some(StoreEvent {
             seq: 0,
@@ -475,7 +481,7 @@ fn feed_event(write: &Write, outcome: Outcome, before: Option<String>) -> Option
             rtype: Resource::parse(key)
                 .map(|r| r.rtype().to_owned())
                 .unwrap_or_default(),
-            value: before.map_or_else(|| bytes::Bytes::from_static(b"{}"), bytes::Bytes::from),
+            value: before.map(bytes::Bytes::from),
         }),
         _ => None,
     }

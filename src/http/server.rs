@@ -1,0 +1,228 @@
+//! The HTTP connections: accepted under a cap, each given a deadline for its request head and
+//! for the pause between requests, and each stopped on shutdown.
+//!
+//! A node's API faces careless and hostile local clients; each of them must not be able to
+//! hold a file descriptor or a task for ever. `axum::serve` has no such bounds, so connections
+//! are served here with hyper's own HTTP/1 connection driver.
+//! - A connection over the cap gets `503` with `Retry-After` and is closed, so the process
+//!   keeps descriptors for its database and its broker.
+//! - A connection whose first request head does not arrive within the header timeout gets
+//!   `408` and is closed. After that, hyper's header timeout closes a keep-alive connection
+//!   that stays idle between requests for the idle timeout.
+//! - When `accept` fails (out of file descriptors, typically), the loop waits before it tries
+//!   again, longer each time up to a second: it logs and backs off instead of spinning.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::shutdown::Shutdown;
+
+/// How long open connections may take to finish once the server stops.
+const GRACE: Duration = Duration::from_secs(5);
+/// A request head larger than this is handed to hyper as it is, which answers `431`.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// The longest wait between two failed `accept`s.
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+
+/// The bounds on connections.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// Connections open at once, at most.
+    pub max_connections: usize,
+    /// Time for a new connection's first request head to arrive.
+    pub header_timeout: Duration,
+    /// Time a keep-alive connection may stay idle between requests.
+    pub idle_timeout: Duration,
+}
+
+/// Accepts and serves connections until `stop`, then gives open ones [`GRACE`] to finish.
+pub async fn serve(listener: TcpListener, app: Router, limits: ConnectionLimits, stop: Shutdown) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut backoff = Duration::ZERO;
+    let mut waiting = stop.clone();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = waiting.wait() => break,
+        };
+        let tcp = match accepted {
+            Ok((tcp, _)) => {
+                backoff = Duration::ZERO;
+                tcp
+            }
+            Err(e) => {
+                backoff = (backoff * 2).clamp(Duration::from_millis(10), MAX_ACCEPT_BACKOFF);
+                tracing::warn!(error = %e, retry_in = ?backoff, "HTTP endpoint cannot accept a connection");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => continue,
+                    _ = waiting.wait() => break,
+                }
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        match slots.clone().try_acquire_owned() {
+            Ok(slot) => {
+                tokio::spawn(connection(tcp, app.clone(), limits, stop.clone(), slot));
+            }
+            Err(_) => {
+                tracing::debug!(
+                    max = limits.max_connections,
+                    "HTTP connection refused: too many open"
+                );
+                tokio::spawn(answer_and_close(tcp, Refusal::TooManyConnections));
+            }
+        }
+    }
+    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    let _ = tokio::time::timeout(GRACE, slots.acquire_many(all)).await;
+}
+
+/// Serves one connection, holding its `slot` until it closes.
+async fn connection(
+    mut tcp: TcpStream,
+    app: Router,
+    limits: ConnectionLimits,
+    mut stop: Shutdown,
+    slot: OwnedSemaphorePermit,
+) {
+    let _slot = slot;
+    let head = match tokio::time::timeout(limits.header_timeout, read_head(&mut tcp)).await {
+        Ok(Ok(Some(head))) => head,
+        Ok(Ok(None)) | Ok(Err(_)) => return,
+        Err(_) => {
+            tracing::debug!("HTTP request head did not arrive in time");
+            return answer_and_close(tcp, Refusal::HeadTimeout).await;
+        }
+    };
+    let io = TokioIo::new(Prefixed { head, at: 0, tcp });
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.idle_timeout)
+        .keep_alive(true);
+    let conn = http1.serve_connection(io, TowerToHyperService::new(app));
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = stop.wait() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(GRACE, conn).await;
+        }
+    }
+}
+
+/// Reads until the end of the first request head (or [`MAX_HEAD_BYTES`]); `None` when the
+/// client closes first.
+async fn read_head(tcp: &mut TcpStream) -> io::Result<Option<Vec<u8>>> {
+    let mut head = Vec::with_capacity(1024);
+    loop {
+        let mut chunk = [0u8; 4096];
+        let n = tcp.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        head.extend_from_slice(&chunk[..n]);
+        let searched_from = head.len().saturating_sub(n + 3);
+        if head[searched_from..].windows(4).any(|w| w == b"\r\n\r\n")
+            || head.len() >= MAX_HEAD_BYTES
+        {
+            return Ok(Some(head));
+        }
+    }
+}
+
+/// Why a connection is answered and closed without being served.
+#[derive(Clone, Copy)]
+enum Refusal {
+    TooManyConnections,
+    HeadTimeout,
+}
+
+/// Writes the refusal as kube-apiserver words it (a `Status` body) and closes. The write has
+/// a deadline of its own: a client that does not read is not waited for.
+async fn answer_and_close(mut tcp: TcpStream, refusal: Refusal) {
+    use axum::http::StatusCode;
+    let (code, reason, message, retry) = match refusal {
+        Refusal::TooManyConnections => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServiceUnavailable",
+            "too many connections open; try again later",
+            Some(super::scope::RETRY_AFTER_SECONDS),
+        ),
+        Refusal::HeadTimeout => (
+            StatusCode::REQUEST_TIMEOUT,
+            "Timeout",
+            "the request head did not arrive in time",
+            None,
+        ),
+    };
+    let body = super::scope::status_object(code, reason, message.to_owned(), None).to_string();
+    let retry = retry.map_or(String::new(), |s| format!("Retry-After: {s}\r\n"));
+    let response = format!(
+        "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{retry}Connection: close\r\n\r\n{body}",
+        code.as_u16(),
+        code.canonical_reason().unwrap_or(""),
+        body.len(),
+    );
+    let write = async {
+        tcp.write_all(response.as_bytes()).await?;
+        tcp.shutdown().await
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
+}
+
+/// The connection with the bytes already read from it put back in front.
+struct Prefixed {
+    head: Vec<u8>,
+    at: usize,
+    tcp: TcpStream,
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.at < self.head.len() {
+            let n = buf.remaining().min(self.head.len() - self.at);
+            let at = self.at;
+            buf.put_slice(&self.head[at..at + n]);
+            self.at += n;
+            if self.at == self.head.len() {
+                self.head = Vec::new();
+                self.at = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
