@@ -719,3 +719,120 @@ fn an_http_port_in_use_stops_start_up_naming_the_address() {
     assert!(stderr.contains(&http.to_string()), "{stderr}");
     assert!(stderr.contains("http.listen"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_honour_limit_and_continue_and_kubectl_pages_through_them() {
+    let Some(mut app) = TestApp::spawn(Options::new(BrokerKind::Embedded)).await else {
+        return;
+    };
+    let port = app.http_port;
+    for i in 0..5 {
+        let name = format!("p{i}");
+        insert(
+            &mut app,
+            &format!("default/pod/{name}"),
+            pod("default", &name, "a"),
+        )
+        .await;
+    }
+    insert(
+        &mut app,
+        "other/pod/elsewhere",
+        pod("other", "elsewhere", "a"),
+    )
+    .await;
+
+    let mut names = Vec::new();
+    let mut path = "/api/v1/namespaces/default/pods?limit=2".to_owned();
+    let mut versions = std::collections::HashSet::new();
+    let mut pages = 0;
+    loop {
+        let (code, list) = get_json(port, &path).await;
+        assert_eq!(code, 200, "{list}");
+        assert_eq!(list["kind"], "PodList");
+        let items = list["items"].as_array().unwrap();
+        assert!(items.len() <= 2, "{list}");
+        names.extend(
+            items
+                .iter()
+                .map(|p| p["metadata"]["name"].as_str().unwrap().to_owned()),
+        );
+        versions.insert(list["metadata"]["resourceVersion"].clone());
+        pages += 1;
+        match list["metadata"]["continue"].as_str() {
+            Some(token) => {
+                path = format!("/api/v1/namespaces/default/pods?limit=2&continue={token}")
+            }
+            None => break,
+        }
+        assert!(pages < 10, "the pages never end");
+    }
+    assert_eq!(
+        names,
+        ["p0", "p1", "p2", "p3", "p4"],
+        "every pod once, in key order"
+    );
+    assert_eq!(
+        versions.len(),
+        1,
+        "every page reports the first page's version"
+    );
+
+    // Without a limit, one answer holds them all and carries no token.
+    let (_, all) = get_json(port, "/api/v1/pods").await;
+    assert_eq!(all["items"].as_array().unwrap().len(), 6);
+    assert!(all["metadata"].get("continue").is_none(), "{all}");
+
+    let (code, status) = get_json(port, "/api/v1/pods?limit=2&continue=nonsense").await;
+    assert_eq!((code, status["reason"].as_str()), (400, Some("BadRequest")));
+    let (code, status) = get_json(port, "/api/v1/pods?limit=-1").await;
+    assert_eq!((code, status["reason"].as_str()), (400, Some("BadRequest")));
+
+    // kubectl asks in chunks and follows the tokens.
+    if kubectl().is_none() {
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    let out = kubectl_cmd(
+        port,
+        home.path(),
+        &["get", "pods", "-A", "--chunk-size=2", "-o", "name"],
+    )
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(listed.lines().count(), 6, "{listed}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_for_another_host_name_is_refused_on_loopback() {
+    let Some(app) = TestApp::spawn(Options::new(BrokerKind::Embedded)).await else {
+        return;
+    };
+    let port = app.http_port;
+    let ask = |host: &'static str| async move {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let request =
+            format!("GET /api/v1/secrets HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut raw = String::new();
+        stream.read_to_string(&mut raw).await.unwrap();
+        raw
+    };
+    // A page served from rebind.example, whose name now resolves to 127.0.0.1.
+    let refused = ask("rebind.example:10550").await;
+    assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
+    assert!(refused.contains(r#""reason":"Forbidden""#), "{refused}");
+    assert!(refused.contains("http.allowed_hosts"), "{refused}");
+    for host in ["localhost:10550", "127.0.0.1", "[::1]:10550"] {
+        let answer = ask(host).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{host}: {answer}");
+    }
+}

@@ -316,6 +316,50 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// The limits of CONTRACT.md section 6, exactly: ids of at most 256 bytes, header and route
+    /// nested at most 8 levels; a message one byte or one level over is refused, naming the
+    /// limit, and the salvaged id of an error reply is never over the limit either. (The fuzz
+    /// target `fuzz/fuzz_targets/envelope.rs` explores the same with arbitrary bytes.)
+    #[test]
+    fn envelope_limits_are_exact(
+        header_depth in 0usize..12,
+        route_depth in 0usize..12,
+        id_len in 1usize..300,
+        parent_len in prop::option::of(1usize..300),
+    ) {
+        let nest = |levels: usize| format!("{}1{}", r#"{"x":"#.repeat(levels), "}".repeat(levels));
+        let id = "i".repeat(id_len);
+        let parent = parent_len.map_or(String::new(), |n| format!(r#","parent_msg_id":"{}""#, "p".repeat(n)));
+        let payload = format!(
+            r#"{{"header":{{"msg_id":"{id}"{parent},"deep":{}}},"route":{{"operation":"response","resource":"a/b/c","deep":{}}},"content":"OK"}}"#,
+            nest(header_depth),
+            nest(route_depth),
+        );
+        // The header or route object is level 1, so `deep` may nest 7 more.
+        let within = header_depth < message::MAX_ENVELOPE_DEPTH
+            && route_depth < message::MAX_ENVELOPE_DEPTH
+            && id_len <= message::MAX_ID_BYTES
+            && parent_len.is_none_or(|n| n <= message::MAX_ID_BYTES);
+        match Message::decode(payload.as_bytes(), LIMIT) {
+            Ok(_) => prop_assert!(within, "accepted over a limit: {payload}"),
+            Err(e) => {
+                prop_assert!(!within, "refused within the limits: {e}");
+                let text = e.to_string();
+                prop_assert!(
+                    text.contains("256 bytes") || text.contains("deeper than 8 levels"),
+                    "{text}"
+                );
+            }
+        }
+        if let Some(salvaged) = message::salvage_msg_id(payload.as_bytes()) {
+            prop_assert!(salvaged.len() <= message::MAX_ID_BYTES);
+        }
+    }
+}
+
 /// Examples worth keeping whatever proptest draws.
 #[test]
 fn fixed_cases() {
