@@ -14,6 +14,10 @@ use axum::response::{IntoResponse, Response};
 
 use super::scope::{ApiError, Page, Pager, Scope};
 
+/// Encoded items are handed to the connection in chunks of about this size, so a list holds
+/// one page of stored rows and one chunk, whatever the objects' sizes.
+const CHUNK_BYTES: usize = 64 * 1024;
+
 /// The answer to a list: `{"kind", "apiVersion", "items": [...], "metadata"}`. The metadata
 /// comes last, since the `continue` token is known only at the end; JSON readers do not mind.
 pub fn stream(
@@ -140,6 +144,9 @@ impl Listing {
                     self.sent += 1;
                     self.left = self.left.map(|n| n - 1);
                     self.last_sent = Some(key);
+                    if chunk.len() >= CHUNK_BYTES {
+                        return Some(Ok(Bytes::from(chunk)));
+                    }
                 }
                 None if !chunk.is_empty() => return Some(Ok(Bytes::from(chunk))),
                 None => match self.pager.next().await {

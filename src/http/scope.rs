@@ -206,7 +206,7 @@ impl Scope {
 /// objects stays small (see also [`PAGE_BYTES`]).
 const PAGE_ROWS: usize = 256;
 /// Stored JSON read per page, at most (and one row at least).
-pub const PAGE_BYTES: usize = 512 * 1024;
+pub const PAGE_BYTES: usize = 128 * 1024;
 
 /// The objects of a scope, read a page at a time so that no list or watch holds the whole
 /// store (50 lists of a 10 MB store at once would otherwise hold it 50 times, twice).

@@ -274,6 +274,10 @@ struct Inner {
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     readers: Mutex<Vec<Connection>>,
+    /// Reads off the calling task at once, at most [`MAX_IDLE_READERS`]. Each runs on a thread
+    /// of its own (the blocking pool), with its own connection and allocator arena: 50 lists
+    /// at once would otherwise be 50 threads, 50 connections and 50 arenas.
+    read_slots: tokio::sync::Semaphore,
     shared: Arc<Shared>,
     metrics: StoreMetrics,
 }
@@ -318,6 +322,7 @@ impl Store {
                 jobs: Mutex::new(Some(tx)),
                 writer: Mutex::new(Some(writer)),
                 readers: Mutex::new(Vec::new()),
+                read_slots: tokio::sync::Semaphore::new(MAX_IDLE_READERS),
                 shared,
                 metrics: options.metrics,
             }),
@@ -509,6 +514,12 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     {
+        let _slot = self
+            .inner
+            .read_slots
+            .acquire()
+            .await
+            .map_err(|_| StoreError::Closed)?;
         let inner = self.inner.clone();
         let run = move || with_reader(&inner, f);
         let multi_thread = tokio::runtime::Handle::try_current()
