@@ -626,13 +626,7 @@ async fn scale_run(
     let pods = if objects >= 100_000 { 10_000 } else { 0 };
     let configmaps = objects - pods;
     {
-        let mut conn = rusqlite::Connection::open(&db).expect("scale db");
-        conn.execute_batch(
-            "PRAGMA journal_mode=WAL; PRAGMA synchronous=OFF;
-             CREATE TABLE meta (key TEXT PRIMARY KEY, type TEXT NOT NULL, value TEXT NOT NULL);
-             CREATE INDEX meta_type ON meta(type);",
-        )
-        .expect("schema");
+        let mut conn = plain_db(&db, "OFF");
         let tx = conn.transaction().expect("tx");
         {
             let mut stmt = tx
@@ -707,18 +701,23 @@ async fn scale_run(
     }
 }
 
+/// A database with MetaManager's table and index, for plain rusqlite to fill.
+fn plain_db(path: &Path, synchronous: &str) -> rusqlite::Connection {
+    let conn = rusqlite::Connection::open(path).expect("open plain database");
+    conn.execute_batch(&format!(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous={synchronous};
+         CREATE TABLE meta (key TEXT PRIMARY KEY, type TEXT NOT NULL, value TEXT NOT NULL);
+         CREATE INDEX meta_type ON meta(type);"
+    ))
+    .expect("schema");
+    conn
+}
+
 /// The store's writer against the physical limit: the same upserts in batched transactions.
 async fn storage_alone(dir: &Path, content: &str, n: usize) -> (f64, f64) {
     let keys: Vec<String> = (0..n).map(|i| format!("default/pod/obj-{i:07}")).collect();
 
-    let plain_db = dir.join("plain.db");
-    let mut conn = rusqlite::Connection::open(&plain_db).expect("plain db");
-    conn.execute_batch(
-        "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;
-         CREATE TABLE meta (key TEXT PRIMARY KEY, type TEXT NOT NULL, value TEXT NOT NULL);
-         CREATE INDEX meta_type ON meta(type);",
-    )
-    .expect("schema");
+    let mut conn = plain_db(&dir.join("plain.db"), "FULL");
     let start = Instant::now();
     for chunk in keys.chunks(512) {
         let tx = conn.transaction().expect("tx");
