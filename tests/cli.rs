@@ -6,6 +6,7 @@ mod common;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use common::process::{wait_until, Launch, MetaManager};
 use common::{fixture_path, BrokerKind, Options, TestApp};
 use serde_json::{json, Value};
 
@@ -123,32 +124,26 @@ fn a_damaged_database_stops_start_up_untouched() {
     );
 }
 
+/// Stops `mm` with SIGTERM, checks that it exits cleanly, and returns its log.
+fn stop_cleanly(mm: &mut MetaManager) -> String {
+    let status = mm.terminate();
+    let log = mm.log();
+    assert!(status.success(), "{status}; log:\n{log}");
+    log
+}
+
 #[test]
 fn embedded_broker_beyond_loopback_without_auth_warns() {
     let port = common::free_port();
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("edge.yaml");
-    std::fs::write(
-        &config,
-        format!("mqtt:\n  host: 0.0.0.0\n  port: {port}\nhttp:\n  enabled: false\n"),
-    )
-    .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_metamanager"))
-        .arg("-c")
-        .arg(&config)
-        .current_dir(dir.path())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut mm = MetaManager::in_temp_dir(
+        Some(&format!(
+            "mqtt:\n  host: 0.0.0.0\n  port: {port}\nhttp:\n  enabled: false\n"
+        )),
+        None,
+    );
     assert!(common::wait_for_port(port, Duration::from_secs(10)));
     std::thread::sleep(Duration::from_millis(300));
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let log = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{log}");
+    let log = stop_cleanly(&mut mm);
     assert!(
         log.contains("WARN") && log.contains("without authentication"),
         "{log}"
@@ -173,26 +168,12 @@ fn no_arguments_runs_on_the_defaults() {
         eprintln!("skipped: port 1884 or 10550 is in use, so the defaults cannot be tried here");
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_metamanager"))
-        .current_dir(dir.path())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut mm = MetaManager::in_temp_dir(None, None);
     assert!(common::wait_for_port(1884, Duration::from_secs(10)));
-    let db = dir.path().join("data/metamanager.db");
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while !db.exists() && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let db = mm.dir().join("data/metamanager.db");
+    wait_until(Duration::from_secs(5), || db.exists());
     // Signalled as early as this, it must still stop cleanly.
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let log = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{log}");
+    let log = stop_cleanly(&mut mm);
     assert!(db.exists(), "database at ./data/metamanager.db");
     assert!(log.contains("node_id=edge-node"), "{log}");
     assert!(log.contains("127.0.0.1:1884"), "{log}");
@@ -204,9 +185,7 @@ async fn kill_9_leaves_the_last_will_offline_status() {
         return;
     };
     let port = app.mosquitto.as_ref().unwrap().port;
-    let mut child = app.child.take().unwrap();
-    child.kill().unwrap();
-    child.wait().unwrap();
+    app.kill9();
     let mut watcher = common::Peer::connect(port).await;
     let will = watcher
         .wait_for("metamanager/status", |v| v["state"] == "offline")
@@ -224,7 +203,7 @@ async fn nodes_sharing_a_broker_do_not_see_each_other() {
     }
     let broker = common::Mosquitto::start(&binary);
     let dir = tempfile::tempdir().unwrap();
-    let mut children = Vec::new();
+    let mut nodes = Vec::new();
     for node in ["node-a", "node-b"] {
         let config = dir.path().join(format!("{node}.yaml"));
         std::fs::write(
@@ -236,14 +215,10 @@ async fn nodes_sharing_a_broker_do_not_see_each_other() {
             ),
         )
         .unwrap();
-        children.push(
-            Command::new(env!("CARGO_BIN_EXE_metamanager"))
-                .arg("-c")
-                .arg(&config)
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
+        nodes.push(MetaManager::start(Launch {
+            config: Some(&config),
+            ..Launch::default()
+        }));
     }
     // A raw client that sees every node's traffic.
     let sub = Command::new("mosquitto_sub")
@@ -270,10 +245,7 @@ async fn nodes_sharing_a_broker_do_not_see_each_other() {
         .unwrap();
     assert!(published.success());
     let out = String::from_utf8(sub.wait_with_output().unwrap().stdout).unwrap();
-    for mut child in children {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
+    drop(nodes);
     assert!(out.contains("edge/node-a/metamanager/to/edged"), "{out}");
     assert!(out.contains("edge/node-b/metamanager/status"), "{out}");
     assert!(!out.contains("edge/node-b/metamanager/to/"), "{out}");

@@ -30,6 +30,48 @@ fn pod(ns: &str, name: &str, app_label: &str) -> Value {
            "spec": {"containers": [{"name": "c", "image": "busybox"}]}})
 }
 
+/// Inserts [`pod`] at its own key.
+async fn insert_pod(app: &mut TestApp, ns: &str, name: &str, app_label: &str) {
+    insert(app, &format!("{ns}/pod/{name}"), pod(ns, name, app_label)).await;
+}
+
+/// Asks for the watch at `path` (path and query) on `stream`; the events follow as it runs.
+async fn request_watch(stream: &mut tokio::net::TcpStream, path: &str) {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+}
+
+/// [`request_watch`] on a fresh connection.
+async fn watch(port: u16, path: &str) -> tokio::net::TcpStream {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    request_watch(&mut stream, path).await;
+    stream
+}
+
+/// The watch events in a streamed response read so far.
+fn events(seen: &str) -> Vec<Value> {
+    seen.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
+        // Chunk-size lines of the HTTP framing are not events.
+        .filter(|e| e.get("type").is_some())
+        .collect()
+}
+
+/// Each event's type and object name, in order.
+fn types_and_names(events: &[Value]) -> Vec<(&str, &str)> {
+    events
+        .iter()
+        .map(|e| {
+            (
+                e["type"].as_str().unwrap(),
+                e["object"]["metadata"]["name"].as_str().unwrap(),
+            )
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_follows_the_broker_and_healthz_stays_up() {
     let Some(mut app) = TestApp::spawn(Options::new(BrokerKind::Mosquitto)).await else {
@@ -151,8 +193,8 @@ async fn discovery_get_list_selectors_and_refused_writes() {
         nginx.clone(),
     )
     .await;
-    insert(&mut app, "default/pod/db-0", pod("default", "db-0", "db")).await;
-    insert(&mut app, "other/pod/web-1", pod("other", "web-1", "nginx")).await;
+    insert_pod(&mut app, "default", "db-0", "db").await;
+    insert_pod(&mut app, "other", "web-1", "nginx").await;
     insert(
         &mut app,
         "default/configmap/app-config",
@@ -405,12 +447,7 @@ async fn kubectl_gets_lists_and_watches() {
     });
     // The listed pod first: from then on the watch is established.
     wait_line(&mut lines, &name).await;
-    insert(
-        &mut app,
-        "default/pod/watched-1",
-        pod("default", "watched-1", "x"),
-    )
-    .await;
+    insert_pod(&mut app, "default", "watched-1", "x").await;
     wait_line(&mut lines, "watched-1").await;
     let _ = watcher.kill();
     let _ = watcher.wait();
@@ -422,27 +459,17 @@ async fn a_watch_streams_inserts_updates_and_deletes_in_its_scope() {
         return;
     };
     let port = app.http_port;
-    insert(
-        &mut app,
-        "default/pod/before",
-        pod("default", "before", "a"),
+    insert_pod(&mut app, "default", "before", "a").await;
+    let mut stream = watch(
+        port,
+        "/api/v1/namespaces/default/pods?watch=true&labelSelector=app%3Da",
     )
     .await;
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let request = "GET /api/v1/namespaces/default/pods?watch=true&labelSelector=app%3Da HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
-    stream.write_all(request.as_bytes()).await.unwrap();
     let mut seen = String::new();
     read_until(&mut stream, &mut seen, r#""type":"ADDED""#).await;
-    insert(&mut app, "default/pod/after", pod("default", "after", "a")).await;
-    insert(&mut app, "default/pod/other", pod("default", "other", "b")).await;
-    insert(
-        &mut app,
-        "other/pod/elsewhere",
-        pod("other", "elsewhere", "a"),
-    )
-    .await;
+    insert_pod(&mut app, "default", "after", "a").await;
+    insert_pod(&mut app, "default", "other", "b").await;
+    insert_pod(&mut app, "other", "elsewhere", "a").await;
     let mut changed = pod("default", "after", "a");
     changed["spec"]["nodeName"] = json!("n1");
     let m = message("update", "default/pod/after", changed);
@@ -450,29 +477,14 @@ async fn a_watch_streams_inserts_updates_and_deletes_in_its_scope() {
     let m = message("delete", "default/pod/after", Value::Null);
     app.client.request("edgehub", &m).await;
     read_until(&mut stream, &mut seen, r#""type":"DELETED""#).await;
-    let events: Vec<Value> = seen
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
-        // Chunk-size lines of the HTTP framing are not events.
-        .filter(|e| e.get("type").is_some())
-        .collect();
-    let summary: Vec<(String, String)> = events
-        .iter()
-        .map(|e| {
-            (
-                e["type"].as_str().unwrap().to_owned(),
-                e["object"]["metadata"]["name"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
-    let s = |a: &str, b: &str| (a.to_owned(), b.to_owned());
+    let events = events(&seen);
     assert_eq!(
-        summary,
+        types_and_names(&events),
         [
-            s("ADDED", "before"),
-            s("ADDED", "after"),
-            s("MODIFIED", "after"),
-            s("DELETED", "after")
+            ("ADDED", "before"),
+            ("ADDED", "after"),
+            ("MODIFIED", "after"),
+            ("DELETED", "after")
         ]
     );
     assert_eq!(events[2]["object"]["spec"]["nodeName"], "n1");
@@ -488,20 +500,10 @@ async fn a_watcher_that_never_reads_does_not_slow_the_message_path() {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let mut stream = socket.connect(([127, 0, 0, 1], port).into()).await.unwrap();
-    stream
-        .write_all(
-            b"GET /api/v1/pods?watch=true HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
-        )
-        .await
-        .unwrap();
+    request_watch(&mut stream, "/api/v1/pods?watch=true").await;
 
     // Established once it has reported a first pod; from then on it is never read.
-    insert(
-        &mut app,
-        "default/pod/marker",
-        pod("default", "marker", "m"),
-    )
-    .await;
+    insert_pod(&mut app, "default", "marker", "m").await;
     let mut seen = String::new();
     read_until(&mut stream, &mut seen, "marker").await;
 
@@ -575,57 +577,32 @@ async fn a_watch_from_a_list_version_misses_nothing_in_between() {
         return;
     };
     let port = app.http_port;
-    insert(
-        &mut app,
-        "default/pod/listed",
-        pod("default", "listed", "a"),
-    )
-    .await;
+    insert_pod(&mut app, "default", "listed", "a").await;
     let (_, list) = get_json(port, "/api/v1/namespaces/default/pods").await;
     let version = list["metadata"]["resourceVersion"]
         .as_str()
         .unwrap()
         .to_owned();
     // Changes after the list and before the watch.
-    insert(
-        &mut app,
-        "default/pod/between",
-        pod("default", "between", "a"),
-    )
-    .await;
+    insert_pod(&mut app, "default", "between", "a").await;
     let m = message("delete", "default/pod/listed", Value::Null);
     app.client.request("edgehub", &m).await;
 
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let request = format!(
-        "GET /api/v1/namespaces/default/pods?watch=1&resourceVersion={version} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut stream = watch(
+        port,
+        &format!("/api/v1/namespaces/default/pods?watch=1&resourceVersion={version}"),
+    )
+    .await;
     let mut seen = String::new();
     read_until(&mut stream, &mut seen, r#""type":"DELETED""#).await;
-    insert(&mut app, "default/pod/later", pod("default", "later", "a")).await;
+    insert_pod(&mut app, "default", "later", "a").await;
     read_until(&mut stream, &mut seen, "later").await;
-    let summary: Vec<(String, String)> = seen
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
-        // Chunk-size lines of the HTTP framing are not events.
-        .filter(|e| e.get("type").is_some())
-        .map(|e| {
-            (
-                e["type"].as_str().unwrap().to_owned(),
-                e["object"]["metadata"]["name"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
-    let s = |a: &str, b: &str| (a.to_owned(), b.to_owned());
     assert_eq!(
-        summary,
+        types_and_names(&events(&seen)),
         [
-            s("ADDED", "between"),
-            s("DELETED", "listed"),
-            s("ADDED", "later")
+            ("ADDED", "between"),
+            ("DELETED", "listed"),
+            ("ADDED", "later")
         ]
     );
 
@@ -655,15 +632,7 @@ async fn a_watch_sees_objects_a_remote_query_fetched_from_the_cloud() {
     };
     let port = app.http_port;
     app.set_cloud(true).await;
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    stream
-        .write_all(
-            b"GET /api/v1/secrets?watch=true HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
-        )
-        .await
-        .unwrap();
+    let mut stream = watch(port, "/api/v1/secrets?watch=true").await;
     // The response head arrives once the (empty) watch is set up.
     let mut seen = String::new();
     read_until(&mut stream, &mut seen, "\r\n\r\n").await;
@@ -686,12 +655,7 @@ async fn a_watch_sees_objects_a_remote_query_fetched_from_the_cloud() {
         .await;
 
     read_until(&mut stream, &mut seen, "db-credentials").await;
-    let event: Value = seen
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
-        .find(|e| e.get("type").is_some())
-        .unwrap();
-    assert_eq!(event, json!({"type": "ADDED", "object": secret}));
+    assert_eq!(events(&seen)[0], json!({"type": "ADDED", "object": secret}));
 }
 
 #[test]

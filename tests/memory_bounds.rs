@@ -21,13 +21,9 @@ const MIB: u64 = 1024 * 1024;
 
 /// `(VmRSS, VmHWM)` of `pid`, in bytes.
 fn memory(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let field = |name: &str| -> u64 {
-        let line = status.lines().find(|l| l.starts_with(name)).unwrap();
-        let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-        kib * 1024
-    };
-    (field("VmRSS:"), field("VmHWM:"))
+    let m = common::process::memory_kib(pid);
+    assert!(m.rss_kib > 0, "MetaManager is running");
+    (m.rss_kib * 1024, m.peak_kib * 1024)
 }
 
 /// A configmap of about 1 MB in 10 keys.

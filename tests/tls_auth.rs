@@ -9,11 +9,12 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{fixture, free_port, mosquitto_binary, mosquitto_clients, wait_for_port, NODE};
+use common::process::{broker_port, missing, MetaManager};
+use common::{fixture, free_port, mosquitto_binary, mosquitto_clients, Mosquitto, NODE};
 use serde_json::Value;
 
 const USER: &str = "edge";
@@ -62,10 +63,7 @@ impl Pki {
             .status()
             .is_err()
         {
-            if std::env::var("METAMANAGER_REQUIRE_MOSQUITTO").as_deref() == Ok("1") {
-                panic!("openssl is not installed and METAMANAGER_REQUIRE_MOSQUITTO=1");
-            }
-            eprintln!("skipped: openssl is not installed (apt-get install openssl)");
+            missing("openssl", "apt-get install openssl");
             return None;
         }
         let pki = Self {
@@ -96,48 +94,47 @@ impl Pki {
         );
     }
 
-    fn self_signed(&self, name: &str, cn: &str) {
-        self.openssl(&[
+    /// `openssl req` with a new P-256 key in `{name}.key` and the subject `CN=cn`; `args` say
+    /// what to make with it, and where to write it.
+    fn request(&self, name: &str, cn: &str, args: &[&str]) {
+        let (key, subject) = (format!("{name}.key"), format!("/CN={cn}"));
+        let mut all = vec![
             "req",
-            "-x509",
             "-config",
             "openssl.cnf",
-            "-extensions",
-            "ca_ext",
             "-newkey",
             "ec",
             "-pkeyopt",
             "ec_paramgen_curve:prime256v1",
             "-nodes",
             "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.crt"),
-            "-days",
-            "2",
+            &key,
             "-subj",
-            &format!("/CN={cn}"),
-        ]);
+            &subject,
+        ];
+        all.extend_from_slice(args);
+        self.openssl(&all);
+    }
+
+    fn self_signed(&self, name: &str, cn: &str) {
+        let cert = format!("{name}.crt");
+        self.request(
+            name,
+            cn,
+            &[
+                "-x509",
+                "-extensions",
+                "ca_ext",
+                "-days",
+                "2",
+                "-out",
+                &cert,
+            ],
+        );
     }
 
     fn signed(&self, name: &str, cn: &str, extensions: &str, serial: u32) {
-        self.openssl(&[
-            "req",
-            "-new",
-            "-config",
-            "openssl.cnf",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.csr"),
-            "-subj",
-            &format!("/CN={cn}"),
-        ]);
+        self.request(name, cn, &["-new", "-out", &format!("{name}.csr")]);
         self.openssl(&[
             "x509",
             "-req",
@@ -164,186 +161,55 @@ impl Pki {
 // ---------------------------------------------------------------------------------------------
 // Brokers
 
-/// A mosquitto with a TLS listener and a password file, killed on drop.
-struct TlsBroker {
-    port: u16,
-    child: Child,
-    dir: tempfile::TempDir,
-}
-
-impl TlsBroker {
-    /// `None` (skip) when mosquitto is missing.
-    fn start(pki: &Pki, require_certificate: bool) -> Option<Self> {
-        let binary = mosquitto_binary()?;
-        for _ in 0..5 {
-            let dir = tempfile::tempdir().unwrap();
-            let passwd = dir.path().join("passwd");
-            let made = Command::new("mosquitto_passwd")
-                .arg("-c")
-                .arg("-b")
-                .arg(&passwd)
-                .args([USER, PASSWORD])
-                .output()
-                .expect("mosquitto_passwd (package mosquitto) runs");
-            assert!(
-                made.status.success(),
-                "mosquitto_passwd: {}",
-                String::from_utf8_lossy(&made.stderr)
-            );
-            let port = free_port();
-            let conf = dir.path().join("mosquitto.conf");
-            std::fs::write(
-                &conf,
-                format!(
-                    // Run as root (as in CI), mosquitto would switch to the `mosquitto` user
-                    // and could then not read the files in these private temp dirs.
-                    "user root\n\
-                     per_listener_settings false\n\
-                     allow_anonymous false\n\
-                     password_file {}\n\
-                     persistence false\n\
-                     log_dest stderr\n\
-                     listener {port} 127.0.0.1\n\
-                     cafile {}\n\
-                     certfile {}\n\
-                     keyfile {}\n\
-                     require_certificate {require_certificate}\n",
-                    passwd.display(),
-                    pki.path("ca.crt").display(),
-                    pki.path("server.crt").display(),
-                    pki.path("server.key").display(),
-                ),
-            )
-            .unwrap();
-            let log = std::fs::File::create(dir.path().join("mosquitto.log")).unwrap();
-            let mut child = Command::new(&binary)
-                .arg("-c")
-                .arg(&conf)
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap();
-            if wait_for_port(port, Duration::from_secs(5)) {
-                return Some(Self { port, child, dir });
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-            eprintln!(
-                "mosquitto did not listen on {port}: {}",
-                std::fs::read_to_string(dir.path().join("mosquitto.log")).unwrap_or_default()
-            );
-        }
-        panic!("mosquitto with TLS did not start");
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for TlsBroker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A mosquitto with a TLS listener and a password file. `None` (skip) when mosquitto is missing.
+fn tls_broker(pki: &Pki, require_certificate: bool) -> Option<Mosquitto> {
+    let binary = mosquitto_binary()?;
+    Some(Mosquitto::start_with(&binary, |port, dir| {
+        let passwd = dir.join("passwd");
+        let made = Command::new("mosquitto_passwd")
+            .arg("-c")
+            .arg("-b")
+            .arg(&passwd)
+            .args([USER, PASSWORD])
+            .output()
+            .expect("mosquitto_passwd (package mosquitto) runs");
+        assert!(
+            made.status.success(),
+            "mosquitto_passwd: {}",
+            String::from_utf8_lossy(&made.stderr)
+        );
+        format!(
+            // Run as root (as in CI), mosquitto would switch to the `mosquitto` user and could
+            // then not read the files in these private temp dirs.
+            "user root\n\
+             per_listener_settings false\n\
+             allow_anonymous false\n\
+             password_file {}\n\
+             persistence false\n\
+             log_dest stderr\n\
+             listener {port} 127.0.0.1\n\
+             cafile {}\n\
+             certfile {}\n\
+             keyfile {}\n\
+             require_certificate {require_certificate}\n",
+            passwd.display(),
+            pki.path("ca.crt").display(),
+            pki.path("server.crt").display(),
+            pki.path("server.key").display(),
+        )
+    }))
 }
 
 // ---------------------------------------------------------------------------------------------
 // MetaManager
 
-/// The binary, started on a config written to its own temp dir, logging at info to a file.
-struct MetaManager {
-    child: Option<Child>,
-    dir: tempfile::TempDir,
-}
-
-impl MetaManager {
-    /// `mqtt_yaml` is the body of the `mqtt:` block (indented two spaces).
-    fn start(mqtt_yaml: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let child = Some(spawn(dir.path(), mqtt_yaml));
-        Self { child, dir }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("metamanager.log")).unwrap_or_default()
-    }
-
-    fn still_running(&mut self) -> bool {
-        self.child.as_mut().unwrap().try_wait().unwrap().is_none()
-    }
-
-    /// Sends SIGTERM and waits (bounded) for the exit status.
-    fn terminate(&mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("running");
-        Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("metamanager ignored SIGTERM; log:\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Waits (bounded) for the process to exit by itself.
-    fn wait_exit(&mut self, within: Duration) -> ExitStatus {
-        let mut child = self.child.take().expect("running");
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "metamanager did not exit within {within:?}; log:\n{}",
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for MetaManager {
-    fn drop(&mut self) {
-        if let Some(child) = self.child.as_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn spawn(dir: &Path, mqtt_yaml: &str) -> Child {
-    let config = dir.join("edge.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "node_id: {NODE}\nmqtt:\n{mqtt_yaml}database:\n  path: {}\nhttp:\n  enabled: false\n",
-            dir.join("data/metamanager.db").display()
-        ),
-    )
-    .unwrap();
-    let log = std::fs::File::create(dir.join("metamanager.log")).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_metamanager"))
-        .arg("--config")
-        .arg(&config)
-        .current_dir(dir)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap()
+/// The binary in a temp dir of its own, logging at info, on a config whose `mqtt:` block is
+/// `mqtt_yaml` (indented two spaces).
+fn start_metamanager(mqtt_yaml: &str) -> MetaManager {
+    let config = format!(
+        "node_id: {NODE}\nmqtt:\n{mqtt_yaml}database:\n  path: data/metamanager.db\nhttp:\n  enabled: false\n"
+    );
+    MetaManager::in_temp_dir(Some(&config), Some("info"))
 }
 
 /// The `mqtt:` block for the external TLS broker. `password` goes into a password file.
@@ -357,11 +223,16 @@ fn external_yaml(
     let password_file = dir.join(format!("password-{port}-{}", password.len()));
     // A trailing newline, as an editor or `echo` leaves it: it is not part of the password.
     std::fs::write(&password_file, format!("{password}\n")).unwrap();
-    let mut yaml = format!(
-        "  mode: external\n  host: 127.0.0.1\n  port: {port}\n  username: {USER}\n  password_file: {}\n  tls:\n    ca_file: {}\n",
+    format!(
+        "  mode: external\n  host: 127.0.0.1\n  port: {port}\n  username: {USER}\n  password_file: {}\n{}",
         password_file.display(),
-        ca.display()
-    );
+        tls_yaml(ca, client)
+    )
+}
+
+/// The `mqtt.tls` block: the CA to trust, and the client certificate and key if any.
+fn tls_yaml(ca: &Path, client: Option<(&Path, &Path)>) -> String {
+    let mut yaml = format!("  tls:\n    ca_file: {}\n", ca.display());
     if let Some((cert, key)) = client {
         yaml.push_str(&format!(
             "    cert_file: {}\n    key_file: {}\n",
@@ -553,7 +424,7 @@ fn tls_with_password_file_and_client_certificate_works_end_to_end() {
         return;
     }
     let Some(pki) = Pki::generate() else { return };
-    let Some(broker) = TlsBroker::start(&pki, true) else {
+    let Some(broker) = tls_broker(&pki, true) else {
         return;
     };
     let conf = tempfile::tempdir().unwrap();
@@ -564,7 +435,7 @@ fn tls_with_password_file_and_client_certificate_works_end_to_end() {
         &pki.path("ca.crt"),
         Some((&pki.path("client.crt"), &pki.path("client.key"))),
     );
-    let mut mm = MetaManager::start(&yaml);
+    let mut mm = start_metamanager(&yaml);
     insert_and_get_ack(&tls_connection(&pki, broker.port, PASSWORD));
     let log = mm.log();
     assert!(log.contains("connected to MQTT broker"), "{log}");
@@ -598,7 +469,7 @@ struct Refused<'a> {
 /// logs why and retries with backoff.
 fn refused_and_retried_with_backoff(case: Refused) {
     let Some(pki) = Pki::generate() else { return };
-    let Some(broker) = TlsBroker::start(&pki, case.client_certificate_required) else {
+    let Some(broker) = tls_broker(&pki, case.client_certificate_required) else {
         return;
     };
     let conf = tempfile::tempdir().unwrap();
@@ -611,7 +482,7 @@ fn refused_and_retried_with_backoff(case: Refused) {
         case.client_certificate
             .then_some((cert.as_path(), key.as_path())),
     );
-    let mm = MetaManager::start(&yaml);
+    let mm = start_metamanager(&yaml);
     let log = assert_retries_with_backoff(mm, case.reasons);
     for hint in case.hints {
         assert!(log.contains(hint), "{hint:?} missing from:\n{log}");
@@ -669,32 +540,24 @@ fn unusable_tls_files_stop_start_up_naming_key_and_file() {
     .unwrap();
     let missing = dir.path().join("no-such-dir/ca.pem");
     let port = free_port();
-    let tls_yaml = |ca: &Path, client: Option<(&Path, &Path)>| {
-        let mut yaml = format!(
-            "  mode: external\n  host: 127.0.0.1\n  port: {port}\n  tls:\n    ca_file: {}\n",
-            ca.display()
-        );
-        if let Some((cert, key)) = client {
-            yaml.push_str(&format!(
-                "    cert_file: {}\n    key_file: {}\n",
-                cert.display(),
-                key.display()
-            ));
-        }
-        yaml
+    let external = |ca: &Path, client: Option<(&Path, &Path)>| {
+        format!(
+            "  mode: external\n  host: 127.0.0.1\n  port: {port}\n{}",
+            tls_yaml(ca, client)
+        )
     };
     let mut cases = vec![
         (
-            tls_yaml(&missing, None),
+            external(&missing, None),
             "mqtt.tls.ca_file",
             missing.clone(),
         ),
         (
-            tls_yaml(&garbage, None),
+            external(&garbage, None),
             "mqtt.tls.ca_file",
             garbage.clone(),
         ),
-        (tls_yaml(&broken, None), "mqtt.tls.ca_file", broken.clone()),
+        (external(&broken, None), "mqtt.tls.ca_file", broken.clone()),
     ];
     let pki = Pki::generate();
     if let Some(pki) = &pki {
@@ -704,25 +567,25 @@ fn unusable_tls_files_stop_start_up_naming_key_and_file() {
             pki.path("client.key"),
         );
         cases.push((
-            tls_yaml(&ca, Some((&missing, &key))),
+            external(&ca, Some((&missing, &key))),
             "mqtt.tls.cert_file",
             missing.clone(),
         ));
         // A key file with no key in it.
         cases.push((
-            tls_yaml(&ca, Some((&cert, &cert))),
+            external(&ca, Some((&cert, &cert))),
             "mqtt.tls.key_file",
             cert.clone(),
         ));
         // A key that does not belong to the certificate.
         cases.push((
-            tls_yaml(&ca, Some((&cert, &pki.path("server.key")))),
+            external(&ca, Some((&cert, &pki.path("server.key")))),
             "mqtt.tls.key_file",
             pki.path("server.key"),
         ));
     }
     for (yaml, key, file) in cases {
-        let mut mm = MetaManager::start(&yaml);
+        let mut mm = start_metamanager(&yaml);
         let status = mm.wait_exit(Duration::from_secs(10));
         let log = mm.log();
         assert_eq!(status.code(), Some(1), "{yaml}\n{log}");
@@ -733,7 +596,7 @@ fn unusable_tls_files_stop_start_up_naming_key_and_file() {
             file.display()
         );
         assert!(
-            !mm.dir.path().join("data").exists(),
+            !mm.dir().join("data").exists(),
             "{yaml}: nothing may be created before the TLS files are read"
         );
     }
@@ -746,18 +609,11 @@ fn embedded_broker_requires_the_configured_credentials() {
     if skip_without_clients() {
         return;
     }
-    let mut started = None;
-    for _ in 0..5 {
-        let port = free_port();
-        let mut mm = MetaManager::start(&format!(
-            "  mode: embedded\n  host: 127.0.0.1\n  port: {port}\n  username: {USER}\n  password: {PASSWORD}\n"
-        ));
-        if wait_for_port(port, Duration::from_secs(10)) && mm.still_running() {
-            started = Some((mm, port));
-            break;
-        }
-    }
-    let (mut mm, port) = started.expect("metamanager with the embedded broker started");
+    // Port 0: the broker binds a free port and MetaManager logs which, once it listens.
+    let mut mm = start_metamanager(&format!(
+        "  mode: embedded\n  host: 127.0.0.1\n  port: 0\n  username: {USER}\n  password: {PASSWORD}\n"
+    ));
+    let port = mm.wait_for_log(Duration::from_secs(10), "its broker's port", broker_port);
     let plain = |user: Option<(&str, &str)>| {
         let mut args = ["-h", "127.0.0.1", "-p", &port.to_string()]
             .map(String::from)

@@ -1,11 +1,17 @@
 //! What every measurement needs: a mosquitto on loopback, MetaManager as a real process, MQTT
-//! clients that publish and count, and the process's memory from /proc.
+//! clients that publish and count, and the process's memory from /proc. The processes are the
+//! tests' own harness, so that the bench starts and stops them the way the tests do.
+
+#[path = "../../tests/common/process.rs"]
+mod process;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use process::{free_port, wait_for_port, Launch};
+pub use process::{MetaManager, Mosquitto};
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::{mpsc, Notify};
@@ -56,152 +62,68 @@ pub fn feed(
     })
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-pub fn wait_for_port(port: u16, within: Duration) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    false
-}
-
 /// A mosquitto on a free loopback port, killed on drop. In-flight and queue limits are raised
 /// so that the broker's defaults (20 messages in flight per client) do not cap what the
 /// processors under test can show; the same broker serves the relay and MetaManager.
-pub struct Mosquitto {
-    pub port: u16,
-    child: Child,
-    _dir: tempfile::TempDir,
+pub fn start_mosquitto() -> Mosquitto {
+    let binary = process::find_mosquitto()
+        .expect("mosquitto is not installed (apt-get install mosquitto mosquitto-clients)");
+    Mosquitto::start_with(&binary, |port, _| {
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+             max_inflight_messages 1000\nmax_queued_messages 1000000\nset_tcp_nodelay true\n"
+        )
+    })
 }
 
-impl Mosquitto {
-    pub fn start() -> Self {
-        let binary = ["mosquitto", "/usr/sbin/mosquitto"]
-            .into_iter()
-            .find(|b| {
-                Command::new(b)
-                    .arg("-h")
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status()
-                    .is_ok()
-            })
-            .expect("mosquitto is not installed (apt-get install mosquitto mosquitto-clients)");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
-        let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-                 max_inflight_messages 1000\nmax_queued_messages 1000000\nset_tcp_nodelay true\n"
-            ),
-        )
-        .expect("write mosquitto.conf");
-        let child = Command::new(binary)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start mosquitto");
+/// Where MetaManager finds its broker.
+#[derive(Clone, Copy)]
+pub enum Broker {
+    /// The bench's mosquitto, on this port.
+    External(u16),
+    /// MetaManager's own broker, on a free port.
+    Embedded,
+}
+
+/// MetaManager as a real process for `node`, its database at `db`, its config in `dir`; and
+/// the port of its broker, which listens by then.
+pub fn start_metamanager(
+    broker: Broker,
+    node: &str,
+    db: &Path,
+    synchronous: &str,
+    dir: &Path,
+) -> (u16, MetaManager) {
+    let (mode, port) = match broker {
+        Broker::External(port) => ("external", port),
+        Broker::Embedded => ("embedded", free_port()),
+    };
+    let config = dir.join(format!("{node}.yaml"));
+    std::fs::write(
+        &config,
+        format!(
+            "node_id: {node}\nmqtt:\n  mode: {mode}\n  host: 127.0.0.1\n  port: {port}\n\
+             database:\n  path: {}\n  synchronous: {synchronous}\nhttp:\n  enabled: false\n",
+            db.display()
+        ),
+    )
+    .expect("write config");
+    let mm = MetaManager::start(Launch {
+        config: Some(&config),
+        // Quieter than the default, and like it without the embedded broker's own log: with
+        // rumqttd at warn, its router formats a span for every publish.
+        rust_log: Some("warn,rumqttd=off"),
+        // The bench's directory may be relative; the config names paths in it as given.
+        cwd: None,
+        log: None,
+    });
+    if let Broker::Embedded = broker {
         assert!(
-            wait_for_port(port, Duration::from_secs(5)),
-            "mosquitto did not start"
+            wait_for_port(port, Duration::from_secs(10)),
+            "embedded broker listening"
         );
-        Self {
-            port,
-            child,
-            _dir: dir,
-        }
     }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// MetaManager as a real process against the bench's mosquitto.
-pub struct MetaManager {
-    pub child: Child,
-}
-
-impl MetaManager {
-    pub fn spawn(port: u16, node: &str, db: &Path, synchronous: &str, dir: &Path) -> Self {
-        Self::spawn_mode("external", port, node, db, synchronous, dir)
-    }
-
-    /// MetaManager with its embedded broker listening on `port` (pick it with [`free_port`];
-    /// wait for it with [`wait_for_port`]).
-    pub fn spawn_embedded(port: u16, node: &str, db: &Path, synchronous: &str, dir: &Path) -> Self {
-        Self::spawn_mode("embedded", port, node, db, synchronous, dir)
-    }
-
-    fn spawn_mode(
-        mode: &str,
-        port: u16,
-        node: &str,
-        db: &Path,
-        synchronous: &str,
-        dir: &Path,
-    ) -> Self {
-        let config = dir.join(format!("{node}.yaml"));
-        std::fs::write(
-            &config,
-            format!(
-                "node_id: {node}\nmqtt:\n  mode: {mode}\n  host: 127.0.0.1\n  port: {port}\n\
-                 database:\n  path: {}\n  synchronous: {synchronous}\nhttp:\n  enabled: false\n",
-                db.display()
-            ),
-        )
-        .expect("write config");
-        let child = Command::new(env!("CARGO_BIN_EXE_metamanager"))
-            .arg("-c")
-            .arg(&config)
-            // Quieter than the default, and like it without the embedded broker's own log:
-            // with rumqttd at warn, its router formats a span for every publish.
-            .env("RUST_LOG", "warn,rumqttd=off")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start metamanager");
-        Self { child }
-    }
-
-    /// Resident and peak resident memory, in KiB.
-    pub fn memory_kib(&self) -> (u64, u64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find(|l| l.starts_with(name))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0)
-        };
-        (field("VmRSS:"), field("VmHWM:"))
-    }
-
-    pub fn stop(mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
-    }
+    (port, mm)
 }
 
 /// An MQTT client whose received messages arrive on a channel, and whose publishes are

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use std::sync::Arc;
 
-use harness::{percentiles, Client, MetaManager, Mosquitto, Percentiles, Progress};
+use harness::{percentiles, start_metamanager, Broker, Client, Percentiles, Progress};
 use metamanager::config::Synchronous;
 use metamanager::store::{Store, StoreOptions, Write};
 
@@ -52,7 +52,7 @@ async fn main() {
         .expect("bench directory");
     let pod = compact_fixture("pod.json");
     let configmap = compact_fixture("configmap.json");
-    let broker = Mosquitto::start();
+    let broker = harness::start_mosquitto();
     let port = broker.port;
 
     println!("# MetaManager benchmark\n");
@@ -458,7 +458,7 @@ async fn metamanager_inserts(
     // edged is there, as on a real node, and takes every forward.
     let draining = drain_as_edged(port, &node, &prefix).await;
     let db = dir.join(format!("{node}.db"));
-    let mm = MetaManager::spawn(port, &node, &db, synchronous, dir);
+    let (_, mut mm) = start_metamanager(Broker::External(port), &node, &db, synchronous, dir);
     assert!(
         cloud
             .next_containing(
@@ -470,7 +470,7 @@ async fn metamanager_inserts(
         "MetaManager came online"
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let (idle_rss, _) = mm.memory_kib();
+    let idle_rss = mm.memory_kib().rss_kib;
 
     let n = sizes.inserts;
     let messages: Vec<String> = (0..n)
@@ -494,7 +494,8 @@ async fn metamanager_inserts(
     let rate = n as f64 / (acks - start).as_secs_f64();
     let publisher = feeding.await.expect("publisher");
     assert_eq!(publisher.accepted.load(Ordering::Relaxed), n);
-    let (rss_after, peak_rss) = mm.memory_kib();
+    let memory = mm.memory_kib();
+    let (rss_after, peak_rss) = (memory.rss_kib, memory.peak_kib);
     draining.abort();
 
     let stored: i64 = rusqlite::Connection::open(&db)
@@ -506,7 +507,7 @@ async fn metamanager_inserts(
         format!("default/pod/obj-{:07}", (i * 7919) % n)
     })
     .await;
-    mm.stop();
+    mm.stop(LONG);
     InsertRun {
         synchronous,
         rate,
@@ -625,13 +626,7 @@ async fn scale_run(
     let pods = if objects >= 100_000 { 10_000 } else { 0 };
     let configmaps = objects - pods;
     {
-        let mut conn = rusqlite::Connection::open(&db).expect("scale db");
-        conn.execute_batch(
-            "PRAGMA journal_mode=WAL; PRAGMA synchronous=OFF;
-             CREATE TABLE meta (key TEXT PRIMARY KEY, type TEXT NOT NULL, value TEXT NOT NULL);
-             CREATE INDEX meta_type ON meta(type);",
-        )
-        .expect("schema");
+        let mut conn = plain_db(&db, "OFF");
         let tx = conn.transaction().expect("tx");
         {
             let mut stmt = tx
@@ -654,7 +649,7 @@ async fn scale_run(
     let status = format!("{prefix}/metamanager/status");
     let mut watcher = Client::connect(port, &format!("{node}-watch"), &[&status]).await;
     let start = Instant::now();
-    let mm = MetaManager::spawn(port, &node, &db, "FULL", dir);
+    let (_, mut mm) = start_metamanager(Broker::External(port), &node, &db, "FULL", dir);
     assert!(
         watcher
             .next_containing(&status, "\"online\"", Duration::from_secs(60))
@@ -696,7 +691,7 @@ async fn scale_run(
     } else {
         None
     };
-    mm.stop();
+    mm.stop(LONG);
     let _ = std::fs::remove_file(&db);
     ScaleRun {
         objects,
@@ -706,18 +701,23 @@ async fn scale_run(
     }
 }
 
+/// A database with MetaManager's table and index, for plain rusqlite to fill.
+fn plain_db(path: &Path, synchronous: &str) -> rusqlite::Connection {
+    let conn = rusqlite::Connection::open(path).expect("open plain database");
+    conn.execute_batch(&format!(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous={synchronous};
+         CREATE TABLE meta (key TEXT PRIMARY KEY, type TEXT NOT NULL, value TEXT NOT NULL);
+         CREATE INDEX meta_type ON meta(type);"
+    ))
+    .expect("schema");
+    conn
+}
+
 /// The store's writer against the physical limit: the same upserts in batched transactions.
 async fn storage_alone(dir: &Path, content: &str, n: usize) -> (f64, f64) {
     let keys: Vec<String> = (0..n).map(|i| format!("default/pod/obj-{i:07}")).collect();
 
-    let plain_db = dir.join("plain.db");
-    let mut conn = rusqlite::Connection::open(&plain_db).expect("plain db");
-    conn.execute_batch(
-        "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;
-         CREATE TABLE meta (key TEXT PRIMARY KEY, type TEXT NOT NULL, value TEXT NOT NULL);
-         CREATE INDEX meta_type ON meta(type);",
-    )
-    .expect("schema");
+    let mut conn = plain_db(&dir.join("plain.db"), "FULL");
     let start = Instant::now();
     for chunk in keys.chunks(512) {
         let tx = conn.transaction().expect("tx");
@@ -774,13 +774,6 @@ fn verdict(met: bool) -> &'static str {
     }
 }
 
-enum Broker {
-    /// The bench's mosquitto, on this port.
-    External(u16),
-    /// MetaManager's own broker, on a free port.
-    Embedded,
-}
-
 struct BurstRun {
     broker: &'static str,
     /// `None` when not every ack came back.
@@ -835,18 +828,7 @@ async fn burst(
 
     let status = format!("{prefix}/metamanager/status");
     let acks = format!("{prefix}/metamanager/to/edgehub");
-    let (port, mm) = match broker {
-        Broker::External(port) => (port, MetaManager::spawn(port, &node, &db, "FULL", dir)),
-        Broker::Embedded => {
-            let port = harness::free_port();
-            let mm = MetaManager::spawn_embedded(port, &node, &db, "FULL", dir);
-            assert!(
-                harness::wait_for_port(port, Duration::from_secs(10)),
-                "embedded broker listening"
-            );
-            (port, mm)
-        }
-    };
+    let (port, mut mm) = start_metamanager(broker, &node, &db, "FULL", dir);
     let mut cloud = Client::connect(port, &format!("{node}-cloud"), &[&acks, &status]).await;
     let draining = drain_as_edged(port, &node, &prefix).await;
     // The status is retained: it is there whether MetaManager came online before or after.
@@ -882,7 +864,7 @@ async fn burst(
         )
         .await;
     let rate = done.map(|end| n as f64 / (end - start).as_secs_f64());
-    let (_, peak_rss) = mm.memory_kib();
+    let peak_rss = mm.memory_kib().peak_kib;
     for publisher in &mut publishers {
         if rate.is_none() {
             let _ = publisher.kill();
@@ -912,7 +894,7 @@ async fn burst(
     } else {
         None
     };
-    mm.stop();
+    mm.stop(LONG);
     for file in &files {
         let _ = std::fs::remove_file(file);
     }

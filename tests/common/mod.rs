@@ -1,12 +1,18 @@
 //! Test harness: starts the real `metamanager` binary against a real broker (its embedded
 //! rumqttd, or a mosquitto process started here on a free port) with a real SQLite file, and
-//! plays edgehub and edged with a real MQTT client.
+//! plays edgehub and edged with a real MQTT client. The processes themselves are started and
+//! stopped by [`process`], which the bench shares.
 #![allow(dead_code)]
 
-use std::net::TcpListener;
+pub mod process;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, ExitStatus};
+use std::time::Duration;
+
+// Where the tests have always found them; each test file uses some.
+#[allow(unused_imports)]
+pub use process::{free_port, mosquitto_binary, mosquitto_clients, wait_for_port, Mosquitto};
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{json, Value};
@@ -32,161 +38,6 @@ pub fn fixture_path(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(name)
-}
-
-/// A port nobody listens on right now, for mosquitto, which cannot be told to take any free
-/// port and say which: callers retry when another process takes the port first. (MetaManager
-/// itself is started on port 0 and logs what it got.)
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Finds the mosquitto broker binary, or decides the test is skipped.
-/// `None` means skip; with METAMANAGER_REQUIRE_MOSQUITTO=1 a missing mosquitto panics instead.
-pub fn mosquitto_binary() -> Option<PathBuf> {
-    let candidates = [
-        "mosquitto",
-        "/usr/sbin/mosquitto",
-        "/usr/local/sbin/mosquitto",
-    ];
-    for c in candidates {
-        let ok = Command::new(c)
-            .arg("-h")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok();
-        if ok {
-            return Some(PathBuf::from(c));
-        }
-    }
-    if std::env::var("METAMANAGER_REQUIRE_MOSQUITTO").as_deref() == Ok("1") {
-        panic!("mosquitto is not installed and METAMANAGER_REQUIRE_MOSQUITTO=1");
-    }
-    eprintln!("skipped: mosquitto is not installed (apt-get install mosquitto mosquitto-clients)");
-    None
-}
-
-/// Whether the mosquitto_pub/mosquitto_sub clients are available (same skip rule).
-pub fn mosquitto_clients() -> bool {
-    let ok = Command::new("mosquitto_pub")
-        .arg("--help")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok();
-    if !ok {
-        if std::env::var("METAMANAGER_REQUIRE_MOSQUITTO").as_deref() == Ok("1") {
-            panic!("mosquitto_pub is not installed and METAMANAGER_REQUIRE_MOSQUITTO=1");
-        }
-        eprintln!(
-            "skipped: mosquitto-clients are not installed (apt-get install mosquitto-clients)"
-        );
-    }
-    ok
-}
-
-/// A mosquitto process on a free port, killed on drop.
-pub struct Mosquitto {
-    pub port: u16,
-    child: Child,
-    _dir: tempfile::TempDir,
-}
-
-impl Mosquitto {
-    pub fn start(binary: &Path) -> Self {
-        for _ in 0..5 {
-            if let Some(m) = Self::start_on(binary, free_port()) {
-                return m;
-            }
-        }
-        panic!("mosquitto did not start");
-    }
-
-    /// Kills the broker with SIGKILL: no goodbye to its clients, no saved state.
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// Starts mosquitto on `port`; `None` if it did not come up.
-    pub fn start_on(binary: &Path, port: u16) -> Option<Self> {
-        Self::start_conf(binary, port, |port, _| {
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\nset_tcp_nodelay true\n"
-            )
-        })
-    }
-
-    /// Starts mosquitto on a free port with the configuration `conf(port, dir)` returns; `dir`
-    /// is the broker's temporary directory, where `conf` may write files it refers to.
-    pub fn start_with(binary: &Path, conf: impl Fn(u16, &Path) -> String) -> Self {
-        for _ in 0..5 {
-            if let Some(m) = Self::start_conf(binary, free_port(), &conf) {
-                return m;
-            }
-        }
-        panic!("mosquitto did not start");
-    }
-
-    /// The broker's temporary directory.
-    pub fn dir(&self) -> &Path {
-        self._dir.path()
-    }
-
-    /// The broker's own log (stderr).
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self._dir.path().join("mosquitto.log")).unwrap_or_default()
-    }
-
-    fn start_conf(binary: &Path, port: u16, conf: impl Fn(u16, &Path) -> String) -> Option<Self> {
-        {
-            let dir = tempfile::tempdir().unwrap();
-            let text = conf(port, dir.path());
-            let conf = dir.path().join("mosquitto.conf");
-            std::fs::write(&conf, text).unwrap();
-            let log = std::fs::File::create(dir.path().join("mosquitto.log")).unwrap();
-            let mut child = Command::new(binary)
-                .arg("-c")
-                .arg(&conf)
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap();
-            if wait_for_port(port, Duration::from_secs(5)) {
-                return Some(Self {
-                    port,
-                    child,
-                    _dir: dir,
-                });
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        None
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-pub fn wait_for_port(port: u16, within: Duration) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
 }
 
 /// Opens a TCP connection to `port`, sends an MQTT CONNECT with `client_id` and resets the
@@ -365,22 +216,22 @@ impl TestApp {
         };
         self.write_config(port);
         let log_from = self.log().len();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_metamanager"))
-            .arg("--config")
-            .arg(self.config_path())
-            .current_dir(self.dir.path())
-            .env("RUST_LOG", "info,metamanager=debug,rumqttd=warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(self.dir.path().join("metamanager.log"))
-                    .unwrap(),
-            ))
-            .spawn()
-            .unwrap();
-        let (broker, http) = self.bound_ports(log_from, &mut child);
+        let log = self.log_path();
+        let mut child = process::Launch {
+            config: Some(&self.config_path()),
+            cwd: Some(self.dir.path()),
+            rust_log: Some("info,metamanager=debug,rumqttd=warn"),
+            log: Some(&log),
+        }
+        .spawn();
+        let (broker, http) = process::wait_for_log(
+            &mut child,
+            &log,
+            log_from,
+            Duration::from_secs(15),
+            "the ports it bound",
+            |text| Some((process::broker_port(text)?, process::http_port(text)?)),
+        );
         self.port = broker;
         self.http_port = http;
         self.child = Some(child);
@@ -393,60 +244,29 @@ impl TestApp {
             .await;
     }
 
-    /// The broker's and the HTTP endpoint's ports, from the start-up log lines after
-    /// `log_from`: `metamanager starting ... broker=HOST:PORT` and
-    /// `HTTP endpoint listening addr=Some(HOST:PORT)`.
-    fn bound_ports(&self, log_from: usize, child: &mut std::process::Child) -> (u16, u16) {
-        let port_after = |text: &str, line_has: &str, key: &str| -> Option<u16> {
-            let line = text.lines().find(|l| l.contains(line_has))?;
-            let value = &line[line.find(key)? + key.len()..];
-            let addr = value.split([' ', ')']).next()?;
-            addr.rsplit(':').next()?.parse().ok()
-        };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let log = self.log();
-            let text = log.get(log_from..).unwrap_or_default();
-            let broker = port_after(text, "metamanager starting", "broker=");
-            let http = port_after(text, "HTTP endpoint listening", "addr=Some(");
-            if let (Some(broker), Some(http)) = (broker, http) {
-                return (broker, http);
-            }
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!("metamanager exited with {status} while starting; log:\n{log}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "metamanager did not start; log:\n{log}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("metamanager.log")
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("metamanager.log")).unwrap_or_default()
+        process::read_log(&self.log_path())
     }
 
     /// Sends SIGTERM and waits for the exit status.
-    pub fn terminate(&mut self) -> std::process::ExitStatus {
+    pub fn terminate(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("running");
-        let pid = child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "metamanager ignored SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        process::sigterm(&child);
+        let status = process::exit_within(&mut child, process::STOP_WITHIN);
+        status.unwrap_or_else(|| {
+            let _ = process::kill9(&mut child);
+            panic!("metamanager ignored SIGTERM");
+        })
     }
 
     /// Kills the process with SIGKILL, the way a power cut or the OOM killer would.
     pub fn kill9(&mut self) {
         let mut child = self.child.take().expect("running");
-        child.kill().unwrap();
-        child.wait().unwrap();
+        process::kill9(&mut child).unwrap();
     }
 
     /// Stops cleanly and starts again on the same database (and, embedded, the same port).
@@ -482,8 +302,7 @@ impl TestApp {
 impl Drop for TestApp {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+            let _ = process::kill9(&mut child);
         }
         if std::thread::panicking() {
             eprintln!("--- metamanager log ---\n{}", self.log());
