@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, watch};
 use crate::broker::{BrokerError, BrokerOptions, EmbeddedBroker, DEFAULT_MAX_CONNECTIONS};
 use crate::cloud::CloudState;
 use crate::config::{BrokerMode, ConfigError, Settings};
+use crate::descriptors;
 use crate::http::{self, HttpError};
 use crate::metrics::Exporter;
 use crate::mqtt::{Incoming, Link, LinkOptions, Publisher};
@@ -103,6 +104,10 @@ pub async fn run_with(
     };
     tracing::info!(path = %store.path().display(), "store open");
 
+    // Each listener's connections are capped to its share of the descriptors (see
+    // `descriptors`), so that a flood of clients cannot starve the database and the links.
+    let open_files = descriptors::open_files_limit();
+    tracing::info!(open_files = ?open_files, "file descriptor limit");
     let client_id = format!("metamanager-{}", settings.node_id);
     let topics = Topics::new(&settings.mqtt.topic_prefix, &settings.node_id);
     // The embedded broker's address and the account its watchdog probes it with; or how to
@@ -122,7 +127,7 @@ pub async fn run_with(
                 // disconnect.
                 max_payload: settings.mqtt.max_payload_bytes * 2,
                 auth: credentials,
-                max_connections: DEFAULT_MAX_CONNECTIONS,
+                max_connections: descriptors::capped(DEFAULT_MAX_CONNECTIONS, open_files, 2),
                 own_client_id: Some(client_id.clone()),
                 own_credentials: own_credentials.clone(),
             };
@@ -225,7 +230,10 @@ pub async fn run_with(
             serving: serving.clone(),
             readiness,
         };
-        tokio::spawn(listener.serve(ctx, http::Limits::default(), stop.clone()))
+        let mut limits = http::Limits::default();
+        limits.connections.max_connections =
+            descriptors::capped(limits.connections.max_connections, open_files, 4);
+        tokio::spawn(listener.serve(ctx, limits, stop.clone()))
     });
 
     let embedded_addr = embedded.as_ref().map(|(addr, _)| *addr);

@@ -116,6 +116,7 @@ pub fn start_metamanager(
         // The bench's directory may be relative; the config names paths in it as given.
         cwd: None,
         log: None,
+        open_files: None,
     });
     if let Broker::Embedded = broker {
         assert!(

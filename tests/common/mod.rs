@@ -222,6 +222,7 @@ impl TestApp {
             cwd: Some(self.dir.path()),
             rust_log: Some("info,metamanager=debug,rumqttd=warn"),
             log: Some(&log),
+            open_files: None,
         }
         .spawn();
         let (broker, http) = process::wait_for_log(

@@ -202,12 +202,25 @@ pub struct Launch<'a> {
     /// The file its log (stderr) is appended to, so that a restart adds to one log; without
     /// one the log is discarded.
     pub log: Option<&'a Path>,
+    /// A limit on open files (soft and hard), set by the shell before it becomes MetaManager;
+    /// without one, the caller's.
+    pub open_files: Option<u32>,
 }
 
 impl Launch<'_> {
     /// Starts the process; stdout is discarded (MetaManager writes nothing there).
     pub fn spawn(&self) -> Child {
-        let mut command = Command::new(METAMANAGER);
+        let mut command = match self.open_files {
+            // `exec` keeps the pid: the child is MetaManager itself, not a shell around it.
+            Some(n) => {
+                let mut sh = Command::new("sh");
+                sh.args(["-c", r#"ulimit -n "$0" && exec "$@""#])
+                    .arg(n.to_string())
+                    .arg(METAMANAGER);
+                sh
+            }
+            None => Command::new(METAMANAGER),
+        };
         if let Some(config) = self.config {
             command.arg("--config").arg(config);
         }
@@ -366,6 +379,7 @@ impl MetaManager {
             cwd: Some(dir.path()),
             rust_log,
             log: Some(&log),
+            open_files: None,
         });
         mm.dir = Some(dir);
         mm

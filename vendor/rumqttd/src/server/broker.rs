@@ -405,12 +405,22 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                 .map_or_else(|_| self.config.listen.to_string(), |a| a.to_string()),
             "Listening for remote connections",
         );
+        // Wait after a failed accept, doubling up to a second: out of file descriptors, the
+        // listener stays readable and accept fails at once, so retrying at once spins a core
+        // and floods the log until a descriptor is freed.
+        let mut accept_backoff = Duration::ZERO;
         loop {
             // Await new network connection.
             let (stream, addr) = match listener.accept().await {
-                Ok((s, r)) => (s, r),
+                Ok((s, r)) => {
+                    accept_backoff = Duration::ZERO;
+                    (s, r)
+                }
                 Err(e) => {
-                    error!(error=?e, "Unable to accept socket.");
+                    accept_backoff = (accept_backoff * 2)
+                        .clamp(Duration::from_millis(10), Duration::from_secs(1));
+                    error!(error=?e, retry_in=?accept_backoff, "Unable to accept socket.");
+                    tokio::time::sleep(accept_backoff).await;
                     continue;
                 }
             };
