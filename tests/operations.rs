@@ -353,6 +353,44 @@ async fn remote_query_answered_by_the_cloud_is_stored(kind: BrokerKind) {
     assert_eq!(asks, 0, "second query went to the cloud: {seen:#?}");
 }
 
+/// Only the cloud completes a remote query: an answer on edged's topic that names the forwarded
+/// query's id (someone on the broker playing the cloud from the node's side) is treated as
+/// edged's own response, and the query waits on for edgehub's answer, which is the one the
+/// asker gets.
+async fn a_remote_answer_from_edged_does_not_complete_the_query(kind: BrokerKind) {
+    let Some(mut app) = app(kind).await else {
+        return;
+    };
+    app.set_cloud(true).await;
+    let key = "default/secret/db-credentials";
+    let query = message("query", key, Value::Null);
+    app.client.publish("edged", &query).await;
+    let asked = forwarded_query(&mut app).await;
+
+    let mut forged = message("response", key, json!({"metadata": {"name": "forged"}}));
+    forged["header"]["parent_msg_id"] = asked["header"]["msg_id"].clone();
+    app.client.publish("edged", &forged).await;
+    let early = app.client.drain(Duration::from_millis(500)).await;
+    assert!(
+        !early.iter().any(|(t, v)| t == "metamanager/to/edged"
+            && v["header"]["parent_msg_id"] == query["header"]["msg_id"]),
+        "a forged answer on edged's topic completed the query: {early:#?}"
+    );
+
+    let secret = fixture("secret.json");
+    answer_as_cloud(&app, &asked, "response", secret.clone()).await;
+    let reply = app
+        .client
+        .reply_to("metamanager/to/edged", msg_id(&query))
+        .await;
+    assert_eq!(reply["route"]["operation"], "response");
+    assert_eq!(
+        reply["content"],
+        json!([secret]),
+        "the cloud's answer, not the forged one"
+    );
+}
+
 /// edged asks for 20 configmaps the node does not hold, and the cloud answers each query as it
 /// arrives, while later queries are still coming in: every answer reaches MetaManager and
 /// every query gets its object.
@@ -627,6 +665,7 @@ both_brokers!(
     unclaimed_cloud_response_and_error_go_to_edged,
     connect_state_shows_in_status,
     remote_query_answered_by_the_cloud_is_stored,
+    a_remote_answer_from_edged_does_not_complete_the_query,
     concurrent_remote_queries_all_get_their_answers,
     remote_query_error_is_relayed_and_nothing_stored,
     remote_list_query_stores_each_object,
