@@ -497,10 +497,7 @@ async fn a_watcher_that_never_reads_does_not_slow_the_message_path() {
     };
     let port = app.http_port;
     // A small receive buffer, so the connection is full after a few events.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut stream = socket.connect(([127, 0, 0, 1], port).into()).await.unwrap();
-    request_watch(&mut stream, "/api/v1/pods?watch=true").await;
+    let mut stream = common::request_unread(port, "/api/v1/pods?watch=true").await;
 
     // Established once it has reported a first pod; from then on it is never read.
     insert_pod(&mut app, "default", "marker", "m").await;

@@ -136,19 +136,26 @@ fn pid(app: &TestApp) -> u32 {
     app.child.as_ref().unwrap().id()
 }
 
+/// Sends 300 updates of 1 MB configmaps as edgehub and returns `(RSS, peak)` once all are
+/// acked; `what` names the case in the printed figures.
+async fn after_300_updates(app: &TestApp, what: &str) -> (u64, u64) {
+    let mut edgehub = Edgehub::connect(app.port).await;
+    edgehub.update_configmaps(300, 8).await;
+    let (rss, peak) = memory(pid(app));
+    eprintln!(
+        "{what}, 300 updates of 1 MB: RSS {} MiB, peak {} MiB",
+        rss / MIB,
+        peak / MIB
+    );
+    (rss, peak)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn updates_of_large_objects_with_nobody_watching_leave_memory_small() {
     let Some(app) = TestApp::spawn(Options::new(BrokerKind::Embedded)).await else {
         return;
     };
-    let mut edgehub = Edgehub::connect(app.port).await;
-    edgehub.update_configmaps(300, 8).await;
-    let (rss, peak) = memory(pid(&app));
-    eprintln!(
-        "after 300 updates of 1 MB: RSS {} MiB, peak {} MiB",
-        rss / MIB,
-        peak / MIB
-    );
+    let (rss, _) = after_300_updates(&app, "nobody watching").await;
     assert!(
         rss < 96 * MIB,
         "RSS {} MiB after 300 updates of 1 MB",
@@ -163,26 +170,9 @@ async fn ten_watchers_that_never_read_hold_a_bounded_amount() {
     };
     let mut watchers = Vec::new();
     for _ in 0..10 {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.set_recv_buffer_size(4096).unwrap();
-        let mut stream = socket
-            .connect(([127, 0, 0, 1], app.http_port).into())
-            .await
-            .unwrap();
-        stream
-            .write_all(b"GET /api/v1/configmaps?watch=true HTTP/1.1\r\nHost: localhost\r\n\r\n")
-            .await
-            .unwrap();
-        watchers.push(stream);
+        watchers.push(common::request_unread(app.http_port, "/api/v1/configmaps?watch=true").await);
     }
-    let mut edgehub = Edgehub::connect(app.port).await;
-    edgehub.update_configmaps(300, 8).await;
-    let (rss, peak) = memory(pid(&app));
-    eprintln!(
-        "10 stuck watchers, 300 updates of 1 MB: RSS {} MiB, peak {} MiB",
-        rss / MIB,
-        peak / MIB
-    );
+    let (_, peak) = after_300_updates(&app, "10 stuck watchers").await;
     assert!(
         peak < 128 * MIB,
         "peak RSS {} MiB with 10 stuck watchers",

@@ -303,6 +303,17 @@ async fn forwarded_query(app: &mut TestApp) -> Value {
         .await
 }
 
+/// With the cloud connected, edged asks for a secret the node does not hold: the key, edged's
+/// query, and the query MetaManager forwarded to the cloud for it.
+async fn ask_for_a_remote_secret(app: &mut TestApp) -> (&'static str, Value, Value) {
+    app.set_cloud(true).await;
+    let key = "default/secret/db-credentials";
+    let query = message("query", key, Value::Null);
+    app.client.publish("edged", &query).await;
+    let asked = forwarded_query(app).await;
+    (key, query, asked)
+}
+
 /// Plays the cloud: answers the forwarded query `asked`.
 async fn answer_as_cloud(app: &TestApp, asked: &Value, operation: &str, content: Value) {
     let resource = asked["route"]["resource"].as_str().unwrap();
@@ -321,13 +332,7 @@ async fn remote_query_answered_by_the_cloud_is_stored(kind: BrokerKind) {
     let Some(mut app) = app(kind).await else {
         return;
     };
-    app.set_cloud(true).await;
-    let key = "default/secret/db-credentials";
-    let query = message("query", key, Value::Null);
-    app.client.publish("edged", &query).await;
-
-    // Play the cloud: answer the query MetaManager forwarded.
-    let asked = forwarded_query(&mut app).await;
+    let (key, query, asked) = ask_for_a_remote_secret(&mut app).await;
     assert_eq!(asked["route"]["resource"], key);
     assert_ne!(
         asked["header"]["msg_id"], query["header"]["msg_id"],
@@ -361,12 +366,7 @@ async fn a_remote_answer_from_edged_does_not_complete_the_query(kind: BrokerKind
     let Some(mut app) = app(kind).await else {
         return;
     };
-    app.set_cloud(true).await;
-    let key = "default/secret/db-credentials";
-    let query = message("query", key, Value::Null);
-    app.client.publish("edged", &query).await;
-    let asked = forwarded_query(&mut app).await;
-
+    let (key, query, asked) = ask_for_a_remote_secret(&mut app).await;
     let mut forged = message("response", key, json!({"metadata": {"name": "forged"}}));
     forged["header"]["parent_msg_id"] = asked["header"]["msg_id"].clone();
     app.client.publish("edged", &forged).await;

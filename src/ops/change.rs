@@ -231,13 +231,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_update_that_changes_nothing_is_answered_but_not_passed_on() {
-        let mut h = Harness::new().await;
-        let insert = message("i-1", "insert", "default/pod/p", pod("p"));
-        h.handle(Peer::Edgehub, insert).await;
-        h.published_to(Peer::Edged).await;
-        h.published_to(Peer::Edgehub).await;
-        h.broker.acked().await;
-
+        let mut h = with_pod_p().await;
         let same = message("u-1", "update", "default/pod/p", pod("p"));
         let pkid = h.handle(Peer::Edgehub, same).await;
         let reply = h.published_to(Peer::Edgehub).await.json();
@@ -247,8 +241,8 @@ mod tests {
         assert!(h.broker.published_now().is_empty(), "nothing for edged");
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_delete_of_a_list_is_refused_and_changes_nothing() {
+    /// A harness whose store holds the pod `default/pod/p`, its insert settled.
+    async fn with_pod_p() -> Harness {
         let mut h = Harness::new().await;
         h.handle(
             Peer::Edgehub,
@@ -258,6 +252,12 @@ mod tests {
         h.published_to(Peer::Edged).await;
         h.published_to(Peer::Edgehub).await;
         h.broker.acked().await;
+        h
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_delete_of_a_list_is_refused_and_changes_nothing() {
+        let mut h = with_pod_p().await;
 
         let pkid = h
             .handle(
@@ -293,15 +293,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_pod_delete_whose_uid_is_not_a_string_is_refused_and_deletes_nothing() {
-        let mut h = Harness::new().await;
-        h.handle(
-            Peer::Edgehub,
-            message("i-1", "insert", "default/pod/p", pod("p")),
-        )
-        .await;
-        h.published_to(Peer::Edged).await;
-        h.published_to(Peer::Edgehub).await;
-        h.broker.acked().await;
+        let mut h = with_pod_p().await;
 
         for (n, uid) in [json!(123), Value::Null, json!({}), json!(["uid-p"])]
             .into_iter()

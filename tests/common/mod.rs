@@ -64,6 +64,8 @@ pub struct Options {
     pub max_inflight_messages: Option<usize>,
     /// More `mqtt:` keys, one `key: value` a line.
     pub mqtt_yaml: String,
+    /// More `http:` keys, one `key: value` a line.
+    pub http_yaml: String,
     /// `mqtt.username`, `mqtt.publish_username` and `mqtt.password_file`, when set.
     pub username: Option<String>,
     pub publish_username: Option<String>,
@@ -80,6 +82,7 @@ impl Options {
             max_payload_bytes: 1 << 20,
             max_inflight_messages: None,
             mqtt_yaml: String::new(),
+            http_yaml: String::new(),
             username: None,
             publish_username: None,
             password_file: None,
@@ -91,6 +94,14 @@ impl Options {
     pub fn mqtt(mut self, lines: &str) -> Self {
         for line in lines.lines() {
             self.mqtt_yaml.push_str(&format!("  {}\n", line.trim()));
+        }
+        self
+    }
+
+    /// Adds `http:` keys (`key: value` lines).
+    pub fn http(mut self, lines: &str) -> Self {
+        for line in lines.lines() {
+            self.http_yaml.push_str(&format!("  {}\n", line.trim()));
         }
         self
     }
@@ -196,11 +207,12 @@ impl TestApp {
             login += &format!("  password_file: {}\n", p.display());
         }
         let yaml = format!(
-            "node_id: {NODE}\nmqtt:\n  mode: {mode}\n  host: 127.0.0.1\n  port: {port}\n  max_payload_bytes: {}\n{inflight}{login}{}database:\n  path: {}\nhttp:\n  listen: 127.0.0.1:{}\n{}",
+            "node_id: {NODE}\nmqtt:\n  mode: {mode}\n  host: 127.0.0.1\n  port: {port}\n  max_payload_bytes: {}\n{inflight}{login}{}database:\n  path: {}\nhttp:\n  listen: 127.0.0.1:{}\n{}{}",
             self.options.max_payload_bytes,
             self.options.mqtt_yaml,
             self.db_path().display(),
             self.http_port,
+            self.options.http_yaml,
             self.options.extra_yaml
         );
         std::fs::write(self.config_path(), yaml).unwrap();
@@ -546,6 +558,19 @@ macro_rules! both_brokers {
             )*
         }
     };
+}
+
+/// Sends `GET path` on a connection with a 4 KiB receive buffer and returns it unread: a client
+/// that stops reading, so the answer fills the connection after a few KiB.
+pub async fn request_unread(port: u16, path: &str) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(([127, 0, 0, 1], port).into()).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes())
+        .await
+        .unwrap();
+    stream
 }
 
 /// One HTTP/1.1 exchange on a fresh connection: status, headers (lower-cased), body.
