@@ -22,7 +22,7 @@ use crate::ops::{self, Step};
 use crate::readiness::{self, Readiness};
 use crate::shutdown::{self, Shutdown};
 use crate::status;
-use crate::store::{Store, StoreError, StoreOptions};
+use crate::store::{InstanceLock, Store, StoreError, StoreOptions};
 use crate::tls::{self, TlsError};
 use crate::topics::Topics;
 use crate::watchdog::{BrokerServing, BrokerUnresponsive, Watchdog};
@@ -81,7 +81,10 @@ pub async fn run_with(
         Some(t) => Some(tls::client_config(t, &settings.mqtt.host)?),
         None => None,
     };
-    // Bound first, so a taken port stops start-up before anything connects or opens.
+    // Claimed before anything is created, bound or connected (after the files above, which
+    // only read): a second MetaManager on this database stops here, saying which process has it.
+    let lock = InstanceLock::acquire(&settings.database.path).map_err(StoreError::from)?;
+    // Bound next, so a taken port stops start-up before anything connects or opens.
     let Listeners {
         http: http_given,
         broker: broker_given,
@@ -92,13 +95,12 @@ pub async fn run_with(
         (true, None) => Some(http::Listener::bind(settings.http.listen_addr()?).await?),
     };
     let store = {
-        let path = settings.database.path.clone();
         let options = StoreOptions {
             outbox_max: settings.outbox.max_messages,
             synchronous: settings.database.synchronous,
             ..StoreOptions::default()
         };
-        tokio::task::spawn_blocking(move || Store::open(&path, options))
+        tokio::task::spawn_blocking(move || Store::open_locked(lock, options))
             .await
             .map_err(|e| StoreError::Task(format!("start-up: {e}")))??
     };

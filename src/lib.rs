@@ -40,6 +40,7 @@
 //! - [`shutdown`]: the one signal every task stops on.
 //! - [`store`]: SQLite with one writer thread (group commit) and reads beside it, and its own
 //!   commit measurements.
+//!   - [`store::lock`]: one MetaManager per database, by a lock file beside it.
 //!
 //! Each part is given what it uses when `app` builds it; nothing shares one object of
 //! everything, and no two modules import each other.

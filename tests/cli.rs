@@ -124,6 +124,72 @@ fn a_damaged_database_stops_start_up_untouched() {
     );
 }
 
+/// One process per database. A second MetaManager on a database in use stops at once, before it
+/// binds anything, naming the database and the first one's pid; the first goes on working, and
+/// the read-only commands work beside it. Once the first is gone, by `kill -9` or a clean stop,
+/// the database is free again (the lock dies with its process).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_instance_on_a_database_in_use_exits_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("meta.db");
+    let mut first = TestApp::spawn_with_db(Options::new(BrokerKind::Embedded), db.clone())
+        .await
+        .expect("the embedded broker needs nothing installed");
+    let pod = "default/pod/nginx-7d9c5b8f4-x2k9p";
+    for (round, kill_9) in [(0, true), (1, false)] {
+        let pid = first.child.as_ref().expect("running").id();
+        let started = std::time::Instant::now();
+        let stderr = refuses_to_start_on(&db);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "took {:?}: {stderr}",
+            started.elapsed()
+        );
+        let expected = format!(
+            "database {} is in use by another MetaManager (pid {pid})",
+            db.display()
+        );
+        assert!(stderr.contains(&expected), "{stderr}");
+        assert!(
+            !stderr.contains("listening") && !stderr.contains("store open"),
+            "nothing bound or opened before the refusal: {stderr}"
+        );
+
+        // The first still takes messages and answers its probes.
+        let insert = common::message("insert", pod, common::fixture("pod.json"));
+        let ack = first.client.request("edgehub", &insert).await;
+        assert_eq!(ack["content"], "OK", "round {round}: {ack}");
+        let (status, _, body) = common::http(first.http_port, "GET", "/healthz").await;
+        assert_eq!(status, 200, "{body}");
+
+        // The read-only commands read beside it.
+        let db_arg = db.to_str().expect("utf-8 path");
+        for args in [
+            ["get", pod, "--db", db_arg],
+            ["list", "default/pod", "--db", db_arg],
+        ] {
+            let out = Command::new(env!("CARGO_BIN_EXE_metamanager"))
+                .args(args)
+                .output()
+                .unwrap();
+            assert_eq!(out.status.code(), Some(0), "{args:?}: {out:?}");
+            assert!(
+                String::from_utf8_lossy(&out.stdout).contains("nginx-7d9c5b8f4-x2k9p"),
+                "{args:?}: {out:?}"
+            );
+        }
+
+        if kill_9 {
+            first.kill9();
+            first.start().await;
+        } else {
+            first.restart().await;
+        }
+    }
+    let status = first.terminate();
+    assert!(status.success(), "{status}");
+}
+
 /// Stops `mm` with SIGTERM, checks that it exits cleanly, and returns its log.
 fn stop_cleanly(mm: &mut MetaManager) -> String {
     let status = mm.terminate();
