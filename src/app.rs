@@ -72,6 +72,8 @@ pub async fn run_with(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AppError> {
+    // Settings built in code rather than read from a file are held to the same bounds.
+    settings.validate()?;
     let credentials = match (&settings.mqtt.username, settings.mqtt.resolved_password()?) {
         (Some(user), password) => Some((user.clone(), password.unwrap_or_default())),
         (None, _) => None,
@@ -127,7 +129,7 @@ pub async fn run_with(
                 // The broker relays up to twice MetaManager's limit, so an oversized message
                 // still reaches MetaManager and its sender gets an error reply instead of a
                 // disconnect.
-                max_payload: settings.mqtt.max_payload_bytes * 2,
+                max_payload: settings.mqtt.max_payload_bytes.saturating_mul(2),
                 auth: credentials,
                 max_connections: descriptors::capped(DEFAULT_MAX_CONNECTIONS, open_files, 2),
                 own_client_id: Some(client_id.clone()),

@@ -2,7 +2,9 @@
 //! node agent), speaking MQTT and persisting to SQLite.
 //!
 //! Module map, from the outside in:
-//! - [`config`]: typed settings from the optional YAML file.
+//! - [`config`]: typed settings from the optional YAML file, and the bounds each key is held to.
+//! - [`bounded_read`]: the files config keys name (password, TLS), read with a size cap; a
+//!   secret others may read is warned about.
 //! - [`telemetry`]: logging set-up.
 //! - [`app`]: starts the parts in order and stops them in reverse order.
 //! - [`broker`]: the embedded rumqttd broker (a patched copy, `vendor/rumqttd`).
@@ -46,6 +48,7 @@
 //! everything, and no two modules import each other.
 
 pub mod app;
+pub mod bounded_read;
 pub mod broker;
 pub mod budget;
 pub mod cloud;

@@ -365,7 +365,8 @@ impl Writer {
             &m.payload[..]
         ])?;
         self.outbox_rows += 1;
-        let excess = self.outbox_rows - self.outbox_max as i64;
+        let max = i64::try_from(self.outbox_max).unwrap_or(i64::MAX);
+        let excess = self.outbox_rows.saturating_sub(max);
         if excess > 0 {
             let dropped = conn
                 .prepare_cached(
