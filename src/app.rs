@@ -22,7 +22,7 @@ use crate::ops::{self, Step};
 use crate::readiness::{self, Readiness};
 use crate::shutdown::{self, Shutdown};
 use crate::status;
-use crate::store::{Store, StoreError, StoreOptions};
+use crate::store::{InstanceLock, Store, StoreError, StoreOptions};
 use crate::tls::{self, TlsError};
 use crate::topics::Topics;
 use crate::watchdog::{BrokerServing, BrokerUnresponsive, Watchdog};
@@ -72,6 +72,8 @@ pub async fn run_with(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AppError> {
+    // Settings built in code rather than read from a file are held to the same bounds.
+    settings.validate()?;
     let credentials = match (&settings.mqtt.username, settings.mqtt.resolved_password()?) {
         (Some(user), password) => Some((user.clone(), password.unwrap_or_default())),
         (None, _) => None,
@@ -81,7 +83,10 @@ pub async fn run_with(
         Some(t) => Some(tls::client_config(t, &settings.mqtt.host)?),
         None => None,
     };
-    // Bound first, so a taken port stops start-up before anything connects or opens.
+    // Claimed before anything is created, bound or connected (after the files above, which
+    // only read): a second MetaManager on this database stops here, saying which process has it.
+    let lock = InstanceLock::acquire(&settings.database.path).map_err(StoreError::from)?;
+    // Bound next, so a taken port stops start-up before anything connects or opens.
     let Listeners {
         http: http_given,
         broker: broker_given,
@@ -92,13 +97,12 @@ pub async fn run_with(
         (true, None) => Some(http::Listener::bind(settings.http.listen_addr()?).await?),
     };
     let store = {
-        let path = settings.database.path.clone();
         let options = StoreOptions {
             outbox_max: settings.outbox.max_messages,
             synchronous: settings.database.synchronous,
             ..StoreOptions::default()
         };
-        tokio::task::spawn_blocking(move || Store::open(&path, options))
+        tokio::task::spawn_blocking(move || Store::open_locked(lock, options))
             .await
             .map_err(|e| StoreError::Task(format!("start-up: {e}")))??
     };
@@ -125,7 +129,7 @@ pub async fn run_with(
                 // The broker relays up to twice MetaManager's limit, so an oversized message
                 // still reaches MetaManager and its sender gets an error reply instead of a
                 // disconnect.
-                max_payload: settings.mqtt.max_payload_bytes * 2,
+                max_payload: settings.mqtt.max_payload_bytes.saturating_mul(2),
                 auth: credentials,
                 max_connections: descriptors::capped(DEFAULT_MAX_CONNECTIONS, open_files, 2),
                 own_client_id: Some(client_id.clone()),

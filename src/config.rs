@@ -29,6 +29,46 @@ pub enum ConfigError {
     },
 }
 
+// Bounds checked at start-up ([`Settings::validate`]). The upper bounds are far above any
+// sensible setting; they exist so that a typo or a hostile file cannot overflow the arithmetic
+// done with a value or ask for unbounded memory.
+
+/// A Kubernetes node name (a DNS subdomain) can be this long, and `default/node/{node_id}` is
+/// still a valid resource key (a segment holds 253 bytes, see [`crate::resource`]).
+pub const MAX_NODE_ID_BYTES: usize = 253;
+/// The first topic level is the operator's own; a short word is all it needs.
+pub const MAX_TOPIC_PREFIX_BYTES: usize = 64;
+/// The longest DNS name.
+pub const MAX_HOST_BYTES: usize = 253;
+/// MQTT carries a username or password with a 16-bit length.
+pub const MAX_MQTT_STRING_BYTES: usize = 65_535;
+/// 128 MiB: the embedded broker relays twice this (so an oversized message still reaches
+/// MetaManager and gets an error reply), and 256 MiB is MQTT's largest packet and the MQTT
+/// client's own limit.
+pub const MAX_PAYLOAD_BYTES: usize = 128 * 1024 * 1024;
+/// A message in flight is one not yet acknowledged to the broker, and MQTT numbers the
+/// unacknowledged messages of a connection with 16-bit packet ids.
+pub const MAX_INFLIGHT_MESSAGES: usize = 65_535;
+/// 1 GiB of payloads in flight: beyond it the bound no longer bounds anything on an edge node.
+pub const MAX_INFLIGHT_BYTES: usize = 1024 * 1024 * 1024;
+/// The shortest duration any key takes. Less is a typo (`60ms` for `60s`): a watchdog or
+/// MetaSync that runs many times a second, a remote query the cloud can never answer in time,
+/// an outbox that keeps nothing.
+pub const MIN_DURATION: Duration = Duration::from_secs(1);
+pub const MAX_WATCHDOG_INTERVAL: Duration = Duration::from_secs(3600);
+pub const MAX_WATCHDOG_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+pub const MAX_PODSTATUS_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+/// edged waits this long for an answer; an hour is already far past any caller's patience.
+pub const MAX_REMOTE_QUERY_TIMEOUT: Duration = Duration::from_secs(3600);
+/// The outbox is on disk, so this bounds disk, not memory: at 1 MiB a message, up to 1 TB.
+pub const MAX_OUTBOX_MESSAGES: usize = 1_000_000;
+pub const MAX_OUTBOX_AGE: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Messages per second; the drain reads a tenth of it from the database at a time, so this
+/// also bounds what one read holds in memory (1000 messages).
+pub const MAX_DRAIN_RATE: u32 = 10_000;
+/// Longer than any KubeEdge type name (`serviceaccounttoken` has 19 bytes); a DNS label's limit.
+pub const MAX_RESOURCE_TYPE_BYTES: usize = 63;
+
 /// Whether MetaManager starts its own broker or joins one that already runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -287,10 +327,14 @@ impl Default for PodStatusSync {
 impl Settings {
     /// Reads and validates a YAML file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let read_error = |source| ConfigError::Read {
             path: path.to_owned(),
             source,
-        })?;
+        };
+        let bytes = crate::bounded_read::read(path, crate::bounded_read::CONFIG_MAX_BYTES)
+            .map_err(read_error)?;
+        let text = String::from_utf8(bytes)
+            .map_err(|e| read_error(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
         Self::from_yaml(&text).map_err(|e| match e {
             ConfigError::Parse { message, .. } => ConfigError::Parse {
                 path: path.to_owned(),
@@ -331,61 +375,97 @@ impl Settings {
         Ok(settings)
     }
 
-    /// Checks what serde's types cannot express.
+    /// Checks what serde's types cannot express: the rules of each key, and an upper bound on
+    /// every number and duration, so that no value can overflow the arithmetic done with it or
+    /// ask for unbounded memory. The bounds are the constants above; README.md lists them.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        topic_level("node_id", &self.node_id)?;
-        topic_level("mqtt.topic_prefix", &self.mqtt.topic_prefix)?;
+        topic_level("node_id", &self.node_id, MAX_NODE_ID_BYTES)?;
+        topic_level(
+            "mqtt.topic_prefix",
+            &self.mqtt.topic_prefix,
+            MAX_TOPIC_PREFIX_BYTES,
+        )?;
+        self.mqtt.validate()?;
+        if self.database.path.as_os_str().is_empty() {
+            return invalid("database.path", "must not be empty".into());
+        }
+        self.meta.validate()?;
+        self.outbox.validate()?;
+        self.http.listen_addr()?;
+        Ok(())
+    }
+}
+
+impl MqttSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
         // 0 lets the embedded broker take any free port (logged at start); an external broker
         // is never on port 0.
-        if self.mqtt.port == 0 && self.mqtt.mode == BrokerMode::External {
+        if self.port == 0 && self.mode == BrokerMode::External {
             return invalid(
                 "mqtt.port",
                 "must be between 1 and 65535 for an external broker".into(),
             );
         }
-        if self.mqtt.host.trim().is_empty() {
+        if self.host.trim().is_empty() {
             return invalid("mqtt.host", "must not be empty".into());
         }
-        if self.mqtt.max_payload_bytes < 1024 {
-            return invalid("mqtt.max_payload_bytes", "must be at least 1024".into());
-        }
-        if self.mqtt.max_inflight_messages == 0 {
-            return invalid("mqtt.max_inflight_messages", "must be at least 1".into());
-        }
-        if self.mqtt.max_inflight_bytes < 1024 {
-            return invalid("mqtt.max_inflight_bytes", "must be at least 1024".into());
-        }
-        if self.mqtt.watchdog_interval.is_zero() {
-            return invalid("mqtt.watchdog_interval", "must be positive".into());
-        }
-        if self.mqtt.watchdog_timeout < self.mqtt.watchdog_interval {
+        at_most_bytes("mqtt.host", &self.host, MAX_HOST_BYTES)?;
+        within(
+            "mqtt.max_payload_bytes",
+            self.max_payload_bytes,
+            1024,
+            MAX_PAYLOAD_BYTES,
+        )?;
+        within(
+            "mqtt.max_inflight_messages",
+            self.max_inflight_messages,
+            1,
+            MAX_INFLIGHT_MESSAGES,
+        )?;
+        within(
+            "mqtt.max_inflight_bytes",
+            self.max_inflight_bytes,
+            1024,
+            MAX_INFLIGHT_BYTES,
+        )?;
+        duration_within(
+            "mqtt.watchdog_interval",
+            self.watchdog_interval,
+            MIN_DURATION,
+            MAX_WATCHDOG_INTERVAL,
+        )?;
+        if self.watchdog_timeout < self.watchdog_interval {
             return invalid(
                 "mqtt.watchdog_timeout",
                 "must be at least mqtt.watchdog_interval".into(),
             );
         }
-        if self.database.path.as_os_str().is_empty() {
-            return invalid("database.path", "must not be empty".into());
+        duration_within(
+            "mqtt.watchdog_timeout",
+            self.watchdog_timeout,
+            MIN_DURATION,
+            MAX_WATCHDOG_TIMEOUT,
+        )?;
+        for (key, value) in [
+            ("mqtt.username", &self.username),
+            ("mqtt.publish_username", &self.publish_username),
+            ("mqtt.password", &self.password),
+        ] {
+            if let Some(value) = value {
+                at_most_bytes(key, value, MAX_MQTT_STRING_BYTES)?;
+            }
         }
-        if self.meta.sync.podstatus.interval.is_zero() {
-            return invalid("meta.sync.podstatus.interval", "must be positive".into());
-        }
-        if self.meta.remote_query_timeout.is_zero() {
-            return invalid("meta.remote_query_timeout", "must be positive".into());
-        }
-        if self.mqtt.password.is_some() && self.mqtt.password_file.is_some() {
+        if self.password.is_some() && self.password_file.is_some() {
             return invalid(
                 "mqtt.password_file",
                 "set either mqtt.password or mqtt.password_file, not both".into(),
             );
         }
-        if (self.mqtt.password.is_some() || self.mqtt.password_file.is_some())
-            && self.mqtt.username.is_none()
-        {
+        if (self.password.is_some() || self.password_file.is_some()) && self.username.is_none() {
             return invalid("mqtt.username", "a password needs a username".into());
         }
-        if let Some(tls) = &self.mqtt.tls {
-            if self.mqtt.mode == BrokerMode::Embedded {
+        if let Some(tls) = &self.tls {
+            if self.mode == BrokerMode::Embedded {
                 return invalid(
                     "mqtt.tls",
                     "TLS is for an external broker; the embedded one listens in plain MQTT".into(),
@@ -398,30 +478,64 @@ impl Settings {
                 );
             }
         }
-        if self.outbox.max_messages == 0 {
-            return invalid("outbox.max_messages", "must be at least 1".into());
+        Ok(())
+    }
+
+    /// The password, read from `password_file` when that is set: with a size cap, and a
+    /// warning when others may read the file ([`crate::bounded_read`]).
+    pub fn resolved_password(&self) -> Result<Option<String>, ConfigError> {
+        let key = "mqtt.password_file";
+        let Some(path) = &self.password_file else {
+            return Ok(self.password.clone());
+        };
+        let read_error = |source| ConfigError::ReadFile {
+            key,
+            path: path.clone(),
+            source,
+        };
+        let bytes = crate::bounded_read::read_secret(key, path).map_err(read_error)?;
+        let text = String::from_utf8(bytes)
+            .map_err(|e| read_error(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
+        let password = text.trim_end_matches(['\r', '\n']);
+        at_most_bytes(key, password, MAX_MQTT_STRING_BYTES)?;
+        Ok(Some(password.to_owned()))
+    }
+}
+
+impl MetaSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        duration_within(
+            "meta.sync.podstatus.interval",
+            self.sync.podstatus.interval,
+            MIN_DURATION,
+            MAX_PODSTATUS_INTERVAL,
+        )?;
+        duration_within(
+            "meta.remote_query_timeout",
+            self.remote_query_timeout,
+            MIN_DURATION,
+            MAX_REMOTE_QUERY_TIMEOUT,
+        )?;
+        for rtype in &self.remote_types {
+            resource_type("meta.remote_types", rtype)?;
         }
-        if self.outbox.drain_rate == 0 {
-            return invalid("outbox.drain_rate", "must be at least 1".into());
-        }
-        self.http.listen_addr()?;
         Ok(())
     }
 }
 
-impl MqttSettings {
-    /// The password, read from `password_file` when that is set.
-    pub fn resolved_password(&self) -> Result<Option<String>, ConfigError> {
-        match &self.password_file {
-            Some(path) => std::fs::read_to_string(path)
-                .map(|p| Some(p.trim_end_matches(['\r', '\n']).to_owned()))
-                .map_err(|source| ConfigError::ReadFile {
-                    key: "mqtt.password_file",
-                    path: path.clone(),
-                    source,
-                }),
-            None => Ok(self.password.clone()),
-        }
+impl OutboxSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        within(
+            "outbox.max_messages",
+            self.max_messages,
+            1,
+            MAX_OUTBOX_MESSAGES,
+        )?;
+        // 0 is refused rather than read as "off": it would drop everything queued the moment
+        // the cloud came back, which is never what an outbox is for.
+        duration_within("outbox.max_age", self.max_age, MIN_DURATION, MAX_OUTBOX_AGE)?;
+        within("outbox.drain_rate", self.drain_rate, 1, MAX_DRAIN_RATE)?;
+        Ok(())
     }
 }
 
@@ -430,11 +544,14 @@ fn invalid(key: &'static str, message: String) -> Result<(), ConfigError> {
 }
 
 /// Node id and prefix each become one topic level, so they may not contain MQTT's separators
-/// or wildcards; otherwise two nodes' topics could overlap.
-fn topic_level(key: &'static str, value: &str) -> Result<(), ConfigError> {
+/// or wildcards (otherwise two nodes' topics could overlap), nor start with `$`, which brokers
+/// keep for their own topics (`$SYS`). Spaces and control characters (NUL among them) are
+/// refused too: they are legal in MQTT but never meant in a name.
+fn topic_level(key: &'static str, value: &str, max_bytes: usize) -> Result<(), ConfigError> {
     if value.is_empty() {
         return invalid(key, "must not be empty".into());
     }
+    at_most_bytes(key, value, max_bytes)?;
     if let Some(c) = value
         .chars()
         .find(|c| matches!(c, '/' | '+' | '#') || c.is_control() || c.is_whitespace())
@@ -442,6 +559,88 @@ fn topic_level(key: &'static str, value: &str) -> Result<(), ConfigError> {
         return invalid(
             key,
             format!("{value:?} contains {c:?}; a topic level may not contain '/', '+', '#', spaces or control characters"),
+        );
+    }
+    if value.starts_with('$') {
+        return invalid(
+            key,
+            format!("{value:?} starts with '$', which brokers keep for their own topics"),
+        );
+    }
+    Ok(())
+}
+
+/// A resource type, as the second segment of `namespace/type/name` (see [`crate::resource`]):
+/// KubeEdge's types are lowercase words (`configmap`, `serviceaccounttoken`).
+fn resource_type(key: &'static str, value: &str) -> Result<(), ConfigError> {
+    if value.is_empty() {
+        return invalid(key, "a type must not be empty".into());
+    }
+    at_most_bytes(key, value, MAX_RESOURCE_TYPE_BYTES)?;
+    if !value
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    {
+        return invalid(
+            key,
+            format!("{value:?} is not a resource type: use lowercase letters and digits only, e.g. configmap"),
+        );
+    }
+    Ok(())
+}
+
+/// Refuses a text longer than `max` bytes; the message gives the length, not the text, which
+/// may be huge or secret.
+fn at_most_bytes(key: &'static str, value: &str, max: usize) -> Result<(), ConfigError> {
+    if value.len() > max {
+        return invalid(
+            key,
+            format!("is {} bytes long; at most {max} are allowed", value.len()),
+        );
+    }
+    Ok(())
+}
+
+fn within<T>(key: &'static str, value: T, min: T, max: T) -> Result<(), ConfigError>
+where
+    T: PartialOrd + std::fmt::Display,
+{
+    if value < min || value > max {
+        return invalid(key, format!("{value} is out of range; use {min} to {max}"));
+    }
+    Ok(())
+}
+
+/// A duration as the config file would write it: in its largest whole unit (`365d`, not
+/// humantime's `11months 30days 3h 50m 24s`).
+fn show(d: Duration) -> String {
+    let secs = d.as_secs();
+    if d.subsec_nanos() != 0 || secs == 0 {
+        return humantime::format_duration(d).to_string();
+    }
+    for (unit, name) in [(86_400, "d"), (3600, "h"), (60, "m")] {
+        if secs.is_multiple_of(unit) {
+            return format!("{}{name}", secs / unit);
+        }
+    }
+    format!("{secs}s")
+}
+
+fn duration_within(
+    key: &'static str,
+    value: Duration,
+    min: Duration,
+    max: Duration,
+) -> Result<(), ConfigError> {
+    if value < min || value > max {
+        return invalid(
+            key,
+            format!(
+                "{} is out of range; use {} to {}",
+                show(value),
+                show(min),
+                show(max)
+            ),
         );
     }
     Ok(())
@@ -517,23 +716,214 @@ mod tests {
 
     #[test]
     fn bad_values_name_their_key() {
-        assert!(error_of("mqtt:\n  mode: sideways\n").contains("mode"));
-        assert!(error_of("mqtt:\n  port: 70000\n").contains("mqtt.port"));
-        assert!(error_of("mqtt:\n  mode: sideways\n").contains("mqtt.mode"));
-        assert!(
-            error_of("meta:\n  sync:\n    podstatus:\n      interval: -5\n")
-                .contains("meta.sync.podstatus.interval")
+        let huge_node_id = format!("node_id: {}\n", "n".repeat(70 * 1024));
+        let long_node_id = format!("node_id: {}\n", "n".repeat(MAX_NODE_ID_BYTES + 1));
+        let long_prefix = format!("mqtt:\n  topic_prefix: {}\n", "e".repeat(65));
+        let long_type = format!("meta:\n  remote_types: [{}]\n", "t".repeat(64));
+        let long_user = format!("mqtt:\n  username: {}\n", "u".repeat(65_536));
+        let table: &[(&str, &str)] = &[
+            // Types serde checks.
+            ("mqtt:\n  mode: sideways\n", "mqtt.mode"),
+            ("mqtt:\n  port: 70000\n", "mqtt.port"),
+            (
+                "meta:\n  sync:\n    podstatus:\n      interval: -5\n",
+                "meta.sync.podstatus.interval",
+            ),
+            (
+                "meta:\n  remote_query_timeout: soon\n",
+                "remote_query_timeout",
+            ),
+            ("nodeid: x\n", "nodeid"),
+            ("mqtt:\n  hots: x\n", "hots"),
+            ("http:\n  listne: x\n", "listne"),
+            (
+                "mqtt:\n  max_payload_bytes: 18446744073709551616\n",
+                "mqtt.max_payload_bytes",
+            ),
+            // Topic levels.
+            ("node_id: a/b\n", "node_id"),
+            ("node_id: \"\"\n", "node_id"),
+            ("node_id: a+b\n", "node_id"),
+            ("node_id: a#\n", "node_id"),
+            ("node_id: \"a\\0b\"\n", "node_id"),
+            ("node_id: \"$SYS\"\n", "node_id"),
+            ("node_id: a b\n", "node_id"),
+            (&huge_node_id, "node_id"),
+            (&long_node_id, "node_id"),
+            ("mqtt:\n  topic_prefix: \"\"\n", "mqtt.topic_prefix"),
+            ("mqtt:\n  topic_prefix: \"$share\"\n", "mqtt.topic_prefix"),
+            ("mqtt:\n  topic_prefix: e/dge\n", "mqtt.topic_prefix"),
+            (&long_prefix, "mqtt.topic_prefix"),
+            // Addresses and names.
+            ("mqtt:\n  mode: external\n  port: 0\n", "mqtt.port"),
+            ("mqtt:\n  host: \" \"\n", "mqtt.host"),
+            ("http:\n  listen: localhost\n", "http.listen"),
+            (&long_user, "mqtt.username"),
+            // Numbers: a floor and a ceiling each, so that nothing can overflow.
+            (
+                "mqtt:\n  max_payload_bytes: 1023\n",
+                "mqtt.max_payload_bytes",
+            ),
+            (
+                "mqtt:\n  max_payload_bytes: 9223372036854775808\n",
+                "mqtt.max_payload_bytes",
+            ),
+            (
+                "mqtt:\n  max_payload_bytes: 134217729\n",
+                "mqtt.max_payload_bytes",
+            ),
+            (
+                "mqtt:\n  max_inflight_messages: 0\n",
+                "mqtt.max_inflight_messages",
+            ),
+            (
+                "mqtt:\n  max_inflight_messages: 65536\n",
+                "mqtt.max_inflight_messages",
+            ),
+            (
+                "mqtt:\n  max_inflight_bytes: 1023\n",
+                "mqtt.max_inflight_bytes",
+            ),
+            (
+                "mqtt:\n  max_inflight_bytes: 1073741825\n",
+                "mqtt.max_inflight_bytes",
+            ),
+            ("outbox:\n  max_messages: 0\n", "outbox.max_messages"),
+            ("outbox:\n  max_messages: 1000001\n", "outbox.max_messages"),
+            (
+                "outbox:\n  max_messages: 18446744073709551615\n",
+                "outbox.max_messages",
+            ),
+            ("outbox:\n  drain_rate: 0\n", "outbox.drain_rate"),
+            ("outbox:\n  drain_rate: 10001\n", "outbox.drain_rate"),
+            ("outbox:\n  drain_rate: 4294967296\n", "outbox.drain_rate"),
+            // Durations: none takes 0 or less than a second, each has a ceiling.
+            ("outbox:\n  max_age: 0\n", "outbox.max_age"),
+            ("outbox:\n  max_age: 500ms\n", "outbox.max_age"),
+            ("outbox:\n  max_age: 366d\n", "outbox.max_age"),
+            (
+                "outbox:\n  max_age: 18446744073709551615\n",
+                "outbox.max_age",
+            ),
+            (
+                "meta:\n  remote_query_timeout: 0\n",
+                "meta.remote_query_timeout",
+            ),
+            (
+                "meta:\n  remote_query_timeout: 61m\n",
+                "meta.remote_query_timeout",
+            ),
+            (
+                "meta:\n  sync:\n    podstatus:\n      interval: 0\n",
+                "meta.sync.podstatus.interval",
+            ),
+            (
+                "meta:\n  sync:\n    podstatus:\n      interval: 25h\n",
+                "meta.sync.podstatus.interval",
+            ),
+            ("mqtt:\n  watchdog_interval: 0\n", "mqtt.watchdog_interval"),
+            (
+                "mqtt:\n  watchdog_interval: 2h\n  watchdog_timeout: 3h\n",
+                "mqtt.watchdog_interval",
+            ),
+            (
+                "mqtt:\n  watchdog_interval: 10s\n  watchdog_timeout: 5s\n",
+                "mqtt.watchdog_timeout",
+            ),
+            ("mqtt:\n  watchdog_timeout: 25h\n", "mqtt.watchdog_timeout"),
+            // Resource types.
+            ("meta:\n  remote_types: ['', 'a/b']\n", "meta.remote_types"),
+            ("meta:\n  remote_types: ['a/b']\n", "meta.remote_types"),
+            ("meta:\n  remote_types: [ConfigMap]\n", "meta.remote_types"),
+            ("meta:\n  remote_types: [config-map]\n", "meta.remote_types"),
+            (&long_type, "meta.remote_types"),
+        ];
+        for (yaml, key) in table {
+            let e = error_of(yaml);
+            assert!(
+                e.contains(key),
+                "{:.80}: the error should name {key}: {e:.300}",
+                yaml
+            );
+            assert!(
+                e.len() < 1000,
+                "{:.80}: the error must not echo a huge value: {} bytes",
+                yaml,
+                e.len()
+            );
+        }
+    }
+
+    #[test]
+    fn values_at_the_bounds_are_accepted() {
+        let ok = [
+            "mqtt:\n  port: 0\n",
+            "mqtt:\n  max_payload_bytes: 1024\n",
+            "mqtt:\n  max_payload_bytes: 134217728\n",
+            "mqtt:\n  max_inflight_messages: 1\n",
+            "mqtt:\n  max_inflight_messages: 65535\n",
+            "mqtt:\n  max_inflight_bytes: 1073741824\n",
+            "mqtt:\n  watchdog_interval: 1s\n  watchdog_timeout: 1s\n",
+            "mqtt:\n  watchdog_interval: 1h\n  watchdog_timeout: 24h\n",
+            "outbox:\n  max_messages: 1000000\n  max_age: 1s\n  drain_rate: 10000\n",
+            "outbox:\n  max_age: 365d\n",
+            "meta:\n  remote_query_timeout: 1h\n  remote_types: []\n",
+            "meta:\n  sync:\n    podstatus:\n      interval: 24h\n",
+            "meta:\n  remote_types: [configmap, v1beta2thing]\n",
+            "node_id: \"a$b\"\n",
+        ];
+        for yaml in ok {
+            if let Err(e) = Settings::from_yaml(yaml) {
+                panic!("{yaml}: {e}");
+            }
+        }
+        let longest = format!("node_id: {}\n", "n".repeat(MAX_NODE_ID_BYTES));
+        assert!(Settings::from_yaml(&longest).is_ok());
+    }
+
+    #[test]
+    fn the_shipped_example_is_within_every_bound() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/edge.yaml");
+        if let Err(e) = Settings::from_file(&example) {
+            panic!("{e}");
+        }
+    }
+
+    #[test]
+    fn a_password_file_is_read_with_a_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("password");
+        std::fs::write(&path, "s3cret\r\n").unwrap();
+        let settings = |path: &Path| MqttSettings {
+            username: Some("mm".into()),
+            password_file: Some(path.to_owned()),
+            ..MqttSettings::default()
+        };
+        assert_eq!(
+            settings(&path).resolved_password().unwrap().as_deref(),
+            Some("s3cret")
         );
-        assert!(error_of("mqtt:\n  mode: external\n  port: 0\n").contains("mqtt.port"));
+        let e = settings(Path::new("/dev/zero"))
+            .resolved_password()
+            .unwrap_err()
+            .to_string();
         assert!(
-            Settings::from_yaml("mqtt:\n  port: 0\n").is_ok(),
-            "embedded: any free port"
+            e.contains("mqtt.password_file") && e.contains("larger than"),
+            "{e}"
         );
-        assert!(error_of("meta:\n  remote_query_timeout: soon\n").contains("remote_query_timeout"));
-        assert!(error_of("nodeid: x\n").contains("nodeid"));
-        assert!(error_of("mqtt:\n  hots: x\n").contains("hots"));
-        assert!(error_of("node_id: a/b\n").contains("node_id"));
-        assert!(error_of("http:\n  listen: localhost\n").contains("http.listen"));
-        assert!(error_of("http:\n  listne: x\n").contains("listne"));
+        std::fs::write(&path, "p".repeat(65_536)).unwrap();
+        let e = settings(&path).resolved_password().unwrap_err().to_string();
+        assert!(
+            e.contains("mqtt.password_file") && e.contains("at most 65535"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_oversized_config_file_is_refused_unread() {
+        let e = Settings::from_file(Path::new("/dev/zero"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/dev/zero") && e.contains("larger than"), "{e}");
     }
 }

@@ -2,7 +2,9 @@
 //! node agent), speaking MQTT and persisting to SQLite.
 //!
 //! Module map, from the outside in:
-//! - [`config`]: typed settings from the optional YAML file.
+//! - [`config`]: typed settings from the optional YAML file, and the bounds each key is held to.
+//! - [`bounded_read`]: the files config keys name (password, TLS), read with a size cap; a
+//!   secret others may read is warned about.
 //! - [`telemetry`]: logging set-up.
 //! - [`app`]: starts the parts in order and stops them in reverse order.
 //! - [`broker`]: the embedded rumqttd broker (a patched copy, `vendor/rumqttd`).
@@ -40,11 +42,13 @@
 //! - [`shutdown`]: the one signal every task stops on.
 //! - [`store`]: SQLite with one writer thread (group commit) and reads beside it, and its own
 //!   commit measurements.
+//!   - [`store::lock`]: one MetaManager per database, by a lock file beside it.
 //!
 //! Each part is given what it uses when `app` builds it; nothing shares one object of
 //! everything, and no two modules import each other.
 
 pub mod app;
+pub mod bounded_read;
 pub mod broker;
 pub mod budget;
 pub mod cloud;

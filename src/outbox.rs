@@ -82,7 +82,7 @@ impl Outbox {
     pub async fn run_drain(self, settings: OutboxSettings, mut stop: Shutdown) {
         let mut cloud = self.cloud.watch();
         let per_tick = (settings.drain_rate as usize / 10).max(1);
-        let max_age_ms = settings.max_age.as_millis() as i64;
+        let max_age_ms = i64::try_from(settings.max_age.as_millis()).unwrap_or(i64::MAX);
         loop {
             while !(self.cloud.connected() && self.store.outbox_len() > 0) {
                 tokio::select! {
@@ -135,7 +135,7 @@ impl Outbox {
                 if !self.cloud.connected() {
                     break;
                 }
-                if now - entry.created_ms > max_age_ms {
+                if now.saturating_sub(entry.created_ms) > max_age_ms {
                     expired += 1;
                 } else {
                     self.publisher.send(Peer::Edgehub, entry.payload).await;

@@ -13,6 +13,7 @@ use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
 
+use crate::bounded_read;
 use crate::config::TlsSettings;
 
 /// Why the TLS settings cannot be used. Each variant names the config key and the file.
@@ -100,8 +101,15 @@ pub fn client_config(settings: &TlsSettings, host: &str) -> Result<Arc<ClientCon
     Ok(Arc::new(config))
 }
 
-fn read(key: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
+/// A certificate file, or with `secret` the key file; both with a size cap
+/// ([`crate::bounded_read`]).
+fn read(key: &'static str, path: &Path, secret: bool) -> Result<Vec<u8>, TlsError> {
+    let bytes = if secret {
+        bounded_read::read_secret(key, path)
+    } else {
+        bounded_read::read(path, bounded_read::CERTIFICATES_MAX_BYTES)
+    };
+    bytes.map_err(|source| TlsError::Read {
         key,
         path: path.to_owned(),
         source,
@@ -110,7 +118,7 @@ fn read(key: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
 
 /// Every `CERTIFICATE` section of a PEM file; at least one.
 fn certificates(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let text = read(key, path)?;
+    let text = read(key, path, false)?;
     let certs = CertificateDer::pem_slice_iter(&text)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|source| TlsError::Pem {
@@ -131,7 +139,7 @@ fn certificates(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'st
 /// The first private key of a PEM file (PKCS#8, PKCS#1 or SEC1; not encrypted).
 fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     let key = "mqtt.tls.key_file";
-    let text = read(key, path)?;
+    let text = read(key, path, true)?;
     PrivateKeyDer::from_pem_slice(&text).map_err(|e| match e {
         pem::Error::NoItemsFound => TlsError::Missing {
             key,

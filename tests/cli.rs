@@ -25,7 +25,8 @@ fn run_with_config(yaml: &str) -> (Output, tempfile::TempDir) {
 
 #[test]
 fn bad_config_stops_before_connecting_and_names_the_key() {
-    let cases = [
+    let huge_node_id = format!("node_id: {}\n", "n".repeat(70 * 1024));
+    let cases: &[(&str, &str)] = &[
         ("mqtt:\n  mode: sideways\n", "mode"),
         ("mqtt:\n  port: 70000\n", "port"),
         ("mqtt:\n  mode: external\n  port: 0\n", "mqtt.port"),
@@ -39,20 +40,79 @@ fn bad_config_stops_before_connecting_and_names_the_key() {
         ),
         ("mqtt:\n  hostname: x\n", "hostname"),
         ("node_id: a/b\n", "node_id"),
+        // Out of range: the limits checked at start-up.
+        (&huge_node_id, "node_id"),
+        ("mqtt:\n  topic_prefix: \"$SYS\"\n", "mqtt.topic_prefix"),
+        (
+            "mqtt:\n  max_payload_bytes: 9223372036854775808\n",
+            "mqtt.max_payload_bytes",
+        ),
+        ("outbox:\n  max_age: 0\n", "outbox.max_age"),
+        ("meta:\n  remote_types: ['', 'a/b']\n", "meta.remote_types"),
     ];
     for (yaml, key) in cases {
         let (out, dir) = run_with_config(yaml);
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{yaml}: {stderr}");
+        assert_eq!(out.status.code(), Some(2), "{yaml:.80}: {stderr}");
         assert!(
             stderr.contains(key),
-            "{yaml}: error should name {key}: {stderr}"
+            "{yaml:.80}: error should name {key}: {stderr}"
         );
+        assert!(stderr.len() < 1000, "{key}: a huge value is not echoed");
         assert!(
             !dir.path().join("data").exists(),
-            "{yaml}: nothing may be created before the config is valid"
+            "{yaml:.80}: nothing may be created before the config is valid"
         );
     }
+}
+
+/// A password file that never ends is read up to its cap, not until the kernel kills the
+/// process: start-up stops at once, naming the key.
+#[test]
+fn a_password_file_without_end_stops_start_up_at_once() {
+    let started = std::time::Instant::now();
+    let (out, _dir) = run_with_config(
+        "mqtt:\n  port: 0\n  username: mm\n  password_file: /dev/zero\nhttp:\n  enabled: false\n",
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(10), "{stderr}");
+    assert!(
+        stderr.contains("config key `mqtt.password_file`")
+            && stderr.contains("/dev/zero")
+            && stderr.contains("larger than 65536 bytes"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("listening"), "nothing bound: {stderr}");
+}
+
+/// A password file its group may read works, with a warning that names the key and the mode.
+#[test]
+fn a_password_file_others_can_read_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let password = dir.path().join("password");
+    std::fs::write(&password, "s3cret\n").unwrap();
+    std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let mut mm = MetaManager::in_temp_dir(
+        Some(&format!(
+            "mqtt:\n  port: 0\n  username: mm\n  password_file: {}\nhttp:\n  enabled: false\n",
+            password.display()
+        )),
+        None,
+    );
+    mm.wait_for_log(Duration::from_secs(15), "its start", |log| {
+        log.contains("metamanager starting").then_some(())
+    });
+    let text = stop_cleanly(&mut mm);
+    let warning = text
+        .lines()
+        .find(|l| l.contains("WARN") && l.contains("mqtt.password_file"))
+        .unwrap_or_else(|| panic!("no warning: {text}"));
+    assert!(
+        warning.contains("mode 640") && !warning.contains("s3cret"),
+        "{warning}"
+    );
 }
 
 #[test]
@@ -122,6 +182,72 @@ fn a_damaged_database_stops_start_up_untouched() {
         !dir.path().join("meta.db-wal").exists(),
         "no journal written beside it"
     );
+}
+
+/// One process per database. A second MetaManager on a database in use stops at once, before it
+/// binds anything, naming the database and the first one's pid; the first goes on working, and
+/// the read-only commands work beside it. Once the first is gone, by `kill -9` or a clean stop,
+/// the database is free again (the lock dies with its process).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_instance_on_a_database_in_use_exits_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("meta.db");
+    let mut first = TestApp::spawn_with_db(Options::new(BrokerKind::Embedded), db.clone())
+        .await
+        .expect("the embedded broker needs nothing installed");
+    let pod = "default/pod/nginx-7d9c5b8f4-x2k9p";
+    for (round, kill_9) in [(0, true), (1, false)] {
+        let pid = first.child.as_ref().expect("running").id();
+        let started = std::time::Instant::now();
+        let stderr = refuses_to_start_on(&db);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "took {:?}: {stderr}",
+            started.elapsed()
+        );
+        let expected = format!(
+            "database {} is in use by another MetaManager (pid {pid})",
+            db.display()
+        );
+        assert!(stderr.contains(&expected), "{stderr}");
+        assert!(
+            !stderr.contains("listening") && !stderr.contains("store open"),
+            "nothing bound or opened before the refusal: {stderr}"
+        );
+
+        // The first still takes messages and answers its probes.
+        let insert = common::message("insert", pod, common::fixture("pod.json"));
+        let ack = first.client.request("edgehub", &insert).await;
+        assert_eq!(ack["content"], "OK", "round {round}: {ack}");
+        let (status, _, body) = common::http(first.http_port, "GET", "/healthz").await;
+        assert_eq!(status, 200, "{body}");
+
+        // The read-only commands read beside it.
+        let db_arg = db.to_str().expect("utf-8 path");
+        for args in [
+            ["get", pod, "--db", db_arg],
+            ["list", "default/pod", "--db", db_arg],
+        ] {
+            let out = Command::new(env!("CARGO_BIN_EXE_metamanager"))
+                .args(args)
+                .output()
+                .unwrap();
+            assert_eq!(out.status.code(), Some(0), "{args:?}: {out:?}");
+            assert!(
+                String::from_utf8_lossy(&out.stdout).contains("nginx-7d9c5b8f4-x2k9p"),
+                "{args:?}: {out:?}"
+            );
+        }
+
+        if kill_9 {
+            first.kill9();
+            first.start().await;
+        } else {
+            first.restart().await;
+        }
+    }
+    let status = first.terminate();
+    assert!(status.success(), "{status}");
 }
 
 /// Stops `mm` with SIGTERM, checks that it exits cleanly, and returns its log.

@@ -83,7 +83,8 @@ pub(super) fn start(options: LinkOptions, topics: Topics) -> (Link, Incoming) {
     }
     // Acks wait in this queue only while the receive loop is not polling; each has already
     // released its budget share, so the loop is never kept waiting by a full queue.
-    let (receiver, receive_loop) = AsyncClient::new(receive, options.inflight.messages + 16);
+    let (receiver, receive_loop) =
+        AsyncClient::new(receive, options.inflight.messages.saturating_add(16));
 
     let mut send = mqtt_options(&options, out_id.clone());
     send.set_inflight(SEND_INFLIGHT);

@@ -12,6 +12,9 @@
 //! blocking pool (the benchmark showed that hop in the query round trip), and no task waits
 //! behind SQLite. Elsewhere (a single-threaded runtime) they go to the blocking pool. A single writer also means
 //! "database is locked" cannot happen between MetaManager's own connections.
+//!
+//! One writer per database also holds across processes: a store is opened only with the claim
+//! of [`lock`], which its writer thread holds until it has closed the database.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -24,6 +27,7 @@ use rusqlite::{Connection, OptionalExtension};
 use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 
 mod feed;
+pub mod lock;
 mod metrics;
 pub mod read;
 mod writer;
@@ -32,6 +36,7 @@ use crate::config::Synchronous;
 use crate::delivery::Delivery;
 
 pub use feed::{Expired, Resume};
+pub use lock::{InstanceLock, LockError};
 pub use metrics::StoreMetrics;
 pub use writer::DEDUPE_WINDOW;
 
@@ -51,11 +56,9 @@ pub enum StoreError {
         path: PathBuf,
         source: rusqlite::Error,
     },
-    #[error("cannot create directory for database {path}: {source}")]
-    CreateDir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    /// Another MetaManager has the database, or it could not be claimed.
+    #[error(transparent)]
+    Lock(#[from] LockError),
     #[error("database {path} is damaged or not a MetaManager database: {reason}")]
     Unusable { path: PathBuf, reason: String },
     #[error("database error: {0}")]
@@ -283,17 +286,23 @@ struct Inner {
 }
 
 impl Store {
-    /// Opens (or creates) the database and starts the writer thread. An existing file is
-    /// checked read-only first: one that is not a SQLite database, or whose tables cannot be
-    /// read, stops here with an error naming it, and is never modified.
+    /// Claims the database for this process ([`InstanceLock`]), then opens it as
+    /// [`Store::open_locked`] does.
     pub fn open(path: &Path, options: StoreOptions) -> Result<Self, StoreError> {
+        Self::open_locked(InstanceLock::acquire(path)?, options)
+    }
+
+    /// Opens (or creates) the database `lock` claims and starts the writer thread, which holds
+    /// the lock until it has closed the database: a store cannot exist without the claim, so
+    /// no second writer can. An existing file is checked read-only first: one that is not a
+    /// SQLite database, or whose tables cannot be read, stops here with an error naming it, and
+    /// is never modified.
+    pub fn open_locked(lock: InstanceLock, options: StoreOptions) -> Result<Self, StoreError> {
+        // Owned: the lock itself moves to the writer thread.
+        let database = lock.database().to_owned();
+        let path = database.as_path();
         if path.exists() {
             check_existing(path)?;
-        } else if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
-                path: dir.to_owned(),
-                source,
-            })?;
         }
         let open_err = |source| StoreError::Open {
             path: path.to_owned(),
@@ -309,6 +318,7 @@ impl Store {
             recorded_since_prune: 0,
             outbox_rows: 0,
             metrics: options.metrics.clone(),
+            lock,
         };
         writer.count_outbox().map_err(open_err)?;
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);

@@ -73,6 +73,8 @@ pub(super) struct Writer {
     /// with `count(*)` on every insert, which would make a long outage quadratic.
     pub outbox_rows: i64,
     pub metrics: super::StoreMetrics,
+    /// The claim on the database, released by [`Writer::run`] once it has closed `conn`.
+    pub lock: super::InstanceLock,
 }
 
 /// What a batch did beyond its rows, made known only after the commit: the outbox counters,
@@ -119,6 +121,11 @@ impl Writer {
         if let Err(e) = self.conn.pragma_update(None, "wal_checkpoint", "TRUNCATE") {
             tracing::warn!(error = %e, "final WAL checkpoint failed");
         }
+        // The write connection closes (with its final checkpoint) before the claim ends: the
+        // next MetaManager never writes beside it.
+        let Writer { conn, lock, .. } = self;
+        drop(conn);
+        drop(lock);
     }
 
     /// Commits a batch. The common case runs every change straight into one transaction; only
@@ -358,7 +365,8 @@ impl Writer {
             &m.payload[..]
         ])?;
         self.outbox_rows += 1;
-        let excess = self.outbox_rows - self.outbox_max as i64;
+        let max = i64::try_from(self.outbox_max).unwrap_or(i64::MAX);
+        let excess = self.outbox_rows.saturating_sub(max);
         if excess > 0 {
             let dropped = conn
                 .prepare_cached(
