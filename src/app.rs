@@ -234,9 +234,17 @@ pub async fn run_with(
             serving: serving.clone(),
             readiness,
         };
-        let mut limits = http::Limits::default();
-        limits.connections.max_connections =
-            descriptors::capped(limits.connections.max_connections, open_files, 4);
+        let configured = &settings.http;
+        let limits = http::Limits {
+            connections: http::server::ConnectionLimits {
+                max_connections: descriptors::capped(configured.max_connections, open_files, 4),
+                header_timeout: configured.header_timeout,
+                idle_timeout: configured.idle_timeout,
+            },
+            max_requests: configured.max_requests,
+            max_watches: configured.max_watches,
+            allowed_hosts: configured.allowed_hosts.clone(),
+        };
         tokio::spawn(listener.serve(ctx, limits, stop.clone()))
     });
 

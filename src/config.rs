@@ -66,6 +66,13 @@ pub const MAX_OUTBOX_AGE: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Messages per second; the drain reads a tenth of it from the database at a time, so this
 /// also bounds what one read holds in memory (1000 messages).
 pub const MAX_DRAIN_RATE: u32 = 10_000;
+/// HTTP connections: far more than a node's local clients need, and each costs a descriptor.
+pub const MAX_HTTP_CONNECTIONS: usize = 65_536;
+/// Requests or watches at once; each holds a page or a watch budget of memory.
+pub const MAX_HTTP_REQUESTS: usize = 4096;
+pub const MAX_HTTP_WATCHES: usize = 4096;
+/// The longest header or idle timeout: a slow client may hold a connection at most this long.
+pub const MAX_HTTP_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Longer than any KubeEdge type name (`serviceaccounttoken` has 19 bytes); a DNS label's limit.
 pub const MAX_RESOURCE_TYPE_BYTES: usize = 63;
 
@@ -95,6 +102,20 @@ pub struct HttpSettings {
     pub enabled: bool,
     /// `host:port` to listen on. Loopback by default: the API serves secrets, unauthenticated.
     pub listen: String,
+    /// Connections open at once; over it, `503`. Kept to a quarter of the open-files limit.
+    pub max_connections: usize,
+    /// Time for a new connection's first request head; over it, `408`.
+    #[serde(deserialize_with = "duration")]
+    pub header_timeout: Duration,
+    /// Time a keep-alive connection may stay idle between requests.
+    #[serde(deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    /// API requests in progress at once, watches apart; over it, `429`.
+    pub max_requests: usize,
+    /// Watches open at once; over it, `429`.
+    pub max_watches: usize,
+    /// Names a loopback listener answers besides the loopback ones (DNS rebinding defence).
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for HttpSettings {
@@ -102,6 +123,12 @@ impl Default for HttpSettings {
         Self {
             enabled: true,
             listen: "127.0.0.1:10550".into(),
+            max_connections: 256,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(90),
+            max_requests: 64,
+            max_watches: 64,
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -391,7 +418,43 @@ impl Settings {
         }
         self.meta.validate()?;
         self.outbox.validate()?;
-        self.http.listen_addr()?;
+        self.http.validate()?;
+        Ok(())
+    }
+}
+
+impl HttpSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.listen_addr()?;
+        within(
+            "http.max_connections",
+            self.max_connections,
+            1,
+            MAX_HTTP_CONNECTIONS,
+        )?;
+        within("http.max_requests", self.max_requests, 1, MAX_HTTP_REQUESTS)?;
+        within("http.max_watches", self.max_watches, 1, MAX_HTTP_WATCHES)?;
+        duration_within(
+            "http.header_timeout",
+            self.header_timeout,
+            MIN_DURATION,
+            MAX_HTTP_TIMEOUT,
+        )?;
+        duration_within(
+            "http.idle_timeout",
+            self.idle_timeout,
+            MIN_DURATION,
+            MAX_HTTP_TIMEOUT,
+        )?;
+        for host in &self.allowed_hosts {
+            if host.is_empty() || host.contains(['/', ':', ' ']) {
+                return invalid(
+                    "http.allowed_hosts",
+                    format!("{host:?} is not a host name; give names without port or scheme, e.g. edge-node.local"),
+                );
+            }
+            at_most_bytes("http.allowed_hosts", host, MAX_HOST_BYTES)?;
+        }
         Ok(())
     }
 }
@@ -758,6 +821,18 @@ mod tests {
             ("mqtt:\n  mode: external\n  port: 0\n", "mqtt.port"),
             ("mqtt:\n  host: \" \"\n", "mqtt.host"),
             ("http:\n  listen: localhost\n", "http.listen"),
+            ("http:\n  max_connections: 0\n", "http.max_connections"),
+            (
+                "http:\n  max_requests: 9223372036854775807\n",
+                "http.max_requests",
+            ),
+            ("http:\n  max_watches: 0\n", "http.max_watches"),
+            ("http:\n  header_timeout: 0\n", "http.header_timeout"),
+            ("http:\n  idle_timeout: 2h\n", "http.idle_timeout"),
+            (
+                "http:\n  allowed_hosts: ['edge.local:10550']\n",
+                "http.allowed_hosts",
+            ),
             (&long_user, "mqtt.username"),
             // Numbers: a floor and a ceiling each, so that nothing can overflow.
             (
@@ -871,6 +946,8 @@ mod tests {
             "meta:\n  sync:\n    podstatus:\n      interval: 24h\n",
             "meta:\n  remote_types: [configmap, v1beta2thing]\n",
             "node_id: \"a$b\"\n",
+            "http:\n  max_connections: 1\n  max_requests: 4096\n  max_watches: 1\n",
+            "http:\n  header_timeout: 1s\n  idle_timeout: 1h\n  allowed_hosts: [edge-node.local]\n",
         ];
         for yaml in ok {
             if let Err(e) = Settings::from_yaml(yaml) {

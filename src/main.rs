@@ -87,6 +87,12 @@ fn main() -> ExitCode {
             tracing::error!("stopped: {e}");
             ExitCode::from(BROKER_UNRESPONSIVE)
         }
+        // A file a config key names (password, TLS) that cannot be used is a bad configuration
+        // too: restarting would only fail again.
+        Err(e @ (metamanager::app::AppError::Config(_) | metamanager::app::AppError::Tls(_))) => {
+            tracing::error!("cannot start: {e}");
+            ExitCode::from(BAD_INPUT)
+        }
         Err(e) => {
             tracing::error!("cannot start: {e}");
             ExitCode::FAILURE

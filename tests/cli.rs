@@ -75,7 +75,7 @@ fn a_password_file_without_end_stops_start_up_at_once() {
         "mqtt:\n  port: 0\n  username: mm\n  password_file: /dev/zero\nhttp:\n  enabled: false\n",
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(started.elapsed() < Duration::from_secs(10), "{stderr}");
     assert!(
         stderr.contains("config key `mqtt.password_file`")

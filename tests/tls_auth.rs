@@ -525,7 +525,7 @@ fn missing_client_certificate_is_logged_and_retried_with_backoff() {
     });
 }
 
-/// Unusable TLS files stop start-up with exit code 1, before the database is created, with an
+/// Unusable TLS files stop start-up with exit code 2 (a bad configuration), before the database is created, with an
 /// error naming the key and the file.
 #[test]
 fn unusable_tls_files_stop_start_up_naming_key_and_file() {
@@ -588,7 +588,7 @@ fn unusable_tls_files_stop_start_up_naming_key_and_file() {
         let mut mm = start_metamanager(&yaml);
         let status = mm.wait_exit(Duration::from_secs(10));
         let log = mm.log();
-        assert_eq!(status.code(), Some(1), "{yaml}\n{log}");
+        assert_eq!(status.code(), Some(2), "{yaml}\n{log}");
         assert!(log.contains(key), "{yaml}: should name {key}:\n{log}");
         assert!(
             log.contains(&file.display().to_string()),

@@ -7,7 +7,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::{FromRef, State};
 use axum::http::{header, StatusCode};
@@ -58,7 +57,7 @@ pub struct Context {
     pub readiness: Arc<Readiness>,
 }
 
-/// The endpoint's bounds; each has a config key under `http` (see the README's Limits).
+/// The endpoint's bounds, from the `http` config keys (see the README's Limits).
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub connections: server::ConnectionLimits,
@@ -68,21 +67,6 @@ pub struct Limits {
     pub max_watches: usize,
     /// Names a loopback listener answers besides the loopback ones.
     pub allowed_hosts: Vec<String>,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            connections: server::ConnectionLimits {
-                max_connections: 256,
-                header_timeout: Duration::from_secs(10),
-                idle_timeout: Duration::from_secs(90),
-            },
-            max_requests: 64,
-            max_watches: 64,
-            allowed_hosts: Vec::new(),
-        }
-    }
 }
 
 /// What handlers share: the context, the caps, and the stop flag that ends open watches on
