@@ -60,6 +60,8 @@ pub const MAX_WATCHDOG_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 pub const MAX_PODSTATUS_INTERVAL: Duration = Duration::from_secs(24 * 3600);
 /// edged waits this long for an answer; an hour is already far past any caller's patience.
 pub const MAX_REMOTE_QUERY_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Tokens live an hour by default in Kubernetes (at least 10 minutes); a day is beyond any TTL.
+pub const MAX_TOKEN_REFRESH_BEFORE: Duration = Duration::from_secs(24 * 3600);
 /// The outbox is on disk, so this bounds disk, not memory: at 1 MiB a message, up to 1 TB.
 pub const MAX_OUTBOX_MESSAGES: usize = 1_000_000;
 pub const MAX_OUTBOX_AGE: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -265,6 +267,11 @@ pub struct MetaSettings {
     pub remote_query_timeout: Duration,
     /// Resource types that edged may fetch from the cloud when the node holds no copy.
     pub remote_types: Vec<String>,
+    /// A stored service account token that expires within this is fetched again from the
+    /// cloud when edged asks for it (while the cloud is connected), as KubeEdge refreshes
+    /// tokens before their TTL runs out.
+    #[serde(deserialize_with = "duration")]
+    pub token_refresh_before: Duration,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -328,6 +335,7 @@ impl Default for MetaSettings {
         Self {
             sync: SyncSettings::default(),
             remote_query_timeout: Duration::from_secs(60),
+            token_refresh_before: Duration::from_secs(600),
             remote_types: [
                 "configmap",
                 "secret",
@@ -579,6 +587,12 @@ impl MetaSettings {
             MIN_DURATION,
             MAX_REMOTE_QUERY_TIMEOUT,
         )?;
+        duration_within(
+            "meta.token_refresh_before",
+            self.token_refresh_before,
+            MIN_DURATION,
+            MAX_TOKEN_REFRESH_BEFORE,
+        )?;
         for rtype in &self.remote_types {
             resource_type("meta.remote_types", rtype)?;
         }
@@ -821,6 +835,10 @@ mod tests {
             ("mqtt:\n  mode: external\n  port: 0\n", "mqtt.port"),
             ("mqtt:\n  host: \" \"\n", "mqtt.host"),
             ("http:\n  listen: localhost\n", "http.listen"),
+            (
+                "meta:\n  token_refresh_before: 0\n",
+                "meta.token_refresh_before",
+            ),
             ("http:\n  max_connections: 0\n", "http.max_connections"),
             (
                 "http:\n  max_requests: 9223372036854775807\n",

@@ -84,6 +84,8 @@ pub enum ErrorReason {
     RemoteTimeout,
     RemoteDisconnected,
     RemoteRefused,
+    /// A lease from edged while the cloud is away (see [`crate::ops`]'s per-type rules).
+    LeaseWhileDisconnected,
 }
 
 impl ErrorReason {
@@ -96,6 +98,7 @@ impl ErrorReason {
             Self::RemoteTimeout => "remote_timeout",
             Self::RemoteDisconnected => "remote_disconnected",
             Self::RemoteRefused => "remote_refused",
+            Self::LeaseWhileDisconnected => "lease_while_disconnected",
         }
     }
 }
@@ -139,6 +142,7 @@ pub struct Metrics {
     remote_seconds: Histogram,
     remote_outcomes: Family<OutcomeLabel, Counter>,
     metasync_runs: Family<OutcomeLabel, Counter>,
+    held_back: Family<ReasonLabel, Counter>,
     outbox_len: Gauge,
     remote_pending: Gauge,
     cloud_connected: Gauge,
@@ -254,6 +258,12 @@ impl Metrics {
             "MetaSync runs, by outcome (synced, skipped, failed)",
             metasync_runs.clone(),
         );
+        let held_back = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "messages_held_back",
+            "Valid messages acked but neither stored nor passed on, by reason (stale: an update older than the stored object by resourceVersion)",
+            held_back.clone(),
+        );
         Self {
             registry,
             received,
@@ -262,6 +272,7 @@ impl Metrics {
             remote_seconds,
             remote_outcomes,
             metasync_runs,
+            held_back,
             outbox_len,
             remote_pending,
             cloud_connected,
@@ -286,6 +297,15 @@ impl Metrics {
         self.replies
             .get_or_create(&OperationLabel {
                 operation: operation.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A valid message was acked but held back, for `reason` (`stale`).
+    pub fn held_back(&self, reason: &str) {
+        self.held_back
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
             })
             .inc();
     }

@@ -1,8 +1,12 @@
 //! Remote queries waiting for the cloud's answer.
 //!
 //! Each waits at most the configured timeout, so a cloud that never answers costs edged one
-//! `error` reply, never a hung query (a long-standing KubeEdge complaint). The table is bounded:
-//! when it is full, new remote queries are refused at once instead of piling up.
+//! `error` reply, never a hung query (a long-standing KubeEdge complaint). Queries for the same
+//! resource while one is in flight share it: the cloud is asked once, and every asker gets its
+//! own reply when it answers (50 pods starting at once and asking for one missing configmap are
+//! one query to the cloud, not 50). The table is bounded: at most [`MAX_PENDING`] resources
+//! in flight and [`MAX_ASKERS`] askers waiting; past either, a new query is refused at once
+//! instead of piling up.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -13,8 +17,10 @@ use tokio::sync::oneshot;
 
 use crate::message::Message;
 
-/// Remote queries in flight at once.
+/// Resources asked of the cloud at once.
 pub const MAX_PENDING: usize = 1024;
+/// Askers waiting at once, over all resources.
+pub const MAX_ASKERS: usize = 8192;
 
 /// The cloud's answer, with the inbound publish to acknowledge once it has been handled.
 pub struct Answer {
@@ -22,20 +28,55 @@ pub struct Answer {
     pub publish: Inbound,
 }
 
+/// What a query joined.
+pub enum Joined {
+    /// It is the first for its resource: ask the cloud under `id`, and wait for `answer`.
+    First {
+        id: String,
+        answer: oneshot::Receiver<Answer>,
+    },
+    /// The resource is being asked already; the asker is answered with the others.
+    Waiting,
+}
+
+/// Who waits for one resource.
+pub struct Askers {
+    /// The queries, in arrival order, their content dropped (only their ids and resource are
+    /// needed to reply).
+    pub queries: Vec<Message>,
+    /// What to serve if the cloud cannot answer, as the first asker found it (a stored token
+    /// that has not expired yet, see [`crate::ops`]).
+    pub fallback: Option<String>,
+}
+
+struct Pending {
+    id: String,
+    answer: Option<oneshot::Sender<Answer>>,
+    askers: Askers,
+}
+
+#[derive(Default)]
+struct Table {
+    by_resource: HashMap<String, Pending>,
+    /// The id each resource was asked under, to find it from an answer's `parent_msg_id`.
+    by_id: HashMap<String, String>,
+    askers: usize,
+}
+
 pub struct RemoteQueries {
     timeout: Duration,
-    waiting: Mutex<HashMap<String, oneshot::Sender<Answer>>>,
+    table: Mutex<Table>,
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("too many remote queries in flight ({MAX_PENDING}); try again later")]
+#[error("too many remote queries in flight ({MAX_PENDING} resources, {MAX_ASKERS} askers); try again later")]
 pub struct TooManyPending;
 
 impl RemoteQueries {
     pub fn new(timeout: Duration) -> Self {
         Self {
             timeout,
-            waiting: Mutex::new(HashMap::new()),
+            table: Mutex::new(Table::default()),
         }
     }
 
@@ -43,46 +84,149 @@ impl RemoteQueries {
         self.timeout
     }
 
-    /// Registers a query forwarded to the cloud under `msg_id`.
-    pub fn register(&self, msg_id: &str) -> Result<oneshot::Receiver<Answer>, TooManyPending> {
-        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
-        if waiting.len() >= MAX_PENDING {
-            return Err(TooManyPending);
-        }
-        let (tx, rx) = oneshot::channel();
-        waiting.insert(msg_id.to_owned(), tx);
-        Ok(rx)
+    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Hands the cloud's answer to the query it answers; gives it back when none waits.
+    /// Adds `query` to the askers of its resource, `key`; the first asker asks the cloud.
+    pub fn join(
+        &self,
+        key: &str,
+        mut query: Message,
+        fallback: Option<String>,
+    ) -> Result<Joined, TooManyPending> {
+        query.content = None;
+        let mut table = self.table();
+        if table.askers >= MAX_ASKERS {
+            return Err(TooManyPending);
+        }
+        if let Some(pending) = table.by_resource.get_mut(key) {
+            pending.askers.queries.push(query);
+            table.askers += 1;
+            return Ok(Joined::Waiting);
+        }
+        if table.by_resource.len() >= MAX_PENDING {
+            return Err(TooManyPending);
+        }
+        let id = crate::message::new_msg_id();
+        let (tx, answer) = oneshot::channel();
+        table.by_id.insert(id.clone(), key.to_owned());
+        table.by_resource.insert(
+            key.to_owned(),
+            Pending {
+                id: id.clone(),
+                answer: Some(tx),
+                askers: Askers {
+                    queries: vec![query],
+                    fallback,
+                },
+            },
+        );
+        table.askers += 1;
+        Ok(Joined::First { id, answer })
+    }
+
+    /// Hands the cloud's answer to the resource it answers; gives it back when none waits.
     pub fn complete(&self, answer: Answer) -> Result<(), Box<Answer>> {
         let Some(parent) = answer.message.header.parent_msg_id.as_deref() else {
             return Err(Box::new(answer));
         };
-        let waiter = self
-            .waiting
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(parent);
+        let waiter = {
+            let mut table = self.table();
+            let key = table.by_id.get(parent).cloned();
+            key.and_then(|k| table.by_resource.get_mut(&k))
+                .and_then(|p| p.answer.take())
+        };
         match waiter {
             Some(tx) => tx.send(answer).map_err(Box::new),
             None => Err(Box::new(answer)),
         }
     }
 
-    /// Forgets a query that timed out.
-    pub fn forget(&self, msg_id: &str) {
-        self.waiting
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(msg_id);
+    /// Ends the query for `key` (answered or timed out) and returns who waited for it; a query
+    /// for `key` after this asks the cloud again.
+    pub fn finish(&self, key: &str) -> Askers {
+        let mut table = self.table();
+        match table.by_resource.remove(key) {
+            Some(pending) => {
+                table.by_id.remove(&pending.id);
+                table.askers -= pending.askers.queries.len();
+                pending.askers
+            }
+            None => Askers {
+                queries: Vec::new(),
+                fallback: None,
+            },
+        }
     }
 
+    /// Resources being asked of the cloud.
     pub fn len(&self) -> usize {
-        self.waiting.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.table().by_resource.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query(id: &str, key: &str) -> Message {
+        let payload = format!(
+            r#"{{"header":{{"msg_id":"{id}"}},"route":{{"operation":"query","resource":"{key}"}},"content":{{"big":"x"}}}}"#
+        );
+        Message::decode(payload.as_bytes(), 1 << 20).unwrap()
+    }
+
+    #[test]
+    fn queries_for_one_resource_share_one_ask_and_all_are_answered() {
+        let remote = RemoteQueries::new(Duration::from_secs(1));
+        let key = "default/configmap/c";
+        let Ok(Joined::First { id, .. }) = remote.join(key, query("q-0", key), None) else {
+            panic!("the first asks");
+        };
+        for i in 1..50 {
+            assert!(matches!(
+                remote.join(key, query(&format!("q-{i}"), key), None),
+                Ok(Joined::Waiting)
+            ));
+        }
+        assert_eq!(remote.len(), 1, "one resource in flight");
+        let askers = remote.finish(key);
+        let ids: Vec<&str> = askers.queries.iter().map(Message::msg_id).collect();
+        assert_eq!(ids.len(), 50);
+        assert_eq!(ids[0], "q-0");
+        assert!(
+            askers.queries.iter().all(|q| q.content.is_none()),
+            "content dropped"
+        );
+        assert!(remote.is_empty());
+        // Asked again after it finished: a new ask, under a new id.
+        let Ok(Joined::First { id: again, .. }) = remote.join(key, query("q-50", key), None) else {
+            panic!("asks again");
+        };
+        assert_ne!(id, again);
+    }
+
+    #[test]
+    fn the_cap_counts_resources_not_askers() {
+        let remote = RemoteQueries::new(Duration::from_secs(1));
+        for i in 0..MAX_PENDING {
+            let key = format!("default/configmap/c{i}");
+            assert!(matches!(
+                remote.join(&key, query("q", &key), None),
+                Ok(Joined::First { .. })
+            ));
+        }
+        let more = "default/configmap/more";
+        assert!(remote.join(more, query("q", more), None).is_err());
+        let known = "default/configmap/c0";
+        assert!(matches!(
+            remote.join(known, query("q", known), None),
+            Ok(Joined::Waiting)
+        ));
     }
 }

@@ -9,9 +9,10 @@ use crate::store::{self, Applied, Change, Outcome, StoreError, Write};
 use crate::topics::Peer;
 
 use super::{
-    refuse_message, report_not_queued, report_store_error, send_reply, settle, store_failed,
-    Context, Step,
+    refuse, refuse_message, report_not_queued, report_store_error, rules, send_reply, settle,
+    store_failed, Context, Step,
 };
+use crate::metrics::ErrorReason;
 
 #[derive(Clone, Copy)]
 pub(super) enum WriteKind {
@@ -75,6 +76,20 @@ pub(super) async fn change(
     };
     let key = msg.resource.key().to_owned();
     let rtype = msg.resource.rtype().to_owned();
+    if rtype == rules::LEASE && sender == Peer::Edged && !ctx.cloud.connected() {
+        ctx.metrics.error(ErrorReason::LeaseWhileDisconnected);
+        let text = format!(
+            "{op} of lease {key} refused: the cloud is not connected, and a lease renewed late is worse than one that fails now"
+        );
+        return refuse(
+            ctx,
+            sender,
+            publish,
+            Some(msg.msg_id().to_owned()),
+            &key,
+            text,
+        );
+    }
     let write = match kind {
         WriteKind::Delete => {
             let uid = if rtype == "pod" {
@@ -97,9 +112,11 @@ pub(super) async fn change(
             }
         }
     };
+    // Events are passed on, never stored: they would pile up on the node for ever.
+    let write = (msg.resource.rtype() != rules::EVENT).then_some(write);
     let change = Change {
         msg_id: Some(msg.msg_id().to_owned()),
-        write: Some(write),
+        write,
         to_cloud: queue_for_cloud(ctx, sender.other(), &msg, &publish, kind),
         ..Change::default()
     };
@@ -111,9 +128,18 @@ pub(super) async fn change(
     Box::pin(async move {
         match committed.await.unwrap_or(Err(StoreError::Closed)) {
             Ok(applied) => {
-                // An update that changes nothing is not news to the other side.
-                let passed_on = applied.outcome == Outcome::Unchanged || {
-                    let coalesce = matches!(kind, WriteKind::PutIfChanged);
+                if applied.outcome == Outcome::Stale {
+                    tracing::debug!(
+                        msg_id = msg.msg_id(),
+                        resource = %msg.resource,
+                        "update older than the stored object (resourceVersion); acked, held back"
+                    );
+                    ctx.metrics.held_back("stale");
+                }
+                // An update that changes nothing, or is older than what is stored, is not news
+                // to the other side.
+                let passed_on = matches!(applied.outcome, Outcome::Unchanged | Outcome::Stale) || {
+                    let coalesce = coalesces(kind, &msg);
                     forward(&ctx, sender.other(), &msg, &publish, applied, coalesce).await
                 };
                 if passed_on {
@@ -137,9 +163,16 @@ pub(super) fn queue_for_cloud(
     kind: WriteKind,
 ) -> Option<store::CloudMessage> {
     (to == Peer::Edgehub && ctx.outbox.must_queue()).then(|| {
-        let coalesce = matches!(kind, WriteKind::PutIfChanged);
+        let coalesce = coalesces(kind, msg);
         outbox::cloud_message(msg.resource.key(), publish.payload.clone(), coalesce)
     })
+}
+
+/// Whether a message waiting for the cloud replaces an older one of the same key: an update
+/// (the newer state is all the cloud needs) and any event (only the newest of one object
+/// matters once the cloud is back).
+fn coalesces(kind: WriteKind, msg: &Message) -> bool {
+    matches!(kind, WriteKind::PutIfChanged) || msg.resource.rtype() == rules::EVENT
 }
 
 /// Passes an inbound message on, unchanged, once its change is committed, and settles its id.

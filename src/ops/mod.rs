@@ -22,6 +22,7 @@ mod connect;
 mod query;
 mod relay;
 mod remote_query;
+mod rules;
 mod sync;
 
 use std::collections::HashSet;
@@ -53,6 +54,8 @@ pub struct Context {
     pub remote_types: HashSet<String>,
     /// The largest payload MetaManager accepts (`mqtt.max_payload_bytes`).
     pub max_payload: usize,
+    /// `meta.token_refresh_before`: see [`rules::token_state`].
+    pub token_refresh_before: std::time::Duration,
 }
 
 impl Context {
@@ -85,6 +88,7 @@ impl Context {
             metrics,
             remote_types: settings.meta.remote_types.iter().cloned().collect(),
             max_payload: settings.mqtt.max_payload_bytes,
+            token_refresh_before: settings.meta.token_refresh_before,
         }
     }
 }

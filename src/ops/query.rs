@@ -1,4 +1,6 @@
-//! query: answer edged or edgehub from the store, after every earlier write is committed.
+//! query: answer edged or edgehub from the store, after every earlier write is committed; ask
+//! the cloud for what edged may fetch and the node does not hold, or holds a token of that is
+//! expiring.
 
 use std::sync::Arc;
 
@@ -7,6 +9,7 @@ use crate::mqtt::Inbound;
 use crate::topics::Peer;
 
 use super::remote_query::remote_query;
+use super::rules::{self, TokenState};
 use super::{report_store_error, send_reply, Context, Step};
 
 /// query: answer from the store; fetch from the cloud what edged may not have locally.
@@ -26,13 +29,34 @@ pub(super) fn query(ctx: &Arc<Context>, sender: Peer, publish: Inbound, msg: Mes
                 .await
                 .map(|rows| rows.into_iter().map(|(_, v)| v).collect::<Vec<_>>()),
         };
+        let from_cloud = sender == Peer::Edged && ctx.remote_types.contains(r.rtype());
         match found {
+            Ok(objects) if objects.is_empty() && from_cloud => {
+                remote_query(&ctx, msg, None).await;
+            }
             Ok(objects)
-                if objects.is_empty()
-                    && sender == Peer::Edged
-                    && ctx.remote_types.contains(r.rtype()) =>
+                if from_cloud
+                    && r.rtype() == rules::TOKEN
+                    && r.name().is_some()
+                    && ctx.cloud.connected() =>
             {
-                remote_query(&ctx, msg).await;
+                // A token is fetched again before it expires; the stored one is served if the
+                // cloud cannot answer and it is still valid.
+                let stored = objects.into_iter().next().unwrap_or_default();
+                let state = rules::token_state(
+                    &stored,
+                    std::time::SystemTime::now(),
+                    ctx.token_refresh_before,
+                );
+                match state {
+                    TokenState::Fresh => {
+                        let content = message::raw_array([stored.as_str()]);
+                        let reply = message::reply(&msg, Operation::Response, &content);
+                        send_reply(&ctx, sender, reply, Operation::Response).await;
+                    }
+                    TokenState::RefreshDue => remote_query(&ctx, msg, Some(stored)).await,
+                    TokenState::Expired => remote_query(&ctx, msg, None).await,
+                }
             }
             Ok(objects) => {
                 let content = message::raw_array(objects.iter().map(String::as_str));

@@ -1,5 +1,6 @@
-//! A query for an object edged needs and the ctx does not hold: asked of the cloud, answered
-//! when the cloud answers or when it does not in time.
+//! A query for an object edged needs and the node does not hold (or holds a token of that is
+//! expiring): asked of the cloud, once for all who ask for the same resource meanwhile, and
+//! answered to each when the cloud answers or when it does not in time.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -8,56 +9,63 @@ use serde_json::Value;
 
 use crate::message::{self, Message, Operation};
 use crate::metrics::RemoteOutcome;
+use crate::remote::{Answer, Askers, Joined};
 use crate::store::{StoreError, Write};
 use crate::topics::Peer;
 
 use super::{send_reply, settle, Context};
 
-/// Asks the cloud for an object edged needs and the ctx does not hold, and answers edged when
-/// the cloud does, or when it does not in time.
-pub(super) async fn remote_query(ctx: &Arc<Context>, query: Message) {
+/// Asks the cloud for the resource of `query`, unless it is being asked already, and answers
+/// every asker when the cloud does, or when it does not in time. `fallback` is served instead
+/// of an error if the cloud cannot answer (a stored token that has not expired yet).
+pub(super) async fn remote_query(ctx: &Arc<Context>, query: Message, fallback: Option<String>) {
     let key = query.resource.key().to_owned();
+    let asker = query.msg_id().to_owned();
     if !ctx.cloud.connected() {
-        let text = format!("{key} is not stored on this ctx and the cloud is not connected");
+        let text = format!("{key} is not stored on this node and the cloud is not connected");
         tracing::info!(resource = %key, "remote query refused: cloud not connected");
         ctx.metrics.remote_query(RemoteOutcome::Disconnected, None);
-        let reply = message::error(Some(query.msg_id()), &key, &text);
+        let reply = message::error(Some(&asker), &key, &text);
         send_reply(ctx, Peer::Edged, reply, Operation::Error).await;
         return;
     }
-    let id = message::new_msg_id();
-    let answer = match ctx.remote.register(&id) {
-        Ok(rx) => rx,
+    let content = query.content_raw();
+    let (id, answer) = match ctx.remote.join(&key, query, fallback) {
+        Ok(Joined::First { id, answer }) => (id, answer),
+        Ok(Joined::Waiting) => {
+            tracing::debug!(resource = %key, msg_id = %asker, "remote query joins one in flight");
+            return;
+        }
         Err(e) => {
             tracing::warn!(resource = %key, "{e}");
             ctx.metrics.remote_query(RemoteOutcome::Refused, None);
-            let reply = message::error(Some(query.msg_id()), &key, &e.to_string());
+            let reply = message::error(Some(&asker), &key, &e.to_string());
             send_reply(ctx, Peer::Edged, reply, Operation::Error).await;
             return;
         }
     };
-    let content = query.content_raw();
-    let ask = message::build_with_id(id.clone(), None, Operation::Query, &key, &content);
+    let ask = message::build_with_id(id, None, Operation::Query, &key, &content);
     ctx.publisher.send(Peer::Edgehub, ask).await;
     let timeout = ctx.remote.timeout();
     let sent = Instant::now();
     let ctx = ctx.clone();
     tokio::spawn(async move {
-        match tokio::time::timeout(timeout, answer).await {
-            Ok(Ok(answer)) => {
-                let outcome = match answer.message.operation {
+        let answer = tokio::time::timeout(timeout, answer).await;
+        let askers = ctx.remote.finish(&key);
+        match answer {
+            Ok(Ok(Answer { message, publish })) => {
+                let outcome = match message.operation {
                     Operation::Error => RemoteOutcome::Error,
                     _ => RemoteOutcome::Answered,
                 };
                 ctx.metrics.remote_query(outcome, Some(sent.elapsed()));
-                let answer_id = answer.message.msg_id().to_owned();
-                fill_from_cloud(&ctx, &query, answer.message).await;
-                // Settled once the reply to edged, queued just now, is acknowledged.
+                let answer_id = message.msg_id().to_owned();
+                fill_from_cloud(&ctx, &key, &askers, message).await;
+                // Settled once the replies to edged, queued just now, are acknowledged.
                 settle(&ctx, &answer_id);
-                ctx.publisher.ack(&answer.publish);
+                ctx.publisher.ack(&publish);
             }
             _ => {
-                ctx.remote.forget(&id);
                 ctx.metrics
                     .remote_query(RemoteOutcome::Timeout, Some(sent.elapsed()));
                 tracing::warn!(resource = %key, ?timeout, "remote query timed out");
@@ -65,20 +73,47 @@ pub(super) async fn remote_query(ctx: &Arc<Context>, query: Message) {
                     "the cloud did not answer the query for {key} in time ({})",
                     humantime::format_duration(timeout)
                 );
-                let reply = message::error(Some(query.msg_id()), &key, &text);
-                send_reply(&ctx, Peer::Edged, reply, Operation::Error).await;
+                if !serve_fallback(&ctx, &key, &askers).await {
+                    for query in &askers.queries {
+                        let reply = message::error(Some(query.msg_id()), &key, &text);
+                        send_reply(&ctx, Peer::Edged, reply, Operation::Error).await;
+                    }
+                }
             }
         }
     });
 }
 
-/// Stores what the cloud sent for a remote query and answers edged with it.
-async fn fill_from_cloud(ctx: &Context, query: &Message, answer: Message) {
-    let key = query.resource.key();
+/// Answers every asker with the stored copy when there is one to fall back on; `false` when
+/// there is none.
+async fn serve_fallback(ctx: &Context, key: &str, askers: &Askers) -> bool {
+    let Some(stored) = &askers.fallback else {
+        return false;
+    };
+    tracing::info!(resource = %key, "the cloud could not refresh it; serving the stored copy, which has not expired");
+    let content = message::raw_array([stored.as_str()]);
+    for query in &askers.queries {
+        let reply = message::reply(query, Operation::Response, &content);
+        send_reply(ctx, Peer::Edged, reply, Operation::Response).await;
+    }
+    true
+}
+
+/// Stores what the cloud sent for a remote query and answers every asker with it.
+async fn fill_from_cloud(ctx: &Context, key: &str, askers: &Askers, answer: Message) {
+    let Some(first) = askers.queries.first() else {
+        return;
+    };
+    let resource = &first.resource;
     if answer.operation == Operation::Error {
+        if serve_fallback(ctx, key, askers).await {
+            return;
+        }
         let content = answer.content_raw();
-        let reply = message::reply(query, Operation::Error, &content);
-        send_reply(ctx, Peer::Edged, reply, Operation::Error).await;
+        for query in &askers.queries {
+            let reply = message::reply(query, Operation::Error, &content);
+            send_reply(ctx, Peer::Edged, reply, Operation::Error).await;
+        }
         return;
     }
     let mut objects = match serde_json::from_str::<Value>(answer.content_json()) {
@@ -87,12 +122,14 @@ async fn fill_from_cloud(ctx: &Context, query: &Message, answer: Message) {
         Ok(object @ Value::Object(_)) => vec![object],
         _ => {
             let text = format!("the cloud answered the query for {key} with content that is neither an object nor a list");
-            let reply = message::error(Some(query.msg_id()), key, &text);
-            send_reply(ctx, Peer::Edged, reply, Operation::Error).await;
+            for query in &askers.queries {
+                let reply = message::error(Some(query.msg_id()), key, &text);
+                send_reply(ctx, Peer::Edged, reply, Operation::Error).await;
+            }
             return;
         }
     };
-    if let Some(name) = query.resource.name() {
+    if let Some(name) = resource.name() {
         // One object was asked for: keep the one of that name, else the first.
         let named = objects
             .iter()
@@ -107,25 +144,21 @@ async fn fill_from_cloud(ctx: &Context, query: &Message, answer: Message) {
     let mut answered = Vec::with_capacity(objects.len());
     for object in objects {
         let json = object.to_string();
-        let object_key = match query.resource.name() {
+        let object_key = match resource.name() {
             Some(_) => Some(key.to_owned()),
             None => object
                 .pointer("/metadata/name")
                 .and_then(Value::as_str)
                 .and_then(|name| {
-                    crate::resource::Resource::object(
-                        query.resource.namespace(),
-                        query.resource.rtype(),
-                        name,
-                    )
-                    .ok()
+                    crate::resource::Resource::object(resource.namespace(), resource.rtype(), name)
+                        .ok()
                 })
                 .map(|r| r.key().to_owned()),
         };
         if let Some(object_key) = object_key {
             let write = Write::Put {
                 key: object_key,
-                rtype: query.resource.rtype().to_owned(),
+                rtype: resource.rtype().to_owned(),
                 value: json.clone().into(),
             };
             if let Ok(committed) = ctx.store.submit(write).await {
@@ -140,8 +173,10 @@ async fn fill_from_cloud(ctx: &Context, query: &Message, answer: Message) {
         }
     }
     let content = message::raw_array(answered.iter().map(String::as_str));
-    let reply = message::reply(query, Operation::Response, &content);
-    send_reply(ctx, Peer::Edged, reply, Operation::Response).await;
+    for query in &askers.queries {
+        let reply = message::reply(query, Operation::Response, &content);
+        send_reply(ctx, Peer::Edged, reply, Operation::Response).await;
+    }
 }
 
 #[cfg(test)]

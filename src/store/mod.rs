@@ -158,6 +158,9 @@ impl From<Write> for Change {
 pub enum Outcome {
     Stored,
     Unchanged,
+    /// An update older than the stored object, by `metadata.resourceVersion`: held back,
+    /// nothing stored or passed on (see [`resource_version_is_older`]).
+    Stale,
     Deleted,
     /// Delete of a key that was not stored.
     Absent,
@@ -195,7 +198,7 @@ impl Applied {
         self.queued
             || matches!(
                 self.outcome,
-                Outcome::Unchanged | Outcome::Duplicate { settled: true, .. }
+                Outcome::Unchanged | Outcome::Stale | Outcome::Duplicate { settled: true, .. }
             )
     }
 }
@@ -581,6 +584,34 @@ fn open_reader(path: &Path) -> Result<Connection, StoreError> {
         path: path.to_owned(),
         source,
     })
+}
+
+/// Whether `incoming` is older than `stored` by `metadata.resourceVersion`: both versions are
+/// decimal integers and the incoming one is lower. Kubernetes calls the version opaque, but
+/// every kube-apiserver backed by etcd gives out increasing integers; anything else (absent,
+/// not a number) is not compared, and the update goes through as before. A late, older update
+/// would otherwise overwrite a newer object and leave the node silently behind the cloud.
+pub fn resource_version_is_older(incoming: &str, stored: &str) -> bool {
+    let version = |json: &str| -> Option<u64> {
+        #[derive(serde::Deserialize)]
+        struct Meta {
+            #[serde(rename = "resourceVersion")]
+            resource_version: Option<String>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Obj {
+            metadata: Option<Meta>,
+        }
+        let text = serde_json::from_str::<Obj>(json)
+            .ok()?
+            .metadata?
+            .resource_version?;
+        if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        text.parse().ok()
+    };
+    matches!((version(incoming), version(stored)), (Some(new), Some(old)) if new < old)
 }
 
 /// `metadata.uid` of an object's JSON, stored or arriving, if it has one.

@@ -277,7 +277,7 @@ impl Writer {
             None => Outcome::Recorded,
         };
         let queued = match &change.to_cloud {
-            Some(m) if outcome != Outcome::Unchanged => {
+            Some(m) if !matches!(outcome, Outcome::Unchanged | Outcome::Stale) => {
                 self.enqueue(m, effect)?;
                 true
             }
@@ -414,8 +414,13 @@ fn apply_write(conn: &Connection, write: &Write) -> rusqlite::Result<Outcome> {
         Write::PutIfChanged { key, rtype, value } => {
             let value = text(value)?;
             let stored = stored_value(conn, key)?;
-            if stored.is_some_and(|old| same_json(&old, value)) {
-                return Ok(Outcome::Unchanged);
+            if let Some(old) = &stored {
+                if super::resource_version_is_older(value, old) {
+                    return Ok(Outcome::Stale);
+                }
+                if same_json(old, value) {
+                    return Ok(Outcome::Unchanged);
+                }
             }
             upsert(conn, key, rtype, value)?;
             Ok(Outcome::Stored)

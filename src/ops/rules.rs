@@ -1,0 +1,77 @@
+//! The rules some resource types follow on top of their operation (CONTRACT.md section 7),
+//! named here so that each operation states which it applies:
+//! - `event`: passed on, never stored (events would pile up on the node for ever); one waiting
+//!   for the cloud is replaced by a newer one of the same key.
+//! - `lease`: from edged while the cloud is away, refused at once. A renewal that waits in the
+//!   outbox and reaches the cloud late is worse than one that fails now, when edged can act.
+//! - `serviceaccounttoken`: a stored token that has expired, or soon will, is fetched again
+//!   from the cloud when edged asks for it (see [`token_state`]).
+
+use std::time::{Duration, SystemTime};
+
+pub(super) const EVENT: &str = "event";
+pub(super) const LEASE: &str = "lease";
+pub(super) const TOKEN: &str = "serviceaccounttoken";
+
+/// How a stored service account token stands against the clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum TokenState {
+    /// Not expiring within the refresh margin, or with no expiry it can read: served as stored.
+    Fresh,
+    /// Expiring within the margin: asked of the cloud again, and served as stored if the
+    /// cloud cannot answer.
+    RefreshDue,
+    /// Past its expiry: asked of the cloud again, and an error if the cloud cannot answer.
+    Expired,
+}
+
+/// Where the token stored as `json` stands at `now`, by its `status.expirationTimestamp`
+/// (RFC 3339, as the TokenRequest API writes it) and `refresh_before`.
+pub(super) fn token_state(json: &str, now: SystemTime, refresh_before: Duration) -> TokenState {
+    #[derive(serde::Deserialize)]
+    struct Status {
+        #[serde(rename = "expirationTimestamp")]
+        expiration: Option<String>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Token {
+        status: Option<Status>,
+    }
+    let expires = serde_json::from_str::<Token>(json)
+        .ok()
+        .and_then(|t| t.status?.expiration)
+        .and_then(|text| humantime::parse_rfc3339_weak(&text).ok());
+    match expires {
+        None => TokenState::Fresh,
+        Some(at) if at <= now => TokenState::Expired,
+        Some(at) if at <= now + refresh_before => TokenState::RefreshDue,
+        Some(_) => TokenState::Fresh,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(expires: &str) -> String {
+        format!(
+            r#"{{"kind":"TokenRequest","status":{{"token":"t","expirationTimestamp":"{expires}"}}}}"#
+        )
+    }
+
+    #[test]
+    fn a_token_is_fresh_until_the_refresh_margin_then_due_then_expired() {
+        let now = humantime::parse_rfc3339("2026-11-28T12:00:00Z").unwrap();
+        let margin = Duration::from_secs(600);
+        let state = |expires: &str| token_state(&token(expires), now, margin);
+        assert_eq!(state("2026-11-28T13:00:00Z"), TokenState::Fresh);
+        assert_eq!(state("2026-11-28T12:10:01Z"), TokenState::Fresh);
+        assert_eq!(state("2026-11-28T12:10:00Z"), TokenState::RefreshDue);
+        assert_eq!(state("2026-11-28T12:00:01Z"), TokenState::RefreshDue);
+        assert_eq!(state("2026-11-28T12:00:00Z"), TokenState::Expired);
+        assert_eq!(state("2026-11-28T11:00:00Z"), TokenState::Expired);
+        // No expiry MetaManager can read: served as stored, as before this rule.
+        assert_eq!(token_state("{}", now, margin), TokenState::Fresh);
+        assert_eq!(state("tomorrow"), TokenState::Fresh);
+    }
+}
