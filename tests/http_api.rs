@@ -797,3 +797,148 @@ async fn a_request_for_another_host_name_is_refused_on_loopback() {
         assert!(answer.starts_with("HTTP/1.1 200"), "{host}: {answer}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_based_selectors_pod_field_selectors_and_version() {
+    let Some(mut app) = TestApp::spawn(Options::new(BrokerKind::Embedded)).await else {
+        return;
+    };
+    let port = app.http_port;
+    for (name, label, node, phase) in [
+        ("web-0", "web", "edge-node", "Running"),
+        ("web-1", "web", "other-node", "Running"),
+        ("db-0", "db", "edge-node", "Pending"),
+        ("cache-0", "cache", "edge-node", "Failed"),
+    ] {
+        let mut p = pod("default", name, label);
+        p["spec"]["nodeName"] = json!(node);
+        p["status"] = json!({"phase": phase});
+        insert(&mut app, &format!("default/pod/{name}"), p).await;
+    }
+    let names = |list: &Value| -> Vec<String> {
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["metadata"]["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let list = |query: &'static str| async move {
+        let (code, list) =
+            get_json(port, &format!("/api/v1/namespaces/default/pods?{query}")).await;
+        assert_eq!(code, 200, "{query}: {list}");
+        list
+    };
+    assert_eq!(
+        names(&list("labelSelector=app%20in%20(web%2Cdb)").await),
+        ["db-0", "web-0", "web-1"]
+    );
+    assert_eq!(
+        names(&list("labelSelector=app%20notin%20(web)").await),
+        ["cache-0", "db-0"]
+    );
+    // What a node agent asks: its own pods that have not failed.
+    assert_eq!(
+        names(&list("fieldSelector=spec.nodeName%3Dedge-node%2Cstatus.phase!%3DFailed").await),
+        ["db-0", "web-0"]
+    );
+    let (code, status) = get_json(port, "/api/v1/configmaps?fieldSelector=spec.nodeName%3Dx").await;
+    assert_eq!((code, status["reason"].as_str()), (400, Some("BadRequest")));
+
+    let (code, version) = get_json(port, "/version").await;
+    assert_eq!(code, 200);
+    assert_eq!(version["major"], "1");
+    assert!(version["gitVersion"]
+        .as_str()
+        .unwrap()
+        .contains("+metamanager-"));
+
+    if kubectl().is_none() {
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    let out = kubectl_cmd(
+        port,
+        home.path(),
+        &[
+            "get",
+            "pods",
+            "-n",
+            "default",
+            "-l",
+            "app in (db,cache)",
+            "-o",
+            "name",
+        ],
+    )
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "pod/cache-0\npod/db-0\n"
+    );
+    let out = kubectl_cmd(
+        port,
+        home.path(),
+        &[
+            "get",
+            "pods",
+            "-A",
+            "--field-selector",
+            "spec.nodeName=other-node",
+            "-o",
+            "name",
+        ],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "pod/web-1\n");
+    let out = kubectl_cmd(port, home.path(), &["version", "-o", "json"])
+        .output()
+        .unwrap();
+    let versions: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(versions["serverVersion"]["major"], "1", "{versions}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_with_a_timeout_ends_with_a_bookmark_to_resume_from() {
+    let Some(mut app) = TestApp::spawn(Options::new(BrokerKind::Embedded)).await else {
+        return;
+    };
+    let port = app.http_port;
+    insert_pod(&mut app, "default", "first", "a").await;
+    let started = Instant::now();
+    let (code, _, body) = http(
+        port,
+        "GET",
+        "/api/v1/pods?watch=true&allowWatchBookmarks=true&timeoutSeconds=1",
+    )
+    .await;
+    assert_eq!(code, 200);
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(5),
+        "{elapsed:?}"
+    );
+    let first = events(&body);
+    assert_eq!(first[0]["type"], "ADDED");
+    let last = first.last().unwrap();
+    assert_eq!(last["type"], "BOOKMARK", "{body}");
+    assert_eq!(last["object"]["kind"], "Pod");
+    let version = last["object"]["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // Resumed from the bookmark: only what came after it.
+    insert_pod(&mut app, "default", "second", "a").await;
+    let path = format!("/api/v1/pods?watch=true&resourceVersion={version}&timeoutSeconds=1");
+    let (code, _, body) = http(port, "GET", &path).await;
+    assert_eq!(code, 200);
+    assert_eq!(types_and_names(&events(&body)), [("ADDED", "second")]);
+}

@@ -22,6 +22,7 @@ use crate::store::Store;
 /// One kind of object the API serves.
 pub fn routes() -> Router<HttpState> {
     Router::new()
+        .route("/version", get(version).fallback(not_allowed))
         .route("/api", get(api_versions).fallback(not_allowed))
         .route("/apis", get(api_groups).fallback(not_allowed))
         .route("/api/v1", get(resources).fallback(not_allowed))
@@ -54,6 +55,37 @@ async fn api_versions(headers: axum::http::HeaderMap) -> Response {
     }))
     .into_response()
 }
+
+/// The Kubernetes API level this endpoint follows, as `kubectl version` reads it, with
+/// MetaManager's own version after the `+`.
+async fn version() -> Response {
+    Json(json!({
+        "major": "1",
+        "minor": API_MINOR,
+        "gitVersion": format!("v1.{API_MINOR}.0+metamanager-{}", env!("CARGO_PKG_VERSION")),
+        "gitCommit": "",
+        "gitTreeState": "",
+        "buildDate": "",
+        "goVersion": "",
+        "compiler": "rustc",
+        "platform": format!("{}/{}", std::env::consts::OS, go_arch()),
+    }))
+    .into_response()
+}
+
+/// The machine's architecture in the names Kubernetes uses (Go's).
+fn go_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        other => other,
+    }
+}
+
+/// The Kubernetes minor version whose API conventions the endpoint follows; kubectl warns when
+/// its own is more than one away.
+const API_MINOR: &str = "30";
 
 async fn api_groups() -> Response {
     Json(json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": []})).into_response()
@@ -122,7 +154,20 @@ async fn list(
                 ))
             })?),
         };
-        return watch::respond(state.ctx.store.clone(), state.stop, scope, version, permit).await;
+        let timeout = match params.get("timeoutSeconds").map(String::as_str) {
+            None | Some("") | Some("0") => None,
+            Some(t) => Some(std::time::Duration::from_secs(t.parse::<u64>().map_err(
+                |_| ApiError::BadRequest(format!("timeoutSeconds {t:?} is not a whole number")),
+            )?)),
+        };
+        let options = watch::WatchOptions {
+            version,
+            bookmarks: params
+                .get("allowWatchBookmarks")
+                .is_some_and(|b| matches!(b.as_str(), "true" | "1")),
+            timeout,
+        };
+        return watch::respond(state.ctx.store.clone(), state.stop, scope, options, permit).await;
     }
     let limit = match params.get("limit").map(String::as_str) {
         None | Some("") | Some("0") => None,

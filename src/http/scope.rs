@@ -148,7 +148,8 @@ impl Scope {
     ) -> Result<Self, ApiError> {
         let param = |name: &str| params.get(name).map_or("", String::as_str);
         let labels = LabelSelector::parse(param("labelSelector")).map_err(ApiError::BadRequest)?;
-        let fields = FieldSelector::parse(param("fieldSelector")).map_err(ApiError::BadRequest)?;
+        let fields = FieldSelector::parse(param("fieldSelector"), kind.rtype == "pod")
+            .map_err(ApiError::BadRequest)?;
         // A cluster-scoped kind has no namespace, whatever segment it is stored under.
         let namespace = namespace.filter(|_| kind.namespaced);
         Ok(Self {
@@ -181,7 +182,7 @@ impl Scope {
         if self.namespace.as_deref().is_some_and(|want| want != ns) {
             return false;
         }
-        self.fields.matches(name, ns) && self.labels.matches(meta["labels"].as_object())
+        self.fields.matches(name, ns, value) && self.labels.matches(meta["labels"].as_object())
     }
 
     /// Reads the objects in scope a page at a time, from after the key `after`.

@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use tokio::sync::broadcast::{self, error::RecvError};
 use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit};
 
-use super::scope::{self, ApiError, Pager, Scope};
+use super::scope::{self, ApiError, Kind, Pager, Scope};
 use crate::resource::Resource;
 use crate::shutdown::Shutdown;
 use crate::store::Store;
@@ -34,6 +34,20 @@ const HEARTBEAT: Duration = Duration::from_secs(30);
 /// feed shares among them, so together they hold about this much, not this much each.
 pub const WATCH_BUDGET_BYTES: usize = 16 * 1024 * 1024;
 
+/// What a watch request asks for besides its scope.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WatchOptions {
+    /// `resourceVersion`: resume after it; `None` starts with the current objects.
+    pub version: Option<u64>,
+    /// `allowWatchBookmarks`: a `BOOKMARK` event in place of each keep-alive newline, carrying
+    /// the version the client has been sent everything up to, so that it can resume from there
+    /// without replaying what it has seen.
+    pub bookmarks: bool,
+    /// `timeoutSeconds`: the stream ends after this, as kube-apiserver ends it, and the client
+    /// watches again from its last version.
+    pub timeout: Option<Duration>,
+}
+
 /// Starts a watch of `scope`. Without a `version`, the objects in scope are first sent as
 /// `ADDED`, as kube-apiserver does; from a version (a list's `resourceVersion`), the changes
 /// after it are sent, recorded ones first, or an `ERROR` (410) when they are no longer known.
@@ -42,11 +56,12 @@ pub async fn respond(
     store: Store,
     stop: Shutdown,
     scope: Scope,
-    version: Option<u64>,
+    options: WatchOptions,
     permit: OwnedSemaphorePermit,
 ) -> Result<Response, ApiError> {
     let queue = Arc::new(Queue::default());
-    let (changes, seen, initial) = match version {
+    let deadline = options.timeout.map(|t| tokio::time::Instant::now() + t);
+    let (changes, seen, initial) = match options.version {
         None => {
             // Subscribed before anything is read: each page then holds every change up to
             // the position read before it, and later ones come from the feed.
@@ -75,9 +90,13 @@ pub async fn respond(
     };
     let (gone, client_gone) = oneshot::channel();
     tokio::spawn(receive(
-        changes,
-        seen,
-        scope.kind.rtype,
+        Feed {
+            changes,
+            seen,
+            kind: scope.kind,
+            bookmarks: options.bookmarks,
+            deadline,
+        },
         queue.clone(),
         stop.clone(),
         client_gone,
@@ -86,6 +105,7 @@ pub async fn respond(
         scope,
         store,
         stop,
+        deadline,
         queue,
         initial,
         _gone: gone,
@@ -108,30 +128,70 @@ fn stream_response(body: Body) -> Response {
         .into_response()
 }
 
-/// Takes the changes numbered after `seen` off the feed onto the watcher's queue, until the
-/// client goes away, the server stops, the feed ends, or the queue overruns its budget.
-async fn receive(
-    mut changes: broadcast::Receiver<Arc<StoreEvent>>,
+/// One watcher's side of the change feed.
+struct Feed {
+    changes: broadcast::Receiver<Arc<StoreEvent>>,
+    /// Changes numbered up to here are in what the watcher was sent first.
     seen: u64,
-    rtype: &'static str,
+    kind: &'static Kind,
+    bookmarks: bool,
+    deadline: Option<tokio::time::Instant>,
+}
+
+/// Takes the changes numbered after `seen` off the feed onto the watcher's queue, until the
+/// client goes away, the server stops, the feed ends, the watch's time is up, or the queue
+/// overruns its budget.
+async fn receive(
+    feed: Feed,
     queue: Arc<Queue>,
     mut stop: Shutdown,
     mut client_gone: oneshot::Receiver<()>,
 ) {
+    let Feed {
+        mut changes,
+        seen,
+        kind,
+        bookmarks,
+        deadline,
+    } = feed;
+    // Every change numbered up to here has been queued or was out of scope.
+    let mut received = seen;
     let mut heartbeat =
         tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT);
+    let time_up = async {
+        match deadline {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(time_up);
     loop {
         let next = tokio::select! {
             next = changes.recv() => next,
             _ = heartbeat.tick() => {
-                queue.heartbeat();
+                if bookmarks {
+                    queue.line(bookmark(kind, received));
+                } else {
+                    queue.heartbeat();
+                }
                 continue;
+            }
+            _ = &mut time_up => {
+                // As kube-apiserver does, a last bookmark before the stream ends, so the client
+                // watches again from there.
+                if bookmarks {
+                    queue.line(bookmark(kind, received));
+                }
+                return queue.end();
             }
             _ = stop.wait() => return queue.end(),
             _ = &mut client_gone => return,
         };
+        if let Ok(event) = &next {
+            received = received.max(event.seq);
+        }
         match next {
-            Ok(event) if event.seq > seen && event.rtype == rtype => {
+            Ok(event) if event.seq > seen && event.rtype == kind.rtype => {
                 if queue.push(event) == Pushed::Overrun {
                     tracing::info!(
                         budget = WATCH_BUDGET_BYTES,
@@ -197,6 +257,17 @@ impl Queue {
         }
         self.ready.notify_one();
         Pushed::Queued
+    }
+
+    /// A line for the client after whatever waits (a bookmark).
+    fn line(&self, line: Bytes) {
+        if let Ok(mut w) = self.inner.lock() {
+            if w.ended {
+                return;
+            }
+            w.items.push_back(Item::Line(line));
+        }
+        self.ready.notify_one();
     }
 
     /// A keep-alive newline, unless something is already waiting to be sent.
@@ -306,6 +377,7 @@ struct Stream {
     scope: Scope,
     store: Store,
     stop: Shutdown,
+    deadline: Option<tokio::time::Instant>,
     queue: Arc<Queue>,
     initial: Initial,
     /// Dropped with the stream, which tells the receiving task that the client went away.
@@ -317,7 +389,10 @@ impl Stream {
     /// The next line for the client; `None` ends the stream.
     async fn next_line(&mut self) -> Option<Bytes> {
         loop {
-            if self.stop.is_shutdown() {
+            let time_up = self
+                .deadline
+                .is_some_and(|at| tokio::time::Instant::now() >= at);
+            if self.stop.is_shutdown() || time_up {
                 return None;
             }
             if let Some((key, text)) = self.initial.rows.next() {
@@ -374,6 +449,16 @@ impl Stream {
             .matches(&event.key, &value)
             .then(|| event_line(kind, &scope::served(self.scope.kind, value)))
     }
+}
+
+/// A `BOOKMARK` event: only the kind and the version everything up to which has been sent.
+fn bookmark(kind: &Kind, version: u64) -> Bytes {
+    let object = json!({
+        "kind": kind.kind,
+        "apiVersion": "v1",
+        "metadata": {"resourceVersion": version.to_string()},
+    });
+    event_line("BOOKMARK", &object)
 }
 
 fn event_line(kind: &str, object: &Value) -> Bytes {
