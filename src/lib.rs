@@ -30,6 +30,7 @@
 //!   - [`http::server`]: connections under a cap, with header and idle timeouts.
 //!   - [`http::caps`]: caps on concurrent requests and watches (429 over them).
 //!   - [`http::host`]: the `Host` check of a loopback listener (DNS rebinding).
+//!   - [`http::accept`]: JSON only; `406` for a client that accepts only protobuf.
 //!   - [`http::kube`]: read-only Kubernetes-style API over the store, for `kubectl get`.
 //!   - [`http::list_page`]: a list answer streamed a page at a time, `limit` and `continue`.
 //!   - [`http::scope`]: the kinds it serves, the scope of a list or watch, its error answers.

@@ -318,7 +318,7 @@ async fn discovery_get_list_selectors_and_refused_writes() {
     )
     .await;
     assert_eq!(names(&l), ["web-1"]);
-    let (code, status) = get_json(port, "/api/v1/pods?fieldSelector=spec.nodeName%3Dx").await;
+    let (code, status) = get_json(port, "/api/v1/pods?fieldSelector=spec.schedulerName%3Dx").await;
     assert_eq!((code, &status["reason"]), (400, &json!("BadRequest")));
     let (_, cms) = get_json(port, "/api/v1/namespaces/default/configmaps").await;
     assert_eq!(cms["kind"], "ConfigMapList");
@@ -941,4 +941,30 @@ async fn a_watch_with_a_timeout_ends_with_a_bookmark_to_resume_from() {
     let (code, _, body) = http(port, "GET", &path).await;
     assert_eq!(code, 200);
     assert_eq!(types_and_names(&events(&body)), [("ADDED", "second")]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_is_served_to_clients_that_accept_it_and_406_to_protobuf_only_ones() {
+    let Some(app) = TestApp::spawn(Options::new(BrokerKind::Embedded)).await else {
+        return;
+    };
+    let port = app.http_port;
+    let ask = |accept: &'static str| async move {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let request = format!(
+            "GET /api/v1/pods HTTP/1.1\r\nHost: localhost\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut raw = String::new();
+        stream.read_to_string(&mut raw).await.unwrap();
+        raw
+    };
+    let refused = ask("application/vnd.kubernetes.protobuf").await;
+    assert!(refused.starts_with("HTTP/1.1 406"), "{refused}");
+    assert!(refused.contains(r#""reason":"NotAcceptable""#), "{refused}");
+    let served = ask("application/vnd.kubernetes.protobuf, application/json").await;
+    assert!(served.starts_with("HTTP/1.1 200"), "{served}");
+    assert!(served.contains(r#""kind":"PodList""#), "{served}");
 }

@@ -39,6 +39,7 @@ pub fn routes() -> Router<HttpState> {
             "/api/v1/:plural/:name",
             get(get_cluster).fallback(not_allowed),
         )
+        .layer(axum::middleware::from_fn(super::accept::json_only))
 }
 
 async fn api_versions(headers: axum::http::HeaderMap) -> Response {

@@ -22,6 +22,7 @@ use crate::shutdown::Shutdown;
 use crate::store::Store;
 use crate::watchdog::BrokerServing;
 
+pub mod accept;
 pub mod caps;
 pub mod host;
 pub mod kube;

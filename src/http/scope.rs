@@ -97,6 +97,9 @@ pub enum ApiError {
     /// The request is not for this server: see [`super::host`].
     #[error("{0}")]
     Forbidden(String),
+    /// The client accepts no type this API serves: see [`super::accept`].
+    #[error("only application/json is served, and the request accepts only {0:?}")]
+    NotAcceptable(String),
 }
 
 impl IntoResponse for ApiError {
@@ -110,6 +113,7 @@ impl IntoResponse for ApiError {
             }
             ApiError::TooManyRequests(_) => (StatusCode::TOO_MANY_REQUESTS, "TooManyRequests"),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "Forbidden"),
+            ApiError::NotAcceptable(_) => (StatusCode::NOT_ACCEPTABLE, "NotAcceptable"),
         };
         let details = match &self {
             ApiError::NotFound { plural, name } => Some(json!({"name": name, "kind": plural})),
