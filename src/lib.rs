@@ -33,6 +33,7 @@
 //!   - [`http::accept`]: JSON only; `406` for a client that accepts only protobuf.
 //!   - [`http::kube`]: read-only Kubernetes-style API over the store, for `kubectl get`.
 //!   - [`http::list_page`]: a list answer streamed a page at a time, `limit` and `continue`.
+//!   - [`http::table`]: server-side Table output, the columns kubectl prints.
 //!   - [`http::scope`]: the kinds it serves, the scope of a list or watch, its error answers.
 //!   - [`http::selector`]: label and field selectors of list and watch requests.
 //!   - [`http::watch`]: watch streams fed by the store's change feed.

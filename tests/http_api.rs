@@ -372,11 +372,11 @@ fn kubectl_out(port: u16, home: &std::path::Path, args: &[&str]) -> String {
 }
 
 /// Waits for a line of output that contains `want`.
-async fn wait_line(lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>, want: &str) {
+async fn wait_line(lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>, want: &str) -> String {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         match tokio::time::timeout_at(deadline, lines.recv()).await {
-            Ok(Some(line)) if line.contains(want) => return,
+            Ok(Some(line)) if line.contains(want) => return line,
             Ok(Some(_)) => {}
             other => panic!("kubectl -w never printed {want}: {other:?}"),
         }
@@ -420,6 +420,22 @@ async fn kubectl_gets_lists_and_watches() {
 
     let all = kubectl_out(port, home.path(), &["get", "pods", "-A"]);
     assert!(all.contains("NAMESPACE") && all.contains(&name), "{all}");
+    // Server-side Table output: the columns a real cluster shows for pods.
+    let header: Vec<&str> = all.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        ["NAMESPACE", "NAME", "READY", "STATUS", "RESTARTS", "AGE"],
+        "{all}"
+    );
+    let row: Vec<&str> = all.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!((row[0], row[1]), ("default", name.as_str()), "{all}");
+    assert_eq!(row[2], "0/1", "READY: ready containers of all: {all}");
+    assert_eq!(
+        Some(row[3]),
+        nginx["status"]["phase"].as_str(),
+        "STATUS: {all}"
+    );
+    assert_eq!(row[4], "0", "RESTARTS: {all}");
     let one = kubectl_out(
         port,
         home.path(),
@@ -428,6 +444,8 @@ async fn kubectl_gets_lists_and_watches() {
     assert_eq!(serde_json::from_str::<Value>(&one).unwrap(), nginx);
     let cms = kubectl_out(port, home.path(), &["get", "configmaps", "-n", "default"]);
     assert!(cms.contains("app-config"), "{cms}");
+    let header: Vec<&str> = cms.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(header, ["NAME", "AGE"], "other kinds: NAME and AGE: {cms}");
 
     // A watch prints a pod inserted over MQTT while it runs.
     let mut watcher = kubectl_cmd(port, home.path(), &["get", "pods", "-w", "-n", "default"])
@@ -448,7 +466,12 @@ async fn kubectl_gets_lists_and_watches() {
     // The listed pod first: from then on the watch is established.
     wait_line(&mut lines, &name).await;
     insert_pod(&mut app, "default", "watched-1", "x").await;
-    wait_line(&mut lines, "watched-1").await;
+    let line = wait_line(&mut lines, "watched-1").await;
+    assert_eq!(
+        line.split_whitespace().nth(2),
+        Some("Unknown"),
+        "a row of the table: {line}"
+    );
     let _ = watcher.kill();
     let _ = watcher.wait();
 }

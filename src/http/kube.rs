@@ -8,14 +8,14 @@
 use std::collections::HashMap;
 
 use axum::extract::{Path, Query, State};
-use axum::http::Method;
+use axum::http::{HeaderMap, Method};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use super::scope::{kind_of, served, ApiError, Kind, Scope, KINDS};
-use super::{list_page, watch, HttpState};
+use super::{list_page, table, watch, HttpState};
 use crate::resource::Resource;
 use crate::store::Store;
 
@@ -120,24 +120,27 @@ async fn list_in_namespace(
     State(state): State<HttpState>,
     Path((ns, plural)): Path<(String, String)>,
     Query(params): Params,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    list(state, &plural, Some(ns), params).await
+    list(state, &plural, Some(ns), params, table::wanted(&headers)).await
 }
 
 async fn list_all(
     State(state): State<HttpState>,
     Path(plural): Path<String>,
     Query(params): Params,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    list(state, &plural, None, params).await
+    list(state, &plural, None, params, table::wanted(&headers)).await
 }
 
-/// A list, or with `watch=true` a watch, of one kind.
+/// A list, or with `watch=true` a watch, of one kind; with `as_table`, as a Table.
 async fn list(
     state: HttpState,
     plural: &str,
     namespace: Option<String>,
     params: HashMap<String, String>,
+    as_table: bool,
 ) -> Result<Response, ApiError> {
     let kind = kind_of(plural).ok_or(ApiError::NoRoute)?;
     let scope = Scope::new(kind, namespace, &params)?;
@@ -167,6 +170,7 @@ async fn list(
                 .get("allowWatchBookmarks")
                 .is_some_and(|b| matches!(b.as_str(), "true" | "1")),
             timeout,
+            table: as_table,
         };
         return watch::respond(state.ctx.store.clone(), state.stop, scope, options, permit).await;
     }
@@ -185,18 +189,21 @@ async fn list(
     // The first page is read before the answer starts, so a store that cannot be read is
     // an error status, not a cut-off body.
     let first = pager.next().await?;
-    Ok(list_page::stream(scope, pager, first, version, limit))
+    Ok(list_page::stream(
+        scope, pager, first, version, limit, as_table,
+    ))
 }
 
 async fn get_in_namespace(
     State(store): State<Store>,
     Path((ns, plural, name)): Path<(String, String, String)>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let kind = kind_of(&plural)
         .filter(|k| k.namespaced)
         .ok_or(ApiError::NoRoute)?;
     match store.get(&format!("{ns}/{}/{name}", kind.rtype)).await? {
-        Some(text) => object(kind, name, &text),
+        Some(text) => object(kind, name, &text, table::wanted(&headers)),
         None => Err(ApiError::NotFound {
             plural: kind.plural,
             name,
@@ -208,6 +215,7 @@ async fn get_in_namespace(
 async fn get_cluster(
     State(store): State<Store>,
     Path((plural, name)): Path<(String, String)>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let kind = kind_of(&plural)
         .filter(|k| !k.namespaced)
@@ -222,7 +230,7 @@ async fn get_cluster(
             .is_some_and(|stored| stored == name)
     });
     match found {
-        Some((_, text)) => object(kind, name, &text),
+        Some((_, text)) => object(kind, name, &text, table::wanted(&headers)),
         None => Err(ApiError::NotFound {
             plural: kind.plural,
             name,
@@ -230,12 +238,22 @@ async fn get_cluster(
     }
 }
 
-fn object(kind: &'static Kind, name: String, text: &str) -> Result<Response, ApiError> {
+/// One stored object as served, or with `as_table` as a Table of one row.
+fn object(
+    kind: &'static Kind,
+    name: String,
+    text: &str,
+    as_table: bool,
+) -> Result<Response, ApiError> {
     let value = serde_json::from_str::<Value>(text).map_err(|source| ApiError::NotJson {
         plural: kind.plural,
         name,
         source,
     })?;
+    if as_table {
+        let row = table::row(kind, &value, std::time::SystemTime::now());
+        return Ok(Json(table::table(kind, vec![row], json!({}))).into_response());
+    }
     Ok(Json(served(kind, value)).into_response())
 }
 

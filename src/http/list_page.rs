@@ -18,21 +18,31 @@ use super::scope::{ApiError, Page, Pager, Scope};
 /// one page of stored rows and one chunk, whatever the objects' sizes.
 const CHUNK_BYTES: usize = 64 * 1024;
 
-/// The answer to a list: `{"kind", "apiVersion", "items": [...], "metadata"}`. The metadata
-/// comes last, since the `continue` token is known only at the end; JSON readers do not mind.
+/// The answer to a list: `{"kind", "apiVersion", "items": [...], "metadata"}`, or with
+/// `table` a Table whose `rows` are the objects ([`super::table`]). The metadata comes last,
+/// since the `continue` token is known only at the end; JSON readers do not mind.
 pub fn stream(
     scope: Scope,
     pager: Pager,
     first: Option<Page>,
     version: u64,
     limit: Option<usize>,
+    table: bool,
 ) -> Response {
-    let head = format!(
-        r#"{{"kind":"{}List","apiVersion":"v1","items":["#,
-        scope.kind.kind
-    );
+    let head = if table {
+        format!(
+            r#"{{"kind":"Table","apiVersion":"meta.k8s.io/v1","columnDefinitions":{},"rows":["#,
+            super::table::columns(scope.kind)
+        )
+    } else {
+        format!(
+            r#"{{"kind":"{}List","apiVersion":"v1","items":["#,
+            scope.kind.kind
+        )
+    };
     let mut list = Listing {
         scope,
+        table: table.then(std::time::SystemTime::now),
         pager,
         rows: Vec::new().into_iter(),
         version,
@@ -92,6 +102,8 @@ enum State {
 
 struct Listing {
     scope: Scope,
+    /// Rows of a Table instead of objects, their ages as of this time.
+    table: Option<std::time::SystemTime>,
     pager: Pager,
     rows: std::vec::IntoIter<(String, String)>,
     version: u64,
@@ -135,10 +147,14 @@ impl Listing {
                     let Some(object) = self.scope.served_if_matches(&key, &text) else {
                         continue;
                     };
+                    let item = match self.table {
+                        Some(now) => super::table::row(self.scope.kind, &object, now),
+                        None => object,
+                    };
                     if self.sent > 0 {
                         chunk.push(b',');
                     }
-                    if serde_json::to_writer(&mut chunk, &object).is_err() {
+                    if serde_json::to_writer(&mut chunk, &item).is_err() {
                         continue;
                     }
                     self.sent += 1;

@@ -30,6 +30,7 @@ pub mod list_page;
 pub mod scope;
 pub mod selector;
 pub mod server;
+pub mod table;
 pub mod watch;
 
 /// Content type of the OpenMetrics text that [`Exporter::render`] writes.

@@ -46,6 +46,8 @@ pub struct WatchOptions {
     /// `timeoutSeconds`: the stream ends after this, as kube-apiserver ends it, and the client
     /// watches again from its last version.
     pub timeout: Option<Duration>,
+    /// Each event's object as a Table of one row ([`super::table`]), as `kubectl get -w` asks.
+    pub table: bool,
 }
 
 /// Starts a watch of `scope`. Without a `version`, the objects in scope are first sent as
@@ -106,6 +108,7 @@ pub async fn respond(
         store,
         stop,
         deadline,
+        table: options.table,
         queue,
         initial,
         _gone: gone,
@@ -378,6 +381,7 @@ struct Stream {
     store: Store,
     stop: Shutdown,
     deadline: Option<tokio::time::Instant>,
+    table: bool,
     queue: Arc<Queue>,
     initial: Initial,
     /// Dropped with the stream, which tells the receiving task that the client went away.
@@ -397,7 +401,7 @@ impl Stream {
             }
             if let Some((key, text)) = self.initial.rows.next() {
                 match self.scope.served_if_matches(&key, &text) {
-                    Some(object) => return Some(event_line("ADDED", &object)),
+                    Some(object) => return Some(self.event_line("ADDED", object)),
                     None => continue,
                 }
             }
@@ -420,6 +424,20 @@ impl Stream {
                 return line;
             }
         }
+    }
+
+    /// An event of `kind` for `object`, as a Table of one row when the watch asked for it.
+    fn event_line(&self, kind: &str, object: Value) -> Bytes {
+        if !self.table {
+            return event_line(kind, &object);
+        }
+        let row = super::table::row(self.scope.kind, &object, std::time::SystemTime::now());
+        let version = object["metadata"]["resourceVersion"].clone();
+        let metadata = json!({"resourceVersion": version});
+        event_line(
+            kind,
+            &super::table::table(self.scope.kind, vec![row], metadata),
+        )
     }
 
     /// The event line for a change in scope; `None` for one outside it.
@@ -447,7 +465,7 @@ impl Stream {
         };
         self.scope
             .matches(&event.key, &value)
-            .then(|| event_line(kind, &scope::served(self.scope.kind, value)))
+            .then(|| self.event_line(kind, scope::served(self.scope.kind, value)))
     }
 }
 
