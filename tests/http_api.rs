@@ -991,3 +991,78 @@ async fn json_is_served_to_clients_that_accept_it_and_406_to_protobuf_only_ones(
     assert!(served.starts_with("HTTP/1.1 200"), "{served}");
     assert!(served.contains(r#""kind":"PodList""#), "{served}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_kind_the_cloud_inserts_is_served_under_its_group_and_found_by_kubectl() {
+    let Some(mut app) = TestApp::spawn(Options::new(BrokerKind::Embedded)).await else {
+        return;
+    };
+    let port = app.http_port;
+    let model = json!({"apiVersion": "devices.kubeedge.io/v1beta1", "kind": "DeviceModel",
+        "metadata": {"name": "thermometer", "namespace": "default"},
+        "spec": {"protocol": "modbus", "properties": [{"name": "temperature", "type": "float"}]}});
+    insert(&mut app, "default/devicemodel/thermometer", model.clone()).await;
+    // Cluster-scoped (no namespace in the object), though stored under `default`.
+    let class = json!({"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+        "metadata": {"name": "local-path"}, "provisioner": "rancher.io/local-path"});
+    insert(&mut app, "default/storageclass/local-path", class.clone()).await;
+
+    let (code, groups) = get_json(port, "/apis").await;
+    assert_eq!(code, 200);
+    let names: Vec<&str> = groups["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["devices.kubeedge.io", "storage.k8s.io"], "{groups}");
+    let (code, resources) = get_json(port, "/apis/devices.kubeedge.io/v1beta1").await;
+    assert_eq!(code, 200);
+    assert_eq!(resources["resources"][0]["name"], "devicemodels");
+    assert_eq!(resources["resources"][0]["namespaced"], true);
+    let (_, list) = get_json(
+        port,
+        "/apis/devices.kubeedge.io/v1beta1/namespaces/default/devicemodels",
+    )
+    .await;
+    assert_eq!(list["kind"], "DeviceModelList");
+    assert_eq!(list["items"], json!([model]));
+    let (_, one) = get_json(port, "/apis/storage.k8s.io/v1/storageclasses/local-path").await;
+    assert_eq!(one, class);
+    let (code, _) = get_json(
+        port,
+        "/apis/storage.k8s.io/v1/namespaces/default/storageclasses/local-path",
+    )
+    .await;
+    assert_eq!(code, 404, "cluster-scoped: not under a namespace");
+    let (code, _) = get_json(port, "/apis/nothing.example/v1/things").await;
+    assert_eq!(code, 404);
+
+    if kubectl().is_none() {
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    let kinds = kubectl_out(
+        port,
+        home.path(),
+        &["api-resources", "--no-headers", "-o", "name"],
+    );
+    for want in [
+        "pods",
+        "devicemodels.devices.kubeedge.io",
+        "storageclasses.storage.k8s.io",
+    ] {
+        assert!(
+            kinds.lines().any(|l| l == want),
+            "api-resources lacks {want}: {kinds}"
+        );
+    }
+    let models = kubectl_out(
+        port,
+        home.path(),
+        &["get", "devicemodels", "-n", "default", "-o", "name"],
+    );
+    assert_eq!(models.trim(), "devicemodel.devices.kubeedge.io/thermometer");
+    let classes = kubectl_out(port, home.path(), &["get", "storageclasses"]);
+    assert!(classes.contains("local-path"), "{classes}");
+}

@@ -1,6 +1,7 @@
 //! A read-only subset of the Kubernetes API over the local store, enough for `kubectl get`
-//! (and `kubectl get -w`) pointed at the node: discovery, get, list and watch of the stored
-//! pods, configmaps, secrets, nodes, services and endpoints.
+//! (and `kubectl get -w`) pointed at the node: discovery, get, list and watch of the core kinds
+//! and of every other kind the store holds, under its own group and version
+//! ([`super::kinds`]).
 //!
 //! Objects are served exactly as stored, so what kubectl shows is what edged would be given.
 //! Writes belong to the cloud and arrive over MQTT; every write method here is refused.
@@ -14,30 +15,54 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use super::scope::{kind_of, served, ApiError, Kind, Scope, KINDS};
+use std::sync::Arc;
+
+use super::kinds::{self, Kind};
+use super::scope::{served, ApiError, Scope};
 use super::{list_page, table, watch, HttpState};
 use crate::resource::Resource;
 use crate::store::Store;
 
-/// One kind of object the API serves.
+/// Discovery, and get, list and watch of every kind, core (`/api/v1`) and grouped
+/// (`/apis/{group}/{version}`).
 pub fn routes() -> Router<HttpState> {
     Router::new()
         .route("/version", get(version).fallback(not_allowed))
         .route("/api", get(api_versions).fallback(not_allowed))
         .route("/apis", get(api_groups).fallback(not_allowed))
-        .route("/api/v1", get(resources).fallback(not_allowed))
+        .route("/api/v1", get(core_resources).fallback(not_allowed))
+        .route(
+            "/apis/:group/:version",
+            get(group_resources).fallback(not_allowed),
+        )
         .route(
             "/api/v1/namespaces/:ns/:plural",
-            get(list_in_namespace).fallback(not_allowed),
+            get(core_list_in_namespace).fallback(not_allowed),
         )
         .route(
             "/api/v1/namespaces/:ns/:plural/:name",
-            get(get_in_namespace).fallback(not_allowed),
+            get(core_get_in_namespace).fallback(not_allowed),
         )
-        .route("/api/v1/:plural", get(list_all).fallback(not_allowed))
+        .route("/api/v1/:plural", get(core_list_all).fallback(not_allowed))
         .route(
             "/api/v1/:plural/:name",
-            get(get_cluster).fallback(not_allowed),
+            get(core_get_cluster).fallback(not_allowed),
+        )
+        .route(
+            "/apis/:group/:version/namespaces/:ns/:plural",
+            get(group_list_in_namespace).fallback(not_allowed),
+        )
+        .route(
+            "/apis/:group/:version/namespaces/:ns/:plural/:name",
+            get(group_get_in_namespace).fallback(not_allowed),
+        )
+        .route(
+            "/apis/:group/:version/:plural",
+            get(group_list_all).fallback(not_allowed),
+        )
+        .route(
+            "/apis/:group/:version/:plural/:name",
+            get(group_get_cluster).fallback(not_allowed),
         )
         .layer(axum::middleware::from_fn(super::accept::json_only))
 }
@@ -88,13 +113,51 @@ fn go_arch() -> &'static str {
 /// its own is more than one away.
 const API_MINOR: &str = "30";
 
-async fn api_groups() -> Response {
-    Json(json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": []})).into_response()
+/// The groups of the stored kinds that are not core, each with the versions stored.
+async fn api_groups(State(store): State<Store>) -> Result<Response, ApiError> {
+    let mut groups: Vec<(String, Vec<String>)> = Vec::new();
+    for kind in kinds::all(&store).await? {
+        if kind.group.is_empty() {
+            continue;
+        }
+        match groups.iter_mut().find(|(g, _)| *g == kind.group) {
+            Some((_, versions)) if !versions.contains(&kind.version) => {
+                versions.push(kind.version.clone())
+            }
+            Some(_) => {}
+            None => groups.push((kind.group.clone(), vec![kind.version.clone()])),
+        }
+    }
+    let groups: Vec<Value> = groups
+        .into_iter()
+        .map(|(name, versions)| {
+            let versions: Vec<Value> = versions
+                .iter()
+                .map(|v| json!({"groupVersion": format!("{name}/{v}"), "version": v}))
+                .collect();
+            json!({"name": name, "versions": versions, "preferredVersion": versions[0]})
+        })
+        .collect();
+    Ok(Json(json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})).into_response())
 }
 
-async fn resources() -> Response {
-    let list: Vec<Value> = KINDS
+async fn core_resources(State(store): State<Store>) -> Result<Response, ApiError> {
+    resource_list(&store, "", "v1").await
+}
+
+async fn group_resources(
+    State(store): State<Store>,
+    Path((group, version)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    resource_list(&store, &group, &version).await
+}
+
+/// The `APIResourceList` of one group and version; `NotFound` when nothing is served there.
+async fn resource_list(store: &Store, group: &str, version: &str) -> Result<Response, ApiError> {
+    let list: Vec<Value> = kinds::all(store)
+        .await?
         .iter()
+        .filter(|k| k.group == group && k.version == version)
         .map(|k| {
             json!({
                 "name": k.plural,
@@ -105,44 +168,85 @@ async fn resources() -> Response {
             })
         })
         .collect();
-    Json(json!({
+    if list.is_empty() {
+        return Err(ApiError::NoRoute);
+    }
+    let group_version = if group.is_empty() {
+        version.to_owned()
+    } else {
+        format!("{group}/{version}")
+    };
+    Ok(Json(json!({
         "kind": "APIResourceList",
         "apiVersion": "v1",
-        "groupVersion": "v1",
+        "groupVersion": group_version,
         "resources": list,
     }))
-    .into_response()
+    .into_response())
 }
 
 type Params = Query<HashMap<String, String>>;
 
-async fn list_in_namespace(
+async fn core_list_in_namespace(
     State(state): State<HttpState>,
     Path((ns, plural)): Path<(String, String)>,
     Query(params): Params,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    list(state, &plural, Some(ns), params, table::wanted(&headers)).await
+    let kind = find(&state.ctx.store, "", "v1", &plural).await?;
+    list(state, kind, Some(ns), params, table::wanted(&headers)).await
 }
 
-async fn list_all(
+async fn core_list_all(
     State(state): State<HttpState>,
     Path(plural): Path<String>,
     Query(params): Params,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    list(state, &plural, None, params, table::wanted(&headers)).await
+    let kind = find(&state.ctx.store, "", "v1", &plural).await?;
+    list(state, kind, None, params, table::wanted(&headers)).await
+}
+
+async fn group_list_in_namespace(
+    State(state): State<HttpState>,
+    Path((group, version, ns, plural)): Path<(String, String, String, String)>,
+    Query(params): Params,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let kind = find(&state.ctx.store, &group, &version, &plural).await?;
+    list(state, kind, Some(ns), params, table::wanted(&headers)).await
+}
+
+async fn group_list_all(
+    State(state): State<HttpState>,
+    Path((group, version, plural)): Path<(String, String, String)>,
+    Query(params): Params,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let kind = find(&state.ctx.store, &group, &version, &plural).await?;
+    list(state, kind, None, params, table::wanted(&headers)).await
+}
+
+/// The kind served at `group`/`version` under `plural`, or the 404 kube-apiserver gives.
+async fn find(
+    store: &Store,
+    group: &str,
+    version: &str,
+    plural: &str,
+) -> Result<Arc<Kind>, ApiError> {
+    kinds::find(store, group, version, plural)
+        .await?
+        .ok_or(ApiError::NoRoute)
 }
 
 /// A list, or with `watch=true` a watch, of one kind; with `as_table`, as a Table.
 async fn list(
     state: HttpState,
-    plural: &str,
+    kind: Arc<Kind>,
     namespace: Option<String>,
     params: HashMap<String, String>,
     as_table: bool,
 ) -> Result<Response, ApiError> {
-    let kind = kind_of(plural).ok_or(ApiError::NoRoute)?;
     let scope = Scope::new(kind, namespace, &params)?;
     if params
         .get("watch")
@@ -194,33 +298,72 @@ async fn list(
     ))
 }
 
-async fn get_in_namespace(
+async fn core_get_in_namespace(
     State(store): State<Store>,
     Path((ns, plural, name)): Path<(String, String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let kind = kind_of(&plural)
-        .filter(|k| k.namespaced)
-        .ok_or(ApiError::NoRoute)?;
+    let kind = find(&store, "", "v1", &plural).await?;
+    get_in_namespace(&store, kind, &ns, name, table::wanted(&headers)).await
+}
+
+async fn group_get_in_namespace(
+    State(store): State<Store>,
+    Path((group, version, ns, plural, name)): Path<(String, String, String, String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let kind = find(&store, &group, &version, &plural).await?;
+    get_in_namespace(&store, kind, &ns, name, table::wanted(&headers)).await
+}
+
+async fn core_get_cluster(
+    State(store): State<Store>,
+    Path((plural, name)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let kind = find(&store, "", "v1", &plural).await?;
+    get_cluster(&store, kind, name, table::wanted(&headers)).await
+}
+
+async fn group_get_cluster(
+    State(store): State<Store>,
+    Path((group, version, plural, name)): Path<(String, String, String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let kind = find(&store, &group, &version, &plural).await?;
+    get_cluster(&store, kind, name, table::wanted(&headers)).await
+}
+
+async fn get_in_namespace(
+    store: &Store,
+    kind: Arc<Kind>,
+    ns: &str,
+    name: String,
+    as_table: bool,
+) -> Result<Response, ApiError> {
+    if !kind.namespaced {
+        return Err(ApiError::NoRoute);
+    }
     match store.get(&format!("{ns}/{}/{name}", kind.rtype)).await? {
-        Some(text) => object(kind, name, &text, table::wanted(&headers)),
+        Some(text) => object(&kind, name, &text, as_table),
         None => Err(ApiError::NotFound {
-            plural: kind.plural,
+            plural: kind.plural.clone(),
             name,
         }),
     }
 }
 
-/// `/api/v1/nodes/{name}`: a node may be stored under any namespace segment.
+/// A cluster-scoped object may be stored under any namespace segment (`default/node/n`).
 async fn get_cluster(
-    State(store): State<Store>,
-    Path((plural, name)): Path<(String, String)>,
-    headers: HeaderMap,
+    store: &Store,
+    kind: Arc<Kind>,
+    name: String,
+    as_table: bool,
 ) -> Result<Response, ApiError> {
-    let kind = kind_of(&plural)
-        .filter(|k| !k.namespaced)
-        .ok_or(ApiError::NoRoute)?;
-    let rows = store.list_type(kind.rtype).await?;
+    if kind.namespaced {
+        return Err(ApiError::NoRoute);
+    }
+    let rows = store.list_type(&kind.rtype).await?;
     let found = rows.into_iter().find(|(key, text)| {
         let stored_name = serde_json::from_str::<Value>(text)
             .ok()
@@ -230,23 +373,18 @@ async fn get_cluster(
             .is_some_and(|stored| stored == name)
     });
     match found {
-        Some((_, text)) => object(kind, name, &text, table::wanted(&headers)),
+        Some((_, text)) => object(&kind, name, &text, as_table),
         None => Err(ApiError::NotFound {
-            plural: kind.plural,
+            plural: kind.plural.clone(),
             name,
         }),
     }
 }
 
 /// One stored object as served, or with `as_table` as a Table of one row.
-fn object(
-    kind: &'static Kind,
-    name: String,
-    text: &str,
-    as_table: bool,
-) -> Result<Response, ApiError> {
+fn object(kind: &Kind, name: String, text: &str, as_table: bool) -> Result<Response, ApiError> {
     let value = serde_json::from_str::<Value>(text).map_err(|source| ApiError::NotJson {
-        plural: kind.plural,
+        plural: kind.plural.clone(),
         name,
         source,
     })?;

@@ -32,7 +32,7 @@ pub fn stream(
     let head = if table {
         format!(
             r#"{{"kind":"Table","apiVersion":"meta.k8s.io/v1","columnDefinitions":{},"rows":["#,
-            super::table::columns(scope.kind)
+            super::table::columns(&scope.kind)
         )
     } else {
         format!(
@@ -148,7 +148,7 @@ impl Listing {
                         continue;
                     };
                     let item = match self.table {
-                        Some(now) => super::table::row(self.scope.kind, &object, now),
+                        Some(now) => super::table::row(&self.scope.kind, &object, now),
                         None => object,
                     };
                     if self.sent > 0 {

@@ -25,6 +25,7 @@ use crate::watchdog::BrokerServing;
 pub mod accept;
 pub mod caps;
 pub mod host;
+pub mod kinds;
 pub mod kube;
 pub mod list_page;
 pub mod scope;

@@ -3,70 +3,18 @@
 //! request handlers ([`super::kube`]) and the watch streams ([`super::watch`]).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Map, Value};
 
+pub use super::kinds::Kind;
 use super::selector::{FieldSelector, LabelSelector};
 use crate::resource::Resource;
 use crate::store::read::Range;
 use crate::store::{Store, StoreError};
-
-#[derive(Debug)]
-pub struct Kind {
-    /// The URL segment: `pods`.
-    pub plural: &'static str,
-    /// The store's `type` column, which is also kube's singular name: `pod`.
-    pub rtype: &'static str,
-    pub kind: &'static str,
-    pub namespaced: bool,
-}
-
-/// Every kind served, in discovery order.
-pub const KINDS: &[Kind] = &[
-    Kind {
-        plural: "pods",
-        rtype: "pod",
-        kind: "Pod",
-        namespaced: true,
-    },
-    Kind {
-        plural: "configmaps",
-        rtype: "configmap",
-        kind: "ConfigMap",
-        namespaced: true,
-    },
-    Kind {
-        plural: "secrets",
-        rtype: "secret",
-        kind: "Secret",
-        namespaced: true,
-    },
-    Kind {
-        plural: "nodes",
-        rtype: "node",
-        kind: "Node",
-        namespaced: false,
-    },
-    Kind {
-        plural: "services",
-        rtype: "service",
-        kind: "Service",
-        namespaced: true,
-    },
-    Kind {
-        plural: "endpoints",
-        rtype: "endpoints",
-        kind: "Endpoints",
-        namespaced: true,
-    },
-];
-
-pub(super) fn kind_of(plural: &str) -> Option<&'static Kind> {
-    KINDS.iter().find(|k| k.plural == plural)
-}
 
 /// How long a client told 429 waits before it tries again, as kube-apiserver says it.
 pub const RETRY_AFTER_SECONDS: u32 = 1;
@@ -77,7 +25,7 @@ pub enum ApiError {
     #[error("{0}")]
     BadRequest(String),
     #[error("{plural} {name:?} not found")]
-    NotFound { plural: &'static str, name: String },
+    NotFound { plural: String, name: String },
     #[error("the server could not find the requested resource")]
     NoRoute,
     #[error("{0} is not allowed: this API is read-only; changes come from the cloud")]
@@ -86,7 +34,7 @@ pub enum ApiError {
     Store(#[from] StoreError),
     #[error("{plural} {name:?} is stored but is not JSON: {source}")]
     NotJson {
-        plural: &'static str,
+        plural: String,
         name: String,
         source: serde_json::Error,
     },
@@ -137,7 +85,7 @@ impl IntoResponse for ApiError {
 
 /// Which objects a list or watch covers, and how they are filtered.
 pub struct Scope {
-    pub kind: &'static Kind,
+    pub kind: Arc<Kind>,
     /// `None`: every namespace.
     pub namespace: Option<String>,
     pub labels: LabelSelector,
@@ -146,7 +94,7 @@ pub struct Scope {
 
 impl Scope {
     pub(super) fn new(
-        kind: &'static Kind,
+        kind: Arc<Kind>,
         namespace: Option<String>,
         params: &HashMap<String, String>,
     ) -> Result<Self, ApiError> {
@@ -264,7 +212,7 @@ impl Scope {
     /// or is not JSON (one bad row does not hide the others).
     pub fn served_if_matches(&self, key: &str, text: &str) -> Option<Value> {
         let value: Value = serde_json::from_str(text).ok()?;
-        self.matches(key, &value).then(|| served(self.kind, value))
+        self.matches(key, &value).then(|| served(&self.kind, value))
     }
 }
 
@@ -272,7 +220,8 @@ impl Scope {
 pub fn served(kind: &Kind, mut value: Value) -> Value {
     if let Some(obj) = value.as_object_mut() {
         obj.entry("kind").or_insert_with(|| json!(kind.kind));
-        obj.entry("apiVersion").or_insert_with(|| json!("v1"));
+        obj.entry("apiVersion")
+            .or_insert_with(|| json!(kind.api_version()));
     }
     value
 }

@@ -196,13 +196,9 @@ mod tests {
             ("1/2".into(), "CrashLoopBackOff".into(), "5".into())
         );
         let now = humantime::parse_rfc3339("2026-11-28T10:05:00Z").unwrap();
-        let pods = Kind {
-            plural: "pods",
-            rtype: "pod",
-            kind: "Pod",
-            namespaced: true,
-        };
-        let r = row(&pods, &pod, now);
+        let pods = &super::super::kinds::builtins()[0];
+        assert_eq!(pods.rtype, "pod");
+        let r = row(pods, &pod, now);
         assert_eq!(
             r["cells"],
             json!(["web", "1/2", "CrashLoopBackOff", "5", "5m"])

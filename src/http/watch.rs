@@ -95,7 +95,7 @@ pub async fn respond(
         Feed {
             changes,
             seen,
-            kind: scope.kind,
+            kind: scope.kind.clone(),
             bookmarks: options.bookmarks,
             deadline,
         },
@@ -136,7 +136,7 @@ struct Feed {
     changes: broadcast::Receiver<Arc<StoreEvent>>,
     /// Changes numbered up to here are in what the watcher was sent first.
     seen: u64,
-    kind: &'static Kind,
+    kind: Arc<Kind>,
     bookmarks: bool,
     deadline: Option<tokio::time::Instant>,
 }
@@ -173,7 +173,7 @@ async fn receive(
             next = changes.recv() => next,
             _ = heartbeat.tick() => {
                 if bookmarks {
-                    queue.line(bookmark(kind, received));
+                    queue.line(bookmark(&kind, received));
                 } else {
                     queue.heartbeat();
                 }
@@ -183,7 +183,7 @@ async fn receive(
                 // As kube-apiserver does, a last bookmark before the stream ends, so the client
                 // watches again from there.
                 if bookmarks {
-                    queue.line(bookmark(kind, received));
+                    queue.line(bookmark(&kind, received));
                 }
                 return queue.end();
             }
@@ -431,12 +431,12 @@ impl Stream {
         if !self.table {
             return event_line(kind, &object);
         }
-        let row = super::table::row(self.scope.kind, &object, std::time::SystemTime::now());
+        let row = super::table::row(&self.scope.kind, &object, std::time::SystemTime::now());
         let version = object["metadata"]["resourceVersion"].clone();
         let metadata = json!({"resourceVersion": version});
         event_line(
             kind,
-            &super::table::table(self.scope.kind, vec![row], metadata),
+            &super::table::table(&self.scope.kind, vec![row], metadata),
         )
     }
 
@@ -465,7 +465,7 @@ impl Stream {
         };
         self.scope
             .matches(&event.key, &value)
-            .then(|| self.event_line(kind, scope::served(self.scope.kind, value)))
+            .then(|| self.event_line(kind, scope::served(&self.scope.kind, value)))
     }
 }
 
@@ -473,7 +473,7 @@ impl Stream {
 fn bookmark(kind: &Kind, version: u64) -> Bytes {
     let object = json!({
         "kind": kind.kind,
-        "apiVersion": "v1",
+        "apiVersion": kind.api_version(),
         "metadata": {"resourceVersion": version.to_string()},
     });
     event_line("BOOKMARK", &object)

@@ -480,6 +480,11 @@ impl Store {
         self.read_now(|c| read::get(c, key))
     }
 
+    /// One stored object of each type: see [`read::type_samples`].
+    pub async fn type_samples(&self) -> Result<Vec<(String, String)>, StoreError> {
+        self.read(read::type_samples).await
+    }
+
     /// One page of `range` after the key `after`: see [`read::page`].
     pub async fn page(
         &self,

@@ -104,6 +104,16 @@ pub fn page(
     Ok(page)
 }
 
+/// One stored object of each type, as `(type, json)`, in type order: what the local API reads
+/// to learn the kind, group and version of types it does not know.
+pub fn type_samples(c: &Connection) -> rusqlite::Result<Vec<(String, String)>> {
+    let mut stmt = c.prepare_cached(
+        "SELECT type, value FROM meta WHERE key IN (SELECT MIN(key) FROM meta GROUP BY type) ORDER BY type",
+    )?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
+}
+
 /// Which of `keys` are stored.
 pub fn existing(c: &Connection, keys: &[String]) -> rusqlite::Result<Vec<bool>> {
     let mut stmt = c.prepare_cached("SELECT 1 FROM meta WHERE key = ?1")?;
