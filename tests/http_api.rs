@@ -1066,3 +1066,40 @@ async fn any_kind_the_cloud_inserts_is_served_under_its_group_and_found_by_kubec
     let classes = kubectl_out(port, home.path(), &["get", "storageclasses"]);
     assert!(classes.contains("local-path"), "{classes}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_from_a_version_given_out_before_a_restart_resumes_after_it() {
+    let Some(mut app) = TestApp::spawn(Options::new(BrokerKind::Embedded)).await else {
+        return;
+    };
+    insert_pod(&mut app, "default", "before", "a").await;
+    let (_, list) = get_json(app.http_port, "/api/v1/namespaces/default/pods").await;
+    let version = list["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    app.restart().await;
+    insert_pod(&mut app, "default", "after", "a").await;
+    let (_, again) = get_json(app.http_port, "/api/v1/namespaces/default/pods").await;
+    let later: u64 = again["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        later > version.parse::<u64>().unwrap(),
+        "numbers go on across the restart"
+    );
+
+    let path = format!(
+        "/api/v1/namespaces/default/pods?watch=true&resourceVersion={version}&timeoutSeconds=1"
+    );
+    let (code, _, body) = http(app.http_port, "GET", &path).await;
+    assert_eq!(code, 200);
+    assert!(
+        !body.contains(r#""code":410"#),
+        "resumed, not expired: {body}"
+    );
+    assert_eq!(types_and_names(&events(&body)), [("ADDED", "after")]);
+}

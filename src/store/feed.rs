@@ -1,11 +1,14 @@
 //! The change feed: every committed change to `meta`, numbered, for watchers.
 //!
-//! The writer numbers each change after its commit, records it in a short history and sends it
-//! on a broadcast channel; neither step can make it wait. The numbers are what a list reports as
-//! its `resourceVersion`, so a client that lists and then watches from that version is given
-//! the changes in between from the history, instead of missing them. They start at the
-//! microseconds since the epoch when the store opened, so a version from an earlier run of the
-//! process is older than anything in the history and the client is told to list again.
+//! The writer numbers each change inside the transaction that makes it, and records it in the
+//! `changes` table there too (without its content, and only the last [`FEED_DEPTH`] are kept);
+//! after the commit it puts the change in a short history in memory and sends it on a broadcast
+//! channel, neither of which can make it wait. The numbers are what a list reports as its
+//! `resourceVersion`, so a client that lists and then watches from that version is given the
+//! changes in between from the history, instead of missing them. Because the numbers and the
+//! recent changes are in the database, a watch from a version given out before a restart
+//! resumes after it, without a 410, while the history covers it. A new database starts its
+//! numbers at the microseconds since the epoch, above any number an older MetaManager gave out.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,16 +53,31 @@ struct History {
 
 impl Default for Feed {
     fn default() -> Self {
-        let start = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_micros() as u64);
+        Self::new(first_number() - 1, Vec::new())
+    }
+}
+
+/// Where the numbers of a database without any start: the microseconds since the epoch.
+pub fn first_number() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_micros() as u64)
+}
+
+impl Feed {
+    /// A feed whose last change was numbered `last`, with `recent` (numbered, oldest first, the
+    /// last of them `last`) as its history: what the `changes` table held at start-up.
+    pub fn new(last: u64, recent: Vec<StoreEvent>) -> Self {
+        let since = recent.first().map_or(last + 1, |e| e.seq);
+        let events: VecDeque<Arc<StoreEvent>> = recent.into_iter().map(Arc::new).collect();
+        let bytes = events.iter().map(|e| e.size()).sum();
         Self {
-            seq: AtomicU64::new(start),
+            seq: AtomicU64::new(last),
             sender: broadcast::channel(FEED_DEPTH).0,
             history: Mutex::new(History {
-                events: VecDeque::with_capacity(FEED_DEPTH),
-                bytes: 0,
-                since: start + 1,
+                events,
+                bytes,
+                since,
             }),
             gap: AtomicU64::new(0),
         }
@@ -71,18 +89,14 @@ impl Feed {
         self.sender.receiver_count() > 0
     }
 
-    /// Numbers, records and sends one commit's changes. Called by the writer only; never waits.
+    /// Records and sends one commit's changes, numbered by the writer. Called by the writer
+    /// only; never waits.
     pub fn publish(&self, events: Vec<StoreEvent>) {
-        if events.is_empty() {
+        let Some(last) = events.last().map(|e| e.seq) else {
             return;
-        }
-        let events: Vec<Arc<StoreEvent>> = events
-            .into_iter()
-            .map(|mut e| {
-                e.seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
-                Arc::new(e)
-            })
-            .collect();
+        };
+        let events: Vec<Arc<StoreEvent>> = events.into_iter().map(Arc::new).collect();
+        self.seq.store(last, Ordering::SeqCst);
         // Recorded before sent: a watcher that subscribes and then reads the history sees
         // each change in one or the other, possibly both (it skips numbers it has seen).
         match self.history.try_lock() {
@@ -155,6 +169,16 @@ mod tests {
     use super::*;
     use crate::store::ChangeKind;
 
+    /// Numbers `events` after the feed's last, as the writer does, and publishes them.
+    fn publish(feed: &Feed, mut events: Vec<StoreEvent>) {
+        let mut next = feed.position();
+        for e in &mut events {
+            next += 1;
+            e.seq = next;
+        }
+        feed.publish(events);
+    }
+
     fn event(key: &str) -> StoreEvent {
         StoreEvent {
             seq: 0,
@@ -173,7 +197,7 @@ mod tests {
         for i in 0..20 {
             let mut e = event(&format!("k{i}"));
             e.value = Some(big.clone());
-            feed.publish(vec![e]);
+            publish(&feed, vec![e]);
         }
         let h = feed.history.lock().unwrap();
         assert!(h.bytes <= FEED_HISTORY_BYTES, "{} bytes held", h.bytes);
@@ -186,9 +210,9 @@ mod tests {
     #[test]
     fn a_watch_from_a_version_gets_what_came_after_it() {
         let feed = Feed::default();
-        feed.publish(vec![event("a")]);
+        publish(&feed, vec![event("a")]);
         let listed = feed.position();
-        feed.publish(vec![event("b"), event("c")]);
+        publish(&feed, vec![event("b"), event("c")]);
         let (_live, backlog) = feed.since(listed).unwrap();
         let keys: Vec<&str> = backlog.iter().map(|e| e.key.as_str()).collect();
         assert_eq!(keys, ["b", "c"]);
@@ -202,7 +226,7 @@ mod tests {
         let feed = Feed::default();
         let start = feed.position();
         for i in 0..FEED_DEPTH + 10 {
-            feed.publish(vec![event(&format!("k{i}"))]);
+            publish(&feed, vec![event(&format!("k{i}"))]);
         }
         assert!(feed.since(start).is_err());
         assert!(feed.since(1).is_err(), "a version from an earlier run");
@@ -215,11 +239,11 @@ mod tests {
         let feed = Feed::default();
         let before = feed.position();
         let held = feed.history.lock().unwrap();
-        feed.publish(vec![event("a")]);
+        publish(&feed, vec![event("a")]);
         drop(held);
         assert!(feed.since(before).is_err(), "the history misses `a`");
         let after = feed.position();
-        feed.publish(vec![event("b")]);
+        publish(&feed, vec![event("b")]);
         let keys: Vec<String> = feed
             .since(after)
             .unwrap()
@@ -228,5 +252,29 @@ mod tests {
             .map(|e| e.key.clone())
             .collect();
         assert_eq!(keys, ["b"]);
+    }
+
+    #[test]
+    fn a_feed_reopened_from_its_recorded_changes_resumes_versions_given_out_before() {
+        let recent: Vec<StoreEvent> = (0..3)
+            .map(|i| StoreEvent {
+                seq: 100 + i,
+                value: None,
+                ..event(&format!("k{i}"))
+            })
+            .collect();
+        let feed = Feed::new(102, recent);
+        assert_eq!(feed.position(), 102);
+        let keys: Vec<String> = feed
+            .since(100)
+            .unwrap()
+            .1
+            .iter()
+            .map(|e| e.key.clone())
+            .collect();
+        assert_eq!(keys, ["k1", "k2"]);
+        assert!(feed.since(98).is_err(), "before the recorded history");
+        publish(&feed, vec![event("k3")]);
+        assert_eq!(feed.position(), 103);
     }
 }

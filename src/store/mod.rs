@@ -313,7 +313,11 @@ impl Store {
         };
         let conn = Connection::open(path).map_err(open_err)?;
         writer::prepare(&conn, options.synchronous.as_str()).map_err(open_err)?;
-        let shared = Arc::new(Shared::default());
+        let (last_change, recent) = writer::recorded_changes(&conn).map_err(open_err)?;
+        let shared = Arc::new(Shared {
+            feed: feed::Feed::new(last_change, recent),
+            ..Shared::default()
+        });
         let mut writer = writer::Writer {
             conn,
             shared: shared.clone(),
@@ -322,6 +326,8 @@ impl Store {
             outbox_rows: 0,
             metrics: options.metrics.clone(),
             lock,
+            next_change: last_change + 1,
+            changes_since_prune: 0,
         };
         writer.count_outbox().map_err(open_err)?;
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);

@@ -44,6 +44,12 @@ pub(super) fn prepare(conn: &Connection, synchronous: &str) -> rusqlite::Result<
              msg_id  TEXT NOT NULL UNIQUE,
              settled INTEGER NOT NULL DEFAULT 0
          );
+         CREATE TABLE IF NOT EXISTS changes (
+             seq   INTEGER PRIMARY KEY,
+             kind  INTEGER NOT NULL,
+             key   TEXT NOT NULL,
+             rtype TEXT NOT NULL
+         );
          CREATE TABLE IF NOT EXISTS outbox (
              seq          INTEGER PRIMARY KEY,
              resource     TEXT NOT NULL,
@@ -75,6 +81,40 @@ pub(super) struct Writer {
     pub metrics: super::StoreMetrics,
     /// The claim on the database, released by [`Writer::run`] once it has closed `conn`.
     pub lock: super::InstanceLock,
+    /// The number the next change to `meta` gets: numbered and recorded in `changes` inside
+    /// the transaction that makes it, so the numbers and the recent history outlive a restart
+    /// at no extra fsync (see [`super::feed`]).
+    pub next_change: u64,
+    /// Changes recorded since `changes` was last pruned to its length.
+    pub changes_since_prune: usize,
+}
+
+/// The number of the last recorded change, and the recorded changes the feed's history starts
+/// with (at most [`super::feed::FEED_DEPTH`], without content), from the `changes` table; a
+/// database with none starts at [`super::feed::first_number`].
+pub(super) fn recorded_changes(conn: &Connection) -> rusqlite::Result<(u64, Vec<StoreEvent>)> {
+    let last: Option<i64> = conn.query_row("SELECT max(seq) FROM changes", [], |r| r.get(0))?;
+    let Some(last) = last.and_then(|l| u64::try_from(l).ok()) else {
+        return Ok((super::feed::first_number() - 1, Vec::new()));
+    };
+    let mut stmt =
+        conn.prepare("SELECT seq, kind, key, rtype FROM changes WHERE seq > ?1 ORDER BY seq")?;
+    let from = last.saturating_sub(super::feed::FEED_DEPTH as u64) as i64;
+    let rows = stmt.query_map([from], |r| {
+        let kind = match r.get::<_, i64>(1)? {
+            0 => ChangeKind::Added,
+            1 => ChangeKind::Modified,
+            _ => ChangeKind::Deleted,
+        };
+        Ok(StoreEvent {
+            seq: r.get::<_, i64>(0)? as u64,
+            kind,
+            key: r.get(2)?,
+            rtype: r.get(3)?,
+            value: None,
+        })
+    })?;
+    Ok((last, rows.collect::<rusqlite::Result<_>>()?))
 }
 
 /// What a batch did beyond its rows, made known only after the commit: the outbox counters,
@@ -141,6 +181,7 @@ impl Writer {
         let started = Instant::now();
         let rows_at_start = self.outbox_rows;
         let recorded_at_start = self.recorded_since_prune;
+        let changes_at_start = self.next_change;
         let marks = self.take_settle_marks();
         if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
             self.requeue_settle_marks(marks);
@@ -160,6 +201,7 @@ impl Writer {
                 let _ = self.conn.execute_batch("ROLLBACK");
                 self.outbox_rows = rows_at_start;
                 self.recorded_since_prune = recorded_at_start;
+                self.next_change = changes_at_start;
                 effect = BatchEffects::default();
                 if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
                     self.requeue_settle_marks(marks);
@@ -175,9 +217,16 @@ impl Writer {
             }
             self.recorded_since_prune = 0;
         }
+        if self.changes_since_prune >= PRUNE_EVERY {
+            if let Err(e) = self.prune_changes() {
+                tracing::warn!(error = %e, "pruning the change history failed");
+            }
+            self.changes_since_prune = 0;
+        }
         if let Err(e) = self.conn.execute_batch("COMMIT") {
             let _ = self.conn.execute_batch("ROLLBACK");
             self.outbox_rows = rows_at_start;
+            self.next_change = changes_at_start;
             self.requeue_settle_marks(marks);
             let text = e.to_string();
             tracing::error!(error = %text, changes = batch.len(), "store commit failed");
@@ -216,6 +265,7 @@ impl Writer {
         for job in batch {
             let rows_before = self.outbox_rows;
             let events_before = effect.events.len();
+            let changes_before = self.next_change;
             let applied = self
                 .conn
                 .execute_batch("SAVEPOINT change")
@@ -228,6 +278,7 @@ impl Writer {
                         .conn
                         .execute_batch("ROLLBACK TO change; RELEASE change");
                     self.outbox_rows = rows_before;
+                    self.next_change = changes_before;
                     effect.events.truncate(events_before);
                     outcomes.push(Err(StoreError::Sqlite(e)));
                 }
@@ -269,7 +320,8 @@ impl Writer {
                     None
                 };
                 let outcome = apply_write(conn, w)?;
-                if let Some(event) = feed_event(w, outcome, before, watched) {
+                if let Some(mut event) = feed_event(w, outcome, before, watched) {
+                    self.record_change(&mut event)?;
                     effect.events.push(event);
                 }
                 outcome
@@ -377,6 +429,30 @@ impl Writer {
             effect.dropped += dropped as u64;
         }
         effect.touched = true;
+        Ok(())
+    }
+
+    /// Numbers `event` and records it in `changes`, in the current transaction.
+    fn record_change(&mut self, event: &mut StoreEvent) -> rusqlite::Result<()> {
+        event.seq = self.next_change;
+        let kind = match event.kind {
+            ChangeKind::Added => 0,
+            ChangeKind::Modified => 1,
+            ChangeKind::Deleted => 2,
+        };
+        self.conn
+            .prepare_cached("INSERT INTO changes (seq, kind, key, rtype) VALUES (?1, ?2, ?3, ?4)")?
+            .execute(params![event.seq as i64, kind, event.key, event.rtype])?;
+        self.next_change += 1;
+        self.changes_since_prune += 1;
+        Ok(())
+    }
+
+    /// Keeps the last [`super::feed::FEED_DEPTH`] changes in `changes`.
+    fn prune_changes(&self) -> rusqlite::Result<()> {
+        self.conn
+            .prepare_cached("DELETE FROM changes WHERE seq <= ?1")?
+            .execute([self.next_change as i64 - 1 - super::feed::FEED_DEPTH as i64])?;
         Ok(())
     }
 
