@@ -20,6 +20,8 @@
 //! - [`topics`]: the node's topic names and the two peers, edgehub and edged.
 //! - [`message`]: the wire message, its validation, and the replies MetaManager builds.
 //! - [`resource`]: the `namespace/type[/name]` resource key.
+//! - [`patch`]: applying a `patch` operation's merge patch or JSON Patch to a stored object,
+//!   with the status lists of pods and nodes merged by key.
 //! - [`ops`]: what each operation does, one file per operation, each split into an immediate part
 //!   and an ordered step; [`ops::Context`] is what they are given.
 //! - [`cloud`]: whether the cloud is connected, as edgehub last said.
@@ -65,6 +67,7 @@ pub mod metrics;
 pub mod mqtt;
 pub mod ops;
 pub mod outbox;
+pub mod patch;
 pub mod readiness;
 pub mod remote;
 pub mod resource;
