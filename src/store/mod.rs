@@ -110,6 +110,14 @@ pub enum Write {
     },
     /// Remove `key`; with `uid`, only when the stored object's `metadata.uid` is that uid.
     Delete { key: String, uid: Option<String> },
+    /// Apply `patch` to the value stored under `key` at this point of the transaction, so that
+    /// it builds on every change queued before it; store the result when it differs. Nothing
+    /// when `key` is absent. Shared: a redelivery check applies it again.
+    Patch {
+        key: String,
+        rtype: String,
+        patch: Arc<crate::patch::Patch>,
+    },
 }
 
 impl Write {
@@ -118,7 +126,8 @@ impl Write {
         match self {
             Write::Put { key, .. }
             | Write::PutIfChanged { key, .. }
-            | Write::Delete { key, .. } => key,
+            | Write::Delete { key, .. }
+            | Write::Patch { key, .. } => key,
         }
     }
 }
@@ -162,7 +171,7 @@ pub enum Outcome {
     /// nothing stored or passed on (see [`resource_version_is_older`]).
     Stale,
     Deleted,
-    /// Delete of a key that was not stored.
+    /// Delete or patch of a key that was not stored.
     Absent,
     /// Delete whose uid did not match the stored object's; nothing was removed.
     UidMismatch,
@@ -179,6 +188,13 @@ pub enum Outcome {
     },
     /// Only the message id was recorded (a change with no write).
     Recorded,
+    /// A patch was applied to the stored object; `changed`: the result differed and was stored.
+    Patched {
+        changed: bool,
+    },
+    /// A patch could not be applied: nothing was stored, queued, or remembered of the message,
+    /// so a redelivery is tried again.
+    Rejected(crate::patch::PatchError),
 }
 
 /// The result of one committed change.
@@ -720,6 +736,137 @@ mod tests {
             .map(|(k, _)| k)
             .collect();
         assert_eq!(keys, ["ns/pod/a", "ns/pod/b", "ns/pod/seed"]);
+        store.close().await;
+    }
+
+    /// A patch sees what was queued before it in the same transaction; one that cannot be
+    /// applied fails alone, and a patch that changed the object is a MODIFIED change.
+    #[tokio::test]
+    async fn a_patch_builds_on_the_writes_before_it_in_its_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        let store = Store::open(&path, StoreOptions::default()).unwrap();
+        let mut feed = store.subscribe_changes();
+        let patch = |key: &str, content: &str| Write::Patch {
+            key: key.into(),
+            rtype: "pod".into(),
+            patch: Arc::new(
+                crate::patch::Patch::parse(content.as_bytes(), "pod", 1 << 20).expect("a patch"),
+            ),
+        };
+        // Stall the writer on its first write while the others queue up behind it.
+        let other = Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let seed = store.submit(put("ns/pod/seed", "{}")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let update = Write::PutIfChanged {
+            key: "ns/pod/p".into(),
+            rtype: "pod".into(),
+            value: Bytes::from_static(br#"{"spec":{},"status":{"phase":"Pending"}}"#),
+        };
+        let queued = [
+            update,
+            patch("ns/pod/p", r#"{"status":{"phase":"Running"}}"#),
+            patch(
+                "ns/pod/p",
+                r#"[{"op":"test","path":"/status/phase","value":"Pending"}]"#,
+            ),
+            patch("ns/pod/absent", r#"{"status":{"phase":"Running"}}"#),
+            put("ns/pod/b", "{}"),
+        ];
+        let mut pending = Vec::new();
+        for write in queued {
+            pending.push(store.submit(write).await.unwrap());
+        }
+        other.execute_batch("COMMIT").unwrap();
+        seed.await.unwrap().unwrap();
+        let mut outcomes = Vec::new();
+        for p in pending {
+            outcomes.push(p.await.unwrap().unwrap().outcome);
+        }
+        let failed = crate::patch::PatchError::Operation {
+            op: 0,
+            failure: crate::patch::OpFailure::TestFailed,
+        };
+        assert_eq!(
+            outcomes,
+            [
+                Outcome::Stored,
+                Outcome::Patched { changed: true },
+                Outcome::Rejected(failed),
+                Outcome::Absent,
+                Outcome::Stored,
+            ]
+        );
+        assert_eq!(store.commits(), (2, 6), "the rest in one transaction");
+        let running = r#"{"spec":{},"status":{"phase":"Running"}}"#;
+        assert_eq!(
+            store.get("ns/pod/p").await.unwrap().as_deref(),
+            Some(running)
+        );
+        assert_eq!(store.get("ns/pod/absent").await.unwrap(), None);
+        let mut seen = Vec::new();
+        while let Ok(e) = feed.try_recv() {
+            seen.push((e.kind, e.key.clone(), e.value.clone()));
+        }
+        let b = |s: &'static str| Some(Bytes::from_static(s.as_bytes()));
+        assert_eq!(
+            seen[1..],
+            [
+                (
+                    ChangeKind::Added,
+                    "ns/pod/p".into(),
+                    b(r#"{"spec":{},"status":{"phase":"Pending"}}"#)
+                ),
+                (ChangeKind::Modified, "ns/pod/p".into(), b(running)),
+                (ChangeKind::Added, "ns/pod/b".into(), b("{}")),
+            ]
+        );
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_redelivered_patch_is_current_while_applying_it_again_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("m.db"), StoreOptions::default()).unwrap();
+        let patch = |key: &str| {
+            let content = br#"{"status":{"phase":"Running"}}"#;
+            Some(Write::Patch {
+                key: key.into(),
+                rtype: "pod".into(),
+                patch: Arc::new(crate::patch::Patch::parse(content, "pod", 1 << 20).unwrap()),
+            })
+        };
+        let outcome = |c: Change| {
+            let store = store.clone();
+            async move { store.write(c).await.unwrap().outcome }
+        };
+        store.write(put("ns/pod/p", "{}")).await.unwrap();
+        let first = store.write(with_id("x", patch("ns/pod/p"))).await.unwrap();
+        assert_eq!(first.outcome, Outcome::Patched { changed: true });
+        assert!(!first.settled(), "a patch is passed on");
+        assert_eq!(
+            outcome(with_id("x", patch("ns/pod/p"))).await,
+            dup(false, true)
+        );
+        store
+            .write(put("ns/pod/p", r#"{"status":{"phase":"Failed"}}"#))
+            .await
+            .unwrap();
+        assert_eq!(
+            outcome(with_id("x", patch("ns/pod/p"))).await,
+            dup(false, false),
+            "superseded"
+        );
+        // Of an absent object, nothing was changed: always current.
+        assert_eq!(
+            outcome(with_id("y", patch("ns/pod/q"))).await,
+            Outcome::Absent
+        );
+        assert_eq!(
+            outcome(with_id("y", patch("ns/pod/q"))).await,
+            dup(false, true)
+        );
         store.close().await;
     }
 

@@ -19,6 +19,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::mpsc;
 
 use super::{Applied, Change, ChangeKind, Job, Outcome, Shared, StoreError, StoreEvent, Write};
+use crate::patch::Patched;
 use crate::resource::Resource;
 
 /// Most changes committed in one transaction; bounds the latency a batch adds to its first.
@@ -320,7 +321,8 @@ impl Writer {
                     None
                 };
                 let outcome = apply_write(conn, w)?;
-                if let Some(mut event) = feed_event(w, outcome, before, watched) {
+                let after = patched_value(conn, w, outcome, watched)?;
+                if let Some(mut event) = feed_event(w, outcome, before, after, watched) {
                     self.record_change(&mut event)?;
                     effect.events.push(event);
                 }
@@ -328,6 +330,14 @@ impl Writer {
             }
             None => Outcome::Recorded,
         };
+        // Not a database failure: the rest of the batch goes on. The message is not recorded,
+        // so its redelivery is tried again rather than acked as done.
+        if let Outcome::Rejected(_) = outcome {
+            return Ok(Applied {
+                outcome,
+                queued: false,
+            });
+        }
         let queued = match &change.to_cloud {
             Some(m) if !matches!(outcome, Outcome::Unchanged | Outcome::Stale) => {
                 self.enqueue(m, effect)?;
@@ -514,6 +524,34 @@ fn apply_write(conn: &Connection, write: &Write) -> rusqlite::Result<Outcome> {
                 .execute([key])?;
             Ok(Outcome::Deleted)
         }
+        Write::Patch { key, rtype, patch } => {
+            let Some(stored) = stored_value(conn, key)? else {
+                return Ok(Outcome::Absent);
+            };
+            Ok(match patch.apply(&stored) {
+                Ok(Patched::Changed(value)) => {
+                    upsert(conn, key, rtype, &value)?;
+                    Outcome::Patched { changed: true }
+                }
+                Ok(Patched::Unchanged) => Outcome::Patched { changed: false },
+                Err(e) => Outcome::Rejected(e),
+            })
+        }
+    }
+}
+
+/// What a patch stored, for watchers: only the database has it.
+fn patched_value(
+    conn: &Connection,
+    write: &Write,
+    outcome: Outcome,
+    watched: bool,
+) -> rusqlite::Result<Option<String>> {
+    match (write, outcome) {
+        (Write::Patch { key, .. }, Outcome::Patched { changed: true }) if watched => {
+            stored_value(conn, key)
+        }
+        _ => Ok(None),
     }
 }
 
@@ -536,16 +574,24 @@ fn is_current(conn: &Connection, write: Option<&Write>) -> rusqlite::Result<bool
             super::object_uid(&stored).is_some_and(|s| &s != uid)
         }
         (Write::Delete { uid: None, .. }, Some(_)) => false,
+        // A patch of an absent object changed nothing; one of a stored object is in effect
+        // while applying it again changes nothing.
+        (Write::Patch { .. }, None) => true,
+        (Write::Patch { patch, .. }, Some(stored)) => {
+            matches!(patch.apply(&stored), Ok(Patched::Unchanged))
+        }
     })
 }
 
 /// What the change feed reports for a write that changed `meta`; `None` when it did not.
-/// `before` is the value the key held, read only while somebody watches; without a watcher
-/// the event carries no value (see [`StoreEvent::value`]).
+/// `before` is the value the key held, and `after` the value a patch stored, both read only
+/// while somebody watches; without a watcher the event carries no value (see
+/// [`StoreEvent::value`]).
 fn feed_event(
     write: &Write,
     outcome: Outcome,
     before: Option<String>,
+    after: Option<String>,
     watched: bool,
 ) -> Option<StoreEvent> {
     match (write, outcome) {
@@ -571,6 +617,13 @@ fn feed_event(
                 .map(|r| r.rtype().to_owned())
                 .unwrap_or_default(),
             value: before.map(bytes::Bytes::from),
+        }),
+        (Write::Patch { key, rtype, .. }, Outcome::Patched { changed: true }) => Some(StoreEvent {
+            seq: 0,
+            kind: ChangeKind::Modified,
+            key: key.clone(),
+            rtype: rtype.clone(),
+            value: after.map(bytes::Bytes::from),
         }),
         _ => None,
     }
