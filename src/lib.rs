@@ -26,6 +26,7 @@
 //!   and an ordered step; [`ops::Context`] is what they are given.
 //! - [`cloud`]: whether the cloud is connected, as edgehub last said.
 //! - [`remote`]: queries waiting for the cloud's answer.
+//! - [`sent_patches`]: patches passed on to the cloud, waiting for its answer.
 //! - [`metasync`]: the periodic pod-status sync to the cloud.
 //! - [`outbox`]: what waits for the cloud while it is away, and its paced sending.
 //! - [`http`]: the local HTTP endpoint: `/healthz`, `/readyz`, `/metrics`.
@@ -71,6 +72,7 @@ pub mod patch;
 pub mod readiness;
 pub mod remote;
 pub mod resource;
+pub mod sent_patches;
 pub mod shutdown;
 pub mod status;
 pub mod store;

@@ -39,6 +39,7 @@ pub enum Operation {
     Insert,
     Update,
     Delete,
+    Patch,
     Query,
     Response,
     Error,
@@ -47,10 +48,11 @@ pub enum Operation {
 }
 
 impl Operation {
-    pub const ALL: [Operation; 8] = [
+    pub const ALL: [Operation; 9] = [
         Operation::Insert,
         Operation::Update,
         Operation::Delete,
+        Operation::Patch,
         Operation::Query,
         Operation::Response,
         Operation::Error,
@@ -63,6 +65,7 @@ impl Operation {
             Operation::Insert => "insert",
             Operation::Update => "update",
             Operation::Delete => "delete",
+            Operation::Patch => "patch",
             Operation::Query => "query",
             Operation::Response => "response",
             Operation::Error => "error",
@@ -145,7 +148,7 @@ pub enum DecodeError {
     Shape(String),
     #[error("header.msg_id must be a non-empty string")]
     EmptyMsgId,
-    #[error("unknown operation {0:?}; expected one of insert, update, delete, query, response, error, connect, meta-internal-sync")]
+    #[error("unknown operation {0:?}; expected one of insert, update, delete, patch, query, response, error, connect, meta-internal-sync")]
     UnknownOperation(String),
     #[error("content is nested deeper than {MAX_DEPTH} levels")]
     TooDeep,

@@ -1,14 +1,16 @@
 //! The cloud's responses and errors: to the remote query waiting for them, else to edged.
+//! An answer to a patch edged sent is stored first.
 
 use std::sync::Arc;
 
-use crate::message::Message;
+use crate::message::{Message, Operation};
 use crate::mqtt::Inbound;
 use crate::remote::Answer;
-use crate::store::Change;
+use crate::store::{Change, StoreError, Write};
 use crate::topics::Peer;
 
-use super::{settle, store_failed, Context, Step};
+use super::change::forward;
+use super::{report_store_error, settle, store_failed, Context, Step};
 
 /// The cloud's response or error: completes the remote query it answers, else goes to edged.
 pub(super) async fn answer_from_cloud(
@@ -16,8 +18,11 @@ pub(super) async fn answer_from_cloud(
     publish: Inbound,
     message: Message,
 ) -> Step {
+    let write = patch_result(ctx, &message);
+    let stores = write.is_some();
     let change = Change {
         msg_id: Some(message.msg_id().to_owned()),
+        write,
         ..Change::default()
     };
     let committed = match ctx.store.submit(change).await {
@@ -26,6 +31,16 @@ pub(super) async fn answer_from_cloud(
     };
     let ctx = ctx.clone();
     Box::pin(async move {
+        if stores {
+            match committed.await.unwrap_or(Err(StoreError::Closed)) {
+                Ok(applied) => {
+                    forward(&ctx, Peer::Edged, &message, &publish, applied, false).await;
+                }
+                Err(e) => report_store_error(&ctx, Peer::Edgehub, &message, &e).await,
+            }
+            ctx.publisher.ack(&publish);
+            return;
+        }
         // Nothing stored, so nothing can supersede an answer: an unsettled redelivery is
         // always handled again, a settled one only acked.
         if let Ok(Ok(applied)) = committed.await {
@@ -43,6 +58,21 @@ pub(super) async fn answer_from_cloud(
             settle(&ctx, &id);
             ctx.publisher.ack(&unclaimed.publish);
         }
+    })
+}
+
+/// The write for the cloud's answer to a patch edged sent it: the object as the cloud has it
+/// after the patch, stored under the key the patch changed (a `podpatch`'s pod). The patch is
+/// forgotten whatever the answer; only a `response` with an object stores anything.
+fn patch_result(ctx: &Context, message: &Message) -> Option<Write> {
+    let parent = message.header.parent_msg_id.as_deref()?;
+    let target = ctx.sent_patches.claim(parent)?;
+    let object =
+        message.operation == Operation::Response && message.content_json().starts_with('{');
+    object.then(|| Write::Put {
+        key: target.key,
+        rtype: target.rtype,
+        value: message.content.clone().unwrap_or_default(),
     })
 }
 

@@ -10,15 +10,18 @@
 //! after another share a group commit without losing that order.
 //!
 //! - `change`: insert, update and delete, from either side;
+//! - `patch`: a merge patch or JSON Patch of a stored object, from either side;
 //! - `query`: answers from the store, or asks the cloud (`remote_query`);
 //! - `relay`: edged's responses and errors, passed on to the cloud;
-//! - `answer`: the cloud's responses and errors, to the remote query waiting for them or edged;
+//! - `answer`: the cloud's responses and errors, to the remote query waiting for them or edged
+//!   (an answer to a patch stores the object it carries first);
 //! - `connect`: edgehub's report of the cloud connection;
 //! - `sync`: `meta-internal-sync`, MetaSync on request.
 
 mod answer;
 mod change;
 mod connect;
+mod patch;
 mod query;
 mod relay;
 mod remote_query;
@@ -37,6 +40,7 @@ use crate::metrics::{ErrorReason, Metrics};
 use crate::mqtt::{Inbound, Publisher};
 use crate::outbox::Outbox;
 use crate::remote::RemoteQueries;
+use crate::sent_patches::SentPatches;
 use crate::store::{Store, StoreError};
 use crate::topics::{Peer, Topics};
 
@@ -48,6 +52,8 @@ pub struct Context {
     pub outbox: Outbox,
     pub metasync: MetaSync,
     pub remote: Arc<RemoteQueries>,
+    /// Patches passed on to the cloud, whose answers are stored.
+    pub sent_patches: Arc<SentPatches>,
     pub cloud: CloudState,
     pub metrics: Arc<Metrics>,
     /// Types asked of the cloud when edged queries one that is not stored.
@@ -84,6 +90,7 @@ impl Context {
             outbox,
             metasync,
             remote: Arc::new(RemoteQueries::new(settings.meta.remote_query_timeout)),
+            sent_patches: Arc::default(),
             cloud,
             metrics,
             remote_types: settings.meta.remote_types.iter().cloned().collect(),
@@ -131,6 +138,7 @@ pub async fn dispatch(ctx: &Arc<Context>, publish: Inbound) -> Step {
         Operation::Delete => {
             change::change(ctx, sender, publish, msg, change::WriteKind::Delete).await
         }
+        Operation::Patch => patch::patch(ctx, sender, publish, msg).await,
         Operation::Query => query::query(ctx, sender, publish, msg),
         Operation::Response | Operation::Error => match sender {
             Peer::Edged => relay::relay_from_edged(ctx, publish, msg).await,

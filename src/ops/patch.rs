@@ -1,0 +1,265 @@
+//! patch: applied to the stored object, then passed on to the other side unchanged, then acked.
+//!
+//! The patch is read here, so that content that is no patch is refused before anything is
+//! queued; it is applied by the writer thread, against the object as stored at that point, so
+//! that it builds on every change that arrived before it. A patch that cannot be applied there
+//! comes back as [`Outcome::Rejected`] and gets an `error`: nothing is stored or passed on. An
+//! absent object is not an error: the patch is passed on (the other side may hold the object)
+//! and acked, and nothing is stored.
+
+use std::sync::Arc;
+
+use crate::message::{self, Message, Operation};
+use crate::metrics::ErrorReason;
+use crate::mqtt::Inbound;
+use crate::patch::{self, Patch};
+use crate::resource::Resource;
+use crate::sent_patches::Target;
+use crate::store::{Applied, Change, Outcome, StoreError, Write};
+use crate::topics::Peer;
+
+use super::change::{forward, queue_for_cloud, WriteKind};
+use super::{
+    refuse_message, report_not_queued, report_store_error, send_reply, store_failed, Context, Step,
+};
+
+/// patch, from either side: apply to the stored object, pass on, ack.
+pub(super) async fn patch(
+    ctx: &Arc<Context>,
+    sender: Peer,
+    publish: Inbound,
+    msg: Message,
+) -> Step {
+    let Some(name) = msg.resource.name() else {
+        let text = format!(
+            "patch needs a single object (namespace/type/name), not the list {}",
+            msg.resource
+        );
+        return refuse_message(ctx, sender, publish, &msg, text);
+    };
+    let rtype = patch::target_type(msg.resource.rtype()).to_owned();
+    let target = match Resource::object(msg.resource.namespace(), &rtype, name) {
+        Ok(target) => target,
+        Err(e) => return refuse_message(ctx, sender, publish, &msg, e.to_string()),
+    };
+    let Some(content) = msg.content.as_deref() else {
+        return refuse_message(ctx, sender, publish, &msg, "patch needs content".into());
+    };
+    let parsed = match Patch::parse(content, &rtype, ctx.max_payload) {
+        Ok(parsed) => Arc::new(parsed),
+        Err(e) => return refuse_message(ctx, sender, publish, &msg, e.to_string()),
+    };
+    let target = Target {
+        key: target.key().to_owned(),
+        rtype,
+    };
+    let write = Write::Patch {
+        key: target.key.clone(),
+        rtype: target.rtype.clone(),
+        patch: parsed.clone(),
+    };
+    let change = Change {
+        msg_id: Some(msg.msg_id().to_owned()),
+        write: Some(write),
+        // Put: never coalesced in the outbox. Each patch builds on the ones before it, so the
+        // cloud needs every one of them, in order.
+        to_cloud: queue_for_cloud(ctx, sender.other(), &msg, &publish, WriteKind::Put),
+        ..Change::default()
+    };
+    let committed = match ctx.store.submit(change).await {
+        Ok(c) => c,
+        Err(e) => return store_failed(ctx, sender, publish, msg, e),
+    };
+    let ctx = ctx.clone();
+    Box::pin(async move {
+        match committed.await.unwrap_or(Err(StoreError::Closed)) {
+            Ok(Applied {
+                outcome: Outcome::Rejected(e),
+                ..
+            }) => {
+                ctx.metrics.error(ErrorReason::Invalid);
+                let text = format!("patch of {} not applied: {}", target.key, parsed.explain(e));
+                tracing::warn!(
+                    from = sender.as_str(),
+                    msg_id = msg.msg_id(),
+                    "rejected message: {text}"
+                );
+                let reply = message::error(Some(msg.msg_id()), msg.resource.key(), &text);
+                send_reply(&ctx, sender, reply, Operation::Error).await;
+            }
+            Ok(applied) => {
+                // Remembered before it can reach the cloud, so that the answer finds it.
+                if sender == Peer::Edged {
+                    ctx.sent_patches.remember(msg.msg_id(), target);
+                }
+                if forward(&ctx, sender.other(), &msg, &publish, applied, false).await {
+                    send_reply(&ctx, sender, message::ack(&msg), Operation::Response).await;
+                } else {
+                    report_not_queued(&ctx, sender, &msg).await;
+                }
+            }
+            Err(e) => report_store_error(&ctx, sender, &msg, &e).await,
+        }
+        ctx.publisher.ack(&publish);
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{json, Value};
+
+    use crate::ops::testing::{message, pod, Harness};
+    use crate::topics::Peer;
+
+    /// A harness whose store holds the pod `default/pod/p`, its insert passed on and acked.
+    async fn with_pod_p() -> Harness {
+        let mut h = Harness::new().await;
+        h.handle(
+            Peer::Edgehub,
+            message("i-1", "insert", "default/pod/p", pod("p")),
+        )
+        .await;
+        h.published_to(Peer::Edged).await;
+        h.published_to(Peer::Edgehub).await;
+        h.broker.acked().await;
+        h
+    }
+
+    fn running() -> Value {
+        json!({"status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}})
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_podpatch_is_stored_on_the_pod_then_passed_on_whole_then_acked() {
+        let mut h = with_pod_p().await;
+        h.connect_cloud().await;
+        let patch = message("pp-1", "patch", "default/podpatch/p", running());
+        let pkid = h.handle(Peer::Edged, patch.clone()).await;
+
+        let forward = h.published_to(Peer::Edgehub).await;
+        assert_eq!(forward.payload, patch.as_bytes(), "passed on byte for byte");
+        let ack = h.published_to(Peer::Edged).await.json();
+        assert_eq!(ack["route"]["operation"], "response");
+        assert_eq!(ack["header"]["parent_msg_id"], "pp-1");
+        assert_eq!(ack["route"]["resource"], "default/podpatch/p");
+        assert_eq!(h.broker.acked().await, pkid);
+        let mut want = pod("p");
+        want["status"] = running()["status"].clone();
+        assert_eq!(h.stored("default/pod/p").await, Some(want));
+        assert_eq!(h.stored("default/podpatch/p").await, None);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_patch_that_changes_nothing_is_still_passed_on() {
+        let mut h = with_pod_p().await;
+        let same = json!({"metadata": {"name": "p"}});
+        let patch = message("pp-1", "patch", "default/pod/p", same);
+        h.handle(Peer::Edgehub, patch.clone()).await;
+        assert_eq!(h.published_to(Peer::Edged).await.payload, patch.as_bytes());
+        let ack = h.published_to(Peer::Edgehub).await.json();
+        assert_eq!(ack["content"], "OK");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_patch_that_cannot_be_applied_is_an_error_and_goes_nowhere() {
+        let mut h = with_pod_p().await;
+        let ops = json!([{"op": "test", "path": "/metadata/name", "value": "q"},
+                         {"op": "add", "path": "/status", "value": {}}]);
+        let pkid = h
+            .handle(
+                Peer::Edgehub,
+                message("pp-1", "patch", "default/pod/p", ops),
+            )
+            .await;
+        let reply = h.published_to(Peer::Edgehub).await.json();
+        assert_eq!(reply["route"]["operation"], "error");
+        assert_eq!(reply["header"]["parent_msg_id"], "pp-1");
+        assert_eq!(
+            reply["content"],
+            "patch of default/pod/p not applied: operation 0 (test at /metadata/name) failed: \
+             the value differs from the test's value"
+        );
+        assert_eq!(h.broker.acked().await, pkid);
+        assert!(h.broker.published_now().is_empty(), "nothing for edged");
+        assert_eq!(h.stored("default/pod/p").await, Some(pod("p")));
+
+        // Not remembered as handled: the same id, once it applies, goes through.
+        let ops = json!([{"op": "test", "path": "/metadata/name", "value": "p"}]);
+        h.handle(
+            Peer::Edgehub,
+            message("pp-1", "patch", "default/pod/p", ops),
+        )
+        .await;
+        h.published_to(Peer::Edged).await;
+        let ack = h.published_to(Peer::Edgehub).await.json();
+        assert_eq!(ack["content"], "OK");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn content_that_is_no_patch_and_lists_are_refused_before_anything_is_queued() {
+        let mut h = with_pod_p().await;
+        for (resource, content, text) in [
+            (
+                "default/pod/p",
+                json!("Running"),
+                "patch content must be a JSON merge patch (an object) or a JSON Patch (an array), not a string",
+            ),
+            ("default/pod/p", Value::Null, "patch needs content"),
+            (
+                "default/pod",
+                json!({}),
+                "patch needs a single object (namespace/type/name), not the list default/pod",
+            ),
+        ] {
+            let pkid = h
+                .handle(Peer::Edged, message("bad", "patch", resource, content))
+                .await;
+            let reply = h.published_to(Peer::Edged).await.json();
+            assert_eq!(reply["route"]["operation"], "error");
+            assert_eq!(reply["content"], text);
+            assert_eq!(h.broker.acked().await, pkid);
+        }
+        assert_eq!(h.ctx.store.outbox_len(), 0, "nothing queued for the cloud");
+        assert_eq!(h.stored("default/pod/p").await, Some(pod("p")));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_cloud_s_answer_to_a_patch_is_stored_on_the_patched_key_then_relayed() {
+        let mut h = with_pod_p().await;
+        h.connect_cloud().await;
+        h.handle(
+            Peer::Edged,
+            message("pp-1", "patch", "default/podpatch/p", running()),
+        )
+        .await;
+        h.published_to(Peer::Edgehub).await;
+        h.published_to(Peer::Edged).await;
+        h.broker.acked().await;
+
+        let mut cloud_pod = pod("p");
+        cloud_pod["status"] = json!({"phase": "Running", "podIP": "10.1.2.3"});
+        let answer = json!({
+            "header": {"msg_id": "cloud-1", "parent_msg_id": "pp-1"},
+            "route": {"source": "edgecontroller", "group": "resource", "operation": "response", "resource": "default/podpatch/p"},
+            "content": cloud_pod,
+        })
+        .to_string();
+        let pkid = h.handle(Peer::Edgehub, answer.clone()).await;
+        let relayed = h.published_to(Peer::Edged).await;
+        assert_eq!(relayed.payload, answer.as_bytes());
+        assert_eq!(h.broker.acked().await, pkid);
+        assert_eq!(h.stored("default/pod/p").await, Some(cloud_pod.clone()));
+        assert!(h.ctx.sent_patches.is_empty(), "claimed");
+
+        // A second answer to the same patch is an ordinary unclaimed answer: relayed only.
+        let again = json!({
+            "header": {"msg_id": "cloud-2", "parent_msg_id": "pp-1"},
+            "route": {"source": "edgecontroller", "group": "resource", "operation": "response", "resource": "default/podpatch/p"},
+            "content": pod("p"),
+        })
+        .to_string();
+        h.handle(Peer::Edgehub, again.clone()).await;
+        assert_eq!(h.published_to(Peer::Edged).await.payload, again.as_bytes());
+        assert_eq!(h.stored("default/pod/p").await, Some(cloud_pod));
+    }
+}
