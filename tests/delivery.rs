@@ -7,20 +7,13 @@ mod common;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::{fixture, message, msg_id, BrokerKind, Options, TestApp};
+use common::{count_rows, fixture, message, msg_id, BrokerKind, Options, TestApp};
 use serde_json::{json, Value};
 
 fn pod_named(name: &str) -> Value {
     let mut pod = fixture("pod.json");
     pod["metadata"]["name"] = json!(name);
     pod
-}
-
-fn count_rows(app: &TestApp, sql: &str) -> i64 {
-    rusqlite::Connection::open(app.db_path())
-        .unwrap()
-        .query_row(sql, [], |r| r.get(0))
-        .unwrap()
 }
 
 /// How often a message with `id` went to edged among `seen`.

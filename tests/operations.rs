@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{fixture, message, msg_id, BrokerKind, Options, TestApp};
+use common::{count_rows, fixture, message, msg_id, BrokerKind, Options, TestApp};
 use serde_json::{json, Value};
 
 const POD_KEY: &str = "default/pod/nginx-7d9c5b8f4-x2k9p";
@@ -653,6 +653,177 @@ async fn store_survives_restart(kind: BrokerKind) {
     );
 }
 
+/// The cloud inserts the fixture pod with `status`; the pod as stored.
+async fn insert_pod_with_status(app: &mut TestApp, status: Value) -> Value {
+    let mut pod = fixture("pod.json");
+    pod["status"] = status;
+    let insert = message("insert", POD_KEY, pod.clone());
+    let ack = app.client.request("edgehub", &insert).await;
+    assert_ack(&ack, msg_id(&insert), POD_KEY);
+    pod
+}
+
+const PODPATCH_KEY: &str = "default/podpatch/nginx-7d9c5b8f4-x2k9p";
+
+/// edged patches a pod's status while the cloud is away: each patch is applied to the stored
+/// pod and acked at once, and all of them reach the cloud when it is back, in order, none
+/// coalesced with another (an update of one key would be).
+async fn pod_status_patches_wait_for_the_cloud_and_go_in_order(kind: BrokerKind) {
+    let options = Options::new(kind).yaml("outbox:\n  drain_rate: 50\n");
+    let Some(mut app) = TestApp::spawn(options).await else {
+        return;
+    };
+    let mut pod = insert_pod_with_status(&mut app, json!({"phase": "Pending"})).await;
+    let patches = [
+        json!({"status": {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "True"}]}}),
+        json!({"status": {"conditions": [{"type": "Initialized", "status": "True"}]}}),
+        json!({"status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}}),
+    ];
+    let mut sent = Vec::new();
+    for content in patches {
+        let patch = message("patch", PODPATCH_KEY, content);
+        let ack = app.client.request("edged", &patch).await;
+        assert_ack(&ack, msg_id(&patch), PODPATCH_KEY);
+        sent.push(patch);
+    }
+    pod["status"] = json!({"phase": "Running", "conditions": [
+        {"type": "PodScheduled", "status": "True"},
+        {"type": "Initialized", "status": "True"},
+        {"type": "Ready", "status": "True"},
+    ]});
+    assert_eq!(app.client.query("edged", POD_KEY).await, json!([pod]));
+    let seen = app.client.drain(Duration::from_millis(300)).await;
+    assert!(
+        !seen.iter().any(|(t, _)| t == "metamanager/to/edgehub"),
+        "nothing goes to edgehub while the cloud is disconnected: {seen:#?}"
+    );
+    assert_eq!(count_rows(&app, "SELECT count(*) FROM outbox"), 3);
+
+    app.set_cloud(true).await;
+    let mut got = Vec::new();
+    for _ in 0..sent.len() {
+        let m = app
+            .client
+            .wait_for("metamanager/to/edgehub", |v| {
+                v["route"]["operation"] == "patch"
+            })
+            .await;
+        got.push(m);
+    }
+    assert_eq!(got, sent, "every patch, unchanged, in order");
+}
+
+/// A JSON Patch whose `test` fails: an `error` naming the operation, nothing stored or passed on.
+async fn a_json_patch_whose_test_fails_changes_nothing(kind: BrokerKind) {
+    let Some(mut app) = app(kind).await else {
+        return;
+    };
+    let pod = insert_pod_with_status(&mut app, json!({"phase": "Pending"})).await;
+    let ops = json!([
+        {"op": "test", "path": "/status/phase", "value": "Running"},
+        {"op": "replace", "path": "/status/phase", "value": "Succeeded"},
+    ]);
+    let patch = message("patch", POD_KEY, ops);
+    let reply = app.client.request("edgehub", &patch).await;
+    assert_eq!(reply["route"]["operation"], "error", "{reply}");
+    assert_eq!(
+        reply["content"],
+        format!(
+            "patch of {POD_KEY} not applied: operation 0 (test at /status/phase) failed: \
+             the value differs from the test's value"
+        )
+    );
+    assert_eq!(app.client.query("edged", POD_KEY).await, json!([pod]));
+    let seen = app.client.drain(Duration::from_millis(300)).await;
+    assert!(
+        !seen
+            .iter()
+            .any(|(_, v)| v["header"]["msg_id"] == msg_id(&patch)),
+        "not passed on: {seen:#?}"
+    );
+}
+
+/// A status patch of container statuses, merged by name: the container named is updated, the
+/// other kept, the new one appended; the patch goes to the cloud as it came.
+async fn container_statuses_are_merged_by_name(kind: BrokerKind) {
+    let Some(mut app) = app(kind).await else {
+        return;
+    };
+    app.set_cloud(true).await;
+    let mut pod = insert_pod_with_status(
+        &mut app,
+        json!({"phase": "Pending", "containerStatuses": [
+            {"name": "nginx", "ready": false, "restartCount": 0,
+             "state": {"waiting": {"reason": "ContainerCreating"}}},
+            {"name": "sidecar", "ready": true, "restartCount": 1},
+        ]}),
+    )
+    .await;
+    let patch = message(
+        "patch",
+        PODPATCH_KEY,
+        json!({"status": {"phase": "Running", "containerStatuses": [
+            {"name": "nginx", "ready": true,
+             "state": {"running": {"startedAt": "2026-11-27T10:16:00Z"}, "waiting": null}},
+            {"name": "metrics", "ready": false, "restartCount": 0},
+        ]}}),
+    );
+    forwarded_then_acked(&mut app, "edged", &patch).await;
+    pod["status"] = json!({"phase": "Running", "containerStatuses": [
+        {"name": "nginx", "ready": true, "restartCount": 0,
+         "state": {"running": {"startedAt": "2026-11-27T10:16:00Z"}}},
+        {"name": "sidecar", "ready": true, "restartCount": 1},
+        {"name": "metrics", "ready": false, "restartCount": 0},
+    ]});
+    assert_eq!(app.client.query("edged", POD_KEY).await, json!([pod]));
+}
+
+/// A podpatch of a pod the node does not hold: passed on and acked, nothing stored.
+async fn a_podpatch_of_an_absent_pod_is_passed_on_and_stores_nothing(kind: BrokerKind) {
+    let Some(mut app) = app(kind).await else {
+        return;
+    };
+    app.set_cloud(true).await;
+    let patch = message(
+        "patch",
+        "default/podpatch/elsewhere",
+        json!({"status": {"phase": "Running"}}),
+    );
+    forwarded_then_acked(&mut app, "edged", &patch).await;
+    for key in ["default/pod/elsewhere", "default/podpatch/elsewhere"] {
+        assert_eq!(app.client.query("edged", key).await, json!([]), "{key}");
+    }
+}
+
+/// The cloud answers a patch edged sent with the pod as the cloud has it: stored on the pod,
+/// then relayed to edged.
+async fn the_cloud_s_response_to_a_patch_is_stored_then_relayed(kind: BrokerKind) {
+    let Some(mut app) = app(kind).await else {
+        return;
+    };
+    app.set_cloud(true).await;
+    insert_pod_with_status(&mut app, json!({"phase": "Pending"})).await;
+    let patch = message(
+        "patch",
+        PODPATCH_KEY,
+        json!({"status": {"phase": "Running"}}),
+    );
+    forwarded_then_acked(&mut app, "edged", &patch).await;
+
+    let mut cloud_pod = fixture("pod.json");
+    cloud_pod["metadata"]["resourceVersion"] = json!("482950");
+    cloud_pod["status"] = json!({"phase": "Running", "podIP": "10.244.1.7"});
+    let mut response = message("response", PODPATCH_KEY, cloud_pod.clone());
+    response["header"]["parent_msg_id"] = json!(msg_id(&patch));
+    app.client.publish("edgehub", &response).await;
+    let relayed = app
+        .client
+        .wait_for("metamanager/to/edged", is_forward_of(&response))
+        .await;
+    assert_eq!(relayed, response, "relayed unchanged");
+    assert_eq!(app.client.query("edged", POD_KEY).await, json!([cloud_pod]));
+}
+
 both_brokers!(
     insert_from_edgehub_stores_forwards_then_acks,
     reinsert_replaces_the_stored_object,
@@ -675,4 +846,9 @@ both_brokers!(
     metasync_sends_statuses_and_drops_orphans,
     meta_internal_sync_runs_now,
     store_survives_restart,
+    pod_status_patches_wait_for_the_cloud_and_go_in_order,
+    a_json_patch_whose_test_fails_changes_nothing,
+    container_statuses_are_merged_by_name,
+    a_podpatch_of_an_absent_pod_is_passed_on_and_stores_nothing,
+    the_cloud_s_response_to_a_patch_is_stored_then_relayed,
 );

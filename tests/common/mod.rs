@@ -323,6 +323,14 @@ impl Drop for TestApp {
     }
 }
 
+/// One number read from the app's database with `sql` (a count, usually).
+pub fn count_rows(app: &TestApp, sql: &str) -> i64 {
+    rusqlite::Connection::open(app.db_path())
+        .unwrap()
+        .query_row(sql, [], |r| r.get(0))
+        .unwrap()
+}
+
 /// A new message with a fresh msg_id.
 pub fn message(operation: &str, resource: &str, content: Value) -> Value {
     json!({
