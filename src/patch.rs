@@ -394,7 +394,10 @@ fn merge_by_key(
 }
 
 /// RFC 6902 through the crate, one operation at a time so that each is checked against the
-/// bounds first; the document is a copy, thrown away on failure.
+/// bounds first. The document is a copy, thrown away on failure, so the crate's `patch_unsafe`
+/// serves: its `patch` undoes what a failed patch did, and panics where the undo itself fails
+/// (a `move` to the root followed by a failing operation is enough), which here would take the
+/// writer thread down.
 fn apply_operations(
     doc: &mut Value,
     operations: &[PatchOperation],
@@ -763,6 +766,17 @@ mod tests {
             assert_eq!(e, want, "{ops}");
             assert_eq!(patch.explain(e), text);
         }
+    }
+
+    #[test]
+    fn a_failure_after_a_move_to_the_root_is_an_error_not_a_panic() {
+        let ops =
+            br#"[{"op":"move","from":"/a","path":""},{"op":"add","path":"/a","value":false}]"#;
+        let patch = Patch::parse(ops, "configmap", LIMIT).unwrap();
+        assert_eq!(
+            patch.apply(r#"{"a":""}"#),
+            Err(PatchError::op(1, OpFailure::NoPath))
+        );
     }
 
     #[test]
