@@ -3,8 +3,8 @@
 //!
 //! Content is kept as raw JSON text, a slice of the received payload: most operations only store
 //! or forward it, so parsing it into a tree, or even copying it, on every message would be wasted
-//! work. The few operations that must look inside (update's comparison, delete's uid check) parse
-//! it where they need it.
+//! work. The few operations that must look inside (update's comparison, delete's uid check, a
+//! patch) parse it where they need it.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -16,7 +16,8 @@ use serde_json::value::RawValue;
 use crate::resource::{Resource, ResourceError};
 
 /// Deepest nesting accepted in content. Below serde_json's own limit (128), so anything
-/// accepted can be parsed again later (update's comparison, delete's uid check).
+/// accepted can be parsed again later (update's comparison, delete's uid check, a patch and its
+/// result, which is held to the same depth).
 pub const MAX_DEPTH: usize = 100;
 
 /// Deepest nesting accepted in `header` and in `route`, counting the object itself as level 1.
