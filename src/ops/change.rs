@@ -233,7 +233,7 @@ pub(super) async fn forward(
 mod tests {
     use serde_json::{json, Value};
 
-    use crate::ops::testing::{message, pod, Harness};
+    use crate::ops::testing::{message, pod, with_pod_p, Harness};
     use crate::topics::Peer;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -272,20 +272,6 @@ mod tests {
         assert_eq!(reply["content"], "OK");
         assert_eq!(h.broker.acked().await, pkid);
         assert!(h.broker.published_now().is_empty(), "nothing for edged");
-    }
-
-    /// A harness whose store holds the pod `default/pod/p`, its insert settled.
-    async fn with_pod_p() -> Harness {
-        let mut h = Harness::new().await;
-        h.handle(
-            Peer::Edgehub,
-            message("i-1", "insert", "default/pod/p", pod("p")),
-        )
-        .await;
-        h.published_to(Peer::Edged).await;
-        h.published_to(Peer::Edgehub).await;
-        h.broker.acked().await;
-        h
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -331,6 +331,21 @@ pub(crate) mod testing {
         }
     }
 
+    /// A harness whose store holds the pod `default/pod/p`, its insert passed on, acked and
+    /// settled.
+    pub(crate) async fn with_pod_p() -> Harness {
+        let mut h = Harness::new().await;
+        h.handle(
+            Peer::Edgehub,
+            message("i-1", "insert", "default/pod/p", pod("p")),
+        )
+        .await;
+        h.published_to(Peer::Edged).await;
+        h.published_to(Peer::Edgehub).await;
+        h.broker.acked().await;
+        h
+    }
+
     /// A message as the wire carries it.
     pub(crate) fn message(msg_id: &str, operation: &str, resource: &str, content: Value) -> String {
         let mut m = json!({

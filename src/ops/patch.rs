@@ -15,7 +15,7 @@ use crate::mqtt::Inbound;
 use crate::patch::{self, Patch};
 use crate::resource::Resource;
 use crate::sent_patches::Target;
-use crate::store::{Applied, Change, Outcome, StoreError, Write};
+use crate::store::{Applied, Change, Committed, Outcome, StoreError, Write};
 use crate::topics::Peer;
 
 use super::change::{forward, queue_for_cloud, WriteKind};
@@ -66,64 +66,68 @@ pub(super) async fn patch(
         to_cloud: queue_for_cloud(ctx, sender.other(), &msg, &publish, WriteKind::Put),
         ..Change::default()
     };
-    let committed = match ctx.store.submit(change).await {
-        Ok(c) => c,
-        Err(e) => return store_failed(ctx, sender, publish, msg, e),
-    };
-    let ctx = ctx.clone();
-    Box::pin(async move {
-        match committed.await.unwrap_or(Err(StoreError::Closed)) {
-            Ok(Applied {
-                outcome: Outcome::Rejected(e),
-                ..
-            }) => {
-                ctx.metrics.error(ErrorReason::Invalid);
-                let text = format!("patch of {} not applied: {}", target.key, parsed.explain(e));
-                tracing::warn!(
-                    from = sender.as_str(),
-                    msg_id = msg.msg_id(),
-                    "rejected message: {text}"
-                );
-                let reply = message::error(Some(msg.msg_id()), msg.resource.key(), &text);
-                send_reply(&ctx, sender, reply, Operation::Error).await;
-            }
-            Ok(applied) => {
-                // Remembered before it can reach the cloud, so that the answer finds it.
-                if sender == Peer::Edged {
-                    ctx.sent_patches.remember(msg.msg_id(), target);
-                }
-                if forward(&ctx, sender.other(), &msg, &publish, applied, false).await {
-                    send_reply(&ctx, sender, message::ack(&msg), Operation::Response).await;
-                } else {
-                    report_not_queued(&ctx, sender, &msg).await;
-                }
-            }
-            Err(e) => report_store_error(&ctx, sender, &msg, &e).await,
+    match ctx.store.submit(change).await {
+        Ok(committed) => Box::pin(after_commit(
+            ctx.clone(),
+            sender,
+            publish,
+            msg,
+            committed,
+            parsed,
+            target,
+        )),
+        Err(e) => store_failed(ctx, sender, publish, msg, e),
+    }
+}
+
+/// The ordered step: once the patch is committed, the `error` when it could not be applied,
+/// else the forward and the ack; then the broker ack.
+async fn after_commit(
+    ctx: Arc<Context>,
+    sender: Peer,
+    publish: Inbound,
+    msg: Message,
+    committed: Committed,
+    parsed: Arc<Patch>,
+    target: Target,
+) {
+    match committed.await.unwrap_or(Err(StoreError::Closed)) {
+        Ok(Applied {
+            outcome: Outcome::Rejected(e),
+            ..
+        }) => {
+            ctx.metrics.error(ErrorReason::Invalid);
+            let text = format!("patch of {} not applied: {}", target.key, parsed.explain(e));
+            tracing::warn!(
+                from = sender.as_str(),
+                msg_id = msg.msg_id(),
+                "rejected message: {text}"
+            );
+            let reply = message::error(Some(msg.msg_id()), msg.resource.key(), &text);
+            send_reply(&ctx, sender, reply, Operation::Error).await;
         }
-        ctx.publisher.ack(&publish);
-    })
+        Ok(applied) => {
+            // Remembered before it can reach the cloud, so that the answer finds it.
+            if sender == Peer::Edged {
+                ctx.sent_patches.remember(msg.msg_id(), target);
+            }
+            if forward(&ctx, sender.other(), &msg, &publish, applied, false).await {
+                send_reply(&ctx, sender, message::ack(&msg), Operation::Response).await;
+            } else {
+                report_not_queued(&ctx, sender, &msg).await;
+            }
+        }
+        Err(e) => report_store_error(&ctx, sender, &msg, &e).await,
+    }
+    ctx.publisher.ack(&publish);
 }
 
 #[cfg(test)]
 mod tests {
     use serde_json::{json, Value};
 
-    use crate::ops::testing::{message, pod, Harness};
+    use crate::ops::testing::{message, pod, with_pod_p};
     use crate::topics::Peer;
-
-    /// A harness whose store holds the pod `default/pod/p`, its insert passed on and acked.
-    async fn with_pod_p() -> Harness {
-        let mut h = Harness::new().await;
-        h.handle(
-            Peer::Edgehub,
-            message("i-1", "insert", "default/pod/p", pod("p")),
-        )
-        .await;
-        h.published_to(Peer::Edged).await;
-        h.published_to(Peer::Edgehub).await;
-        h.broker.acked().await;
-        h
-    }
 
     fn running() -> Value {
         json!({"status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}})
