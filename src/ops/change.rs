@@ -76,11 +76,9 @@ pub(super) async fn change(
     };
     let key = msg.resource.key().to_owned();
     let rtype = msg.resource.rtype().to_owned();
-    if rtype == rules::LEASE && sender == Peer::Edged && !ctx.cloud.connected() {
+    if rules::lease_while_away(ctx, sender, &rtype) {
         ctx.metrics.error(ErrorReason::LeaseWhileDisconnected);
-        let text = format!(
-            "{op} of lease {key} refused: the cloud is not connected, and a lease renewed late is worse than one that fails now"
-        );
+        let text = rules::lease_refusal(op, &key);
         return refuse(
             ctx,
             sender,

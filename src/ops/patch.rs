@@ -6,21 +6,27 @@
 //! comes back as [`Outcome::Rejected`] and gets an `error`: nothing is stored or passed on. An
 //! absent object is not an error: the patch is passed on (the other side may hold the object)
 //! and acked, and nothing is stored.
+//!
+//! The rules by type apply to patches as to other changes: a lease patch from edged while the
+//! cloud is away is refused, and an event is never stored. But no patch is ever coalesced with
+//! another in the outbox, an event's included: each builds on the ones before it.
 
 use std::sync::Arc;
 
 use crate::message::{self, Message, Operation};
 use crate::metrics::ErrorReason;
 use crate::mqtt::Inbound;
+use crate::outbox;
 use crate::patch::{self, Patch};
 use crate::resource::Resource;
 use crate::sent_patches::Target;
 use crate::store::{Applied, Change, Committed, Outcome, StoreError, Write};
 use crate::topics::Peer;
 
-use super::change::{forward, queue_for_cloud, WriteKind};
+use super::change::forward;
 use super::{
-    refuse_message, report_not_queued, report_store_error, send_reply, store_failed, Context, Step,
+    refuse, refuse_message, report_not_queued, report_store_error, rules, send_reply, store_failed,
+    Context, Step,
 };
 
 /// patch, from either side: apply to the stored object, pass on, ack.
@@ -38,6 +44,12 @@ pub(super) async fn patch(
         return refuse_message(ctx, sender, publish, &msg, text);
     };
     let rtype = patch::target_type(msg.resource.rtype()).to_owned();
+    if rules::lease_while_away(ctx, sender, &rtype) {
+        ctx.metrics.error(ErrorReason::LeaseWhileDisconnected);
+        let text = rules::lease_refusal("patch", msg.resource.key());
+        let parent = Some(msg.msg_id().to_owned());
+        return refuse(ctx, sender, publish, parent, msg.resource.key(), text);
+    }
     let target = match Resource::object(msg.resource.namespace(), &rtype, name) {
         Ok(target) => target,
         Err(e) => return refuse_message(ctx, sender, publish, &msg, e.to_string()),
@@ -58,12 +70,13 @@ pub(super) async fn patch(
         rtype: target.rtype.clone(),
         patch: parsed.clone(),
     };
+    // Never coalesced in the outbox: the cloud needs every patch, in order.
+    let to_cloud = (sender == Peer::Edged && ctx.outbox.must_queue())
+        .then(|| outbox::cloud_message(msg.resource.key(), publish.payload.clone(), false));
     let change = Change {
         msg_id: Some(msg.msg_id().to_owned()),
-        write: Some(write),
-        // Put: never coalesced in the outbox. Each patch builds on the ones before it, so the
-        // cloud needs every one of them, in order.
-        to_cloud: queue_for_cloud(ctx, sender.other(), &msg, &publish, WriteKind::Put),
+        write: (target.rtype != rules::EVENT).then_some(write),
+        to_cloud,
         ..Change::default()
     };
     match ctx.store.submit(change).await {
@@ -107,8 +120,9 @@ async fn after_commit(
             send_reply(&ctx, sender, reply, Operation::Error).await;
         }
         Ok(applied) => {
-            // Remembered before it can reach the cloud, so that the answer finds it.
-            if sender == Peer::Edged {
+            // Remembered before it can reach the cloud, so that the answer finds it. Not an
+            // event's: its answer would store the event.
+            if sender == Peer::Edged && target.rtype != rules::EVENT {
                 ctx.sent_patches.remember(msg.msg_id(), target);
             }
             if forward(&ctx, sender.other(), &msg, &publish, applied, false).await {
@@ -126,7 +140,7 @@ async fn after_commit(
 mod tests {
     use serde_json::{json, Value};
 
-    use crate::ops::testing::{message, pod, with_pod_p};
+    use crate::ops::testing::{message, pod, with_pod_p, Harness};
     use crate::topics::Peer;
 
     fn running() -> Value {
@@ -225,6 +239,42 @@ mod tests {
         }
         assert_eq!(h.ctx.store.outbox_len(), 0, "nothing queued for the cloud");
         assert_eq!(h.stored("default/pod/p").await, Some(pod("p")));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lease_patch_from_edged_while_the_cloud_is_away_is_refused_at_once() {
+        let mut h = Harness::new().await;
+        let renew = json!({"spec": {"renewTime": "2026-11-28T12:00:10.000000Z"}});
+        let patch = message("lp-1", "patch", "kube-node-lease/lease/n", renew);
+        let pkid = h.handle(Peer::Edged, patch).await;
+        let reply = h.published_to(Peer::Edged).await.json();
+        assert_eq!(reply["route"]["operation"], "error");
+        assert_eq!(
+            reply["content"],
+            "patch of lease kube-node-lease/lease/n refused: the cloud is not connected, and a \
+             lease renewed late is worse than one that fails now"
+        );
+        assert_eq!(h.broker.acked().await, pkid);
+        assert_eq!(h.ctx.store.outbox_len(), 0, "nothing queued");
+    }
+
+    /// Events are never stored and newer ones replace older ones in the outbox, but a patch is
+    /// a patch: every one waits for the cloud.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn event_patches_are_not_stored_and_not_coalesced() {
+        let mut h = Harness::new().await;
+        let key = "default/event/p.17a3b";
+        for (n, count) in [1, 2].into_iter().enumerate() {
+            let id = format!("ep-{n}");
+            let patch = message(&id, "patch", key, json!({"count": count}));
+            h.handle(Peer::Edged, patch).await;
+            let ack = h.published_to(Peer::Edged).await.json();
+            assert_eq!(ack["content"], "OK", "{ack}");
+            h.broker.acked().await;
+        }
+        assert_eq!(h.ctx.store.outbox_len(), 2, "both wait for the cloud");
+        assert_eq!(h.stored(key).await, None);
+        assert!(h.ctx.sent_patches.is_empty(), "no answer is waited for");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

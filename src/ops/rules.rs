@@ -9,9 +9,24 @@
 
 use std::time::{Duration, SystemTime};
 
+use crate::topics::Peer;
+
 pub(super) const EVENT: &str = "event";
 pub(super) const LEASE: &str = "lease";
 pub(super) const TOKEN: &str = "serviceaccounttoken";
+
+/// Whether a change of type `rtype` from `sender` is a lease from edged while the cloud is
+/// away, which is refused (see the module doc).
+pub(super) fn lease_while_away(ctx: &super::Context, sender: Peer, rtype: &str) -> bool {
+    rtype == LEASE && sender == Peer::Edged && !ctx.cloud.connected()
+}
+
+/// The `error` text for such a lease: `op` of `key`.
+pub(super) fn lease_refusal(op: &str, key: &str) -> String {
+    format!(
+        "{op} of lease {key} refused: the cloud is not connected, and a lease renewed late is worse than one that fails now"
+    )
+}
 
 /// How a stored service account token stands against the clock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
