@@ -83,6 +83,18 @@ pub async fn run_with(
         Some(t) => Some(tls::client_config(t, &settings.mqtt.host)?),
         None => None,
     };
+    // The API's certificate, tokens and policy, read like the other files a config key names.
+    let api_tls = match &settings.http.tls {
+        Some(t) => Some(tokio_rustls::TlsAcceptor::from(tls::server_config(
+            &t.cert_file,
+            &t.key_file,
+        )?)),
+        None => None,
+    };
+    let api_auth = Arc::new(match &settings.http.auth {
+        Some(a) => http::auth::Auth::load(Some(&a.token_file), a.policy_file.as_deref())?,
+        None => http::auth::Auth::default(),
+    });
     // Claimed before anything is created, bound or connected (after the files above, which
     // only read): a second MetaManager on this database stops here, saying which process has it.
     let lock = InstanceLock::acquire(&settings.database.path).map_err(StoreError::from)?;
@@ -96,6 +108,9 @@ pub async fn run_with(
         (true, Some(listener)) => Some(listener),
         (true, None) => Some(http::Listener::bind(settings.http.listen_addr()?).await?),
     };
+    if let Some(addr) = http_listener.as_ref().and_then(http::Listener::local_addr) {
+        http::auth::check_exposure(addr, &api_auth, settings.http.insecure_allow_anonymous)?;
+    }
     let store = {
         let options = StoreOptions {
             outbox_max: settings.outbox.max_messages,
@@ -233,6 +248,7 @@ pub async fn run_with(
             broker_connected: link.connected.clone(),
             serving: serving.clone(),
             readiness,
+            auth: api_auth,
         };
         let configured = &settings.http;
         let limits = http::Limits {
@@ -245,7 +261,7 @@ pub async fn run_with(
             max_watches: configured.max_watches,
             allowed_hosts: configured.allowed_hosts.clone(),
         };
-        tokio::spawn(listener.serve(ctx, limits, stop.clone()))
+        tokio::spawn(listener.serve(ctx, limits, api_tls, stop.clone()))
     });
 
     let embedded_addr = embedded.as_ref().map(|(addr, _)| *addr);

@@ -118,6 +118,31 @@ pub struct HttpSettings {
     pub max_watches: usize,
     /// Names a loopback listener answers besides the loopback ones (DNS rebinding defence).
     pub allowed_hosts: Vec<String>,
+    /// HTTPS: the API's certificate chain and key (PEM).
+    pub tls: Option<HttpTlsSettings>,
+    /// Authentication and authorization of the API, in kube-apiserver's file formats.
+    pub auth: Option<HttpAuthSettings>,
+    /// Serve anonymous requests beyond loopback (the API serves secrets).
+    pub insecure_allow_anonymous: bool,
+}
+
+/// `http.tls`: HTTPS for the API (kubectl sends a token only over HTTPS).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpTlsSettings {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+/// `http.auth`: see [`crate::http::auth`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpAuthSettings {
+    /// kube-apiserver's static token file: `token,user,uid,"group1,group2"` a line.
+    pub token_file: PathBuf,
+    /// kube-apiserver's ABAC policy file, one JSON policy a line; without it every
+    /// authenticated user may do everything.
+    pub policy_file: Option<PathBuf>,
 }
 
 impl Default for HttpSettings {
@@ -131,6 +156,9 @@ impl Default for HttpSettings {
             max_requests: 64,
             max_watches: 64,
             allowed_hosts: Vec::new(),
+            tls: None,
+            auth: None,
+            insecure_allow_anonymous: false,
         }
     }
 }

@@ -1,5 +1,6 @@
 //! TLS to an external broker: a rustls client configuration built from the PEM files named in
-//! `mqtt.tls`, and operator-facing reasons for TLS failures while connecting.
+//! `mqtt.tls`, and operator-facing reasons for TLS failures while connecting. And the server
+//! configuration of the local API's HTTPS, from `http.tls`.
 //!
 //! Everything that can be checked before connecting is checked at start-up, so that a typo in a
 //! path or a wrong file stops the process with an error naming the key and the file, instead of
@@ -11,7 +12,7 @@ use std::sync::Arc;
 
 use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use rustls::{ClientConfig, RootCertStore};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use crate::bounded_read;
 use crate::config::TlsSettings;
@@ -53,6 +54,16 @@ pub enum TlsError {
         key: PathBuf,
         source: rustls::Error,
     },
+    #[error(
+        "config keys `http.tls.cert_file` / `http.tls.key_file`: {} and {} cannot be used as the API's certificate: {source}",
+        cert.display(),
+        key.display()
+    )]
+    ServerCert {
+        cert: PathBuf,
+        key: PathBuf,
+        source: rustls::Error,
+    },
     #[error("config key `mqtt.host`: {host:?} is neither an IP address nor a valid DNS name, so the broker's certificate cannot be checked against it")]
     Host { host: String },
     #[error("cannot set up TLS: {0}")]
@@ -86,7 +97,7 @@ pub fn client_config(settings: &TlsSettings, host: &str) -> Result<Arc<ClientCon
     let config = match (&settings.cert_file, &settings.key_file) {
         (Some(cert_path), Some(key_path)) => {
             let chain = certificates("mqtt.tls.cert_file", cert_path)?;
-            let key = private_key(key_path)?;
+            let key = private_key("mqtt.tls.key_file", key_path)?;
             builder
                 .with_client_auth_cert(chain, key)
                 .map_err(|source| TlsError::ClientCert {
@@ -136,9 +147,28 @@ fn certificates(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'st
     Ok(certs)
 }
 
-/// The first private key of a PEM file (PKCS#8, PKCS#1 or SEC1; not encrypted).
-fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let key = "mqtt.tls.key_file";
+/// The local API's HTTPS configuration: its certificate chain and key (`http.tls`).
+pub fn server_config(cert_file: &Path, key_file: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+    let chain = certificates("http.tls.cert_file", cert_file)?;
+    let key = private_key("http.tls.key_file", key_file)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(TlsError::Setup)?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|source| TlsError::ServerCert {
+            cert: cert_file.to_owned(),
+            key: key_file.to_owned(),
+            source,
+        })?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The first private key of a PEM file (PKCS#8, PKCS#1 or SEC1; not encrypted), named by
+/// config key `key`.
+fn private_key(key: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     let text = read(key, path, true)?;
     PrivateKeyDer::from_pem_slice(&text).map_err(|e| match e {
         pem::Error::NoItemsFound => TlsError::Missing {

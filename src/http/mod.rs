@@ -23,6 +23,7 @@ use crate::store::Store;
 use crate::watchdog::BrokerServing;
 
 pub mod accept;
+pub mod auth;
 pub mod caps;
 pub mod host;
 pub mod kinds;
@@ -58,6 +59,8 @@ pub struct Context {
     pub serving: BrokerServing,
     /// Whether a new client can connect now, for the readiness probe.
     pub readiness: Arc<Readiness>,
+    /// Who may use the API.
+    pub auth: Arc<auth::Auth>,
 }
 
 /// The endpoint's bounds, from the `http` config keys (see the README's Limits).
@@ -112,15 +115,22 @@ impl Listener {
     }
 
     /// Serves until shutdown; requests in progress finish, open watches end.
-    pub async fn serve(self, ctx: Context, limits: Limits, stop: Shutdown) {
+    pub async fn serve(
+        self,
+        ctx: Context,
+        limits: Limits,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        stop: Shutdown,
+    ) {
         let addr = self.local_addr();
         tracing::info!(addr = ?addr, "HTTP endpoint listening");
+        let who = ctx.auth.clone();
         let state = HttpState {
             ctx: Arc::new(ctx),
             caps: caps::Caps::new(limits.max_requests, limits.max_watches),
             stop: stop.clone(),
         };
-        let mut app = router(state);
+        let mut app = router(state).layer(axum::middleware::from_fn_with_state(who, auth::check));
         if addr.is_some_and(|a| a.ip().is_loopback()) {
             let allowed = host::AllowedHosts::new(&limits.allowed_hosts);
             app = app.layer(axum::middleware::from_fn_with_state(
@@ -128,7 +138,7 @@ impl Listener {
                 host::check_host,
             ));
         }
-        server::serve(self.listener, app, limits.connections, stop).await;
+        server::serve(self.listener, app, limits.connections, tls, stop).await;
     }
 }
 

@@ -42,6 +42,9 @@ pub enum ApiError {
     /// clients retry after `Retry-After`.
     #[error("{0}; try again later")]
     TooManyRequests(String),
+    /// No or a wrong credential: see [`super::auth`].
+    #[error("{0}")]
+    Unauthorized(String),
     /// The request is not for this server: see [`super::host`].
     #[error("{0}")]
     Forbidden(String),
@@ -60,6 +63,7 @@ impl IntoResponse for ApiError {
                 (StatusCode::INTERNAL_SERVER_ERROR, "InternalError")
             }
             ApiError::TooManyRequests(_) => (StatusCode::TOO_MANY_REQUESTS, "TooManyRequests"),
+            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "Unauthorized"),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "Forbidden"),
             ApiError::NotAcceptable(_) => (StatusCode::NOT_ACCEPTABLE, "NotAcceptable"),
         };

@@ -22,8 +22,9 @@ use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
 
 use crate::shutdown::Shutdown;
 
@@ -45,8 +46,15 @@ pub struct ConnectionLimits {
     pub idle_timeout: Duration,
 }
 
-/// Accepts and serves connections until `stop`, then gives open ones [`GRACE`] to finish.
-pub async fn serve(listener: TcpListener, app: Router, limits: ConnectionLimits, stop: Shutdown) {
+/// Accepts and serves connections until `stop`, then gives open ones [`GRACE`] to finish; over
+/// TLS when `tls` is given.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: ConnectionLimits,
+    tls: Option<TlsAcceptor>,
+    stop: Shutdown,
+) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut backoff = Duration::ZERO;
     let mut waiting = stop.clone();
@@ -72,7 +80,21 @@ pub async fn serve(listener: TcpListener, app: Router, limits: ConnectionLimits,
         let _ = tcp.set_nodelay(true);
         match slots.clone().try_acquire_owned() {
             Ok(slot) => {
-                tokio::spawn(connection(tcp, app.clone(), limits, stop.clone(), slot));
+                let (app, stop, tls) = (app.clone(), stop.clone(), tls.clone());
+                tokio::spawn(async move {
+                    match tls {
+                        None => connection(tcp, app, limits, stop, slot).await,
+                        Some(tls) => {
+                            let handshake =
+                                tokio::time::timeout(limits.header_timeout, tls.accept(tcp));
+                            match handshake.await {
+                                Ok(Ok(stream)) => connection(stream, app, limits, stop, slot).await,
+                                Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                                Err(_) => tracing::debug!("TLS handshake did not finish in time"),
+                            }
+                        }
+                    }
+                });
             }
             Err(_) => {
                 tracing::debug!(
@@ -88,8 +110,8 @@ pub async fn serve(listener: TcpListener, app: Router, limits: ConnectionLimits,
 }
 
 /// Serves one connection, holding its `slot` until it closes.
-async fn connection(
-    mut tcp: TcpStream,
+async fn connection<S: Stream>(
+    mut tcp: S,
     app: Router,
     limits: ConnectionLimits,
     mut stop: Shutdown,
@@ -123,7 +145,7 @@ async fn connection(
 
 /// Reads until the end of the first request head (or [`MAX_HEAD_BYTES`]); `None` when the
 /// client closes first.
-async fn read_head(tcp: &mut TcpStream) -> io::Result<Option<Vec<u8>>> {
+async fn read_head<S: Stream>(tcp: &mut S) -> io::Result<Option<Vec<u8>>> {
     let mut head = Vec::with_capacity(1024);
     loop {
         let mut chunk = [0u8; 4096];
@@ -150,7 +172,7 @@ enum Refusal {
 
 /// Writes the refusal as kube-apiserver words it (a `Status` body) and closes. The write has
 /// a deadline of its own: a client that does not read is not waited for.
-async fn answer_and_close(mut tcp: TcpStream, refusal: Refusal) {
+async fn answer_and_close<S: Stream>(mut tcp: S, refusal: Refusal) {
     use axum::http::StatusCode;
     let (code, reason, message, retry) = match refusal {
         Refusal::TooManyConnections => (
@@ -181,14 +203,18 @@ async fn answer_and_close(mut tcp: TcpStream, refusal: Refusal) {
     let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
 }
 
+/// A connection, plain or TLS.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for S {}
+
 /// The connection with the bytes already read from it put back in front.
-struct Prefixed {
+struct Prefixed<S> {
     head: Vec<u8>,
     at: usize,
-    tcp: TcpStream,
+    tcp: S,
 }
 
-impl AsyncRead for Prefixed {
+impl<S: Stream> AsyncRead for Prefixed<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -209,7 +235,7 @@ impl AsyncRead for Prefixed {
     }
 }
 
-impl AsyncWrite for Prefixed {
+impl<S: Stream> AsyncWrite for Prefixed<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
