@@ -30,6 +30,18 @@ fn pod(ns: &str, name: &str, app_label: &str) -> Value {
            "spec": {"containers": [{"name": "c", "image": "busybox"}]}})
 }
 
+/// The whole answer to `GET path` with the header lines `headers` (no trailing line end).
+async fn raw_get(port: u16, path: &str, headers: String) -> String {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\n{headers}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).await.unwrap();
+    raw
+}
+
 /// Inserts [`pod`] at its own key.
 async fn insert_pod(app: &mut TestApp, ns: &str, name: &str, app_label: &str) {
     insert(app, &format!("{ns}/pod/{name}"), pod(ns, name, app_label)).await;
@@ -799,17 +811,7 @@ async fn a_request_for_another_host_name_is_refused_on_loopback() {
         return;
     };
     let port = app.http_port;
-    let ask = |host: &'static str| async move {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .unwrap();
-        let request =
-            format!("GET /api/v1/secrets HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut raw = String::new();
-        stream.read_to_string(&mut raw).await.unwrap();
-        raw
-    };
+    let ask = |host: &'static str| raw_get(port, "/api/v1/secrets", format!("Host: {host}"));
     // A page served from rebind.example, whose name now resolves to 127.0.0.1.
     let refused = ask("rebind.example:10550").await;
     assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
@@ -972,17 +974,12 @@ async fn json_is_served_to_clients_that_accept_it_and_406_to_protobuf_only_ones(
         return;
     };
     let port = app.http_port;
-    let ask = |accept: &'static str| async move {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .unwrap();
-        let request = format!(
-            "GET /api/v1/pods HTTP/1.1\r\nHost: localhost\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
-        );
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut raw = String::new();
-        stream.read_to_string(&mut raw).await.unwrap();
-        raw
+    let ask = |accept: &'static str| {
+        raw_get(
+            port,
+            "/api/v1/pods",
+            format!("Host: localhost\r\nAccept: {accept}"),
+        )
     };
     let refused = ask("application/vnd.kubernetes.protobuf").await;
     assert!(refused.starts_with("HTTP/1.1 406"), "{refused}");

@@ -92,7 +92,6 @@ impl Edgehub {
     /// Sends `n` updates of 1 MB configmaps over 10 keys, at most `window` unacknowledged, and
     /// waits for every ack.
     async fn update_configmaps(&mut self, n: usize, window: usize) {
-        let topic = format!("edge/{NODE}/edgehub/to/metamanager");
         let mut acked = 0;
         let deadline = Instant::now() + Duration::from_secs(300);
         for i in 0..n {
@@ -101,26 +100,33 @@ impl Edgehub {
                 acked += 1;
             }
             let name = format!("big-{}", i % 10);
-            let message = json!({
-                "header": {"msg_id": format!("u-{i}")},
-                "route": {"source": "edgecontroller", "group": "resource", "operation": "update",
-                          "resource": format!("default/configmap/{name}")},
-                "content": big_configmap(&name, i),
-            });
-            self.client
-                .publish(
-                    &topic,
-                    QoS::AtLeastOnce,
-                    false,
-                    serde_json::to_vec(&message).unwrap(),
-                )
-                .await
-                .unwrap();
+            let key = format!("default/configmap/{name}");
+            self.send(&format!("u-{i}"), "update", &key, big_configmap(&name, i))
+                .await;
         }
         while acked < n {
             self.next_ack(deadline).await;
             acked += 1;
         }
+    }
+
+    /// Publishes `operation` of `content` at `key` as edgehub, as message `id`.
+    async fn send(&self, id: &str, operation: &str, key: &str, content: Value) {
+        let message = json!({
+            "header": {"msg_id": id},
+            "route": {"source": "edgecontroller", "group": "resource", "operation": operation,
+                      "resource": key},
+            "content": content,
+        });
+        self.client
+            .publish(
+                format!("edge/{NODE}/edgehub/to/metamanager"),
+                QoS::AtLeastOnce,
+                false,
+                serde_json::to_vec(&message).unwrap(),
+            )
+            .await
+            .unwrap();
     }
 
     async fn next_ack(&mut self, deadline: Instant) {
@@ -188,27 +194,13 @@ async fn fifty_lists_at_once_of_a_10_mb_store_hold_a_bounded_amount() {
     };
     // 100 configmaps of 100 KB: a 10 MB store.
     let mut edgehub = Edgehub::connect(app.port).await;
-    let topic = format!("edge/{NODE}/edgehub/to/metamanager");
     for i in 0..100 {
         let mut cm = fixture("configmap.json");
         let name = format!("cm-{i:03}");
         cm["metadata"]["name"] = json!(name);
         cm["data"] = json!({"blob": "d".repeat(100_000)});
-        let message = json!({
-            "header": {"msg_id": format!("i-{i}")},
-            "route": {"operation": "insert", "resource": format!("default/configmap/{name}")},
-            "content": cm,
-        });
-        edgehub
-            .client
-            .publish(
-                &topic,
-                QoS::AtLeastOnce,
-                false,
-                serde_json::to_vec(&message).unwrap(),
-            )
-            .await
-            .unwrap();
+        let key = format!("default/configmap/{name}");
+        edgehub.send(&format!("i-{i}"), "insert", &key, cm).await;
     }
     let deadline = Instant::now() + Duration::from_secs(120);
     for _ in 0..100 {

@@ -5,7 +5,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{count_rows, fixture, message, msg_id, BrokerKind, Options, TestApp};
+use common::{
+    answer_as_cloud, count_rows, fixture, forwarded_query, message, msg_id, BrokerKind, Options,
+    TestApp,
+};
 use serde_json::{json, Value};
 
 const POD_KEY: &str = "default/pod/nginx-7d9c5b8f4-x2k9p";
@@ -298,15 +301,6 @@ async fn connect_state_shows_in_status(kind: BrokerKind) {
     );
 }
 
-/// The query MetaManager forwarded to the cloud.
-async fn forwarded_query(app: &mut TestApp) -> Value {
-    app.client
-        .wait_for("metamanager/to/edgehub", |v| {
-            v["route"]["operation"] == "query"
-        })
-        .await
-}
-
 /// With the cloud connected, edged asks for a secret the node does not hold: the key, edged's
 /// query, and the query MetaManager forwarded to the cloud for it.
 async fn ask_for_a_remote_secret(app: &mut TestApp) -> (&'static str, Value, Value) {
@@ -316,14 +310,6 @@ async fn ask_for_a_remote_secret(app: &mut TestApp) -> (&'static str, Value, Val
     app.client.publish("edged", &query).await;
     let asked = forwarded_query(app).await;
     (key, query, asked)
-}
-
-/// Plays the cloud: answers the forwarded query `asked`.
-async fn answer_as_cloud(app: &TestApp, asked: &Value, operation: &str, content: Value) {
-    let resource = asked["route"]["resource"].as_str().unwrap();
-    let mut answer = message(operation, resource, content);
-    answer["header"]["parent_msg_id"] = asked["header"]["msg_id"].clone();
-    app.client.publish("edgehub", &answer).await;
 }
 
 /// The retained status as a newly connecting client sees it.

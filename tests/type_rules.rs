@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, SystemTime};
 
-use common::{message, msg_id, BrokerKind, Options, TestApp};
+use common::{answer_as_cloud, forwarded_query, message, msg_id, BrokerKind, Options, TestApp};
 use serde_json::{json, Value};
 
 async fn app(kind: BrokerKind) -> Option<TestApp> {
@@ -188,17 +188,10 @@ async fn an_expired_token_is_fetched_again_from_the_cloud(kind: BrokerKind) {
     with_stored_token(&mut app, token("old", now - Duration::from_secs(60))).await;
     let query = message("query", TOKEN_KEY, Value::Null);
     app.client.publish("edged", &query).await;
-    let asked = app
-        .client
-        .wait_for("metamanager/to/edgehub", |v| {
-            v["route"]["operation"] == "query"
-        })
-        .await;
+    let asked = forwarded_query(&mut app).await;
     assert_eq!(asked["route"]["resource"], TOKEN_KEY);
     let fresh = token("new", now + Duration::from_secs(3600));
-    let mut answer = message("response", TOKEN_KEY, fresh.clone());
-    answer["header"]["parent_msg_id"] = asked["header"]["msg_id"].clone();
-    app.client.publish("edgehub", &answer).await;
+    answer_as_cloud(&app, &asked, "response", fresh.clone()).await;
     let reply = app
         .client
         .reply_to("metamanager/to/edged", msg_id(&query))
@@ -226,12 +219,7 @@ async fn a_token_the_cloud_cannot_refresh_is_served_until_it_expires(kind: Broke
     let sent = std::time::Instant::now();
     app.client.publish("edged", &query).await;
     // The cloud is asked for a fresh one, and does not answer.
-    let asked = app
-        .client
-        .wait_for("metamanager/to/edgehub", |v| {
-            v["route"]["operation"] == "query"
-        })
-        .await;
+    let asked = forwarded_query(&mut app).await;
     assert_eq!(asked["route"]["resource"], TOKEN_KEY);
     let reply = app
         .client
@@ -285,12 +273,7 @@ async fn identical_remote_queries_share_one_query_to_the_cloud(kind: BrokerKind)
     for q in &queries {
         app.client.publish("edged", q).await;
     }
-    let asked = app
-        .client
-        .wait_for("metamanager/to/edgehub", |v| {
-            v["route"]["operation"] == "query"
-        })
-        .await;
+    let asked = forwarded_query(&mut app).await;
     // Let every query arrive before the cloud answers.
     let early = app.client.drain(Duration::from_millis(500)).await;
     let more_asks = early
@@ -300,9 +283,7 @@ async fn identical_remote_queries_share_one_query_to_the_cloud(kind: BrokerKind)
     assert_eq!(more_asks, 0, "one query to the cloud, not 50");
 
     let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "shared", "namespace": "default"}, "data": {"k": "v"}});
-    let mut answer = message("response", key, cm.clone());
-    answer["header"]["parent_msg_id"] = asked["header"]["msg_id"].clone();
-    app.client.publish("edgehub", &answer).await;
+    answer_as_cloud(&app, &asked, "response", cm.clone()).await;
     for q in &queries {
         let reply = app.client.reply_to("metamanager/to/edged", msg_id(q)).await;
         assert_eq!(reply["route"]["operation"], "response");

@@ -545,6 +545,23 @@ impl Peer {
     }
 }
 
+/// The query MetaManager forwarded to the cloud, the next one on edgehub's topic.
+pub async fn forwarded_query(app: &mut TestApp) -> Value {
+    app.client
+        .wait_for("metamanager/to/edgehub", |v| {
+            v["route"]["operation"] == "query"
+        })
+        .await
+}
+
+/// Plays the cloud: answers the forwarded query `asked` with `operation` and `content`.
+pub async fn answer_as_cloud(app: &TestApp, asked: &Value, operation: &str, content: Value) {
+    let resource = asked["route"]["resource"].as_str().unwrap();
+    let mut answer = message(operation, resource, content);
+    answer["header"]["parent_msg_id"] = asked["header"]["msg_id"].clone();
+    app.client.publish("edgehub", &answer).await;
+}
+
 /// Declares one test per broker kind from an async fn taking a [`BrokerKind`].
 #[macro_export]
 macro_rules! both_brokers {
