@@ -26,6 +26,9 @@ use super::scope::ApiError;
 use crate::bounded_read;
 use crate::config::ConfigError;
 
+/// The group of every authenticated user.
+pub const AUTHENTICATED: &str = "system:authenticated";
+
 /// An authenticated user.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct User {
@@ -85,12 +88,13 @@ impl Auth {
     ) -> Result<Self, ConfigError> {
         let tokens = token_file
             .map(|path| {
-                read_config_file("http.auth.token_file", path).and_then(|t| parse_tokens(&t))
+                read_config_file("http.auth.token_file", path, true).and_then(|t| parse_tokens(&t))
             })
             .transpose()?;
         let policy = policy_file
             .map(|path| {
-                read_config_file("http.auth.policy_file", path).and_then(|t| parse_policy(&t))
+                read_config_file("http.auth.policy_file", path, false)
+                    .and_then(|t| parse_policy(&t))
             })
             .transpose()?;
         Ok(Self { tokens, policy })
@@ -159,13 +163,20 @@ impl Rule {
     }
 }
 
-fn read_config_file(key: &'static str, path: &Path) -> Result<String, ConfigError> {
+/// A file a config key names, with a size cap; a `secret` one (the tokens) is also warned
+/// about when others may read it.
+fn read_config_file(key: &'static str, path: &Path, secret: bool) -> Result<String, ConfigError> {
     let read_error = |source| ConfigError::ReadFile {
         key,
         path: path.to_owned(),
         source,
     };
-    let bytes = bounded_read::read_secret(key, path).map_err(read_error)?;
+    let bytes = if secret {
+        bounded_read::read_secret(key, path)
+    } else {
+        bounded_read::read(path, bounded_read::CONFIG_MAX_BYTES)
+    }
+    .map_err(read_error)?;
     String::from_utf8(bytes)
         .map_err(|e| read_error(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
 }
@@ -186,7 +197,9 @@ fn parse_tokens(text: &str) -> Result<HashMap<String, User>, ConfigError> {
         if fields.len() < 3 || fields[0].is_empty() || fields[1].is_empty() {
             return Err(bad("expected token,user,uid[,\"group1,group2\"]"));
         }
-        let groups = fields
+        // Every authenticated user is also in `system:authenticated`, as in kube-apiserver, so
+        // one ABAC line can let them all read discovery (which kubectl needs first).
+        let mut groups: Vec<String> = fields
             .get(3)
             .map(|g| {
                 g.split(',')
@@ -196,6 +209,7 @@ fn parse_tokens(text: &str) -> Result<HashMap<String, User>, ConfigError> {
                     .collect()
             })
             .unwrap_or_default();
+        groups.push(AUTHENTICATED.to_owned());
         let user = User {
             name: fields[1].clone(),
             groups,
@@ -333,7 +347,7 @@ mod tests {
         let a = auth();
         let alice = a.authenticate(Some("Bearer alice-token")).unwrap().unwrap();
         assert_eq!(alice.name, "alice");
-        assert_eq!(alice.groups, ["viewers", "ops"]);
+        assert_eq!(alice.groups, ["viewers", "ops", AUTHENTICATED]);
         assert!(a.authenticate(None).is_err());
         assert!(a.authenticate(Some("Bearer nope")).is_err());
         assert!(a.authenticate(Some("Basic YWxpY2U6eA==")).is_err());
