@@ -14,7 +14,8 @@
 //! - [`mqtt`]: the link to the broker: a receiving side that reads only as fast as the inbound
 //!   budget allows, and a sending one for everything outbound ([`mqtt::Publisher`]); two MQTT
 //!   connections to an external broker, two in-process links to the embedded one.
-//! - [`tls`]: the rustls client configuration for an external broker, and TLS failure reasons.
+//! - [`tls`]: the rustls client configuration for an external broker, TLS failure reasons, and
+//!   the local API's HTTPS configuration.
 //! - [`delivery`]: which of MetaManager's publishes the broker has acknowledged.
 //! - [`budget`]: the bound on messages in flight; when it is spent, MetaManager stops reading.
 //! - [`topics`]: the node's topic names and the two peers, edgehub and edged.
@@ -29,15 +30,17 @@
 //! - [`sent_patches`]: patches passed on to the cloud, waiting for its answer.
 //! - [`metasync`]: the periodic pod-status sync to the cloud.
 //! - [`outbox`]: what waits for the cloud while it is away, and its paced sending.
-//! - [`http`]: the local HTTP endpoint: `/healthz`, `/readyz`, `/metrics`.
+//! - [`http`]: the local HTTP endpoint: `/healthz`, `/readyz`, `/metrics` and the API.
 //!   - [`http::server`]: connections under a cap, with header and idle timeouts.
 //!   - [`http::caps`]: caps on concurrent requests and watches (429 over them).
 //!   - [`http::host`]: the `Host` check of a loopback listener (DNS rebinding).
 //!   - [`http::accept`]: JSON only; `406` for a client that accepts only protobuf.
-//!   - [`http::kube`]: read-only Kubernetes-style API over the store, for `kubectl get`.
+//!   - [`http::auth`]: bearer tokens and an ABAC policy, in kube-apiserver's file formats.
+//!   - [`http::kinds`]: the kinds served: the core ones and every other kind the store holds.
+//!   - [`http::kube`]: the read-only Kubernetes API over the store: discovery, get, list, watch.
 //!   - [`http::list_page`]: a list answer streamed a page at a time, `limit` and `continue`.
 //!   - [`http::table`]: server-side Table output, the columns kubectl prints.
-//!   - [`http::scope`]: the kinds it serves, the scope of a list or watch, its error answers.
+//!   - [`http::scope`]: the scope of a list or watch, objects as served, the error answers.
 //!   - [`http::selector`]: label and field selectors of list and watch requests.
 //!   - [`http::watch`]: watch streams fed by the store's change feed.
 //! - [`metrics`]: the Prometheus metrics, and the [`metrics::Exporter`] that renders them with
@@ -45,8 +48,8 @@
 //! - [`inspect`]: read-only access to a database for the `get`, `list` and `export` commands.
 //! - [`status`]: the status object on the status topic.
 //! - [`shutdown`]: the one signal every task stops on.
-//! - [`store`]: SQLite with one writer thread (group commit) and reads beside it, and its own
-//!   commit measurements.
+//! - [`store`]: SQLite with one writer thread (group commit) and reads beside it, its own
+//!   commit measurements, and the numbered change feed (recorded, so watches outlive restarts).
 //!   - [`store::lock`]: one MetaManager per database, by a lock file beside it.
 //!
 //! Each part is given what it uses when `app` builds it; nothing shares one object of
