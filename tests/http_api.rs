@@ -1034,6 +1034,15 @@ async fn any_kind_the_cloud_inserts_is_served_under_its_group_and_found_by_kubec
     assert_eq!(code, 404, "cluster-scoped: not under a namespace");
     let (code, _) = get_json(port, "/apis/nothing.example/v1/things").await;
     assert_eq!(code, 404);
+    // A cluster-scoped kind listed under a namespace: 404, as from kube-apiserver, not every
+    // object to a client whose access may be limited to that namespace.
+    for path in [
+        "/apis/storage.k8s.io/v1/namespaces/default/storageclasses",
+        "/api/v1/namespaces/default/nodes",
+    ] {
+        let (code, status) = get_json(port, path).await;
+        assert_eq!(code, 404, "{path}: {status}");
+    }
 
     if kubectl().is_none() {
         return;
@@ -1099,4 +1108,45 @@ async fn a_watch_from_a_version_given_out_before_a_restart_resumes_after_it() {
         "resumed, not expired: {body}"
     );
     assert_eq!(types_and_names(&events(&body)), [("ADDED", "after")]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_selector_watch_resumed_over_an_unwatched_delete_is_told_of_it() {
+    let Some(mut app) = TestApp::spawn(Options::new(BrokerKind::Embedded)).await else {
+        return;
+    };
+    let port = app.http_port;
+    insert_pod(&mut app, "default", "gone", "a").await;
+    let (_, list) = get_json(
+        port,
+        "/api/v1/namespaces/default/pods?labelSelector=app%3Da",
+    )
+    .await;
+    let version = list["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Deleted while nobody watches: the feed keeps the key, not the object's labels.
+    let m = message("delete", "default/pod/gone", Value::Null);
+    app.client.request("edgehub", &m).await;
+    let path = format!(
+        "/api/v1/namespaces/default/pods?watch=true&labelSelector=app%3Da&resourceVersion={version}&timeoutSeconds=1"
+    );
+    let (code, _, body) = http(port, "GET", &path).await;
+    assert_eq!(code, 200);
+    assert_eq!(types_and_names(&events(&body)), [("DELETED", "gone")]);
+
+    // A timeout too large for the clock is no timeout, not a failed request.
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    stream
+        .write_all(
+            b"GET /api/v1/pods?watch=true&timeoutSeconds=18446744073709551615 HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut head = String::new();
+    read_until(&mut stream, &mut head, "\r\n\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
 }

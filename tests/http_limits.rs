@@ -154,6 +154,10 @@ async fn requests_and_watches_over_their_caps_get_429_with_retry_after() {
         .as_str()
         .unwrap()
         .contains("too many requests in progress (at most 2)"));
+    // A list that names `watch` twice is read as the handler reads it (the last one), so it
+    // counts as a request too.
+    let (code, _, _) = http(port, "GET", "/api/v1/configmaps?watch=true&watch=false").await;
+    assert_eq!(code, 429);
     // Probes are never capped.
     assert_eq!(http(port, "GET", "/healthz").await.0, 200);
 

@@ -8,13 +8,15 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use std::collections::HashMap;
+
+use axum::extract::{Query, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::scope::ApiError;
+use super::scope::{is_watch, ApiError};
 
 /// The two caps, shared by every connection.
 #[derive(Clone)]
@@ -49,7 +51,9 @@ impl Caps {
 /// Middleware: an API request that is not a watch holds a place under the request cap until
 /// its answer's body is fully written, since a streamed list still reads the store then.
 pub async fn limit_requests(State(caps): State<Caps>, request: Request, next: Next) -> Response {
-    if !request.uri().path().starts_with("/api") || is_watch(request.uri().query()) {
+    let watch = Query::<HashMap<String, String>>::try_from_uri(request.uri())
+        .is_ok_and(|Query(params)| is_watch(&params));
+    if !request.uri().path().starts_with("/api") || watch {
         return next.run(request).await;
     }
     let Ok(permit) = caps.requests.clone().try_acquire_owned() else {
@@ -65,11 +69,4 @@ pub async fn limit_requests(State(caps): State<Caps>, request: Request, next: Ne
         |(mut body, permit)| async move { body.next().await.map(|chunk| (chunk, (body, permit))) },
     );
     Response::from_parts(parts, Body::from_stream(held))
-}
-
-fn is_watch(query: Option<&str>) -> bool {
-    query.is_some_and(|q| {
-        q.split('&')
-            .any(|pair| matches!(pair, "watch=true" | "watch=1"))
-    })
 }

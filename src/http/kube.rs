@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use std::sync::Arc;
 
 use super::kinds::{self, Kind};
-use super::scope::{served, ApiError, Scope};
+use super::scope::{is_watch, served, ApiError, Scope};
 use super::{list_page, table, watch, HttpState};
 use crate::resource::Resource;
 use crate::store::Store;
@@ -247,11 +247,13 @@ async fn list(
     params: HashMap<String, String>,
     as_table: bool,
 ) -> Result<Response, ApiError> {
+    // A cluster-scoped kind has no objects under a namespace: as kube-apiserver, 404, rather
+    // than all of them to a client whose access may be limited to that namespace.
+    if namespace.is_some() && !kind.namespaced {
+        return Err(ApiError::NoRoute);
+    }
     let scope = Scope::new(kind, namespace, &params)?;
-    if params
-        .get("watch")
-        .is_some_and(|w| matches!(w.as_str(), "true" | "1"))
-    {
+    if is_watch(&params) {
         let permit = state.caps.watch()?;
         // Without a version the watcher has not listed, so it is first told what exists.
         let version = match params.get("resourceVersion").map(String::as_str) {

@@ -19,6 +19,14 @@ use crate::store::{Store, StoreError};
 /// How long a client told 429 waits before it tries again, as kube-apiserver says it.
 pub const RETRY_AFTER_SECONDS: u32 = 1;
 
+/// Whether list parameters ask for a watch (`watch=true` or `watch=1`, decoded, the last of
+/// repeated ones): the one reading of it, for the handler and the request cap alike.
+pub fn is_watch(params: &HashMap<String, String>) -> bool {
+    params
+        .get("watch")
+        .is_some_and(|w| matches!(w.as_str(), "true" | "1"))
+}
+
 /// Why a request to the API failed; each becomes a Kubernetes `Status` answer.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -114,6 +122,20 @@ impl Scope {
             labels,
             fields,
         })
+    }
+
+    /// Whether the key `key` is of this scope's kind and namespace (what can be told of an
+    /// object whose value is not known).
+    pub fn holds_key(&self, key: &str) -> bool {
+        let Ok(resource) = Resource::parse(key) else {
+            return false;
+        };
+        resource.rtype() == self.kind.rtype
+            && (!self.kind.namespaced
+                || self
+                    .namespace
+                    .as_deref()
+                    .is_none_or(|want| want == resource.namespace()))
     }
 
     /// Whether the stored object `key` = `value` is in scope; `value` already parsed.

@@ -62,7 +62,10 @@ pub async fn respond(
     permit: OwnedSemaphorePermit,
 ) -> Result<Response, ApiError> {
     let queue = Arc::new(Queue::default());
-    let deadline = options.timeout.map(|t| tokio::time::Instant::now() + t);
+    // A timeout too large to add is no timeout.
+    let deadline = options
+        .timeout
+        .and_then(|t| tokio::time::Instant::now().checked_add(t));
     let (changes, seen, initial) = match options.version {
         None => {
             // Subscribed before anything is read: each page then holds every change up to
@@ -173,9 +176,9 @@ async fn receive(
             next = changes.recv() => next,
             _ = heartbeat.tick() => {
                 if bookmarks {
-                    queue.line(bookmark(&kind, received));
+                    queue.heartbeat_with(bookmark(&kind, received));
                 } else {
-                    queue.heartbeat();
+                    queue.heartbeat_with(Bytes::from_static(b"\n"));
                 }
                 continue;
             }
@@ -273,13 +276,14 @@ impl Queue {
         self.ready.notify_one();
     }
 
-    /// A keep-alive newline, unless something is already waiting to be sent.
-    fn heartbeat(&self) {
+    /// A keep-alive `line` (a newline, or a bookmark), unless something is already waiting to
+    /// be sent: a client that does not read gets no more of them than one.
+    fn heartbeat_with(&self, line: Bytes) {
         if let Ok(mut w) = self.inner.lock() {
             if !w.items.is_empty() || w.ended {
                 return;
             }
-            w.items.push_back(Item::Line(Bytes::from_static(b"\n")));
+            w.items.push_back(Item::Line(line));
         }
         self.ready.notify_one();
     }
@@ -451,10 +455,16 @@ impl Stream {
             (Some(value), _) => serde_json::from_slice(value).ok()?,
             (None, ChangeKind::Deleted) => {
                 // The old object was not read (nobody watched when the delete was applied):
-                // name it from the key so the client still learns what went.
+                // name it from the key so the client still learns what went. Its labels and
+                // fields are unknown, so only the key is held to the scope: a client told of
+                // the delete of an object it never had ignores it, one never told keeps it.
                 let resource = Resource::parse(&event.key).ok()?;
                 let (ns, name) = (resource.namespace(), resource.name()?);
-                json!({"metadata": {"name": name, "namespace": ns}})
+                let stub = json!({"metadata": {"name": name, "namespace": ns}});
+                return self
+                    .scope
+                    .holds_key(&event.key)
+                    .then(|| self.event_line(kind, scope::served(&self.scope.kind, stub)));
             }
             (None, _) => {
                 // Not kept (nobody watched then): the object as stored now. If it has gone
@@ -483,4 +493,23 @@ fn event_line(kind: &str, object: &Value) -> Bytes {
     let mut line = serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap_or_default();
     line.push(b'\n');
     Bytes::from(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn keep_alive_lines_wait_behind_nothing_and_never_pile_up() {
+        let queue = Queue::default();
+        queue.heartbeat_with(Bytes::from_static(b"\n"));
+        // A client that does not read: later keep-alives are not queued behind the first.
+        for _ in 0..100 {
+            queue.heartbeat_with(Bytes::from_static(b"{\"type\":\"BOOKMARK\"}\n"));
+        }
+        assert_eq!(queue.inner.lock().unwrap().items.len(), 1);
+        assert!(matches!(queue.pop().await, Some(Item::Line(l)) if l == "\n"));
+        queue.end();
+        assert!(queue.pop().await.is_none(), "ended once empty");
+    }
 }

@@ -1082,14 +1082,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("m.db"), StoreOptions::default()).unwrap();
         let before = store.feed_position();
-        store
-            .write(put("ns/configmap/c", r#"{"a":1}"#))
-            .await
-            .unwrap();
+        for value in [r#"{"a":1}"#, r#"{"a":2}"#] {
+            store.write(put("ns/configmap/c", value)).await.unwrap();
+        }
         let (_live, backlog) = store.changes_since(before).unwrap();
-        assert_eq!(backlog.len(), 1);
+        assert_eq!(backlog.len(), 2);
         assert_eq!(backlog[0].key, "ns/configmap/c");
         assert_eq!(backlog[0].value, None, "no payload kept without a watcher");
+        let kinds: Vec<ChangeKind> = backlog.iter().map(|e| e.kind).collect();
+        assert_eq!(
+            kinds,
+            [ChangeKind::Added, ChangeKind::Modified],
+            "a change of a stored key is MODIFIED, watched or not"
+        );
         store.close().await;
     }
 

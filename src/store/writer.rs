@@ -312,17 +312,26 @@ impl Writer {
         }
         let outcome = match &change.write {
             Some(w) => {
-                // What the key held before matters only to watchers (ADDED or MODIFIED, and
-                // the object a DELETED carries), so it is read only while somebody watches.
+                // What the key held before matters only to watchers (the object a DELETED
+                // carries), so it is read only while somebody watches; whether it held
+                // anything decides ADDED or MODIFIED, also for a watch that resumes later.
                 let watched = self.shared.feed.watched();
-                let before = if watched {
-                    stored_value(conn, w.key())?
+                let (before, existed) = if watched {
+                    let before = stored_value(conn, w.key())?;
+                    let existed = before.is_some();
+                    (before, existed)
                 } else {
-                    None
+                    (None, stored_exists(conn, w.key())?)
                 };
                 let outcome = apply_write(conn, w)?;
                 let after = patched_value(conn, w, outcome, watched)?;
-                if let Some(mut event) = feed_event(w, outcome, before, after, watched) {
+                let seen = Seen {
+                    before,
+                    existed,
+                    after,
+                    watched,
+                };
+                if let Some(mut event) = feed_event(w, outcome, seen) {
                     self.record_change(&mut event)?;
                     effect.events.push(event);
                 }
@@ -587,20 +596,20 @@ fn is_current(conn: &Connection, write: Option<&Write>) -> rusqlite::Result<bool
 /// `before` is the value the key held, and `after` the value a patch stored, both read only
 /// while somebody watches; without a watcher the event carries no value (see
 /// [`StoreEvent::value`]).
-fn feed_event(
-    write: &Write,
-    outcome: Outcome,
-    before: Option<String>,
-    after: Option<String>,
-    watched: bool,
-) -> Option<StoreEvent> {
+fn feed_event(write: &Write, outcome: Outcome, seen: Seen) -> Option<StoreEvent> {
+    let Seen {
+        before,
+        existed,
+        after,
+        watched,
+    } = seen;
     match (write, outcome) {
         (
             Write::Put { key, rtype, value } | Write::PutIfChanged { key, rtype, value },
             Outcome::Stored,
         ) => Some(StoreEvent {
             seq: 0,
-            kind: if before.is_some() {
+            kind: if existed {
                 ChangeKind::Modified
             } else {
                 ChangeKind::Added
@@ -627,6 +636,23 @@ fn feed_event(
         }),
         _ => None,
     }
+}
+
+/// What the writer saw of a key around one write, for its feed event.
+struct Seen {
+    /// The value before the write, read only while somebody watches.
+    before: Option<String>,
+    /// Whether the key held anything before the write, always known.
+    existed: bool,
+    /// A patch's result, read only while somebody watches.
+    after: Option<String>,
+    watched: bool,
+}
+
+/// Whether `key` is stored: an index lookup that reads no value.
+fn stored_exists(conn: &Connection, key: &str) -> rusqlite::Result<bool> {
+    conn.prepare_cached("SELECT 1 FROM meta WHERE key = ?1")?
+        .exists([key])
 }
 
 /// Values are stored as TEXT, as in KubeEdge's table.
