@@ -452,6 +452,15 @@ impl Settings {
         if self.database.path.as_os_str().is_empty() {
             return invalid("database.path", "must not be empty".into());
         }
+        // SQLite reads these as a URI or an in-memory database, which the readers beside the
+        // writer and the one-process lock would not see as the same file.
+        let path = self.database.path.to_string_lossy();
+        if path.starts_with("file:") || path == ":memory:" {
+            return invalid(
+                "database.path",
+                format!("{path:?} is not a file path; give the database file's path"),
+            );
+        }
         self.meta.validate()?;
         self.outbox.validate()?;
         self.http.validate()?;
@@ -867,6 +876,8 @@ mod tests {
                 "meta:\n  token_refresh_before: 0\n",
                 "meta.token_refresh_before",
             ),
+            ("database:\n  path: \"file:data/m.db\"\n", "database.path"),
+            ("database:\n  path: \":memory:\"\n", "database.path"),
             ("http:\n  max_connections: 0\n", "http.max_connections"),
             (
                 "http:\n  max_requests: 9223372036854775807\n",

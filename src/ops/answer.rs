@@ -62,13 +62,17 @@ pub(super) async fn answer_from_cloud(
 }
 
 /// The write for the cloud's answer to a patch edged sent it: the object as the cloud has it
-/// after the patch, stored under the key the patch changed (a `podpatch`'s pod). The patch is
-/// forgotten whatever the answer; only a `response` with an object stores anything.
+/// after the patch, stored under the key the patch changed (a `podpatch`'s pod). A `response`
+/// with an object, or an `error`, ends the patch's wait; anything else (a bare ack) leaves it
+/// waiting for the answer that carries the object. Only the object stores anything.
 fn patch_result(ctx: &Context, message: &Message) -> Option<Write> {
     let parent = message.header.parent_msg_id.as_deref()?;
-    let target = ctx.sent_patches.claim(parent)?;
     let object =
         message.operation == Operation::Response && message.content_json().starts_with('{');
+    if !object && message.operation != Operation::Error {
+        return None;
+    }
+    let target = ctx.sent_patches.claim(parent)?;
     object.then(|| Write::Put {
         key: target.key,
         rtype: target.rtype,

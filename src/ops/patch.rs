@@ -65,6 +65,12 @@ pub(super) async fn patch(
         key: target.key().to_owned(),
         rtype,
     };
+    // Remembered before it can reach the cloud (through the outbox it may leave before this
+    // step runs), so that the answer finds it. Not an event's: its answer would store the
+    // event.
+    if sender == Peer::Edged && target.rtype != rules::EVENT {
+        ctx.sent_patches.remember(msg.msg_id(), target.clone());
+    }
     let write = Write::Patch {
         key: target.key.clone(),
         rtype: target.rtype.clone(),
@@ -109,6 +115,7 @@ async fn after_commit(
             outcome: Outcome::Rejected(e),
             ..
         }) => {
+            ctx.sent_patches.claim(msg.msg_id());
             ctx.metrics.error(ErrorReason::Invalid);
             let text = format!("patch of {} not applied: {}", target.key, parsed.explain(e));
             tracing::warn!(
@@ -120,18 +127,16 @@ async fn after_commit(
             send_reply(&ctx, sender, reply, Operation::Error).await;
         }
         Ok(applied) => {
-            // Remembered before it can reach the cloud, so that the answer finds it. Not an
-            // event's: its answer would store the event.
-            if sender == Peer::Edged && target.rtype != rules::EVENT {
-                ctx.sent_patches.remember(msg.msg_id(), target);
-            }
             if forward(&ctx, sender.other(), &msg, &publish, applied, false).await {
                 send_reply(&ctx, sender, message::ack(&msg), Operation::Response).await;
             } else {
                 report_not_queued(&ctx, sender, &msg).await;
             }
         }
-        Err(e) => report_store_error(&ctx, sender, &msg, &e).await,
+        Err(e) => {
+            ctx.sent_patches.claim(msg.msg_id());
+            report_store_error(&ctx, sender, &msg, &e).await
+        }
     }
     ctx.publisher.ack(&publish);
 }

@@ -60,7 +60,10 @@ impl InstanceLock {
                 source,
             })?;
         }
-        let lock_file = lock_file_of(database);
+        // The database's real name, not the one it was reached by: a symlink or another spelling
+        // of the same file must find the same lock.
+        let real = real_path(database);
+        let lock_file = lock_file_of(&real);
         let io_error = |source| LockError::Io {
             database: database.to_owned(),
             lock_file: lock_file.clone(),
@@ -109,6 +112,19 @@ impl Drop for InstanceLock {
     }
 }
 
+/// The file itself when it exists (links resolved), else its resolved directory and its name;
+/// as given when neither resolves.
+fn real_path(database: &Path) -> PathBuf {
+    if let Ok(real) = database.canonicalize() {
+        return real;
+    }
+    let dir = database.parent().filter(|d| !d.as_os_str().is_empty());
+    match (dir.map(Path::canonicalize), database.file_name()) {
+        (Some(Ok(dir)), Some(name)) => dir.join(name),
+        _ => database.to_owned(),
+    }
+}
+
 /// `<database>.lock`, beside the database (SQLite's own files are `-wal`, `-shm`, `-journal`).
 pub fn lock_file_of(database: &Path) -> PathBuf {
     let mut name = database.as_os_str().to_owned();
@@ -134,6 +150,21 @@ fn read_pid(file: &mut File) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_database_reached_by_another_name_is_the_same_database() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("real")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("real"), dir.path().join("alias")).unwrap();
+        let _first = InstanceLock::acquire(&dir.path().join("real/m.db")).unwrap();
+        for other in ["alias/m.db", "real/../real/m.db"] {
+            let refused = InstanceLock::acquire(&dir.path().join(other));
+            assert!(
+                matches!(refused, Err(LockError::InUse { .. })),
+                "{other}: {refused:?}"
+            );
+        }
+    }
 
     #[test]
     fn a_second_claim_is_refused_with_the_holders_pid_until_the_first_is_dropped() {

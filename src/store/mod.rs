@@ -871,6 +871,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_redelivered_json_patch_that_changed_its_object_is_current_until_a_later_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("m.db"), StoreOptions::default()).unwrap();
+        // Not idempotent: applied again, it would add a second condition.
+        let add = || {
+            let content =
+                br#"[{"op":"add","path":"/status/conditions/-","value":{"type":"Ready"}}]"#;
+            Some(Write::Patch {
+                key: "ns/pod/p".into(),
+                rtype: "pod".into(),
+                patch: Arc::new(crate::patch::Patch::parse(content, "pod", 1 << 20).unwrap()),
+            })
+        };
+        store
+            .write(put("ns/pod/p", r#"{"status":{"conditions":[]}}"#))
+            .await
+            .unwrap();
+        let first = store.write(with_id("x", add())).await.unwrap();
+        assert_eq!(first.outcome, Outcome::Patched { changed: true });
+        // Its forward was never handed on (a crash): the redelivery is still in effect.
+        let again = store.write(with_id("x", add())).await.unwrap();
+        assert_eq!(again.outcome, dup(false, true), "passed on again, not lost");
+        store.write(put("ns/pod/p", "{}")).await.unwrap();
+        let later = store.write(with_id("x", add())).await.unwrap();
+        assert_eq!(
+            later.outcome,
+            dup(false, false),
+            "superseded by a later change"
+        );
+        store.close().await;
+    }
+
+    #[tokio::test]
     async fn a_lone_write_is_committed_without_waiting_for_company() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("m.db"), StoreOptions::default()).unwrap();

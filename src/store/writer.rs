@@ -68,6 +68,14 @@ pub(super) fn prepare(conn: &Connection, synchronous: &str) -> rusqlite::Result<
     if !has_settled {
         conn.execute_batch("ALTER TABLE processed ADD COLUMN settled INTEGER NOT NULL DEFAULT 0")?;
     }
+    // The number of the change a message made (see `is_current`); absent from older
+    // databases, and null for a message that changed nothing.
+    let has_change = conn
+        .prepare("SELECT 1 FROM pragma_table_info('processed') WHERE name = 'change_seq'")?
+        .exists([])?;
+    if !has_change {
+        conn.execute_batch("ALTER TABLE processed ADD COLUMN change_seq INTEGER")?;
+    }
     Ok(())
 }
 
@@ -291,12 +299,12 @@ impl Writer {
     fn apply(&mut self, change: &Change, effect: &mut BatchEffects) -> rusqlite::Result<Applied> {
         let conn = &self.conn;
         if let Some(id) = &change.msg_id {
-            let seen: Option<bool> = conn
-                .prepare_cached("SELECT settled FROM processed WHERE msg_id = ?1")?
-                .query_row([id], |r| r.get(0))
+            let seen: Option<(bool, Option<i64>)> = conn
+                .prepare_cached("SELECT settled, change_seq FROM processed WHERE msg_id = ?1")?
+                .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
                 .optional()?;
-            if let Some(settled) = seen {
-                let current = !settled && is_current(conn, change.write.as_ref())?;
+            if let Some((settled, made)) = seen {
+                let current = !settled && is_current(conn, change.write.as_ref(), made)?;
                 return Ok(Applied {
                     outcome: Outcome::Duplicate { settled, current },
                     queued: false,
@@ -310,6 +318,8 @@ impl Writer {
             }
             effect.touched = true;
         }
+        // The number of the change this message makes, if it makes one.
+        let mut made: Option<i64> = None;
         let outcome = match &change.write {
             Some(w) => {
                 // What the key held before matters only to watchers (the object a DELETED
@@ -333,6 +343,7 @@ impl Writer {
                 };
                 if let Some(mut event) = feed_event(w, outcome, seen) {
                     self.record_change(&mut event)?;
+                    made = Some(event.seq as i64);
                     effect.events.push(event);
                 }
                 outcome
@@ -361,8 +372,10 @@ impl Writer {
             // settles it once the forward is handed on.
             let settled = applied.settled();
             self.conn
-                .prepare_cached("INSERT INTO processed (msg_id, settled) VALUES (?1, ?2)")?
-                .execute(params![id, settled])?;
+                .prepare_cached(
+                    "INSERT INTO processed (msg_id, settled, change_seq) VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![id, settled, made])?;
             self.recorded_since_prune += 1;
         }
         Ok(applied)
@@ -566,10 +579,29 @@ fn patched_value(
 
 /// Whether the change a message made is still the stored state: passing the message on again
 /// then cannot undo a later change. A message without a write changes nothing in `meta`.
-fn is_current(conn: &Connection, write: Option<&Write>) -> rusqlite::Result<bool> {
+fn is_current(
+    conn: &Connection,
+    write: Option<&Write>,
+    made: Option<i64>,
+) -> rusqlite::Result<bool> {
     let Some(write) = write else {
         return Ok(true);
     };
+    // A patch that changed its object is a delta: applying it again to tell whether it is in
+    // effect says nothing (an `add` to a list changes it again, a `test` fails). It is in
+    // effect while no later change of its key is recorded, known while its own change is
+    // still in the recorded history.
+    if let (Write::Patch { key, .. }, Some(seq)) = (write, made) {
+        let own: bool = conn
+            .prepare_cached("SELECT 1 FROM changes WHERE seq = ?1")?
+            .exists([seq])?;
+        if own {
+            let later: bool = conn
+                .prepare_cached("SELECT 1 FROM changes WHERE key = ?1 AND seq > ?2")?
+                .exists(params![key, seq])?;
+            return Ok(!later);
+        }
+    }
     let stored = stored_value(conn, write.key())?;
     Ok(match (write, stored) {
         (Write::Put { value, .. } | Write::PutIfChanged { value, .. }, Some(stored)) => {
