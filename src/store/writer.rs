@@ -322,25 +322,8 @@ impl Writer {
         let mut made: Option<i64> = None;
         let outcome = match &change.write {
             Some(w) => {
-                // What the key held before matters only to watchers (the object a DELETED
-                // carries), so it is read only while somebody watches; whether it held
-                // anything decides ADDED or MODIFIED, also for a watch that resumes later.
                 let watched = self.shared.feed.watched();
-                let (before, existed) = if watched {
-                    let before = stored_value(conn, w.key())?;
-                    let existed = before.is_some();
-                    (before, existed)
-                } else {
-                    (None, stored_exists(conn, w.key())?)
-                };
-                let outcome = apply_write(conn, w)?;
-                let after = patched_value(conn, w, outcome, watched)?;
-                let seen = Seen {
-                    before,
-                    existed,
-                    after,
-                    watched,
-                };
+                let (outcome, seen) = apply_write(conn, w, watched)?;
                 if let Some(mut event) = feed_event(w, outcome, seen) {
                     self.record_change(&mut event)?;
                     made = Some(event.seq as i64);
@@ -513,68 +496,72 @@ impl Writer {
     }
 }
 
-fn apply_write(conn: &Connection, write: &Write) -> rusqlite::Result<Outcome> {
-    match write {
+/// Applies `write`, and tells what it saw of the key for the feed event, from the reads it
+/// makes anyway: whether the key held anything (ADDED or MODIFIED, watched or not), and only
+/// while somebody `watched` the values a watcher is sent (a deleted object, a patch's result).
+fn apply_write(
+    conn: &Connection,
+    write: &Write,
+    watched: bool,
+) -> rusqlite::Result<(Outcome, Seen)> {
+    let mut seen = Seen {
+        watched,
+        ..Seen::default()
+    };
+    let outcome = match write {
         Write::Put { key, rtype, value } => {
+            // The one write that reads nothing otherwise: an index lookup for ADDED/MODIFIED.
+            seen.existed = stored_exists(conn, key)?;
             upsert(conn, key, rtype, text(value)?)?;
-            Ok(Outcome::Stored)
+            Outcome::Stored
         }
         Write::PutIfChanged { key, rtype, value } => {
             let value = text(value)?;
             let stored = stored_value(conn, key)?;
+            seen.existed = stored.is_some();
             if let Some(old) = &stored {
                 if super::resource_version_is_older(value, old) {
-                    return Ok(Outcome::Stale);
+                    return Ok((Outcome::Stale, seen));
                 }
                 if same_json(old, value) {
-                    return Ok(Outcome::Unchanged);
+                    return Ok((Outcome::Unchanged, seen));
                 }
             }
             upsert(conn, key, rtype, value)?;
-            Ok(Outcome::Stored)
+            Outcome::Stored
         }
         Write::Delete { key, uid } => {
             let Some(stored) = stored_value(conn, key)? else {
-                return Ok(Outcome::Absent);
+                return Ok((Outcome::Absent, seen));
             };
+            seen.existed = true;
             if let Some(uid) = uid {
                 if super::object_uid(&stored).is_some_and(|s| &s != uid) {
-                    return Ok(Outcome::UidMismatch);
+                    return Ok((Outcome::UidMismatch, seen));
                 }
             }
             conn.prepare_cached("DELETE FROM meta WHERE key = ?1")?
                 .execute([key])?;
-            Ok(Outcome::Deleted)
+            seen.before = watched.then_some(stored);
+            Outcome::Deleted
         }
         Write::Patch { key, rtype, patch } => {
             let Some(stored) = stored_value(conn, key)? else {
-                return Ok(Outcome::Absent);
+                return Ok((Outcome::Absent, seen));
             };
-            Ok(match patch.apply(&stored) {
+            seen.existed = true;
+            match patch.apply(&stored) {
                 Ok(Patched::Changed(value)) => {
                     upsert(conn, key, rtype, &value)?;
+                    seen.after = watched.then_some(value);
                     Outcome::Patched { changed: true }
                 }
                 Ok(Patched::Unchanged) => Outcome::Patched { changed: false },
                 Err(e) => Outcome::Rejected(e),
-            })
+            }
         }
-    }
-}
-
-/// What a patch stored, for watchers: only the database has it.
-fn patched_value(
-    conn: &Connection,
-    write: &Write,
-    outcome: Outcome,
-    watched: bool,
-) -> rusqlite::Result<Option<String>> {
-    match (write, outcome) {
-        (Write::Patch { key, .. }, Outcome::Patched { changed: true }) if watched => {
-            stored_value(conn, key)
-        }
-        _ => Ok(None),
-    }
+    };
+    Ok((outcome, seen))
 }
 
 /// Whether the change a message made is still the stored state: passing the message on again
@@ -671,12 +658,13 @@ fn feed_event(write: &Write, outcome: Outcome, seen: Seen) -> Option<StoreEvent>
 }
 
 /// What the writer saw of a key around one write, for its feed event.
+#[derive(Default)]
 struct Seen {
-    /// The value before the write, read only while somebody watches.
+    /// A deleted object, kept only while somebody watches.
     before: Option<String>,
     /// Whether the key held anything before the write, always known.
     existed: bool,
-    /// A patch's result, read only while somebody watches.
+    /// A patch's result, kept only while somebody watches.
     after: Option<String>,
     watched: bool,
 }
