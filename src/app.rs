@@ -249,6 +249,7 @@ pub async fn run_with(
             serving: serving.clone(),
             readiness,
             auth: api_auth,
+            ops: ops.clone(),
         };
         let configured = &settings.http;
         let limits = http::Limits {

@@ -37,7 +37,11 @@
 //!   - [`http::accept`]: JSON only; `406` for a client that accepts only protobuf.
 //!   - [`http::auth`]: bearer tokens and an ABAC policy, in kube-apiserver's file formats.
 //!   - [`http::kinds`]: the kinds served: the core ones and every other kind the store holds.
-//!   - [`http::kube`]: the read-only Kubernetes API over the store: discovery, get, list, watch.
+//!   - [`http::kube`]: the Kubernetes API's routes; discovery, get, list and watch over the
+//!     store.
+//!   - [`http::write`]: create, update, patch and delete requests, read and checked as
+//!     kube-apiserver does, carried out by `ops::api_write`.
+//!   - [`http::openapi`]: OpenAPI v3 documents that let kubectl write without schemas.
 //!   - [`http::list_page`]: a list answer streamed a page at a time, `limit` and `continue`.
 //!   - [`http::table`]: server-side Table output, the columns kubectl prints.
 //!   - [`http::scope`]: the scope of a list or watch, objects as served, the error answers.

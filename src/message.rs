@@ -32,6 +32,9 @@ pub const MAX_ID_BYTES: usize = 256;
 
 /// `route.source` of every message MetaManager creates.
 pub const SOURCE: &str = "metamanager";
+/// `route.source` of the writes the local API passes on to the cloud, KubeEdge's name for the
+/// edge's API server.
+pub const API_SOURCE: &str = "metaserver";
 /// `route.group` of every message MetaManager creates.
 pub const GROUP: &str = "meta";
 
@@ -460,6 +463,18 @@ pub fn build_with_id(
     resource: &str,
     content: &RawValue,
 ) -> Vec<u8> {
+    build_from(SOURCE, msg_id, parent_msg_id, operation, resource, content)
+}
+
+/// Builds a message with a chosen id and `route.source`.
+pub fn build_from(
+    source: &str,
+    msg_id: String,
+    parent_msg_id: Option<&str>,
+    operation: Operation,
+    resource: &str,
+    content: &RawValue,
+) -> Vec<u8> {
     let msg = OutMessage {
         header: Header {
             msg_id,
@@ -469,7 +484,7 @@ pub fn build_with_id(
             sync: false,
         },
         route: OutRoute {
-            source: SOURCE,
+            source,
             group: GROUP,
             operation,
             resource,

@@ -61,6 +61,8 @@ struct Table {
     /// The id each resource was asked under, to find it from an answer's `parent_msg_id`.
     by_id: HashMap<String, String>,
     askers: usize,
+    /// Requests of one asker each (the local API's writes), by the id they were sent under.
+    requests: HashMap<String, oneshot::Sender<Answer>>,
 }
 
 pub struct RemoteQueries {
@@ -126,16 +128,40 @@ impl RemoteQueries {
         Ok(Joined::First { id, answer })
     }
 
-    /// Hands the cloud's answer to the resource it answers; gives it back when none waits.
+    /// A request that is never shared (a write: each is its own change): send it under `id`
+    /// and wait for `answer`, then [`Self::forget`] it if it was not answered.
+    pub fn request(&self) -> Result<(String, oneshot::Receiver<Answer>), TooManyPending> {
+        let mut table = self.table();
+        if table.requests.len() >= MAX_PENDING {
+            return Err(TooManyPending);
+        }
+        let id = crate::message::new_msg_id();
+        let (tx, answer) = oneshot::channel();
+        table.requests.insert(id.clone(), tx);
+        Ok((id, answer))
+    }
+
+    /// Ends the wait for request `id`: an answer after this is nobody's.
+    pub fn forget(&self, id: &str) {
+        self.table().requests.remove(id);
+    }
+
+    /// Hands the cloud's answer to the query or request it answers; gives it back when none
+    /// waits.
     pub fn complete(&self, answer: Answer) -> Result<(), Box<Answer>> {
         let Some(parent) = answer.message.header.parent_msg_id.as_deref() else {
             return Err(Box::new(answer));
         };
         let waiter = {
             let mut table = self.table();
-            let key = table.by_id.get(parent).cloned();
-            key.and_then(|k| table.by_resource.get_mut(&k))
-                .and_then(|p| p.answer.take())
+            match table.requests.remove(parent) {
+                Some(tx) => Some(tx),
+                None => {
+                    let key = table.by_id.get(parent).cloned();
+                    key.and_then(|k| table.by_resource.get_mut(&k))
+                        .and_then(|p| p.answer.take())
+                }
+            }
         };
         match waiter {
             Some(tx) => tx.send(answer).map_err(Box::new),
@@ -160,9 +186,10 @@ impl RemoteQueries {
         }
     }
 
-    /// Resources being asked of the cloud.
+    /// Resources being asked of the cloud, and requests waiting for it.
     pub fn len(&self) -> usize {
-        self.table().by_resource.len()
+        let table = self.table();
+        table.by_resource.len() + table.requests.len()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -7,6 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::kubectl::{kubectl, kubectl_cmd, kubectl_out};
 use common::{fixture, http, message, msg_id, BrokerKind, Options, TestApp, WAIT};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -192,7 +193,7 @@ async fn mqtt_connect(port: u16, n: usize) -> Option<tokio::net::TcpStream> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn discovery_get_list_selectors_and_refused_writes() {
+async fn discovery_get_list_selectors_and_methods_not_allowed() {
     let Some(mut app) = TestApp::spawn(Options::new(BrokerKind::Embedded)).await else {
         return;
     };
@@ -227,15 +228,16 @@ async fn discovery_get_list_selectors_and_refused_writes() {
     );
     let (_, apis) = get_json(port, "/apis").await;
     assert_eq!(apis["kind"], "APIGroupList");
-    assert_eq!(apis["groups"], json!([]));
+    assert_eq!(apis["groups"][0]["name"], "coordination.k8s.io", "{apis}");
+    assert_eq!(apis["groups"].as_array().unwrap().len(), 1, "{apis}");
     let (_, v1) = get_json(port, "/api/v1").await;
     assert_eq!(v1["kind"], "APIResourceList");
     assert_eq!(v1["groupVersion"], "v1");
-    let names: Vec<&str> = v1["resources"]
-        .as_array()
-        .unwrap()
+    let resources = v1["resources"].as_array().unwrap();
+    let names: Vec<&str> = resources
         .iter()
         .map(|r| r["name"].as_str().unwrap())
+        .filter(|n| !n.contains('/'))
         .collect();
     assert_eq!(
         names,
@@ -245,13 +247,22 @@ async fn discovery_get_list_selectors_and_refused_writes() {
             "secrets",
             "nodes",
             "services",
-            "endpoints"
+            "endpoints",
+            "events"
         ]
     );
-    let nodes = &v1["resources"][3];
+    let nodes = resources.iter().find(|r| r["name"] == "nodes").unwrap();
     assert_eq!(nodes["namespaced"], false);
     assert_eq!(nodes["kind"], "Node");
-    assert_eq!(nodes["verbs"], json!(["get", "list", "watch"]));
+    assert_eq!(
+        nodes["verbs"],
+        json!(["create", "delete", "get", "list", "patch", "update", "watch"])
+    );
+    let status = resources
+        .iter()
+        .find(|r| r["name"] == "pods/status")
+        .unwrap();
+    assert_eq!(status["verbs"], json!(["get", "patch", "update"]));
 
     // Get: exactly as stored.
     let (code, got) = get_json(
@@ -277,14 +288,13 @@ async fn discovery_get_list_selectors_and_refused_writes() {
     let (code, status) = get_json(port, "/api/v1/widgets").await;
     assert_eq!((code, &status["reason"]), (404, &json!("NotFound")));
 
-    // Writes are refused.
+    // Methods a path does not take.
     for (method, path) in [
-        ("POST", "/api/v1/namespaces/default/pods"),
-        ("PUT", "/api/v1/namespaces/default/pods/db-0"),
-        ("PATCH", "/api/v1/namespaces/default/pods/db-0"),
-        ("DELETE", "/api/v1/namespaces/default/pods/db-0"),
         ("POST", "/api/v1/pods"),
-        ("DELETE", "/api/v1/nodes/edge-node-1"),
+        ("PUT", "/api/v1/namespaces/default/pods"),
+        ("POST", "/api/v1/namespaces/default/pods/db-0"),
+        ("DELETE", "/api/v1/namespaces/default/pods"),
+        ("DELETE", "/api/v1/namespaces/default/pods/db-0/status"),
     ] {
         let (code, _, body) = http(port, method, path).await;
         assert_eq!(code, 405, "{method} {path}");
@@ -292,6 +302,16 @@ async fn discovery_get_list_selectors_and_refused_writes() {
         assert_eq!(status["kind"], "Status");
         assert_eq!(status["reason"], "MethodNotAllowed");
         assert_eq!(status["code"], 405);
+    }
+    // Writes the cloud must make, while it is away (tests/api_writes.rs has the rest).
+    for path in [
+        "/api/v1/namespaces/default/pods/db-0",
+        "/api/v1/nodes/edge-node-1",
+    ] {
+        let (code, _, body) = http(port, "DELETE", path).await;
+        assert_eq!(code, 503, "DELETE {path}: {body}");
+        let status: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(status["reason"], "ServiceUnavailable");
     }
 
     // Lists and selectors.
@@ -340,49 +360,6 @@ async fn discovery_get_list_selectors_and_refused_writes() {
 }
 
 /// kubectl, or `None` (skip) when it is not installed and not required.
-fn kubectl() -> Option<()> {
-    let ok = Command::new("kubectl")
-        .args(["version", "--client"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if ok {
-        return Some(());
-    }
-    if std::env::var("METAMANAGER_REQUIRE_KUBECTL").as_deref() == Ok("1") {
-        panic!("kubectl is not installed and METAMANAGER_REQUIRE_KUBECTL=1");
-    }
-    eprintln!("skipped: kubectl not installed");
-    None
-}
-
-/// kubectl pointed at the node, reading no user configuration and caching in `home`.
-fn kubectl_cmd(port: u16, home: &std::path::Path, args: &[&str]) -> Command {
-    let config = home.join("kubeconfig");
-    if !config.exists() {
-        std::fs::write(&config, "").unwrap();
-    }
-    let mut cmd = Command::new("kubectl");
-    cmd.env("HOME", home)
-        .env("KUBECONFIG", &config)
-        .arg("--kubeconfig")
-        .arg(&config)
-        .args(["--server", &format!("http://127.0.0.1:{port}")])
-        .args(args);
-    cmd
-}
-
-fn kubectl_out(port: u16, home: &std::path::Path, args: &[&str]) -> String {
-    let out = kubectl_cmd(port, home, args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "kubectl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// Waits for a line of output that contains `want`.
 async fn wait_line(lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>, want: &str) -> String {
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -1012,7 +989,15 @@ async fn any_kind_the_cloud_inserts_is_served_under_its_group_and_found_by_kubec
         .iter()
         .map(|g| g["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["devices.kubeedge.io", "storage.k8s.io"], "{groups}");
+    assert_eq!(
+        names,
+        [
+            "coordination.k8s.io",
+            "devices.kubeedge.io",
+            "storage.k8s.io"
+        ],
+        "{groups}"
+    );
     let (code, resources) = get_json(port, "/apis/devices.kubeedge.io/v1beta1").await;
     assert_eq!(code, 200);
     assert_eq!(resources["resources"][0]["name"], "devicemodels");

@@ -34,27 +34,32 @@ impl Kind {
     }
 }
 
-/// The core kinds served whether or not the store holds any: (plural, type, kind, namespaced).
-const CORE: &[(&str, &str, &str, bool)] = &[
-    ("pods", "pod", "Pod", true),
-    ("configmaps", "configmap", "ConfigMap", true),
-    ("secrets", "secret", "Secret", true),
-    ("nodes", "node", "Node", false),
-    ("services", "service", "Service", true),
-    ("endpoints", "endpoints", "Endpoints", true),
+/// The kinds served whether or not the store holds any: (group, plural, type, kind,
+/// namespaced), all of version `v1`. Events are never stored, and leases are written by
+/// leader election, so both are known here to be created.
+const BUILTIN: &[(&str, &str, &str, &str, bool)] = &[
+    ("", "pods", "pod", "Pod", true),
+    ("", "configmaps", "configmap", "ConfigMap", true),
+    ("", "secrets", "secret", "Secret", true),
+    ("", "nodes", "node", "Node", false),
+    ("", "services", "service", "Service", true),
+    ("", "endpoints", "endpoints", "Endpoints", true),
+    ("", "events", "event", "Event", true),
+    ("coordination.k8s.io", "leases", "lease", "Lease", true),
 ];
 
-/// The built-in core kinds, in discovery order.
+/// The built-in kinds, in discovery order.
 pub fn builtins() -> &'static [Arc<Kind>] {
     static BUILTINS: OnceLock<Vec<Arc<Kind>>> = OnceLock::new();
     BUILTINS.get_or_init(|| {
-        CORE.iter()
-            .map(|&(plural, rtype, kind, namespaced)| {
+        BUILTIN
+            .iter()
+            .map(|&(group, plural, rtype, kind, namespaced)| {
                 Arc::new(Kind {
                     plural: plural.into(),
                     rtype: rtype.into(),
                     kind: kind.into(),
-                    group: String::new(),
+                    group: group.into(),
                     version: "v1".into(),
                     namespaced,
                 })

@@ -1,10 +1,9 @@
-//! A read-only subset of the Kubernetes API over the local store, enough for `kubectl get`
-//! (and `kubectl get -w`) pointed at the node: discovery, get, list and watch of the core kinds
-//! and of every other kind the store holds, under its own group and version
-//! ([`super::kinds`]).
+//! The Kubernetes API over the local store, enough for kubectl and client libraries pointed at
+//! the node: discovery, get, list and watch of the core kinds and of every other kind the
+//! store holds, under its own group and version ([`super::kinds`]), and the routes of the
+//! writes ([`super::write`]).
 //!
 //! Objects are served exactly as stored, so what kubectl shows is what edged would be given.
-//! Writes belong to the cloud and arrive over MQTT; every write method here is refused.
 
 use std::collections::HashMap;
 
@@ -19,14 +18,14 @@ use std::sync::Arc;
 
 use super::kinds::{self, Kind};
 use super::scope::{is_watch, served, ApiError, Scope};
-use super::{list_page, table, watch, HttpState};
+use super::{list_page, table, watch, write, HttpState};
 use crate::resource::Resource;
 use crate::store::Store;
 
-/// Discovery, and get, list and watch of every kind, core (`/api/v1`) and grouped
-/// (`/apis/{group}/{version}`).
+/// Discovery; get, list and watch of every kind, core (`/api/v1`) and grouped
+/// (`/apis/{group}/{version}`); and the writes of [`super::write`].
 pub fn routes() -> Router<HttpState> {
-    Router::new()
+    let mut router = Router::new()
         .route("/version", get(version).fallback(not_allowed))
         .route("/api", get(api_versions).fallback(not_allowed))
         .route("/apis", get(api_groups).fallback(not_allowed))
@@ -34,37 +33,82 @@ pub fn routes() -> Router<HttpState> {
         .route(
             "/apis/:group/:version",
             get(group_resources).fallback(not_allowed),
-        )
-        .route(
-            "/api/v1/namespaces/:ns/:plural",
-            get(core_list_in_namespace).fallback(not_allowed),
-        )
-        .route(
-            "/api/v1/namespaces/:ns/:plural/:name",
-            get(core_get_in_namespace).fallback(not_allowed),
-        )
-        .route("/api/v1/:plural", get(core_list_all).fallback(not_allowed))
-        .route(
-            "/api/v1/:plural/:name",
-            get(core_get_cluster).fallback(not_allowed),
-        )
-        .route(
-            "/apis/:group/:version/namespaces/:ns/:plural",
-            get(group_list_in_namespace).fallback(not_allowed),
-        )
-        .route(
-            "/apis/:group/:version/namespaces/:ns/:plural/:name",
-            get(group_get_in_namespace).fallback(not_allowed),
-        )
-        .route(
-            "/apis/:group/:version/:plural",
-            get(group_list_all).fallback(not_allowed),
-        )
-        .route(
-            "/apis/:group/:version/:plural/:name",
-            get(group_get_cluster).fallback(not_allowed),
-        )
-        .layer(axum::middleware::from_fn(super::accept::json_only))
+        );
+    for prefix in ["/api/v1", "/apis/:group/:version"] {
+        for scope in ["/namespaces/:ns", ""] {
+            let collection = format!("{prefix}{scope}/:plural");
+            let object = format!("{collection}/:name");
+            let status = format!("{object}/status");
+            router = router
+                .route(
+                    &collection,
+                    get(list_objects).post(write::create).fallback(not_allowed),
+                )
+                .route(
+                    &object,
+                    get(get_object)
+                        .put(write::update)
+                        .patch(write::patch)
+                        .delete(write::delete)
+                        .fallback(not_allowed),
+                )
+                .route(
+                    &status,
+                    get(get_object)
+                        .put(write::update_status)
+                        .patch(write::patch_status)
+                        .fallback(not_allowed),
+                );
+        }
+    }
+    router.layer(axum::middleware::from_fn(super::accept::json_only))
+}
+
+/// What a resource path names; the core group's paths have no group or version segment.
+pub struct Target {
+    pub group: String,
+    pub version: String,
+    pub namespace: Option<String>,
+    pub plural: String,
+    pub name: Option<String>,
+}
+
+impl From<HashMap<String, String>> for Target {
+    fn from(mut path: HashMap<String, String>) -> Self {
+        Self {
+            group: path.remove("group").unwrap_or_default(),
+            version: path.remove("version").unwrap_or_else(|| "v1".into()),
+            namespace: path.remove("ns"),
+            plural: path.remove("plural").unwrap_or_default(),
+            name: path.remove("name"),
+        }
+    }
+}
+
+impl Target {
+    /// The namespace segment an object of `kind` is stored under: a cluster-scoped kind's are
+    /// under `default` (see [`super::kinds`]).
+    pub fn namespace_of(&self, kind: &Kind) -> String {
+        match (&self.namespace, kind.namespaced) {
+            (Some(ns), true) => ns.clone(),
+            _ => "default".into(),
+        }
+    }
+}
+
+/// The kind a path names, or the 404 kube-apiserver gives; also for a namespaced path of a
+/// cluster-scoped kind and the reverse, whose objects are not there.
+pub async fn find_kind(store: &Store, target: &Target) -> Result<Arc<Kind>, ApiError> {
+    let kind = kinds::find(store, &target.group, &target.version, &target.plural)
+        .await?
+        .ok_or(ApiError::NoRoute)?;
+    match (target.namespace.is_some(), kind.namespaced, &target.name) {
+        // A cluster-scoped kind has no objects under a namespace: as kube-apiserver, 404,
+        // rather than all of them to a client whose access may be limited to that namespace.
+        (true, false, _) => Err(ApiError::NoRoute),
+        (false, true, Some(_)) => Err(ApiError::NoRoute),
+        _ => Ok(kind),
+    }
 }
 
 async fn api_versions(headers: axum::http::HeaderMap) -> Response {
@@ -158,14 +202,22 @@ async fn resource_list(store: &Store, group: &str, version: &str) -> Result<Resp
         .await?
         .iter()
         .filter(|k| k.group == group && k.version == version)
-        .map(|k| {
-            json!({
+        .flat_map(|k| {
+            let status = json!({
+                "name": format!("{}/status", k.plural),
+                "singularName": "",
+                "namespaced": k.namespaced,
+                "kind": k.kind,
+                "verbs": ["get", "patch", "update"],
+            });
+            let kind = json!({
                 "name": k.plural,
                 "singularName": k.rtype,
                 "namespaced": k.namespaced,
                 "kind": k.kind,
-                "verbs": ["get", "list", "watch"],
-            })
+                "verbs": VERBS,
+            });
+            [kind, status]
         })
         .collect();
     if list.is_empty() {
@@ -187,56 +239,28 @@ async fn resource_list(store: &Store, group: &str, version: &str) -> Result<Resp
 
 type Params = Query<HashMap<String, String>>;
 
-async fn core_list_in_namespace(
+/// What every kind takes: reads from the store, writes through the cloud.
+const VERBS: [&str; 7] = [
+    "create", "delete", "get", "list", "patch", "update", "watch",
+];
+
+/// A list, or a watch, of one kind in one namespace or all.
+async fn list_objects(
     State(state): State<HttpState>,
-    Path((ns, plural)): Path<(String, String)>,
+    Path(path): Path<HashMap<String, String>>,
     Query(params): Params,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let kind = find(&state.ctx.store, "", "v1", &plural).await?;
-    list(state, kind, Some(ns), params, table::wanted(&headers)).await
-}
-
-async fn core_list_all(
-    State(state): State<HttpState>,
-    Path(plural): Path<String>,
-    Query(params): Params,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let kind = find(&state.ctx.store, "", "v1", &plural).await?;
-    list(state, kind, None, params, table::wanted(&headers)).await
-}
-
-async fn group_list_in_namespace(
-    State(state): State<HttpState>,
-    Path((group, version, ns, plural)): Path<(String, String, String, String)>,
-    Query(params): Params,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let kind = find(&state.ctx.store, &group, &version, &plural).await?;
-    list(state, kind, Some(ns), params, table::wanted(&headers)).await
-}
-
-async fn group_list_all(
-    State(state): State<HttpState>,
-    Path((group, version, plural)): Path<(String, String, String)>,
-    Query(params): Params,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let kind = find(&state.ctx.store, &group, &version, &plural).await?;
-    list(state, kind, None, params, table::wanted(&headers)).await
-}
-
-/// The kind served at `group`/`version` under `plural`, or the 404 kube-apiserver gives.
-async fn find(
-    store: &Store,
-    group: &str,
-    version: &str,
-    plural: &str,
-) -> Result<Arc<Kind>, ApiError> {
-    kinds::find(store, group, version, plural)
-        .await?
-        .ok_or(ApiError::NoRoute)
+    let target = Target::from(path);
+    let kind = find_kind(&state.ctx.store, &target).await?;
+    list(
+        state,
+        kind,
+        target.namespace,
+        params,
+        table::wanted(&headers),
+    )
+    .await
 }
 
 /// A list, or with `watch=true` a watch, of one kind; with `as_table`, as a Table.
@@ -247,11 +271,6 @@ async fn list(
     params: HashMap<String, String>,
     as_table: bool,
 ) -> Result<Response, ApiError> {
-    // A cluster-scoped kind has no objects under a namespace: as kube-apiserver, 404, rather
-    // than all of them to a client whose access may be limited to that namespace.
-    if namespace.is_some() && !kind.namespaced {
-        return Err(ApiError::NoRoute);
-    }
     let scope = Scope::new(kind, namespace, &params)?;
     if is_watch(&params) {
         let permit = state.caps.watch()?;
@@ -300,40 +319,20 @@ async fn list(
     ))
 }
 
-async fn core_get_in_namespace(
+/// One object (also as its `status` subresource, which is the whole object).
+async fn get_object(
     State(store): State<Store>,
-    Path((ns, plural, name)): Path<(String, String, String)>,
+    Path(path): Path<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let kind = find(&store, "", "v1", &plural).await?;
-    get_in_namespace(&store, kind, &ns, name, table::wanted(&headers)).await
-}
-
-async fn group_get_in_namespace(
-    State(store): State<Store>,
-    Path((group, version, ns, plural, name)): Path<(String, String, String, String, String)>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let kind = find(&store, &group, &version, &plural).await?;
-    get_in_namespace(&store, kind, &ns, name, table::wanted(&headers)).await
-}
-
-async fn core_get_cluster(
-    State(store): State<Store>,
-    Path((plural, name)): Path<(String, String)>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let kind = find(&store, "", "v1", &plural).await?;
-    get_cluster(&store, kind, name, table::wanted(&headers)).await
-}
-
-async fn group_get_cluster(
-    State(store): State<Store>,
-    Path((group, version, plural, name)): Path<(String, String, String, String)>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let kind = find(&store, &group, &version, &plural).await?;
-    get_cluster(&store, kind, name, table::wanted(&headers)).await
+    let target = Target::from(path);
+    let kind = find_kind(&store, &target).await?;
+    let name = target.name.unwrap_or_default();
+    let as_table = table::wanted(&headers);
+    match target.namespace {
+        Some(ns) => get_in_namespace(&store, kind, &ns, name, as_table).await,
+        None => get_cluster(&store, kind, name, as_table).await,
+    }
 }
 
 async fn get_in_namespace(
@@ -343,9 +342,6 @@ async fn get_in_namespace(
     name: String,
     as_table: bool,
 ) -> Result<Response, ApiError> {
-    if !kind.namespaced {
-        return Err(ApiError::NoRoute);
-    }
     match store.get(&format!("{ns}/{}/{name}", kind.rtype)).await? {
         Some(text) => object(&kind, name, &text, as_table),
         None => Err(ApiError::NotFound {
@@ -362,9 +358,6 @@ async fn get_cluster(
     name: String,
     as_table: bool,
 ) -> Result<Response, ApiError> {
-    if kind.namespaced {
-        return Err(ApiError::NoRoute);
-    }
     let rows = store.list_type(&kind.rtype).await?;
     let found = rows.into_iter().find(|(key, text)| {
         let stored_name = serde_json::from_str::<Value>(text)

@@ -1,5 +1,5 @@
-//! The local HTTP endpoint: liveness and readiness probes, metrics, and the read-only
-//! Kubernetes-style API in [`kube`].
+//! The local HTTP endpoint: liveness and readiness probes, metrics, and the Kubernetes-style
+//! API in [`kube`] and [`write`].
 //!
 //! The listener is bound before anything else starts, so a port that is taken stops start-up
 //! with the address in the error; it serves once the other parts exist and stops with the other
@@ -29,11 +29,13 @@ pub mod host;
 pub mod kinds;
 pub mod kube;
 pub mod list_page;
+pub mod openapi;
 pub mod scope;
 pub mod selector;
 pub mod server;
 pub mod table;
 pub mod watch;
+pub mod write;
 
 /// Content type of the OpenMetrics text that [`Exporter::render`] writes.
 const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -61,6 +63,8 @@ pub struct Context {
     pub readiness: Arc<Readiness>,
     /// Who may use the API.
     pub auth: Arc<auth::Auth>,
+    /// What the API's writes are carried out with.
+    pub ops: Arc<crate::ops::Context>,
 }
 
 /// The endpoint's bounds, from the `http` config keys (see the README's Limits).
@@ -149,6 +153,9 @@ pub fn router(state: HttpState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/openapi/v2", get(no_openapi))
+        .route("/openapi/v3", get(openapi::index))
+        .route("/openapi/v3/*document", get(openapi::document))
         .merge(kube::routes())
         .layer(axum::middleware::from_fn_with_state(
             caps,
@@ -194,6 +201,12 @@ async fn readyz(State(ctx): State<Arc<Context>>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (code, Json(body)).into_response()
+}
+
+/// No OpenAPI v2 document (see [`openapi`]): a 404 whatever the client accepts (kubectl asks
+/// for protobuf there).
+async fn no_openapi() -> scope::ApiError {
+    scope::ApiError::NoRoute
 }
 
 async fn metrics(State(ctx): State<Arc<Context>>) -> Response {

@@ -12,6 +12,7 @@ use serde_json::{json, Map, Value};
 
 pub use super::kinds::Kind;
 use super::selector::{FieldSelector, LabelSelector};
+use crate::ops::api_write::WriteError;
 use crate::resource::Resource;
 use crate::store::read::Range;
 use crate::store::{Store, StoreError};
@@ -36,8 +37,16 @@ pub enum ApiError {
     NotFound { plural: String, name: String },
     #[error("the server could not find the requested resource")]
     NoRoute,
-    #[error("{0} is not allowed: this API is read-only; changes come from the cloud")]
+    #[error("{0} is not allowed here")]
     MethodNotAllowed(Method),
+    /// A write whose object cannot be valid: kube-apiserver's 422.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// A write that was refused, failed, or was not answered: see [`crate::ops::api_write`].
+    #[error(transparent)]
+    Write(#[from] WriteError),
     #[error("reading the store failed: {0}")]
     Store(#[from] StoreError),
     #[error("{plural} {name:?} is stored but is not JSON: {source}")]
@@ -74,13 +83,20 @@ impl IntoResponse for ApiError {
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "Unauthorized"),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "Forbidden"),
             ApiError::NotAcceptable(_) => (StatusCode::NOT_ACCEPTABLE, "NotAcceptable"),
+            ApiError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "Invalid"),
+            ApiError::UnsupportedMediaType(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "UnsupportedMediaType")
+            }
+            ApiError::Write(e) => write_status(e),
         };
         let details = match &self {
             ApiError::NotFound { plural, name } => Some(json!({"name": name, "kind": plural})),
             _ => None,
         };
         let details = match &self {
-            ApiError::TooManyRequests(_) => Some(json!({"retryAfterSeconds": RETRY_AFTER_SECONDS})),
+            ApiError::TooManyRequests(_) | ApiError::Write(WriteError::TooMany(_)) => {
+                Some(json!({"retryAfterSeconds": RETRY_AFTER_SECONDS}))
+            }
             _ => details,
         };
         let body = status_object(code, reason, self.to_string(), details);
@@ -92,6 +108,26 @@ impl IntoResponse for ApiError {
             );
         }
         response
+    }
+}
+
+/// The code and reason of a failed write, as kube-apiserver gives them.
+fn write_status(e: &WriteError) -> (StatusCode, &'static str) {
+    match e {
+        WriteError::Conflict { text, .. }
+            if text.to_ascii_lowercase().contains("already exists") =>
+        {
+            (StatusCode::CONFLICT, "AlreadyExists")
+        }
+        WriteError::Conflict { .. } => (StatusCode::CONFLICT, "Conflict"),
+        WriteError::NotFound { .. } => (StatusCode::NOT_FOUND, "NotFound"),
+        WriteError::Cloud { .. } | WriteError::Store { .. } => {
+            (StatusCode::INTERNAL_SERVER_ERROR, "InternalError")
+        }
+        WriteError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "Timeout"),
+        WriteError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable"),
+        WriteError::TooMany(_) => (StatusCode::TOO_MANY_REQUESTS, "TooManyRequests"),
+        WriteError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "Invalid"),
     }
 }
 

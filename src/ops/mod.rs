@@ -16,9 +16,12 @@
 //! - `answer`: the cloud's responses and errors, to the remote query waiting for them or edged
 //!   (an answer to a patch stores the object it carries first);
 //! - `connect`: edgehub's report of the cloud connection;
-//! - `sync`: `meta-internal-sync`, MetaSync on request.
+//! - `sync`: `meta-internal-sync`, MetaSync on request;
+//! - `api_write`: the local API's writes, through the cloud or, for what the edge owns,
+//!   here while the cloud is away.
 
 mod answer;
+pub mod api_write;
 mod change;
 mod connect;
 mod patch;
@@ -47,6 +50,8 @@ use crate::topics::{Peer, Topics};
 /// What the operations use, given to them at construction.
 pub struct Context {
     pub topics: Arc<Topics>,
+    /// This node's name: the node whose status, and whose pods' status, the edge owns.
+    pub node_id: String,
     pub store: Store,
     pub publisher: Publisher,
     pub outbox: Outbox,
@@ -85,6 +90,7 @@ impl Context {
         );
         Self {
             topics,
+            node_id: settings.node_id.clone(),
             store,
             publisher,
             outbox,

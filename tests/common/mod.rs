@@ -4,6 +4,7 @@
 //! stopped by [`process`], which the bench shares.
 #![allow(dead_code)]
 
+pub mod kubectl;
 pub mod process;
 
 use std::path::{Path, PathBuf};
@@ -600,11 +601,24 @@ pub async fn request_unread(port: u16, path: &str) -> tokio::net::TcpStream {
 
 /// One HTTP/1.1 exchange on a fresh connection: status, headers (lower-cased), body.
 pub async fn http(port: u16, method: &str, path: &str) -> (u16, String, String) {
+    http_with(port, method, path, "application/json", "").await
+}
+
+/// [`http`] with a body of type `content_type`.
+pub async fn http_with(
+    port: u16,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: &str,
+) -> (u16, String, String) {
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();
-    let request =
-        format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
     tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes())
         .await
         .unwrap();

@@ -1,0 +1,543 @@
+//! The local API's writes. The cloud owns every object, so a write is passed on to it and
+//! answered with its result; while the cloud is away, only what the edge owns is written here.
+//!
+//! Connected: the write goes to edgehub as an `insert`, `update`, `patch` or `delete` with
+//! source `metaserver` and a new id, and waits up to `meta.remote_query_timeout` for the
+//! cloud's answer. The object the cloud answers with is stored before the caller hears of it,
+//! and passed to edged as a change from the cloud would be, so that the store and edged agree
+//! (the cloud's own later update carrying the same object is then equal, and not repeated).
+//! The wait runs in a task of its own: a client that goes away does not leave the cloud's
+//! answer unhandled.
+//!
+//! Away, or while older messages wait in the outbox (a direct send would overtake them): a
+//! status write of this node's pods or of its node is applied here with the keyed merge of an
+//! edged patch, queued for the cloud in the same transaction, and answered with the merged
+//! object, because the edge owns status; creating an event is queued. Anything else needs the
+//! cloud's say, and is refused as unavailable.
+
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use crate::message::{self, Message, Operation, API_SOURCE};
+use crate::outbox;
+use crate::patch::Patch;
+use crate::remote::{Answer, TooManyPending};
+use crate::resource::Resource;
+use crate::sent_patches::Target;
+use crate::store::{Change, Outcome, StoreError, Write};
+use crate::topics::Peer;
+
+use super::{rules, settle, Context};
+
+/// What the API asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verb {
+    Create,
+    Update,
+    Patch,
+    Delete,
+}
+
+/// One write of the local API.
+#[derive(Debug, Clone)]
+pub struct ApiWrite {
+    pub verb: Verb,
+    /// The object written, `namespace/type/name`.
+    pub resource: Resource,
+    /// JSON text. Create and update: the object. Patch: a merge patch (an object; a strategic
+    /// merge patch is read as one) or a JSON Patch (an array). Delete: `null`, or an object
+    /// with the `metadata.uid` the deleted object must have.
+    pub content: String,
+    /// The write is of the `status` subresource: only the object's status changes.
+    pub status: bool,
+}
+
+/// What a write that succeeded left.
+#[derive(Debug)]
+pub enum Written {
+    /// The object as it now is.
+    Object(String),
+    /// Nothing to show: the object was deleted, or the cloud accepted a patch of an object
+    /// this node does not hold.
+    Done,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("the cloud refused the write of {key}: {text}")]
+    Conflict { key: String, text: String },
+    #[error("{text}")]
+    NotFound { text: String },
+    #[error("the cloud failed the write of {key}: {text}")]
+    Cloud { key: String, text: String },
+    #[error("the cloud did not answer the write of {key} in time ({timeout})")]
+    Timeout { key: String, timeout: String },
+    #[error("the cloud is not connected, and {0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    TooMany(#[from] TooManyPending),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the write of {key} could not be stored: {source}")]
+    Store { key: String, source: StoreError },
+}
+
+impl WriteError {
+    /// The answer a write of `key` gets from the cloud's `error` text: a conflict or a missing
+    /// object as the cloud's words say, anything else a failure.
+    fn from_cloud(key: &str, text: String) -> Self {
+        let lower = text.to_ascii_lowercase();
+        if lower.contains("not found") || lower.contains("notfound") {
+            WriteError::NotFound { text }
+        } else if lower.contains("conflict")
+            || lower.contains("already exists")
+            || lower.contains("alreadyexists")
+        {
+            WriteError::Conflict {
+                key: key.to_owned(),
+                text,
+            }
+        } else {
+            WriteError::Cloud {
+                key: key.to_owned(),
+                text,
+            }
+        }
+    }
+
+    fn store(key: &str) -> impl FnOnce(StoreError) -> Self + '_ {
+        move |source| WriteError::Store {
+            key: key.to_owned(),
+            source,
+        }
+    }
+}
+
+/// Carries out `write`: through the cloud while it is there, else locally when the edge owns
+/// what it changes.
+pub async fn write(ctx: &Arc<Context>, write: ApiWrite) -> Result<Written, WriteError> {
+    let write = if write.status {
+        status_only(write)?
+    } else {
+        write
+    };
+    if ctx.outbox.must_queue() {
+        let rtype = write.resource.rtype();
+        if write.status && (rtype == "pod" || rtype == "node") {
+            return patch_status_here(ctx, write).await;
+        }
+        if write.verb == Verb::Create && rtype == rules::EVENT {
+            return queue_event(ctx, write).await;
+        }
+        if !ctx.cloud.connected() {
+            return Err(WriteError::Unavailable(format!(
+                "only status writes of this node's pods and node, and new events, are taken while it is away; {} is refused",
+                write.resource
+            )));
+        }
+    }
+    through_cloud(ctx, write).await
+}
+
+/// A write of the `status` subresource as the patch that changes only the status:
+/// kube-apiserver ignores every other change made through it.
+fn status_only(write: ApiWrite) -> Result<ApiWrite, WriteError> {
+    let invalid = |text: &str| WriteError::Invalid(format!("{}: {text}", write.resource));
+    let value: Value = serde_json::from_str(&write.content)
+        .map_err(|e| invalid(&format!("the body is not JSON: {e}")))?;
+    let patch = match (write.verb, value) {
+        // The status replaced whole: `add` replaces a member that exists (RFC 6902).
+        (Verb::Update, Value::Object(mut object)) => {
+            let status = object.remove("status").unwrap_or_else(|| json!({}));
+            json!([{"op": "add", "path": "/status", "value": status}])
+        }
+        (Verb::Patch, Value::Object(mut object)) => match object.remove("status") {
+            Some(status) => json!({ "status": status }),
+            None => json!({}),
+        },
+        (Verb::Patch, Value::Array(operations)) => {
+            let in_status = |p: Option<&Value>| {
+                p.and_then(Value::as_str)
+                    .is_none_or(|p| p == "/status" || p.starts_with("/status/"))
+            };
+            if !operations.iter().all(|op| {
+                op.get("path").is_some() && in_status(op.get("path")) && in_status(op.get("from"))
+            }) {
+                return Err(invalid(
+                    "a JSON Patch of the status subresource may change only paths under /status",
+                ));
+            }
+            Value::Array(operations)
+        }
+        (verb, _) => {
+            return Err(invalid(&format!(
+                "{verb:?} of the status subresource takes an object"
+            )))
+        }
+    };
+    Ok(ApiWrite {
+        verb: Verb::Patch,
+        content: patch.to_string(),
+        ..write
+    })
+}
+
+/// The offline status write: merged into the stored object, queued for the cloud with it,
+/// passed to edged, and answered with the merged object.
+async fn patch_status_here(ctx: &Arc<Context>, write: ApiWrite) -> Result<Written, WriteError> {
+    let key = write.resource.key().to_owned();
+    let rtype = write.resource.rtype().to_owned();
+    let Some(stored) = ctx.store.get(&key).await.map_err(WriteError::store(&key))? else {
+        return Err(WriteError::NotFound {
+            text: format!("{key} is not stored on this node"),
+        });
+    };
+    if !of_this_node(ctx, &write.resource, &stored) {
+        return Err(WriteError::Unavailable(format!(
+            "{key} is not of this node ({}), so its status is the cloud's to change",
+            ctx.node_id
+        )));
+    }
+    let parsed = Patch::parse(write.content.as_bytes(), &rtype, ctx.max_payload)
+        .map_err(|e| WriteError::Invalid(format!("{key}: {e}")))?;
+    let parsed = Arc::new(parsed);
+    let id = message::new_msg_id();
+    let payload = message::build_from(
+        API_SOURCE,
+        id.clone(),
+        None,
+        Operation::Patch,
+        &key,
+        &message::raw(write.content),
+    );
+    // The cloud's answer, when it comes, is stored like the answer to an edged patch.
+    ctx.sent_patches.remember(
+        &id,
+        Target {
+            key: key.clone(),
+            rtype: rtype.clone(),
+        },
+    );
+    let change = Change {
+        write: Some(Write::Patch {
+            key: key.clone(),
+            rtype,
+            patch: parsed.clone(),
+        }),
+        to_cloud: Some(outbox::cloud_message(&key, payload.clone().into(), false)),
+        ..Change::default()
+    };
+    let applied = ctx.store.write(change).await;
+    let outcome = match applied {
+        Ok(applied) => applied.outcome,
+        Err(e) => {
+            ctx.sent_patches.claim(&id);
+            return Err(WriteError::store(&key)(e));
+        }
+    };
+    match outcome {
+        Outcome::Rejected(e) => {
+            ctx.sent_patches.claim(&id);
+            Err(WriteError::Invalid(format!(
+                "patch of {key} not applied: {}",
+                parsed.explain(e)
+            )))
+        }
+        Outcome::Absent => Err(WriteError::NotFound {
+            text: format!("{key} is not stored on this node"),
+        }),
+        _ => {
+            tracing::info!(resource = %key, "status written while the cloud is away; queued for it");
+            ctx.publisher.send(Peer::Edged, payload).await;
+            let now = ctx.store.get(&key).await.map_err(WriteError::store(&key))?;
+            Ok(now.map_or(Written::Done, Written::Object))
+        }
+    }
+}
+
+/// Whether `resource`, stored as `stored`, is this node or a pod bound to it.
+fn of_this_node(ctx: &Context, resource: &Resource, stored: &str) -> bool {
+    let Ok(object) = serde_json::from_str::<Value>(stored) else {
+        return false;
+    };
+    let node = ctx.node_id.as_str();
+    match resource.rtype() {
+        "pod" => object.pointer("/spec/nodeName").and_then(Value::as_str) == Some(node),
+        "node" => {
+            object.pointer("/metadata/name").and_then(Value::as_str) == Some(node)
+                || resource.name() == Some(node)
+        }
+        _ => false,
+    }
+}
+
+/// An event created while the cloud is away: queued for it (events are never stored), the
+/// newest of one name replacing an older one still waiting.
+async fn queue_event(ctx: &Arc<Context>, write: ApiWrite) -> Result<Written, WriteError> {
+    let key = write.resource.key().to_owned();
+    let payload = message::build_from(
+        API_SOURCE,
+        message::new_msg_id(),
+        None,
+        Operation::Insert,
+        &key,
+        &message::raw(write.content.clone()),
+    );
+    let change = Change {
+        to_cloud: Some(outbox::cloud_message(&key, payload.into(), true)),
+        ..Change::default()
+    };
+    ctx.store
+        .write(change)
+        .await
+        .map_err(WriteError::store(&key))?;
+    tracing::info!(resource = %key, "event created while the cloud is away; queued for it");
+    Ok(Written::Object(write.content))
+}
+
+/// Sends the write to the cloud and waits for its answer, in a task that finishes the write
+/// whether or not the caller still waits.
+async fn through_cloud(ctx: &Arc<Context>, write: ApiWrite) -> Result<Written, WriteError> {
+    let (id, answer) = ctx.remote.request()?;
+    let ctx = ctx.clone();
+    let task = tokio::spawn(async move {
+        let operation = match write.verb {
+            Verb::Create => Operation::Insert,
+            Verb::Update => Operation::Update,
+            Verb::Patch => Operation::Patch,
+            Verb::Delete => Operation::Delete,
+        };
+        let key = write.resource.key().to_owned();
+        let content = message::raw(write.content.clone());
+        let payload = message::build_from(API_SOURCE, id.clone(), None, operation, &key, &content);
+        ctx.publisher.send(Peer::Edgehub, payload).await;
+        let timeout = ctx.remote.timeout();
+        match tokio::time::timeout(timeout, answer).await {
+            Ok(Ok(Answer { message, publish })) => {
+                let result = take_answer(&ctx, &write, &message).await;
+                // Settled once what went to edged, queued just now, is acknowledged.
+                settle(&ctx, message.msg_id());
+                ctx.publisher.ack(&publish);
+                result
+            }
+            _ => {
+                ctx.remote.forget(&id);
+                tracing::warn!(resource = %key, ?timeout, "the cloud did not answer a write in time");
+                Err(WriteError::Timeout {
+                    key,
+                    timeout: humantime::format_duration(timeout).to_string(),
+                })
+            }
+        }
+    });
+    task.await.unwrap_or_else(|e| {
+        Err(WriteError::Invalid(format!(
+            "the write could not be finished: {e}"
+        )))
+    })
+}
+
+/// The cloud's answer to `write`: its error as the caller's, or its object stored, passed to
+/// edged and returned. An answer without an object (a bare "OK") accepts the write as sent.
+async fn take_answer(
+    ctx: &Context,
+    write: &ApiWrite,
+    answer: &Message,
+) -> Result<Written, WriteError> {
+    let key = write.resource.key();
+    if answer.operation == Operation::Error {
+        let text = error_text(answer.content_json());
+        tracing::info!(resource = %key, error = %text, "the cloud refused a write");
+        return Err(WriteError::from_cloud(key, text));
+    }
+    let object = answered_object(answer.content_json(), write.resource.name());
+    let rtype = write.resource.rtype();
+    let deleted_outright = write.verb == Verb::Delete
+        && object
+            .as_ref()
+            .is_none_or(|o| o.pointer("/metadata/deletionTimestamp").is_none());
+    if deleted_outright {
+        let before = ctx.store.get(key).await.map_err(WriteError::store(key))?;
+        let removal = Write::Delete {
+            key: key.to_owned(),
+            uid: None,
+        };
+        ctx.store
+            .write(removal)
+            .await
+            .map_err(WriteError::store(key))?;
+        let content = message::raw(before.unwrap_or_else(|| "null".to_owned()));
+        let forward = message::build(None, Operation::Delete, key, &content);
+        ctx.publisher.send(Peer::Edged, forward).await;
+        return Ok(Written::Done);
+    }
+    let text = match (object, write.verb) {
+        (Some(object), _) => object.to_string(),
+        (None, Verb::Create | Verb::Update) => write.content.clone(),
+        (None, _) => return patch_as_sent(ctx, write).await,
+    };
+    if rtype != rules::EVENT {
+        let put = Write::Put {
+            key: key.to_owned(),
+            rtype: rtype.to_owned(),
+            value: text.clone().into(),
+        };
+        ctx.store.write(put).await.map_err(WriteError::store(key))?;
+        let operation = match write.verb {
+            Verb::Create => Operation::Insert,
+            _ => Operation::Update,
+        };
+        let forward = message::build(None, operation, key, &message::raw(text.clone()));
+        ctx.publisher.send(Peer::Edged, forward).await;
+    }
+    Ok(Written::Object(text))
+}
+
+/// A patch the cloud accepted without sending its result: applied to the stored copy, as the
+/// cloud will have applied it.
+async fn patch_as_sent(ctx: &Context, write: &ApiWrite) -> Result<Written, WriteError> {
+    let key = write.resource.key();
+    let rtype = write.resource.rtype();
+    let parsed = Patch::parse(write.content.as_bytes(), rtype, ctx.max_payload)
+        .map_err(|e| WriteError::Invalid(format!("{key}: {e}")))?;
+    let patch = Write::Patch {
+        key: key.to_owned(),
+        rtype: rtype.to_owned(),
+        patch: Arc::new(parsed),
+    };
+    let applied = ctx
+        .store
+        .write(patch)
+        .await
+        .map_err(WriteError::store(key))?;
+    if !matches!(applied.outcome, Outcome::Patched { .. }) {
+        return Ok(Written::Done);
+    }
+    let now = ctx.store.get(key).await.map_err(WriteError::store(key))?;
+    if let Some(text) = &now {
+        let forward = message::build(None, Operation::Update, key, &message::raw(text.clone()));
+        ctx.publisher.send(Peer::Edged, forward).await;
+    }
+    Ok(now.map_or(Written::Done, Written::Object))
+}
+
+/// The object in a `response`'s content: the object itself, or from a list the one named
+/// `name`, else the first.
+fn answered_object(content: &str, name: Option<&str>) -> Option<Value> {
+    match serde_json::from_str::<Value>(content).ok()? {
+        object @ Value::Object(_) => Some(object),
+        Value::Array(items) => {
+            let named = items
+                .iter()
+                .position(|o| o.pointer("/metadata/name").and_then(Value::as_str) == name);
+            items
+                .into_iter()
+                .nth(named.unwrap_or(0))
+                .filter(Value::is_object)
+        }
+        _ => None,
+    }
+}
+
+/// The words of an `error`'s content: a string, a Status's message, or the JSON as sent.
+fn error_text(content: &str) -> String {
+    match serde_json::from_str::<Value>(content) {
+        Ok(Value::String(text)) => text,
+        Ok(value) => match value.get("message").and_then(Value::as_str) {
+            Some(text) => text.to_owned(),
+            None => content.to_owned(),
+        },
+        Err(_) => content.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(verb: Verb, content: Value) -> ApiWrite {
+        ApiWrite {
+            verb,
+            resource: Resource::parse("default/pod/p").unwrap(),
+            content: content.to_string(),
+            status: true,
+        }
+    }
+
+    #[test]
+    fn a_status_update_replaces_only_the_status() {
+        let w = status_only(write(
+            Verb::Update,
+            json!({"metadata": {"labels": {"a": "b"}}, "status": {"phase": "Running"}}),
+        ))
+        .unwrap();
+        assert_eq!(w.verb, Verb::Patch);
+        let patch: Value = serde_json::from_str(&w.content).unwrap();
+        assert_eq!(
+            patch,
+            json!([{"op": "add", "path": "/status", "value": {"phase": "Running"}}])
+        );
+    }
+
+    #[test]
+    fn a_status_merge_patch_keeps_only_the_status() {
+        let w = status_only(write(
+            Verb::Patch,
+            json!({"spec": {"nodeName": "x"}, "status": {"phase": "Failed"}}),
+        ))
+        .unwrap();
+        let patch: Value = serde_json::from_str(&w.content).unwrap();
+        assert_eq!(patch, json!({"status": {"phase": "Failed"}}));
+    }
+
+    #[test]
+    fn a_status_json_patch_outside_status_is_invalid() {
+        let outside = write(
+            Verb::Patch,
+            json!([{"op": "replace", "path": "/spec/nodeName", "value": "x"}]),
+        );
+        assert!(matches!(status_only(outside), Err(WriteError::Invalid(_))));
+        let sneaky = write(
+            Verb::Patch,
+            json!([{"op": "move", "from": "/spec", "path": "/status/x"}]),
+        );
+        assert!(matches!(status_only(sneaky), Err(WriteError::Invalid(_))));
+        let inside = write(
+            Verb::Patch,
+            json!([{"op": "replace", "path": "/status/phase", "value": "Failed"}]),
+        );
+        assert!(status_only(inside).is_ok());
+    }
+
+    #[test]
+    fn the_clouds_words_choose_the_error() {
+        let k = "default/configmap/c";
+        assert!(matches!(
+            WriteError::from_cloud(k, "configmaps \"c\" already exists".into()),
+            WriteError::Conflict { .. }
+        ));
+        assert!(matches!(
+            WriteError::from_cloud(
+                k,
+                "Operation cannot be fulfilled: the object has been modified (Conflict)".into()
+            ),
+            WriteError::Conflict { .. }
+        ));
+        assert!(matches!(
+            WriteError::from_cloud(k, "configmaps \"c\" not found".into()),
+            WriteError::NotFound { .. }
+        ));
+        assert!(matches!(
+            WriteError::from_cloud(k, "etcd is down".into()),
+            WriteError::Cloud { .. }
+        ));
+    }
+
+    #[test]
+    fn an_error_status_gives_its_message() {
+        assert_eq!(error_text(r#""plain""#), "plain");
+        assert_eq!(error_text(r#"{"kind":"Status","message":"nope"}"#), "nope");
+        assert_eq!(error_text("[1]"), "[1]");
+    }
+}

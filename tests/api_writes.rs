@@ -1,0 +1,479 @@
+//! The local API's writes against the real binary, with the test client playing the cloud:
+//! through the cloud while it is connected (each Status code of a refusal, failure or
+//! silence), status writes and new events while it is away, and kubectl's writes.
+
+mod common;
+
+use common::kubectl::{kubectl, kubectl_out};
+use common::{count_rows, fixture, http, http_with, message, BrokerKind, Options, TestApp, NODE};
+use serde_json::{json, Value};
+
+const EDGEHUB: &str = "metamanager/to/edgehub";
+const EDGED: &str = "metamanager/to/edged";
+
+/// A MetaManager whose writes wait at most 2 s for the cloud.
+async fn spawn(kind: BrokerKind) -> Option<TestApp> {
+    TestApp::spawn(Options::new(kind).yaml("meta:\n  remote_query_timeout: 2s\n")).await
+}
+
+/// Inserts `object` at `resource` as the cloud would, and waits for the ack.
+async fn insert(app: &mut TestApp, resource: &str, object: &Value) {
+    let m = message("insert", resource, object.clone());
+    let reply = app.client.request("edgehub", &m).await;
+    assert_eq!(reply["content"], "OK", "{reply}");
+}
+
+/// Starts a request with a body; its answer comes once the cloud has answered.
+fn request(
+    port: u16,
+    method: &'static str,
+    path: &str,
+    content_type: &'static str,
+    body: Value,
+) -> tokio::task::JoinHandle<(u16, Value)> {
+    let path = path.to_owned();
+    tokio::spawn(async move {
+        let body = if body.is_null() {
+            String::new()
+        } else {
+            body.to_string()
+        };
+        let (code, _, text) = http_with(port, method, &path, content_type, &body).await;
+        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (code, value)
+    })
+}
+
+/// The next write the API passed on to the cloud, with `operation`.
+async fn passed_to_cloud(app: &mut TestApp, operation: &str) -> Value {
+    let m = app
+        .client
+        .wait_for(EDGEHUB, |v| {
+            v["route"]["source"] == "metaserver" && v["route"]["operation"] == operation
+        })
+        .await;
+    assert!(!m["header"]["msg_id"].as_str().unwrap().is_empty());
+    m
+}
+
+/// Plays the cloud: answers `asked` with `operation` and `content`.
+async fn answer(app: &TestApp, asked: &Value, operation: &str, content: Value) {
+    let resource = asked["route"]["resource"].as_str().unwrap();
+    let mut reply = message(operation, resource, content);
+    reply["header"]["parent_msg_id"] = asked["header"]["msg_id"].clone();
+    app.client.publish("edgehub", &reply).await;
+}
+
+async fn get(port: u16, path: &str) -> (u16, Value) {
+    let (code, _, body) = http(port, "GET", path).await;
+    (code, serde_json::from_str(&body).unwrap())
+}
+
+async fn writes_go_through_the_cloud(kind: BrokerKind) {
+    let Some(mut app) = spawn(kind).await else {
+        return;
+    };
+    let port = app.http_port;
+    app.set_cloud(true).await;
+    let configmaps = "/api/v1/namespaces/default/configmaps";
+    let path = format!("{configmaps}/app-config");
+    let mut config = fixture("configmap.json");
+    config["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("namespace");
+
+    // Create: sent as an insert with the namespace filled in; the cloud's object is stored,
+    // passed to edged and returned with 201.
+    let pending = request(port, "POST", configmaps, "application/json", config.clone());
+    let asked = passed_to_cloud(&mut app, "insert").await;
+    assert_eq!(asked["route"]["resource"], "default/configmap/app-config");
+    assert_eq!(asked["content"]["metadata"]["namespace"], "default");
+    let mut in_cloud = asked["content"].clone();
+    in_cloud["metadata"]["resourceVersion"] = json!("7");
+    in_cloud["metadata"]["uid"] = json!("c0ffee");
+    answer(&app, &asked, "response", in_cloud.clone()).await;
+    let (code, created) = pending.await.unwrap();
+    assert_eq!((code, &created), (201, &in_cloud));
+    let to_edged = app
+        .client
+        .wait_for(EDGED, |v| v["route"]["operation"] == "insert")
+        .await;
+    assert_eq!(to_edged["content"], in_cloud);
+    assert_eq!(get(port, &path).await, (200, in_cloud.clone()));
+
+    // Patch: the merge patch goes as it is; the cloud's result is stored.
+    let label = json!({"metadata": {"labels": {"tier": "edge"}}});
+    let pending = request(
+        port,
+        "PATCH",
+        &path,
+        "application/merge-patch+json",
+        label.clone(),
+    );
+    let asked = passed_to_cloud(&mut app, "patch").await;
+    assert_eq!(asked["content"], label);
+    let mut patched = in_cloud.clone();
+    patched["metadata"]["labels"] = json!({"tier": "edge"});
+    patched["metadata"]["resourceVersion"] = json!("8");
+    answer(&app, &asked, "response", json!([patched.clone()])).await;
+    assert_eq!(pending.await.unwrap(), (200, patched.clone()));
+    assert_eq!(get(port, &path).await.1, patched);
+
+    // Update answered with a bare "OK": the object as sent is what the cloud took.
+    let mut updated = patched.clone();
+    updated["data"] = json!({"mode": "fast"});
+    let pending = request(port, "PUT", &path, "application/json", updated.clone());
+    let asked = passed_to_cloud(&mut app, "update").await;
+    answer(&app, &asked, "response", json!("OK")).await;
+    assert_eq!(pending.await.unwrap(), (200, updated.clone()));
+    assert_eq!(get(port, &path).await.1, updated);
+
+    // The cloud's errors, by its words, and its silence.
+    for (method, op, text, code, reason) in [
+        (
+            "POST",
+            "insert",
+            "configmaps \"app-config\" already exists",
+            409,
+            "AlreadyExists",
+        ),
+        (
+            "PUT",
+            "update",
+            "Operation cannot be fulfilled on configmaps \"app-config\": the object has been modified (Conflict)",
+            409,
+            "Conflict",
+        ),
+        (
+            "PATCH",
+            "patch",
+            "configmaps \"app-config\" not found",
+            404,
+            "NotFound",
+        ),
+        ("DELETE", "delete", "etcdserver: request timed out", 500, "InternalError"),
+    ] {
+        let (target, content_type) = match method {
+            "POST" => (configmaps, "application/json"),
+            "PATCH" => (path.as_str(), "application/merge-patch+json"),
+            _ => (path.as_str(), "application/json"),
+        };
+        let body = if method == "DELETE" {
+            Value::Null
+        } else {
+            updated.clone()
+        };
+        let pending = request(port, method, target, content_type, body);
+        let asked = passed_to_cloud(&mut app, op).await;
+        answer(&app, &asked, "error", json!(text)).await;
+        let (got, status) = pending.await.unwrap();
+        assert_eq!(got, code, "{method}: {status}");
+        assert_eq!(status["kind"], "Status");
+        assert_eq!(status["reason"], reason, "{status}");
+        assert!(status["message"].as_str().unwrap().contains(text), "{status}");
+        assert_eq!(get(port, &path).await.1, updated, "nothing stored");
+    }
+    let pending = request(port, "PUT", &path, "application/json", updated.clone());
+    passed_to_cloud(&mut app, "update").await;
+    let (code, status) = pending.await.unwrap();
+    assert_eq!(
+        (code, &status["reason"]),
+        (504, &json!("Timeout")),
+        "{status}"
+    );
+
+    // Delete answered with "OK": gone here too, and edged is told.
+    let pending = request(port, "DELETE", &path, "application/json", Value::Null);
+    let asked = passed_to_cloud(&mut app, "delete").await;
+    answer(&app, &asked, "response", json!("OK")).await;
+    let (code, status) = pending.await.unwrap();
+    assert_eq!(
+        (code, &status["status"]),
+        (200, &json!("Success")),
+        "{status}"
+    );
+    app.client
+        .wait_for(EDGED, |v| {
+            v["route"]["operation"] == "delete"
+                && v["route"]["resource"] == "default/configmap/app-config"
+        })
+        .await;
+    assert_eq!(get(port, &path).await.0, 404);
+}
+
+both_brokers!(writes_go_through_the_cloud);
+
+/// A pod of this node (`NODE`), or of another.
+fn pod_on(node: &str, name: &str) -> Value {
+    let mut pod = fixture("pod.json");
+    pod["metadata"]["name"] = json!(name);
+    pod["spec"]["nodeName"] = json!(node);
+    pod
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_the_cloud_is_away_the_edge_writes_its_own_status_and_events() {
+    let Some(mut app) = spawn(BrokerKind::Embedded).await else {
+        return;
+    };
+    let port = app.http_port;
+    insert(&mut app, "default/pod/mine", &pod_on(NODE, "mine")).await;
+    insert(
+        &mut app,
+        "default/pod/theirs",
+        &pod_on("other-node", "theirs"),
+    )
+    .await;
+    let mut node = fixture("node.json");
+    node["metadata"]["name"] = json!(NODE);
+    insert(&mut app, &format!("default/node/{NODE}"), &node).await;
+    let outbox = |app: &TestApp| count_rows(app, "SELECT count(*) FROM outbox");
+    assert_eq!(outbox(&app), 0);
+    let mine = "/api/v1/namespaces/default/pods/mine";
+
+    // A status patch of this node's pod: merged here (conditions by type), queued for the
+    // cloud, passed to edged, answered with the merged pod; a spec change in it is ignored.
+    let ready = json!({"status": {"conditions": [{"type": "Ready", "status": "False"}]},
+                       "spec": {"nodeName": "elsewhere"}});
+    let (code, merged) = request(
+        port,
+        "PATCH",
+        &format!("{mine}/status"),
+        "application/strategic-merge-patch+json",
+        ready,
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 200, "{merged}");
+    assert_eq!(merged["status"]["phase"], "Pending", "kept: {merged}");
+    assert_eq!(
+        merged["status"]["conditions"],
+        json!([{"type": "Ready", "status": "False"}])
+    );
+    assert_eq!(merged["spec"]["nodeName"], NODE);
+    assert_eq!(get(port, mine).await.1, merged);
+    assert_eq!(outbox(&app), 1);
+    let to_edged = app
+        .client
+        .wait_for(EDGED, |v| v["route"]["operation"] == "patch")
+        .await;
+    assert_eq!(to_edged["route"]["source"], "metaserver");
+
+    // The second merges into the first, by condition type, strategic directives and all.
+    let scheduled = json!({"$setElementOrder/conditions": [{"type": "Ready"}, {"type": "PodScheduled"}],
+        "status": {"conditions": [{"type": "PodScheduled", "status": "True"}]}});
+    let (code, merged) = request(
+        port,
+        "PATCH",
+        &format!("{mine}/status"),
+        "application/strategic-merge-patch+json",
+        scheduled,
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 200, "{merged}");
+    assert_eq!(
+        merged["status"]["conditions"],
+        json!([{"type": "Ready", "status": "False"}, {"type": "PodScheduled", "status": "True"}])
+    );
+    // The node's own status, replaced whole.
+    let mut node_status = node.clone();
+    node_status["status"] = json!({"conditions": [{"type": "Ready", "status": "True"}]});
+    let (code, written) = request(
+        port,
+        "PUT",
+        &format!("/api/v1/nodes/{NODE}/status"),
+        "application/json",
+        node_status.clone(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (code, &written["status"]),
+        (200, &node_status["status"]),
+        "{written}"
+    );
+    assert_eq!(outbox(&app), 3);
+
+    // Refused: another node's pod, a write that is not of status, a JSON Patch that reaches
+    // outside status, anything the cloud must decide.
+    for (method, path, content_type, body, code) in [
+        (
+            "PATCH",
+            "/api/v1/namespaces/default/pods/theirs/status",
+            "application/merge-patch+json",
+            json!({"status": {"phase": "Failed"}}),
+            503,
+        ),
+        (
+            "PATCH",
+            mine,
+            "application/merge-patch+json",
+            json!({"metadata": {"labels": {"a": "b"}}}),
+            503,
+        ),
+        (
+            "PATCH",
+            "/api/v1/namespaces/default/pods/mine/status",
+            "application/json-patch+json",
+            json!([{"op": "replace", "path": "/spec/nodeName", "value": "x"}]),
+            422,
+        ),
+        (
+            "PATCH",
+            "/api/v1/namespaces/default/pods/mine/status",
+            "application/json-patch+json",
+            json!([{"op": "test", "path": "/status/phase", "value": "Running"}]),
+            422,
+        ),
+        (
+            "PATCH",
+            "/api/v1/namespaces/default/pods/gone/status",
+            "application/merge-patch+json",
+            json!({"status": {"phase": "Failed"}}),
+            404,
+        ),
+        (
+            "PATCH",
+            mine,
+            "application/apply-patch+yaml",
+            json!({}),
+            415,
+        ),
+        (
+            "POST",
+            "/api/v1/namespaces/default/configmaps",
+            "application/json",
+            fixture("configmap.json"),
+            503,
+        ),
+    ] {
+        let (got, status) = request(port, method, path, content_type, body)
+            .await
+            .unwrap();
+        assert_eq!(got, code, "{method} {path}: {status}");
+        assert_eq!(status["kind"], "Status", "{status}");
+    }
+    assert_eq!(outbox(&app), 3, "nothing refused was queued");
+
+    // An event is queued, never stored, and answered 201.
+    let event = json!({"apiVersion": "v1", "kind": "Event",
+        "metadata": {"generateName": "mine.", "namespace": "default"},
+        "involvedObject": {"kind": "Pod", "name": "mine", "namespace": "default"},
+        "reason": "Offline", "message": "written while the cloud was away", "type": "Normal"});
+    let (code, created) = request(
+        port,
+        "POST",
+        "/api/v1/namespaces/default/events",
+        "application/json",
+        event,
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 201, "{created}");
+    let name = created["metadata"]["name"].as_str().unwrap().to_owned();
+    assert!(
+        name.starts_with("mine.") && name.len() == "mine.".len() + 5,
+        "{name}"
+    );
+    assert_eq!(outbox(&app), 4);
+
+    // Back online: the cloud gets them in order, from the outbox.
+    app.set_cloud(true).await;
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let m = app
+            .client
+            .wait_for(EDGEHUB, |v| v["route"]["source"] == "metaserver")
+            .await;
+        seen.push((
+            m["route"]["operation"].as_str().unwrap().to_owned(),
+            m["route"]["resource"].as_str().unwrap().to_owned(),
+        ));
+    }
+    let node_key = format!("default/node/{NODE}");
+    assert_eq!(
+        seen,
+        [
+            ("patch".to_owned(), "default/pod/mine".to_owned()),
+            ("patch".to_owned(), "default/pod/mine".to_owned()),
+            ("patch".to_owned(), node_key),
+            ("insert".to_owned(), format!("default/event/{name}")),
+        ]
+    );
+}
+
+/// kubectl's writes, with the cloud played here: it keeps the objects and answers each write
+/// with the object as it then is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_creates_labels_annotates_and_deletes_through_the_cloud() {
+    if kubectl().is_none() {
+        return;
+    }
+    let Some(mut app) = spawn(BrokerKind::Embedded).await else {
+        return;
+    };
+    let port = app.http_port;
+    app.set_cloud(true).await;
+    let home = tempfile::tempdir().unwrap();
+    let manifest = home.path().join("configmap.json");
+    std::fs::write(&manifest, fixture("configmap.json").to_string()).unwrap();
+
+    let commands: Vec<Vec<String>> = vec![
+        vec!["create".into(), "-f".into(), manifest.display().to_string()],
+        vec![
+            "label".into(),
+            "configmap".into(),
+            "app-config".into(),
+            "tier=edge".into(),
+        ],
+        vec![
+            "annotate".into(),
+            "configmap".into(),
+            "app-config".into(),
+            "owner=ops".into(),
+        ],
+        vec!["delete".into(), "configmap".into(), "app-config".into()],
+    ];
+    let expected_ops = ["insert", "patch", "patch", "delete"];
+    let mut version = 1;
+    let mut object = Value::Null;
+    for (args, op) in commands.into_iter().zip(expected_ops) {
+        let home_path = home.path().to_owned();
+        let run = tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            kubectl_out(port, &home_path, &args)
+        });
+        let asked = passed_to_cloud(&mut app, op).await;
+        let reply = match op {
+            "insert" => asked["content"].clone(),
+            "patch" => {
+                json_patch::merge(&mut object, &asked["content"]);
+                object.clone()
+            }
+            _ => json!("OK"),
+        };
+        if reply.is_object() {
+            object = reply;
+            version += 1;
+            object["metadata"]["resourceVersion"] = json!(version.to_string());
+        }
+        let content = if op == "delete" {
+            json!("OK")
+        } else {
+            object.clone()
+        };
+        answer(&app, &asked, "response", content).await;
+        let out = run.await.unwrap();
+        assert!(out.contains("app-config"), "kubectl {op}: {out}");
+        if op != "delete" {
+            let (_, stored) = get(port, "/api/v1/namespaces/default/configmaps/app-config").await;
+            assert_eq!(stored, object, "after {op}");
+        }
+    }
+    assert_eq!(object["metadata"]["labels"]["tier"], "edge");
+    assert_eq!(object["metadata"]["annotations"]["owner"], "ops");
+    let (code, _) = get(port, "/api/v1/namespaces/default/configmaps/app-config").await;
+    assert_eq!(code, 404);
+}
