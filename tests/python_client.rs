@@ -1,13 +1,14 @@
 //! The official Kubernetes Python client (`pip install kubernetes`) against the real binary:
 //! a list, a watch resumed from that list's version across a MetaManager restart, and a custom
-//! resource through the dynamic client, which finds it by discovery. The steps are in
+//! resource through the dynamic client, which finds it by discovery; and, while the cloud is
+//! away, a pod status patch (taken here) and a label patch (503). The steps are in
 //! `tests/python/client.py`.
 
 mod common;
 
 use std::process::Command;
 
-use common::{message, BrokerKind, Options, TestApp};
+use common::{count_rows, message, BrokerKind, Options, TestApp, NODE};
 use serde_json::{json, Value};
 
 /// Whether python3 with the `kubernetes` package is here; with METAMANAGER_REQUIRE_PYTHON_K8S=1
@@ -86,4 +87,38 @@ async fn the_python_client_lists_watches_across_a_restart_and_reads_a_custom_res
 
     let devices = step(&["devices", &host, "default"]);
     assert_eq!(devices["names"], json!(["thermometer"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_client_patches_a_pods_status_while_the_cloud_is_away() {
+    if !python_client() {
+        return;
+    }
+    let Some(mut app) = TestApp::spawn(Options::new(BrokerKind::Embedded)).await else {
+        return;
+    };
+    let mut mine = pod("mine");
+    mine["spec"]["nodeName"] = json!(NODE);
+    mine["status"] = json!({"phase": "Running", "conditions": [
+        {"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": "True"}]});
+    insert(&mut app, "default/pod/mine", mine).await;
+    let host = format!("http://127.0.0.1:{}", app.http_port);
+
+    let patched = step(&["status", &host, "default", "mine"]);
+    assert_eq!(
+        patched["conditions"],
+        json!([["PodScheduled", "True"], ["Ready", "False"]]),
+        "merged by condition type"
+    );
+    assert_eq!(
+        count_rows(&app, "SELECT count(*) FROM outbox"),
+        1,
+        "queued for the cloud"
+    );
+
+    let refused = step(&["label", &host, "default", "mine"]);
+    assert_eq!(
+        refused,
+        json!({"status": 503, "reason": "ServiceUnavailable"})
+    );
 }

@@ -4,6 +4,10 @@ Run by tests/python_client.rs, one step per call, with the endpoint's address:
   client.py list HOST NAMESPACE          -> {"names": [...], "resourceVersion": "..."}
   client.py watch HOST NAMESPACE VERSION -> {"events": [[type, name], ...]}
   client.py devices HOST NAMESPACE       -> {"names": [...]} through the dynamic client
+  client.py status HOST NAMESPACE NAME   -> {"conditions": [[type, status], ...]} after
+                                            patching the pod's status (Ready: False)
+  client.py label HOST NAMESPACE NAME    -> {"status": 503, "reason": "..."} for a label
+                                            patch that the cloud must make
 Each prints one JSON object on stdout.
 """
 
@@ -46,6 +50,19 @@ def main():
         )
         items = models.get(namespace=namespace).items
         print(json.dumps({"names": [m.metadata.name for m in items]}))
+    elif step == "status":
+        body = {"status": {"conditions": [{"type": "Ready", "status": "False"}]}}
+        pod = core.patch_namespaced_pod_status(sys.argv[4], namespace, body)
+        print(json.dumps({
+            "conditions": [[c.type, c.status] for c in pod.status.conditions],
+        }))
+    elif step == "label":
+        body = {"metadata": {"labels": {"tier": "edge"}}}
+        try:
+            core.patch_namespaced_pod(sys.argv[4], namespace, body)
+            print(json.dumps({"status": 200}))
+        except client.ApiException as e:
+            print(json.dumps({"status": e.status, "reason": json.loads(e.body)["reason"]}))
     else:
         sys.exit(f"unknown step {step}")
 
