@@ -88,13 +88,28 @@ pub async fn run_with(
         Some(t) => Some(tokio_rustls::TlsAcceptor::from(tls::server_config(
             &t.cert_file,
             &t.key_file,
+            t.client_ca_file.as_deref(),
         )?)),
         None => None,
     };
-    let api_auth = Arc::new(match &settings.http.auth {
-        Some(a) => http::auth::Auth::load(Some(&a.token_file), a.policy_file.as_deref())?,
-        None => http::auth::Auth::default(),
-    });
+    let client_certificates = settings
+        .http
+        .tls
+        .as_ref()
+        .is_some_and(|t| t.client_ca_file.is_some());
+    let api_auth = Arc::new(http::auth::Auth::load(
+        settings
+            .http
+            .auth
+            .as_ref()
+            .and_then(|a| a.token_file.as_deref()),
+        settings
+            .http
+            .auth
+            .as_ref()
+            .and_then(|a| a.policy_file.as_deref()),
+        client_certificates,
+    )?);
     // Claimed before anything is created, bound or connected (after the files above, which
     // only read): a second MetaManager on this database stops here, saying which process has it.
     let lock = InstanceLock::acquire(&settings.database.path).map_err(StoreError::from)?;

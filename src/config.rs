@@ -132,14 +132,19 @@ pub struct HttpSettings {
 pub struct HttpTlsSettings {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
+    /// CAs whose client certificates are credentials: subject CN the user, O the groups.
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
 }
 
 /// `http.auth`: see [`crate::http::auth`].
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpAuthSettings {
-    /// kube-apiserver's static token file: `token,user,uid,"group1,group2"` a line.
-    pub token_file: PathBuf,
+    /// kube-apiserver's static token file: `token,user,uid,"group1,group2"` a line. Optional
+    /// when client certificates are the credentials (`http.tls.client_ca_file`).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
     /// kube-apiserver's ABAC policy file, one JSON policy a line; without it every
     /// authenticated user may do everything.
     pub policy_file: Option<PathBuf>,
@@ -500,6 +505,20 @@ impl HttpSettings {
             }
             at_most_bytes("http.allowed_hosts", host, MAX_HOST_BYTES)?;
         }
+        let client_certificates = self
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.client_ca_file.is_some());
+        if self
+            .auth
+            .as_ref()
+            .is_some_and(|a| a.token_file.is_none() && !client_certificates)
+        {
+            return invalid(
+                "http.auth.token_file",
+                "http.auth needs a token_file, or client certificates (http.tls.client_ca_file), to know who asks".into(),
+            );
+        }
         Ok(())
     }
 }
@@ -846,6 +865,10 @@ mod tests {
             (
                 "meta:\n  remote_query_timeout: soon\n",
                 "remote_query_timeout",
+            ),
+            (
+                "http:\n  auth: {policy_file: /etc/policy.jsonl}\n",
+                "http.auth.token_file",
             ),
             ("nodeid: x\n", "nodeid"),
             ("mqtt:\n  hots: x\n", "hots"),

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use crate::bounded_read;
@@ -38,8 +39,9 @@ pub enum TlsError {
         path: PathBuf,
         what: &'static str,
     },
-    #[error("config key `mqtt.tls.ca_file`: {}: certificate {index} cannot be used as a CA: {reason}", path.display())]
+    #[error("config key `{key}`: {}: certificate {index} cannot be used as a CA: {reason}", path.display())]
     BadCa {
+        key: &'static str,
         path: PathBuf,
         index: usize,
         reason: String,
@@ -66,6 +68,8 @@ pub enum TlsError {
     },
     #[error("config key `mqtt.host`: {host:?} is neither an IP address nor a valid DNS name, so the broker's certificate cannot be checked against it")]
     Host { host: String },
+    #[error("config key `http.tls.client_ca_file`: {}: cannot check client certificates with it: {reason}", path.display())]
+    ClientCa { path: PathBuf, reason: String },
     #[error("cannot set up TLS: {0}")]
     Setup(rustls::Error),
 }
@@ -77,16 +81,7 @@ pub fn client_config(settings: &TlsSettings, host: &str) -> Result<Arc<ClientCon
         return Err(TlsError::Host { host: host.into() });
     }
 
-    let ca_key = "mqtt.tls.ca_file";
-    let ca_certs = certificates(ca_key, &settings.ca_file)?;
-    let mut roots = RootCertStore::empty();
-    for (index, cert) in ca_certs.into_iter().enumerate() {
-        roots.add(cert).map_err(|e| TlsError::BadCa {
-            path: settings.ca_file.clone(),
-            index: index + 1,
-            reason: e.to_string(),
-        })?;
-    }
+    let roots = ca_roots("mqtt.tls.ca_file", &settings.ca_file)?;
 
     let builder =
         ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
@@ -147,21 +142,58 @@ fn certificates(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'st
     Ok(certs)
 }
 
-/// The local API's HTTPS configuration: its certificate chain and key (`http.tls`).
-pub fn server_config(cert_file: &Path, key_file: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+/// The CA certificates of the PEM file config key `key` names.
+fn ca_roots(key: &'static str, path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for (index, cert) in certificates(key, path)?.into_iter().enumerate() {
+        roots.add(cert).map_err(|e| TlsError::BadCa {
+            key,
+            path: path.to_owned(),
+            index: index + 1,
+            reason: e.to_string(),
+        })?;
+    }
+    Ok(roots)
+}
+
+/// The local API's HTTPS configuration: its certificate chain and key (`http.tls`), and with
+/// `client_ca` the CAs whose client certificates are credentials. A client certificate is
+/// asked for, not required: a client may authenticate with a token instead, and one without
+/// either is refused by [`crate::http::auth`], with a Status it can read, not a failed
+/// handshake. A certificate that is presented must verify, or the handshake fails.
+pub fn server_config(
+    cert_file: &Path,
+    key_file: &Path,
+    client_ca: Option<&Path>,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let chain = certificates("http.tls.cert_file", cert_file)?;
     let key = private_key("http.tls.key_file", key_file)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = ServerConfig::builder_with_provider(provider)
+    let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(TlsError::Setup)?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .map_err(|source| TlsError::ServerCert {
-            cert: cert_file.to_owned(),
-            key: key_file.to_owned(),
-            source,
-        })?;
+        .map_err(TlsError::Setup)?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(path) => {
+            let roots = ca_roots("http.tls.client_ca_file", path)?;
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| TlsError::ClientCa {
+                    path: path.to_owned(),
+                    reason: e.to_string(),
+                })?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config =
+        builder
+            .with_single_cert(chain, key)
+            .map_err(|source| TlsError::ServerCert {
+                cert: cert_file.to_owned(),
+                key: key_file.to_owned(),
+                source,
+            })?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }

@@ -1,7 +1,8 @@
 //! Who may use the local API, in kube-apiserver's own file formats so that existing tooling
 //! and habits carry over:
 //! - authentication by bearer token, from a static token file (`token,user,uid,"group1,group2"`
-//!   a line);
+//!   a line), or by a client certificate a configured CA signed (subject CN the user, each O a
+//!   group), checked in the TLS handshake;
 //! - authorization by an ABAC policy file (one JSON `Policy` a line); without one, every
 //!   authenticated user may do everything.
 //!
@@ -39,8 +40,10 @@ pub struct User {
 /// The tokens and the policy, loaded once at start-up.
 #[derive(Debug, Default)]
 pub struct Auth {
-    /// `None`: no authentication configured, requests are anonymous.
+    /// `None`: no tokens are credentials.
     tokens: Option<HashMap<String, User>>,
+    /// Client certificates are credentials (`http.tls.client_ca_file`).
+    client_certificates: bool,
     /// `None`: every authenticated user may do everything.
     policy: Option<Vec<Rule>>,
 }
@@ -85,6 +88,7 @@ impl Auth {
     pub fn load(
         token_file: Option<&Path>,
         policy_file: Option<&Path>,
+        client_certificates: bool,
     ) -> Result<Self, ConfigError> {
         let tokens = token_file
             .map(|path| {
@@ -97,17 +101,35 @@ impl Auth {
                     .and_then(|t| parse_policy(&t))
             })
             .transpose()?;
-        Ok(Self { tokens, policy })
+        Ok(Self {
+            tokens,
+            client_certificates,
+            policy,
+        })
     }
 
+    /// Whether requests must say who they are; else they are anonymous.
     pub fn enabled(&self) -> bool {
-        self.tokens.is_some()
+        self.tokens.is_some() || self.client_certificates
     }
 
-    /// The user a request's `Authorization` header names; `Err` is the 401.
-    fn authenticate(&self, authorization: Option<&str>) -> Result<Option<User>, ApiError> {
-        let Some(tokens) = &self.tokens else {
+    /// The user of a request: its verified client certificate's, else the one its
+    /// `Authorization` header names; `Err` is the 401.
+    fn authenticate(
+        &self,
+        certificate: Option<&ClientCertificate>,
+        authorization: Option<&str>,
+    ) -> Result<Option<User>, ApiError> {
+        if !self.enabled() {
             return Ok(None);
+        }
+        if let Some(ClientCertificate(user)) = certificate.filter(|_| self.client_certificates) {
+            return Ok(Some(user.clone()));
+        }
+        let Some(tokens) = &self.tokens else {
+            return Err(ApiError::Unauthorized(
+                "a client certificate is required".into(),
+            ));
         };
         let token = authorization
             .and_then(|h| h.strip_prefix("Bearer "))
@@ -249,6 +271,26 @@ fn parse_policy(text: &str) -> Result<Vec<Rule>, ConfigError> {
         .collect()
 }
 
+/// The user a verified client certificate names, put on each request of its connection.
+#[derive(Debug, Clone)]
+pub struct ClientCertificate(pub User);
+
+impl ClientCertificate {
+    /// The user of a certificate (DER) the TLS handshake verified: subject CN the name, each
+    /// O a group, as kube-apiserver reads them. `None` without a CN.
+    pub fn from_der(der: &[u8]) -> Option<Self> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        let subject = cert.subject();
+        let name = subject.iter_common_name().next()?.as_str().ok()?.to_owned();
+        let mut groups: Vec<String> = subject
+            .iter_organization()
+            .filter_map(|o| o.as_str().ok().map(str::to_owned))
+            .collect();
+        groups.push(AUTHENTICATED.to_owned());
+        Some(Self(User { name, groups }))
+    }
+}
+
 /// Refuses to serve anonymously beyond loopback unless the operator said so: the API serves
 /// secrets.
 pub fn check_exposure(
@@ -306,7 +348,8 @@ pub async fn check(State(auth): State<Arc<Auth>>, request: Request, next: Next) 
         .headers()
         .get(AUTHORIZATION)
         .and_then(|h| h.to_str().ok());
-    let user = match auth.authenticate(header) {
+    let certificate = request.extensions().get::<ClientCertificate>();
+    let user = match auth.authenticate(certificate, header) {
         Ok(Some(user)) => user,
         Ok(None) => return next.run(request).await,
         Err(e) => return e.into_response(),
@@ -338,6 +381,7 @@ mod tests {
         );
         Auth {
             tokens: Some(parse_tokens(tokens).unwrap()),
+            client_certificates: false,
             policy: Some(parse_policy(policy).unwrap()),
         }
     }
@@ -345,19 +389,50 @@ mod tests {
     #[test]
     fn tokens_name_users_and_their_groups() {
         let a = auth();
-        let alice = a.authenticate(Some("Bearer alice-token")).unwrap().unwrap();
+        let alice = a
+            .authenticate(None, Some("Bearer alice-token"))
+            .unwrap()
+            .unwrap();
         assert_eq!(alice.name, "alice");
         assert_eq!(alice.groups, ["viewers", "ops", AUTHENTICATED]);
-        assert!(a.authenticate(None).is_err());
-        assert!(a.authenticate(Some("Bearer nope")).is_err());
-        assert!(a.authenticate(Some("Basic YWxpY2U6eA==")).is_err());
+        assert!(a.authenticate(None, None).is_err());
+        assert!(a.authenticate(None, Some("Bearer nope")).is_err());
+        assert!(a.authenticate(None, Some("Basic YWxpY2U6eA==")).is_err());
         assert!(parse_tokens("only-a-token\n").is_err());
+    }
+
+    #[test]
+    fn a_client_certificate_is_taken_only_where_certificates_are_credentials() {
+        let carol = ClientCertificate(User {
+            name: "carol".into(),
+            groups: vec!["ops".into(), AUTHENTICATED.into()],
+        });
+        let tokens_only = auth();
+        assert!(
+            tokens_only.authenticate(Some(&carol), None).is_err(),
+            "a certificate no CA was configured for is no credential"
+        );
+        let both = Auth {
+            client_certificates: true,
+            ..auth()
+        };
+        let user = both.authenticate(Some(&carol), None).unwrap().unwrap();
+        assert_eq!(user, carol.0);
+        let certificates_only = Auth {
+            tokens: None,
+            client_certificates: true,
+            policy: None,
+        };
+        assert!(certificates_only.enabled());
+        assert!(certificates_only
+            .authenticate(None, Some("Bearer alice-token"))
+            .is_err());
     }
 
     #[test]
     fn the_policy_is_read_as_kube_apiserver_reads_abac() {
         let a = auth();
-        let user = |t: &str| a.authenticate(Some(t)).unwrap().unwrap();
+        let user = |t: &str| a.authenticate(None, Some(t)).unwrap().unwrap();
         let (alice, bob) = (user("Bearer alice-token"), user("Bearer bob-token"));
         let get = |path: &str| attributes(&Method::GET, path);
         assert!(a.authorize(&alice, &get("/api/v1/namespaces/default/pods")));

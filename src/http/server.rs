@@ -26,6 +26,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
+use super::auth::ClientCertificate;
+
 use crate::shutdown::Shutdown;
 
 /// How long open connections may take to finish once the server stops.
@@ -88,7 +90,10 @@ pub async fn serve(
                             let handshake =
                                 tokio::time::timeout(limits.header_timeout, tls.accept(tcp));
                             match handshake.await {
-                                Ok(Ok(stream)) => connection(stream, app, limits, stop, slot).await,
+                                Ok(Ok(stream)) => {
+                                    let app = with_client_certificate(app, &stream);
+                                    connection(stream, app, limits, stop, slot).await
+                                }
                                 Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
                                 Err(_) => tracing::debug!("TLS handshake did not finish in time"),
                             }
@@ -107,6 +112,24 @@ pub async fn serve(
     }
     let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
     let _ = tokio::time::timeout(GRACE, slots.acquire_many(all)).await;
+}
+
+/// `app` with the user of the connection's verified client certificate, if it presented one,
+/// on each of its requests (see [`super::auth`]).
+fn with_client_certificate(
+    app: Router,
+    stream: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+) -> Router {
+    let user = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(|cert| ClientCertificate::from_der(cert));
+    match user {
+        Some(user) => app.layer(axum::Extension(user)),
+        None => app,
+    }
 }
 
 /// Serves one connection, holding its `slot` until it closes.
