@@ -37,8 +37,9 @@
 //!   - [`http::accept`]: JSON only; `406` for a client that accepts only protobuf.
 //!   - [`http::auth`]: bearer tokens and an ABAC policy, in kube-apiserver's file formats.
 //!   - [`http::kinds`]: the kinds served: the core ones and every other kind the store holds.
-//!   - [`http::kube`]: the Kubernetes API's routes; discovery, get, list and watch over the
-//!     store.
+//!   - [`http::kube`]: the Kubernetes API's routes; get, list and watch over the store.
+//!   - [`http::discovery`]: `/version`, `/api`, `/apis` and resource lists, classic and
+//!     aggregated.
 //!   - [`http::write`]: create, update, patch and delete requests, read and checked as
 //!     kube-apiserver does, carried out by `ops::api_write`.
 //!   - [`http::openapi`]: OpenAPI v3 documents that let kubectl write without schemas.

@@ -264,6 +264,41 @@ async fn discovery_get_list_selectors_and_methods_not_allowed() {
         .unwrap();
     assert_eq!(status["verbs"], json!(["get", "patch", "update"]));
 
+    // Aggregated discovery, as kubectl asks for it: the same kinds in one answer per root.
+    let aggregated = "Host: localhost\r\nAccept: application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,application/json;g=apidiscovery.k8s.io;v=v2beta1;as=APIGroupDiscoveryList,application/json".to_owned();
+    for (path, group) in [("/api", ""), ("/apis", "coordination.k8s.io")] {
+        let raw = raw_get(port, path, aggregated.clone()).await;
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.to_lowercase().contains(
+                "content-type: application/json;g=apidiscovery.k8s.io;v=v2;as=apigroupdiscoverylist"
+            ),
+            "{head}"
+        );
+        let list: Value = serde_json::from_str(&common::dechunk(body)).unwrap();
+        assert_eq!(list["kind"], "APIGroupDiscoveryList");
+        assert_eq!(list["apiVersion"], "apidiscovery.k8s.io/v2");
+        let first = &list["items"][0];
+        assert_eq!(first["metadata"]["name"], group, "{list}");
+        let resource = &first["versions"][0]["resources"][0];
+        assert_eq!(first["versions"][0]["version"], "v1");
+        if group.is_empty() {
+            assert_eq!(resource["resource"], "pods");
+            assert_eq!(resource["scope"], "Namespaced");
+            assert_eq!(resource["responseKind"]["kind"], "Pod");
+            assert_eq!(resource["subresources"][0]["subresource"], "status");
+            let core: Vec<&str> = first["versions"][0]["resources"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["resource"].as_str().unwrap())
+                .collect();
+            assert_eq!(core, names, "the classic list's kinds");
+        } else {
+            assert_eq!(resource["resource"], "leases");
+        }
+    }
+
     // Get: exactly as stored.
     let (code, got) = get_json(
         port,

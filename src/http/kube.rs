@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use super::kinds::{self, Kind};
 use super::scope::{is_watch, served, ApiError, Scope};
-use super::{list_page, table, watch, write, HttpState};
+use super::{discovery, list_page, table, watch, write, HttpState};
 use crate::resource::Resource;
 use crate::store::Store;
 
@@ -26,13 +26,16 @@ use crate::store::Store;
 /// (`/apis/{group}/{version}`); and the writes of [`super::write`].
 pub fn routes() -> Router<HttpState> {
     let mut router = Router::new()
-        .route("/version", get(version).fallback(not_allowed))
-        .route("/api", get(api_versions).fallback(not_allowed))
-        .route("/apis", get(api_groups).fallback(not_allowed))
-        .route("/api/v1", get(core_resources).fallback(not_allowed))
+        .route("/version", get(discovery::version).fallback(not_allowed))
+        .route("/api", get(discovery::api).fallback(not_allowed))
+        .route("/apis", get(discovery::apis).fallback(not_allowed))
+        .route(
+            "/api/v1",
+            get(discovery::core_resources).fallback(not_allowed),
+        )
         .route(
             "/apis/:group/:version",
-            get(group_resources).fallback(not_allowed),
+            get(discovery::group_resources).fallback(not_allowed),
         );
     for prefix in ["/api/v1", "/apis/:group/:version"] {
         for scope in ["/namespaces/:ns", ""] {
@@ -111,138 +114,7 @@ pub async fn find_kind(store: &Store, target: &Target) -> Result<Arc<Kind>, ApiE
     }
 }
 
-async fn api_versions(headers: axum::http::HeaderMap) -> Response {
-    // The address clients were told to use is the one they reached us on.
-    let host = headers
-        .get(axum::http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("127.0.0.1:10550")
-        .to_owned();
-    Json(json!({
-        "kind": "APIVersions",
-        "versions": ["v1"],
-        "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": host}],
-    }))
-    .into_response()
-}
-
-/// The Kubernetes API level this endpoint follows, as `kubectl version` reads it, with
-/// MetaManager's own version after the `+`.
-async fn version() -> Response {
-    Json(json!({
-        "major": "1",
-        "minor": API_MINOR,
-        "gitVersion": format!("v1.{API_MINOR}.0+metamanager-{}", env!("CARGO_PKG_VERSION")),
-        "gitCommit": "",
-        "gitTreeState": "",
-        "buildDate": "",
-        "goVersion": "",
-        "compiler": "rustc",
-        "platform": format!("{}/{}", std::env::consts::OS, go_arch()),
-    }))
-    .into_response()
-}
-
-/// The machine's architecture in the names Kubernetes uses (Go's).
-fn go_arch() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        "x86" => "386",
-        other => other,
-    }
-}
-
-/// The Kubernetes minor version whose API conventions the endpoint follows; kubectl warns when
-/// its own is more than one away.
-const API_MINOR: &str = "30";
-
-/// The groups of the stored kinds that are not core, each with the versions stored.
-async fn api_groups(State(store): State<Store>) -> Result<Response, ApiError> {
-    let mut groups: Vec<(String, Vec<String>)> = Vec::new();
-    for kind in kinds::all(&store).await? {
-        if kind.group.is_empty() {
-            continue;
-        }
-        match groups.iter_mut().find(|(g, _)| *g == kind.group) {
-            Some((_, versions)) if !versions.contains(&kind.version) => {
-                versions.push(kind.version.clone())
-            }
-            Some(_) => {}
-            None => groups.push((kind.group.clone(), vec![kind.version.clone()])),
-        }
-    }
-    let groups: Vec<Value> = groups
-        .into_iter()
-        .map(|(name, versions)| {
-            let versions: Vec<Value> = versions
-                .iter()
-                .map(|v| json!({"groupVersion": format!("{name}/{v}"), "version": v}))
-                .collect();
-            json!({"name": name, "versions": versions, "preferredVersion": versions[0]})
-        })
-        .collect();
-    Ok(Json(json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})).into_response())
-}
-
-async fn core_resources(State(store): State<Store>) -> Result<Response, ApiError> {
-    resource_list(&store, "", "v1").await
-}
-
-async fn group_resources(
-    State(store): State<Store>,
-    Path((group, version)): Path<(String, String)>,
-) -> Result<Response, ApiError> {
-    resource_list(&store, &group, &version).await
-}
-
-/// The `APIResourceList` of one group and version; `NotFound` when nothing is served there.
-async fn resource_list(store: &Store, group: &str, version: &str) -> Result<Response, ApiError> {
-    let list: Vec<Value> = kinds::all(store)
-        .await?
-        .iter()
-        .filter(|k| k.group == group && k.version == version)
-        .flat_map(|k| {
-            let status = json!({
-                "name": format!("{}/status", k.plural),
-                "singularName": "",
-                "namespaced": k.namespaced,
-                "kind": k.kind,
-                "verbs": ["get", "patch", "update"],
-            });
-            let kind = json!({
-                "name": k.plural,
-                "singularName": k.rtype,
-                "namespaced": k.namespaced,
-                "kind": k.kind,
-                "verbs": VERBS,
-            });
-            [kind, status]
-        })
-        .collect();
-    if list.is_empty() {
-        return Err(ApiError::NoRoute);
-    }
-    let group_version = if group.is_empty() {
-        version.to_owned()
-    } else {
-        format!("{group}/{version}")
-    };
-    Ok(Json(json!({
-        "kind": "APIResourceList",
-        "apiVersion": "v1",
-        "groupVersion": group_version,
-        "resources": list,
-    }))
-    .into_response())
-}
-
 type Params = Query<HashMap<String, String>>;
-
-/// What every kind takes: reads from the store, writes through the cloud.
-const VERBS: [&str; 7] = [
-    "create", "delete", "get", "list", "patch", "update", "watch",
-];
 
 /// A list, or a watch, of one kind in one namespace or all.
 async fn list_objects(

@@ -25,6 +25,7 @@ use crate::watchdog::BrokerServing;
 pub mod accept;
 pub mod auth;
 pub mod caps;
+pub mod discovery;
 pub mod host;
 pub mod kinds;
 pub mod kube;
