@@ -2,7 +2,8 @@
 //! TLS certificates and key.
 //!
 //! Each is read with a size cap, because a path is easy to get wrong and some files never end:
-//! `password_file: /dev/zero` would otherwise be read until the kernel kills the process. A
+//! `password_file: /dev/zero` would otherwise be read until the kernel kills the process, and
+//! a FIFO is refused before it is opened, since opening it waits for a writer. A
 //! file over its cap is refused with an I/O error of kind `FileTooLarge`, which the callers'
 //! errors report with the key and the path. A secret (password, private key) that the file's
 //! group or everyone may read is logged as a warning, naming its key: it still works, since
@@ -21,13 +22,30 @@ pub const CONFIG_MAX_BYTES: u64 = 1024 * 1024;
 
 /// The whole file, when it holds at most `cap` bytes.
 pub fn read(path: &Path, cap: u64) -> io::Result<Vec<u8>> {
-    read_file(File::open(path)?, cap)
+    read_file(open(path)?, cap)
+}
+
+/// Opens `path` for reading, refusing a FIFO or a socket: opening a FIFO waits for a writer,
+/// which would hold start-up forever.
+fn open(path: &Path) -> io::Result<File> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        let kind = std::fs::metadata(path)?.file_type();
+        if kind.is_fifo() || kind.is_socket() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "it is a FIFO or a socket, not a file",
+            ));
+        }
+    }
+    File::open(path)
 }
 
 /// A secret named by config key `key`, at most [`SECRET_MAX_BYTES`]; warns when the file's group
 /// or others may read it.
 pub fn read_secret(key: &'static str, path: &Path) -> io::Result<Vec<u8>> {
-    let file = File::open(path)?;
+    let file = open(path)?;
     if let Some(mode) = exposed_mode(&file) {
         tracing::warn!(
             "config key `{key}`: {} can be read by its group or by everyone (mode {mode:03o}); \
@@ -72,6 +90,21 @@ fn readable_by_others(mode: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn a_fifo_is_refused_without_waiting_for_a_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("password");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let e = read_secret("mqtt.password_file", &fifo).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
+        assert!(read(&fifo, 10).is_err());
+    }
 
     #[test]
     fn a_file_up_to_the_cap_is_read_and_a_longer_one_refused() {
