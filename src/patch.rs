@@ -29,6 +29,7 @@
 
 use std::collections::HashMap;
 
+use bytes::Bytes;
 use json_patch::{PatchErrorKind, PatchOperation};
 use serde_json::{Map, Value};
 
@@ -86,10 +87,35 @@ pub fn target_type(rtype: &str) -> &str {
     }
 }
 
-/// A patch that could be read, ready to be applied to the stored object.
+/// The patch `content` is: a merge patch (an object) or a JSON Patch (an array).
+fn read_body(content: &[u8]) -> Result<Body, InvalidPatch> {
+    let body = match content.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') => Body::Merge(
+            serde_json::from_slice(content).map_err(|e| InvalidPatch::MergePatch(e.to_string()))?,
+        ),
+        Some(b'[') => {
+            let ops: json_patch::Patch = serde_json::from_slice(content)
+                .map_err(|e| InvalidPatch::JsonPatch(e.to_string()))?;
+            if ops.0.len() > MAX_OPERATIONS {
+                return Err(InvalidPatch::TooManyOperations(ops.0.len()));
+            }
+            Body::Json(ops)
+        }
+        Some(b'"') => return Err(InvalidPatch::Shape("a string")),
+        Some(b't' | b'f') => return Err(InvalidPatch::Shape("a boolean")),
+        Some(b'n') | None => return Err(InvalidPatch::Shape("null")),
+        Some(_) => return Err(InvalidPatch::Shape("a number")),
+    };
+    Ok(body)
+}
+
+/// A patch that could be read, ready to be applied to the stored object. It keeps the text,
+/// not the parsed tree: a parsed JSON value takes many times the bytes of its text, and a
+/// patch waits from its arrival until its step is done, behind others, so only the text is
+/// held that long; it is parsed again where it is applied, one at a time, and dropped there.
 #[derive(Debug)]
 pub struct Patch {
-    body: Body,
+    text: Bytes,
     lists: &'static [KeyedList],
     /// Largest result, in bytes, and most bytes `copy` operations may copy together.
     limit: usize,
@@ -140,6 +166,9 @@ pub enum PatchError {
     Directive { list: &'static str, entry: usize },
     #[error("the stored object is not JSON")]
     StoredNotJson,
+    /// The patch's text no longer parses (it did when it was read).
+    #[error("the patch could not be read again")]
+    Unreadable,
 }
 
 /// How a JSON Patch operation failed.
@@ -177,38 +206,37 @@ impl Patch {
     /// patch of an object of type `target` (see [`target_type`]) whose result may be at most
     /// `limit` bytes.
     pub fn parse(content: &[u8], target: &str, limit: usize) -> Result<Self, InvalidPatch> {
-        let body = match content.iter().find(|b| !b.is_ascii_whitespace()) {
-            Some(b'{') => Body::Merge(
-                serde_json::from_slice(content)
-                    .map_err(|e| InvalidPatch::MergePatch(e.to_string()))?,
-            ),
-            Some(b'[') => {
-                let ops: json_patch::Patch = serde_json::from_slice(content)
-                    .map_err(|e| InvalidPatch::JsonPatch(e.to_string()))?;
-                if ops.0.len() > MAX_OPERATIONS {
-                    return Err(InvalidPatch::TooManyOperations(ops.0.len()));
-                }
-                Body::Json(ops)
-            }
-            Some(b'"') => return Err(InvalidPatch::Shape("a string")),
-            Some(b't' | b'f') => return Err(InvalidPatch::Shape("a boolean")),
-            Some(b'n') | None => return Err(InvalidPatch::Shape("null")),
-            Some(_) => return Err(InvalidPatch::Shape("a number")),
-        };
+        Self::parse_shared(Bytes::copy_from_slice(content), target, limit)
+    }
+
+    /// [`Self::parse`] of text that is kept as it is, not copied (a slice of a message).
+    pub fn parse_shared(content: Bytes, target: &str, limit: usize) -> Result<Self, InvalidPatch> {
+        // Read once to refuse what is no patch before anything is queued; the tree is dropped.
+        read_body(&content)?;
         let lists = match target {
             "pod" => POD_LISTS,
             "node" => NODE_LISTS,
             _ => &[],
         };
-        Ok(Self { body, lists, limit })
+        Ok(Self {
+            text: content,
+            lists,
+            limit,
+        })
+    }
+
+    /// The patch as parsed; it parsed when it was read, so it parses now.
+    fn body(&self) -> Result<Body, PatchError> {
+        read_body(&self.text).map_err(|_| PatchError::Unreadable)
     }
 
     /// Applies the patch to the stored JSON text `stored`.
     pub fn apply(&self, stored: &str) -> Result<Patched, PatchError> {
+        let body = self.body()?;
         let original: Value =
             serde_json::from_str(stored).map_err(|_| PatchError::StoredNotJson)?;
         let mut doc = original.clone();
-        match &self.body {
+        match &body {
             Body::Merge(patch) => merge(&mut doc, patch, self.lists)?,
             Body::Json(ops) => apply_operations(&mut doc, &ops.0, self.limit)?,
         }
@@ -224,7 +252,10 @@ impl Patch {
 
     /// `e` for the sender: with the failed operation and its path, when it is one.
     pub fn explain(&self, e: PatchError) -> String {
-        let (op, failure, operation) = match (&self.body, e) {
+        let Ok(body) = self.body() else {
+            return e.to_string();
+        };
+        let (op, failure, operation) = match (&body, e) {
             (Body::Json(ops), PatchError::Operation { op, failure }) => match ops.0.get(op) {
                 Some(operation) => (op, failure, operation),
                 None => return e.to_string(),

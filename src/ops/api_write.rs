@@ -199,7 +199,7 @@ async fn patch_status_here(ctx: &Arc<Context>, write: ApiWrite) -> Result<Writte
             ctx.node_id
         )));
     }
-    let parsed = Patch::parse(write.content.as_bytes(), &rtype, ctx.max_payload)
+    let parsed = Patch::parse_shared(write.content.clone().into(), &rtype, ctx.max_payload)
         .map_err(|e| WriteError::Invalid(format!("{key}: {e}")))?;
     let parsed = Arc::new(parsed);
     let id = message::new_msg_id();
@@ -399,7 +399,7 @@ async fn take_answer(
 async fn patch_as_sent(ctx: &Context, write: &ApiWrite) -> Result<Written, WriteError> {
     let key = write.resource.key();
     let rtype = write.resource.rtype();
-    let parsed = Patch::parse(write.content.as_bytes(), rtype, ctx.max_payload)
+    let parsed = Patch::parse_shared(write.content.clone().into(), rtype, ctx.max_payload)
         .map_err(|e| WriteError::Invalid(format!("{key}: {e}")))?;
     let patch = Write::Patch {
         key: key.to_owned(),

@@ -1,7 +1,8 @@
 //! patch: applied to the stored object, then passed on to the other side unchanged, then acked.
 //!
 //! The patch is read here, so that content that is no patch is refused before anything is
-//! queued; it is applied by the writer thread, against the object as stored at that point, so
+//! queued (only its text is kept while it waits, see [`Patch`]); it is applied by the writer
+//! thread, against the object as stored at that point, so
 //! that it builds on every change that arrived before it. A patch that cannot be applied there
 //! comes back as [`Outcome::Rejected`] and gets an `error`: nothing is stored or passed on. An
 //! absent object is not an error: the patch is passed on (the other side may hold the object)
@@ -54,10 +55,10 @@ pub(super) async fn patch(
         Ok(target) => target,
         Err(e) => return refuse_message(ctx, sender, publish, &msg, e.to_string()),
     };
-    let Some(content) = msg.content.as_deref() else {
+    let Some(content) = msg.content.clone() else {
         return refuse_message(ctx, sender, publish, &msg, "patch needs content".into());
     };
-    let parsed = match Patch::parse(content, &rtype, ctx.max_payload) {
+    let parsed = match Patch::parse_shared(content, &rtype, ctx.max_payload) {
         Ok(parsed) => Arc::new(parsed),
         Err(e) => return refuse_message(ctx, sender, publish, &msg, e.to_string()),
     };
