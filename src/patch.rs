@@ -22,7 +22,8 @@
 //!
 //! Patches run in the store's writer thread, so what one can cost is bounded before it is
 //! applied: at most [`MAX_OPERATIONS`] operations, `copy` operations together copy at most the
-//! size limit, and no operation may nest the object deeper than [`MAX_DEPTH`] (a chain of
+//! size limit, insertions and removals in arrays shift at most [`MAX_SHIFTED`] elements in
+//! all, and no operation may nest the object deeper than [`MAX_DEPTH`] (a chain of
 //! copies could otherwise double the object with each operation, or nest it deep enough that
 //! writing it out overflows the stack). The result is held to the same limits as content that
 //! arrives in a message.
@@ -37,6 +38,11 @@ use crate::message::MAX_DEPTH;
 
 /// Most operations one JSON Patch may have; each may compare or move a whole object.
 pub const MAX_OPERATIONS: usize = 1000;
+/// Array elements that a JSON Patch's `add`, `remove`, `move` and `copy` operations may shift
+/// together: inserting or removing at the front of an array moves every element after it, so
+/// a thousand of them on a long array would hold the writer thread (and every message behind
+/// it) for about a second. This many take a few milliseconds.
+pub const MAX_SHIFTED: usize = 4 * 1024 * 1024;
 
 /// A status list that Kubernetes merges by `key` rather than replacing it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,6 +170,8 @@ pub enum PatchError {
     },
     #[error("entry {entry} of status.{list} has a \"$patch\" directive other than \"delete\", \"replace\" or \"merge\"")]
     Directive { list: &'static str, entry: usize },
+    #[error("the patch would shift more than {MAX_SHIFTED} array elements in all; send fewer insertions and removals in long arrays")]
+    TooMuchShifting,
     #[error("the stored object is not JSON")]
     StoredNotJson,
     /// The patch's text no longer parses (it did when it was read).
@@ -437,7 +445,20 @@ fn apply_operations(
     // An upper bound of the document's nesting, kept as it changes.
     let mut depth = depth_of(doc);
     let mut copied = 0usize;
+    let mut shifted = 0usize;
     for (op, operation) in operations.iter().enumerate() {
+        shifted += match operation {
+            PatchOperation::Add(o) => shift_at(doc, o.path.as_str()),
+            PatchOperation::Remove(o) => shift_at(doc, o.path.as_str()),
+            PatchOperation::Copy(o) => shift_at(doc, o.path.as_str()),
+            PatchOperation::Move(o) => {
+                shift_at(doc, o.from.as_str()) + shift_at(doc, o.path.as_str())
+            }
+            PatchOperation::Replace(_) | PatchOperation::Test(_) => 0,
+        };
+        if shifted > MAX_SHIFTED {
+            return Err(PatchError::TooMuchShifting);
+        }
         let reach = match operation {
             PatchOperation::Add(o) => o.path.count() + depth_of(&o.value),
             PatchOperation::Replace(o) => o.path.count() + depth_of(&o.value),
@@ -468,6 +489,19 @@ fn apply_operations(
         })?;
     }
     Ok(())
+}
+
+/// How many elements an insertion or removal at `path` may shift: the length of the array
+/// that holds it, if it is in one.
+fn shift_at(doc: &Value, path: &str) -> usize {
+    let (parent, last) = path.rsplit_once('/').unwrap_or(("", path));
+    match doc.pointer(parent) {
+        // `-` is past the end; an index, the elements from it on.
+        Some(Value::Array(items)) => last
+            .parse::<usize>()
+            .map_or(0, |at| items.len().saturating_sub(at)),
+        _ => 0,
+    }
 }
 
 /// Levels of arrays and objects in `v`, counted as the message decoder counts them (`{}` is 1),
@@ -844,6 +878,22 @@ mod tests {
             err(&many),
             "a JSON Patch may have at most 1000 operations, not 1001"
         );
+    }
+
+    #[test]
+    fn insertions_at_the_front_of_a_long_array_are_bounded() {
+        let long = serde_json::json!({"items": vec![0; 10_000]}).to_string();
+        let front: Vec<Value> = (0..1000)
+            .map(|i| serde_json::json!({"op": "add", "path": "/items/0", "value": i}))
+            .collect();
+        let patch = Patch::parse(Value::Array(front).to_string().as_bytes(), "x", 1 << 20).unwrap();
+        assert_eq!(patch.apply(&long), Err(PatchError::TooMuchShifting));
+        // The same insertions at the end shift nothing.
+        let back: Vec<Value> = (0..1000)
+            .map(|i| serde_json::json!({"op": "add", "path": "/items/-", "value": i}))
+            .collect();
+        let patch = Patch::parse(Value::Array(back).to_string().as_bytes(), "x", 1 << 20).unwrap();
+        assert!(patch.apply(&long).is_ok());
     }
 
     #[test]
