@@ -83,6 +83,16 @@ const NODE_LISTS: &[KeyedList] = &[
 
 const SET_ELEMENT_ORDER: &str = "$setElementOrder/";
 
+/// The fields of `status` that a patch of a `target` object merges by key.
+pub fn keyed_status_lists(target: &str) -> impl Iterator<Item = &'static str> {
+    let lists = match target {
+        "pod" => POD_LISTS,
+        "node" => NODE_LISTS,
+        _ => &[],
+    };
+    lists.iter().map(|l| l.field)
+}
+
 /// The type a patch of resource type `rtype` changes: KubeEdge's `podpatch` and `nodepatch`
 /// name the pod and the node of the same namespace and name; any other type patches itself.
 pub fn target_type(rtype: &str) -> &str {

@@ -62,7 +62,24 @@ struct Table {
     by_id: HashMap<String, String>,
     askers: usize,
     /// Requests of one asker each (the local API's writes), by the id they were sent under.
-    requests: HashMap<String, oneshot::Sender<Answer>>,
+    requests: HashMap<String, Request>,
+}
+
+struct Request {
+    answer: oneshot::Sender<Answer>,
+    /// Only a `response` that carries an object, or an `error`, answers it; a bare "OK" is
+    /// the cloud saying it received the request.
+    needs_object: bool,
+}
+
+/// What became of an answer from the cloud.
+pub enum Completion {
+    /// A query or request waiting for it took it; it acks and settles it.
+    Claimed,
+    /// A request's receipt ("OK" before the object): nothing more to do than ack it.
+    Receipt(Box<Answer>),
+    /// Nobody waits for it.
+    Unclaimed(Box<Answer>),
 }
 
 pub struct RemoteQueries {
@@ -129,15 +146,25 @@ impl RemoteQueries {
     }
 
     /// A request that is never shared (a write: each is its own change): send it under `id`
-    /// and wait for `answer`, then [`Self::forget`] it if it was not answered.
-    pub fn request(&self) -> Result<(String, oneshot::Receiver<Answer>), TooManyPending> {
+    /// and wait for `answer`, then [`Self::forget`] it if it was not answered. With
+    /// `needs_object`, only an `error` or a `response` carrying an object answers it.
+    pub fn request(
+        &self,
+        needs_object: bool,
+    ) -> Result<(String, oneshot::Receiver<Answer>), TooManyPending> {
         let mut table = self.table();
         if table.requests.len() >= MAX_PENDING {
             return Err(TooManyPending);
         }
         let id = crate::message::new_msg_id();
         let (tx, answer) = oneshot::channel();
-        table.requests.insert(id.clone(), tx);
+        table.requests.insert(
+            id.clone(),
+            Request {
+                answer: tx,
+                needs_object,
+            },
+        );
         Ok((id, answer))
     }
 
@@ -146,26 +173,31 @@ impl RemoteQueries {
         self.table().requests.remove(id);
     }
 
-    /// Hands the cloud's answer to the query or request it answers; gives it back when none
-    /// waits.
-    pub fn complete(&self, answer: Answer) -> Result<(), Box<Answer>> {
-        let Some(parent) = answer.message.header.parent_msg_id.as_deref() else {
-            return Err(Box::new(answer));
+    /// Hands the cloud's answer to the query or request it answers.
+    pub fn complete(&self, answer: Answer) -> Completion {
+        let Some(parent) = answer.message.header.parent_msg_id.clone() else {
+            return Completion::Unclaimed(Box::new(answer));
         };
         let waiter = {
             let mut table = self.table();
-            match table.requests.remove(parent) {
-                Some(tx) => Some(tx),
+            match table.requests.get(&parent) {
+                Some(request) if request.needs_object && !carries_object(&answer.message) => {
+                    return Completion::Receipt(Box::new(answer));
+                }
+                Some(_) => table.requests.remove(&parent).map(|r| r.answer),
                 None => {
-                    let key = table.by_id.get(parent).cloned();
+                    let key = table.by_id.get(&parent).cloned();
                     key.and_then(|k| table.by_resource.get_mut(&k))
                         .and_then(|p| p.answer.take())
                 }
             }
         };
-        match waiter {
-            Some(tx) => tx.send(answer).map_err(Box::new),
-            None => Err(Box::new(answer)),
+        let Some(tx) = waiter else {
+            return Completion::Unclaimed(Box::new(answer));
+        };
+        match tx.send(answer) {
+            Ok(()) => Completion::Claimed,
+            Err(answer) => Completion::Unclaimed(Box::new(answer)),
         }
     }
 
@@ -195,6 +227,18 @@ impl RemoteQueries {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// Whether an answer is more than a receipt: an `error`, or a `response` whose content is an
+/// object or a list of them.
+fn carries_object(message: &Message) -> bool {
+    use crate::message::Operation;
+    message.operation == Operation::Error
+        || (message.operation == Operation::Response
+            && matches!(
+                message.content_json().trim_start().as_bytes().first(),
+                Some(b'{' | b'[')
+            ))
 }
 
 #[cfg(test)]

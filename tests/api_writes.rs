@@ -120,14 +120,86 @@ async fn writes_go_through_the_cloud(kind: BrokerKind) {
     assert_eq!(pending.await.unwrap(), (200, patched.clone()));
     assert_eq!(get(port, &path).await.1, patched);
 
-    // Update answered with a bare "OK": the object as sent is what the cloud took.
+    // Update: a bare "OK" first is the cloud's receipt; the write waits on for the object.
     let mut updated = patched.clone();
     updated["data"] = json!({"mode": "fast"});
     let pending = request(port, "PUT", &path, "application/json", updated.clone());
     let asked = passed_to_cloud(&mut app, "update").await;
     answer(&app, &asked, "response", json!("OK")).await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!pending.is_finished(), "a receipt is not the answer");
+    updated["metadata"]["resourceVersion"] = json!("9");
+    answer(&app, &asked, "response", updated.clone()).await;
     assert_eq!(pending.await.unwrap(), (200, updated.clone()));
     assert_eq!(get(port, &path).await.1, updated);
+
+    // The cloud's own update can arrive before its answer: the newer object is kept.
+    let pending = request(
+        port,
+        "PATCH",
+        &path,
+        "application/merge-patch+json",
+        json!({"data": {"mode": "slow"}}),
+    );
+    let asked = passed_to_cloud(&mut app, "patch").await;
+    let mut newer = updated.clone();
+    newer["data"] = json!({"mode": "slower"});
+    newer["metadata"]["resourceVersion"] = json!("11");
+    let reply = app
+        .client
+        .request(
+            "edgehub",
+            &message("update", "default/configmap/app-config", newer.clone()),
+        )
+        .await;
+    assert_eq!(reply["content"], "OK");
+    let mut older = updated.clone();
+    older["data"] = json!({"mode": "slow"});
+    older["metadata"]["resourceVersion"] = json!("10");
+    answer(&app, &asked, "response", older.clone()).await;
+    assert_eq!(pending.await.unwrap(), (200, older), "the cloud's answer");
+    assert_eq!(get(port, &path).await.1, newer, "the store keeps the newer");
+    let updated = newer;
+
+    // Refused here before anything is sent: a dry run (it would be carried out), a
+    // strategic merge patch with a list the cloud would replace whole, a body that cannot
+    // fit in a message.
+    let (code, status) = request(
+        port,
+        "DELETE",
+        &format!("{path}?dryRun=All"),
+        "application/json",
+        Value::Null,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (code, &status["reason"]),
+        (400, &json!("BadRequest")),
+        "{status}"
+    );
+    let (code, status) = request(
+        port,
+        "PATCH",
+        "/api/v1/namespaces/default/pods/p",
+        "application/strategic-merge-patch+json",
+        json!({"spec": {"containers": [{"name": "c", "image": "new"}]}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 415, "{status}");
+    assert!(
+        status["message"]
+            .as_str()
+            .unwrap()
+            .contains("spec.containers"),
+        "{status}"
+    );
+    let huge = json!({"metadata": {"name": "huge"}, "data": {"blob": "x".repeat(1 << 20)}});
+    let (code, status) = request(port, "POST", configmaps, "application/json", huge)
+        .await
+        .unwrap();
+    assert_eq!(code, 413, "{status}");
 
     // The cloud's errors, by its words, and its silence.
     for (method, op, text, code, reason) in [
@@ -183,9 +255,17 @@ async fn writes_go_through_the_cloud(kind: BrokerKind) {
         "{status}"
     );
 
-    // Delete answered with "OK": gone here too, and edged is told.
-    let pending = request(port, "DELETE", &path, "application/json", Value::Null);
+    // Delete answered with "OK": gone here too, and edged is told. The precondition's uid
+    // goes with it.
+    let pending = request(
+        port,
+        "DELETE",
+        &path,
+        "application/json",
+        json!({"kind": "DeleteOptions", "apiVersion": "v1", "preconditions": {"uid": "c0ffee"}}),
+    );
     let asked = passed_to_cloud(&mut app, "delete").await;
+    assert_eq!(asked["content"], json!({"metadata": {"uid": "c0ffee"}}));
     answer(&app, &asked, "response", json!("OK")).await;
     let (code, status) = pending.await.unwrap();
     assert_eq!(
@@ -200,6 +280,24 @@ async fn writes_go_through_the_cloud(kind: BrokerKind) {
         })
         .await;
     assert_eq!(get(port, &path).await.0, 404);
+
+    // A cluster-scoped object is written under the key it is stored under.
+    let mut node = fixture("node.json");
+    node["metadata"]["name"] = json!("n1");
+    insert(&mut app, "edge/node/n1", &node).await;
+    let pending = request(
+        port,
+        "PATCH",
+        "/api/v1/nodes/n1",
+        "application/merge-patch+json",
+        json!({"metadata": {"labels": {"zone": "a"}}}),
+    );
+    let asked = passed_to_cloud(&mut app, "patch").await;
+    assert_eq!(asked["route"]["resource"], "edge/node/n1");
+    node["metadata"]["labels"] = json!({"zone": "a"});
+    answer(&app, &asked, "response", node.clone()).await;
+    assert_eq!(pending.await.unwrap().0, 200);
+    assert_eq!(get(port, "/api/v1/nodes/n1").await.1, node);
 }
 
 both_brokers!(writes_go_through_the_cloud);
@@ -261,8 +359,9 @@ async fn while_the_cloud_is_away_the_edge_writes_its_own_status_and_events() {
     assert_eq!(to_edged["route"]["source"], "metaserver");
 
     // The second merges into the first, by condition type, strategic directives and all.
-    let scheduled = json!({"$setElementOrder/conditions": [{"type": "Ready"}, {"type": "PodScheduled"}],
-        "status": {"conditions": [{"type": "PodScheduled", "status": "True"}]}});
+    let scheduled = json!({"status": {
+        "$setElementOrder/conditions": [{"type": "Ready"}, {"type": "PodScheduled"}],
+        "conditions": [{"type": "PodScheduled", "status": "True"}]}});
     let (code, merged) = request(
         port,
         "PATCH",
@@ -297,8 +396,19 @@ async fn while_the_cloud_is_away_the_edge_writes_its_own_status_and_events() {
     assert_eq!(outbox(&app), 3);
 
     // Refused: another node's pod, a write that is not of status, a JSON Patch that reaches
-    // outside status, anything the cloud must decide.
+    // outside status or whose test fails, a status update from a stale read, anything the
+    // cloud must decide.
+    let node_status_path = format!("/api/v1/nodes/{NODE}/status");
+    let mut stale = node_status.clone();
+    stale["metadata"]["resourceVersion"] = json!("1");
     for (method, path, content_type, body, code) in [
+        (
+            "PUT",
+            node_status_path.as_str(),
+            "application/json",
+            stale,
+            409,
+        ),
         (
             "PATCH",
             "/api/v1/namespaces/default/pods/theirs/status",

@@ -304,9 +304,9 @@ pub fn check_exposure(
     Err(ConfigError::Invalid {
         key: "http.listen",
         message: format!(
-            "{addr} is beyond loopback and the API has no authentication (http.auth); set \
-             http.auth.token_file, or http.insecure_allow_anonymous: true to serve anyone who \
-             reaches it"
+            "{addr} is beyond loopback and the API has no authentication; set \
+             http.auth.token_file or http.tls.client_ca_file, or \
+             http.insecure_allow_anonymous: true to serve anyone who reaches it"
         ),
     })
 }

@@ -230,22 +230,31 @@ async fn get_cluster(
     name: String,
     as_table: bool,
 ) -> Result<Response, ApiError> {
-    let rows = store.list_type(&kind.rtype).await?;
-    let found = rows.into_iter().find(|(key, text)| {
-        let stored_name = serde_json::from_str::<Value>(text)
-            .ok()
-            .and_then(|v| v["metadata"]["name"].as_str().map(str::to_owned));
-        stored_name
-            .or_else(|| Resource::parse(key).ok()?.name().map(str::to_owned))
-            .is_some_and(|stored| stored == name)
-    });
-    match found {
+    match stored_cluster_object(store, &kind, &name).await? {
         Some((_, text)) => object(&kind, name, &text, as_table),
         None => Err(ApiError::NotFound {
             plural: kind.plural.clone(),
             name,
         }),
     }
+}
+
+/// The key and value of the cluster-scoped object `name` of `kind`, under whatever namespace
+/// segment it is stored.
+pub async fn stored_cluster_object(
+    store: &Store,
+    kind: &Kind,
+    name: &str,
+) -> Result<Option<(String, String)>, ApiError> {
+    let rows = store.list_type(&kind.rtype).await?;
+    Ok(rows.into_iter().find(|(key, text)| {
+        let stored_name = serde_json::from_str::<Value>(text)
+            .ok()
+            .and_then(|v| v["metadata"]["name"].as_str().map(str::to_owned));
+        stored_name
+            .or_else(|| Resource::parse(key).ok()?.name().map(str::to_owned))
+            .is_some_and(|stored| stored == name)
+    }))
 }
 
 /// One stored object as served, or with `as_table` as a Table of one row.

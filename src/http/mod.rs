@@ -150,6 +150,9 @@ impl Listener {
 /// Every route the endpoint serves.
 pub fn router(state: HttpState) -> Router {
     let caps = state.caps.clone();
+    // Write bodies are checked against the message size in `write`; this only keeps axum's own
+    // cap from refusing them first, without a Status.
+    let body_limit = axum::extract::DefaultBodyLimit::max(state.ctx.ops.max_payload);
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -158,6 +161,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/openapi/v3", get(openapi::index))
         .route("/openapi/v3/*document", get(openapi::document))
         .merge(kube::routes())
+        .layer(body_limit)
         .layer(axum::middleware::from_fn_with_state(
             caps,
             caps::limit_requests,

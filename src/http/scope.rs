@@ -44,6 +44,8 @@ pub enum ApiError {
     Invalid(String),
     #[error("{0}")]
     UnsupportedMediaType(String),
+    #[error("{0}")]
+    TooLarge(String),
     /// A write that was refused, failed, or was not answered: see [`crate::ops::api_write`].
     #[error(transparent)]
     Write(#[from] WriteError),
@@ -87,6 +89,7 @@ impl IntoResponse for ApiError {
             ApiError::UnsupportedMediaType(_) => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "UnsupportedMediaType")
             }
+            ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "RequestEntityTooLarge"),
             ApiError::Write(e) => write_status(e),
         };
         let details = match &self {
@@ -119,9 +122,11 @@ fn write_status(e: &WriteError) -> (StatusCode, &'static str) {
         {
             (StatusCode::CONFLICT, "AlreadyExists")
         }
-        WriteError::Conflict { .. } => (StatusCode::CONFLICT, "Conflict"),
+        WriteError::Conflict { .. } | WriteError::Modified { .. } => {
+            (StatusCode::CONFLICT, "Conflict")
+        }
         WriteError::NotFound { .. } => (StatusCode::NOT_FOUND, "NotFound"),
-        WriteError::Cloud { .. } | WriteError::Store { .. } => {
+        WriteError::Cloud { .. } | WriteError::Store { .. } | WriteError::Failed { .. } => {
             (StatusCode::INTERNAL_SERVER_ERROR, "InternalError")
         }
         WriteError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "Timeout"),

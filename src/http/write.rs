@@ -2,32 +2,63 @@
 //! checked as kube-apiserver would, then carried out by [`crate::ops::api_write`] (through the
 //! cloud, or here for what the edge owns while the cloud is away).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Map, Value};
 
 use super::kinds::Kind;
-use super::kube::{find_kind, Target};
+use super::kube::{find_kind, stored_cluster_object, Target};
 use super::scope::{served, status_object, ApiError};
 use super::HttpState;
 use crate::ops::api_write::{self, ApiWrite, Verb, Written};
 use crate::resource::Resource;
 
-type PathParams = Path<std::collections::HashMap<String, String>>;
+type PathParams = Path<HashMap<String, String>>;
+type QueryParams = Query<HashMap<String, String>>;
+
+/// The kind a write's path names, once the request is one this server carries out.
+async fn begin(
+    state: &HttpState,
+    path: HashMap<String, String>,
+    query: &HashMap<String, String>,
+    body: &[u8],
+) -> Result<(Target, Arc<Kind>), ApiError> {
+    // A dry run would be carried out for real: the cloud is sent no such flag.
+    if query.get("dryRun").is_some_and(|d| !d.is_empty()) {
+        return Err(ApiError::BadRequest(
+            "dryRun is not supported by this server: the write would be carried out".into(),
+        ));
+    }
+    // What the cloud is sent must fit in one message, with room for its envelope.
+    let most = state.ctx.ops.max_payload.saturating_sub(ENVELOPE_BYTES);
+    if body.len() > most {
+        return Err(ApiError::TooLarge(format!(
+            "the request body is {} bytes, more than the {most} bytes a write may carry (mqtt.max_payload_bytes less its envelope)",
+            body.len()
+        )));
+    }
+    let target = Target::from(path);
+    let kind = find_kind(&state.ctx.store, &target).await?;
+    Ok((target, kind))
+}
+
+/// Room kept in a message for its header and route around the written content.
+const ENVELOPE_BYTES: usize = 1024;
 
 /// `POST` to a collection.
 pub async fn create(
     State(state): State<HttpState>,
     Path(path): PathParams,
+    Query(query): QueryParams,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let target = Target::from(path);
-    let kind = find_kind(&state.ctx.store, &target).await?;
+    let (target, kind) = begin(&state, path, &query, &body).await?;
     // As kube-apiserver: a namespaced kind is created in a namespace, not across all.
     if kind.namespaced && target.namespace.is_none() {
         return Err(ApiError::MethodNotAllowed(axum::http::Method::POST));
@@ -39,36 +70,38 @@ pub async fn create(
         Some(name) => name,
         None => generate_name(&mut object)?,
     };
-    let resource = resource(&kind, &namespace, &name)?;
+    let resource = resource(&state, &kind, &namespace, &name).await?;
     let content = Value::Object(object).to_string();
     run(&state, &kind, Verb::Create, resource, content, false).await
 }
 
 /// `PUT` of an object, or with `status` of its status.
 pub async fn update(
-    state: State<HttpState>,
+    State(state): State<HttpState>,
     Path(path): PathParams,
+    Query(query): QueryParams,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    replace(state, path, body, false).await
+    replace(state, path, query, body, false).await
 }
 
 pub async fn update_status(
-    state: State<HttpState>,
+    State(state): State<HttpState>,
     Path(path): PathParams,
+    Query(query): QueryParams,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    replace(state, path, body, true).await
+    replace(state, path, query, body, true).await
 }
 
 async fn replace(
-    State(state): State<HttpState>,
-    path: std::collections::HashMap<String, String>,
+    state: HttpState,
+    path: HashMap<String, String>,
+    query: HashMap<String, String>,
     body: Bytes,
     status: bool,
 ) -> Result<Response, ApiError> {
-    let target = Target::from(path);
-    let kind = find_kind(&state.ctx.store, &target).await?;
+    let (target, kind) = begin(&state, path, &query, &body).await?;
     let name = target.name.clone().unwrap_or_default();
     let mut object = body_object(&body)?;
     fill_kind(&kind, &mut object)?;
@@ -84,43 +117,44 @@ async fn replace(
             metadata(&mut object)?.insert("name".into(), json!(name));
         }
     }
-    let resource = resource(&kind, &namespace, &name)?;
+    let resource = resource(&state, &kind, &namespace, &name).await?;
     let content = Value::Object(object).to_string();
     run(&state, &kind, Verb::Update, resource, content, status).await
 }
 
 /// `PATCH` of an object, or with `status` of its status.
 pub async fn patch(
-    state: State<HttpState>,
+    State(state): State<HttpState>,
     Path(path): PathParams,
+    Query(query): QueryParams,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    patch_object(state, path, headers, body, false).await
+    patch_object(state, path, query, headers, body, false).await
 }
 
 pub async fn patch_status(
-    state: State<HttpState>,
+    State(state): State<HttpState>,
     Path(path): PathParams,
+    Query(query): QueryParams,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    patch_object(state, path, headers, body, true).await
+    patch_object(state, path, query, headers, body, true).await
 }
 
 /// The patch types kube-apiserver takes, as the patch contents the cloud is sent: a merge
-/// patch (an object) or a JSON Patch (an array). A strategic merge patch is sent as a merge
-/// patch: the lists Kubernetes merges by key in a pod's or node's status are merged by key
-/// either way (see [`strategic_to_merge`] for its directives); other lists are replaced.
+/// patch (an object) or a JSON Patch (an array). A strategic merge patch is sent as it is,
+/// read as a merge patch, when that means the same (see [`not_a_merge_patch`]).
 async fn patch_object(
-    State(state): State<HttpState>,
-    path: std::collections::HashMap<String, String>,
+    state: HttpState,
+    path: HashMap<String, String>,
+    query: HashMap<String, String>,
     headers: HeaderMap,
     body: Bytes,
     status: bool,
 ) -> Result<Response, ApiError> {
-    let target = Target::from(path);
-    let kind = find_kind(&state.ctx.store, &target).await?;
+    let (target, kind) = begin(&state, path, &query, &body).await?;
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -130,15 +164,15 @@ async fn patch_object(
         .unwrap_or("")
         .trim()
         .to_ascii_lowercase();
-    let mut value: Value = serde_json::from_slice(&body)
+    let value: Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("the patch is not JSON: {e}")))?;
     match (content_type.as_str(), value.is_object()) {
         ("application/merge-patch+json", true) => {}
         ("application/json-patch+json", false) if value.is_array() => {}
         ("application/strategic-merge-patch+json", true) => {
-            if let Some(directive) = strategic_to_merge(&mut value, false) {
+            if let Some(what) = not_a_merge_patch(&value, &kind.rtype) {
                 return Err(ApiError::UnsupportedMediaType(format!(
-                    "the strategic merge patch directive {directive:?} is not supported; send a merge patch (application/merge-patch+json) or a JSON Patch"
+                    "this strategic merge patch has {what}, which only the lists of a pod's or node's status may have here; send a JSON Patch (application/json-patch+json), or a merge patch (application/merge-patch+json) to replace lists whole"
                 )));
             }
         }
@@ -155,11 +189,8 @@ async fn patch_object(
         }
     }
     let namespace = target.namespace_of(&kind);
-    let resource = resource(
-        &kind,
-        &namespace,
-        target.name.as_deref().unwrap_or_default(),
-    )?;
+    let name = target.name.as_deref().unwrap_or_default();
+    let resource = resource(&state, &kind, &namespace, name).await?;
     run(
         &state,
         &kind,
@@ -175,10 +206,10 @@ async fn patch_object(
 pub async fn delete(
     State(state): State<HttpState>,
     Path(path): PathParams,
+    Query(query): QueryParams,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let target = Target::from(path);
-    let kind = find_kind(&state.ctx.store, &target).await?;
+    let (target, kind) = begin(&state, path, &query, &body).await?;
     let uid = match body.iter().any(|b| !b.is_ascii_whitespace()) {
         true => serde_json::from_slice::<Value>(&body)
             .map_err(|e| ApiError::BadRequest(format!("the DeleteOptions are not JSON: {e}")))?
@@ -192,11 +223,8 @@ pub async fn delete(
         None => "null".to_owned(),
     };
     let namespace = target.namespace_of(&kind);
-    let resource = resource(
-        &kind,
-        &namespace,
-        target.name.as_deref().unwrap_or_default(),
-    )?;
+    let name = target.name.as_deref().unwrap_or_default();
+    let resource = resource(&state, &kind, &namespace, name).await?;
     run(&state, &kind, Verb::Delete, resource, content, false).await
 }
 
@@ -298,10 +326,12 @@ fn fill_namespace(
     object: &mut Map<String, Value>,
 ) -> Result<String, ApiError> {
     let namespace = target.namespace_of(kind);
+    let meta = metadata(object)?;
     if !kind.namespaced {
+        // As kube-apiserver: a cluster-scoped object has no namespace.
+        meta.remove("namespace");
         return Ok(namespace);
     }
-    let meta = metadata(object)?;
     match meta.get("namespace").and_then(Value::as_str) {
         Some(given) if given != namespace => Err(ApiError::BadRequest(format!(
             "the namespace of the object ({given}) does not match the namespace on the URL ({namespace})"
@@ -342,29 +372,66 @@ fn generate_name(object: &mut Map<String, Value>) -> Result<String, ApiError> {
     Ok(name)
 }
 
-fn resource(kind: &Kind, namespace: &str, name: &str) -> Result<Resource, ApiError> {
-    Resource::object(namespace, &kind.rtype, name)
-        .map_err(|e| ApiError::Invalid(format!("{} {name:?}: {e}", kind.plural)))
+/// The key written: in the namespace for a namespaced kind; for a cluster-scoped one, the key
+/// the object is stored under, whatever its namespace segment, else `default`.
+async fn resource(
+    state: &HttpState,
+    kind: &Kind,
+    namespace: &str,
+    name: &str,
+) -> Result<Resource, ApiError> {
+    let invalid = |e: crate::resource::ResourceError| {
+        ApiError::Invalid(format!("{} {name:?}: {e}", kind.plural))
+    };
+    if !kind.namespaced {
+        if let Some((key, _)) = stored_cluster_object(&state.ctx.store, kind, name).await? {
+            return Resource::parse(&key).map_err(invalid);
+        }
+    }
+    Resource::object(namespace, &kind.rtype, name).map_err(invalid)
 }
 
-/// A strategic merge patch made a merge patch: `$setElementOrder` lists dropped (order is
-/// all they say), `$patch` kept in list entries (the keyed status lists act on it); any other
-/// directive is returned, to be refused.
-fn strategic_to_merge(value: &mut Value, in_list: bool) -> Option<String> {
-    match value {
-        Value::Object(map) => {
-            map.retain(|k, _| !k.starts_with("$setElementOrder/"));
-            for (k, v) in map.iter_mut() {
-                if k.starts_with('$') && !(in_list && k == "$patch") {
-                    return Some(k.clone());
+/// Why a strategic merge patch of a `rtype` object cannot be sent as a merge patch, if it
+/// cannot: the cloud applies a `patch` as a merge patch with the keyed status lists of pods
+/// and nodes merged by key ([`crate::patch`]), so a list anywhere else would replace the
+/// whole list where the client meant to merge into it, and a directive anywhere else would be
+/// stored as a field.
+fn not_a_merge_patch(value: &Value, rtype: &str) -> Option<String> {
+    let Value::Object(top) = value else {
+        return None;
+    };
+    let keyed: Vec<&str> = crate::patch::keyed_status_lists(rtype).collect();
+    for (field, value) in top {
+        if let ("status", Value::Object(status)) = (field.as_str(), value) {
+            for (field, value) in status {
+                let list = field.strip_prefix("$setElementOrder/").unwrap_or(field);
+                if keyed.contains(&list) {
+                    continue;
                 }
-                if let Some(found) = strategic_to_merge(v, false) {
-                    return Some(found);
+                if let Some(why) = plain(value, &format!("status.{field}"), field) {
+                    return Some(why);
                 }
             }
-            None
+            continue;
         }
-        Value::Array(items) => items.iter_mut().find_map(|v| strategic_to_merge(v, true)),
+        if let Some(why) = plain(value, field, field) {
+            return Some(why);
+        }
+    }
+    None
+}
+
+/// Why `value`, at `at` under the key `key`, is not plain merge patch content: a list, or a
+/// `$` directive.
+fn plain(value: &Value, at: &str, key: &str) -> Option<String> {
+    if key.starts_with('$') {
+        return Some(format!("the directive {at:?}"));
+    }
+    match value {
+        Value::Array(_) => Some(format!("the list {at}")),
+        Value::Object(fields) => fields
+            .iter()
+            .find_map(|(k, v)| plain(v, &format!("{at}.{k}"), k)),
         _ => None,
     }
 }

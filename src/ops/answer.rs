@@ -1,11 +1,12 @@
-//! The cloud's responses and errors: to the remote query waiting for them, else to edged.
-//! An answer to a patch edged sent is stored first.
+//! The cloud's responses and errors: to the remote query or API write waiting for them, else
+//! to edged. An answer to a patch edged sent is stored first. A bare "OK" to an API write is
+//! its receipt: acked, and the write waits on for the object.
 
 use std::sync::Arc;
 
 use crate::message::{Message, Operation};
 use crate::mqtt::Inbound;
-use crate::remote::Answer;
+use crate::remote::{Answer, Completion};
 use crate::store::{Change, StoreError, Write};
 use crate::topics::Peer;
 
@@ -51,12 +52,19 @@ pub(super) async fn answer_from_cloud(
         }
         let id = message.msg_id().to_owned();
         // A claimed answer is settled by the query waiting for it, once it has replied.
-        if let Err(unclaimed) = ctx.remote.complete(Answer { message, publish }) {
-            ctx.publisher
-                .send(Peer::Edged, unclaimed.publish.payload.clone())
-                .await;
-            settle(&ctx, &id);
-            ctx.publisher.ack(&unclaimed.publish);
+        match ctx.remote.complete(Answer { message, publish }) {
+            Completion::Claimed => {}
+            Completion::Receipt(receipt) => {
+                settle(&ctx, &id);
+                ctx.publisher.ack(&receipt.publish);
+            }
+            Completion::Unclaimed(unclaimed) => {
+                ctx.publisher
+                    .send(Peer::Edged, unclaimed.publish.payload.clone())
+                    .await;
+                settle(&ctx, &id);
+                ctx.publisher.ack(&unclaimed.publish);
+            }
         }
     })
 }

@@ -3,9 +3,10 @@
 //!
 //! Connected: the write goes to edgehub as an `insert`, `update`, `patch` or `delete` with
 //! source `metaserver` and a new id, and waits up to `meta.remote_query_timeout` for the
-//! cloud's answer. The object the cloud answers with is stored before the caller hears of it,
-//! and passed to edged as a change from the cloud would be, so that the store and edged agree
-//! (the cloud's own later update carrying the same object is then equal, and not repeated).
+//! cloud's answer: an `error`, or a `response` carrying the object (a bare "OK" before it is a
+//! receipt; for a delete it is the answer). The object is stored before the caller hears of
+//! it, unless the store already holds a newer one (the cloud's own update may arrive first),
+//! and passed to edged as a change from the cloud would be, so that the store and edged agree.
 //! The wait runs in a task of its own: a client that goes away does not leave the cloud's
 //! answer unhandled.
 //!
@@ -21,7 +22,7 @@ use serde_json::{json, Value};
 
 use crate::message::{self, Message, Operation, API_SOURCE};
 use crate::outbox;
-use crate::patch::Patch;
+use crate::patch::{OpFailure, Patch, PatchError};
 use crate::remote::{Answer, TooManyPending};
 use crate::resource::Resource;
 use crate::sent_patches::Target;
@@ -81,6 +82,11 @@ pub enum WriteError {
     Invalid(String),
     #[error("the write of {key} could not be stored: {source}")]
     Store { key: String, source: StoreError },
+    /// The object changed since the client read it (a stale `resourceVersion`).
+    #[error("Operation cannot be fulfilled on {key}: the object has been modified; please apply your changes to the latest version and try again")]
+    Modified { key: String },
+    #[error("the write of {key} failed: {text}")]
+    Failed { key: String, text: String },
 }
 
 impl WriteError {
@@ -117,20 +123,39 @@ impl WriteError {
 /// Carries out `write`: through the cloud while it is there, else locally when the edge owns
 /// what it changes.
 pub async fn write(ctx: &Arc<Context>, write: ApiWrite) -> Result<Written, WriteError> {
-    let write = if write.status {
+    let (write, guarded) = if write.status {
         status_only(write)?
     } else {
-        write
+        (write, false)
     };
+    // Local while the cloud is away, and while older messages wait in the outbox: a status
+    // write sent directly would overtake the ones queued before it.
     if ctx.outbox.must_queue() {
         let rtype = write.resource.rtype();
+        let connected = ctx.cloud.connected();
         if write.status && (rtype == "pod" || rtype == "node") {
-            return patch_status_here(ctx, write).await;
-        }
-        if write.verb == Verb::Create && rtype == rules::EVENT {
+            let key = write.resource.key();
+            let stored = ctx.store.get(key).await.map_err(WriteError::store(key))?;
+            match stored {
+                Some(stored) if of_this_node(ctx, &write.resource, &stored) => {
+                    return patch_status_here(ctx, write, guarded).await
+                }
+                _ if connected => {}
+                None => {
+                    return Err(WriteError::NotFound {
+                        text: format!("{key} is not stored on this node"),
+                    })
+                }
+                Some(_) => {
+                    return Err(WriteError::Unavailable(format!(
+                        "{key} is not of this node ({}), so its status is the cloud's to change",
+                        ctx.node_id
+                    )))
+                }
+            }
+        } else if write.verb == Verb::Create && rtype == rules::EVENT {
             return queue_event(ctx, write).await;
-        }
-        if !ctx.cloud.connected() {
+        } else if !connected {
             return Err(WriteError::Unavailable(format!(
                 "only status writes of this node's pods and node, and new events, are taken while it is away; {} is refused",
                 write.resource
@@ -141,16 +166,33 @@ pub async fn write(ctx: &Arc<Context>, write: ApiWrite) -> Result<Written, Write
 }
 
 /// A write of the `status` subresource as the patch that changes only the status:
-/// kube-apiserver ignores every other change made through it.
-fn status_only(write: ApiWrite) -> Result<ApiWrite, WriteError> {
+/// kube-apiserver ignores every other change made through it. An update that names the
+/// `metadata.resourceVersion` it read is guarded by a `test` of it (`true`), so a stale one
+/// fails as kube-apiserver's would.
+fn status_only(write: ApiWrite) -> Result<(ApiWrite, bool), WriteError> {
     let invalid = |text: &str| WriteError::Invalid(format!("{}: {text}", write.resource));
+    let mut guarded = false;
     let value: Value = serde_json::from_str(&write.content)
         .map_err(|e| invalid(&format!("the body is not JSON: {e}")))?;
     let patch = match (write.verb, value) {
         // The status replaced whole: `add` replaces a member that exists (RFC 6902).
         (Verb::Update, Value::Object(mut object)) => {
             let status = object.remove("status").unwrap_or_else(|| json!({}));
-            json!([{"op": "add", "path": "/status", "value": status}])
+            let replace = json!({"op": "add", "path": "/status", "value": status});
+            match object
+                .get("metadata")
+                .and_then(|m| m.get("resourceVersion"))
+                .filter(|v| v.as_str().is_some_and(|v| !v.is_empty()))
+            {
+                Some(version) => {
+                    guarded = true;
+                    json!([
+                        {"op": "test", "path": "/metadata/resourceVersion", "value": version},
+                        replace
+                    ])
+                }
+                None => json!([replace]),
+            }
         }
         (Verb::Patch, Value::Object(mut object)) => match object.remove("status") {
             Some(status) => json!({ "status": status }),
@@ -161,9 +203,13 @@ fn status_only(write: ApiWrite) -> Result<ApiWrite, WriteError> {
                 p.and_then(Value::as_str)
                     .is_none_or(|p| p == "/status" || p.starts_with("/status/"))
             };
-            if !operations.iter().all(|op| {
-                op.get("path").is_some() && in_status(op.get("path")) && in_status(op.get("from"))
-            }) {
+            // A `test` changes nothing, so it may look anywhere (a resourceVersion guard).
+            let allowed = |op: &Value| {
+                op.get("path").is_some()
+                    && (op.get("op").and_then(Value::as_str) == Some("test")
+                        || (in_status(op.get("path")) && in_status(op.get("from"))))
+            };
+            if !operations.iter().all(allowed) {
                 return Err(invalid(
                     "a JSON Patch of the status subresource may change only paths under /status",
                 ));
@@ -176,29 +222,23 @@ fn status_only(write: ApiWrite) -> Result<ApiWrite, WriteError> {
             )))
         }
     };
-    Ok(ApiWrite {
+    let patch = ApiWrite {
         verb: Verb::Patch,
         content: patch.to_string(),
         ..write
-    })
+    };
+    Ok((patch, guarded))
 }
 
 /// The offline status write: merged into the stored object, queued for the cloud with it,
 /// passed to edged, and answered with the merged object.
-async fn patch_status_here(ctx: &Arc<Context>, write: ApiWrite) -> Result<Written, WriteError> {
+async fn patch_status_here(
+    ctx: &Arc<Context>,
+    write: ApiWrite,
+    guarded: bool,
+) -> Result<Written, WriteError> {
     let key = write.resource.key().to_owned();
     let rtype = write.resource.rtype().to_owned();
-    let Some(stored) = ctx.store.get(&key).await.map_err(WriteError::store(&key))? else {
-        return Err(WriteError::NotFound {
-            text: format!("{key} is not stored on this node"),
-        });
-    };
-    if !of_this_node(ctx, &write.resource, &stored) {
-        return Err(WriteError::Unavailable(format!(
-            "{key} is not of this node ({}), so its status is the cloud's to change",
-            ctx.node_id
-        )));
-    }
     let parsed = Patch::parse_shared(write.content.clone().into(), &rtype, ctx.max_payload)
         .map_err(|e| WriteError::Invalid(format!("{key}: {e}")))?;
     let parsed = Arc::new(parsed);
@@ -226,6 +266,7 @@ async fn patch_status_here(ctx: &Arc<Context>, write: ApiWrite) -> Result<Writte
             patch: parsed.clone(),
         }),
         to_cloud: Some(outbox::cloud_message(&key, payload.clone().into(), false)),
+        to_cloud_needs_object: true,
         ..Change::default()
     };
     let applied = ctx.store.write(change).await;
@@ -237,6 +278,13 @@ async fn patch_status_here(ctx: &Arc<Context>, write: ApiWrite) -> Result<Writte
         }
     };
     match outcome {
+        Outcome::Rejected(PatchError::Operation {
+            op: 0,
+            failure: OpFailure::TestFailed | OpFailure::NoPath,
+        }) if guarded => {
+            ctx.sent_patches.claim(&id);
+            Err(WriteError::Modified { key })
+        }
         Outcome::Rejected(e) => {
             ctx.sent_patches.claim(&id);
             Err(WriteError::Invalid(format!(
@@ -244,9 +292,12 @@ async fn patch_status_here(ctx: &Arc<Context>, write: ApiWrite) -> Result<Writte
                 parsed.explain(e)
             )))
         }
-        Outcome::Absent => Err(WriteError::NotFound {
-            text: format!("{key} is not stored on this node"),
-        }),
+        Outcome::Absent => {
+            ctx.sent_patches.claim(&id);
+            Err(WriteError::NotFound {
+                text: format!("{key} is not stored on this node"),
+            })
+        }
         _ => {
             tracing::info!(resource = %key, "status written while the cloud is away; queued for it");
             ctx.publisher.send(Peer::Edged, payload).await;
@@ -299,8 +350,9 @@ async fn queue_event(ctx: &Arc<Context>, write: ApiWrite) -> Result<Written, Wri
 /// Sends the write to the cloud and waits for its answer, in a task that finishes the write
 /// whether or not the caller still waits.
 async fn through_cloud(ctx: &Arc<Context>, write: ApiWrite) -> Result<Written, WriteError> {
-    let (id, answer) = ctx.remote.request()?;
+    let (id, mut answer) = ctx.remote.request(write.verb != Verb::Delete)?;
     let ctx = ctx.clone();
+    let key = write.resource.key().to_owned();
     let task = tokio::spawn(async move {
         let operation = match write.verb {
             Verb::Create => Operation::Insert,
@@ -313,33 +365,38 @@ async fn through_cloud(ctx: &Arc<Context>, write: ApiWrite) -> Result<Written, W
         let payload = message::build_from(API_SOURCE, id.clone(), None, operation, &key, &content);
         ctx.publisher.send(Peer::Edgehub, payload).await;
         let timeout = ctx.remote.timeout();
-        match tokio::time::timeout(timeout, answer).await {
-            Ok(Ok(Answer { message, publish })) => {
-                let result = take_answer(&ctx, &write, &message).await;
-                // Settled once what went to edged, queued just now, is acknowledged.
-                settle(&ctx, message.msg_id());
-                ctx.publisher.ack(&publish);
-                result
-            }
-            _ => {
+        let answered = match tokio::time::timeout(timeout, &mut answer).await {
+            Ok(answered) => answered.ok(),
+            // An answer handed over just as the wait ended is still taken, not dropped
+            // unacknowledged.
+            Err(_) => {
                 ctx.remote.forget(&id);
-                tracing::warn!(resource = %key, ?timeout, "the cloud did not answer a write in time");
-                Err(WriteError::Timeout {
-                    key,
-                    timeout: humantime::format_duration(timeout).to_string(),
-                })
+                answer.try_recv().ok()
             }
-        }
+        };
+        let Some(Answer { message, publish }) = answered else {
+            tracing::warn!(resource = %key, ?timeout, "the cloud did not answer a write in time");
+            return Err(WriteError::Timeout {
+                key,
+                timeout: humantime::format_duration(timeout).to_string(),
+            });
+        };
+        let result = take_answer(&ctx, &write, &message).await;
+        // Settled once what went to edged, queued just now, is acknowledged.
+        settle(&ctx, message.msg_id());
+        ctx.publisher.ack(&publish);
+        result
     });
     task.await.unwrap_or_else(|e| {
-        Err(WriteError::Invalid(format!(
-            "the write could not be finished: {e}"
-        )))
+        Err(WriteError::Failed {
+            key,
+            text: e.to_string(),
+        })
     })
 }
 
 /// The cloud's answer to `write`: its error as the caller's, or its object stored, passed to
-/// edged and returned. An answer without an object (a bare "OK") accepts the write as sent.
+/// edged and returned.
 async fn take_answer(
     ctx: &Context,
     write: &ApiWrite,
@@ -352,74 +409,63 @@ async fn take_answer(
         return Err(WriteError::from_cloud(key, text));
     }
     let object = answered_object(answer.content_json(), write.resource.name());
-    let rtype = write.resource.rtype();
-    let deleted_outright = write.verb == Verb::Delete
+    if write.verb == Verb::Delete
         && object
             .as_ref()
-            .is_none_or(|o| o.pointer("/metadata/deletionTimestamp").is_none());
-    if deleted_outright {
-        let before = ctx.store.get(key).await.map_err(WriteError::store(key))?;
-        let removal = Write::Delete {
-            key: key.to_owned(),
-            uid: None,
-        };
-        ctx.store
-            .write(removal)
-            .await
-            .map_err(WriteError::store(key))?;
-        let content = message::raw(before.unwrap_or_else(|| "null".to_owned()));
-        let forward = message::build(None, Operation::Delete, key, &content);
-        ctx.publisher.send(Peer::Edged, forward).await;
-        return Ok(Written::Done);
+            .is_none_or(|o| o.pointer("/metadata/deletionTimestamp").is_none())
+    {
+        return delete_here(ctx, write).await;
     }
-    let text = match (object, write.verb) {
-        (Some(object), _) => object.to_string(),
-        (None, Verb::Create | Verb::Update) => write.content.clone(),
-        (None, _) => return patch_as_sent(ctx, write).await,
+    let Some(object) = object else {
+        return Err(WriteError::Failed {
+            key: key.to_owned(),
+            text: "the cloud answered without the object".into(),
+        });
     };
+    let text = object.to_string();
+    let rtype = write.resource.rtype();
     if rtype != rules::EVENT {
-        let put = Write::Put {
+        let put = Write::PutIfChanged {
             key: key.to_owned(),
             rtype: rtype.to_owned(),
             value: text.clone().into(),
         };
-        ctx.store.write(put).await.map_err(WriteError::store(key))?;
-        let operation = match write.verb {
-            Verb::Create => Operation::Insert,
-            _ => Operation::Update,
-        };
-        let forward = message::build(None, operation, key, &message::raw(text.clone()));
-        ctx.publisher.send(Peer::Edged, forward).await;
+        let applied = ctx.store.write(put).await.map_err(WriteError::store(key))?;
+        // Not passed on when the store holds it already, or holds a newer one.
+        if applied.outcome == Outcome::Stored {
+            let operation = match write.verb {
+                Verb::Create => Operation::Insert,
+                _ => Operation::Update,
+            };
+            let forward = message::build(None, operation, key, &message::raw(text.clone()));
+            ctx.publisher.send(Peer::Edged, forward).await;
+        }
     }
     Ok(Written::Object(text))
 }
 
-/// A patch the cloud accepted without sending its result: applied to the stored copy, as the
-/// cloud will have applied it.
-async fn patch_as_sent(ctx: &Context, write: &ApiWrite) -> Result<Written, WriteError> {
+/// A delete the cloud carried out: removed here too (only the object of the uid the request
+/// named, if it named one), and edged told.
+async fn delete_here(ctx: &Context, write: &ApiWrite) -> Result<Written, WriteError> {
     let key = write.resource.key();
-    let rtype = write.resource.rtype();
-    let parsed = Patch::parse_shared(write.content.clone().into(), rtype, ctx.max_payload)
-        .map_err(|e| WriteError::Invalid(format!("{key}: {e}")))?;
-    let patch = Write::Patch {
+    let uid = serde_json::from_str::<Value>(&write.content)
+        .ok()
+        .and_then(|c| c.pointer("/metadata/uid")?.as_str().map(str::to_owned));
+    let before = ctx.store.get(key).await.map_err(WriteError::store(key))?;
+    let removal = Write::Delete {
         key: key.to_owned(),
-        rtype: rtype.to_owned(),
-        patch: Arc::new(parsed),
+        uid,
     };
     let applied = ctx
         .store
-        .write(patch)
+        .write(removal)
         .await
         .map_err(WriteError::store(key))?;
-    if !matches!(applied.outcome, Outcome::Patched { .. }) {
-        return Ok(Written::Done);
-    }
-    let now = ctx.store.get(key).await.map_err(WriteError::store(key))?;
-    if let Some(text) = &now {
-        let forward = message::build(None, Operation::Update, key, &message::raw(text.clone()));
+    if let (Outcome::Deleted, Some(before)) = (applied.outcome, before) {
+        let forward = message::build(None, Operation::Delete, key, &message::raw(before));
         ctx.publisher.send(Peer::Edged, forward).await;
     }
-    Ok(now.map_or(Written::Done, Written::Object))
+    Ok(Written::Done)
 }
 
 /// The object in a `response`'s content: the object itself, or from a list the one named
@@ -467,16 +513,29 @@ mod tests {
 
     #[test]
     fn a_status_update_replaces_only_the_status() {
-        let w = status_only(write(
+        let (w, guarded) = status_only(write(
             Verb::Update,
             json!({"metadata": {"labels": {"a": "b"}}, "status": {"phase": "Running"}}),
         ))
         .unwrap();
         assert_eq!(w.verb, Verb::Patch);
+        assert!(!guarded);
         let patch: Value = serde_json::from_str(&w.content).unwrap();
         assert_eq!(
             patch,
             json!([{"op": "add", "path": "/status", "value": {"phase": "Running"}}])
+        );
+        // With the version it read, the update holds only if the object is still that one.
+        let (w, guarded) = status_only(write(
+            Verb::Update,
+            json!({"metadata": {"resourceVersion": "7"}, "status": {"phase": "Running"}}),
+        ))
+        .unwrap();
+        assert!(guarded);
+        let patch: Value = serde_json::from_str(&w.content).unwrap();
+        assert_eq!(
+            patch[0],
+            json!({"op": "test", "path": "/metadata/resourceVersion", "value": "7"})
         );
     }
 
@@ -486,7 +545,8 @@ mod tests {
             Verb::Patch,
             json!({"spec": {"nodeName": "x"}, "status": {"phase": "Failed"}}),
         ))
-        .unwrap();
+        .unwrap()
+        .0;
         let patch: Value = serde_json::from_str(&w.content).unwrap();
         assert_eq!(patch, json!({"status": {"phase": "Failed"}}));
     }

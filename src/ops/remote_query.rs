@@ -30,7 +30,7 @@ pub(super) async fn remote_query(ctx: &Arc<Context>, query: Message, fallback: O
         return;
     }
     let content = query.content_raw();
-    let (id, answer) = match ctx.remote.join(&key, query, fallback) {
+    let (id, mut answer) = match ctx.remote.join(&key, query, fallback) {
         Ok(Joined::First { id, answer }) => (id, answer),
         Ok(Joined::Waiting) => {
             tracing::debug!(resource = %key, msg_id = %asker, "remote query joins one in flight");
@@ -50,10 +50,16 @@ pub(super) async fn remote_query(ctx: &Arc<Context>, query: Message, fallback: O
     let sent = Instant::now();
     let ctx = ctx.clone();
     tokio::spawn(async move {
-        let answer = tokio::time::timeout(timeout, answer).await;
+        let waited = tokio::time::timeout(timeout, &mut answer).await;
         let askers = ctx.remote.finish(&key);
-        match answer {
-            Ok(Ok(Answer { message, publish })) => {
+        let answered = match waited {
+            Ok(answered) => answered.ok(),
+            // An answer handed over just as the wait ended is still taken, not dropped
+            // unacknowledged.
+            Err(_) => answer.try_recv().ok(),
+        };
+        match answered {
+            Some(Answer { message, publish }) => {
                 let outcome = match message.operation {
                     Operation::Error => RemoteOutcome::Error,
                     _ => RemoteOutcome::Answered,
@@ -65,7 +71,7 @@ pub(super) async fn remote_query(ctx: &Arc<Context>, query: Message, fallback: O
                 settle(&ctx, &answer_id);
                 ctx.publisher.ack(&publish);
             }
-            _ => {
+            None => {
                 ctx.metrics
                     .remote_query(RemoteOutcome::Timeout, Some(sent.elapsed()));
                 tracing::warn!(resource = %key, ?timeout, "remote query timed out");

@@ -149,6 +149,9 @@ pub struct Change {
     pub write: Option<Write>,
     /// Queued in the outbox, in the same transaction, unless the write changed nothing.
     pub to_cloud: Option<CloudMessage>,
+    /// `to_cloud` only when the write found its object: not after a patch or delete of an
+    /// absent key (an edged patch is passed on then; the local API's is refused).
+    pub to_cloud_needs_object: bool,
     /// Outbox entries that have been sent (or dropped), to remove.
     pub outbox_done: Vec<i64>,
 }
@@ -822,6 +825,37 @@ mod tests {
                 (ChangeKind::Added, "ns/pod/b".into(), b("{}")),
             ]
         );
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_message_for_the_cloud_that_needs_its_object_is_not_queued_without_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("m.db"), StoreOptions::default()).unwrap();
+        let change = |needs_object: bool| Change {
+            write: Some(Write::Patch {
+                key: "ns/pod/absent".into(),
+                rtype: "pod".into(),
+                patch: Arc::new(
+                    crate::patch::Patch::parse(br#"{"status":{}}"#, "pod", 1 << 20).unwrap(),
+                ),
+            }),
+            to_cloud: Some(CloudMessage {
+                resource: "ns/pod/absent".into(),
+                payload: bytes::Bytes::from_static(b"{}"),
+                coalesce: false,
+            }),
+            to_cloud_needs_object: needs_object,
+            ..Change::default()
+        };
+        let applied = store.write(change(true)).await.unwrap();
+        assert_eq!(applied.outcome, Outcome::Absent);
+        assert!(!applied.queued);
+        assert_eq!(store.outbox_len(), 0);
+        // An edged patch of an absent object is passed on all the same.
+        let applied = store.write(change(false)).await.unwrap();
+        assert!(applied.queued);
+        assert_eq!(store.outbox_len(), 1);
         store.close().await;
     }
 

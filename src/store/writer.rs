@@ -341,8 +341,12 @@ impl Writer {
                 queued: false,
             });
         }
+        // Nothing goes to the cloud for a write that changed nothing, nor, when it needed
+        // its object, for one that found none.
+        let changed_nothing = matches!(outcome, Outcome::Unchanged | Outcome::Stale);
+        let found_nothing = change.to_cloud_needs_object && outcome == Outcome::Absent;
         let queued = match &change.to_cloud {
-            Some(m) if !matches!(outcome, Outcome::Unchanged | Outcome::Stale) => {
+            Some(m) if !changed_nothing && !found_nothing => {
                 self.enqueue(m, effect)?;
                 true
             }
