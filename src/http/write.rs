@@ -63,16 +63,21 @@ pub async fn create(
     if kind.namespaced && target.namespace.is_none() {
         return Err(ApiError::MethodNotAllowed(axum::http::Method::POST));
     }
-    let mut object = body_object(&body)?;
-    fill_kind(&kind, &mut object)?;
-    let namespace = fill_namespace(&kind, &target, &mut object)?;
+    let (mut object, namespace) = object_for(&kind, &target, &body)?;
     let name = match name_of(&object) {
         Some(name) => name,
         None => generate_name(&mut object)?,
     };
-    let resource = resource(&state, &kind, &namespace, &name).await?;
-    let content = Value::Object(object).to_string();
-    run(&state, &kind, Verb::Create, resource, content, false).await
+    write_object(
+        &state,
+        &kind,
+        &namespace,
+        &name,
+        object,
+        Verb::Create,
+        false,
+    )
+    .await
 }
 
 /// `PUT` of an object, or with `status` of its status.
@@ -103,9 +108,7 @@ async fn replace(
 ) -> Result<Response, ApiError> {
     let (target, kind) = begin(&state, path, &query, &body).await?;
     let name = target.name.clone().unwrap_or_default();
-    let mut object = body_object(&body)?;
-    fill_kind(&kind, &mut object)?;
-    let namespace = fill_namespace(&kind, &target, &mut object)?;
+    let (mut object, namespace) = object_for(&kind, &target, &body)?;
     match name_of(&object) {
         Some(given) if given != name => {
             return Err(ApiError::BadRequest(format!(
@@ -117,9 +120,43 @@ async fn replace(
             metadata(&mut object)?.insert("name".into(), json!(name));
         }
     }
-    let resource = resource(&state, &kind, &namespace, &name).await?;
+    write_object(
+        &state,
+        &kind,
+        &namespace,
+        &name,
+        object,
+        Verb::Update,
+        status,
+    )
+    .await
+}
+
+/// The object a create or update sends, of the URL's kind and namespace, and that namespace.
+fn object_for(
+    kind: &Kind,
+    target: &Target,
+    body: &[u8],
+) -> Result<(Map<String, Value>, String), ApiError> {
+    let mut object = body_object(body)?;
+    fill_kind(kind, &mut object)?;
+    let namespace = fill_namespace(kind, target, &mut object)?;
+    Ok((object, namespace))
+}
+
+/// Writes `object` as `name` in `namespace`.
+async fn write_object(
+    state: &HttpState,
+    kind: &Arc<Kind>,
+    namespace: &str,
+    name: &str,
+    object: Map<String, Value>,
+    verb: Verb,
+    status: bool,
+) -> Result<Response, ApiError> {
+    let resource = resource(state, kind, namespace, name).await?;
     let content = Value::Object(object).to_string();
-    run(&state, &kind, Verb::Update, resource, content, status).await
+    run(state, kind, verb, resource, content, status).await
 }
 
 /// `PATCH` of an object, or with `status` of its status.
