@@ -587,3 +587,38 @@ async fn kubectl_creates_labels_annotates_and_deletes_through_the_cloud() {
     let (code, _) = get(port, "/api/v1/namespaces/default/configmaps/app-config").await;
     assert_eq!(code, 404);
 }
+
+/// A client that hangs up while its write waits for the cloud: the write is finished all the
+/// same, the cloud's object stored and passed to edged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_does_not_stop_its_write() {
+    let Some(mut app) = spawn(BrokerKind::Embedded).await else {
+        return;
+    };
+    let port = app.http_port;
+    app.set_cloud(true).await;
+    let body = fixture("configmap.json").to_string();
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let request = format!(
+        "POST /api/v1/namespaces/default/configmaps HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes())
+        .await
+        .unwrap();
+    let asked = passed_to_cloud(&mut app, "insert").await;
+    drop(stream);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let mut in_cloud = asked["content"].clone();
+    in_cloud["metadata"]["resourceVersion"] = json!("500");
+    answer(&app, &asked, "response", in_cloud.clone()).await;
+    let to_edged = app
+        .client
+        .wait_for(EDGED, |v| v["route"]["operation"] == "insert")
+        .await;
+    assert_eq!(to_edged["content"], in_cloud);
+    let (code, stored) = get(port, "/api/v1/namespaces/default/configmaps/app-config").await;
+    assert_eq!((code, stored), (200, in_cloud));
+}
