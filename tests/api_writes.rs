@@ -488,11 +488,29 @@ async fn while_the_cloud_is_away_the_edge_writes_its_own_status_and_events() {
         "{name}"
     );
     assert_eq!(outbox(&app), 4);
+    // And one from client-go's newer recorder, under events.k8s.io.
+    let recorded = json!({"apiVersion": "events.k8s.io/v1", "kind": "Event",
+        "metadata": {"name": "mine.recorded", "namespace": "default"},
+        "regarding": {"kind": "Pod", "name": "mine", "namespace": "default"},
+        "reason": "Offline", "note": "recorded while the cloud was away", "type": "Normal",
+        "action": "Write", "reportingController": "test", "reportingInstance": "test-1",
+        "eventTime": "2026-11-28T10:00:00.000000Z"});
+    let (code, created) = request(
+        port,
+        "POST",
+        "/apis/events.k8s.io/v1/namespaces/default/events",
+        "application/json",
+        recorded,
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 201, "{created}");
+    assert_eq!(outbox(&app), 5);
 
     // Back online: the cloud gets them in order, from the outbox.
     app.set_cloud(true).await;
     let mut seen = Vec::new();
-    for _ in 0..4 {
+    for _ in 0..5 {
         let m = app
             .client
             .wait_for(EDGEHUB, |v| v["route"]["source"] == "metaserver")
@@ -510,6 +528,10 @@ async fn while_the_cloud_is_away_the_edge_writes_its_own_status_and_events() {
             ("patch".to_owned(), "default/pod/mine".to_owned()),
             ("patch".to_owned(), node_key),
             ("insert".to_owned(), format!("default/event/{name}")),
+            (
+                "insert".to_owned(),
+                "default/event/mine.recorded".to_owned()
+            ),
         ]
     );
 }

@@ -46,6 +46,8 @@ const BUILTIN: &[(&str, &str, &str, &str, bool)] = &[
     ("", "endpoints", "endpoints", "Endpoints", true),
     ("", "events", "event", "Event", true),
     ("coordination.k8s.io", "leases", "lease", "Lease", true),
+    // Where client-go's newer event recorder writes events.
+    ("events.k8s.io", "events", "event", "Event", true),
 ];
 
 /// The built-in kinds, in discovery order.
