@@ -644,3 +644,39 @@ async fn a_client_that_hangs_up_does_not_stop_its_write() {
     let (code, stored) = get(port, "/api/v1/namespaces/default/configmaps/app-config").await;
     assert_eq!((code, stored), (200, in_cloud));
 }
+
+/// Writes waiting for a silent cloud take at most half of the request cap: the next write is
+/// told to come back later, and reads are still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_waiting_for_the_cloud_leave_room_for_reads() {
+    let options = Options::new(BrokerKind::Embedded)
+        .yaml("meta:\n  remote_query_timeout: 3s\n")
+        .http("max_requests: 2");
+    let Some(mut app) = TestApp::spawn(options).await else {
+        return;
+    };
+    let port = app.http_port;
+    app.set_cloud(true).await;
+    let configmaps = "/api/v1/namespaces/default/configmaps";
+    let waiting = request(
+        port,
+        "POST",
+        configmaps,
+        "application/json",
+        fixture("configmap.json"),
+    );
+    passed_to_cloud(&mut app, "insert").await;
+    let mut second = fixture("configmap.json");
+    second["metadata"]["name"] = json!("second");
+    let (code, status) = request(port, "POST", configmaps, "application/json", second)
+        .await
+        .unwrap();
+    assert_eq!(
+        (code, &status["reason"]),
+        (429, &json!("TooManyRequests")),
+        "{status}"
+    );
+    let (code, _) = get(port, configmaps).await;
+    assert_eq!(code, 200, "a read is served beside the waiting write");
+    assert_eq!(waiting.await.unwrap().0, 504);
+}

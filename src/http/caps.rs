@@ -4,6 +4,9 @@
 //! `Retry-After` at once, not queued: client libraries retry it, and nothing waits in memory.
 //! Watches are long-running, so they have a cap of their own and do not count as requests,
 //! and the probes and `/metrics` are never capped, so a busy API does not fail its probes.
+//! Writes count as requests, and at most half the request cap may be writes: a write waits
+//! for the cloud, up to `meta.remote_query_timeout`, and writes to a cloud that does not
+//! answer must not leave no room for reads.
 
 use std::sync::Arc;
 
@@ -18,23 +21,38 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::scope::{is_watch, ApiError};
 
-/// The two caps, shared by every connection.
+/// The caps, shared by every connection.
 #[derive(Clone)]
 pub struct Caps {
     requests: Arc<Semaphore>,
     max_requests: usize,
+    writes: Arc<Semaphore>,
+    max_writes: usize,
     watches: Arc<Semaphore>,
     max_watches: usize,
 }
 
 impl Caps {
     pub fn new(max_requests: usize, max_watches: usize) -> Self {
+        let max_writes = (max_requests / 2).max(1);
         Self {
             requests: Arc::new(Semaphore::new(max_requests)),
             max_requests,
+            writes: Arc::new(Semaphore::new(max_writes)),
+            max_writes,
             watches: Arc::new(Semaphore::new(max_watches)),
             max_watches,
         }
+    }
+
+    /// A place for one more write, held until it is answered.
+    pub fn write(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        self.writes.clone().try_acquire_owned().map_err(|_| {
+            ApiError::TooManyRequests(format!(
+                "too many writes in progress (at most {}, half of http.max_requests)",
+                self.max_writes
+            ))
+        })
     }
 
     /// A place for one more watch, held for as long as its stream lasts.

@@ -275,6 +275,7 @@ async fn run(
     content: String,
     status: bool,
 ) -> Result<Response, ApiError> {
+    let _permit = state.caps.write()?;
     let name = resource.name().unwrap_or_default().to_owned();
     let key = resource.key().to_owned();
     let write = ApiWrite {
