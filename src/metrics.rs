@@ -48,6 +48,12 @@ struct OutcomeLabel {
     outcome: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ApiWriteLabel {
+    verb: &'static str,
+    outcome: &'static str,
+}
+
 /// How a remote query ended.
 #[derive(Clone, Copy, Debug)]
 pub enum RemoteOutcome {
@@ -141,6 +147,7 @@ pub struct Metrics {
     errors: Family<ReasonLabel, Counter>,
     remote_seconds: Histogram,
     remote_outcomes: Family<OutcomeLabel, Counter>,
+    api_writes: Family<ApiWriteLabel, Counter>,
     metasync_runs: Family<OutcomeLabel, Counter>,
     held_back: Family<ReasonLabel, Counter>,
     outbox_len: Gauge,
@@ -233,6 +240,12 @@ impl Metrics {
             "Remote queries, by outcome (answered, error, timeout, disconnected, refused)",
             remote_outcomes.clone(),
         );
+        let api_writes = Family::<ApiWriteLabel, Counter>::default();
+        registry.register(
+            "api_writes",
+            "Writes to the local API, by verb (create, update, patch, delete) and outcome (cloud: done by the cloud; here: status or event taken while it is away; conflict, not_found, cloud_error, timeout, unavailable, invalid, too_many, failed)",
+            api_writes.clone(),
+        );
         let cloud_connected = Gauge::default();
         registry.register(
             "cloud_connected",
@@ -271,6 +284,7 @@ impl Metrics {
             errors,
             remote_seconds,
             remote_outcomes,
+            api_writes,
             metasync_runs,
             held_back,
             outbox_len,
@@ -320,6 +334,13 @@ impl Metrics {
     }
 
     /// A remote query ended with `outcome`; `elapsed` is `None` when it was never sent.
+    /// One write of the local API ended with `outcome` (see `metamanager_api_writes`).
+    pub fn api_write(&self, verb: &'static str, outcome: &'static str) {
+        self.api_writes
+            .get_or_create(&ApiWriteLabel { verb, outcome })
+            .inc();
+    }
+
     pub fn remote_query(&self, outcome: RemoteOutcome, elapsed: Option<Duration>) {
         if let Some(elapsed) = elapsed {
             self.remote_seconds.observe(elapsed.as_secs_f64());

@@ -298,6 +298,18 @@ async fn writes_go_through_the_cloud(kind: BrokerKind) {
     answer(&app, &asked, "response", node.clone()).await;
     assert_eq!(pending.await.unwrap().0, 200);
     assert_eq!(get(port, "/api/v1/nodes/n1").await.1, node);
+
+    // Each write is counted by how it ended.
+    let (_, _, metrics) = http(port, "GET", "/metrics").await;
+    for line in [
+        r#"metamanager_api_writes_total{verb="create",outcome="cloud"} 1"#,
+        r#"metamanager_api_writes_total{verb="patch",outcome="cloud"} 3"#,
+        r#"metamanager_api_writes_total{verb="patch",outcome="not_found"} 1"#,
+        r#"metamanager_api_writes_total{verb="update",outcome="timeout"} 1"#,
+        r#"metamanager_api_writes_total{verb="delete",outcome="cloud_error"} 1"#,
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
+    }
 }
 
 both_brokers!(writes_go_through_the_cloud);

@@ -89,7 +89,32 @@ pub enum WriteError {
     Failed { key: String, text: String },
 }
 
+impl Verb {
+    fn as_str(self) -> &'static str {
+        match self {
+            Verb::Create => "create",
+            Verb::Update => "update",
+            Verb::Patch => "patch",
+            Verb::Delete => "delete",
+        }
+    }
+}
+
 impl WriteError {
+    /// Its `outcome` label in `metamanager_api_writes`.
+    fn outcome(&self) -> &'static str {
+        match self {
+            WriteError::Conflict { .. } | WriteError::Modified { .. } => "conflict",
+            WriteError::NotFound { .. } => "not_found",
+            WriteError::Cloud { .. } => "cloud_error",
+            WriteError::Timeout { .. } => "timeout",
+            WriteError::Unavailable(_) => "unavailable",
+            WriteError::TooMany(_) => "too_many",
+            WriteError::Invalid(_) => "invalid",
+            WriteError::Store { .. } | WriteError::Failed { .. } => "failed",
+        }
+    }
+
     /// The answer a write of `key` gets from the cloud's `error` text: a conflict or a missing
     /// object as the cloud's words say, anything else a failure.
     fn from_cloud(key: &str, text: String) -> Self {
@@ -121,8 +146,37 @@ impl WriteError {
 }
 
 /// Carries out `write`: through the cloud while it is there, else locally when the edge owns
-/// what it changes.
+/// what it changes; counted in `metamanager_api_writes`.
 pub async fn write(ctx: &Arc<Context>, write: ApiWrite) -> Result<Written, WriteError> {
+    let verb = write.verb.as_str();
+    let (result, by_cloud) = carry_out(ctx, write).await;
+    let outcome = match &result {
+        Ok(_) if by_cloud => "cloud",
+        Ok(_) => "here",
+        Err(e) => e.outcome(),
+    };
+    ctx.metrics.api_write(verb, outcome);
+    result
+}
+
+/// [`write`], and whether it went to the cloud.
+async fn carry_out(ctx: &Arc<Context>, write: ApiWrite) -> (Result<Written, WriteError>, bool) {
+    match decide(ctx, write).await {
+        Ok(Route::Here(done)) => (done, false),
+        Ok(Route::Cloud(write)) => (through_cloud(ctx, write).await, true),
+        Err(e) => (Err(e), false),
+    }
+}
+
+/// Where a write is carried out.
+enum Route {
+    /// Here, already: its result.
+    Here(Result<Written, WriteError>),
+    /// Through the cloud, as this write.
+    Cloud(ApiWrite),
+}
+
+async fn decide(ctx: &Arc<Context>, write: ApiWrite) -> Result<Route, WriteError> {
     let (write, guarded) = if write.status {
         status_only(write)?
     } else {
@@ -138,7 +192,7 @@ pub async fn write(ctx: &Arc<Context>, write: ApiWrite) -> Result<Written, Write
             let stored = ctx.store.get(key).await.map_err(WriteError::store(key))?;
             match stored {
                 Some(stored) if of_this_node(ctx, &write.resource, &stored) => {
-                    return patch_status_here(ctx, write, guarded).await
+                    return Ok(Route::Here(patch_status_here(ctx, write, guarded).await))
                 }
                 _ if connected => {}
                 None => {
@@ -154,7 +208,7 @@ pub async fn write(ctx: &Arc<Context>, write: ApiWrite) -> Result<Written, Write
                 }
             }
         } else if write.verb == Verb::Create && rtype == rules::EVENT {
-            return queue_event(ctx, write).await;
+            return Ok(Route::Here(queue_event(ctx, write).await));
         } else if !connected {
             return Err(WriteError::Unavailable(format!(
                 "only status writes of this node's pods and node, and new events, are taken while it is away; {} is refused",
@@ -162,7 +216,7 @@ pub async fn write(ctx: &Arc<Context>, write: ApiWrite) -> Result<Written, Write
             )));
         }
     }
-    through_cloud(ctx, write).await
+    Ok(Route::Cloud(write))
 }
 
 /// A write of the `status` subresource as the patch that changes only the status:
