@@ -199,7 +199,36 @@ async fn writes_go_through_the_cloud(kind: BrokerKind) {
     let (code, status) = request(port, "POST", configmaps, "application/json", huge)
         .await
         .unwrap();
-    assert_eq!(code, 413, "{status}");
+    assert_eq!(
+        (code, &status["reason"]),
+        (413, &json!("RequestEntityTooLarge")),
+        "{status}"
+    );
+    // kubectl puts a delete's dry run in its options.
+    let (code, status) = request(
+        port,
+        "DELETE",
+        &path,
+        "application/json",
+        json!({"kind": "DeleteOptions", "apiVersion": "v1", "dryRun": ["All"]}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (code, &status["reason"]),
+        (400, &json!("BadRequest")),
+        "{status}"
+    );
+    let (_, _, body) = http_with(
+        port,
+        "PATCH",
+        &path,
+        "application/apply-patch+yaml",
+        "data: {x: \"1\"}",
+    )
+    .await;
+    let status: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status["code"], 415, "{status}");
 
     // The cloud's errors, by its words, and its silence.
     for (method, op, text, code, reason) in [
@@ -213,7 +242,7 @@ async fn writes_go_through_the_cloud(kind: BrokerKind) {
         (
             "PUT",
             "update",
-            "Operation cannot be fulfilled on configmaps \"app-config\": the object has been modified (Conflict)",
+            "Operation cannot be fulfilled on configmaps \"app-config\": the object has been modified; please apply your changes to the latest version and try again",
             409,
             "Conflict",
         ),
@@ -691,4 +720,107 @@ async fn writes_waiting_for_the_cloud_leave_room_for_reads() {
     let (code, _) = get(port, configmaps).await;
     assert_eq!(code, 200, "a read is served beside the waiting write");
     assert_eq!(waiting.await.unwrap().0, 504);
+}
+
+/// A delete the cloud answers "not found" removes the node's copy too; a cloud that goes away
+/// while a write waits ends the wait at once; while it is away, status updates that read the
+/// same version both hold (the edge owns status), and what is queued carries no version test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cloud_not_knowing_an_object_or_going_away() {
+    let Some(mut app) = spawn(BrokerKind::Embedded).await else {
+        return;
+    };
+    let port = app.http_port;
+    app.set_cloud(true).await;
+    let mut ghost = fixture("configmap.json");
+    ghost["metadata"]["name"] = json!("ghost");
+    insert(&mut app, "default/configmap/ghost", &ghost).await;
+    let ghost_path = "/api/v1/namespaces/default/configmaps/ghost";
+    let pending = request(port, "DELETE", ghost_path, "application/json", Value::Null);
+    let asked = passed_to_cloud(&mut app, "delete").await;
+    answer(
+        &app,
+        &asked,
+        "error",
+        json!("configmaps \"ghost\" not found"),
+    )
+    .await;
+    assert_eq!(pending.await.unwrap().0, 404);
+    assert_eq!(get(port, ghost_path).await.0, 404, "gone here too");
+    app.client
+        .wait_for(EDGED, |v| {
+            v["route"]["operation"] == "delete"
+                && v["route"]["resource"] == "default/configmap/ghost"
+        })
+        .await;
+
+    // The cloud goes away while a write waits: 503 now, not 504 at the timeout.
+    let started = std::time::Instant::now();
+    let pending = request(
+        port,
+        "POST",
+        "/api/v1/namespaces/default/configmaps",
+        "application/json",
+        fixture("configmap.json"),
+    );
+    passed_to_cloud(&mut app, "insert").await;
+    app.set_cloud(false).await;
+    let (code, status) = pending.await.unwrap();
+    assert_eq!(
+        (code, &status["reason"]),
+        (503, &json!("ServiceUnavailable")),
+        "{status}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "before the 2 s timeout"
+    );
+
+    // Away: two status updates from the same read both hold; a version the pod never had
+    // is a conflict.
+    let mut mine = fixture("pod.json");
+    mine["metadata"]["name"] = json!("mine");
+    mine["spec"]["nodeName"] = json!(NODE);
+    mine["metadata"]["resourceVersion"] = json!("5");
+    insert(&mut app, "default/pod/mine", &mine).await;
+    let status_path = "/api/v1/namespaces/default/pods/mine/status";
+    for (phase, version, code) in [("A", "5", 200), ("B", "5", 200), ("C", "4", 409)] {
+        let mut body = mine.clone();
+        body["metadata"]["resourceVersion"] = json!(version);
+        body["status"] = json!({"phase": phase});
+        let (got, answer) = request(port, "PUT", status_path, "application/json", body)
+            .await
+            .unwrap();
+        assert_eq!(got, code, "{phase}: {answer}");
+    }
+    assert_eq!(
+        get(port, "/api/v1/namespaces/default/pods/mine").await.1["status"]["phase"],
+        "B"
+    );
+    let payloads: Vec<String> = rusqlite::Connection::open(app.db_path())
+        .unwrap()
+        .prepare("SELECT CAST(payload AS TEXT) FROM outbox ORDER BY seq")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(payloads.len(), 2, "{payloads:?}");
+    for payload in &payloads {
+        let m: Value = serde_json::from_str(payload).unwrap();
+        assert_eq!(
+            m["content"][0]["op"], "add",
+            "no version test is queued: {m}"
+        );
+    }
+    // Every refusal has its log line, with the path, code and reason.
+    let log = app.log();
+    let refused = log
+        .lines()
+        .find(|l| l.contains("API write refused") && l.contains("code=409"))
+        .unwrap_or_else(|| panic!("a log line for the 409 in:\n{log}"));
+    assert!(
+        refused.contains(status_path) && refused.contains("has been modified"),
+        "{refused}"
+    );
 }

@@ -131,6 +131,7 @@ async fn resource_list(store: &Store, group: &str, version: &str) -> Result<Resp
                 "singularName": k.rtype,
                 "namespaced": k.namespaced,
                 "kind": k.kind,
+                "shortNames": kinds::short_names(k),
                 "verbs": VERBS,
             });
             [kind, status]
@@ -239,6 +240,7 @@ fn discovered_resource(kind: &Kind) -> Value {
         "responseKind": response_kind,
         "scope": if kind.namespaced { "Namespaced" } else { "Cluster" },
         "singularResource": kind.rtype,
+        "shortNames": kinds::short_names(kind),
         "verbs": VERBS,
         "subresources": [{
             "subresource": "status",

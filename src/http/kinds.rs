@@ -50,6 +50,21 @@ const BUILTIN: &[(&str, &str, &str, &str, bool)] = &[
     ("events.k8s.io", "events", "event", "Event", true),
 ];
 
+/// The short names kubectl accepts for a built-in kind (`kubectl get cm`), as kube-apiserver
+/// lists them.
+pub fn short_names(kind: &Kind) -> &'static [&'static str] {
+    match (kind.group.as_str(), kind.plural.as_str()) {
+        ("", "pods") => &["po"],
+        ("", "configmaps") => &["cm"],
+        ("", "nodes") => &["no"],
+        ("", "services") => &["svc"],
+        ("", "endpoints") => &["ep"],
+        ("", "events") => &["ev"],
+        ("events.k8s.io", "events") => &["ev"],
+        _ => &[],
+    }
+}
+
 /// The built-in kinds, in discovery order.
 pub fn builtins() -> &'static [Arc<Kind>] {
     static BUILTINS: OnceLock<Vec<Arc<Kind>>> = OnceLock::new();

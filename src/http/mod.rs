@@ -162,6 +162,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/openapi/v3/*document", get(openapi::document))
         .merge(kube::routes())
         .layer(body_limit)
+        .layer(axum::middleware::from_fn(write::log_refusals))
         .layer(axum::middleware::from_fn_with_state(
             caps,
             caps::limit_requests,

@@ -62,6 +62,9 @@ pub async fn document(
         "openapi": "3.0.0",
         "info": {"title": "MetaManager", "version": env!("CARGO_PKG_VERSION")},
         "paths": Value::Object(paths),
+        // No schemas: `kubectl explain` finds none and says so, rather than failing to read
+        // a document without them.
+        "components": {"schemas": {}},
     }))
     .into_response())
 }

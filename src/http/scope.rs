@@ -102,8 +102,10 @@ impl IntoResponse for ApiError {
             }
             _ => details,
         };
-        let body = status_object(code, reason, self.to_string(), details);
+        let message = self.to_string();
+        let body = status_object(code, reason, message.clone(), details);
         let mut response = (code, Json(body)).into_response();
+        response.extensions_mut().insert(Refusal(message));
         if code == StatusCode::TOO_MANY_REQUESTS {
             response.headers_mut().insert(
                 axum::http::header::RETRY_AFTER,
@@ -135,6 +137,11 @@ fn write_status(e: &WriteError) -> (StatusCode, &'static str) {
         WriteError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "Invalid"),
     }
 }
+
+/// The message of an error answer, kept on the response for the log (see
+/// [`super::write::log_refusals`]).
+#[derive(Debug, Clone)]
+pub struct Refusal(pub String);
 
 /// Which objects a list or watch covers, and how they are filtered.
 pub struct Scope {

@@ -6,15 +6,17 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::Method;
 use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Map, Value};
 
 use super::kinds::Kind;
 use super::kube::{find_kind, stored_cluster_object, Target};
-use super::scope::{served, status_object, ApiError};
+use super::scope::{served, status_object, ApiError, Refusal};
 use super::HttpState;
 use crate::ops::api_write::{self, ApiWrite, Verb, Written};
 use crate::resource::Resource;
@@ -31,9 +33,7 @@ async fn begin(
 ) -> Result<(Target, Arc<Kind>), ApiError> {
     // A dry run would be carried out for real: the cloud is sent no such flag.
     if query.get("dryRun").is_some_and(|d| !d.is_empty()) {
-        return Err(ApiError::BadRequest(
-            "dryRun is not supported by this server: the write would be carried out".into(),
-        ));
+        return Err(dry_run_refused());
     }
     // What the cloud is sent must fit in one message, with room for its envelope.
     let most = state.ctx.ops.max_payload.saturating_sub(ENVELOPE_BYTES);
@@ -46,6 +46,39 @@ async fn begin(
     let target = Target::from(path);
     let kind = find_kind(&state.ctx.store, &target).await?;
     Ok((target, kind))
+}
+
+/// Middleware: every write the API refuses is logged with its reason, whether the request
+/// itself was refused (bad body, dry run, a cap) or the cloud refused the write. Reads that
+/// fail are the client's to report.
+pub async fn log_refusals(request: Request, next: Next) -> Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let mut response = next.run(request).await;
+    let read = matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
+    let code = response.status();
+    if read || !code.is_client_error() && !code.is_server_error() {
+        return response;
+    }
+    // axum's own body cap answers in plain text: given a Status like every other refusal.
+    if code == StatusCode::PAYLOAD_TOO_LARGE && response.extensions().get::<Refusal>().is_none() {
+        response = ApiError::TooLarge(
+            "the request body is larger than a write may carry (mqtt.max_payload_bytes)".into(),
+        )
+        .into_response();
+    }
+    let reason = response
+        .extensions()
+        .get::<Refusal>()
+        .map_or("", |r| r.0.as_str());
+    tracing::info!(%method, %path, code = code.as_u16(), error = %reason, "API write refused");
+    response
+}
+
+fn dry_run_refused() -> ApiError {
+    ApiError::BadRequest(
+        "dryRun is not supported by this server: the write would be carried out".into(),
+    )
 }
 
 /// Room kept in a message for its header and route around the written content.
@@ -201,6 +234,16 @@ async fn patch_object(
         .unwrap_or("")
         .trim()
         .to_ascii_lowercase();
+    const TYPES: [&str; 3] = [
+        "application/merge-patch+json",
+        "application/strategic-merge-patch+json",
+        "application/json-patch+json",
+    ];
+    if !TYPES.contains(&content_type.as_str()) {
+        return Err(ApiError::UnsupportedMediaType(format!(
+            "the patch type {content_type:?} is not supported; use application/merge-patch+json, application/strategic-merge-patch+json or application/json-patch+json"
+        )));
+    }
     let value: Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("the patch is not JSON: {e}")))?;
     match (content_type.as_str(), value.is_object()) {
@@ -214,15 +257,14 @@ async fn patch_object(
             }
         }
         ("application/merge-patch+json" | "application/strategic-merge-patch+json", false) => {
-            return Err(ApiError::BadRequest("a merge patch must be a JSON object".into()))
+            return Err(ApiError::BadRequest(
+                "a merge patch must be a JSON object".into(),
+            ))
         }
-        ("application/json-patch+json", _) => {
-            return Err(ApiError::BadRequest("a JSON Patch must be a JSON array".into()))
-        }
-        (other, _) => {
-            return Err(ApiError::UnsupportedMediaType(format!(
-                "the patch type {other:?} is not supported; use application/merge-patch+json, application/strategic-merge-patch+json or application/json-patch+json"
-            )))
+        _ => {
+            return Err(ApiError::BadRequest(
+                "a JSON Patch must be a JSON array".into(),
+            ))
         }
     }
     let namespace = target.namespace_of(&kind);
@@ -247,14 +289,23 @@ pub async fn delete(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let (target, kind) = begin(&state, path, &query, &body).await?;
-    let uid = match body.iter().any(|b| !b.is_ascii_whitespace()) {
+    let options = match body.iter().any(|b| !b.is_ascii_whitespace()) {
         true => serde_json::from_slice::<Value>(&body)
-            .map_err(|e| ApiError::BadRequest(format!("the DeleteOptions are not JSON: {e}")))?
-            .pointer("/preconditions/uid")
-            .and_then(Value::as_str)
-            .map(str::to_owned),
-        false => None,
+            .map_err(|e| ApiError::BadRequest(format!("the DeleteOptions are not JSON: {e}")))?,
+        false => Value::Null,
     };
+    // kubectl sends a delete's dry run in its options, not in the URL.
+    if options
+        .get("dryRun")
+        .and_then(Value::as_array)
+        .is_some_and(|d| !d.is_empty())
+    {
+        return Err(dry_run_refused());
+    }
+    let uid = options
+        .pointer("/preconditions/uid")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
     let content = match uid {
         Some(uid) => json!({"metadata": {"uid": uid}}).to_string(),
         None => "null".to_owned(),
@@ -277,20 +328,13 @@ async fn run(
 ) -> Result<Response, ApiError> {
     let _permit = state.caps.write()?;
     let name = resource.name().unwrap_or_default().to_owned();
-    let key = resource.key().to_owned();
     let write = ApiWrite {
         verb,
         resource,
         content,
         status,
     };
-    let written = match api_write::write(&state.ctx.ops, write).await {
-        Ok(written) => written,
-        Err(e) => {
-            tracing::info!(resource = %key, ?verb, error = %e, "API write refused");
-            return Err(e.into());
-        }
-    };
+    let written = api_write::write(&state.ctx.ops, write).await?;
     let code = match verb {
         Verb::Create => StatusCode::CREATED,
         _ => StatusCode::OK,

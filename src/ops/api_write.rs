@@ -124,6 +124,8 @@ impl WriteError {
         } else if lower.contains("conflict")
             || lower.contains("already exists")
             || lower.contains("alreadyexists")
+            // kube-apiserver's words for a write from a stale read.
+            || lower.contains("the object has been modified")
         {
             WriteError::Conflict {
                 key: key.to_owned(),
@@ -297,13 +299,19 @@ async fn patch_status_here(
         .map_err(|e| WriteError::Invalid(format!("{key}: {e}")))?;
     let parsed = Arc::new(parsed);
     let id = message::new_msg_id();
+    // The version guard is checked here, against the copy the client read; the cloud takes
+    // the edge's status as it is written here, in order, the last write winning there as here.
+    let queued = match guarded {
+        true => without_guard(&write.content),
+        false => write.content.clone(),
+    };
     let payload = message::build_from(
         API_SOURCE,
         id.clone(),
         None,
         Operation::Patch,
         &key,
-        &message::raw(write.content),
+        &message::raw(queued),
     );
     // The cloud's answer, when it comes, is stored like the answer to an edged patch.
     ctx.sent_patches.remember(
@@ -358,6 +366,17 @@ async fn patch_status_here(
             let now = ctx.store.get(&key).await.map_err(WriteError::store(&key))?;
             Ok(now.map_or(Written::Done, Written::Object))
         }
+    }
+}
+
+/// A guarded status update's JSON Patch without its leading version `test`.
+fn without_guard(content: &str) -> String {
+    match serde_json::from_str::<Value>(content) {
+        Ok(Value::Array(mut operations)) if !operations.is_empty() => {
+            operations.remove(0);
+            Value::Array(operations).to_string()
+        }
+        _ => content.to_owned(),
     }
 }
 
@@ -419,13 +438,28 @@ async fn through_cloud(ctx: &Arc<Context>, write: ApiWrite) -> Result<Written, W
         let payload = message::build_from(API_SOURCE, id.clone(), None, operation, &key, &content);
         ctx.publisher.send(Peer::Edgehub, payload).await;
         let timeout = ctx.remote.timeout();
-        let answered = match tokio::time::timeout(timeout, &mut answer).await {
+        let mut cloud = ctx.cloud.watch();
+        let gone = cloud.wait_for(|connected| !*connected);
+        let waited = tokio::select! {
+            answered = tokio::time::timeout(timeout, &mut answer) => answered.map_err(|_| false),
+            _ = gone => Err(true),
+        };
+        let answered = match waited {
             Ok(answered) => answered.ok(),
             // An answer handed over just as the wait ended is still taken, not dropped
             // unacknowledged.
-            Err(_) => {
+            Err(disconnected) => {
                 ctx.remote.forget(&id);
-                answer.try_recv().ok()
+                match answer.try_recv() {
+                    Ok(answer) => Some(answer),
+                    Err(_) if disconnected => {
+                        tracing::warn!(resource = %key, "the cloud went away while a write waited for it");
+                        return Err(WriteError::Unavailable(format!(
+                            "it went away while the write of {key} waited for its answer; the write may or may not have been carried out"
+                        )));
+                    }
+                    Err(_) => None,
+                }
             }
         };
         let Some(Answer { message, publish }) = answered else {
@@ -460,7 +494,12 @@ async fn take_answer(
     if answer.operation == Operation::Error {
         let text = error_text(answer.content_json());
         tracing::info!(resource = %key, error = %text, "the cloud refused a write");
-        return Err(WriteError::from_cloud(key, text));
+        let refused = WriteError::from_cloud(key, text);
+        // The cloud has no such object: neither has the node, from now on.
+        if write.verb == Verb::Delete && matches!(refused, WriteError::NotFound { .. }) {
+            delete_here(ctx, write).await?;
+        }
+        return Err(refused);
     }
     let object = answered_object(answer.content_json(), write.resource.name());
     if write.verb == Verb::Delete
@@ -476,6 +515,16 @@ async fn take_answer(
             text: "the cloud answered without the object".into(),
         });
     };
+    let named = object.pointer("/metadata/name").and_then(Value::as_str);
+    if named != write.resource.name() {
+        return Err(WriteError::Failed {
+            key: key.to_owned(),
+            text: format!(
+                "the cloud answered with an object named {named:?}, not {:?}; nothing was stored",
+                write.resource.name().unwrap_or_default()
+            ),
+        });
+    }
     let text = object.to_string();
     let rtype = write.resource.rtype();
     if rtype != rules::EVENT {
