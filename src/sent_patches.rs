@@ -5,7 +5,9 @@
 //! key (the pod's). So the key is remembered with the id when the patch is passed on. Memory is
 //! bounded: at most [`MAX_REMEMBERED`] patches wait for an answer, and past that the oldest is
 //! forgotten; its answer, should it come, is then relayed to edged like any unclaimed answer,
-//! without being stored. Nothing here survives a restart, for the same reason.
+//! without being stored. The store keeps the same list (written with each patch's change,
+//! see [`crate::store::Change::remember_patch`]), from which it is loaded at start, so that a
+//! patch queued before a restart and answered after it is stored too.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -35,6 +37,21 @@ struct Inner {
 }
 
 impl SentPatches {
+    /// The patches the store says still wait for an answer, oldest first.
+    pub fn load(waiting: Vec<crate::store::SentPatch>) -> Self {
+        let loaded = Self::default();
+        for patch in waiting {
+            loaded.remember(
+                &patch.msg_id,
+                Target {
+                    key: patch.key,
+                    rtype: patch.rtype,
+                },
+            );
+        }
+        loaded
+    }
+
     /// Remembers that the patch `msg_id` of `target` went to the cloud. A redelivered patch
     /// counts as new.
     pub fn remember(&self, msg_id: &str, target: Target) {

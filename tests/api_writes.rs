@@ -824,3 +824,53 @@ async fn the_cloud_not_knowing_an_object_or_going_away() {
         "{refused}"
     );
 }
+
+/// A status patch queued while the cloud is away and answered after a restart: the answer is
+/// still stored, because which patches wait for an answer is kept in the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_after_a_restart_to_a_queued_status_patch_is_stored() {
+    let Some(mut app) = spawn(BrokerKind::Embedded).await else {
+        return;
+    };
+    let mut node = fixture("node.json");
+    node["metadata"]["name"] = json!(NODE);
+    let key = format!("default/node/{NODE}");
+    insert(&mut app, &key, &node).await;
+    let patch = json!({"status": {"conditions": [{"type": "Ready", "status": "False"}]}});
+    let (code, _) = request(
+        app.http_port,
+        "PATCH",
+        &format!("/api/v1/nodes/{NODE}/status"),
+        "application/merge-patch+json",
+        patch,
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 200);
+
+    app.restart().await;
+    app.set_cloud(true).await;
+    let asked = passed_to_cloud(&mut app, "patch").await;
+    let mut in_cloud = node.clone();
+    in_cloud["status"]["conditions"] = json!([{"type": "Ready", "status": "False"}]);
+    in_cloud["metadata"]["resourceVersion"] = json!("900");
+    answer(&app, &asked, "response", in_cloud.clone()).await;
+    let path = format!("/api/v1/nodes/{NODE}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let (_, stored) = get(app.http_port, &path).await;
+        if stored == in_cloud {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cloud's answer is stored: {stored}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        count_rows(&app, "SELECT count(*) FROM sent_patches"),
+        0,
+        "answered, so no longer waited for"
+    );
+}

@@ -19,11 +19,15 @@ pub(super) async fn answer_from_cloud(
     publish: Inbound,
     message: Message,
 ) -> Step {
-    let write = patch_result(ctx, &message);
+    let (forget_patch, write) = match patch_result(ctx, &message) {
+        Some((parent, write)) => (Some(parent), write),
+        None => (None, None),
+    };
     let stores = write.is_some();
     let change = Change {
         msg_id: Some(message.msg_id().to_owned()),
         write,
+        forget_patch,
         ..Change::default()
     };
     let committed = match ctx.store.submit(change).await {
@@ -72,8 +76,9 @@ pub(super) async fn answer_from_cloud(
 /// The write for the cloud's answer to a patch edged sent it: the object as the cloud has it
 /// after the patch, stored under the key the patch changed (a `podpatch`'s pod). A `response`
 /// with an object, or an `error`, ends the patch's wait; anything else (a bare ack) leaves it
-/// waiting for the answer that carries the object. Only the object stores anything.
-fn patch_result(ctx: &Context, message: &Message) -> Option<Write> {
+/// waiting for the answer that carries the object. Only the object stores anything. `None`
+/// when the message ends no patch's wait; else the patch's id, to forget, and the write.
+fn patch_result(ctx: &Context, message: &Message) -> Option<(String, Option<Write>)> {
     let parent = message.header.parent_msg_id.as_deref()?;
     let object =
         message.operation == Operation::Response && message.content_json().starts_with('{');
@@ -81,11 +86,12 @@ fn patch_result(ctx: &Context, message: &Message) -> Option<Write> {
         return None;
     }
     let target = ctx.sent_patches.claim(parent)?;
-    object.then(|| Write::Put {
+    let write = object.then(|| Write::Put {
         key: target.key,
         rtype: target.rtype,
         value: message.content.clone().unwrap_or_default(),
-    })
+    });
+    Some((parent.to_owned(), write))
 }
 
 #[cfg(test)]

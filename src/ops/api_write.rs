@@ -26,7 +26,7 @@ use crate::patch::{OpFailure, Patch, PatchError};
 use crate::remote::{Answer, TooManyPending};
 use crate::resource::Resource;
 use crate::sent_patches::Target;
-use crate::store::{Change, Outcome, StoreError, Write};
+use crate::store::{Change, Outcome, SentPatch, StoreError, Write};
 use crate::topics::Peer;
 
 use super::{rules, settle, Context};
@@ -324,11 +324,16 @@ async fn patch_status_here(
     let change = Change {
         write: Some(Write::Patch {
             key: key.clone(),
-            rtype,
+            rtype: rtype.clone(),
             patch: parsed.clone(),
         }),
         to_cloud: Some(outbox::cloud_message(&key, payload.clone().into(), false)),
         to_cloud_needs_object: true,
+        remember_patch: Some(SentPatch {
+            msg_id: id.clone(),
+            key: key.clone(),
+            rtype: rtype.clone(),
+        }),
         ..Change::default()
     };
     let applied = ctx.store.write(change).await;

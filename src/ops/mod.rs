@@ -79,6 +79,10 @@ impl Context {
         publisher: Publisher,
     ) -> Self {
         let metrics = Arc::new(Metrics::new(store.metrics().clone()));
+        let waiting = store.sent_patches().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot read which patches wait for the cloud's answer; their answers will not be stored");
+            Vec::new()
+        });
         store.track_delivery(publisher.delivery.clone());
         let cloud = CloudState::default();
         let outbox = Outbox::new(store.clone(), publisher.clone(), cloud.clone());
@@ -96,7 +100,7 @@ impl Context {
             outbox,
             metasync,
             remote: Arc::new(RemoteQueries::new(settings.meta.remote_query_timeout)),
-            sent_patches: Arc::default(),
+            sent_patches: Arc::new(SentPatches::load(waiting)),
             cloud,
             metrics,
             remote_types: settings.meta.remote_types.iter().cloned().collect(),

@@ -21,7 +21,7 @@ use crate::outbox;
 use crate::patch::{self, Patch};
 use crate::resource::Resource;
 use crate::sent_patches::Target;
-use crate::store::{Applied, Change, Committed, Outcome, StoreError, Write};
+use crate::store::{Applied, Change, Committed, Outcome, SentPatch, StoreError, Write};
 use crate::topics::Peer;
 
 use super::change::forward;
@@ -80,10 +80,17 @@ pub(super) async fn patch(
     // Never coalesced in the outbox: the cloud needs every patch, in order.
     let to_cloud = (sender == Peer::Edged && ctx.outbox.must_queue())
         .then(|| outbox::cloud_message(msg.resource.key(), publish.payload.clone(), false));
+    let remember_patch =
+        (sender == Peer::Edged && target.rtype != rules::EVENT).then(|| SentPatch {
+            msg_id: msg.msg_id().to_owned(),
+            key: target.key.clone(),
+            rtype: target.rtype.clone(),
+        });
     let change = Change {
         msg_id: Some(msg.msg_id().to_owned()),
         write: (target.rtype != rules::EVENT).then_some(write),
         to_cloud,
+        remember_patch,
         ..Change::default()
     };
     match ctx.store.submit(change).await {

@@ -132,6 +132,14 @@ impl Write {
     }
 }
 
+/// A patch passed on to the cloud, by its msg_id, and the object its answer is stored as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentPatch {
+    pub msg_id: String,
+    pub key: String,
+    pub rtype: String,
+}
+
 /// A message for the cloud, kept in the outbox until the cloud is back.
 #[derive(Debug, Clone)]
 pub struct CloudMessage {
@@ -154,6 +162,11 @@ pub struct Change {
     pub to_cloud_needs_object: bool,
     /// Outbox entries that have been sent (or dropped), to remove.
     pub outbox_done: Vec<i64>,
+    /// A patch passed on to the cloud whose answer is to be stored: kept with the change, so
+    /// that an answer after a restart still finds it (not when the patch is rejected).
+    pub remember_patch: Option<SentPatch>,
+    /// The id of a patch whose answer came: no longer waited for.
+    pub forget_patch: Option<String>,
 }
 
 impl From<Write> for Change {
@@ -501,6 +514,21 @@ impl Store {
     ///
     /// A lookup by primary key takes microseconds, less than handing the worker thread over
     /// (`read`), so it runs on the calling task.
+    /// The patches passed on to the cloud whose answers have not come, oldest first.
+    pub fn sent_patches(&self) -> Result<Vec<SentPatch>, StoreError> {
+        self.read_now(|c| {
+            c.prepare("SELECT msg_id, key, rtype FROM sent_patches ORDER BY seq")?
+                .query_map([], |r| {
+                    Ok(SentPatch {
+                        msg_id: r.get(0)?,
+                        key: r.get(1)?,
+                        rtype: r.get(2)?,
+                    })
+                })?
+                .collect()
+        })
+    }
+
     pub async fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
         self.read_now(|c| read::get(c, key))
     }

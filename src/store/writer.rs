@@ -57,6 +57,12 @@ pub(super) fn prepare(conn: &Connection, synchronous: &str) -> rusqlite::Result<
              coalesce_key TEXT UNIQUE,
              created_ms   INTEGER NOT NULL,
              payload      BLOB NOT NULL
+         );
+         CREATE TABLE IF NOT EXISTS sent_patches (
+             seq    INTEGER PRIMARY KEY,
+             msg_id TEXT NOT NULL UNIQUE,
+             key    TEXT NOT NULL,
+             rtype  TEXT NOT NULL
          );",
     )?;
     // Databases from before the settled flag have `processed` without it. An id from then
@@ -345,6 +351,22 @@ impl Writer {
         // its object, for one that found none.
         let changed_nothing = matches!(outcome, Outcome::Unchanged | Outcome::Stale);
         let found_nothing = change.to_cloud_needs_object && outcome == Outcome::Absent;
+        if let Some(patch) = change.remember_patch.as_ref().filter(|_| !found_nothing) {
+            self.conn
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO sent_patches (msg_id, key, rtype) VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![patch.msg_id, patch.key, patch.rtype])?;
+            self.conn.prepare_cached(
+                "DELETE FROM sent_patches WHERE seq <= (SELECT max(seq) FROM sent_patches) - ?1",
+            )?
+            .execute([crate::sent_patches::MAX_REMEMBERED as i64])?;
+        }
+        if let Some(id) = &change.forget_patch {
+            self.conn
+                .prepare_cached("DELETE FROM sent_patches WHERE msg_id = ?1")?
+                .execute([id])?;
+        }
         let queued = match &change.to_cloud {
             Some(m) if !changed_nothing && !found_nothing => {
                 self.enqueue(m, effect)?;
