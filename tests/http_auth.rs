@@ -22,9 +22,9 @@ const POLICY: &str = concat!(
 
 /// A certificate for `localhost` and 127.0.0.1, self-signed, and its key, in `dir`.
 fn certificate(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
-    let (cert, key) = (dir.join("api.crt"), dir.join("api.key"));
-    let ok = Command::new("openssl")
-        .args([
+    openssl(
+        dir,
+        &[
             "req",
             "-x509",
             "-newkey",
@@ -34,21 +34,20 @@ fn certificate(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf
             "1",
             "-subj",
             "/CN=localhost",
-        ])
-        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
-        // A server certificate, not a CA: rustls refuses a CA as the end entity.
-        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
-        .args(["-addext", "extendedKeyUsage=serverAuth"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(ok.success(), "openssl made the certificate");
-    (cert, key)
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            // A server certificate, not a CA: rustls refuses a CA as the end entity.
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
+            "-addext",
+            "extendedKeyUsage=serverAuth",
+            "-keyout",
+            "api.key",
+            "-out",
+            "api.crt",
+        ],
+    );
+    (dir.join("api.crt"), dir.join("api.key"))
 }
 
 /// The status code and whole answer of `GET path` over HTTPS (trusting `ca`), with `token`.
