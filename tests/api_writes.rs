@@ -874,3 +874,47 @@ async fn an_answer_after_a_restart_to_a_queued_status_patch_is_stored() {
         "answered, so no longer waited for"
     );
 }
+
+/// A write whose client hung up keeps its place under the write cap until the cloud answers
+/// or the wait ends: clients that send and hang up cannot pile up writes waiting in memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_whose_client_hung_up_keeps_its_place_until_it_ends() {
+    let options = Options::new(BrokerKind::Embedded)
+        .yaml("meta:\n  remote_query_timeout: 2s\n")
+        .http("max_requests: 2");
+    let Some(mut app) = TestApp::spawn(options).await else {
+        return;
+    };
+    let port = app.http_port;
+    app.set_cloud(true).await;
+    let body = fixture("configmap.json").to_string();
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let request_text = format!(
+        "POST /api/v1/namespaces/default/configmaps HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut stream, request_text.as_bytes())
+        .await
+        .unwrap();
+    passed_to_cloud(&mut app, "insert").await;
+    drop(stream);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let configmaps = "/api/v1/namespaces/default/configmaps";
+    let mut second = fixture("configmap.json");
+    second["metadata"]["name"] = json!("second");
+    let (code, status) = request(port, "POST", configmaps, "application/json", second.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        code, 429,
+        "the hung-up write still holds its place: {status}"
+    );
+    // Its wait ends at the timeout; then the place is free again.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let pending = request(port, "POST", configmaps, "application/json", second);
+    let asked = passed_to_cloud(&mut app, "insert").await;
+    answer(&app, &asked, "response", asked["content"].clone()).await;
+    assert_eq!(pending.await.unwrap().0, 201);
+}

@@ -45,7 +45,8 @@ impl Caps {
         }
     }
 
-    /// A place for one more write, held until it is answered.
+    /// A place for one more write, held until the write is finished (see
+    /// [`crate::ops::api_write::ApiWrite::hold`]).
     pub fn write(&self) -> Result<OwnedSemaphorePermit, ApiError> {
         self.writes.clone().try_acquire_owned().map_err(|_| {
             ApiError::TooManyRequests(format!(

@@ -53,11 +53,13 @@ async fn begin(
 /// fail are the client's to report.
 pub async fn log_refusals(request: Request, next: Next) -> Response {
     let method = request.method().clone();
+    if matches!(method, Method::GET | Method::HEAD | Method::OPTIONS) {
+        return next.run(request).await;
+    }
     let path = request.uri().path().to_owned();
     let mut response = next.run(request).await;
-    let read = matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
     let code = response.status();
-    if read || !code.is_client_error() && !code.is_server_error() {
+    if !code.is_client_error() && !code.is_server_error() {
         return response;
     }
     // axum's own body cap answers in plain text: given a Status like every other refusal.
@@ -326,13 +328,14 @@ async fn run(
     content: String,
     status: bool,
 ) -> Result<Response, ApiError> {
-    let _permit = state.caps.write()?;
     let name = resource.name().unwrap_or_default().to_owned();
     let write = ApiWrite {
         verb,
         resource,
         content,
         status,
+        // Moved into the write, which may outlive this request (a client that hangs up).
+        hold: Some(state.caps.write()?),
     };
     let written = api_write::write(&state.ctx.ops, write).await?;
     let code = match verb {

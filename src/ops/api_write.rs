@@ -41,7 +41,7 @@ pub enum Verb {
 }
 
 /// One write of the local API.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ApiWrite {
     pub verb: Verb,
     /// The object written, `namespace/type/name`.
@@ -52,6 +52,9 @@ pub struct ApiWrite {
     pub content: String,
     /// The write is of the `status` subresource: only the object's status changes.
     pub status: bool,
+    /// Held until the write is finished, also when its caller has gone: the caller's place
+    /// under a cap on writes, which so bounds the writes waiting for the cloud.
+    pub hold: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// What a write that succeeded left.
@@ -616,6 +619,7 @@ mod tests {
             resource: Resource::parse("default/pod/p").unwrap(),
             content: content.to_string(),
             status: true,
+            hold: None,
         }
     }
 
