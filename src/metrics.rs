@@ -333,7 +333,6 @@ impl Metrics {
             .inc();
     }
 
-    /// A remote query ended with `outcome`; `elapsed` is `None` when it was never sent.
     /// One write of the local API ended with `outcome` (see `metamanager_api_writes`).
     pub fn api_write(&self, verb: &'static str, outcome: &'static str) {
         self.api_writes
@@ -341,6 +340,7 @@ impl Metrics {
             .inc();
     }
 
+    /// A remote query ended with `outcome`; `elapsed` is `None` when it was never sent.
     pub fn remote_query(&self, outcome: RemoteOutcome, elapsed: Option<Duration>) {
         if let Some(elapsed) = elapsed {
             self.remote_seconds.observe(elapsed.as_secs_f64());
@@ -626,12 +626,65 @@ mod tests {
         node.store.close().await;
     }
 
-    #[test]
-    fn mirrored_counters_advance_to_their_source_and_never_back() {
-        let counter = Counter::<u64>::default();
-        for total in [3u64, 3, 5, 2] {
-            counter.inc_by(total.saturating_sub(counter.get()));
-        }
-        assert_eq!(counter.get(), 5);
+    /// The outbox's "full" drops are counted by the store; `/metrics` shows that count, not
+    /// a sum of the counts seen at each render, and a source that starts again from 0 (another
+    /// store behind the same metrics) does not take the counter back.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn mirrored_counters_advance_to_their_source_and_never_back() {
+        let h = Harness::new().await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let open = |file: &str| {
+            let options = crate::store::StoreOptions {
+                outbox_max: 1,
+                ..Default::default()
+            };
+            crate::store::Store::open(&dir.path().join(file), options).expect("store opens")
+        };
+        let queue = |store: crate::store::Store, keys: std::ops::Range<usize>| async move {
+            for i in keys {
+                let change = crate::store::Change {
+                    write: Some(Write::Put {
+                        key: format!("default/pod/p{i}"),
+                        rtype: "pod".into(),
+                        value: format!(r#"{{"n":{i}}}"#).into(),
+                    }),
+                    to_cloud: Some(crate::store::CloudMessage {
+                        resource: format!("default/pod/p{i}"),
+                        payload: bytes::Bytes::from_static(b"{}"),
+                        coalesce: false,
+                    }),
+                    ..Default::default()
+                };
+                store.write(change).await.expect("write commits");
+            }
+        };
+        let dropped_full = |exporter: &Exporter| {
+            let text = exporter.render();
+            let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+                .expect("exposition parses");
+            let name = "metamanager_outbox_dropped_messages_total";
+            sample(&scrape, name, ("reason", "full")).map(value)
+        };
+        let mut exporter = exporter(&h);
+        exporter.store = open("a.db");
+        // An outbox of one: every message queued after the first drops the oldest.
+        queue(exporter.store.clone(), 0..4).await;
+        assert_eq!(exporter.store.outbox_dropped_full(), 3);
+        assert_eq!(dropped_full(&exporter), Some(3.0));
+        assert_eq!(
+            dropped_full(&exporter),
+            Some(3.0),
+            "a second render adds nothing"
+        );
+        queue(exporter.store.clone(), 4..6).await;
+        assert_eq!(dropped_full(&exporter), Some(5.0));
+
+        let first = std::mem::replace(&mut exporter.store, open("b.db"));
+        queue(exporter.store.clone(), 0..2).await;
+        assert_eq!(exporter.store.outbox_dropped_full(), 1);
+        assert_eq!(dropped_full(&exporter), Some(5.0), "never back");
+        first.close().await;
+        exporter.store.close().await;
+        h.ctx.store.close().await;
     }
 }

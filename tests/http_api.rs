@@ -101,9 +101,11 @@ async fn readyz_follows_the_broker_and_healthz_stays_up() {
     );
     let (code, head, _) = http(port, "GET", "/metrics").await;
     assert_eq!(code, 200);
+    // The OpenMetrics text format, as the server declares it (the head is in lower case).
     assert!(
-        head.contains("content-type: text/plain; version=0.0.4")
-            || head.contains("content-type: application/openmetrics-text"),
+        head.lines().any(
+            |l| l == "content-type: application/openmetrics-text; version=1.0.0; charset=utf-8"
+        ),
         "{head}"
     );
 

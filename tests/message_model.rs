@@ -1,4 +1,4 @@
-//! Property tests of the wire message model (CONTRACT.md sections 3 and 5): any well-formed
+//! Property tests of the wire message model (topics.md, sections 3 and 8): any well-formed
 //! message survives a round trip through JSON and `Message::decode` field for field; anything
 //! that is not an object, and any byte string at all, is refused without a panic.
 
@@ -319,7 +319,7 @@ proptest! {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
-    /// The limits of CONTRACT.md section 6, exactly: ids of at most 256 bytes, header and route
+    /// The limits of topics.md sections 3 and 8, exactly: ids of at most 256 bytes, header and route
     /// nested at most 8 levels; a message one byte or one level over is refused, naming the
     /// limit, and the salvaged id of an error reply is never over the limit either. (The fuzz
     /// target `fuzz/fuzz_targets/envelope.rs` explores the same with arbitrary bytes.)

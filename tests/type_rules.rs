@@ -1,4 +1,4 @@
-//! The rules of CONTRACT.md section 7 beyond `patch`, against both brokers with the real
+//! The rules of topics.md section 5.9 beyond `patch`, against both brokers with the real
 //! binary: stale updates held back, events never stored, leases refused while the cloud is
 //! away, service account tokens fetched again before they expire, and identical remote
 //! queries sharing one query to the cloud.

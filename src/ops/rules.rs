@@ -1,4 +1,4 @@
-//! The rules some resource types follow on top of their operation (CONTRACT.md section 7),
+//! The rules some resource types follow on top of their operation (topics.md, section 5.9),
 //! named here so that each operation states which it applies:
 //! - `event`: passed on, never stored (events would pile up on the node for ever); one waiting
 //!   for the cloud is replaced by a newer one of the same key.

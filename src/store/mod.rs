@@ -10,8 +10,9 @@
 //! `block_in_place` on the multi-threaded runtime, which hands the worker's other tasks to
 //! another thread for the duration: a point read is answered without the thread hop of the
 //! blocking pool (the benchmark showed that hop in the query round trip), and no task waits
-//! behind SQLite. Elsewhere (a single-threaded runtime) they go to the blocking pool. A single writer also means
-//! "database is locked" cannot happen between MetaManager's own connections.
+//! behind SQLite. Only on a single-threaded runtime, where `block_in_place` is not allowed, do
+//! they go to the blocking pool. A single writer also means "database is locked" cannot happen
+//! between MetaManager's own connections.
 //!
 //! One writer per database also holds across processes: a store is opened only with the claim
 //! of [`lock`], which its writer thread holds until it has closed the database.
@@ -312,9 +313,10 @@ struct Inner {
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     readers: Mutex<Vec<Connection>>,
-    /// Reads off the calling task at once, at most [`MAX_IDLE_READERS`]. Each runs on a thread
-    /// of its own (the blocking pool), with its own connection and allocator arena: 50 lists
-    /// at once would otherwise be 50 threads, 50 connections and 50 arenas.
+    /// Reads at once through [`Store::read`], at most [`MAX_IDLE_READERS`]. Each holds a
+    /// thread of its own (in `block_in_place` the runtime moves the worker's other tasks to a
+    /// new thread), with its own connection and allocator arena: 50 lists at once would
+    /// otherwise be 50 threads, 50 connections and 50 arenas.
     read_slots: tokio::sync::Semaphore,
     shared: Arc<Shared>,
     metrics: StoreMetrics,
@@ -510,10 +512,6 @@ impl Store {
         .await
     }
 
-    /// The stored JSON of one object.
-    ///
-    /// A lookup by primary key takes microseconds, less than handing the worker thread over
-    /// (`read`), so it runs on the calling task.
     /// The patches passed on to the cloud whose answers have not come, oldest first.
     pub fn sent_patches(&self) -> Result<Vec<SentPatch>, StoreError> {
         self.read_now(|c| {
@@ -529,6 +527,10 @@ impl Store {
         })
     }
 
+    /// The stored JSON of one object.
+    ///
+    /// A lookup by primary key takes microseconds, less than handing the worker thread over
+    /// (`read`), so it runs on the calling task.
     pub async fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
         self.read_now(|c| read::get(c, key))
     }
@@ -579,7 +581,9 @@ impl Store {
         with_reader(&self.inner, f)
     }
 
-    /// Runs `f` on a read connection on the blocking pool.
+    /// Runs `f` on a read connection, holding a read slot: in `block_in_place` on the
+    /// multi-threaded runtime, on the blocking pool on a single-threaded one (see the module's
+    /// comment).
     async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
