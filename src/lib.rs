@@ -25,11 +25,12 @@
 //!   with the status lists of pods and nodes merged by key.
 //! - [`ops`]: what each operation does, one file per operation, each split into an immediate part
 //!   and an ordered step; [`ops::Context`] is what they are given.
-//! - [`cloud`]: whether the cloud is connected, as edgehub last said.
-//! - [`remote`]: queries waiting for the cloud's answer.
-//! - [`sent_patches`]: patches passed on to the cloud, waiting for its answer.
-//! - [`metasync`]: the periodic pod-status sync to the cloud.
-//! - [`outbox`]: what waits for the cloud while it is away, and its paced sending.
+//! - [`cloud`]: the cloud side, everything kept and done for the cloud, reached through edgehub.
+//!   - [`cloud::state`]: whether the cloud is connected, as edgehub last said.
+//!   - [`cloud::outbox`]: what waits for the cloud while it is away, and its paced sending.
+//!   - [`cloud::metasync`]: the periodic pod-status sync to the cloud.
+//!   - [`cloud::remote`]: queries and API writes waiting for the cloud's answer.
+//!   - [`cloud::waiting`]: patches passed on to the cloud, waiting for its answer.
 //! - [`http`]: the local HTTP endpoint: `/healthz`, `/readyz`, `/metrics` and the API.
 //!   - [`http::server`]: connections under a cap, with header and idle timeouts.
 //!   - [`http::caps`]: caps on concurrent requests and watches (429 over them).
@@ -71,16 +72,12 @@ pub mod descriptors;
 pub mod http;
 pub mod inspect;
 pub mod message;
-pub mod metasync;
 pub mod metrics;
 pub mod mqtt;
 pub mod ops;
-pub mod outbox;
 pub mod patch;
 pub mod readiness;
-pub mod remote;
 pub mod resource;
-pub mod sent_patches;
 pub mod shutdown;
 pub mod status;
 pub mod store;

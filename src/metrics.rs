@@ -18,10 +18,10 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
 use tokio::sync::watch;
 
+use crate::cloud::outbox::Outbox;
+use crate::cloud::remote::RemoteQueries;
 use crate::cloud::CloudState;
 use crate::mqtt::Publisher;
-use crate::outbox::Outbox;
-use crate::remote::RemoteQueries;
 use crate::store::{Store, StoreMetrics};
 
 /// Every metric name starts with this.

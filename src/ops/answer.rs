@@ -4,9 +4,9 @@
 
 use std::sync::Arc;
 
+use crate::cloud::remote::{Answer, Completion};
 use crate::message::{Message, Operation};
 use crate::mqtt::Inbound;
-use crate::remote::{Answer, Completion};
 use crate::store::{Change, StoreError, Write};
 use crate::topics::Peer;
 

@@ -20,12 +20,12 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
+use crate::cloud::outbox;
+use crate::cloud::remote::{Answer, TooManyPending};
+use crate::cloud::waiting::Target;
 use crate::message::{self, Message, Operation, API_SOURCE};
-use crate::outbox;
 use crate::patch::{OpFailure, Patch, PatchError};
-use crate::remote::{Answer, TooManyPending};
 use crate::resource::Resource;
-use crate::sent_patches::Target;
 use crate::store::{Change, Outcome, SentPatch, StoreError, Write};
 use crate::topics::Peer;
 

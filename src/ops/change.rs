@@ -2,9 +2,9 @@
 
 use std::sync::Arc;
 
+use crate::cloud::outbox;
 use crate::message::{self, Message, Operation};
 use crate::mqtt::Inbound;
-use crate::outbox;
 use crate::store::{self, Applied, Change, Outcome, StoreError, Write};
 use crate::topics::Peer;
 

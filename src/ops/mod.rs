@@ -36,14 +36,14 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use crate::cloud::metasync::MetaSync;
+use crate::cloud::outbox::Outbox;
+use crate::cloud::remote::RemoteQueries;
+use crate::cloud::waiting::SentPatches;
 use crate::cloud::CloudState;
 use crate::message::{self, Message, Operation};
-use crate::metasync::MetaSync;
 use crate::metrics::{ErrorReason, Metrics};
 use crate::mqtt::{Inbound, Publisher};
-use crate::outbox::Outbox;
-use crate::remote::RemoteQueries;
-use crate::sent_patches::SentPatches;
 use crate::store::{Store, StoreError};
 use crate::topics::{Peer, Topics};
 

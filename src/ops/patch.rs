@@ -14,13 +14,13 @@
 
 use std::sync::Arc;
 
+use crate::cloud::outbox;
+use crate::cloud::waiting::Target;
 use crate::message::{self, Message, Operation};
 use crate::metrics::ErrorReason;
 use crate::mqtt::Inbound;
-use crate::outbox;
 use crate::patch::{self, Patch};
 use crate::resource::Resource;
-use crate::sent_patches::Target;
 use crate::store::{Applied, Change, Committed, Outcome, SentPatch, StoreError, Write};
 use crate::topics::Peer;
 

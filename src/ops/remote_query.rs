@@ -7,9 +7,9 @@ use std::time::Instant;
 
 use serde_json::Value;
 
+use crate::cloud::remote::{Answer, Askers, Joined};
 use crate::message::{self, Message, Operation};
 use crate::metrics::RemoteOutcome;
-use crate::remote::{Answer, Askers, Joined};
 use crate::store::{StoreError, Write};
 use crate::topics::Peer;
 

@@ -133,6 +133,10 @@ impl Write {
     }
 }
 
+/// Patches waiting for the cloud's answer, at most: past it the oldest is forgotten, in the
+/// `sent_patches` table as in the cloud side's memory, which holds the same list.
+pub const MAX_SENT_PATCHES: usize = 4096;
+
 /// A patch passed on to the cloud, by its msg_id, and the object its answer is stored as.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SentPatch {

@@ -360,7 +360,7 @@ impl Writer {
             self.conn.prepare_cached(
                 "DELETE FROM sent_patches WHERE seq <= (SELECT max(seq) FROM sent_patches) - ?1",
             )?
-            .execute([crate::sent_patches::MAX_REMEMBERED as i64])?;
+            .execute([super::MAX_SENT_PATCHES as i64])?;
         }
         if let Some(id) = &change.forget_patch {
             self.conn

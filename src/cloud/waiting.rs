@@ -3,7 +3,7 @@
 //! The cloud answers a patch with the object as it stands after the patch, and that answer
 //! names the patch only by its `msg_id`, while a `podpatch`'s object is stored under another
 //! key (the pod's). So the key is remembered with the id when the patch is passed on. Memory is
-//! bounded: at most [`MAX_REMEMBERED`] patches wait for an answer, and past that the oldest is
+//! bounded: at most [`MAX_SENT_PATCHES`] patches wait for an answer, and past that the oldest is
 //! forgotten; its answer, should it come, is then relayed to edged like any unclaimed answer,
 //! without being stored. The store keeps the same list (written with each patch's change,
 //! see [`crate::store::Change::remember_patch`]), from which it is loaded at start, so that a
@@ -12,8 +12,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
-/// Patches waiting for the cloud's answer, at most.
-pub const MAX_REMEMBERED: usize = 4096;
+use crate::store::{SentPatch, MAX_SENT_PATCHES};
 
 /// Where a patch's answer is stored: the key of the object it patched, and its type.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,7 +37,7 @@ struct Inner {
 
 impl SentPatches {
     /// The patches the store says still wait for an answer, oldest first.
-    pub fn load(waiting: Vec<crate::store::SentPatch>) -> Self {
+    pub fn load(waiting: Vec<SentPatch>) -> Self {
         let loaded = Self::default();
         for patch in waiting {
             loaded.remember(
@@ -60,7 +59,7 @@ impl SentPatches {
         if let Some((seq, _)) = by_id.remove(msg_id) {
             order.remove(&seq);
         }
-        while by_id.len() >= MAX_REMEMBERED {
+        while by_id.len() >= MAX_SENT_PATCHES {
             let Some((_, oldest)) = order.pop_first() else {
                 break;
             };
@@ -116,13 +115,13 @@ mod tests {
     #[test]
     fn past_the_bound_the_oldest_is_forgotten() {
         let sent = SentPatches::default();
-        for i in 0..MAX_REMEMBERED + 10 {
+        for i in 0..MAX_SENT_PATCHES + 10 {
             sent.remember(&format!("p-{i}"), pod(&i.to_string()));
         }
-        assert_eq!(sent.len(), MAX_REMEMBERED);
+        assert_eq!(sent.len(), MAX_SENT_PATCHES);
         assert_eq!(sent.claim("p-9"), None, "among the oldest");
         assert_eq!(sent.claim("p-10"), Some(pod("10")));
-        let last = MAX_REMEMBERED + 9;
+        let last = MAX_SENT_PATCHES + 9;
         assert_eq!(
             sent.claim(&format!("p-{last}")),
             Some(pod(&last.to_string()))
@@ -130,11 +129,11 @@ mod tests {
         // Remembering an id again makes it the newest, not a second entry.
         sent.remember("p-11", pod("again"));
         sent.remember("p-11", pod("again"));
-        assert_eq!(sent.len(), MAX_REMEMBERED - 2);
+        assert_eq!(sent.len(), MAX_SENT_PATCHES - 2);
         for n in ["n-1", "n-2", "n-3"] {
             sent.remember(n, pod("n"));
         }
-        assert_eq!(sent.len(), MAX_REMEMBERED);
+        assert_eq!(sent.len(), MAX_SENT_PATCHES);
         assert_eq!(sent.claim("p-12"), None, "the oldest went first");
         assert_eq!(sent.claim("p-11"), Some(pod("again")));
     }

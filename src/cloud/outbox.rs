@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::cloud::CloudState;
+use super::state::CloudState;
 use crate::config::OutboxSettings;
 use crate::mqtt::Publisher;
 use crate::shutdown::Shutdown;

@@ -11,10 +11,10 @@ use std::sync::Arc;
 
 use tokio::sync::Mutex;
 
-use crate::cloud::CloudState;
+use super::outbox::{self, Outbox};
+use super::state::CloudState;
 use crate::message::{self, Operation};
 use crate::metrics::{ErrorReason, Metrics, SyncOutcome};
-use crate::outbox::{self, Outbox};
 use crate::resource::Resource;
 use crate::shutdown::Shutdown;
 use crate::store::{Store, StoreError, Write};
