@@ -31,6 +31,7 @@ mod feed;
 pub mod lock;
 mod metrics;
 pub mod read;
+mod replace;
 mod writer;
 
 use crate::config::Synchronous;
@@ -39,6 +40,7 @@ use crate::delivery::Delivery;
 pub use feed::{Expired, Resume};
 pub use lock::{InstanceLock, LockError};
 pub use metrics::StoreMetrics;
+pub use replace::{ReplaceSet, Replaced, ReplacedChange};
 pub use writer::DEDUPE_WINDOW;
 
 /// Changes queued for the writer thread before submitters wait.
@@ -242,9 +244,18 @@ impl Applied {
 
 pub type Committed = oneshot::Receiver<Result<Applied, StoreError>>;
 
-struct Job {
-    change: Change,
-    done: oneshot::Sender<Result<Applied, StoreError>>,
+/// What the writer thread is given: one message's change, or a whole replace.
+// The large variant is the one every message takes; boxing it would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
+enum Job {
+    Change {
+        change: Change,
+        done: oneshot::Sender<Result<Applied, StoreError>>,
+    },
+    Replace {
+        set: ReplaceSet,
+        done: oneshot::Sender<Result<Replaced, StoreError>>,
+    },
 }
 
 /// A queued message for the cloud.
@@ -399,6 +410,13 @@ impl Store {
     /// Submitting in order and awaiting later is what lets changes share a commit.
     pub async fn submit(&self, change: impl Into<Change>) -> Result<Committed, StoreError> {
         let change = change.into();
+        let (done, outcome) = oneshot::channel();
+        self.queue(Job::Change { change, done }).await?;
+        Ok(outcome)
+    }
+
+    /// Hands `job` to the writer thread, waiting while its queue is full.
+    async fn queue(&self, job: Job) -> Result<(), StoreError> {
         let sender = self
             .inner
             .jobs
@@ -406,12 +424,27 @@ impl Store {
             .map_err(|_| StoreError::Closed)?
             .clone()
             .ok_or(StoreError::Closed)?;
+        sender.send(job).await.map_err(|_| StoreError::Closed)
+    }
+
+    /// Queues a replace of one scope by `set` and returns at once, as [`Store::submit`] does;
+    /// the receiver resolves after the commit with what the replace changed. The whole set is
+    /// applied in one transaction, through the same steps as single writes.
+    pub async fn submit_replace(
+        &self,
+        set: ReplaceSet,
+    ) -> Result<oneshot::Receiver<Result<Replaced, StoreError>>, StoreError> {
         let (done, outcome) = oneshot::channel();
-        sender
-            .send(Job { change, done })
-            .await
-            .map_err(|_| StoreError::Closed)?;
+        self.queue(Job::Replace { set, done }).await?;
         Ok(outcome)
+    }
+
+    /// Submits a replace and waits for its commit.
+    pub async fn replace(&self, set: ReplaceSet) -> Result<Replaced, StoreError> {
+        self.submit_replace(set)
+            .await?
+            .await
+            .unwrap_or(Err(StoreError::Closed))
     }
 
     /// Submits and waits for the commit.
@@ -553,6 +586,20 @@ impl Store {
         max_bytes: usize,
     ) -> Result<Vec<(String, String)>, StoreError> {
         self.read(move |c| read::page(c, &range, &after, max_rows, max_bytes))
+            .await
+    }
+
+    /// One page of the versions of the scope `namespace/rtype` after the key `after`: see
+    /// [`read::versions`].
+    pub async fn versions(
+        &self,
+        namespace: &str,
+        rtype: &str,
+        after: String,
+        max_bytes: usize,
+    ) -> Result<read::Versions, StoreError> {
+        let (namespace, rtype) = (namespace.to_owned(), rtype.to_owned());
+        self.read(move |c| read::versions(c, &namespace, &rtype, &after, max_bytes))
             .await
     }
 

@@ -28,7 +28,7 @@ pub fn get(c: &Connection, key: &str) -> rusqlite::Result<Option<String>> {
 /// The half-open key range of the objects of `rtype` in `namespace`: keys of the list share the
 /// prefix `ns/type/`, and `0` is the byte after `/`, so the range holds exactly that prefix and
 /// is served by the primary key index.
-fn list_range(namespace: &str, rtype: &str) -> [String; 2] {
+pub(super) fn list_range(namespace: &str, rtype: &str) -> [String; 2] {
     [
         format!("{namespace}/{rtype}/"),
         format!("{namespace}/{rtype}0"),
@@ -104,6 +104,65 @@ pub fn page(
     Ok(page)
 }
 
+/// Where a page of versions comes from: each object's `metadata.resourceVersion`, read from its
+/// stored value. One place, so that a column kept by the writer can take its place.
+const RV: &str = "json_extract(value, '$.metadata.resourceVersion')";
+
+/// One page of a scope's versions: `(key, rv)` in key order, and whether more follow.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Versions {
+    pub entries: Vec<(String, String)>,
+    pub more: bool,
+}
+
+/// The next `(key, rv)` of the objects of `rtype` in `namespace` after the key `after`, as many
+/// as fit in `max_bytes` of JSON object members (`"key":"rv",` each, by [`json_string_len`]),
+/// one at least; `rv` is the object's `metadata.resourceVersion`, empty when it has none. Only
+/// keys and versions are read into memory, never values.
+pub fn versions(
+    c: &Connection,
+    namespace: &str,
+    rtype: &str,
+    after: &str,
+    max_bytes: usize,
+) -> rusqlite::Result<Versions> {
+    let [start, end] = list_range(namespace, rtype);
+    let mut stmt = c.prepare_cached(&format!(
+        "SELECT key, {RV} FROM meta WHERE key > ?1 AND key < ?2 ORDER BY key"
+    ))?;
+    let mut rows = stmt.query([std::cmp::max(start.as_str(), after), end.as_str()])?;
+    let mut page = Versions::default();
+    let mut bytes = 0usize;
+    while let Some(row) = rows.next()? {
+        let key: String = row.get(0)?;
+        let rv = match row.get_ref(1)? {
+            rusqlite::types::ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned(),
+            rusqlite::types::ValueRef::Integer(i) => i.to_string(),
+            _ => String::new(),
+        };
+        let size = json_string_len(&key) + json_string_len(&rv) + 2;
+        if !page.entries.is_empty() && bytes + size > max_bytes {
+            page.more = true;
+            break;
+        }
+        bytes += size;
+        page.entries.push((key, rv));
+    }
+    Ok(page)
+}
+
+/// The length of `s` written as a JSON string, quotes included, as serde_json writes it.
+pub fn json_string_len(s: &str) -> usize {
+    2 + s
+        .bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+            0..=0x1f => 6,
+            _ => 1,
+        })
+        .sum::<usize>()
+}
+
 /// One stored object of each type, as `(type, json)`, in type order: what the local API reads
 /// to learn the kind, group and version of types it does not know.
 pub fn type_samples(c: &Connection) -> rusqlite::Result<Vec<(String, String)>> {
@@ -141,4 +200,71 @@ pub fn for_each<E: From<rusqlite::Error>>(
         count += 1;
     }
     Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Store, StoreOptions, Write};
+
+    #[test]
+    fn a_json_string_is_measured_as_serde_json_writes_it() {
+        for s in [
+            "",
+            "plain",
+            "quote\"back\\slash",
+            "nl\ntab\t\u{1}\u{7f}",
+            "ünï",
+        ] {
+            let written = serde_json::to_string(s).unwrap();
+            assert_eq!(json_string_len(s), written.len(), "{written}");
+        }
+    }
+
+    #[tokio::test]
+    async fn versions_page_through_a_scope_within_a_byte_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("m.db"), StoreOptions::default()).unwrap();
+        let objects = [
+            ("a/pod/1", r#"{"metadata":{"resourceVersion":"11"}}"#),
+            ("a/pod/2", r#"{"metadata":{}}"#),
+            ("a/pod/3", r#"{"metadata":{"resourceVersion":"13"}}"#),
+            ("a/podstatus/1", r#"{"metadata":{"resourceVersion":"99"}}"#),
+            ("b/pod/1", r#"{"metadata":{"resourceVersion":"99"}}"#),
+        ];
+        for (key, value) in objects {
+            let write = Write::Put {
+                key: key.into(),
+                rtype: key.split('/').nth(1).unwrap().into(),
+                value: bytes::Bytes::from_static(value.as_bytes()),
+            };
+            store.write(write).await.unwrap();
+        }
+        let all = store.versions("a", "pod", String::new(), 1 << 20).await;
+        let entry = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+        assert_eq!(
+            all.unwrap(),
+            Versions {
+                entries: vec![
+                    entry("a/pod/1", "11"),
+                    entry("a/pod/2", ""),
+                    entry("a/pod/3", "13")
+                ],
+                more: false
+            }
+        );
+        // `"a/pod/1":"11",` is 15 bytes: two fit in 30.
+        let first = store.versions("a", "pod", String::new(), 30).await.unwrap();
+        assert_eq!(first.entries.len(), 2);
+        assert!(first.more);
+        let rest = store
+            .versions("a", "pod", first.entries[1].0.clone(), 30)
+            .await
+            .unwrap();
+        assert_eq!(rest.entries, [entry("a/pod/3", "13")]);
+        assert!(!rest.more);
+        let one = store.versions("a", "pod", String::new(), 1).await.unwrap();
+        assert_eq!(one.entries.len(), 1, "one entry at least");
+        store.close().await;
+    }
 }

@@ -18,6 +18,7 @@ use std::time::Instant;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::mpsc;
 
+use super::replace::Replaced;
 use super::{Applied, Change, ChangeKind, Job, Outcome, Shared, StoreError, StoreEvent, Write};
 use crate::patch::Patched;
 use crate::resource::Resource;
@@ -135,10 +136,38 @@ pub(super) fn recorded_changes(conn: &Connection) -> rusqlite::Result<(u64, Vec<
 /// What a batch did beyond its rows, made known only after the commit: the outbox counters,
 /// and the changes for the change feed.
 #[derive(Default)]
-struct BatchEffects {
+pub(super) struct BatchEffects {
     touched: bool,
     dropped: u64,
-    events: Vec<StoreEvent>,
+    pub events: Vec<StoreEvent>,
+}
+
+/// What one job did, for its submitter.
+pub(super) enum Done {
+    Applied(Applied),
+    Replaced(Replaced),
+}
+
+impl Job {
+    /// Tells the submitter, who may have stopped waiting. Each job's outcome comes from its
+    /// own kind of apply ([`Writer::apply_job`]), so the pairs always match.
+    fn answer(self, outcome: Result<Done, StoreError>) {
+        let mismatch = || StoreError::Task("a job was given another kind's outcome".into());
+        match self {
+            Job::Change { done, .. } => {
+                let _ = done.send(outcome.and_then(|d| match d {
+                    Done::Applied(a) => Ok(a),
+                    Done::Replaced(_) => Err(mismatch()),
+                }));
+            }
+            Job::Replace { done, .. } => {
+                let _ = done.send(outcome.and_then(|d| match d {
+                    Done::Replaced(r) => Ok(r),
+                    Done::Applied(_) => Err(mismatch()),
+                }));
+            }
+        }
+    }
 }
 
 impl Writer {
@@ -157,7 +186,7 @@ impl Writer {
             }
             let outcomes = self.commit_batch(&batch);
             for (job, outcome) in batch.drain(..).zip(outcomes) {
-                let _ = job.done.send(outcome);
+                job.answer(outcome);
             }
         }
         // Closing: whatever the broker acknowledged since the last commit is recorded before
@@ -186,7 +215,7 @@ impl Writer {
     /// Commits a batch. The common case runs every change straight into one transaction; only
     /// when one fails is the transaction rolled back and the batch run again with a savepoint
     /// per change, so that the failure is isolated without paying for savepoints every time.
-    fn commit_batch(&mut self, batch: &[Job]) -> Vec<Result<Applied, StoreError>> {
+    fn commit_batch(&mut self, batch: &[Job]) -> Vec<Result<Done, StoreError>> {
         let fail_all = |text: String| {
             batch
                 .iter()
@@ -206,9 +235,9 @@ impl Writer {
         // the original settled when its forward was handed on before the redelivery arrived.
         self.apply_settle_marks(&marks);
         let mut effect = BatchEffects::default();
-        let fast: rusqlite::Result<Vec<Applied>> = batch
+        let fast: rusqlite::Result<Vec<Done>> = batch
             .iter()
-            .map(|job| self.apply(&job.change, &mut effect))
+            .map(|job| self.apply_job(job, &mut effect))
             .collect();
         let outcomes = match fast {
             Ok(applied) => applied.into_iter().map(Ok).collect(),
@@ -275,7 +304,7 @@ impl Writer {
         &mut self,
         batch: &[Job],
         effect: &mut BatchEffects,
-    ) -> Vec<Result<Applied, StoreError>> {
+    ) -> Vec<Result<Done, StoreError>> {
         let mut outcomes = Vec::with_capacity(batch.len());
         for job in batch {
             let rows_before = self.outbox_rows;
@@ -284,7 +313,7 @@ impl Writer {
             let applied = self
                 .conn
                 .execute_batch("SAVEPOINT change")
-                .and_then(|()| self.apply(&job.change, effect))
+                .and_then(|()| self.apply_job(job, effect))
                 .and_then(|a| self.conn.execute_batch("RELEASE change").map(|()| a));
             match applied {
                 Ok(a) => outcomes.push(Ok(a)),
@@ -300,6 +329,13 @@ impl Writer {
             }
         }
         outcomes
+    }
+
+    fn apply_job(&mut self, job: &Job, effect: &mut BatchEffects) -> rusqlite::Result<Done> {
+        match job {
+            Job::Change { change, .. } => self.apply(change, effect).map(Done::Applied),
+            Job::Replace { set, .. } => self.apply_replace(set, effect).map(Done::Replaced),
+        }
     }
 
     fn apply(&mut self, change: &Change, effect: &mut BatchEffects) -> rusqlite::Result<Applied> {
@@ -474,7 +510,7 @@ impl Writer {
     }
 
     /// Numbers `event` and records it in `changes`, in the current transaction.
-    fn record_change(&mut self, event: &mut StoreEvent) -> rusqlite::Result<()> {
+    pub(super) fn record_change(&mut self, event: &mut StoreEvent) -> rusqlite::Result<()> {
         event.seq = self.next_change;
         let kind = match event.kind {
             ChangeKind::Added => 0,
@@ -525,7 +561,7 @@ impl Writer {
 /// Applies `write`, and tells what it saw of the key for the feed event, from the reads it
 /// makes anyway: whether the key held anything (ADDED or MODIFIED, watched or not), and only
 /// while somebody `watched` the values a watcher is sent (a deleted object, a patch's result).
-fn apply_write(
+pub(super) fn apply_write(
     conn: &Connection,
     write: &Write,
     watched: bool,
@@ -641,7 +677,7 @@ fn is_current(
 /// `before` is the value the key held, and `after` the value a patch stored, both read only
 /// while somebody watches; without a watcher the event carries no value (see
 /// [`StoreEvent::value`]).
-fn feed_event(write: &Write, outcome: Outcome, seen: Seen) -> Option<StoreEvent> {
+pub(super) fn feed_event(write: &Write, outcome: Outcome, seen: Seen) -> Option<StoreEvent> {
     let Seen {
         before,
         existed,
@@ -685,14 +721,14 @@ fn feed_event(write: &Write, outcome: Outcome, seen: Seen) -> Option<StoreEvent>
 
 /// What the writer saw of a key around one write, for its feed event.
 #[derive(Default)]
-struct Seen {
+pub(super) struct Seen {
     /// A deleted object, kept only while somebody watches.
-    before: Option<String>,
+    pub before: Option<String>,
     /// Whether the key held anything before the write, always known.
-    existed: bool,
+    pub existed: bool,
     /// A patch's result, kept only while somebody watches.
-    after: Option<String>,
-    watched: bool,
+    pub after: Option<String>,
+    pub watched: bool,
 }
 
 /// Whether `key` is stored: an index lookup that reads no value.
@@ -715,7 +751,7 @@ fn upsert(conn: &Connection, key: &str, rtype: &str, value: &str) -> rusqlite::R
     Ok(())
 }
 
-fn stored_value(conn: &Connection, key: &str) -> rusqlite::Result<Option<String>> {
+pub(super) fn stored_value(conn: &Connection, key: &str) -> rusqlite::Result<Option<String>> {
     conn.prepare_cached("SELECT value FROM meta WHERE key = ?1")?
         .query_row([key], |r| r.get(0))
         .optional()
