@@ -30,6 +30,7 @@
 //!   - [`cloud::outbox`]: what waits for the cloud while it is away, and its paced sending.
 //!   - [`cloud::metasync`]: the periodic pod-status sync to the cloud.
 //!   - [`cloud::remote`]: queries and API writes waiting for the cloud's answer.
+//!   - [`cloud::replaces`]: the pages of `replace` operations whose last page has not come.
 //!   - [`cloud::waiting`]: patches passed on to the cloud, waiting for its answer.
 //! - [`http`]: the local HTTP endpoint: `/healthz`, `/readyz`, `/metrics` and the API.
 //!   - [`http::server`]: connections under a cap, with header and idle timeouts.

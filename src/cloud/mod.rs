@@ -5,6 +5,7 @@
 //! - [`outbox`]: what waits for the cloud while it is away, and its paced sending.
 //! - [`metasync`]: the periodic pod-status sync to the cloud.
 //! - [`remote`]: queries and API writes waiting for the cloud's answer.
+//! - [`replaces`]: the pages of `replace` operations whose last page has not come.
 //! - [`waiting`]: patches passed on to the cloud, waiting for its answer (in memory here, and
 //!   as rows the store writes with each patch's change).
 //!
@@ -14,6 +15,7 @@
 pub mod metasync;
 pub mod outbox;
 pub mod remote;
+pub mod replaces;
 pub mod state;
 pub mod waiting;
 

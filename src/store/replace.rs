@@ -43,16 +43,16 @@ impl ReplaceSet {
         if self.items.contains_key(&key) {
             return false;
         }
-        self.bytes += Self::cost(&key, &value);
+        self.bytes += self.cost(name, &value);
         self.items.insert(key, value);
         true
     }
 
-    /// What one object adds to [`ReplaceSet::bytes`]: its key and value, and the map's own
-    /// bookkeeping for it.
-    pub fn cost(key: &str, value: &[u8]) -> usize {
+    /// What adding the object `name` with `value` adds to [`ReplaceSet::bytes`]: its key and
+    /// value, and the map's own bookkeeping for it.
+    pub fn cost(&self, name: &str, value: &[u8]) -> usize {
         const ENTRY: usize = 64;
-        key.len() + value.len() + ENTRY
+        self.namespace.len() + self.rtype.len() + 2 + name.len() + value.len() + ENTRY
     }
 
     /// The bytes this set holds, by [`ReplaceSet::cost`].
@@ -370,7 +370,8 @@ mod tests {
         assert!(set.add("a", Bytes::from_static(b"{}")));
         assert!(!set.add("a", Bytes::from_static(b"{\"x\":1}")));
         assert_eq!(set.len(), 1);
-        assert_eq!(set.bytes(), ReplaceSet::cost("ns/pod/a", b"{}"));
+        assert_eq!(set.bytes(), set.cost("a", b"{}"));
+        assert_eq!(set.bytes(), "ns/pod/a{}".len() + 64);
         assert_eq!(set.scope(), "ns/pod");
     }
 }
