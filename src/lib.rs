@@ -58,6 +58,8 @@
 //! - [`store`]: SQLite with one writer thread (group commit) and reads beside it, its own
 //!   commit measurements, and the numbered change feed (recorded, so watches outlive restarts).
 //!   - [`store::lock`]: one MetaManager per database, by a lock file beside it.
+//!   - [`store::digest`]: per scope, the count and order-independent hash of the stored
+//!     objects, kept by the writer in each write's transaction; each row's `rv` column.
 //!
 //! Each part is given what it uses when `app` builds it; nothing shares one object of
 //! everything, and no two modules import each other.

@@ -315,7 +315,8 @@ impl Metrics {
             .inc();
     }
 
-    /// A valid message was acked but held back, for `reason` (`stale`).
+    /// A valid message was acked but held back, for `reason` (`stale`, or `repeat`: a msg_id
+    /// handled before in this run).
     pub fn held_back(&self, reason: &str) {
         self.held_back
             .get_or_create(&ReasonLabel {

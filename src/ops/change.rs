@@ -175,11 +175,13 @@ fn coalesces(kind: WriteKind, msg: &Message) -> bool {
 
 /// Passes an inbound message on, unchanged, once its change is committed, and settles its id.
 ///
-/// A redelivery (same msg_id) of a settled message passes nothing on. An unsettled one was
-/// cut off between its commit and its forward, or its forward was handed on but not yet
-/// recorded before a restart: it is passed on again only while its change is still the
-/// stored state, so a late copy of an insert never brings back what a later delete removed.
-/// `false` when a message for the cloud could not be queued.
+/// A repeat (same msg_id) of a message handled in this run, or of a settled one, passes
+/// nothing on: the first copy does that. An unsettled one from before a restart was cut off
+/// between its commit and its forward, or its forward was not acknowledged by the broker
+/// before the restart: it is passed on again only while its change is still the stored state,
+/// so a late copy of an insert never brings back what a later delete removed.
+/// `false` when a message for the cloud could not be queued; its id is then released, so that
+/// the copy its sender is asked to send again is handled.
 pub(super) async fn forward(
     ctx: &Context,
     to: Peer,
@@ -189,6 +191,15 @@ pub(super) async fn forward(
     coalesce: bool,
 ) -> bool {
     let id = msg.msg_id();
+    if let Outcome::Duplicate { this_run: true, .. } = applied.outcome {
+        tracing::debug!(
+            msg_id = id,
+            resource = %msg.resource,
+            "repeat of a message handled in this run; acked, not passed on"
+        );
+        ctx.metrics.held_back("repeat");
+        return true;
+    }
     if applied.settled() {
         return true;
     }
@@ -205,7 +216,7 @@ pub(super) async fn forward(
         }
         Outcome::Duplicate { .. } => tracing::info!(
             msg_id = id,
-            "redelivered message may not have been passed on and is still current; passing it on"
+            "message repeated after a restart may not have been passed on and is still current; passing it on"
         ),
         _ => {}
     }
@@ -219,6 +230,7 @@ pub(super) async fn forward(
             let m = outbox::cloud_message(msg.resource.key(), publish.payload.clone(), coalesce);
             if let Err(e) = ctx.outbox.send_to_cloud(m).await {
                 tracing::error!(msg_id = id, error = %e, "could not queue a message for the cloud");
+                ctx.store.release(id);
                 return false;
             }
         }

@@ -27,6 +27,7 @@ use bytes::Bytes;
 use rusqlite::{Connection, OptionalExtension};
 use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 
+pub mod digest;
 mod feed;
 pub mod lock;
 mod metrics;
@@ -37,6 +38,7 @@ mod writer;
 use crate::config::Synchronous;
 use crate::delivery::Delivery;
 
+pub use digest::{Digest, ScopeDigest};
 pub use feed::{Expired, Resume};
 pub use lock::{InstanceLock, LockError};
 pub use metrics::StoreMetrics;
@@ -198,14 +200,21 @@ pub enum Outcome {
     Absent,
     /// Delete whose uid did not match the stored object's; nothing was removed.
     UidMismatch,
-    /// The message id was seen before: nothing was applied again. `settled`: nothing is left
-    /// to pass on for the original (a no-op, its message for the cloud is in the outbox, or its
-    /// forward was handed to the connection and recorded with [`Store::settle`]). `current`,
-    /// looked at only when not settled: the original's change is still the stored state (an
-    /// insert or update whose content equals the stored value as JSON, a delete whose key, or
-    /// pod of that uid, is absent, or a message that changes nothing in `meta`), so passing
-    /// it on again cannot undo a later change.
+    /// The message id was seen before: nothing was applied again.
+    ///
+    /// `this_run`: the id was recorded since this MetaManager started, so the first copy is
+    /// being handled or was handled, and passes on what there is to pass on: this copy is only
+    /// acked, however close behind the first it came. `settled` and `current` are looked at
+    /// only for an id from an earlier run (before a restart).
+    ///
+    /// `settled`: nothing is left to pass on for the original (a no-op, its message for the
+    /// cloud is in the outbox, or its forward was acknowledged by the broker and recorded with
+    /// [`Store::settle`]). `current`, looked at only when not settled: the original's change is
+    /// still the stored state (an insert or update whose content equals the stored value as
+    /// JSON, a delete whose key, or pod of that uid, is absent, or a message that changes
+    /// nothing in `meta`), so passing it on again cannot undo a later change.
     Duplicate {
+        this_run: bool,
         settled: bool,
         current: bool,
     },
@@ -226,18 +235,24 @@ pub struct Applied {
     pub outcome: Outcome,
     /// Its message for the cloud went into the outbox.
     pub queued: bool,
+    /// The number the change to `meta` got in the change feed, when it made one.
+    pub change: Option<u64>,
 }
 
 impl Applied {
     /// Whether nothing is left to pass on for the message: it changed nothing, its message for
-    /// the cloud is in the outbox, or it is a redelivery of a settled message. The writer
+    /// the cloud is in the outbox, or it is a repeat of a message handled in this run or of a
+    /// settled one. The writer
     /// records a new message's id with this flag; the others are settled by their caller with
     /// [`Store::settle`] once the broker has acknowledged their forward.
     pub fn settled(&self) -> bool {
         self.queued
             || matches!(
                 self.outcome,
-                Outcome::Unchanged | Outcome::Stale | Outcome::Duplicate { settled: true, .. }
+                Outcome::Unchanged
+                    | Outcome::Stale
+                    | Outcome::Duplicate { settled: true, .. }
+                    | Outcome::Duplicate { this_run: true, .. }
             )
     }
 }
@@ -312,6 +327,9 @@ struct Shared {
     /// be marked settled by the first commit after the broker acknowledged the forward (see
     /// [`Store::settle`]).
     settle: Mutex<Vec<(u64, String)>>,
+    /// Message ids that could not be passed on, to handle again if they come again (see
+    /// [`Store::release`]).
+    released: Mutex<Vec<String>>,
     /// The broker's acknowledgements of MetaManager's publishes; without it (a store used
     /// without a connection) a mark is ready at once.
     delivery: OnceLock<Arc<Delivery>>,
@@ -362,6 +380,14 @@ impl Store {
         };
         let conn = Connection::open(path).map_err(open_err)?;
         writer::prepare(&conn, options.synchronous.as_str()).map_err(open_err)?;
+        let counted = digest::backfill(&conn).map_err(open_err)?;
+        if counted > 0 {
+            tracing::info!(
+                objects = counted,
+                "counted stored objects into the digest (once, for rows written without their resourceVersion column)"
+            );
+        }
+        let run = writer::start_run(&conn).map_err(open_err)?;
         let (last_change, recent) = writer::recorded_changes(&conn).map_err(open_err)?;
         let shared = Arc::new(Shared {
             feed: feed::Feed::new(last_change, recent),
@@ -377,6 +403,7 @@ impl Store {
             lock,
             next_change: last_change + 1,
             changes_since_prune: 0,
+            run,
         };
         writer.count_outbox().map_err(open_err)?;
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
@@ -480,6 +507,30 @@ impl Store {
         if pending.len() < MAX_PENDING_SETTLES {
             pending.push((mark, msg_id.to_owned()));
         }
+    }
+
+    /// Records that the message `msg_id`, handled in this run, could not be passed on (its
+    /// message for the cloud could not be queued, and its sender was told to send it again):
+    /// a copy that comes again is handled as a repeat from before a restart, passed on while
+    /// its change is still the stored state, instead of only acked. Rides the next commit, as
+    /// [`Store::settle`] does, which comes before any copy the sender sends after being told.
+    pub fn release(&self, msg_id: &str) {
+        let mut pending = self
+            .inner
+            .shared
+            .released
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if pending.len() < MAX_PENDING_SETTLES {
+            pending.push(msg_id.to_owned());
+        }
+    }
+
+    /// The digest of the store (see [`digest`]): per scope, the count and hash of its
+    /// objects, and the number of the last change included. Reads one row per scope, never
+    /// the objects.
+    pub async fn digest(&self) -> Result<Digest, StoreError> {
+        self.read(digest::read).await
     }
 
     /// Whether the store still takes writes (false once [`Store::close`] has begun).
@@ -705,26 +756,21 @@ fn open_reader(path: &Path) -> Result<Connection, StoreError> {
 /// not a number) is not compared, and the update goes through as before. A late, older update
 /// would otherwise overwrite a newer object and leave the node silently behind the cloud.
 pub fn resource_version_is_older(incoming: &str, stored: &str) -> bool {
-    let version = |json: &str| -> Option<u64> {
-        #[derive(serde::Deserialize)]
-        struct Meta {
-            #[serde(rename = "resourceVersion")]
-            resource_version: Option<String>,
-        }
-        #[derive(serde::Deserialize)]
-        struct Obj {
-            metadata: Option<Meta>,
-        }
-        let text = serde_json::from_str::<Obj>(json)
-            .ok()?
-            .metadata?
-            .resource_version?;
+    version_is_older(
+        &digest::resource_version(incoming.as_bytes()),
+        &digest::resource_version(stored.as_bytes()),
+    )
+}
+
+/// [`resource_version_is_older`] on the two versions themselves.
+pub fn version_is_older(incoming: &str, stored: &str) -> bool {
+    let number = |text: &str| -> Option<u64> {
         if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
             return None;
         }
         text.parse().ok()
     };
-    matches!((version(incoming), version(stored)), (Some(new), Some(old)) if new < old)
+    matches!((number(incoming), number(stored)), (Some(new), Some(old)) if new < old)
 }
 
 /// `metadata.uid` of an object's JSON, stored or arriving, if it has one.
@@ -775,6 +821,7 @@ fn check_existing(path: &Path) -> Result<(), StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::resource::Resource;
 
     fn put(key: &str, value: &str) -> Write {
         Write::Put {
@@ -942,10 +989,19 @@ mod tests {
         store.close().await;
     }
 
+    /// Writes `change` in a run of its own (the store opened for it, closed after): a repeat
+    /// written so is one from before a restart.
+    async fn write_in_new_run(path: &Path, change: impl Into<Change>) -> Applied {
+        let store = Store::open(path, StoreOptions::default()).unwrap();
+        let applied = store.write(change).await.unwrap();
+        store.close().await;
+        applied
+    }
+
     #[tokio::test]
     async fn a_redelivered_patch_is_current_while_applying_it_again_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("m.db"), StoreOptions::default()).unwrap();
+        let path = dir.path().join("m.db");
         let patch = |key: &str| {
             let content = br#"{"status":{"phase":"Running"}}"#;
             Some(Write::Patch {
@@ -955,21 +1011,18 @@ mod tests {
             })
         };
         let outcome = |c: Change| {
-            let store = store.clone();
-            async move { store.write(c).await.unwrap().outcome }
+            let path = path.clone();
+            async move { write_in_new_run(&path, c).await.outcome }
         };
-        store.write(put("ns/pod/p", "{}")).await.unwrap();
-        let first = store.write(with_id("x", patch("ns/pod/p"))).await.unwrap();
+        write_in_new_run(&path, put("ns/pod/p", "{}")).await;
+        let first = write_in_new_run(&path, with_id("x", patch("ns/pod/p"))).await;
         assert_eq!(first.outcome, Outcome::Patched { changed: true });
         assert!(!first.settled(), "a patch is passed on");
         assert_eq!(
             outcome(with_id("x", patch("ns/pod/p"))).await,
             dup(false, true)
         );
-        store
-            .write(put("ns/pod/p", r#"{"status":{"phase":"Failed"}}"#))
-            .await
-            .unwrap();
+        write_in_new_run(&path, put("ns/pod/p", r#"{"status":{"phase":"Failed"}}"#)).await;
         assert_eq!(
             outcome(with_id("x", patch("ns/pod/p"))).await,
             dup(false, false),
@@ -984,13 +1037,12 @@ mod tests {
             outcome(with_id("y", patch("ns/pod/q"))).await,
             dup(false, true)
         );
-        store.close().await;
     }
 
     #[tokio::test]
     async fn a_redelivered_json_patch_that_changed_its_object_is_current_until_a_later_change() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("m.db"), StoreOptions::default()).unwrap();
+        let path = dir.path().join("m.db");
         // Not idempotent: applied again, it would add a second condition.
         let add = || {
             let content =
@@ -1001,23 +1053,19 @@ mod tests {
                 patch: Arc::new(crate::patch::Patch::parse(content, "pod", 1 << 20).unwrap()),
             })
         };
-        store
-            .write(put("ns/pod/p", r#"{"status":{"conditions":[]}}"#))
-            .await
-            .unwrap();
-        let first = store.write(with_id("x", add())).await.unwrap();
+        write_in_new_run(&path, put("ns/pod/p", r#"{"status":{"conditions":[]}}"#)).await;
+        let first = write_in_new_run(&path, with_id("x", add())).await;
         assert_eq!(first.outcome, Outcome::Patched { changed: true });
         // Its forward was never handed on (a crash): the redelivery is still in effect.
-        let again = store.write(with_id("x", add())).await.unwrap();
+        let again = write_in_new_run(&path, with_id("x", add())).await;
         assert_eq!(again.outcome, dup(false, true), "passed on again, not lost");
-        store.write(put("ns/pod/p", "{}")).await.unwrap();
-        let later = store.write(with_id("x", add())).await.unwrap();
+        write_in_new_run(&path, put("ns/pod/p", "{}")).await;
+        let later = write_in_new_run(&path, with_id("x", add())).await;
         assert_eq!(
             later.outcome,
             dup(false, false),
             "superseded by a later change"
         );
-        store.close().await;
     }
 
     #[tokio::test]
@@ -1268,17 +1316,32 @@ mod tests {
             .unwrap()
     }
 
+    /// A repeat of an id from an earlier run.
     const fn dup(settled: bool, current: bool) -> Outcome {
-        Outcome::Duplicate { settled, current }
+        Outcome::Duplicate {
+            this_run: false,
+            settled,
+            current,
+        }
+    }
+
+    /// A repeat of an id recorded in this run.
+    const fn again(settled: bool) -> Outcome {
+        Outcome::Duplicate {
+            this_run: true,
+            settled,
+            current: false,
+        }
     }
 
     #[tokio::test]
     async fn a_duplicate_reports_whether_its_change_is_still_the_stored_state() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("m.db"), StoreOptions::default()).unwrap();
+        let path = dir.path().join("m.db");
+        // Each write in a run of its own: every repeat below is one from before a restart.
         let outcome = |c: Change| {
-            let store = store.clone();
-            async move { store.write(c).await.unwrap().outcome }
+            let path = path.clone();
+            async move { write_in_new_run(&path, c).await.outcome }
         };
         let pod = "ns/pod/p";
         let update = |v: &str| Write::PutIfChanged {
@@ -1372,7 +1435,6 @@ mod tests {
             outcome(with_id("h", Some(update(x)))).await,
             dup(true, false)
         );
-        store.close().await;
     }
 
     #[tokio::test]
@@ -1391,12 +1453,12 @@ mod tests {
 
         // The next commit carries the mark, before its own changes: a redelivery in it
         // already sees the original settled.
-        let again = store
+        let repeat = store
             .write(with_id("a", Some(put("ns/pod/a", "{}"))))
             .await
             .unwrap();
-        assert_eq!(again.outcome, dup(true, false));
-        assert!(again.settled());
+        assert_eq!(repeat.outcome, again(true));
+        assert!(repeat.settled());
         assert_eq!(store.commits(), (2, 2));
         assert_eq!(settled_flag(&path, "a"), Some(true));
 
@@ -1473,6 +1535,186 @@ mod tests {
         assert_eq!(settled_flag(&path, "new"), Some(true));
         // Opening again finds the column and leaves it alone.
         let store = Store::open(&path, StoreOptions::default()).unwrap();
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn copies_in_one_run_are_acked_only_however_close_and_after_a_restart_by_the_rule() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        let store = Store::open(&path, StoreOptions::default()).unwrap();
+        // Three copies queued back to back: the first forward is not even handed on yet.
+        let copy = || with_id("a", Some(put("ns/pod/a", r#"{"v":1}"#)));
+        let pending = [
+            store.submit(copy()).await.unwrap(),
+            store.submit(copy()).await.unwrap(),
+            store.submit(copy()).await.unwrap(),
+        ];
+        let mut outcomes = Vec::new();
+        for p in pending {
+            outcomes.push(p.await.unwrap().unwrap());
+        }
+        assert_eq!(outcomes[0].outcome, Outcome::Stored);
+        assert!(
+            !outcomes[0].settled(),
+            "the first copy's forward is to come"
+        );
+        for later in &outcomes[1..] {
+            assert_eq!(later.outcome, again(false));
+            assert!(later.settled(), "nothing for a later copy to pass on");
+        }
+        // Its forward never acknowledged before the restart: a repeat then is passed on,
+        // while its change is still the stored state.
+        store.close().await;
+        let store = Store::open(&path, StoreOptions::default()).unwrap();
+        let after = store.write(copy()).await.unwrap();
+        assert_eq!(after.outcome, dup(false, true));
+        assert!(!after.settled());
+        // And once more in this run: acked only.
+        assert_eq!(store.write(copy()).await.unwrap().outcome, again(false));
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_released_id_is_handled_again_when_it_comes_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("m.db"), StoreOptions::default()).unwrap();
+        let copy = || with_id("a", Some(put("ns/pod/a", r#"{"v":1}"#)));
+        assert_eq!(store.write(copy()).await.unwrap().outcome, Outcome::Stored);
+        store.release("a");
+        assert_eq!(
+            store.write(copy()).await.unwrap().outcome,
+            dup(false, true),
+            "not passed on the first time: the copy sent again is"
+        );
+        store.close().await;
+    }
+
+    /// The digest as the contract defines it, computed here from the rows themselves.
+    fn digest_of(rows: &[(String, String)]) -> Vec<(String, u64, String)> {
+        let mut scopes: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+        for (key, value) in rows {
+            let json: serde_json::Value = serde_json::from_str(value).unwrap_or_default();
+            let rv = json["metadata"]["resourceVersion"].as_str().unwrap_or("");
+            let sum =
+                ring::digest::digest(&ring::digest::SHA256, format!("{key}\n{rv}").as_bytes());
+            let term = u64::from_be_bytes(sum.as_ref()[..8].try_into().unwrap());
+            let scope: Vec<&str> = key.splitn(3, '/').take(2).collect();
+            let entry = scopes.entry(scope.join("/")).or_default();
+            entry.0 += 1;
+            entry.1 = entry.1.wrapping_add(term);
+        }
+        scopes
+            .into_iter()
+            .map(|(scope, (count, hash))| (scope, count, format!("{hash:016x}")))
+            .collect()
+    }
+
+    fn all_rows(path: &Path) -> Vec<(String, String)> {
+        let conn = read::open(path).unwrap();
+        let mut stmt = conn.prepare("SELECT key, value FROM meta").unwrap();
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+        rows.collect::<rusqlite::Result<_>>().unwrap()
+    }
+
+    async fn digest_entries(store: &Store) -> Vec<(String, u64, String)> {
+        store
+            .digest()
+            .await
+            .unwrap()
+            .scopes
+            .iter()
+            .map(|s| (s.scope.clone(), s.count, s.hash_hex()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn the_digest_follows_every_kind_of_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        let store = Store::open(&path, StoreOptions::default()).unwrap();
+        assert!(store.digest().await.unwrap().scopes.is_empty());
+        let obj = |rv: &str| format!(r#"{{"metadata":{{"resourceVersion":"{rv}"}},"s":1}}"#);
+        let update = |key: &str, value: String| Write::PutIfChanged {
+            key: key.into(),
+            rtype: Resource::parse(key).unwrap().rtype().into(),
+            value: Bytes::from(value),
+        };
+        let delete = |key: &str| Write::Delete {
+            key: key.into(),
+            uid: None,
+        };
+        store.write(put("a/pod/1", &obj("1"))).await.unwrap();
+        store.write(put("a/pod/2", &obj("2"))).await.unwrap();
+        store
+            .write(put("a/pod/3", r#"{"no":"version"}"#))
+            .await
+            .unwrap();
+        store.write(put("b/configmap/x", &obj("9"))).await.unwrap();
+        store.write(put("a/pod/1", &obj("5"))).await.unwrap();
+        store.write(update("a/pod/2", obj("6"))).await.unwrap();
+        store.write(update("a/pod/2", obj("3"))).await.unwrap(); // stale: kept
+        store.write(put("b/configmap/y", "[1,2]")).await.unwrap();
+        let patch = Write::Patch {
+            key: "a/pod/3".into(),
+            rtype: "pod".into(),
+            patch: Arc::new(
+                crate::patch::Patch::parse(
+                    br#"{"metadata":{"resourceVersion":"77"}}"#,
+                    "pod",
+                    1 << 20,
+                )
+                .unwrap(),
+            ),
+        };
+        store.write(patch).await.unwrap();
+        store.write(delete("b/configmap/x")).await.unwrap();
+        store.write(delete("c/pod/absent")).await.unwrap();
+        let before = store.feed_position();
+        assert_eq!(digest_entries(&store).await, digest_of(&all_rows(&path)));
+        assert_eq!(store.digest().await.unwrap().change, before);
+        store.write(delete("b/configmap/y")).await.unwrap();
+        let scopes = digest_entries(&store).await;
+        assert_eq!(scopes, digest_of(&all_rows(&path)));
+        assert_eq!(scopes.len(), 1, "an emptied scope has no entry: {scopes:?}");
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn rows_written_by_other_means_are_counted_into_the_digest_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        {
+            // A database from before the digest.
+            let old = Connection::open(&path).unwrap();
+            old.execute_batch(
+                "CREATE TABLE meta (key TEXT PRIMARY KEY, type TEXT NOT NULL, value TEXT NOT NULL);
+                 INSERT INTO meta VALUES ('ns/pod/p', 'pod', '{\"metadata\":{\"resourceVersion\":\"4\"}}');
+                 INSERT INTO meta VALUES ('ns/pod/q', 'pod', 'not json');",
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path, StoreOptions::default()).unwrap();
+        assert_eq!(digest_entries(&store).await, digest_of(&all_rows(&path)));
+        store
+            .write(put("ns/pod/p", r#"{"metadata":{"resourceVersion":"8"}}"#))
+            .await
+            .unwrap();
+        store.close().await;
+        {
+            // A row written with SQL, without its rv.
+            let other = Connection::open(&path).unwrap();
+            other
+                .execute(
+                    "INSERT INTO meta (key, type, value) VALUES ('ns/configmap/c', 'configmap', '{}')",
+                    [],
+                )
+                .unwrap();
+        }
+        let store = Store::open(&path, StoreOptions::default()).unwrap();
+        let scopes = digest_entries(&store).await;
+        assert_eq!(scopes, digest_of(&all_rows(&path)));
+        assert_eq!(scopes.len(), 2);
         store.close().await;
     }
 

@@ -104,9 +104,10 @@ pub fn page(
     Ok(page)
 }
 
-/// Where a page of versions comes from: each object's `metadata.resourceVersion`, read from its
-/// stored value. One place, so that a column kept by the writer can take its place.
-const RV: &str = "json_extract(value, '$.metadata.resourceVersion')";
+/// Where a page of versions comes from: each object's `metadata.resourceVersion` as the writer
+/// keeps it in the `rv` column (see [`super::digest`]), the same text the digest hashes; the
+/// values are never read.
+const RV: &str = "coalesce(rv, '')";
 
 /// One page of a scope's versions: `(key, rv)` in key order, and whether more follow.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -11,6 +11,7 @@
 //! broker acknowledged the forward (or the close) sets the flag: the mark rides along with
 //! other changes' commit and costs no fsync of its own.
 
+use std::borrow::Cow;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -18,6 +19,7 @@ use std::time::Instant;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::mpsc;
 
+use super::digest::{self, Deltas};
 use super::replace::Replaced;
 use super::{Applied, Change, ChangeKind, Job, Outcome, Shared, StoreError, StoreEvent, Write};
 use crate::patch::Patched;
@@ -83,7 +85,34 @@ pub(super) fn prepare(conn: &Connection, synchronous: &str) -> rusqlite::Result<
     if !has_change {
         conn.execute_batch("ALTER TABLE processed ADD COLUMN change_seq INTEGER")?;
     }
-    Ok(())
+    // The run that recorded an id (see `start_run`); null for ids from before runs were
+    // numbered, which count as an earlier run's.
+    let has_run = conn
+        .prepare("SELECT 1 FROM pragma_table_info('processed') WHERE name = 'run'")?
+        .exists([])?;
+    if !has_run {
+        conn.execute_batch("ALTER TABLE processed ADD COLUMN run INTEGER")?;
+    }
+    super::digest::prepare(conn)
+}
+
+/// Numbers this run: one more than the last run recorded in the database. A repeat of an id
+/// recorded by this run is never passed on again; one recorded by an earlier run is, by the
+/// restart rule (see [`Outcome::Duplicate`]).
+pub(super) fn start_run(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS runs (
+             name  TEXT PRIMARY KEY,
+             value INTEGER NOT NULL
+         )",
+    )?;
+    conn.query_row(
+        "INSERT INTO runs (name, value) VALUES ('run', 1)
+         ON CONFLICT(name) DO UPDATE SET value = value + 1
+         RETURNING value",
+        [],
+        |r| r.get(0),
+    )
 }
 
 pub(super) struct Writer {
@@ -103,6 +132,8 @@ pub(super) struct Writer {
     pub next_change: u64,
     /// Changes recorded since `changes` was last pruned to its length.
     pub changes_since_prune: usize,
+    /// This run's number ([`start_run`]), recorded with each message id.
+    pub run: i64,
 }
 
 /// The number of the last recorded change, and the recorded changes the feed's history starts
@@ -140,6 +171,8 @@ pub(super) struct BatchEffects {
     touched: bool,
     dropped: u64,
     pub events: Vec<StoreEvent>,
+    /// The batch's changes to the digest, written once before the commit.
+    pub digest: Deltas,
 }
 
 /// What one job did, for its submitter.
@@ -192,9 +225,11 @@ impl Writer {
         // Closing: whatever the broker acknowledged since the last commit is recorded before
         // the database closes, so a clean stop leaves nothing unsettled that was forwarded.
         let marks = self.take_settle_marks();
-        if !marks.is_empty() {
+        let released = self.take_releases();
+        if !marks.is_empty() || !released.is_empty() {
             let flushed = self.conn.execute_batch("BEGIN IMMEDIATE").and_then(|()| {
                 self.apply_settle_marks(&marks);
+                self.apply_releases(&released);
                 self.conn.execute_batch("COMMIT")
             });
             if let Err(e) = flushed {
@@ -227,13 +262,17 @@ impl Writer {
         let recorded_at_start = self.recorded_since_prune;
         let changes_at_start = self.next_change;
         let marks = self.take_settle_marks();
+        let released = self.take_releases();
         if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
             self.requeue_settle_marks(marks);
+            self.requeue_releases(released);
             return fail_all(e.to_string());
         }
         // Before the batch's own changes, so that a redelivery in this batch already sees
-        // the original settled when its forward was handed on before the redelivery arrived.
+        // the original settled when its forward was handed on before the redelivery arrived,
+        // and a message sent again after it could not be passed on is handled again.
         self.apply_settle_marks(&marks);
+        self.apply_releases(&released);
         let mut effect = BatchEffects::default();
         let fast: rusqlite::Result<Vec<Done>> = batch
             .iter()
@@ -249,12 +288,26 @@ impl Writer {
                 effect = BatchEffects::default();
                 if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
                     self.requeue_settle_marks(marks);
+                    self.requeue_releases(released);
                     return fail_all(e.to_string());
                 }
                 self.apply_settle_marks(&marks);
+                self.apply_releases(&released);
                 self.apply_isolated(batch, &mut effect)
             }
         };
+        // The digest's one write per scope the batch changed; without it the batch cannot
+        // commit, or the digest would no longer match the store.
+        if let Err(e) = effect.digest.flush(&self.conn) {
+            let _ = self.conn.execute_batch("ROLLBACK");
+            self.outbox_rows = rows_at_start;
+            self.next_change = changes_at_start;
+            self.requeue_settle_marks(marks);
+            self.requeue_releases(released);
+            let text = e.to_string();
+            tracing::error!(error = %text, changes = batch.len(), "updating the digest failed");
+            return fail_all(text);
+        }
         if self.recorded_since_prune >= PRUNE_EVERY {
             if let Err(e) = self.prune_processed() {
                 tracing::warn!(error = %e, "pruning remembered message ids failed");
@@ -272,6 +325,7 @@ impl Writer {
             self.outbox_rows = rows_at_start;
             self.next_change = changes_at_start;
             self.requeue_settle_marks(marks);
+            self.requeue_releases(released);
             let text = e.to_string();
             tracing::error!(error = %text, changes = batch.len(), "store commit failed");
             return fail_all(text);
@@ -309,6 +363,7 @@ impl Writer {
         for job in batch {
             let rows_before = self.outbox_rows;
             let events_before = effect.events.len();
+            let digest_before = effect.digest.len();
             let changes_before = self.next_change;
             let applied = self
                 .conn
@@ -324,6 +379,7 @@ impl Writer {
                     self.outbox_rows = rows_before;
                     self.next_change = changes_before;
                     effect.events.truncate(events_before);
+                    effect.digest.truncate(digest_before);
                     outcomes.push(Err(StoreError::Sqlite(e)));
                 }
             }
@@ -341,15 +397,27 @@ impl Writer {
     fn apply(&mut self, change: &Change, effect: &mut BatchEffects) -> rusqlite::Result<Applied> {
         let conn = &self.conn;
         if let Some(id) = &change.msg_id {
-            let seen: Option<(bool, Option<i64>)> = conn
-                .prepare_cached("SELECT settled, change_seq FROM processed WHERE msg_id = ?1")?
-                .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
+            let seen: Option<(bool, Option<i64>, Option<i64>)> = conn
+                .prepare_cached("SELECT settled, change_seq, run FROM processed WHERE msg_id = ?1")?
+                .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
                 .optional()?;
-            if let Some((settled, made)) = seen {
-                let current = !settled && is_current(conn, change.write.as_ref(), made)?;
+            if let Some((settled, made, run)) = seen {
+                let this_run = run == Some(self.run);
+                let current =
+                    !this_run && !settled && is_current(conn, change.write.as_ref(), made)?;
+                if !this_run {
+                    // Handled by this run from now on: a further copy is only acked.
+                    conn.prepare_cached("UPDATE processed SET run = ?2 WHERE msg_id = ?1")?
+                        .execute(params![id, self.run])?;
+                }
                 return Ok(Applied {
-                    outcome: Outcome::Duplicate { settled, current },
+                    outcome: Outcome::Duplicate {
+                        this_run,
+                        settled,
+                        current,
+                    },
                     queued: false,
+                    change: None,
                 });
             }
         }
@@ -365,7 +433,7 @@ impl Writer {
         let outcome = match &change.write {
             Some(w) => {
                 let watched = self.shared.feed.watched();
-                let (outcome, seen) = apply_write(conn, w, watched)?;
+                let (outcome, seen) = apply_write(conn, w, watched, &mut effect.digest)?;
                 if let Some(mut event) = feed_event(w, outcome, seen) {
                     self.record_change(&mut event)?;
                     made = Some(event.seq as i64);
@@ -381,6 +449,7 @@ impl Writer {
             return Ok(Applied {
                 outcome,
                 queued: false,
+                change: None,
             });
         }
         // Nothing goes to the cloud for a write that changed nothing, nor, when it needed
@@ -410,7 +479,11 @@ impl Writer {
             }
             _ => false,
         };
-        let applied = Applied { outcome, queued };
+        let applied = Applied {
+            outcome,
+            queued,
+            change: made.map(|m| m as u64),
+        };
         if let Some(id) = &change.msg_id {
             // Settled: nothing is left to pass on, because the change was a no-op or its
             // message is already in the outbox, committed with it. Otherwise the caller
@@ -418,9 +491,10 @@ impl Writer {
             let settled = applied.settled();
             self.conn
                 .prepare_cached(
-                    "INSERT INTO processed (msg_id, settled, change_seq) VALUES (?1, ?2, ?3)",
+                    "INSERT INTO processed (msg_id, settled, change_seq, run)
+                     VALUES (?1, ?2, ?3, ?4)",
                 )?
-                .execute(params![id, settled, made])?;
+                .execute(params![id, settled, made, self.run])?;
             self.recorded_since_prune += 1;
         }
         Ok(applied)
@@ -466,6 +540,46 @@ impl Writer {
             });
         if let Err(e) = marked {
             tracing::warn!(error = %e, "could not mark forwarded message ids settled");
+        }
+    }
+
+    /// The ids to handle again if they come again (see [`super::Store::release`]).
+    fn take_releases(&self) -> Vec<String> {
+        std::mem::take(
+            &mut *self
+                .shared
+                .released
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        )
+    }
+
+    fn requeue_releases(&self, ids: Vec<String>) {
+        if ids.is_empty() {
+            return;
+        }
+        let mut pending = self
+            .shared
+            .released
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let room = super::MAX_PENDING_SETTLES.saturating_sub(pending.len());
+        pending.extend(ids.into_iter().take(room));
+    }
+
+    /// Counts each id as an earlier run's, inside the open transaction: a copy that comes
+    /// again is then passed on if its change is still the stored state. A failure leaves the
+    /// id as it was, and the batch goes on.
+    fn apply_releases(&self, ids: &[String]) {
+        if ids.is_empty() {
+            return;
+        }
+        let released = self
+            .conn
+            .prepare_cached("UPDATE processed SET run = NULL, settled = 0 WHERE msg_id = ?1")
+            .and_then(|mut stmt| ids.iter().try_for_each(|id| stmt.execute([id]).map(drop)));
+        if let Err(e) = released {
+            tracing::warn!(error = %e, "could not release message ids that were not passed on");
         }
     }
 
@@ -561,10 +675,13 @@ impl Writer {
 /// Applies `write`, and tells what it saw of the key for the feed event, from the reads it
 /// makes anyway: whether the key held anything (ADDED or MODIFIED, watched or not), and only
 /// while somebody `watched` the values a watcher is sent (a deleted object, a patch's result).
+/// Every change to `meta` goes through [`store_object`] or [`remove_object`], which keep the
+/// row's `rv` and the `digest` right.
 pub(super) fn apply_write(
     conn: &Connection,
     write: &Write,
     watched: bool,
+    deltas: &mut Deltas,
 ) -> rusqlite::Result<(Outcome, Seen)> {
     let mut seen = Seen {
         watched,
@@ -572,28 +689,43 @@ pub(super) fn apply_write(
     };
     let outcome = match write {
         Write::Put { key, rtype, value } => {
-            // The one write that reads nothing otherwise: an index lookup for ADDED/MODIFIED.
-            seen.existed = stored_exists(conn, key)?;
-            upsert(conn, key, rtype, text(value)?)?;
+            // The one write that reads no value otherwise: only the old `rv`, for the digest.
+            let old = stored_rv(conn, key)?;
+            seen.existed = old.is_some();
+            store_object(
+                conn,
+                deltas,
+                key,
+                rtype,
+                text(value)?,
+                old.flatten().as_deref(),
+            )?;
             Outcome::Stored
         }
         Write::PutIfChanged { key, rtype, value } => {
             let value = text(value)?;
-            let stored = stored_value(conn, key)?;
+            let stored = stored_row(conn, key)?;
             seen.existed = stored.is_some();
-            if let Some(old) = &stored {
-                if super::resource_version_is_older(value, old) {
+            let mut old_rv = None;
+            if let Some((old, rv)) = &stored {
+                let stored_version = match rv {
+                    Some(rv) => Cow::Borrowed(rv.as_str()),
+                    None => digest::resource_version(old.as_bytes()),
+                };
+                let incoming = digest::resource_version(value.as_bytes());
+                if super::version_is_older(&incoming, &stored_version) {
                     return Ok((Outcome::Stale, seen));
                 }
                 if same_json(old, value) {
                     return Ok((Outcome::Unchanged, seen));
                 }
+                old_rv = rv.as_deref();
             }
-            upsert(conn, key, rtype, value)?;
+            store_object(conn, deltas, key, rtype, value, old_rv)?;
             Outcome::Stored
         }
         Write::Delete { key, uid } => {
-            let Some(stored) = stored_value(conn, key)? else {
+            let Some((stored, rv)) = stored_row(conn, key)? else {
                 return Ok((Outcome::Absent, seen));
             };
             seen.existed = true;
@@ -602,19 +734,18 @@ pub(super) fn apply_write(
                     return Ok((Outcome::UidMismatch, seen));
                 }
             }
-            conn.prepare_cached("DELETE FROM meta WHERE key = ?1")?
-                .execute([key])?;
+            remove_object(conn, deltas, key, rv.as_deref())?;
             seen.before = watched.then_some(stored);
             Outcome::Deleted
         }
         Write::Patch { key, rtype, patch } => {
-            let Some(stored) = stored_value(conn, key)? else {
+            let Some((stored, rv)) = stored_row(conn, key)? else {
                 return Ok((Outcome::Absent, seen));
             };
             seen.existed = true;
             match patch.apply(&stored) {
                 Ok(Patched::Changed(value)) => {
-                    upsert(conn, key, rtype, &value)?;
+                    store_object(conn, deltas, key, rtype, &value, rv.as_deref())?;
                     seen.after = watched.then_some(value);
                     Outcome::Patched { changed: true }
                 }
@@ -624,6 +755,40 @@ pub(super) fn apply_write(
         }
     };
     Ok((outcome, seen))
+}
+
+/// Stores `value` under `key` with its `rv`, and moves the digest from the old object's term
+/// (`old_rv`: `None` when nothing was stored, or the row was not counted yet) to the new one.
+pub(super) fn store_object(
+    conn: &Connection,
+    deltas: &mut Deltas,
+    key: &str,
+    rtype: &str,
+    value: &str,
+    old_rv: Option<&str>,
+) -> rusqlite::Result<()> {
+    let rv = digest::resource_version(value.as_bytes());
+    conn.prepare_cached(
+        "INSERT INTO meta (key, type, value, rv) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT(key) DO UPDATE SET type = excluded.type, value = excluded.value,
+                                        rv = excluded.rv",
+    )?
+    .execute(params![key, rtype, value, rv.as_ref()])?;
+    deltas.replace(key, old_rv, Some(&rv));
+    Ok(())
+}
+
+/// Deletes `key`, and takes its term (`rv`, `None` when it was not counted) out of the digest.
+pub(super) fn remove_object(
+    conn: &Connection,
+    deltas: &mut Deltas,
+    key: &str,
+    rv: Option<&str>,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached("DELETE FROM meta WHERE key = ?1")?
+        .execute([key])?;
+    deltas.replace(key, rv, None);
+    Ok(())
 }
 
 /// Whether the change a message made is still the stored state: passing the message on again
@@ -731,24 +896,24 @@ pub(super) struct Seen {
     pub watched: bool,
 }
 
-/// Whether `key` is stored: an index lookup that reads no value.
-fn stored_exists(conn: &Connection, key: &str) -> rusqlite::Result<bool> {
-    conn.prepare_cached("SELECT 1 FROM meta WHERE key = ?1")?
-        .exists([key])
+/// The `rv` of the object stored under `key`: `None` when nothing is stored, `Some(None)` for a
+/// row not counted yet. Reads the row, not its value.
+fn stored_rv(conn: &Connection, key: &str) -> rusqlite::Result<Option<Option<String>>> {
+    conn.prepare_cached("SELECT rv FROM meta WHERE key = ?1")?
+        .query_row([key], |r| r.get(0))
+        .optional()
+}
+
+/// The stored value of `key` and its `rv`.
+fn stored_row(conn: &Connection, key: &str) -> rusqlite::Result<Option<(String, Option<String>)>> {
+    conn.prepare_cached("SELECT value, rv FROM meta WHERE key = ?1")?
+        .query_row([key], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()
 }
 
 /// Values are stored as TEXT, as in KubeEdge's table.
 fn text(value: &[u8]) -> rusqlite::Result<&str> {
     std::str::from_utf8(value).map_err(rusqlite::Error::from)
-}
-
-fn upsert(conn: &Connection, key: &str, rtype: &str, value: &str) -> rusqlite::Result<()> {
-    conn.prepare_cached(
-        "INSERT INTO meta (key, type, value) VALUES (?1, ?2, ?3)
-         ON CONFLICT(key) DO UPDATE SET type = excluded.type, value = excluded.value",
-    )?
-    .execute(params![key, rtype, value])?;
-    Ok(())
 }
 
 pub(super) fn stored_value(conn: &Connection, key: &str) -> rusqlite::Result<Option<String>> {
