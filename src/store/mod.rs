@@ -1677,6 +1677,14 @@ mod tests {
         let scopes = digest_entries(&store).await;
         assert_eq!(scopes, digest_of(&all_rows(&path)));
         assert_eq!(scopes.len(), 1, "an emptied scope has no entry: {scopes:?}");
+        // A replace: one object updated, one kept, one deleted, one inserted.
+        let mut set = ReplaceSet::new("a", "pod");
+        set.add("1", Bytes::from(obj("10")));
+        set.add("2", Bytes::from(obj("6")));
+        set.add("4", Bytes::from(obj("1")));
+        let done = store.replace(set).await.unwrap();
+        assert_eq!((done.inserted, done.updated, done.deleted), (1, 1, 1));
+        assert_eq!(digest_entries(&store).await, digest_of(&all_rows(&path)));
         store.close().await;
     }
 
