@@ -673,7 +673,117 @@ async fn a_stalled_store_slows_the_sender_and_refuses_nothing() {
     assert_eq!(reply["content"][0]["i"], 499);
 }
 
+/// Publishes `lines` (one JSON message a line) as edgehub with `mosquitto_pub -l`, as fast as
+/// it reads them, QoS 1; `false` when the mosquitto clients are missing.
+fn publish_lines_as_edgehub(port: u16, lines: &[Value]) -> bool {
+    use std::io::Write;
+    if !common::mosquitto_clients() {
+        return false;
+    }
+    let mut publisher = std::process::Command::new("mosquitto_pub")
+        .args(["-p", &port.to_string(), "-q", "1", "-l"])
+        .args([
+            "-t",
+            &format!("edge/{}/edgehub/to/metamanager", common::NODE),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = publisher.stdin.take().unwrap();
+    for line in lines {
+        writeln!(stdin, "{line}").unwrap();
+    }
+    drop(stdin);
+    assert!(publisher.wait().unwrap().success());
+    true
+}
+
+/// Everything MetaManager publishes until `done` holds for what was collected (or the wait
+/// runs out), then whatever else comes within a quiet moment.
+async fn collect_until(
+    app: &mut TestApp,
+    done: impl Fn(&[(String, Value)]) -> bool,
+) -> Vec<(String, Value)> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    while !done(&seen) && Instant::now() < deadline {
+        seen.extend(app.client.drain(Duration::from_millis(200)).await);
+    }
+    seen.extend(app.client.drain(Duration::from_millis(500)).await);
+    seen
+}
+
+/// How many acks (`response` "OK") edgehub got for `id`.
+fn acks_to_edgehub(seen: &[(String, Value)], id: &str) -> usize {
+    seen.iter()
+        .filter(|(t, v)| {
+            t == "metamanager/to/edgehub"
+                && v["header"]["parent_msg_id"] == id
+                && v["content"] == "OK"
+        })
+        .count()
+}
+
+/// Three copies of one insert published back to back (`mosquitto_pub -l`): the later copies
+/// arrive before the first one's forward is acknowledged by the broker. Stored once, forwarded
+/// to edged once, every copy acked.
+async fn three_copies_back_to_back_are_forwarded_once_and_acked_thrice(kind: BrokerKind) {
+    let Some(mut app) = TestApp::spawn(Options::new(kind)).await else {
+        return;
+    };
+    let insert = fixture("insert-pod.message.json");
+    let id = msg_id(&insert).to_owned();
+    if !publish_lines_as_edgehub(app.port, &[insert.clone(), insert.clone(), insert.clone()]) {
+        return;
+    }
+    let seen = collect_until(&mut app, |seen| acks_to_edgehub(seen, &id) >= 3).await;
+    assert_eq!(
+        acks_to_edgehub(&seen, &id),
+        3,
+        "every copy acked: {seen:#?}"
+    );
+    assert_eq!(forwards_to_edged(&seen, &id), 1, "{seen:#?}");
+    assert_eq!(count_rows(&app, "SELECT count(*) FROM meta"), 1);
+}
+
+/// 100 copies of one insert among 100 other inserts, alternating, in one stream: the copy is
+/// forwarded once, every other insert once, and every message is acked.
+async fn a_hundred_copies_among_other_traffic_are_forwarded_once(kind: BrokerKind) {
+    let Some(mut app) = TestApp::spawn(Options::new(kind)).await else {
+        return;
+    };
+    let repeated = fixture("insert-pod.message.json");
+    let id = msg_id(&repeated).to_owned();
+    let others: Vec<Value> = (0..100)
+        .map(|i| {
+            let name = format!("other-{i:03}");
+            message("insert", &format!("default/pod/{name}"), pod_named(&name))
+        })
+        .collect();
+    let lines: Vec<Value> = others
+        .iter()
+        .flat_map(|other| [repeated.clone(), other.clone()])
+        .collect();
+    if !publish_lines_as_edgehub(app.port, &lines) {
+        return;
+    }
+    let other_ids: Vec<String> = others.iter().map(|m| msg_id(m).to_owned()).collect();
+    let seen = collect_until(&mut app, |seen| {
+        acks_to_edgehub(seen, &id) >= 100 && other_ids.iter().all(|o| acks_to_edgehub(seen, o) == 1)
+    })
+    .await;
+    assert_eq!(acks_to_edgehub(&seen, &id), 100, "every copy acked");
+    assert_eq!(forwards_to_edged(&seen, &id), 1, "the copy forwarded once");
+    for other in &other_ids {
+        assert_eq!(acks_to_edgehub(&seen, other), 1, "{other} acked");
+        assert_eq!(forwards_to_edged(&seen, other), 1, "{other} forwarded once");
+    }
+    assert_eq!(count_rows(&app, "SELECT count(*) FROM meta"), 101);
+}
+
 both_brokers!(
+    three_copies_back_to_back_are_forwarded_once_and_acked_thrice,
+    a_hundred_copies_among_other_traffic_are_forwarded_once,
     duplicate_delivery_is_applied_once,
     redelivery_of_a_settled_message_passes_nothing_on,
     redelivered_insert_does_not_resurrect_a_deleted_pod,
