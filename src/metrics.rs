@@ -387,14 +387,14 @@ impl Exporter {
     pub fn render(&self) -> String {
         let m = &self.metrics;
         let mirrored = m.mirrored.lock().unwrap_or_else(|p| p.into_inner());
-        m.outbox_len.set(gauge(self.store.outbox_len() as u64));
+        m.outbox_len.set(gauge(self.outbox.len() as u64));
         m.remote_pending.set(gauge(self.remote.len() as u64));
         m.cloud_connected.set(i64::from(self.cloud.connected()));
         m.broker_connected
             .set(i64::from(*self.broker_connected.borrow()));
         m.db_bytes.set(gauge(database_bytes(self.store.path())));
         for (reason, total) in [
-            ("full", self.store.outbox_dropped_full()),
+            ("full", self.outbox.dropped_full()),
             ("expired", self.outbox.dropped_expired()),
         ] {
             let counter = mirrored.dropped.get_or_create(&ReasonLabel {
@@ -666,8 +666,14 @@ mod tests {
             let name = "metamanager_outbox_dropped_messages_total";
             sample(&scrape, name, ("reason", "full")).map(value)
         };
+        // The outbox's counters are read from its own store.
+        let with_store = |exporter: &mut Exporter, store: crate::store::Store| {
+            let (publisher, cloud) = (exporter.publisher.clone(), exporter.cloud.clone());
+            exporter.outbox = Outbox::new(store.clone(), publisher, cloud);
+            std::mem::replace(&mut exporter.store, store)
+        };
         let mut exporter = exporter(&h);
-        exporter.store = open("a.db");
+        with_store(&mut exporter, open("a.db"));
         // An outbox of one: every message queued after the first drops the oldest.
         queue(exporter.store.clone(), 0..4).await;
         assert_eq!(exporter.store.outbox_dropped_full(), 3);
@@ -680,7 +686,7 @@ mod tests {
         queue(exporter.store.clone(), 4..6).await;
         assert_eq!(dropped_full(&exporter), Some(5.0));
 
-        let first = std::mem::replace(&mut exporter.store, open("b.db"));
+        let first = with_store(&mut exporter, open("b.db"));
         queue(exporter.store.clone(), 0..2).await;
         assert_eq!(exporter.store.outbox_dropped_full(), 1);
         assert_eq!(dropped_full(&exporter), Some(5.0), "never back");

@@ -58,6 +58,28 @@ impl Outbox {
         !self.cloud.connected() || self.store.outbox_len() > 0
     }
 
+    /// The outbox entry for the message `message` makes, to commit with the change it reports,
+    /// when it must wait; `None` when it goes straight out once the change is committed
+    /// ([`Self::send_to_cloud`]).
+    pub fn hold(&self, message: impl FnOnce() -> CloudMessage) -> Option<CloudMessage> {
+        self.must_queue().then(message)
+    }
+
+    /// Messages waiting for the cloud.
+    pub fn len(&self) -> usize {
+        self.store.outbox_len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Entries dropped since start because the outbox was full (`outbox.max_messages`; the
+    /// store drops the oldest in the transaction that queues one too many).
+    pub fn dropped_full(&self) -> u64 {
+        self.store.outbox_dropped_full()
+    }
+
     /// Entries dropped since start for being older than `outbox.max_age`.
     pub fn dropped_expired(&self) -> u64 {
         self.dropped_expired.load(Ordering::Relaxed)

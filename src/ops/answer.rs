@@ -5,9 +5,9 @@
 use std::sync::Arc;
 
 use crate::cloud::remote::{Answer, Completion};
-use crate::message::{Message, Operation};
+use crate::message::Message;
 use crate::mqtt::Inbound;
-use crate::store::{Change, StoreError, Write};
+use crate::store::{Change, StoreError};
 use crate::topics::Peer;
 
 use super::change::forward;
@@ -19,17 +19,12 @@ pub(super) async fn answer_from_cloud(
     publish: Inbound,
     message: Message,
 ) -> Step {
-    let (forget_patch, write) = match patch_result(ctx, &message) {
-        Some((parent, write)) => (Some(parent), write),
-        None => (None, None),
-    };
-    let stores = write.is_some();
+    // An answer to a patch waiting for it is stored first.
     let change = Change {
         msg_id: Some(message.msg_id().to_owned()),
-        write,
-        forget_patch,
-        ..Change::default()
+        ..ctx.sent_patches.answer(&message).unwrap_or_default()
     };
+    let stores = change.write.is_some();
     let committed = match ctx.store.submit(change).await {
         Ok(c) => c,
         Err(e) => return store_failed(ctx, Peer::Edgehub, publish, message, e),
@@ -71,27 +66,6 @@ pub(super) async fn answer_from_cloud(
             }
         }
     })
-}
-
-/// The write for the cloud's answer to a patch edged sent it: the object as the cloud has it
-/// after the patch, stored under the key the patch changed (a `podpatch`'s pod). A `response`
-/// with an object, or an `error`, ends the patch's wait; anything else (a bare ack) leaves it
-/// waiting for the answer that carries the object. Only the object stores anything. `None`
-/// when the message ends no patch's wait; else the patch's id, to forget, and the write.
-fn patch_result(ctx: &Context, message: &Message) -> Option<(String, Option<Write>)> {
-    let parent = message.header.parent_msg_id.as_deref()?;
-    let object =
-        message.operation == Operation::Response && message.content_json().starts_with('{');
-    if !object && message.operation != Operation::Error {
-        return None;
-    }
-    let target = ctx.sent_patches.claim(parent)?;
-    let write = object.then(|| Write::Put {
-        key: target.key,
-        rtype: target.rtype,
-        value: message.content.clone().unwrap_or_default(),
-    });
-    Some((parent.to_owned(), write))
 }
 
 #[cfg(test)]

@@ -22,11 +22,11 @@ use serde_json::{json, Value};
 
 use crate::cloud::outbox;
 use crate::cloud::remote::{Answer, TooManyPending};
-use crate::cloud::waiting::Target;
+use crate::cloud::waiting::{Target, WaitingPatch};
 use crate::message::{self, Message, Operation, API_SOURCE};
 use crate::patch::{OpFailure, Patch, PatchError};
 use crate::resource::Resource;
-use crate::store::{Change, Outcome, SentPatch, StoreError, Write};
+use crate::store::{Change, Outcome, StoreError, Write};
 use crate::topics::Peer;
 
 use super::{rules, settle, Context};
@@ -316,14 +316,6 @@ async fn patch_status_here(
         &key,
         &message::raw(queued),
     );
-    // The cloud's answer, when it comes, is stored like the answer to an edged patch.
-    ctx.sent_patches.remember(
-        &id,
-        Target {
-            key: key.clone(),
-            rtype: rtype.clone(),
-        },
-    );
     let change = Change {
         write: Some(Write::Patch {
             key: key.clone(),
@@ -332,42 +324,32 @@ async fn patch_status_here(
         }),
         to_cloud: Some(outbox::cloud_message(&key, payload.clone().into(), false)),
         to_cloud_needs_object: true,
-        remember_patch: Some(SentPatch {
-            msg_id: id.clone(),
-            key: key.clone(),
-            rtype: rtype.clone(),
-        }),
         ..Change::default()
     };
-    let applied = ctx.store.write(change).await;
-    let outcome = match applied {
-        Ok(applied) => applied.outcome,
-        Err(e) => {
-            ctx.sent_patches.claim(&id);
-            return Err(WriteError::store(&key)(e));
-        }
+    // The cloud's answer, when it comes, is stored like the answer to an edged patch.
+    let target = Target {
+        key: key.clone(),
+        rtype,
     };
-    match outcome {
+    let (change, waiting) = WaitingPatch::new(&ctx.sent_patches, &id, target, change);
+    let applied = ctx
+        .store
+        .write(change)
+        .await
+        .map_err(WriteError::store(&key))?;
+    waiting.committed(&applied);
+    match applied.outcome {
         Outcome::Rejected(PatchError::Operation {
             op: 0,
             failure: OpFailure::TestFailed | OpFailure::NoPath,
-        }) if guarded => {
-            ctx.sent_patches.claim(&id);
-            Err(WriteError::Modified { key })
-        }
-        Outcome::Rejected(e) => {
-            ctx.sent_patches.claim(&id);
-            Err(WriteError::Invalid(format!(
-                "patch of {key} not applied: {}",
-                parsed.explain(e)
-            )))
-        }
-        Outcome::Absent => {
-            ctx.sent_patches.claim(&id);
-            Err(WriteError::NotFound {
-                text: format!("{key} is not stored on this node"),
-            })
-        }
+        }) if guarded => Err(WriteError::Modified { key }),
+        Outcome::Rejected(e) => Err(WriteError::Invalid(format!(
+            "patch of {key} not applied: {}",
+            parsed.explain(e)
+        ))),
+        Outcome::Absent => Err(WriteError::NotFound {
+            text: format!("{key} is not stored on this node"),
+        }),
         _ => {
             tracing::info!(resource = %key, "status written while the cloud is away; queued for it");
             ctx.publisher.send(Peer::Edged, payload).await;

@@ -160,7 +160,10 @@ pub(super) fn queue_for_cloud(
     publish: &Inbound,
     kind: WriteKind,
 ) -> Option<store::CloudMessage> {
-    (to == Peer::Edgehub && ctx.outbox.must_queue()).then(|| {
+    if to != Peer::Edgehub {
+        return None;
+    }
+    ctx.outbox.hold(|| {
         let coalesce = coalesces(kind, msg);
         outbox::cloud_message(msg.resource.key(), publish.payload.clone(), coalesce)
     })

@@ -39,7 +39,7 @@ use std::sync::Arc;
 use crate::cloud::metasync::MetaSync;
 use crate::cloud::outbox::Outbox;
 use crate::cloud::remote::RemoteQueries;
-use crate::cloud::waiting::SentPatches;
+use crate::cloud::waiting::WaitingPatches;
 use crate::cloud::CloudState;
 use crate::message::{self, Message, Operation};
 use crate::metrics::{ErrorReason, Metrics};
@@ -58,7 +58,7 @@ pub struct Context {
     pub metasync: MetaSync,
     pub remote: Arc<RemoteQueries>,
     /// Patches passed on to the cloud, whose answers are stored.
-    pub sent_patches: Arc<SentPatches>,
+    pub sent_patches: Arc<WaitingPatches>,
     pub cloud: CloudState,
     pub metrics: Arc<Metrics>,
     /// Types asked of the cloud when edged queries one that is not stored.
@@ -100,7 +100,7 @@ impl Context {
             outbox,
             metasync,
             remote: Arc::new(RemoteQueries::new(settings.meta.remote_query_timeout)),
-            sent_patches: Arc::new(SentPatches::load(waiting)),
+            sent_patches: Arc::new(WaitingPatches::load(waiting)),
             cloud,
             metrics,
             remote_types: settings.meta.remote_types.iter().cloned().collect(),

@@ -15,13 +15,13 @@
 use std::sync::Arc;
 
 use crate::cloud::outbox;
-use crate::cloud::waiting::Target;
+use crate::cloud::waiting::{Target, WaitingPatch};
 use crate::message::{self, Message, Operation};
 use crate::metrics::ErrorReason;
 use crate::mqtt::Inbound;
 use crate::patch::{self, Patch};
 use crate::resource::Resource;
-use crate::store::{Applied, Change, Committed, Outcome, SentPatch, StoreError, Write};
+use crate::store::{Applied, Change, Committed, Outcome, StoreError, Write};
 use crate::topics::Peer;
 
 use super::change::forward;
@@ -66,64 +66,83 @@ pub(super) async fn patch(
         key: target.key().to_owned(),
         rtype,
     };
-    // Remembered before it can reach the cloud (through the outbox it may leave before this
-    // step runs), so that the answer finds it. Not an event's: its answer would store the
-    // event.
-    if sender == Peer::Edged && target.rtype != rules::EVENT {
-        ctx.sent_patches.remember(msg.msg_id(), target.clone());
-    }
     let write = Write::Patch {
         key: target.key.clone(),
         rtype: target.rtype.clone(),
         patch: parsed.clone(),
     };
     // Never coalesced in the outbox: the cloud needs every patch, in order.
-    let to_cloud = (sender == Peer::Edged && ctx.outbox.must_queue())
-        .then(|| outbox::cloud_message(msg.resource.key(), publish.payload.clone(), false));
-    let remember_patch =
-        (sender == Peer::Edged && target.rtype != rules::EVENT).then(|| SentPatch {
-            msg_id: msg.msg_id().to_owned(),
-            key: target.key.clone(),
-            rtype: target.rtype.clone(),
-        });
+    let to_cloud = match sender {
+        Peer::Edged => ctx
+            .outbox
+            .hold(|| outbox::cloud_message(msg.resource.key(), publish.payload.clone(), false)),
+        Peer::Edgehub => None,
+    };
     let change = Change {
         msg_id: Some(msg.msg_id().to_owned()),
         write: (target.rtype != rules::EVENT).then_some(write),
         to_cloud,
-        remember_patch,
         ..Change::default()
+    };
+    // Waited for from before it can reach the cloud (through the outbox it may leave before
+    // this step runs), so that the answer finds it. Not an event's: its answer would store
+    // the event.
+    let (change, waiting) = if sender == Peer::Edged && target.rtype != rules::EVENT {
+        let (change, waiting) =
+            WaitingPatch::new(&ctx.sent_patches, msg.msg_id(), target.clone(), change);
+        (change, Some(waiting))
+    } else {
+        (change, None)
     };
     match ctx.store.submit(change).await {
         Ok(committed) => Box::pin(after_commit(
             ctx.clone(),
-            sender,
-            publish,
-            msg,
+            Patched {
+                sender,
+                publish,
+                msg,
+                parsed,
+                target,
+                waiting,
+            },
             committed,
-            parsed,
-            target,
         )),
         Err(e) => store_failed(ctx, sender, publish, msg, e),
     }
 }
 
-/// The ordered step: once the patch is committed, the `error` when it could not be applied,
-/// else the forward and the ack; then the broker ack.
-async fn after_commit(
-    ctx: Arc<Context>,
+/// A patch on its way to the store.
+struct Patched {
     sender: Peer,
     publish: Inbound,
     msg: Message,
-    committed: Committed,
     parsed: Arc<Patch>,
     target: Target,
-) {
-    match committed.await.unwrap_or(Err(StoreError::Closed)) {
+    /// Edged's patch, waiting for the cloud's answer; forgotten when it is dropped before
+    /// its change committed.
+    waiting: Option<WaitingPatch>,
+}
+
+/// The ordered step: once the patch is committed, the `error` when it could not be applied,
+/// else the forward and the ack; then the broker ack.
+async fn after_commit(ctx: Arc<Context>, patched: Patched, committed: Committed) {
+    let Patched {
+        sender,
+        publish,
+        msg,
+        parsed,
+        target,
+        waiting,
+    } = patched;
+    let result = committed.await.unwrap_or(Err(StoreError::Closed));
+    if let (Some(waiting), Ok(applied)) = (waiting, &result) {
+        waiting.committed(applied);
+    }
+    match result {
         Ok(Applied {
             outcome: Outcome::Rejected(e),
             ..
         }) => {
-            ctx.sent_patches.claim(msg.msg_id());
             ctx.metrics.error(ErrorReason::Invalid);
             let text = format!("patch of {} not applied: {}", target.key, parsed.explain(e));
             tracing::warn!(
@@ -141,10 +160,7 @@ async fn after_commit(
                 report_not_queued(&ctx, sender, &msg).await;
             }
         }
-        Err(e) => {
-            ctx.sent_patches.claim(msg.msg_id());
-            report_store_error(&ctx, sender, &msg, &e).await
-        }
+        Err(e) => report_store_error(&ctx, sender, &msg, &e).await,
     }
     ctx.publisher.ack(&publish);
 }

@@ -229,6 +229,19 @@ pub enum Outcome {
     Rejected(crate::patch::PatchError),
 }
 
+impl Outcome {
+    /// Whether what rides with the write is kept: its message for the cloud, its waiting
+    /// patch's row. Not after a rejected write, nor, when the change `needs_object`
+    /// ([`Change::to_cloud_needs_object`]), after one that found none.
+    pub fn keeps_riders(&self, needs_object: bool) -> bool {
+        match self {
+            Outcome::Rejected(_) => false,
+            Outcome::Absent => !needs_object,
+            _ => true,
+        }
+    }
+}
+
 /// The result of one committed change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Applied {

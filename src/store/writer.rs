@@ -455,7 +455,7 @@ impl Writer {
         // Nothing goes to the cloud for a write that changed nothing, nor, when it needed
         // its object, for one that found none.
         let changed_nothing = matches!(outcome, Outcome::Unchanged | Outcome::Stale);
-        let found_nothing = change.to_cloud_needs_object && outcome == Outcome::Absent;
+        let found_nothing = !outcome.keeps_riders(change.to_cloud_needs_object);
         if let Some(patch) = change.remember_patch.as_ref().filter(|_| !found_nothing) {
             self.conn
                 .prepare_cached(
