@@ -1,5 +1,5 @@
-//! Reading the files the configuration names: the config file itself, the MQTT password, and the
-//! TLS certificates and key.
+//! Reading the files the configuration names: the config file itself, the MQTT password, the TLS
+//! certificates and keys, and the API's tokens and policy.
 //!
 //! Each is read with a size cap, because a path is easy to get wrong and some files never end:
 //! `password_file: /dev/zero` would otherwise be read until the kernel kills the process, and
@@ -17,12 +17,34 @@ use std::path::Path;
 pub const SECRET_MAX_BYTES: u64 = 64 * 1024;
 /// A PEM CA bundle or certificate chain: a whole system CA bundle is about 220 KiB.
 pub const CERTIFICATES_MAX_BYTES: u64 = 1024 * 1024;
-/// The YAML config file: the commented example of every key is about 6 KiB.
+/// The YAML config file, or another file an operator writes (an ABAC policy): the commented
+/// example of every key is about 6 KiB.
 pub const CONFIG_MAX_BYTES: u64 = 1024 * 1024;
 
-/// The whole file, when it holds at most `cap` bytes.
-pub fn read(path: &Path, cap: u64) -> io::Result<Vec<u8>> {
-    read_file(open(path)?, cap)
+/// What a file holds, which sets its cap and whether it is a secret.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holds {
+    /// A password, token or private key, named by config key `key`: at most
+    /// [`SECRET_MAX_BYTES`], and warned about when the file's group or others may read it.
+    Secret { key: &'static str },
+    /// PEM certificates, at most [`CERTIFICATES_MAX_BYTES`].
+    Certificates,
+    /// Text an operator writes (the config file, a policy), at most [`CONFIG_MAX_BYTES`].
+    Config,
+}
+
+/// The whole file, when it holds at most what `holds` allows.
+pub fn read(path: &Path, holds: Holds) -> io::Result<Vec<u8>> {
+    match holds {
+        Holds::Secret { key } => read_secret(key, path),
+        Holds::Certificates => read_file(open(path)?, CERTIFICATES_MAX_BYTES),
+        Holds::Config => read_file(open(path)?, CONFIG_MAX_BYTES),
+    }
+}
+
+/// [`read`], as UTF-8 text; other bytes are an error of kind `InvalidData`.
+pub fn read_text(path: &Path, holds: Holds) -> io::Result<String> {
+    String::from_utf8(read(path, holds)?).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 /// Opens `path` for reading, refusing a FIFO or a socket: opening a FIFO waits for a writer,
@@ -44,7 +66,7 @@ fn open(path: &Path) -> io::Result<File> {
 
 /// A secret named by config key `key`, at most [`SECRET_MAX_BYTES`]; warns when the file's group
 /// or others may read it.
-pub fn read_secret(key: &'static str, path: &Path) -> io::Result<Vec<u8>> {
+fn read_secret(key: &'static str, path: &Path) -> io::Result<Vec<u8>> {
     let file = open(path)?;
     if let Some(mode) = exposed_mode(&file) {
         tracing::warn!(
@@ -103,15 +125,16 @@ mod tests {
         assert!(made.success());
         let e = read_secret("mqtt.password_file", &fifo).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
-        assert!(read(&fifo, 10).is_err());
+        assert!(read(&fifo, Holds::Config).is_err());
     }
 
     #[test]
     fn a_file_up_to_the_cap_is_read_and_a_longer_one_refused() {
         let file = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(file.path(), [b'x'; 100]).unwrap();
-        assert_eq!(read(file.path(), 100).unwrap().len(), 100);
-        let e = read(file.path(), 99).unwrap_err();
+        let open = || File::open(file.path()).unwrap();
+        assert_eq!(read_file(open(), 100).unwrap().len(), 100);
+        let e = read_file(open(), 99).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::FileTooLarge);
         assert!(e.to_string().contains("larger than 99 bytes"), "{e}");
     }
@@ -144,6 +167,9 @@ mod tests {
         let group_readable = std::fs::Permissions::from_mode(0o640);
         secret.as_file().set_permissions(group_readable).unwrap();
         assert_eq!(exposed_mode(secret.as_file()), Some(0o640));
-        assert_eq!(read_secret("k", secret.path()).unwrap(), b"s3cret\n");
+        assert_eq!(
+            read_text(secret.path(), Holds::Secret { key: "k" }).unwrap(),
+            "s3cret\n"
+        );
     }
 }

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+use crate::bounded_read::{self, Holds};
+
 /// Why the configuration could not be used. Each variant names the offending key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -399,10 +401,7 @@ impl Settings {
             path: path.to_owned(),
             source,
         };
-        let bytes = crate::bounded_read::read(path, crate::bounded_read::CONFIG_MAX_BYTES)
-            .map_err(read_error)?;
-        let text = String::from_utf8(bytes)
-            .map_err(|e| read_error(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
+        let text = bounded_read::read_text(path, Holds::Config).map_err(read_error)?;
         Self::from_yaml(&text).map_err(|e| match e {
             ConfigError::Parse { message, .. } => ConfigError::Parse {
                 path: path.to_owned(),
@@ -615,14 +614,7 @@ impl MqttSettings {
         let Some(path) = &self.password_file else {
             return Ok(self.password.clone());
         };
-        let read_error = |source| ConfigError::ReadFile {
-            key,
-            path: path.clone(),
-            source,
-        };
-        let bytes = crate::bounded_read::read_secret(key, path).map_err(read_error)?;
-        let text = String::from_utf8(bytes)
-            .map_err(|e| read_error(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
+        let text = read_named(key, path, true)?;
         let password = text.trim_end_matches(['\r', '\n']);
         at_most_bytes(key, password, MAX_MQTT_STRING_BYTES)?;
         Ok(Some(password.to_owned()))
@@ -670,6 +662,21 @@ impl OutboxSettings {
         within("outbox.drain_rate", self.drain_rate, 1, MAX_DRAIN_RATE)?;
         Ok(())
     }
+}
+
+/// The text of the file config key `key` names, read with its cap; a `secret` one (a password,
+/// tokens) is warned about when others may read it ([`crate::bounded_read`]).
+pub fn read_named(key: &'static str, path: &Path, secret: bool) -> Result<String, ConfigError> {
+    let holds = if secret {
+        Holds::Secret { key }
+    } else {
+        Holds::Config
+    };
+    bounded_read::read_text(path, holds).map_err(|source| ConfigError::ReadFile {
+        key,
+        path: path.to_owned(),
+        source,
+    })
 }
 
 fn invalid(key: &'static str, message: String) -> Result<(), ConfigError> {

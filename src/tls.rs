@@ -15,7 +15,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
-use crate::bounded_read;
+use crate::bounded_read::{self, Holds};
 use crate::config::TlsSettings;
 
 /// Why the TLS settings cannot be used. Each variant names the config key and the file.
@@ -110,12 +110,12 @@ pub fn client_config(settings: &TlsSettings, host: &str) -> Result<Arc<ClientCon
 /// A certificate file, or with `secret` the key file; both with a size cap
 /// ([`crate::bounded_read`]).
 fn read(key: &'static str, path: &Path, secret: bool) -> Result<Vec<u8>, TlsError> {
-    let bytes = if secret {
-        bounded_read::read_secret(key, path)
+    let holds = if secret {
+        Holds::Secret { key }
     } else {
-        bounded_read::read(path, bounded_read::CERTIFICATES_MAX_BYTES)
+        Holds::Certificates
     };
-    bytes.map_err(|source| TlsError::Read {
+    bounded_read::read(path, holds).map_err(|source| TlsError::Read {
         key,
         path: path.to_owned(),
         source,

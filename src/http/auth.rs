@@ -24,8 +24,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use super::scope::ApiError;
-use crate::bounded_read;
-use crate::config::ConfigError;
+use crate::config::{read_named, ConfigError};
 
 /// The group of every authenticated user.
 pub const AUTHENTICATED: &str = "system:authenticated";
@@ -92,13 +91,12 @@ impl Auth {
     ) -> Result<Self, ConfigError> {
         let tokens = token_file
             .map(|path| {
-                read_config_file("http.auth.token_file", path, true).and_then(|t| parse_tokens(&t))
+                read_named("http.auth.token_file", path, true).and_then(|t| parse_tokens(&t))
             })
             .transpose()?;
         let policy = policy_file
             .map(|path| {
-                read_config_file("http.auth.policy_file", path, false)
-                    .and_then(|t| parse_policy(&t))
+                read_named("http.auth.policy_file", path, false).and_then(|t| parse_policy(&t))
             })
             .transpose()?;
         Ok(Self {
@@ -183,24 +181,6 @@ impl Rule {
             }
         }
     }
-}
-
-/// A file a config key names, with a size cap; a `secret` one (the tokens) is also warned
-/// about when others may read it.
-fn read_config_file(key: &'static str, path: &Path, secret: bool) -> Result<String, ConfigError> {
-    let read_error = |source| ConfigError::ReadFile {
-        key,
-        path: path.to_owned(),
-        source,
-    };
-    let bytes = if secret {
-        bounded_read::read_secret(key, path)
-    } else {
-        bounded_read::read(path, bounded_read::CONFIG_MAX_BYTES)
-    }
-    .map_err(read_error)?;
-    String::from_utf8(bytes)
-        .map_err(|e| read_error(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
 }
 
 /// kube-apiserver's static token file: `token,user,uid` and optionally `"group1,group2"`.
