@@ -13,10 +13,11 @@ use tokio::sync::{mpsc, watch};
 
 use crate::broker::{BrokerError, BrokerOptions, EmbeddedBroker, DEFAULT_MAX_CONNECTIONS};
 use crate::cloud::CloudState;
-use crate::config::{BrokerMode, ConfigError, Settings};
+use crate::config::{ConfigError, Settings};
 use crate::descriptors;
 use crate::http::{self, HttpError};
 use crate::metrics::Exporter;
+use crate::mqtt::settings::BrokerMode;
 use crate::mqtt::{Incoming, Link, LinkOptions, Publisher};
 use crate::ops::{self, Step};
 use crate::readiness::{self, Readiness};
@@ -80,7 +81,11 @@ pub async fn run_with(
     };
     // Checked before anything is created, like the password file.
     let tls = match &settings.mqtt.tls {
-        Some(t) => Some(tls::client_config(t, &settings.mqtt.host)?),
+        Some(t) => Some(tls::client_config(
+            &t.ca_file,
+            t.client_cert(),
+            &settings.mqtt.host,
+        )?),
         None => None,
     };
     // The API's certificate, tokens and policy, read like the other files a config key names.

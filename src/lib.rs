@@ -2,9 +2,13 @@
 //! node agent), speaking MQTT and persisting to SQLite.
 //!
 //! Module map, from the outside in:
-//! - [`config`]: typed settings from the optional YAML file, and the bounds each key is held to.
-//! - [`bounded_read`]: the files config keys name (password, TLS), read with a size cap; a
-//!   secret others may read is warned about.
+//! - [`config`]: the optional YAML file read into [`config::Settings`], which gathers each
+//!   part's settings; each part's settings struct, defaults and bounds live in the part
+//!   ([`mqtt::settings`], [`store::settings`], [`http::settings`]).
+//!   - [`config::bounds`]: what they share: the error that names the key, range checks, the
+//!     duration format, reading a file a key names.
+//! - [`bounded_read`]: the files config keys name (password, TLS, API tokens and policy), read
+//!   with a size cap; a secret others may read is warned about.
 //! - [`telemetry`]: logging set-up.
 //! - [`app`]: starts the parts in order and stops them in reverse order.
 //! - [`broker`]: the embedded rumqttd broker (a patched copy, `vendor/rumqttd`).
@@ -14,6 +18,7 @@
 //! - [`mqtt`]: the link to the broker: a receiving side that reads only as fast as the inbound
 //!   budget allows, and a sending one for everything outbound ([`mqtt::Publisher`]); two MQTT
 //!   connections to an external broker, two in-process links to the embedded one.
+//!   - [`mqtt::settings`]: `mqtt`: the broker, the credentials, the inbound budget, the watchdog.
 //! - [`tls`]: the rustls client configuration for an external broker, TLS failure reasons, and
 //!   the local API's HTTPS configuration.
 //! - [`delivery`]: which of MetaManager's publishes the broker has acknowledged.
@@ -33,6 +38,7 @@
 //!   - [`cloud::replaces`]: the pages of `replace` operations whose last page has not come.
 //!   - [`cloud::waiting`]: patches passed on to the cloud, waiting for its answer.
 //! - [`http`]: the local HTTP endpoint: `/healthz`, `/readyz`, `/metrics` and the API.
+//!   - [`http::settings`]: `http`: the listener, its bounds, HTTPS and the API's auth files.
 //!   - [`http::server`]: connections under a cap, with header and idle timeouts.
 //!   - [`http::caps`]: caps on concurrent requests and watches (429 over them).
 //!   - [`http::host`]: the `Host` check of a loopback listener (DNS rebinding).
@@ -60,6 +66,7 @@
 //!   - [`store::lock`]: one MetaManager per database, by a lock file beside it.
 //!   - [`store::digest`]: per scope, the count and order-independent hash of the stored
 //!     objects, kept by the writer in each write's transaction; each row's `rv` column.
+//!   - [`store::settings`]: `database`: the file and how hard each commit insists on the disk.
 //!
 //! Each part is given what it uses when `app` builds it; nothing shares one object of
 //! everything, and no two modules import each other.

@@ -16,7 +16,6 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use crate::bounded_read::{self, Holds};
-use crate::config::TlsSettings;
 
 /// Why the TLS settings cannot be used. Each variant names the config key and the file.
 #[derive(Debug, thiserror::Error)]
@@ -75,13 +74,18 @@ pub enum TlsError {
 }
 
 /// Builds the client configuration for a broker at `host` (the name its certificate must carry:
-/// a DNS name, or an IP address that must appear among the certificate's IP SANs).
-pub fn client_config(settings: &TlsSettings, host: &str) -> Result<Arc<ClientConfig>, TlsError> {
+/// a DNS name, or an IP address that must appear among the certificate's IP SANs), from
+/// `mqtt.tls`: the CAs of `ca_file`, and a client certificate chain and key when given.
+pub fn client_config(
+    ca_file: &Path,
+    client_cert: Option<(&Path, &Path)>,
+    host: &str,
+) -> Result<Arc<ClientConfig>, TlsError> {
     if ServerName::try_from(host).is_err() {
         return Err(TlsError::Host { host: host.into() });
     }
 
-    let roots = ca_roots("mqtt.tls.ca_file", &settings.ca_file)?;
+    let roots = ca_roots("mqtt.tls.ca_file", ca_file)?;
 
     let builder =
         ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
@@ -89,32 +93,26 @@ pub fn client_config(settings: &TlsSettings, host: &str) -> Result<Arc<ClientCon
             .map_err(TlsError::Setup)?
             .with_root_certificates(roots);
 
-    let config = match (&settings.cert_file, &settings.key_file) {
-        (Some(cert_path), Some(key_path)) => {
+    let config = match client_cert {
+        Some((cert_path, key_path)) => {
             let chain = certificates("mqtt.tls.cert_file", cert_path)?;
             let key = private_key("mqtt.tls.key_file", key_path)?;
             builder
                 .with_client_auth_cert(chain, key)
                 .map_err(|source| TlsError::ClientCert {
-                    cert: cert_path.clone(),
-                    key: key_path.clone(),
+                    cert: cert_path.to_owned(),
+                    key: key_path.to_owned(),
                     source,
                 })?
         }
-        // Config validation requires both or neither.
-        _ => builder.with_no_client_auth(),
+        None => builder.with_no_client_auth(),
     };
     Ok(Arc::new(config))
 }
 
-/// A certificate file, or with `secret` the key file; both with a size cap
+/// The file config key `key` names (certificates, or a key as a secret), with its size cap
 /// ([`crate::bounded_read`]).
-fn read(key: &'static str, path: &Path, secret: bool) -> Result<Vec<u8>, TlsError> {
-    let holds = if secret {
-        Holds::Secret { key }
-    } else {
-        Holds::Certificates
-    };
+fn read(key: &'static str, path: &Path, holds: Holds) -> Result<Vec<u8>, TlsError> {
     bounded_read::read(path, holds).map_err(|source| TlsError::Read {
         key,
         path: path.to_owned(),
@@ -124,7 +122,7 @@ fn read(key: &'static str, path: &Path, secret: bool) -> Result<Vec<u8>, TlsErro
 
 /// Every `CERTIFICATE` section of a PEM file; at least one.
 fn certificates(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let text = read(key, path, false)?;
+    let text = read(key, path, Holds::Certificates)?;
     let certs = CertificateDer::pem_slice_iter(&text)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|source| TlsError::Pem {
@@ -201,7 +199,7 @@ pub fn server_config(
 /// The first private key of a PEM file (PKCS#8, PKCS#1 or SEC1; not encrypted), named by
 /// config key `key`.
 fn private_key(key: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let text = read(key, path, true)?;
+    let text = read(key, path, Holds::Secret { key })?;
     PrivateKeyDer::from_pem_slice(&text).map_err(|e| match e {
         pem::Error::NoItemsFound => TlsError::Missing {
             key,
@@ -281,17 +279,9 @@ pub fn describe(e: &rustls::Error) -> String {
 mod tests {
     use super::*;
 
-    fn settings(ca: &str) -> TlsSettings {
-        TlsSettings {
-            ca_file: PathBuf::from(ca),
-            cert_file: None,
-            key_file: None,
-        }
-    }
-
     #[test]
     fn an_unreadable_ca_file_is_named_with_its_key() {
-        let e = client_config(&settings("/nonexistent/ca.pem"), "127.0.0.1").unwrap_err();
+        let e = client_config(Path::new("/nonexistent/ca.pem"), None, "127.0.0.1").unwrap_err();
         let text = e.to_string();
         assert!(text.contains("mqtt.tls.ca_file"), "{text}");
         assert!(text.contains("/nonexistent/ca.pem"), "{text}");
@@ -299,7 +289,7 @@ mod tests {
 
     #[test]
     fn a_host_that_cannot_be_verified_is_refused() {
-        let e = client_config(&settings("/nonexistent/ca.pem"), "bad host").unwrap_err();
+        let e = client_config(Path::new("/nonexistent/ca.pem"), None, "bad host").unwrap_err();
         assert!(e.to_string().contains("mqtt.host"), "{e}");
     }
 

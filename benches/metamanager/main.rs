@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use std::sync::Arc;
 
 use harness::{percentiles, start_metamanager, Broker, Client, Percentiles, Progress};
-use metamanager::config::Synchronous;
+use metamanager::store::settings::Synchronous;
 use metamanager::store::{Store, StoreOptions, Write};
 
 struct Sizes {

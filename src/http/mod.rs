@@ -34,6 +34,7 @@ pub mod openapi;
 pub mod scope;
 pub mod selector;
 pub mod server;
+pub mod settings;
 pub mod table;
 pub mod watch;
 pub mod write;

@@ -24,6 +24,7 @@ mod in_process;
 #[cfg(test)]
 pub mod memory;
 mod publish;
+pub mod settings;
 mod unacked;
 
 use std::sync::atomic::{AtomicBool, Ordering};

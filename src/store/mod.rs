@@ -33,9 +33,9 @@ pub mod lock;
 mod metrics;
 pub mod read;
 mod replace;
+pub mod settings;
 mod writer;
 
-use crate::config::Synchronous;
 use crate::delivery::Delivery;
 
 pub use digest::{Digest, ScopeDigest};
@@ -43,6 +43,7 @@ pub use feed::{Expired, Resume};
 pub use lock::{InstanceLock, LockError};
 pub use metrics::StoreMetrics;
 pub use replace::{ReplaceSet, Replaced, ReplacedChange};
+use settings::Synchronous;
 pub use writer::DEDUPE_WINDOW;
 
 /// Changes queued for the writer thread before submitters wait.

@@ -1,0 +1,545 @@
+//! Typed settings, read from an optional YAML file.
+//!
+//! Every key is optional and falls back to the built-in default, so `metamanager` with no
+//! arguments runs. Unknown keys are rejected rather than ignored: a typo in a config file on a
+//! remote edge node should stop start-up loudly, not silently fall back to a default.
+//!
+//! Each part's settings, with their defaults, bounds and `validate`, live beside the part:
+//! [`crate::mqtt::settings`], [`crate::store::settings`], [`crate::http::settings`], and here
+//! the outbox's and the cloud side's (`meta`). This module gathers them into [`Settings`] and
+//! reads the file; [`bounds`] holds what they share: the error that names the key, the range
+//! checks and the duration format.
+
+pub mod bounds;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use bounds::ConfigError;
+use bounds::{at_most_bytes, duration_within, invalid, topic_level, within, MIN_DURATION};
+
+use crate::bounded_read::{self, Holds};
+use crate::http::settings::HttpSettings;
+use crate::mqtt::settings::MqttSettings;
+use crate::store::settings::DatabaseSettings;
+
+/// A Kubernetes node name (a DNS subdomain) can be this long, and `default/node/{node_id}` is
+/// still a valid resource key (a segment holds 253 bytes, see [`crate::resource`]).
+pub const MAX_NODE_ID_BYTES: usize = 253;
+pub const MAX_PODSTATUS_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+/// edged waits this long for an answer; an hour is already far past any caller's patience.
+pub const MAX_REMOTE_QUERY_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Tokens live an hour by default in Kubernetes (at least 10 minutes); a day is beyond any TTL.
+pub const MAX_TOKEN_REFRESH_BEFORE: Duration = Duration::from_secs(24 * 3600);
+/// The outbox is on disk, so this bounds disk, not memory: at 1 MiB a message, up to 1 TB.
+pub const MAX_OUTBOX_MESSAGES: usize = 1_000_000;
+pub const MAX_OUTBOX_AGE: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Messages per second; the drain reads a tenth of it from the database at a time, so this
+/// also bounds what one read holds in memory (1000 messages).
+pub const MAX_DRAIN_RATE: u32 = 10_000;
+/// Longer than any KubeEdge type name (`serviceaccounttoken` has 19 bytes); a DNS label's limit.
+pub const MAX_RESOURCE_TYPE_BYTES: usize = 63;
+
+/// The whole file: the node's name, and each part's settings under its own key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub node_id: String,
+    pub mqtt: MqttSettings,
+    pub database: DatabaseSettings,
+    pub meta: MetaSettings,
+    pub outbox: OutboxSettings,
+    pub http: HttpSettings,
+}
+
+/// Bounds and pacing of the durable outbox that holds messages for the cloud while it is
+/// disconnected.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutboxSettings {
+    /// Most messages kept; beyond it the oldest are dropped (and counted).
+    pub max_messages: usize,
+    /// Messages older than this are dropped instead of sent.
+    #[serde(deserialize_with = "bounds::duration")]
+    pub max_age: Duration,
+    /// Messages per second sent when the cloud comes back.
+    pub drain_rate: u32,
+}
+
+impl Default for OutboxSettings {
+    fn default() -> Self {
+        Self {
+            max_messages: 10_000,
+            max_age: Duration::from_secs(24 * 3600),
+            drain_rate: 200,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetaSettings {
+    pub sync: SyncSettings,
+    #[serde(deserialize_with = "bounds::duration")]
+    pub remote_query_timeout: Duration,
+    /// Resource types that edged may fetch from the cloud when the node holds no copy.
+    pub remote_types: Vec<String>,
+    /// A stored service account token that expires within this is fetched again from the
+    /// cloud when edged asks for it (while the cloud is connected), as KubeEdge refreshes
+    /// tokens before their TTL runs out.
+    #[serde(deserialize_with = "bounds::duration")]
+    pub token_refresh_before: Duration,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SyncSettings {
+    pub podstatus: PodStatusSync,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PodStatusSync {
+    #[serde(deserialize_with = "bounds::duration")]
+    pub interval: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            node_id: "edge-node".into(),
+            mqtt: MqttSettings::default(),
+            database: DatabaseSettings::default(),
+            meta: MetaSettings::default(),
+            outbox: OutboxSettings::default(),
+            http: HttpSettings::default(),
+        }
+    }
+}
+
+impl Default for MetaSettings {
+    fn default() -> Self {
+        Self {
+            sync: SyncSettings::default(),
+            remote_query_timeout: Duration::from_secs(60),
+            token_refresh_before: Duration::from_secs(600),
+            remote_types: [
+                "configmap",
+                "secret",
+                "serviceaccounttoken",
+                "persistentvolume",
+                "persistentvolumeclaim",
+                "volumeattachment",
+                "node",
+            ]
+            .map(String::from)
+            .to_vec(),
+        }
+    }
+}
+
+impl Default for PodStatusSync {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Settings {
+    /// Reads and validates a YAML file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let read_error = |source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        };
+        let text = bounded_read::read_text(path, Holds::Config).map_err(read_error)?;
+        Self::from_yaml(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates YAML text; an empty document means all defaults.
+    ///
+    /// The YAML is read into a generic tree first and the settings are taken from that tree,
+    /// so that a wrong value is reported with its full key (`mqtt.port: ...`).
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        let parse_error = |message: String| ConfigError::Parse {
+            path: PathBuf::new(),
+            message,
+        };
+        let tree: serde_json::Value = if text.trim().is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_saphyr::from_str(text).map_err(|e| parse_error(e.to_string()))?
+        };
+        let settings: Settings = if tree.is_null() {
+            Settings::default()
+        } else {
+            serde_path_to_error::deserialize(tree).map_err(|e| {
+                let path = e.path().to_string();
+                let inner = e.into_inner().to_string();
+                parse_error(if path == "." {
+                    inner
+                } else {
+                    format!("key `{path}`: {inner}")
+                })
+            })?
+        };
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks what serde's types cannot express: the rules of each key, and an upper bound on
+    /// every number and duration, so that no value can overflow the arithmetic done with it or
+    /// ask for unbounded memory. Each part checks its own keys, in the order of the file's
+    /// sections, so the first bad key is the one reported; README.md lists the bounds.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        topic_level("node_id", &self.node_id, MAX_NODE_ID_BYTES)?;
+        self.mqtt.validate()?;
+        self.database.validate()?;
+        self.meta.validate()?;
+        self.outbox.validate()?;
+        self.http.validate()?;
+        Ok(())
+    }
+}
+
+impl MetaSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        duration_within(
+            "meta.sync.podstatus.interval",
+            self.sync.podstatus.interval,
+            MIN_DURATION,
+            MAX_PODSTATUS_INTERVAL,
+        )?;
+        duration_within(
+            "meta.remote_query_timeout",
+            self.remote_query_timeout,
+            MIN_DURATION,
+            MAX_REMOTE_QUERY_TIMEOUT,
+        )?;
+        duration_within(
+            "meta.token_refresh_before",
+            self.token_refresh_before,
+            MIN_DURATION,
+            MAX_TOKEN_REFRESH_BEFORE,
+        )?;
+        for rtype in &self.remote_types {
+            resource_type("meta.remote_types", rtype)?;
+        }
+        Ok(())
+    }
+}
+
+impl OutboxSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        within(
+            "outbox.max_messages",
+            self.max_messages,
+            1,
+            MAX_OUTBOX_MESSAGES,
+        )?;
+        // 0 is refused rather than read as "off": it would drop everything queued the moment
+        // the cloud came back, which is never what an outbox is for.
+        duration_within("outbox.max_age", self.max_age, MIN_DURATION, MAX_OUTBOX_AGE)?;
+        within("outbox.drain_rate", self.drain_rate, 1, MAX_DRAIN_RATE)?;
+        Ok(())
+    }
+}
+
+/// A resource type, as the second segment of `namespace/type/name` (see [`crate::resource`]):
+/// KubeEdge's types are lowercase words (`configmap`, `serviceaccounttoken`).
+fn resource_type(key: &'static str, value: &str) -> Result<(), ConfigError> {
+    if value.is_empty() {
+        return invalid(key, "a type must not be empty".into());
+    }
+    at_most_bytes(key, value, MAX_RESOURCE_TYPE_BYTES)?;
+    if !value
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    {
+        return invalid(
+            key,
+            format!("{value:?} is not a resource type: use lowercase letters and digits only, e.g. configmap"),
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mqtt::settings::BrokerMode;
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        let s = Settings::from_yaml("").unwrap();
+        assert_eq!(s.node_id, "edge-node");
+        assert_eq!(s.mqtt.port, 1884);
+        assert_eq!(s.mqtt.mode, BrokerMode::Embedded);
+        assert_eq!(s.meta.sync.podstatus.interval, Duration::from_secs(60));
+        assert!(s.http.enabled);
+        assert_eq!(s.http.listen, "127.0.0.1:10550");
+    }
+
+    #[test]
+    fn durations_take_seconds_or_strings() {
+        let s = Settings::from_yaml(
+            "meta:\n  sync:\n    podstatus:\n      interval: 90\n  remote_query_timeout: 1m30s\n",
+        )
+        .unwrap();
+        assert_eq!(s.meta.sync.podstatus.interval, Duration::from_secs(90));
+        assert_eq!(s.meta.remote_query_timeout, Duration::from_secs(90));
+        let s = Settings::from_yaml("meta:\n  sync:\n    podstatus:\n      interval: \"2s\"\n")
+            .unwrap();
+        assert_eq!(s.meta.sync.podstatus.interval, Duration::from_secs(2));
+    }
+
+    fn error_of(yaml: &str) -> String {
+        Settings::from_yaml(yaml).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let huge_node_id = format!("node_id: {}\n", "n".repeat(70 * 1024));
+        let long_node_id = format!("node_id: {}\n", "n".repeat(MAX_NODE_ID_BYTES + 1));
+        let long_prefix = format!("mqtt:\n  topic_prefix: {}\n", "e".repeat(65));
+        let long_type = format!("meta:\n  remote_types: [{}]\n", "t".repeat(64));
+        let long_user = format!("mqtt:\n  username: {}\n", "u".repeat(65_536));
+        let table: &[(&str, &str)] = &[
+            // Types serde checks.
+            ("mqtt:\n  mode: sideways\n", "mqtt.mode"),
+            ("mqtt:\n  port: 70000\n", "mqtt.port"),
+            (
+                "meta:\n  sync:\n    podstatus:\n      interval: -5\n",
+                "meta.sync.podstatus.interval",
+            ),
+            (
+                "meta:\n  remote_query_timeout: soon\n",
+                "remote_query_timeout",
+            ),
+            (
+                "http:\n  auth: {policy_file: /etc/policy.jsonl}\n",
+                "http.auth.token_file",
+            ),
+            ("nodeid: x\n", "nodeid"),
+            ("mqtt:\n  hots: x\n", "hots"),
+            ("http:\n  listne: x\n", "listne"),
+            (
+                "mqtt:\n  max_payload_bytes: 18446744073709551616\n",
+                "mqtt.max_payload_bytes",
+            ),
+            // Topic levels.
+            ("node_id: a/b\n", "node_id"),
+            ("node_id: \"\"\n", "node_id"),
+            ("node_id: a+b\n", "node_id"),
+            ("node_id: a#\n", "node_id"),
+            ("node_id: \"a\\0b\"\n", "node_id"),
+            ("node_id: \"$SYS\"\n", "node_id"),
+            ("node_id: a b\n", "node_id"),
+            (&huge_node_id, "node_id"),
+            (&long_node_id, "node_id"),
+            ("mqtt:\n  topic_prefix: \"\"\n", "mqtt.topic_prefix"),
+            ("mqtt:\n  topic_prefix: \"$share\"\n", "mqtt.topic_prefix"),
+            ("mqtt:\n  topic_prefix: e/dge\n", "mqtt.topic_prefix"),
+            (&long_prefix, "mqtt.topic_prefix"),
+            // Addresses and names.
+            ("mqtt:\n  mode: external\n  port: 0\n", "mqtt.port"),
+            ("mqtt:\n  host: \" \"\n", "mqtt.host"),
+            ("http:\n  listen: localhost\n", "http.listen"),
+            (
+                "meta:\n  token_refresh_before: 0\n",
+                "meta.token_refresh_before",
+            ),
+            ("database:\n  path: \"file:data/m.db\"\n", "database.path"),
+            ("database:\n  path: \":memory:\"\n", "database.path"),
+            ("http:\n  max_connections: 0\n", "http.max_connections"),
+            (
+                "http:\n  max_requests: 9223372036854775807\n",
+                "http.max_requests",
+            ),
+            ("http:\n  max_watches: 0\n", "http.max_watches"),
+            ("http:\n  header_timeout: 0\n", "http.header_timeout"),
+            ("http:\n  idle_timeout: 2h\n", "http.idle_timeout"),
+            (
+                "http:\n  allowed_hosts: ['edge.local:10550']\n",
+                "http.allowed_hosts",
+            ),
+            (&long_user, "mqtt.username"),
+            // Numbers: a floor and a ceiling each, so that nothing can overflow.
+            (
+                "mqtt:\n  max_payload_bytes: 1023\n",
+                "mqtt.max_payload_bytes",
+            ),
+            (
+                "mqtt:\n  max_payload_bytes: 9223372036854775808\n",
+                "mqtt.max_payload_bytes",
+            ),
+            (
+                "mqtt:\n  max_payload_bytes: 134217729\n",
+                "mqtt.max_payload_bytes",
+            ),
+            (
+                "mqtt:\n  max_inflight_messages: 0\n",
+                "mqtt.max_inflight_messages",
+            ),
+            (
+                "mqtt:\n  max_inflight_messages: 65536\n",
+                "mqtt.max_inflight_messages",
+            ),
+            (
+                "mqtt:\n  max_inflight_bytes: 1023\n",
+                "mqtt.max_inflight_bytes",
+            ),
+            (
+                "mqtt:\n  max_inflight_bytes: 1073741825\n",
+                "mqtt.max_inflight_bytes",
+            ),
+            ("outbox:\n  max_messages: 0\n", "outbox.max_messages"),
+            ("outbox:\n  max_messages: 1000001\n", "outbox.max_messages"),
+            (
+                "outbox:\n  max_messages: 18446744073709551615\n",
+                "outbox.max_messages",
+            ),
+            ("outbox:\n  drain_rate: 0\n", "outbox.drain_rate"),
+            ("outbox:\n  drain_rate: 10001\n", "outbox.drain_rate"),
+            ("outbox:\n  drain_rate: 4294967296\n", "outbox.drain_rate"),
+            // Durations: none takes 0 or less than a second, each has a ceiling.
+            ("outbox:\n  max_age: 0\n", "outbox.max_age"),
+            ("outbox:\n  max_age: 500ms\n", "outbox.max_age"),
+            ("outbox:\n  max_age: 366d\n", "outbox.max_age"),
+            (
+                "outbox:\n  max_age: 18446744073709551615\n",
+                "outbox.max_age",
+            ),
+            (
+                "meta:\n  remote_query_timeout: 0\n",
+                "meta.remote_query_timeout",
+            ),
+            (
+                "meta:\n  remote_query_timeout: 61m\n",
+                "meta.remote_query_timeout",
+            ),
+            (
+                "meta:\n  sync:\n    podstatus:\n      interval: 0\n",
+                "meta.sync.podstatus.interval",
+            ),
+            (
+                "meta:\n  sync:\n    podstatus:\n      interval: 25h\n",
+                "meta.sync.podstatus.interval",
+            ),
+            ("mqtt:\n  watchdog_interval: 0\n", "mqtt.watchdog_interval"),
+            (
+                "mqtt:\n  watchdog_interval: 2h\n  watchdog_timeout: 3h\n",
+                "mqtt.watchdog_interval",
+            ),
+            (
+                "mqtt:\n  watchdog_interval: 10s\n  watchdog_timeout: 5s\n",
+                "mqtt.watchdog_timeout",
+            ),
+            ("mqtt:\n  watchdog_timeout: 25h\n", "mqtt.watchdog_timeout"),
+            // Resource types.
+            ("meta:\n  remote_types: ['', 'a/b']\n", "meta.remote_types"),
+            ("meta:\n  remote_types: ['a/b']\n", "meta.remote_types"),
+            ("meta:\n  remote_types: [ConfigMap]\n", "meta.remote_types"),
+            ("meta:\n  remote_types: [config-map]\n", "meta.remote_types"),
+            (&long_type, "meta.remote_types"),
+        ];
+        for (yaml, key) in table {
+            let e = error_of(yaml);
+            assert!(
+                e.contains(key),
+                "{:.80}: the error should name {key}: {e:.300}",
+                yaml
+            );
+            assert!(
+                e.len() < 1000,
+                "{:.80}: the error must not echo a huge value: {} bytes",
+                yaml,
+                e.len()
+            );
+        }
+    }
+
+    #[test]
+    fn values_at_the_bounds_are_accepted() {
+        let ok = [
+            "mqtt:\n  port: 0\n",
+            "mqtt:\n  max_payload_bytes: 1024\n",
+            "mqtt:\n  max_payload_bytes: 134217728\n",
+            "mqtt:\n  max_inflight_messages: 1\n",
+            "mqtt:\n  max_inflight_messages: 65535\n",
+            "mqtt:\n  max_inflight_bytes: 1073741824\n",
+            "mqtt:\n  watchdog_interval: 1s\n  watchdog_timeout: 1s\n",
+            "mqtt:\n  watchdog_interval: 1h\n  watchdog_timeout: 24h\n",
+            "outbox:\n  max_messages: 1000000\n  max_age: 1s\n  drain_rate: 10000\n",
+            "outbox:\n  max_age: 365d\n",
+            "meta:\n  remote_query_timeout: 1h\n  remote_types: []\n",
+            "meta:\n  sync:\n    podstatus:\n      interval: 24h\n",
+            "meta:\n  remote_types: [configmap, v1beta2thing]\n",
+            "node_id: \"a$b\"\n",
+            "http:\n  max_connections: 1\n  max_requests: 4096\n  max_watches: 1\n",
+            "http:\n  header_timeout: 1s\n  idle_timeout: 1h\n  allowed_hosts: [edge-node.local]\n",
+        ];
+        for yaml in ok {
+            if let Err(e) = Settings::from_yaml(yaml) {
+                panic!("{yaml}: {e}");
+            }
+        }
+        let longest = format!("node_id: {}\n", "n".repeat(MAX_NODE_ID_BYTES));
+        assert!(Settings::from_yaml(&longest).is_ok());
+    }
+
+    #[test]
+    fn the_shipped_example_is_within_every_bound() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/edge.yaml");
+        if let Err(e) = Settings::from_file(&example) {
+            panic!("{e}");
+        }
+    }
+
+    #[test]
+    fn a_password_file_is_read_with_a_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("password");
+        std::fs::write(&path, "s3cret\r\n").unwrap();
+        let settings = |path: &Path| MqttSettings {
+            username: Some("mm".into()),
+            password_file: Some(path.to_owned()),
+            ..MqttSettings::default()
+        };
+        assert_eq!(
+            settings(&path).resolved_password().unwrap().as_deref(),
+            Some("s3cret")
+        );
+        let e = settings(Path::new("/dev/zero"))
+            .resolved_password()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("mqtt.password_file") && e.contains("larger than"),
+            "{e}"
+        );
+        std::fs::write(&path, "p".repeat(65_536)).unwrap();
+        let e = settings(&path).resolved_password().unwrap_err().to_string();
+        assert!(
+            e.contains("mqtt.password_file") && e.contains("at most 65535"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_oversized_config_file_is_refused_unread() {
+        let e = Settings::from_file(Path::new("/dev/zero"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/dev/zero") && e.contains("larger than"), "{e}");
+    }
+}
