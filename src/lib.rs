@@ -4,7 +4,7 @@
 //! Module map, from the outside in:
 //! - [`config`]: the optional YAML file read into [`config::Settings`], which gathers each
 //!   part's settings; each part's settings struct, defaults and bounds live in the part
-//!   ([`mqtt::settings`], [`store::settings`], [`http::settings`]).
+//!   ([`mqtt::settings`], [`store::settings`], [`http::settings`], [`cloud::settings`]).
 //!   - [`config::bounds`]: what they share: the error that names the key, range checks, the
 //!     duration format, reading a file a key names.
 //! - [`bounded_read`]: the files config keys name (password, TLS, API tokens and policy), read
@@ -36,6 +36,8 @@
 //!   - [`cloud::metasync`]: the periodic pod-status sync to the cloud.
 //!   - [`cloud::remote`]: queries and API writes waiting for the cloud's answer.
 //!   - [`cloud::replaces`]: the pages of `replace` operations whose last page has not come.
+//!   - [`cloud::settings`]: `outbox` and `meta`: the outbox's bounds and pacing, MetaSync's
+//!     period, what is asked of the cloud and for how long.
 //!   - [`cloud::waiting`]: patches passed on to the cloud, waiting for its answer.
 //! - [`http`]: the local HTTP endpoint: `/healthz`, `/readyz`, `/metrics` and the API.
 //!   - [`http::settings`]: `http`: the listener, its bounds, HTTPS and the API's auth files.

@@ -6,6 +6,7 @@
 //! - [`metasync`]: the periodic pod-status sync to the cloud.
 //! - [`remote`]: queries and API writes waiting for the cloud's answer.
 //! - [`replaces`]: the pages of `replace` operations whose last page has not come.
+//! - [`settings`]: `outbox` and `meta`, with their defaults and bounds.
 //! - [`waiting`]: patches passed on to the cloud, waiting for its answer (in memory here, and
 //!   as rows the store writes with each patch's change).
 //!
@@ -16,6 +17,7 @@ pub mod metasync;
 pub mod outbox;
 pub mod remote;
 pub mod replaces;
+pub mod settings;
 pub mod state;
 pub mod waiting;
 

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use super::settings::OutboxSettings;
 use super::state::CloudState;
-use crate::config::OutboxSettings;
 use crate::mqtt::Publisher;
 use crate::shutdown::Shutdown;
 use crate::store::{Change, CloudMessage, Store, StoreError};

@@ -5,22 +5,23 @@
 //! remote edge node should stop start-up loudly, not silently fall back to a default.
 //!
 //! Each part's settings, with their defaults, bounds and `validate`, live beside the part:
-//! [`crate::mqtt::settings`], [`crate::store::settings`], [`crate::http::settings`], and here
-//! the outbox's and the cloud side's (`meta`). This module gathers them into [`Settings`] and
-//! reads the file; [`bounds`] holds what they share: the error that names the key, the range
-//! checks and the duration format.
+//! [`crate::mqtt::settings`], [`crate::store::settings`], [`crate::http::settings`] and
+//! [`crate::cloud::settings`] (`outbox` and `meta`). This module gathers them into [`Settings`]
+//! and reads the file; [`bounds`] holds what they share: the error that names the key, the
+//! range and length checks, the duration format, and reading a file a key names. Adding a
+//! setting touches its part's `settings` file (and README.md and conf/edge.yaml), nothing here.
 
 pub mod bounds;
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde::Deserialize;
 
+use bounds::topic_level;
 pub use bounds::ConfigError;
-use bounds::{at_most_bytes, duration_within, invalid, topic_level, within, MIN_DURATION};
 
 use crate::bounded_read::{self, Holds};
+use crate::cloud::settings::{MetaSettings, OutboxSettings};
 use crate::http::settings::HttpSettings;
 use crate::mqtt::settings::MqttSettings;
 use crate::store::settings::DatabaseSettings;
@@ -28,19 +29,6 @@ use crate::store::settings::DatabaseSettings;
 /// A Kubernetes node name (a DNS subdomain) can be this long, and `default/node/{node_id}` is
 /// still a valid resource key (a segment holds 253 bytes, see [`crate::resource`]).
 pub const MAX_NODE_ID_BYTES: usize = 253;
-pub const MAX_PODSTATUS_INTERVAL: Duration = Duration::from_secs(24 * 3600);
-/// edged waits this long for an answer; an hour is already far past any caller's patience.
-pub const MAX_REMOTE_QUERY_TIMEOUT: Duration = Duration::from_secs(3600);
-/// Tokens live an hour by default in Kubernetes (at least 10 minutes); a day is beyond any TTL.
-pub const MAX_TOKEN_REFRESH_BEFORE: Duration = Duration::from_secs(24 * 3600);
-/// The outbox is on disk, so this bounds disk, not memory: at 1 MiB a message, up to 1 TB.
-pub const MAX_OUTBOX_MESSAGES: usize = 1_000_000;
-pub const MAX_OUTBOX_AGE: Duration = Duration::from_secs(365 * 24 * 3600);
-/// Messages per second; the drain reads a tenth of it from the database at a time, so this
-/// also bounds what one read holds in memory (1000 messages).
-pub const MAX_DRAIN_RATE: u32 = 10_000;
-/// Longer than any KubeEdge type name (`serviceaccounttoken` has 19 bytes); a DNS label's limit.
-pub const MAX_RESOURCE_TYPE_BYTES: usize = 63;
 
 /// The whole file: the node's name, and each part's settings under its own key.
 #[derive(Debug, Clone, Deserialize)]
@@ -54,58 +42,6 @@ pub struct Settings {
     pub http: HttpSettings,
 }
 
-/// Bounds and pacing of the durable outbox that holds messages for the cloud while it is
-/// disconnected.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct OutboxSettings {
-    /// Most messages kept; beyond it the oldest are dropped (and counted).
-    pub max_messages: usize,
-    /// Messages older than this are dropped instead of sent.
-    #[serde(deserialize_with = "bounds::duration")]
-    pub max_age: Duration,
-    /// Messages per second sent when the cloud comes back.
-    pub drain_rate: u32,
-}
-
-impl Default for OutboxSettings {
-    fn default() -> Self {
-        Self {
-            max_messages: 10_000,
-            max_age: Duration::from_secs(24 * 3600),
-            drain_rate: 200,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct MetaSettings {
-    pub sync: SyncSettings,
-    #[serde(deserialize_with = "bounds::duration")]
-    pub remote_query_timeout: Duration,
-    /// Resource types that edged may fetch from the cloud when the node holds no copy.
-    pub remote_types: Vec<String>,
-    /// A stored service account token that expires within this is fetched again from the
-    /// cloud when edged asks for it (while the cloud is connected), as KubeEdge refreshes
-    /// tokens before their TTL runs out.
-    #[serde(deserialize_with = "bounds::duration")]
-    pub token_refresh_before: Duration,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct SyncSettings {
-    pub podstatus: PodStatusSync,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct PodStatusSync {
-    #[serde(deserialize_with = "bounds::duration")]
-    pub interval: Duration,
-}
-
 impl Default for Settings {
     fn default() -> Self {
         Self {
@@ -115,35 +51,6 @@ impl Default for Settings {
             meta: MetaSettings::default(),
             outbox: OutboxSettings::default(),
             http: HttpSettings::default(),
-        }
-    }
-}
-
-impl Default for MetaSettings {
-    fn default() -> Self {
-        Self {
-            sync: SyncSettings::default(),
-            remote_query_timeout: Duration::from_secs(60),
-            token_refresh_before: Duration::from_secs(600),
-            remote_types: [
-                "configmap",
-                "secret",
-                "serviceaccounttoken",
-                "persistentvolume",
-                "persistentvolumeclaim",
-                "volumeattachment",
-                "node",
-            ]
-            .map(String::from)
-            .to_vec(),
-        }
-    }
-}
-
-impl Default for PodStatusSync {
-    fn default() -> Self {
-        Self {
-            interval: Duration::from_secs(60),
         }
     }
 }
@@ -211,70 +118,10 @@ impl Settings {
     }
 }
 
-impl MetaSettings {
-    fn validate(&self) -> Result<(), ConfigError> {
-        duration_within(
-            "meta.sync.podstatus.interval",
-            self.sync.podstatus.interval,
-            MIN_DURATION,
-            MAX_PODSTATUS_INTERVAL,
-        )?;
-        duration_within(
-            "meta.remote_query_timeout",
-            self.remote_query_timeout,
-            MIN_DURATION,
-            MAX_REMOTE_QUERY_TIMEOUT,
-        )?;
-        duration_within(
-            "meta.token_refresh_before",
-            self.token_refresh_before,
-            MIN_DURATION,
-            MAX_TOKEN_REFRESH_BEFORE,
-        )?;
-        for rtype in &self.remote_types {
-            resource_type("meta.remote_types", rtype)?;
-        }
-        Ok(())
-    }
-}
-
-impl OutboxSettings {
-    fn validate(&self) -> Result<(), ConfigError> {
-        within(
-            "outbox.max_messages",
-            self.max_messages,
-            1,
-            MAX_OUTBOX_MESSAGES,
-        )?;
-        // 0 is refused rather than read as "off": it would drop everything queued the moment
-        // the cloud came back, which is never what an outbox is for.
-        duration_within("outbox.max_age", self.max_age, MIN_DURATION, MAX_OUTBOX_AGE)?;
-        within("outbox.drain_rate", self.drain_rate, 1, MAX_DRAIN_RATE)?;
-        Ok(())
-    }
-}
-
-/// A resource type, as the second segment of `namespace/type/name` (see [`crate::resource`]):
-/// KubeEdge's types are lowercase words (`configmap`, `serviceaccounttoken`).
-fn resource_type(key: &'static str, value: &str) -> Result<(), ConfigError> {
-    if value.is_empty() {
-        return invalid(key, "a type must not be empty".into());
-    }
-    at_most_bytes(key, value, MAX_RESOURCE_TYPE_BYTES)?;
-    if !value
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-    {
-        return invalid(
-            key,
-            format!("{value:?} is not a resource type: use lowercase letters and digits only, e.g. configmap"),
-        );
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::mqtt::settings::BrokerMode;
 
