@@ -25,7 +25,8 @@
 //! - [`budget`]: the bound on messages in flight; when it is spent, MetaManager stops reading.
 //! - [`topics`]: the node's topic names and the two peers, edgehub and edged.
 //! - [`message`]: the wire message, its validation, and the replies MetaManager builds.
-//! - [`resource`]: the `namespace/type[/name]` resource key.
+//! - [`resource`]: the `namespace/type[/name]` resource key, and the namespace segment of a
+//!   cluster-scoped object.
 //! - [`patch`]: applying a `patch` operation's merge patch or JSON Patch to a stored object,
 //!   with the status lists of pods and nodes merged by key.
 //! - [`ops`]: what each operation does, one file per operation, each split into an immediate part
@@ -47,6 +48,7 @@
 //!   - [`http::accept`]: JSON only; `406` for a client that accepts only protobuf.
 //!   - [`http::auth`]: bearer tokens and an ABAC policy, in kube-apiserver's file formats.
 //!   - [`http::kinds`]: the kinds served: the core ones and every other kind the store holds.
+//!   - [`http::target`]: what a resource path names, and the kind it is of.
 //!   - [`http::kube`]: the Kubernetes API's routes; get, list and watch over the store.
 //!   - [`http::discovery`]: `/version`, `/api`, `/apis` and resource lists, classic and
 //!     aggregated.

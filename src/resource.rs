@@ -4,6 +4,13 @@
 
 use std::fmt;
 
+/// The namespace segment a new cluster-scoped object (a node, or a kind whose objects name no
+/// namespace) is stored under. Its key still has three segments, as in KubeEdge, and an object
+/// keeps the segment it came with (`edge/node/n` is node `n`): a cluster-scoped object is one
+/// per type and name, whatever its segment, and is found by those
+/// ([`crate::store::Store::cluster_object`]), not by its key.
+pub const CLUSTER_NAMESPACE: &str = "default";
+
 /// Longest resource string accepted. Kubernetes names are at most 253 bytes and namespaces 63,
 /// so this leaves room without letting a key grow unbounded.
 pub const MAX_KEY_LEN: usize = 512;

@@ -16,10 +16,10 @@ use serde_json::{json, Value};
 
 use std::sync::Arc;
 
-use super::kinds::{self, Kind};
+use super::kinds::Kind;
 use super::scope::{is_watch, served, ApiError, Scope};
+use super::target::{find_kind, Target};
 use super::{discovery, list_page, table, watch, write, HttpState};
-use crate::resource::Resource;
 use crate::store::Store;
 
 /// Discovery; get, list and watch of every kind, core (`/api/v1`) and grouped
@@ -67,53 +67,6 @@ pub fn routes() -> Router<HttpState> {
     router.layer(axum::middleware::from_fn(super::accept::json_only))
 }
 
-/// What a resource path names; the core group's paths have no group or version segment.
-pub struct Target {
-    pub group: String,
-    pub version: String,
-    pub namespace: Option<String>,
-    pub plural: String,
-    pub name: Option<String>,
-}
-
-impl From<HashMap<String, String>> for Target {
-    fn from(mut path: HashMap<String, String>) -> Self {
-        Self {
-            group: path.remove("group").unwrap_or_default(),
-            version: path.remove("version").unwrap_or_else(|| "v1".into()),
-            namespace: path.remove("ns"),
-            plural: path.remove("plural").unwrap_or_default(),
-            name: path.remove("name"),
-        }
-    }
-}
-
-impl Target {
-    /// The namespace segment an object of `kind` is stored under: a cluster-scoped kind's are
-    /// under `default` (see [`super::kinds`]).
-    pub fn namespace_of(&self, kind: &Kind) -> String {
-        match (&self.namespace, kind.namespaced) {
-            (Some(ns), true) => ns.clone(),
-            _ => "default".into(),
-        }
-    }
-}
-
-/// The kind a path names, or the 404 kube-apiserver gives; also for a namespaced path of a
-/// cluster-scoped kind and the reverse, whose objects are not there.
-pub async fn find_kind(store: &Store, target: &Target) -> Result<Arc<Kind>, ApiError> {
-    let kind = kinds::find(store, &target.group, &target.version, &target.plural)
-        .await?
-        .ok_or(ApiError::NoRoute)?;
-    match (target.namespace.is_some(), kind.namespaced, &target.name) {
-        // A cluster-scoped kind has no objects under a namespace: as kube-apiserver, 404,
-        // rather than all of them to a client whose access may be limited to that namespace.
-        (true, false, _) => Err(ApiError::NoRoute),
-        (false, true, Some(_)) => Err(ApiError::NoRoute),
-        _ => Ok(kind),
-    }
-}
-
 type Params = Query<HashMap<String, String>>;
 
 /// A list, or a watch, of one kind in one namespace or all.
@@ -147,36 +100,19 @@ async fn list(
     if is_watch(&params) {
         let permit = state.caps.watch()?;
         // Without a version the watcher has not listed, so it is first told what exists.
-        let version = match params.get("resourceVersion").map(String::as_str) {
-            None | Some("") | Some("0") => None,
-            Some(v) => Some(v.parse::<u64>().map_err(|_| {
-                ApiError::BadRequest(format!(
-                    "resourceVersion {v:?} is not a version this server gave out"
-                ))
-            })?),
-        };
-        let timeout = match params.get("timeoutSeconds").map(String::as_str) {
-            None | Some("") | Some("0") => None,
-            Some(t) => Some(std::time::Duration::from_secs(t.parse::<u64>().map_err(
-                |_| ApiError::BadRequest(format!("timeoutSeconds {t:?} is not a whole number")),
-            )?)),
-        };
+        let version = number(&params, "resourceVersion", "a version this server gave out")?;
+        let timeout = number(&params, "timeoutSeconds", "a whole number")?;
         let options = watch::WatchOptions {
             version,
             bookmarks: params
                 .get("allowWatchBookmarks")
                 .is_some_and(|b| matches!(b.as_str(), "true" | "1")),
-            timeout,
+            timeout: timeout.map(std::time::Duration::from_secs),
             table: as_table,
         };
         return watch::respond(state.ctx.store.clone(), state.stop, scope, options, permit).await;
     }
-    let limit = match params.get("limit").map(String::as_str) {
-        None | Some("") | Some("0") => None,
-        Some(n) => Some(n.parse::<usize>().map_err(|_| {
-            ApiError::BadRequest(format!("limit {n:?} is not a non-negative whole number"))
-        })?),
-    };
+    let limit = number(&params, "limit", "a non-negative whole number")?;
     let (version, after) = match params.get("continue").filter(|t| !t.is_empty()) {
         Some(token) => list_page::resume(token)?,
         // Read before the list, so that the list holds every change up to this version.
@@ -230,7 +166,7 @@ async fn get_cluster(
     name: String,
     as_table: bool,
 ) -> Result<Response, ApiError> {
-    match stored_cluster_object(store, &kind, &name).await? {
+    match store.cluster_object(&kind.rtype, &name).await? {
         Some((_, text)) => object(&kind, name, &text, as_table),
         None => Err(ApiError::NotFound {
             plural: kind.plural.clone(),
@@ -239,22 +175,20 @@ async fn get_cluster(
     }
 }
 
-/// The key and value of the cluster-scoped object `name` of `kind`, under whatever namespace
-/// segment it is stored.
-pub async fn stored_cluster_object(
-    store: &Store,
-    kind: &Kind,
+/// The number a query parameter gives, parsed once here for every parameter that takes one:
+/// none when the parameter is absent, empty or `0`, which clients send for "not set".
+fn number<T: std::str::FromStr>(
+    params: &HashMap<String, String>,
     name: &str,
-) -> Result<Option<(String, String)>, ApiError> {
-    let rows = store.list_type(&kind.rtype).await?;
-    Ok(rows.into_iter().find(|(key, text)| {
-        let stored_name = serde_json::from_str::<Value>(text)
-            .ok()
-            .and_then(|v| v["metadata"]["name"].as_str().map(str::to_owned));
-        stored_name
-            .or_else(|| Resource::parse(key).ok()?.name().map(str::to_owned))
-            .is_some_and(|stored| stored == name)
-    }))
+    what: &str,
+) -> Result<Option<T>, ApiError> {
+    match params.get(name).map(String::as_str) {
+        None | Some("") | Some("0") => Ok(None),
+        Some(v) => v
+            .parse()
+            .map(Some)
+            .map_err(|_| ApiError::BadRequest(format!("{name} {v:?} is not {what}"))),
+    }
 }
 
 /// One stored object as served, or with `as_table` as a Table of one row.

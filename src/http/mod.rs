@@ -36,6 +36,7 @@ pub mod selector;
 pub mod server;
 pub mod settings;
 pub mod table;
+pub mod target;
 pub mod watch;
 pub mod write;
 

@@ -15,8 +15,8 @@ use axum::Json;
 use serde_json::{json, Map, Value};
 
 use super::kinds::Kind;
-use super::kube::{find_kind, stored_cluster_object, Target};
 use super::scope::{served, status_object, ApiError, Refusal};
+use super::target::{find_kind, Target};
 use super::HttpState;
 use crate::ops::api_write::{self, ApiWrite, Verb, Written};
 use crate::resource::Resource;
@@ -469,7 +469,7 @@ async fn resource(
         ApiError::Invalid(format!("{} {name:?}: {e}", kind.plural))
     };
     if !kind.namespaced {
-        if let Some((key, _)) = stored_cluster_object(&state.ctx.store, kind, name).await? {
+        if let Some((key, _)) = state.ctx.store.cluster_object(&kind.rtype, name).await? {
             return Resource::parse(&key).map_err(invalid);
         }
     }

@@ -637,6 +637,17 @@ impl Store {
         self.read_now(|c| read::get(c, key))
     }
 
+    /// The cluster-scoped object `name` of `rtype`, under whatever namespace segment it is
+    /// stored, as `(key, json)`: see [`read::cluster_object`]. An index lookup, so it runs on
+    /// the calling task like [`Store::get`].
+    pub async fn cluster_object(
+        &self,
+        rtype: &str,
+        name: &str,
+    ) -> Result<Option<(String, String)>, StoreError> {
+        self.read_now(|c| read::cluster_object(c, rtype, name))
+    }
+
     /// One stored object of each type: see [`read::type_samples`].
     pub async fn type_samples(&self) -> Result<Vec<(String, String)>, StoreError> {
         self.read(read::type_samples).await
@@ -1179,6 +1190,53 @@ mod tests {
             store.write(del("u1")).await.unwrap().outcome,
             Outcome::Absent
         );
+        store.close().await;
+    }
+
+    /// Found by type and name through the index `meta_name`, whatever the namespace segment;
+    /// `INDEXED BY` makes the query fail rather than scan, so an answer is the lookup's.
+    #[tokio::test]
+    async fn a_cluster_scoped_object_is_found_by_type_and_name_under_any_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("m.db"), StoreOptions::default()).unwrap();
+        for key in [
+            "edge/node/n1",
+            "default/node/n10",
+            "default/node/n",
+            "default/pod/n2",
+            "b/node/n3",
+            "a/node/n3",
+        ] {
+            store
+                .write(put(key, &format!(r#"{{"k":"{key}"}}"#)))
+                .await
+                .unwrap();
+        }
+        let found = |rtype: &'static str, name: &'static str| {
+            let store = store.clone();
+            async move { store.cluster_object(rtype, name).await.unwrap() }
+        };
+        let edge = found("node", "n1").await.expect("n1 is stored");
+        assert_eq!(
+            edge,
+            ("edge/node/n1".into(), r#"{"k":"edge/node/n1"}"#.into())
+        );
+        assert_eq!(found("node", "n2").await, None, "n2 is a pod");
+        assert_eq!(found("pod", "n2").await.unwrap().0, "default/pod/n2");
+        assert_eq!(
+            found("node", "n3").await.unwrap().0,
+            "a/node/n3",
+            "first by key"
+        );
+        assert_eq!(found("node", "n").await.unwrap().0, "default/node/n");
+        store
+            .write(Write::Delete {
+                key: "edge/node/n1".into(),
+                uid: None,
+            })
+            .await
+            .unwrap();
+        assert_eq!(found("node", "n1").await, None);
         store.close().await;
     }
 

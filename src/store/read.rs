@@ -47,6 +47,28 @@ pub fn list(
     rows.collect()
 }
 
+/// The name segment of a stored key (`ns/type/name`), as SQL: the index `meta_name` is on this
+/// expression, and a query that names the index must say it in the same words. Only `key` is
+/// in it, so an update of a stored value does not touch the index.
+pub(super) const NAME_OF_KEY: &str =
+    "substr(key, instr(key, '/') + instr(substr(key, instr(key, '/') + 1), '/') + 1)";
+
+/// The cluster-scoped object `name` of `rtype`, under whatever namespace segment it is stored
+/// ([`crate::resource::CLUSTER_NAMESPACE`]), as `(key, json)`; the first in key order if
+/// several namespaces hold one. A lookup in the index `meta_name`, whatever the store holds.
+pub fn cluster_object(
+    c: &Connection,
+    rtype: &str,
+    name: &str,
+) -> rusqlite::Result<Option<(String, String)>> {
+    c.prepare_cached(&format!(
+        "SELECT key, value FROM meta INDEXED BY meta_name
+         WHERE {NAME_OF_KEY} = ?2 AND type = ?1 ORDER BY key LIMIT 1"
+    ))?
+    .query_row([rtype, name], |r| Ok((r.get(0)?, r.get(1)?)))
+    .optional()
+}
+
 /// Every object of `rtype` in any namespace, in key order, as `(key, json)`.
 pub fn list_type(c: &Connection, rtype: &str) -> rusqlite::Result<Vec<(String, String)>> {
     let mut stmt = c.prepare_cached("SELECT key, value FROM meta WHERE type = ?1 ORDER BY key")?;

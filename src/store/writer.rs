@@ -68,6 +68,11 @@ pub(super) fn prepare(conn: &Connection, synchronous: &str) -> rusqlite::Result<
              rtype  TEXT NOT NULL
          );",
     )?;
+    // The cluster-scoped objects' lookup by type and name (see `read::cluster_object`).
+    conn.execute_batch(&format!(
+        "CREATE INDEX IF NOT EXISTS meta_name ON meta({})",
+        super::read::NAME_OF_KEY
+    ))?;
     // Databases from before the settled flag have `processed` without it. An id from then
     // counts as unsettled: a redelivery of it is passed on again only if its change is still
     // the stored state.
