@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""Tests of .ci/cycles.py on tiny crates written to a temporary folder: one with cycles of each
+form the check must find, one that only looks like it has some."""
+
+import io
+import os
+import sys
+import tempfile
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cycles  # noqa: E402
+
+
+def crate(files):
+    """Writes `files` ({path: text}) under a new folder; returns the path of its `src/lib.rs`."""
+    root = tempfile.mkdtemp()
+    for path, text in files.items():
+        full = os.path.join(root, path)
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        with open(full, "w", encoding="utf-8") as f:
+            f.write(text)
+    return os.path.join(root, "src", "lib.rs")
+
+
+def found(lib):
+    """The cycles found, each as the set of its files relative to `src/`."""
+    src = os.path.dirname(lib)
+    result, errors = cycles.find_cycles([lib])
+    assert not errors, errors
+    return sorted(sorted(os.path.relpath(f, src) for f in cycle[:-1]) for cycle, _, _ in result)
+
+
+class Cycles(unittest.TestCase):
+    def test_a_crate_path_in_an_expression_closes_a_cycle(self):
+        lib = crate({
+            "src/lib.rs": "pub mod a;\npub mod b;\n",
+            "src/a.rs": "use crate::b::B;\npub struct A;\n",
+            "src/b.rs": "pub struct B;\nfn f() { let _ = crate::a::A; }\n",
+        })
+        self.assertEqual(found(lib), [["a.rs", "b.rs"]])
+
+    def test_a_grouped_use_closes_a_cycle_through_a_third_file(self):
+        lib = crate({
+            "src/lib.rs": "pub mod a;\npub mod b;\npub mod c;\n",
+            "src/a.rs": "use crate::{b::{self, B}, x::Y};\n",
+            "src/b.rs": "pub struct B;\nuse super::c::{C as Renamed};\n",
+            "src/c.rs": "pub struct C;\nimpl C { fn f() -> crate::a::A { todo!() } }\n",
+        })
+        self.assertEqual(found(lib), [["a.rs", "b.rs", "c.rs"]])
+
+    def test_a_parent_that_uses_its_child_and_a_child_that_uses_its_parent(self):
+        lib = crate({
+            "src/lib.rs": "pub mod store;\n",
+            "src/store/mod.rs": "mod writer;\npub struct Change;\nfn f() { writer::run(); }\n",
+            "src/store/writer.rs": "pub fn run() { let _ = super::Change; }\n",
+        })
+        self.assertEqual(found(lib), [["store/mod.rs", "store/writer.rs"]])
+
+    def test_a_child_module_in_scope_and_a_self_path_count(self):
+        lib = crate({
+            "src/lib.rs": "pub mod a;\npub mod b;\n",
+            "src/a/mod.rs": "pub mod inner;\n",
+            "src/a/inner.rs": "pub fn f() { crate::b::g() }\n",
+            "src/b.rs": "pub fn g() { self::h() }\nfn h() { use crate::a; a::inner::f() }\n",
+        })
+        self.assertEqual(found(lib), [["a/inner.rs", "b.rs"]])
+
+    def test_a_test_module_closes_a_cycle_too(self):
+        lib = crate({
+            "src/lib.rs": "pub mod a;\npub mod b;\n",
+            "src/a.rs": "pub fn f() { crate::b::g() }\n",
+            "src/b.rs": "pub fn g() {}\n#[cfg(test)]\nmod tests {\n    use super::*;\n"
+                        "    use crate::a::f;\n    #[test] fn t() { f(); g() }\n}\n",
+        })
+        self.assertEqual(found(lib), [["a.rs", "b.rs"]])
+
+    def test_the_report_names_the_lines_that_close_the_cycle(self):
+        lib = crate({
+            "src/lib.rs": "pub mod a;\npub mod b;\n",
+            "src/a.rs": "\nuse crate::b::B;\n",
+            "src/b.rs": "pub struct B;\n\n\nfn f() { crate::a::g() }\n",
+        })
+        result, _ = cycles.find_cycles([lib])
+        out = io.StringIO()
+        cycles.report(result, out)
+        text = out.getvalue()
+        self.assertIn("a.rs:2: crate::b::B", text)
+        self.assertIn("b.rs:4: crate::a::g", text)
+
+
+class NoCycles(unittest.TestCase):
+    def test_what_only_looks_like_a_cycle_is_none(self):
+        lib = crate({
+            "src/lib.rs": "//! See [`crate::b`].\npub mod a;\npub mod b;\npub mod p;\npub mod watch;\n",
+            # Comments, doc links, strings, chars and raw strings name no module.
+            "src/a.rs": (
+                "/// Uses [`crate::b::B`] /* crate::b */\n"
+                "/* nested /* crate::b::B */ still a comment crate::b */\n"
+                "pub fn f() -> &'static str { let _c = '\"'; \"crate::b::B\" }\n"
+                "pub fn g() -> &'static str { r#\"crate::b \"quoted\" \"# }\n"
+                "use tokio::sync::watch;\n"
+                "fn w(_: watch::Receiver<()>) {}\n"
+            ),
+            # Another crate's module of the same name as one of this crate's is not it.
+            "src/b.rs": "use crate::a::f;\npub struct B;\nfn g() { f(); std::mem::drop(1); }\n",
+            "src/watch.rs": "use crate::b::B;\n",
+            # A visibility names where an item may be used, not a dependency.
+            "src/p/mod.rs": "pub mod q;\npub(crate) fn f() { q::g() }\n",
+            "src/p/q.rs": "pub(in crate::p) fn g() {}\n",
+        })
+        self.assertEqual(found(lib), [])
+
+    def test_a_parent_that_only_declares_and_reexports_is_no_cycle(self):
+        lib = crate({
+            "src/lib.rs": "pub mod cloud;\n",
+            "src/cloud/mod.rs": "pub mod state;\npub mod outbox;\npub use state::State;\n",
+            "src/cloud/state.rs": "pub struct State;\n",
+            "src/cloud/outbox.rs": "use super::state::State;\nfn f(_: State) {}\n",
+        })
+        self.assertEqual(found(lib), [])
+
+    def test_the_command_exits_1_on_a_cycle_and_0_without(self):
+        with_cycle = crate({
+            "src/lib.rs": "pub mod a;\npub mod b;\n",
+            "src/a.rs": "use crate::b::B;\npub struct A;\n",
+            "src/b.rs": "use crate::a::A;\npub struct B;\n",
+        })
+        without = crate({"src/lib.rs": "pub mod a;\n", "src/a.rs": "pub struct A;\n"})
+        quiet = io.StringIO()
+        saved, sys.stdout = sys.stdout, quiet
+        try:
+            self.assertEqual(cycles.main([with_cycle]), 1)
+            self.assertEqual(cycles.main(["--report-only", with_cycle]), 0)
+            self.assertEqual(cycles.main([without]), 0)
+        finally:
+            sys.stdout = saved
+
+
+if __name__ == "__main__":
+    unittest.main()
