@@ -59,14 +59,17 @@
 //!   - [`http::table`]: server-side Table output, the columns kubectl prints.
 //!   - [`http::scope`]: the scope of a list or watch, objects as served, the error answers.
 //!   - [`http::selector`]: label and field selectors of list and watch requests.
-//!   - [`http::watch`]: watch streams fed by the store's change feed.
+//!   - [`http::watch`]: watch streams fed by the store's change feed, and streaming lists.
+//!   - [`http::versions`]: a write's `resourceVersion`, the node's, checked and translated to
+//!     the cloud's.
 //! - [`metrics`]: the Prometheus metrics, and the [`metrics::Exporter`] that renders them with
 //!   the gauges read from their sources.
 //! - [`inspect`]: read-only access to a database for the `get`, `list` and `export` commands.
 //! - [`status`]: the status object on the status topic.
 //! - [`shutdown`]: the one signal every task stops on.
 //! - [`store`]: SQLite with one writer thread (group commit) and reads beside it, its own
-//!   commit measurements, and the numbered change feed (recorded, so watches outlive restarts).
+//!   commit measurements, and the numbered change feed (recorded, so watches outlive restarts;
+//!   each object keeps the number of its last change, the local API's `resourceVersion`).
 //!   - [`store::lock`]: one MetaManager per database, by a lock file beside it.
 //!   - [`store::digest`]: per scope, the count and order-independent hash of the stored
 //!     objects, kept by the writer in each write's transaction; each row's `rv` column.

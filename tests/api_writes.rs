@@ -5,7 +5,9 @@
 mod common;
 
 use common::kubectl::{kubectl, kubectl_out};
-use common::{count_rows, fixture, http, http_with, message, BrokerKind, Options, TestApp, NODE};
+use common::{
+    count_rows, fixture, http, http_with, message, served, BrokerKind, Options, TestApp, NODE,
+};
 use serde_json::{json, Value};
 
 const EDGEHUB: &str = "metamanager/to/edgehub";
@@ -94,13 +96,17 @@ async fn writes_go_through_the_cloud(kind: BrokerKind) {
     in_cloud["metadata"]["uid"] = json!("c0ffee");
     answer(&app, &asked, "response", in_cloud.clone()).await;
     let (code, created) = pending.await.unwrap();
-    assert_eq!((code, &created), (201, &in_cloud));
+    let key = "default/configmap/app-config";
+    assert_eq!((code, &created), (201, &served(&app, key, &in_cloud)));
     let to_edged = app
         .client
         .wait_for(EDGED, |v| v["route"]["operation"] == "insert")
         .await;
-    assert_eq!(to_edged["content"], in_cloud);
-    assert_eq!(get(port, &path).await, (200, in_cloud.clone()));
+    assert_eq!(
+        to_edged["content"], in_cloud,
+        "edged sees the cloud's version"
+    );
+    assert_eq!(get(port, &path).await, (200, served(&app, key, &in_cloud)));
 
     // Patch: the merge patch goes as it is; the cloud's result is stored.
     let label = json!({"metadata": {"labels": {"tier": "edge"}}});
@@ -117,21 +123,34 @@ async fn writes_go_through_the_cloud(kind: BrokerKind) {
     patched["metadata"]["labels"] = json!({"tier": "edge"});
     patched["metadata"]["resourceVersion"] = json!("8");
     answer(&app, &asked, "response", json!([patched.clone()])).await;
-    assert_eq!(pending.await.unwrap(), (200, patched.clone()));
-    assert_eq!(get(port, &path).await.1, patched);
+    assert_eq!(pending.await.unwrap(), (200, served(&app, key, &patched)));
+    assert_eq!(get(port, &path).await.1, served(&app, key, &patched));
 
     // Update: a bare "OK" first is the cloud's receipt; the write waits on for the object.
-    let mut updated = patched.clone();
+    // The version the client read is the node's; the cloud is sent its own.
+    let mut updated = served(&app, key, &patched);
     updated["data"] = json!({"mode": "fast"});
     let pending = request(port, "PUT", &path, "application/json", updated.clone());
     let asked = passed_to_cloud(&mut app, "update").await;
+    assert_eq!(asked["content"]["metadata"]["resourceVersion"], "8");
     answer(&app, &asked, "response", json!("OK")).await;
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert!(!pending.is_finished(), "a receipt is not the answer");
     updated["metadata"]["resourceVersion"] = json!("9");
     answer(&app, &asked, "response", updated.clone()).await;
-    assert_eq!(pending.await.unwrap(), (200, updated.clone()));
-    assert_eq!(get(port, &path).await.1, updated);
+    assert_eq!(pending.await.unwrap(), (200, served(&app, key, &updated)));
+    assert_eq!(get(port, &path).await.1, served(&app, key, &updated));
+    // A stale version is refused here, before anything is sent.
+    let mut stale = served(&app, key, &patched);
+    stale["metadata"]["resourceVersion"] = json!("8");
+    let (code, status) = request(port, "PUT", &path, "application/json", stale)
+        .await
+        .unwrap();
+    assert_eq!(
+        (code, &status["reason"]),
+        (409, &json!("Conflict")),
+        "{status}"
+    );
 
     // The cloud's own update can arrive before its answer: the newer object is kept.
     let pending = request(
@@ -157,7 +176,13 @@ async fn writes_go_through_the_cloud(kind: BrokerKind) {
     older["data"] = json!({"mode": "slow"});
     older["metadata"]["resourceVersion"] = json!("10");
     answer(&app, &asked, "response", older.clone()).await;
-    assert_eq!(pending.await.unwrap(), (200, older), "the cloud's answer");
+    // Answered with the object as stored, the only one the node has a version of.
+    let newer = served(&app, key, &newer);
+    assert_eq!(
+        pending.await.unwrap(),
+        (200, newer.clone()),
+        "the stored one"
+    );
     assert_eq!(get(port, &path).await.1, newer, "the store keeps the newer");
     let updated = newer;
 
@@ -326,7 +351,10 @@ async fn writes_go_through_the_cloud(kind: BrokerKind) {
     node["metadata"]["labels"] = json!({"zone": "a"});
     answer(&app, &asked, "response", node.clone()).await;
     assert_eq!(pending.await.unwrap().0, 200);
-    assert_eq!(get(port, "/api/v1/nodes/n1").await.1, node);
+    assert_eq!(
+        get(port, "/api/v1/nodes/n1").await.1,
+        served(&app, "edge/node/n1", &node)
+    );
 
     // Each write is counted by how it ended.
     let (_, _, metrics) = http(port, "GET", "/metrics").await;
@@ -642,7 +670,8 @@ async fn kubectl_creates_labels_annotates_and_deletes_through_the_cloud() {
         assert!(out.contains("app-config"), "kubectl {op}: {out}");
         if op != "delete" {
             let (_, stored) = get(port, "/api/v1/namespaces/default/configmaps/app-config").await;
-            assert_eq!(stored, object, "after {op}");
+            let key = "default/configmap/app-config";
+            assert_eq!(stored, served(&app, key, &object), "after {op}");
         }
     }
     assert_eq!(object["metadata"]["labels"]["tier"], "edge");
@@ -683,6 +712,7 @@ async fn a_client_that_hangs_up_does_not_stop_its_write() {
         .await;
     assert_eq!(to_edged["content"], in_cloud);
     let (code, stored) = get(port, "/api/v1/namespaces/default/configmaps/app-config").await;
+    let in_cloud = served(&app, "default/configmap/app-config", &in_cloud);
     assert_eq!((code, stored), (200, in_cloud));
 }
 
@@ -776,26 +806,36 @@ async fn the_cloud_not_knowing_an_object_or_going_away() {
         "before the 2 s timeout"
     );
 
-    // Away: two status updates from the same read both hold; a version the pod never had
-    // is a conflict.
+    // Away: a status update from the current version holds, and changes the version; a
+    // second one from the same read is then a conflict, as kube-apiserver's would be.
     let mut mine = fixture("pod.json");
     mine["metadata"]["name"] = json!("mine");
     mine["spec"]["nodeName"] = json!(NODE);
     mine["metadata"]["resourceVersion"] = json!("5");
     insert(&mut app, "default/pod/mine", &mine).await;
     let status_path = "/api/v1/namespaces/default/pods/mine/status";
-    for (phase, version, code) in [("A", "5", 200), ("B", "5", 200), ("C", "4", 409)] {
+    let read = get(port, "/api/v1/namespaces/default/pods/mine").await.1;
+    let first = read["metadata"]["resourceVersion"].clone();
+    let mut after_a = Value::Null;
+    for (phase, from, code) in [("A", 0, 200), ("B", 0, 409), ("C", 1, 200)] {
         let mut body = mine.clone();
-        body["metadata"]["resourceVersion"] = json!(version);
+        body["metadata"]["resourceVersion"] = match from {
+            0 => first.clone(),
+            _ => after_a["metadata"]["resourceVersion"].clone(),
+        };
         body["status"] = json!({"phase": phase});
         let (got, answer) = request(port, "PUT", status_path, "application/json", body)
             .await
             .unwrap();
         assert_eq!(got, code, "{phase}: {answer}");
+        if phase == "A" {
+            assert_ne!(answer["metadata"]["resourceVersion"], first, "{answer}");
+            after_a = answer;
+        }
     }
     assert_eq!(
         get(port, "/api/v1/namespaces/default/pods/mine").await.1["status"]["phase"],
-        "B"
+        "C"
     );
     let payloads: Vec<String> = rusqlite::Connection::open(app.db_path())
         .unwrap()
@@ -859,7 +899,7 @@ async fn an_answer_after_a_restart_to_a_queued_status_patch_is_stored() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
         let (_, stored) = get(app.http_port, &path).await;
-        if stored == in_cloud {
+        if stored == served(&app, &format!("default/node/{NODE}"), &in_cloud) {
             break;
         }
         assert!(

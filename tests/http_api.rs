@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::kubectl::{kubectl, kubectl_cmd, kubectl_out};
-use common::{fixture, http, message, msg_id, BrokerKind, Options, TestApp, WAIT};
+use common::{fixture, http, message, msg_id, served, BrokerKind, Options, TestApp, WAIT};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -306,17 +306,22 @@ async fn discovery_get_list_selectors_and_methods_not_allowed() {
         }
     }
 
-    // Get: exactly as stored.
+    // Get: as stored, with the node's version of it (the cloud's stays in the store).
     let (code, got) = get_json(
         port,
         &format!("/api/v1/namespaces/default/pods/{nginx_name}"),
     )
     .await;
     assert_eq!(code, 200);
-    assert_eq!(got, nginx);
+    let nginx_key = format!("default/pod/{nginx_name}");
+    assert_eq!(got, served(&app, &nginx_key, &nginx));
+    assert_ne!(
+        got["metadata"]["resourceVersion"],
+        nginx["metadata"]["resourceVersion"]
+    );
     let (code, got) = get_json(port, "/api/v1/nodes/edge-node-1").await;
     assert_eq!(code, 200);
-    assert_eq!(got, node);
+    assert_eq!(got, served(&app, "default/node/edge-node-1", &node));
 
     // Missing object: a Status, as kube-apiserver answers.
     let (code, status) = get_json(port, "/api/v1/namespaces/default/pods/x").await;
@@ -371,7 +376,24 @@ async fn discovery_get_list_selectors_and_methods_not_allowed() {
     assert_eq!(all["apiVersion"], "v1");
     assert!(all["metadata"]["resourceVersion"].is_string());
     assert_eq!(names(&all), ["db-0", nginx_name.as_str(), "web-1"]);
-    assert_eq!(all["items"][1], nginx, "items exactly as stored");
+    assert_eq!(
+        all["items"][1],
+        served(&app, &nginx_key, &nginx),
+        "items as stored, with the node's versions"
+    );
+    let list_version: u64 = all["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    for item in all["items"].as_array().unwrap() {
+        let v: u64 = item["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(v <= list_version, "an item's version is at most the list's");
+    }
     let (_, default) = get_json(port, "/api/v1/namespaces/default/pods").await;
     assert_eq!(names(&default), ["db-0", nginx_name.as_str()]);
     let (_, l) = get_json(port, "/api/v1/pods?labelSelector=app%3Dnginx").await;
@@ -396,8 +418,11 @@ async fn discovery_get_list_selectors_and_methods_not_allowed() {
     assert_eq!((code, &status["reason"]), (400, &json!("BadRequest")));
     let (_, cms) = get_json(port, "/api/v1/namespaces/default/configmaps").await;
     assert_eq!(cms["kind"], "ConfigMapList");
-    assert_eq!(cms["items"], json!([fixture("configmap.json")]));
+    let config = fixture("configmap.json");
+    let config = served(&app, "default/configmap/app-config", &config);
+    assert_eq!(cms["items"], json!([config]));
     let (_, nodes) = get_json(port, "/api/v1/nodes").await;
+    let node = served(&app, "default/node/edge-node-1", &node);
     assert_eq!(nodes["items"], json!([node]));
 }
 
@@ -472,7 +497,11 @@ async fn kubectl_gets_lists_and_watches() {
         home.path(),
         &["get", "pod", &name, "-n", "default", "-o", "json"],
     );
-    assert_eq!(serde_json::from_str::<Value>(&one).unwrap(), nginx);
+    let key = format!("default/pod/{name}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&one).unwrap(),
+        served(&app, &key, &nginx)
+    );
     let cms = kubectl_out(port, home.path(), &["get", "configmaps", "-n", "default"]);
     assert!(cms.contains("app-config"), "{cms}");
     let header: Vec<&str> = cms.lines().next().unwrap().split_whitespace().collect();
@@ -706,7 +735,10 @@ async fn a_watch_sees_objects_a_remote_query_fetched_from_the_cloud() {
         .await;
 
     read_until(&mut stream, &mut seen, "db-credentials").await;
-    assert_eq!(events(&seen)[0], json!({"type": "ADDED", "object": secret}));
+    assert_eq!(
+        events(&seen)[0],
+        json!({"type": "ADDED", "object": served(&app, key, &secret)})
+    );
 }
 
 #[test]
@@ -1051,9 +1083,14 @@ async fn any_kind_the_cloud_inserts_is_served_under_its_group_and_found_by_kubec
     )
     .await;
     assert_eq!(list["kind"], "DeviceModelList");
+    assert_eq!(
+        list["apiVersion"], "devices.kubeedge.io/v1beta1",
+        "its items' group"
+    );
+    let model = served(&app, "default/devicemodel/thermometer", &model);
     assert_eq!(list["items"], json!([model]));
     let (_, one) = get_json(port, "/apis/storage.k8s.io/v1/storageclasses/local-path").await;
-    assert_eq!(one, class);
+    assert_eq!(one, served(&app, "default/storageclass/local-path", &class));
     let (code, _) = get_json(
         port,
         "/apis/storage.k8s.io/v1/namespaces/default/storageclasses/local-path",

@@ -20,6 +20,7 @@ use super::kinds::Kind;
 use super::scope::{is_watch, served, ApiError, Scope};
 use super::target::{find_kind, Target};
 use super::{discovery, list_page, table, watch, write, HttpState};
+use crate::store::read::Row;
 use crate::store::Store;
 
 /// Discovery; get, list and watch of every kind, core (`/api/v1`) and grouped
@@ -99,11 +100,10 @@ async fn list(
     let scope = Scope::new(kind, namespace, &params)?;
     if is_watch(&params) {
         let permit = state.caps.watch()?;
-        // Without a version the watcher has not listed, so it is first told what exists.
-        let version = number(&params, "resourceVersion", "a version this server gave out")?;
+        let start = watch_start(&params, state.ctx.store.feed_position())?;
         let timeout = number(&params, "timeoutSeconds", "a whole number")?;
         let options = watch::WatchOptions {
-            version,
+            start,
             bookmarks: params
                 .get("allowWatchBookmarks")
                 .is_some_and(|b| matches!(b.as_str(), "true" | "1")),
@@ -125,6 +125,60 @@ async fn list(
     Ok(list_page::stream(
         scope, pager, first, version, limit, as_table,
     ))
+}
+
+/// Where a watch starts, from `resourceVersion`, `sendInitialEvents` and
+/// `resourceVersionMatch`, checked as kube-apiserver checks them; `position` is the node's
+/// version now.
+fn watch_start(params: &HashMap<String, String>, position: u64) -> Result<watch::Start, ApiError> {
+    let param = |name: &str| {
+        params
+            .get(name)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+    };
+    let version = match param("resourceVersion") {
+        None | Some("0") => None,
+        Some(v) => Some(v.parse::<u64>().map_err(|_| {
+            ApiError::BadRequest(format!(
+                "resourceVersion {v:?} is not a version this server gave out"
+            ))
+        })?),
+    };
+    let initial_events = match param("sendInitialEvents") {
+        None => None,
+        Some("true" | "1") => Some(true),
+        Some("false" | "0") => Some(false),
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "sendInitialEvents {other:?} is neither true nor false"
+            )))
+        }
+    };
+    match (initial_events, param("resourceVersionMatch")) {
+        (Some(_), Some("NotOlderThan")) | (None, None) => {}
+        (Some(_), _) => {
+            return Err(ApiError::Invalid(
+                "sendInitialEvents requires setting resourceVersionMatch to NotOlderThan".into(),
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(ApiError::Invalid(
+                "resourceVersionMatch is forbidden for watch unless sendInitialEvents is provided"
+                    .into(),
+            ))
+        }
+    }
+    Ok(match (initial_events, version) {
+        // The current objects are as new as any version given out, whatever it was.
+        (Some(true), Some(v)) if v > position => watch::Start::After(v),
+        (Some(true), _) => watch::Start::Streaming,
+        // No initial events: from the version, or from now.
+        (Some(false), None) => watch::Start::After(position),
+        (Some(false), Some(v)) | (None, Some(v)) => watch::Start::After(v),
+        // Without a version the watcher has not listed, so it is first told what exists.
+        (None, None) => watch::Start::Listing,
+    })
 }
 
 /// One object (also as its `status` subresource, which is the whole object).
@@ -150,8 +204,11 @@ async fn get_in_namespace(
     name: String,
     as_table: bool,
 ) -> Result<Response, ApiError> {
-    match store.get(&format!("{ns}/{}/{name}", kind.rtype)).await? {
-        Some(text) => object(&kind, name, &text, as_table),
+    match store
+        .get_row(&format!("{ns}/{}/{name}", kind.rtype))
+        .await?
+    {
+        Some(row) => object(&kind, name, &row, as_table),
         None => Err(ApiError::NotFound {
             plural: kind.plural.clone(),
             name,
@@ -167,7 +224,7 @@ async fn get_cluster(
     as_table: bool,
 ) -> Result<Response, ApiError> {
     match store.cluster_object(&kind.rtype, &name).await? {
-        Some((_, text)) => object(&kind, name, &text, as_table),
+        Some(row) => object(&kind, name, &row, as_table),
         None => Err(ApiError::NotFound {
             plural: kind.plural.clone(),
             name,
@@ -192,17 +249,19 @@ fn number<T: std::str::FromStr>(
 }
 
 /// One stored object as served, or with `as_table` as a Table of one row.
-fn object(kind: &Kind, name: String, text: &str, as_table: bool) -> Result<Response, ApiError> {
-    let value = serde_json::from_str::<Value>(text).map_err(|source| ApiError::NotJson {
+fn object(kind: &Kind, name: String, row: &Row, as_table: bool) -> Result<Response, ApiError> {
+    let value = serde_json::from_str::<Value>(&row.value).map_err(|source| ApiError::NotJson {
         plural: kind.plural.clone(),
         name,
         source,
     })?;
+    let value = served(kind, value, row.version);
     if as_table {
-        let row = table::row(kind, &value, std::time::SystemTime::now());
-        return Ok(Json(table::table(kind, vec![row], json!({}))).into_response());
+        let cells = table::row(kind, &value, std::time::SystemTime::now());
+        let metadata = json!({"resourceVersion": row.version.to_string()});
+        return Ok(Json(table::table(kind, vec![cells], metadata)).into_response());
     }
-    Ok(Json(served(kind, value)).into_response())
+    Ok(Json(value).into_response())
 }
 
 async fn not_allowed(method: Method) -> ApiError {

@@ -13,6 +13,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use super::scope::{ApiError, Page, Pager, Scope};
+use crate::store::read::Row;
 
 /// Encoded items are handed to the connection in chunks of about this size, so a list holds
 /// one page of stored rows and one chunk, whatever the objects' sizes.
@@ -35,9 +36,11 @@ pub fn stream(
             super::table::columns(&scope.kind)
         )
     } else {
+        // The items' group and version: a typed client decodes a list by them.
         format!(
-            r#"{{"kind":"{}List","apiVersion":"v1","items":["#,
-            scope.kind.kind
+            r#"{{"kind":"{}List","apiVersion":"{}","items":["#,
+            scope.kind.kind,
+            scope.kind.api_version()
         )
     };
     let mut list = Listing {
@@ -105,7 +108,7 @@ struct Listing {
     /// Rows of a Table instead of objects, their ages as of this time.
     table: Option<std::time::SystemTime>,
     pager: Pager,
-    rows: std::vec::IntoIter<(String, String)>,
+    rows: std::vec::IntoIter<Row>,
     version: u64,
     /// Items still to send under `limit`; `None` without a limit.
     left: Option<usize>,
@@ -143,10 +146,11 @@ impl Listing {
                 return Some(Ok(self.tail(chunk, more)));
             }
             match self.rows.next() {
-                Some((key, text)) => {
-                    let Some(object) = self.scope.served_if_matches(&key, &text) else {
+                Some(row) => {
+                    let Some(object) = self.scope.served_if_matches(&row) else {
                         continue;
                     };
+                    let key = row.key;
                     let item = match self.table {
                         Some(now) => super::table::row(&self.scope.kind, &object, now),
                         None => object,

@@ -37,6 +37,7 @@ pub mod server;
 pub mod settings;
 pub mod table;
 pub mod target;
+pub mod versions;
 pub mod watch;
 pub mod write;
 

@@ -14,7 +14,7 @@ pub use super::kinds::Kind;
 use super::selector::{FieldSelector, LabelSelector};
 use crate::ops::api_write::WriteError;
 use crate::resource::Resource;
-use crate::store::read::Range;
+use crate::store::read::{Range, Row};
 use crate::store::{Store, StoreError};
 
 /// How long a client told 429 waits before it tries again, as kube-apiserver says it.
@@ -249,7 +249,7 @@ pub struct Pager {
 pub struct Page {
     pub position: u64,
     pub last_key: Option<String>,
-    pub rows: Vec<(String, String)>,
+    pub rows: Vec<Row>,
 }
 
 impl Pager {
@@ -268,7 +268,7 @@ impl Pager {
                 PAGE_BYTES,
             )
             .await?;
-        let last_key = rows.last().map(|(k, _)| k.clone());
+        let last_key = rows.last().map(|r| r.key.clone());
         match &last_key {
             Some(k) => self.after.clone_from(k),
             None => self.done = true,
@@ -282,20 +282,28 @@ impl Pager {
 }
 
 impl Scope {
-    /// The object as served when the stored `key` = `text` is in scope; `None` when it is not,
-    /// or is not JSON (one bad row does not hide the others).
-    pub fn served_if_matches(&self, key: &str, text: &str) -> Option<Value> {
-        let value: Value = serde_json::from_str(text).ok()?;
-        self.matches(key, &value).then(|| served(&self.kind, value))
+    /// The object as served when the stored `row` is in scope; `None` when it is not, or is
+    /// not JSON (one bad row does not hide the others).
+    pub fn served_if_matches(&self, row: &Row) -> Option<Value> {
+        let value: Value = serde_json::from_str(&row.value).ok()?;
+        self.matches(&row.key, &value)
+            .then(|| served(&self.kind, value, row.version))
     }
 }
 
-/// An object as served: `kind` and `apiVersion` added only where the stored one lacks them.
-pub fn served(kind: &Kind, mut value: Value) -> Value {
+/// An object as served: `kind` and `apiVersion` added only where the stored one lacks them,
+/// and `metadata.resourceVersion` the node's `version` of it, the number of its last change
+/// (see [`crate::store`]'s feed). The stored object, and so what edged and the cloud see over
+/// MQTT, keeps the cloud's version.
+pub fn served(kind: &Kind, mut value: Value, version: u64) -> Value {
     if let Some(obj) = value.as_object_mut() {
         obj.entry("kind").or_insert_with(|| json!(kind.kind));
         obj.entry("apiVersion")
             .or_insert_with(|| json!(kind.api_version()));
+        let meta = obj.entry("metadata").or_insert_with(|| json!({}));
+        if let Some(meta) = meta.as_object_mut() {
+            meta.insert("resourceVersion".into(), json!(version.to_string()));
+        }
     }
     value
 }

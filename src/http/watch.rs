@@ -22,6 +22,7 @@ use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit};
 use super::scope::{self, ApiError, Kind, Pager, Scope};
 use crate::resource::Resource;
 use crate::shutdown::Shutdown;
+use crate::store::read::Row;
 use crate::store::Store;
 use crate::store::{ChangeKind, StoreEvent};
 
@@ -34,11 +35,28 @@ const HEARTBEAT: Duration = Duration::from_secs(30);
 /// feed shares among them, so together they hold about this much, not this much each.
 pub const WATCH_BUDGET_BYTES: usize = 16 * 1024 * 1024;
 
+/// Where a watch starts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Start {
+    /// No version: the current objects as `ADDED` first, then their changes.
+    #[default]
+    Listing,
+    /// A streaming list (`sendInitialEvents=true`): the current objects as `ADDED`, then a
+    /// `BOOKMARK` annotated `k8s.io/initial-events-end` with the version they are as of, then
+    /// their changes. Informers take it in place of a list.
+    Streaming,
+    /// After a version the node gave out (a list's, an object's, an event's or a bookmark's):
+    /// the changes after it, or `410 Expired` when they are no longer known.
+    After(u64),
+}
+
+/// The annotation of the bookmark that ends a streaming list's initial events.
+pub const INITIAL_EVENTS_END: &str = "k8s.io/initial-events-end";
+
 /// What a watch request asks for besides its scope.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct WatchOptions {
-    /// `resourceVersion`: resume after it; `None` starts with the current objects.
-    pub version: Option<u64>,
+    pub start: Start,
     /// `allowWatchBookmarks`: a `BOOKMARK` event in place of each keep-alive newline, carrying
     /// the version the client has been sent everything up to, so that it can resume from there
     /// without replaying what it has seen.
@@ -50,10 +68,11 @@ pub struct WatchOptions {
     pub table: bool,
 }
 
-/// Starts a watch of `scope`. Without a `version`, the objects in scope are first sent as
-/// `ADDED`, as kube-apiserver does; from a version (a list's `resourceVersion`), the changes
-/// after it are sent, recorded ones first, or an `ERROR` (410) when they are no longer known.
-/// `permit` is the watcher's place under the cap, held until its stream ends.
+/// Starts a watch of `scope` where `options.start` says: without a version, the objects in
+/// scope are first sent as `ADDED`, as kube-apiserver does (a streaming list ends them with
+/// its bookmark); from a version, the changes after it are sent, recorded ones first, or an
+/// `ERROR` (410) when they are no longer known. `permit` is the watcher's place under the cap,
+/// held until its stream ends.
 pub async fn respond(
     store: Store,
     stop: Shutdown,
@@ -66,8 +85,8 @@ pub async fn respond(
     let deadline = options
         .timeout
         .and_then(|t| tokio::time::Instant::now().checked_add(t));
-    let (changes, seen, initial) = match options.version {
-        None => {
+    let (changes, seen, initial) = match options.start {
+        Start::Listing | Start::Streaming => {
             // Subscribed before anything is read: each page then holds every change up to
             // the position read before it, and later ones come from the feed.
             let changes = store.subscribe_changes();
@@ -76,9 +95,10 @@ pub async fn respond(
             // The first page is read now, so that a store that cannot be read is an error
             // status rather than a stream that ends at once.
             let first = pager.next().await?;
-            (changes, seen, Initial::new(pager, first))
+            let streaming = options.start == Start::Streaming;
+            (changes, seen, Initial::new(pager, first, streaming))
         }
-        Some(version) => match store.changes_since(version) {
+        Start::After(version) => match store.changes_since(version) {
             Ok((changes, backlog)) => {
                 let seen = backlog.last().map_or(version, |e| e.seq.max(version));
                 for event in backlog.into_iter().filter(|e| e.seq > version) {
@@ -333,19 +353,22 @@ impl Queue {
 /// read a page at a time as the client takes them.
 struct Initial {
     pager: Option<Pager>,
-    rows: std::vec::IntoIter<(String, String)>,
+    rows: std::vec::IntoIter<Row>,
     /// Per page read, its last key (`None`: the end of the range) and the feed position read
     /// before it. A change to a key at or below a page's last key, numbered at or below its
     /// position, is already in what the page sent, and is not sent again.
     covered: Vec<(Option<String>, u64)>,
+    /// A streaming list: once the pages are sent, the bookmark that says so is due.
+    end_bookmark: bool,
 }
 
 impl Initial {
-    fn new(pager: Pager, first: Option<scope::Page>) -> Self {
+    fn new(pager: Pager, first: Option<scope::Page>, streaming: bool) -> Self {
         let mut initial = Self {
             pager: Some(pager),
             rows: Vec::new().into_iter(),
             covered: Vec::new(),
+            end_bookmark: streaming,
         };
         initial.take(first);
         initial
@@ -356,7 +379,15 @@ impl Initial {
             pager: None,
             rows: Vec::new().into_iter(),
             covered: Vec::new(),
+            end_bookmark: false,
         }
+    }
+
+    /// The version everything the initial pages sent is as of: the position read before the
+    /// first (later pages are newer still, and a change after it that they did not show comes
+    /// after the bookmark, so the client's version never goes back).
+    fn as_of(&self) -> u64 {
+        self.covered.first().map_or(0, |(_, position)| *position)
     }
 
     fn take(&mut self, page: Option<scope::Page>) {
@@ -403,8 +434,8 @@ impl Stream {
             if self.stop.is_shutdown() || time_up {
                 return None;
             }
-            if let Some((key, text)) = self.initial.rows.next() {
-                match self.scope.served_if_matches(&key, &text) {
+            if let Some(row) = self.initial.rows.next() {
+                match self.scope.served_if_matches(&row) {
                     Some(object) => return Some(self.event_line("ADDED", object)),
                     None => continue,
                 }
@@ -418,6 +449,12 @@ impl Stream {
                     }
                 }
                 continue;
+            }
+            if std::mem::take(&mut self.initial.end_bookmark) {
+                return Some(end_of_initial_events(
+                    &self.scope.kind,
+                    self.initial.as_of(),
+                ));
             }
             let line = match self.queue.pop().await? {
                 Item::Line(line) => Some(line),
@@ -451,6 +488,9 @@ impl Stream {
             ChangeKind::Modified => "MODIFIED",
             ChangeKind::Deleted => "DELETED",
         };
+        // Every event carries its change's number, a deletion too, so a client that resumes
+        // from its last event's version misses nothing and sees nothing twice.
+        let version = event.seq;
         let value: Value = match (&event.value, event.kind) {
             (Some(value), _) => serde_json::from_slice(value).ok()?,
             (None, ChangeKind::Deleted) => {
@@ -461,21 +501,21 @@ impl Stream {
                 let resource = Resource::parse(&event.key).ok()?;
                 let (ns, name) = (resource.namespace(), resource.name()?);
                 let stub = json!({"metadata": {"name": name, "namespace": ns}});
-                return self
-                    .scope
-                    .holds_key(&event.key)
-                    .then(|| self.event_line(kind, scope::served(&self.scope.kind, stub)));
+                return self.scope.holds_key(&event.key).then(|| {
+                    self.event_line(kind, scope::served(&self.scope.kind, stub, version))
+                });
             }
             (None, _) => {
-                // Not kept (nobody watched then): the object as stored now. If it has gone
-                // since, its deletion follows in the feed.
-                let text = self.store.get(&event.key).await.ok()??;
-                serde_json::from_str(&text).ok()?
+                // Not kept (nobody watched then, or before a restart): the object as stored
+                // now, under this change's number. If it has changed since, that change
+                // follows in the feed; if it has gone, its deletion does.
+                let row = self.store.get_row(&event.key).await.ok()??;
+                serde_json::from_str(&row.value).ok()?
             }
         };
         self.scope
             .matches(&event.key, &value)
-            .then(|| self.event_line(kind, scope::served(&self.scope.kind, value)))
+            .then(|| self.event_line(kind, scope::served(&self.scope.kind, value, version)))
     }
 }
 
@@ -485,6 +525,19 @@ fn bookmark(kind: &Kind, version: u64) -> Bytes {
         "kind": kind.kind,
         "apiVersion": kind.api_version(),
         "metadata": {"resourceVersion": version.to_string()},
+    });
+    event_line("BOOKMARK", &object)
+}
+
+/// The `BOOKMARK` that ends a streaming list's initial events, as of `version`.
+fn end_of_initial_events(kind: &Kind, version: u64) -> Bytes {
+    let object = json!({
+        "kind": kind.kind,
+        "apiVersion": kind.api_version(),
+        "metadata": {
+            "resourceVersion": version.to_string(),
+            "annotations": {INITIAL_EVENTS_END: "true"},
+        },
     });
     event_line("BOOKMARK", &object)
 }

@@ -17,7 +17,7 @@ use serde_json::{json, Map, Value};
 use super::kinds::Kind;
 use super::scope::{served, status_object, ApiError, Refusal};
 use super::target::{find_kind, Target};
-use super::HttpState;
+use super::{versions, HttpState};
 use crate::ops::api_write::{self, ApiWrite, Verb, Written};
 use crate::resource::Resource;
 
@@ -304,6 +304,17 @@ pub async fn delete(
     {
         return Err(dry_run_refused());
     }
+    let namespace = target.namespace_of(&kind);
+    let name = target.name.as_deref().unwrap_or_default();
+    let resource = resource(&state, &kind, &namespace, name).await?;
+    if let Some(named) = options
+        .pointer("/preconditions/resourceVersion")
+        .and_then(Value::as_str)
+        .filter(|v| !v.is_empty())
+    {
+        let stored = state.ctx.store.get_row(resource.key()).await?;
+        versions::check(resource.key(), named, stored.as_ref())?;
+    }
     let uid = options
         .pointer("/preconditions/uid")
         .and_then(Value::as_str)
@@ -312,14 +323,12 @@ pub async fn delete(
         Some(uid) => json!({"metadata": {"uid": uid}}).to_string(),
         None => "null".to_owned(),
     };
-    let namespace = target.namespace_of(&kind);
-    let name = target.name.as_deref().unwrap_or_default();
-    let resource = resource(&state, &kind, &namespace, name).await?;
     run(&state, &kind, Verb::Delete, resource, content, false).await
 }
 
 /// Carries out the write and answers as kube-apiserver: 201 with the object for a create, 200
-/// with it otherwise, a success Status for an object that is gone.
+/// with it otherwise, a success Status for an object that is gone. A version the write names
+/// is the node's, checked and translated for the cloud ([`versions`]).
 async fn run(
     state: &HttpState,
     kind: &Arc<Kind>,
@@ -329,6 +338,13 @@ async fn run(
     status: bool,
 ) -> Result<Response, ApiError> {
     let name = resource.name().unwrap_or_default().to_owned();
+    let key = resource.key().to_owned();
+    let content = if content.contains("resourceVersion") {
+        let stored = state.ctx.store.get_row(&key).await?;
+        versions::translate(verb, &key, content, stored.as_ref())?
+    } else {
+        content
+    };
     let write = ApiWrite {
         verb,
         resource,
@@ -344,8 +360,14 @@ async fn run(
     };
     match written {
         Written::Object(text) => {
+            // As a read would serve it now, with its version; an object that is not stored
+            // (an event) with the version the node is at.
+            let (text, version) = match state.ctx.store.get_row(&key).await? {
+                Some(row) => (row.value, row.version),
+                None => (text, state.ctx.store.feed_position()),
+            };
             let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-            Ok((code, Json(served(kind, value))).into_response())
+            Ok((code, Json(served(kind, value, version))).into_response())
         }
         Written::Done => {
             let mut body = status_object(
@@ -469,8 +491,8 @@ async fn resource(
         ApiError::Invalid(format!("{} {name:?}: {e}", kind.plural))
     };
     if !kind.namespaced {
-        if let Some((key, _)) = state.ctx.store.cluster_object(&kind.rtype, name).await? {
-            return Resource::parse(&key).map_err(invalid);
+        if let Some(row) = state.ctx.store.cluster_object(&kind.rtype, name).await? {
+            return Resource::parse(&row.key).map_err(invalid);
         }
     }
     Resource::object(namespace, &kind.rtype, name).map_err(invalid)

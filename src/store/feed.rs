@@ -1,14 +1,23 @@
 //! The change feed: every committed change to `meta`, numbered, for watchers.
 //!
-//! The writer numbers each change inside the transaction that makes it, and records it in the
-//! `changes` table there too (without its content, and only the last [`FEED_DEPTH`] are kept);
-//! after the commit it puts the change in a short history in memory and sends it on a broadcast
-//! channel, neither of which can make it wait. The numbers are what a list reports as its
-//! `resourceVersion`, so a client that lists and then watches from that version is given the
-//! changes in between from the history, instead of missing them. Because the numbers and the
-//! recent changes are in the database, a watch from a version given out before a restart
-//! resumes after it, without a 410, while the history covers it. A new database starts its
-//! numbers at the microseconds since the epoch, above any number an older MetaManager gave out.
+//! The writer numbers each change inside the transaction that makes it, stores the number beside
+//! the object it changed (`meta.change_seq`), and records the change in the `changes` table
+//! there too (without its content, and only the last [`HISTORY_CHANGES`] are kept); after the
+//! commit it puts the change in a history in memory and sends it on a broadcast channel,
+//! neither of which can make it wait.
+//!
+//! The numbers are the local API's `resourceVersion`s: an object's is the number of its last
+//! change, a list's the last number, an event's that of its change. So a client that resumes a
+//! watch from whatever it was handed last (a list, an event, a bookmark) is given the changes
+//! after it from the history, instead of missing them or being told to list again. Because the
+//! numbers and the recent changes are in the database, that also holds across a restart, while
+//! the history covers the version. A new database starts its numbers at the microseconds since
+//! the epoch, above any number an older MetaManager gave out.
+//!
+//! The history is bounded twice: [`HISTORY_CHANGES`] changes, which decides how far back a
+//! watch resumes, and [`FEED_HISTORY_BYTES`] of the objects they carry. Past the byte bound the
+//! oldest changes lose their object but stay in the history, as the changes recorded before a
+//! restart are: a watcher resumed over one reads the object as stored now.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,11 +27,19 @@ use tokio::sync::broadcast;
 
 use super::StoreEvent;
 
-/// Changes kept for watchers that start from a version, and buffered for each live watcher.
-pub const FEED_DEPTH: usize = 1024;
+/// Changes kept, in memory and in the `changes` table, for watches that resume from a version:
+/// a watch from a version at most this many changes old resumes without a 410. A client whose
+/// watch timed out after ten quiet minutes, on a node taking a change a second, is 600 changes
+/// behind; this covers over an hour at that rate. A change costs about a hundred bytes here
+/// (its key and type) once its object is let go (see [`FEED_HISTORY_BYTES`]).
+pub const HISTORY_CHANGES: usize = 4096;
 
-/// Bytes the history may hold (values, keys and bookkeeping, see [`StoreEvent::size`]). With
-/// large objects the byte bound, not [`FEED_DEPTH`], decides how far back a watch can resume.
+/// Changes buffered for each live watcher's task between the writer and its queue (the task
+/// takes them off as they come; one that falls this far behind is told to list again).
+pub const LIVE_BUFFER: usize = 1024;
+
+/// Bytes of the objects the history holds (with keys and bookkeeping, see
+/// [`StoreEvent::size`]). Past it the oldest changes keep only their key and number.
 pub const FEED_HISTORY_BYTES: usize = 8 * 1024 * 1024;
 
 /// A watch asked for changes the history no longer holds.
@@ -37,10 +54,9 @@ pub(super) struct Feed {
     /// The number of the last change sent.
     seq: AtomicU64,
     sender: broadcast::Sender<Arc<StoreEvent>>,
+    /// Locked by the writer to record a commit's changes and by a resuming watcher to copy
+    /// the ones it needs: both are a few microseconds, so the writer's wait is that at most.
     history: Mutex<History>,
-    /// Non-zero: the number of the last change the writer could not record because a watcher
-    /// was reading the history at that moment. The history is not complete up to there.
-    gap: AtomicU64,
 }
 
 struct History {
@@ -49,6 +65,42 @@ struct History {
     bytes: usize,
     /// Every change numbered from here on is in `events`.
     since: u64,
+    /// The first this many of `events` carry no object (let go for the byte bound, or
+    /// recorded before a restart).
+    bare: usize,
+}
+
+impl History {
+    /// Holds `events` to [`HISTORY_CHANGES`] and, by letting the oldest objects go, to
+    /// [`FEED_HISTORY_BYTES`]; only when bare changes alone are over it are changes dropped.
+    fn bound(&mut self) {
+        while self.events.len() > HISTORY_CHANGES {
+            self.pop_front();
+        }
+        while self.bytes > FEED_HISTORY_BYTES && self.bare < self.events.len() {
+            let old = &self.events[self.bare];
+            if old.value.is_some() {
+                let bare = Arc::new(StoreEvent {
+                    value: None,
+                    ..StoreEvent::clone(old)
+                });
+                self.bytes = self.bytes - old.size() + bare.size();
+                self.events[self.bare] = bare;
+            }
+            self.bare += 1;
+        }
+        while self.bytes > FEED_HISTORY_BYTES {
+            self.pop_front();
+        }
+    }
+
+    fn pop_front(&mut self) {
+        if let Some(old) = self.events.pop_front() {
+            self.bytes -= old.size();
+            self.since = old.seq + 1;
+            self.bare = self.bare.saturating_sub(1);
+        }
+    }
 }
 
 impl Default for Feed {
@@ -71,15 +123,18 @@ impl Feed {
         let since = recent.first().map_or(last + 1, |e| e.seq);
         let events: VecDeque<Arc<StoreEvent>> = recent.into_iter().map(Arc::new).collect();
         let bytes = events.iter().map(|e| e.size()).sum();
+        let bare = events.len();
+        let mut history = History {
+            events,
+            bytes,
+            since,
+            bare,
+        };
+        history.bound();
         Self {
             seq: AtomicU64::new(last),
-            sender: broadcast::channel(FEED_DEPTH).0,
-            history: Mutex::new(History {
-                events,
-                bytes,
-                since,
-            }),
-            gap: AtomicU64::new(0),
+            sender: broadcast::channel(LIVE_BUFFER).0,
+            history: Mutex::new(history),
         }
     }
 }
@@ -99,31 +154,13 @@ impl Feed {
         self.seq.store(last, Ordering::SeqCst);
         // Recorded before sent: a watcher that subscribes and then reads the history sees
         // each change in one or the other, possibly both (it skips numbers it has seen).
-        match self.history.try_lock() {
-            Ok(mut h) => {
-                let gap = self.gap.swap(0, Ordering::SeqCst);
-                if gap != 0 {
-                    h.events.clear();
-                    h.bytes = 0;
-                    h.since = gap + 1;
-                }
-                for e in &events {
-                    h.bytes += e.size();
-                    h.events.push_back(e.clone());
-                }
-                while h.events.len() > FEED_DEPTH || h.bytes > FEED_HISTORY_BYTES {
-                    let Some(old) = h.events.pop_front() else {
-                        break;
-                    };
-                    h.bytes -= old.size();
-                    h.since = old.seq + 1;
-                }
+        {
+            let mut h = self.history.lock().unwrap_or_else(|p| p.into_inner());
+            for e in &events {
+                h.bytes += e.size();
+                h.events.push_back(e.clone());
             }
-            Err(_) => {
-                if let Some(last) = events.last() {
-                    self.gap.store(last.seq, Ordering::SeqCst);
-                }
-            }
+            h.bound();
         }
         for e in events {
             // A receiver that is behind loses the oldest and is told so; the send never waits.
@@ -146,20 +183,14 @@ impl Feed {
         if version > self.position() {
             return Err(Expired(version));
         }
-        let h = self.history.lock().map_err(|_| Expired(version))?;
-        let since = match self.gap.load(Ordering::SeqCst) {
-            0 => h.since,
-            gap => gap + 1,
-        };
-        if version + 1 < since {
+        let h = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        if version + 1 < h.since {
             return Err(Expired(version));
         }
-        let backlog = h
-            .events
-            .iter()
-            .filter(|e| e.seq > version)
-            .cloned()
-            .collect();
+        // Numbered in order: the first change after `version` is found by bisection, so the
+        // lock is held for copying pointers, not for a scan.
+        let first = h.events.partition_point(|e| e.seq <= version);
+        let backlog = h.events.range(first..).cloned().collect();
         Ok((live, backlog))
     }
 }
@@ -190,21 +221,33 @@ mod tests {
     }
 
     #[test]
-    fn the_history_is_bounded_in_bytes() {
+    fn bare_changes_too_are_bounded_in_bytes() {
         let feed = Feed::default();
         let start = feed.position();
-        let big = bytes::Bytes::from(vec![b' '; 1024 * 1024]);
-        for i in 0..20 {
-            let mut e = event(&format!("k{i}"));
-            e.value = Some(big.clone());
-            publish(&feed, vec![e]);
+        let long_key = "k".repeat(64 * 1024);
+        for _ in 0..200 {
+            publish(&feed, vec![event(&long_key)]);
         }
         let h = feed.history.lock().unwrap();
         assert!(h.bytes <= FEED_HISTORY_BYTES, "{} bytes held", h.bytes);
-        assert!(h.events.len() < 20 && !h.events.is_empty());
+        assert!(h.events.len() < 200 && !h.events.is_empty());
         drop(h);
         assert!(feed.since(start).is_err(), "what was let go is expired");
         assert_eq!(feed.since(feed.position() - 2).unwrap().1.len(), 2);
+    }
+
+    #[test]
+    fn ten_quiet_minutes_at_a_change_a_second_resume() {
+        let feed = Feed::default();
+        let watched_last = feed.position();
+        // Pod-sized objects, each kept while somebody watched.
+        let pod = bytes::Bytes::from(vec![b' '; 16 * 1024]);
+        for i in 0..600 + 60 {
+            let mut e = event(&format!("default/pod/p{}", i % 50));
+            e.value = Some(pod.clone());
+            publish(&feed, vec![e]);
+        }
+        assert_eq!(feed.since(watched_last).unwrap().1.len(), 660);
     }
 
     #[test]
@@ -225,7 +268,7 @@ mod tests {
     fn versions_the_history_no_longer_holds_are_expired() {
         let feed = Feed::default();
         let start = feed.position();
-        for i in 0..FEED_DEPTH + 10 {
+        for i in 0..HISTORY_CHANGES + 10 {
             publish(&feed, vec![event(&format!("k{i}"))]);
         }
         assert!(feed.since(start).is_err());
@@ -235,23 +278,23 @@ mod tests {
     }
 
     #[test]
-    fn a_change_not_recorded_while_a_watcher_reads_expires_older_versions() {
+    fn past_the_byte_bound_the_oldest_changes_keep_their_number_but_not_their_object() {
         let feed = Feed::default();
-        let before = feed.position();
-        let held = feed.history.lock().unwrap();
-        publish(&feed, vec![event("a")]);
-        drop(held);
-        assert!(feed.since(before).is_err(), "the history misses `a`");
-        let after = feed.position();
-        publish(&feed, vec![event("b")]);
-        let keys: Vec<String> = feed
-            .since(after)
-            .unwrap()
-            .1
-            .iter()
-            .map(|e| e.key.clone())
-            .collect();
-        assert_eq!(keys, ["b"]);
+        let start = feed.position();
+        let big = bytes::Bytes::from(vec![b' '; 1024 * 1024]);
+        for i in 0..20 {
+            let mut e = event(&format!("k{i}"));
+            e.value = Some(big.clone());
+            publish(&feed, vec![e]);
+        }
+        let h = feed.history.lock().unwrap();
+        assert!(h.bytes <= FEED_HISTORY_BYTES, "{} bytes held", h.bytes);
+        assert_eq!(h.events.len(), 20, "every change is still there");
+        drop(h);
+        let backlog = feed.since(start).unwrap().1;
+        assert_eq!(backlog.len(), 20);
+        assert!(backlog[0].value.is_none(), "the oldest object was let go");
+        assert!(backlog[19].value.is_some(), "the newest is kept");
     }
 
     #[test]

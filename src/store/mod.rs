@@ -403,6 +403,7 @@ impl Store {
         }
         let run = writer::start_run(&conn).map_err(open_err)?;
         let (last_change, recent) = writer::recorded_changes(&conn).map_err(open_err)?;
+        writer::number_objects(&conn, last_change).map_err(open_err)?;
         let shared = Arc::new(Shared {
             feed: feed::Feed::new(last_change, recent),
             ..Shared::default()
@@ -638,14 +639,19 @@ impl Store {
     }
 
     /// The cluster-scoped object `name` of `rtype`, under whatever namespace segment it is
-    /// stored, as `(key, json)`: see [`read::cluster_object`]. An index lookup, so it runs on
-    /// the calling task like [`Store::get`].
+    /// stored, with its change number: see [`read::cluster_object`]. An index lookup, so it
+    /// runs on the calling task like [`Store::get`].
     pub async fn cluster_object(
         &self,
         rtype: &str,
         name: &str,
-    ) -> Result<Option<(String, String)>, StoreError> {
+    ) -> Result<Option<read::Row>, StoreError> {
         self.read_now(|c| read::cluster_object(c, rtype, name))
+    }
+
+    /// The stored JSON of one object and the number of its last change, for the local API.
+    pub async fn get_row(&self, key: &str) -> Result<Option<read::Row>, StoreError> {
+        self.read_now(|c| read::get_row(c, key))
     }
 
     /// One stored object of each type: see [`read::type_samples`].
@@ -660,7 +666,7 @@ impl Store {
         after: String,
         max_rows: usize,
         max_bytes: usize,
-    ) -> Result<Vec<(String, String)>, StoreError> {
+    ) -> Result<Vec<read::Row>, StoreError> {
         self.read(move |c| read::page(c, &range, &after, max_rows, max_bytes))
             .await
     }
@@ -1218,17 +1224,17 @@ mod tests {
         };
         let edge = found("node", "n1").await.expect("n1 is stored");
         assert_eq!(
-            edge,
-            ("edge/node/n1".into(), r#"{"k":"edge/node/n1"}"#.into())
+            (edge.key.as_str(), edge.value.as_str()),
+            ("edge/node/n1", r#"{"k":"edge/node/n1"}"#)
         );
         assert_eq!(found("node", "n2").await, None, "n2 is a pod");
-        assert_eq!(found("pod", "n2").await.unwrap().0, "default/pod/n2");
+        assert_eq!(found("pod", "n2").await.unwrap().key, "default/pod/n2");
         assert_eq!(
-            found("node", "n3").await.unwrap().0,
+            found("node", "n3").await.unwrap().key,
             "a/node/n3",
             "first by key"
         );
-        assert_eq!(found("node", "n").await.unwrap().0, "default/node/n");
+        assert_eq!(found("node", "n").await.unwrap().key, "default/node/n");
         store
             .write(Write::Delete {
                 key: "edge/node/n1".into(),
@@ -1309,6 +1315,96 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn each_object_carries_the_number_of_its_last_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("m.db"), StoreOptions::default()).unwrap();
+        let version = |store: &Store, key: &'static str| {
+            let store = store.clone();
+            async move { store.get_row(key).await.unwrap().map(|r| r.version) }
+        };
+        store.write(put("ns/pod/a", r#"{"a":1}"#)).await.unwrap();
+        let added = store.feed_position();
+        assert_eq!(version(&store, "ns/pod/a").await, Some(added));
+        store.write(put("ns/pod/b", r#"{"b":1}"#)).await.unwrap();
+        assert_eq!(
+            version(&store, "ns/pod/a").await,
+            Some(added),
+            "not moved by b"
+        );
+        let same = Write::PutIfChanged {
+            key: "ns/pod/a".into(),
+            rtype: "pod".into(),
+            value: Bytes::from_static(br#"{"a": 1}"#),
+        };
+        assert_eq!(store.write(same).await.unwrap().outcome, Outcome::Unchanged);
+        assert_eq!(
+            version(&store, "ns/pod/a").await,
+            Some(added),
+            "nothing changed"
+        );
+        let patch = crate::patch::Patch::parse(br#"{"a":2}"#, "pod", 1 << 20).unwrap();
+        store
+            .write(Write::Patch {
+                key: "ns/pod/a".into(),
+                rtype: "pod".into(),
+                patch: Arc::new(patch),
+            })
+            .await
+            .unwrap();
+        let patched = store.feed_position();
+        assert!(patched > added);
+        assert_eq!(version(&store, "ns/pod/a").await, Some(patched));
+        let page = store
+            .page(
+                read::Range::OfType("pod".into()),
+                String::new(),
+                10,
+                1 << 20,
+            )
+            .await
+            .unwrap();
+        let versions: Vec<u64> = page.iter().map(|r| r.version).collect();
+        assert_eq!(versions, [patched, patched - 1]);
+        store.close().await;
+        // The numbers outlive a restart, and go on growing.
+        let store = Store::open(&dir.path().join("m.db"), StoreOptions::default()).unwrap();
+        assert_eq!(version(&store, "ns/pod/a").await, Some(patched));
+        store.write(put("ns/pod/b", r#"{"b":2}"#)).await.unwrap();
+        assert_eq!(version(&store, "ns/pod/b").await, Some(patched + 1));
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn objects_of_a_database_from_before_change_numbers_are_numbered_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        {
+            // KubeEdge's table, and MetaManager's before objects carried change numbers.
+            let old = Connection::open(&path).unwrap();
+            old.execute_batch(
+                "CREATE TABLE meta (key TEXT PRIMARY KEY, type TEXT NOT NULL, value TEXT NOT NULL);
+                 INSERT INTO meta VALUES ('ns/pod/p', 'pod', '{\"v\":1}');",
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path, StoreOptions::default()).unwrap();
+        let position = store.feed_position();
+        let row = store.get_row("ns/pod/p").await.unwrap().unwrap();
+        assert_eq!(row.version, position, "numbered the feed's position");
+        assert_eq!(row.value, r#"{"v":1}"#, "the stored value untouched");
+        let (_live, backlog) = store.changes_since(row.version).unwrap();
+        assert!(backlog.is_empty(), "a watch from it resumes");
+        store.close().await;
+        let store = Store::open(&path, StoreOptions::default()).unwrap();
+        assert_eq!(
+            store.get_row("ns/pod/p").await.unwrap().unwrap().version,
+            position,
+            "numbered once"
+        );
+        store.close().await;
+    }
+
+    #[tokio::test]
     async fn pages_read_a_range_in_key_order_bounded_in_rows_and_bytes() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("m.db"), StoreOptions::default()).unwrap();
@@ -1318,9 +1414,8 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let keys = |rows: Vec<(String, String)>| -> Vec<String> {
-            rows.into_iter().map(|(k, _)| k).collect()
-        };
+        let keys =
+            |rows: Vec<read::Row>| -> Vec<String> { rows.into_iter().map(|r| r.key).collect() };
         let in_a = read::Range::InNamespace {
             namespace: "a".into(),
             rtype: "pod".into(),

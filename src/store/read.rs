@@ -25,6 +25,30 @@ pub fn get(c: &Connection, key: &str) -> rusqlite::Result<Option<String>> {
         .optional()
 }
 
+/// A stored object as the local API reads it: with the number of its last change, which is its
+/// `resourceVersion` there (see `super::feed`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row {
+    pub key: String,
+    pub value: String,
+    pub version: u64,
+}
+
+fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
+    Ok(Row {
+        key: r.get(0)?,
+        value: r.get(1)?,
+        version: r.get::<_, i64>(2)? as u64,
+    })
+}
+
+/// One stored object with its change number.
+pub fn get_row(c: &Connection, key: &str) -> rusqlite::Result<Option<Row>> {
+    c.prepare_cached("SELECT key, value, change_seq FROM meta WHERE key = ?1")?
+        .query_row([key], row)
+        .optional()
+}
+
 /// The half-open key range of the objects of `rtype` in `namespace`: keys of the list share the
 /// prefix `ns/type/`, and `0` is the byte after `/`, so the range holds exactly that prefix and
 /// is served by the primary key index.
@@ -54,18 +78,14 @@ pub(super) const NAME_OF_KEY: &str =
     "substr(key, instr(key, '/') + instr(substr(key, instr(key, '/') + 1), '/') + 1)";
 
 /// The cluster-scoped object `name` of `rtype`, under whatever namespace segment it is stored
-/// ([`crate::resource::CLUSTER_NAMESPACE`]), as `(key, json)`; the first in key order if
+/// ([`crate::resource::CLUSTER_NAMESPACE`]), with its change number; the first in key order if
 /// several namespaces hold one. A lookup in the index `meta_name`, whatever the store holds.
-pub fn cluster_object(
-    c: &Connection,
-    rtype: &str,
-    name: &str,
-) -> rusqlite::Result<Option<(String, String)>> {
+pub fn cluster_object(c: &Connection, rtype: &str, name: &str) -> rusqlite::Result<Option<Row>> {
     c.prepare_cached(&format!(
-        "SELECT key, value FROM meta INDEXED BY meta_name
+        "SELECT key, value, change_seq FROM meta INDEXED BY meta_name
          WHERE {NAME_OF_KEY} = ?2 AND type = ?1 ORDER BY key LIMIT 1"
     ))?
-    .query_row([rtype, name], |r| Ok((r.get(0)?, r.get(1)?)))
+    .query_row([rtype, name], row)
     .optional()
 }
 
@@ -85,8 +105,8 @@ pub enum Range {
     OfType(String),
 }
 
-/// The next objects of `range` after the key `after` (`""`: from the start), in key order, as
-/// `(key, json)`: at most `max_rows`, and no more once `max_bytes` of JSON are read (at least
+/// The next objects of `range` after the key `after` (`""`: from the start), in key order, with
+/// their change numbers: at most `max_rows`, and no more once `max_bytes` of JSON are read (at least
 /// one row, however large). An empty page means the range holds nothing after `after`.
 ///
 /// Reading a range a page at a time keeps a list's memory to one page, whatever the store
@@ -97,31 +117,31 @@ pub fn page(
     after: &str,
     max_rows: usize,
     max_bytes: usize,
-) -> rusqlite::Result<Vec<(String, String)>> {
+) -> rusqlite::Result<Vec<Row>> {
     let mut stmt;
     let mut rows = match range {
         Range::InNamespace { namespace, rtype } => {
             let [start, end] = list_range(namespace, rtype);
             stmt = c.prepare_cached(
-                "SELECT key, value FROM meta WHERE key > ?1 AND key < ?2 ORDER BY key",
+                "SELECT key, value, change_seq FROM meta WHERE key > ?1 AND key < ?2 ORDER BY key",
             )?;
             stmt.query([std::cmp::max(start.as_str(), after), end.as_str()])?
         }
         Range::OfType(rtype) => {
             stmt = c.prepare_cached(
-                "SELECT key, value FROM meta WHERE type = ?1 AND key > ?2 ORDER BY key",
+                "SELECT key, value, change_seq FROM meta WHERE type = ?1 AND key > ?2 ORDER BY key",
             )?;
             stmt.query([rtype.as_str(), after])?
         }
     };
     let (mut page, mut bytes) = (Vec::new(), 0usize);
     while page.len() < max_rows && (page.is_empty() || bytes < max_bytes) {
-        let Some(row) = rows.next()? else {
+        let Some(r) = rows.next()? else {
             break;
         };
-        let (key, value): (String, String) = (row.get(0)?, row.get(1)?);
-        bytes += value.len();
-        page.push((key, value));
+        let r = row(r)?;
+        bytes += r.value.len();
+        page.push(r);
     }
     Ok(page)
 }

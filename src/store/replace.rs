@@ -148,8 +148,13 @@ impl Writer {
             };
             // Always read the removed object (edged is sent it), but let the feed keep it only
             // while somebody watches, as for a single delete.
-            let (outcome, mut seen) =
-                writer::apply_write(&self.conn, &write, true, &mut effect.digest)?;
+            let (outcome, mut seen) = writer::apply_write(
+                &self.conn,
+                &write,
+                true,
+                &mut effect.digest,
+                self.next_change,
+            )?;
             let removed = seen.before.take();
             seen.before = removed.clone().filter(|_| watched);
             seen.watched = watched;

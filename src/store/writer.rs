@@ -38,9 +38,10 @@ pub(super) fn prepare(conn: &Connection, synchronous: &str) -> rusqlite::Result<
     conn.pragma_update(None, "synchronous", synchronous)?;
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS meta (
-             key   TEXT PRIMARY KEY,
-             type  TEXT NOT NULL,
-             value TEXT NOT NULL
+             key        TEXT PRIMARY KEY,
+             type       TEXT NOT NULL,
+             value      TEXT NOT NULL,
+             change_seq INTEGER NOT NULL DEFAULT 0
          );
          CREATE INDEX IF NOT EXISTS meta_type ON meta(type);
          CREATE TABLE IF NOT EXISTS processed (
@@ -120,6 +121,31 @@ pub(super) fn start_run(conn: &Connection) -> rusqlite::Result<i64> {
     )
 }
 
+/// Adds `meta.change_seq`, the number of each object's last change (which the local API gives
+/// out as its `resourceVersion`, see `super::feed`), to a database from before it (or
+/// KubeEdge's), numbering every object stored `last`, the feed's position: versions only grow,
+/// and a watch from it resumes. Column and numbers come in one transaction, so no object is
+/// ever without a number.
+pub(super) fn number_objects(conn: &Connection, last: u64) -> rusqlite::Result<()> {
+    let numbered = conn
+        .prepare("SELECT 1 FROM pragma_table_info('meta') WHERE name = 'change_seq'")?
+        .exists([])?;
+    if numbered {
+        return Ok(());
+    }
+    conn.execute_batch(
+        "BEGIN IMMEDIATE;
+         ALTER TABLE meta ADD COLUMN change_seq INTEGER NOT NULL DEFAULT 0;",
+    )?;
+    let numbered = conn
+        .execute("UPDATE meta SET change_seq = ?1", [last as i64])
+        .and_then(|_| conn.execute_batch("COMMIT"));
+    if numbered.is_err() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    numbered
+}
+
 pub(super) struct Writer {
     pub conn: Connection,
     pub shared: Arc<Shared>,
@@ -142,7 +168,7 @@ pub(super) struct Writer {
 }
 
 /// The number of the last recorded change, and the recorded changes the feed's history starts
-/// with (at most [`super::feed::FEED_DEPTH`], without content), from the `changes` table; a
+/// with (at most [`super::feed::HISTORY_CHANGES`], without content), from the `changes` table; a
 /// database with none starts at [`super::feed::first_number`].
 pub(super) fn recorded_changes(conn: &Connection) -> rusqlite::Result<(u64, Vec<StoreEvent>)> {
     let last: Option<i64> = conn.query_row("SELECT max(seq) FROM changes", [], |r| r.get(0))?;
@@ -151,7 +177,7 @@ pub(super) fn recorded_changes(conn: &Connection) -> rusqlite::Result<(u64, Vec<
     };
     let mut stmt =
         conn.prepare("SELECT seq, kind, key, rtype FROM changes WHERE seq > ?1 ORDER BY seq")?;
-    let from = last.saturating_sub(super::feed::FEED_DEPTH as u64) as i64;
+    let from = last.saturating_sub(super::feed::HISTORY_CHANGES as u64) as i64;
     let rows = stmt.query_map([from], |r| {
         let kind = match r.get::<_, i64>(1)? {
             0 => ChangeKind::Added,
@@ -438,7 +464,8 @@ impl Writer {
         let outcome = match &change.write {
             Some(w) => {
                 let watched = self.shared.feed.watched();
-                let (outcome, seen) = apply_write(conn, w, watched, &mut effect.digest)?;
+                let (outcome, seen) =
+                    apply_write(conn, w, watched, &mut effect.digest, self.next_change)?;
                 if let Some(mut event) = feed_event(w, outcome, seen) {
                     self.record_change(&mut event)?;
                     made = Some(event.seq as i64);
@@ -644,11 +671,11 @@ impl Writer {
         Ok(())
     }
 
-    /// Keeps the last [`super::feed::FEED_DEPTH`] changes in `changes`.
+    /// Keeps the last [`super::feed::HISTORY_CHANGES`] changes in `changes`.
     fn prune_changes(&self) -> rusqlite::Result<()> {
         self.conn
             .prepare_cached("DELETE FROM changes WHERE seq <= ?1")?
-            .execute([self.next_change as i64 - 1 - super::feed::FEED_DEPTH as i64])?;
+            .execute([self.next_change as i64 - 1 - super::feed::HISTORY_CHANGES as i64])?;
         Ok(())
     }
 
@@ -681,12 +708,14 @@ impl Writer {
 /// makes anyway: whether the key held anything (ADDED or MODIFIED, watched or not), and only
 /// while somebody `watched` the values a watcher is sent (a deleted object, a patch's result).
 /// Every change to `meta` goes through [`store_object`] or [`remove_object`], which keep the
-/// row's `rv` and the `digest` right.
+/// row's `rv` and the `digest` right. An object it stores is stored with `number`, the number
+/// its feed event gets: every write that stores makes exactly one event.
 pub(super) fn apply_write(
     conn: &Connection,
     write: &Write,
     watched: bool,
     deltas: &mut Deltas,
+    number: u64,
 ) -> rusqlite::Result<(Outcome, Seen)> {
     let mut seen = Seen {
         watched,
@@ -704,6 +733,7 @@ pub(super) fn apply_write(
                 rtype,
                 text(value)?,
                 old.flatten().as_deref(),
+                number,
             )?;
             Outcome::Stored
         }
@@ -726,7 +756,7 @@ pub(super) fn apply_write(
                 }
                 old_rv = rv.as_deref();
             }
-            store_object(conn, deltas, key, rtype, value, old_rv)?;
+            store_object(conn, deltas, key, rtype, value, old_rv, number)?;
             Outcome::Stored
         }
         Write::Delete { key, uid } => {
@@ -750,7 +780,7 @@ pub(super) fn apply_write(
             seen.existed = true;
             match patch.apply(&stored) {
                 Ok(Patched::Changed(value)) => {
-                    store_object(conn, deltas, key, rtype, &value, rv.as_deref())?;
+                    store_object(conn, deltas, key, rtype, &value, rv.as_deref(), number)?;
                     seen.after = watched.then_some(value);
                     Outcome::Patched { changed: true }
                 }
@@ -762,8 +792,10 @@ pub(super) fn apply_write(
     Ok((outcome, seen))
 }
 
-/// Stores `value` under `key` with its `rv`, and moves the digest from the old object's term
-/// (`old_rv`: `None` when nothing was stored, or the row was not counted yet) to the new one.
+/// Stores `value` under `key` with its `rv` and `number`, the number of this change (the
+/// local API's version of the object, see [`super::feed`]), and moves the digest from the old
+/// object's term (`old_rv`: `None` when nothing was stored, or the row was not counted yet) to
+/// the new one.
 pub(super) fn store_object(
     conn: &Connection,
     deltas: &mut Deltas,
@@ -771,14 +803,15 @@ pub(super) fn store_object(
     rtype: &str,
     value: &str,
     old_rv: Option<&str>,
+    number: u64,
 ) -> rusqlite::Result<()> {
     let rv = digest::resource_version(value.as_bytes());
     conn.prepare_cached(
-        "INSERT INTO meta (key, type, value, rv) VALUES (?1, ?2, ?3, ?4)
+        "INSERT INTO meta (key, type, value, rv, change_seq) VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT(key) DO UPDATE SET type = excluded.type, value = excluded.value,
-                                        rv = excluded.rv",
+                                        rv = excluded.rv, change_seq = excluded.change_seq",
     )?
-    .execute(params![key, rtype, value, rv.as_ref()])?;
+    .execute(params![key, rtype, value, rv.as_ref(), number as i64])?;
     deltas.replace(key, old_rv, Some(&rv));
     Ok(())
 }

@@ -333,6 +333,19 @@ pub fn count_rows(app: &TestApp, sql: &str) -> i64 {
 }
 
 /// A new message with a fresh msg_id.
+/// `object`, stored at `key`, as the local API serves it: with the node's version of it (the
+/// number of its last change, read from the database) where the store keeps the cloud's.
+#[allow(dead_code)]
+pub fn served(app: &TestApp, key: &str, object: &Value) -> Value {
+    let number = count_rows(
+        app,
+        &format!("SELECT change_seq FROM meta WHERE key = '{key}'"),
+    );
+    let mut object = object.clone();
+    object["metadata"]["resourceVersion"] = json!(number.to_string());
+    object
+}
+
 pub fn message(operation: &str, resource: &str, content: Value) -> Value {
     json!({
         "header": {"msg_id": uuid::Uuid::new_v4().to_string(), "timestamp": 1795774500123i64},
