@@ -1215,3 +1215,205 @@ async fn a_selector_watch_resumed_over_an_unwatched_delete_is_told_of_it() {
     read_until(&mut stream, &mut head, "\r\n\r\n").await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
 }
+
+/// A streaming list, as informers ask for one: the objects as `ADDED`, then a `BOOKMARK`
+/// annotated `k8s.io/initial-events-end` at the version they are as of, then live events, each
+/// carrying the node's number of its change. The parameters are checked as kube-apiserver
+/// checks them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streaming_list_ends_its_initial_events_with_the_annotated_bookmark() {
+    let Some(mut app) = TestApp::spawn(Options::new(BrokerKind::Embedded)).await else {
+        return;
+    };
+    let port = app.http_port;
+    insert_pod(&mut app, "default", "a", "x").await;
+    insert_pod(&mut app, "default", "b", "x").await;
+    let base = "/api/v1/namespaces/default/pods?watch=true&sendInitialEvents=true&allowWatchBookmarks=true";
+    let mut stream = watch(port, &format!("{base}&resourceVersionMatch=NotOlderThan")).await;
+    let mut seen = String::new();
+    read_until(&mut stream, &mut seen, "initial-events-end").await;
+    insert_pod(&mut app, "default", "c", "x").await;
+    read_until(&mut stream, &mut seen, r#""name":"c","namespace""#).await;
+    while events(&seen).len() < 4 {
+        // The rest of c's line.
+        let mut buf = vec![0u8; 65536];
+        let n = tokio::time::timeout(WAIT, stream.read(&mut buf))
+            .await
+            .expect("the rest of c's event")
+            .unwrap();
+        assert!(n > 0, "{seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    let got = events(&seen);
+    assert_eq!(types_and_names(&got[..2]), [("ADDED", "a"), ("ADDED", "b")]);
+    let bookmark = &got[2];
+    assert_eq!(bookmark["type"], "BOOKMARK");
+    assert_eq!(bookmark["object"]["kind"], "Pod");
+    assert_eq!(bookmark["object"]["apiVersion"], "v1");
+    assert_eq!(
+        bookmark["object"]["metadata"]["annotations"]["k8s.io/initial-events-end"],
+        "true"
+    );
+    let version = |e: &Value| -> u64 {
+        e["object"]["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let at = version(bookmark);
+    assert_eq!(version(&got[0]), at - 1, "a, then b, the last change");
+    assert_eq!(version(&got[1]), at);
+    assert_eq!(got[3]["type"], "ADDED");
+    assert_eq!(version(&got[3]), at + 1, "c: the next change");
+
+    // As kube-apiserver: the match is required with sendInitialEvents, and forbidden without.
+    for (path, code) in [
+        (base.to_owned(), 422),
+        (format!("{base}&resourceVersionMatch=Exact"), 422),
+        (
+            "/api/v1/pods?watch=true&resourceVersionMatch=NotOlderThan".to_owned(),
+            422,
+        ),
+        (
+            format!("{base}&resourceVersionMatch=NotOlderThan&sendInitialEvents=maybe"),
+            400,
+        ),
+    ] {
+        let (got, _, body) = http(port, "GET", &path).await;
+        assert_eq!(got, code, "{path}: {body}");
+    }
+    // Without initial events: from now on only.
+    let (code, _, body) = http(
+        port,
+        "GET",
+        "/api/v1/namespaces/default/pods?watch=true&sendInitialEvents=false&resourceVersionMatch=NotOlderThan&timeoutSeconds=1",
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert!(events(&body).is_empty(), "{body}");
+}
+
+/// Every version handed out resumes a watch: an object's from a list, an event's (a `DELETED`
+/// one carries its deletion's number, never the object's older one), a bookmark's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_resumes_from_an_objects_an_events_or_a_bookmarks_version() {
+    let Some(mut app) = TestApp::spawn(Options::new(BrokerKind::Embedded)).await else {
+        return;
+    };
+    let port = app.http_port;
+    insert_pod(&mut app, "default", "old", "x").await;
+    insert_pod(&mut app, "default", "newer", "x").await;
+    let (_, list) = get_json(port, "/api/v1/namespaces/default/pods").await;
+    let number = |v: &Value| -> u64 { v.as_str().unwrap().parse().unwrap() };
+    let list_version = number(&list["metadata"]["resourceVersion"]);
+    let old = number(&list["items"][1]["metadata"]["resourceVersion"]);
+    assert_eq!(list["items"][1]["metadata"]["name"], "old");
+    assert_eq!(old, list_version - 1);
+
+    // From the older object's version: the change after it.
+    let from = |v: u64| {
+        format!("/api/v1/namespaces/default/pods?watch=true&resourceVersion={v}&timeoutSeconds=1&allowWatchBookmarks=true")
+    };
+    let (_, _, body) = http(port, "GET", &from(old)).await;
+    let seen = events(&body);
+    assert_eq!(types_and_names(&seen[..1]), [("ADDED", "newer")]);
+    assert_eq!(
+        number(&seen[0]["object"]["metadata"]["resourceVersion"]),
+        list_version
+    );
+
+    // A deletion: its event carries a new number, above the object's.
+    let m = message("delete", "default/pod/old", Value::Null);
+    app.client.request("edgehub", &m).await;
+    let (_, _, body) = http(port, "GET", &from(list_version)).await;
+    let seen = events(&body);
+    assert_eq!(types_and_names(&seen[..1]), [("DELETED", "old")]);
+    let deleted = number(&seen[0]["object"]["metadata"]["resourceVersion"]);
+    assert!(deleted > list_version, "{deleted} after {list_version}");
+    // The bookmark that ends a timed-out watch names the version everything was sent up to.
+    let last = seen.last().unwrap();
+    assert_eq!(last["type"], "BOOKMARK", "{body}");
+    let bookmark = number(&last["object"]["metadata"]["resourceVersion"]);
+    assert_eq!(bookmark, deleted);
+
+    // From the deletion's (and the bookmark's) version, across a restart: no 410, only what
+    // came after.
+    app.restart().await;
+    insert_pod(&mut app, "default", "after", "x").await;
+    let (code, _, body) = http(app.http_port, "GET", &from(bookmark)).await;
+    assert_eq!(code, 200);
+    assert!(!body.contains(r#""code":410"#), "resumed: {body}");
+    let seen = events(&body);
+    assert_eq!(types_and_names(&seen[..1]), [("ADDED", "after")]);
+}
+
+/// kubectl shows the node's versions, and a replace from a stale read is refused with 409
+/// before anything goes to the cloud.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_shows_node_versions_and_a_stale_replace_is_a_conflict() {
+    if kubectl().is_none() {
+        return;
+    }
+    let Some(mut app) = TestApp::spawn(Options::new(BrokerKind::Embedded)).await else {
+        return;
+    };
+    let port = app.http_port;
+    let home = tempfile::tempdir().unwrap();
+    let config = fixture("configmap.json");
+    insert(&mut app, "default/configmap/app-config", config.clone()).await;
+    let yaml = kubectl_out(
+        port,
+        home.path(),
+        &[
+            "get",
+            "configmap",
+            "app-config",
+            "-n",
+            "default",
+            "-o",
+            "yaml",
+        ],
+    );
+    let served = served(&app, "default/configmap/app-config", &config);
+    let version = served["metadata"]["resourceVersion"].as_str().unwrap();
+    assert!(
+        yaml.contains(&format!("resourceVersion: \"{version}\"")),
+        "{yaml}"
+    );
+    assert!(!yaml.contains("481002"), "not the cloud's: {yaml}");
+
+    // Changed since it was read: the version read is stale.
+    let mut changed = config.clone();
+    changed["data"] = json!({"mode": "new"});
+    let m = message("update", "default/configmap/app-config", changed);
+    app.client.request("edgehub", &m).await;
+    let manifest = home.path().join("stale.yaml");
+    std::fs::write(&manifest, &yaml).unwrap();
+    let out = kubectl_cmd(
+        port,
+        home.path(),
+        &["replace", "-f", manifest.to_str().unwrap()],
+    )
+    .output()
+    .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        said.contains("Conflict") || said.contains("has been modified"),
+        "{said}"
+    );
+    let drained = app
+        .client
+        .drain(std::time::Duration::from_millis(200))
+        .await;
+    let to_cloud: Vec<&Value> = drained
+        .iter()
+        .filter(|(topic, _)| topic.ends_with("metamanager/to/edgehub"))
+        .map(|(_, m)| m)
+        .collect();
+    assert!(
+        to_cloud.is_empty(),
+        "nothing goes to the cloud: {to_cloud:?}"
+    );
+}
