@@ -3,7 +3,9 @@
 //! store holds, under its own group and version ([`super::kinds`]), and the routes of the
 //! writes ([`super::write`]).
 //!
-//! Objects are served exactly as stored, so what kubectl shows is what edged would be given.
+//! Objects are served as stored, so what kubectl shows is what edged would be given, except
+//! `metadata.resourceVersion`: the node's number of the object's last change (see
+//! [`crate::store`]'s feed), the one version space informers need.
 
 use std::collections::HashMap;
 
