@@ -12,13 +12,14 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
 use crate::broker::{BrokerError, BrokerOptions, EmbeddedBroker, DEFAULT_MAX_CONNECTIONS};
-use crate::cloud::CloudState;
+use crate::cloud::{Cloud, CloudState};
 use crate::config::{ConfigError, Settings};
 use crate::descriptors;
 use crate::http::{self, HttpError};
-use crate::metrics::Exporter;
+use crate::metrics::{Exporter, Metrics};
 use crate::mqtt::settings::BrokerMode;
 use crate::mqtt::{Incoming, Link, LinkOptions, Publisher};
+use crate::ops::api_write::ApiWrites;
 use crate::ops::{self, Step};
 use crate::readiness::{self, Readiness};
 use crate::shutdown::{self, Shutdown};
@@ -213,11 +214,25 @@ pub async fn run_with(
         (None, Some(options)) => readiness::Target::External(Box::new(options)),
         (None, None) => unreachable!("one broker mode or the other"),
     }));
-    let ops = Arc::new(ops::Context::new(
-        &settings,
+    store.track_delivery(link.publisher.delivery.clone());
+    let replies = ops::Replies {
+        publisher: link.publisher.clone(),
+        metrics: Arc::new(Metrics::new(store.metrics().clone())),
+    };
+    let remote_timeout = settings.meta.remote_query_timeout;
+    let cloud = Cloud::new(
+        &store,
+        &link.publisher,
+        replies.metrics.clone(),
+        remote_timeout,
+    );
+    let rules = Arc::new(ops::Rules::from_settings(&settings));
+    let ops = Arc::new(ops::Ops::new(
         Arc::new(topics),
+        replies.clone(),
         store.clone(),
-        link.publisher.clone(),
+        cloud.clone(),
+        rules.clone(),
     ));
     let serving = BrokerServing::default();
     let broker = match &embedded {
@@ -238,17 +253,19 @@ pub async fn run_with(
     let session = tokio::spawn(keep_session(
         link.publisher.clone(),
         settings.node_id.clone(),
-        ops.cloud.clone(),
+        cloud.state.clone(),
         link.connected.clone(),
         stop.clone(),
     ));
     let sync = tokio::spawn(
-        ops.metasync
+        cloud
+            .metasync
             .clone()
             .run_periodic(settings.meta.sync.podstatus.interval, stop.clone()),
     );
     let drain = tokio::spawn(
-        ops.outbox
+        cloud
+            .outbox
             .clone()
             .run_drain(settings.outbox.clone(), stop.clone()),
     );
@@ -257,11 +274,11 @@ pub async fn run_with(
         let ctx = http::Context {
             store: store.clone(),
             exporter: Exporter {
-                metrics: ops.metrics.clone(),
+                metrics: replies.metrics.clone(),
                 store: store.clone(),
-                outbox: ops.outbox.clone(),
-                remote: ops.remote.clone(),
-                cloud: ops.cloud.clone(),
+                outbox: cloud.outbox.clone(),
+                remote: cloud.remote.clone(),
+                cloud: cloud.state.clone(),
                 broker_connected: link.connected.clone(),
                 publisher: link.publisher.clone(),
             },
@@ -269,7 +286,7 @@ pub async fn run_with(
             serving: serving.clone(),
             readiness,
             auth: api_auth,
-            ops: ops.clone(),
+            writes: ApiWrites::new(store.clone(), cloud.clone(), replies, rules),
         };
         let configured = &settings.http;
         let limits = http::Limits {
@@ -371,7 +388,7 @@ pub async fn run_with(
 }
 
 async fn run_dispatcher(
-    ops: Arc<ops::Context>,
+    ops: Arc<ops::Ops>,
     mut inbound: Incoming,
     steps: mpsc::Sender<Step>,
     mut stop: Shutdown,
@@ -384,7 +401,7 @@ async fn run_dispatcher(
         let Some(publish) = publish else {
             break;
         };
-        let step = ops::dispatch(&ops, publish).await;
+        let step = ops.dispatch(publish).await;
         if steps.send(step).await.is_err() {
             return;
         }
@@ -392,7 +409,7 @@ async fn run_dispatcher(
     // Stopping: hand on what already arrived (the broker sees it acknowledged once handled),
     // then end; what arrives later stays unacknowledged and is redelivered.
     while let Some(publish) = inbound.try_recv() {
-        let step = ops::dispatch(&ops, publish).await;
+        let step = ops.dispatch(publish).await;
         if steps.send(step).await.is_err() {
             return;
         }

@@ -30,7 +30,9 @@
 //! - [`patch`]: applying a `patch` operation's merge patch or JSON Patch to a stored object,
 //!   with the status lists of pods and nodes merged by key.
 //! - [`ops`]: what each operation does, one file per operation, each split into an immediate part
-//!   and an ordered step; [`ops::Context`] is what they are given.
+//!   and an ordered step; each is given the handles it uses ([`ops::Replies`], the store, the
+//!   [`cloud::Cloud`] side, [`ops::Rules`]), and the API's writes have
+//!   [`ops::api_write::ApiWrites`].
 //! - [`cloud`]: the cloud side, everything kept and done for the cloud, reached through edgehub.
 //!   - [`cloud::state`]: whether the cloud is connected, as edgehub last said.
 //!   - [`cloud::outbox`]: what waits for the cloud while it is away, and its paced sending.

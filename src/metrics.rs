@@ -459,14 +459,15 @@ mod tests {
 
     /// The exporter of a context with a real store and an in-memory broker.
     fn exporter(h: &Harness) -> Exporter {
+        let Harness { cloud, replies, .. } = h;
         Exporter {
-            metrics: h.ctx.metrics.clone(),
-            store: h.ctx.store.clone(),
-            outbox: h.ctx.outbox.clone(),
-            remote: h.ctx.remote.clone(),
-            cloud: h.ctx.cloud.clone(),
+            metrics: replies.metrics.clone(),
+            store: h.store.clone(),
+            outbox: cloud.outbox.clone(),
+            remote: cloud.remote.clone(),
+            cloud: cloud.state.clone(),
             broker_connected: h.connected.clone(),
-            publisher: h.ctx.publisher.clone(),
+            publisher: replies.publisher.clone(),
         }
     }
 
@@ -493,8 +494,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn render_parses_as_prometheus_text_and_carries_every_family() {
         let h = Harness::new().await;
-        let node = &h.ctx;
-        node.store
+        h.store
             .write(Write::Put {
                 key: "default/pod/a".into(),
                 rtype: "pod".into(),
@@ -502,14 +502,15 @@ mod tests {
             })
             .await
             .expect("write commits");
-        node.metrics.received("edged", "insert");
-        node.metrics.received("edged", "invalid");
-        node.metrics.replied("response");
-        node.metrics.error(ErrorReason::Decode);
-        node.metrics
+        h.replies.metrics.received("edged", "insert");
+        h.replies.metrics.received("edged", "invalid");
+        h.replies.metrics.replied("response");
+        h.replies.metrics.error(ErrorReason::Decode);
+        h.replies
+            .metrics
             .remote_query(RemoteOutcome::Timeout, Some(Duration::from_millis(20)));
-        node.metrics.metasync(SyncOutcome::Skipped);
-        node.cloud.set(true);
+        h.replies.metrics.metasync(SyncOutcome::Skipped);
+        h.cloud.state.set(true);
 
         let text = exporter(&h).render();
         let lines = text.lines().map(|l| Ok(l.to_owned()));
@@ -555,15 +556,14 @@ mod tests {
             text.contains("metamanager_store_commit_seconds_count 1"),
             "the writer recorded its commit:\n{text}"
         );
-        node.store.close().await;
+        h.store.close().await;
     }
 
     /// Messages handled by the real operations code move the counters they should.
     #[tokio::test(flavor = "multi_thread")]
     async fn handled_messages_are_counted_by_topic_operation_and_reason() {
         let h = Harness::new().await;
-        let node = h.ctx.clone();
-        let [from_edgehub, from_edged] = node.topics.inbound().map(str::to_owned);
+        let [from_edgehub, from_edged] = h.topics.inbound().map(str::to_owned);
         let publish = |topic: &str, payload: &str| {
             crate::mqtt::Inbound::detached(topic, payload.as_bytes().to_vec())
         };
@@ -576,9 +576,7 @@ mod tests {
             (&from_edged, "not json"),
             (&from_edged, remote),
         ] {
-            crate::ops::dispatch(&node, publish(topic, payload))
-                .await
-                .await;
+            h.ops.dispatch(publish(topic, payload)).await.await;
         }
         let text = exporter(&h).render();
         let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
@@ -624,7 +622,7 @@ mod tests {
         );
         let remote = "metamanager_remote_queries_total";
         assert_eq!(count(remote, &[("outcome", "disconnected")]), Some(1.0));
-        node.store.close().await;
+        h.store.close().await;
     }
 
     /// The outbox's "full" drops are counted by the store; `/metrics` shows that count, not
@@ -692,6 +690,6 @@ mod tests {
         assert_eq!(dropped_full(&exporter), Some(5.0), "never back");
         first.close().await;
         exporter.store.close().await;
-        h.ctx.store.close().await;
+        h.store.close().await;
     }
 }

@@ -1,5 +1,5 @@
-//! The cloud side: what MetaManager keeps and does for the cloud, which is reached only through
-//! edgehub and is not always there.
+//! The cloud side: what MetaManager keeps and does for the cloud, which it reaches only through
+//! edgehub and which is not always there.
 //!
 //! - [`state`]: whether the cloud is connected, as edgehub last said.
 //! - [`outbox`]: what waits for the cloud while it is away, and its paced sending.
@@ -10,8 +10,10 @@
 //! - [`waiting`]: patches passed on to the cloud, waiting for its answer (in memory here, and
 //!   as rows the store writes with each patch's change).
 //!
-//! This module depends on the store, never the other way round: the store keeps the rows and
-//! their bound, and knows nothing of who reads them.
+//! [`Cloud`] holds them together, as the operations and the API's writes use them. State the
+//! cloud side comes to keep (what the cloud was last told, the versions it holds) gets a file
+//! here and a field there. This module depends on the store, never the other way round: the
+//! store keeps the rows and their bound, and knows nothing of who reads them.
 
 pub mod metasync;
 pub mod outbox;
@@ -21,4 +23,49 @@ pub mod settings;
 pub mod state;
 pub mod waiting;
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::metrics::Metrics;
+use crate::mqtt::Publisher;
+use crate::store::Store;
+
 pub use state::CloudState;
+
+/// The cloud side of one node; cheap to clone, every clone is the same cloud side.
+#[derive(Clone)]
+pub struct Cloud {
+    pub state: CloudState,
+    pub outbox: outbox::Outbox,
+    pub metasync: metasync::MetaSync,
+    pub remote: Arc<remote::RemoteQueries>,
+    pub patches: Arc<waiting::WaitingPatches>,
+}
+
+impl Cloud {
+    /// The cloud side of the node whose store is `store`, disconnected until edgehub says
+    /// otherwise: what goes out goes with `publisher`, remote queries wait at most
+    /// `remote_timeout`, and the patches the store says still wait for an answer wait on.
+    pub fn new(
+        store: &Store,
+        publisher: &Publisher,
+        metrics: Arc<Metrics>,
+        remote_timeout: Duration,
+    ) -> Self {
+        let rows = store.sent_patches().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot read which patches wait for the cloud's answer; their answers will not be stored");
+            Vec::new()
+        });
+        let state = CloudState::default();
+        let outbox = outbox::Outbox::new(store.clone(), publisher.clone(), state.clone());
+        let metasync =
+            metasync::MetaSync::new(store.clone(), outbox.clone(), state.clone(), metrics);
+        Self {
+            state,
+            outbox,
+            metasync,
+            remote: Arc::new(remote::RemoteQueries::new(remote_timeout)),
+            patches: Arc::new(waiting::WaitingPatches::load(rows)),
+        }
+    }
+}

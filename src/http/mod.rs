@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch as flag;
 
 use crate::metrics::Exporter;
+use crate::ops::api_write::ApiWrites;
 use crate::readiness::Readiness;
 use crate::shutdown::Shutdown;
 use crate::store::Store;
@@ -68,7 +69,7 @@ pub struct Context {
     /// Who may use the API.
     pub auth: Arc<auth::Auth>,
     /// What the API's writes are carried out with.
-    pub ops: Arc<crate::ops::Context>,
+    pub writes: ApiWrites,
 }
 
 /// The endpoint's bounds, from the `http` config keys (see the README's Limits).
@@ -155,7 +156,7 @@ pub fn router(state: HttpState) -> Router {
     let caps = state.caps.clone();
     // Write bodies are checked against the message size in `write`; this only keeps axum's own
     // cap from refusing them first, without a Status.
-    let body_limit = axum::extract::DefaultBodyLimit::max(state.ctx.ops.max_payload);
+    let body_limit = axum::extract::DefaultBodyLimit::max(state.ctx.writes.max_payload());
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

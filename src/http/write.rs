@@ -18,7 +18,7 @@ use super::kinds::Kind;
 use super::scope::{served, status_object, ApiError, Refusal};
 use super::target::{find_kind, Target};
 use super::{versions, HttpState};
-use crate::ops::api_write::{self, ApiWrite, Verb, Written};
+use crate::ops::api_write::{ApiWrite, Verb, Written};
 use crate::resource::Resource;
 
 type PathParams = Path<HashMap<String, String>>;
@@ -36,7 +36,11 @@ async fn begin(
         return Err(dry_run_refused());
     }
     // What the cloud is sent must fit in one message, with room for its envelope.
-    let most = state.ctx.ops.max_payload.saturating_sub(ENVELOPE_BYTES);
+    let most = state
+        .ctx
+        .writes
+        .max_payload()
+        .saturating_sub(ENVELOPE_BYTES);
     if body.len() > most {
         return Err(ApiError::TooLarge(format!(
             "the request body is {} bytes, more than the {most} bytes a write may carry (mqtt.max_payload_bytes less its envelope)",
@@ -353,7 +357,7 @@ async fn run(
         // Moved into the write, which may outlive this request (a client that hangs up).
         hold: Some(state.caps.write()?),
     };
-    let written = api_write::write(&state.ctx.ops, write).await?;
+    let written = state.ctx.writes.write(write).await?;
     let code = match verb {
         Verb::Create => StatusCode::CREATED,
         _ => StatusCode::OK,

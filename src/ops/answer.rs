@@ -2,67 +2,70 @@
 //! to edged. An answer to a patch edged sent is stored first. A bare "OK" to an API write is
 //! its receipt: acked, and the write waits on for the object.
 
-use std::sync::Arc;
-
 use crate::cloud::remote::{Answer, Completion};
+use crate::cloud::Cloud;
 use crate::message::Message;
 use crate::mqtt::Inbound;
-use crate::store::{Change, StoreError};
+use crate::store::{Change, Store, StoreError};
 use crate::topics::Peer;
 
-use super::change::forward;
-use super::{report_store_error, settle, store_failed, Context, Step};
+use super::change::{forward, PassOn};
+use super::{report_store_error, store_failed, Replies, Step};
 
 /// The cloud's response or error: completes the remote query it answers, else goes to edged.
 pub(super) async fn answer_from_cloud(
-    ctx: &Arc<Context>,
+    replies: &Replies,
+    store: &Store,
+    cloud: &Cloud,
     publish: Inbound,
     message: Message,
 ) -> Step {
     // An answer to a patch waiting for it is stored first.
     let change = Change {
         msg_id: Some(message.msg_id().to_owned()),
-        ..ctx.sent_patches.answer(&message).unwrap_or_default()
+        ..cloud.patches.answer(&message).unwrap_or_default()
     };
     let stores = change.write.is_some();
-    let committed = match ctx.store.submit(change).await {
+    let committed = match store.submit(change).await {
         Ok(c) => c,
-        Err(e) => return store_failed(ctx, Peer::Edgehub, publish, message, e),
+        Err(e) => return store_failed(replies, Peer::Edgehub, publish, message, e),
     };
-    let ctx = ctx.clone();
+    let (replies, store, cloud) = (replies.clone(), store.clone(), cloud.clone());
     Box::pin(async move {
         if stores {
             match committed.await.unwrap_or(Err(StoreError::Closed)) {
                 Ok(applied) => {
-                    forward(&ctx, Peer::Edged, &message, &publish, applied, false).await;
+                    let (outbox, to) = (&cloud.outbox, PassOn::Edged);
+                    forward(&replies, &store, outbox, to, &message, &publish, applied).await;
                 }
-                Err(e) => report_store_error(&ctx, Peer::Edgehub, &message, &e).await,
+                Err(e) => report_store_error(&replies, Peer::Edgehub, &message, &e).await,
             }
-            ctx.publisher.ack(&publish);
+            replies.publisher.ack(&publish);
             return;
         }
         // Nothing stored, so nothing can supersede an answer: an unsettled redelivery is
         // always handled again, a settled one only acked.
         if let Ok(Ok(applied)) = committed.await {
             if applied.settled() {
-                ctx.publisher.ack(&publish);
+                replies.publisher.ack(&publish);
                 return;
             }
         }
         let id = message.msg_id().to_owned();
         // A claimed answer is settled by the query waiting for it, once it has replied.
-        match ctx.remote.complete(Answer { message, publish }) {
+        match cloud.remote.complete(Answer { message, publish }) {
             Completion::Claimed => {}
             Completion::Receipt(receipt) => {
-                settle(&ctx, &id);
-                ctx.publisher.ack(&receipt.publish);
+                replies.settle(&store, &id);
+                replies.publisher.ack(&receipt.publish);
             }
             Completion::Unclaimed(unclaimed) => {
-                ctx.publisher
+                replies
+                    .publisher
                     .send(Peer::Edged, unclaimed.publish.payload.clone())
                     .await;
-                settle(&ctx, &id);
-                ctx.publisher.ack(&unclaimed.publish);
+                replies.settle(&store, &id);
+                replies.publisher.ack(&unclaimed.publish);
             }
         }
     })

@@ -20,6 +20,9 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
+use crate::cloud::Cloud;
+use crate::store::Store;
+
 use crate::cloud::outbox;
 use crate::cloud::remote::{Answer, TooManyPending};
 use crate::cloud::waiting::{Target, WaitingPatch};
@@ -29,7 +32,7 @@ use crate::resource::Resource;
 use crate::store::{Change, Outcome, StoreError, Write};
 use crate::topics::Peer;
 
-use super::{rules, settle, Context};
+use super::{rules, Replies, Rules};
 
 /// What the API asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,22 +153,48 @@ impl WriteError {
     }
 }
 
-/// Carries out `write`: through the cloud while it is there, else locally when the edge owns
-/// what it changes; counted in `metamanager_api_writes`.
-pub async fn write(ctx: &Arc<Context>, write: ApiWrite) -> Result<Written, WriteError> {
-    let verb = write.verb.as_str();
-    let (result, by_cloud) = carry_out(ctx, write).await;
-    let outcome = match &result {
-        Ok(_) if by_cloud => "cloud",
-        Ok(_) => "here",
-        Err(e) => e.outcome(),
-    };
-    ctx.metrics.api_write(verb, outcome);
-    result
+/// What the API's writes are carried out with; cheap to clone.
+#[derive(Clone)]
+pub struct ApiWrites {
+    store: Store,
+    cloud: Cloud,
+    /// The way to edgehub and edged, and the counts of `metamanager_api_writes`.
+    replies: Replies,
+    rules: Arc<Rules>,
 }
 
-/// [`write`], and whether it went to the cloud.
-async fn carry_out(ctx: &Arc<Context>, write: ApiWrite) -> (Result<Written, WriteError>, bool) {
+impl ApiWrites {
+    pub fn new(store: Store, cloud: Cloud, replies: Replies, rules: Arc<Rules>) -> Self {
+        Self {
+            store,
+            cloud,
+            replies,
+            rules,
+        }
+    }
+
+    /// The largest message MetaManager takes, which a write's request must fit in.
+    pub fn max_payload(&self) -> usize {
+        self.rules.max_payload
+    }
+
+    /// Carries out `write`: through the cloud while it is there, else locally when the edge
+    /// owns what it changes; counted in `metamanager_api_writes`.
+    pub async fn write(&self, write: ApiWrite) -> Result<Written, WriteError> {
+        let verb = write.verb.as_str();
+        let (result, by_cloud) = carry_out(self, write).await;
+        let outcome = match &result {
+            Ok(_) if by_cloud => "cloud",
+            Ok(_) => "here",
+            Err(e) => e.outcome(),
+        };
+        self.replies.metrics.api_write(verb, outcome);
+        result
+    }
+}
+
+/// [`ApiWrites::write`], and whether it went to the cloud.
+async fn carry_out(ctx: &ApiWrites, write: ApiWrite) -> (Result<Written, WriteError>, bool) {
     match decide(ctx, write).await {
         Ok(Route::Here(done)) => (done, false),
         Ok(Route::Cloud(write)) => (through_cloud(ctx, write).await, true),
@@ -181,7 +210,7 @@ enum Route {
     Cloud(ApiWrite),
 }
 
-async fn decide(ctx: &Arc<Context>, write: ApiWrite) -> Result<Route, WriteError> {
+async fn decide(ctx: &ApiWrites, write: ApiWrite) -> Result<Route, WriteError> {
     let (write, guarded) = if write.status {
         status_only(write)?
     } else {
@@ -189,9 +218,9 @@ async fn decide(ctx: &Arc<Context>, write: ApiWrite) -> Result<Route, WriteError
     };
     // Local while the cloud is away, and while older messages wait in the outbox: a status
     // write sent directly would overtake the ones queued before it.
-    if ctx.outbox.must_queue() {
+    if ctx.cloud.outbox.must_queue() {
         let rtype = write.resource.rtype();
-        let connected = ctx.cloud.connected();
+        let connected = ctx.cloud.state.connected();
         if write.status && (rtype == "pod" || rtype == "node") {
             let key = write.resource.key();
             let stored = ctx.store.get(key).await.map_err(WriteError::store(key))?;
@@ -208,7 +237,7 @@ async fn decide(ctx: &Arc<Context>, write: ApiWrite) -> Result<Route, WriteError
                 Some(_) => {
                     return Err(WriteError::Unavailable(format!(
                         "{key} is not of this node ({}), so its status is the cloud's to change",
-                        ctx.node_id
+                        ctx.rules.node_id
                     )))
                 }
             }
@@ -292,13 +321,13 @@ fn status_only(write: ApiWrite) -> Result<(ApiWrite, bool), WriteError> {
 /// The offline status write: merged into the stored object, queued for the cloud with it,
 /// passed to edged, and answered with the merged object.
 async fn patch_status_here(
-    ctx: &Arc<Context>,
+    ctx: &ApiWrites,
     write: ApiWrite,
     guarded: bool,
 ) -> Result<Written, WriteError> {
     let key = write.resource.key().to_owned();
     let rtype = write.resource.rtype().to_owned();
-    let parsed = Patch::parse_shared(write.content.clone().into(), &rtype, ctx.max_payload)
+    let parsed = Patch::parse_shared(write.content.clone().into(), &rtype, ctx.rules.max_payload)
         .map_err(|e| WriteError::Invalid(format!("{key}: {e}")))?;
     let parsed = Arc::new(parsed);
     let id = message::new_msg_id();
@@ -331,7 +360,7 @@ async fn patch_status_here(
         key: key.clone(),
         rtype,
     };
-    let (change, waiting) = WaitingPatch::new(&ctx.sent_patches, &id, target, change);
+    let (change, waiting) = WaitingPatch::new(&ctx.cloud.patches, &id, target, change);
     let applied = ctx
         .store
         .write(change)
@@ -352,7 +381,7 @@ async fn patch_status_here(
         }),
         _ => {
             tracing::info!(resource = %key, "status written while the cloud is away; queued for it");
-            ctx.publisher.send(Peer::Edged, payload).await;
+            ctx.replies.publisher.send(Peer::Edged, payload).await;
             let now = ctx.store.get(&key).await.map_err(WriteError::store(&key))?;
             Ok(now.map_or(Written::Done, Written::Object))
         }
@@ -371,11 +400,11 @@ fn without_guard(content: &str) -> String {
 }
 
 /// Whether `resource`, stored as `stored`, is this node or a pod bound to it.
-fn of_this_node(ctx: &Context, resource: &Resource, stored: &str) -> bool {
+fn of_this_node(ctx: &ApiWrites, resource: &Resource, stored: &str) -> bool {
     let Ok(object) = serde_json::from_str::<Value>(stored) else {
         return false;
     };
-    let node = ctx.node_id.as_str();
+    let node = ctx.rules.node_id.as_str();
     match resource.rtype() {
         "pod" => object.pointer("/spec/nodeName").and_then(Value::as_str) == Some(node),
         "node" => {
@@ -388,7 +417,7 @@ fn of_this_node(ctx: &Context, resource: &Resource, stored: &str) -> bool {
 
 /// An event created while the cloud is away: queued for it (events are never stored), the
 /// newest of one name replacing an older one still waiting.
-async fn queue_event(ctx: &Arc<Context>, write: ApiWrite) -> Result<Written, WriteError> {
+async fn queue_event(ctx: &ApiWrites, write: ApiWrite) -> Result<Written, WriteError> {
     let key = write.resource.key().to_owned();
     let payload = message::build_from(
         API_SOURCE,
@@ -412,8 +441,8 @@ async fn queue_event(ctx: &Arc<Context>, write: ApiWrite) -> Result<Written, Wri
 
 /// Sends the write to the cloud and waits for its answer, in a task that finishes the write
 /// whether or not the caller still waits.
-async fn through_cloud(ctx: &Arc<Context>, write: ApiWrite) -> Result<Written, WriteError> {
-    let (id, mut answer) = ctx.remote.request(write.verb != Verb::Delete)?;
+async fn through_cloud(ctx: &ApiWrites, write: ApiWrite) -> Result<Written, WriteError> {
+    let (id, mut answer) = ctx.cloud.remote.request(write.verb != Verb::Delete)?;
     let ctx = ctx.clone();
     let key = write.resource.key().to_owned();
     let task = tokio::spawn(async move {
@@ -426,9 +455,9 @@ async fn through_cloud(ctx: &Arc<Context>, write: ApiWrite) -> Result<Written, W
         let key = write.resource.key().to_owned();
         let content = message::raw(write.content.clone());
         let payload = message::build_from(API_SOURCE, id.clone(), None, operation, &key, &content);
-        ctx.publisher.send(Peer::Edgehub, payload).await;
-        let timeout = ctx.remote.timeout();
-        let mut cloud = ctx.cloud.watch();
+        ctx.replies.publisher.send(Peer::Edgehub, payload).await;
+        let timeout = ctx.cloud.remote.timeout();
+        let mut cloud = ctx.cloud.state.watch();
         let gone = cloud.wait_for(|connected| !*connected);
         let waited = tokio::select! {
             answered = tokio::time::timeout(timeout, &mut answer) => answered.map_err(|_| false),
@@ -439,7 +468,7 @@ async fn through_cloud(ctx: &Arc<Context>, write: ApiWrite) -> Result<Written, W
             // An answer handed over just as the wait ended is still taken, not dropped
             // unacknowledged.
             Err(disconnected) => {
-                ctx.remote.forget(&id);
+                ctx.cloud.remote.forget(&id);
                 match answer.try_recv() {
                     Ok(answer) => Some(answer),
                     Err(_) if disconnected => {
@@ -461,8 +490,8 @@ async fn through_cloud(ctx: &Arc<Context>, write: ApiWrite) -> Result<Written, W
         };
         let result = take_answer(&ctx, &write, &message).await;
         // Settled once what went to edged, queued just now, is acknowledged.
-        settle(&ctx, message.msg_id());
-        ctx.publisher.ack(&publish);
+        ctx.replies.settle(&ctx.store, message.msg_id());
+        ctx.replies.publisher.ack(&publish);
         result
     });
     task.await.unwrap_or_else(|e| {
@@ -476,7 +505,7 @@ async fn through_cloud(ctx: &Arc<Context>, write: ApiWrite) -> Result<Written, W
 /// The cloud's answer to `write`: its error as the caller's, or its object stored, passed to
 /// edged and returned.
 async fn take_answer(
-    ctx: &Context,
+    ctx: &ApiWrites,
     write: &ApiWrite,
     answer: &Message,
 ) -> Result<Written, WriteError> {
@@ -531,7 +560,7 @@ async fn take_answer(
                 _ => Operation::Update,
             };
             let forward = message::build(None, operation, key, &message::raw(text.clone()));
-            ctx.publisher.send(Peer::Edged, forward).await;
+            ctx.replies.publisher.send(Peer::Edged, forward).await;
         }
     }
     Ok(Written::Object(text))
@@ -539,7 +568,7 @@ async fn take_answer(
 
 /// A delete the cloud carried out: removed here too (only the object of the uid the request
 /// named, if it named one), and edged told.
-async fn delete_here(ctx: &Context, write: &ApiWrite) -> Result<Written, WriteError> {
+async fn delete_here(ctx: &ApiWrites, write: &ApiWrite) -> Result<Written, WriteError> {
     let key = write.resource.key();
     let uid = serde_json::from_str::<Value>(&write.content)
         .ok()
@@ -556,7 +585,7 @@ async fn delete_here(ctx: &Context, write: &ApiWrite) -> Result<Written, WriteEr
         .map_err(WriteError::store(key))?;
     if let (Outcome::Deleted, Some(before)) = (applied.outcome, before) {
         let forward = message::build(None, Operation::Delete, key, &message::raw(before));
-        ctx.publisher.send(Peer::Edged, forward).await;
+        ctx.replies.publisher.send(Peer::Edged, forward).await;
     }
     Ok(Written::Done)
 }

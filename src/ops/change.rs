@@ -1,18 +1,17 @@
 //! insert, update and delete: store, then pass the message on to the other side, then ack.
 
-use std::sync::Arc;
-
-use crate::cloud::outbox;
+use crate::cloud::outbox::{self, Outbox};
+use crate::cloud::Cloud;
 use crate::message::{self, Message, Operation};
+use crate::metrics::ErrorReason;
 use crate::mqtt::Inbound;
-use crate::store::{self, Applied, Change, Outcome, StoreError, Write};
+use crate::store::{self, Applied, Change, Outcome, Store, StoreError, Write};
 use crate::topics::Peer;
 
 use super::{
-    refuse, refuse_message, report_not_queued, report_store_error, rules, send_reply, settle,
-    store_failed, Context, Step,
+    refuse, refuse_message, report_not_queued, report_store_error, rules, store_failed, Replies,
+    Step,
 };
-use crate::metrics::ErrorReason;
 
 #[derive(Clone, Copy)]
 pub(super) enum WriteKind {
@@ -60,7 +59,9 @@ fn delete_uid(content: &str) -> Result<Option<String>, String> {
 
 /// insert, update, delete: store, then forward to the other side, then ack.
 pub(super) async fn change(
-    ctx: &Arc<Context>,
+    replies: &Replies,
+    store: &Store,
+    cloud: &Cloud,
     sender: Peer,
     publish: Inbound,
     msg: Message,
@@ -72,57 +73,32 @@ pub(super) async fn change(
             "{op} needs a single object (namespace/type/name), not the list {}",
             msg.resource
         );
-        return refuse_message(ctx, sender, publish, &msg, text);
+        return refuse_message(replies, sender, publish, &msg, text);
     };
-    let key = msg.resource.key().to_owned();
-    let rtype = msg.resource.rtype().to_owned();
-    if rules::lease_while_away(ctx, sender, &rtype) {
-        ctx.metrics.error(ErrorReason::LeaseWhileDisconnected);
-        let text = rules::lease_refusal(op, &key);
-        return refuse(
-            ctx,
-            sender,
-            publish,
-            Some(msg.msg_id().to_owned()),
-            &key,
-            text,
-        );
+    let key = msg.resource.key();
+    if rules::lease_while_away(&cloud.state, sender, msg.resource.rtype()) {
+        replies.metrics.error(ErrorReason::LeaseWhileDisconnected);
+        let text = rules::lease_refusal(op, key);
+        let parent = Some(msg.msg_id().to_owned());
+        return refuse(replies, sender, publish, parent, key, text);
     }
-    let write = match kind {
-        WriteKind::Delete => {
-            let uid = if rtype == "pod" {
-                match delete_uid(msg.content_json()) {
-                    Ok(uid) => uid,
-                    Err(text) => return refuse_message(ctx, sender, publish, &msg, text),
-                }
-            } else {
-                None
-            };
-            Write::Delete { uid, key }
-        }
-        WriteKind::Put | WriteKind::PutIfChanged => {
-            let Some(value) = msg.content.clone() else {
-                return refuse_message(ctx, sender, publish, &msg, format!("{op} needs content"));
-            };
-            match kind {
-                WriteKind::Put => Write::Put { key, rtype, value },
-                _ => Write::PutIfChanged { key, rtype, value },
-            }
-        }
+    let write = match write_of(kind, &msg) {
+        Ok(write) => write,
+        Err(text) => return refuse_message(replies, sender, publish, &msg, text),
     };
     // Events are passed on, never stored: they would pile up on the node for ever.
     let write = (msg.resource.rtype() != rules::EVENT).then_some(write);
     let change = Change {
         msg_id: Some(msg.msg_id().to_owned()),
         write,
-        to_cloud: queue_for_cloud(ctx, sender.other(), &msg, &publish, kind),
+        to_cloud: queue_for_cloud(&cloud.outbox, sender.other(), &msg, &publish, kind),
         ..Change::default()
     };
-    let committed = match ctx.store.submit(change).await {
+    let committed = match store.submit(change).await {
         Ok(c) => c,
-        Err(e) => return store_failed(ctx, sender, publish, msg, e),
+        Err(e) => return store_failed(replies, sender, publish, msg, e),
     };
-    let ctx = ctx.clone();
+    let (replies, store, outbox) = (replies.clone(), store.clone(), cloud.outbox.clone());
     Box::pin(async move {
         match committed.await.unwrap_or(Err(StoreError::Closed)) {
             Ok(applied) => {
@@ -132,29 +108,50 @@ pub(super) async fn change(
                         resource = %msg.resource,
                         "update older than the stored object (resourceVersion); acked, held back"
                     );
-                    ctx.metrics.held_back("stale");
+                    replies.metrics.held_back("stale");
                 }
                 // An update that changes nothing, or is older than what is stored, is not news
                 // to the other side.
                 let passed_on = matches!(applied.outcome, Outcome::Unchanged | Outcome::Stale) || {
-                    let coalesce = coalesces(kind, &msg);
-                    forward(&ctx, sender.other(), &msg, &publish, applied, coalesce).await
+                    let to = PassOn::to(sender.other(), coalesces(kind, &msg));
+                    forward(&replies, &store, &outbox, to, &msg, &publish, applied).await
                 };
                 if passed_on {
-                    send_reply(&ctx, sender, message::ack(&msg), Operation::Response).await;
+                    let ack = message::ack(&msg);
+                    replies.send(sender, ack, Operation::Response).await;
                 } else {
-                    report_not_queued(&ctx, sender, &msg).await;
+                    report_not_queued(&replies, sender, &msg).await;
                 }
             }
-            Err(e) => report_store_error(&ctx, sender, &msg, &e).await,
+            Err(e) => report_store_error(&replies, sender, &msg, &e).await,
         }
-        ctx.publisher.ack(&publish);
+        replies.publisher.ack(&publish);
+    })
+}
+
+/// The write `msg` asks for, or why it cannot be made.
+fn write_of(kind: WriteKind, msg: &Message) -> Result<Write, String> {
+    let key = msg.resource.key().to_owned();
+    let rtype = msg.resource.rtype().to_owned();
+    if let WriteKind::Delete = kind {
+        let uid = match rtype.as_str() {
+            "pod" => delete_uid(msg.content_json())?,
+            _ => None,
+        };
+        return Ok(Write::Delete { uid, key });
+    }
+    let Some(value) = msg.content.clone() else {
+        return Err(format!("{} needs content", msg.operation.as_str()));
+    };
+    Ok(match kind {
+        WriteKind::Put => Write::Put { key, rtype, value },
+        _ => Write::PutIfChanged { key, rtype, value },
     })
 }
 
 /// The outbox entry for a change bound for the cloud, when it must wait for the cloud.
 pub(super) fn queue_for_cloud(
-    ctx: &Context,
+    outbox: &Outbox,
     to: Peer,
     msg: &Message,
     publish: &Inbound,
@@ -163,7 +160,7 @@ pub(super) fn queue_for_cloud(
     if to != Peer::Edgehub {
         return None;
     }
-    ctx.outbox.hold(|| {
+    outbox.hold(|| {
         let coalesce = coalesces(kind, msg);
         outbox::cloud_message(msg.resource.key(), publish.payload.clone(), coalesce)
     })
@@ -176,6 +173,27 @@ fn coalesces(kind: WriteKind, msg: &Message) -> bool {
     matches!(kind, WriteKind::PutIfChanged) || msg.resource.rtype() == rules::EVENT
 }
 
+/// Where [`forward`] passes a message on to.
+#[derive(Clone, Copy)]
+pub(super) enum PassOn {
+    Edged,
+    /// The cloud; `coalesce`: it replaces an older message of the same key still waiting for
+    /// the cloud in the outbox.
+    Cloud {
+        coalesce: bool,
+    },
+}
+
+impl PassOn {
+    /// To `peer`, coalesced as `coalesce` says if that is the cloud.
+    pub(super) fn to(peer: Peer, coalesce: bool) -> Self {
+        match peer {
+            Peer::Edged => PassOn::Edged,
+            Peer::Edgehub => PassOn::Cloud { coalesce },
+        }
+    }
+}
+
 /// Passes an inbound message on, unchanged, once its change is committed, and settles its id.
 ///
 /// A repeat (same msg_id) of a message handled in this run, or of a settled one, passes
@@ -186,12 +204,13 @@ fn coalesces(kind: WriteKind, msg: &Message) -> bool {
 /// `false` when a message for the cloud could not be queued; its id is then released, so that
 /// the copy its sender is asked to send again is handled.
 pub(super) async fn forward(
-    ctx: &Context,
-    to: Peer,
+    replies: &Replies,
+    store: &Store,
+    outbox: &Outbox,
+    to: PassOn,
     msg: &Message,
     publish: &Inbound,
     applied: Applied,
-    coalesce: bool,
 ) -> bool {
     let id = msg.msg_id();
     if let Outcome::Duplicate { this_run: true, .. } = applied.outcome {
@@ -200,7 +219,7 @@ pub(super) async fn forward(
             resource = %msg.resource,
             "repeat of a message handled in this run; acked, not passed on"
         );
-        ctx.metrics.held_back("repeat");
+        replies.metrics.held_back("repeat");
         return true;
     }
     if applied.settled() {
@@ -214,7 +233,7 @@ pub(super) async fn forward(
                 "redelivered message superseded by a later change; acked, not passed on"
             );
             // Nothing to deliver: settled with the next commit.
-            ctx.store.settle(id, 0);
+            store.settle(id, 0);
             return true;
         }
         Outcome::Duplicate { .. } => tracing::info!(
@@ -224,21 +243,22 @@ pub(super) async fn forward(
         _ => {}
     }
     match to {
-        Peer::Edged => {
-            ctx.publisher
+        PassOn::Edged => {
+            replies
+                .publisher
                 .send(Peer::Edged, publish.payload.clone())
                 .await
         }
-        Peer::Edgehub => {
+        PassOn::Cloud { coalesce } => {
             let m = outbox::cloud_message(msg.resource.key(), publish.payload.clone(), coalesce);
-            if let Err(e) = ctx.outbox.send_to_cloud(m).await {
+            if let Err(e) = outbox.send_to_cloud(m).await {
                 tracing::error!(msg_id = id, error = %e, "could not queue a message for the cloud");
-                ctx.store.release(id);
+                store.release(id);
                 return false;
             }
         }
     }
-    settle(ctx, id);
+    replies.settle(store, id);
     true
 }
 

@@ -1,18 +1,23 @@
 //! connect: edgehub reports whether the cloud is reachable. No reply.
 
-use std::sync::Arc;
-
+use crate::cloud::CloudState;
 use crate::message::Message;
 use crate::mqtt::Inbound;
 use crate::topics::Peer;
 
-use super::{finish, refuse_message, Context, Step};
+use super::{finish, refuse_message, Replies, Step};
 
 /// connect: edgehub reports whether the cloud is reachable. No reply.
-pub(super) fn connect(ctx: &Arc<Context>, sender: Peer, publish: Inbound, msg: Message) -> Step {
+pub(super) fn connect(
+    replies: &Replies,
+    cloud: &CloudState,
+    sender: Peer,
+    publish: Inbound,
+    msg: Message,
+) -> Step {
     if sender != Peer::Edgehub {
         let text = "connect is accepted only from edgehub".to_owned();
-        return refuse_message(ctx, sender, publish, &msg, text);
+        return refuse_message(replies, sender, publish, &msg, text);
     }
     let connected = match serde_json::from_str::<String>(msg.content_json()).as_deref() {
         Ok("cloud_connected") => true,
@@ -22,13 +27,13 @@ pub(super) fn connect(ctx: &Arc<Context>, sender: Peer, publish: Inbound, msg: M
                 "connect content must be \"cloud_connected\" or \"cloud_disconnected\", not {}",
                 msg.content_json()
             );
-            return refuse_message(ctx, sender, publish, &msg, text);
+            return refuse_message(replies, sender, publish, &msg, text);
         }
     };
-    if ctx.cloud.set(connected) {
+    if cloud.set(connected) {
         tracing::info!(connected, "cloud connection changed");
     }
-    finish(ctx, publish)
+    finish(replies, publish)
 }
 
 #[cfg(test)]
@@ -41,7 +46,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn connect_sets_the_cloud_state_and_answers_nothing() {
         let mut h = Harness::new().await;
-        assert!(!h.ctx.cloud.connected(), "starts disconnected");
+        assert!(!h.cloud.state.connected(), "starts disconnected");
         let pkid = h
             .handle(
                 Peer::Edgehub,
@@ -49,7 +54,7 @@ mod tests {
             )
             .await;
         assert_eq!(h.broker.acked().await, pkid);
-        assert!(h.ctx.cloud.connected());
+        assert!(h.cloud.state.connected());
         assert!(h.broker.published_now().is_empty(), "no reply to connect");
     }
 
@@ -63,6 +68,6 @@ mod tests {
         .await;
         let reply = h.published_to(Peer::Edged).await.json();
         assert_eq!(reply["route"]["operation"], "error");
-        assert!(!h.ctx.cloud.connected());
+        assert!(!h.cloud.state.connected());
     }
 }

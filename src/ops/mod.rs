@@ -19,6 +19,11 @@
 //! - `sync`: `meta-internal-sync`, MetaSync on request;
 //! - `api_write`: the local API's writes, through the cloud or, for what the edge owns,
 //!   here while the cloud is away.
+//!
+//! Each operation is given the handles it uses, and its signature says which: [`Replies`] (the
+//! way back to the peers, counted), the [`Store`], the [`Cloud`] side, and the node's
+//! [`Rules`]. [`Ops`] holds them for the dispatcher; the API's writes have their own handle,
+//! [`api_write::ApiWrites`]. `app` builds them.
 
 mod answer;
 pub mod api_write;
@@ -31,151 +36,148 @@ mod remote_query;
 mod rules;
 mod sync;
 
-use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use crate::cloud::metasync::MetaSync;
-use crate::cloud::outbox::Outbox;
-use crate::cloud::remote::RemoteQueries;
-use crate::cloud::waiting::WaitingPatches;
-use crate::cloud::CloudState;
+use crate::cloud::Cloud;
 use crate::message::{self, Message, Operation};
 use crate::metrics::{ErrorReason, Metrics};
 use crate::mqtt::{Inbound, Publisher};
 use crate::store::{Store, StoreError};
 use crate::topics::{Peer, Topics};
 
-/// What the operations use, given to them at construction.
-pub struct Context {
-    pub topics: Arc<Topics>,
-    /// This node's name: the node whose status, and whose pods' status, the edge owns.
-    pub node_id: String,
-    pub store: Store,
+pub use rules::Rules;
+
+/// The way back to the peers: the replies MetaManager builds, counted with what it received,
+/// the messages it passes on, and the broker acks of what it received. Cheap to clone.
+#[derive(Clone)]
+pub struct Replies {
     pub publisher: Publisher,
-    pub outbox: Outbox,
-    pub metasync: MetaSync,
-    pub remote: Arc<RemoteQueries>,
-    /// Patches passed on to the cloud, whose answers are stored.
-    pub sent_patches: Arc<WaitingPatches>,
-    pub cloud: CloudState,
     pub metrics: Arc<Metrics>,
-    /// Types asked of the cloud when edged queries one that is not stored.
-    pub remote_types: HashSet<String>,
-    /// The largest payload MetaManager accepts (`mqtt.max_payload_bytes`).
-    pub max_payload: usize,
-    /// `meta.token_refresh_before`: see [`rules::token_state`].
-    pub token_refresh_before: std::time::Duration,
 }
 
-impl Context {
-    /// Everything built here from `settings`, `store` and `publisher`, with the cloud
-    /// disconnected.
-    pub fn new(
-        settings: &crate::config::Settings,
-        topics: Arc<Topics>,
-        store: Store,
-        publisher: Publisher,
-    ) -> Self {
-        let metrics = Arc::new(Metrics::new(store.metrics().clone()));
-        let waiting = store.sent_patches().unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "cannot read which patches wait for the cloud's answer; their answers will not be stored");
-            Vec::new()
-        });
-        store.track_delivery(publisher.delivery.clone());
-        let cloud = CloudState::default();
-        let outbox = Outbox::new(store.clone(), publisher.clone(), cloud.clone());
-        let metasync = MetaSync::new(
-            store.clone(),
-            outbox.clone(),
-            cloud.clone(),
-            metrics.clone(),
-        );
-        Self {
-            topics,
-            node_id: settings.node_id.clone(),
-            store,
-            publisher,
-            outbox,
-            metasync,
-            remote: Arc::new(RemoteQueries::new(settings.meta.remote_query_timeout)),
-            sent_patches: Arc::new(WaitingPatches::load(waiting)),
-            cloud,
-            metrics,
-            remote_types: settings.meta.remote_types.iter().cloned().collect(),
-            max_payload: settings.mqtt.max_payload_bytes,
-            token_refresh_before: settings.meta.token_refresh_before,
-        }
+impl Replies {
+    /// Sends a reply MetaManager built (an ack, a query result, an error) and counts it.
+    pub(crate) async fn send(&self, to: Peer, payload: Vec<u8>, operation: Operation) {
+        self.metrics.replied(operation.as_str());
+        self.publisher.send(to, payload).await;
     }
+
+    /// Marks `msg_id` settled in `store` once what was just handed to the MQTT client (its
+    /// forward) is acknowledged by the broker: with the store's first commit after that. A
+    /// forward still waiting in the client dies with the process, so until then the id stays
+    /// unsettled, and a redelivery after a crash is passed on again if it is still current.
+    pub(crate) fn settle(&self, store: &Store, msg_id: &str) {
+        store.settle(msg_id, self.publisher.delivery.mark());
+    }
+}
+
+/// What the dispatcher hands each operation, which takes the parts it uses.
+pub struct Ops {
+    topics: Arc<Topics>,
+    replies: Replies,
+    store: Store,
+    cloud: Cloud,
+    rules: Arc<Rules>,
 }
 
 /// The ordered remainder of one message's handling.
 pub type Step = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-/// Validates `publish`, queues its write if it has one, and returns the step that finishes it.
-pub async fn dispatch(ctx: &Arc<Context>, publish: Inbound) -> Step {
-    let Some(sender) = ctx.topics.sender(&publish.topic) else {
-        tracing::warn!(topic = %publish.topic, "message on a topic MetaManager does not serve; ignored");
-        return finish(ctx, publish);
-    };
-    let msg = match Message::decode_bytes(&publish.payload, ctx.max_payload) {
-        Ok(msg) => msg,
-        Err(e) => {
-            ctx.metrics.received(sender.as_str(), "invalid");
-            ctx.metrics.error(ErrorReason::Decode);
-            let parent = message::salvage_msg_id(&publish.payload);
-            let text = e.to_string();
-            return refuse(ctx, sender, publish, parent, "", text);
+impl Ops {
+    pub fn new(
+        topics: Arc<Topics>,
+        replies: Replies,
+        store: Store,
+        cloud: Cloud,
+        rules: Arc<Rules>,
+    ) -> Self {
+        Self {
+            topics,
+            replies,
+            store,
+            cloud,
+            rules,
         }
-    };
-    ctx.metrics
-        .received(sender.as_str(), msg.operation.as_str());
-    tracing::debug!(
-        from = sender.as_str(),
-        operation = msg.operation.as_str(),
-        resource = %msg.resource,
-        msg_id = msg.msg_id(),
-        "message"
-    );
-    match msg.operation {
-        Operation::Insert => {
-            change::change(ctx, sender, publish, msg, change::WriteKind::Put).await
-        }
-        Operation::Update => {
-            change::change(ctx, sender, publish, msg, change::WriteKind::PutIfChanged).await
-        }
-        Operation::Delete => {
-            change::change(ctx, sender, publish, msg, change::WriteKind::Delete).await
-        }
-        Operation::Patch => patch::patch(ctx, sender, publish, msg).await,
-        Operation::Query => query::query(ctx, sender, publish, msg),
-        Operation::Response | Operation::Error => match sender {
-            Peer::Edged => relay::relay_from_edged(ctx, publish, msg).await,
-            Peer::Edgehub => answer::answer_from_cloud(ctx, publish, msg).await,
-        },
-        Operation::Connect => connect::connect(ctx, sender, publish, msg),
-        Operation::MetaInternalSync => sync::sync_now(ctx, sender, publish, msg),
+    }
+
+    /// Validates `publish`, queues its write if it has one, and returns the step that
+    /// finishes it.
+    pub async fn dispatch(&self, publish: Inbound) -> Step {
+        let Self {
+            topics,
+            replies,
+            store,
+            cloud,
+            rules,
+        } = self;
+        let Some(sender) = topics.sender(&publish.topic) else {
+            tracing::warn!(topic = %publish.topic, "message on a topic MetaManager does not serve; ignored");
+            return finish(replies, publish);
+        };
+        let msg = match Message::decode_bytes(&publish.payload, rules.max_payload) {
+            Ok(msg) => msg,
+            Err(e) => {
+                replies.metrics.received(sender.as_str(), "invalid");
+                replies.metrics.error(ErrorReason::Decode);
+                let parent = message::salvage_msg_id(&publish.payload);
+                let text = e.to_string();
+                return refuse(replies, sender, publish, parent, "", text);
+            }
+        };
+        replies
+            .metrics
+            .received(sender.as_str(), msg.operation.as_str());
+        tracing::debug!(
+            from = sender.as_str(),
+            operation = msg.operation.as_str(),
+            resource = %msg.resource,
+            msg_id = msg.msg_id(),
+            "message"
+        );
+        let kind = match msg.operation {
+            Operation::Insert => change::WriteKind::Put,
+            Operation::Update => change::WriteKind::PutIfChanged,
+            Operation::Delete => change::WriteKind::Delete,
+            Operation::Patch => {
+                let max_payload = rules.max_payload;
+                return patch::patch(replies, store, cloud, max_payload, sender, publish, msg)
+                    .await;
+            }
+            Operation::Query => {
+                return query::query(replies, store, cloud, rules, sender, publish, msg)
+            }
+            Operation::Response | Operation::Error => {
+                return match sender {
+                    Peer::Edged => {
+                        relay::relay_from_edged(replies, store, cloud, publish, msg).await
+                    }
+                    Peer::Edgehub => {
+                        answer::answer_from_cloud(replies, store, cloud, publish, msg).await
+                    }
+                }
+            }
+            Operation::Connect => {
+                return connect::connect(replies, &cloud.state, sender, publish, msg)
+            }
+            Operation::MetaInternalSync => {
+                return sync::sync_now(replies, &cloud.metasync, sender, publish, msg)
+            }
+        };
+        change::change(replies, store, cloud, sender, publish, msg, kind).await
     }
 }
 
-/// Marks `msg_id` settled once what was just handed to the MQTT client (its forward) is
-/// acknowledged by the broker: with the store's first commit after that. A forward still
-/// waiting in the client dies with the process, so until then the id stays unsettled, and a
-/// redelivery after a crash is passed on again if it is still current.
-pub(super) fn settle(ctx: &Context, msg_id: &str) {
-    ctx.store.settle(msg_id, ctx.publisher.delivery.mark());
-}
-
 /// Only the broker ack is left to do.
-pub(super) fn finish(ctx: &Arc<Context>, publish: Inbound) -> Step {
-    let ctx = ctx.clone();
-    Box::pin(async move { ctx.publisher.ack(&publish) })
+pub(super) fn finish(replies: &Replies, publish: Inbound) -> Step {
+    let replies = replies.clone();
+    Box::pin(async move { replies.publisher.ack(&publish) })
 }
 
 /// An `error` reply to bad input, which leaves the store untouched.
 pub(super) fn refuse(
-    ctx: &Arc<Context>,
+    replies: &Replies,
     sender: Peer,
     publish: Inbound,
     parent: Option<String>,
@@ -188,68 +190,67 @@ pub(super) fn refuse(
         "rejected message: {text}"
     );
     let reply = message::error(parent.as_deref(), resource, &text);
-    let ctx = ctx.clone();
+    let replies = replies.clone();
     Box::pin(async move {
-        send_reply(&ctx, sender, reply, Operation::Error).await;
-        ctx.publisher.ack(&publish);
+        replies.send(sender, reply, Operation::Error).await;
+        replies.publisher.ack(&publish);
     })
 }
 
 pub(super) fn refuse_message(
-    ctx: &Arc<Context>,
+    replies: &Replies,
     sender: Peer,
     publish: Inbound,
     msg: &Message,
     text: String,
 ) -> Step {
-    ctx.metrics.error(ErrorReason::Invalid);
+    replies.metrics.error(ErrorReason::Invalid);
     let parent = Some(msg.msg_id().to_owned());
-    refuse(ctx, sender, publish, parent, msg.resource.key(), text)
+    refuse(replies, sender, publish, parent, msg.resource.key(), text)
 }
 
 pub(super) fn store_failed(
-    ctx: &Arc<Context>,
+    replies: &Replies,
     sender: Peer,
     publish: Inbound,
     msg: Message,
     e: StoreError,
 ) -> Step {
-    let ctx = ctx.clone();
+    let replies = replies.clone();
     Box::pin(async move {
-        report_store_error(&ctx, sender, &msg, &e).await;
-        ctx.publisher.ack(&publish);
+        report_store_error(&replies, sender, &msg, &e).await;
+        replies.publisher.ack(&publish);
     })
 }
 
 /// The message for the cloud could not be queued (the cloud went away after the change was
 /// committed, and the outbox write failed). The sender's retry, with the same msg_id, passes it
 /// on: its id stays unsettled while its change is the stored state.
-pub(super) async fn report_not_queued(ctx: &Context, sender: Peer, msg: &Message) {
+pub(super) async fn report_not_queued(replies: &Replies, sender: Peer, msg: &Message) {
     let key = msg.resource.key();
     let text = format!(
         "{} of {key} could not be queued for the cloud; send it again",
         msg.operation.as_str()
     );
     let reply = message::error(Some(msg.msg_id()), key, &text);
-    send_reply(ctx, sender, reply, Operation::Error).await;
+    replies.send(sender, reply, Operation::Error).await;
 }
 
-pub(super) async fn report_store_error(ctx: &Context, sender: Peer, msg: &Message, e: &StoreError) {
+pub(super) async fn report_store_error(
+    replies: &Replies,
+    sender: Peer,
+    msg: &Message,
+    e: &StoreError,
+) {
     let key = msg.resource.key();
-    ctx.metrics.error(ErrorReason::Store);
+    replies.metrics.error(ErrorReason::Store);
     tracing::error!(resource = %key, operation = msg.operation.as_str(), error = %e, "store failed");
     let text = format!("{} of {key} failed: {e}", msg.operation.as_str());
     let reply = message::error(Some(msg.msg_id()), key, &text);
-    send_reply(ctx, sender, reply, Operation::Error).await;
+    replies.send(sender, reply, Operation::Error).await;
 }
 
-/// Sends a reply MetaManager built (an ack, a query result, an error) and counts it.
-pub(super) async fn send_reply(ctx: &Context, to: Peer, payload: Vec<u8>, operation: Operation) {
-    ctx.metrics.replied(operation.as_str());
-    ctx.publisher.send(to, payload).await;
-}
-
-/// What the operations' unit tests share: a context with a real store in a temporary directory and
+/// What the operations' unit tests share: the parts of a node with a real store in a temporary directory and
 /// an in-memory broker ([`crate::mqtt::memory`]).
 #[cfg(test)]
 pub(crate) mod testing {
@@ -257,14 +258,22 @@ pub(crate) mod testing {
 
     use serde_json::{json, Value};
 
-    use super::Context;
+    use super::{Ops, Replies, Rules};
+    use crate::cloud::Cloud;
     use crate::config::Settings;
+    use crate::metrics::Metrics;
     use crate::mqtt::memory::{self, MemoryBroker, Published};
     use crate::mqtt::Incoming;
+    use crate::store::Store;
     use crate::topics::{Peer, Topics};
 
+    /// The parts of a node the operations are given, each kept for the tests to look at.
     pub(crate) struct Harness {
-        pub ctx: Arc<Context>,
+        pub ops: Ops,
+        pub topics: Arc<Topics>,
+        pub store: Store,
+        pub cloud: Cloud,
+        pub replies: Replies,
         pub broker: MemoryBroker,
         /// Kept for the exporter of the metrics tests.
         pub connected: tokio::sync::watch::Receiver<bool>,
@@ -276,21 +285,30 @@ pub(crate) mod testing {
         pub async fn new() -> Self {
             let dir = tempfile::tempdir().expect("tempdir");
             let settings = Settings::from_yaml("").expect("defaults parse");
-            let store = crate::store::Store::open(
-                &dir.path().join("m.db"),
-                crate::store::StoreOptions::default(),
-            )
-            .expect("store opens");
-            let topics = Topics::new("edge", "test-node");
-            let (link, incoming, broker) = memory::link(topics.clone());
-            let ctx = Arc::new(Context::new(
-                &settings,
-                Arc::new(topics),
-                store,
-                link.publisher.clone(),
-            ));
+            let db = dir.path().join("m.db");
+            let store = Store::open(&db, Default::default()).expect("store opens");
+            let topics = Arc::new(Topics::new("edge", "test-node"));
+            let (link, incoming, broker) = memory::link((*topics).clone());
+            store.track_delivery(link.publisher.delivery.clone());
+            let replies = Replies {
+                metrics: Arc::new(Metrics::new(store.metrics().clone())),
+                publisher: link.publisher.clone(),
+            };
+            let timeout = settings.meta.remote_query_timeout;
+            let cloud = Cloud::new(&store, &link.publisher, replies.metrics.clone(), timeout);
+            let rules = Arc::new(Rules::from_settings(&settings));
             Self {
-                ctx,
+                ops: Ops::new(
+                    topics.clone(),
+                    replies.clone(),
+                    store.clone(),
+                    cloud.clone(),
+                    rules,
+                ),
+                topics,
+                store,
+                cloud,
+                replies,
                 broker,
                 connected: link.connected.clone(),
                 incoming,
@@ -300,7 +318,7 @@ pub(crate) mod testing {
 
         /// The topic `peer` publishes to MetaManager on.
         pub fn from(&self, peer: Peer) -> String {
-            let [edgehub, edged] = self.ctx.topics.inbound();
+            let [edgehub, edged] = self.topics.inbound();
             match peer {
                 Peer::Edgehub => edgehub.to_owned(),
                 Peer::Edged => edged.to_owned(),
@@ -309,7 +327,7 @@ pub(crate) mod testing {
 
         /// The topic MetaManager publishes to `peer` on.
         pub fn to(&self, peer: Peer) -> String {
-            self.ctx.topics.to(peer).to_owned()
+            self.topics.to(peer).to_owned()
         }
 
         /// Delivers `payload` from `peer` and runs its handling to the end, as the dispatcher
@@ -317,7 +335,7 @@ pub(crate) mod testing {
         pub async fn handle(&mut self, peer: Peer, payload: impl Into<bytes::Bytes>) -> u16 {
             let pkid = self.broker.deliver(&self.from(peer), payload);
             let message = self.incoming.recv().await.expect("delivered");
-            super::dispatch(&self.ctx, message).await.await;
+            self.ops.dispatch(message).await.await;
             pkid
         }
 
@@ -336,7 +354,7 @@ pub(crate) mod testing {
         }
 
         pub async fn stored(&self, key: &str) -> Option<Value> {
-            let json = self.ctx.store.get(key).await.expect("store reads")?;
+            let json = self.store.get(key).await.expect("store reads")?;
             Some(serde_json::from_str(&json).expect("stored JSON"))
         }
     }

@@ -14,25 +14,30 @@
 
 use std::sync::Arc;
 
-use crate::cloud::outbox;
+use crate::cloud::outbox::{self, Outbox};
 use crate::cloud::waiting::{Target, WaitingPatch};
+use crate::cloud::Cloud;
 use crate::message::{self, Message, Operation};
 use crate::metrics::ErrorReason;
 use crate::mqtt::Inbound;
 use crate::patch::{self, Patch};
 use crate::resource::Resource;
-use crate::store::{Applied, Change, Committed, Outcome, StoreError, Write};
+use crate::store::{Applied, Change, Committed, Outcome, Store, StoreError, Write};
 use crate::topics::Peer;
 
-use super::change::forward;
+use super::change::{forward, PassOn};
 use super::{
-    refuse, refuse_message, report_not_queued, report_store_error, rules, send_reply, store_failed,
-    Context, Step,
+    refuse, refuse_message, report_not_queued, report_store_error, rules, store_failed, Replies,
+    Step,
 };
 
-/// patch, from either side: apply to the stored object, pass on, ack.
+/// patch, from either side: apply to the stored object, pass on, ack. The patched object is
+/// held to `max_payload`, as a message is.
 pub(super) async fn patch(
-    ctx: &Arc<Context>,
+    replies: &Replies,
+    store: &Store,
+    cloud: &Cloud,
+    max_payload: usize,
     sender: Peer,
     publish: Inbound,
     msg: Message,
@@ -42,29 +47,18 @@ pub(super) async fn patch(
             "patch needs a single object (namespace/type/name), not the list {}",
             msg.resource
         );
-        return refuse_message(ctx, sender, publish, &msg, text);
+        return refuse_message(replies, sender, publish, &msg, text);
     };
     let rtype = patch::target_type(msg.resource.rtype()).to_owned();
-    if rules::lease_while_away(ctx, sender, &rtype) {
-        ctx.metrics.error(ErrorReason::LeaseWhileDisconnected);
+    if rules::lease_while_away(&cloud.state, sender, &rtype) {
+        replies.metrics.error(ErrorReason::LeaseWhileDisconnected);
         let text = rules::lease_refusal("patch", msg.resource.key());
         let parent = Some(msg.msg_id().to_owned());
-        return refuse(ctx, sender, publish, parent, msg.resource.key(), text);
+        return refuse(replies, sender, publish, parent, msg.resource.key(), text);
     }
-    let target = match Resource::object(msg.resource.namespace(), &rtype, name) {
-        Ok(target) => target,
-        Err(e) => return refuse_message(ctx, sender, publish, &msg, e.to_string()),
-    };
-    let Some(content) = msg.content.clone() else {
-        return refuse_message(ctx, sender, publish, &msg, "patch needs content".into());
-    };
-    let parsed = match Patch::parse_shared(content, &rtype, ctx.max_payload) {
-        Ok(parsed) => Arc::new(parsed),
-        Err(e) => return refuse_message(ctx, sender, publish, &msg, e.to_string()),
-    };
-    let target = Target {
-        key: target.key().to_owned(),
-        rtype,
+    let (target, parsed) = match read(&msg, name, rtype, max_payload) {
+        Ok(read) => read,
+        Err(text) => return refuse_message(replies, sender, publish, &msg, text),
     };
     let write = Write::Patch {
         key: target.key.clone(),
@@ -73,7 +67,7 @@ pub(super) async fn patch(
     };
     // Never coalesced in the outbox: the cloud needs every patch, in order.
     let to_cloud = match sender {
-        Peer::Edged => ctx
+        Peer::Edged => cloud
             .outbox
             .hold(|| outbox::cloud_message(msg.resource.key(), publish.payload.clone(), false)),
         Peer::Edgehub => None,
@@ -89,26 +83,46 @@ pub(super) async fn patch(
     // the event.
     let (change, waiting) = if sender == Peer::Edged && target.rtype != rules::EVENT {
         let (change, waiting) =
-            WaitingPatch::new(&ctx.sent_patches, msg.msg_id(), target.clone(), change);
+            WaitingPatch::new(&cloud.patches, msg.msg_id(), target.clone(), change);
         (change, Some(waiting))
     } else {
         (change, None)
     };
-    match ctx.store.submit(change).await {
-        Ok(committed) => Box::pin(after_commit(
-            ctx.clone(),
-            Patched {
-                sender,
-                publish,
-                msg,
-                parsed,
-                target,
-                waiting,
-            },
-            committed,
-        )),
-        Err(e) => store_failed(ctx, sender, publish, msg, e),
-    }
+    let committed = match store.submit(change).await {
+        Ok(committed) => committed,
+        Err(e) => return store_failed(replies, sender, publish, msg, e),
+    };
+    let patched = Patched {
+        sender,
+        publish,
+        msg,
+        parsed,
+        target,
+        waiting,
+    };
+    let (replies, store, outbox) = (replies.clone(), store.clone(), cloud.outbox.clone());
+    Box::pin(after_commit(replies, store, outbox, patched, committed))
+}
+
+/// The object a patch changes, named `name` in the message's namespace, of type `rtype`
+/// (a `podpatch`'s pod), and the patch read from its content, or why it cannot be.
+fn read(
+    msg: &Message,
+    name: &str,
+    rtype: String,
+    max_payload: usize,
+) -> Result<(Target, Arc<Patch>), String> {
+    let target =
+        Resource::object(msg.resource.namespace(), &rtype, name).map_err(|e| e.to_string())?;
+    let Some(content) = msg.content.clone() else {
+        return Err("patch needs content".into());
+    };
+    let parsed = Patch::parse_shared(content, &rtype, max_payload).map_err(|e| e.to_string())?;
+    let target = Target {
+        key: target.key().to_owned(),
+        rtype,
+    };
+    Ok((target, Arc::new(parsed)))
 }
 
 /// A patch on its way to the store.
@@ -125,44 +139,47 @@ struct Patched {
 
 /// The ordered step: once the patch is committed, the `error` when it could not be applied,
 /// else the forward and the ack; then the broker ack.
-async fn after_commit(ctx: Arc<Context>, patched: Patched, committed: Committed) {
-    let Patched {
-        sender,
-        publish,
-        msg,
-        parsed,
-        target,
-        waiting,
-    } = patched;
+async fn after_commit(
+    replies: Replies,
+    store: Store,
+    outbox: Outbox,
+    patched: Patched,
+    committed: Committed,
+) {
     let result = committed.await.unwrap_or(Err(StoreError::Closed));
-    if let (Some(waiting), Ok(applied)) = (waiting, &result) {
+    if let (Some(waiting), Ok(applied)) = (patched.waiting, &result) {
         waiting.committed(applied);
     }
+    let (sender, msg, publish) = (patched.sender, &patched.msg, &patched.publish);
     match result {
         Ok(Applied {
             outcome: Outcome::Rejected(e),
             ..
         }) => {
-            ctx.metrics.error(ErrorReason::Invalid);
-            let text = format!("patch of {} not applied: {}", target.key, parsed.explain(e));
+            replies.metrics.error(ErrorReason::Invalid);
+            let (key, parsed) = (&patched.target.key, &patched.parsed);
+            let text = format!("patch of {key} not applied: {}", parsed.explain(e));
             tracing::warn!(
                 from = sender.as_str(),
                 msg_id = msg.msg_id(),
                 "rejected message: {text}"
             );
             let reply = message::error(Some(msg.msg_id()), msg.resource.key(), &text);
-            send_reply(&ctx, sender, reply, Operation::Error).await;
+            replies.send(sender, reply, Operation::Error).await;
         }
         Ok(applied) => {
-            if forward(&ctx, sender.other(), &msg, &publish, applied, false).await {
-                send_reply(&ctx, sender, message::ack(&msg), Operation::Response).await;
+            let to = PassOn::to(sender.other(), false);
+            if forward(&replies, &store, &outbox, to, msg, publish, applied).await {
+                replies
+                    .send(sender, message::ack(msg), Operation::Response)
+                    .await;
             } else {
-                report_not_queued(&ctx, sender, &msg).await;
+                report_not_queued(&replies, sender, msg).await;
             }
         }
-        Err(e) => report_store_error(&ctx, sender, &msg, &e).await,
+        Err(e) => report_store_error(&replies, sender, msg, &e).await,
     }
-    ctx.publisher.ack(&publish);
+    replies.publisher.ack(publish);
 }
 
 #[cfg(test)]
@@ -266,7 +283,7 @@ mod tests {
             assert_eq!(reply["content"], text);
             assert_eq!(h.broker.acked().await, pkid);
         }
-        assert_eq!(h.ctx.store.outbox_len(), 0, "nothing queued for the cloud");
+        assert_eq!(h.store.outbox_len(), 0, "nothing queued for the cloud");
         assert_eq!(h.stored("default/pod/p").await, Some(pod("p")));
     }
 
@@ -284,7 +301,7 @@ mod tests {
              lease renewed late is worse than one that fails now"
         );
         assert_eq!(h.broker.acked().await, pkid);
-        assert_eq!(h.ctx.store.outbox_len(), 0, "nothing queued");
+        assert_eq!(h.store.outbox_len(), 0, "nothing queued");
     }
 
     /// Events are never stored and newer ones replace older ones in the outbox, but a patch is
@@ -301,9 +318,9 @@ mod tests {
             assert_eq!(ack["content"], "OK", "{ack}");
             h.broker.acked().await;
         }
-        assert_eq!(h.ctx.store.outbox_len(), 2, "both wait for the cloud");
+        assert_eq!(h.store.outbox_len(), 2, "both wait for the cloud");
         assert_eq!(h.stored(key).await, None);
-        assert!(h.ctx.sent_patches.is_empty(), "no answer is waited for");
+        assert!(h.cloud.patches.is_empty(), "no answer is waited for");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -332,7 +349,7 @@ mod tests {
         assert_eq!(relayed.payload, answer.as_bytes());
         assert_eq!(h.broker.acked().await, pkid);
         assert_eq!(h.stored("default/pod/p").await, Some(cloud_pod.clone()));
-        assert!(h.ctx.sent_patches.is_empty(), "claimed");
+        assert!(h.cloud.patches.is_empty(), "claimed");
 
         // A second answer to the same patch is an ordinary unclaimed answer: relayed only.
         let again = json!({

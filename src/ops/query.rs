@@ -2,70 +2,72 @@
 //! the cloud for what edged may fetch and the node does not hold, or holds a token of that is
 //! expiring.
 
-use std::sync::Arc;
-
+use crate::cloud::Cloud;
 use crate::message::{self, Message, Operation};
 use crate::mqtt::Inbound;
+use crate::store::Store;
 use crate::topics::Peer;
 
 use super::remote_query::remote_query;
 use super::rules::{self, TokenState};
-use super::{report_store_error, send_reply, Context, Step};
+use super::{report_store_error, Replies, Rules, Step};
 
 /// query: answer from the store; fetch from the cloud what edged may not have locally.
-pub(super) fn query(ctx: &Arc<Context>, sender: Peer, publish: Inbound, msg: Message) -> Step {
-    let ctx = ctx.clone();
+pub(super) fn query(
+    replies: &Replies,
+    store: &Store,
+    cloud: &Cloud,
+    rules: &Rules,
+    sender: Peer,
+    publish: Inbound,
+    msg: Message,
+) -> Step {
+    let (replies, store, cloud) = (replies.clone(), store.clone(), cloud.clone());
+    let from_cloud = sender == Peer::Edged && rules.remote_types.contains(msg.resource.rtype());
+    let refresh_before = rules.token_refresh_before;
     Box::pin(async move {
         let r = &msg.resource;
         let found = match r.name() {
-            Some(_) => ctx
-                .store
-                .get(r.key())
-                .await
-                .map(|v| v.into_iter().collect()),
-            None => ctx
-                .store
+            Some(_) => store.get(r.key()).await.map(|v| v.into_iter().collect()),
+            None => store
                 .list(r.namespace(), r.rtype())
                 .await
                 .map(|rows| rows.into_iter().map(|(_, v)| v).collect::<Vec<_>>()),
         };
-        let from_cloud = sender == Peer::Edged && ctx.remote_types.contains(r.rtype());
         match found {
             Ok(objects) if objects.is_empty() && from_cloud => {
-                remote_query(&ctx, msg, None).await;
+                remote_query(&replies, &store, &cloud, msg, None).await;
             }
             Ok(objects)
                 if from_cloud
                     && r.rtype() == rules::TOKEN
                     && r.name().is_some()
-                    && ctx.cloud.connected() =>
+                    && cloud.state.connected() =>
             {
                 // A token is fetched again before it expires; the stored one is served if the
                 // cloud cannot answer and it is still valid.
                 let stored = objects.into_iter().next().unwrap_or_default();
-                let state = rules::token_state(
-                    &stored,
-                    std::time::SystemTime::now(),
-                    ctx.token_refresh_before,
-                );
-                match state {
+                let now = std::time::SystemTime::now();
+                match rules::token_state(&stored, now, refresh_before) {
                     TokenState::Fresh => {
                         let content = message::raw_array([stored.as_str()]);
                         let reply = message::reply(&msg, Operation::Response, &content);
-                        send_reply(&ctx, sender, reply, Operation::Response).await;
+                        replies.send(sender, reply, Operation::Response).await;
                     }
-                    TokenState::RefreshDue => remote_query(&ctx, msg, Some(stored)).await,
-                    TokenState::Expired => remote_query(&ctx, msg, None).await,
+                    TokenState::RefreshDue => {
+                        remote_query(&replies, &store, &cloud, msg, Some(stored)).await
+                    }
+                    TokenState::Expired => remote_query(&replies, &store, &cloud, msg, None).await,
                 }
             }
             Ok(objects) => {
                 let content = message::raw_array(objects.iter().map(String::as_str));
                 let reply = message::reply(&msg, Operation::Response, &content);
-                send_reply(&ctx, sender, reply, Operation::Response).await;
+                replies.send(sender, reply, Operation::Response).await;
             }
-            Err(e) => report_store_error(&ctx, sender, &msg, &e).await,
+            Err(e) => report_store_error(&replies, sender, &msg, &e).await,
         }
-        ctx.publisher.ack(&publish);
+        replies.publisher.ack(&publish);
     })
 }
 

@@ -1,17 +1,22 @@
 //! edged's responses and errors: stored when they carry an object, passed on to the cloud.
 
-use std::sync::Arc;
-
+use crate::cloud::Cloud;
 use crate::message::{Message, Operation};
 use crate::mqtt::Inbound;
-use crate::store::{Change, Committed, StoreError, Write};
+use crate::store::{Change, Committed, Store, StoreError, Write};
 use crate::topics::Peer;
 
-use super::change::{forward, queue_for_cloud, WriteKind};
-use super::{report_not_queued, report_store_error, store_failed, Context, Step};
+use super::change::{forward, queue_for_cloud, PassOn, WriteKind};
+use super::{report_not_queued, report_store_error, store_failed, Replies, Step};
 
 /// edged's response or error: stored when it carries an object, relayed to the cloud unchanged.
-pub(super) async fn relay_from_edged(ctx: &Arc<Context>, publish: Inbound, msg: Message) -> Step {
+pub(super) async fn relay_from_edged(
+    replies: &Replies,
+    store: &Store,
+    cloud: &Cloud,
+    publish: Inbound,
+    msg: Message,
+) -> Step {
     let stores = msg.operation == Operation::Response
         && msg.resource.name().is_some()
         && msg.content_json().starts_with('{');
@@ -20,27 +25,29 @@ pub(super) async fn relay_from_edged(ctx: &Arc<Context>, publish: Inbound, msg: 
         rtype: msg.resource.rtype().to_owned(),
         value: msg.content.clone().unwrap_or_default(),
     });
+    let to_cloud = queue_for_cloud(&cloud.outbox, Peer::Edgehub, &msg, &publish, WriteKind::Put);
     let change = Change {
         msg_id: Some(msg.msg_id().to_owned()),
         write,
-        to_cloud: queue_for_cloud(ctx, Peer::Edgehub, &msg, &publish, WriteKind::Put),
+        to_cloud,
         ..Change::default()
     };
-    let committed: Committed = match ctx.store.submit(change).await {
+    let committed: Committed = match store.submit(change).await {
         Ok(c) => c,
-        Err(e) => return store_failed(ctx, Peer::Edged, publish, msg, e),
+        Err(e) => return store_failed(replies, Peer::Edged, publish, msg, e),
     };
-    let ctx = ctx.clone();
+    let (replies, store, outbox) = (replies.clone(), store.clone(), cloud.outbox.clone());
     Box::pin(async move {
         match committed.await.unwrap_or(Err(StoreError::Closed)) {
             Ok(applied) => {
-                if !forward(&ctx, Peer::Edgehub, &msg, &publish, applied, false).await {
-                    report_not_queued(&ctx, Peer::Edged, &msg).await;
+                let to = PassOn::Cloud { coalesce: false };
+                if !forward(&replies, &store, &outbox, to, &msg, &publish, applied).await {
+                    report_not_queued(&replies, Peer::Edged, &msg).await;
                 }
             }
-            Err(e) => report_store_error(&ctx, Peer::Edged, &msg, &e).await,
+            Err(e) => report_store_error(&replies, Peer::Edged, &msg, &e).await,
         }
-        ctx.publisher.ack(&publish);
+        replies.publisher.ack(&publish);
     })
 }
 

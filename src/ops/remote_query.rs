@@ -2,35 +2,43 @@
 //! expiring): asked of the cloud, once for all who ask for the same resource meanwhile, and
 //! answered to each when the cloud answers or when it does not in time.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::Value;
 
 use crate::cloud::remote::{Answer, Askers, Joined};
+use crate::cloud::Cloud;
 use crate::message::{self, Message, Operation};
 use crate::metrics::RemoteOutcome;
-use crate::store::{StoreError, Write};
+use crate::store::{Store, StoreError, Write};
 use crate::topics::Peer;
 
-use super::{send_reply, settle, Context};
+use super::Replies;
 
 /// Asks the cloud for the resource of `query`, unless it is being asked already, and answers
 /// every asker when the cloud does, or when it does not in time. `fallback` is served instead
 /// of an error if the cloud cannot answer (a stored token that has not expired yet).
-pub(super) async fn remote_query(ctx: &Arc<Context>, query: Message, fallback: Option<String>) {
+pub(super) async fn remote_query(
+    replies: &Replies,
+    store: &Store,
+    cloud: &Cloud,
+    query: Message,
+    fallback: Option<String>,
+) {
     let key = query.resource.key().to_owned();
     let asker = query.msg_id().to_owned();
-    if !ctx.cloud.connected() {
+    if !cloud.state.connected() {
         let text = format!("{key} is not stored on this node and the cloud is not connected");
         tracing::info!(resource = %key, "remote query refused: cloud not connected");
-        ctx.metrics.remote_query(RemoteOutcome::Disconnected, None);
+        replies
+            .metrics
+            .remote_query(RemoteOutcome::Disconnected, None);
         let reply = message::error(Some(&asker), &key, &text);
-        send_reply(ctx, Peer::Edged, reply, Operation::Error).await;
+        replies.send(Peer::Edged, reply, Operation::Error).await;
         return;
     }
     let content = query.content_raw();
-    let (id, mut answer) = match ctx.remote.join(&key, query, fallback) {
+    let (id, mut answer) = match cloud.remote.join(&key, query, fallback) {
         Ok(Joined::First { id, answer }) => (id, answer),
         Ok(Joined::Waiting) => {
             tracing::debug!(resource = %key, msg_id = %asker, "remote query joins one in flight");
@@ -38,20 +46,20 @@ pub(super) async fn remote_query(ctx: &Arc<Context>, query: Message, fallback: O
         }
         Err(e) => {
             tracing::warn!(resource = %key, "{e}");
-            ctx.metrics.remote_query(RemoteOutcome::Refused, None);
+            replies.metrics.remote_query(RemoteOutcome::Refused, None);
             let reply = message::error(Some(&asker), &key, &e.to_string());
-            send_reply(ctx, Peer::Edged, reply, Operation::Error).await;
+            replies.send(Peer::Edged, reply, Operation::Error).await;
             return;
         }
     };
     let ask = message::build_with_id(id, None, Operation::Query, &key, &content);
-    ctx.publisher.send(Peer::Edgehub, ask).await;
-    let timeout = ctx.remote.timeout();
+    replies.publisher.send(Peer::Edgehub, ask).await;
+    let timeout = cloud.remote.timeout();
     let sent = Instant::now();
-    let ctx = ctx.clone();
+    let (replies, store, remote) = (replies.clone(), store.clone(), cloud.remote.clone());
     tokio::spawn(async move {
         let waited = tokio::time::timeout(timeout, &mut answer).await;
-        let askers = ctx.remote.finish(&key);
+        let askers = remote.finish(&key);
         let answered = match waited {
             Ok(answered) => answered.ok(),
             // An answer handed over just as the wait ended is still taken, not dropped
@@ -64,25 +72,26 @@ pub(super) async fn remote_query(ctx: &Arc<Context>, query: Message, fallback: O
                     Operation::Error => RemoteOutcome::Error,
                     _ => RemoteOutcome::Answered,
                 };
-                ctx.metrics.remote_query(outcome, Some(sent.elapsed()));
+                replies.metrics.remote_query(outcome, Some(sent.elapsed()));
                 let answer_id = message.msg_id().to_owned();
-                fill_from_cloud(&ctx, &key, &askers, message).await;
+                fill_from_cloud(&replies, &store, &key, &askers, message).await;
                 // Settled once the replies to edged, queued just now, are acknowledged.
-                settle(&ctx, &answer_id);
-                ctx.publisher.ack(&publish);
+                replies.settle(&store, &answer_id);
+                replies.publisher.ack(&publish);
             }
             None => {
-                ctx.metrics
+                replies
+                    .metrics
                     .remote_query(RemoteOutcome::Timeout, Some(sent.elapsed()));
                 tracing::warn!(resource = %key, ?timeout, "remote query timed out");
                 let text = format!(
                     "the cloud did not answer the query for {key} in time ({})",
                     humantime::format_duration(timeout)
                 );
-                if !serve_fallback(&ctx, &key, &askers).await {
+                if !serve_fallback(&replies, &key, &askers).await {
                     for query in &askers.queries {
                         let reply = message::error(Some(query.msg_id()), &key, &text);
-                        send_reply(&ctx, Peer::Edged, reply, Operation::Error).await;
+                        replies.send(Peer::Edged, reply, Operation::Error).await;
                     }
                 }
             }
@@ -92,7 +101,7 @@ pub(super) async fn remote_query(ctx: &Arc<Context>, query: Message, fallback: O
 
 /// Answers every asker with the stored copy when there is one to fall back on; `false` when
 /// there is none.
-async fn serve_fallback(ctx: &Context, key: &str, askers: &Askers) -> bool {
+async fn serve_fallback(replies: &Replies, key: &str, askers: &Askers) -> bool {
     let Some(stored) = &askers.fallback else {
         return false;
     };
@@ -100,52 +109,42 @@ async fn serve_fallback(ctx: &Context, key: &str, askers: &Askers) -> bool {
     let content = message::raw_array([stored.as_str()]);
     for query in &askers.queries {
         let reply = message::reply(query, Operation::Response, &content);
-        send_reply(ctx, Peer::Edged, reply, Operation::Response).await;
+        replies.send(Peer::Edged, reply, Operation::Response).await;
     }
     true
 }
 
 /// Stores what the cloud sent for a remote query and answers every asker with it.
-async fn fill_from_cloud(ctx: &Context, key: &str, askers: &Askers, answer: Message) {
+async fn fill_from_cloud(
+    replies: &Replies,
+    store: &Store,
+    key: &str,
+    askers: &Askers,
+    answer: Message,
+) {
     let Some(first) = askers.queries.first() else {
         return;
     };
     let resource = &first.resource;
     if answer.operation == Operation::Error {
-        if serve_fallback(ctx, key, askers).await {
+        if serve_fallback(replies, key, askers).await {
             return;
         }
         let content = answer.content_raw();
         for query in &askers.queries {
             let reply = message::reply(query, Operation::Error, &content);
-            send_reply(ctx, Peer::Edged, reply, Operation::Error).await;
+            replies.send(Peer::Edged, reply, Operation::Error).await;
         }
         return;
     }
-    let mut objects = match serde_json::from_str::<Value>(answer.content_json()) {
-        Ok(Value::Array(items)) => items,
-        Ok(Value::Null) => Vec::new(),
-        Ok(object @ Value::Object(_)) => vec![object],
-        _ => {
-            let text = format!("the cloud answered the query for {key} with content that is neither an object nor a list");
-            for query in &askers.queries {
-                let reply = message::error(Some(query.msg_id()), key, &text);
-                send_reply(ctx, Peer::Edged, reply, Operation::Error).await;
-            }
-            return;
+    let Some(objects) = answered_objects(&answer, resource.name()) else {
+        let text = format!("the cloud answered the query for {key} with content that is neither an object nor a list");
+        for query in &askers.queries {
+            let reply = message::error(Some(query.msg_id()), key, &text);
+            replies.send(Peer::Edged, reply, Operation::Error).await;
         }
+        return;
     };
-    if let Some(name) = resource.name() {
-        // One object was asked for: keep the one of that name, else the first.
-        let named = objects
-            .iter()
-            .position(|o| o.pointer("/metadata/name").and_then(Value::as_str) == Some(name));
-        objects = objects
-            .into_iter()
-            .nth(named.unwrap_or(0))
-            .into_iter()
-            .collect();
-    }
     let mut pending = Vec::with_capacity(objects.len());
     let mut answered = Vec::with_capacity(objects.len());
     for object in objects {
@@ -167,7 +166,7 @@ async fn fill_from_cloud(ctx: &Context, key: &str, askers: &Askers, answer: Mess
                 rtype: resource.rtype().to_owned(),
                 value: json.clone().into(),
             };
-            if let Ok(committed) = ctx.store.submit(write).await {
+            if let Ok(committed) = store.submit(write).await {
                 pending.push(committed);
             }
         }
@@ -181,8 +180,33 @@ async fn fill_from_cloud(ctx: &Context, key: &str, askers: &Askers, answer: Mess
     let content = message::raw_array(answered.iter().map(String::as_str));
     for query in &askers.queries {
         let reply = message::reply(query, Operation::Response, &content);
-        send_reply(ctx, Peer::Edged, reply, Operation::Response).await;
+        replies.send(Peer::Edged, reply, Operation::Response).await;
     }
+}
+
+/// The objects in the cloud's answer to a query, `None` when its content is neither an object
+/// nor a list; when one object was asked for (`name`), only the one of that name, else the
+/// first.
+fn answered_objects(answer: &Message, name: Option<&str>) -> Option<Vec<Value>> {
+    let objects = match serde_json::from_str::<Value>(answer.content_json()) {
+        Ok(Value::Array(items)) => items,
+        Ok(Value::Null) => Vec::new(),
+        Ok(object @ Value::Object(_)) => vec![object],
+        _ => return None,
+    };
+    let Some(name) = name else {
+        return Some(objects);
+    };
+    let named = objects
+        .iter()
+        .position(|o| o.pointer("/metadata/name").and_then(Value::as_str) == Some(name));
+    Some(
+        objects
+            .into_iter()
+            .nth(named.unwrap_or(0))
+            .into_iter()
+            .collect(),
+    )
 }
 
 #[cfg(test)]

@@ -7,9 +7,38 @@
 //! - `serviceaccounttoken`: a stored token that has expired, or soon will, is fetched again
 //!   from the cloud when edged asks for it (see [`token_state`]).
 
+use std::collections::HashSet;
 use std::time::{Duration, SystemTime};
 
+use crate::cloud::CloudState;
+use crate::config::Settings;
 use crate::topics::Peer;
+
+/// What the node's settings say the operations and the API's writes follow, beside the rules
+/// by type above.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    /// This node's name: the node whose status, and whose pods' status, the edge owns.
+    pub node_id: String,
+    /// Types asked of the cloud when edged queries one that is not stored
+    /// (`meta.remote_types`).
+    pub remote_types: HashSet<String>,
+    /// `meta.token_refresh_before`: see [`token_state`].
+    pub token_refresh_before: Duration,
+    /// The largest payload MetaManager accepts (`mqtt.max_payload_bytes`).
+    pub max_payload: usize,
+}
+
+impl Rules {
+    pub fn from_settings(settings: &Settings) -> Self {
+        Self {
+            node_id: settings.node_id.clone(),
+            remote_types: settings.meta.remote_types.iter().cloned().collect(),
+            token_refresh_before: settings.meta.token_refresh_before,
+            max_payload: settings.mqtt.max_payload_bytes,
+        }
+    }
+}
 
 pub(super) const EVENT: &str = "event";
 pub(super) const LEASE: &str = "lease";
@@ -17,8 +46,8 @@ pub(super) const TOKEN: &str = "serviceaccounttoken";
 
 /// Whether a change of type `rtype` from `sender` is a lease from edged while the cloud is
 /// away, which is refused (see the module doc).
-pub(super) fn lease_while_away(ctx: &super::Context, sender: Peer, rtype: &str) -> bool {
-    rtype == LEASE && sender == Peer::Edged && !ctx.cloud.connected()
+pub(super) fn lease_while_away(cloud: &CloudState, sender: Peer, rtype: &str) -> bool {
+    rtype == LEASE && sender == Peer::Edged && !cloud.connected()
 }
 
 /// The `error` text for such a lease: `op` of `key`.

@@ -1,25 +1,31 @@
 //! meta-internal-sync: run MetaSync now, then ack.
 
-use std::sync::Arc;
-
+use crate::cloud::metasync::MetaSync;
 use crate::message::{self, Message, Operation};
 use crate::mqtt::Inbound;
 use crate::topics::Peer;
 
-use super::{report_store_error, send_reply, Context, Step};
+use super::{report_store_error, Replies, Step};
 
 /// meta-internal-sync: run MetaSync now, then ack.
-pub(super) fn sync_now(ctx: &Arc<Context>, sender: Peer, publish: Inbound, msg: Message) -> Step {
-    let ctx = ctx.clone();
+pub(super) fn sync_now(
+    replies: &Replies,
+    metasync: &MetaSync,
+    sender: Peer,
+    publish: Inbound,
+    msg: Message,
+) -> Step {
+    let (replies, metasync) = (replies.clone(), metasync.clone());
     Box::pin(async move {
-        match ctx.metasync.run().await {
+        match metasync.run().await {
             Ok(report) => {
                 tracing::info!(?report, "metasync on request");
-                send_reply(&ctx, sender, message::ack(&msg), Operation::Response).await;
+                let ack = message::ack(&msg);
+                replies.send(sender, ack, Operation::Response).await;
             }
-            Err(e) => report_store_error(&ctx, sender, &msg, &e).await,
+            Err(e) => report_store_error(&replies, sender, &msg, &e).await,
         }
-        ctx.publisher.ack(&publish);
+        replies.publisher.ack(&publish);
     })
 }
 
