@@ -49,10 +49,12 @@ pub enum Operation {
     Error,
     Connect,
     MetaInternalSync,
+    /// The cloud's complete set of one scope, in pages (topics.md, "Reconciliation").
+    Replace,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 9] = [
+    pub const ALL: [Operation; 10] = [
         Operation::Insert,
         Operation::Update,
         Operation::Delete,
@@ -62,6 +64,7 @@ impl Operation {
         Operation::Error,
         Operation::Connect,
         Operation::MetaInternalSync,
+        Operation::Replace,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -75,6 +78,7 @@ impl Operation {
             Operation::Error => "error",
             Operation::Connect => "connect",
             Operation::MetaInternalSync => "meta-internal-sync",
+            Operation::Replace => "replace",
         }
     }
 
@@ -152,7 +156,7 @@ pub enum DecodeError {
     Shape(String),
     #[error("header.msg_id must be a non-empty string")]
     EmptyMsgId,
-    #[error("unknown operation {0:?}; expected one of insert, update, delete, patch, query, response, error, connect, meta-internal-sync")]
+    #[error("unknown operation {0:?}; expected one of insert, update, delete, patch, query, response, error, connect, meta-internal-sync, replace")]
     UnknownOperation(String),
     #[error("content is nested deeper than {MAX_DEPTH} levels")]
     TooDeep,

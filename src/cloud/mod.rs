@@ -40,6 +40,8 @@ pub struct Cloud {
     pub metasync: metasync::MetaSync,
     pub remote: Arc<remote::RemoteQueries>,
     pub patches: Arc<waiting::WaitingPatches>,
+    /// Pages of the cloud's replaces, held until their last page.
+    pub replaces: Arc<replaces::Replaces>,
 }
 
 impl Cloud {
@@ -66,6 +68,7 @@ impl Cloud {
             metasync,
             remote: Arc::new(remote::RemoteQueries::new(remote_timeout)),
             patches: Arc::new(waiting::WaitingPatches::load(rows)),
+            replaces: Arc::default(),
         }
     }
 }

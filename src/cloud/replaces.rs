@@ -210,6 +210,12 @@ impl Replaces {
         Ok(Taken::Held)
     }
 
+    /// Drops the replace `replace_id`, if held: one of its pages was refused.
+    pub fn discard(&self, replace_id: &str) {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.drop_id(replace_id);
+    }
+
     /// Drops every unfinished replace: the cloud went away, and will start over.
     pub fn discard_all(&self) {
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());

@@ -1,6 +1,6 @@
 //! connect: edgehub reports whether the cloud is reachable. No reply.
 
-use crate::cloud::CloudState;
+use crate::cloud::Cloud;
 use crate::message::Message;
 use crate::mqtt::Inbound;
 use crate::topics::Peer;
@@ -10,7 +10,7 @@ use super::{finish, refuse_message, Replies, Step};
 /// connect: edgehub reports whether the cloud is reachable. No reply.
 pub(super) fn connect(
     replies: &Replies,
-    cloud: &CloudState,
+    cloud: &Cloud,
     sender: Peer,
     publish: Inbound,
     msg: Message,
@@ -30,8 +30,12 @@ pub(super) fn connect(
             return refuse_message(replies, sender, publish, &msg, text);
         }
     };
-    if cloud.set(connected) {
+    if cloud.state.set(connected) {
         tracing::info!(connected, "cloud connection changed");
+    }
+    if !connected {
+        // The cloud starts its unfinished replaces over when it is back.
+        cloud.replaces.discard_all();
     }
     finish(replies, publish)
 }

@@ -17,6 +17,8 @@
 //!   (an answer to a patch stores the object it carries first);
 //! - `connect`: edgehub's report of the cloud connection;
 //! - `sync`: `meta-internal-sync`, MetaSync on request;
+//! - `versions`: a query for a scope's resourceVersions, a page at a time;
+//! - `replace`: the cloud's complete set of a scope, in pages, applied in one transaction;
 //! - `api_write`: the local API's writes, through the cloud or, for what the edge owns,
 //!   here while the cloud is away.
 //!
@@ -33,8 +35,10 @@ mod patch;
 mod query;
 mod relay;
 mod remote_query;
+mod replace;
 mod rules;
 mod sync;
+mod versions;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -158,11 +162,13 @@ impl Ops {
                     }
                 }
             }
-            Operation::Connect => {
-                return connect::connect(replies, &cloud.state, sender, publish, msg)
-            }
+            Operation::Connect => return connect::connect(replies, cloud, sender, publish, msg),
             Operation::MetaInternalSync => {
                 return sync::sync_now(replies, &cloud.metasync, sender, publish, msg)
+            }
+            Operation::Replace => {
+                return replace::replace(replies, store, &cloud.replaces, sender, publish, msg)
+                    .await
             }
         };
         change::change(replies, store, cloud, sender, publish, msg, kind).await
@@ -283,8 +289,13 @@ pub(crate) mod testing {
 
     impl Harness {
         pub async fn new() -> Self {
+            Self::with_settings("").await
+        }
+
+        /// A harness whose settings are the defaults with `yaml` on top.
+        pub async fn with_settings(yaml: &str) -> Self {
             let dir = tempfile::tempdir().expect("tempdir");
-            let settings = Settings::from_yaml("").expect("defaults parse");
+            let settings = Settings::from_yaml(yaml).expect("settings parse");
             let db = dir.path().join("m.db");
             let store = Store::open(&db, Default::default()).expect("store opens");
             let topics = Arc::new(Topics::new("edge", "test-node"));

@@ -10,6 +10,7 @@ use crate::topics::Peer;
 
 use super::remote_query::remote_query;
 use super::rules::{self, TokenState};
+use super::versions;
 use super::{report_store_error, Replies, Rules, Step};
 
 /// query: answer from the store; fetch from the cloud what edged may not have locally.
@@ -22,6 +23,17 @@ pub(super) fn query(
     publish: Inbound,
     msg: Message,
 ) -> Step {
+    if let Some(asked) = versions::asked(&msg) {
+        return versions::versions(
+            replies,
+            store,
+            rules.max_payload,
+            sender,
+            publish,
+            msg,
+            asked,
+        );
+    }
     let (replies, store, cloud) = (replies.clone(), store.clone(), cloud.clone());
     let from_cloud = sender == Peer::Edged && rules.remote_types.contains(msg.resource.rtype());
     let refresh_before = rules.token_refresh_before;

@@ -159,9 +159,10 @@ pub struct Versions {
 }
 
 /// The next `(key, rv)` of the objects of `rtype` in `namespace` after the key `after`, as many
-/// as fit in `max_bytes` of JSON object members (`"key":"rv",` each, by [`json_string_len`]),
-/// one at least; `rv` is the object's `metadata.resourceVersion`, empty when it has none. Only
-/// keys and versions are read into memory, never values.
+/// as fit in `max_bytes` of JSON object members (`"key":"rv",` each, by [`json_string_len`])
+/// with the last key once more as a JSON string (the token of the next page), one at least;
+/// `rv` is the object's `metadata.resourceVersion`, empty when it has none. Only keys and
+/// versions are read into memory, never values.
 pub fn versions(
     c: &Connection,
     namespace: &str,
@@ -184,7 +185,7 @@ pub fn versions(
             _ => String::new(),
         };
         let size = json_string_len(&key) + json_string_len(&rv) + 2;
-        if !page.entries.is_empty() && bytes + size > max_bytes {
+        if !page.entries.is_empty() && bytes + size + json_string_len(&key) > max_bytes {
             page.more = true;
             break;
         }
@@ -296,12 +297,12 @@ mod tests {
                 more: false
             }
         );
-        // `"a/pod/1":"11",` is 15 bytes: two fit in 30.
-        let first = store.versions("a", "pod", String::new(), 30).await.unwrap();
+        // `"a/pod/1":"11",` is 15 bytes, and the token `"a/pod/2"` 9: two fit in 39.
+        let first = store.versions("a", "pod", String::new(), 39).await.unwrap();
         assert_eq!(first.entries.len(), 2);
         assert!(first.more);
         let rest = store
-            .versions("a", "pod", first.entries[1].0.clone(), 30)
+            .versions("a", "pod", first.entries[1].0.clone(), 39)
             .await
             .unwrap();
         assert_eq!(rest.entries, [entry("a/pod/3", "13")]);

@@ -1,0 +1,177 @@
+//! The versions of a scope: a `query` of `ns/type` with content `{"versions": true}` (and
+//! `"continue"` for the next page) is answered from the store with `key → resourceVersion`, a
+//! page within `mqtt.max_payload_bytes` at a time, never with objects (topics.md,
+//! "Reconciliation"). With the digest, it is how a cloud finds what differs without resending
+//! anything.
+
+use serde::Deserialize;
+
+use crate::message::{self, Message, Operation};
+use crate::mqtt::Inbound;
+use crate::store::Store;
+use crate::topics::Peer;
+
+use super::{refuse_message, report_store_error, Replies, Step};
+
+/// What a versions query asks: the page after this key (`None`: the first).
+pub(super) struct Asked {
+    after: Result<Option<String>, String>,
+}
+
+/// `Some` when `msg` is a versions query: a query of a scope whose content has
+/// `"versions": true`.
+pub(super) fn asked(msg: &Message) -> Option<Asked> {
+    #[derive(Deserialize)]
+    struct Content {
+        versions: Option<bool>,
+        #[serde(rename = "continue")]
+        token: Option<serde_json::Value>,
+    }
+    if msg.resource.name().is_some() || !msg.content_json().starts_with('{') {
+        return None;
+    }
+    let content: Content = serde_json::from_str(msg.content_json()).ok()?;
+    if content.versions != Some(true) {
+        return None;
+    }
+    let after = match content.token {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(key)) => Ok(Some(key)),
+        Some(other) => Err(format!(
+            "continue must be the string a page of versions gave, or null, not {other}"
+        )),
+    };
+    Some(Asked { after })
+}
+
+/// Answers one page of the scope's versions, the whole answer within `max_payload` bytes.
+pub(super) fn versions(
+    replies: &Replies,
+    store: &Store,
+    max_payload: usize,
+    sender: Peer,
+    publish: Inbound,
+    msg: Message,
+    asked: Asked,
+) -> Step {
+    let scope = msg.resource.key().to_owned();
+    let after = match asked.after {
+        Ok(None) => String::new(),
+        // A token is a key of the scope; one of another scope was not given out for this one.
+        Ok(Some(key)) if key.starts_with(&format!("{scope}/")) => key,
+        Ok(Some(key)) => {
+            let text = format!("continue {key:?} was not given out for the versions of {scope}");
+            return refuse_message(replies, sender, publish, &msg, text);
+        }
+        Err(text) => return refuse_message(replies, sender, publish, &msg, text),
+    };
+    let (replies, store) = (replies.clone(), store.clone());
+    Box::pin(async move {
+        // What the answer weighs without entries; the entries and the token get the rest.
+        let bare = message::raw(r#"{"versions":{},"continue":null}"#.to_owned());
+        let envelope = message::reply(&msg, Operation::Response, &bare).len();
+        let room = max_payload.saturating_sub(envelope);
+        let r = &msg.resource;
+        match store.versions(r.namespace(), r.rtype(), after, room).await {
+            Ok(page) => {
+                let token = page
+                    .more
+                    .then(|| page.entries.last().map(|(k, _)| k.clone()));
+                let entries: serde_json::Map<String, serde_json::Value> = page
+                    .entries
+                    .into_iter()
+                    .map(|(k, rv)| (k, serde_json::Value::String(rv)))
+                    .collect();
+                let content = serde_json::json!({"versions": entries, "continue": token.flatten()});
+                let content = message::raw(content.to_string());
+                let reply = message::reply(&msg, Operation::Response, &content);
+                replies.send(sender, reply, Operation::Response).await;
+            }
+            Err(e) => report_store_error(&replies, sender, &msg, &e).await,
+        }
+        replies.publisher.ack(&publish);
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{json, Value};
+
+    use crate::ops::testing::{message, Harness};
+    use crate::topics::Peer;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_versions_of_a_scope_come_in_pages_within_the_payload_limit() {
+        let mut h = Harness::with_settings("mqtt:\n  max_payload_bytes: 4096\n").await;
+        let n = 500;
+        for i in 0..n {
+            let name = format!("pod-{i:05}");
+            let object =
+                json!({"metadata": {"name": name, "resourceVersion": format!("{}", 100 + i)}});
+            h.handle(
+                Peer::Edgehub,
+                message(
+                    &format!("i-{i}"),
+                    "insert",
+                    &format!("default/pod/{name}"),
+                    object,
+                ),
+            )
+            .await;
+        }
+        h.broker.published_now();
+        let mut token = Value::Null;
+        let mut seen = serde_json::Map::new();
+        let mut pages = 0;
+        loop {
+            let id = format!("v-{pages}");
+            let content = json!({"versions": true, "continue": token});
+            h.handle(Peer::Edgehub, message(&id, "query", "default/pod", content))
+                .await;
+            let answer = loop {
+                let p = h.broker.published().await;
+                if p.json()["header"]["parent_msg_id"] == id.as_str() {
+                    break p;
+                }
+            };
+            assert!(
+                answer.payload.len() <= 4096,
+                "{} bytes",
+                answer.payload.len()
+            );
+            let page = answer.json()["content"].clone();
+            seen.extend(page["versions"].as_object().unwrap().clone());
+            pages += 1;
+            token = page["continue"].clone();
+            if token.is_null() {
+                break;
+            }
+        }
+        assert_eq!(seen.len(), n);
+        assert_eq!(seen["default/pod/pod-00007"], "107");
+        assert!(
+            pages >= 4,
+            "{pages} pages: about 16 KB of versions in pages of 4 KB"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_token_of_another_scope_is_an_error() {
+        let mut h = Harness::new().await;
+        let content = json!({"versions": true, "continue": "other/pod/x"});
+        h.handle(
+            Peer::Edgehub,
+            message("v-1", "query", "default/pod", content),
+        )
+        .await;
+        let reply = h.published_to(Peer::Edgehub).await.json();
+        assert_eq!(reply["route"]["operation"], "error");
+        assert!(
+            reply["content"]
+                .as_str()
+                .unwrap()
+                .contains("was not given out"),
+            "{reply}"
+        );
+    }
+}
