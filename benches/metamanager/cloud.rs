@@ -7,6 +7,7 @@
 //! MQTT framing (a few bytes a publish, and its PUBACK) is left out on both paths alike.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -31,6 +32,8 @@ pub struct Reconciled {
 
 pub struct Cloud {
     client: Client,
+    /// Unique among the players of this process; prefixes each msg_id.
+    client_id: String,
     /// Where the cloud publishes to the node, and where the node publishes to the cloud.
     to_node: String,
     from_node: String,
@@ -39,6 +42,8 @@ pub struct Cloud {
     /// Bytes the cloud published, and bytes it received from the node, so far.
     pub bytes_out: usize,
     pub bytes_in: usize,
+    /// The largest payload received from the node.
+    pub largest_in: usize,
     /// Messages received and not yet taken.
     unread: VecDeque<Value>,
     next_id: u64,
@@ -48,23 +53,22 @@ impl Cloud {
     /// Connects as edgehub of `node` (topic prefix `prefix`) to the broker on `port`.
     pub async fn connect(port: u16, prefix: &str, node: &str) -> Self {
         let from_node = format!("{prefix}/{node}/metamanager/to/edgehub");
-        let id = format!("cloud-{node}-{}", std::process::id());
+        static PLAYERS: AtomicUsize = AtomicUsize::new(0);
+        let n = PLAYERS.fetch_add(1, Ordering::Relaxed);
+        let id = format!("cloud-{node}-{}-{n}", std::process::id());
         let client = Client::connect(port, &id, &[from_node.as_str()]).await;
         Self {
             client,
+            client_id: id,
             to_node: format!("{prefix}/{node}/edgehub/to/metamanager"),
             from_node,
             objects: BTreeMap::new(),
             bytes_out: 0,
             bytes_in: 0,
+            largest_in: 0,
             unread: VecDeque::new(),
             next_id: 0,
         }
-    }
-
-    /// The bytes that crossed the link so far, both directions.
-    pub fn bytes(&self) -> usize {
-        self.bytes_out + self.bytes_in
     }
 
     pub fn reset_bytes(&mut self) {
@@ -75,7 +79,7 @@ impl Cloud {
     /// Publishes one message to the node; returns its msg_id.
     pub async fn send(&mut self, operation: &str, resource: &str, content: Value) -> String {
         self.next_id += 1;
-        let msg_id = format!("cloud-{}-{}", std::process::id(), self.next_id);
+        let msg_id = format!("{}-{}", self.client_id, self.next_id);
         let m = json!({
             "header": {"msg_id": msg_id, "timestamp": 0},
             "route": {"source": "edgecontroller", "group": "resource",
@@ -102,6 +106,7 @@ impl Cloud {
                 continue;
             }
             self.bytes_in += topic.len() + payload.len();
+            self.largest_in = self.largest_in.max(payload.len());
             if let Ok(m) = serde_json::from_slice(&payload) {
                 return m;
             }
@@ -162,14 +167,22 @@ impl Cloud {
 
     /// Tells the node the cloud is connected.
     pub async fn link_up(&mut self) {
-        self.send("connect", "default/node/edge-node", json!("cloud_connected"))
-            .await;
+        self.send(
+            "connect",
+            "default/node/edge-node",
+            json!("cloud_connected"),
+        )
+        .await;
     }
 
     /// Tells the node the cloud went away.
     pub async fn link_down(&mut self) {
-        self.send("connect", "default/node/edge-node", json!("cloud_disconnected"))
-            .await;
+        self.send(
+            "connect",
+            "default/node/edge-node",
+            json!("cloud_disconnected"),
+        )
+        .await;
     }
 
     /// The next digest the node publishes, all its parts: scope → (count, hash).
@@ -255,7 +268,8 @@ impl Cloud {
         let n = pages.len();
         let mut answer = Value::Null;
         for (i, page) in pages.into_iter().enumerate() {
-            let content = json!({"replace_id": replace_id, "page": i, "items": page, "last": i + 1 == n});
+            let content =
+                json!({"replace_id": replace_id, "page": i, "items": page, "last": i + 1 == n});
             answer = self.request("replace", scope, content).await;
             assert_eq!(answer["route"]["operation"], "response", "{answer}");
         }
@@ -313,7 +327,7 @@ impl Cloud {
         let mut messages: Vec<(&'static str, String, Value)> = self
             .objects
             .iter()
-            .map(|(k, v)| ("insert", k.clone(), v.clone()))
+            .map(|(k, v)| ("update", k.clone(), v.clone()))
             .collect();
         messages.extend(deleted.iter().map(|k| ("delete", k.clone(), json!({}))));
         self.send_all(messages).await;

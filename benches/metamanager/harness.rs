@@ -5,6 +5,11 @@
 #[path = "../../tests/common/process.rs"]
 mod process;
 
+/// The hand-played cloud, which tests use too (some of it only they).
+#[path = "cloud.rs"]
+#[allow(dead_code)]
+pub mod cloud;
+
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -1,5 +1,6 @@
 //! MetaManager's benchmark: `cargo bench --bench metamanager` (add `-- --quick` for a short run,
-//! `-- --burst` for the burst and the embedded query round trip alone, with their yardsticks).
+//! `-- --burst` for the burst and the embedded query round trip alone, with their yardsticks,
+//! `-- --reconnect` for the reconnect after an outage alone).
 //!
 //! Every figure is set beside a yardstick measured in the same run on the same broker: a null
 //! relay (subscribe, republish unchanged, nothing else) for the MQTT figures, and a plain
@@ -7,6 +8,7 @@
 //! numbers do not. The report is Markdown on stdout; BENCHMARKS.md explains it.
 
 mod harness;
+mod reconnect;
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -31,6 +33,7 @@ const LONG: Duration = Duration::from_secs(600);
 async fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let burst_only = std::env::args().any(|a| a == "--burst");
+    let reconnect_only = std::env::args().any(|a| a == "--reconnect");
     let sizes = if quick {
         Sizes {
             inserts: 10_000,
@@ -67,6 +70,11 @@ async fn main() {
         sizes.store_rows
     );
 
+    if reconnect_only {
+        reconnect::print(&reconnect::run(port, dir.path(), &pod).await);
+        drop(broker);
+        return;
+    }
     let pipe_rate = pipe_throughput(port, &pod, sizes.inserts.min(20_000)).await;
     if !burst_only {
         inserts_and_queries(port, dir.path(), &pod, &sizes, pipe_rate).await;
@@ -74,6 +82,7 @@ async fn main() {
     burst_and_embedded_queries(port, dir.path(), &pod, &sizes, pipe_rate).await;
     if !burst_only {
         scale_and_storage(port, dir.path(), &configmap, &pod, &sizes).await;
+        reconnect::print(&reconnect::run(port, dir.path(), &pod).await);
     }
     drop(broker);
 }
