@@ -82,8 +82,14 @@ pub(super) fn versions(
                     .into_iter()
                     .map(|(k, rv)| (k, serde_json::Value::String(rv)))
                     .collect();
-                let content = serde_json::json!({"versions": entries, "continue": token.flatten()});
-                let content = message::raw(content.to_string());
+                // Written by hand to keep the contract's member order; both parts are plain
+                // JSON values that cannot fail to serialise.
+                let content = format!(
+                    r#"{{"versions":{},"continue":{}}}"#,
+                    serde_json::Value::Object(entries),
+                    serde_json::json!(token.flatten())
+                );
+                let content = message::raw(content);
                 let reply = message::reply(&msg, Operation::Response, &content);
                 replies.send(sender, reply, Operation::Response).await;
             }
