@@ -14,7 +14,7 @@
 //! either is refused and dropped, and the cloud falls back on single changes, which the
 //! versions query tells it how to choose.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -87,7 +87,13 @@ struct Held {
     by_id: HashMap<String, Pending>,
     /// What every pending set holds, by [`ReplaceSet::bytes`].
     bytes: usize,
+    /// The msg_ids of the last pages of the latest complete replaces, newest last: a copy of
+    /// one (a broker redelivery) is acked again, not refused as out of sequence.
+    completed: VecDeque<String>,
 }
+
+/// Last pages remembered in [`Held::completed`].
+const COMPLETED_KEPT: usize = 64;
 
 struct Pending {
     set: ReplaceSet,
@@ -134,10 +140,12 @@ impl Replaces {
         held.drop_expired(now);
         let id = page.replace_id.clone();
         let scope = format!("{namespace}/{rtype}");
-        if let Some(p) = held.by_id.get(&id) {
-            if p.msg_ids.iter().any(|m| m == msg_id) {
-                return Ok(Taken::Repeat);
-            }
+        let held_page = held
+            .by_id
+            .get(&id)
+            .is_some_and(|p| p.msg_ids.iter().any(|m| m == msg_id));
+        if held_page || held.completed.iter().any(|m| m == msg_id) {
+            return Ok(Taken::Repeat);
         }
         let mut pending = if page.page == 0 {
             // A new start: whatever was held under this id, or for this scope, is dropped.
@@ -202,6 +210,10 @@ impl Replaces {
             }
         }
         if page.last {
+            if held.completed.len() >= COMPLETED_KEPT {
+                held.completed.pop_front();
+            }
+            held.completed.push_back(msg_id.to_owned());
             return Ok(Taken::Complete(pending.set));
         }
         pending.msg_ids.push(msg_id.to_owned());
@@ -226,7 +238,8 @@ impl Replaces {
                 "unfinished replaces dropped: the cloud disconnected"
             );
         }
-        *held = Held::default();
+        held.by_id.clear();
+        held.bytes = 0;
     }
 
     /// Bytes held for unfinished replaces, and how many there are.
@@ -313,6 +326,13 @@ mod tests {
             take(&r, "m1", page("r", 1, true, &["b"])),
             Ok(Taken::Complete(_))
         ));
+        assert!(
+            matches!(
+                take(&r, "m1", page("r", 1, true, &["b"])),
+                Ok(Taken::Repeat)
+            ),
+            "a copy of the last page is not applied again"
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@ use serde_json::value::RawValue;
 use crate::cloud::replaces::{Page, Replaces, Taken};
 use crate::message::{self, Message, Operation};
 use crate::mqtt::Inbound;
+use crate::resource::Resource;
 use crate::store::{ChangeKind, Replaced, Store, StoreError};
 use crate::topics::Peer;
 
@@ -166,10 +167,9 @@ fn parse_page(msg: &Message) -> Result<Page, (Option<String>, String)> {
         );
         return Err((None, text));
     }
-    let namespace = msg.resource.namespace();
     let mut items = Vec::with_capacity(wire.items.len());
     for (i, raw) in wire.items.into_iter().enumerate() {
-        match object_name(raw.get(), namespace) {
+        match object_name(raw.get(), &msg.resource) {
             Ok(name) => items.push((name, Bytes::copy_from_slice(raw.get().as_bytes()))),
             Err(why) => {
                 let text = format!(
@@ -188,9 +188,9 @@ fn parse_page(msg: &Message) -> Result<Page, (Option<String>, String)> {
     })
 }
 
-/// `metadata.name` of one object of a replace: a name that makes a key of the scope, and a
-/// `metadata.namespace`, if given, of the scope's namespace.
-fn object_name(json: &str, namespace: &str) -> Result<String, String> {
+/// `metadata.name` of one object of a replace of `scope`: a name that makes a valid key of the
+/// scope, and a `metadata.namespace`, if given, of the scope's namespace.
+fn object_name(json: &str, scope: &Resource) -> Result<String, String> {
     #[derive(Deserialize)]
     struct Meta {
         name: Option<String>,
@@ -209,6 +209,9 @@ fn object_name(json: &str, namespace: &str) -> Result<String, String> {
     if name.is_empty() || name.contains('/') {
         return Err(format!("metadata.name {name:?} is not a name"));
     }
+    // The key must be one a single message could name.
+    Resource::parse(&format!("{}/{name}", scope.key())).map_err(|e| e.to_string())?;
+    let namespace = scope.namespace();
     match meta.namespace.as_deref() {
         Some(ns) if !ns.is_empty() && ns != namespace => {
             Err(format!("{name} is of namespace {ns}, not {namespace}"))
