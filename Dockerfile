@@ -8,9 +8,13 @@ FROM rust:1-bookworm AS builder
 WORKDIR /build
 
 # SQLite is compiled in (rusqlite's `bundled` feature) with the image's C
-# compiler, so no system SQLite is needed in either stage.
+# compiler, so no system SQLite is needed in either stage. Cargo.toml patches
+# rumqttd with the copy in vendor/, so that comes too. tests/dockerfile.rs builds
+# the crate from exactly these COPY lines, so a path the build needs and they miss
+# fails CI.
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+COPY vendor ./vendor
 
 # --locked: build exactly the dependency versions in Cargo.lock.
 RUN cargo build --release --locked \
