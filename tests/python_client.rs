@@ -25,7 +25,7 @@ fn python_client() -> bool {
         if std::env::var("METAMANAGER_REQUIRE_PYTHON_K8S").as_deref() == Ok("1") {
             panic!("the Python kubernetes client is not installed and METAMANAGER_REQUIRE_PYTHON_K8S=1");
         }
-        eprintln!("skipped: python3 -m pip install kubernetes");
+        eprintln!("skipped: the Python kubernetes client is not installed (bash .ci/install-test-tools, then . .venv/bin/activate)");
     }
     ok
 }
