@@ -1,7 +1,8 @@
 //! The shipped lock-down for an external mosquitto (conf/mosquitto-secure.conf and
 //! conf/mosquitto.acl, node `edge-node` rewritten to the test node): MetaManager works with
 //! its two accounts, no other account can read what edgehub sends it or take its session, and
-//! anonymous clients and wrong passwords are refused. Skipped without mosquitto unless
+//! anonymous clients and wrong passwords are refused, and the monitor account reads everything
+//! and publishes nothing. Skipped without mosquitto unless
 //! METAMANAGER_REQUIRE_MOSQUITTO=1.
 
 mod common;
@@ -21,6 +22,7 @@ use tokio::sync::mpsc;
 const MM_PASSWORD: &str = "mm-pass";
 const EDGEHUB_PASSWORD: &str = "edgehub-pass";
 const EDGED_PASSWORD: &str = "edged-pass";
+const MONITOR_PASSWORD: &str = "monitor-pass";
 const POD_KEY: &str = "default/pod/nginx-7d9c5b8f4-x2k9p";
 
 fn mm_user() -> String {
@@ -35,6 +37,9 @@ fn edgehub() -> (String, String) {
 fn edged() -> (String, String) {
     (format!("edged-{NODE}"), EDGED_PASSWORD.into())
 }
+fn monitor() -> (String, String) {
+    (format!("monitor-{NODE}"), MONITOR_PASSWORD.into())
+}
 
 fn repo_file(name: &str) -> String {
     std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(name)).unwrap()
@@ -48,6 +53,7 @@ fn secure_conf(port: u16, dir: &Path) -> String {
         (mm_out_user(), MM_PASSWORD.to_string()),
         edgehub(),
         edged(),
+        monitor(),
     ]
     .iter()
     .enumerate()
@@ -308,4 +314,74 @@ async fn anonymous_and_wrong_passwords_are_refused() {
         !pub_ok(app.port, &["-u", "nobody", "-P", "x"]),
         "unknown user accepted"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_monitor_account_reads_every_topic_and_publishes_nothing() {
+    let Some(mut app) = secured_app().await else {
+        return;
+    };
+    let (watcher, mut seen) = raw_client(
+        app.port,
+        "watcher",
+        monitor(),
+        true,
+        &format!("edge/{NODE}/#"),
+    )
+    .await;
+    let insert = fixture("insert-pod.message.json");
+    let ack = app.client.request("edgehub", &insert).await;
+    assert_eq!(ack["content"], "OK", "{ack}");
+    let mut topics = Vec::new();
+    while let Ok(Some((topic, _))) =
+        tokio::time::timeout(Duration::from_millis(500), seen.recv()).await
+    {
+        topics.push(topic);
+    }
+    for topic in [
+        "edgehub/to/metamanager",
+        "metamanager/to/edged",
+        "metamanager/to/edgehub",
+    ] {
+        assert!(
+            topics.contains(&format!("edge/{NODE}/{topic}")),
+            "the monitor did not see {topic}: {topics:?}"
+        );
+    }
+
+    // Posing as the cloud: refused by the ACL, so MetaManager never gets it.
+    let planted = message(
+        "insert",
+        "default/secret/planted",
+        json!({"apiVersion": "v1", "kind": "Secret",
+               "metadata": {"name": "planted", "namespace": "default"}}),
+    );
+    watcher
+        .publish(
+            format!("edge/{NODE}/edgehub/to/metamanager"),
+            QoS::AtLeastOnce,
+            false,
+            serde_json::to_vec(&planted).unwrap(),
+        )
+        .await
+        .unwrap();
+    let denied = format!("Denied PUBLISH from monitor-{NODE}");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !broker_log(&app).contains(&denied) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the broker did not deny the monitor's publish; its log:\n{}",
+            broker_log(&app)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Anything that got through would be handled by now, after a query's round trip.
+    app.client.query("edgehub", "default/secret/planted").await;
+    let (status, _, _) = common::http(
+        app.http_port,
+        "GET",
+        "/api/v1/namespaces/default/secrets/planted",
+    )
+    .await;
+    assert_eq!(status, 404, "the monitor's insert was stored");
 }
