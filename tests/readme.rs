@@ -1,7 +1,7 @@
 //! What a newcomer reads in README.md holds against the real binary: the walkthrough, pasted as
 //! one script, gets the replies it shows (per topic, in the order shown; on the embedded broker
 //! and on mosquitto), and the metrics table names every metric `/metrics` serves, with its type,
-//! and no other.
+//! and no other. A sample of topics.md's examples (connect, bad input) gets its outputs too.
 
 mod common;
 
@@ -17,8 +17,12 @@ use common::{
 use serde_json::{json, Value};
 
 fn readme() -> String {
-    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
-        .expect("read README.md")
+    doc("README.md")
+}
+
+fn doc(name: &str) -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(name))
+        .unwrap_or_else(|e| panic!("read {name}: {e}"))
 }
 
 /// The text of the section that starts with the heading line `heading`, up to the next heading
@@ -26,7 +30,7 @@ fn readme() -> String {
 fn section<'a>(text: &'a str, heading: &str) -> &'a str {
     let start = text
         .find(&format!("\n{heading}\n"))
-        .unwrap_or_else(|| panic!("README.md has no `{heading}`"))
+        .unwrap_or_else(|| panic!("no `{heading}`"))
         + 1
         + heading.len();
     let level = heading.split(' ').next().unwrap().len();
@@ -78,8 +82,9 @@ fn field(text: &str, name: &str) -> Option<String> {
 }
 
 /// One message as `mosquitto_sub -v` prints it: the topic and what identifies the message
-/// whatever its fresh ids and timestamps (the id it answers, else its own id, else the
-/// status's state), and its operation where shown.
+/// whatever its fresh ids and timestamps (the id it answers, else its operation when
+/// MetaManager made it, else its own id, else the status's state), and its operation where
+/// shown.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Shape {
     topic: String,
@@ -103,8 +108,14 @@ fn shapes(output: &str) -> BTreeMap<String, Vec<Shape>> {
     let mut by_topic: BTreeMap<String, Vec<Shape>> = BTreeMap::new();
     for message in messages {
         let (topic, payload) = message.split_once(' ').unwrap_or((message.trim(), ""));
+        // A message MetaManager makes has a fresh id: its operation names it.
+        let made_here = field(payload, "source").as_deref() == Some("metamanager");
         let names = field(payload, "parent_msg_id")
             .map(|p| format!("answer to {p}"))
+            .or_else(|| {
+                made_here
+                    .then(|| format!("new {}", field(payload, "operation").unwrap_or_default()))
+            })
             .or_else(|| field(payload, "msg_id"))
             .or_else(|| field(payload, "state").map(|s| format!("state {s}")))
             .unwrap_or_default();
@@ -117,15 +128,9 @@ fn shapes(output: &str) -> BTreeMap<String, Vec<Shape>> {
     by_topic
 }
 
-/// Runs the README walkthrough's commands as one bash script from the repository root, aimed
-/// at `port` instead of the default 1884; what its subscriber printed.
-fn run_walkthrough(port: u16) -> String {
-    let text = readme();
-    let walkthrough = section(&text, "## Walkthrough");
-    let script = blocks(walkthrough, "sh")
-        .into_iter()
-        .next()
-        .expect("the walkthrough has a sh block");
+/// Runs `script` with bash from the repository root, aimed at `port` instead of the default
+/// 1884; its standard output.
+fn run_script(script: &str, port: u16) -> String {
     assert!(script.contains("-p 1884"), "{script}");
     let script = script.replace("-p 1884", &format!("-p {port}"));
     let mut child = Command::new("bash")
@@ -137,16 +142,27 @@ fn run_walkthrough(port: u16) -> String {
         .expect("run bash");
     if process::exit_within(&mut child, Duration::from_secs(30)).is_none() {
         let _ = child.kill();
-        panic!("the walkthrough script did not end within 30 s");
+        panic!("the script did not end within 30 s:\n{script}");
     }
     let out = child.wait_with_output().expect("the script's output");
     assert!(
         out.status.success(),
-        "the walkthrough script failed ({}): {}",
+        "the script failed ({}): {}\n{script}",
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).expect("UTF-8 output")
+}
+
+/// Runs the README walkthrough's commands as one script; what its subscriber printed.
+fn run_walkthrough(port: u16) -> String {
+    let text = readme();
+    let walkthrough = section(&text, "## Walkthrough");
+    let script = blocks(walkthrough, "sh")
+        .into_iter()
+        .next()
+        .expect("the walkthrough has a sh block");
+    run_script(&script, port)
 }
 
 /// What the walkthrough says comes back: the `text` blocks after its script.
@@ -157,15 +173,20 @@ fn walkthrough_promise() -> BTreeMap<String, Vec<Shape>> {
 }
 
 fn assert_walkthrough(output: &str) {
+    assert_shapes(output, &walkthrough_promise());
+}
+
+/// `output` has the messages `promised` shows: the same topics, on each the same messages in
+/// the same order (the one order guaranteed), with the operation where one is shown.
+fn assert_shapes(output: &str, promised: &BTreeMap<String, Vec<Shape>>) {
     let got = shapes(output);
-    let promised = walkthrough_promise();
-    assert!(!promised.is_empty(), "the walkthrough shows no output");
+    assert!(!promised.is_empty(), "no output shown");
     assert_eq!(
         got.keys().collect::<Vec<_>>(),
         promised.keys().collect::<Vec<_>>(),
         "topics differ; the script printed:\n{output}"
     );
-    for (topic, shown) in &promised {
+    for (topic, shown) in promised {
         let seen = &got[topic];
         assert_eq!(
             seen.iter().map(|s| &s.names).collect::<Vec<_>>(),
@@ -318,4 +339,68 @@ async fn the_metrics_table_lists_every_served_metric_and_no_other() {
     for (name, kind) in &served {
         assert_eq!(&table[name], kind, "type of {name} in README.md's table");
     }
+}
+
+/// The examples of topics.md's `heading` section whose output follows them (a `sh` block and
+/// the `text` block right after it), in order.
+fn topics_examples(heading: &str) -> Vec<(String, String)> {
+    let text = doc("topics.md");
+    let body = section(&text, heading);
+    let mut pairs = Vec::new();
+    let mut pending: Option<String> = None;
+    let mut rest = body;
+    while let Some(at) = rest.find("```") {
+        let after = &rest[at + 3..];
+        let lang = after.lines().next().unwrap_or("").trim().to_owned();
+        let start = after.find('\n').map_or(after.len(), |n| n + 1);
+        let end = after[start..]
+            .find("\n```")
+            .map_or(after.len(), |n| start + n + 1);
+        let block = after[start..end].to_owned();
+        match lang.as_str() {
+            "sh" => pending = Some(block),
+            "text" => {
+                if let Some(script) = pending.take() {
+                    pairs.push((script, block));
+                }
+            }
+            _ => pending = None,
+        }
+        rest = &after[(end + 3).min(after.len())..];
+    }
+    pairs
+}
+
+#[test]
+fn a_sample_of_topics_examples_answers_as_shown() {
+    if !mosquitto_clients() {
+        return;
+    }
+    let mut examples = topics_examples("### 5.7 connect");
+    examples.extend(topics_examples("## 8. Bad input and error texts"));
+    assert!(examples.len() >= 4, "{examples:?}");
+    let (mut mm, port, _) = start("  port: 0\n");
+    let mut script = String::from("mosquitto_sub -p 1884 -v -t 'edge/edge-node/#' &\nsleep 0.5\n");
+    let mut shown = String::new();
+    for (commands, output) in &examples {
+        script += commands;
+        shown += output;
+    }
+    script += "sleep 1; kill %1\n";
+    let output = run_script(&script, port);
+    assert!(mm.terminate().success(), "log:\n{}", mm.log());
+    // The subscriber gets the retained status first, which the examples do not show.
+    let mut promised = shapes(&shown);
+    promised
+        .entry("edge/edge-node/metamanager/status".into())
+        .or_default()
+        .insert(
+            0,
+            Shape {
+                topic: "edge/edge-node/metamanager/status".into(),
+                names: "state online".into(),
+                operation: None,
+            },
+        );
+    assert_shapes(&output, &promised);
 }
