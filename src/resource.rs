@@ -107,6 +107,49 @@ impl fmt::Display for Resource {
     }
 }
 
+/// Why an object's `metadata.uid` cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UidError {
+    /// The object is not JSON, or its `metadata` is not an object.
+    #[error("{0}")]
+    Metadata(String),
+    /// The uid is there but is not a string: its JSON, at most 64 characters of it.
+    #[error("metadata.uid must be a string, not {0}")]
+    NotAString(String),
+}
+
+/// The `metadata.uid` of the object whose JSON is `json`: `None` when it has none, or is no
+/// object at all (`null`, a list). The one reading of it, for deletes that name a uid and for
+/// the store's check of the object it deletes.
+pub fn metadata_uid(json: &str) -> Result<Option<String>, UidError> {
+    #[derive(serde::Deserialize)]
+    struct Meta {
+        #[serde(default, deserialize_with = "present")]
+        uid: Option<Box<serde_json::value::RawValue>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Object {
+        metadata: Option<Meta>,
+    }
+    /// `Some` even for `null`, which serde's `Option` would read as absent.
+    fn present<'de, D: serde::Deserializer<'de>>(
+        de: D,
+    ) -> Result<Option<Box<serde_json::value::RawValue>>, D::Error> {
+        serde::Deserialize::deserialize(de).map(Some)
+    }
+    if !json.trim_start().starts_with('{') {
+        return Ok(None);
+    }
+    let object: Object =
+        serde_json::from_str(json).map_err(|e| UidError::Metadata(e.to_string()))?;
+    match object.metadata.and_then(|m| m.uid) {
+        None => Ok(None),
+        Some(raw) => serde_json::from_str::<String>(raw.get())
+            .map(Some)
+            .map_err(|_| UidError::NotAString(raw.get().chars().take(64).collect())),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

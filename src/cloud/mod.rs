@@ -5,6 +5,7 @@
 //! - [`outbox`]: what waits for the cloud while it is away, and its paced sending.
 //! - [`metasync`]: the periodic pod-status sync to the cloud.
 //! - [`remote`]: queries and API writes waiting for the cloud's answer.
+//! - [`refusal`]: the cloud's refusal of a write, its reason read once from its words.
 //! - [`replaces`]: the pages of `replace` operations whose last page has not come.
 //! - [`settings`]: `outbox` and `meta`, with their defaults and bounds.
 //! - [`waiting`]: patches passed on to the cloud, waiting for its answer (in memory here, and
@@ -17,6 +18,7 @@
 
 pub mod metasync;
 pub mod outbox;
+pub mod refusal;
 pub mod remote;
 pub mod replaces;
 pub mod settings;

@@ -12,6 +12,7 @@ use serde_json::{json, Map, Value};
 
 pub use super::kinds::Kind;
 use super::selector::{FieldSelector, LabelSelector};
+use crate::cloud::refusal::Reason;
 use crate::ops::api_write::WriteError;
 use crate::resource::Resource;
 use crate::store::read::{Range, Row};
@@ -119,11 +120,10 @@ impl IntoResponse for ApiError {
 /// The code and reason of a failed write, as kube-apiserver gives them.
 fn write_status(e: &WriteError) -> (StatusCode, &'static str) {
     match e {
-        WriteError::Conflict { text, .. }
-            if text.to_ascii_lowercase().contains("already exists") =>
-        {
-            (StatusCode::CONFLICT, "AlreadyExists")
-        }
+        WriteError::Conflict {
+            reason: Reason::AlreadyExists,
+            ..
+        } => (StatusCode::CONFLICT, "AlreadyExists"),
         WriteError::Conflict { .. } | WriteError::Modified { .. } => {
             (StatusCode::CONFLICT, "Conflict")
         }

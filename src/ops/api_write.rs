@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
+use crate::cloud::refusal::{Reason, Refusal};
 use crate::cloud::Cloud;
 use crate::store::Store;
 
@@ -28,7 +29,7 @@ use crate::cloud::remote::{Answer, TooManyPending};
 use crate::cloud::waiting::{Target, WaitingPatch};
 use crate::message::{self, Message, Operation, API_SOURCE};
 use crate::patch::{OpFailure, Patch, PatchError};
-use crate::resource::Resource;
+use crate::resource::{self, Resource};
 use crate::store::{Change, Outcome, StoreError, Write};
 use crate::topics::Peer;
 
@@ -72,8 +73,14 @@ pub enum Written {
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
+    /// The cloud refused the write for a conflict: `reason` is [`Reason::AlreadyExists`] or
+    /// [`Reason::Conflict`].
     #[error("the cloud refused the write of {key}: {text}")]
-    Conflict { key: String, text: String },
+    Conflict {
+        key: String,
+        text: String,
+        reason: Reason,
+    },
     #[error("{text}")]
     NotFound { text: String },
     #[error("the cloud failed the write of {key}: {text}")]
@@ -104,6 +111,16 @@ impl Verb {
             Verb::Delete => "delete",
         }
     }
+
+    /// The operation the cloud is sent for it.
+    pub fn operation(self) -> Operation {
+        match self {
+            Verb::Create => Operation::Insert,
+            Verb::Update => Operation::Update,
+            Verb::Patch => Operation::Patch,
+            Verb::Delete => Operation::Delete,
+        }
+    }
 }
 
 impl WriteError {
@@ -121,27 +138,14 @@ impl WriteError {
         }
     }
 
-    /// The answer a write of `key` gets from the cloud's `error` text: a conflict or a missing
-    /// object as the cloud's words say, anything else a failure.
-    fn from_cloud(key: &str, text: String) -> Self {
-        let lower = text.to_ascii_lowercase();
-        if lower.contains("not found") || lower.contains("notfound") {
-            WriteError::NotFound { text }
-        } else if lower.contains("conflict")
-            || lower.contains("already exists")
-            || lower.contains("alreadyexists")
-            // kube-apiserver's words for a write from a stale read.
-            || lower.contains("the object has been modified")
-        {
-            WriteError::Conflict {
-                key: key.to_owned(),
-                text,
-            }
-        } else {
-            WriteError::Cloud {
-                key: key.to_owned(),
-                text,
-            }
+    /// The answer a write of `key` gets from the cloud's refusal, by its reason.
+    fn from_cloud(key: &str, refusal: Refusal) -> Self {
+        let Refusal { reason, text } = refusal;
+        let key = key.to_owned();
+        match reason {
+            Reason::NotFound => WriteError::NotFound { text },
+            Reason::AlreadyExists | Reason::Conflict => WriteError::Conflict { key, text, reason },
+            Reason::Failed => WriteError::Cloud { key, text },
         }
     }
 
@@ -446,12 +450,7 @@ async fn through_cloud(ctx: &ApiWrites, write: ApiWrite) -> Result<Written, Writ
     let ctx = ctx.clone();
     let key = write.resource.key().to_owned();
     let task = tokio::spawn(async move {
-        let operation = match write.verb {
-            Verb::Create => Operation::Insert,
-            Verb::Update => Operation::Update,
-            Verb::Patch => Operation::Patch,
-            Verb::Delete => Operation::Delete,
-        };
+        let operation = write.verb.operation();
         let key = write.resource.key().to_owned();
         let content = message::raw(write.content.clone());
         let payload = message::build_from(API_SOURCE, id.clone(), None, operation, &key, &content);
@@ -511,9 +510,9 @@ async fn take_answer(
 ) -> Result<Written, WriteError> {
     let key = write.resource.key();
     if answer.operation == Operation::Error {
-        let text = error_text(answer.content_json());
-        tracing::info!(resource = %key, error = %text, "the cloud refused a write");
-        let refused = WriteError::from_cloud(key, text);
+        let refusal = Refusal::read(answer.content_json());
+        tracing::info!(resource = %key, error = %refusal.text, "the cloud refused a write");
+        let refused = WriteError::from_cloud(key, refusal);
         // The cloud has no such object: neither has the node, from now on.
         if write.verb == Verb::Delete && matches!(refused, WriteError::NotFound { .. }) {
             delete_here(ctx, write).await?;
@@ -555,6 +554,8 @@ async fn take_answer(
         let applied = ctx.store.write(put).await.map_err(WriteError::store(key))?;
         // Not passed on when the store holds it already, or holds a newer one.
         if applied.outcome == Outcome::Stored {
+            // edged is told of the object as it now is: created, or else updated whole (a
+            // patch's result included), not the request's operation.
             let operation = match write.verb {
                 Verb::Create => Operation::Insert,
                 _ => Operation::Update,
@@ -570,9 +571,7 @@ async fn take_answer(
 /// named, if it named one), and edged told.
 async fn delete_here(ctx: &ApiWrites, write: &ApiWrite) -> Result<Written, WriteError> {
     let key = write.resource.key();
-    let uid = serde_json::from_str::<Value>(&write.content)
-        .ok()
-        .and_then(|c| c.pointer("/metadata/uid")?.as_str().map(str::to_owned));
+    let uid = resource::metadata_uid(&write.content).ok().flatten();
     let before = ctx.store.get(key).await.map_err(WriteError::store(key))?;
     let removal = Write::Delete {
         key: key.to_owned(),
@@ -605,18 +604,6 @@ fn answered_object(content: &str, name: Option<&str>) -> Option<Value> {
                 .filter(Value::is_object)
         }
         _ => None,
-    }
-}
-
-/// The words of an `error`'s content: a string, a Status's message, or the JSON as sent.
-fn error_text(content: &str) -> String {
-    match serde_json::from_str::<Value>(content) {
-        Ok(Value::String(text)) => text,
-        Ok(value) => match value.get("message").and_then(Value::as_str) {
-            Some(text) => text.to_owned(),
-            None => content.to_owned(),
-        },
-        Err(_) => content.to_owned(),
     }
 }
 
@@ -694,33 +681,30 @@ mod tests {
     }
 
     #[test]
-    fn the_clouds_words_choose_the_error() {
+    fn the_clouds_reason_chooses_the_error() {
         let k = "default/configmap/c";
+        let from = |content: &str| WriteError::from_cloud(k, Refusal::read(content));
         assert!(matches!(
-            WriteError::from_cloud(k, "configmaps \"c\" already exists".into()),
-            WriteError::Conflict { .. }
+            from(r#""configmaps \"c\" already exists""#),
+            WriteError::Conflict {
+                reason: Reason::AlreadyExists,
+                ..
+            }
         ));
         assert!(matches!(
-            WriteError::from_cloud(
-                k,
-                "Operation cannot be fulfilled: the object has been modified (Conflict)".into()
-            ),
-            WriteError::Conflict { .. }
+            from(r#""Operation cannot be fulfilled: the object has been modified (Conflict)""#),
+            WriteError::Conflict {
+                reason: Reason::Conflict,
+                ..
+            }
         ));
         assert!(matches!(
-            WriteError::from_cloud(k, "configmaps \"c\" not found".into()),
+            from(r#""configmaps \"c\" not found""#),
             WriteError::NotFound { .. }
         ));
         assert!(matches!(
-            WriteError::from_cloud(k, "etcd is down".into()),
+            from(r#""etcd is down""#),
             WriteError::Cloud { .. }
         ));
-    }
-
-    #[test]
-    fn an_error_status_gives_its_message() {
-        assert_eq!(error_text(r#""plain""#), "plain");
-        assert_eq!(error_text(r#"{"kind":"Status","message":"nope"}"#), "nope");
-        assert_eq!(error_text("[1]"), "[1]");
     }
 }

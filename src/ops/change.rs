@@ -5,6 +5,7 @@ use crate::cloud::Cloud;
 use crate::message::{self, Message, Operation};
 use crate::metrics::ErrorReason;
 use crate::mqtt::Inbound;
+use crate::resource::{metadata_uid, UidError};
 use crate::store::{self, Applied, Change, Outcome, Store, StoreError, Write};
 use crate::topics::Peer;
 
@@ -24,37 +25,10 @@ pub(super) enum WriteKind {
 /// refused: taking it as "no uid" would delete whatever pod holds the name, the one thing the
 /// uid is sent to prevent.
 fn delete_uid(content: &str) -> Result<Option<String>, String> {
-    #[derive(serde::Deserialize)]
-    struct Meta {
-        #[serde(default, deserialize_with = "present")]
-        uid: Option<Box<serde_json::value::RawValue>>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Pod {
-        metadata: Option<Meta>,
-    }
-    /// `Some` even for `null`, which serde's `Option` would read as absent.
-    fn present<'de, D: serde::Deserializer<'de>>(
-        de: D,
-    ) -> Result<Option<Box<serde_json::value::RawValue>>, D::Error> {
-        serde::Deserialize::deserialize(de).map(Some)
-    }
-    if !content.trim_start().starts_with('{') {
-        return Ok(None);
-    }
-    let pod: Pod = serde_json::from_str(content)
-        .map_err(|e| format!("content.metadata of a pod delete must be an object: {e}"))?;
-    match pod.metadata.and_then(|m| m.uid) {
-        None => Ok(None),
-        Some(raw) => serde_json::from_str::<String>(raw.get())
-            .map(Some)
-            .map_err(|_| {
-                format!(
-                    "content.metadata.uid must be a string, not {}",
-                    raw.get().chars().take(64).collect::<String>()
-                )
-            }),
-    }
+    metadata_uid(content).map_err(|e| match e {
+        UidError::Metadata(e) => format!("content.metadata of a pod delete must be an object: {e}"),
+        UidError::NotAString(uid) => format!("content.metadata.uid must be a string, not {uid}"),
+    })
 }
 
 /// insert, update, delete: store, then forward to the other side, then ack.

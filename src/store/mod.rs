@@ -804,17 +804,10 @@ pub fn version_is_older(incoming: &str, stored: &str) -> bool {
     matches!((number(incoming), number(stored)), (Some(new), Some(old)) if new < old)
 }
 
-/// `metadata.uid` of an object's JSON, stored or arriving, if it has one.
+/// `metadata.uid` of an object's JSON, stored or arriving, if it has one (a uid that is no
+/// string counts as none).
 pub fn object_uid(json: &str) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct Meta {
-        uid: Option<String>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Obj {
-        metadata: Option<Meta>,
-    }
-    serde_json::from_str::<Obj>(json).ok()?.metadata?.uid
+    crate::resource::metadata_uid(json).ok().flatten()
 }
 
 /// Reads an existing file without writing to it, so that a damaged file is reported, not
