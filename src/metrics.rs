@@ -20,7 +20,7 @@ use tokio::sync::watch;
 
 use crate::cloud::outbox::Outbox;
 use crate::cloud::remote::RemoteQueries;
-use crate::cloud::CloudState;
+use crate::cloud::state::CloudState;
 use crate::mqtt::Publisher;
 use crate::store::{Store, StoreMetrics};
 
@@ -436,7 +436,7 @@ fn database_bytes(path: &Path) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::testing::Harness;
+    use crate::mqtt::memory::{self, MemoryBroker};
     use crate::store::Write;
 
     /// Every family the exposition must carry, as the parser names them.
@@ -457,18 +457,25 @@ mod tests {
         "metamanager_metasync_runs_total",
     ];
 
-    /// The exporter of a context with a real store and an in-memory broker.
-    fn exporter(h: &Harness) -> Exporter {
-        let Harness { cloud, replies, .. } = h;
-        Exporter {
-            metrics: replies.metrics.clone(),
-            store: h.store.clone(),
-            outbox: cloud.outbox.clone(),
-            remote: cloud.remote.clone(),
-            cloud: cloud.state.clone(),
-            broker_connected: h.connected.clone(),
-            publisher: replies.publisher.clone(),
-        }
+    /// An exporter over a real store in a temporary directory and an in-memory broker, with
+    /// what it must outlive.
+    fn exporter() -> (Exporter, MemoryBroker, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = dir.path().join("m.db");
+        let store = Store::open(&db, Default::default()).expect("store opens");
+        let topics = crate::topics::Topics::new("edge", "test-node");
+        let (link, _, broker) = memory::link(topics);
+        let cloud = CloudState::default();
+        let exporter = Exporter {
+            metrics: Arc::new(Metrics::new(store.metrics().clone())),
+            outbox: Outbox::new(store.clone(), link.publisher.clone(), cloud.clone()),
+            remote: Arc::new(RemoteQueries::new(Duration::from_secs(1))),
+            cloud,
+            broker_connected: link.connected.clone(),
+            publisher: link.publisher,
+            store,
+        };
+        (exporter, broker, dir)
     }
 
     fn sample<'a>(
@@ -493,8 +500,10 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread")]
     async fn render_parses_as_prometheus_text_and_carries_every_family() {
-        let h = Harness::new().await;
-        h.store
+        let (exporter, _broker, _dir) = exporter();
+        let metrics = &exporter.metrics;
+        exporter
+            .store
             .write(Write::Put {
                 key: "default/pod/a".into(),
                 rtype: "pod".into(),
@@ -502,17 +511,15 @@ mod tests {
             })
             .await
             .expect("write commits");
-        h.replies.metrics.received("edged", "insert");
-        h.replies.metrics.received("edged", "invalid");
-        h.replies.metrics.replied("response");
-        h.replies.metrics.error(ErrorReason::Decode);
-        h.replies
-            .metrics
-            .remote_query(RemoteOutcome::Timeout, Some(Duration::from_millis(20)));
-        h.replies.metrics.metasync(SyncOutcome::Skipped);
-        h.cloud.state.set(true);
+        metrics.received("edged", "insert");
+        metrics.received("edged", "invalid");
+        metrics.replied("response");
+        metrics.error(ErrorReason::Decode);
+        metrics.remote_query(RemoteOutcome::Timeout, Some(Duration::from_millis(20)));
+        metrics.metasync(SyncOutcome::Skipped);
+        exporter.cloud.set(true);
 
-        let text = exporter(&h).render();
+        let text = exporter.render();
         let lines = text.lines().map(|l| Ok(l.to_owned()));
         let scrape = prometheus_parse::Scrape::parse(lines).expect("exposition parses");
         for family in FAMILIES {
@@ -556,73 +563,7 @@ mod tests {
             text.contains("metamanager_store_commit_seconds_count 1"),
             "the writer recorded its commit:\n{text}"
         );
-        h.store.close().await;
-    }
-
-    /// Messages handled by the real operations code move the counters they should.
-    #[tokio::test(flavor = "multi_thread")]
-    async fn handled_messages_are_counted_by_topic_operation_and_reason() {
-        let h = Harness::new().await;
-        let [from_edgehub, from_edged] = h.topics.inbound().map(str::to_owned);
-        let publish = |topic: &str, payload: &str| {
-            crate::mqtt::Inbound::detached(topic, payload.as_bytes().to_vec())
-        };
-        let insert = r#"{"header":{"msg_id":"m1"},"route":{"source":"edgecontroller","group":"resource","operation":"insert","resource":"default/pod/a"},"content":{"metadata":{"name":"a"}}}"#;
-        let query = r#"{"header":{"msg_id":"m2"},"route":{"source":"edged","group":"meta","operation":"query","resource":"default/pod/a"}}"#;
-        let remote = r#"{"header":{"msg_id":"m3"},"route":{"source":"edged","group":"meta","operation":"query","resource":"default/secret/s"}}"#;
-        for (topic, payload) in [
-            (&from_edgehub, insert),
-            (&from_edged, query),
-            (&from_edged, "not json"),
-            (&from_edged, remote),
-        ] {
-            h.ops.dispatch(publish(topic, payload)).await.await;
-        }
-        let text = exporter(&h).render();
-        let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
-            .expect("exposition parses");
-        let count = |name: &str, labels: &[(&str, &str)]| {
-            scrape
-                .samples
-                .iter()
-                .find(|s| {
-                    s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
-                })
-                .map(value)
-        };
-        let received = "metamanager_messages_received_total";
-        assert_eq!(
-            count(received, &[("topic", "edgehub"), ("operation", "insert")]),
-            Some(1.0)
-        );
-        assert_eq!(
-            count(received, &[("topic", "edged"), ("operation", "query")]),
-            Some(2.0)
-        );
-        assert_eq!(
-            count(received, &[("topic", "edged"), ("operation", "invalid")]),
-            Some(1.0)
-        );
-        let replies = "metamanager_replies_sent_total";
-        assert_eq!(
-            count(replies, &[("operation", "response")]),
-            Some(2.0),
-            "{text}"
-        );
-        assert_eq!(
-            count(replies, &[("operation", "error")]),
-            Some(2.0),
-            "{text}"
-        );
-        let errors = "metamanager_errors_total";
-        assert_eq!(count(errors, &[("reason", "decode")]), Some(1.0));
-        assert_eq!(
-            count(errors, &[("reason", "remote_disconnected")]),
-            Some(1.0)
-        );
-        let remote = "metamanager_remote_queries_total";
-        assert_eq!(count(remote, &[("outcome", "disconnected")]), Some(1.0));
-        h.store.close().await;
+        exporter.store.close().await;
     }
 
     /// The outbox's "full" drops are counted by the store; `/metrics` shows that count, not
@@ -630,7 +571,7 @@ mod tests {
     /// store behind the same metrics) does not take the counter back.
     #[tokio::test(flavor = "multi_thread")]
     async fn mirrored_counters_advance_to_their_source_and_never_back() {
-        let h = Harness::new().await;
+        let (exporter, _broker, _dir) = exporter();
         let dir = tempfile::tempdir().expect("tempdir");
         let open = |file: &str| {
             let options = crate::store::StoreOptions {
@@ -670,8 +611,8 @@ mod tests {
             exporter.outbox = Outbox::new(store.clone(), publisher, cloud);
             std::mem::replace(&mut exporter.store, store)
         };
-        let mut exporter = exporter(&h);
-        with_store(&mut exporter, open("a.db"));
+        let mut exporter = exporter;
+        let own = with_store(&mut exporter, open("a.db"));
         // An outbox of one: every message queued after the first drops the oldest.
         queue(exporter.store.clone(), 0..4).await;
         assert_eq!(exporter.store.outbox_dropped_full(), 3);
@@ -690,6 +631,6 @@ mod tests {
         assert_eq!(dropped_full(&exporter), Some(5.0), "never back");
         first.close().await;
         exporter.store.close().await;
-        h.store.close().await;
+        own.close().await;
     }
 }

@@ -402,3 +402,89 @@ pub(crate) mod testing {
         json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "default", "uid": format!("uid-{name}")}, "spec": {"containers": [{"name": "c", "image": "nginx"}]}})
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::testing::Harness;
+    use crate::metrics::Exporter;
+
+    /// Messages handled by the real operations code move the counters they should.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn handled_messages_are_counted_by_topic_operation_and_reason() {
+        let h = Harness::new().await;
+        let [from_edgehub, from_edged] = h.topics.inbound().map(str::to_owned);
+        let publish = |topic: &str, payload: &str| {
+            crate::mqtt::Inbound::detached(topic, payload.as_bytes().to_vec())
+        };
+        let insert = r#"{"header":{"msg_id":"m1"},"route":{"source":"edgecontroller","group":"resource","operation":"insert","resource":"default/pod/a"},"content":{"metadata":{"name":"a"}}}"#;
+        let query = r#"{"header":{"msg_id":"m2"},"route":{"source":"edged","group":"meta","operation":"query","resource":"default/pod/a"}}"#;
+        let remote = r#"{"header":{"msg_id":"m3"},"route":{"source":"edged","group":"meta","operation":"query","resource":"default/secret/s"}}"#;
+        for (topic, payload) in [
+            (&from_edgehub, insert),
+            (&from_edged, query),
+            (&from_edged, "not json"),
+            (&from_edged, remote),
+        ] {
+            h.ops.dispatch(publish(topic, payload)).await.await;
+        }
+        let Harness { cloud, replies, .. } = &h;
+        let exporter = Exporter {
+            metrics: replies.metrics.clone(),
+            store: h.store.clone(),
+            outbox: cloud.outbox.clone(),
+            remote: cloud.remote.clone(),
+            cloud: cloud.state.clone(),
+            broker_connected: h.connected.clone(),
+            publisher: replies.publisher.clone(),
+        };
+        let text = exporter.render();
+        let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+            .expect("exposition parses");
+        let count = |name: &str, labels: &[(&str, &str)]| {
+            scrape
+                .samples
+                .iter()
+                .find(|s| {
+                    s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
+                })
+                .map(|s| match s.value {
+                    // The parser takes the `_total` samples of a counter for untyped ones.
+                    prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+                    _ => f64::NAN,
+                })
+        };
+        let received = "metamanager_messages_received_total";
+        assert_eq!(
+            count(received, &[("topic", "edgehub"), ("operation", "insert")]),
+            Some(1.0)
+        );
+        assert_eq!(
+            count(received, &[("topic", "edged"), ("operation", "query")]),
+            Some(2.0)
+        );
+        assert_eq!(
+            count(received, &[("topic", "edged"), ("operation", "invalid")]),
+            Some(1.0)
+        );
+        let replies = "metamanager_replies_sent_total";
+        assert_eq!(
+            count(replies, &[("operation", "response")]),
+            Some(2.0),
+            "{text}"
+        );
+        assert_eq!(
+            count(replies, &[("operation", "error")]),
+            Some(2.0),
+            "{text}"
+        );
+        let errors = "metamanager_errors_total";
+        assert_eq!(count(errors, &[("reason", "decode")]), Some(1.0));
+        assert_eq!(
+            count(errors, &[("reason", "remote_disconnected")]),
+            Some(1.0)
+        );
+        let remote = "metamanager_remote_queries_total";
+        assert_eq!(count(remote, &[("outcome", "disconnected")]), Some(1.0));
+        h.store.close().await;
+    }
+}
