@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
 use crate::broker::{BrokerError, BrokerOptions, EmbeddedBroker, DEFAULT_MAX_CONNECTIONS};
+use crate::cloud::metasync::SyncPlan;
 use crate::cloud::{Cloud, CloudState};
 use crate::config::{ConfigError, Settings};
 use crate::descriptors;
@@ -220,11 +221,17 @@ pub async fn run_with(
         metrics: Arc::new(Metrics::new(store.metrics().clone())),
     };
     let remote_timeout = settings.meta.remote_query_timeout;
+    let sync = SyncPlan {
+        node_id: settings.node_id.clone(),
+        max_payload: settings.mqtt.max_payload_bytes,
+        full_interval: settings.meta.sync.podstatus.full_interval,
+    };
     let cloud = Cloud::new(
         &store,
         &link.publisher,
         replies.metrics.clone(),
         remote_timeout,
+        sync,
     );
     let rules = Arc::new(ops::Rules::from_settings(&settings));
     let ops = Arc::new(ops::Ops::new(

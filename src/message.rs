@@ -51,6 +51,9 @@ pub enum Operation {
     MetaInternalSync,
     /// The cloud's complete set of one scope, in pages (topics.md, "Reconciliation").
     Replace,
+    /// MetaManager's digest of the store, to edgehub (topics.md, "Reconciliation"). Sent only:
+    /// it is not in [`Operation::ALL`], so an inbound message never parses as one.
+    Digest,
 }
 
 impl Operation {
@@ -79,6 +82,7 @@ impl Operation {
             Operation::Connect => "connect",
             Operation::MetaInternalSync => "meta-internal-sync",
             Operation::Replace => "replace",
+            Operation::Digest => "digest",
         }
     }
 

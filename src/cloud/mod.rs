@@ -3,7 +3,8 @@
 //!
 //! - [`state`]: whether the cloud is connected, as edgehub last said.
 //! - [`outbox`]: what waits for the cloud while it is away, and its paced sending.
-//! - [`metasync`]: the periodic pod-status sync to the cloud.
+//! - [`metasync`]: the periodic pod-status sync to the cloud, sending what changed.
+//! - [`digest`]: the store's digest as the `digest` message, in parts when large.
 //! - [`remote`]: queries and API writes waiting for the cloud's answer.
 //! - [`refusal`]: the cloud's refusal of a write, its reason read once from its words.
 //! - [`replaces`]: the pages of `replace` operations whose last page has not come.
@@ -16,6 +17,7 @@
 //! here and a field there. This module depends on the store, never the other way round: the
 //! store keeps the rows and their bound, and knows nothing of who reads them.
 
+pub mod digest;
 pub mod metasync;
 pub mod outbox;
 pub mod refusal;
@@ -49,12 +51,14 @@ pub struct Cloud {
 impl Cloud {
     /// The cloud side of the node whose store is `store`, disconnected until edgehub says
     /// otherwise: what goes out goes with `publisher`, remote queries wait at most
-    /// `remote_timeout`, and the patches the store says still wait for an answer wait on.
+    /// `remote_timeout`, MetaSync runs by `sync`, and the patches the store says still wait
+    /// for an answer wait on.
     pub fn new(
         store: &Store,
         publisher: &Publisher,
         metrics: Arc<Metrics>,
         remote_timeout: Duration,
+        sync: metasync::SyncPlan,
     ) -> Self {
         let rows = store.sent_patches().unwrap_or_else(|e| {
             tracing::warn!(error = %e, "cannot read which patches wait for the cloud's answer; their answers will not be stored");
@@ -63,7 +67,7 @@ impl Cloud {
         let state = CloudState::default();
         let outbox = outbox::Outbox::new(store.clone(), publisher.clone(), state.clone());
         let metasync =
-            metasync::MetaSync::new(store.clone(), outbox.clone(), state.clone(), metrics);
+            metasync::MetaSync::new(store.clone(), outbox.clone(), state.clone(), metrics, sync);
         Self {
             state,
             outbox,

@@ -16,6 +16,13 @@ pub const MAX_OUTBOX_AGE: Duration = Duration::from_secs(365 * 24 * 3600);
 /// also bounds what one read holds in memory (1000 messages).
 pub const MAX_DRAIN_RATE: u32 = 10_000;
 pub const MAX_PODSTATUS_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+/// `meta.sync.podstatus.full_interval` by default: two full MetaSync runs a day. An idle node
+/// then spends its uplink on the digest each interval and two full status lists a day, well
+/// under 1 MB a day for 100 pods, while a status lost on the way (an outbox overflow) still
+/// reaches the cloud within half a day without anyone asking.
+pub const DEFAULT_FULL_SYNC_INTERVAL: Duration = Duration::from_secs(12 * 3600);
+/// The longest `meta.sync.podstatus.full_interval`: a week.
+pub const MAX_FULL_SYNC_INTERVAL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// edged waits this long for an answer; an hour is already far past any caller's patience.
 pub const MAX_REMOTE_QUERY_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Tokens live an hour by default in Kubernetes (at least 10 minutes); a day is beyond any TTL.
@@ -90,6 +97,11 @@ pub struct SyncSettings {
 pub struct PodStatusSync {
     #[serde(deserialize_with = "bounds::duration")]
     pub interval: Duration,
+    /// The longest time between two full MetaSync runs (every stored status); the runs between
+    /// send only what changed. `0`, or anything up to `interval`, makes every run a full one,
+    /// as before this key existed.
+    #[serde(deserialize_with = "bounds::duration")]
+    pub full_interval: Duration,
 }
 
 impl Default for MetaSettings {
@@ -117,6 +129,7 @@ impl Default for PodStatusSync {
     fn default() -> Self {
         Self {
             interval: Duration::from_secs(60),
+            full_interval: DEFAULT_FULL_SYNC_INTERVAL,
         }
     }
 }
@@ -128,6 +141,12 @@ impl MetaSettings {
             self.sync.podstatus.interval,
             MIN_DURATION,
             MAX_PODSTATUS_INTERVAL,
+        )?;
+        duration_within(
+            "meta.sync.podstatus.full_interval",
+            self.sync.podstatus.full_interval,
+            Duration::ZERO,
+            MAX_FULL_SYNC_INTERVAL,
         )?;
         duration_within(
             "meta.remote_query_timeout",

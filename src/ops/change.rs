@@ -1,5 +1,6 @@
 //! insert, update and delete: store, then pass the message on to the other side, then ack.
 
+use crate::cloud::metasync::MetaSync;
 use crate::cloud::outbox::{self, Outbox};
 use crate::cloud::Cloud;
 use crate::message::{self, Message, Operation};
@@ -73,6 +74,7 @@ pub(super) async fn change(
         Err(e) => return store_failed(replies, sender, publish, msg, e),
     };
     let (replies, store, outbox) = (replies.clone(), store.clone(), cloud.outbox.clone());
+    let metasync = cloud.metasync.clone();
     Box::pin(async move {
         match committed.await.unwrap_or(Err(StoreError::Closed)) {
             Ok(applied) => {
@@ -91,6 +93,7 @@ pub(super) async fn change(
                     forward(&replies, &store, &outbox, to, &msg, &publish, applied).await
                 };
                 if passed_on {
+                    reached_the_cloud(&metasync, sender, &msg, applied);
                     let ack = message::ack(&msg);
                     replies.send(sender, ack, Operation::Response).await;
                 } else {
@@ -121,6 +124,17 @@ fn write_of(kind: WriteKind, msg: &Message) -> Result<Write, String> {
         WriteKind::Put => Write::Put { key, rtype, value },
         _ => Write::PutIfChanged { key, rtype, value },
     })
+}
+
+/// Tells MetaSync that edged's own status update went to the cloud (sent, or queued in the
+/// outbox), so that its next run does not send that status again.
+fn reached_the_cloud(metasync: &MetaSync, sender: Peer, msg: &Message, applied: Applied) {
+    if sender != Peer::Edged || msg.resource.rtype() != crate::cloud::metasync::PODSTATUS {
+        return;
+    }
+    if let (Outcome::Stored, Some(change)) = (applied.outcome, applied.change) {
+        metasync.reached(msg.resource.key(), change);
+    }
 }
 
 /// The outbox entry for a change bound for the cloud, when it must wait for the cloud.

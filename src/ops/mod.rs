@@ -170,6 +170,11 @@ impl Ops {
                 return replace::replace(replies, store, &cloud.replaces, sender, publish, msg)
                     .await
             }
+            // Never parsed from a message (see `Operation::Digest`); refused all the same.
+            Operation::Digest => {
+                let text = "digest is sent by MetaManager, not accepted".to_owned();
+                return refuse_message(replies, sender, publish, &msg, text);
+            }
         };
         change::change(replies, store, cloud, sender, publish, msg, kind).await
     }
@@ -306,7 +311,18 @@ pub(crate) mod testing {
                 publisher: link.publisher.clone(),
             };
             let timeout = settings.meta.remote_query_timeout;
-            let cloud = Cloud::new(&store, &link.publisher, replies.metrics.clone(), timeout);
+            let sync = crate::cloud::metasync::SyncPlan {
+                node_id: "test-node".into(),
+                max_payload: settings.mqtt.max_payload_bytes,
+                full_interval: settings.meta.sync.podstatus.full_interval,
+            };
+            let cloud = Cloud::new(
+                &store,
+                &link.publisher,
+                replies.metrics.clone(),
+                timeout,
+                sync,
+            );
             let rules = Arc::new(Rules::from_settings(&settings));
             Self {
                 ops: Ops::new(

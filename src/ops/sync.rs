@@ -1,13 +1,13 @@
-//! meta-internal-sync: run MetaSync now, then ack.
+//! meta-internal-sync: run a full MetaSync now, then ack.
 
-use crate::cloud::metasync::MetaSync;
+use crate::cloud::metasync::{MetaSync, RunKind};
 use crate::message::{self, Message, Operation};
 use crate::mqtt::Inbound;
 use crate::topics::Peer;
 
 use super::{report_store_error, Replies, Step};
 
-/// meta-internal-sync: run MetaSync now, then ack.
+/// meta-internal-sync: run a full MetaSync now, then ack.
 pub(super) fn sync_now(
     replies: &Replies,
     metasync: &MetaSync,
@@ -17,7 +17,7 @@ pub(super) fn sync_now(
 ) -> Step {
     let (replies, metasync) = (replies.clone(), metasync.clone());
     Box::pin(async move {
-        match metasync.run().await {
+        match metasync.run(RunKind::Full).await {
             Ok(report) => {
                 tracing::info!(?report, "metasync on request");
                 let ack = message::ack(&msg);

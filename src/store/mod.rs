@@ -548,6 +548,18 @@ impl Store {
         self.read(digest::read).await
     }
 
+    /// The keys of `rtypes` changed after change number `after` up to `through`: see
+    /// [`read::changed_keys`].
+    pub async fn changed_keys(
+        &self,
+        after: u64,
+        through: u64,
+        rtypes: &'static [&'static str],
+    ) -> Result<Option<Vec<(String, String, u64)>>, StoreError> {
+        self.read(move |c| read::changed_keys(c, after, through, rtypes))
+            .await
+    }
+
     /// Whether the store still takes writes (false once [`Store::close`] has begun).
     pub fn is_open(&self) -> bool {
         self.inner.jobs.lock().is_ok_and(|j| j.is_some())

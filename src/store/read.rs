@@ -207,6 +207,43 @@ pub fn json_string_len(s: &str) -> usize {
         .sum::<usize>()
 }
 
+/// The keys of `rtypes` changed after the change number `after` up to `through`, each once with
+/// the number of its last change in that range, in key order; `None` when the recorded history
+/// (the last [`super::feed::FEED_DEPTH`] changes) no longer reaches back to `after`. Reads only
+/// the `changes` rows of the range, so it costs nothing while nothing changes.
+pub fn changed_keys(
+    c: &Connection,
+    after: u64,
+    through: u64,
+    rtypes: &[&str],
+) -> rusqlite::Result<Option<Vec<(String, String, u64)>>> {
+    if through <= after {
+        return Ok(Some(Vec::new()));
+    }
+    let first: Option<i64> = c
+        .prepare_cached("SELECT min(seq) FROM changes WHERE seq > ?1")?
+        .query_row([after as i64], |r| r.get(0))?;
+    // The change right after `after` must still be recorded, or some may be missing.
+    if first.is_none_or(|f| f as u64 != after + 1) {
+        return Ok(None);
+    }
+    let mut stmt = c.prepare_cached(
+        "SELECT key, rtype, max(seq) FROM changes WHERE seq > ?1 AND seq <= ?2
+         GROUP BY key ORDER BY key",
+    )?;
+    let rows = stmt.query_map([after as i64, through as i64], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
+    })?;
+    let mut keys = Vec::new();
+    for row in rows {
+        let (key, rtype, seq): (String, String, u64) = row?;
+        if rtypes.contains(&rtype.as_str()) {
+            keys.push((key, rtype, seq));
+        }
+    }
+    Ok(Some(keys))
+}
+
 /// One stored object of each type, as `(type, json)`, in type order: what the local API reads
 /// to learn the kind, group and version of types it does not know.
 pub fn type_samples(c: &Connection) -> rusqlite::Result<Vec<(String, String)>> {
