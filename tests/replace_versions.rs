@@ -278,3 +278,38 @@ async fn the_versions_of_a_scope_come_in_pages_within_max_payload_bytes_embedded
 async fn the_versions_of_a_scope_come_in_pages_within_max_payload_bytes_mosquitto() {
     versions_page_within_the_payload_limit(BrokerKind::Mosquitto).await;
 }
+
+async fn brings_the_node_back(kind: BrokerKind) {
+    let Some((_app, mut cloud)) = start(kind, |o| o).await else {
+        return;
+    };
+    cloud.link_up().await;
+    let names: Vec<String> = (0..50).map(|i| format!("pod-{i:02}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    seed(&mut cloud, &refs).await;
+    cloud.link_down().await;
+    // While the link is down the cloud changes five pods and deletes two.
+    for i in 0..5 {
+        let name = format!("pod-{:02}", i * 10);
+        cloud
+            .objects
+            .insert(format!("default/pod/{name}"), pod(&name, 2));
+    }
+    cloud.objects.remove("default/pod/pod-07");
+    cloud.objects.remove("default/pod/pod-33");
+    cloud.link_up().await;
+    let done = cloud.reconcile().await;
+    assert_eq!(done.scopes, ["default/pod"]);
+    assert_eq!((done.sent, done.deleted), (5, 2));
+    assert!(cloud.agrees().await, "the node's digest equals the cloud's");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cloud_brings_the_node_back_with_the_digest_versions_and_single_changes_embedded() {
+    brings_the_node_back(BrokerKind::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cloud_brings_the_node_back_with_the_digest_versions_and_single_changes_mosquitto() {
+    brings_the_node_back(BrokerKind::Mosquitto).await;
+}
