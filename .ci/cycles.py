@@ -13,12 +13,21 @@ What counts as a file depending on another (the rule the CI check holds the code
   `super::T`, `self::m::X`, and paths that start with a module in scope, such as a child
   module or a module brought in by `use`). A path names the deepest module it reaches: in
   `crate::store::read::get` that is `store/read.rs`, not `store/mod.rs`, which the path only
-  passes through.
-- A parent module file (`mod.rs`, or `lib.rs` for the crate) and its children are files like
-  any other. Declaring a child (`mod writer;`) is not a dependency; using the child's items
-  (`writer::prepare()`, `pub use feed::Resume`) is. A child that uses its parent's items
-  (`super::Change`) depends on the parent. So a parent that both holds what its children
-  use and uses them is a cycle: what the children share goes into a file of its own.
+  passes through. An item a module imports is followed to where it comes from: through the
+  re-export `pub use replace::Replaced` in `store/mod.rs`, `super::Replaced` names
+  `store/replace.rs`.
+- A parent module file (`mod.rs`, or `lib.rs` for the crate) and its children: the parent
+  depends on a child where it uses the child's items (`writer::prepare()`, `pub use
+  feed::Resume`); declaring it (`mod writer;`) is no dependency. A child's use of what its
+  ancestors' files hold (`super::Change`, `crate::store::Store` from inside `store/`, the
+  test harness inline in `ops/mod.rs` from `ops/patch.rs`) is not counted. As Rust's
+  privacy lets a module see its ancestors' private items, a folder is one part: its
+  `mod.rs` is the part's face and shared core, which the children build on and which
+  assembles them (the `mqtt` backends build the `Link` that `mqtt/mod.rs` defines and
+  starts them for). Every other use counts: between siblings (`http/kube.rs` and
+  `http/write.rs`), between parts, and from a parent into its children, so a cycle through
+  a part's `mod.rs` and out of the part (`sent_patches.rs` -> `store/mod.rs` ->
+  `store/writer.rs` -> `sent_patches.rs`) is found.
 - Comments, doc comments and string literals are not code: a doc link to `crate::x` is no
   dependency. Paths into other crates (`std::`, `tokio::`) are ignored.
 
@@ -157,6 +166,7 @@ class Crate:
         self.root = Module("crate", None, root_file, os.path.dirname(root_file))
         self.uses = []  # (module, segments, line): every path and use to resolve
         self.errors = []
+        self.following = set()  # re-exports being followed, against a loop of them
         self.load(self.root, root_file)
 
     def load(self, module, file):
@@ -285,20 +295,43 @@ class Crate:
             at = self.lookup(module, first, seen)
         if at is None:
             return None
-        for name in rest:
-            if name not in at.children:
-                return None if whole else at
-            at = at.children[name]
+        for i, name in enumerate(rest):
+            if name in at.children:
+                at = at.children[name]
+                continue
+            if whole:
+                return None
+            # An item the module imports (a `pub use` re-export, say) comes from elsewhere.
+            if name in at.imports and (id(at), name) not in self.following:
+                self.following.add((id(at), name))
+                try:
+                    origin = self.resolve(at, at.imports[name] + rest[i + 1:])
+                finally:
+                    self.following.discard((id(at), name))
+                return origin if origin is not None else at
+            return at
         return at
 
     def edges(self):
-        """{(from file, to file): [(line, path as written)]}, a file's edges to itself left out."""
+        """{(from file, to file): [(line, path as written)]}; a file's edges to itself and to
+        its ancestors' files are left out."""
         found = defaultdict(list)
         for module, segments, line in self.uses:
             target = self.resolve(module, segments)
-            if target is not None and target.file != module.file:
-                found[(module.file, target.file)].append((line, "::".join(segments)))
+            if target is None or target.file in ancestor_files(module):
+                continue
+            found[(module.file, target.file)].append((line, "::".join(segments)))
         return found
+
+
+def ancestor_files(module):
+    """The files of `module` and of the modules that hold it: what a file uses there is its
+    part's shared core, or its own."""
+    files = set()
+    while module is not None:
+        files.add(module.file)
+        module = module.parent
+    return files
 
 
 def use_tree(tokens, i, prefix):

@@ -49,13 +49,32 @@ class Cycles(unittest.TestCase):
         })
         self.assertEqual(found(lib), [["a.rs", "b.rs", "c.rs"]])
 
-    def test_a_parent_that_uses_its_child_and_a_child_that_uses_its_parent(self):
+    def test_a_cycle_through_a_parent_and_out_of_its_part_is_found(self):
+        lib = crate({
+            "src/lib.rs": "pub mod store;\npub mod sent;\n",
+            "src/store/mod.rs": "mod writer;\npub struct Row;\nfn f() { writer::run(); }\n",
+            "src/store/writer.rs": "pub fn run() { let _ = crate::sent::MAX; }\n",
+            "src/sent.rs": "pub const MAX: usize = 1;\nuse crate::store::Row;\n",
+        })
+        self.assertEqual(found(lib), [["sent.rs", "store/mod.rs", "store/writer.rs"]])
+
+    def test_siblings_that_use_each_other_are_a_cycle(self):
+        lib = crate({
+            "src/lib.rs": "pub mod http;\n",
+            "src/http/mod.rs": "pub mod kube;\npub mod write;\n",
+            "src/http/kube.rs": "use super::write;\nfn routes() { write::create() }\n",
+            "src/http/write.rs": "pub fn create() {}\nuse super::kube::Target;\n",
+        })
+        self.assertEqual(found(lib), [["http/kube.rs", "http/write.rs"]])
+
+    def test_a_reexport_in_the_parent_is_followed_to_where_the_item_comes_from(self):
         lib = crate({
             "src/lib.rs": "pub mod store;\n",
-            "src/store/mod.rs": "mod writer;\npub struct Change;\nfn f() { writer::run(); }\n",
-            "src/store/writer.rs": "pub fn run() { let _ = super::Change; }\n",
+            "src/store/mod.rs": "mod replace;\nmod writer;\npub use replace::Replaced;\n",
+            "src/store/writer.rs": "use super::Replaced;\npub fn apply() {}\n",
+            "src/store/replace.rs": "pub struct Replaced;\nfn f() { super::writer::apply() }\n",
         })
-        self.assertEqual(found(lib), [["store/mod.rs", "store/writer.rs"]])
+        self.assertEqual(found(lib), [["store/replace.rs", "store/writer.rs"]])
 
     def test_a_child_module_in_scope_and_a_self_path_count(self):
         lib = crate({
@@ -108,6 +127,14 @@ class NoCycles(unittest.TestCase):
             # A visibility names where an item may be used, not a dependency.
             "src/p/mod.rs": "pub mod q;\npub(crate) fn f() { q::g() }\n",
             "src/p/q.rs": "pub(in crate::p) fn g() {}\n",
+        })
+        self.assertEqual(found(lib), [])
+
+    def test_a_child_that_uses_its_parent_which_uses_it_is_no_cycle(self):
+        lib = crate({
+            "src/lib.rs": "pub mod store;\n",
+            "src/store/mod.rs": "mod writer;\npub struct Change;\nfn f() { writer::run(); }\n",
+            "src/store/writer.rs": "use super::Change;\npub fn run() { crate::store::f() }\n",
         })
         self.assertEqual(found(lib), [])
 

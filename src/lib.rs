@@ -78,7 +78,9 @@
 //!   - [`store::settings`]: `database`: the file and how hard each commit insists on the disk.
 //!
 //! Each part is given what it uses when `app` builds it; nothing shares one object of
-//! everything, and no two modules import each other.
+//! everything. No source file imports, directly or through others, a file that imports it,
+//! with one allowance: the files in a folder may use what the folder's `mod.rs` holds, the
+//! part's shared core. CI checks it with `.ci/cycles.py`, which states the rule in full.
 
 pub mod app;
 pub mod bounded_read;

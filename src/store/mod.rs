@@ -32,7 +32,6 @@ mod feed;
 pub mod lock;
 mod metrics;
 pub mod read;
-mod replace;
 pub mod settings;
 mod writer;
 
@@ -42,8 +41,8 @@ pub use digest::{Digest, ScopeDigest};
 pub use feed::{Expired, Resume};
 pub use lock::{InstanceLock, LockError};
 pub use metrics::StoreMetrics;
-pub use replace::{ReplaceSet, Replaced, ReplacedChange};
 use settings::Synchronous;
+pub use writer::replace::{ReplaceSet, Replaced, ReplacedChange};
 pub use writer::DEDUPE_WINDOW;
 
 /// Changes queued for the writer thread before submitters wait.

@@ -1,7 +1,7 @@
 //! `replace`: the cloud's complete set of one scope (`ns/type`), applied in one transaction.
 //!
 //! The set is walked in key order beside the keys the scope holds, and every object goes through
-//! the writer's own single-write step ([`writer::apply_write`]): an object of the set is written
+//! the writer's own single-write step ([`super::apply_write`]): an object of the set is written
 //! as an `update` would be (stored when absent or different, held back when the stored one has
 //! a higher numeric resourceVersion, left alone when equal), a stored object the set lacks is
 //! deleted. So each resulting change is numbered, recorded in `changes` and sent on the change
@@ -12,8 +12,8 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 
-use super::writer::{self, BatchEffects, Writer};
-use super::{ChangeKind, Outcome, Write};
+use super::{BatchEffects, Writer};
+use crate::store::{ChangeKind, Outcome, Write};
 
 /// The cloud's complete set of one scope, keyed and ordered by storage key.
 #[derive(Debug, Clone)]
@@ -112,7 +112,7 @@ impl Writer {
         set: &ReplaceSet,
         effect: &mut BatchEffects,
     ) -> rusqlite::Result<Replaced> {
-        let [start, end] = super::read::list_range(&set.namespace, &set.rtype);
+        let [start, end] = crate::store::read::list_range(&set.namespace, &set.rtype);
         let stored: Vec<String> = self
             .conn
             .prepare_cached("SELECT key FROM meta WHERE key >= ?1 AND key < ?2 ORDER BY key")?
@@ -148,7 +148,7 @@ impl Writer {
             };
             // Always read the removed object (edged is sent it), but let the feed keep it only
             // while somebody watches, as for a single delete.
-            let (outcome, mut seen) = writer::apply_write(
+            let (outcome, mut seen) = super::apply_write(
                 &self.conn,
                 &write,
                 true,
@@ -166,7 +166,7 @@ impl Writer {
                 }
                 _ => {}
             }
-            let Some(mut event) = writer::feed_event(&write, outcome, seen) else {
+            let Some(mut event) = super::feed_event(&write, outcome, seen) else {
                 continue;
             };
             self.record_change(&mut event)?;

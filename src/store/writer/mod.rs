@@ -10,6 +10,11 @@
 //! is handed on, [`super::Store::settle`] queues a mark, and the first transaction after the
 //! broker acknowledged the forward (or the close) sets the flag: the mark rides along with
 //! other changes' commit and costs no fsync of its own.
+//!
+//! A replace of a whole scope by the cloud's set is one of the writer's steps ([`replace`]),
+//! made of its single-write step.
+
+pub(super) mod replace;
 
 use std::borrow::Cow;
 use std::sync::atomic::Ordering;
@@ -20,10 +25,10 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::mpsc;
 
 use super::digest::{self, Deltas};
-use super::replace::Replaced;
 use super::{Applied, Change, ChangeKind, Job, Outcome, Shared, StoreError, StoreEvent, Write};
 use crate::patch::Patched;
 use crate::resource::Resource;
+use replace::Replaced;
 
 /// Most changes committed in one transaction; bounds the latency a batch adds to its first.
 const MAX_BATCH: usize = 512;
