@@ -7,14 +7,9 @@ mod common;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
+use common::scenarios::{self, pod_named, processed_rows, stored_keys};
 use common::{count_rows, fixture, message, msg_id, BrokerKind, Options, TestApp};
 use serde_json::{json, Value};
-
-fn pod_named(name: &str) -> Value {
-    let mut pod = fixture("pod.json");
-    pod["metadata"]["name"] = json!(name);
-    pod
-}
 
 /// How often a message with `id` went to edged among `seen`.
 fn forwards_to_edged(seen: &[(String, Value)], id: &str) -> usize {
@@ -23,124 +18,10 @@ fn forwards_to_edged(seen: &[(String, Value)], id: &str) -> usize {
         .count()
 }
 
-/// The `processed` rows as `(msg_id, settled)`, read from the file without writing to it.
-fn processed_rows(app: &TestApp) -> Vec<(String, bool)> {
-    let conn = rusqlite::Connection::open_with_flags(
-        app.db_path(),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .unwrap();
-    let mut stmt = conn
-        .prepare("SELECT msg_id, settled FROM processed ORDER BY seq")
-        .unwrap();
-    let rows = stmt
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
-    rows
-}
-
-fn stored_keys(app: &TestApp) -> HashSet<String> {
-    let conn = rusqlite::Connection::open(app.db_path()).unwrap();
-    let mut stmt = conn.prepare("SELECT key FROM meta").unwrap();
-    let keys = stmt
-        .query_map([], |r| r.get::<_, String>(0))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
-    keys
-}
-
-/// SIGKILL in the middle of a stream of QoS 1 inserts: every insert MetaManager acked is
-/// stored at that moment, and after a restart the broker's redelivery completes the rest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_stream_loses_nothing_acked_and_nothing_accepted() {
-    let Some(mut app) = TestApp::spawn(Options::new(BrokerKind::Mosquitto)).await else {
-        return;
-    };
-    const N: usize = 2000;
-    let inserts: Vec<Value> = (0..N)
-        .map(|i| {
-            let name = format!("pod-{i:05}");
-            message("insert", &format!("default/pod/{name}"), pod_named(&name))
-        })
-        .collect();
-    // Plays edged across the kill: every insert must reach it at least once.
-    let mut edged = common::Peer::connect(app.port).await;
-    // A separate publisher keeps streaming while MetaManager is killed under it.
-    let publisher = std::sync::Arc::new(common::Peer::connect(app.port).await);
-    let stream = {
-        let publisher = publisher.clone();
-        let inserts = inserts.clone();
-        tokio::spawn(async move {
-            for m in &inserts {
-                publisher.publish("edgehub", m).await;
-            }
-        })
-    };
-    // Let part of the stream through, then pull the plug.
-    let mut acked = Vec::new();
-    while acked.len() < N / 4 {
-        let ack = app
-            .client
-            .wait_for("metamanager/to/edgehub", |v| v["content"] == "OK")
-            .await;
-        acked.push(ack["header"]["parent_msg_id"].as_str().unwrap().to_owned());
-    }
-    app.kill9();
-
-    let by_id: std::collections::HashMap<&str, &str> = inserts
-        .iter()
-        .map(|m| (msg_id(m), m["route"]["resource"].as_str().unwrap()))
-        .collect();
-    let stored = stored_keys(&app);
-    assert!(stored.len() < N, "the kill came too late to test anything");
-    for id in &acked {
-        assert!(
-            stored.contains(by_id[id.as_str()]),
-            "acked but not stored: {id}"
-        );
-    }
-
-    // Every insert reached the broker, which keeps MetaManager's session: it redelivers what
-    // MetaManager did not acknowledge and delivers what arrived while it was down.
-    stream.await.unwrap();
-    publisher.wait_accepted(N).await;
-    app.start().await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while count_rows(&app, "SELECT count(*) FROM meta") < N as i64 {
-        assert!(
-            Instant::now() < deadline,
-            "only {} of {N} stored after restart",
-            count_rows(&app, "SELECT count(*) FROM meta")
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(stored_keys(&app).len(), N);
-
-    // Inserts committed before the kill whose forward was cut off are forwarded when the
-    // broker redelivers them: nothing stored is missing at edged.
-    let mut missing: HashSet<&str> = by_id.keys().copied().collect();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !missing.is_empty() && Instant::now() < deadline {
-        if let Ok(Some((topic, m))) =
-            tokio::time::timeout(Duration::from_millis(500), edged.next()).await
-        {
-            if topic == "metamanager/to/edged" {
-                missing.remove(m["header"]["msg_id"].as_str().unwrap_or_default());
-            }
-        }
-    }
-    let settled: Vec<(String, bool)> = processed_rows(&app)
-        .into_iter()
-        .filter(|(id, _)| missing.contains(id.as_str()))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "{} stored inserts never reached edged; (msg_id, settled): {settled:?}",
-        missing.len(),
-    );
+    scenarios::sigkill_mid_stream_loses_nothing_acked_and_nothing_accepted(BrokerKind::Mosquitto)
+        .await;
 }
 
 /// The broker dies without warning and comes back on the same port with no memory of the

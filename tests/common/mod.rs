@@ -1,11 +1,14 @@
 //! Test harness: starts the real `metamanager` binary against a real broker (its embedded
-//! rumqttd, or a mosquitto process started here on a free port) with a real SQLite file, and
+//! rumqttd, a mosquitto process started here on a free port, or a RabbitMQ node shared by the
+//! test binary, see [`rabbitmq`]) with a real SQLite file, and
 //! plays edgehub and edged with a real MQTT client. The processes themselves are started and
 //! stopped by [`process`], which the bench shares.
 #![allow(dead_code)]
 
 pub mod kubectl;
 pub mod process;
+pub mod rabbitmq;
+pub mod scenarios;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus};
@@ -26,6 +29,9 @@ pub const WAIT: Duration = Duration::from_secs(10);
 pub enum BrokerKind {
     Embedded,
     Mosquitto,
+    /// RabbitMQ's MQTT plugin; MetaManager logs in with its per-node accounts, the test
+    /// client with an account that may do anything (see [`rabbitmq::definitions`]).
+    RabbitMq,
 }
 
 pub fn fixture(name: &str) -> Value {
@@ -131,6 +137,8 @@ pub struct TestApp {
     pub child: Option<Child>,
     pub client: Peer,
     pub mosquitto: Option<Mosquitto>,
+    /// The turn on the shared RabbitMQ node, for [`BrokerKind::RabbitMq`].
+    pub rabbitmq: Option<rabbitmq::Lease>,
 }
 
 impl TestApp {
@@ -145,23 +153,34 @@ impl TestApp {
         Self::spawn_at(options, Some(db)).await
     }
 
-    async fn spawn_at(options: Options, db: Option<PathBuf>) -> Option<Self> {
-        let mosquitto = match options.kind {
-            BrokerKind::Embedded => None,
-            BrokerKind::Mosquitto => Some(Mosquitto::start(&mosquitto_binary()?)),
-        };
-        Some(Self::spawn_inner(options, db, mosquitto).await)
+    async fn spawn_at(mut options: Options, db: Option<PathBuf>) -> Option<Self> {
+        let (mut mosquitto, mut rabbitmq) = (None, None);
+        match options.kind {
+            BrokerKind::Embedded => {}
+            BrokerKind::Mosquitto => mosquitto = Some(Mosquitto::start(&mosquitto_binary()?)),
+            BrokerKind::RabbitMq => {
+                let lease = rabbitmq::lease().await?;
+                options.username = Some(lease.login(&rabbitmq::metamanager_account()).0);
+                options.publish_username =
+                    Some(lease.login(&rabbitmq::metamanager_out_account()).0);
+                options.password_file = Some(lease.password_file.clone());
+                options.peer_login = Some(lease.login(rabbitmq::TESTER));
+                rabbitmq = Some(lease);
+            }
+        }
+        Some(Self::spawn_inner(options, db, mosquitto, rabbitmq).await)
     }
 
     /// Starts MetaManager against `mosquitto`, a broker the test configured itself.
     pub async fn spawn_on(options: Options, mosquitto: Mosquitto) -> Self {
-        Self::spawn_inner(options, None, Some(mosquitto)).await
+        Self::spawn_inner(options, None, Some(mosquitto), None).await
     }
 
     async fn spawn_inner(
         options: Options,
         db: Option<PathBuf>,
         mosquitto: Option<Mosquitto>,
+        rabbitmq: Option<rabbitmq::Lease>,
     ) -> Self {
         let mut app = Self {
             options,
@@ -172,6 +191,7 @@ impl TestApp {
             child: None,
             client: Peer::dummy(),
             mosquitto,
+            rabbitmq,
         };
         app.start().await;
         app
@@ -187,9 +207,15 @@ impl TestApp {
         self.dir.path().join("edge.yaml")
     }
 
+    /// The port of the broker the test started, when MetaManager does not embed one.
+    fn external_port(&self) -> Option<u16> {
+        let rabbitmq = self.rabbitmq.as_ref().map(|r| r.port);
+        self.mosquitto.as_ref().map(|m| m.port).or(rabbitmq)
+    }
+
     fn write_config(&self, port: u16) {
-        let (mode, port) = match &self.mosquitto {
-            Some(m) => ("external", m.port),
+        let (mode, port) = match self.external_port() {
+            Some(port) => ("external", port),
             None => ("embedded", port),
         };
         let inflight = self
@@ -223,11 +249,7 @@ impl TestApp {
     /// lets MetaManager bind its ports (port 0; it logs what it got), so no port can be lost
     /// to another process between choosing it and binding it; later starts reuse those ports.
     pub async fn start(&mut self) {
-        let port = match &self.mosquitto {
-            Some(m) => m.port,
-            None => self.port,
-        };
-        self.write_config(port);
+        self.write_config(self.external_port().unwrap_or(self.port));
         let log_from = self.log().len();
         let log = self.log_path();
         let mut child = process::Launch {
@@ -288,6 +310,11 @@ impl TestApp {
         let status = self.terminate();
         assert!(status.success(), "exit status {status}");
         self.start().await;
+    }
+
+    /// Another client like [`TestApp::client`], with its login.
+    pub async fn peer(&self) -> Peer {
+        Peer::connect_as(self.port, self.options.peer_login.clone()).await
     }
 
     pub async fn set_cloud(&mut self, connected: bool) {
@@ -400,10 +427,22 @@ impl Peer {
             loop {
                 match eventloop.poll().await {
                     // On every connection: rumqttc drops a queued subscription when a connection
-                    // attempt fails before the broker is ready.
+                    // attempt fails before the broker is ready. The topics one by one, not
+                    // `metamanager/#`: RabbitMQ sends a retained message (the status) only to
+                    // a subscription without wildcards.
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        let _ = resubscribe
-                            .try_subscribe(format!("edge/{NODE}/metamanager/#"), QoS::AtLeastOnce);
+                        let topics = [
+                            "metamanager/status",
+                            "metamanager/to/edgehub",
+                            "metamanager/to/edged",
+                        ]
+                        .map(|t| {
+                            rumqttc::SubscribeFilter::new(
+                                format!("edge/{NODE}/{t}"),
+                                QoS::AtLeastOnce,
+                            )
+                        });
+                        let _ = resubscribe.try_subscribe_many(topics);
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         let value = serde_json::from_slice(&p.payload).unwrap_or_else(|_| {
