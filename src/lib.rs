@@ -36,7 +36,8 @@
 //! - [`cloud`]: the cloud side, everything kept and done for the cloud, reached through edgehub.
 //!   - [`cloud::state`]: whether the cloud is connected, as edgehub last said.
 //!   - [`cloud::outbox`]: what waits for the cloud while it is away, and its paced sending.
-//!   - [`cloud::metasync`]: the periodic pod-status sync to the cloud.
+//!   - [`cloud::metasync`]: the periodic pod-status sync to the cloud, sending what changed.
+//!   - [`cloud::digest`]: the store's digest as the `digest` message, in parts when large.
 //!   - [`cloud::remote`]: queries and API writes waiting for the cloud's answer.
 //!   - [`cloud::replaces`]: the pages of `replace` operations whose last page has not come.
 //!   - [`cloud::settings`]: `outbox` and `meta`: the outbox's bounds and pacing, MetaSync's

@@ -99,6 +99,18 @@ pub fn start_metamanager(
     synchronous: &str,
     dir: &Path,
 ) -> (u16, MetaManager) {
+    start_metamanager_with(broker, node, db, synchronous, dir, "")
+}
+
+/// [`start_metamanager`] with `extra` YAML appended to its config (a `meta:` block, say).
+pub fn start_metamanager_with(
+    broker: Broker,
+    node: &str,
+    db: &Path,
+    synchronous: &str,
+    dir: &Path,
+    extra: &str,
+) -> (u16, MetaManager) {
     let (mode, port) = match broker {
         Broker::External(port) => ("external", port),
         Broker::Embedded => ("embedded", free_port()),
@@ -108,7 +120,7 @@ pub fn start_metamanager(
         &config,
         format!(
             "node_id: {node}\nmqtt:\n  mode: {mode}\n  host: 127.0.0.1\n  port: {port}\n\
-             database:\n  path: {}\n  synchronous: {synchronous}\nhttp:\n  enabled: false\n",
+             database:\n  path: {}\n  synchronous: {synchronous}\nhttp:\n  enabled: false\n{extra}",
             db.display()
         ),
     )

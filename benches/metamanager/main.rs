@@ -1,6 +1,7 @@
 //! MetaManager's benchmark: `cargo bench --bench metamanager` (add `-- --quick` for a short run,
 //! `-- --burst` for the burst and the embedded query round trip alone, with their yardsticks,
-//! `-- --reconnect` for the reconnect after an outage alone).
+//! `-- --reconnect` for the reconnect after an outage alone, `-- --idle` for the idle uplink
+//! and the digest's read cost alone).
 //!
 //! Every figure is set beside a yardstick measured in the same run on the same broker: a null
 //! relay (subscribe, republish unchanged, nothing else) for the MQTT figures, and a plain
@@ -8,6 +9,7 @@
 //! numbers do not. The report is Markdown on stdout; BENCHMARKS.md explains it.
 
 mod harness;
+mod idle;
 mod reconnect;
 
 use std::path::Path;
@@ -34,6 +36,7 @@ async fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let burst_only = std::env::args().any(|a| a == "--burst");
     let reconnect_only = std::env::args().any(|a| a == "--reconnect");
+    let idle_only = std::env::args().any(|a| a == "--idle");
     let sizes = if quick {
         Sizes {
             inserts: 10_000,
@@ -70,6 +73,11 @@ async fn main() {
         sizes.store_rows
     );
 
+    if idle_only {
+        idle_figures(port, dir.path(), &pod, &sizes).await;
+        drop(broker);
+        return;
+    }
     if reconnect_only {
         reconnect::print(&reconnect::run(port, dir.path(), &pod).await);
         drop(broker);
@@ -83,8 +91,18 @@ async fn main() {
     if !burst_only {
         scale_and_storage(port, dir.path(), &configmap, &pod, &sizes).await;
         reconnect::print(&reconnect::run(port, dir.path(), &pod).await);
+        idle_figures(port, dir.path(), &pod, &sizes).await;
     }
     drop(broker);
+}
+
+/// What an idle node sends the cloud a day, and the digest's read cost at 10 and at the scale
+/// run's number of objects.
+async fn idle_figures(port: u16, dir: &Path, pod: &str, sizes: &Sizes) {
+    let idle = idle::run(port, dir, pod).await;
+    let small = idle::digest_read(dir, 10).await;
+    let (read, counted) = idle::digest_read(dir, sizes.scale).await;
+    idle::print(&idle, small, (sizes.scale, read, counted));
 }
 
 /// Insert throughput and query round trip through mosquitto, against the relays.
