@@ -1417,3 +1417,44 @@ async fn kubectl_shows_node_versions_and_a_stale_replace_is_a_conflict() {
         "nothing goes to the cloud: {to_cloud:?}"
     );
 }
+
+/// A watcher that stopped reading does not hold the stop up (its stream ends on it, and its
+/// connection is not given the grace of a request still being answered), and the process
+/// exits right after its `stopped` line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_waits_for_no_watcher_and_the_exit_follows_the_stopped_line() {
+    let Some(mut app) = TestApp::spawn(Options::new(BrokerKind::Embedded)).await else {
+        return;
+    };
+    let port = app.http_port;
+    let _reading = watch(port, "/api/v1/pods?watch=true").await;
+    let mut stalled = common::request_unread(port, "/api/v1/pods?watch=true").await;
+    insert_pod(&mut app, "default", "marker", "m").await;
+    let mut seen = String::new();
+    read_until(&mut stalled, &mut seen, "marker").await;
+    // Enough to fill the stalled connection's buffers: its stream cannot be finished.
+    let padding = "x".repeat(64 * 1024);
+    for i in 0..40 {
+        let mut p = pod("default", &format!("big-{i}"), "big");
+        p["metadata"]["annotations"] = json!({"padding": padding});
+        insert(&mut app, &format!("default/pod/big-{i}"), p).await;
+    }
+
+    let asked = Instant::now();
+    let status = app.terminate();
+    let exited = std::time::SystemTime::now();
+    let took = asked.elapsed();
+    assert!(status.success(), "{status}");
+    assert!(took < Duration::from_secs(2), "stopped in {took:?}");
+    let log = app.log();
+    let stopped = log
+        .lines()
+        .rfind(|l| l.contains("metamanager::app: stopped"))
+        .unwrap_or_else(|| panic!("no stopped line in {log}"));
+    let at = humantime::parse_rfc3339(stopped.split_whitespace().next().unwrap()).unwrap();
+    let after = exited.duration_since(at).unwrap_or_default();
+    assert!(
+        after < Duration::from_millis(500),
+        "exited {after:?} after its stopped line"
+    );
+}

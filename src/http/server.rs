@@ -11,13 +11,19 @@
 //!   that stays idle between requests for the idle timeout.
 //! - When `accept` fails (out of file descriptors, typically), the loop waits before it tries
 //!   again, longer each time up to a second: it logs and backs off instead of spinning.
+//! - On shutdown a connection finishing a request gets [`GRACE`]; one serving a watch, whose
+//!   stream ends on the stop anyway, gets only [`WATCH_GRACE`] to take its last bytes: a
+//!   watcher that does not read would otherwise hold the stop up for the whole grace.
 
+use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use axum::extract::Query;
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
@@ -27,11 +33,15 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use super::auth::ClientCertificate;
+use super::scope::is_watch;
 
 use crate::shutdown::Shutdown;
 
 /// How long open connections may take to finish once the server stops.
 const GRACE: Duration = Duration::from_secs(5);
+/// How long a connection whose last request is a watch may take to finish once the server
+/// stops: its stream has ended, and a client that reads has its end at once.
+const WATCH_GRACE: Duration = Duration::from_millis(100);
 /// A request head larger than this is handed to hyper as it is, which answers `431`.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// The longest wait between two failed `accept`s.
@@ -155,14 +165,45 @@ async fn connection<S: Stream>(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.idle_timeout)
         .keep_alive(true);
-    let conn = http1.serve_connection(io, TowerToHyperService::new(app));
+    let watching = Arc::new(AtomicBool::new(false));
+    let service = Marked {
+        inner: TowerToHyperService::new(app),
+        watching: watching.clone(),
+    };
+    let conn = http1.serve_connection(io, service);
     tokio::pin!(conn);
     tokio::select! {
         _ = conn.as_mut() => {}
         _ = stop.wait() => {
             conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(GRACE, conn).await;
+            let grace = match watching.load(Ordering::Relaxed) {
+                true => WATCH_GRACE,
+                false => GRACE,
+            };
+            let _ = tokio::time::timeout(grace, conn).await;
         }
+    }
+}
+
+/// A connection's service that notes whether its latest request is a watch.
+struct Marked<S> {
+    inner: S,
+    watching: Arc<AtomicBool>,
+}
+
+impl<S, B> hyper::service::Service<hyper::Request<B>> for Marked<S>
+where
+    S: hyper::service::Service<hyper::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn call(&self, request: hyper::Request<B>) -> Self::Future {
+        let watch = Query::<HashMap<String, String>>::try_from_uri(request.uri())
+            .is_ok_and(|Query(params)| is_watch(&params));
+        self.watching.store(watch, Ordering::Relaxed);
+        self.inner.call(request)
     }
 }
 
