@@ -10,7 +10,9 @@
 //! - [`bounded_read`]: the files config keys name (password, TLS, API tokens and policy), read
 //!   with a size cap; a secret others may read is warned about.
 //! - [`telemetry`]: logging set-up.
-//! - [`app`]: starts the parts in order and stops them in reverse order.
+//! - [`app`]: start-up in two steps: `app::build` makes every part from the settings, in an
+//!   order that fails before anything is bound or opened; `app::running` runs the tasks and
+//!   stops them, in-flight work first.
 //! - [`broker`]: the embedded rumqttd broker (a patched copy, `vendor/rumqttd`).
 //! - [`watchdog`]: checks now and then that the embedded broker still accepts clients.
 //! - [`readiness`]: whether a new client can connect to the broker now, for `/readyz`.

@@ -199,6 +199,15 @@ impl MqttSettings {
         Ok(())
     }
 
+    /// The account and password MetaManager presents, when `username` is set; the password
+    /// is read from its file now, like every file a key names.
+    pub fn credentials(&self) -> Result<Option<(String, String)>, ConfigError> {
+        Ok(match (&self.username, self.resolved_password()?) {
+            (Some(user), password) => Some((user.clone(), password.unwrap_or_default())),
+            (None, _) => None,
+        })
+    }
+
     /// The password, read from `password_file` when that is set: with a size cap, and a
     /// warning when others may read the file ([`crate::bounded_read`]).
     pub fn resolved_password(&self) -> Result<Option<String>, ConfigError> {
