@@ -41,6 +41,7 @@
 //!   - [`cloud::metasync`]: the periodic pod-status sync to the cloud, sending what changed.
 //!   - [`cloud::digest`]: the store's digest as the `digest` message, in parts when large.
 //!   - [`cloud::remote`]: queries and API writes waiting for the cloud's answer.
+//!   - [`cloud::refusal`]: the cloud's refusal of a write, its reason read once from its words.
 //!   - [`cloud::replaces`]: the pages of `replace` operations whose last page has not come.
 //!   - [`cloud::settings`]: `outbox` and `meta`: the outbox's bounds and pacing, MetaSync's
 //!     period, what is asked of the cloud and for how long.
