@@ -1449,7 +1449,7 @@ async fn shutdown_waits_for_no_watcher_and_the_exit_follows_the_stopped_line() {
     let log = app.log();
     let stopped = log
         .lines()
-        .rfind(|l| l.contains("metamanager::app: stopped"))
+        .rfind(|l| l.contains(" metamanager::app") && l.ends_with(": stopped"))
         .unwrap_or_else(|| panic!("no stopped line in {log}"));
     let at = humantime::parse_rfc3339(stopped.split_whitespace().next().unwrap()).unwrap();
     let after = exited.duration_since(at).unwrap_or_default();
