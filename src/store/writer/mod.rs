@@ -263,11 +263,9 @@ impl Writer {
         let marks = self.take_settle_marks();
         let released = self.take_releases();
         if !marks.is_empty() || !released.is_empty() {
-            let flushed = self.conn.execute_batch("BEGIN IMMEDIATE").and_then(|()| {
-                self.apply_settle_marks(&marks);
-                self.apply_releases(&released);
-                self.conn.execute_batch("COMMIT")
-            });
+            let flushed = self
+                .begin_batch(&marks, &released)
+                .and_then(|()| self.conn.execute_batch("COMMIT"));
             if let Err(e) = flushed {
                 let _ = self.conn.execute_batch("ROLLBACK");
                 tracing::warn!(error = %e, marks = marks.len(), "could not record settled message ids at close");
@@ -299,16 +297,9 @@ impl Writer {
         let changes_at_start = self.next_change;
         let marks = self.take_settle_marks();
         let released = self.take_releases();
-        if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
-            self.requeue_settle_marks(marks);
-            self.requeue_releases(released);
+        if let Err(e) = self.begin_batch(&marks, &released) {
             return fail_all(e.to_string());
         }
-        // Before the batch's own changes, so that a redelivery in this batch already sees
-        // the original settled when its forward was handed on before the redelivery arrived,
-        // and a message sent again after it could not be passed on is handled again.
-        self.apply_settle_marks(&marks);
-        self.apply_releases(&released);
         let mut effect = BatchEffects::default();
         let fast: rusqlite::Result<Vec<Done>> = batch
             .iter()
@@ -322,24 +313,16 @@ impl Writer {
                 self.recorded_since_prune = recorded_at_start;
                 self.next_change = changes_at_start;
                 effect = BatchEffects::default();
-                if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
-                    self.requeue_settle_marks(marks);
-                    self.requeue_releases(released);
+                if let Err(e) = self.begin_batch(&marks, &released) {
                     return fail_all(e.to_string());
                 }
-                self.apply_settle_marks(&marks);
-                self.apply_releases(&released);
                 self.apply_isolated(batch, &mut effect)
             }
         };
         // The digest's one write per scope the batch changed; without it the batch cannot
         // commit, or the digest would no longer match the store.
         if let Err(e) = effect.digest.flush(&self.conn) {
-            let _ = self.conn.execute_batch("ROLLBACK");
-            self.outbox_rows = rows_at_start;
-            self.next_change = changes_at_start;
-            self.requeue_settle_marks(marks);
-            self.requeue_releases(released);
+            self.abandon_batch(rows_at_start, changes_at_start, &marks, &released);
             let text = e.to_string();
             tracing::error!(error = %text, changes = batch.len(), "updating the digest failed");
             return fail_all(text);
@@ -357,11 +340,7 @@ impl Writer {
             self.changes_since_prune = 0;
         }
         if let Err(e) = self.conn.execute_batch("COMMIT") {
-            let _ = self.conn.execute_batch("ROLLBACK");
-            self.outbox_rows = rows_at_start;
-            self.next_change = changes_at_start;
-            self.requeue_settle_marks(marks);
-            self.requeue_releases(released);
+            self.abandon_batch(rows_at_start, changes_at_start, &marks, &released);
             let text = e.to_string();
             tracing::error!(error = %text, changes = batch.len(), "store commit failed");
             return fail_all(text);
@@ -387,6 +366,39 @@ impl Writer {
         }
         self.shared.feed.publish(effect.events);
         outcomes
+    }
+
+    /// Opens a batch's transaction and applies the settle marks and releases taken for it
+    /// before the batch's own changes, so that a redelivery in this batch already sees the
+    /// original settled when its forward was handed on before the redelivery arrived, and a
+    /// message sent again after it could not be passed on is handled again. When the
+    /// transaction cannot be opened, the marks and releases wait for the next one.
+    fn begin_batch(&self, marks: &[(u64, String)], released: &[String]) -> rusqlite::Result<()> {
+        if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
+            self.requeue_settle_marks(marks);
+            self.requeue_releases(released);
+            return Err(e);
+        }
+        self.apply_settle_marks(marks);
+        self.apply_releases(released);
+        Ok(())
+    }
+
+    /// Rolls back a batch that could not be committed: the outbox count and the change
+    /// numbers return to where the batch found them, and its marks and releases wait for the
+    /// next transaction.
+    fn abandon_batch(
+        &mut self,
+        rows_at_start: i64,
+        changes_at_start: u64,
+        marks: &[(u64, String)],
+        released: &[String],
+    ) {
+        let _ = self.conn.execute_batch("ROLLBACK");
+        self.outbox_rows = rows_at_start;
+        self.next_change = changes_at_start;
+        self.requeue_settle_marks(marks);
+        self.requeue_releases(released);
     }
 
     /// Each change in its own savepoint: a failing one is rolled back alone.
@@ -551,13 +563,13 @@ impl Writer {
     }
 
     /// Puts marks back for the next transaction, after this one failed.
-    fn requeue_settle_marks(&self, marks: Vec<(u64, String)>) {
+    fn requeue_settle_marks(&self, marks: &[(u64, String)]) {
         if marks.is_empty() {
             return;
         }
         let mut pending = self.shared.settle.lock().unwrap_or_else(|p| p.into_inner());
         let room = super::MAX_PENDING_SETTLES.saturating_sub(pending.len());
-        pending.extend(marks.into_iter().take(room));
+        pending.extend(marks.iter().take(room).cloned());
     }
 
     /// Sets the settled flag of each id, inside the open transaction. A failure costs only the
@@ -591,7 +603,7 @@ impl Writer {
         )
     }
 
-    fn requeue_releases(&self, ids: Vec<String>) {
+    fn requeue_releases(&self, ids: &[String]) {
         if ids.is_empty() {
             return;
         }
@@ -601,7 +613,7 @@ impl Writer {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         let room = super::MAX_PENDING_SETTLES.saturating_sub(pending.len());
-        pending.extend(ids.into_iter().take(room));
+        pending.extend(ids.iter().take(room).cloned());
     }
 
     /// Counts each id as an earlier run's, inside the open transaction: a copy that comes
