@@ -44,6 +44,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use serde_json::value::RawValue;
+
 use crate::cloud::Cloud;
 use crate::message::{self, Message, Operation};
 use crate::metrics::{ErrorReason, Metrics};
@@ -232,6 +234,25 @@ pub(super) fn store_failed(
         report_store_error(&replies, sender, &msg, &e).await;
         replies.publisher.ack(&publish);
     })
+}
+
+/// The end of an operation answered from the store: a `response` with `content`, or an `error`
+/// reply for the store's failure; then the broker ack.
+pub(super) async fn respond(
+    replies: &Replies,
+    sender: Peer,
+    publish: &Inbound,
+    msg: &Message,
+    content: Result<Box<RawValue>, StoreError>,
+) {
+    match content {
+        Ok(content) => {
+            let reply = message::reply(msg, Operation::Response, &content);
+            replies.send(sender, reply, Operation::Response).await;
+        }
+        Err(e) => report_store_error(replies, sender, msg, &e).await,
+    }
+    replies.publisher.ack(publish);
 }
 
 /// The message for the cloud could not be queued (the cloud went away after the change was

@@ -3,7 +3,7 @@
 //! expiring.
 
 use crate::cloud::Cloud;
-use crate::message::{self, Message, Operation};
+use crate::message::{self, Message};
 use crate::mqtt::Inbound;
 use crate::store::Store;
 use crate::topics::Peer;
@@ -11,7 +11,7 @@ use crate::topics::Peer;
 use super::remote_query::remote_query;
 use super::rules::{self, TokenState};
 use super::versions;
-use super::{report_store_error, Replies, Rules, Step};
+use super::{respond, Replies, Rules, Step};
 
 /// query: answer from the store; fetch from the cloud what edged may not have locally.
 pub(super) fn query(
@@ -62,9 +62,8 @@ pub(super) fn query(
                 let now = std::time::SystemTime::now();
                 match rules::token_state(&stored, now, refresh_before) {
                     TokenState::Fresh => {
-                        let content = message::raw_array([stored.as_str()]);
-                        let reply = message::reply(&msg, Operation::Response, &content);
-                        replies.send(sender, reply, Operation::Response).await;
+                        let content = Ok(message::raw_array([stored.as_str()]));
+                        return respond(&replies, sender, &publish, &msg, content).await;
                     }
                     TokenState::RefreshDue => {
                         remote_query(&replies, &store, &cloud, msg, Some(stored)).await
@@ -72,13 +71,13 @@ pub(super) fn query(
                     TokenState::Expired => remote_query(&replies, &store, &cloud, msg, None).await,
                 }
             }
-            Ok(objects) => {
-                let content = message::raw_array(objects.iter().map(String::as_str));
-                let reply = message::reply(&msg, Operation::Response, &content);
-                replies.send(sender, reply, Operation::Response).await;
+            found => {
+                let content =
+                    found.map(|objects| message::raw_array(objects.iter().map(String::as_str)));
+                return respond(&replies, sender, &publish, &msg, content).await;
             }
-            Err(e) => report_store_error(&replies, sender, &msg, &e).await,
         }
+        // Asked of the cloud: its answer comes from the remote query.
         replies.publisher.ack(&publish);
     })
 }

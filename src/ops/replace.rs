@@ -15,7 +15,7 @@ use crate::resource::Resource;
 use crate::store::{ChangeKind, Replaced, Store, StoreError};
 use crate::topics::Peer;
 
-use super::{refuse_message, report_store_error, rules, store_failed, Replies, Step};
+use super::{refuse_message, respond, rules, store_failed, Replies, Step};
 
 /// Types the edge owns: their state comes from edged, and the cloud has no set to replace
 /// them with.
@@ -74,26 +74,22 @@ pub(super) async fn replace(
     };
     let replies = replies.clone();
     Box::pin(async move {
-        match committed.await.unwrap_or(Err(StoreError::Closed)) {
-            Ok(done) => {
-                tracing::info!(
-                    scope = %msg.resource,
-                    objects,
-                    inserted = done.inserted,
-                    updated = done.updated,
-                    deleted = done.deleted,
-                    unchanged = done.unchanged,
-                    kept_newer = done.kept_newer,
-                    "replace applied"
-                );
-                pass_on(&replies, &done).await;
-                let counts = message::raw(counts(&done));
-                let reply = message::reply(&msg, Operation::Response, &counts);
-                replies.send(sender, reply, Operation::Response).await;
-            }
-            Err(e) => report_store_error(&replies, sender, &msg, &e).await,
+        let done = committed.await.unwrap_or(Err(StoreError::Closed));
+        if let Ok(done) = &done {
+            tracing::info!(
+                scope = %msg.resource,
+                objects,
+                inserted = done.inserted,
+                updated = done.updated,
+                deleted = done.deleted,
+                unchanged = done.unchanged,
+                kept_newer = done.kept_newer,
+                "replace applied"
+            );
+            pass_on(&replies, done).await;
         }
-        replies.publisher.ack(&publish);
+        let counts = done.map(|done| message::raw(counts(&done)));
+        respond(&replies, sender, &publish, &msg, counts).await;
     })
 }
 

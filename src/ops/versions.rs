@@ -11,7 +11,7 @@ use crate::mqtt::Inbound;
 use crate::store::Store;
 use crate::topics::Peer;
 
-use super::{refuse_message, report_store_error, Replies, Step};
+use super::{refuse_message, respond, Replies, Step};
 
 /// What a versions query asks: the page after this key (`None`: the first).
 pub(super) struct Asked {
@@ -72,8 +72,10 @@ pub(super) fn versions(
         let envelope = message::reply(&msg, Operation::Response, &bare).len();
         let room = max_payload.saturating_sub(envelope);
         let r = &msg.resource;
-        match store.versions(r.namespace(), r.rtype(), after, room).await {
-            Ok(page) => {
+        let content = store
+            .versions(r.namespace(), r.rtype(), after, room)
+            .await
+            .map(|page| {
                 let token = page
                     .more
                     .then(|| page.entries.last().map(|(k, _)| k.clone()));
@@ -84,18 +86,13 @@ pub(super) fn versions(
                     .collect();
                 // Written by hand to keep the contract's member order; both parts are plain
                 // JSON values that cannot fail to serialise.
-                let content = format!(
+                message::raw(format!(
                     r#"{{"versions":{},"continue":{}}}"#,
                     serde_json::Value::Object(entries),
                     serde_json::json!(token.flatten())
-                );
-                let content = message::raw(content);
-                let reply = message::reply(&msg, Operation::Response, &content);
-                replies.send(sender, reply, Operation::Response).await;
-            }
-            Err(e) => report_store_error(&replies, sender, &msg, &e).await,
-        }
-        replies.publisher.ack(&publish);
+                ))
+            });
+        respond(&replies, sender, &publish, &msg, content).await;
     })
 }
 
