@@ -7,8 +7,8 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::kubectl::{kubectl, kubectl_cmd, kubectl_out};
-use common::{fixture, http, message, msg_id, served, BrokerKind, Options, TestApp, WAIT};
+use common::kubectl::{kubectl_cmd, kubectl_home, kubectl_out};
+use common::{fixture, http, insert, message, msg_id, served, BrokerKind, Options, TestApp, WAIT};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -16,13 +16,6 @@ async fn get_json(port: u16, path: &str) -> (u16, Value) {
     let (code, head, body) = http(port, "GET", path).await;
     assert!(head.contains("content-type: application/json"), "{head}");
     (code, serde_json::from_str(&body).unwrap())
-}
-
-/// Inserts `object` at `resource` as the cloud would, and waits for the ack.
-async fn insert(app: &mut TestApp, resource: &str, object: Value) {
-    let m = message("insert", resource, object);
-    let reply = app.client.request("edgehub", &m).await;
-    assert_eq!(reply["content"], "OK", "{reply}");
 }
 
 fn pod(ns: &str, name: &str, app_label: &str) -> Value {
@@ -196,9 +189,7 @@ async fn mqtt_connect(port: u16, n: usize) -> Option<tokio::net::TcpStream> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discovery_get_list_selectors_and_methods_not_allowed() {
-    let Some(mut app) = TestApp::spawn(Options::new(BrokerKind::Embedded)).await else {
-        return;
-    };
+    let mut app = TestApp::embedded().await;
     let port = app.http_port;
     let nginx = fixture("pod.json");
     let nginx_name = nginx["metadata"]["name"].as_str().unwrap().to_owned();
@@ -455,14 +446,11 @@ async fn read_until(stream: &mut tokio::net::TcpStream, seen: &mut String, want:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_gets_lists_and_watches() {
-    if kubectl().is_none() {
-        return;
-    }
-    let Some(mut app) = TestApp::spawn(Options::new(BrokerKind::Embedded)).await else {
+    let Some(home) = kubectl_home() else {
         return;
     };
+    let mut app = TestApp::embedded().await;
     let port = app.http_port;
-    let home = tempfile::tempdir().unwrap();
     let nginx = fixture("pod.json");
     let name = nginx["metadata"]["name"].as_str().unwrap().to_owned();
     let insert_msg = fixture("insert-pod.message.json");
@@ -538,9 +526,7 @@ async fn kubectl_gets_lists_and_watches() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_streams_inserts_updates_and_deletes_in_its_scope() {
-    let Some(mut app) = TestApp::spawn(Options::new(BrokerKind::Embedded)).await else {
-        return;
-    };
+    let mut app = TestApp::embedded().await;
     let port = app.http_port;
     insert_pod(&mut app, "default", "before", "a").await;
     let mut stream = watch(
@@ -575,9 +561,7 @@ async fn a_watch_streams_inserts_updates_and_deletes_in_its_scope() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watcher_that_never_reads_does_not_slow_the_message_path() {
-    let Some(mut app) = TestApp::spawn(Options::new(BrokerKind::Embedded)).await else {
-        return;
-    };
+    let mut app = TestApp::embedded().await;
     let port = app.http_port;
     // A small receive buffer, so the connection is full after a few events.
     let mut stream = common::request_unread(port, "/api/v1/pods?watch=true").await;
@@ -653,9 +637,7 @@ async fn a_watcher_that_never_reads_does_not_slow_the_message_path() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_from_a_list_version_misses_nothing_in_between() {
-    let Some(mut app) = TestApp::spawn(Options::new(BrokerKind::Embedded)).await else {
-        return;
-    };
+    let mut app = TestApp::embedded().await;
     let port = app.http_port;
     insert_pod(&mut app, "default", "listed", "a").await;
     let (_, list) = get_json(port, "/api/v1/namespaces/default/pods").await;
@@ -707,9 +689,7 @@ async fn a_watch_from_a_list_version_misses_nothing_in_between() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_sees_objects_a_remote_query_fetched_from_the_cloud() {
-    let Some(mut app) = TestApp::spawn(Options::new(BrokerKind::Embedded)).await else {
-        return;
-    };
+    let mut app = TestApp::embedded().await;
     let port = app.http_port;
     app.set_cloud(true).await;
     let mut stream = watch(port, "/api/v1/secrets?watch=true").await;
@@ -769,9 +749,7 @@ fn an_http_port_in_use_stops_start_up_naming_the_address() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lists_honour_limit_and_continue_and_kubectl_pages_through_them() {
-    let Some(mut app) = TestApp::spawn(Options::new(BrokerKind::Embedded)).await else {
-        return;
-    };
+    let mut app = TestApp::embedded().await;
     let port = app.http_port;
     for i in 0..5 {
         let name = format!("p{i}");
@@ -836,31 +814,20 @@ async fn lists_honour_limit_and_continue_and_kubectl_pages_through_them() {
     assert_eq!((code, status["reason"].as_str()), (400, Some("BadRequest")));
 
     // kubectl asks in chunks and follows the tokens.
-    if kubectl().is_none() {
+    let Some(home) = kubectl_home() else {
         return;
-    }
-    let home = tempfile::tempdir().unwrap();
-    let out = kubectl_cmd(
+    };
+    let listed = kubectl_out(
         port,
         home.path(),
         &["get", "pods", "-A", "--chunk-size=2", "-o", "name"],
-    )
-    .output()
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
-    let listed = String::from_utf8_lossy(&out.stdout);
     assert_eq!(listed.lines().count(), 6, "{listed}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_for_another_host_name_is_refused_on_loopback() {
-    let Some(app) = TestApp::spawn(Options::new(BrokerKind::Embedded)).await else {
-        return;
-    };
+    let app = TestApp::embedded().await;
     let port = app.http_port;
     let ask = |host: &'static str| raw_get(port, "/api/v1/secrets", format!("Host: {host}"));
     // A page served from rebind.example, whose name now resolves to 127.0.0.1.
@@ -876,9 +843,7 @@ async fn a_request_for_another_host_name_is_refused_on_loopback() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn set_based_selectors_pod_field_selectors_and_version() {
-    let Some(mut app) = TestApp::spawn(Options::new(BrokerKind::Embedded)).await else {
-        return;
-    };
+    let mut app = TestApp::embedded().await;
     let port = app.http_port;
     for (name, label, node, phase) in [
         ("web-0", "web", "edge-node", "Running"),
@@ -929,11 +894,10 @@ async fn set_based_selectors_pod_field_selectors_and_version() {
         .unwrap()
         .contains("+metamanager-"));
 
-    if kubectl().is_none() {
+    let Some(home) = kubectl_home() else {
         return;
-    }
-    let home = tempfile::tempdir().unwrap();
-    let out = kubectl_cmd(
+    };
+    let selected = kubectl_out(
         port,
         home.path(),
         &[
@@ -946,18 +910,8 @@ async fn set_based_selectors_pod_field_selectors_and_version() {
             "-o",
             "name",
         ],
-    )
-    .output()
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "pod/cache-0\npod/db-0\n"
-    );
+    assert_eq!(selected, "pod/cache-0\npod/db-0\n");
     let out = kubectl_cmd(
         port,
         home.path(),
@@ -983,9 +937,7 @@ async fn set_based_selectors_pod_field_selectors_and_version() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_with_a_timeout_ends_with_a_bookmark_to_resume_from() {
-    let Some(mut app) = TestApp::spawn(Options::new(BrokerKind::Embedded)).await else {
-        return;
-    };
+    let mut app = TestApp::embedded().await;
     let port = app.http_port;
     insert_pod(&mut app, "default", "first", "a").await;
     let started = Instant::now();
@@ -1021,9 +973,7 @@ async fn a_watch_with_a_timeout_ends_with_a_bookmark_to_resume_from() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_is_served_to_clients_that_accept_it_and_406_to_protobuf_only_ones() {
-    let Some(app) = TestApp::spawn(Options::new(BrokerKind::Embedded)).await else {
-        return;
-    };
+    let app = TestApp::embedded().await;
     let port = app.http_port;
     let ask = |accept: &'static str| {
         raw_get(
@@ -1042,9 +992,7 @@ async fn json_is_served_to_clients_that_accept_it_and_406_to_protobuf_only_ones(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn any_kind_the_cloud_inserts_is_served_under_its_group_and_found_by_kubectl() {
-    let Some(mut app) = TestApp::spawn(Options::new(BrokerKind::Embedded)).await else {
-        return;
-    };
+    let mut app = TestApp::embedded().await;
     let port = app.http_port;
     let model = json!({"apiVersion": "devices.kubeedge.io/v1beta1", "kind": "DeviceModel",
         "metadata": {"name": "thermometer", "namespace": "default"},
@@ -1109,10 +1057,9 @@ async fn any_kind_the_cloud_inserts_is_served_under_its_group_and_found_by_kubec
         assert_eq!(code, 404, "{path}: {status}");
     }
 
-    if kubectl().is_none() {
+    let Some(home) = kubectl_home() else {
         return;
-    }
-    let home = tempfile::tempdir().unwrap();
+    };
     let kinds = kubectl_out(
         port,
         home.path(),
@@ -1140,9 +1087,7 @@ async fn any_kind_the_cloud_inserts_is_served_under_its_group_and_found_by_kubec
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_from_a_version_given_out_before_a_restart_resumes_after_it() {
-    let Some(mut app) = TestApp::spawn(Options::new(BrokerKind::Embedded)).await else {
-        return;
-    };
+    let mut app = TestApp::embedded().await;
     insert_pod(&mut app, "default", "before", "a").await;
     let (_, list) = get_json(app.http_port, "/api/v1/namespaces/default/pods").await;
     let version = list["metadata"]["resourceVersion"]
@@ -1177,9 +1122,7 @@ async fn a_watch_from_a_version_given_out_before_a_restart_resumes_after_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_selector_watch_resumed_over_an_unwatched_delete_is_told_of_it() {
-    let Some(mut app) = TestApp::spawn(Options::new(BrokerKind::Embedded)).await else {
-        return;
-    };
+    let mut app = TestApp::embedded().await;
     let port = app.http_port;
     insert_pod(&mut app, "default", "gone", "a").await;
     let (_, list) = get_json(
@@ -1222,9 +1165,7 @@ async fn a_selector_watch_resumed_over_an_unwatched_delete_is_told_of_it() {
 /// checks them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streaming_list_ends_its_initial_events_with_the_annotated_bookmark() {
-    let Some(mut app) = TestApp::spawn(Options::new(BrokerKind::Embedded)).await else {
-        return;
-    };
+    let mut app = TestApp::embedded().await;
     let port = app.http_port;
     insert_pod(&mut app, "default", "a", "x").await;
     insert_pod(&mut app, "default", "b", "x").await;
@@ -1298,9 +1239,7 @@ async fn a_streaming_list_ends_its_initial_events_with_the_annotated_bookmark() 
 /// one carries its deletion's number, never the object's older one), a bookmark's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_resumes_from_an_objects_an_events_or_a_bookmarks_version() {
-    let Some(mut app) = TestApp::spawn(Options::new(BrokerKind::Embedded)).await else {
-        return;
-    };
+    let mut app = TestApp::embedded().await;
     let port = app.http_port;
     insert_pod(&mut app, "default", "old", "x").await;
     insert_pod(&mut app, "default", "newer", "x").await;
@@ -1352,14 +1291,11 @@ async fn a_watch_resumes_from_an_objects_an_events_or_a_bookmarks_version() {
 /// before anything goes to the cloud.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_shows_node_versions_and_a_stale_replace_is_a_conflict() {
-    if kubectl().is_none() {
-        return;
-    }
-    let Some(mut app) = TestApp::spawn(Options::new(BrokerKind::Embedded)).await else {
+    let Some(home) = kubectl_home() else {
         return;
     };
+    let mut app = TestApp::embedded().await;
     let port = app.http_port;
-    let home = tempfile::tempdir().unwrap();
     let config = fixture("configmap.json");
     insert(&mut app, "default/configmap/app-config", config.clone()).await;
     let yaml = kubectl_out(
@@ -1423,9 +1359,7 @@ async fn kubectl_shows_node_versions_and_a_stale_replace_is_a_conflict() {
 /// exits right after its `stopped` line.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_waits_for_no_watcher_and_the_exit_follows_the_stopped_line() {
-    let Some(mut app) = TestApp::spawn(Options::new(BrokerKind::Embedded)).await else {
-        return;
-    };
+    let mut app = TestApp::embedded().await;
     let port = app.http_port;
     let _reading = watch(port, "/api/v1/pods?watch=true").await;
     let mut stalled = common::request_unread(port, "/api/v1/pods?watch=true").await;

@@ -12,8 +12,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{
-    fixture, message, mosquitto_binary, mosquitto_clients, msg_id, BrokerKind, Mosquitto, Options,
-    Peer, TestApp, NODE, WAIT,
+    assert_acked, fixture, forward_to_edged, message, mosquitto_binary, mosquitto_clients,
+    BrokerKind, Mosquitto, Options, Peer, TestApp, NODE, WAIT,
 };
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::json;
@@ -195,17 +195,9 @@ async fn insert_from_edgehub_is_stored_forwarded_and_acked() {
     let insert = fixture("insert-pod.message.json");
     app.client.publish("edgehub", &insert).await;
 
-    let forwarded = edged_peer
-        .wait_for("metamanager/to/edged", |v| {
-            v["header"]["msg_id"] == insert["header"]["msg_id"]
-        })
-        .await;
+    let forwarded = forward_to_edged(&mut edged_peer, &insert).await;
     assert_eq!(forwarded["content"], insert["content"]);
-    let ack = app
-        .client
-        .reply_to("metamanager/to/edgehub", msg_id(&insert))
-        .await;
-    assert_eq!(ack["content"], "OK", "{ack}");
+    assert_acked(&mut app.client, &insert).await;
     wait_stored(
         &app,
         "/api/v1/namespaces/default/pods/nginx-7d9c5b8f4-x2k9p",

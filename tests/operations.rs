@@ -6,8 +6,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    answer_as_cloud, count_rows, fixture, forwarded_query, message, msg_id, BrokerKind, Options,
-    TestApp,
+    answer_as_cloud, ask_for_a_remote_secret, cloud_answers, count_rows, fixture, forwarded_query,
+    message, msg_id, retained_status, BrokerKind, Options, TestApp,
 };
 use serde_json::{json, Value};
 
@@ -274,13 +274,13 @@ async fn connect_state_shows_in_status(kind: BrokerKind) {
         return;
     };
     // Starts disconnected.
-    let status = retained_status(app.port).await;
+    let status = app.retained_status().await;
     assert_eq!(status["state"], "online");
     assert_eq!(status["cloud"], "disconnected");
     assert_eq!(status["node_id"], common::NODE);
 
     app.set_cloud(true).await;
-    let status = retained_status(app.port).await;
+    let status = app.retained_status().await;
     assert_eq!(
         status["cloud"], "connected",
         "retained status follows the cloud"
@@ -301,23 +301,6 @@ async fn connect_state_shows_in_status(kind: BrokerKind) {
     );
 }
 
-/// With the cloud connected, edged asks for a secret the node does not hold: the key, edged's
-/// query, and the query MetaManager forwarded to the cloud for it.
-async fn ask_for_a_remote_secret(app: &mut TestApp) -> (&'static str, Value, Value) {
-    app.set_cloud(true).await;
-    let key = "default/secret/db-credentials";
-    let query = message("query", key, Value::Null);
-    app.client.publish("edged", &query).await;
-    let asked = forwarded_query(app).await;
-    (key, query, asked)
-}
-
-/// The retained status as a newly connecting client sees it.
-async fn retained_status(port: u16) -> Value {
-    let mut c = common::Peer::connect(port).await;
-    c.wait_for("metamanager/status", |_| true).await
-}
-
 async fn remote_query_answered_by_the_cloud_is_stored(kind: BrokerKind) {
     let Some(mut app) = app(kind).await else {
         return;
@@ -329,12 +312,7 @@ async fn remote_query_answered_by_the_cloud_is_stored(kind: BrokerKind) {
         "new msg_id"
     );
     let secret = fixture("secret.json");
-    answer_as_cloud(&app, &asked, "response", secret.clone()).await;
-
-    let reply = app
-        .client
-        .reply_to("metamanager/to/edged", msg_id(&query))
-        .await;
+    let reply = cloud_answers(&mut app, &asked, &query, secret.clone()).await;
     assert_eq!(reply["route"]["operation"], "response");
     assert_eq!(reply["content"], json!([secret]));
 
@@ -368,11 +346,7 @@ async fn a_remote_answer_from_edged_does_not_complete_the_query(kind: BrokerKind
     );
 
     let secret = fixture("secret.json");
-    answer_as_cloud(&app, &asked, "response", secret.clone()).await;
-    let reply = app
-        .client
-        .reply_to("metamanager/to/edged", msg_id(&query))
-        .await;
+    let reply = cloud_answers(&mut app, &asked, &query, secret.clone()).await;
     assert_eq!(reply["route"]["operation"], "response");
     assert_eq!(
         reply["content"],
@@ -437,11 +411,7 @@ async fn remote_list_query_stores_each_object(kind: BrokerKind) {
     let first = fixture("configmap.json");
     let mut second = first.clone();
     second["metadata"]["name"] = json!("app-config-2");
-    answer_as_cloud(&app, &asked, "response", json!([first, second])).await;
-    let reply = app
-        .client
-        .reply_to("metamanager/to/edged", msg_id(&query))
-        .await;
+    let reply = cloud_answers(&mut app, &asked, &query, json!([first, second])).await;
     assert_eq!(reply["content"], json!([first, second]));
     assert_eq!(
         app.client
@@ -463,11 +433,7 @@ async fn remote_object_query_keeps_only_the_object_asked_for(kind: BrokerKind) {
     let wanted = fixture("configmap.json");
     let mut other = wanted.clone();
     other["metadata"]["name"] = json!("someone-else");
-    answer_as_cloud(&app, &asked, "response", json!([other, wanted])).await;
-    let reply = app
-        .client
-        .reply_to("metamanager/to/edged", msg_id(&query))
-        .await;
+    let reply = cloud_answers(&mut app, &asked, &query, json!([other, wanted])).await;
     assert_eq!(reply["content"], json!([wanted]));
     assert_eq!(app.client.query("edgehub", key).await, json!([wanted]));
 }
@@ -633,7 +599,7 @@ async fn store_survives_restart(kind: BrokerKind) {
     drop(conn);
     // An external broker keeps the offline status (the embedded one stopped with the process).
     if let Some(m) = &app.mosquitto {
-        assert_eq!(retained_status(m.port).await["state"], "offline");
+        assert_eq!(retained_status(m.port, None).await["state"], "offline");
     }
 
     app.start().await;

@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{count_rows, message, BrokerKind, Options, TestApp, NODE};
+use common::{count_rows, insert, write_as_cloud, TestApp, NODE};
 use serde_json::{json, Value};
 
 /// Whether python3 with the `kubernetes` package is here; with METAMANAGER_REQUIRE_PYTHON_K8S=1
@@ -28,6 +28,14 @@ fn python_client() -> bool {
         eprintln!("skipped: the Python kubernetes client is not installed (bash .ci/install-test-tools, then . .venv/bin/activate)");
     }
     ok
+}
+
+/// MetaManager on its embedded broker, or `None` (skip) without the Python client.
+async fn app() -> Option<TestApp> {
+    if !python_client() {
+        return None;
+    }
+    Some(TestApp::embedded().await)
 }
 
 /// Runs one step of client.py; its JSON output.
@@ -52,20 +60,9 @@ fn pod(name: &str) -> Value {
            "spec": {"containers": [{"name": "c", "image": "busybox"}]}})
 }
 
-async fn insert(app: &mut TestApp, key: &str, object: Value) {
-    let reply = app
-        .client
-        .request("edgehub", &message("insert", key, object))
-        .await;
-    assert_eq!(reply["content"], "OK", "{reply}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_client_lists_watches_across_a_restart_and_reads_a_custom_resource() {
-    if !python_client() {
-        return;
-    }
-    let Some(mut app) = TestApp::spawn(Options::new(BrokerKind::Embedded)).await else {
+    let Some(mut app) = app().await else {
         return;
     };
     insert(&mut app, "default/pod/first", pod("first")).await;
@@ -247,13 +244,9 @@ fn phased(name: &str, phase: &str) -> Value {
     p
 }
 
+/// Sends `operation` of the pod `name` as the cloud would, and waits for its `OK`.
 async fn send(app: &mut TestApp, operation: &str, name: &str, object: Value) {
-    let key = format!("default/pod/{name}");
-    let reply = app
-        .client
-        .request("edgehub", &message(operation, &key, object))
-        .await;
-    assert_eq!(reply["content"], "OK", "{reply}");
+    write_as_cloud(app, operation, &format!("default/pod/{name}"), object).await;
 }
 
 /// An informer's loop with the official client, as client-go's reflector runs it: one list,
@@ -261,10 +254,7 @@ async fn send(app: &mut TestApp, operation: &str, name: &str, object: Value) {
 /// It sees every change once, in order, and never has to list again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_informer_lists_once_and_sees_every_change_once_across_a_restart() {
-    if !python_client() {
-        return;
-    }
-    let Some(mut app) = TestApp::spawn(Options::new(BrokerKind::Embedded)).await else {
+    let Some(mut app) = app().await else {
         return;
     };
     send(&mut app, "insert", "a", phased("a", "Pending")).await;
@@ -311,10 +301,7 @@ async fn an_informer_lists_once_and_sees_every_change_once_across_a_restart() {
 /// of other kinds go on: no relist, no change lost or repeated.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_informer_whose_watches_time_out_resumes_each_without_a_relist() {
-    if !python_client() {
-        return;
-    }
-    let Some(mut app) = TestApp::spawn(Options::new(BrokerKind::Embedded)).await else {
+    let Some(mut app) = app().await else {
         return;
     };
     send(&mut app, "insert", "a", phased("a", "Pending")).await;
@@ -330,11 +317,7 @@ async fn an_informer_whose_watches_time_out_resumes_each_without_a_relist() {
             let config = json!({"apiVersion": "v1", "kind": "ConfigMap",
                 "metadata": {"name": format!("c{round}-{i}"), "namespace": "default"}});
             let key = format!("default/configmap/c{round}-{i}");
-            let reply = app
-                .client
-                .request("edgehub", &message("insert", &key, config))
-                .await;
-            assert_eq!(reply["content"], "OK", "{reply}");
+            insert(&mut app, &key, config).await;
         }
         informer
             .until("a watch that timed out", |l| l.get("ended").is_some())
@@ -363,10 +346,7 @@ async fn an_informer_whose_watches_time_out_resumes_each_without_a_relist() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_client_patches_a_pods_status_while_the_cloud_is_away() {
-    if !python_client() {
-        return;
-    }
-    let Some(mut app) = TestApp::spawn(Options::new(BrokerKind::Embedded)).await else {
+    let Some(mut app) = app().await else {
         return;
     };
     let mut mine = pod("mine");

@@ -10,11 +10,11 @@ use std::time::Duration;
 use common::rabbitmq::{edged_account, metamanager_account, Lease};
 use common::scenarios;
 use common::{
-    answer_as_cloud, count_rows, fixture, forwarded_query, message, msg_id, BrokerKind, Options,
-    TestApp, NODE, WAIT,
+    ask_for_a_remote_secret, assert_acked, cloud_answers, count_rows, fixture, forward_to_edged,
+    insert, BrokerKind, Options, TestApp, NODE, WAIT,
 };
 use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, Packet, QoS};
-use serde_json::{json, Value};
+use serde_json::json;
 
 const POD_KEY: &str = "default/pod/nginx-7d9c5b8f4-x2k9p";
 
@@ -26,12 +26,6 @@ fn lease(app: &TestApp) -> &Lease {
     app.rabbitmq.as_ref().expect("a RabbitMQ app")
 }
 
-/// The retained status as a newly connecting client sees it.
-async fn retained_status(app: &TestApp) -> Value {
-    let mut c = app.peer().await;
-    c.wait_for("metamanager/status", |_| true).await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn insert_forward_ack_query_and_remote_query() {
     let Some(mut app) = app().await else {
@@ -39,36 +33,19 @@ async fn insert_forward_ack_query_and_remote_query() {
     };
     let insert = fixture("insert-pod.message.json");
     app.client.publish("edgehub", &insert).await;
-    let forwarded = app
-        .client
-        .wait_for("metamanager/to/edged", |v| {
-            v["header"]["msg_id"] == insert["header"]["msg_id"]
-        })
-        .await;
+    let forwarded = forward_to_edged(&mut app.client, &insert).await;
     assert_eq!(forwarded["content"], insert["content"]);
-    let ack = app
-        .client
-        .reply_to("metamanager/to/edgehub", msg_id(&insert))
-        .await;
-    assert_eq!(ack["content"], "OK", "{ack}");
+    assert_acked(&mut app.client, &insert).await;
     assert_eq!(
         app.client.query("edged", POD_KEY).await,
         json!([fixture("pod.json")])
     );
 
     // A query for what the node does not hold goes to the cloud, and its answer comes back.
-    app.set_cloud(true).await;
-    let key = "default/secret/db-credentials";
-    let query = message("query", key, Value::Null);
-    app.client.publish("edged", &query).await;
-    let asked = forwarded_query(&mut app).await;
+    let (key, query, asked) = ask_for_a_remote_secret(&mut app).await;
     assert_eq!(asked["route"]["resource"], key);
     let secret = fixture("secret.json");
-    answer_as_cloud(&app, &asked, "response", secret.clone()).await;
-    let reply = app
-        .client
-        .reply_to("metamanager/to/edged", msg_id(&query))
-        .await;
+    let reply = cloud_answers(&mut app, &asked, &query, secret.clone()).await;
     assert_eq!(reply["content"], json!([secret]));
     assert_eq!(app.client.query("edged", key).await, json!([secret]));
 }
@@ -80,15 +57,15 @@ async fn retained_status_and_last_will() {
     let Some(mut app) = app().await else {
         return;
     };
-    let status = retained_status(&app).await;
+    let status = app.retained_status().await;
     assert_eq!(status["state"], "online", "{status}");
     app.set_cloud(true).await;
-    assert_eq!(retained_status(&app).await["cloud"], "connected");
+    assert_eq!(app.retained_status().await["cloud"], "connected");
 
     app.kill9();
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let status = retained_status(&app).await;
+        let status = app.retained_status().await;
         if status["state"] == "offline" {
             break;
         }
@@ -101,10 +78,10 @@ async fn retained_status_and_last_will() {
 
     // A clean stop says offline too, and a start online again.
     app.start().await;
-    assert_eq!(retained_status(&app).await["state"], "online");
+    assert_eq!(app.retained_status().await["state"], "online");
     let status = app.terminate();
     assert!(status.success(), "exit status {status}");
-    assert_eq!(retained_status(&app).await["state"], "offline");
+    assert_eq!(app.retained_status().await["state"], "offline");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -167,13 +144,8 @@ async fn takeover_refused_with_per_node_accounts() {
         let tried = try_connect(app.port, &mm_id, edged.clone(), clean, &everything, WAIT).await;
         assert!(tried.is_err(), "the impostor got in: {tried:?}");
     }
-    let insert = message(
-        "insert",
-        "default/secret/db-credentials",
-        fixture("secret.json"),
-    );
-    let ack = app.client.request("edgehub", &insert).await;
-    assert_eq!(ack["content"], "OK", "{ack}");
+    let secret = fixture("secret.json");
+    insert(&mut app, "default/secret/db-credentials", secret).await;
 
     // Stopped: an insert waits in MetaManager's session queue; the impostor cannot take it.
     let status = app.terminate();

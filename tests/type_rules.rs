@@ -7,7 +7,9 @@ mod common;
 
 use std::time::{Duration, SystemTime};
 
-use common::{answer_as_cloud, forwarded_query, message, msg_id, BrokerKind, Options, TestApp};
+use common::{
+    answer_as_cloud, cloud_answers, forwarded_query, message, msg_id, BrokerKind, Options, TestApp,
+};
 use serde_json::{json, Value};
 
 async fn app(kind: BrokerKind) -> Option<TestApp> {
@@ -191,11 +193,7 @@ async fn an_expired_token_is_fetched_again_from_the_cloud(kind: BrokerKind) {
     let asked = forwarded_query(&mut app).await;
     assert_eq!(asked["route"]["resource"], TOKEN_KEY);
     let fresh = token("new", now + Duration::from_secs(3600));
-    answer_as_cloud(&app, &asked, "response", fresh.clone()).await;
-    let reply = app
-        .client
-        .reply_to("metamanager/to/edged", msg_id(&query))
-        .await;
+    let reply = cloud_answers(&mut app, &asked, &query, fresh.clone()).await;
     assert_eq!(reply["content"], json!([fresh]));
     assert_eq!(
         stored(&mut app, TOKEN_KEY).await,

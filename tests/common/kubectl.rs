@@ -21,6 +21,11 @@ pub fn kubectl() -> Option<()> {
     None
 }
 
+/// A fresh home for kubectl (its cache), or `None` (skip) as [`kubectl`] says.
+pub fn kubectl_home() -> Option<tempfile::TempDir> {
+    kubectl().map(|()| tempfile::tempdir().unwrap())
+}
+
 /// kubectl pointed at the node, reading no user configuration and caching in `home`.
 pub fn kubectl_cmd(port: u16, home: &std::path::Path, args: &[&str]) -> Command {
     let config = home.join("kubeconfig");

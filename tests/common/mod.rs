@@ -148,6 +148,11 @@ impl TestApp {
         Self::spawn_at(options, None).await
     }
 
+    /// Starts MetaManager on its embedded broker, which needs nothing installed.
+    pub async fn embedded() -> Self {
+        Self::spawn_inner(Options::new(BrokerKind::Embedded), None, None, None).await
+    }
+
     /// Like [`TestApp::spawn`], with the database at `db`.
     pub async fn spawn_with_db(options: Options, db: PathBuf) -> Option<Self> {
         Self::spawn_at(options, Some(db)).await
@@ -315,6 +320,11 @@ impl TestApp {
     /// Another client like [`TestApp::client`], with its login.
     pub async fn peer(&self) -> Peer {
         Peer::connect_as(self.port, self.options.peer_login.clone()).await
+    }
+
+    /// The retained status as a client newly connecting with the test client's login sees it.
+    pub async fn retained_status(&self) -> Value {
+        retained_status(self.port, self.options.peer_login.clone()).await
     }
 
     pub async fn set_cloud(&mut self, connected: bool) {
@@ -613,6 +623,66 @@ pub async fn answer_as_cloud(app: &TestApp, asked: &Value, operation: &str, cont
     let mut answer = message(operation, resource, content);
     answer["header"]["parent_msg_id"] = asked["header"]["msg_id"].clone();
     app.client.publish("edgehub", &answer).await;
+}
+
+/// The retained status as a client newly connecting to `port` as `login` sees it.
+pub async fn retained_status(port: u16, login: Option<(String, String)>) -> Value {
+    let mut c = Peer::connect_as(port, login).await;
+    c.wait_for("metamanager/status", |_| true).await
+}
+
+/// Sends `operation` of `object` at `key` as the cloud would, and waits for its `OK`.
+pub async fn write_as_cloud(app: &mut TestApp, operation: &str, key: &str, object: Value) {
+    let m = message(operation, key, object);
+    let reply = app.client.request("edgehub", &m).await;
+    assert_eq!(reply["content"], "OK", "{reply}");
+}
+
+/// Inserts `object` at `key` as the cloud would, and waits for its `OK`.
+pub async fn insert(app: &mut TestApp, key: &str, object: Value) {
+    write_as_cloud(app, "insert", key, object).await;
+}
+
+/// MetaManager's forward of `sent` to edged (the message with its msg_id), as `edged` got it.
+pub async fn forward_to_edged(edged: &mut Peer, sent: &Value) -> Value {
+    edged
+        .wait_for("metamanager/to/edged", |v| {
+            v["header"]["msg_id"] == sent["header"]["msg_id"]
+        })
+        .await
+}
+
+/// Asserts that MetaManager answered `sent`, which edgehub sent, with `OK`.
+pub async fn assert_acked(edgehub: &mut Peer, sent: &Value) {
+    let ack = edgehub
+        .reply_to("metamanager/to/edgehub", msg_id(sent))
+        .await;
+    assert_eq!(ack["content"], "OK", "{ack}");
+}
+
+/// With the cloud connected, edged asks for a secret the node does not hold: the key, edged's
+/// query, and the query MetaManager forwarded to the cloud for it.
+pub async fn ask_for_a_remote_secret(app: &mut TestApp) -> (&'static str, Value, Value) {
+    app.set_cloud(true).await;
+    let key = "default/secret/db-credentials";
+    let query = message("query", key, Value::Null);
+    app.client.publish("edged", &query).await;
+    let asked = forwarded_query(app).await;
+    (key, query, asked)
+}
+
+/// Plays the cloud answering the forwarded query `asked` with a `response` of `content`;
+/// MetaManager's reply to edged's `query`.
+pub async fn cloud_answers(
+    app: &mut TestApp,
+    asked: &Value,
+    query: &Value,
+    content: Value,
+) -> Value {
+    answer_as_cloud(app, asked, "response", content).await;
+    app.client
+        .reply_to("metamanager/to/edged", msg_id(query))
+        .await
 }
 
 /// Declares one test per broker kind from an async fn taking a [`BrokerKind`].
