@@ -25,7 +25,8 @@
 //!   the local API's HTTPS configuration.
 //! - [`delivery`]: which of MetaManager's publishes the broker has acknowledged.
 //! - [`budget`]: the bound on messages in flight; when it is spent, MetaManager stops reading.
-//! - [`topics`]: the node's topic names and the two peers, edgehub and edged.
+//! - [`topics`]: the node's topic names, the bridge's state topic when configured, and the two
+//!   peers, edgehub and edged.
 //! - [`message`]: the wire message, its validation, and the replies MetaManager builds.
 //! - [`resource`]: the `namespace/type[/name]` resource key, and the namespace segment of a
 //!   cluster-scoped object.
@@ -36,15 +37,17 @@
 //!   [`cloud::Cloud`] side, [`ops::Rules`]), and the API's writes have
 //!   [`ops::api_write::ApiWrites`].
 //! - [`cloud`]: the cloud side, everything kept and done for the cloud, reached through edgehub.
-//!   - [`cloud::state`]: whether the cloud is connected, as edgehub last said.
+//!   - [`cloud::state`]: whether the cloud is connected, as edgehub and, when configured, a
+//!     bridge's state topic say.
 //!   - [`cloud::outbox`]: what waits for the cloud while it is away, and its paced sending.
 //!   - [`cloud::metasync`]: the periodic pod-status sync to the cloud, sending what changed.
 //!   - [`cloud::digest`]: the store's digest as the `digest` message, in parts when large.
 //!   - [`cloud::remote`]: queries and API writes waiting for the cloud's answer.
 //!   - [`cloud::refusal`]: the cloud's refusal of a write, its reason read once from its words.
 //!   - [`cloud::replaces`]: the pages of `replace` operations whose last page has not come.
-//!   - [`cloud::settings`]: `outbox` and `meta`: the outbox's bounds and pacing, MetaSync's
-//!     period, what is asked of the cloud and for how long.
+//!   - [`cloud::settings`]: `outbox`, `meta` and `cloud_link`: the outbox's bounds and pacing,
+//!     MetaSync's period, what is asked of the cloud and for how long, and the bridge's state
+//!     topic.
 //!   - [`cloud::waiting`]: patches passed on to the cloud, waiting for its answer.
 //! - [`http`]: the local HTTP endpoint: `/healthz`, `/readyz`, `/metrics` and the API.
 //!   - [`http::settings`]: `http`: the listener, its bounds, HTTPS and the API's auth files.

@@ -517,7 +517,7 @@ mod tests {
         metrics.error(ErrorReason::Decode);
         metrics.remote_query(RemoteOutcome::Timeout, Some(Duration::from_millis(20)));
         metrics.metasync(SyncOutcome::Skipped);
-        exporter.cloud.set(true);
+        exporter.cloud.report(crate::cloud::Source::Edgehub, true);
 
         let text = exporter.render();
         let lines = text.lines().map(|l| Ok(l.to_owned()));

@@ -34,6 +34,9 @@ pub struct Topics {
     pub to_edgehub: String,
     pub to_edged: String,
     pub status: String,
+    /// The bridge's state topic (`cloud_link.state_topic`), subscribed to beside the inbound
+    /// topics when named.
+    pub bridge_state: Option<String>,
 }
 
 impl Topics {
@@ -45,7 +48,19 @@ impl Topics {
             to_edgehub: format!("{p}/metamanager/to/edgehub"),
             to_edged: format!("{p}/metamanager/to/edged"),
             status: format!("{p}/metamanager/status"),
+            bridge_state: None,
         }
+    }
+
+    /// The same topics, with the bridge's state topic to subscribe to as well.
+    pub fn with_bridge_state(mut self, topic: Option<String>) -> Self {
+        self.bridge_state = topic;
+        self
+    }
+
+    /// Whether `topic` is the bridge's state topic.
+    pub fn is_bridge_state(&self, topic: &str) -> bool {
+        self.bridge_state.as_deref() == Some(topic)
     }
 
     /// Which peer sent a message, from the topic it arrived on.
@@ -70,6 +85,24 @@ impl Topics {
     pub fn inbound(&self) -> [&str; 2] {
         [&self.from_edgehub, &self.from_edged]
     }
+
+    /// What MetaManager subscribes to: the inbound topics and the bridge's state topic.
+    pub fn subscriptions(&self) -> Vec<&str> {
+        let mut topics = self.inbound().to_vec();
+        topics.extend(self.bridge_state.as_deref());
+        topics
+    }
+
+    /// The node's own five topics.
+    pub fn all(&self) -> [&str; 5] {
+        [
+            &self.from_edgehub,
+            &self.from_edged,
+            &self.to_edgehub,
+            &self.to_edged,
+            &self.status,
+        ]
+    }
 }
 
 #[cfg(test)]
@@ -83,5 +116,17 @@ mod tests {
         assert_eq!(a.sender(&a.from_edged), Some(Peer::Edged));
         assert_eq!(b.sender(&a.from_edged), None);
         assert_eq!(a.to(Peer::Edgehub), "edge/node-a/metamanager/to/edgehub");
+    }
+
+    #[test]
+    fn the_bridge_state_topic_is_subscribed_to_only_when_named() {
+        let plain = Topics::new("edge", "n");
+        assert_eq!(plain.subscriptions().len(), 2);
+        let state = "$SYS/broker/connection/bridge-n/state";
+        let bridged = Topics::new("edge", "n").with_bridge_state(Some(state.into()));
+        assert_eq!(bridged.subscriptions().last(), Some(&state));
+        assert!(bridged.is_bridge_state(state));
+        assert!(!plain.is_bridge_state(state));
+        assert_eq!(bridged.sender(state), None, "not a peer's topic");
     }
 }

@@ -95,7 +95,8 @@ impl App {
         // `descriptors`), so that a flood of clients cannot starve the database and the links.
         let open_files = descriptors::open_files_limit();
         tracing::info!(open_files = ?open_files, "file descriptor limit");
-        let topics = Topics::new(&settings.mqtt.topic_prefix, &settings.node_id);
+        let topics = Topics::new(&settings.mqtt.topic_prefix, &settings.node_id)
+            .with_bridge_state(settings.cloud_link.state_topic.clone());
         let (broker, link, inbound) = Broker::join(
             &settings,
             files.credentials,
@@ -140,7 +141,7 @@ struct Parts {
 
 impl Parts {
     /// The operations' parts, sending with `link` and keeping their state in `store`, with
-    /// the cloud disconnected until edgehub says otherwise.
+    /// the cloud disconnected until edgehub (or the bridge's state topic) says otherwise.
     fn new(settings: &Settings, topics: Topics, store: &Store, link: &Link) -> Self {
         store.track_delivery(link.publisher.delivery.clone());
         let replies = ops::Replies {
@@ -159,6 +160,7 @@ impl Parts {
             replies.metrics.clone(),
             remote_timeout,
             sync,
+            settings.cloud_link.bridge_words(),
         );
         let rules = Arc::new(ops::Rules::from_settings(settings));
         let ops = Arc::new(Ops::new(

@@ -61,6 +61,7 @@ impl Running {
             app.link.connected.clone(),
             stop.clone(),
         ));
+        background.spawn(app.cloud.state.clone().warn_if_bridge_silent(stop.clone()));
         let metasync = app.cloud.metasync.clone();
         background.spawn(metasync.run_periodic(app.podstatus_interval, stop.clone()));
         background.spawn(app.cloud.outbox.clone().run_drain(app.outbox, stop.clone()));

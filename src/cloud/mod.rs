@@ -1,14 +1,14 @@
 //! The cloud side: what MetaManager keeps and does for the cloud, which it reaches only through
 //! edgehub and which is not always there.
 //!
-//! - [`state`]: whether the cloud is connected, as edgehub last said.
+//! - [`state`]: whether the cloud is connected, as edgehub and the bridge's state topic say.
 //! - [`outbox`]: what waits for the cloud while it is away, and its paced sending.
 //! - [`metasync`]: the periodic pod-status sync to the cloud, sending what changed.
 //! - [`digest`]: the store's digest as the `digest` message, in parts when large.
 //! - [`remote`]: queries and API writes waiting for the cloud's answer.
 //! - [`refusal`]: the cloud's refusal of a write, its reason read once from its words.
 //! - [`replaces`]: the pages of `replace` operations whose last page has not come.
-//! - [`settings`]: `outbox` and `meta`, with their defaults and bounds.
+//! - [`settings`]: `outbox`, `meta` and `cloud_link`, with their defaults and bounds.
 //! - [`waiting`]: patches passed on to the cloud, waiting for its answer (in memory here, and
 //!   as rows the store writes with each patch's change).
 //!
@@ -34,7 +34,7 @@ use crate::metrics::Metrics;
 use crate::mqtt::Publisher;
 use crate::store::Store;
 
-pub use state::CloudState;
+pub use state::{CloudState, Source};
 
 /// The cloud side of one node; cheap to clone, every clone is the same cloud side.
 #[derive(Clone)]
@@ -49,22 +49,23 @@ pub struct Cloud {
 }
 
 impl Cloud {
-    /// The cloud side of the node whose store is `store`, disconnected until edgehub says
-    /// otherwise: what goes out goes with `publisher`, remote queries wait at most
-    /// `remote_timeout`, MetaSync runs by `sync`, and the patches the store says still wait
-    /// for an answer wait on.
+    /// The cloud side of the node whose store is `store`, disconnected until edgehub (or the
+    /// bridge, with `bridge`'s payloads) says otherwise: what goes out goes with `publisher`,
+    /// remote queries wait at most `remote_timeout`, MetaSync runs by `sync`, and the patches
+    /// the store says still wait for an answer wait on.
     pub fn new(
         store: &Store,
         publisher: &Publisher,
         metrics: Arc<Metrics>,
         remote_timeout: Duration,
         sync: metasync::SyncPlan,
+        bridge: Option<state::BridgeWords>,
     ) -> Self {
         let rows = store.sent_patches().unwrap_or_else(|e| {
             tracing::warn!(error = %e, "cannot read which patches wait for the cloud's answer; their answers will not be stored");
             Vec::new()
         });
-        let state = CloudState::default();
+        let state = CloudState::new(bridge);
         let outbox = outbox::Outbox::new(store.clone(), publisher.clone(), state.clone());
         let metasync =
             metasync::MetaSync::new(store.clone(), outbox.clone(), state.clone(), metrics, sync);
@@ -75,6 +76,22 @@ impl Cloud {
             remote: Arc::new(remote::RemoteQueries::new(remote_timeout)),
             patches: Arc::new(waiting::WaitingPatches::load(rows)),
             replaces: Arc::default(),
+        }
+    }
+}
+
+impl Cloud {
+    /// Records what `source` says of the cloud. Everything that acts on the cloud coming and
+    /// going (the status topic, the outbox's drain, MetaSync and the digest) follows
+    /// [`CloudState::watch`]; what is dropped when it goes is dropped here.
+    pub fn report(&self, source: Source, connected: bool) {
+        if self.state.report(source, connected) {
+            let connected = self.state.connected();
+            tracing::info!(connected, by = source.as_str(), "cloud connection changed");
+        }
+        if !self.state.connected() {
+            // The cloud starts its unfinished replaces over when it is back.
+            self.replaces.discard_all();
         }
     }
 }

@@ -1,9 +1,12 @@
-//! The cloud side's settings: the outbox (`outbox`) and what MetaManager does for and asks of
-//! the cloud (`meta`: MetaSync, remote queries and their types, token refresh).
+//! The cloud side's settings: the outbox (`outbox`), what MetaManager does for and asks of
+//! the cloud (`meta`: MetaSync, remote queries and their types, token refresh), and where it
+//! learns that the cloud is reachable besides edgehub's `connect` (`cloud_link`).
 
 use std::time::Duration;
 
 use serde::Deserialize;
+
+use super::state::BridgeWords;
 
 use crate::config::bounds::{
     self, at_most_bytes, duration_within, invalid, within, ConfigError, MIN_DURATION,
@@ -29,6 +32,95 @@ pub const MAX_REMOTE_QUERY_TIMEOUT: Duration = Duration::from_secs(3600);
 pub const MAX_TOKEN_REFRESH_BEFORE: Duration = Duration::from_secs(24 * 3600);
 /// Longer than any KubeEdge type name (`serviceaccounttoken` has 19 bytes); a DNS label's limit.
 pub const MAX_RESOURCE_TYPE_BYTES: usize = 63;
+
+/// Longer than any bridge state topic (mosquitto's is `$SYS/broker/connection/` and a client
+/// id of at most 65 535 bytes, but client ids are short), and short enough to log.
+pub const MAX_STATE_TOPIC_BYTES: usize = 1024;
+/// The bridge's payloads are words such as `1`, `0`, `online`.
+pub const MAX_STATE_PAYLOAD_BYTES: usize = 256;
+
+/// `cloud_link`: a retained topic whose payload says whether the link to the cloud is up, for a
+/// node whose broker bridges its topics to a central broker and has no edgehub to send
+/// `connect`. The payloads' defaults are mosquitto's bridge notifications (`notifications true`
+/// publishes `1` and `0`, retained, on `$SYS/broker/connection/<remote_clientid>/state`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CloudLinkSettings {
+    /// Unset: edgehub's `connect` alone says whether the cloud is reachable.
+    pub state_topic: Option<String>,
+    pub connected_payload: String,
+    pub disconnected_payload: String,
+}
+
+impl Default for CloudLinkSettings {
+    fn default() -> Self {
+        Self {
+            state_topic: None,
+            connected_payload: "1".into(),
+            disconnected_payload: "0".into(),
+        }
+    }
+}
+
+impl CloudLinkSettings {
+    /// `node_topics` are the node's own topics, which the state topic must not be.
+    pub(crate) fn validate(&self, node_topics: &[&str]) -> Result<(), ConfigError> {
+        for (key, payload) in [
+            ("cloud_link.connected_payload", &self.connected_payload),
+            (
+                "cloud_link.disconnected_payload",
+                &self.disconnected_payload,
+            ),
+        ] {
+            if payload.trim().is_empty() {
+                return invalid(key, "must not be empty or only white space".into());
+            }
+            at_most_bytes(key, payload, MAX_STATE_PAYLOAD_BYTES)?;
+        }
+        if self.connected_payload.trim() == self.disconnected_payload.trim() {
+            return invalid(
+                "cloud_link.disconnected_payload",
+                format!(
+                    "must differ from connected_payload ({:?})",
+                    self.connected_payload
+                ),
+            );
+        }
+        let Some(topic) = &self.state_topic else {
+            return Ok(());
+        };
+        let key = "cloud_link.state_topic";
+        if topic.is_empty() {
+            return invalid(
+                key,
+                "must not be empty: leave the key out to use edgehub's connect alone".into(),
+            );
+        }
+        at_most_bytes(key, topic, MAX_STATE_TOPIC_BYTES)?;
+        if topic.contains(['+', '#', '\0']) {
+            return invalid(
+                key,
+                format!("{topic:?} is a filter: name one topic, without + or #"),
+            );
+        }
+        if node_topics.contains(&topic.as_str()) {
+            return invalid(
+                key,
+                format!("{topic:?} is one of the node's own topics; name the bridge's state topic"),
+            );
+        }
+        Ok(())
+    }
+
+    /// The payloads, when a state topic is named.
+    pub fn bridge_words(&self) -> Option<BridgeWords> {
+        self.state_topic.as_ref().map(|topic| BridgeWords {
+            topic: topic.clone(),
+            connected: self.connected_payload.trim().to_owned(),
+            disconnected: self.disconnected_payload.trim().to_owned(),
+        })
+    }
+}
 
 /// Bounds and pacing of the durable outbox that holds messages for the cloud while it is
 /// disconnected.

@@ -6,10 +6,11 @@
 //!
 //! Each part's settings, with their defaults, bounds and `validate`, live beside the part:
 //! [`crate::mqtt::settings`], [`crate::store::settings`], [`crate::http::settings`] and
-//! [`crate::cloud::settings`] (`outbox` and `meta`). This module gathers them into [`Settings`]
-//! and reads the file; [`bounds`] holds what they share: the error that names the key, the
-//! range and length checks, the duration format, and reading a file a key names. Adding a
-//! setting touches its part's `settings` file (and README.md and conf/edge.yaml), nothing here.
+//! [`crate::cloud::settings`] (`outbox`, `meta` and `cloud_link`). This module gathers them into
+//! [`Settings`] and reads the file; [`bounds`] holds what they share: the error that names the
+//! key, the range and length checks, the duration format, and reading a file a key names. Adding
+//! a key to a section touches its part's `settings` file (and README.md and conf/edge.yaml),
+//! nothing here; a new section adds its field to [`Settings`].
 
 pub mod bounds;
 
@@ -21,10 +22,11 @@ use bounds::topic_level;
 pub use bounds::ConfigError;
 
 use crate::bounded_read::{self, Holds};
-use crate::cloud::settings::{MetaSettings, OutboxSettings};
+use crate::cloud::settings::{CloudLinkSettings, MetaSettings, OutboxSettings};
 use crate::http::settings::HttpSettings;
 use crate::mqtt::settings::MqttSettings;
 use crate::store::settings::DatabaseSettings;
+use crate::topics::Topics;
 
 /// A Kubernetes node name (a DNS subdomain) can be this long, and `default/node/{node_id}` is
 /// still a valid resource key (a segment holds 253 bytes, see [`crate::resource`]).
@@ -39,6 +41,7 @@ pub struct Settings {
     pub database: DatabaseSettings,
     pub meta: MetaSettings,
     pub outbox: OutboxSettings,
+    pub cloud_link: CloudLinkSettings,
     pub http: HttpSettings,
 }
 
@@ -50,6 +53,7 @@ impl Default for Settings {
             database: DatabaseSettings::default(),
             meta: MetaSettings::default(),
             outbox: OutboxSettings::default(),
+            cloud_link: CloudLinkSettings::default(),
             http: HttpSettings::default(),
         }
     }
@@ -113,6 +117,8 @@ impl Settings {
         self.database.validate()?;
         self.meta.validate()?;
         self.outbox.validate()?;
+        let topics = Topics::new(&self.mqtt.topic_prefix, &self.node_id);
+        self.cloud_link.validate(&topics.all())?;
         self.http.validate()?;
         Ok(())
     }
@@ -160,6 +166,8 @@ mod tests {
         let long_prefix = format!("mqtt:\n  topic_prefix: {}\n", "e".repeat(65));
         let long_type = format!("meta:\n  remote_types: [{}]\n", "t".repeat(64));
         let long_user = format!("mqtt:\n  username: {}\n", "u".repeat(65_536));
+        let long_state_topic = format!("cloud_link:\n  state_topic: {}\n", "s".repeat(1025));
+        let long_payload = format!("cloud_link:\n  connected_payload: {}\n", "p".repeat(257));
         let table: &[(&str, &str)] = &[
             // Types serde checks.
             ("mqtt:\n  mode: sideways\n", "mqtt.mode"),
@@ -298,6 +306,23 @@ mod tests {
             ("meta:\n  remote_types: [ConfigMap]\n", "meta.remote_types"),
             ("meta:\n  remote_types: [config-map]\n", "meta.remote_types"),
             (&long_type, "meta.remote_types"),
+            // The bridge's state topic and payloads.
+            ("cloud_link:\n  state_topic: ''\n", "cloud_link.state_topic"),
+            ("cloud_link:\n  state_topic: a/+/state\n", "cloud_link.state_topic"),
+            ("cloud_link:\n  state_topic: a/#\n", "cloud_link.state_topic"),
+            (&long_state_topic, "cloud_link.state_topic"),
+            (
+                "cloud_link:\n  state_topic: edge/edge-node/edgehub/to/metamanager\n",
+                "cloud_link.state_topic",
+            ),
+            (
+                "mqtt:\n  topic_prefix: p\nnode_id: nodea\ncloud_link:\n  state_topic: p/nodea/metamanager/status\n",
+                "cloud_link.state_topic",
+            ),
+            ("cloud_link:\n  connected_payload: ' '\n", "cloud_link.connected_payload"),
+            ("cloud_link:\n  disconnected_payload: 1\n", "cloud_link.disconnected_payload"),
+            (&long_payload, "cloud_link.connected_payload"),
+            ("cloud_link:\n  state: x\n", "cloud_link"),
         ];
         for (yaml, key) in table {
             let e = error_of(yaml);
@@ -334,6 +359,8 @@ mod tests {
             "node_id: \"a$b\"\n",
             "http:\n  max_connections: 1\n  max_requests: 4096\n  max_watches: 1\n",
             "http:\n  header_timeout: 1s\n  idle_timeout: 1h\n  allowed_hosts: [edge-node.local]\n",
+            "cloud_link:\n  state_topic: $SYS/broker/connection/bridge-edge-node/state\n",
+            "cloud_link:\n  state_topic: edge/edge-node/link\n  connected_payload: online\n  disconnected_payload: offline\n",
         ];
         for yaml in ok {
             if let Err(e) = Settings::from_yaml(yaml) {
@@ -342,6 +369,20 @@ mod tests {
         }
         let longest = format!("node_id: {}\n", "n".repeat(MAX_NODE_ID_BYTES));
         assert!(Settings::from_yaml(&longest).is_ok());
+        let longest = format!("cloud_link:\n  state_topic: {}\n", "s".repeat(1024));
+        assert!(Settings::from_yaml(&longest).is_ok());
+    }
+
+    #[test]
+    fn the_bridge_state_is_off_unless_a_topic_is_named() {
+        let s = Settings::from_yaml("").unwrap();
+        assert_eq!(s.cloud_link.bridge_words(), None);
+        let s = Settings::from_yaml("cloud_link:\n  state_topic: x/state\n").unwrap();
+        let words = s.cloud_link.bridge_words().unwrap();
+        assert_eq!(
+            (words.connected.as_str(), words.disconnected.as_str()),
+            ("1", "0")
+        );
     }
 
     #[test]

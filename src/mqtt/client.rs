@@ -236,6 +236,7 @@ async fn receive_loop_task(
                     unacked.take(refused.0.receipt);
                 }
             }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => refused_filters(&topics, &ack),
             Ok(Event::Outgoing(Outgoing::Disconnect)) => {
                 state.set(&state.receiving, false);
                 // Give the DISCONNECT packet a chance to be flushed.
@@ -252,10 +253,28 @@ async fn receive_loop_task(
     }
 }
 
-/// Subscribes to the inbound topics (rumqttc does not resubscribe on a new session).
+/// Logs each topic the broker refused to subscribe MetaManager to (an ACL without read access):
+/// nothing would ever arrive on it, and without this line the node would look idle, or, for the
+/// bridge's state topic, the cloud would stay disconnected without a word.
+fn refused_filters(topics: &Topics, ack: &rumqttc::SubAck) {
+    let refused = topics
+        .subscriptions()
+        .into_iter()
+        .zip(&ack.return_codes)
+        .filter(|(_, code)| matches!(code, rumqttc::SubscribeReasonCode::Failure));
+    for (topic, _) in refused {
+        tracing::error!(
+            topic,
+            "the broker refused the subscription (does the account have read access to it?)"
+        );
+    }
+}
+
+/// Subscribes to the inbound topics and the bridge's state topic (rumqttc does not resubscribe
+/// on a new session).
 fn subscribe(client: &AsyncClient, topics: &Topics) {
     let filters: Vec<_> = topics
-        .inbound()
+        .subscriptions()
         .into_iter()
         .map(|t| rumqttc::SubscribeFilter::new(t.to_owned(), QoS::AtLeastOnce))
         .collect();

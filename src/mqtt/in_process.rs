@@ -97,7 +97,7 @@ async fn subscribe_then_acknowledge(
     state: Arc<Connected>,
 ) {
     let filters = topics
-        .inbound()
+        .subscriptions()
         .into_iter()
         .map(|t| Filter {
             path: t.to_owned(),

@@ -1,6 +1,6 @@
 //! connect: edgehub reports whether the cloud is reachable. No reply.
 
-use crate::cloud::Cloud;
+use crate::cloud::{Cloud, Source};
 use crate::message::Message;
 use crate::mqtt::Inbound;
 use crate::topics::Peer;
@@ -30,13 +30,7 @@ pub(super) fn connect(
             return refuse_message(replies, sender, publish, &msg, text);
         }
     };
-    if cloud.state.set(connected) {
-        tracing::info!(connected, "cloud connection changed");
-    }
-    if !connected {
-        // The cloud starts its unfinished replaces over when it is back.
-        cloud.replaces.discard_all();
-    }
+    cloud.report(Source::Edgehub, connected);
     finish(replies, publish)
 }
 

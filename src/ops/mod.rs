@@ -16,6 +16,7 @@
 //! - `answer`: the cloud's responses and errors, to the remote query waiting for them or edged
 //!   (an answer to a patch stores the object it carries first);
 //! - `connect`: edgehub's report of the cloud connection;
+//! - `bridge_state`: the bridge's report of it, on `cloud_link.state_topic`;
 //! - `sync`: `meta-internal-sync`, MetaSync on request;
 //! - `versions`: a query for a scope's resourceVersions, a page at a time;
 //! - `replace`: the cloud's complete set of a scope, in pages, applied in one transaction;
@@ -29,6 +30,7 @@
 
 mod answer;
 pub mod api_write;
+mod bridge_state;
 mod change;
 mod connect;
 mod patch;
@@ -118,6 +120,9 @@ impl Ops {
             cloud,
             rules,
         } = self;
+        if topics.is_bridge_state(&publish.topic) {
+            return bridge_state::bridge_state(replies, cloud, publish);
+        }
         let Some(sender) = topics.sender(&publish.topic) else {
             tracing::warn!(topic = %publish.topic, "message on a topic MetaManager does not serve; ignored");
             return finish(replies, publish);
@@ -324,7 +329,10 @@ pub(crate) mod testing {
             let settings = Settings::from_yaml(yaml).expect("settings parse");
             let db = dir.path().join("m.db");
             let store = Store::open(&db, Default::default()).expect("store opens");
-            let topics = Arc::new(Topics::new("edge", "test-node"));
+            let topics = Arc::new(
+                Topics::new("edge", "test-node")
+                    .with_bridge_state(settings.cloud_link.state_topic.clone()),
+            );
             let (link, incoming, broker) = memory::link((*topics).clone());
             store.track_delivery(link.publisher.delivery.clone());
             let replies = Replies {
@@ -343,6 +351,7 @@ pub(crate) mod testing {
                 replies.metrics.clone(),
                 timeout,
                 sync,
+                settings.cloud_link.bridge_words(),
             );
             let rules = Arc::new(Rules::from_settings(&settings));
             Self {
@@ -381,7 +390,18 @@ pub(crate) mod testing {
         /// Delivers `payload` from `peer` and runs its handling to the end, as the dispatcher
         /// and the pipeline do; returns the packet id its ack will name.
         pub async fn handle(&mut self, peer: Peer, payload: impl Into<bytes::Bytes>) -> u16 {
-            let pkid = self.broker.deliver(&self.from(peer), payload);
+            let topic = self.from(peer);
+            self.handle_on(&topic, payload).await
+        }
+
+        /// As [`Self::handle`], for a publish on any topic, as it is.
+        pub async fn handle_raw(&mut self, topic: &str, payload: &[u8]) -> u16 {
+            self.handle_on(topic, bytes::Bytes::copy_from_slice(payload))
+                .await
+        }
+
+        async fn handle_on(&mut self, topic: &str, payload: impl Into<bytes::Bytes>) -> u16 {
+            let pkid = self.broker.deliver(topic, payload);
             let message = self.incoming.recv().await.expect("delivered");
             self.ops.dispatch(message).await.await;
             pkid

@@ -535,6 +535,16 @@ impl Peer {
             .unwrap();
     }
 
+    /// Publishes `payload` on `topic`, retained, at QoS 1.
+    pub async fn publish_retained(&self, topic: &str, payload: &str) {
+        self.client
+            .as_ref()
+            .unwrap()
+            .publish(topic, QoS::AtLeastOnce, true, payload.as_bytes().to_vec())
+            .await
+            .unwrap();
+    }
+
     pub async fn publish_raw(&self, peer: &str, payload: Vec<u8>) {
         self.client
             .as_ref()

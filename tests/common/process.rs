@@ -153,18 +153,27 @@ impl Mosquitto {
         read_log(&self.dir.path().join("mosquitto.log"))
     }
 
+    /// Stops the broker as a service manager does (SIGTERM): it says goodbye to its clients and
+    /// bridges, and saves what its configuration keeps.
+    pub fn stop(&mut self) {
+        sigterm(&self.child);
+        if exit_within(&mut self.child, STOP_WITHIN).is_none() {
+            self.kill();
+        }
+    }
+
+    /// Starts the stopped broker again: the same port, configuration and directory (so what it
+    /// saved is restored). `false` if it did not come up.
+    pub fn start_again(&mut self, binary: &Path) -> bool {
+        self.child = Self::spawn(binary, self.dir.path());
+        wait_for_port(self.port, Duration::from_secs(5))
+    }
+
     fn start_conf(binary: &Path, port: u16, conf: impl Fn(u16, &Path) -> String) -> Option<Self> {
         let dir = tempfile::tempdir().expect("mosquitto's directory");
         let conf_file = dir.path().join("mosquitto.conf");
         std::fs::write(&conf_file, conf(port, dir.path())).expect("write mosquitto.conf");
-        let log = std::fs::File::create(dir.path().join("mosquitto.log")).expect("mosquitto.log");
-        let child = Command::new(binary)
-            .arg("-c")
-            .arg(&conf_file)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start mosquitto");
+        let child = Self::spawn(binary, dir.path());
         let mut broker = Self { port, child, dir };
         if wait_for_port(port, Duration::from_secs(5)) {
             return Some(broker);
@@ -172,6 +181,22 @@ impl Mosquitto {
         broker.kill();
         eprintln!("mosquitto did not listen on {port}: {}", broker.log());
         None
+    }
+
+    /// mosquitto on `dir`'s mosquitto.conf, its stderr appended to `dir`'s mosquitto.log.
+    fn spawn(binary: &Path, dir: &Path) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("mosquitto.log"))
+            .expect("mosquitto.log");
+        Command::new(binary)
+            .arg("-c")
+            .arg(dir.join("mosquitto.conf"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start mosquitto")
     }
 }
 
