@@ -327,6 +327,21 @@ impl Writer {
             tracing::error!(error = %text, changes = batch.len(), "updating the digest failed");
             return fail_all(text);
         }
+        self.prune_when_due();
+        if let Err(e) = self.conn.execute_batch("COMMIT") {
+            self.abandon_batch(rows_at_start, changes_at_start, &marks, &released);
+            let text = e.to_string();
+            tracing::error!(error = %text, changes = batch.len(), "store commit failed");
+            return fail_all(text);
+        }
+        self.metrics.commit(started.elapsed(), batch.len());
+        self.announce(batch.len(), effect);
+        outcomes
+    }
+
+    /// Prunes the remembered message ids and the change history, each once it has grown by
+    /// [`PRUNE_EVERY`], inside the batch's transaction; a failure costs only the pruning.
+    fn prune_when_due(&mut self) {
         if self.recorded_since_prune >= PRUNE_EVERY {
             if let Err(e) = self.prune_processed() {
                 tracing::warn!(error = %e, "pruning remembered message ids failed");
@@ -339,17 +354,15 @@ impl Writer {
             }
             self.changes_since_prune = 0;
         }
-        if let Err(e) = self.conn.execute_batch("COMMIT") {
-            self.abandon_batch(rows_at_start, changes_at_start, &marks, &released);
-            let text = e.to_string();
-            tracing::error!(error = %text, changes = batch.len(), "store commit failed");
-            return fail_all(text);
-        }
-        self.metrics.commit(started.elapsed(), batch.len());
+    }
+
+    /// Makes a committed batch known: the counters, the outbox's length and its sender, and
+    /// the change feed. Only after the commit, so nothing announces what is not on disk.
+    fn announce(&self, changes: usize, effect: BatchEffects) {
         self.shared.commits.fetch_add(1, Ordering::Relaxed);
         self.shared
             .committed_changes
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            .fetch_add(changes as u64, Ordering::Relaxed);
         if effect.touched {
             self.publish_outbox_len();
             if effect.dropped > 0 {
@@ -365,7 +378,6 @@ impl Writer {
             self.shared.outbox_changed.notify_one();
         }
         self.shared.feed.publish(effect.events);
-        outcomes
     }
 
     /// Opens a batch's transaction and applies the settle marks and releases taken for it
@@ -443,32 +455,12 @@ impl Writer {
     }
 
     fn apply(&mut self, change: &Change, effect: &mut BatchEffects) -> rusqlite::Result<Applied> {
-        let conn = &self.conn;
         if let Some(id) = &change.msg_id {
-            let seen: Option<(bool, Option<i64>, Option<i64>)> = conn
-                .prepare_cached("SELECT settled, change_seq, run FROM processed WHERE msg_id = ?1")?
-                .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-                .optional()?;
-            if let Some((settled, made, run)) = seen {
-                let this_run = run == Some(self.run);
-                let current =
-                    !this_run && !settled && is_current(conn, change.write.as_ref(), made)?;
-                if !this_run {
-                    // Handled by this run from now on: a further copy is only acked.
-                    conn.prepare_cached("UPDATE processed SET run = ?2 WHERE msg_id = ?1")?
-                        .execute(params![id, self.run])?;
-                }
-                return Ok(Applied {
-                    outcome: Outcome::Duplicate {
-                        this_run,
-                        settled,
-                        current,
-                    },
-                    queued: false,
-                    change: None,
-                });
+            if let Some(duplicate) = self.duplicate(id, change)? {
+                return Ok(duplicate);
             }
         }
+        let conn = &self.conn;
         if !change.outbox_done.is_empty() {
             let mut stmt = conn.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?;
             for seq in &change.outbox_done {
@@ -505,6 +497,57 @@ impl Writer {
         // its object, for one that found none.
         let changed_nothing = matches!(outcome, Outcome::Unchanged | Outcome::Stale);
         let found_nothing = !outcome.keeps_riders(change.to_cloud_needs_object);
+        self.note_sent_patch(change, found_nothing)?;
+        let queued = match &change.to_cloud {
+            Some(m) if !changed_nothing && !found_nothing => {
+                self.enqueue(m, effect)?;
+                true
+            }
+            _ => false,
+        };
+        let applied = Applied {
+            outcome,
+            queued,
+            change: made.map(|m| m as u64),
+        };
+        if let Some(id) = &change.msg_id {
+            self.record_id(id, applied.settled(), made)?;
+        }
+        Ok(applied)
+    }
+
+    /// What a copy of a message whose id is recorded is ([`Outcome::Duplicate`]), or `None`
+    /// for a first copy.
+    fn duplicate(&self, id: &str, change: &Change) -> rusqlite::Result<Option<Applied>> {
+        let conn = &self.conn;
+        let seen: Option<(bool, Option<i64>, Option<i64>)> = conn
+            .prepare_cached("SELECT settled, change_seq, run FROM processed WHERE msg_id = ?1")?
+            .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .optional()?;
+        let Some((settled, made, run)) = seen else {
+            return Ok(None);
+        };
+        let this_run = run == Some(self.run);
+        let current = !this_run && !settled && is_current(conn, change.write.as_ref(), made)?;
+        if !this_run {
+            // Handled by this run from now on: a further copy is only acked.
+            conn.prepare_cached("UPDATE processed SET run = ?2 WHERE msg_id = ?1")?
+                .execute(params![id, self.run])?;
+        }
+        Ok(Some(Applied {
+            outcome: Outcome::Duplicate {
+                this_run,
+                settled,
+                current,
+            },
+            queued: false,
+            change: None,
+        }))
+    }
+
+    /// Remembers a patch sent to the cloud (unless it found no object), so that its answer is
+    /// stored, keeping the last [`super::MAX_SENT_PATCHES`]; forgets one that was answered.
+    fn note_sent_patch(&self, change: &Change, found_nothing: bool) -> rusqlite::Result<()> {
         if let Some(patch) = change.remember_patch.as_ref().filter(|_| !found_nothing) {
             self.conn
                 .prepare_cached(
@@ -521,32 +564,21 @@ impl Writer {
                 .prepare_cached("DELETE FROM sent_patches WHERE msg_id = ?1")?
                 .execute([id])?;
         }
-        let queued = match &change.to_cloud {
-            Some(m) if !changed_nothing && !found_nothing => {
-                self.enqueue(m, effect)?;
-                true
-            }
-            _ => false,
-        };
-        let applied = Applied {
-            outcome,
-            queued,
-            change: made.map(|m| m as u64),
-        };
-        if let Some(id) = &change.msg_id {
-            // Settled: nothing is left to pass on, because the change was a no-op or its
-            // message is already in the outbox, committed with it. Otherwise the caller
-            // settles it once the forward is handed on.
-            let settled = applied.settled();
-            self.conn
-                .prepare_cached(
-                    "INSERT INTO processed (msg_id, settled, change_seq, run)
-                     VALUES (?1, ?2, ?3, ?4)",
-                )?
-                .execute(params![id, settled, made, self.run])?;
-            self.recorded_since_prune += 1;
-        }
-        Ok(applied)
+        Ok(())
+    }
+
+    /// Records a message's id, with the change it made. Settled when nothing is left to pass
+    /// on, because the change was a no-op or its message is already in the outbox, committed
+    /// with it; otherwise the caller settles it once the forward is handed on.
+    fn record_id(&mut self, id: &str, settled: bool, made: Option<i64>) -> rusqlite::Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO processed (msg_id, settled, change_seq, run)
+                 VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![id, settled, made, self.run])?;
+        self.recorded_since_prune += 1;
+        Ok(())
     }
 
     /// The marks whose forward the broker has acknowledged; the others wait.
