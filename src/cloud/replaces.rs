@@ -125,6 +125,100 @@ impl Held {
     }
 }
 
+impl Held {
+    /// A new start (page 0) of the replace `id`: whatever was held under this id, or for this
+    /// scope, is dropped.
+    fn start(
+        &mut self,
+        id: &str,
+        namespace: &str,
+        rtype: &str,
+        now: Instant,
+    ) -> Result<Pending, ReplaceError> {
+        self.drop_id(id);
+        let scope = format!("{namespace}/{rtype}");
+        let same_scope: Vec<String> = self
+            .by_id
+            .iter()
+            .filter(|(_, p)| p.set.scope() == scope)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for other in same_scope {
+            self.drop_id(&other);
+        }
+        if self.by_id.len() >= MAX_HELD_REPLACES {
+            return Err(ReplaceError::TooMany {
+                replace_id: id.to_owned(),
+            });
+        }
+        Ok(Pending {
+            set: ReplaceSet::new(namespace, rtype),
+            page: 0,
+            msg_ids: Vec::new(),
+            touched: now,
+        })
+    }
+
+    /// The replace `id` taken out of the map for its next page, `page`, of `scope`; out of
+    /// the map for good when the page does not follow.
+    fn follow(
+        &mut self,
+        id: &str,
+        scope: &str,
+        page: u64,
+        now: Instant,
+    ) -> Result<Pending, ReplaceError> {
+        let replace_id = id.to_owned();
+        let Some(p) = self.by_id.remove(id) else {
+            return Err(ReplaceError::NothingHeld { replace_id, page });
+        };
+        self.bytes -= p.set.bytes();
+        if p.set.scope() != scope {
+            return Err(ReplaceError::OtherScope {
+                replace_id,
+                held: p.set.scope(),
+                scope: scope.to_owned(),
+            });
+        }
+        if page != p.page + 1 {
+            return Err(ReplaceError::OutOfSequence {
+                replace_id,
+                page,
+                held: p.page,
+            });
+        }
+        Ok(Pending {
+            page,
+            touched: now,
+            ..p
+        })
+    }
+
+    /// Adds a page's items to `pending`, within [`MAX_HELD_BYTES`] over all replaces.
+    fn fill(
+        &self,
+        pending: &mut Pending,
+        id: &str,
+        items: Vec<(String, Bytes)>,
+    ) -> Result<(), ReplaceError> {
+        for (name, value) in items {
+            let cost = pending.set.cost(&name, &value);
+            if self.bytes + pending.set.bytes() + cost > MAX_HELD_BYTES {
+                return Err(ReplaceError::TooLarge {
+                    replace_id: id.to_owned(),
+                });
+            }
+            if !pending.set.add(&name, value) {
+                return Err(ReplaceError::Twice {
+                    replace_id: id.to_owned(),
+                    name,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Replaces {
     /// Takes one page of a replace of the scope `namespace/rtype`, carried by the message
     /// `msg_id`, at `now`.
@@ -139,7 +233,6 @@ impl Replaces {
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         held.drop_expired(now);
         let id = page.replace_id.clone();
-        let scope = format!("{namespace}/{rtype}");
         let held_page = held
             .by_id
             .get(&id)
@@ -148,67 +241,13 @@ impl Replaces {
             return Ok(Taken::Repeat);
         }
         let mut pending = if page.page == 0 {
-            // A new start: whatever was held under this id, or for this scope, is dropped.
-            held.drop_id(&id);
-            let same_scope: Vec<String> = held
-                .by_id
-                .iter()
-                .filter(|(_, p)| p.set.scope() == scope)
-                .map(|(id, _)| id.clone())
-                .collect();
-            for other in same_scope {
-                held.drop_id(&other);
-            }
-            if held.by_id.len() >= MAX_HELD_REPLACES {
-                return Err(ReplaceError::TooMany { replace_id: id });
-            }
-            Pending {
-                set: ReplaceSet::new(namespace, rtype),
-                page: 0,
-                msg_ids: Vec::new(),
-                touched: now,
-            }
+            held.start(&id, namespace, rtype, now)?
         } else {
-            let Some(p) = held.by_id.remove(&id) else {
-                return Err(ReplaceError::NothingHeld {
-                    replace_id: id,
-                    page: page.page,
-                });
-            };
-            held.bytes -= p.set.bytes();
-            if p.set.scope() != scope {
-                return Err(ReplaceError::OtherScope {
-                    replace_id: id,
-                    held: p.set.scope(),
-                    scope,
-                });
-            }
-            if page.page != p.page + 1 {
-                return Err(ReplaceError::OutOfSequence {
-                    replace_id: id,
-                    page: page.page,
-                    held: p.page,
-                });
-            }
-            Pending {
-                page: page.page,
-                touched: now,
-                ..p
-            }
+            let scope = format!("{namespace}/{rtype}");
+            held.follow(&id, &scope, page.page, now)?
         };
         // `pending` is out of the map here: an error below drops it with its bytes.
-        for (name, value) in page.items {
-            let cost = pending.set.cost(&name, &value);
-            if held.bytes + pending.set.bytes() + cost > MAX_HELD_BYTES {
-                return Err(ReplaceError::TooLarge { replace_id: id });
-            }
-            if !pending.set.add(&name, value) {
-                return Err(ReplaceError::Twice {
-                    replace_id: id,
-                    name,
-                });
-            }
-        }
+        held.fill(&mut pending, &id, page.items)?;
         if page.last {
             if held.completed.len() >= COMPLETED_KEPT {
                 held.completed.pop_front();
