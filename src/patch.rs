@@ -356,7 +356,7 @@ fn merge_by_key(
     list: KeyedList,
     order: Option<&Value>,
 ) -> Result<Vec<Value>, PatchError> {
-    let key_of = |v: &Value| v.get(list.key).and_then(Value::as_str).map(str::to_owned);
+    let key_of = |v: &Value| key_of(v, list.key);
     // A target that is not a list is replaced, as RFC 7386 replaces it.
     let mut slots: Vec<Option<Value>> = match current {
         Some(Value::Array(items)) => items.into_iter().map(Some).collect(),
@@ -371,29 +371,11 @@ fn merge_by_key(
         }
     }
     for (n, entry) in entries.iter().enumerate() {
-        let no_key = PatchError::NoMergeKey {
-            list: list.field,
-            key: list.key,
-            entry: n,
-        };
-        let Some(fields) = entry.as_object() else {
-            return Err(no_key);
-        };
-        let Some(k) = key_of(entry) else {
-            return Err(no_key);
-        };
-        let directive = match fields.get("$patch") {
-            None => None,
-            Some(Value::String(d)) if matches!(d.as_str(), "merge" | "replace" | "delete") => {
-                Some(d.as_str())
-            }
-            Some(_) => {
-                return Err(PatchError::Directive {
-                    list: list.field,
-                    entry: n,
-                })
-            }
-        };
+        let Entry {
+            key: k,
+            directive,
+            fields,
+        } = read_entry(entry, n, list)?;
         if directive == Some("delete") {
             for i in index.remove(&k).unwrap_or_default() {
                 slots[i] = None;
@@ -426,20 +408,70 @@ fn merge_by_key(
     }
     let mut items: Vec<Value> = slots.into_iter().flatten().collect();
     if let Some(Value::Array(order)) = order {
-        let rank: HashMap<String, usize> = order
-            .iter()
-            .filter_map(key_of)
-            .enumerate()
-            .map(|(i, k)| (k, i))
-            .collect();
-        // Stable: the entries the order does not name keep their places among themselves.
-        items.sort_by_key(|v| {
-            key_of(v)
-                .and_then(|k| rank.get(&k).copied())
-                .unwrap_or(usize::MAX)
-        });
+        sort_in_order(&mut items, order, list.key);
     }
     Ok(items)
+}
+
+/// The value of `key` in the list entry `v`, when it is a string.
+fn key_of(v: &Value, key: &str) -> Option<String> {
+    v.get(key).and_then(Value::as_str).map(str::to_owned)
+}
+
+/// One entry of a keyed list in a patch.
+struct Entry<'a> {
+    key: String,
+    /// `merge`, `replace` or `delete`, from `$patch`.
+    directive: Option<&'a str>,
+    fields: &'a serde_json::Map<String, Value>,
+}
+
+/// The patch's entry `n` of a keyed list, checked.
+fn read_entry(entry: &Value, n: usize, list: KeyedList) -> Result<Entry<'_>, PatchError> {
+    let no_key = PatchError::NoMergeKey {
+        list: list.field,
+        key: list.key,
+        entry: n,
+    };
+    let Some(fields) = entry.as_object() else {
+        return Err(no_key);
+    };
+    let Some(k) = key_of(entry, list.key) else {
+        return Err(no_key);
+    };
+    let directive = match fields.get("$patch") {
+        None => None,
+        Some(Value::String(d)) if matches!(d.as_str(), "merge" | "replace" | "delete") => {
+            Some(d.as_str())
+        }
+        Some(_) => {
+            return Err(PatchError::Directive {
+                list: list.field,
+                entry: n,
+            })
+        }
+    };
+    Ok(Entry {
+        key: k,
+        directive,
+        fields,
+    })
+}
+
+/// Sorts `items` by where their `key` stands in `order`. Stable: the entries the order does
+/// not name keep their places among themselves, after those it names.
+fn sort_in_order(items: &mut [Value], order: &[Value], key: &str) {
+    let rank: HashMap<String, usize> = order
+        .iter()
+        .filter_map(|v| key_of(v, key))
+        .enumerate()
+        .map(|(i, k)| (k, i))
+        .collect();
+    items.sort_by_key(|v| {
+        key_of(v, key)
+            .and_then(|k| rank.get(&k).copied())
+            .unwrap_or(usize::MAX)
+    });
 }
 
 /// RFC 6902 through the crate, one operation at a time so that each is checked against the
