@@ -2,14 +2,16 @@
 //! expiring): asked of the cloud, once for all who ask for the same resource meanwhile, and
 //! answered to each when the cloud answers or when it does not in time.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::cloud::remote::{Answer, Askers, Joined};
 use crate::cloud::Cloud;
 use crate::message::{self, Message, Operation};
 use crate::metrics::RemoteOutcome;
+use crate::resource::Resource;
 use crate::store::{Store, StoreError, Write};
 use crate::topics::Peer;
 
@@ -83,20 +85,23 @@ pub(super) async fn remote_query(
                 replies
                     .metrics
                     .remote_query(RemoteOutcome::Timeout, Some(sent.elapsed()));
-                tracing::warn!(resource = %key, ?timeout, "remote query timed out");
-                let text = format!(
-                    "the cloud did not answer the query for {key} in time ({})",
-                    humantime::format_duration(timeout)
-                );
-                if !serve_fallback(&replies, &key, &askers).await {
-                    for query in &askers.queries {
-                        let reply = message::error(Some(query.msg_id()), &key, &text);
-                        replies.send(Peer::Edged, reply, Operation::Error).await;
-                    }
-                }
+                timed_out(&replies, &key, &askers, timeout).await;
             }
         }
     });
+}
+
+/// The cloud did not answer within `timeout`: every asker gets the stored copy to fall back
+/// on, or an error.
+async fn timed_out(replies: &Replies, key: &str, askers: &Askers, timeout: Duration) {
+    tracing::warn!(resource = %key, ?timeout, "remote query timed out");
+    let text = format!(
+        "the cloud did not answer the query for {key} in time ({})",
+        humantime::format_duration(timeout)
+    );
+    if !serve_fallback(replies, key, askers).await {
+        error_to_all(replies, askers, key, &text).await;
+    }
 }
 
 /// Answers every asker with the stored copy when there is one to fall back on; `false` when
@@ -107,11 +112,29 @@ async fn serve_fallback(replies: &Replies, key: &str, askers: &Askers) -> bool {
     };
     tracing::info!(resource = %key, "the cloud could not refresh it; serving the stored copy, which has not expired");
     let content = message::raw_array([stored.as_str()]);
-    for query in &askers.queries {
-        let reply = message::reply(query, Operation::Response, &content);
-        replies.send(Peer::Edged, reply, Operation::Response).await;
-    }
+    reply_to_all(replies, askers, Operation::Response, &content).await;
     true
+}
+
+/// Sends every asker a reply of `operation` with `content`.
+async fn reply_to_all(
+    replies: &Replies,
+    askers: &Askers,
+    operation: Operation,
+    content: &RawValue,
+) {
+    for query in &askers.queries {
+        let reply = message::reply(query, operation, content);
+        replies.send(Peer::Edged, reply, operation).await;
+    }
+}
+
+/// Sends every asker an `error` of MetaManager's own, saying `text` about `key`.
+async fn error_to_all(replies: &Replies, askers: &Askers, key: &str, text: &str) {
+    for query in &askers.queries {
+        let reply = message::error(Some(query.msg_id()), key, text);
+        replies.send(Peer::Edged, reply, Operation::Error).await;
+    }
 }
 
 /// Stores what the cloud sent for a remote query and answers every asker with it.
@@ -131,20 +154,28 @@ async fn fill_from_cloud(
             return;
         }
         let content = answer.content_raw();
-        for query in &askers.queries {
-            let reply = message::reply(query, Operation::Error, &content);
-            replies.send(Peer::Edged, reply, Operation::Error).await;
-        }
+        reply_to_all(replies, askers, Operation::Error, &content).await;
         return;
     }
     let Some(objects) = answered_objects(&answer, resource.name()) else {
         let text = format!("the cloud answered the query for {key} with content that is neither an object nor a list");
-        for query in &askers.queries {
-            let reply = message::error(Some(query.msg_id()), key, &text);
-            replies.send(Peer::Edged, reply, Operation::Error).await;
-        }
+        error_to_all(replies, askers, key, &text).await;
         return;
     };
+    let answered = store_answer(store, key, resource, objects).await;
+    let content = message::raw_array(answered.iter().map(String::as_str));
+    reply_to_all(replies, askers, Operation::Response, &content).await;
+}
+
+/// Stores each object of the cloud's answer to the query of `resource` (at `key` when one
+/// object was asked for, else by its name), all submitted before any is waited for; the
+/// objects' JSON, in the answer's order. An object not stored is still answered.
+async fn store_answer(
+    store: &Store,
+    key: &str,
+    resource: &Resource,
+    objects: Vec<Value>,
+) -> Vec<String> {
     let mut pending = Vec::with_capacity(objects.len());
     let mut answered = Vec::with_capacity(objects.len());
     for object in objects {
@@ -155,8 +186,7 @@ async fn fill_from_cloud(
                 .pointer("/metadata/name")
                 .and_then(Value::as_str)
                 .and_then(|name| {
-                    crate::resource::Resource::object(resource.namespace(), resource.rtype(), name)
-                        .ok()
+                    Resource::object(resource.namespace(), resource.rtype(), name).ok()
                 })
                 .map(|r| r.key().to_owned()),
         };
@@ -177,11 +207,7 @@ async fn fill_from_cloud(
             tracing::warn!(resource = %key, error = %e, "could not store the cloud's answer; answering edged anyway");
         }
     }
-    let content = message::raw_array(answered.iter().map(String::as_str));
-    for query in &askers.queries {
-        let reply = message::reply(query, Operation::Response, &content);
-        replies.send(Peer::Edged, reply, Operation::Response).await;
-    }
+    answered
 }
 
 /// The objects in the cloud's answer to a query, `None` when its content is neither an object
