@@ -7,9 +7,9 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
+use common::lockdown::shipped_conf;
 use common::{
     count_rows, message, mosquitto_binary, mosquitto_clients, msg_id, BrokerKind, Mosquitto,
     Options, TestApp, NODE, WAIT,
@@ -21,10 +21,6 @@ use tokio::sync::mpsc;
 const MM_PASSWORD: &str = "mm-pass";
 const EDGED_PASSWORD: &str = "edged-pass";
 const POD_KEY: &str = "default/pod/nginx-7d9c5b8f4-x2k9p";
-
-fn repo_file(name: &str) -> String {
-    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(name)).unwrap()
-}
 
 /// The bridge's state topic on the node's broker: mosquitto names it after the bridge's
 /// `remote_clientid`, which the shipped file sets to `bridge-edge-node`.
@@ -49,61 +45,17 @@ fn central_conf(port: u16, dir: &Path) -> String {
 /// The bridge retries every second here instead of backing off from 2 s towards 30 s, so the
 /// test does not wait for the back-off.
 fn node_conf(port: u16, dir: &Path, central: u16) -> String {
-    let passwd = dir.join("passwd");
     let accounts = [
         (format!("metamanager-{NODE}"), MM_PASSWORD.to_owned()),
         (format!("metamanager-{NODE}-out"), MM_PASSWORD.to_owned()),
         edged(),
     ];
-    for (i, (user, password)) in accounts.iter().enumerate() {
-        let mut cmd = Command::new("mosquitto_passwd");
-        if i == 0 {
-            cmd.arg("-c");
-        }
-        let out = cmd
-            .arg("-b")
-            .arg(&passwd)
-            .args([user, password])
-            .output()
-            .expect("mosquitto_passwd runs");
-        assert!(out.status.success(), "{out:?}");
-    }
-    let acl = dir.join("mosquitto.acl");
-    std::fs::write(
-        &acl,
-        repo_file("conf/mosquitto.acl").replace("edge-node", NODE),
-    )
-    .unwrap();
-    std::fs::write(dir.join("mm-password"), format!("{MM_PASSWORD}\n")).unwrap();
-    let store = dir.join("store");
-    std::fs::create_dir(&store).unwrap();
-    let shipped = repo_file("conf/mosquitto-bridge.conf");
-    let mut conf = String::from("user root\nlog_dest stderr\nlog_type all\n");
-    let mut rewritten = 0;
-    for line in shipped.lines() {
-        let key = line.split_whitespace().next().unwrap_or("");
-        let replaced = match key {
-            "listener" => format!("listener {port} 127.0.0.1"),
-            "password_file" => format!("password_file {}", passwd.display()),
-            "acl_file" => format!("acl_file {}", acl.display()),
-            "persistence_location" => format!("persistence_location {}/", store.display()),
-            "address" => format!("address 127.0.0.1:{central}"),
-            "restart_timeout" => "restart_timeout 1".to_owned(),
-            _ => {
-                conf += &line.replace("edge-node", NODE);
-                conf.push('\n');
-                continue;
-            }
-        };
-        rewritten += 1;
-        conf += &replaced;
-        conf.push('\n');
-    }
-    assert_eq!(
-        rewritten, 6,
-        "the shipped file's lines this test rewrites:\n{shipped}"
-    );
-    conf
+    let replace = [
+        ("address", format!("address 127.0.0.1:{central}")),
+        ("restart_timeout", "restart_timeout 1".to_owned()),
+    ];
+    let conf = "conf/mosquitto-bridge.conf";
+    shipped_conf(conf, port, dir, &accounts, MM_PASSWORD, &replace)
 }
 
 /// The cloud's client on the central broker, with a session the central broker keeps: what

@@ -11,6 +11,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use common::lockdown::shipped_conf;
 use common::{
     assert_acked, fixture, forward_to_edged, message, mosquitto_binary, mosquitto_clients,
     BrokerKind, Mosquitto, Options, Peer, TestApp, NODE, WAIT,
@@ -41,60 +42,23 @@ fn monitor() -> (String, String) {
     (format!("monitor-{NODE}"), MONITOR_PASSWORD.into())
 }
 
-fn repo_file(name: &str) -> String {
-    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(name)).unwrap()
-}
-
 /// The shipped configuration, with the port, the file locations and the node id of the test.
 fn secure_conf(port: u16, dir: &Path) -> String {
-    let passwd = dir.join("passwd");
-    for (i, (user, password)) in [
+    let accounts = [
         (mm_user(), MM_PASSWORD.to_string()),
         (mm_out_user(), MM_PASSWORD.to_string()),
         edgehub(),
         edged(),
         monitor(),
-    ]
-    .iter()
-    .enumerate()
-    {
-        let mut cmd = Command::new("mosquitto_passwd");
-        if i == 0 {
-            cmd.arg("-c");
-        }
-        let out = cmd
-            .arg("-b")
-            .arg(&passwd)
-            .args([user, password])
-            .output()
-            .expect("mosquitto_passwd runs");
-        assert!(out.status.success(), "{out:?}");
-    }
-    let acl = dir.join("mosquitto.acl");
-    std::fs::write(
-        &acl,
-        repo_file("conf/mosquitto.acl").replace("edge-node", NODE),
+    ];
+    shipped_conf(
+        "conf/mosquitto-secure.conf",
+        port,
+        dir,
+        &accounts,
+        MM_PASSWORD,
+        &[],
     )
-    .unwrap();
-    // MetaManager's password file (both of its accounts have this password).
-    std::fs::write(dir.join("mm-password"), format!("{MM_PASSWORD}\n")).unwrap();
-    let store = dir.join("store");
-    std::fs::create_dir(&store).unwrap();
-    // Run as root (as in CI), mosquitto would switch to the `mosquitto` user and could then
-    // not read the files in this private temp dir.
-    let mut conf = String::from("user root\nlog_dest stderr\nlog_type all\n");
-    for line in repo_file("conf/mosquitto-secure.conf").lines() {
-        let key = line.split_whitespace().next().unwrap_or("");
-        conf += &match key {
-            "listener" => format!("listener {port} 127.0.0.1"),
-            "password_file" => format!("password_file {}", passwd.display()),
-            "acl_file" => format!("acl_file {}", acl.display()),
-            "persistence_location" => format!("persistence_location {}/", store.display()),
-            _ => line.to_owned(),
-        };
-        conf.push('\n');
-    }
-    conf
 }
 
 /// MetaManager with its two accounts on the secured broker, its test client logged in as

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod kubectl;
+pub mod lockdown;
 pub mod process;
 pub mod rabbitmq;
 pub mod scenarios;
