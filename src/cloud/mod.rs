@@ -78,9 +78,7 @@ impl Cloud {
             replaces: Arc::default(),
         }
     }
-}
 
-impl Cloud {
     /// Records what `source` says of the cloud. Everything that acts on the cloud coming and
     /// going (the status topic, the outbox's drain, MetaSync and the digest) follows
     /// [`CloudState::watch`]; what is dropped when it goes is dropped here.
