@@ -236,7 +236,14 @@ async fn receive_loop_task(
                     unacked.take(refused.0.receipt);
                 }
             }
-            Ok(Event::Incoming(Packet::SubAck(ack))) => refused_filters(&topics, &ack),
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                for topic in refused_filters(&topics, &ack) {
+                    tracing::error!(
+                        topic,
+                        "the broker refused the subscription (may the account read the topic?)"
+                    );
+                }
+            }
             Ok(Event::Outgoing(Outgoing::Disconnect)) => {
                 state.set(&state.receiving, false);
                 // Give the DISCONNECT packet a chance to be flushed.
@@ -253,21 +260,18 @@ async fn receive_loop_task(
     }
 }
 
-/// Logs each topic the broker refused to subscribe MetaManager to (an ACL without read access):
-/// nothing would ever arrive on it, and without this line the node would look idle, or, for the
-/// bridge's state topic, the cloud would stay disconnected without a word.
-fn refused_filters(topics: &Topics, ack: &rumqttc::SubAck) {
-    let refused = topics
+/// The topics a SUBACK refuses, in the order [`subscribe`] asked for them: nothing would ever
+/// arrive on them, and without a word the node would look idle or, for the bridge's state
+/// topic, the cloud would stay disconnected. (mosquitto 2.0 accepts a subscription its ACL
+/// denies and delivers nothing; RabbitMQ closes the connection instead.)
+fn refused_filters<'a>(topics: &'a Topics, ack: &rumqttc::SubAck) -> Vec<&'a str> {
+    topics
         .subscriptions()
         .into_iter()
         .zip(&ack.return_codes)
-        .filter(|(_, code)| matches!(code, rumqttc::SubscribeReasonCode::Failure));
-    for (topic, _) in refused {
-        tracing::error!(
-            topic,
-            "the broker refused the subscription (does the account have read access to it?)"
-        );
-    }
+        .filter(|(_, code)| matches!(code, rumqttc::SubscribeReasonCode::Failure))
+        .map(|(topic, _)| topic)
+        .collect()
 }
 
 /// Subscribes to the inbound topics and the bridge's state topic (rumqttc does not resubscribe
@@ -449,7 +453,7 @@ impl Reconnect {
             tracing::warn!(
                 client_id = %self.client_id,
                 ?retry_in,
-                "the broker closed the connection soon after accepting it: another client connected with client id {} (session takeover), or the broker refuses this client; backing off",
+                "the broker closed the connection soon after accepting it: another client connected with client id {} (session takeover), or the broker refuses this client or one of its subscriptions (RabbitMQ closes the connection of a client that subscribes to a topic it may not read, cloud_link.state_topic included); backing off",
                 self.client_id
             );
         } else if was_up {
@@ -500,5 +504,23 @@ fn describe(e: &ConnectionError) -> String {
                 _ => other.to_string(),
             },
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rumqttc::{SubAck, SubscribeReasonCode};
+
+    use super::*;
+
+    #[test]
+    fn a_refused_subscription_is_named_by_its_topic() {
+        let state = "$SYS/broker/connection/bridge-n/state";
+        let topics = Topics::new("edge", "n").with_bridge_state(Some(state.into()));
+        let granted = SubscribeReasonCode::Success(QoS::AtLeastOnce);
+        let ack = SubAck::new(1, vec![granted, granted, SubscribeReasonCode::Failure]);
+        assert_eq!(refused_filters(&topics, &ack), vec![state]);
+        let ack = SubAck::new(1, vec![granted; 3]);
+        assert!(refused_filters(&topics, &ack).is_empty());
     }
 }
