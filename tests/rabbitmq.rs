@@ -183,27 +183,3 @@ async fn takeover_refused_with_per_node_accounts() {
         "edged read edgehub's topic: {tried:?}"
     );
 }
-
-/// A state topic MetaManager's account may not read: RabbitMQ closes the receiving connection
-/// at the subscription (it does not refuse it in the SUBACK as the protocol allows), and
-/// MetaManager's warning names that cause among the others.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_state_topic_the_account_may_not_read_closes_the_connection_and_says_why() {
-    let state = format!("edge/{NODE}/link/state");
-    let options =
-        Options::new(BrokerKind::RabbitMq).yaml(&format!("cloud_link:\n  state_topic: {state}\n"));
-    let Some(app) = TestApp::spawn(options).await else {
-        return;
-    };
-    let said =
-        "RabbitMQ closes the connection of a client that subscribes to a topic it may not read";
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !app.log().contains(said) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no warning:\n{}",
-            app.log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
