@@ -113,6 +113,13 @@ impl Cloud {
         }
     }
 
+    /// Drops what the node sent that was not taken yet (an older digest, say), so that the next
+    /// message read is one sent from now on.
+    pub fn forget_unread(&mut self) {
+        self.unread.clear();
+        while self.client.received.try_recv().is_ok() {}
+    }
+
     /// The next message from the node that `keep` takes; others are kept for later.
     pub async fn next_where(&mut self, keep: impl Fn(&Value) -> bool) -> Value {
         let mut passed = VecDeque::new();
@@ -281,12 +288,18 @@ impl Cloud {
     /// an insert or update for each object that is missing or of another version there, and a
     /// delete for each it holds that the cloud does not.
     pub async fn reconcile(&mut self) -> Reconciled {
+        self.reconcile_scopes(|_| true).await
+    }
+
+    /// [`Cloud::reconcile`] of the scopes `owned` takes only: a cloud leaves alone the scopes
+    /// the edge owns (pod statuses, which it never sends), whose digest it cannot compute.
+    pub async fn reconcile_scopes(&mut self, owned: impl Fn(&str) -> bool) -> Reconciled {
         let theirs = self.digest().await;
         let ours = self.own_digest();
         let mut differing: Vec<String> = theirs
             .keys()
             .chain(ours.keys())
-            .filter(|s| theirs.get(*s) != ours.get(*s))
+            .filter(|s| owned(s) && theirs.get(*s) != ours.get(*s))
             .cloned()
             .collect();
         differing.sort();
@@ -335,9 +348,18 @@ impl Cloud {
 
     /// Whether the node's digest, asked for with a `meta-internal-sync`, equals the cloud's.
     pub async fn agrees(&mut self) -> bool {
+        self.agrees_on(|_| true).await
+    }
+
+    /// [`Cloud::agrees`] on the scopes `owned` takes only (see [`Cloud::reconcile_scopes`]).
+    pub async fn agrees_on(&mut self, owned: impl Fn(&str) -> bool) -> bool {
         self.send("meta-internal-sync", "default/node/edge-node", Value::Null)
             .await;
-        self.digest().await == self.own_digest()
+        let mut theirs = self.digest().await;
+        let mut ours = self.own_digest();
+        theirs.retain(|s, _| owned(s));
+        ours.retain(|s, _| owned(s));
+        theirs == ours
     }
 }
 

@@ -3,7 +3,7 @@
 //! tests' own harness, so that the bench starts and stops them the way the tests do.
 
 #[path = "../../tests/common/process.rs"]
-mod process;
+pub mod process;
 
 /// The hand-played cloud, which tests use too (some of it only they).
 #[path = "cloud.rs"]
@@ -125,6 +125,7 @@ pub fn start_metamanager_with(
         ),
     )
     .expect("write config");
+    let log = dir.join(format!("{node}.log"));
     let mm = MetaManager::start(Launch {
         config: Some(&config),
         // Quieter than the default, and like it without the embedded broker's own log: with
@@ -132,7 +133,8 @@ pub fn start_metamanager_with(
         rust_log: Some("warn,rumqttd=off"),
         // The bench's directory may be relative; the config names paths in it as given.
         cwd: None,
-        log: None,
+        // Warnings only: kept so that a failed run can show them.
+        log: Some(&log),
         open_files: None,
     });
     if let Broker::Embedded = broker {
@@ -154,7 +156,20 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(port: u16, id: &str, subscriptions: &[&str]) -> Self {
+        Self::connect_as(port, id, subscriptions, None).await
+    }
+
+    /// [`Client::connect`] with a username and password, for a broker that asks for them.
+    pub async fn connect_as(
+        port: u16,
+        id: &str,
+        subscriptions: &[&str],
+        login: Option<&(String, String)>,
+    ) -> Self {
         let mut options = MqttOptions::new(id, "127.0.0.1", port);
+        if let Some((user, password)) = login {
+            options.set_credentials(user, password);
+        }
         options
             .set_max_packet_size(512 << 20, 512 << 20)
             .set_inflight(1000)
@@ -168,7 +183,9 @@ impl Client {
         let counted = accepted.clone();
         let (suback_tx, mut suback) = mpsc::unbounded_channel();
         tokio::spawn(async move {
-            loop {
+            // Until the client is dropped: a dropped client's connection would otherwise be
+            // retried for as long as the process runs, when its broker has gone.
+            while !tx.is_closed() {
                 match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         if tx.send((p.topic, p.payload)).is_err() {

@@ -1,13 +1,16 @@
 //! MetaManager's benchmark: `cargo bench --bench metamanager` (add `-- --quick` for a short run,
 //! `-- --burst` for the burst and the embedded query round trip alone, with their yardsticks,
 //! `-- --reconnect` for the reconnect after an outage alone, `-- --idle` for the idle uplink
-//! and the digest's read cost alone).
+//! and the digest's read cost alone, `-- --fleet` for one node's load at a central broker and
+//! the fleet's derived from it; the last is not part of the full run: it waits in real time,
+//! about 13 minutes).
 //!
 //! Every figure is set beside a yardstick measured in the same run on the same broker: a null
 //! relay (subscribe, republish unchanged, nothing else) for the MQTT figures, and a plain
 //! rusqlite loop for the store. The ratios mean something on a noisy machine where the absolute
 //! numbers do not. The report is Markdown on stdout; BENCHMARKS.md explains it.
 
+mod fleet;
 mod harness;
 mod idle;
 mod reconnect;
@@ -37,6 +40,7 @@ async fn main() {
     let burst_only = std::env::args().any(|a| a == "--burst");
     let reconnect_only = std::env::args().any(|a| a == "--reconnect");
     let idle_only = std::env::args().any(|a| a == "--idle");
+    let fleet_only = std::env::args().any(|a| a == "--fleet");
     let sizes = if quick {
         Sizes {
             inserts: 10_000,
@@ -73,6 +77,11 @@ async fn main() {
         sizes.store_rows
     );
 
+    if fleet_only {
+        fleet::run(dir.path(), quick).await;
+        drop(broker);
+        return;
+    }
     if idle_only {
         idle_figures(port, dir.path(), &pod, &sizes).await;
         drop(broker);
