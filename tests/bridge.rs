@@ -230,9 +230,15 @@ async fn the_bridge_state_is_the_cloud_link_and_the_outbox_waits_for_it() {
     assert_eq!(received, sent, "every change, in order");
     assert_eq!(count_rows(&app, "SELECT count(*) FROM outbox"), 0);
 
-    // The state is retained: a restarted MetaManager is connected as soon as it subscribes.
+    // The state is retained: a restarted MetaManager is connected as soon as it subscribes,
+    // and that connect brings its full MetaSync run and digest at once, not a period later.
+    while tokio::time::timeout(Duration::from_secs(1), to_cloud.recv())
+        .await
+        .is_ok_and(|m| m.is_some())
+    {}
     app.restart().await;
     wait_cloud(&app, true).await;
+    cloud_receives(&mut to_cloud, |v| v["route"]["operation"] == "digest").await;
 
     // edgehub's `connect` still counts beside the bridge: the cloud's own word that it is away
     // holds messages back although the bridge is up.

@@ -309,16 +309,23 @@ impl MetaSync {
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut cloud = self.cloud.watch();
+        // The cloud may have connected before this task started watching: a bridge's retained
+        // state arrives as soon as MetaManager subscribes. That connect gets its full run now.
+        let mut connected_before = *cloud.borrow_and_update();
         loop {
-            let kind = tokio::select! {
-                _ = ticker.tick() => RunKind::Periodic,
-                changed = cloud.changed() => {
-                    if changed.is_err() || !*cloud.borrow_and_update() {
-                        continue;
+            let kind = if std::mem::take(&mut connected_before) {
+                RunKind::Full
+            } else {
+                tokio::select! {
+                    _ = ticker.tick() => RunKind::Periodic,
+                    changed = cloud.changed() => {
+                        if changed.is_err() || !*cloud.borrow_and_update() {
+                            continue;
+                        }
+                        RunKind::Full
                     }
-                    RunKind::Full
+                    _ = shutdown.wait() => return,
                 }
-                _ = shutdown.wait() => return,
             };
             match self.run(kind).await {
                 Ok(report) if kind == RunKind::Full => {
