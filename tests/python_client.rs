@@ -215,6 +215,15 @@ impl Informer {
             .collect()
     }
 
+    /// Ends the run: `stop` is inserted, and once the informer has printed it, it must have
+    /// listed once, never been refused, and printed exactly `events`.
+    async fn ends_with(&mut self, app: &mut TestApp, events: &[Value]) {
+        send(app, "insert", "stop", phased("stop", "Pending")).await;
+        self.until("the last event", |l| l["name"] == "stop").await;
+        self.listed_once_never_refused();
+        assert_eq!(self.events(), events);
+    }
+
     /// Asserts it listed once and was never refused (a `410` would have needed a relist).
     fn listed_once_never_refused(&self) {
         let lists = self
@@ -276,24 +285,20 @@ async fn an_informer_lists_once_and_sees_every_change_once_across_a_restart() {
     send(&mut app, "insert", "d", phased("d", "Pending")).await;
     send(&mut app, "update", "c", phased("c", "Running")).await;
     send(&mut app, "delete", "a", json!(null)).await;
-    send(&mut app, "insert", "stop", phased("stop", "Pending")).await;
     informer
-        .until("the last event", |l| l["name"] == "stop")
+        .ends_with(
+            &mut app,
+            &[
+                json!(["ADDED", "c", "Pending"]),
+                json!(["MODIFIED", "a", "Running"]),
+                json!(["DELETED", "b", "Pending"]),
+                json!(["ADDED", "d", "Pending"]),
+                json!(["MODIFIED", "c", "Running"]),
+                json!(["DELETED", "a", "Running"]),
+                json!(["ADDED", "stop", "Pending"]),
+            ],
+        )
         .await;
-
-    informer.listed_once_never_refused();
-    assert_eq!(
-        informer.events(),
-        [
-            json!(["ADDED", "c", "Pending"]),
-            json!(["MODIFIED", "a", "Running"]),
-            json!(["DELETED", "b", "Pending"]),
-            json!(["ADDED", "d", "Pending"]),
-            json!(["MODIFIED", "c", "Running"]),
-            json!(["DELETED", "a", "Running"]),
-            json!(["ADDED", "stop", "Pending"]),
-        ]
-    );
 }
 
 /// The same loop with `timeoutSeconds`: each watch ends after a second, and the next resumes
@@ -326,22 +331,18 @@ async fn an_informer_whose_watches_time_out_resumes_each_without_a_relist() {
         let name = format!("p{round}");
         send(&mut app, "insert", &name, phased(&name, "Pending")).await;
     }
-    send(&mut app, "insert", "stop", phased("stop", "Pending")).await;
     informer
-        .until("the last event", |l| l["name"] == "stop")
+        .ends_with(
+            &mut app,
+            &[
+                json!(["MODIFIED", "a", "Running"]),
+                json!(["ADDED", "p0", "Pending"]),
+                json!(["ADDED", "p1", "Pending"]),
+                json!(["ADDED", "p2", "Pending"]),
+                json!(["ADDED", "stop", "Pending"]),
+            ],
+        )
         .await;
-
-    informer.listed_once_never_refused();
-    assert_eq!(
-        informer.events(),
-        [
-            json!(["MODIFIED", "a", "Running"]),
-            json!(["ADDED", "p0", "Pending"]),
-            json!(["ADDED", "p1", "Pending"]),
-            json!(["ADDED", "p2", "Pending"]),
-            json!(["ADDED", "stop", "Pending"]),
-        ]
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

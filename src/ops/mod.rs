@@ -382,6 +382,13 @@ pub(crate) mod testing {
             }
         }
 
+        /// The next publish to `peer`, which must be an `error` reply: its text.
+        pub async fn error_to(&mut self, peer: Peer) -> String {
+            let reply = self.published_to(peer).await.json();
+            assert_eq!(reply["route"]["operation"], "error", "{reply}");
+            reply["content"].as_str().unwrap_or_default().to_owned()
+        }
+
         /// The topic MetaManager publishes to `peer` on.
         pub fn to(&self, peer: Peer) -> String {
             self.topics.to(peer).to_owned()

@@ -309,15 +309,8 @@ mod tests {
         h.published_to(Peer::Edgehub).await;
         let skipped = message("r-2", "replace", "default/pod", page("r", 2, true, vec![]));
         h.handle(Peer::Edgehub, skipped).await;
-        let reply = h.published_to(Peer::Edgehub).await.json();
-        assert_eq!(reply["route"]["operation"], "error");
-        assert!(
-            reply["content"]
-                .as_str()
-                .unwrap()
-                .contains("does not follow page 0"),
-            "{reply}"
-        );
+        let text = h.error_to(Peer::Edgehub).await;
+        assert!(text.contains("does not follow page 0"), "{text}");
         assert!(h.stored("default/pod/a").await.is_some(), "kept");
         assert_eq!(h.cloud.replaces.held(), (0, 0), "dropped");
     }
