@@ -128,6 +128,68 @@ async fn the_digest_is_the_hash_of_the_objects_sent(kind: BrokerKind) {
     assert_eq!(again["content"]["change"], change);
 }
 
+/// Known answers computed outside the project, with Python's hashlib (as topics.md 10.1 shows
+/// for the first), so that a wrong hash in `src/store/digest.rs` cannot hide behind the same
+/// mistake in [`expected_digest`]: `(key, resourceVersion)` pairs stored, then each scope's
+/// count and hash.
+const KNOWN_OBJECTS: [(&str, Option<&str>); 6] = [
+    ("default/pod/web-1", Some("7001")),
+    ("default/pod/web-2", Some("7002")),
+    ("default/pod/web-3", Some("7003")),
+    ("kube-system/configmap/coredns", None),
+    ("kube-system/configmap/kube-proxy", Some("42")),
+    ("default/secret/db-password", Some("18446744073709551615")),
+];
+
+/// The digest the store must send for [`KNOWN_OBJECTS`], from
+/// `sum(int.from_bytes(sha256(f"{key}\n{rv}").digest()[:8], "big")) % 2**64`.
+fn known_digest() -> Value {
+    json!({
+        "default/pod": {"count": 3, "hash": "4b76dca84f4e34e2"},
+        "kube-system/configmap": {"count": 2, "hash": "910d2a70c3ac3971"},
+        "default/secret": {"count": 1, "hash": "11a1155118bbbcaf"},
+    })
+}
+
+/// The store's digest equals hashes computed outside the project, an empty resourceVersion
+/// and the largest 64-bit one included, before and after a delete (topics.md 10.1's example).
+async fn the_digest_matches_known_answers(kind: BrokerKind) {
+    let options = Options::new(kind).yaml("meta:\n  sync:\n    podstatus:\n      interval: 1h\n");
+    let Some(mut app) = TestApp::spawn(options).await else {
+        return;
+    };
+    for (key, rv) in KNOWN_OBJECTS {
+        let name = key.rsplit('/').next().unwrap_or_default();
+        let ack = app
+            .client
+            .request("edgehub", &message("insert", key, object(name, rv)))
+            .await;
+        assert_eq!(ack["content"], "OK", "{ack}");
+    }
+    app.set_cloud(true).await;
+    let digest = next_digest(&mut app).await;
+    assert_eq!(digest["content"]["scopes"], known_digest(), "{digest}");
+
+    let ack = app
+        .client
+        .request(
+            "edgehub",
+            &message("delete", "default/pod/web-2", Value::Null),
+        )
+        .await;
+    assert_eq!(ack["content"], "OK");
+    app.client
+        .publish(
+            "edged",
+            &message("meta-internal-sync", "default/podstatus", Value::Null),
+        )
+        .await;
+    let after = next_digest(&mut app).await;
+    let mut known = known_digest();
+    known["default/pod"] = json!({"count": 2, "hash": "6c32fd732d1fe2cb"});
+    assert_eq!(after["content"]["scopes"], known, "{after}");
+}
+
 /// Everything MetaManager publishes in the next `span` (a quiet moment never comes while a
 /// run a second sends a digest).
 async fn collect_for(app: &mut TestApp, span: Duration) -> Vec<(String, Value)> {
@@ -277,6 +339,7 @@ async fn full_interval_zero_sends_every_status_every_run(kind: BrokerKind) {
 
 both_brokers!(
     the_digest_is_the_hash_of_the_objects_sent,
+    the_digest_matches_known_answers,
     metasync_sends_only_what_changed,
     full_interval_zero_sends_every_status_every_run,
 );
