@@ -6,7 +6,7 @@ mod common;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::process::{wait_until, Launch, MetaManager};
+use common::process::{in_network_of, wait_until, Launch, MetaManager};
 use common::{fixture_path, BrokerKind, Options, TestApp};
 use serde_json::{json, Value};
 
@@ -286,16 +286,31 @@ fn embedded_broker_port_in_use_is_reported() {
     assert!(stderr.contains(&format!("127.0.0.1:{port}")), "{stderr}");
 }
 
+/// The defaults' ports are fixed, and another broker or MetaManager on this machine may hold
+/// them: the binary runs in a network namespace of its own, where they are free, and is
+/// reached there.
 #[test]
 fn no_arguments_runs_on_the_defaults() {
-    if std::net::TcpStream::connect("127.0.0.1:1884").is_ok()
-        || std::net::TcpStream::connect("127.0.0.1:10550").is_ok()
-    {
-        eprintln!("skipped: port 1884 or 10550 is in use, so the defaults cannot be tried here");
+    let Some(mut mm) = MetaManager::on_private_network() else {
         return;
-    }
-    let mut mm = MetaManager::in_temp_dir(None, None);
-    assert!(common::wait_for_port(1884, Duration::from_secs(10)));
+    };
+    let listening = |port: u16| {
+        in_network_of(mm.pid(), "bash")
+            .args(["-c", &format!("exec 3<>/dev/tcp/127.0.0.1/{port}")])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || listening(1884)),
+        "the embedded broker on 127.0.0.1:1884: {}",
+        mm.log()
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || listening(10550)),
+        "the local API on 127.0.0.1:10550: {}",
+        mm.log()
+    );
     let db = mm.dir().join("data/metamanager.db");
     wait_until(Duration::from_secs(5), || db.exists());
     // Signalled as early as this, it must still stop cleanly.
@@ -346,22 +361,25 @@ async fn nodes_sharing_a_broker_do_not_see_each_other() {
             ..Launch::default()
         }));
     }
-    // A raw client that sees every node's traffic.
-    let sub = Command::new("mosquitto_sub")
-        .args([
-            "-p",
-            &broker.port.to_string(),
-            "-v",
-            "-t",
-            "edge/#",
-            "-W",
-            "4",
-        ])
-        .stdout(Stdio::piped())
+    // A raw client that sees every node's traffic, from when both nodes are online.
+    let seen = dir.path().join("seen.txt");
+    let mut sub = Command::new("mosquitto_sub")
+        .args(["-p", &broker.port.to_string(), "-v", "-t", "edge/#"])
+        .stdout(std::fs::File::create(&seen).unwrap())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let probe = common::Peer::connect(broker.port).await;
+    probe.await_subscribed("edge/probe", &seen).await;
+    let read = || std::fs::read_to_string(&seen).unwrap_or_default();
+    for node in ["node-a", "node-b"] {
+        let online = format!(r#"edge/{node}/metamanager/status {{"state":"online""#);
+        assert!(
+            wait_until(common::WAIT, || read().contains(&online)),
+            "{node} online: {}",
+            read()
+        );
+    }
     let insert = common::fixture("insert-pod.message.json");
     let published = Command::new("mosquitto_pub")
         .args(["-p", &broker.port.to_string(), "-q", "1"])
@@ -370,7 +388,16 @@ async fn nodes_sharing_a_broker_do_not_see_each_other() {
         .status()
         .unwrap();
     assert!(published.success());
-    let out = String::from_utf8(sub.wait_with_output().unwrap().stdout).unwrap();
+    // node-a acks after it forwards; node-b's answer, were it subscribed, would come as soon.
+    let acked = format!(r#""parent_msg_id":"{}""#, common::msg_id(&insert));
+    assert!(
+        wait_until(common::WAIT, || read().contains(&acked)),
+        "node-a's ack: {}",
+        read()
+    );
+    let _ = sub.kill();
+    let _ = sub.wait();
+    let out = read();
     drop(nodes);
     assert!(out.contains("edge/node-a/metamanager/to/edged"), "{out}");
     assert!(out.contains("edge/node-b/metamanager/status"), "{out}");

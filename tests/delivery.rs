@@ -722,7 +722,10 @@ async fn full_disk_gets_errors_and_keeps_every_ack_honest() {
         .status()
         .is_ok_and(|s| s.success());
     if !mounted {
-        eprintln!("skipped: cannot mount a tmpfs here (needs root), so no disk can be filled");
+        common::skip(
+            common::Requirement::Tmpfs,
+            "cannot mount a tmpfs here (needs root), so no disk can be filled",
+        );
         return;
     }
     struct Unmount(std::path::PathBuf);

@@ -37,6 +37,7 @@ fn out_of_descriptors_neither_listener_spins_and_both_recover() {
         rust_log: Some("info,rumqttd=warn"),
         log: Some(&log),
         open_files: Some(128),
+        private_network: false,
     });
     let (broker, http) = mm.wait_for_log(Duration::from_secs(20), "both ports", |log| {
         Some((process::broker_port(log)?, process::http_port(log)?))

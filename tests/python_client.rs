@@ -22,10 +22,10 @@ fn python_client() -> bool {
         .status()
         .is_ok_and(|s| s.success());
     if !ok {
-        if std::env::var("METAMANAGER_REQUIRE_PYTHON_K8S").as_deref() == Ok("1") {
-            panic!("the Python kubernetes client is not installed and METAMANAGER_REQUIRE_PYTHON_K8S=1");
-        }
-        eprintln!("skipped: the Python kubernetes client is not installed (bash .ci/install-test-tools, then . .venv/bin/activate)");
+        common::process::skip(
+            common::process::Requirement::PythonK8s,
+            "the Python kubernetes client is not installed (bash .ci/install-test-tools, then . .venv/bin/activate)",
+        );
     }
     ok
 }

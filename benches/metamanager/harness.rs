@@ -136,6 +136,7 @@ pub fn start_metamanager_with(
         // Warnings only: kept so that a failed run can show them.
         log: Some(&log),
         open_files: None,
+        private_network: false,
     });
     if let Broker::Embedded = broker {
         assert!(

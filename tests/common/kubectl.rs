@@ -3,6 +3,8 @@
 
 use std::process::{Command, Stdio};
 
+use super::process::Requirement;
+
 /// `Some` when kubectl can be run.
 pub fn kubectl() -> Option<()> {
     let ok = Command::new("kubectl")
@@ -14,10 +16,7 @@ pub fn kubectl() -> Option<()> {
     if ok {
         return Some(());
     }
-    if std::env::var("METAMANAGER_REQUIRE_KUBECTL").as_deref() == Ok("1") {
-        panic!("kubectl is not installed and METAMANAGER_REQUIRE_KUBECTL=1");
-    }
-    eprintln!("skipped: kubectl not installed");
+    super::process::skip(Requirement::Kubectl, "kubectl is not installed");
     None
 }
 

@@ -17,7 +17,9 @@ use std::time::Duration;
 
 // Where the tests have always found them; each test file uses some.
 #[allow(unused_imports)]
-pub use process::{free_port, mosquitto_binary, mosquitto_clients, wait_for_port, Mosquitto};
+pub use process::{
+    free_port, mosquitto_binary, mosquitto_clients, skip, wait_for_port, Mosquitto, Requirement,
+};
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{json, Value};
@@ -264,6 +266,7 @@ impl TestApp {
             rust_log: Some("info,metamanager=debug,rumqttd=warn"),
             log: Some(&log),
             open_files: None,
+            private_network: false,
         }
         .spawn();
         let (broker, http) = process::wait_for_log(
@@ -489,6 +492,26 @@ impl Peer {
             accepted,
             received,
             seen: Vec::new(),
+        }
+    }
+
+    /// Waits until a `mosquitto_sub` writing to `output` has subscribed: a broker sends a
+    /// filter's retained messages once the subscription is live, so a retained probe published
+    /// here on `probe_topic`, which the subscriber's last filter covers, shows up in `output`
+    /// only after every filter before it is live too.
+    pub async fn await_subscribed(&self, probe_topic: &str, output: &Path) {
+        let probe = format!("probe-{}", uuid::Uuid::new_v4());
+        self.publish_retained(probe_topic, &probe).await;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !std::fs::read_to_string(output)
+            .unwrap_or_default()
+            .contains(&probe)
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "mosquitto_sub did not subscribe within {WAIT:?}: no retained probe on {probe_topic}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 

@@ -57,13 +57,68 @@ pub fn wait_until(within: Duration, mut done: impl FnMut() -> bool) -> bool {
 // ---------------------------------------------------------------------------------------------
 // External tools
 
-/// Reports `tool` missing: a note that the test is skipped, or a panic under
-/// METAMANAGER_REQUIRE_MOSQUITTO=1, so that CI cannot pass by skipping.
-pub fn missing(tool: &str, install: &str) {
-    if std::env::var("METAMANAGER_REQUIRE_MOSQUITTO").as_deref() == Ok("1") {
-        panic!("{tool} is not installed and METAMANAGER_REQUIRE_MOSQUITTO=1");
+/// What a test needs that a machine may lack, each named by the variable that makes it
+/// required: `METAMANAGER_REQUIRE_<name>=1` (CI sets every one in `.ci/run`).
+#[derive(Clone, Copy, Debug)]
+pub enum Requirement {
+    /// mosquitto and its clients.
+    Mosquitto,
+    /// RabbitMQ with its MQTT plugin.
+    RabbitMq,
+    /// kubectl.
+    Kubectl,
+    /// Python's kubernetes client.
+    PythonK8s,
+    /// Mounting a small tmpfs, to fill a real disk (root).
+    Tmpfs,
+    /// A private network namespace, for ports a test must own (root, `unshare`).
+    Netns,
+}
+
+impl Requirement {
+    /// Every requirement, so that a test can check `.ci/run` requires each.
+    pub const ALL: [Requirement; 6] = [
+        Requirement::Mosquitto,
+        Requirement::RabbitMq,
+        Requirement::Kubectl,
+        Requirement::PythonK8s,
+        Requirement::Tmpfs,
+        Requirement::Netns,
+    ];
+
+    /// The variable that turns a skip into a failure.
+    pub fn variable(self) -> &'static str {
+        match self {
+            Requirement::Mosquitto => "METAMANAGER_REQUIRE_MOSQUITTO",
+            Requirement::RabbitMq => "METAMANAGER_REQUIRE_RABBITMQ",
+            Requirement::Kubectl => "METAMANAGER_REQUIRE_KUBECTL",
+            Requirement::PythonK8s => "METAMANAGER_REQUIRE_PYTHON_K8S",
+            Requirement::Tmpfs => "METAMANAGER_REQUIRE_TMPFS",
+            Requirement::Netns => "METAMANAGER_REQUIRE_NETNS",
+        }
     }
-    eprintln!("skipped: {tool} is not installed ({install})");
+
+    /// Whether this run asks for the tests that need it.
+    pub fn required(self) -> bool {
+        std::env::var(self.variable()).as_deref() == Ok("1")
+    }
+}
+
+/// The one way a test gives up on a machine that lacks `what` needs: a `skipped:` line on
+/// stderr, or, when the run requires it, a panic, so that CI cannot pass by skipping.
+pub fn skip(what: Requirement, why: &str) {
+    if what.required() {
+        panic!("{why}, and {}=1 requires this test", what.variable());
+    }
+    eprintln!("skipped: {why} (set {}=1 to fail instead)", what.variable());
+}
+
+/// Reports `tool` missing ([`skip`] for mosquitto).
+pub fn missing(tool: &str, install: &str) {
+    skip(
+        Requirement::Mosquitto,
+        &format!("{tool} is not installed ({install})"),
+    );
 }
 
 /// Whether `program` can be run at all (`args` keep it from doing anything).
@@ -230,21 +285,36 @@ pub struct Launch<'a> {
     /// A limit on open files (soft and hard), set by the shell before it becomes MetaManager;
     /// without one, the caller's.
     pub open_files: Option<u32>,
+    /// A network namespace of its own, with only a loopback that is up: its fixed ports are
+    /// free there whatever this machine runs. Reach it with [`in_network_of`].
+    pub private_network: bool,
 }
 
 impl Launch<'_> {
     /// Starts the process; stdout is discarded (MetaManager writes nothing there).
     pub fn spawn(&self) -> Child {
-        let mut command = match self.open_files {
-            // `exec` keeps the pid: the child is MetaManager itself, not a shell around it.
-            Some(n) => {
-                let mut sh = Command::new("sh");
-                sh.args(["-c", r#"ulimit -n "$0" && exec "$@""#])
-                    .arg(n.to_string())
-                    .arg(METAMANAGER);
-                sh
-            }
-            None => Command::new(METAMANAGER),
+        let mut steps = Vec::new();
+        if let Some(n) = self.open_files {
+            steps.push(format!("ulimit -n {n}"));
+        }
+        if self.private_network {
+            steps.push("PATH=\"$PATH:/usr/sbin:/sbin\" ip link set lo up".to_owned());
+        }
+        let mut command = if steps.is_empty() {
+            Command::new(METAMANAGER)
+        } else {
+            // `exec` keeps the pid (unshare without --fork execs too): the child is
+            // MetaManager itself, not a shell around it.
+            let mut shell = if self.private_network {
+                let mut unshare = Command::new("unshare");
+                unshare.args(["--net", "sh"]);
+                unshare
+            } else {
+                Command::new("sh")
+            };
+            let script = format!(r#"{} && exec "$@""#, steps.join(" && "));
+            shell.args(["-c", &script, "sh", METAMANAGER]);
+            shell
         };
         if let Some(config) = self.config {
             command.arg("--config").arg(config);
@@ -271,6 +341,17 @@ impl Launch<'_> {
             .spawn()
             .expect("start metamanager")
     }
+}
+
+/// A command run in the network namespace of process `pid` (one started with
+/// [`Launch::private_network`]), to reach what listens there.
+pub fn in_network_of(pid: u32, program: &str) -> Command {
+    let mut command = Command::new("nsenter");
+    command
+        .arg(format!("--net=/proc/{pid}/ns/net"))
+        .arg("--")
+        .arg(program);
+    command
 }
 
 /// The broker port in MetaManager's start-up line `metamanager starting ... broker=HOST:PORT`:
@@ -393,6 +474,38 @@ impl MetaManager {
     /// Starts it in a fresh temporary directory, on `config` (written there as `edge.yaml`;
     /// `None` leaves it on its defaults), its log in `metamanager.log` there.
     pub fn in_temp_dir(config: Option<&str>, rust_log: Option<&str>) -> Self {
+        Self::in_temp_dir_with(config, rust_log, false)
+    }
+
+    /// [`MetaManager::in_temp_dir`] on its defaults, in a network namespace of its own (see
+    /// [`Launch::private_network`]); `None` (the test is skipped, see [`skip`]) where no
+    /// namespace can be made.
+    pub fn on_private_network() -> Option<Self> {
+        let works = Command::new("unshare")
+            .args([
+                "--net",
+                "sh",
+                "-c",
+                "PATH=\"$PATH:/usr/sbin:/sbin\" ip link set lo up",
+            ])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !works {
+            skip(
+                Requirement::Netns,
+                "cannot make a network namespace here (needs root, unshare and ip)",
+            );
+            return None;
+        }
+        Some(Self::in_temp_dir_with(None, None, true))
+    }
+
+    fn in_temp_dir_with(
+        config: Option<&str>,
+        rust_log: Option<&str>,
+        private_network: bool,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("metamanager's directory");
         let config_file = dir.path().join("edge.yaml");
         if let Some(yaml) = config {
@@ -405,6 +518,7 @@ impl MetaManager {
             rust_log,
             log: Some(&log),
             open_files: None,
+            private_network,
         });
         mm.dir = Some(dir);
         mm

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::process::{free_port, runs};
+use super::process::{free_port, runs, skip, Requirement};
 use super::NODE;
 
 /// The password of every account below.
@@ -107,10 +107,10 @@ fn server_script() -> Option<&'static str> {
         .find(|s| Path::new(s).is_file() || runs("sh", &["-c", &format!("command -v {s}")]));
     let epmd = runs("epmd", &["-help"]);
     if found.is_none() || !epmd {
-        if std::env::var("METAMANAGER_REQUIRE_RABBITMQ").as_deref() == Ok("1") {
-            panic!("rabbitmq-server is not installed and METAMANAGER_REQUIRE_RABBITMQ=1");
-        }
-        eprintln!("skipped: rabbitmq-server is not installed (apt-get install rabbitmq-server)");
+        skip(
+            Requirement::RabbitMq,
+            "rabbitmq-server is not installed (apt-get install rabbitmq-server)",
+        );
         return None;
     }
     found

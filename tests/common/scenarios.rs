@@ -222,10 +222,13 @@ pub async fn burst_is_stored_and_acked(options: Options, n: usize) {
         .args(["-h", "127.0.0.1", "-p", &app.port.to_string(), "-q", "1"])
         .args(&login)
         .args(["-t", &format!("edge/{NODE}/metamanager/to/edgehub")])
+        .args(["-t", &format!("edge/{NODE}/probe/acks")])
         .stdout(std::fs::File::create(&acks_path).unwrap())
         .spawn()
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    app.client
+        .await_subscribed(&format!("edge/{NODE}/probe/acks"), &acks_path)
+        .await;
     app.set_cloud(true).await;
 
     let started = Instant::now();
@@ -268,10 +271,18 @@ pub async fn burst_is_stored_and_acked(options: Options, n: usize) {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    // Acks for every message and nothing else: no error, no duplicate ack.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Acks for every message and nothing else: no error, no duplicate ack. MetaManager answers
+    // in arrival order on one connection, so once a last query's answer is in the file, any
+    // late error or duplicate ack of the burst would be there too.
+    let last = message("query", "default/pod/after-the-burst", Value::Null);
+    app.client.publish("edgehub", &last).await;
+    let answered = format!(r#""parent_msg_id":"{}""#, msg_id(&last));
+    while count(&answered) == 0 {
+        assert!(Instant::now() < deadline, "the last query was not answered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(count(r#""operation":"error""#), 0);
-    assert_eq!(count(r#""operation":"response""#), n);
+    assert_eq!(count(r#""operation":"response""#), n + 1);
     assert_eq!(stored_pods(&app), n);
     let pid = app.child.as_ref().unwrap().id();
     let peak = peak_rss_kib(pid);
