@@ -113,19 +113,44 @@ async fn cloud_receives(
     }
 }
 
-/// Waits until MetaManager counts the cloud as `connected` (its `metamanager_cloud_connected`
-/// gauge, the same state the status topic carries).
+/// Whether MetaManager counts the cloud as connected, by its `metamanager_cloud_connected`
+/// gauge (the same state the status topic carries); `None` while /metrics does not show it.
+async fn cloud_connected(app: &TestApp) -> Option<bool> {
+    let (_, _, metrics) = common::http(app.http_port, "GET", "/metrics").await;
+    let gauge = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("metamanager_cloud_connected "));
+    match gauge? {
+        "1" => Some(true),
+        "0" => Some(false),
+        other => panic!("metamanager_cloud_connected {other}"),
+    }
+}
+
+/// Waits until MetaManager counts the cloud as `connected`.
 async fn wait_cloud(app: &TestApp, connected: bool) {
-    let want = format!("metamanager_cloud_connected {}", u8::from(connected));
     let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let (_, _, metrics) = common::http(app.http_port, "GET", "/metrics").await;
-        if metrics.lines().any(|line| line == want) {
-            return;
-        }
+    while cloud_connected(app).await != Some(connected) {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "not {want} within {WAIT:?}"
+            "not metamanager_cloud_connected {} within {WAIT:?}",
+            u8::from(connected)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until MetaManager's log has a line with every one of `words`.
+async fn wait_logged(app: &TestApp, words: &[&str]) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !app
+        .log()
+        .lines()
+        .any(|line| words.iter().all(|w| line.contains(w)))
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no line with {words:?} logged within {WAIT:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -267,12 +292,15 @@ async fn a_state_topic_on_the_embedded_broker_connects_the_cloud() {
     let publisher = common::Peer::connect(app.port).await;
     publisher.publish_retained(&topic, "up").await;
     wait_cloud(&app, true).await;
+    // The line is logged by the handler of the unreadable state, the one that would have
+    // reported the link down: once it is there, a disconnect would show.
     publisher.publish_retained(&topic, "sideways").await;
+    wait_logged(&app, &["bridge state not understood", "sideways"]).await;
+    assert_eq!(
+        cloud_connected(&app).await,
+        Some(true),
+        "the unreadable state disconnected the cloud"
+    );
     publisher.publish_retained(&topic, "down").await;
     wait_cloud(&app, false).await;
-    let log = app.log();
-    assert!(
-        log.contains("bridge state not understood"),
-        "the unreadable state is logged"
-    );
 }

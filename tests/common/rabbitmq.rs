@@ -28,6 +28,9 @@ use super::NODE;
 pub const PASSWORD: &str = "rabbit-pass";
 /// An account with every permission, for the test's own clients (edgehub and edged at once).
 pub const TESTER: &str = "tester";
+/// The client id whose session the definitions hold, in the first virtual host: its queue is
+/// the last thing RabbitMQ imports (see [`RabbitMq::wait_ready`]).
+const LOADED: &str = "definitions-loaded";
 /// Virtual hosts made at boot: one per test that uses the node, at most.
 const VHOSTS: usize = 24;
 /// How long the node may take to boot on a busy machine.
@@ -181,20 +184,21 @@ impl RabbitMq {
         Some(node)
     }
 
-    /// Until a login into the first virtual host succeeds: the listener opens before the
-    /// definitions (accounts) are loaded on some versions, so an open port is not enough.
+    /// Until the definitions are loaded, all of them. The listener opens before RabbitMQ 3.10
+    /// imports them, and it imports them kind by kind (users, virtual hosts, permissions,
+    /// topic permissions, ..., queues), each kind's several at once: a login that succeeds
+    /// proves only its own permission, and a test could otherwise find another account still
+    /// without its permission (refused for that, CONNACK 5) or without its topic permissions
+    /// (allowed every topic). Queues come last, so the [`LOADED`] session's queue existing
+    /// (the CONNACK's session present flag) says everything is in.
     fn wait_ready(&self) {
         let started = Instant::now();
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.mqtt_port));
-        let login = (format!("t0:{TESTER}"), PASSWORD.to_owned());
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         loop {
-            let probe =
-                metamanager::broker::probe(addr, Duration::from_secs(2), Some(login.clone()));
-            if runtime.block_on(probe).is_ok() {
+            if runtime.block_on(self.loaded()) {
                 eprintln!("RabbitMQ ready after {:?}", started.elapsed());
                 return;
             }
@@ -205,6 +209,22 @@ impl RabbitMq {
             );
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// Whether [`TESTER`], as the client [`LOADED`] in the first virtual host, finds its
+    /// session there. False while the node cannot be reached or refuses the login.
+    async fn loaded(&self) -> bool {
+        let mut options = rumqttc::MqttOptions::new(LOADED, "127.0.0.1", self.mqtt_port);
+        options.set_credentials(format!("t0:{TESTER}"), PASSWORD);
+        options.set_clean_session(false);
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 1);
+        let answer = tokio::time::timeout(Duration::from_secs(2), eventloop.poll()).await;
+        let _ = client.try_disconnect();
+        let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
+        matches!(
+            answer,
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(ack)))) if ack.session_present
+        )
     }
 
     /// What the node wrote to stdout and stderr.
@@ -240,10 +260,10 @@ fn exact(s: &str) -> String {
     s.replace('.', r"\.")
 }
 
-/// Accounts, virtual hosts and permissions, loaded at boot: [`TESTER`] may do anything; each
-/// per-node account may use only the session queues named after it (so only it can use its
-/// client id's session) and only its topics. Topics are in AMQP form in RabbitMQ's topic
-/// permissions: `/` becomes `.`.
+/// Accounts, virtual hosts, permissions and the [`LOADED`] session's queue, loaded at boot:
+/// [`TESTER`] may do anything; each per-node account may use only the session queues named
+/// after it (so only it can use its client id's session) and only its topics. Topics are in
+/// AMQP form in RabbitMQ's topic permissions: `/` becomes `.`.
 pub fn definitions() -> Value {
     let node = exact(NODE);
     let t = |rest: &str| format!(r"^edge\.{node}\.{rest}$");
@@ -301,10 +321,14 @@ pub fn definitions() -> Value {
                 "exchange": "amq.topic", "write": write, "read": read}));
         }
     }
+    // As the MQTT plugin declares a session's queue with `mqtt.subscription_ttl = infinity`.
+    let loaded = json!({"name": format!("mqtt-subscription-{LOADED}qos1"), "vhost": "t0",
+        "durable": true, "auto_delete": false, "arguments": {}});
     json!({
         "users": users,
         "vhosts": vhosts.iter().map(|v| json!({"name": v})).collect::<Vec<_>>(),
         "permissions": permissions,
         "topic_permissions": topic_permissions,
+        "queues": [loaded],
     })
 }
