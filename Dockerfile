@@ -9,9 +9,10 @@ WORKDIR /build
 
 # SQLite is compiled in (rusqlite's `bundled` feature) with the image's C
 # compiler, so no system SQLite is needed in either stage. Cargo.toml patches
-# rumqttd with the copy in vendor/, so that comes too. tests/dockerfile.rs builds
-# the crate from exactly these COPY lines, so a path the build needs and they miss
-# fails CI.
+# rumqttd with the copy in vendor/, so that comes too. tests/dockerfile.rs runs
+# this stage's RUN on exactly what these COPY lines take from the context (less
+# what .dockerignore excludes), so a path the build needs and they miss or
+# .dockerignore drops fails CI.
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY vendor ./vendor
