@@ -85,6 +85,8 @@ pub enum ErrorReason {
     Invalid,
     /// A store write or read failed.
     Store,
+    /// A write refused because the store is full (see [`crate::store::space`]).
+    StorageFull,
     /// A MetaSync run failed.
     Metasync,
     RemoteTimeout,
@@ -100,6 +102,7 @@ impl ErrorReason {
             Self::Decode => "decode",
             Self::Invalid => "invalid",
             Self::Store => "store",
+            Self::StorageFull => "storage_full",
             Self::Metasync => "metasync",
             Self::RemoteTimeout => "remote_timeout",
             Self::RemoteDisconnected => "remote_disconnected",
@@ -155,6 +158,9 @@ pub struct Metrics {
     cloud_connected: Gauge,
     broker_connected: Gauge,
     db_bytes: Gauge,
+    store_full: Gauge,
+    store_used: Gauge,
+    store_quota: Gauge,
     /// Held while rendering: mirrored counters are read, compared and advanced together.
     mirrored: Mutex<Mirrored>,
 }
@@ -184,7 +190,7 @@ impl Metrics {
         let errors = Family::<ReasonLabel, Counter>::default();
         registry.register(
             "errors",
-            "Errors, by reason (decode, invalid, store, remote_timeout, remote_disconnected, remote_refused, metasync)",
+            "Errors, by reason (decode, invalid, store, storage_full, remote_timeout, remote_disconnected, remote_refused, metasync, lease_while_disconnected)",
             errors.clone(),
         );
         registry.register_with_unit(
@@ -265,6 +271,26 @@ impl Metrics {
             Unit::Bytes,
             db_bytes.clone(),
         );
+        let store_full = Gauge::default();
+        registry.register(
+            "store_full",
+            "1 while the store refuses writes for want of room (database.max_size or the disk); reads and deletes go on",
+            store_full.clone(),
+        );
+        let store_used = Gauge::default();
+        registry.register_with_unit(
+            "store_used",
+            "What the store's live data uses, as database.max_size counts it: pages in use and the write-ahead log",
+            Unit::Bytes,
+            store_used.clone(),
+        );
+        let store_quota = Gauge::default();
+        registry.register_with_unit(
+            "store_quota",
+            "database.max_size; 0 for none",
+            Unit::Bytes,
+            store_quota.clone(),
+        );
         let metasync_runs = Family::<OutcomeLabel, Counter>::default();
         registry.register(
             "metasync_runs",
@@ -292,6 +318,9 @@ impl Metrics {
             cloud_connected,
             broker_connected,
             db_bytes,
+            store_full,
+            store_used,
+            store_quota,
             mirrored: Mutex::new(mirrored),
         }
     }
@@ -393,6 +422,10 @@ impl Exporter {
         m.broker_connected
             .set(i64::from(*self.broker_connected.borrow()));
         m.db_bytes.set(gauge(database_bytes(self.store.path())));
+        let space = self.store.space();
+        m.store_full.set(i64::from(space.full().is_some()));
+        m.store_used.set(gauge(space.used()));
+        m.store_quota.set(gauge(space.limit()));
         for (reason, total) in [
             ("full", self.outbox.dropped_full()),
             ("expired", self.outbox.dropped_expired()),

@@ -722,7 +722,7 @@ fn a_sample_of_topics_examples_answers_as_shown() {
     // The subscriber gets the retained status first, which the examples do not show.
     let retained = format!(
         "edge/edge-node/metamanager/status {{\"state\":\"online\",\"node_id\":\"edge-node\",\
-         \"cloud\":\"disconnected\",\"version\":\"{}\",\"timestamp\":0}}\n",
+         \"cloud\":\"disconnected\",\"store\":\"ok\",\"version\":\"{}\",\"timestamp\":0}}\n",
         env!("CARGO_PKG_VERSION")
     );
     let mut promised = printed(&(retained + &shown), Shown::read);

@@ -298,6 +298,7 @@ async fn open_store(lock: InstanceLock, settings: &Settings) -> Result<Store, Ap
     let options = StoreOptions {
         outbox_max: settings.outbox.max_messages,
         synchronous: settings.database.synchronous,
+        max_size: settings.database.max_size,
         ..StoreOptions::default()
     };
     let store = tokio::task::spawn_blocking(move || Store::open_locked(lock, options))

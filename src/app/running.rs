@@ -54,13 +54,16 @@ impl Running {
             pipeline: tokio::spawn(run_pipeline(steps_rx)),
         };
         let mut background = Background::default();
-        background.spawn(keep_session(
-            app.link.publisher.clone(),
-            app.node_id.clone(),
-            app.cloud.state.clone(),
-            app.link.connected.clone(),
-            stop.clone(),
-        ));
+        background.spawn(
+            Session {
+                publisher: app.link.publisher.clone(),
+                node_id: app.node_id.clone(),
+                cloud_state: app.cloud.state.clone(),
+                store: app.store.clone(),
+            }
+            .keep(app.link.connected.clone(), stop.clone()),
+        );
+        background.spawn(maintain_store(app.store.clone(), stop.clone()));
         background.spawn(app.cloud.state.clone().warn_if_bridge_silent(stop.clone()));
         let metasync = app.cloud.metasync.clone();
         background.spawn(metasync.run_periodic(app.podstatus_interval, stop.clone()));
@@ -265,34 +268,74 @@ async fn run_pipeline(mut steps: mpsc::Receiver<Step>) {
     }
 }
 
-/// On every broker (re)connection: republish the online status (the link resubscribes). On every
-/// change of the cloud state: republish the status.
-async fn keep_session(
+/// What the retained status is made of, republished when any of it changes.
+struct Session {
     publisher: Publisher,
     node_id: String,
     cloud_state: CloudState,
-    mut connected: watch::Receiver<bool>,
-    mut stop: Shutdown,
-) {
-    let mut cloud = cloud_state.watch();
-    let online = || status::online_status(&node_id, cloud_state.connected());
+    store: Store,
+}
+
+impl Session {
+    /// On every broker (re)connection: republish the online status (the link resubscribes).
+    /// On every change of the cloud state or of the store's room: republish the status.
+    async fn keep(self, mut connected: watch::Receiver<bool>, mut stop: Shutdown) {
+        let mut cloud = self.cloud_state.watch();
+        let mut room = self.store.space().watch();
+        let online = || {
+            status::online_status(
+                &self.node_id,
+                self.cloud_state.connected(),
+                self.store.space().full().is_some(),
+            )
+        };
+        loop {
+            tokio::select! {
+                changed = connected.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    if *connected.borrow_and_update() {
+                        self.publisher.status(online()).await;
+                    }
+                }
+                changed = cloud.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    cloud.borrow_and_update();
+                    if *connected.borrow() {
+                        self.publisher.status(online()).await;
+                    }
+                }
+                changed = room.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    room.borrow_and_update();
+                    if *connected.borrow() {
+                        self.publisher.status(online()).await;
+                    }
+                }
+                _ = stop.wait() => return,
+            }
+        }
+    }
+}
+
+/// How often the store's writer compacts, and, while the store is full, looks for room.
+const MAINTAIN_EVERY: Duration = Duration::from_secs(10);
+
+/// Asks the store for its periodic work ([`Store::maintain`]) until the stop.
+async fn maintain_store(store: Store, mut stop: Shutdown) {
+    let mut every = tokio::time::interval(MAINTAIN_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every.tick().await;
     loop {
         tokio::select! {
-            changed = connected.changed() => {
-                if changed.is_err() {
+            _ = every.tick() => {
+                if store.maintain().await.is_err() {
                     return;
-                }
-                if *connected.borrow_and_update() {
-                    publisher.status(online()).await;
-                }
-            }
-            changed = cloud.changed() => {
-                if changed.is_err() {
-                    return;
-                }
-                cloud.borrow_and_update();
-                if *connected.borrow() {
-                    publisher.status(online()).await;
                 }
             }
             _ = stop.wait() => return,

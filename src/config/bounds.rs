@@ -182,3 +182,56 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         )
     })
 }
+
+/// Accepts bytes as an integer (`268435456`) or a size string (`"256MiB"`, `"512 KB"`, `"1G"`).
+pub fn byte_size<'de, D: Deserializer<'de>>(de: D) -> Result<u64, D::Error> {
+    struct SizeVisitor;
+    impl serde::de::Visitor<'_> for SizeVisitor {
+        type Value = u64;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("bytes as an integer or a size such as \"256MiB\"")
+        }
+        fn visit_u64<E: serde::de::Error>(self, bytes: u64) -> Result<u64, E> {
+            Ok(bytes)
+        }
+        fn visit_i64<E: serde::de::Error>(self, bytes: i64) -> Result<u64, E> {
+            u64::try_from(bytes)
+                .map_err(|_| E::custom(format!("{bytes} is negative; a size must not be")))
+        }
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<u64, E> {
+            parse_byte_size(text).map_err(E::custom)
+        }
+    }
+    de.deserialize_any(SizeVisitor)
+}
+
+/// Parses a size: a number, then optionally a unit, binary (`KiB`, `MiB`, `GiB`, `TiB`) or
+/// decimal (`KB`/`K`, `MB`/`M`, `GB`/`G`, `TB`/`T`), or `B`; case does not matter.
+pub fn parse_byte_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let bad = || {
+        format!("{text:?} is not a size; use bytes, or a form like \"256MiB\", \"512KB\", \"1GiB\"")
+    };
+    let number: f64 = number.parse().map_err(|_| bad())?;
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1000,
+        "m" | "mb" => 1000 * 1000,
+        "g" | "gb" => 1000 * 1000 * 1000,
+        "t" | "tb" => 1000 * 1000 * 1000 * 1000,
+        "ki" | "kib" => 1 << 10,
+        "mi" | "mib" => 1 << 20,
+        "gi" | "gib" => 1 << 30,
+        "ti" | "tib" => 1 << 40,
+        _ => return Err(bad()),
+    };
+    let bytes = number * factor as f64;
+    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+        return Err(bad());
+    }
+    Ok(bytes.round() as u64)
+}

@@ -189,16 +189,23 @@ async fn healthz(State(ctx): State<Arc<Context>>) -> Response {
     }
 }
 
-/// Ready when the store takes writes, MetaManager's broker connections are up, and a new
-/// client can connect to the broker (checked with a fresh connection, see [`Readiness`]):
-/// without all of them, no message can be handled or no peer can reach the node.
+/// Ready when the store takes writes (open, and not full: see [`crate::store::space`]),
+/// MetaManager's broker connections are up, and a new client can connect to the broker
+/// (checked with a fresh connection, see [`Readiness`]): without all of them, no message can be
+/// handled or no peer can reach the node.
 async fn readyz(State(ctx): State<Arc<Context>>) -> Response {
-    let store = ctx.store.is_open();
+    let full = ctx.store.space().full();
+    let store_word = match (&full, ctx.store.is_open()) {
+        (_, false) => "closed".to_owned(),
+        (Some(full), true) => full.to_string(),
+        (None, true) => "ok".to_owned(),
+    };
+    let store = ctx.store.is_open() && full.is_none();
     let broker = *ctx.broker_connected.borrow();
     let serving = ctx.serving.get();
     let fresh = ctx.readiness.fresh_connection().await;
     let body = serde_json::json!({
-        "store": if store { "ok" } else { "closed" },
+        "store": store_word,
         "broker": if !serving { "not serving" } else if broker { "connected" } else { "disconnected" },
         "new_connection": match &fresh {
             Ok(()) => "ok".to_owned(),

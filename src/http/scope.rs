@@ -131,6 +131,7 @@ fn write_status(e: &WriteError) -> (StatusCode, &'static str) {
         WriteError::Cloud { .. } | WriteError::Store { .. } | WriteError::Failed { .. } => {
             (StatusCode::INTERNAL_SERVER_ERROR, "InternalError")
         }
+        WriteError::StorageFull(_) => (StatusCode::INSUFFICIENT_STORAGE, "InsufficientStorage"),
         WriteError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "Timeout"),
         WriteError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable"),
         WriteError::TooMany(_) => (StatusCode::TOO_MANY_REQUESTS, "TooManyRequests"),

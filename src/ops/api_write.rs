@@ -95,6 +95,10 @@ pub enum WriteError {
     Invalid(String),
     #[error("the write of {key} could not be stored: {source}")]
     Store { key: String, source: StoreError },
+    /// The store is full (see [`crate::store::space`]): kube-apiserver has no word for it, so
+    /// `507 Insufficient Storage`, whose text begins `storage full:`.
+    #[error("{0}")]
+    StorageFull(crate::store::Full),
     /// The object changed since the client read it (a stale `resourceVersion`).
     #[error("Operation cannot be fulfilled on {key}: the object has been modified; please apply your changes to the latest version and try again")]
     Modified { key: String },
@@ -135,6 +139,7 @@ impl WriteError {
             WriteError::TooMany(_) => "too_many",
             WriteError::Invalid(_) => "invalid",
             WriteError::Store { .. } | WriteError::Failed { .. } => "failed",
+            WriteError::StorageFull(_) => "storage_full",
         }
     }
 
@@ -150,9 +155,12 @@ impl WriteError {
     }
 
     fn store(key: &str) -> impl FnOnce(StoreError) -> Self + '_ {
-        move |source| WriteError::Store {
-            key: key.to_owned(),
-            source,
+        move |source| match source {
+            StoreError::StorageFull(full) => WriteError::StorageFull(full),
+            source => WriteError::Store {
+                key: key.to_owned(),
+                source,
+            },
         }
     }
 }
@@ -186,7 +194,17 @@ impl ApiWrites {
     /// owns what it changes; counted in `metamanager_api_writes`.
     pub async fn write(&self, write: ApiWrite) -> Result<Written, WriteError> {
         let verb = write.verb.as_str();
-        let (result, by_cloud) = carry_out(self, write).await;
+        // A full store takes deletes, which make room, and refuses the rest before the cloud
+        // is asked: what the cloud accepted could not be kept here.
+        let full = self
+            .store
+            .space()
+            .full()
+            .filter(|_| write.verb != Verb::Delete);
+        let (result, by_cloud) = match full {
+            Some(full) => (Err(WriteError::StorageFull(full)), false),
+            None => carry_out(self, write).await,
+        };
         let outcome = match &result {
             Ok(_) if by_cloud => "cloud",
             Ok(_) => "here",

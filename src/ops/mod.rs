@@ -280,9 +280,18 @@ pub(super) async fn report_store_error(
     e: &StoreError,
 ) {
     let key = msg.resource.key();
-    replies.metrics.error(ErrorReason::Store);
-    tracing::error!(resource = %key, operation = msg.operation.as_str(), error = %e, "store failed");
-    let text = format!("{} of {key} failed: {e}", msg.operation.as_str());
+    let text = match e {
+        // The store logs the state, once; its text leads, as topics.md promises.
+        StoreError::StorageFull(full) => {
+            replies.metrics.error(ErrorReason::StorageFull);
+            format!("{full} ({} of {key} refused)", msg.operation.as_str())
+        }
+        e => {
+            replies.metrics.error(ErrorReason::Store);
+            tracing::error!(resource = %key, operation = msg.operation.as_str(), error = %e, "store failed");
+            format!("{} of {key} failed: {e}", msg.operation.as_str())
+        }
+    };
     let reply = message::error(Some(msg.msg_id()), key, &text);
     replies.send(sender, reply, Operation::Error).await;
 }

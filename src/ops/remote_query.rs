@@ -203,8 +203,13 @@ async fn store_answer(
         answered.push(json);
     }
     for committed in pending {
-        if let Err(e) = committed.await.unwrap_or(Err(StoreError::Closed)) {
-            tracing::warn!(resource = %key, error = %e, "could not store the cloud's answer; answering edged anyway");
+        match committed.await.unwrap_or(Err(StoreError::Closed)) {
+            // The store logs its full state once; not once per answer.
+            Err(StoreError::StorageFull(_)) => {}
+            Err(e) => {
+                tracing::warn!(resource = %key, error = %e, "could not store the cloud's answer; answering edged anyway");
+            }
+            Ok(_) => {}
         }
     }
     answered

@@ -33,6 +33,7 @@ pub mod lock;
 mod metrics;
 pub mod read;
 pub mod settings;
+pub mod space;
 mod writer;
 
 use crate::delivery::Delivery;
@@ -42,6 +43,7 @@ pub use feed::{Expired, Resume};
 pub use lock::{InstanceLock, LockError};
 pub use metrics::StoreMetrics;
 use settings::Synchronous;
+pub use space::{Full, Space};
 pub use writer::replace::{ReplaceSet, Replaced, ReplacedChange};
 pub use writer::DEDUPE_WINDOW;
 
@@ -70,6 +72,9 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("database commit failed: {0}")]
     Commit(String),
+    /// No room for the write (see [`space`]); its text begins `storage full:`.
+    #[error("{0}")]
+    StorageFull(Full),
     /// A thread or task of the store could not start or ended abnormally.
     #[error("store task failed: {0}")]
     Task(String),
@@ -85,6 +90,8 @@ pub struct StoreOptions {
     pub outbox_max: usize,
     /// Where the writer thread records each commit's latency and size.
     pub metrics: StoreMetrics,
+    /// `database.max_size`: the quota on what the live data uses, in bytes; 0 for none.
+    pub max_size: u64,
 }
 
 impl Default for StoreOptions {
@@ -93,6 +100,7 @@ impl Default for StoreOptions {
             synchronous: Synchronous::Full,
             outbox_max: 10_000,
             metrics: StoreMetrics::default(),
+            max_size: settings::DEFAULT_MAX_SIZE,
         }
     }
 }
@@ -284,6 +292,8 @@ enum Job {
         set: ReplaceSet,
         done: oneshot::Sender<Result<Replaced, StoreError>>,
     },
+    /// Compaction, and while the store is full a look for room (see [`Store::maintain`]).
+    Maintain,
 }
 
 /// A queued message for the cloud.
@@ -326,8 +336,9 @@ impl StoreEvent {
 }
 
 /// Counters the writer keeps for everyone else.
-#[derive(Default)]
 struct Shared {
+    /// The quota, the space in use and the storage-full state.
+    space: Space,
     /// Transactions committed, and changes in them: group commit's effect, observable.
     commits: AtomicU64,
     committed_changes: AtomicU64,
@@ -404,8 +415,16 @@ impl Store {
         let (last_change, recent) = writer::recorded_changes(&conn).map_err(open_err)?;
         writer::number_objects(&conn, last_change).map_err(open_err)?;
         let shared = Arc::new(Shared {
+            space: Space::new(options.max_size),
+            commits: AtomicU64::default(),
+            committed_changes: AtomicU64::default(),
+            outbox_len: AtomicUsize::default(),
+            outbox_dropped_full: AtomicU64::default(),
+            outbox_changed: Notify::default(),
             feed: feed::Feed::new(last_change, recent),
-            ..Shared::default()
+            settle: Mutex::default(),
+            released: Mutex::default(),
+            delivery: OnceLock::default(),
         });
         let mut writer = writer::Writer {
             conn,
@@ -418,8 +437,15 @@ impl Store {
             next_change: last_change + 1,
             changes_since_prune: 0,
             run,
+            wal: space::wal_path(path),
+            dir: path
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."))
+                .to_owned(),
         };
         writer.count_outbox().map_err(open_err)?;
+        writer.measure();
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let writer = std::thread::Builder::new()
             .name("store-writer".into())
@@ -562,6 +588,18 @@ impl Store {
     /// Whether the store still takes writes (false once [`Store::close`] has begun).
     pub fn is_open(&self) -> bool {
         self.inner.jobs.lock().is_ok_and(|j| j.is_some())
+    }
+
+    /// The quota, the space the live data uses and the storage-full state.
+    pub fn space(&self) -> &Space {
+        &self.inner.shared.space
+    }
+
+    /// Asks the writer for its periodic work between batches: give free pages back to the
+    /// filesystem and truncate the write-ahead log, and, while the store is full, look for
+    /// room, so that the state ends on an idle node whose disk was cleaned. Returns at once.
+    pub async fn maintain(&self) -> Result<(), StoreError> {
+        self.queue(Job::Maintain).await
     }
 
     /// The change feed: every change to `meta` from any source, after its commit, in commit

@@ -1,11 +1,19 @@
-//! The store's settings (`database`): where the database file is and how hard each commit
-//! insists on reaching the disk.
+//! The store's settings (`database`): where the database file is, how hard each commit
+//! insists on reaching the disk, and how much of it the store may use.
 
 use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use crate::config::bounds::{invalid, ConfigError};
+use crate::config::bounds::{byte_size, invalid, ConfigError};
+
+/// The default quota: a node's store of a few hundred pods with their configmaps and secrets
+/// is a few MiB, 256 MiB holds about 50 000 objects of 4 KiB, and the rest of 8 GB of flash
+/// stays with the container images and logs that share it.
+pub const DEFAULT_MAX_SIZE: u64 = 256 * 1024 * 1024;
+/// The smallest quota taken: below it the schema and the log between checkpoints alone would
+/// fill it.
+pub const MIN_MAX_SIZE: u64 = 1024 * 1024;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -13,6 +21,10 @@ pub struct DatabaseSettings {
     pub path: PathBuf,
     /// SQLite's durability level for each commit.
     pub synchronous: Synchronous,
+    /// The quota on what the store's live data uses (pages in use and the write-ahead log),
+    /// in bytes; 0 for none, when only the disk limits it.
+    #[serde(deserialize_with = "byte_size")]
+    pub max_size: u64,
 }
 
 /// How hard each commit insists on reaching the disk.
@@ -41,6 +53,7 @@ impl Default for DatabaseSettings {
         Self {
             path: PathBuf::from("./data/metamanager.db"),
             synchronous: Synchronous::Full,
+            max_size: DEFAULT_MAX_SIZE,
         }
     }
 }
@@ -57,6 +70,15 @@ impl DatabaseSettings {
             return invalid(
                 "database.path",
                 format!("{path:?} is not a file path; give the database file's path"),
+            );
+        }
+        if self.max_size != 0 && self.max_size < MIN_MAX_SIZE {
+            return invalid(
+                "database.max_size",
+                format!(
+                    "{} bytes is too small; use at least {MIN_MAX_SIZE} (1MiB), or 0 for no quota",
+                    self.max_size
+                ),
             );
         }
         Ok(())

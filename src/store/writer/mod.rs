@@ -15,6 +15,7 @@
 //! made of its single-write step.
 
 pub(super) mod replace;
+mod room;
 
 use std::borrow::Cow;
 use std::sync::atomic::Ordering;
@@ -25,6 +26,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::mpsc;
 
 use super::digest::{self, Deltas};
+use super::space::{self, Full};
 use super::{Applied, Change, ChangeKind, Job, Outcome, Shared, StoreError, StoreEvent, Write};
 use crate::patch::Patched;
 use crate::resource::Resource;
@@ -39,8 +41,10 @@ const PRUNE_EVERY: usize = 1_000;
 
 pub(super) fn prepare(conn: &Connection, synchronous: &str) -> rusqlite::Result<()> {
     conn.busy_timeout(super::BUSY_TIMEOUT)?;
+    room::incremental_vacuum(conn)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", synchronous)?;
+    room::bound_the_log(conn)?;
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS meta (
              key        TEXT PRIMARY KEY,
@@ -170,6 +174,10 @@ pub(super) struct Writer {
     pub changes_since_prune: usize,
     /// This run's number ([`start_run`]), recorded with each message id.
     pub run: i64,
+    /// The write-ahead log, whose size counts against the quota.
+    pub wal: std::path::PathBuf,
+    /// The directory the database lives in, named when the disk is full.
+    pub dir: std::path::PathBuf,
 }
 
 /// The number of the last recorded change, and the recorded changes the feed's history starts
@@ -211,10 +219,19 @@ pub(super) struct BatchEffects {
     pub digest: Deltas,
 }
 
+/// How an attempt at a batch ended: committed (or failed) with an outcome per job, or rolled
+/// back whole for want of room.
+enum Tried {
+    Done(Vec<Result<Done, StoreError>>),
+    NoRoom(Full),
+}
+
 /// What one job did, for its submitter.
 pub(super) enum Done {
     Applied(Applied),
     Replaced(Replaced),
+    /// Periodic work, which no submitter waits for.
+    Maintained,
 }
 
 impl Job {
@@ -226,15 +243,16 @@ impl Job {
             Job::Change { done, .. } => {
                 let _ = done.send(outcome.and_then(|d| match d {
                     Done::Applied(a) => Ok(a),
-                    Done::Replaced(_) => Err(mismatch()),
+                    Done::Replaced(_) | Done::Maintained => Err(mismatch()),
                 }));
             }
             Job::Replace { done, .. } => {
                 let _ = done.send(outcome.and_then(|d| match d {
                     Done::Replaced(r) => Ok(r),
-                    Done::Applied(_) => Err(mismatch()),
+                    Done::Applied(_) | Done::Maintained => Err(mismatch()),
                 }));
             }
+            Job::Maintain => {}
         }
     }
 }
@@ -245,17 +263,27 @@ impl Writer {
         // No timer anywhere: the writer sleeps only while nothing is queued, and takes what is
         // queued at the moment it wakes. A lone change is committed at once; under load the
         // queue fills while the previous commit's fsync runs, and the next batch takes it all.
+        // Periodic work runs between batches, never inside one.
+        let mut maintain = false;
         while let Some(first) = jobs.blocking_recv() {
-            batch.push(first);
-            while batch.len() < MAX_BATCH {
-                match jobs.try_recv() {
-                    Ok(job) => batch.push(job),
-                    Err(_) => break,
+            let mut next = Some(first);
+            while let Some(job) = next.take() {
+                match job {
+                    Job::Maintain => maintain = true,
+                    job => batch.push(job),
+                }
+                if batch.len() < MAX_BATCH {
+                    next = jobs.try_recv().ok();
                 }
             }
-            let outcomes = self.commit_batch(&batch);
-            for (job, outcome) in batch.drain(..).zip(outcomes) {
-                job.answer(outcome);
+            if !batch.is_empty() {
+                let outcomes = self.commit_batch(&batch);
+                for (job, outcome) in batch.drain(..).zip(outcomes) {
+                    job.answer(outcome);
+                }
+            }
+            if std::mem::take(&mut maintain) {
+                self.maintain();
             }
         }
         // Closing: whatever the broker acknowledged since the last commit is recorded before
@@ -281,15 +309,42 @@ impl Writer {
         drop(lock);
     }
 
-    /// Commits a batch. The common case runs every change straight into one transaction; only
-    /// when one fails is the transaction rolled back and the batch run again with a savepoint
-    /// per change, so that the failure is isolated without paying for savepoints every time.
+    /// Commits a batch. The common case runs every change straight into one transaction;
+    /// only when one fails is the transaction rolled back and the batch run again with a
+    /// savepoint per change, so that the failure is isolated without paying for savepoints
+    /// every time. A batch that does not fit (past the quota, or refused by the disk) is rolled
+    /// back whole and run again guarded by the limit it met: each change alone, those that need
+    /// room and do not fit refused with [`StoreError::StorageFull`], the others (deletes among
+    /// them) committed. Nothing is half-applied: a refused change is rolled back to its
+    /// savepoint.
     fn commit_batch(&mut self, batch: &[Job]) -> Vec<Result<Done, StoreError>> {
+        let outcomes = match self.try_batch(batch, None) {
+            Tried::Done(outcomes) => outcomes,
+            Tried::NoRoom(full) => {
+                self.make_room(&full);
+                match self.try_batch(batch, Some(&full)) {
+                    Tried::Done(outcomes) => outcomes,
+                    Tried::NoRoom(full) => batch
+                        .iter()
+                        .map(|_| Err(StoreError::StorageFull(full.clone())))
+                        .collect(),
+                }
+            }
+        };
+        self.follow_room(batch, &outcomes);
+        outcomes
+    }
+
+    /// One attempt at a batch, unguarded (`guard` `None`) or guarded by the limit the first
+    /// attempt met.
+    fn try_batch(&mut self, batch: &[Job], guard: Option<&Full>) -> Tried {
         let fail_all = |text: String| {
-            batch
-                .iter()
-                .map(|_| Err(StoreError::Commit(text.clone())))
-                .collect()
+            Tried::Done(
+                batch
+                    .iter()
+                    .map(|_| Err(StoreError::Commit(text.clone())))
+                    .collect(),
+            )
         };
         let started = Instant::now();
         let rows_at_start = self.outbox_rows;
@@ -300,29 +355,59 @@ impl Writer {
         if let Err(e) = self.begin_batch(&marks, &released) {
             return fail_all(e.to_string());
         }
+        let quota = self.shared.space.limit() > 0;
+        let pages_at_start = match quota {
+            true => space::pages_in_use(&self.conn).ok(),
+            false => None,
+        };
         let mut effect = BatchEffects::default();
-        let fast: rusqlite::Result<Vec<Done>> = batch
-            .iter()
-            .map(|job| self.apply_job(job, &mut effect))
-            .collect();
-        let outcomes = match fast {
-            Ok(applied) => applied.into_iter().map(Ok).collect(),
-            Err(_) => {
-                let _ = self.conn.execute_batch("ROLLBACK");
-                self.outbox_rows = rows_at_start;
-                self.recorded_since_prune = recorded_at_start;
-                self.next_change = changes_at_start;
-                effect = BatchEffects::default();
-                if let Err(e) = self.begin_batch(&marks, &released) {
-                    return fail_all(e.to_string());
+        let outcomes = match guard {
+            Some(full) => self.apply_isolated(batch, &mut effect, Some(full)),
+            None => {
+                let fast: rusqlite::Result<Vec<Done>> = batch
+                    .iter()
+                    .map(|job| self.apply_job(job, &mut effect))
+                    .collect();
+                match fast {
+                    Ok(applied) => applied.into_iter().map(Ok).collect(),
+                    Err(e) => {
+                        let _ = self.conn.execute_batch("ROLLBACK");
+                        self.outbox_rows = rows_at_start;
+                        self.recorded_since_prune = recorded_at_start;
+                        self.next_change = changes_at_start;
+                        effect = BatchEffects::default();
+                        if space::is_disk_full(&e) {
+                            self.requeue_settle_marks(&marks);
+                            self.requeue_releases(&released);
+                            return Tried::NoRoom(self.disk_full());
+                        }
+                        if let Err(e) = self.begin_batch(&marks, &released) {
+                            return fail_all(e.to_string());
+                        }
+                        self.apply_isolated(batch, &mut effect, None)
+                    }
                 }
-                self.apply_isolated(batch, &mut effect)
             }
         };
+        if guard.is_none() {
+            let no_room = outcomes.iter().find_map(|o| match o {
+                Err(StoreError::StorageFull(full)) => Some(full.clone()),
+                _ => None,
+            });
+            // The quota, for the batch as a whole; guarded, each change was measured alone.
+            let no_room = no_room.or_else(|| self.past_quota(pages_at_start));
+            if let Some(full) = no_room {
+                self.abandon_batch(rows_at_start, changes_at_start, &marks, &released);
+                return Tried::NoRoom(full);
+            }
+        }
         // The digest's one write per scope the batch changed; without it the batch cannot
         // commit, or the digest would no longer match the store.
         if let Err(e) = effect.digest.flush(&self.conn) {
             self.abandon_batch(rows_at_start, changes_at_start, &marks, &released);
+            if space::is_disk_full(&e) {
+                return Tried::NoRoom(self.disk_full());
+            }
             let text = e.to_string();
             tracing::error!(error = %text, changes = batch.len(), "updating the digest failed");
             return fail_all(text);
@@ -330,13 +415,16 @@ impl Writer {
         self.prune_when_due();
         if let Err(e) = self.conn.execute_batch("COMMIT") {
             self.abandon_batch(rows_at_start, changes_at_start, &marks, &released);
+            if space::is_disk_full(&e) {
+                return Tried::NoRoom(self.disk_full());
+            }
             let text = e.to_string();
             tracing::error!(error = %text, changes = batch.len(), "store commit failed");
             return fail_all(text);
         }
         self.metrics.commit(started.elapsed(), batch.len());
         self.announce(batch.len(), effect);
-        outcomes
+        Tried::Done(outcomes)
     }
 
     /// Prunes the remembered message ids and the change history, each once it has grown by
@@ -413,14 +501,28 @@ impl Writer {
         self.requeue_releases(released);
     }
 
-    /// Each change in its own savepoint: a failing one is rolled back alone.
+    /// Each change in its own savepoint: a failing one is rolled back alone. Guarded by a
+    /// limit the batch met (`guard`), a change that needs room is refused without being tried
+    /// when the disk is full, and rolled back when it takes the live data past the quota.
     fn apply_isolated(
         &mut self,
         batch: &[Job],
         effect: &mut BatchEffects,
+        guard: Option<&Full>,
     ) -> Vec<Result<Done, StoreError>> {
         let mut outcomes = Vec::with_capacity(batch.len());
         for job in batch {
+            if let Some(full @ Full::Disk { .. }) = guard {
+                if job.needs_room() {
+                    outcomes.push(Err(StoreError::StorageFull(full.clone())));
+                    continue;
+                }
+            }
+            let measure = matches!(guard, Some(Full::Quota { .. })) && job.needs_room();
+            let pages_before = match measure {
+                true => space::pages_in_use(&self.conn).ok(),
+                false => None,
+            };
             let rows_before = self.outbox_rows;
             let events_before = effect.events.len();
             let digest_before = effect.digest.len();
@@ -429,7 +531,17 @@ impl Writer {
                 .conn
                 .execute_batch("SAVEPOINT change")
                 .and_then(|()| self.apply_job(job, effect))
-                .and_then(|a| self.conn.execute_batch("RELEASE change").map(|()| a));
+                .map_err(|e| self.no_room_or(e))
+                .and_then(|a| match self.past_quota(pages_before) {
+                    Some(full) => Err(StoreError::StorageFull(full)),
+                    None => Ok(a),
+                })
+                .and_then(|a| {
+                    self.conn
+                        .execute_batch("RELEASE change")
+                        .map(|()| a)
+                        .map_err(|e| self.no_room_or(e))
+                });
             match applied {
                 Ok(a) => outcomes.push(Ok(a)),
                 Err(e) => {
@@ -440,7 +552,7 @@ impl Writer {
                     self.next_change = changes_before;
                     effect.events.truncate(events_before);
                     effect.digest.truncate(digest_before);
-                    outcomes.push(Err(StoreError::Sqlite(e)));
+                    outcomes.push(Err(e));
                 }
             }
         }
@@ -451,6 +563,7 @@ impl Writer {
         match job {
             Job::Change { change, .. } => self.apply(change, effect).map(Done::Applied),
             Job::Replace { set, .. } => self.apply_replace(set, effect).map(Done::Replaced),
+            Job::Maintain => Ok(Done::Maintained),
         }
     }
 

@@ -1,0 +1,422 @@
+//! The writer's side of the store's room on disk (see [`crate::store::space`]): which changes
+//! need room, the quota's check, making room when a batch did not fit, the state's begin and
+//! end, and compaction: free pages given back to the filesystem and a write-ahead log kept
+//! small, so that the files follow the live data down after churn.
+
+use std::time::{Duration, Instant};
+
+use rusqlite::Connection;
+
+use super::{Done, Writer};
+use crate::store::space::{self, Full};
+use crate::store::{Change, Job, StoreError, Write};
+
+/// Pages the log may keep on disk after a checkpoint has emptied it (SQLite truncates it to
+/// this): room a delete can use when the disk is full, at most 4 MiB however large a burst made
+/// the log. The periodic compaction truncates it to nothing when the store is idle.
+const JOURNAL_SIZE_LIMIT: i64 = 4 * 1024 * 1024;
+/// Free pages given back per compaction step: about 8 MiB, a few milliseconds of the writer.
+const VACUUM_STEP_PAGES: i64 = 2048;
+/// How long a compaction's checkpoint waits for readers of an older snapshot before it leaves
+/// the log for the next time: never long enough to hold the writer up.
+const CHECKPOINT_WAIT: Duration = Duration::from_millis(50);
+/// The write that looks for room on a full disk: a page or so more than a small change needs.
+const PROBE_BYTES: i64 = 64 * 1024;
+
+impl Job {
+    /// Whether the job can grow the store: refused while it is full, unlike a delete.
+    pub(in crate::store) fn needs_room(&self) -> bool {
+        match self {
+            Job::Change { change, .. } => change.needs_room(),
+            Job::Replace { .. } => true,
+            Job::Maintain => false,
+        }
+    }
+}
+
+impl Change {
+    /// Stores an object, queues a message for the cloud beside no delete, or remembers a
+    /// patch: what a full store refuses. A delete (with its message for the cloud), a
+    /// settled outbox row or a forgotten patch makes room.
+    fn needs_room(&self) -> bool {
+        match &self.write {
+            Some(Write::Put { .. } | Write::PutIfChanged { .. } | Write::Patch { .. }) => true,
+            Some(Write::Delete { .. }) => false,
+            None => self.to_cloud.is_some() || self.remember_patch.is_some(),
+        }
+    }
+}
+
+impl Writer {
+    /// The disk refused to grow the files.
+    pub(super) fn disk_full(&self) -> Full {
+        Full::Disk {
+            dir: self.dir.clone(),
+        }
+    }
+
+    /// A failed statement's error, as [`StoreError::StorageFull`] when the disk refused it.
+    pub(super) fn no_room_or(&self, e: rusqlite::Error) -> StoreError {
+        if space::is_disk_full(&e) {
+            StoreError::StorageFull(self.disk_full())
+        } else {
+            StoreError::Sqlite(e)
+        }
+    }
+
+    /// Whether what the open transaction did since `pages_before` (pages in use then) took the
+    /// live data past the quota: only a change that grew the pages in use counts, so that one
+    /// that shrinks or keeps them (a delete, an equal update) goes through on a full store.
+    pub(super) fn past_quota(&self, pages_before: Option<u64>) -> Option<Full> {
+        let before = pages_before?;
+        let pages = space::pages_in_use(&self.conn).ok()?;
+        let used = pages + space::wal_bytes(&self.wal);
+        (pages > before && self.shared.space.over_quota(used)).then(|| Full::Quota {
+            used,
+            limit: self.shared.space.limit(),
+        })
+    }
+
+    /// What can be given back before a batch that did not fit is tried again, guarded. Past
+    /// the quota, the log, which counts, is emptied. On a full disk, a checkpoint lets the next
+    /// transaction write the log from its start, over space the file already has, and free
+    /// pages go back to the filesystem; neither may succeed on a disk with nothing left.
+    pub(super) fn make_room(&self, full: &Full) {
+        let tried = match full {
+            Full::Quota { .. } => self.checkpoint("TRUNCATE"),
+            Full::Disk { .. } => self
+                .checkpoint("PASSIVE")
+                .and_then(|()| self.give_back_free_pages().map(drop)),
+        };
+        if let Err(e) = tried {
+            tracing::debug!(error = %e, "making room in the store did not succeed");
+        }
+    }
+
+    /// Follows a committed batch: the state begins with a refused write, and ends when a
+    /// write that needed room committed, or, past the quota, when deletes brought the live
+    /// data back under it. Also keeps the measure `/metrics` shows.
+    pub(super) fn follow_room(&self, batch: &[Job], outcomes: &[Result<Done, StoreError>]) {
+        let space = &self.shared.space;
+        self.measure();
+        let mut refused = 0;
+        let mut refusal = None;
+        let mut grew = false;
+        for (job, outcome) in batch.iter().zip(outcomes) {
+            match outcome {
+                Err(StoreError::StorageFull(full)) => {
+                    refused += 1;
+                    refusal.get_or_insert_with(|| full.clone());
+                }
+                Ok(_) if job.needs_room() => grew = true,
+                _ => {}
+            }
+        }
+        if let Some(full) = refusal {
+            space.refused(full, refused);
+            return;
+        }
+        match space.full() {
+            Some(_) if grew => space.room_again("a write that needed room committed"),
+            // The log counts, and the deletes just added to it: emptied first, it shows the
+            // room they made.
+            Some(full @ Full::Quota { .. }) if outcomes.iter().any(Result::is_ok) => {
+                self.make_room(&full);
+                if self.measure().is_some_and(|u| !space.over_quota(u)) {
+                    space.room_again("deletes brought the store under its quota");
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The periodic work between batches: while full, make room and look for it (so that an
+    /// idle node whose disk was cleaned leaves the state); then compaction.
+    pub(super) fn maintain(&self) {
+        let space = &self.shared.space;
+        if let Some(full) = space.full() {
+            self.make_room(&full);
+            let room = match full {
+                Full::Quota { .. } => self.measure().is_some_and(|u| !space.over_quota(u)),
+                Full::Disk { .. } => self.probe_disk(),
+            };
+            if room {
+                space.room_again("the periodic check found room");
+            }
+        }
+        if space.full().is_none() {
+            self.compact();
+        }
+        self.measure();
+    }
+
+    /// Free pages back to the filesystem, a step at a time, and the log truncated when no
+    /// reader holds an older snapshot: at rest the files are the live data.
+    fn compact(&self) {
+        let started = Instant::now();
+        let freed = self.give_back_free_pages();
+        let checkpoint = self.checkpoint("TRUNCATE");
+        match (freed, checkpoint) {
+            (Ok(pages), Ok(())) => {
+                if pages > 0 {
+                    tracing::debug!(
+                        pages,
+                        took_ms = started.elapsed().as_millis() as u64,
+                        "gave free pages back to the filesystem"
+                    );
+                }
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::debug!(error = %e, "compaction left for the next time");
+            }
+        }
+    }
+
+    /// `PRAGMA incremental_vacuum` for at most [`VACUUM_STEP_PAGES`]; the pages it freed.
+    fn give_back_free_pages(&self) -> rusqlite::Result<i64> {
+        let free: i64 = self
+            .conn
+            .query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+        if free == 0 {
+            return Ok(0);
+        }
+        // It frees a page each step of the statement, so it is stepped to its end.
+        let mut vacuum = self
+            .conn
+            .prepare(&format!("PRAGMA incremental_vacuum({VACUUM_STEP_PAGES})"))?;
+        let mut steps = vacuum.query([])?;
+        while steps.next()?.is_some() {}
+        Ok(free.min(VACUUM_STEP_PAGES))
+    }
+
+    /// A checkpoint of the given mode that waits at most [`CHECKPOINT_WAIT`] for readers.
+    fn checkpoint(&self, mode: &str) -> rusqlite::Result<()> {
+        self.conn.busy_timeout(CHECKPOINT_WAIT)?;
+        let done = self
+            .conn
+            .query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
+                r.get::<_, i64>(0)
+            });
+        self.conn.busy_timeout(crate::store::BUSY_TIMEOUT)?;
+        match done? {
+            0 => Ok(()),
+            _ => Err(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+                Some("a reader held the log".into()),
+            )),
+        }
+    }
+
+    /// Whether the disk takes a write again: one committed write of [`PROBE_BYTES`], then its
+    /// removal.
+    fn probe_disk(&self) -> bool {
+        let wrote = self.conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE; \
+             INSERT OR REPLACE INTO space_probe (id, pad) VALUES (1, zeroblob({PROBE_BYTES})); \
+             COMMIT;"
+        ));
+        if wrote.is_err() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+            return false;
+        }
+        if self.conn.execute_batch("DELETE FROM space_probe").is_err() {
+            tracing::debug!("the room probe's row stays until the next probe");
+        }
+        true
+    }
+
+    /// Measures what the live data uses, for the quota's gauge; `None` if it cannot be read.
+    pub(in crate::store) fn measure(&self) -> Option<u64> {
+        let used = space::in_use(&self.conn, &self.wal).ok()?;
+        self.shared.space.set_used(used);
+        Some(used)
+    }
+}
+
+/// Makes the database give free pages back on request (`auto_vacuum = INCREMENTAL`): set
+/// before the first table of a new database; an earlier version's database is converted once
+/// with a `VACUUM`, which rewrites it (a few seconds a GiB; measured in BENCHMARKS.md). A
+/// conversion that fails (a full disk: it needs room for a copy) is logged and tried again at
+/// the next start; the store works without it, only without giving space back.
+pub(super) fn incremental_vacuum(conn: &Connection) -> rusqlite::Result<()> {
+    const INCREMENTAL: i64 = 2;
+    let mode: i64 = conn.query_row("PRAGMA auto_vacuum", [], |r| r.get(0))?;
+    if mode == INCREMENTAL {
+        return Ok(());
+    }
+    conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
+    let tables: i64 = conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))?;
+    if tables == 0 {
+        return Ok(());
+    }
+    let started = Instant::now();
+    tracing::info!(
+        "converting the database to give free space back (once, for databases of earlier versions)"
+    );
+    match conn.execute_batch("VACUUM") {
+        Ok(()) => tracing::info!(
+            took_ms = started.elapsed().as_millis() as u64,
+            "database converted: free pages now go back to the filesystem"
+        ),
+        Err(e) => tracing::warn!(
+            error = %e,
+            "could not convert the database to give free space back; tried again at the next start"
+        ),
+    }
+    Ok(())
+}
+
+/// Bounds the write-ahead log ([`JOURNAL_SIZE_LIMIT`]), keeps temporary tables off the disk,
+/// and makes the table the room probe writes.
+pub(super) fn bound_the_log(conn: &Connection) -> rusqlite::Result<()> {
+    conn.pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT)?;
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
+    conn.execute_batch("CREATE TABLE IF NOT EXISTS space_probe (id INTEGER PRIMARY KEY, pad BLOB)")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+
+    use crate::store::space::Full;
+    use crate::store::{Outcome, Store, StoreError, StoreOptions, Write};
+
+    /// A quota a few dozen of [`object`]s fill, past what the schema takes.
+    const QUOTA: u64 = 400 * 1024;
+
+    fn object(n: usize) -> Write {
+        Write::Put {
+            key: format!("ns/pod/p{n:04}"),
+            rtype: "pod".into(),
+            value: Bytes::from(format!(r#"{{"n":{n},"pad":"{}"}}"#, "x".repeat(8 * 1024))),
+        }
+    }
+
+    fn delete(n: usize) -> Write {
+        Write::Delete {
+            key: format!("ns/pod/p{n:04}"),
+            uid: None,
+        }
+    }
+
+    fn open(dir: &tempfile::TempDir, max_size: u64) -> Store {
+        let options = StoreOptions {
+            max_size,
+            ..StoreOptions::default()
+        };
+        Store::open(&dir.path().join("m.db"), options).expect("store opens")
+    }
+
+    /// Writes objects until the quota refuses one; how many were stored.
+    async fn fill(store: &Store) -> usize {
+        for n in 0..1000 {
+            match store.write(object(n)).await {
+                Ok(_) => {}
+                Err(StoreError::StorageFull(Full::Quota { used, limit })) => {
+                    assert_eq!(limit, QUOTA);
+                    assert!(used > limit, "{used} > {limit}");
+                    return n;
+                }
+                Err(e) => panic!("write {n}: {e}"),
+            }
+        }
+        panic!("the quota never refused a write");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_quota_refuses_what_grows_and_takes_deletes_which_clear_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir, QUOTA);
+        let stored = fill(&store).await;
+        assert!(stored > 5, "{stored}");
+        assert!(matches!(store.space().full(), Some(Full::Quota { .. })));
+        // Refused, and not half-applied.
+        let refused = store.write(object(stored)).await;
+        assert!(
+            matches!(refused, Err(StoreError::StorageFull(_))),
+            "{refused:?}"
+        );
+        assert_eq!(
+            store.get(&format!("ns/pod/p{stored:04}")).await.unwrap(),
+            None
+        );
+        // Reads go on; a delete applies and makes room at once.
+        assert!(store.get("ns/pod/p0000").await.unwrap().is_some());
+        for n in 0..4 {
+            let done = store.write(delete(n)).await.expect("a delete applies");
+            assert_eq!(done.outcome, Outcome::Deleted);
+        }
+        assert_eq!(store.space().full(), None, "deletes brought it under");
+        store.write(object(stored)).await.expect("room again");
+        store.close().await;
+    }
+
+    /// A batch whose writes do not all fit: its delete commits, what fits is kept, and what
+    /// does not is refused alone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_that_does_not_fit_keeps_its_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir, QUOTA);
+        let stored = fill(&store).await;
+        // Hold the write lock so that the next writes queue up and commit as one batch.
+        let other = rusqlite::Connection::open(dir.path().join("m.db")).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let grow = store.submit(object(stored + 1)).await.unwrap();
+        let shrink = store.submit(delete(0)).await.unwrap();
+        let grow_more = store.submit(object(stored + 2)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        other.execute_batch("COMMIT").unwrap();
+        let grow = grow.await.unwrap();
+        let shrink = shrink.await.unwrap();
+        let grow_more = grow_more.await.unwrap();
+        // Each change is measured alone, in order: the write before the delete does not fit,
+        // the delete commits, and the write after it fits in the delete's room.
+        assert!(matches!(grow, Err(StoreError::StorageFull(_))), "{grow:?}");
+        assert_eq!(
+            shrink.expect("the delete commits").outcome,
+            Outcome::Deleted
+        );
+        assert_eq!(
+            grow_more.expect("fits after the delete").outcome,
+            Outcome::Stored
+        );
+        let key = |n: usize| format!("ns/pod/p{n:04}");
+        assert_eq!(
+            store.get(&key(stored + 1)).await.unwrap(),
+            None,
+            "not half-applied"
+        );
+        assert_eq!(store.get(&key(0)).await.unwrap(), None);
+        assert!(store.get(&key(stored + 2)).await.unwrap().is_some());
+        store.close().await;
+    }
+
+    /// Without a quota nothing is refused, and the periodic work gives the pages of deleted
+    /// objects back to the filesystem and empties the log.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn compaction_gives_space_back_after_churn() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir, 0);
+        for n in 0..300 {
+            store.write(object(n)).await.unwrap();
+        }
+        let db = dir.path().join("m.db");
+        for n in 0..300 {
+            store.write(delete(n)).await.unwrap();
+        }
+        let files = |db: &std::path::Path| {
+            std::fs::metadata(db).map_or(0, |m| m.len())
+                + std::fs::metadata(crate::store::space::wal_path(db)).map_or(0, |m| m.len())
+        };
+        let before = files(&db);
+        store.maintain().await.unwrap();
+        // The maintenance is the writer's next job; a write after it waits for it.
+        store.write(object(0)).await.unwrap();
+        let after = files(&db);
+        assert!(before > 2 * 1024 * 1024, "{before}");
+        assert!(after < 256 * 1024, "{before} -> {after}");
+        store.close().await;
+    }
+}
