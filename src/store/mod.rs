@@ -443,9 +443,14 @@ impl Store {
                 .filter(|d| !d.as_os_str().is_empty())
                 .unwrap_or(Path::new("."))
                 .to_owned(),
+            reserve: space::reserve_path(path),
+            reserve_tried: std::cell::Cell::new(None),
         };
         writer.count_outbox().map_err(open_err)?;
         writer.measure();
+        if !writer.restore_reserve() {
+            tracing::warn!(path = %space::reserve_path(path).display(), "no room on the disk for the reserve that keeps deletes possible when it is full");
+        }
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let writer = std::thread::Builder::new()
             .name("store-writer".into())

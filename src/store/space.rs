@@ -228,6 +228,13 @@ pub fn wal_path(db: &Path) -> PathBuf {
     PathBuf::from(wal)
 }
 
+/// The disk reserve's path beside the database at `db` (see the writer's `room`).
+pub fn reserve_path(db: &Path) -> PathBuf {
+    let mut reserve = db.as_os_str().to_owned();
+    reserve.push("-reserve");
+    PathBuf::from(reserve)
+}
+
 /// Whether SQLite's error says the disk (or `max_page_count`) has no room.
 pub(super) fn is_disk_full(e: &rusqlite::Error) -> bool {
     matches!(

@@ -74,6 +74,8 @@ pub struct Options {
     pub max_inflight_messages: Option<usize>,
     /// More `mqtt:` keys, one `key: value` a line.
     pub mqtt_yaml: String,
+    /// `database:` keys besides its path.
+    pub database_yaml: String,
     /// More `http:` keys, one `key: value` a line.
     pub http_yaml: String,
     /// `mqtt.username`, `mqtt.publish_username` and `mqtt.password_file`, when set.
@@ -92,6 +94,7 @@ impl Options {
             max_payload_bytes: 1 << 20,
             max_inflight_messages: None,
             mqtt_yaml: String::new(),
+            database_yaml: String::new(),
             http_yaml: String::new(),
             username: None,
             publish_username: None,
@@ -104,6 +107,14 @@ impl Options {
     pub fn mqtt(mut self, lines: &str) -> Self {
         for line in lines.lines() {
             self.mqtt_yaml.push_str(&format!("  {}\n", line.trim()));
+        }
+        self
+    }
+
+    /// Adds `database:` keys (`key: value` lines) beside its path.
+    pub fn database(mut self, lines: &str) -> Self {
+        for line in lines.lines() {
+            self.database_yaml.push_str(&format!("  {}\n", line.trim()));
         }
         self
     }
@@ -242,10 +253,11 @@ impl TestApp {
             login += &format!("  password_file: {}\n", p.display());
         }
         let yaml = format!(
-            "node_id: {NODE}\nmqtt:\n  mode: {mode}\n  host: 127.0.0.1\n  port: {port}\n  max_payload_bytes: {}\n{inflight}{login}{}database:\n  path: {}\nhttp:\n  listen: 127.0.0.1:{}\n{}{}",
+            "node_id: {NODE}\nmqtt:\n  mode: {mode}\n  host: 127.0.0.1\n  port: {port}\n  max_payload_bytes: {}\n{inflight}{login}{}database:\n  path: {}\n{}http:\n  listen: 127.0.0.1:{}\n{}{}",
             self.options.max_payload_bytes,
             self.options.mqtt_yaml,
             self.db_path().display(),
+            self.options.database_yaml,
             self.http_port,
             self.options.http_yaml,
             self.options.extra_yaml

@@ -121,6 +121,42 @@ pub fn missing(tool: &str, install: &str) {
     );
 }
 
+/// A small tmpfs mounted on a temporary directory, unmounted on drop: a real disk that fills.
+/// Needs root; `None` (the test is skipped, see [`skip`]) where it cannot be mounted.
+pub struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    pub fn mount(size: &str) -> Option<Self> {
+        let dir = tempfile::tempdir().expect("a mount point");
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            skip(
+                Requirement::Tmpfs,
+                "cannot mount a tmpfs here (needs root), so no disk can be filled",
+            );
+            return None;
+        }
+        Some(Self { dir })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
 /// Whether `program` can be run at all (`args` keep it from doing anything).
 pub fn runs(program: &str, args: &[&str]) -> bool {
     Command::new(program)

@@ -178,6 +178,10 @@ pub(super) struct Writer {
     pub wal: std::path::PathBuf,
     /// The directory the database lives in, named when the disk is full.
     pub dir: std::path::PathBuf,
+    /// The disk kept in reserve for a full disk's deletes (see [`room::RESERVE_BYTES`]).
+    pub reserve: std::path::PathBuf,
+    /// When the reserve was last asked back from a full disk.
+    pub reserve_tried: std::cell::Cell<Option<Instant>>,
 }
 
 /// The number of the last recorded change, and the recorded changes the feed's history starts
@@ -217,6 +221,14 @@ pub(super) struct BatchEffects {
     pub events: Vec<StoreEvent>,
     /// The batch's changes to the digest, written once before the commit.
     pub digest: Deltas,
+}
+
+/// Each job of `batch` refused for want of room.
+fn every_one_refused(batch: &[Job], full: Full) -> Vec<Result<Done, StoreError>> {
+    batch
+        .iter()
+        .map(|_| Err(StoreError::StorageFull(full.clone())))
+        .collect()
 }
 
 /// How an attempt at a batch ended: committed (or failed) with an outcome per job, or rolled
@@ -318,18 +330,17 @@ impl Writer {
     /// them) committed. Nothing is half-applied: a refused change is rolled back to its
     /// savepoint.
     fn commit_batch(&mut self, batch: &[Job]) -> Vec<Result<Done, StoreError>> {
-        let outcomes = match self.try_batch(batch, None) {
+        let guard = self.guard_while_full();
+        let outcomes = match self.try_batch(batch, guard.as_ref()) {
             Tried::Done(outcomes) => outcomes,
-            Tried::NoRoom(full) => {
+            Tried::NoRoom(full) if guard.is_none() => {
                 self.make_room(&full);
                 match self.try_batch(batch, Some(&full)) {
                     Tried::Done(outcomes) => outcomes,
-                    Tried::NoRoom(full) => batch
-                        .iter()
-                        .map(|_| Err(StoreError::StorageFull(full.clone())))
-                        .collect(),
+                    Tried::NoRoom(full) => every_one_refused(batch, full),
                 }
             }
+            Tried::NoRoom(full) => every_one_refused(batch, full),
         };
         self.follow_room(batch, &outcomes);
         outcomes

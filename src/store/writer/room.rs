@@ -20,8 +20,12 @@ const VACUUM_STEP_PAGES: i64 = 2048;
 /// How long a compaction's checkpoint waits for readers of an older snapshot before it leaves
 /// the log for the next time: never long enough to hold the writer up.
 const CHECKPOINT_WAIT: Duration = Duration::from_millis(50);
-/// The write that looks for room on a full disk: a page or so more than a small change needs.
-const PROBE_BYTES: i64 = 64 * 1024;
+/// Disk kept in reserve beside the database (`<db>-reserve`), released when the disk is full
+/// so that deletes, and the checkpoints that let the log be written over, still have room; a
+/// delete needs a few pages of log, and this is room for a few hundred.
+pub(in crate::store) const RESERVE_BYTES: usize = 1024 * 1024;
+/// How often, at most, a full disk is asked again for the reserve while writes keep coming.
+const RESERVE_RETRY: Duration = Duration::from_secs(1);
 
 impl Job {
     /// Whether the job can grow the store: refused while it is full, unlike a delete.
@@ -78,15 +82,17 @@ impl Writer {
     }
 
     /// What can be given back before a batch that did not fit is tried again, guarded. Past
-    /// the quota, the log, which counts, is emptied. On a full disk, a checkpoint lets the next
-    /// transaction write the log from its start, over space the file already has, and free
-    /// pages go back to the filesystem; neither may succeed on a disk with nothing left.
+    /// the quota, the log, which counts, is emptied. On a full disk, the reserve is released
+    /// (the room the guarded batch's deletes are written in), a checkpoint lets the next
+    /// transaction write the log from its start, and free pages go back to the filesystem.
     pub(super) fn make_room(&self, full: &Full) {
         let tried = match full {
             Full::Quota { .. } => self.checkpoint("TRUNCATE"),
-            Full::Disk { .. } => self
-                .checkpoint("PASSIVE")
-                .and_then(|()| self.give_back_free_pages().map(drop)),
+            Full::Disk { .. } => {
+                self.release_reserve();
+                self.checkpoint("PASSIVE")
+                    .and_then(|()| self.give_back_free_pages().map(drop))
+            }
         };
         if let Err(e) = tried {
             tracing::debug!(error = %e, "making room in the store did not succeed");
@@ -130,6 +136,25 @@ impl Writer {
         }
     }
 
+    /// The limit a batch is guarded by before it is tried: while the disk is full, growth is
+    /// refused without being tried (it would take the released reserve that deletes need),
+    /// unless the disk gives the reserve back, which is asked at most once a second; then the
+    /// state ends and the batch is tried as usual.
+    pub(super) fn guard_while_full(&self) -> Option<Full> {
+        let full @ Full::Disk { .. } = self.shared.space.full()? else {
+            return None;
+        };
+        let due = self
+            .reserve_tried
+            .get()
+            .is_none_or(|at| at.elapsed() >= RESERVE_RETRY);
+        if due && self.restore_reserve() {
+            self.shared.space.room_again("the disk has room again");
+            return None;
+        }
+        Some(full)
+    }
+
     /// The periodic work between batches: while full, make room and look for it (so that an
     /// idle node whose disk was cleaned leaves the state); then compaction.
     pub(super) fn maintain(&self) {
@@ -138,11 +163,13 @@ impl Writer {
             self.make_room(&full);
             let room = match full {
                 Full::Quota { .. } => self.measure().is_some_and(|u| !space.over_quota(u)),
-                Full::Disk { .. } => self.probe_disk(),
+                Full::Disk { .. } => self.restore_reserve(),
             };
             if room {
                 space.room_again("the periodic check found room");
             }
+        } else if !self.reserve.exists() {
+            self.restore_reserve();
         }
         if space.full().is_none() {
             self.compact();
@@ -207,22 +234,26 @@ impl Writer {
         }
     }
 
-    /// Whether the disk takes a write again: one committed write of [`PROBE_BYTES`], then its
-    /// removal.
-    fn probe_disk(&self) -> bool {
-        let wrote = self.conn.execute_batch(&format!(
-            "BEGIN IMMEDIATE; \
-             INSERT OR REPLACE INTO space_probe (id, pad) VALUES (1, zeroblob({PROBE_BYTES})); \
-             COMMIT;"
-        ));
-        if wrote.is_err() {
-            let _ = self.conn.execute_batch("ROLLBACK");
-            return false;
+    /// Takes the reserve back from the disk: whether the disk had room for it. The file is
+    /// written whole, so a filesystem that cannot hold it says so now, not later.
+    pub(in crate::store) fn restore_reserve(&self) -> bool {
+        self.reserve_tried.set(Some(Instant::now()));
+        let written = std::fs::write(&self.reserve, vec![0u8; RESERVE_BYTES]);
+        if written.is_err() {
+            let _ = std::fs::remove_file(&self.reserve);
         }
-        if self.conn.execute_batch("DELETE FROM space_probe").is_err() {
-            tracing::debug!("the room probe's row stays until the next probe");
+        written.is_ok()
+    }
+
+    /// Gives the reserve to the disk, for the deletes and checkpoints of a full store.
+    fn release_reserve(&self) {
+        match std::fs::remove_file(&self.reserve) {
+            Ok(()) => tracing::debug!("released the disk reserve for deletes"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(error = %e, path = %self.reserve.display(), "could not release the disk reserve")
+            }
         }
-        true
     }
 
     /// Measures what the live data uses, for the quota's gauge; `None` if it cannot be read.
@@ -266,12 +297,11 @@ pub(super) fn incremental_vacuum(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// Bounds the write-ahead log ([`JOURNAL_SIZE_LIMIT`]), keeps temporary tables off the disk,
-/// and makes the table the room probe writes.
+/// Bounds the write-ahead log ([`JOURNAL_SIZE_LIMIT`]) and keeps temporary tables off the
+/// disk.
 pub(super) fn bound_the_log(conn: &Connection) -> rusqlite::Result<()> {
     conn.pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT)?;
-    conn.pragma_update(None, "temp_store", "MEMORY")?;
-    conn.execute_batch("CREATE TABLE IF NOT EXISTS space_probe (id INTEGER PRIMARY KEY, pad BLOB)")
+    conn.pragma_update(None, "temp_store", "MEMORY")
 }
 
 #[cfg(test)]
