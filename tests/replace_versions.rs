@@ -166,6 +166,13 @@ async fn pages_apply_once_and_forward_in_key_order(kind: BrokerKind) {
         4,
         "each change numbered in the history"
     );
+    // Recorded with the replace until the broker acknowledged the forwards, then forgotten.
+    assert!(
+        common::process::wait_until(common::WAIT, || {
+            count_rows(&app, "SELECT count(*) FROM forwards") == 0
+        }),
+        "acknowledged forwards still recorded"
+    );
     let versions = cloud.versions("default/pod").await;
     let keys: Vec<&str> = versions.keys().map(String::as_str).collect();
     assert_eq!(
@@ -179,6 +186,60 @@ async fn pages_apply_once_and_forward_in_key_order(kind: BrokerKind) {
         ]
     );
     assert_eq!(versions["default/pod/c"], "2");
+}
+
+/// A kill between a replace's commit and the broker's acknowledgement of its forwards leaves
+/// them recorded in `forwards` (written here as the replace's transaction writes them, while
+/// MetaManager is stopped): the next start sends them to edged before anything else, in order,
+/// and forgets them once the broker has them. On mosquitto, whose subscribers outlive
+/// MetaManager's restart, so that edged can listen from before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replace_s_forwards_unacknowledged_at_a_kill_are_sent_after_the_restart() {
+    let Some((mut app, mut cloud)) = start(BrokerKind::Mosquitto, |o| o).await else {
+        return;
+    };
+    cloud.link_up().await;
+    seed(&mut cloud, &["a"]).await;
+    app.kill9();
+    let db = rusqlite::Connection::open(app.db_path()).unwrap();
+    let b = pod("b", 2).to_string();
+    let a = pod("a", 1).to_string();
+    db.execute(
+        "INSERT INTO forwards (kind, key, value) VALUES (0, 'default/pod/b', ?1), (2, 'default/pod/a', ?2)",
+        [&b, &a],
+    )
+    .unwrap();
+    drop(db);
+    let mut edged = app.peer().await;
+    app.start().await;
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let m = edged.wait_for("metamanager/to/edged", |_| true).await;
+        got.push((
+            m["route"]["operation"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            m["route"]["resource"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            m["content"].clone(),
+        ));
+    }
+    assert_eq!(
+        got,
+        vec![
+            ("insert".to_owned(), "default/pod/b".to_owned(), pod("b", 2)),
+            ("delete".to_owned(), "default/pod/a".to_owned(), pod("a", 1)),
+        ]
+    );
+    assert!(
+        common::process::wait_until(common::WAIT, || {
+            count_rows(&app, "SELECT count(*) FROM forwards") == 0
+        }),
+        "forwards sent again and acknowledged are forgotten"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -49,6 +49,8 @@ impl Running {
     pub fn start(app: App) -> Self {
         let (trigger, stop) = shutdown::channel();
         let (steps_tx, steps_rx) = mpsc::channel(STEP_QUEUE);
+        // The channel is empty: this first step cannot find it full.
+        let _ = steps_tx.try_send(app.ops.resend_forwards());
         let work = Work {
             dispatcher: tokio::spawn(run_dispatcher(app.ops, app.inbound, steps_tx, stop.clone())),
             pipeline: tokio::spawn(run_pipeline(steps_rx)),

@@ -110,6 +110,12 @@ impl Ops {
         }
     }
 
+    /// The first step of a run, before any message's: what the last run left to send edged
+    /// (a replace's forwards the broker had not acknowledged).
+    pub fn resend_forwards(&self) -> Step {
+        replace::resend_forwards(&self.replies, &self.store)
+    }
+
     /// Validates `publish`, queues its write if it has one, and returns the step that
     /// finishes it.
     pub async fn dispatch(&self, publish: Inbound) -> Step {

@@ -2,7 +2,7 @@
 //! in one transaction, each resulting change passed to edged in key order (topics.md,
 //! "Reconciliation").
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde::Deserialize;
@@ -12,7 +12,7 @@ use crate::cloud::replaces::{Page, Replaces, Taken};
 use crate::message::{self, Message, Operation};
 use crate::mqtt::Inbound;
 use crate::resource::Resource;
-use crate::store::{ChangeKind, Replaced, Store, StoreError};
+use crate::store::{Change, ChangeKind, Replaced, ReplacedChange, Store, StoreError};
 use crate::topics::Peer;
 
 use super::{refuse_message, respond, rules, store_failed, Replies, Step};
@@ -73,6 +73,7 @@ pub(super) async fn replace(
         Err(e) => return store_failed(replies, sender, publish, msg, e),
     };
     let replies = replies.clone();
+    let store = store.clone();
     Box::pin(async move {
         let done = committed.await.unwrap_or(Err(StoreError::Closed));
         if let Ok(done) = &done {
@@ -86,17 +87,23 @@ pub(super) async fn replace(
                 kept_newer = done.kept_newer,
                 "replace applied"
             );
-            pass_on(&replies, done).await;
+            pass_on(&replies, &done.changes).await;
+            forwarded(&replies, &store, done.forwards).await;
         }
         let counts = done.map(|done| message::raw(counts(&done)));
         respond(&replies, sender, &publish, &msg, counts).await;
     })
 }
 
-/// Passes each change the replace made to edged, as an insert, update or delete of its own,
-/// in key order.
-async fn pass_on(replies: &Replies, done: &Replaced) {
-    for change in &done.changes {
+/// How long a replace's step waits for the broker to acknowledge its forwards before it
+/// leaves their rows to be sent again after a restart (edged then takes the same changes
+/// twice, which leaves it where once would).
+const FORWARDS_ACKED_WITHIN: Duration = Duration::from_secs(5);
+
+/// Passes each change a replace made to edged, as an insert, update or delete of its own, in
+/// key order.
+async fn pass_on(replies: &Replies, changes: &[ReplacedChange]) {
+    for change in changes {
         let operation = match change.kind {
             ChangeKind::Added => Operation::Insert,
             ChangeKind::Modified => Operation::Update,
@@ -107,6 +114,59 @@ async fn pass_on(replies: &Replies, done: &Replaced) {
         let forward = message::build(None, operation, &change.key, &content);
         replies.publisher.send(Peer::Edged, forward).await;
     }
+}
+
+/// Once the broker has acknowledged a replace's forwards (the rows `rows` of `forwards`, which
+/// its transaction recorded), they are not to be sent again after a restart.
+async fn forwarded(replies: &Replies, store: &Store, rows: Option<(i64, i64)>) {
+    let Some(rows) = rows else {
+        return;
+    };
+    let delivery = &replies.publisher.delivery;
+    let mark = delivery.mark();
+    let mut confirmed = delivery.confirmed();
+    let acked = tokio::time::timeout(FORWARDS_ACKED_WITHIN, confirmed.wait_for(|c| *c >= mark));
+    if !matches!(acked.await, Ok(Ok(_))) {
+        tracing::debug!(
+            "a replace's forwards are not acknowledged yet; sent again after a restart"
+        );
+        return;
+    }
+    let change = Change {
+        forwards_done: Some(rows),
+        ..Change::default()
+    };
+    if let Err(e) = store.submit(change).await {
+        tracing::debug!(error = %e, "a replace's acknowledged forwards stay recorded");
+    }
+}
+
+/// The step that sends edged, before anything else at start-up, the forwards of a replace
+/// that the broker had not acknowledged when the last run ended (see
+/// [`Store::pending_forwards`]).
+pub(super) fn resend_forwards(replies: &Replies, store: &Store) -> Step {
+    let replies = replies.clone();
+    let store = store.clone();
+    Box::pin(async move {
+        let pending = match store.pending_forwards().await {
+            Ok(pending) => pending,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read a replace's unacknowledged forwards");
+                return;
+            }
+        };
+        let (Some(first), Some(last)) = (pending.first(), pending.last()) else {
+            return;
+        };
+        let rows = (first.seq, last.seq);
+        tracing::info!(
+            forwards = pending.len(),
+            "sending edged a replace's forwards the broker had not acknowledged before the restart"
+        );
+        let changes: Vec<ReplacedChange> = pending.into_iter().map(|p| p.change).collect();
+        pass_on(&replies, &changes).await;
+        forwarded(&replies, &store, Some(rows)).await;
+    })
 }
 
 /// The last page's answer: `{"inserted": i, "updated": u, "deleted": d, "unchanged": n}`.

@@ -44,7 +44,7 @@ pub use lock::{InstanceLock, LockError};
 pub use metrics::StoreMetrics;
 use settings::Synchronous;
 pub use space::{Full, Space};
-pub use writer::replace::{ReplaceSet, Replaced, ReplacedChange};
+pub use writer::replace::{PendingForward, ReplaceSet, Replaced, ReplacedChange};
 pub use writer::DEDUPE_WINDOW;
 
 /// Changes queued for the writer thread before submitters wait.
@@ -184,6 +184,9 @@ pub struct Change {
     pub remember_patch: Option<SentPatch>,
     /// The id of a patch whose answer came: no longer waited for.
     pub forget_patch: Option<String>,
+    /// A replace's forwards to edged (rows of `forwards`, first and last), which the broker
+    /// has acknowledged: no longer to send after a restart.
+    pub forwards_done: Option<(i64, i64)>,
 }
 
 impl From<Write> for Change {
@@ -569,6 +572,13 @@ impl Store {
         if pending.len() < MAX_PENDING_SETTLES {
             pending.push(msg_id.to_owned());
         }
+    }
+
+    /// A replace's forwards to edged that the broker had not acknowledged when the last run
+    /// ended, in the order they were made: sent again before anything else at start-up, as a
+    /// message's forward is when the broker delivers the message again.
+    pub async fn pending_forwards(&self) -> Result<Vec<PendingForward>, StoreError> {
+        self.read(writer::replace::pending_forwards).await
     }
 
     /// The digest of the store (see [`digest`]): per scope, the count and hash of its

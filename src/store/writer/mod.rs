@@ -71,6 +71,12 @@ pub(super) fn prepare(conn: &Connection, synchronous: &str) -> rusqlite::Result<
              created_ms   INTEGER NOT NULL,
              payload      BLOB NOT NULL
          );
+         CREATE TABLE IF NOT EXISTS forwards (
+             seq   INTEGER PRIMARY KEY,
+             kind  INTEGER NOT NULL,
+             key   TEXT NOT NULL,
+             value BLOB NOT NULL
+         );
          CREATE TABLE IF NOT EXISTS sent_patches (
              seq    INTEGER PRIMARY KEY,
              msg_id TEXT NOT NULL UNIQUE,
@@ -585,6 +591,10 @@ impl Writer {
             }
         }
         let conn = &self.conn;
+        if let Some((first, last)) = change.forwards_done {
+            conn.prepare_cached("DELETE FROM forwards WHERE seq BETWEEN ?1 AND ?2")?
+                .execute([first, last])?;
+        }
         if !change.outbox_done.is_empty() {
             let mut stmt = conn.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?;
             for seq in &change.outbox_done {

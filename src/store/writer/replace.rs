@@ -86,6 +86,50 @@ pub struct Replaced {
     pub unchanged: usize,
     pub kept_newer: usize,
     pub changes: Vec<ReplacedChange>,
+    /// The rows of `forwards` that hold [`Replaced::changes`] until the broker has acknowledged
+    /// their forwards to edged (first and last); `None` when nothing changed.
+    pub forwards: Option<(i64, i64)>,
+}
+
+/// A replace's forward to edged recorded in its transaction and not yet acknowledged by the
+/// broker: a row of `forwards`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingForward {
+    pub seq: i64,
+    pub change: ReplacedChange,
+}
+
+/// What [`super::super::Store::pending_forwards`] reads.
+pub(in crate::store) fn pending_forwards(
+    conn: &rusqlite::Connection,
+) -> rusqlite::Result<Vec<PendingForward>> {
+    let mut stmt = conn.prepare("SELECT seq, kind, key, value FROM forwards ORDER BY seq")?;
+    let rows = stmt.query_map([], |r| {
+        let kind = match r.get::<_, i64>(1)? {
+            0 => ChangeKind::Added,
+            1 => ChangeKind::Modified,
+            _ => ChangeKind::Deleted,
+        };
+        Ok(PendingForward {
+            seq: r.get(0)?,
+            change: ReplacedChange {
+                kind,
+                key: r.get(2)?,
+                // Text or blob: either is the object's JSON.
+                value: Bytes::copy_from_slice(r.get_ref(3)?.as_bytes()?),
+            },
+        })
+    })?;
+    rows.collect()
+}
+
+/// The number a change's kind is recorded with in `forwards`.
+fn kind_number(kind: ChangeKind) -> i64 {
+    match kind {
+        ChangeKind::Added => 0,
+        ChangeKind::Modified => 1,
+        ChangeKind::Deleted => 2,
+    }
 }
 
 /// One change a replace made.
@@ -186,7 +230,28 @@ impl Writer {
                 value,
             });
         }
+        done.forwards = self.record_forwards(&done.changes)?;
         Ok(done)
+    }
+
+    /// Records a replace's forwards in its transaction, so that a crash between its commit
+    /// and the broker's acknowledgement of them does not leave edged to learn them from its
+    /// next list.
+    fn record_forwards(&self, changes: &[ReplacedChange]) -> rusqlite::Result<Option<(i64, i64)>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("INSERT INTO forwards (kind, key, value) VALUES (?1, ?2, ?3)")?;
+        let mut rows = None;
+        for change in changes {
+            stmt.execute(rusqlite::params![
+                kind_number(change.kind),
+                change.key,
+                change.value.as_ref()
+            ])?;
+            let seq = self.conn.last_insert_rowid();
+            rows = Some(rows.map_or((seq, seq), |(first, _)| (first, seq)));
+        }
+        Ok(rows)
     }
 }
 
@@ -379,5 +444,48 @@ mod tests {
         assert_eq!(set.bytes(), set.cost("a", b"{}"));
         assert_eq!(set.bytes(), "ns/pod/a{}".len() + 64);
         assert_eq!(set.scope(), "ns/pod");
+    }
+
+    /// The replace's transaction records its forwards, which stay until the change that says
+    /// the broker acknowledged them, and a replace that changes nothing records none.
+    #[tokio::test]
+    async fn a_replace_records_its_forwards_until_they_are_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir.path().join("m.db"));
+        store
+            .write(put("ns/pod/a", &pod("a", "1", "x")))
+            .await
+            .unwrap();
+        let done = store
+            .replace(set(&[("b", pod("b", "1", "y"))]))
+            .await
+            .unwrap();
+        let (first, last) = done.forwards.expect("two forwards recorded");
+        assert_eq!(last - first, 1);
+        let pending = store.pending_forwards().await.unwrap();
+        let recorded: Vec<(ChangeKind, &str)> = pending
+            .iter()
+            .map(|p| (p.change.kind, p.change.key.as_str()))
+            .collect();
+        assert_eq!(
+            recorded,
+            [
+                (ChangeKind::Deleted, "ns/pod/a"),
+                (ChangeKind::Added, "ns/pod/b")
+            ]
+        );
+        assert_eq!(pending[1].change.value, Bytes::from(pod("b", "1", "y")));
+        let again = store
+            .replace(set(&[("b", pod("b", "1", "y"))]))
+            .await
+            .unwrap();
+        assert_eq!(again.forwards, None, "nothing changed, nothing to forward");
+        let change = crate::store::Change {
+            forwards_done: Some((first, last)),
+            ..crate::store::Change::default()
+        };
+        store.write(change).await.unwrap();
+        assert!(store.pending_forwards().await.unwrap().is_empty());
+        store.close().await;
     }
 }
