@@ -649,34 +649,36 @@ impl Day {
     }
 }
 
-/// The MetaSync full run's statuses in the start-up traffic, and their PUBACKs.
+/// The label of MetaSync's status updates.
+const FULL_RUN: &str = "MetaSync statuses";
+
+/// The MetaSync full run's statuses in the start-up traffic, and their PUBACKs, as the meter
+/// counted them (each PUBACK matched to its publish by packet id).
 fn full_run(startup: &(Traffic, Traffic)) -> Day {
     let (link, cloud) = startup;
-    let kind = |f: &Flow| {
-        f.publishes
-            .get("MetaSync statuses")
-            .copied()
-            .unwrap_or_default()
+    let publishes = |f: &Flow| {
+        let k = f.publishes.get(FULL_RUN).copied().unwrap_or_default();
+        Rate {
+            publishes: k.count as f64,
+            packets: k.count as f64,
+            payload: k.payload_bytes as f64,
+            mqtt: k.mqtt_bytes as f64,
+        }
     };
-    let publishes = |k: meter::Kind| Rate {
-        publishes: k.count as f64,
-        packets: k.count as f64,
-        payload: k.payload_bytes as f64,
-        mqtt: k.mqtt_bytes as f64,
+    let acks = |f: &Flow| {
+        let k = f.acks.get(FULL_RUN).copied().unwrap_or_default();
+        Rate {
+            publishes: 0.0,
+            packets: k.count as f64,
+            payload: 0.0,
+            mqtt: k.mqtt_bytes as f64,
+        }
     };
-    let acks = |k: meter::Kind| Rate {
-        publishes: 0.0,
-        packets: k.count as f64,
-        payload: 0.0,
-        mqtt: 4.0 * k.count as f64,
-    };
-    let up = kind(&link.to_broker);
-    let out = kind(&cloud.from_broker);
     Day {
-        link_up: publishes(up),
-        link_down: acks(up),
-        cloud_in: acks(out),
-        cloud_out: publishes(out),
+        link_up: publishes(&link.to_broker),
+        link_down: acks(&link.from_broker),
+        cloud_in: acks(&cloud.to_broker),
+        cloud_out: publishes(&cloud.from_broker),
     }
 }
 
@@ -780,10 +782,14 @@ fn print_state(name: &str, m: &Measured, periods: usize) {
     print_publishes(&m.link.from_broker, periods as f64);
     let full = full_run(&m.startup);
     println!(
-        "\nA full MetaSync run: {:.0} status updates, {} of payload, {} as MQTT.\n",
+        "\nA full MetaSync run (measured, the connect's): {:.0} status updates, {} of payload, {} as MQTT; their PUBACKs {:.0} ({:.0} B) from the centre on the link, {:.0} ({:.0} B) from the cloud client.\n",
         full.link_up.publishes,
         kb(full.link_up.payload),
-        kb(full.link_up.mqtt)
+        kb(full.link_up.mqtt),
+        full.link_down.packets,
+        full.link_down.mqtt,
+        full.cloud_in.packets,
+        full.cloud_in.mqtt
     );
     println!("Per day:\n");
     print_day_table(&m.day());
@@ -848,6 +854,14 @@ fn print_sys(s: &SysCheck) {
     println!(
         "\nmosquitto leaves publishes with the retain flag out of `publish/messages/received` (it counts a packet when `command & 0xF5` is PUBLISH, which the retain bit fails); the meter saw {} of them.\n",
         s.metered.to_broker.retained
+    );
+    let unmatched = |f: &Flow| f.acks.get(meter::UNMATCHED).map_or(0, |k| k.count);
+    println!(
+        "PUBACKs the meter matched to their publish by packet id: {} of {} (both ways).\n",
+        s.metered.to_broker.packets[meter::PUBACK] + s.metered.from_broker.packets[meter::PUBACK]
+            - unmatched(&s.metered.to_broker)
+            - unmatched(&s.metered.from_broker),
+        s.metered.to_broker.packets[meter::PUBACK] + s.metered.from_broker.packets[meter::PUBACK]
     );
 }
 
