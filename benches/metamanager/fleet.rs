@@ -354,8 +354,14 @@ fn between(a: &Snapshot, b: &Snapshot, bridge: &str, node: &str) -> (Traffic, Tr
 struct Away {
     link: Traffic,
     cloud: Traffic,
-    /// What the hour left queued at the centre for the node, and in its outbox.
-    queued_cloud: usize,
+    /// What the central broker received from the cloud client while the link was cut (the
+    /// meter's count).
+    cloud_sent: Flow,
+    /// How many more messages the central broker held, not retained, at the end of the outage
+    /// than at its start: its `$SYS` store count less its retained count (`None` when `$SYS`
+    /// could not be read).
+    held: Option<i64>,
+    /// What edged reported into the outbox while the link was cut.
     outbox_updates: usize,
     scopes_differing: Vec<String>,
     sent: usize,
@@ -387,6 +393,11 @@ async fn away(meter: &Meter, dir: &Path, fixtures: &Fixtures) -> Away {
     cloud.forget_unread();
     meter.cut(&node.bridge_id);
     node.cloud_is("disconnected").await;
+    let cut = meter.snapshot();
+    // The central broker's store, before the outage's messages: `$SYS` is published every
+    // second.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let held_before = held_at(meter).await;
     let acked_before = node.edged_acked.load(std::sync::atomic::Ordering::Relaxed);
     for k in 0..AWAY_MINUTES {
         let name = format!("cycle-{k}");
@@ -416,8 +427,13 @@ async fn away(meter: &Meter, dir: &Path, fixtures: &Fixtures) -> Away {
     }
     // The cloud's publishes reach the central broker's queue for the bridge's session.
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let held_after = held_at(meter).await;
 
     let before = meter.snapshot();
+    let cloud_sent = before
+        .of(cloud_of(id))
+        .minus(&cut.of(cloud_of(id)))
+        .to_broker;
     let restored = Instant::now();
     meter.restore(&node.bridge_id);
     let done = cloud.reconcile_scopes(|s| s.ends_with("/pod")).await;
@@ -439,7 +455,8 @@ async fn away(meter: &Meter, dir: &Path, fixtures: &Fixtures) -> Away {
     Away {
         link,
         cloud: cloud_traffic,
-        queued_cloud: AWAY_MINUTES * 2,
+        cloud_sent,
+        held: held_before.zip(held_after).map(|(a, b)| b - a),
         outbox_updates: updates,
         scopes_differing: done.scopes,
         sent: done.sent,
@@ -464,25 +481,58 @@ struct SysCheck {
 async fn sys_check(central: &crate::harness::Mosquitto, meter: &Meter) -> SysCheck {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let metered = meter.snapshot().all();
-    let port = central.port.to_string();
+    let sys = read_sys(
+        central.port,
+        None,
+        &[
+            "$SYS/broker/bytes/+",
+            "$SYS/broker/messages/+",
+            "$SYS/broker/publish/messages/+",
+        ],
+    )
+    .await;
+    SysCheck { sys, metered }
+}
+
+/// The retained values of `topics` (`$SYS` counters) on the broker on `port` (the broker's
+/// own, or the meter's), read with `mosquitto_sub` as client `id` if given.
+async fn read_sys(port: u16, id: Option<&str>, topics: &[&str]) -> BTreeMap<String, u64> {
+    let mut args = vec!["-p".to_owned(), port.to_string(), "-v".into(), "-W".into()];
+    args.push("1".into());
+    if let Some(id) = id {
+        args.extend(["-i".to_owned(), id.to_owned()]);
+    }
+    for t in topics {
+        args.extend(["-t".to_owned(), (*t).to_owned()]);
+    }
     let read = tokio::task::spawn_blocking(move || {
         std::process::Command::new("mosquitto_sub")
-            .args(["-p", &port, "-v", "-W", "1"])
-            .args(["-t", "$SYS/broker/bytes/+", "-t", "$SYS/broker/messages/+"])
-            .args(["-t", "$SYS/broker/publish/messages/+"])
+            .args(&args)
             .output()
     })
     .await
     .expect("mosquitto_sub ran")
     .expect("mosquitto_sub (mosquitto-clients) is installed");
     let mut sys = BTreeMap::new();
+    // A topic may hold a space (`retained messages/count`); the values do not.
     for line in String::from_utf8_lossy(&read.stdout).lines() {
-        if let Some((topic, value)) = line.split_once(' ') {
+        if let Some((topic, value)) = line.rsplit_once(' ') {
             sys.entry(topic.to_owned())
                 .or_insert(value.trim().parse().unwrap_or(0));
         }
     }
-    SysCheck { sys, metered }
+    sys
+}
+
+/// The messages the central broker holds that are not retained (queued for sessions, in
+/// flight): its store's count less its retained messages', as its `$SYS` says. Read through
+/// the meter, so that the meter and `$SYS` both count the reading (see [`sys_check`]); its
+/// client id is no node's and no cloud client's.
+async fn held_at(meter: &Meter) -> Option<i64> {
+    const STORE: &str = "$SYS/broker/store/messages/count";
+    const RETAINED: &str = "$SYS/broker/retained messages/count";
+    let sys = read_sys(meter.port, Some("fleet-sys-reader"), &[STORE, RETAINED]).await;
+    Some(*sys.get(STORE)? as i64 - *sys.get(RETAINED)? as i64)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -797,9 +847,18 @@ fn print_state(name: &str, m: &Measured, periods: usize) {
 
 fn print_away(a: &Away) {
     println!("\n### Away for an hour, then back: node `fleet-away`, {PODS} pods with statuses\n");
+    let received: Vec<String> = a
+        .cloud_sent
+        .publishes
+        .iter()
+        .map(|(label, k)| format!("{} {label}", k.count))
+        .collect();
     println!(
-        "While the link was cut: the cloud sent {AWAY_MINUTES} pod inserts and {AWAY_MINUTES} deletes ({} messages, queued at the centre for the bridge's session); edged sent {} status updates of {RESTARTING} pods (the outbox keeps the latest of each). From the link's return until it was quiet for 5 s ({:.1} s, the bridge's reconnect back-off included):\n",
-        a.queued_cloud,
+        "While the link was cut: the cloud played {AWAY_MINUTES} minutes of the churn, and the centre received from it {} publishes ({}; {} as MQTT; measured), to queue for the bridge's session; the centre held {} more messages, not retained, at the end of the outage than at its start (its `$SYS` store count less its retained count). edged sent {} status updates of {RESTARTING} pods (the outbox keeps the latest of each). From the link's return until it was quiet for 5 s ({:.1} s, the bridge's reconnect back-off included; measured):\n",
+        a.cloud_sent.packets[meter::PUBLISH],
+        if received.is_empty() { "none".to_owned() } else { received.join(", ") },
+        kb(a.cloud_sent.bytes[meter::PUBLISH] as f64),
+        a.held.map_or("? ($SYS not read)".to_owned(), |n| n.to_string()),
         a.outbox_updates,
         a.until_quiet.as_secs_f64()
     );
@@ -897,7 +956,8 @@ fn print_fleet(idle: &Measured, churn: &Measured, away: &Away) {
         + away.cloud.to_broker.all_bytes()
         + away.cloud.from_broker.all_bytes();
     println!(
-        "\nQueued at the centre for one node away an hour: {count} messages, {}; for 10 000 nodes {:.1} MB, for 100 000 {:.1} MB.",
+        "\nQueued at the centre for one node away an hour (measured: the inserts and deletes the centre delivered on the link's return; held by the broker over the outage per its `$SYS`: {} messages): {count} messages, {}; derived (N ×): for 10 000 nodes {:.1} MB, for 100 000 {:.1} MB.",
+        away.held.map_or("?".to_owned(), |n| n.to_string()),
         kb(bytes as f64),
         bytes as f64 * 1e4 / 1e6,
         bytes as f64 * 1e5 / 1e6
