@@ -792,8 +792,18 @@ fn print_publishes(flow: &Flow, per: f64) {
     );
 }
 
+/// What `mqtt` bytes in `packets` packets make on the wire, estimated (derived, not measured):
+/// each packet in a TCP segment of its own in a TLS record, and at most a pure ACK back.
+fn on_the_wire(mqtt: f64, packets: f64) -> String {
+    format!(
+        "{} – {}",
+        kb(mqtt + packets * (TCP_IP + TLS_RECORD)),
+        kb(mqtt + packets * (2.0 * TCP_IP + TLS_RECORD))
+    )
+}
+
 fn print_day_table(day: &Day) {
-    println!("| flow | publishes | MQTT packets | payload | MQTT bytes | est. on the wire (+74 / +126 B a packet) |");
+    println!("| flow | publishes | MQTT packets | payload | MQTT bytes | est. on the wire, derived (+74 / +126 B a packet) |");
     println!("|---|---:|---:|---:|---:|---:|");
     for (name, r) in [
         ("node → centre (the bridge)", day.link_up),
@@ -802,13 +812,12 @@ fn print_day_table(day: &Day) {
         ("centre → cloud client", day.cloud_out),
     ] {
         println!(
-            "| {name} | {:.0} | {:.0} | {} | {} | {} – {} |",
+            "| {name} | {:.0} | {:.0} | {} | {} | {} |",
             r.publishes,
             r.packets,
             kb(r.payload),
             kb(r.mqtt),
-            kb(r.mqtt + r.packets * (TCP_IP + TLS_RECORD)),
-            kb(r.mqtt + r.packets * (2.0 * TCP_IP + TLS_RECORD))
+            on_the_wire(r.mqtt, r.packets)
         );
     }
 }
@@ -823,7 +832,7 @@ fn print_state(name: &str, m: &Measured, periods: usize) {
         m.took.as_secs_f64(),
         SECONDS_A_DAY / INTERVAL.as_secs_f64() / periods as f64
     );
-    println!("What crosses the node's link in one period (60 s), on average:\n");
+    println!("What crosses the node's link in one period (60 s), on average (measured):\n");
     println!("| node → centre | count | payload B | MQTT B |");
     println!("|---|---:|---:|---:|");
     print_publishes(&m.link.to_broker, periods as f64);
@@ -841,7 +850,7 @@ fn print_state(name: &str, m: &Measured, periods: usize) {
         full.cloud_in.packets,
         full.cloud_in.mqtt
     );
-    println!("Per day:\n");
+    println!("Per day (derived from the measured periods and full run):\n");
     print_day_table(&m.day());
 }
 
@@ -881,7 +890,7 @@ fn print_away(a: &Away) {
         cloud_in: Rate::of(&a.cloud.to_broker, 1.0),
         cloud_out: Rate::of(&a.cloud.from_broker, 1.0),
     };
-    println!("The reconnect, once:\n");
+    println!("The reconnect, once (measured):\n");
     print_day_table(&day);
 }
 
@@ -926,23 +935,37 @@ fn print_sys(s: &SysCheck) {
 
 fn print_fleet(idle: &Measured, churn: &Measured, away: &Away) {
     println!("\n### The fleet, derived: N × one node\n");
-    println!("| state | nodes | publishes/s in | publishes/s out | MQTT packets/s in / out | MQTT bytes/s in | MQTT bytes/s out |");
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!("Every figure here is derived: N times one node's day above (the measured periods and full run), per second.\n");
+    println!("| state | nodes | publishes/s in | publishes/s out | MQTT packets/s in / out | MQTT bytes/s in | MQTT bytes/s out | est. on the wire in / out (+74 / +126 B a packet) |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for (name, m) in [("idle", idle), ("churn", churn)] {
         let day = m.day();
         for n in [10_000.0, 100_000.0] {
             let f = n / SECONDS_A_DAY;
             let (i, o) = (day.central_in().times(f), day.central_out().times(f));
             println!(
-                "| {name} | {n:.0} | {:.0} | {:.0} | {:.0} / {:.0} | {} | {} |",
+                "| {name} | {n:.0} | {:.0} | {:.0} | {:.0} / {:.0} | {} | {} | {} / {} |",
                 i.publishes,
                 o.publishes,
                 i.packets,
                 o.packets,
                 kb(i.mqtt),
-                kb(o.mqtt)
+                kb(o.mqtt),
+                on_the_wire(i.mqtt, i.packets),
+                on_the_wire(o.mqtt, o.packets)
             );
         }
+    }
+    println!();
+    for (name, m) in [("idle", idle), ("churn", churn)] {
+        let seconds = INTERVAL.as_secs_f64() * m.periods as f64;
+        let pings = m.link.to_broker.packets[meter::PINGREQ] as f64 / seconds;
+        println!(
+            "PINGREQ/s at the centre, {name} (derived: N × the {:.2} a minute measured on one node's link): 10 000 nodes {:.0}, 100 000 nodes {:.0}.",
+            pings * 60.0,
+            pings * 1e4,
+            pings * 1e5
+        );
     }
     let queued: Vec<meter::Kind> = ["insert pod", "delete pod"]
         .iter()
@@ -963,7 +986,7 @@ fn print_fleet(idle: &Measured, churn: &Measured, away: &Away) {
         bytes as f64 * 1e5 / 1e6
     );
     println!(
-        "One reconnect at the centre (both flows of link and cloud client): {}; 10 000 nodes coming back within the bridge's 30 s back-off cap: {:.1} MB/s, 100 000: {:.1} MB/s.\n",
+        "One reconnect at the centre (measured, both flows of link and cloud client): {}; derived (N × it / 30 s): 10 000 nodes coming back within the bridge's 30 s back-off cap: {:.1} MB/s, 100 000: {:.1} MB/s.\n",
         kb(once as f64),
         once as f64 * 1e4 / 30.0 / 1e6,
         once as f64 * 1e5 / 30.0 / 1e6
