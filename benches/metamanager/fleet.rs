@@ -354,8 +354,14 @@ fn between(a: &Snapshot, b: &Snapshot, bridge: &str, node: &str) -> (Traffic, Tr
 struct Away {
     link: Traffic,
     cloud: Traffic,
-    /// What the hour left queued at the centre for the node, and in its outbox.
-    queued_cloud: usize,
+    /// What the central broker received from the cloud client while the link was cut (the
+    /// meter's count).
+    cloud_sent: Flow,
+    /// How many more messages the central broker held, not retained, at the end of the outage
+    /// than at its start: its `$SYS` store count less its retained count (`None` when `$SYS`
+    /// could not be read).
+    held: Option<i64>,
+    /// What edged reported into the outbox while the link was cut.
     outbox_updates: usize,
     scopes_differing: Vec<String>,
     sent: usize,
@@ -387,6 +393,11 @@ async fn away(meter: &Meter, dir: &Path, fixtures: &Fixtures) -> Away {
     cloud.forget_unread();
     meter.cut(&node.bridge_id);
     node.cloud_is("disconnected").await;
+    let cut = meter.snapshot();
+    // The central broker's store, before the outage's messages: `$SYS` is published every
+    // second.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let held_before = held_at(meter).await;
     let acked_before = node.edged_acked.load(std::sync::atomic::Ordering::Relaxed);
     for k in 0..AWAY_MINUTES {
         let name = format!("cycle-{k}");
@@ -416,8 +427,13 @@ async fn away(meter: &Meter, dir: &Path, fixtures: &Fixtures) -> Away {
     }
     // The cloud's publishes reach the central broker's queue for the bridge's session.
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let held_after = held_at(meter).await;
 
     let before = meter.snapshot();
+    let cloud_sent = before
+        .of(cloud_of(id))
+        .minus(&cut.of(cloud_of(id)))
+        .to_broker;
     let restored = Instant::now();
     meter.restore(&node.bridge_id);
     let done = cloud.reconcile_scopes(|s| s.ends_with("/pod")).await;
@@ -439,7 +455,8 @@ async fn away(meter: &Meter, dir: &Path, fixtures: &Fixtures) -> Away {
     Away {
         link,
         cloud: cloud_traffic,
-        queued_cloud: AWAY_MINUTES * 2,
+        cloud_sent,
+        held: held_before.zip(held_after).map(|(a, b)| b - a),
         outbox_updates: updates,
         scopes_differing: done.scopes,
         sent: done.sent,
@@ -464,25 +481,58 @@ struct SysCheck {
 async fn sys_check(central: &crate::harness::Mosquitto, meter: &Meter) -> SysCheck {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let metered = meter.snapshot().all();
-    let port = central.port.to_string();
+    let sys = read_sys(
+        central.port,
+        None,
+        &[
+            "$SYS/broker/bytes/+",
+            "$SYS/broker/messages/+",
+            "$SYS/broker/publish/messages/+",
+        ],
+    )
+    .await;
+    SysCheck { sys, metered }
+}
+
+/// The retained values of `topics` (`$SYS` counters) on the broker on `port` (the broker's
+/// own, or the meter's), read with `mosquitto_sub` as client `id` if given.
+async fn read_sys(port: u16, id: Option<&str>, topics: &[&str]) -> BTreeMap<String, u64> {
+    let mut args = vec!["-p".to_owned(), port.to_string(), "-v".into(), "-W".into()];
+    args.push("1".into());
+    if let Some(id) = id {
+        args.extend(["-i".to_owned(), id.to_owned()]);
+    }
+    for t in topics {
+        args.extend(["-t".to_owned(), (*t).to_owned()]);
+    }
     let read = tokio::task::spawn_blocking(move || {
         std::process::Command::new("mosquitto_sub")
-            .args(["-p", &port, "-v", "-W", "1"])
-            .args(["-t", "$SYS/broker/bytes/+", "-t", "$SYS/broker/messages/+"])
-            .args(["-t", "$SYS/broker/publish/messages/+"])
+            .args(&args)
             .output()
     })
     .await
     .expect("mosquitto_sub ran")
     .expect("mosquitto_sub (mosquitto-clients) is installed");
     let mut sys = BTreeMap::new();
+    // A topic may hold a space (`retained messages/count`); the values do not.
     for line in String::from_utf8_lossy(&read.stdout).lines() {
-        if let Some((topic, value)) = line.split_once(' ') {
+        if let Some((topic, value)) = line.rsplit_once(' ') {
             sys.entry(topic.to_owned())
                 .or_insert(value.trim().parse().unwrap_or(0));
         }
     }
-    SysCheck { sys, metered }
+    sys
+}
+
+/// The messages the central broker holds that are not retained (queued for sessions, in
+/// flight): its store's count less its retained messages', as its `$SYS` says. Read through
+/// the meter, so that the meter and `$SYS` both count the reading (see [`sys_check`]); its
+/// client id is no node's and no cloud client's.
+async fn held_at(meter: &Meter) -> Option<i64> {
+    const STORE: &str = "$SYS/broker/store/messages/count";
+    const RETAINED: &str = "$SYS/broker/retained messages/count";
+    let sys = read_sys(meter.port, Some("fleet-sys-reader"), &[STORE, RETAINED]).await;
+    Some(*sys.get(STORE)? as i64 - *sys.get(RETAINED)? as i64)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -649,34 +699,36 @@ impl Day {
     }
 }
 
-/// The MetaSync full run's statuses in the start-up traffic, and their PUBACKs.
+/// The label of MetaSync's status updates.
+const FULL_RUN: &str = "MetaSync statuses";
+
+/// The MetaSync full run's statuses in the start-up traffic, and their PUBACKs, as the meter
+/// counted them (each PUBACK matched to its publish by packet id).
 fn full_run(startup: &(Traffic, Traffic)) -> Day {
     let (link, cloud) = startup;
-    let kind = |f: &Flow| {
-        f.publishes
-            .get("MetaSync statuses")
-            .copied()
-            .unwrap_or_default()
+    let publishes = |f: &Flow| {
+        let k = f.publishes.get(FULL_RUN).copied().unwrap_or_default();
+        Rate {
+            publishes: k.count as f64,
+            packets: k.count as f64,
+            payload: k.payload_bytes as f64,
+            mqtt: k.mqtt_bytes as f64,
+        }
     };
-    let publishes = |k: meter::Kind| Rate {
-        publishes: k.count as f64,
-        packets: k.count as f64,
-        payload: k.payload_bytes as f64,
-        mqtt: k.mqtt_bytes as f64,
+    let acks = |f: &Flow| {
+        let k = f.acks.get(FULL_RUN).copied().unwrap_or_default();
+        Rate {
+            publishes: 0.0,
+            packets: k.count as f64,
+            payload: 0.0,
+            mqtt: k.mqtt_bytes as f64,
+        }
     };
-    let acks = |k: meter::Kind| Rate {
-        publishes: 0.0,
-        packets: k.count as f64,
-        payload: 0.0,
-        mqtt: 4.0 * k.count as f64,
-    };
-    let up = kind(&link.to_broker);
-    let out = kind(&cloud.from_broker);
     Day {
-        link_up: publishes(up),
-        link_down: acks(up),
-        cloud_in: acks(out),
-        cloud_out: publishes(out),
+        link_up: publishes(&link.to_broker),
+        link_down: acks(&link.from_broker),
+        cloud_in: acks(&cloud.to_broker),
+        cloud_out: publishes(&cloud.from_broker),
     }
 }
 
@@ -740,8 +792,18 @@ fn print_publishes(flow: &Flow, per: f64) {
     );
 }
 
+/// What `mqtt` bytes in `packets` packets make on the wire, estimated (derived, not measured):
+/// each packet in a TCP segment of its own in a TLS record, and at most a pure ACK back.
+fn on_the_wire(mqtt: f64, packets: f64) -> String {
+    format!(
+        "{} – {}",
+        kb(mqtt + packets * (TCP_IP + TLS_RECORD)),
+        kb(mqtt + packets * (2.0 * TCP_IP + TLS_RECORD))
+    )
+}
+
 fn print_day_table(day: &Day) {
-    println!("| flow | publishes | MQTT packets | payload | MQTT bytes | est. on the wire (+74 / +126 B a packet) |");
+    println!("| flow | publishes | MQTT packets | payload | MQTT bytes | est. on the wire, derived (+74 / +126 B a packet) |");
     println!("|---|---:|---:|---:|---:|---:|");
     for (name, r) in [
         ("node → centre (the bridge)", day.link_up),
@@ -750,13 +812,12 @@ fn print_day_table(day: &Day) {
         ("centre → cloud client", day.cloud_out),
     ] {
         println!(
-            "| {name} | {:.0} | {:.0} | {} | {} | {} – {} |",
+            "| {name} | {:.0} | {:.0} | {} | {} | {} |",
             r.publishes,
             r.packets,
             kb(r.payload),
             kb(r.mqtt),
-            kb(r.mqtt + r.packets * (TCP_IP + TLS_RECORD)),
-            kb(r.mqtt + r.packets * (2.0 * TCP_IP + TLS_RECORD))
+            on_the_wire(r.mqtt, r.packets)
         );
     }
 }
@@ -771,7 +832,7 @@ fn print_state(name: &str, m: &Measured, periods: usize) {
         m.took.as_secs_f64(),
         SECONDS_A_DAY / INTERVAL.as_secs_f64() / periods as f64
     );
-    println!("What crosses the node's link in one period (60 s), on average:\n");
+    println!("What crosses the node's link in one period (60 s), on average (measured):\n");
     println!("| node → centre | count | payload B | MQTT B |");
     println!("|---|---:|---:|---:|");
     print_publishes(&m.link.to_broker, periods as f64);
@@ -780,20 +841,33 @@ fn print_state(name: &str, m: &Measured, periods: usize) {
     print_publishes(&m.link.from_broker, periods as f64);
     let full = full_run(&m.startup);
     println!(
-        "\nA full MetaSync run: {:.0} status updates, {} of payload, {} as MQTT.\n",
+        "\nA full MetaSync run (measured, the connect's): {:.0} status updates, {} of payload, {} as MQTT; their PUBACKs {:.0} ({:.0} B) from the centre on the link, {:.0} ({:.0} B) from the cloud client.\n",
         full.link_up.publishes,
         kb(full.link_up.payload),
-        kb(full.link_up.mqtt)
+        kb(full.link_up.mqtt),
+        full.link_down.packets,
+        full.link_down.mqtt,
+        full.cloud_in.packets,
+        full.cloud_in.mqtt
     );
-    println!("Per day:\n");
+    println!("Per day (derived from the measured periods and full run):\n");
     print_day_table(&m.day());
 }
 
 fn print_away(a: &Away) {
     println!("\n### Away for an hour, then back: node `fleet-away`, {PODS} pods with statuses\n");
+    let received: Vec<String> = a
+        .cloud_sent
+        .publishes
+        .iter()
+        .map(|(label, k)| format!("{} {label}", k.count))
+        .collect();
     println!(
-        "While the link was cut: the cloud sent {AWAY_MINUTES} pod inserts and {AWAY_MINUTES} deletes ({} messages, queued at the centre for the bridge's session); edged sent {} status updates of {RESTARTING} pods (the outbox keeps the latest of each). From the link's return until it was quiet for 5 s ({:.1} s, the bridge's reconnect back-off included):\n",
-        a.queued_cloud,
+        "While the link was cut: the cloud played {AWAY_MINUTES} minutes of the churn, and the centre received from it {} publishes ({}; {} as MQTT; measured), to queue for the bridge's session; the centre held {} more messages, not retained, at the end of the outage than at its start (its `$SYS` store count less its retained count). edged sent {} status updates of {RESTARTING} pods (the outbox keeps the latest of each). From the link's return until it was quiet for 5 s ({:.1} s, the bridge's reconnect back-off included; measured):\n",
+        a.cloud_sent.packets[meter::PUBLISH],
+        if received.is_empty() { "none".to_owned() } else { received.join(", ") },
+        kb(a.cloud_sent.bytes[meter::PUBLISH] as f64),
+        a.held.map_or("? ($SYS not read)".to_owned(), |n| n.to_string()),
         a.outbox_updates,
         a.until_quiet.as_secs_f64()
     );
@@ -816,7 +890,7 @@ fn print_away(a: &Away) {
         cloud_in: Rate::of(&a.cloud.to_broker, 1.0),
         cloud_out: Rate::of(&a.cloud.from_broker, 1.0),
     };
-    println!("The reconnect, once:\n");
+    println!("The reconnect, once (measured):\n");
     print_day_table(&day);
 }
 
@@ -849,27 +923,49 @@ fn print_sys(s: &SysCheck) {
         "\nmosquitto leaves publishes with the retain flag out of `publish/messages/received` (it counts a packet when `command & 0xF5` is PUBLISH, which the retain bit fails); the meter saw {} of them.\n",
         s.metered.to_broker.retained
     );
+    let unmatched = |f: &Flow| f.acks.get(meter::UNMATCHED).map_or(0, |k| k.count);
+    println!(
+        "PUBACKs the meter matched to their publish by packet id: {} of {} (both ways).\n",
+        s.metered.to_broker.packets[meter::PUBACK] + s.metered.from_broker.packets[meter::PUBACK]
+            - unmatched(&s.metered.to_broker)
+            - unmatched(&s.metered.from_broker),
+        s.metered.to_broker.packets[meter::PUBACK] + s.metered.from_broker.packets[meter::PUBACK]
+    );
 }
 
 fn print_fleet(idle: &Measured, churn: &Measured, away: &Away) {
     println!("\n### The fleet, derived: N × one node\n");
-    println!("| state | nodes | publishes/s in | publishes/s out | MQTT packets/s in / out | MQTT bytes/s in | MQTT bytes/s out |");
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!("Every figure here is derived: N times one node's day above (the measured periods and full run), per second.\n");
+    println!("| state | nodes | publishes/s in | publishes/s out | MQTT packets/s in / out | MQTT bytes/s in | MQTT bytes/s out | est. on the wire in / out (+74 / +126 B a packet) |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for (name, m) in [("idle", idle), ("churn", churn)] {
         let day = m.day();
         for n in [10_000.0, 100_000.0] {
             let f = n / SECONDS_A_DAY;
             let (i, o) = (day.central_in().times(f), day.central_out().times(f));
             println!(
-                "| {name} | {n:.0} | {:.0} | {:.0} | {:.0} / {:.0} | {} | {} |",
+                "| {name} | {n:.0} | {:.0} | {:.0} | {:.0} / {:.0} | {} | {} | {} / {} |",
                 i.publishes,
                 o.publishes,
                 i.packets,
                 o.packets,
                 kb(i.mqtt),
-                kb(o.mqtt)
+                kb(o.mqtt),
+                on_the_wire(i.mqtt, i.packets),
+                on_the_wire(o.mqtt, o.packets)
             );
         }
+    }
+    println!();
+    for (name, m) in [("idle", idle), ("churn", churn)] {
+        let seconds = INTERVAL.as_secs_f64() * m.periods as f64;
+        let pings = m.link.to_broker.packets[meter::PINGREQ] as f64 / seconds;
+        println!(
+            "PINGREQ/s at the centre, {name} (derived: N × the {:.2} a minute measured on one node's link): 10 000 nodes {:.0}, 100 000 nodes {:.0}.",
+            pings * 60.0,
+            pings * 1e4,
+            pings * 1e5
+        );
     }
     let queued: Vec<meter::Kind> = ["insert pod", "delete pod"]
         .iter()
@@ -883,13 +979,14 @@ fn print_fleet(idle: &Measured, churn: &Measured, away: &Away) {
         + away.cloud.to_broker.all_bytes()
         + away.cloud.from_broker.all_bytes();
     println!(
-        "\nQueued at the centre for one node away an hour: {count} messages, {}; for 10 000 nodes {:.1} MB, for 100 000 {:.1} MB.",
+        "\nQueued at the centre for one node away an hour (measured: the inserts and deletes the centre delivered on the link's return; held by the broker over the outage per its `$SYS`: {} messages): {count} messages, {}; derived (N ×): for 10 000 nodes {:.1} MB, for 100 000 {:.1} MB.",
+        away.held.map_or("?".to_owned(), |n| n.to_string()),
         kb(bytes as f64),
         bytes as f64 * 1e4 / 1e6,
         bytes as f64 * 1e5 / 1e6
     );
     println!(
-        "One reconnect at the centre (both flows of link and cloud client): {}; 10 000 nodes coming back within the bridge's 30 s back-off cap: {:.1} MB/s, 100 000: {:.1} MB/s.\n",
+        "One reconnect at the centre (measured, both flows of link and cloud client): {}; derived (N × it / 30 s): 10 000 nodes coming back within the bridge's 30 s back-off cap: {:.1} MB/s, 100 000: {:.1} MB/s.\n",
         kb(once as f64),
         once as f64 * 1e4 / 30.0 / 1e6,
         once as f64 * 1e5 / 30.0 / 1e6

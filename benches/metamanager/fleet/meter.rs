@@ -3,13 +3,16 @@
 //! connection to the broker unchanged and reads the MQTT packets that cross it, both ways. What
 //! it counts is what the central broker's listener receives and sends, packet by packet: the
 //! whole packet (fixed header, topic, packet id, payload), and for a publish also its payload
-//! and a label saying what it carries.
+//! and a label saying what it carries. A PUBACK is matched by its packet id to the QoS 1 publish
+//! it acknowledges, which crossed the same connection the other way, and counted under that
+//! publish's label too (each chunk read is counted before it is forwarded, so that the publish
+//! is known when its PUBACK comes back).
 //!
 //! It also plays the network between a node and the centre: `cut` closes a client's
 //! connections and refuses its new ones (after reading their CONNECT, which is not forwarded
 //! and not counted), `restore` lets it in again.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -51,7 +54,14 @@ pub struct Flow {
     pub publishes: BTreeMap<String, Kind>,
     /// Publishes with the retain flag.
     pub retained: u64,
+    /// PUBACKs in this direction, by the label of the publish each acknowledges (which went the
+    /// other way on the same connection), [`UNMATCHED`] for one whose publish the meter did not
+    /// see. Their `payload_bytes` are 0.
+    pub acks: BTreeMap<String, Kind>,
 }
+
+/// The label of a PUBACK whose publish the meter did not see.
+pub const UNMATCHED: &str = "(publish not seen)";
 
 impl Flow {
     pub fn all_packets(&self) -> u64 {
@@ -80,6 +90,12 @@ impl Flow {
             apply(&mut mine.payload_bytes, k.payload_bytes);
         }
         self.publishes.retain(|_, k| *k != Kind::default());
+        for (label, k) in &other.acks {
+            let mine = self.acks.entry(label.clone()).or_default();
+            apply(&mut mine.count, k.count);
+            apply(&mut mine.mqtt_bytes, k.mqtt_bytes);
+        }
+        self.acks.retain(|_, k| *k != Kind::default());
     }
 
     /// The same with packets of the types in `types` left out (a cloud process's keepalive,
@@ -89,6 +105,9 @@ impl Flow {
         for &t in types {
             f.packets[t] = 0;
             f.bytes[t] = 0;
+        }
+        if types.contains(&PUBACK) {
+            f.acks.clear();
         }
         f
     }
@@ -147,8 +166,47 @@ impl Snapshot {
 
 struct Connection {
     client_id: String,
-    traffic: Arc<Mutex<Traffic>>,
+    counts: Arc<Mutex<Counts>>,
     pumps: [AbortHandle; 2],
+}
+
+/// One connection's traffic, and the labels of its QoS 1 publishes not yet acknowledged, by
+/// packet id: those to the broker, and those from it.
+#[derive(Default)]
+struct Counts {
+    traffic: Traffic,
+    unacked: [HashMap<u16, String>; 2],
+}
+
+impl Counts {
+    fn add(&mut self, to_broker: bool, p: Packet) {
+        let (flow, mine, theirs) = if to_broker {
+            let [up, down] = &mut self.unacked;
+            (&mut self.traffic.to_broker, up, down)
+        } else {
+            let [up, down] = &mut self.unacked;
+            (&mut self.traffic.from_broker, down, up)
+        };
+        flow.packets[p.kind] += 1;
+        flow.bytes[p.kind] += p.len;
+        flow.retained += u64::from(p.retained);
+        if let Some((label, payload)) = p.publish {
+            if let Some(id) = p.id {
+                mine.insert(id, label.clone());
+            }
+            let k = flow.publishes.entry(label).or_default();
+            k.count += 1;
+            k.mqtt_bytes += p.len;
+            k.payload_bytes += payload;
+        } else if p.kind == PUBACK {
+            let label =
+                p.id.and_then(|id| theirs.remove(&id))
+                    .unwrap_or_else(|| UNMATCHED.to_owned());
+            let k = flow.acks.entry(label).or_default();
+            k.count += 1;
+            k.mqtt_bytes += p.len;
+        }
+    }
 }
 
 struct Shared {
@@ -195,7 +253,7 @@ impl Meter {
     pub fn snapshot(&self) -> Snapshot {
         let mut all: BTreeMap<String, Traffic> = BTreeMap::new();
         for c in lock(&self.shared.connections).iter() {
-            let t = lock(&c.traffic).clone();
+            let t = lock(&c.counts).traffic.clone();
             let entry = all.entry(c.client_id.clone()).or_default();
             *entry = entry.plus(&t);
         }
@@ -259,16 +317,14 @@ async fn accept(shared: Arc<Shared>, mut client: TcpStream) {
     if broker_write.write_all(&first).await.is_err() {
         return;
     }
-    let traffic = Arc::new(Mutex::new(Traffic::default()));
+    let counts = Arc::new(Mutex::new(Counts::default()));
     let mut to_broker = Parser::default();
-    to_broker.feed(&first, &shared.labeller, |p| {
-        add_packet(&mut lock(&traffic).to_broker, p)
-    });
+    to_broker.feed(&first, &shared.labeller, |p| lock(&counts).add(true, p));
     let up = tokio::spawn(pump(
         client_read,
         broker_write,
         to_broker,
-        traffic.clone(),
+        counts.clone(),
         shared.labeller.clone(),
         true,
     ));
@@ -276,43 +332,33 @@ async fn accept(shared: Arc<Shared>, mut client: TcpStream) {
         broker_read,
         client_write,
         Parser::default(),
-        traffic.clone(),
+        counts.clone(),
         shared.labeller.clone(),
         false,
     ));
     let connection = Connection {
         client_id,
-        traffic,
+        counts,
         pumps: [up.abort_handle(), down.abort_handle()],
     };
     lock(&shared.connections).push(connection);
 }
 
-/// One packet, parsed: its type, whole length, and for a publish its label and payload.
+/// One packet, parsed: its type, whole length, its packet id (a publish at QoS 1 or 2, a
+/// PUBACK), and for a publish its label and payload.
 struct Packet {
     kind: usize,
     retained: bool,
     len: u64,
+    id: Option<u16>,
     publish: Option<(String, u64)>,
-}
-
-fn add_packet(f: &mut Flow, p: Packet) {
-    f.packets[p.kind] += 1;
-    f.bytes[p.kind] += p.len;
-    f.retained += u64::from(p.retained);
-    if let Some((label, payload)) = p.publish {
-        let k = f.publishes.entry(label).or_default();
-        k.count += 1;
-        k.mqtt_bytes += p.len;
-        k.payload_bytes += payload;
-    }
 }
 
 async fn pump(
     mut from: OwnedReadHalf,
     mut to: OwnedWriteHalf,
     mut parser: Parser,
-    traffic: Arc<Mutex<Traffic>>,
+    counts: Arc<Mutex<Counts>>,
     labeller: Labeller,
     to_broker: bool,
 ) {
@@ -322,20 +368,12 @@ async fn pump(
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        // Counted before it is forwarded: a publish's packet id is known before its PUBACK can
+        // come back the other way.
+        parser.feed(&buf[..n], &labeller, |p| lock(&counts).add(to_broker, p));
         if to.write_all(&buf[..n]).await.is_err() {
             break;
         }
-        parser.feed(&buf[..n], &labeller, |p| {
-            let mut t = lock(&traffic);
-            add_packet(
-                if to_broker {
-                    &mut t.to_broker
-                } else {
-                    &mut t.from_broker
-                },
-                p,
-            );
-        });
     }
     let _ = to.shutdown().await;
 }
@@ -356,24 +394,34 @@ impl Parser {
             }
             let packet = &self.pending[at..at + total];
             let kind = (packet[0] >> 4) as usize;
+            let body = &packet[header..];
+            let u16_at = |at: usize| {
+                body.get(at..at + 2)
+                    .map(|b| u16::from_be_bytes([b[0], b[1]]))
+            };
+            let mut id = None;
             let publish = (kind == PUBLISH).then(|| {
                 let qos = (packet[0] >> 1) & 3;
-                let body = &packet[header..];
-                let topic_len = body
-                    .get(..2)
-                    .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]) as usize);
+                let topic_len = u16_at(0).unwrap_or(0) as usize;
                 let topic = body.get(2..2 + topic_len).unwrap_or_default();
-                let id = if qos > 0 { 2 } else { 0 };
-                let payload = body.get(2 + topic_len + id..).unwrap_or_default();
+                let id_len = if qos > 0 { 2 } else { 0 };
+                if qos > 0 {
+                    id = u16_at(2 + topic_len);
+                }
+                let payload = body.get(2 + topic_len + id_len..).unwrap_or_default();
                 (
                     labeller(&String::from_utf8_lossy(topic), payload),
                     payload.len() as u64,
                 )
             });
+            if kind == PUBACK {
+                id = u16_at(0);
+            }
             count(Packet {
                 kind,
                 retained: kind == PUBLISH && packet[0] & 1 == 1,
                 len: total as u64,
+                id,
                 publish,
             });
             at += total;
