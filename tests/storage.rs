@@ -37,6 +37,18 @@ async fn insert_until_refused(app: &mut TestApp, first: usize) -> (Vec<String>, 
     panic!("nothing was refused");
 }
 
+/// An insert from the cloud is stored and acked: there is room.
+async fn a_write_goes_through(app: &mut TestApp) {
+    let ack = app
+        .client
+        .request(
+            "edgehub",
+            &message("insert", "default/pod/after", pod_named("after")),
+        )
+        .await;
+    assert_eq!(ack["content"], "OK", "{ack}");
+}
+
 async fn readyz(app: &TestApp) -> (u16, Value) {
     let (code, _, body) = common::http(app.http_port, "GET", "/readyz").await;
     (code, serde_json::from_str(&body).unwrap_or(Value::Null))
@@ -143,14 +155,7 @@ async fn a_full_disk_refuses_clearly_and_recovers_by_itself(kind: BrokerKind) {
     readyz_becomes(&app, 200, CLEARS_WITHIN).await;
     assert_state(&app, false).await;
     assert!(app.log().contains("storage has room again"));
-    let ack = app
-        .client
-        .request(
-            "edgehub",
-            &message("insert", "default/pod/after", pod_named("after")),
-        )
-        .await;
-    assert_eq!(ack["content"], "OK", "{ack}");
+    a_write_goes_through(&mut app).await;
 
     app.kill9();
     let stored = stored_keys(&app);
@@ -205,14 +210,7 @@ async fn the_quota_refuses_and_deletes_make_room(kind: BrokerKind) {
         assert_eq!(ack["content"], "OK", "{ack}");
     }
     assert_state(&app, false).await;
-    let ack = app
-        .client
-        .request(
-            "edgehub",
-            &message("insert", "default/pod/after", pod_named("after")),
-        )
-        .await;
-    assert_eq!(ack["content"], "OK", "{ack}");
+    a_write_goes_through(&mut app).await;
     let log = app.log();
     assert_eq!(log.matches("storage has room again").count(), 1, "{log}");
 }

@@ -292,34 +292,25 @@ impl Session {
             )
         };
         loop {
-            tokio::select! {
+            // Whether to republish now; `None` once the stop comes or a source is gone.
+            let republish = tokio::select! {
                 changed = connected.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                    if *connected.borrow_and_update() {
-                        self.publisher.status(online()).await;
-                    }
+                    changed.is_ok().then(|| *connected.borrow_and_update())
                 }
-                changed = cloud.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
+                changed = cloud.changed() => changed.is_ok().then(|| {
                     cloud.borrow_and_update();
-                    if *connected.borrow() {
-                        self.publisher.status(online()).await;
-                    }
-                }
-                changed = room.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
+                    *connected.borrow()
+                }),
+                changed = room.changed() => changed.is_ok().then(|| {
                     room.borrow_and_update();
-                    if *connected.borrow() {
-                        self.publisher.status(online()).await;
-                    }
-                }
-                _ = stop.wait() => return,
+                    *connected.borrow()
+                }),
+                _ = stop.wait() => None,
+            };
+            match republish {
+                Some(true) => self.publisher.status(online()).await,
+                Some(false) => {}
+                None => return,
             }
         }
     }
