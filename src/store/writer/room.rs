@@ -455,4 +455,31 @@ mod tests {
         }
         store.close().await;
     }
+
+    /// A database of an earlier version, made without incremental auto-vacuum, is converted
+    /// at its first open, keeps every object, and gives space back from then on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_earlier_database_is_converted_once_and_keeps_its_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("m.db");
+        let store = open(&dir, 0);
+        for n in 0..50 {
+            store.write(object(n)).await.unwrap();
+        }
+        store.close().await;
+        let earlier = rusqlite::Connection::open(&db).unwrap();
+        earlier
+            .execute_batch("PRAGMA auto_vacuum = NONE; VACUUM;")
+            .unwrap();
+        let mode = |c: &rusqlite::Connection| -> i64 {
+            c.query_row("PRAGMA auto_vacuum", [], |r| r.get(0)).unwrap()
+        };
+        assert_eq!(mode(&earlier), 0, "made as an earlier version would");
+        drop(earlier);
+        let store = open(&dir, 0);
+        assert_eq!(store.list("ns", "pod").await.unwrap().len(), 50);
+        store.close().await;
+        let after = rusqlite::Connection::open(&db).unwrap();
+        assert_eq!(mode(&after), 2, "incremental");
+    }
 }
