@@ -131,8 +131,9 @@ pub fn check(db: &Path, out: &mut dyn Write, progress: &Progress) -> Result<Chec
     } else {
         run.skip("the store's own invariants (the file is damaged)");
     }
-    conn.execute_batch("COMMIT")
-        .map_err(run.read("ending the read transaction"))?;
+    // The transaction only held a snapshot: nothing is lost however it ends, and on a damaged
+    // file SQLite may already have ended it.
+    let _ = conn.execute_batch("ROLLBACK");
     run.found.out.flush().map_err(CheckError::Output)?;
     let mut checked = run.checked;
     checked.problems = run.found.problems;
@@ -249,7 +250,9 @@ impl Run<'_> {
         let findings = match result {
             Ok(rows) => rows,
             // Damage bad enough that the check itself cannot run is a finding too.
-            Err(e) if failure_of(&e, Failure::Io) == Failure::Damaged => vec![e.to_string()],
+            Err(e) if failure_of(&e, Failure::Io) == Failure::Damaged => {
+                vec![format!("the integrity check stopped: {e}")]
+            }
             Err(e) => return Err(self.read("running the integrity check")(e)),
         };
         if findings == ["ok"] {
