@@ -398,6 +398,11 @@ fn small_database(dir: &Path) -> PathBuf {
 fn a_backup_that_cannot_be_written_says_why_and_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let db = small_database(dir.path());
+    let other = dir.path().join("other.db");
+    Connection::open(&other)
+        .unwrap()
+        .execute_batch("CREATE TABLE t (x)")
+        .unwrap();
     let listing = || {
         let mut names: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()
@@ -436,6 +441,18 @@ fn a_backup_that_cannot_be_written_says_why_and_leaves_nothing() {
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(4), "{stderr}");
     assert!(stderr.contains("cannot write the backup"), "{stderr}");
+
+    // A database that is not MetaManager's, found out once the copy's file exists: a bad
+    // argument, and the file goes.
+    let out = cli(&[
+        "backup",
+        "--db",
+        path(&other),
+        path(&dir.path().join("copy.db")),
+    ]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("no such table: meta"), "{stderr}");
 
     // A database that is not there: a bad argument.
     let out = cli(&[
