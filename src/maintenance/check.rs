@@ -127,7 +127,18 @@ pub fn check(db: &Path, out: &mut dyn Write, progress: &Progress) -> Result<Chec
         });
     }
     if run.integrity(&mut conn)? {
-        run.invariants(&conn, &schema)?;
+        match run.invariants(&conn, &schema) {
+            // Damage the integrity check did not see (a page it does not reach) is still
+            // damage: a finding, not a failure of the check.
+            Err(CheckError::Read { step, source, .. })
+                if failure_of(&source, Failure::Io) == Failure::Damaged =>
+            {
+                run.found
+                    .report("integrity", "", &format!("{step}: {source}"))?;
+                run.skip("the rest of the store's invariants (the file is damaged)");
+            }
+            other => other?,
+        }
     } else {
         run.skip("the store's own invariants (the file is damaged)");
     }
