@@ -339,6 +339,35 @@ async fn check_names_rows_written_by_sql_with_a_wrong_rv_or_without_a_digest_row
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_names_change_numbers_past_or_missing_from_the_history() {
+    // pod-1's number moves past the last change; pod-3's change goes from the middle of the
+    // history (not its start, which pruning moves); one message id claims a change to come.
+    let (_app, db) = damaged(
+        "UPDATE meta SET change_seq = (SELECT max(seq) FROM changes) + 7
+          WHERE key = 'default/pod/pod-1';
+         DELETE FROM changes WHERE seq = (SELECT change_seq FROM meta WHERE key = 'default/pod/pod-3');
+         UPDATE processed SET change_seq = (SELECT max(seq) FROM changes) + 9
+          WHERE seq = (SELECT min(seq) FROM processed);",
+    )
+    .await;
+    let (code, mut lines, stderr) = check(&db);
+    assert_eq!(code, Some(1), "{stderr}");
+    lines.sort();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert!(
+        lines[0].starts_with("change default/pod/pod-1: numbered ")
+            && lines[0].contains(", after the last recorded change "),
+        "{lines:?}"
+    );
+    assert!(
+        lines[1].starts_with("change default/pod/pod-3: numbered ")
+            && lines[1].contains("missing from the recorded history"),
+        "{lines:?}"
+    );
+    assert!(lines[2].starts_with("change message "), "{lines:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_names_an_outbox_payload_that_is_not_json() {
     let (_app, db) = damaged(
         "UPDATE outbox SET payload = CAST('{\"header\": ' AS BLOB)
