@@ -110,12 +110,14 @@ impl Progress {
                     bar.set_length(total);
                     bar.set_style(
                         indicatif::ProgressStyle::with_template(&format!(
-                            "{}: {{bar:40}} {{percent:>3}} % ({{human_pos}} of {{human_len}} {unit}) {{elapsed}}",
+                            "{}: {{bar:40}} {{percent:>3}} % {{msg}} {{elapsed}}",
                             self.command
                         ))
                         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
                     );
                 }
+                // Counts as on the plain lines: grouped by spaces, not commas.
+                bar.set_message(format!("({} of {} {unit})", grouped(done), grouped(total)));
                 bar.set_position(done);
             }
             Mode::Lines(lines) => {
