@@ -123,7 +123,7 @@ async fn a_backup_under_writes_holds_every_acked_object_and_serves_it() {
                 let batch: Vec<(String, Value)> = (0..10u64)
                     .map(|j| {
                         let n = round * 10 + j;
-                        if n % 2 == 0 {
+                        if n.is_multiple_of(2) {
                             let name = format!("p{:05}", n as usize % CHANGED);
                             (format!("default/pod/{name}"), pod(&name, 1_000_000 + n))
                         } else {
