@@ -493,6 +493,14 @@ fn a_backup_that_cannot_be_written_says_why_and_leaves_nothing() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
 
     assert_eq!(listing(), before, "a failed backup left something behind");
+
+    // And with the database named by the config, it works.
+    let config = dir.path().join("edge.yaml");
+    std::fs::write(&config, format!("database:\n  path: {}\n", db.display())).unwrap();
+    let copy = dir.path().join("copy.db");
+    let out = cli(&["backup", "--config", path(&config), path(&copy)]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(stored(&copy).len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
