@@ -74,6 +74,9 @@
 //! - [`metrics`]: the Prometheus metrics, and the [`metrics::Exporter`] that renders them with
 //!   the gauges read from their sources.
 //! - [`inspect`]: read-only access to a database for the `get`, `list` and `export` commands.
+//! - [`maintenance`]: the `backup` and `check` commands, on one snapshot of a running store.
+//!   - [`maintenance::backup`]: a verified copy by SQLite's online backup, renamed into place.
+//!   - [`maintenance::check`]: SQLite's integrity check and the store's invariants.
 //! - [`status`]: the status object on the status topic.
 //! - [`shutdown`]: the one signal every task stops on.
 //! - [`store`]: SQLite with one writer thread (group commit) and reads beside it, its own
@@ -99,6 +102,7 @@ pub mod delivery;
 pub mod descriptors;
 pub mod http;
 pub mod inspect;
+pub mod maintenance;
 pub mod message;
 pub mod metrics;
 pub mod mqtt;
