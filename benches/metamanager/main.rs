@@ -3,7 +3,10 @@
 //! `-- --reconnect` for the reconnect after an outage alone, `-- --idle` for the idle uplink
 //! and the digest's read cost alone, `-- --fleet` for one node's load at a central broker and
 //! the fleet's derived from it; the last is not part of the full run: it waits in real time,
-//! about 13 minutes).
+//! about 13 minutes; `-- --storage` for the disk as a governed resource (storage.rs): the files
+//! against the live data through churn and compaction, the one-time conversion of an earlier
+//! version's database, and backup and check where the binary has them; not part of the full
+//! run either, and `--quick` makes it smaller).
 //!
 //! Every figure is set beside a yardstick measured in the same run on the same broker: a null
 //! relay (subscribe, republish unchanged, nothing else) for the MQTT figures, and a plain
@@ -14,6 +17,7 @@ mod fleet;
 mod harness;
 mod idle;
 mod reconnect;
+mod storage;
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -41,6 +45,7 @@ async fn main() {
     let reconnect_only = std::env::args().any(|a| a == "--reconnect");
     let idle_only = std::env::args().any(|a| a == "--idle");
     let fleet_only = std::env::args().any(|a| a == "--fleet");
+    let storage_only = std::env::args().any(|a| a == "--storage");
     let sizes = if quick {
         Sizes {
             inserts: 10_000,
@@ -62,6 +67,13 @@ async fn main() {
         .expect("bench directory");
     let pod = compact_fixture("pod.json");
     let configmap = compact_fixture("configmap.json");
+    if storage_only {
+        // The store alone, in-process: no broker.
+        println!("# MetaManager benchmark\n");
+        println!("{}", machine());
+        storage::run(dir.path(), &pod, &configmap, quick).await;
+        return;
+    }
     let broker = harness::start_mosquitto();
     let port = broker.port;
 

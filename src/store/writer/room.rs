@@ -266,9 +266,11 @@ impl Writer {
 
 /// Makes the database give free pages back on request (`auto_vacuum = INCREMENTAL`): set
 /// before the first table of a new database; an earlier version's database is converted once
-/// with a `VACUUM`, which rewrites it (a few seconds a GiB; measured in BENCHMARKS.md). A
-/// conversion that fails (a full disk: it needs room for a copy) is logged and tried again at
-/// the next start; the store works without it, only without giving space back.
+/// with a `VACUUM`, which rewrites it (timed in BENCHMARKS.md). It needs free disk of about
+/// twice the database while it runs (SQLite's temporary copy, and the log, which grows to the
+/// database's size until the next checkpoint). A conversion that fails (a full disk) is logged
+/// and tried again at the next start; the store works without it, only without giving space
+/// back.
 pub(super) fn incremental_vacuum(conn: &Connection) -> rusqlite::Result<()> {
     const INCREMENTAL: i64 = 2;
     let mode: i64 = conn.query_row("PRAGMA auto_vacuum", [], |r| r.get(0))?;
