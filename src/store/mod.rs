@@ -448,6 +448,9 @@ impl Store {
                 .to_owned(),
             reserve: space::reserve_path(path),
             reserve_tried: std::cell::Cell::new(None),
+            pages_known: std::cell::Cell::new(None),
+            wal_known: std::cell::Cell::new(0),
+            measured_at: std::cell::Cell::new(None),
         };
         writer.count_outbox().map_err(open_err)?;
         writer.measure();

@@ -5,7 +5,7 @@
 //! pages in use (not the free pages a delete leaves, which the next write reuses) plus the
 //! write-ahead log. So a delete makes room at once, before compaction gives anything back to
 //! the filesystem. The writer measures it once per batch, inside the batch's transaction: one
-//! pragma read of the header and one `stat` of the log, nothing per write.
+//! pragma read of the header, and a `stat` of the log only near the quota; nothing per write.
 //!
 //! The state is one value every side reads: the writer sets it when it refuses a write for
 //! space and clears it when a write that needs room commits again (or, with no writes coming,
@@ -197,12 +197,6 @@ impl Space {
         drop(log);
         self.state.send_replace(None);
     }
-}
-
-/// Bytes the live data of the database behind `conn` uses, as the transaction open on it sees
-/// it: pages in use (not free pages) and the write-ahead log at `wal` as it is on disk.
-pub(super) fn in_use(conn: &Connection, wal: &Path) -> rusqlite::Result<u64> {
-    Ok(pages_in_use(conn)? + wal_bytes(wal))
 }
 
 /// Bytes in the pages that hold data: all pages less the free list.

@@ -188,6 +188,12 @@ pub(super) struct Writer {
     pub reserve: std::path::PathBuf,
     /// When the reserve was last asked back from a full disk.
     pub reserve_tried: std::cell::Cell<Option<Instant>>,
+    /// The pages in use as the last batch committed (see [`Writer::past_quota`]).
+    pub pages_known: std::cell::Cell<Option<u64>>,
+    /// The log's size when it was last looked at.
+    pub wal_known: std::cell::Cell<u64>,
+    /// When the quota's gauge was last measured.
+    pub measured_at: std::cell::Cell<Option<Instant>>,
 }
 
 /// The number of the last recorded change, and the recorded changes the feed's history starts
@@ -374,7 +380,7 @@ impl Writer {
         }
         let quota = self.shared.space.limit() > 0;
         let pages_at_start = match quota {
-            true => space::pages_in_use(&self.conn).ok(),
+            true => self.pages_at_start(),
             false => None,
         };
         let mut effect = BatchEffects::default();
@@ -389,6 +395,7 @@ impl Writer {
                     Ok(applied) => applied.into_iter().map(Ok).collect(),
                     Err(e) => {
                         let _ = self.conn.execute_batch("ROLLBACK");
+                        self.forget_pages();
                         self.outbox_rows = rows_at_start;
                         self.recorded_since_prune = recorded_at_start;
                         self.next_change = changes_at_start;
@@ -512,6 +519,7 @@ impl Writer {
         released: &[String],
     ) {
         let _ = self.conn.execute_batch("ROLLBACK");
+        self.forget_pages();
         self.outbox_rows = rows_at_start;
         self.next_change = changes_at_start;
         self.requeue_settle_marks(marks);
@@ -565,6 +573,7 @@ impl Writer {
                     let _ = self
                         .conn
                         .execute_batch("ROLLBACK TO change; RELEASE change");
+                    self.forget_pages();
                     self.outbox_rows = rows_before;
                     self.next_change = changes_before;
                     effect.events.truncate(events_before);

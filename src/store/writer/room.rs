@@ -24,6 +24,11 @@ const CHECKPOINT_WAIT: Duration = Duration::from_millis(50);
 /// so that deletes, and the checkpoints that let the log be written over, still have room; a
 /// delete needs a few pages of log, and this is room for a few hundred.
 pub(in crate::store) const RESERVE_BYTES: usize = 1024 * 1024;
+/// How much the log may have grown since it was last looked at before the quota's check
+/// looks again: a batch's worth, at most [`crate::store::writer`]'s batch of large objects.
+const LOG_SLACK: u64 = 8 * 1024 * 1024;
+/// How often, at most, the quota's gauge is measured while writes keep coming.
+const MEASURE_EVERY: Duration = Duration::from_secs(1);
 /// How often, at most, a full disk is asked again for the reserve while writes keep coming.
 const RESERVE_RETRY: Duration = Duration::from_secs(1);
 
@@ -71,14 +76,38 @@ impl Writer {
     /// Whether what the open transaction did since `pages_before` (pages in use then) took the
     /// live data past the quota: only a change that grew the pages in use counts, so that one
     /// that shrinks or keeps them (a delete, an equal update) goes through on a full store.
+    ///
+    /// One pragma read a batch: the pages it ends with are the next batch's start (kept in
+    /// [`Writer::pages_known`] until something else changes them), and the log is looked at
+    /// on disk only when the sum with its last known size comes near the quota.
     pub(super) fn past_quota(&self, pages_before: Option<u64>) -> Option<Full> {
         let before = pages_before?;
         let pages = space::pages_in_use(&self.conn).ok()?;
-        let used = pages + space::wal_bytes(&self.wal);
-        (pages > before && self.shared.space.over_quota(used)).then(|| Full::Quota {
+        self.pages_known.set(Some(pages));
+        let space = &self.shared.space;
+        if pages <= before || !space.over_quota(pages + self.wal_known.get() + LOG_SLACK) {
+            return None;
+        }
+        let wal = space::wal_bytes(&self.wal);
+        self.wal_known.set(wal);
+        let used = pages + wal;
+        space.over_quota(used).then(|| Full::Quota {
             used,
-            limit: self.shared.space.limit(),
+            limit: space.limit(),
         })
+    }
+
+    /// The pages in use as a batch starts: the last batch's end, unless something changed them
+    /// since (a rollback, compaction), when they are read again.
+    pub(super) fn pages_at_start(&self) -> Option<u64> {
+        self.pages_known
+            .get()
+            .or_else(|| space::pages_in_use(&self.conn).ok())
+    }
+
+    /// Forgets the pages in use: what was measured was rolled back, or compaction changed it.
+    pub(super) fn forget_pages(&self) {
+        self.pages_known.set(None);
     }
 
     /// What can be given back before a batch that did not fit is tried again, guarded. Past
@@ -86,6 +115,7 @@ impl Writer {
     /// (the room the guarded batch's deletes are written in), a checkpoint lets the next
     /// transaction write the log from its start, and free pages go back to the filesystem.
     pub(super) fn make_room(&self, full: &Full) {
+        self.forget_pages();
         let tried = match full {
             Full::Quota { .. } => self.checkpoint("TRUNCATE"),
             Full::Disk { .. } => {
@@ -104,7 +134,9 @@ impl Writer {
     /// data back under it. Also keeps the measure `/metrics` shows.
     pub(super) fn follow_room(&self, batch: &[Job], outcomes: &[Result<Done, StoreError>]) {
         let space = &self.shared.space;
-        self.measure();
+        if space.full().is_some() || self.measure_due() {
+            self.measure();
+        }
         let mut refused = 0;
         let mut refusal = None;
         let mut grew = false;
@@ -180,6 +212,7 @@ impl Writer {
     /// Free pages back to the filesystem, a step at a time, and the log truncated when no
     /// reader holds an older snapshot: at rest the files are the live data.
     fn compact(&self) {
+        self.forget_pages();
         let started = Instant::now();
         let freed = self.give_back_free_pages();
         let checkpoint = self.checkpoint("TRUNCATE");
@@ -258,9 +291,20 @@ impl Writer {
 
     /// Measures what the live data uses, for the quota's gauge; `None` if it cannot be read.
     pub(in crate::store) fn measure(&self) -> Option<u64> {
-        let used = space::in_use(&self.conn, &self.wal).ok()?;
-        self.shared.space.set_used(used);
-        Some(used)
+        let pages = space::pages_in_use(&self.conn).ok()?;
+        let wal = space::wal_bytes(&self.wal);
+        self.wal_known.set(wal);
+        self.measured_at.set(Some(Instant::now()));
+        self.shared.space.set_used(pages + wal);
+        Some(pages + wal)
+    }
+
+    /// Whether the gauge's measure is older than [`MEASURE_EVERY`]: under a burst, batches
+    /// come thousands a second, and the gauge needs none of them.
+    fn measure_due(&self) -> bool {
+        self.measured_at
+            .get()
+            .is_none_or(|at| at.elapsed() >= MEASURE_EVERY)
     }
 }
 
