@@ -85,7 +85,12 @@
 //!   - [`store::lock`]: one MetaManager per database, by a lock file beside it.
 //!   - [`store::digest`]: per scope, the count and order-independent hash of the stored
 //!     objects, kept by the writer in each write's transaction; each row's `rv` column.
-//!   - [`store::settings`]: `database`: the file and how hard each commit insists on the disk.
+//!   - [`store::settings`]: `database`: the file, how hard each commit insists on the disk,
+//!     and the quota (`max_size`).
+//!   - [`store::space`]: the store's room on disk: the quota's measure and the storage-full
+//!     state every side reads; the writer's side of it (refusing what needs room, the disk
+//!     reserve, compaction) is its `room` module. A replace's forwards to edged are recorded
+//!     in its transaction until the broker has them.
 //!
 //! Each part is given what it uses when `app` builds it; nothing shares one object of
 //! everything. No source file imports, directly or through others, a file that imports it,
