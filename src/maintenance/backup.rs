@@ -26,7 +26,6 @@ use rusqlite::backup::{Backup, StepResult};
 use rusqlite::{Connection, OpenFlags};
 
 use super::{failure_of, Failure, Progress};
-use crate::store::read;
 
 /// Steps of the copy that find the source busy, in a row, before the backup gives up: the
 /// source connection only reads, so a busy source means something is badly wrong.
@@ -34,13 +33,8 @@ const MAX_BUSY_STEPS: u32 = 1000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
-    #[error("database {path} does not exist")]
-    Missing { path: PathBuf },
-    #[error("cannot open database {path} read-only: {source}")]
-    Open {
-        path: PathBuf,
-        source: rusqlite::Error,
-    },
+    #[error(transparent)]
+    Open(#[from] super::OpenError),
     #[error("cannot read database {path} ({step}): {source}")]
     Source {
         path: PathBuf,
@@ -79,8 +73,7 @@ impl BackupError {
     /// What the failure means for the exit status.
     pub fn failure(&self) -> Failure {
         match self {
-            BackupError::Missing { .. }
-            | BackupError::Open { .. }
+            BackupError::Open(_)
             | BackupError::OutExists { .. }
             | BackupError::OutNotAFile { .. }
             | BackupError::OutDirMissing { .. } => Failure::BadInput,
@@ -138,16 +131,8 @@ pub fn backup(
     progress: &Progress,
 ) -> Result<Backed, BackupError> {
     let started = Instant::now();
-    if !db.is_file() {
-        return Err(BackupError::Missing {
-            path: db.to_owned(),
-        });
-    }
+    let source = super::open_read_only(db)?;
     let partial = Partial::beside(out)?;
-    let source = read::open(db).map_err(|source| BackupError::Open {
-        path: db.to_owned(),
-        source,
-    })?;
     let source_err = |step| {
         move |source| BackupError::Source {
             path: db.to_owned(),
@@ -474,7 +459,7 @@ mod tests {
         }
 
         // Without the transaction: the copy starts over as the writer commits.
-        let source = read::open(&db).unwrap();
+        let source = crate::store::read::open(&db).unwrap();
         let mut dest = Connection::open(dir.path().join("unheld.db")).unwrap();
         let unheld = Backup::new(&source, &mut dest).unwrap();
         let (mut restarts, mut last) = (0, i32::MAX);

@@ -33,7 +33,7 @@ use rusqlite::Connection;
 use super::{failure_of, Failure, Progress};
 use crate::message::{DecodeError, Message, Operation};
 use crate::resource::Resource;
-use crate::store::{digest, read};
+use crate::store::digest;
 
 /// Virtual machine instructions between two looks at the progress, during the integrity check.
 const PROGRESS_OPS: i32 = 1 << 20;
@@ -42,13 +42,8 @@ const PROGRESS_ROWS: u64 = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckError {
-    #[error("database {path} does not exist")]
-    Missing { path: PathBuf },
-    #[error("cannot open database {path} read-only: {source}")]
-    Open {
-        path: PathBuf,
-        source: rusqlite::Error,
-    },
+    #[error(transparent)]
+    Open(#[from] super::OpenError),
     #[error("{path} is not a MetaManager database: it has no meta table")]
     NotMetaManager { path: PathBuf },
     #[error("cannot read database {path} ({step}): {source}")]
@@ -65,9 +60,7 @@ impl CheckError {
     /// What the failure means for the exit status.
     pub fn failure(&self) -> Failure {
         match self {
-            CheckError::Missing { .. }
-            | CheckError::Open { .. }
-            | CheckError::NotMetaManager { .. } => Failure::BadInput,
+            CheckError::Open(_) | CheckError::NotMetaManager { .. } => Failure::BadInput,
             CheckError::Read { source, .. } => failure_of(source, Failure::Io),
             CheckError::Output(_) => Failure::Io,
         }
@@ -98,15 +91,7 @@ pub struct Checked {
 /// `CHECK SUBJECT: DETAIL` (`integrity: DETAIL` for SQLite's findings).
 pub fn check(db: &Path, out: &mut dyn Write, progress: &Progress) -> Result<Checked, CheckError> {
     let started = Instant::now();
-    if !db.is_file() {
-        return Err(CheckError::Missing {
-            path: db.to_owned(),
-        });
-    }
-    let mut conn = read::open(db).map_err(|source| CheckError::Open {
-        path: db.to_owned(),
-        source,
-    })?;
+    let mut conn = super::open_read_only(db)?;
     let mut run = Run {
         db,
         found: Found {

@@ -9,6 +9,7 @@ pub mod backup;
 pub mod check;
 
 use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,6 +27,34 @@ pub enum Failure {
     BadInput,
     /// Reading or writing a file failed (disk full, permissions, I/O error).
     Io,
+}
+
+/// The database a command reads could not be opened: both commands name it the same way, and
+/// either is a wrong argument for the exit status.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("database {path} does not exist")]
+    Missing { path: PathBuf },
+    #[error("cannot open database {path} read-only: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+}
+
+/// Opens the database at `db` read-only, as the read-only commands do (see
+/// [`crate::store::read::open`]), naming a missing file as such rather than as SQLite's
+/// "unable to open".
+pub(crate) fn open_read_only(db: &Path) -> Result<rusqlite::Connection, OpenError> {
+    if !db.is_file() {
+        return Err(OpenError::Missing {
+            path: db.to_owned(),
+        });
+    }
+    crate::store::read::open(db).map_err(|source| OpenError::Open {
+        path: db.to_owned(),
+        source,
+    })
 }
 
 /// What a rusqlite error says about the file: a damaged one is [`Failure::Damaged`], a file that
