@@ -54,80 +54,92 @@ struct ApiWriteLabel {
     outcome: &'static str,
 }
 
-/// How a remote query ended.
-#[derive(Clone, Copy, Debug)]
-pub enum RemoteOutcome {
-    Answered,
-    Error,
-    Timeout,
-    Disconnected,
-    Refused,
+/// The values of a metric's label, one variant each: the label's text, and every value in
+/// order, from which the metric's help text lists them, so the two cannot drift apart.
+macro_rules! label_values {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident {
+            $($(#[$vmeta:meta])* $variant:ident => $value:literal),+ $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant),+
+        }
+
+        impl $name {
+            /// Every value, in the order the help text lists them.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $value),+
+                }
+            }
+
+            /// The values, comma-separated, for the metric's help text.
+            pub fn listed() -> String {
+                Self::ALL
+                    .iter()
+                    .map(|v| v.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        }
+    };
 }
 
-impl RemoteOutcome {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Answered => "answered",
-            Self::Error => "error",
-            Self::Timeout => "timeout",
-            Self::Disconnected => "disconnected",
-            Self::Refused => "refused",
-        }
+label_values! {
+    /// How a remote query ended.
+    pub enum RemoteOutcome {
+        Answered => "answered",
+        Error => "error",
+        Timeout => "timeout",
+        Disconnected => "disconnected",
+        Refused => "refused",
     }
 }
 
-/// Why something counted in `metamanager_errors_total` went wrong.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ErrorReason {
-    /// A message that is not a valid MetaManager message.
-    Decode,
-    /// A valid message that asks for something MetaManager refuses.
-    Invalid,
-    /// A store write or read failed.
-    Store,
-    /// A write refused because the store is full (see [`crate::store::space`]).
-    StorageFull,
-    /// A MetaSync run failed.
-    Metasync,
-    RemoteTimeout,
-    RemoteDisconnected,
-    RemoteRefused,
-    /// A lease from edged while the cloud is away (see [`crate::ops`]'s per-type rules).
-    LeaseWhileDisconnected,
-}
-
-impl ErrorReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Decode => "decode",
-            Self::Invalid => "invalid",
-            Self::Store => "store",
-            Self::StorageFull => "storage_full",
-            Self::Metasync => "metasync",
-            Self::RemoteTimeout => "remote_timeout",
-            Self::RemoteDisconnected => "remote_disconnected",
-            Self::RemoteRefused => "remote_refused",
-            Self::LeaseWhileDisconnected => "lease_while_disconnected",
-        }
+label_values! {
+    /// Why something counted in `metamanager_errors_total` went wrong.
+    pub enum ErrorReason {
+        /// A message that is not a valid MetaManager message.
+        Decode => "decode",
+        /// A valid message that asks for something MetaManager refuses.
+        Invalid => "invalid",
+        /// A store write or read failed.
+        Store => "store",
+        /// A write refused because the store is full (see [`crate::store::space`]).
+        StorageFull => "storage_full",
+        /// A MetaSync run failed.
+        Metasync => "metasync",
+        RemoteTimeout => "remote_timeout",
+        RemoteDisconnected => "remote_disconnected",
+        RemoteRefused => "remote_refused",
+        /// A lease from edged while the cloud is away (see [`crate::ops`]'s per-type rules).
+        LeaseWhileDisconnected => "lease_while_disconnected",
     }
 }
 
-/// How a MetaSync run ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SyncOutcome {
-    Synced,
-    /// The cloud was disconnected; nothing was sent.
-    Skipped,
-    Failed,
+label_values! {
+    /// Why a valid message was acked but neither stored nor passed on.
+    pub enum HeldBack {
+        /// An update older than the stored object, by resourceVersion.
+        Stale => "stale",
+        /// A msg_id handled before in this run.
+        Repeat => "repeat",
+    }
 }
 
-impl SyncOutcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Synced => "synced",
-            Self::Skipped => "skipped",
-            Self::Failed => "failed",
-        }
+label_values! {
+    /// How a MetaSync run ended.
+    pub enum SyncOutcome {
+        Synced => "synced",
+        /// The cloud was disconnected; nothing was sent.
+        Skipped => "skipped",
+        Failed => "failed",
     }
 }
 
@@ -190,7 +202,7 @@ impl Metrics {
         let errors = Family::<ReasonLabel, Counter>::default();
         registry.register(
             "errors",
-            "Errors, by reason (decode, invalid, store, storage_full, remote_timeout, remote_disconnected, remote_refused, metasync, lease_while_disconnected)",
+            format!("Errors, by reason ({})", ErrorReason::listed()),
             errors.clone(),
         );
         registry.register_with_unit(
@@ -243,7 +255,7 @@ impl Metrics {
         let remote_outcomes = Family::<OutcomeLabel, Counter>::default();
         registry.register(
             "remote_queries",
-            "Remote queries, by outcome (answered, error, timeout, disconnected, refused)",
+            format!("Remote queries, by outcome ({})", RemoteOutcome::listed()),
             remote_outcomes.clone(),
         );
         let api_writes = Family::<ApiWriteLabel, Counter>::default();
@@ -294,13 +306,16 @@ impl Metrics {
         let metasync_runs = Family::<OutcomeLabel, Counter>::default();
         registry.register(
             "metasync_runs",
-            "MetaSync runs, by outcome (synced, skipped, failed)",
+            format!("MetaSync runs, by outcome ({})", SyncOutcome::listed()),
             metasync_runs.clone(),
         );
         let held_back = Family::<ReasonLabel, Counter>::default();
         registry.register(
             "messages_held_back",
-            "Valid messages acked but neither stored nor passed on, by reason (stale: an update older than the stored object by resourceVersion)",
+            format!(
+                "Valid messages acked but neither stored nor passed on, by reason ({}; stale: an update older than the stored object by resourceVersion, repeat: a msg_id handled before in this run)",
+                HeldBack::listed()
+            ),
             held_back.clone(),
         );
         Self {
@@ -344,12 +359,11 @@ impl Metrics {
             .inc();
     }
 
-    /// A valid message was acked but held back, for `reason` (`stale`, or `repeat`: a msg_id
-    /// handled before in this run).
-    pub fn held_back(&self, reason: &str) {
+    /// A valid message was acked but held back, for `reason`.
+    pub fn held_back(&self, reason: HeldBack) {
         self.held_back
             .get_or_create(&ReasonLabel {
-                reason: reason.to_owned(),
+                reason: reason.as_str().to_owned(),
             })
             .inc();
     }
@@ -529,6 +543,54 @@ mod tests {
             | prometheus_parse::Value::Untyped(v) => v,
             _ => f64::NAN,
         }
+    }
+
+    /// Each labelled family's help lists exactly the values the code counts under it.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn help_texts_list_every_label_value_the_code_has() {
+        let (exporter, _broker, _dir) = exporter();
+        // A family is rendered once it has a series.
+        let metrics = &exporter.metrics;
+        metrics.error(ErrorReason::Decode);
+        metrics.held_back(HeldBack::Stale);
+        metrics.metasync(SyncOutcome::Synced);
+        metrics.remote_query(RemoteOutcome::Answered, None);
+        let text = exporter.render();
+        let help = |family: &str| {
+            text.lines()
+                .find(|l| l.starts_with(&format!("# HELP metamanager_{family} ")))
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let listed = |help: &str| -> Vec<String> {
+            let inside = help.split_once('(').map_or("", |(_, rest)| rest);
+            let inside = inside.split([')', ';']).next().unwrap_or_default();
+            inside.split(", ").map(str::to_owned).collect()
+        };
+        let values = |all: &[&str]| all.iter().map(|v| v.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            listed(&help("errors")),
+            values(
+                &ErrorReason::ALL
+                    .iter()
+                    .map(|r| r.as_str())
+                    .collect::<Vec<_>>()
+            )
+        );
+        assert_eq!(
+            listed(&help("messages_held_back")),
+            values(&HeldBack::ALL.iter().map(|r| r.as_str()).collect::<Vec<_>>())
+        );
+        assert_eq!(
+            listed(&help("metasync_runs")),
+            ["synced", "skipped", "failed"]
+        );
+        assert_eq!(
+            listed(&help("remote_queries")),
+            ["answered", "error", "timeout", "disconnected", "refused"]
+        );
+        assert!(ErrorReason::ALL.contains(&ErrorReason::LeaseWhileDisconnected));
+        exporter.store.close().await;
     }
 
     #[tokio::test(flavor = "multi_thread")]

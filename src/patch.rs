@@ -28,6 +28,7 @@
 //! writing it out overflows the stack). The result is held to the same limits as content that
 //! arrives in a message.
 
+use crate::resource::rtype;
 use std::collections::HashMap;
 
 use bytes::Bytes;
@@ -86,8 +87,8 @@ const SET_ELEMENT_ORDER: &str = "$setElementOrder/";
 /// The fields of `status` that a patch of a `target` object merges by key.
 pub fn keyed_status_lists(target: &str) -> impl Iterator<Item = &'static str> {
     let lists = match target {
-        "pod" => POD_LISTS,
-        "node" => NODE_LISTS,
+        rtype::POD => POD_LISTS,
+        rtype::NODE => NODE_LISTS,
         _ => &[],
     };
     lists.iter().map(|l| l.field)
@@ -97,8 +98,8 @@ pub fn keyed_status_lists(target: &str) -> impl Iterator<Item = &'static str> {
 /// name the pod and the node of the same namespace and name; any other type patches itself.
 pub fn target_type(rtype: &str) -> &str {
     match rtype {
-        "podpatch" => "pod",
-        "nodepatch" => "node",
+        "podpatch" => rtype::POD,
+        "nodepatch" => rtype::NODE,
         other => other,
     }
 }

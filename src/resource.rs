@@ -11,6 +11,21 @@ use std::fmt;
 /// ([`crate::store::Store::cluster_object`]), not by its key.
 pub const CLUSTER_NAMESPACE: &str = "default";
 
+/// The resource types something is decided by, named once: those with rules of their own
+/// (topics.md, section 5.9), the one MetaSync sends, and those whose status the edge owns.
+pub mod rtype {
+    pub const POD: &str = "pod";
+    pub const NODE: &str = "node";
+    /// Pod statuses from edged, which MetaSync sends to the cloud.
+    pub const PODSTATUS: &str = "podstatus";
+    /// Passed on, never stored.
+    pub const EVENT: &str = "event";
+    /// Refused from edged while the cloud is away.
+    pub const LEASE: &str = "lease";
+    /// Fetched again from the cloud when a stored one has expired or soon will.
+    pub const SERVICE_ACCOUNT_TOKEN: &str = "serviceaccounttoken";
+}
+
 /// Longest resource string accepted. Kubernetes names are at most 253 bytes and namespaces 63,
 /// so this leaves room without letting a key grow unbounded.
 pub const MAX_KEY_LEN: usize = 512;

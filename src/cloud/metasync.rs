@@ -26,10 +26,10 @@ use crate::shutdown::Shutdown;
 use crate::store::{Outcome, Store, StoreError, Write};
 
 /// The type MetaSync sends.
-pub const PODSTATUS: &str = "podstatus";
+pub use crate::resource::rtype::PODSTATUS;
 /// The types whose changes a run looks at: statuses to send, and pods whose deletion leaves a
 /// status to remove.
-const WATCHED: &[&str] = &[PODSTATUS, "pod"];
+const WATCHED: &[&str] = &[PODSTATUS, crate::resource::rtype::POD];
 
 /// What one run did.
 #[derive(Debug, Default, PartialEq, Eq)]

@@ -30,7 +30,7 @@ pub fn columns(kind: &Kind) -> Value {
     let column = |name: &str, format: &str, description: &str| json!({"name": name, "type": "string", "format": format, "description": description, "priority": 0});
     let name = column("Name", "name", "Name of the object.");
     let age = column("Age", "", "Time since the object was created.");
-    if kind.rtype == "pod" {
+    if kind.rtype == crate::resource::rtype::POD {
         json!([
             name,
             column("Ready", "", "Ready containers of all containers."),
@@ -52,7 +52,7 @@ pub fn row(kind: &Kind, object: &Value, now: SystemTime) -> Value {
         .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
         .and_then(|created| now.duration_since(created).ok())
         .map_or_else(|| "<unknown>".to_owned(), human_duration);
-    let cells = if kind.rtype == "pod" {
+    let cells = if kind.rtype == crate::resource::rtype::POD {
         let (ready, status, restarts) = pod_cells(object);
         json!([name, ready, status, restarts, age])
     } else {

@@ -29,6 +29,7 @@ use crate::cloud::remote::{Answer, TooManyPending};
 use crate::cloud::waiting::{Target, WaitingPatch};
 use crate::message::{self, Message, Operation, API_SOURCE};
 use crate::patch::{OpFailure, Patch, PatchError};
+use crate::resource::rtype as rtypes;
 use crate::resource::{self, Resource};
 use crate::store::{Change, Outcome, StoreError, Write};
 use crate::topics::Peer;
@@ -243,7 +244,7 @@ async fn decide(ctx: &ApiWrites, write: ApiWrite) -> Result<Route, WriteError> {
     if ctx.cloud.outbox.must_queue() {
         let rtype = write.resource.rtype();
         let connected = ctx.cloud.state.connected();
-        if write.status && (rtype == "pod" || rtype == "node") {
+        if write.status && (rtype == rtypes::POD || rtype == rtypes::NODE) {
             let key = write.resource.key();
             let stored = ctx.store.get(key).await.map_err(WriteError::store(key))?;
             match stored {
@@ -428,8 +429,8 @@ fn of_this_node(ctx: &ApiWrites, resource: &Resource, stored: &str) -> bool {
     };
     let node = ctx.rules.node_id.as_str();
     match resource.rtype() {
-        "pod" => object.pointer("/spec/nodeName").and_then(Value::as_str) == Some(node),
-        "node" => {
+        rtypes::POD => object.pointer("/spec/nodeName").and_then(Value::as_str) == Some(node),
+        rtypes::NODE => {
             object.pointer("/metadata/name").and_then(Value::as_str) == Some(node)
                 || resource.name() == Some(node)
         }

@@ -4,7 +4,7 @@ use crate::cloud::metasync::MetaSync;
 use crate::cloud::outbox::{self, Outbox};
 use crate::cloud::Cloud;
 use crate::message::{self, Message, Operation};
-use crate::metrics::ErrorReason;
+use crate::metrics::{ErrorReason, HeldBack};
 use crate::mqtt::Inbound;
 use crate::resource::{metadata_uid, UidError};
 use crate::store::{self, Applied, Change, Outcome, Store, StoreError, Write};
@@ -84,7 +84,7 @@ pub(super) async fn change(
                         resource = %msg.resource,
                         "update older than the stored object (resourceVersion); acked, held back"
                     );
-                    replies.metrics.held_back("stale");
+                    replies.metrics.held_back(HeldBack::Stale);
                 }
                 // An update that changes nothing, or is older than what is stored, is not news
                 // to the other side.
@@ -112,7 +112,7 @@ fn write_of(kind: WriteKind, msg: &Message) -> Result<Write, String> {
     let rtype = msg.resource.rtype().to_owned();
     if let WriteKind::Delete = kind {
         let uid = match rtype.as_str() {
-            "pod" => delete_uid(msg.content_json())?,
+            crate::resource::rtype::POD => delete_uid(msg.content_json())?,
             _ => None,
         };
         return Ok(Write::Delete { uid, key });
@@ -207,7 +207,7 @@ pub(super) async fn forward(
             resource = %msg.resource,
             "repeat of a message handled in this run; acked, not passed on"
         );
-        replies.metrics.held_back("repeat");
+        replies.metrics.held_back(HeldBack::Repeat);
         return true;
     }
     if applied.settled() {

@@ -19,7 +19,7 @@ use super::{refuse_message, respond, rules, store_failed, Replies, Step};
 
 /// Types the edge owns: their state comes from edged, and the cloud has no set to replace
 /// them with.
-const EDGE_OWNED: [&str; 2] = ["podstatus", rules::EVENT];
+const EDGE_OWNED: [&str; 2] = [crate::resource::rtype::PODSTATUS, rules::EVENT];
 
 /// replace: hold a page, or apply the whole set on the last one.
 pub(super) async fn replace(

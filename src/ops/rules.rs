@@ -40,9 +40,7 @@ impl Rules {
     }
 }
 
-pub(super) const EVENT: &str = "event";
-pub(super) const LEASE: &str = "lease";
-pub(super) const TOKEN: &str = "serviceaccounttoken";
+pub(super) use crate::resource::rtype::{EVENT, LEASE, SERVICE_ACCOUNT_TOKEN as TOKEN};
 
 /// Whether a change of type `rtype` from `sender` is a lease from edged while the cloud is
 /// away, which is refused (see the module doc).
