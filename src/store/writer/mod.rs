@@ -235,6 +235,32 @@ pub(super) struct BatchEffects {
     pub digest: Deltas,
 }
 
+/// The counters of the writer that a rolled-back batch or change must put back, as one value
+/// (see [`Writer::counters`]).
+#[derive(Clone, Copy)]
+struct Counters {
+    outbox_rows: i64,
+    recorded_since_prune: usize,
+    changes_since_prune: usize,
+    next_change: u64,
+}
+
+/// The settle marks and releases a batch took, put back for the next one when it rolls back.
+struct Pending {
+    marks: Vec<(u64, String)>,
+    released: Vec<String>,
+}
+
+/// Each job of `batch` failed with `text`.
+fn every_one_failed(batch: &[Job], text: String) -> Tried {
+    Tried::Done(
+        batch
+            .iter()
+            .map(|_| Err(StoreError::Commit(text.clone())))
+            .collect(),
+    )
+}
+
 /// Each job of `batch` refused for want of room.
 fn every_one_refused(batch: &[Job], full: Full) -> Vec<Result<Done, StoreError>> {
     batch
@@ -361,57 +387,26 @@ impl Writer {
     /// One attempt at a batch, unguarded (`guard` `None`) or guarded by the limit the first
     /// attempt met.
     fn try_batch(&mut self, batch: &[Job], guard: Option<&Full>) -> Tried {
-        let fail_all = |text: String| {
-            Tried::Done(
-                batch
-                    .iter()
-                    .map(|_| Err(StoreError::Commit(text.clone())))
-                    .collect(),
-            )
-        };
         let started = Instant::now();
-        let rows_at_start = self.outbox_rows;
-        let recorded_at_start = self.recorded_since_prune;
-        let changes_at_start = self.next_change;
-        let marks = self.take_settle_marks();
-        let released = self.take_releases();
-        if let Err(e) = self.begin_batch(&marks, &released) {
-            return fail_all(e.to_string());
+        let start = self.counters();
+        let pending = Pending {
+            marks: self.take_settle_marks(),
+            released: self.take_releases(),
+        };
+        if let Err(e) = self.begin_batch(&pending.marks, &pending.released) {
+            return every_one_failed(batch, e.to_string());
         }
-        let quota = self.shared.space.limit() > 0;
-        let pages_at_start = match quota {
+        let pages_at_start = match self.shared.space.limit() > 0 {
             true => self.pages_at_start(),
             false => None,
         };
         let mut effect = BatchEffects::default();
         let outcomes = match guard {
             Some(full) => self.apply_isolated(batch, &mut effect, Some(full)),
-            None => {
-                let fast: rusqlite::Result<Vec<Done>> = batch
-                    .iter()
-                    .map(|job| self.apply_job(job, &mut effect))
-                    .collect();
-                match fast {
-                    Ok(applied) => applied.into_iter().map(Ok).collect(),
-                    Err(e) => {
-                        let _ = self.conn.execute_batch("ROLLBACK");
-                        self.forget_pages();
-                        self.outbox_rows = rows_at_start;
-                        self.recorded_since_prune = recorded_at_start;
-                        self.next_change = changes_at_start;
-                        effect = BatchEffects::default();
-                        if space::is_disk_full(&e) {
-                            self.requeue_settle_marks(&marks);
-                            self.requeue_releases(&released);
-                            return Tried::NoRoom(self.disk_full());
-                        }
-                        if let Err(e) = self.begin_batch(&marks, &released) {
-                            return fail_all(e.to_string());
-                        }
-                        self.apply_isolated(batch, &mut effect, None)
-                    }
-                }
-            }
+            None => match self.apply_unguarded(batch, &mut effect, start, &pending) {
+                Ok(outcomes) => outcomes,
+                Err(tried) => return tried,
+            },
         };
         if guard.is_none() {
             let no_room = outcomes.iter().find_map(|o| match o {
@@ -421,34 +416,99 @@ impl Writer {
             // The quota, for the batch as a whole; guarded, each change was measured alone.
             let no_room = no_room.or_else(|| self.past_quota(pages_at_start));
             if let Some(full) = no_room {
-                self.abandon_batch(rows_at_start, changes_at_start, &marks, &released);
+                self.abandon_batch(start, &pending);
                 return Tried::NoRoom(full);
             }
         }
-        // The digest's one write per scope the batch changed; without it the batch cannot
-        // commit, or the digest would no longer match the store.
-        if let Err(e) = effect.digest.flush(&self.conn) {
-            self.abandon_batch(rows_at_start, changes_at_start, &marks, &released);
-            if space::is_disk_full(&e) {
-                return Tried::NoRoom(self.disk_full());
-            }
-            let text = e.to_string();
-            tracing::error!(error = %text, changes = batch.len(), "updating the digest failed");
-            return fail_all(text);
-        }
-        self.prune_when_due();
-        if let Err(e) = self.conn.execute_batch("COMMIT") {
-            self.abandon_batch(rows_at_start, changes_at_start, &marks, &released);
-            if space::is_disk_full(&e) {
-                return Tried::NoRoom(self.disk_full());
-            }
-            let text = e.to_string();
-            tracing::error!(error = %text, changes = batch.len(), "store commit failed");
-            return fail_all(text);
+        if let Err(tried) = self.commit(batch, &mut effect, start, &pending) {
+            return tried;
         }
         self.metrics.commit(started.elapsed(), batch.len());
         self.announce(batch.len(), effect);
         Tried::Done(outcomes)
+    }
+
+    /// The batch straight into the open transaction; when a change fails, the transaction is
+    /// rolled back and the batch run again with a savepoint per change. A change the disk
+    /// refuses ends the attempt: the batch is tried again guarded.
+    fn apply_unguarded(
+        &mut self,
+        batch: &[Job],
+        effect: &mut BatchEffects,
+        start: Counters,
+        pending: &Pending,
+    ) -> Result<Vec<Result<Done, StoreError>>, Tried> {
+        let fast: rusqlite::Result<Vec<Done>> = batch
+            .iter()
+            .map(|job| self.apply_job(job, effect))
+            .collect();
+        let e = match fast {
+            Ok(applied) => return Ok(applied.into_iter().map(Ok).collect()),
+            Err(e) => e,
+        };
+        let _ = self.conn.execute_batch("ROLLBACK");
+        self.forget_pages();
+        self.restore(start);
+        *effect = BatchEffects::default();
+        if space::is_disk_full(&e) {
+            self.requeue_settle_marks(&pending.marks);
+            self.requeue_releases(&pending.released);
+            return Err(Tried::NoRoom(self.disk_full()));
+        }
+        if let Err(e) = self.begin_batch(&pending.marks, &pending.released) {
+            return Err(every_one_failed(batch, e.to_string()));
+        }
+        Ok(self.apply_isolated(batch, effect, None))
+    }
+
+    /// The digest's one write per scope the batch changed, the pruning when due, and the
+    /// commit; a failure rolls the batch back whole. Without the digest's write the batch
+    /// cannot commit, or the digest would no longer match the store.
+    fn commit(
+        &mut self,
+        batch: &[Job],
+        effect: &mut BatchEffects,
+        start: Counters,
+        pending: &Pending,
+    ) -> Result<(), Tried> {
+        let failed = match effect.digest.flush(&self.conn) {
+            Err(e) => Some((e, "updating the digest failed")),
+            Ok(()) => {
+                self.prune_when_due();
+                self.conn
+                    .execute_batch("COMMIT")
+                    .err()
+                    .map(|e| (e, "store commit failed"))
+            }
+        };
+        let Some((e, what)) = failed else {
+            return Ok(());
+        };
+        self.abandon_batch(start, pending);
+        if space::is_disk_full(&e) {
+            return Err(Tried::NoRoom(self.disk_full()));
+        }
+        let text = e.to_string();
+        tracing::error!(error = %text, changes = batch.len(), "{what}");
+        Err(every_one_failed(batch, text))
+    }
+
+    /// The counters a rollback must put back, taken before a batch or a change.
+    fn counters(&self) -> Counters {
+        Counters {
+            outbox_rows: self.outbox_rows,
+            recorded_since_prune: self.recorded_since_prune,
+            changes_since_prune: self.changes_since_prune,
+            next_change: self.next_change,
+        }
+    }
+
+    /// Puts the counters back as [`Writer::counters`] took them, all of them.
+    fn restore(&mut self, counters: Counters) {
+        self.outbox_rows = counters.outbox_rows;
+        self.recorded_since_prune = counters.recorded_since_prune;
+        self.changes_since_prune = counters.changes_since_prune;
+        self.next_change = counters.next_change;
     }
 
     /// Prunes the remembered message ids and the change history, each once it has grown by
@@ -508,22 +568,14 @@ impl Writer {
         Ok(())
     }
 
-    /// Rolls back a batch that could not be committed: the outbox count and the change
-    /// numbers return to where the batch found them, and its marks and releases wait for the
-    /// next transaction.
-    fn abandon_batch(
-        &mut self,
-        rows_at_start: i64,
-        changes_at_start: u64,
-        marks: &[(u64, String)],
-        released: &[String],
-    ) {
+    /// Rolls back a batch that could not be committed: the writer's counters return to where
+    /// the batch found them, and its marks and releases wait for the next transaction.
+    fn abandon_batch(&mut self, start: Counters, pending: &Pending) {
         let _ = self.conn.execute_batch("ROLLBACK");
         self.forget_pages();
-        self.outbox_rows = rows_at_start;
-        self.next_change = changes_at_start;
-        self.requeue_settle_marks(marks);
-        self.requeue_releases(released);
+        self.restore(start);
+        self.requeue_settle_marks(&pending.marks);
+        self.requeue_releases(&pending.released);
     }
 
     /// Each change in its own savepoint: a failing one is rolled back alone. Guarded by a
@@ -548,10 +600,9 @@ impl Writer {
                 true => space::pages_in_use(&self.conn).ok(),
                 false => None,
             };
-            let rows_before = self.outbox_rows;
+            let before = self.counters();
             let events_before = effect.events.len();
             let digest_before = effect.digest.len();
-            let changes_before = self.next_change;
             let applied = self
                 .conn
                 .execute_batch("SAVEPOINT change")
@@ -574,8 +625,7 @@ impl Writer {
                         .conn
                         .execute_batch("ROLLBACK TO change; RELEASE change");
                     self.forget_pages();
-                    self.outbox_rows = rows_before;
-                    self.next_change = changes_before;
+                    self.restore(before);
                     effect.events.truncate(events_before);
                     effect.digest.truncate(digest_before);
                     outcomes.push(Err(e));
