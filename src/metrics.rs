@@ -15,7 +15,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-use prometheus_client::registry::{Registry, Unit};
+use prometheus_client::registry::{Metric, Registry, Unit};
 use tokio::sync::watch;
 
 use crate::cloud::outbox::Outbox;
@@ -143,6 +143,90 @@ label_values! {
     }
 }
 
+/// A registry being filled: each metric registered under its name and help, and handed back
+/// to be kept.
+struct Registering<'a>(&'a mut Registry);
+
+impl Registering<'_> {
+    fn metric<M: Metric + Clone>(&mut self, name: &str, help: impl Into<String>, metric: M) -> M {
+        self.0.register(name, help, metric.clone());
+        metric
+    }
+
+    fn measured<M: Metric + Clone>(
+        &mut self,
+        name: &str,
+        help: impl Into<String>,
+        unit: Unit,
+        metric: M,
+    ) -> M {
+        self.0.register_with_unit(name, help, unit, metric.clone());
+        metric
+    }
+}
+
+/// The gauges, set from their sources at render time (see [`Exporter::render`]).
+struct Gauges {
+    outbox_len: Gauge,
+    remote_pending: Gauge,
+    cloud_connected: Gauge,
+    broker_connected: Gauge,
+    db_bytes: Gauge,
+    store_full: Gauge,
+    store_used: Gauge,
+    store_quota: Gauge,
+}
+
+impl Gauges {
+    fn register(r: &mut Registering) -> Self {
+        Self {
+            outbox_len: r.metric(
+                "outbox_messages",
+                "Messages waiting in the outbox for the cloud",
+                Gauge::default(),
+            ),
+            remote_pending: r.metric(
+                "remote_queries_pending",
+                "Remote queries waiting for the cloud's answer",
+                Gauge::default(),
+            ),
+            cloud_connected: r.metric(
+                "cloud_connected",
+                "1 when edgehub last reported the cloud as connected",
+                Gauge::default(),
+            ),
+            broker_connected: r.metric(
+                "broker_connected",
+                "1 while the MQTT connection to the broker is up",
+                Gauge::default(),
+            ),
+            db_bytes: r.measured(
+                "database_size",
+                "Size of the database file and its write-ahead log",
+                Unit::Bytes,
+                Gauge::default(),
+            ),
+            store_full: r.metric(
+                "store_full",
+                "1 while the store refuses writes for want of room (database.max_size or the disk); reads and deletes go on",
+                Gauge::default(),
+            ),
+            store_used: r.measured(
+                "store_used",
+                "What the store's live data uses, as database.max_size counts it: pages in use and the write-ahead log",
+                Unit::Bytes,
+                Gauge::default(),
+            ),
+            store_quota: r.measured(
+                "store_quota",
+                "database.max_size; 0 for none",
+                Unit::Bytes,
+                Gauge::default(),
+            ),
+        }
+    }
+}
+
 /// Counters that mirror a count kept elsewhere, brought up to date at render time.
 #[derive(Default)]
 struct Mirrored {
@@ -152,6 +236,28 @@ struct Mirrored {
     resent: Counter,
     /// Messages the embedded broker's subscribers skipped by falling a log's length behind.
     skipped: Counter,
+}
+
+impl Mirrored {
+    fn register(r: &mut Registering) -> Self {
+        Self {
+            resent: r.metric(
+                "broker_resent_publishes",
+                "Publishes sent again because the broker started a new session for MetaManager",
+                Counter::default(),
+            ),
+            skipped: r.metric(
+                "embedded_broker_skipped_messages",
+                "Messages subscribers of the embedded broker skipped by falling more than its log's length behind (never MetaManager's own)",
+                Counter::default(),
+            ),
+            dropped: r.metric(
+                "outbox_dropped_messages",
+                "Outbox messages dropped, by reason (full, expired)",
+                Family::default(),
+            ),
+        }
+    }
 }
 
 /// The node's counters, gauges and histograms.
@@ -165,14 +271,7 @@ pub struct Metrics {
     api_writes: Family<ApiWriteLabel, Counter>,
     metasync_runs: Family<OutcomeLabel, Counter>,
     held_back: Family<ReasonLabel, Counter>,
-    outbox_len: Gauge,
-    remote_pending: Gauge,
-    cloud_connected: Gauge,
-    broker_connected: Gauge,
-    db_bytes: Gauge,
-    store_full: Gauge,
-    store_used: Gauge,
-    store_quota: Gauge,
+    gauges: Gauges,
     /// Held while rendering: mirrored counters are read, compared and advanced together.
     mirrored: Mutex<Mirrored>,
 }
@@ -187,137 +286,65 @@ impl Metrics {
     /// Registers every metric; `store` is the writer thread's share.
     pub fn new(store: StoreMetrics) -> Self {
         let mut registry = Registry::with_prefix(PREFIX);
-        let received = Family::<TopicOperation, Counter>::default();
-        registry.register(
+        let mut r = Registering(&mut registry);
+        let received = r.metric(
             "messages_received",
             "Messages received, by sending peer's topic (edgehub, edged) and operation (invalid when undecodable)",
-            received.clone(),
+            Family::<TopicOperation, Counter>::default(),
         );
-        let replies = Family::<OperationLabel, Counter>::default();
-        registry.register(
+        let replies = r.metric(
             "replies_sent",
             "Replies MetaManager sent (response, error), by operation",
-            replies.clone(),
+            Family::<OperationLabel, Counter>::default(),
         );
-        let errors = Family::<ReasonLabel, Counter>::default();
-        registry.register(
+        let errors = r.metric(
             "errors",
             format!("Errors, by reason ({})", ErrorReason::listed()),
-            errors.clone(),
+            Family::<ReasonLabel, Counter>::default(),
         );
-        registry.register_with_unit(
+        r.measured(
             "store_commit",
             "Time one store transaction (a group-commit batch) took to commit",
             Unit::Seconds,
             store.commit_seconds.clone(),
         );
-        registry.register(
+        r.metric(
             "store_batch_changes",
             "Changes committed together in one store transaction",
             store.batch_size.clone(),
         );
-        let outbox_len = Gauge::default();
-        registry.register(
-            "outbox_messages",
-            "Messages waiting in the outbox for the cloud",
-            outbox_len.clone(),
-        );
-        let mirrored = Mirrored::default();
-        registry.register(
-            "broker_resent_publishes",
-            "Publishes sent again because the broker started a new session for MetaManager",
-            mirrored.resent.clone(),
-        );
-        registry.register(
-            "embedded_broker_skipped_messages",
-            "Messages subscribers of the embedded broker skipped by falling more than its log's length behind (never MetaManager's own)",
-            mirrored.skipped.clone(),
-        );
-        registry.register(
-            "outbox_dropped_messages",
-            "Outbox messages dropped, by reason (full, expired)",
-            mirrored.dropped.clone(),
-        );
-        let remote_pending = Gauge::default();
-        registry.register(
-            "remote_queries_pending",
-            "Remote queries waiting for the cloud's answer",
-            remote_pending.clone(),
-        );
+        let mirrored = Mirrored::register(&mut r);
         // 5 ms to about 80 s: the default remote_query_timeout is 60 s.
-        let remote_seconds = Histogram::new(exponential_buckets(0.005, 2.0, 15));
-        registry.register_with_unit(
+        let remote_seconds = r.measured(
             "remote_query_duration",
             "Time from sending a remote query to the cloud until it ended, whatever the outcome",
             Unit::Seconds,
-            remote_seconds.clone(),
+            Histogram::new(exponential_buckets(0.005, 2.0, 15)),
         );
-        let remote_outcomes = Family::<OutcomeLabel, Counter>::default();
-        registry.register(
+        let remote_outcomes = r.metric(
             "remote_queries",
             format!("Remote queries, by outcome ({})", RemoteOutcome::listed()),
-            remote_outcomes.clone(),
+            Family::<OutcomeLabel, Counter>::default(),
         );
-        let api_writes = Family::<ApiWriteLabel, Counter>::default();
-        registry.register(
+        let api_writes = r.metric(
             "api_writes",
-            "Writes to the local API, by verb (create, update, patch, delete) and outcome (cloud: done by the cloud; here: status or event taken while it is away; conflict, not_found, cloud_error, timeout, unavailable, invalid, too_many, failed)",
-            api_writes.clone(),
+            "Writes to the local API, by verb (create, update, patch, delete) and outcome (cloud: done by the cloud; here: status or event taken while it is away; conflict, not_found, cloud_error, timeout, unavailable, invalid, too_many, failed, storage_full)",
+            Family::<ApiWriteLabel, Counter>::default(),
         );
-        let cloud_connected = Gauge::default();
-        registry.register(
-            "cloud_connected",
-            "1 when edgehub last reported the cloud as connected",
-            cloud_connected.clone(),
-        );
-        let broker_connected = Gauge::default();
-        registry.register(
-            "broker_connected",
-            "1 while the MQTT connection to the broker is up",
-            broker_connected.clone(),
-        );
-        let db_bytes = Gauge::default();
-        registry.register_with_unit(
-            "database_size",
-            "Size of the database file and its write-ahead log",
-            Unit::Bytes,
-            db_bytes.clone(),
-        );
-        let store_full = Gauge::default();
-        registry.register(
-            "store_full",
-            "1 while the store refuses writes for want of room (database.max_size or the disk); reads and deletes go on",
-            store_full.clone(),
-        );
-        let store_used = Gauge::default();
-        registry.register_with_unit(
-            "store_used",
-            "What the store's live data uses, as database.max_size counts it: pages in use and the write-ahead log",
-            Unit::Bytes,
-            store_used.clone(),
-        );
-        let store_quota = Gauge::default();
-        registry.register_with_unit(
-            "store_quota",
-            "database.max_size; 0 for none",
-            Unit::Bytes,
-            store_quota.clone(),
-        );
-        let metasync_runs = Family::<OutcomeLabel, Counter>::default();
-        registry.register(
+        let metasync_runs = r.metric(
             "metasync_runs",
             format!("MetaSync runs, by outcome ({})", SyncOutcome::listed()),
-            metasync_runs.clone(),
+            Family::<OutcomeLabel, Counter>::default(),
         );
-        let held_back = Family::<ReasonLabel, Counter>::default();
-        registry.register(
+        let held_back = r.metric(
             "messages_held_back",
             format!(
                 "Valid messages acked but neither stored nor passed on, by reason ({}; stale: an update older than the stored object by resourceVersion, repeat: a msg_id handled before in this run)",
                 HeldBack::listed()
             ),
-            held_back.clone(),
+            Family::<ReasonLabel, Counter>::default(),
         );
+        let gauges = Gauges::register(&mut r);
         Self {
             registry,
             received,
@@ -328,14 +355,7 @@ impl Metrics {
             api_writes,
             metasync_runs,
             held_back,
-            outbox_len,
-            remote_pending,
-            cloud_connected,
-            broker_connected,
-            db_bytes,
-            store_full,
-            store_used,
-            store_quota,
+            gauges,
             mirrored: Mutex::new(mirrored),
         }
     }
@@ -430,16 +450,21 @@ impl Exporter {
     pub fn render(&self) -> String {
         let m = &self.metrics;
         let mirrored = m.mirrored.lock().unwrap_or_else(|p| p.into_inner());
-        m.outbox_len.set(gauge(self.outbox.len() as u64));
-        m.remote_pending.set(gauge(self.remote.len() as u64));
-        m.cloud_connected.set(i64::from(self.cloud.connected()));
-        m.broker_connected
+        m.gauges.outbox_len.set(gauge(self.outbox.len() as u64));
+        m.gauges.remote_pending.set(gauge(self.remote.len() as u64));
+        m.gauges
+            .cloud_connected
+            .set(i64::from(self.cloud.connected()));
+        m.gauges
+            .broker_connected
             .set(i64::from(*self.broker_connected.borrow()));
-        m.db_bytes.set(gauge(database_bytes(self.store.path())));
+        m.gauges
+            .db_bytes
+            .set(gauge(database_bytes(self.store.path())));
         let space = self.store.space();
-        m.store_full.set(i64::from(space.full().is_some()));
-        m.store_used.set(gauge(space.used()));
-        m.store_quota.set(gauge(space.limit()));
+        m.gauges.store_full.set(i64::from(space.full().is_some()));
+        m.gauges.store_used.set(gauge(space.used()));
+        m.gauges.store_quota.set(gauge(space.limit()));
         for (reason, total) in [
             ("full", self.outbox.dropped_full()),
             ("expired", self.outbox.dropped_expired()),
