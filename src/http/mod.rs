@@ -194,13 +194,11 @@ async fn healthz(State(ctx): State<Arc<Context>>) -> Response {
 /// (checked with a fresh connection, see [`Readiness`]): without all of them, no message can be
 /// handled or no peer can reach the node.
 async fn readyz(State(ctx): State<Arc<Context>>) -> Response {
-    let full = ctx.store.space().full();
-    let store_word = match (&full, ctx.store.is_open()) {
-        (_, false) => "closed".to_owned(),
-        (Some(full), true) => full.to_string(),
-        (None, true) => "ok".to_owned(),
+    let (store, store_word) = match (ctx.store.is_open(), ctx.store.space().full()) {
+        (false, _) => (false, "closed".to_owned()),
+        (true, Some(full)) => (false, full.to_string()),
+        (true, None) => (true, "ok".to_owned()),
     };
-    let store = ctx.store.is_open() && full.is_none();
     let broker = *ctx.broker_connected.borrow();
     let serving = ctx.serving.get();
     let fresh = ctx.readiness.fresh_connection().await;

@@ -2,7 +2,7 @@
 //! in one transaction, each resulting change passed to edged in key order (topics.md,
 //! "Reconciliation").
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use serde::Deserialize;
@@ -88,17 +88,12 @@ pub(super) async fn replace(
                 "replace applied"
             );
             pass_on(&replies, &done.changes).await;
-            forwarded(&replies, &store, done.forwards).await;
+            forget_once_acknowledged(&replies, &store, done.forwards);
         }
         let counts = done.map(|done| message::raw(counts(&done)));
         respond(&replies, sender, &publish, &msg, counts).await;
     })
 }
-
-/// How long a replace's step waits for the broker to acknowledge its forwards before it
-/// leaves their rows to be sent again after a restart (edged then takes the same changes
-/// twice, which leaves it where once would).
-const FORWARDS_ACKED_WITHIN: Duration = Duration::from_secs(5);
 
 /// Passes each change a replace made to edged, as an insert, update or delete of its own, in
 /// key order.
@@ -117,28 +112,29 @@ async fn pass_on(replies: &Replies, changes: &[ReplacedChange]) {
 }
 
 /// Once the broker has acknowledged a replace's forwards (the rows `rows` of `forwards`, which
-/// its transaction recorded), they are not to be sent again after a restart.
-async fn forwarded(replies: &Replies, store: &Store, rows: Option<(i64, i64)>) {
+/// its transaction recorded), they are not to be sent again after a restart. Waited for beside
+/// the pipeline, not in it: a slow broker holds no other message up, and rows stay recorded
+/// only while their forwards are unacknowledged (or until a restart sends them again).
+fn forget_once_acknowledged(replies: &Replies, store: &Store, rows: Option<(i64, i64)>) {
     let Some(rows) = rows else {
         return;
     };
-    let delivery = &replies.publisher.delivery;
-    let mark = delivery.mark();
-    let mut confirmed = delivery.confirmed();
-    let acked = tokio::time::timeout(FORWARDS_ACKED_WITHIN, confirmed.wait_for(|c| *c >= mark));
-    if !matches!(acked.await, Ok(Ok(_))) {
-        tracing::debug!(
-            "a replace's forwards are not acknowledged yet; sent again after a restart"
-        );
-        return;
-    }
-    let change = Change {
-        forwards_done: Some(rows),
-        ..Change::default()
-    };
-    if let Err(e) = store.submit(change).await {
-        tracing::debug!(error = %e, "a replace's acknowledged forwards stay recorded");
-    }
+    // Read now, just after the forwards were handed on: reached once they are acknowledged.
+    let mark = replies.publisher.delivery.mark();
+    let mut confirmed = replies.publisher.delivery.confirmed();
+    let store = store.clone();
+    tokio::spawn(async move {
+        if confirmed.wait_for(|c| *c >= mark).await.is_err() {
+            return;
+        }
+        let change = Change {
+            forwards_done: Some(rows),
+            ..Change::default()
+        };
+        if let Err(e) = store.submit(change).await {
+            tracing::debug!(error = %e, "a replace's acknowledged forwards stay recorded");
+        }
+    });
 }
 
 /// The step that sends edged, before anything else at start-up, the forwards of a replace
@@ -165,7 +161,7 @@ pub(super) fn resend_forwards(replies: &Replies, store: &Store) -> Step {
         );
         let changes: Vec<ReplacedChange> = pending.into_iter().map(|p| p.change).collect();
         pass_on(&replies, &changes).await;
-        forwarded(&replies, &store, Some(rows)).await;
+        forget_once_acknowledged(&replies, &store, Some(rows));
     })
 }
 

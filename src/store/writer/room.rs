@@ -168,14 +168,17 @@ impl Writer {
         }
     }
 
-    /// The limit a batch is guarded by before it is tried: while the disk is full, growth is
-    /// refused without being tried (it would take the released reserve that deletes need),
-    /// unless the disk gives the reserve back, which is asked at most once a second; then the
-    /// state ends and the batch is tried as usual.
+    /// The limit a batch is guarded by before it is tried. Past the quota, each change is
+    /// measured alone from the start, rather than the whole batch tried, rolled back and tried
+    /// again on every batch of a flood. While the disk is full, growth is refused without being
+    /// tried (it would take the released reserve that deletes need), unless the disk gives the
+    /// reserve back, which is asked at most once a second; then the state ends and the batch
+    /// is tried as usual.
     pub(super) fn guard_while_full(&self) -> Option<Full> {
-        let full @ Full::Disk { .. } = self.shared.space.full()? else {
-            return None;
-        };
+        let full = self.shared.space.full()?;
+        if let Full::Quota { .. } = full {
+            return Some(full);
+        }
         let due = self
             .reserve_tried
             .get()
