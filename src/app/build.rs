@@ -135,7 +135,7 @@ impl App {
 struct Parts {
     replies: ops::Replies,
     cloud: Cloud,
-    rules: Arc<ops::Rules>,
+    ctx: Arc<ops::Context>,
     ops: Arc<Ops>,
 }
 
@@ -163,17 +163,17 @@ impl Parts {
             settings.cloud_link.bridge_words(),
         );
         let rules = Arc::new(ops::Rules::from_settings(settings));
-        let ops = Arc::new(Ops::new(
-            Arc::new(topics),
+        let ctx = Arc::new(ops::Context::new(
             replies.clone(),
             store.clone(),
             cloud.clone(),
-            rules.clone(),
+            rules,
         ));
+        let ops = Arc::new(Ops::new(Arc::new(topics), ctx.clone()));
         Self {
             replies,
             cloud,
-            rules,
+            ctx,
             ops,
         }
     }
@@ -202,12 +202,7 @@ impl Parts {
             serving: serving.clone(),
             readiness: Arc::new(Readiness::new(broker.readiness())),
             auth,
-            writes: ApiWrites::new(
-                store.clone(),
-                self.cloud.clone(),
-                self.replies.clone(),
-                self.rules.clone(),
-            ),
+            writes: ApiWrites::new(self.ctx.clone()),
         }
     }
 }

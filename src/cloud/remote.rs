@@ -12,7 +12,6 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::mqtt::Inbound;
 use tokio::sync::oneshot;
 
 use crate::message::Message;
@@ -22,10 +21,13 @@ pub const MAX_PENDING: usize = 1024;
 /// Askers waiting at once, over all resources.
 pub const MAX_ASKERS: usize = 8192;
 
-/// The cloud's answer, with the inbound publish to acknowledge once it has been handled.
+/// The cloud's answer, handed to the query or request waiting for it.
 pub struct Answer {
     pub message: Message,
-    pub publish: Inbound,
+    /// Dropped once the waiter has handled the answer (stored what it carries, answered its
+    /// askers): the answer's own step waits for that before it settles and acknowledges it,
+    /// so that an answer is never acknowledged to the broker before it is stored.
+    pub taken: oneshot::Sender<()>,
 }
 
 /// What a query joined.
@@ -74,12 +76,13 @@ struct Request {
 
 /// What became of an answer from the cloud.
 pub enum Completion {
-    /// A query or request waiting for it took it; it acks and settles it.
-    Claimed,
+    /// A query or request waiting for it took it; done when it has been handled (the
+    /// receiver ends, with or without a value).
+    Claimed(oneshot::Receiver<()>),
     /// A request's receipt ("OK" before the object): nothing more to do than ack it.
-    Receipt(Box<Answer>),
+    Receipt,
     /// Nobody waits for it.
-    Unclaimed(Box<Answer>),
+    Unclaimed,
 }
 
 pub struct RemoteQueries {
@@ -174,15 +177,15 @@ impl RemoteQueries {
     }
 
     /// Hands the cloud's answer to the query or request it answers.
-    pub fn complete(&self, answer: Answer) -> Completion {
-        let Some(parent) = answer.message.header.parent_msg_id.clone() else {
-            return Completion::Unclaimed(Box::new(answer));
+    pub fn complete(&self, message: Message) -> Completion {
+        let Some(parent) = message.header.parent_msg_id.clone() else {
+            return Completion::Unclaimed;
         };
         let waiter = {
             let mut table = self.table();
             match table.requests.get(&parent) {
-                Some(request) if request.needs_object && !carries_object(&answer.message) => {
-                    return Completion::Receipt(Box::new(answer));
+                Some(request) if request.needs_object && !carries_object(&message) => {
+                    return Completion::Receipt;
                 }
                 Some(_) => table.requests.remove(&parent).map(|r| r.answer),
                 None => {
@@ -193,11 +196,12 @@ impl RemoteQueries {
             }
         };
         let Some(tx) = waiter else {
-            return Completion::Unclaimed(Box::new(answer));
+            return Completion::Unclaimed;
         };
-        match tx.send(answer) {
-            Ok(()) => Completion::Claimed,
-            Err(answer) => Completion::Unclaimed(Box::new(answer)),
+        let (taken, handled) = oneshot::channel();
+        match tx.send(Answer { message, taken }) {
+            Ok(()) => Completion::Claimed(handled),
+            Err(_) => Completion::Unclaimed,
         }
     }
 

@@ -2,73 +2,61 @@
 //! to edged. An answer to a patch edged sent is stored first. A bare "OK" to an API write is
 //! its receipt: acked, and the write waits on for the object.
 
-use crate::cloud::remote::{Answer, Completion};
-use crate::cloud::Cloud;
-use crate::message::Message;
-use crate::mqtt::Inbound;
-use crate::store::{Change, Store, StoreError};
+use std::sync::Arc;
+
+use crate::cloud::remote::Completion;
+use crate::store::{Change, StoreError};
 use crate::topics::Peer;
 
-use super::change::{forward, PassOn};
-use super::{report_store_error, store_failed, Replies, Step};
+use super::forward::{forward, PassOn};
+use super::outcome::Outcome;
+use super::request::AnswerRequest;
+use super::{Context, Later};
 
-/// The cloud's response or error: completes the remote query it answers, else goes to edged.
-pub(super) async fn answer_from_cloud(
-    replies: &Replies,
-    store: &Store,
-    cloud: &Cloud,
-    publish: Inbound,
-    message: Message,
-) -> Step {
-    // An answer to a patch waiting for it is stored first.
-    let change = Change {
-        msg_id: Some(message.msg_id().to_owned()),
-        ..cloud.patches.answer(&message).unwrap_or_default()
-    };
-    let stores = change.write.is_some();
-    let committed = match store.submit(change).await {
-        Ok(c) => c,
-        Err(e) => return store_failed(replies, Peer::Edgehub, publish, message, e),
-    };
-    let (replies, store, cloud) = (replies.clone(), store.clone(), cloud.clone());
-    Box::pin(async move {
-        if stores {
-            match committed.await.unwrap_or(Err(StoreError::Closed)) {
-                Ok(applied) => {
-                    let (outbox, to) = (&cloud.outbox, PassOn::Edged);
-                    forward(&replies, &store, outbox, to, &message, &publish, applied).await;
+impl AnswerRequest {
+    /// Queues what the answer stores (the object of a patch's answer) and records its id;
+    /// the rest, once committed: pass it on, or hand it to the query or write waiting for it.
+    pub(super) async fn start(self, ctx: &Arc<Context>) -> Later {
+        let Self { msg, payload } = self;
+        let change = Change {
+            msg_id: Some(msg.msg_id().to_owned()),
+            ..ctx.cloud.patches.answer(&msg).unwrap_or_default()
+        };
+        let stores = change.write.is_some();
+        let committed = match ctx.store.submit(change).await {
+            Ok(c) => c,
+            Err(e) => return super::now(Outcome::store_failed(&msg, &e)),
+        };
+        let ctx = ctx.clone();
+        Box::pin(async move {
+            let applied = committed.await.unwrap_or(Err(StoreError::Closed));
+            if stores {
+                return match applied {
+                    Ok(applied) => {
+                        forward(&ctx, PassOn::Edged, &msg, &payload, applied).await;
+                        Outcome::Quiet
+                    }
+                    Err(e) => Outcome::store_failed(&msg, &e),
+                };
+            }
+            if matches!(&applied, Ok(applied) if applied.settled()) {
+                return Outcome::Quiet;
+            }
+            let id = msg.msg_id().to_owned();
+            match ctx.cloud.remote.complete(msg) {
+                // Handled when the waiter lets go of it, stored and answered.
+                Completion::Claimed(handled) => {
+                    let _ = handled.await;
                 }
-                Err(e) => report_store_error(&replies, Peer::Edgehub, &message, &e).await,
+                Completion::Receipt => {}
+                Completion::Unclaimed => {
+                    ctx.replies.publisher.send(Peer::Edged, payload).await;
+                }
             }
-            replies.publisher.ack(&publish);
-            return;
-        }
-        // Nothing stored, so nothing can supersede an answer: an unsettled redelivery is
-        // always handled again, a settled one only acked.
-        if let Ok(Ok(applied)) = committed.await {
-            if applied.settled() {
-                replies.publisher.ack(&publish);
-                return;
-            }
-        }
-        let id = message.msg_id().to_owned();
-        // A claimed answer is settled by the query waiting for it, once it has replied.
-        match cloud.remote.complete(Answer { message, publish }) {
-            Completion::Claimed => {}
-            Completion::Receipt(receipt) => {
-                replies.settle(&store, &id);
-                replies.publisher.ack(&receipt.publish);
-            }
-            Completion::Unclaimed(unclaimed) => {
-                replies
-                    .publisher
-                    .send(Peer::Edged, unclaimed.publish.payload.clone())
-                    .await;
-                replies.settle(&store, &id);
-                replies.publisher.ack(&unclaimed.publish);
-            }
-        }
-    })
+            ctx.settle(&id);
+            Outcome::Quiet
+        })
+    }
 }
 
 #[cfg(test)]

@@ -21,8 +21,6 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 
 use crate::cloud::refusal::{Reason, Refusal};
-use crate::cloud::Cloud;
-use crate::store::Store;
 
 use crate::cloud::outbox;
 use crate::cloud::remote::{Answer, TooManyPending};
@@ -34,7 +32,7 @@ use crate::resource::{self, Resource};
 use crate::store::{Change, Outcome, StoreError, Write};
 use crate::topics::Peer;
 
-use super::{rules, Replies, Rules};
+use super::{rules, Context};
 
 /// What the API asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,29 +164,20 @@ impl WriteError {
     }
 }
 
-/// What the API's writes are carried out with; cheap to clone.
+/// What the API's writes are carried out with: the operations' context; cheap to clone.
 #[derive(Clone)]
 pub struct ApiWrites {
-    store: Store,
-    cloud: Cloud,
-    /// The way to edgehub and edged, and the counts of `metamanager_api_writes`.
-    replies: Replies,
-    rules: Arc<Rules>,
+    ctx: Arc<Context>,
 }
 
 impl ApiWrites {
-    pub fn new(store: Store, cloud: Cloud, replies: Replies, rules: Arc<Rules>) -> Self {
-        Self {
-            store,
-            cloud,
-            replies,
-            rules,
-        }
+    pub fn new(ctx: Arc<Context>) -> Self {
+        Self { ctx }
     }
 
     /// The largest message MetaManager takes, which a write's request must fit in.
     pub fn max_payload(&self) -> usize {
-        self.rules.max_payload
+        self.ctx.rules.max_payload
     }
 
     /// Carries out `write`: through the cloud while it is there, else locally when the edge
@@ -198,26 +187,27 @@ impl ApiWrites {
         // A full store takes deletes, which make room, and refuses the rest before the cloud
         // is asked: what the cloud accepted could not be kept here.
         let full = self
+            .ctx
             .store
             .space()
             .full()
             .filter(|_| write.verb != Verb::Delete);
         let (result, by_cloud) = match full {
             Some(full) => (Err(WriteError::StorageFull(full)), false),
-            None => carry_out(self, write).await,
+            None => carry_out(&self.ctx, write).await,
         };
         let outcome = match &result {
             Ok(_) if by_cloud => "cloud",
             Ok(_) => "here",
             Err(e) => e.outcome(),
         };
-        self.replies.metrics.api_write(verb, outcome);
+        self.ctx.replies.metrics.api_write(verb, outcome);
         result
     }
 }
 
 /// [`ApiWrites::write`], and whether it went to the cloud.
-async fn carry_out(ctx: &ApiWrites, write: ApiWrite) -> (Result<Written, WriteError>, bool) {
+async fn carry_out(ctx: &Arc<Context>, write: ApiWrite) -> (Result<Written, WriteError>, bool) {
     match decide(ctx, write).await {
         Ok(Route::Here(done)) => (done, false),
         Ok(Route::Cloud(write)) => (through_cloud(ctx, write).await, true),
@@ -233,7 +223,7 @@ enum Route {
     Cloud(ApiWrite),
 }
 
-async fn decide(ctx: &ApiWrites, write: ApiWrite) -> Result<Route, WriteError> {
+async fn decide(ctx: &Context, write: ApiWrite) -> Result<Route, WriteError> {
     let (write, guarded) = if write.status {
         status_only(write)?
     } else {
@@ -344,7 +334,7 @@ fn status_only(write: ApiWrite) -> Result<(ApiWrite, bool), WriteError> {
 /// The offline status write: merged into the stored object, queued for the cloud with it,
 /// passed to edged, and answered with the merged object.
 async fn patch_status_here(
-    ctx: &ApiWrites,
+    ctx: &Context,
     write: ApiWrite,
     guarded: bool,
 ) -> Result<Written, WriteError> {
@@ -363,7 +353,6 @@ async fn patch_status_here(
     let payload = message::build_from(
         API_SOURCE,
         id.clone(),
-        None,
         Operation::Patch,
         &key,
         &message::raw(queued),
@@ -423,7 +412,7 @@ fn without_guard(content: &str) -> String {
 }
 
 /// Whether `resource`, stored as `stored`, is this node or a pod bound to it.
-fn of_this_node(ctx: &ApiWrites, resource: &Resource, stored: &str) -> bool {
+fn of_this_node(ctx: &Context, resource: &Resource, stored: &str) -> bool {
     let Ok(object) = serde_json::from_str::<Value>(stored) else {
         return false;
     };
@@ -440,12 +429,11 @@ fn of_this_node(ctx: &ApiWrites, resource: &Resource, stored: &str) -> bool {
 
 /// An event created while the cloud is away: queued for it (events are never stored), the
 /// newest of one name replacing an older one still waiting.
-async fn queue_event(ctx: &ApiWrites, write: ApiWrite) -> Result<Written, WriteError> {
+async fn queue_event(ctx: &Context, write: ApiWrite) -> Result<Written, WriteError> {
     let key = write.resource.key().to_owned();
     let payload = message::build_from(
         API_SOURCE,
         message::new_msg_id(),
-        None,
         Operation::Insert,
         &key,
         &message::raw(write.content.clone()),
@@ -464,7 +452,7 @@ async fn queue_event(ctx: &ApiWrites, write: ApiWrite) -> Result<Written, WriteE
 
 /// Sends the write to the cloud and waits for its answer, in a task that finishes the write
 /// whether or not the caller still waits.
-async fn through_cloud(ctx: &ApiWrites, write: ApiWrite) -> Result<Written, WriteError> {
+async fn through_cloud(ctx: &Arc<Context>, write: ApiWrite) -> Result<Written, WriteError> {
     let (id, mut answer) = ctx.cloud.remote.request(write.verb != Verb::Delete)?;
     let ctx = ctx.clone();
     let key = write.resource.key().to_owned();
@@ -472,7 +460,7 @@ async fn through_cloud(ctx: &ApiWrites, write: ApiWrite) -> Result<Written, Writ
         let operation = write.verb.operation();
         let key = write.resource.key().to_owned();
         let content = message::raw(write.content.clone());
-        let payload = message::build_from(API_SOURCE, id.clone(), None, operation, &key, &content);
+        let payload = message::build_from(API_SOURCE, id.clone(), operation, &key, &content);
         ctx.replies.publisher.send(Peer::Edgehub, payload).await;
         let timeout = ctx.cloud.remote.timeout();
         let mut cloud = ctx.cloud.state.watch();
@@ -499,18 +487,20 @@ async fn through_cloud(ctx: &ApiWrites, write: ApiWrite) -> Result<Written, Writ
                 }
             }
         };
-        let Some(Answer { message, publish }) = answered else {
+        // `taken` is dropped when this task ends, the answer handled: its own step then
+        // settles and acknowledges it.
+        let Some(Answer {
+            message,
+            taken: _taken,
+        }) = answered
+        else {
             tracing::warn!(resource = %key, ?timeout, "the cloud did not answer a write in time");
             return Err(WriteError::Timeout {
                 key,
                 timeout: humantime::format_duration(timeout).to_string(),
             });
         };
-        let result = take_answer(&ctx, &write, &message).await;
-        // Settled once what went to edged, queued just now, is acknowledged.
-        ctx.replies.settle(&ctx.store, message.msg_id());
-        ctx.replies.publisher.ack(&publish);
-        result
+        take_answer(&ctx, &write, &message).await
     });
     task.await.unwrap_or_else(|e| {
         Err(WriteError::Failed {
@@ -523,7 +513,7 @@ async fn through_cloud(ctx: &ApiWrites, write: ApiWrite) -> Result<Written, Writ
 /// The cloud's answer to `write`: its error as the caller's, or its object stored, passed to
 /// edged and returned.
 async fn take_answer(
-    ctx: &ApiWrites,
+    ctx: &Context,
     write: &ApiWrite,
     answer: &Message,
 ) -> Result<Written, WriteError> {
@@ -588,7 +578,7 @@ async fn take_answer(
 
 /// A delete the cloud carried out: removed here too (only the object of the uid the request
 /// named, if it named one), and edged told.
-async fn delete_here(ctx: &ApiWrites, write: &ApiWrite) -> Result<Written, WriteError> {
+async fn delete_here(ctx: &Context, write: &ApiWrite) -> Result<Written, WriteError> {
     let key = write.resource.key();
     let uid = resource::metadata_uid(&write.content).ok().flatten();
     let before = ctx.store.get(key).await.map_err(WriteError::store(key))?;

@@ -1,253 +1,85 @@
 //! insert, update and delete: store, then pass the message on to the other side, then ack.
 
+use std::sync::Arc;
+
 use crate::cloud::metasync::MetaSync;
-use crate::cloud::outbox::{self, Outbox};
-use crate::cloud::Cloud;
-use crate::message::{self, Message, Operation};
+use crate::message::Message;
 use crate::metrics::{ErrorReason, HeldBack};
-use crate::mqtt::Inbound;
-use crate::resource::{metadata_uid, UidError};
-use crate::store::{self, Applied, Change, Outcome, Store, StoreError, Write};
+use crate::store::{Applied, Change, Outcome as Stored, StoreError};
 use crate::topics::Peer;
 
-use super::{
-    refuse, refuse_message, report_not_queued, report_store_error, rules, store_failed, Replies,
-    Step,
-};
+use super::forward::{coalesces, forward, queue_for_cloud, PassOn};
+use super::outcome::{Outcome, Refusal};
+use super::request::ChangeRequest;
+use super::{now, rules, Context, Later};
 
-#[derive(Clone, Copy)]
-pub(super) enum WriteKind {
-    Put,
-    PutIfChanged,
-    Delete,
-}
-
-/// The `metadata.uid` a pod delete is limited to. A uid that is there but not a string is
-/// refused: taking it as "no uid" would delete whatever pod holds the name, the one thing the
-/// uid is sent to prevent.
-fn delete_uid(content: &str) -> Result<Option<String>, String> {
-    metadata_uid(content).map_err(|e| match e {
-        UidError::Metadata(e) => format!("content.metadata of a pod delete must be an object: {e}"),
-        UidError::NotAString(uid) => format!("content.metadata.uid must be a string, not {uid}"),
-    })
-}
-
-/// insert, update, delete: store, then forward to the other side, then ack.
-pub(super) async fn change(
-    replies: &Replies,
-    store: &Store,
-    cloud: &Cloud,
-    sender: Peer,
-    publish: Inbound,
-    msg: Message,
-    kind: WriteKind,
-) -> Step {
-    let op = msg.operation.as_str();
-    let Some(_) = msg.resource.name() else {
-        let text = format!(
-            "{op} needs a single object (namespace/type/name), not the list {}",
-            msg.resource
-        );
-        return refuse_message(replies, sender, publish, &msg, text);
-    };
-    let key = msg.resource.key();
-    if rules::lease_while_away(&cloud.state, sender, msg.resource.rtype()) {
-        replies.metrics.error(ErrorReason::LeaseWhileDisconnected);
-        let text = rules::lease_refusal(op, key);
-        let parent = Some(msg.msg_id().to_owned());
-        return refuse(replies, sender, publish, parent, key, text);
-    }
-    let write = match write_of(kind, &msg) {
-        Ok(write) => write,
-        Err(text) => return refuse_message(replies, sender, publish, &msg, text),
-    };
-    // Events are passed on, never stored: they would pile up on the node for ever.
-    let write = (msg.resource.rtype() != rules::EVENT).then_some(write);
-    let change = Change {
-        msg_id: Some(msg.msg_id().to_owned()),
-        write,
-        to_cloud: queue_for_cloud(&cloud.outbox, sender.other(), &msg, &publish, kind),
-        ..Change::default()
-    };
-    let committed = match store.submit(change).await {
-        Ok(c) => c,
-        Err(e) => return store_failed(replies, sender, publish, msg, e),
-    };
-    let (replies, store, outbox) = (replies.clone(), store.clone(), cloud.outbox.clone());
-    let metasync = cloud.metasync.clone();
-    Box::pin(async move {
-        match committed.await.unwrap_or(Err(StoreError::Closed)) {
-            Ok(applied) => {
-                if applied.outcome == Outcome::Stale {
-                    tracing::debug!(
-                        msg_id = msg.msg_id(),
-                        resource = %msg.resource,
-                        "update older than the stored object (resourceVersion); acked, held back"
-                    );
-                    replies.metrics.held_back(HeldBack::Stale);
-                }
-                // An update that changes nothing, or is older than what is stored, is not news
-                // to the other side.
-                let passed_on = matches!(applied.outcome, Outcome::Unchanged | Outcome::Stale) || {
-                    let to = PassOn::to(sender.other(), coalesces(kind, &msg));
-                    forward(&replies, &store, &outbox, to, &msg, &publish, applied).await
-                };
-                if passed_on {
-                    reached_the_cloud(&metasync, sender, &msg, applied);
-                    let ack = message::ack(&msg);
-                    replies.send(sender, ack, Operation::Response).await;
-                } else {
-                    report_not_queued(&replies, sender, &msg).await;
-                }
-            }
-            Err(e) => report_store_error(&replies, sender, &msg, &e).await,
+impl ChangeRequest {
+    /// Queues the write, and the message for the cloud when it must wait; the rest, once
+    /// committed: pass the message on, then answer `OK`.
+    pub(super) async fn start(self, ctx: &Arc<Context>) -> Later {
+        let Self {
+            from,
+            msg,
+            payload,
+            kind,
+            write,
+        } = self;
+        if rules::lease_while_away(&ctx.cloud.state, from, msg.resource.rtype()) {
+            let text = rules::lease_refusal(msg.operation.as_str(), msg.resource.key());
+            let refusal = Refusal::of(&msg, ErrorReason::LeaseWhileDisconnected, text);
+            return now(Outcome::Refused(refusal));
         }
-        replies.publisher.ack(&publish);
-    })
-}
-
-/// The write `msg` asks for, or why it cannot be made.
-fn write_of(kind: WriteKind, msg: &Message) -> Result<Write, String> {
-    let key = msg.resource.key().to_owned();
-    let rtype = msg.resource.rtype().to_owned();
-    if let WriteKind::Delete = kind {
-        let uid = match rtype.as_str() {
-            crate::resource::rtype::POD => delete_uid(msg.content_json())?,
-            _ => None,
+        let coalesce = coalesces(kind, &msg);
+        // Events are passed on, never stored: they would pile up on the node for ever.
+        let write = (msg.resource.rtype() != rules::EVENT).then_some(write);
+        let change = Change {
+            msg_id: Some(msg.msg_id().to_owned()),
+            write,
+            to_cloud: queue_for_cloud(&ctx.cloud.outbox, from.other(), &msg, &payload, coalesce),
+            ..Change::default()
         };
-        return Ok(Write::Delete { uid, key });
+        let committed = match ctx.store.submit(change).await {
+            Ok(c) => c,
+            Err(e) => return now(Outcome::store_failed(&msg, &e)),
+        };
+        let ctx = ctx.clone();
+        Box::pin(async move {
+            let applied = match committed.await.unwrap_or(Err(StoreError::Closed)) {
+                Ok(applied) => applied,
+                Err(e) => return Outcome::store_failed(&msg, &e),
+            };
+            if applied.outcome == Stored::Stale {
+                tracing::debug!(
+                    msg_id = msg.msg_id(),
+                    resource = %msg.resource,
+                    "update older than the stored object (resourceVersion); acked, held back"
+                );
+                ctx.replies.metrics.held_back(HeldBack::Stale);
+            }
+            // An update that changes nothing, or is older than what is stored, is not news
+            // to the other side.
+            let passed_on = matches!(applied.outcome, Stored::Unchanged | Stored::Stale) || {
+                let to = PassOn::to(from.other(), coalesce);
+                forward(&ctx, to, &msg, &payload, applied).await
+            };
+            if !passed_on {
+                return Outcome::not_queued(&msg);
+            }
+            reached_the_cloud(&ctx.cloud.metasync, from, &msg, applied);
+            Outcome::ack(&msg)
+        })
     }
-    let Some(value) = msg.content.clone() else {
-        return Err(format!("{} needs content", msg.operation.as_str()));
-    };
-    Ok(match kind {
-        WriteKind::Put => Write::Put { key, rtype, value },
-        _ => Write::PutIfChanged { key, rtype, value },
-    })
 }
 
 /// Tells MetaSync that edged's own status update went to the cloud (sent, or queued in the
 /// outbox), so that its next run does not send that status again.
-fn reached_the_cloud(metasync: &MetaSync, sender: Peer, msg: &Message, applied: Applied) {
-    if sender != Peer::Edged || msg.resource.rtype() != crate::cloud::metasync::PODSTATUS {
+fn reached_the_cloud(metasync: &MetaSync, from: Peer, msg: &Message, applied: Applied) {
+    if from != Peer::Edged || msg.resource.rtype() != crate::resource::rtype::PODSTATUS {
         return;
     }
-    if let (Outcome::Stored, Some(change)) = (applied.outcome, applied.change) {
+    if let (Stored::Stored, Some(change)) = (applied.outcome, applied.change) {
         metasync.reached(msg.resource.key(), change);
     }
-}
-
-/// The outbox entry for a change bound for the cloud, when it must wait for the cloud.
-pub(super) fn queue_for_cloud(
-    outbox: &Outbox,
-    to: Peer,
-    msg: &Message,
-    publish: &Inbound,
-    kind: WriteKind,
-) -> Option<store::CloudMessage> {
-    if to != Peer::Edgehub {
-        return None;
-    }
-    outbox.hold(|| {
-        let coalesce = coalesces(kind, msg);
-        outbox::cloud_message(msg.resource.key(), publish.payload.clone(), coalesce)
-    })
-}
-
-/// Whether a message waiting for the cloud replaces an older one of the same key: an update
-/// (the newer state is all the cloud needs) and any event (only the newest of one object
-/// matters once the cloud is back).
-fn coalesces(kind: WriteKind, msg: &Message) -> bool {
-    matches!(kind, WriteKind::PutIfChanged) || msg.resource.rtype() == rules::EVENT
-}
-
-/// Where [`forward`] passes a message on to.
-#[derive(Clone, Copy)]
-pub(super) enum PassOn {
-    Edged,
-    /// The cloud; `coalesce`: it replaces an older message of the same key still waiting for
-    /// the cloud in the outbox.
-    Cloud {
-        coalesce: bool,
-    },
-}
-
-impl PassOn {
-    /// To `peer`, coalesced as `coalesce` says if that is the cloud.
-    pub(super) fn to(peer: Peer, coalesce: bool) -> Self {
-        match peer {
-            Peer::Edged => PassOn::Edged,
-            Peer::Edgehub => PassOn::Cloud { coalesce },
-        }
-    }
-}
-
-/// Passes an inbound message on, unchanged, once its change is committed, and settles its id.
-///
-/// A repeat (same msg_id) of a message handled in this run, or of a settled one, passes
-/// nothing on: the first copy does that. An unsettled one from before a restart was cut off
-/// between its commit and its forward, or its forward was not acknowledged by the broker
-/// before the restart: it is passed on again only while its change is still the stored state,
-/// so a late copy of an insert never brings back what a later delete removed.
-/// `false` when a message for the cloud could not be queued; its id is then released, so that
-/// the copy its sender is asked to send again is handled.
-pub(super) async fn forward(
-    replies: &Replies,
-    store: &Store,
-    outbox: &Outbox,
-    to: PassOn,
-    msg: &Message,
-    publish: &Inbound,
-    applied: Applied,
-) -> bool {
-    let id = msg.msg_id();
-    if let Outcome::Duplicate { this_run: true, .. } = applied.outcome {
-        tracing::debug!(
-            msg_id = id,
-            resource = %msg.resource,
-            "repeat of a message handled in this run; acked, not passed on"
-        );
-        replies.metrics.held_back(HeldBack::Repeat);
-        return true;
-    }
-    if applied.settled() {
-        return true;
-    }
-    match applied.outcome {
-        Outcome::Duplicate { current: false, .. } => {
-            tracing::info!(
-                msg_id = id,
-                resource = %msg.resource,
-                "redelivered message superseded by a later change; acked, not passed on"
-            );
-            // Nothing to deliver: settled with the next commit.
-            store.settle(id, 0);
-            return true;
-        }
-        Outcome::Duplicate { .. } => tracing::info!(
-            msg_id = id,
-            "message repeated after a restart may not have been passed on and is still current; passing it on"
-        ),
-        _ => {}
-    }
-    match to {
-        PassOn::Edged => {
-            replies
-                .publisher
-                .send(Peer::Edged, publish.payload.clone())
-                .await
-        }
-        PassOn::Cloud { coalesce } => {
-            let m = outbox::cloud_message(msg.resource.key(), publish.payload.clone(), coalesce);
-            if let Err(e) = outbox.send_to_cloud(m).await {
-                tracing::error!(msg_id = id, error = %e, "could not queue a message for the cloud");
-                store.release(id);
-                return false;
-            }
-        }
-    }
-    replies.settle(store, id);
-    true
 }
 
 #[cfg(test)]
@@ -371,26 +203,5 @@ mod tests {
         .await;
         h.published_to(Peer::Edged).await;
         assert!(h.stored("default/pod/p").await.is_none(), "deleted");
-    }
-
-    #[test]
-    fn delete_uid_reads_a_string_and_refuses_other_types() {
-        use super::delete_uid;
-        assert_eq!(delete_uid("null"), Ok(None));
-        assert_eq!(delete_uid(r#"{"metadata":{"name":"p"}}"#), Ok(None));
-        assert_eq!(delete_uid(r#"{"spec":{}}"#), Ok(None));
-        assert_eq!(
-            delete_uid(r#"{"metadata":{"uid":"u1"}}"#),
-            Ok(Some("u1".into()))
-        );
-        for bad in [
-            r#"{"metadata":{"uid":123}}"#,
-            r#"{"metadata":{"uid":null}}"#,
-            r#"{"metadata":{"uid":{}}}"#,
-            r#"{"metadata":{"uid":["u1"]}}"#,
-            r#"{"metadata":5}"#,
-        ] {
-            assert!(delete_uid(bad).is_err(), "{bad}");
-        }
     }
 }

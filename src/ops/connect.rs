@@ -1,37 +1,16 @@
-//! connect: edgehub reports whether the cloud is reachable. No reply.
+//! A report of the cloud connection: edgehub's `connect`, or the bridge's state topic
+//! (`cloud_link.state_topic`), which reports the cloud's reachability as the node broker's
+//! bridge to a central broker sees it. Neither gets a reply.
 
-use crate::cloud::{Cloud, Source};
-use crate::message::Message;
-use crate::mqtt::Inbound;
-use crate::topics::Peer;
+use super::outcome::Outcome;
+use super::request::ConnectRequest;
+use super::Context;
 
-use super::{finish, refuse_message, Replies, Step};
-
-/// connect: edgehub reports whether the cloud is reachable. No reply.
-pub(super) fn connect(
-    replies: &Replies,
-    cloud: &Cloud,
-    sender: Peer,
-    publish: Inbound,
-    msg: Message,
-) -> Step {
-    if sender != Peer::Edgehub {
-        let text = "connect is accepted only from edgehub".to_owned();
-        return refuse_message(replies, sender, publish, &msg, text);
+impl ConnectRequest {
+    pub(super) fn apply(self, ctx: &Context) -> Outcome {
+        ctx.cloud.report(self.source, self.connected);
+        Outcome::Quiet
     }
-    let connected = match serde_json::from_str::<String>(msg.content_json()).as_deref() {
-        Ok("cloud_connected") => true,
-        Ok("cloud_disconnected") => false,
-        _ => {
-            let text = format!(
-                "connect content must be \"cloud_connected\" or \"cloud_disconnected\", not {}",
-                msg.content_json()
-            );
-            return refuse_message(replies, sender, publish, &msg, text);
-        }
-    };
-    cloud.report(Source::Edgehub, connected);
-    finish(replies, publish)
 }
 
 #[cfg(test)]
@@ -66,6 +45,73 @@ mod tests {
         .await;
         let reply = h.published_to(Peer::Edged).await.json();
         assert_eq!(reply["route"]["operation"], "error");
+        assert!(!h.cloud.state.connected());
+    }
+}
+
+#[cfg(test)]
+mod bridge_tests {
+    use serde_json::json;
+
+    use crate::ops::testing::{message, Harness};
+    use crate::topics::Peer;
+
+    const STATE: &str = "$SYS/broker/connection/bridge-test-node/state";
+
+    async fn bridged() -> Harness {
+        Harness::with_settings(&format!("cloud_link:\n  state_topic: {STATE}\n")).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_bridge_state_connects_and_disconnects_the_cloud_without_a_reply() {
+        let mut h = bridged().await;
+        assert!(
+            !h.cloud.state.connected(),
+            "disconnected until the bridge speaks"
+        );
+        let pkid = h.handle_raw(STATE, b"1").await;
+        assert_eq!(h.broker.acked().await, pkid);
+        assert!(h.cloud.state.connected());
+        assert!(
+            h.broker.published_now().is_empty(),
+            "no reply to a bridge state"
+        );
+        h.handle_raw(STATE, b"0").await;
+        assert!(!h.cloud.state.connected());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unknown_payload_is_acked_and_leaves_the_state_alone() {
+        let mut h = bridged().await;
+        h.handle_raw(STATE, b"1").await;
+        h.broker.acked().await;
+        let pkid = h.handle_raw(STATE, b"online").await;
+        assert_eq!(h.broker.acked().await, pkid);
+        assert!(h.cloud.state.connected(), "unchanged");
+        assert!(h.broker.published_now().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn edgehub_disconnected_holds_the_cloud_away_while_the_bridge_is_up() {
+        let mut h = bridged().await;
+        h.handle_raw(STATE, b"1").await;
+        let away = message(
+            "c-1",
+            "connect",
+            "default/node/n",
+            json!("cloud_disconnected"),
+        );
+        h.handle(Peer::Edgehub, away).await;
+        assert!(!h.cloud.state.connected());
+        let back = message("c-2", "connect", "default/node/n", json!("cloud_connected"));
+        h.handle(Peer::Edgehub, back).await;
+        assert!(h.cloud.state.connected());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn without_a_state_topic_the_topic_is_not_special() {
+        let mut h = Harness::new().await;
+        h.handle_raw(STATE, b"1").await;
         assert!(!h.cloud.state.connected());
     }
 }

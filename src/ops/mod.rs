@@ -1,43 +1,53 @@
 //! What MetaManager does with each operation, one file per operation.
 //!
+//! A message's way through, in three parts:
+//! 1. [`request::read`] reads it once into a [`request::Request`], one variant per operation
+//!    holding exactly its valid input. Every refusal of malformed input is made there.
+//! 2. The request's operation starts: it checks what depends on the node's state at that
+//!    moment (a lease while the cloud is away, a replace out of sequence) and queues its store
+//!    write at once, then returns the rest of its work, which ends in an [`Outcome`]: what
+//!    happened, not how to answer it.
+//! 3. [`Context::finish`] (in `outcome`) acts on the outcome: the reply to the sender, then
+//!    the broker ack. It is the one place a received message is acknowledged.
+//!
 //! The ordering invariant, enforced here and nowhere else: messages are submitted in arrival
 //! order, their steps run in that order, and a step's commit comes before anything it sends.
-//! [`dispatch`] validates a message and queues its store write at once, then returns a [`Step`]:
-//! the rest of the work (forward, reply, acknowledge to the broker), which the pipeline runs
-//! strictly in arrival order. A step awaits its own commit before anything leaves, so no reply
-//! or forward ever announces a change that is not on disk, and a query's step runs only after
-//! every earlier write is committed, so edged always reads its own writes. Writes queued one
-//! after another share a group commit without losing that order.
+//! [`Ops::dispatch`] runs parts 1 and 2 and returns a [`Step`]: the rest, which the pipeline
+//! runs strictly in arrival order. A step awaits its own commit before anything leaves, so no
+//! reply or forward ever announces a change that is not on disk, and a query's step runs only
+//! after every earlier write is committed, so edged always reads its own writes. Writes queued
+//! one after another share a group commit without losing that order.
 //!
 //! - `change`: insert, update and delete, from either side;
 //! - `patch`: a merge patch or JSON Patch of a stored object, from either side;
 //! - `query`: answers from the store, or asks the cloud (`remote_query`);
+//! - `versions`: a query for a scope's resourceVersions, a page at a time;
 //! - `relay`: edged's responses and errors, passed on to the cloud;
 //! - `answer`: the cloud's responses and errors, to the remote query waiting for them or edged
 //!   (an answer to a patch stores the object it carries first);
-//! - `connect`: edgehub's report of the cloud connection;
-//! - `bridge_state`: the bridge's report of it, on `cloud_link.state_topic`;
+//! - `connect`: edgehub's report of the cloud connection, and the bridge's, on
+//!   `cloud_link.state_topic`;
 //! - `sync`: `meta-internal-sync`, MetaSync on request;
-//! - `versions`: a query for a scope's resourceVersions, a page at a time;
 //! - `replace`: the cloud's complete set of a scope, in pages, applied in one transaction;
 //! - `api_write`: the local API's writes, through the cloud or, for what the edge owns,
 //!   here while the cloud is away.
 //!
-//! Each operation is given the handles it uses, and its signature says which: [`Replies`] (the
-//! way back to the peers, counted), the [`Store`], the [`Cloud`] side, and the node's
-//! [`Rules`]. [`Ops`] holds them for the dispatcher; the API's writes have their own handle,
-//! [`api_write::ApiWrites`]. `app` builds them.
+//! Every operation is given its request and one borrowed [`Context`]: the way back to the
+//! peers ([`Replies`]), the store, the cloud side and the node's [`Rules`]. The API's writes
+//! share the same context through [`api_write::ApiWrites`]. `app` builds it.
 
 mod answer;
 pub mod api_write;
-mod bridge_state;
 mod change;
 mod connect;
+mod forward;
+mod outcome;
 mod patch;
 mod query;
 mod relay;
 mod remote_query;
 mod replace;
+mod request;
 mod rules;
 mod sync;
 mod versions;
@@ -46,19 +56,20 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use serde_json::value::RawValue;
-
 use crate::cloud::Cloud;
-use crate::message::{self, Message, Operation};
-use crate::metrics::{ErrorReason, Metrics};
+use crate::message::Operation;
+use crate::metrics::Metrics;
 use crate::mqtt::{Inbound, Publisher};
-use crate::store::{Store, StoreError};
+use crate::store::Store;
 use crate::topics::{Peer, Topics};
+
+use outcome::{Envelope, Outcome};
+use request::Request;
 
 pub use rules::Rules;
 
 /// The way back to the peers: the replies MetaManager builds, counted with what it received,
-/// the messages it passes on, and the broker acks of what it received. Cheap to clone.
+/// and the messages it passes on. Cheap to clone.
 #[derive(Clone)]
 pub struct Replies {
     pub publisher: Publisher,
@@ -71,235 +82,95 @@ impl Replies {
         self.metrics.replied(operation.as_str());
         self.publisher.send(to, payload).await;
     }
+}
 
-    /// Marks `msg_id` settled in `store` once what was just handed to the MQTT client (its
+/// What every operation shares: one value, borrowed, in place of a list of handles.
+pub struct Context {
+    pub replies: Replies,
+    pub store: Store,
+    pub cloud: Cloud,
+    pub rules: Arc<Rules>,
+}
+
+impl Context {
+    pub fn new(replies: Replies, store: Store, cloud: Cloud, rules: Arc<Rules>) -> Self {
+        Self {
+            replies,
+            store,
+            cloud,
+            rules,
+        }
+    }
+
+    /// Marks `msg_id` settled in the store once what was just handed to the MQTT client (its
     /// forward) is acknowledged by the broker: with the store's first commit after that. A
     /// forward still waiting in the client dies with the process, so until then the id stays
     /// unsettled, and a redelivery after a crash is passed on again if it is still current.
-    pub(crate) fn settle(&self, store: &Store, msg_id: &str) {
-        store.settle(msg_id, self.publisher.delivery.mark());
+    fn settle(&self, msg_id: &str) {
+        self.store
+            .settle(msg_id, self.replies.publisher.delivery.mark());
     }
 }
 
-/// What the dispatcher hands each operation, which takes the parts it uses.
+/// The dispatcher's side of the operations: the node's topics, to tell the sender, and the
+/// context every operation is given.
 pub struct Ops {
     topics: Arc<Topics>,
-    replies: Replies,
-    store: Store,
-    cloud: Cloud,
-    rules: Arc<Rules>,
+    ctx: Arc<Context>,
 }
 
 /// The ordered remainder of one message's handling.
 pub type Step = Pin<Box<dyn Future<Output = ()> + Send>>;
 
+/// The rest of an operation, after its write is queued: what it comes to.
+type Later = Pin<Box<dyn Future<Output = Outcome> + Send>>;
+
+/// An operation that ended before anything was queued.
+fn now(outcome: Outcome) -> Later {
+    Box::pin(std::future::ready(outcome))
+}
+
 impl Ops {
-    pub fn new(
-        topics: Arc<Topics>,
-        replies: Replies,
-        store: Store,
-        cloud: Cloud,
-        rules: Arc<Rules>,
-    ) -> Self {
-        Self {
-            topics,
-            replies,
-            store,
-            cloud,
-            rules,
-        }
+    pub fn new(topics: Arc<Topics>, ctx: Arc<Context>) -> Self {
+        Self { topics, ctx }
     }
 
     /// The first step of a run, before any message's: what the last run left to send edged
     /// (a replace's forwards the broker had not acknowledged).
     pub fn resend_forwards(&self) -> Step {
-        replace::resend_forwards(&self.replies, &self.store)
+        replace::resend_forwards(self.ctx.clone())
     }
 
-    /// Validates `publish`, queues its write if it has one, and returns the step that
-    /// finishes it.
+    /// Reads `publish`, starts its operation (which queues its write if it has one), and
+    /// returns the step that finishes it.
     pub async fn dispatch(&self, publish: Inbound) -> Step {
-        let Self {
-            topics,
-            replies,
-            store,
-            cloud,
-            rules,
-        } = self;
-        if topics.is_bridge_state(&publish.topic) {
-            return bridge_state::bridge_state(replies, cloud, publish);
-        }
-        let Some(sender) = topics.sender(&publish.topic) else {
-            tracing::warn!(topic = %publish.topic, "message on a topic MetaManager does not serve; ignored");
-            return finish(replies, publish);
+        let (from, read) = request::read(&publish, &self.topics, &self.ctx);
+        let later = match read {
+            Ok(request) => start(request, &self.ctx).await,
+            Err(refusal) => now(Outcome::Refused(refusal)),
         };
-        let msg = match Message::decode_bytes(&publish.payload, rules.max_payload) {
-            Ok(msg) => msg,
-            Err(e) => {
-                replies.metrics.received(sender.as_str(), "invalid");
-                replies.metrics.error(ErrorReason::Decode);
-                let parent = message::salvage_msg_id(&publish.payload);
-                let text = e.to_string();
-                return refuse(replies, sender, publish, parent, "", text);
-            }
-        };
-        replies
-            .metrics
-            .received(sender.as_str(), msg.operation.as_str());
-        tracing::debug!(
-            from = sender.as_str(),
-            operation = msg.operation.as_str(),
-            resource = %msg.resource,
-            msg_id = msg.msg_id(),
-            "message"
-        );
-        let kind = match msg.operation {
-            Operation::Insert => change::WriteKind::Put,
-            Operation::Update => change::WriteKind::PutIfChanged,
-            Operation::Delete => change::WriteKind::Delete,
-            Operation::Patch => {
-                let max_payload = rules.max_payload;
-                return patch::patch(replies, store, cloud, max_payload, sender, publish, msg)
-                    .await;
-            }
-            Operation::Query => {
-                return query::query(replies, store, cloud, rules, sender, publish, msg)
-            }
-            Operation::Response | Operation::Error => {
-                return match sender {
-                    Peer::Edged => {
-                        relay::relay_from_edged(replies, store, cloud, publish, msg).await
-                    }
-                    Peer::Edgehub => {
-                        answer::answer_from_cloud(replies, store, cloud, publish, msg).await
-                    }
-                }
-            }
-            Operation::Connect => return connect::connect(replies, cloud, sender, publish, msg),
-            Operation::MetaInternalSync => {
-                return sync::sync_now(replies, &cloud.metasync, sender, publish, msg)
-            }
-            Operation::Replace => {
-                return replace::replace(replies, store, &cloud.replaces, sender, publish, msg)
-                    .await
-            }
-            // Never parsed from a message (see `Operation::Digest`); refused all the same.
-            Operation::Digest => {
-                let text = "digest is sent by MetaManager, not accepted".to_owned();
-                return refuse_message(replies, sender, publish, &msg, text);
-            }
-        };
-        change::change(replies, store, cloud, sender, publish, msg, kind).await
+        let ctx = self.ctx.clone();
+        let envelope = Envelope { from, publish };
+        Box::pin(async move {
+            let outcome = later.await;
+            ctx.finish(envelope, outcome).await;
+        })
     }
 }
 
-/// Only the broker ack is left to do.
-pub(super) fn finish(replies: &Replies, publish: Inbound) -> Step {
-    let replies = replies.clone();
-    Box::pin(async move { replies.publisher.ack(&publish) })
-}
-
-/// An `error` reply to bad input, which leaves the store untouched.
-pub(super) fn refuse(
-    replies: &Replies,
-    sender: Peer,
-    publish: Inbound,
-    parent: Option<String>,
-    resource: &str,
-    text: String,
-) -> Step {
-    tracing::warn!(
-        from = sender.as_str(),
-        msg_id = parent.as_deref().unwrap_or("-"),
-        "rejected message: {text}"
-    );
-    let reply = message::error(parent.as_deref(), resource, &text);
-    let replies = replies.clone();
-    Box::pin(async move {
-        replies.send(sender, reply, Operation::Error).await;
-        replies.publisher.ack(&publish);
-    })
-}
-
-pub(super) fn refuse_message(
-    replies: &Replies,
-    sender: Peer,
-    publish: Inbound,
-    msg: &Message,
-    text: String,
-) -> Step {
-    replies.metrics.error(ErrorReason::Invalid);
-    let parent = Some(msg.msg_id().to_owned());
-    refuse(replies, sender, publish, parent, msg.resource.key(), text)
-}
-
-pub(super) fn store_failed(
-    replies: &Replies,
-    sender: Peer,
-    publish: Inbound,
-    msg: Message,
-    e: StoreError,
-) -> Step {
-    let replies = replies.clone();
-    Box::pin(async move {
-        report_store_error(&replies, sender, &msg, &e).await;
-        replies.publisher.ack(&publish);
-    })
-}
-
-/// The end of an operation answered from the store: a `response` with `content`, or an `error`
-/// reply for the store's failure; then the broker ack.
-pub(super) async fn respond(
-    replies: &Replies,
-    sender: Peer,
-    publish: &Inbound,
-    msg: &Message,
-    content: Result<Box<RawValue>, StoreError>,
-) {
-    match content {
-        Ok(content) => {
-            let reply = message::reply(msg, Operation::Response, &content);
-            replies.send(sender, reply, Operation::Response).await;
-        }
-        Err(e) => report_store_error(replies, sender, msg, &e).await,
+/// Starts `request`'s operation: its immediate part now, the rest returned.
+async fn start(request: Request, ctx: &Arc<Context>) -> Later {
+    match request {
+        Request::Change(r) => r.start(ctx).await,
+        Request::Patch(r) => r.start(ctx).await,
+        Request::Query(r) => r.start(ctx),
+        Request::Versions(r) => r.start(ctx),
+        Request::Relay(r) => r.start(ctx).await,
+        Request::Answer(r) => r.start(ctx).await,
+        Request::Connect(r) => now(r.apply(ctx)),
+        Request::Sync(r) => r.start(ctx),
+        Request::Replace(r) => r.start(ctx).await,
     }
-    replies.publisher.ack(publish);
-}
-
-/// The message for the cloud could not be queued (the cloud went away after the change was
-/// committed, and the outbox write failed). The sender's retry, with the same msg_id, passes it
-/// on: its id stays unsettled while its change is the stored state.
-pub(super) async fn report_not_queued(replies: &Replies, sender: Peer, msg: &Message) {
-    let key = msg.resource.key();
-    let text = format!(
-        "{} of {key} could not be queued for the cloud; send it again",
-        msg.operation.as_str()
-    );
-    let reply = message::error(Some(msg.msg_id()), key, &text);
-    replies.send(sender, reply, Operation::Error).await;
-}
-
-pub(super) async fn report_store_error(
-    replies: &Replies,
-    sender: Peer,
-    msg: &Message,
-    e: &StoreError,
-) {
-    let key = msg.resource.key();
-    let text = match e {
-        // The store logs the state, once; its text leads, as topics.md promises.
-        StoreError::StorageFull(full) => {
-            replies.metrics.error(ErrorReason::StorageFull);
-            format!("{full} ({} of {key} refused)", msg.operation.as_str())
-        }
-        e => {
-            replies.metrics.error(ErrorReason::Store);
-            tracing::error!(resource = %key, operation = msg.operation.as_str(), error = %e, "store failed");
-            format!("{} of {key} failed: {e}", msg.operation.as_str())
-        }
-    };
-    let reply = message::error(Some(msg.msg_id()), key, &text);
-    replies.send(sender, reply, Operation::Error).await;
 }
 
 /// What the operations' unit tests share: the parts of a node with a real store in a temporary directory and
@@ -310,7 +181,7 @@ pub(crate) mod testing {
 
     use serde_json::{json, Value};
 
-    use super::{Ops, Replies, Rules};
+    use super::{Context, Ops, Replies, Rules};
     use crate::cloud::Cloud;
     use crate::config::Settings;
     use crate::metrics::Metrics;
@@ -369,14 +240,9 @@ pub(crate) mod testing {
                 settings.cloud_link.bridge_words(),
             );
             let rules = Arc::new(Rules::from_settings(&settings));
+            let ctx = Context::new(replies.clone(), store.clone(), cloud.clone(), rules);
             Self {
-                ops: Ops::new(
-                    topics.clone(),
-                    replies.clone(),
-                    store.clone(),
-                    cloud.clone(),
-                    rules,
-                ),
+                ops: Ops::new(topics.clone(), Arc::new(ctx)),
                 topics,
                 store,
                 cloud,

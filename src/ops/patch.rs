@@ -14,172 +14,112 @@
 
 use std::sync::Arc;
 
-use crate::cloud::outbox::{self, Outbox};
 use crate::cloud::waiting::{Target, WaitingPatch};
-use crate::cloud::Cloud;
-use crate::message::{self, Message, Operation};
+use crate::message::Message;
 use crate::metrics::ErrorReason;
-use crate::mqtt::Inbound;
-use crate::patch::{self, Patch};
-use crate::resource::Resource;
-use crate::store::{Applied, Change, Committed, Outcome, Store, StoreError, Write};
+use crate::patch::Patch;
+use crate::store::{Applied, Change, Committed, Outcome as Stored, StoreError, Write};
 use crate::topics::Peer;
 
-use super::change::{forward, PassOn};
-use super::{
-    refuse, refuse_message, report_not_queued, report_store_error, rules, store_failed, Replies,
-    Step,
-};
+use super::forward::{forward, queue_for_cloud, PassOn};
+use super::outcome::{Outcome, Refusal};
+use super::request::PatchRequest;
+use super::{now, rules, Context, Later};
 
-/// patch, from either side: apply to the stored object, pass on, ack. The patched object is
-/// held to `max_payload`, as a message is.
-pub(super) async fn patch(
-    replies: &Replies,
-    store: &Store,
-    cloud: &Cloud,
-    max_payload: usize,
-    sender: Peer,
-    publish: Inbound,
-    msg: Message,
-) -> Step {
-    let Some(name) = msg.resource.name() else {
-        let text = format!(
-            "patch needs a single object (namespace/type/name), not the list {}",
-            msg.resource
-        );
-        return refuse_message(replies, sender, publish, &msg, text);
-    };
-    let rtype = patch::target_type(msg.resource.rtype()).to_owned();
-    if rules::lease_while_away(&cloud.state, sender, &rtype) {
-        replies.metrics.error(ErrorReason::LeaseWhileDisconnected);
-        let text = rules::lease_refusal("patch", msg.resource.key());
-        let parent = Some(msg.msg_id().to_owned());
-        return refuse(replies, sender, publish, parent, msg.resource.key(), text);
+impl PatchRequest {
+    /// Queues the patch (applied by the writer thread against the object as stored then), and
+    /// the message for the cloud when it must wait; the rest, once committed.
+    pub(super) async fn start(self, ctx: &Arc<Context>) -> Later {
+        let Self {
+            from,
+            msg,
+            payload,
+            target,
+            patch,
+        } = self;
+        if rules::lease_while_away(&ctx.cloud.state, from, &target.rtype) {
+            let text = rules::lease_refusal("patch", msg.resource.key());
+            let refusal = Refusal::of(&msg, ErrorReason::LeaseWhileDisconnected, text);
+            return now(Outcome::Refused(refusal));
+        }
+        let write = Write::Patch {
+            key: target.key.clone(),
+            rtype: target.rtype.clone(),
+            patch: patch.clone(),
+        };
+        // Never coalesced in the outbox: the cloud needs every patch, in order.
+        let to_cloud = queue_for_cloud(&ctx.cloud.outbox, from.other(), &msg, &payload, false);
+        let change = Change {
+            msg_id: Some(msg.msg_id().to_owned()),
+            write: (target.rtype != rules::EVENT).then_some(write),
+            to_cloud,
+            ..Change::default()
+        };
+        // Waited for from before it can reach the cloud (through the outbox it may leave before
+        // this step runs), so that the answer finds it. Not an event's: its answer would store
+        // the event.
+        let (change, waiting) = if from == Peer::Edged && target.rtype != rules::EVENT {
+            let (change, waiting) =
+                WaitingPatch::new(&ctx.cloud.patches, msg.msg_id(), target.clone(), change);
+            (change, Some(waiting))
+        } else {
+            (change, None)
+        };
+        let committed = match ctx.store.submit(change).await {
+            Ok(committed) => committed,
+            Err(e) => return now(Outcome::store_failed(&msg, &e)),
+        };
+        let patched = Patched {
+            from,
+            msg,
+            payload,
+            patch,
+            target,
+            waiting,
+        };
+        Box::pin(patched.after_commit(ctx.clone(), committed))
     }
-    let (target, parsed) = match read(&msg, name, rtype, max_payload) {
-        Ok(read) => read,
-        Err(text) => return refuse_message(replies, sender, publish, &msg, text),
-    };
-    let write = Write::Patch {
-        key: target.key.clone(),
-        rtype: target.rtype.clone(),
-        patch: parsed.clone(),
-    };
-    // Never coalesced in the outbox: the cloud needs every patch, in order.
-    let to_cloud = match sender {
-        Peer::Edged => cloud
-            .outbox
-            .hold(|| outbox::cloud_message(msg.resource.key(), publish.payload.clone(), false)),
-        Peer::Edgehub => None,
-    };
-    let change = Change {
-        msg_id: Some(msg.msg_id().to_owned()),
-        write: (target.rtype != rules::EVENT).then_some(write),
-        to_cloud,
-        ..Change::default()
-    };
-    // Waited for from before it can reach the cloud (through the outbox it may leave before
-    // this step runs), so that the answer finds it. Not an event's: its answer would store
-    // the event.
-    let (change, waiting) = if sender == Peer::Edged && target.rtype != rules::EVENT {
-        let (change, waiting) =
-            WaitingPatch::new(&cloud.patches, msg.msg_id(), target.clone(), change);
-        (change, Some(waiting))
-    } else {
-        (change, None)
-    };
-    let committed = match store.submit(change).await {
-        Ok(committed) => committed,
-        Err(e) => return store_failed(replies, sender, publish, msg, e),
-    };
-    let patched = Patched {
-        sender,
-        publish,
-        msg,
-        parsed,
-        target,
-        waiting,
-    };
-    let (replies, store, outbox) = (replies.clone(), store.clone(), cloud.outbox.clone());
-    Box::pin(after_commit(replies, store, outbox, patched, committed))
 }
 
-/// The object a patch changes, named `name` in the message's namespace, of type `rtype`
-/// (a `podpatch`'s pod), and the patch read from its content, or why it cannot be.
-fn read(
-    msg: &Message,
-    name: &str,
-    rtype: String,
-    max_payload: usize,
-) -> Result<(Target, Arc<Patch>), String> {
-    let target =
-        Resource::object(msg.resource.namespace(), &rtype, name).map_err(|e| e.to_string())?;
-    let Some(content) = msg.content.clone() else {
-        return Err("patch needs content".into());
-    };
-    let parsed = Patch::parse_shared(content, &rtype, max_payload).map_err(|e| e.to_string())?;
-    let target = Target {
-        key: target.key().to_owned(),
-        rtype,
-    };
-    Ok((target, Arc::new(parsed)))
-}
-
-/// A patch on its way to the store.
+/// A patch whose write is queued, with what its end needs.
 struct Patched {
-    sender: Peer,
-    publish: Inbound,
+    from: Peer,
     msg: Message,
-    parsed: Arc<Patch>,
+    payload: bytes::Bytes,
+    patch: Arc<Patch>,
     target: Target,
-    /// Edged's patch, waiting for the cloud's answer; forgotten when it is dropped before
-    /// its change committed.
     waiting: Option<WaitingPatch>,
 }
 
-/// The ordered step: once the patch is committed, the `error` when it could not be applied,
-/// else the forward and the ack; then the broker ack.
-async fn after_commit(
-    replies: Replies,
-    store: Store,
-    outbox: Outbox,
-    patched: Patched,
-    committed: Committed,
-) {
-    let result = committed.await.unwrap_or(Err(StoreError::Closed));
-    if let (Some(waiting), Ok(applied)) = (patched.waiting, &result) {
-        waiting.committed(applied);
-    }
-    let (sender, msg, publish) = (patched.sender, &patched.msg, &patched.publish);
-    match result {
-        Ok(Applied {
-            outcome: Outcome::Rejected(e),
-            ..
-        }) => {
-            replies.metrics.error(ErrorReason::Invalid);
-            let (key, parsed) = (&patched.target.key, &patched.parsed);
-            let text = format!("patch of {key} not applied: {}", parsed.explain(e));
-            tracing::warn!(
-                from = sender.as_str(),
-                msg_id = msg.msg_id(),
-                "rejected message: {text}"
-            );
-            let reply = message::error(Some(msg.msg_id()), msg.resource.key(), &text);
-            replies.send(sender, reply, Operation::Error).await;
+impl Patched {
+    /// Once committed: a patch that did not apply is refused; else it is passed on and
+    /// answered `OK`.
+    async fn after_commit(self, ctx: Arc<Context>, committed: Committed) -> Outcome {
+        let result = committed.await.unwrap_or(Err(StoreError::Closed));
+        if let (Some(waiting), Ok(applied)) = (self.waiting, &result) {
+            waiting.committed(applied);
         }
-        Ok(applied) => {
-            let to = PassOn::to(sender.other(), false);
-            if forward(&replies, &store, &outbox, to, msg, publish, applied).await {
-                replies
-                    .send(sender, message::ack(msg), Operation::Response)
-                    .await;
-            } else {
-                report_not_queued(&replies, sender, msg).await;
+        let msg = &self.msg;
+        match result {
+            Ok(Applied {
+                outcome: Stored::Rejected(e),
+                ..
+            }) => {
+                let key = &self.target.key;
+                let text = format!("patch of {key} not applied: {}", self.patch.explain(e));
+                Outcome::Refused(Refusal::invalid(msg, text))
             }
+            Ok(applied) => {
+                let to = PassOn::to(self.from.other(), false);
+                if forward(&ctx, to, msg, &self.payload, applied).await {
+                    Outcome::ack(msg)
+                } else {
+                    Outcome::not_queued(msg)
+                }
+            }
+            Err(e) => Outcome::store_failed(msg, &e),
         }
-        Err(e) => report_store_error(&replies, sender, msg, &e).await,
     }
-    replies.publisher.ack(publish);
 }
 
 #[cfg(test)]

@@ -2,42 +2,29 @@
 //! the cloud for what edged may fetch and the node does not hold, or holds a token of that is
 //! expiring.
 
-use crate::cloud::Cloud;
-use crate::message::{self, Message};
-use crate::mqtt::Inbound;
-use crate::store::Store;
+use std::sync::Arc;
+
+use crate::message;
 use crate::topics::Peer;
 
+use super::outcome::Outcome;
 use super::remote_query::remote_query;
+use super::request::QueryRequest;
 use super::rules::{self, TokenState};
-use super::versions;
-use super::{respond, Replies, Rules, Step};
+use super::{Context, Later};
 
-/// query: answer from the store; fetch from the cloud what edged may not have locally.
-pub(super) fn query(
-    replies: &Replies,
-    store: &Store,
-    cloud: &Cloud,
-    rules: &Rules,
-    sender: Peer,
-    publish: Inbound,
-    msg: Message,
-) -> Step {
-    if let Some(asked) = versions::asked(&msg) {
-        return versions::versions(
-            replies,
-            store,
-            rules.max_payload,
-            sender,
-            publish,
-            msg,
-            asked,
-        );
+impl QueryRequest {
+    /// Runs in its place in the pipeline, after every earlier write is committed, so that
+    /// edged reads its own writes.
+    pub(super) fn start(self, ctx: &Arc<Context>) -> Later {
+        let ctx = ctx.clone();
+        Box::pin(async move { self.answer(&ctx).await })
     }
-    let (replies, store, cloud) = (replies.clone(), store.clone(), cloud.clone());
-    let from_cloud = sender == Peer::Edged && rules.remote_types.contains(msg.resource.rtype());
-    let refresh_before = rules.token_refresh_before;
-    Box::pin(async move {
+
+    async fn answer(self, ctx: &Context) -> Outcome {
+        let Self { from, msg } = self;
+        let (store, rules) = (&ctx.store, &ctx.rules);
+        let from_cloud = from == Peer::Edged && rules.remote_types.contains(msg.resource.rtype());
         let r = &msg.resource;
         let found = match r.name() {
             Some(_) => store.get(r.key()).await.map(|v| v.into_iter().collect()),
@@ -47,39 +34,31 @@ pub(super) fn query(
                 .map(|rows| rows.into_iter().map(|(_, v)| v).collect::<Vec<_>>()),
         };
         match found {
-            Ok(objects) if objects.is_empty() && from_cloud => {
-                remote_query(&replies, &store, &cloud, msg, None).await;
-            }
+            Ok(objects) if objects.is_empty() && from_cloud => remote_query(ctx, msg, None).await,
             Ok(objects)
                 if from_cloud
                     && r.rtype() == rules::TOKEN
                     && r.name().is_some()
-                    && cloud.state.connected() =>
+                    && ctx.cloud.state.connected() =>
             {
-                // A token is fetched again before it expires; the stored one is served if the
-                // cloud cannot answer and it is still valid.
                 let stored = objects.into_iter().next().unwrap_or_default();
                 let now = std::time::SystemTime::now();
-                match rules::token_state(&stored, now, refresh_before) {
+                match rules::token_state(&stored, now, rules.token_refresh_before) {
                     TokenState::Fresh => {
                         let content = Ok(message::raw_array([stored.as_str()]));
-                        return respond(&replies, sender, &publish, &msg, content).await;
+                        Outcome::answer(&msg, content)
                     }
-                    TokenState::RefreshDue => {
-                        remote_query(&replies, &store, &cloud, msg, Some(stored)).await
-                    }
-                    TokenState::Expired => remote_query(&replies, &store, &cloud, msg, None).await,
+                    TokenState::RefreshDue => remote_query(ctx, msg, Some(stored)).await,
+                    TokenState::Expired => remote_query(ctx, msg, None).await,
                 }
             }
             found => {
                 let content =
                     found.map(|objects| message::raw_array(objects.iter().map(String::as_str)));
-                return respond(&replies, sender, &publish, &msg, content).await;
+                Outcome::answer(&msg, content)
             }
         }
-        // Asked of the cloud: its answer comes from the remote query.
-        replies.publisher.ack(&publish);
-    })
+    }
 }
 
 #[cfg(test)]

@@ -1,54 +1,51 @@
 //! edged's responses and errors: stored when they carry an object, passed on to the cloud.
 
-use crate::cloud::Cloud;
-use crate::message::{Message, Operation};
-use crate::mqtt::Inbound;
-use crate::store::{Change, Committed, Store, StoreError, Write};
+use std::sync::Arc;
+
+use crate::store::{Change, StoreError};
 use crate::topics::Peer;
 
-use super::change::{forward, queue_for_cloud, PassOn, WriteKind};
-use super::{report_not_queued, report_store_error, store_failed, Replies, Step};
+use super::forward::{coalesces, forward, queue_for_cloud, PassOn};
+use super::outcome::Outcome;
+use super::request::{RelayRequest, WriteKind};
+use super::{now, Context, Later};
 
-/// edged's response or error: stored when it carries an object, relayed to the cloud unchanged.
-pub(super) async fn relay_from_edged(
-    replies: &Replies,
-    store: &Store,
-    cloud: &Cloud,
-    publish: Inbound,
-    msg: Message,
-) -> Step {
-    let stores = msg.operation == Operation::Response
-        && msg.resource.name().is_some()
-        && msg.content_json().starts_with('{');
-    let write = stores.then(|| Write::Put {
-        key: msg.resource.key().to_owned(),
-        rtype: msg.resource.rtype().to_owned(),
-        value: msg.content.clone().unwrap_or_default(),
-    });
-    let to_cloud = queue_for_cloud(&cloud.outbox, Peer::Edgehub, &msg, &publish, WriteKind::Put);
-    let change = Change {
-        msg_id: Some(msg.msg_id().to_owned()),
-        write,
-        to_cloud,
-        ..Change::default()
-    };
-    let committed: Committed = match store.submit(change).await {
-        Ok(c) => c,
-        Err(e) => return store_failed(replies, Peer::Edged, publish, msg, e),
-    };
-    let (replies, store, outbox) = (replies.clone(), store.clone(), cloud.outbox.clone());
-    Box::pin(async move {
-        match committed.await.unwrap_or(Err(StoreError::Closed)) {
-            Ok(applied) => {
-                let to = PassOn::Cloud { coalesce: false };
-                if !forward(&replies, &store, &outbox, to, &msg, &publish, applied).await {
-                    report_not_queued(&replies, Peer::Edged, &msg).await;
+impl RelayRequest {
+    /// Queues the object a response carries, and the message for the cloud when it must
+    /// wait; the rest, once committed: pass it on to the cloud.
+    pub(super) async fn start(self, ctx: &Arc<Context>) -> Later {
+        let Self {
+            msg,
+            payload,
+            write,
+        } = self;
+        let coalesce = coalesces(WriteKind::Put, &msg);
+        let to_cloud = queue_for_cloud(&ctx.cloud.outbox, Peer::Edgehub, &msg, &payload, coalesce);
+        let change = Change {
+            msg_id: Some(msg.msg_id().to_owned()),
+            write,
+            to_cloud,
+            ..Change::default()
+        };
+        let committed = match ctx.store.submit(change).await {
+            Ok(c) => c,
+            Err(e) => return now(Outcome::store_failed(&msg, &e)),
+        };
+        let ctx = ctx.clone();
+        Box::pin(async move {
+            match committed.await.unwrap_or(Err(StoreError::Closed)) {
+                Ok(applied) => {
+                    let to = PassOn::Cloud { coalesce: false };
+                    if forward(&ctx, to, &msg, &payload, applied).await {
+                        Outcome::Quiet
+                    } else {
+                        Outcome::not_queued(&msg)
+                    }
                 }
+                Err(e) => Outcome::store_failed(&msg, &e),
             }
-            Err(e) => report_store_error(&replies, Peer::Edged, &msg, &e).await,
-        }
-        replies.publisher.ack(&publish);
-    })
+        })
+    }
 }
 
 #[cfg(test)]

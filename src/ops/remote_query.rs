@@ -8,27 +8,26 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::cloud::remote::{Answer, Askers, Joined};
-use crate::cloud::Cloud;
 use crate::message::{self, Message, Operation};
 use crate::metrics::RemoteOutcome;
 use crate::resource::Resource;
 use crate::store::{Store, StoreError, Write};
 use crate::topics::Peer;
 
-use super::Replies;
+use super::outcome::Outcome;
+use super::{Context, Replies};
 
 /// Asks the cloud for the resource of `query`, unless it is being asked already, and answers
 /// every asker when the cloud does, or when it does not in time. `fallback` is served instead
 /// of an error if the cloud cannot answer (a stored token that has not expired yet).
 pub(super) async fn remote_query(
-    replies: &Replies,
-    store: &Store,
-    cloud: &Cloud,
+    ctx: &Context,
     query: Message,
     fallback: Option<String>,
-) {
+) -> Outcome {
     let key = query.resource.key().to_owned();
     let asker = query.msg_id().to_owned();
+    let (replies, cloud) = (&ctx.replies, &ctx.cloud);
     if !cloud.state.connected() {
         let text = format!("{key} is not stored on this node and the cloud is not connected");
         tracing::info!(resource = %key, "remote query refused: cloud not connected");
@@ -36,50 +35,51 @@ pub(super) async fn remote_query(
             .metrics
             .remote_query(RemoteOutcome::Disconnected, None);
         let reply = message::error(Some(&asker), &key, &text);
-        replies.send(Peer::Edged, reply, Operation::Error).await;
-        return;
+        return Outcome::Failed {
+            reason: None,
+            reply,
+        };
     }
     let content = query.content_raw();
     let (id, mut answer) = match cloud.remote.join(&key, query, fallback) {
         Ok(Joined::First { id, answer }) => (id, answer),
         Ok(Joined::Waiting) => {
             tracing::debug!(resource = %key, msg_id = %asker, "remote query joins one in flight");
-            return;
+            return Outcome::Quiet;
         }
         Err(e) => {
             tracing::warn!(resource = %key, "{e}");
             replies.metrics.remote_query(RemoteOutcome::Refused, None);
             let reply = message::error(Some(&asker), &key, &e.to_string());
-            replies.send(Peer::Edged, reply, Operation::Error).await;
-            return;
+            return Outcome::Failed {
+                reason: None,
+                reply,
+            };
         }
     };
     let ask = message::build_with_id(id, None, Operation::Query, &key, &content);
     replies.publisher.send(Peer::Edgehub, ask).await;
     let timeout = cloud.remote.timeout();
     let sent = Instant::now();
-    let (replies, store, remote) = (replies.clone(), store.clone(), cloud.remote.clone());
+    let (replies, store, remote) = (replies.clone(), ctx.store.clone(), cloud.remote.clone());
     tokio::spawn(async move {
         let waited = tokio::time::timeout(timeout, &mut answer).await;
         let askers = remote.finish(&key);
         let answered = match waited {
             Ok(answered) => answered.ok(),
-            // An answer handed over just as the wait ended is still taken, not dropped
-            // unacknowledged.
             Err(_) => answer.try_recv().ok(),
         };
         match answered {
-            Some(Answer { message, publish }) => {
+            // `taken` is dropped once the answer is stored and every asker answered: the
+            // answer's own step then settles and acknowledges it.
+            Some(Answer { message, taken }) => {
                 let outcome = match message.operation {
                     Operation::Error => RemoteOutcome::Error,
                     _ => RemoteOutcome::Answered,
                 };
                 replies.metrics.remote_query(outcome, Some(sent.elapsed()));
-                let answer_id = message.msg_id().to_owned();
                 fill_from_cloud(&replies, &store, &key, &askers, message).await;
-                // Settled once the replies to edged, queued just now, are acknowledged.
-                replies.settle(&store, &answer_id);
-                replies.publisher.ack(&publish);
+                drop(taken);
             }
             None => {
                 replies
@@ -89,10 +89,9 @@ pub(super) async fn remote_query(
             }
         }
     });
+    Outcome::Quiet
 }
 
-/// The cloud did not answer within `timeout`: every asker gets the stored copy to fall back
-/// on, or an error.
 async fn timed_out(replies: &Replies, key: &str, askers: &Askers, timeout: Duration) {
     tracing::warn!(resource = %key, ?timeout, "remote query timed out");
     let text = format!(

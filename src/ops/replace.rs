@@ -2,97 +2,57 @@
 //! in one transaction, each resulting change passed to edged in key order (topics.md,
 //! "Reconciliation").
 
+use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
-use serde::Deserialize;
-use serde_json::value::RawValue;
-
-use crate::cloud::replaces::{Page, Replaces, Taken};
-use crate::message::{self, Message, Operation};
-use crate::mqtt::Inbound;
-use crate::resource::Resource;
+use crate::cloud::replaces::Taken;
+use crate::message::{self, Operation};
 use crate::store::{Change, ChangeKind, Replaced, ReplacedChange, Store, StoreError};
 use crate::topics::Peer;
 
-use super::{refuse_message, respond, rules, store_failed, Replies, Step};
+use super::outcome::{Outcome, Refusal};
+use super::request::ReplaceRequest;
+use super::{now, Context, Later, Replies, Step};
 
-/// Types the edge owns: their state comes from edged, and the cloud has no set to replace
-/// them with.
-const EDGE_OWNED: [&str; 2] = [crate::resource::rtype::PODSTATUS, rules::EVENT];
-
-/// replace: hold a page, or apply the whole set on the last one.
-pub(super) async fn replace(
-    replies: &Replies,
-    store: &Store,
-    replaces: &Replaces,
-    sender: Peer,
-    publish: Inbound,
-    msg: Message,
-) -> Step {
-    if sender != Peer::Edgehub {
-        let text = "replace is accepted only from edgehub".to_owned();
-        return refuse_message(replies, sender, publish, &msg, text);
-    }
-    let r = &msg.resource;
-    if r.name().is_some() {
-        let text = format!(
-            "replace needs a scope (namespace/type), not the single object {}",
-            r.key()
-        );
-        return refuse_message(replies, sender, publish, &msg, text);
-    }
-    if EDGE_OWNED.contains(&r.rtype()) {
-        let text = format!(
-            "replace of {} refused: the edge owns {}, the cloud has no set to replace it with",
-            r.key(),
-            r.rtype()
-        );
-        return refuse_message(replies, sender, publish, &msg, text);
-    }
-    let page = match parse_page(&msg) {
-        Ok(page) => page,
-        Err((replace_id, text)) => {
-            // A page that cannot be read ends its replace as surely as one out of sequence.
-            if let Some(id) = replace_id {
-                replaces.discard(&id);
+impl ReplaceRequest {
+    /// Holds the page, or, on the last, queues the whole set; the rest, once committed: pass
+    /// each change on to edged, then answer the counts.
+    pub(super) async fn start(self, ctx: &Arc<Context>) -> Later {
+        let Self { msg, page } = self;
+        let r = &msg.resource;
+        let replaces = &ctx.cloud.replaces;
+        let taken = replaces.take(r.namespace(), r.rtype(), msg.msg_id(), page, Instant::now());
+        let set = match taken {
+            Ok(Taken::Held | Taken::Repeat) => return now(Outcome::ack(&msg)),
+            Ok(Taken::Complete(set)) => set,
+            Err(e) => return now(Outcome::Refused(Refusal::invalid(&msg, e.to_string()))),
+        };
+        let objects = set.len();
+        let committed = match ctx.store.submit_replace(set).await {
+            Ok(c) => c,
+            Err(e) => return now(Outcome::store_failed(&msg, &e)),
+        };
+        let ctx = ctx.clone();
+        Box::pin(async move {
+            let done = committed.await.unwrap_or(Err(StoreError::Closed));
+            if let Ok(done) = &done {
+                tracing::info!(
+                    scope = %msg.resource,
+                    objects,
+                    inserted = done.inserted,
+                    updated = done.updated,
+                    deleted = done.deleted,
+                    unchanged = done.unchanged,
+                    kept_newer = done.kept_newer,
+                    "replace applied"
+                );
+                pass_on(&ctx.replies, &done.changes).await;
+                forget_once_acknowledged(&ctx.replies, &ctx.store, done.forwards);
             }
-            return refuse_message(replies, sender, publish, &msg, text);
-        }
-    };
-    let (namespace, rtype) = (r.namespace().to_owned(), r.rtype().to_owned());
-    let taken = replaces.take(&namespace, &rtype, msg.msg_id(), page, Instant::now());
-    let set = match taken {
-        Ok(Taken::Held | Taken::Repeat) => return acked(replies, sender, publish, msg),
-        Ok(Taken::Complete(set)) => set,
-        Err(e) => return refuse_message(replies, sender, publish, &msg, e.to_string()),
-    };
-    let objects = set.len();
-    let committed = match store.submit_replace(set).await {
-        Ok(c) => c,
-        Err(e) => return store_failed(replies, sender, publish, msg, e),
-    };
-    let replies = replies.clone();
-    let store = store.clone();
-    Box::pin(async move {
-        let done = committed.await.unwrap_or(Err(StoreError::Closed));
-        if let Ok(done) = &done {
-            tracing::info!(
-                scope = %msg.resource,
-                objects,
-                inserted = done.inserted,
-                updated = done.updated,
-                deleted = done.deleted,
-                unchanged = done.unchanged,
-                kept_newer = done.kept_newer,
-                "replace applied"
-            );
-            pass_on(&replies, &done.changes).await;
-            forget_once_acknowledged(&replies, &store, done.forwards);
-        }
-        let counts = done.map(|done| message::raw(counts(&done)));
-        respond(&replies, sender, &publish, &msg, counts).await;
-    })
+            let counts = done.map(|done| message::raw(counts(&done)));
+            Outcome::answer(&msg, counts)
+        })
+    }
 }
 
 /// Passes each change a replace made to edged, as an insert, update or delete of its own, in
@@ -140,10 +100,9 @@ fn forget_once_acknowledged(replies: &Replies, store: &Store, rows: Option<(i64,
 /// The step that sends edged, before anything else at start-up, the forwards of a replace
 /// that the broker had not acknowledged when the last run ended (see
 /// [`Store::pending_forwards`]).
-pub(super) fn resend_forwards(replies: &Replies, store: &Store) -> Step {
-    let replies = replies.clone();
-    let store = store.clone();
+pub(super) fn resend_forwards(ctx: Arc<Context>) -> Step {
     Box::pin(async move {
+        let (replies, store) = (&ctx.replies, &ctx.store);
         let pending = match store.pending_forwards().await {
             Ok(pending) => pending,
             Err(e) => {
@@ -160,8 +119,8 @@ pub(super) fn resend_forwards(replies: &Replies, store: &Store) -> Step {
             "sending edged a replace's forwards the broker had not acknowledged before the restart"
         );
         let changes: Vec<ReplacedChange> = pending.into_iter().map(|p| p.change).collect();
-        pass_on(&replies, &changes).await;
-        forget_once_acknowledged(&replies, &store, Some(rows));
+        pass_on(replies, &changes).await;
+        forget_once_acknowledged(replies, store, Some(rows));
     })
 }
 
@@ -171,105 +130,6 @@ fn counts(done: &Replaced) -> String {
         r#"{{"inserted":{},"updated":{},"deleted":{},"unchanged":{}}}"#,
         done.inserted, done.updated, done.deleted, done.unchanged
     )
-}
-
-/// A page held (or sent again): acked `"OK"`.
-fn acked(replies: &Replies, sender: Peer, publish: Inbound, msg: Message) -> Step {
-    let replies = replies.clone();
-    Box::pin(async move {
-        replies
-            .send(sender, message::ack(&msg), Operation::Response)
-            .await;
-        replies.publisher.ack(&publish);
-    })
-}
-
-/// The page a replace message carries, each object checked to belong to the scope. On an
-/// error, the replace_id when it could be read, and the text.
-fn parse_page(msg: &Message) -> Result<Page, (Option<String>, String)> {
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct Wire<'a> {
-        replace_id: String,
-        page: u64,
-        #[serde(borrow)]
-        items: Vec<&'a RawValue>,
-        last: bool,
-    }
-    #[derive(Deserialize)]
-    struct Id {
-        replace_id: Option<String>,
-    }
-    let content = msg.content_json();
-    let wire: Wire = serde_json::from_str(content).map_err(|e| {
-        let id = serde_json::from_str::<Id>(content)
-            .ok()
-            .and_then(|i| i.replace_id);
-        let text = format!(
-            "replace content must be {{\"replace_id\": string, \"page\": number, \"items\": [object, …], \"last\": bool}}: {e}"
-        );
-        (id, text)
-    })?;
-    let id = wire.replace_id;
-    if id.is_empty() || id.len() > message::MAX_ID_BYTES {
-        let text = format!(
-            "replace_id must be 1 to {} bytes, not {}",
-            message::MAX_ID_BYTES,
-            id.len()
-        );
-        return Err((None, text));
-    }
-    let mut items = Vec::with_capacity(wire.items.len());
-    for (i, raw) in wire.items.into_iter().enumerate() {
-        match object_name(raw.get(), &msg.resource) {
-            Ok(name) => items.push((name, Bytes::copy_from_slice(raw.get().as_bytes()))),
-            Err(why) => {
-                let text = format!(
-                    "replace {id}: item {i} of page {}: {why}; the replace changes nothing",
-                    wire.page
-                );
-                return Err((Some(id), text));
-            }
-        }
-    }
-    Ok(Page {
-        replace_id: id,
-        page: wire.page,
-        last: wire.last,
-        items,
-    })
-}
-
-/// `metadata.name` of one object of a replace of `scope`: a name that makes a valid key of the
-/// scope, and a `metadata.namespace`, if given, of the scope's namespace.
-fn object_name(json: &str, scope: &Resource) -> Result<String, String> {
-    #[derive(Deserialize)]
-    struct Meta {
-        name: Option<String>,
-        namespace: Option<String>,
-    }
-    #[derive(Deserialize)]
-    struct Object {
-        metadata: Option<Meta>,
-    }
-    if !json.starts_with('{') {
-        return Err("an object is needed".into());
-    }
-    let object: Object = serde_json::from_str(json).map_err(|e| format!("metadata: {e}"))?;
-    let meta = object.metadata.ok_or("metadata.name is missing")?;
-    let name = meta.name.ok_or("metadata.name is missing")?;
-    if name.is_empty() || name.contains('/') {
-        return Err(format!("metadata.name {name:?} is not a name"));
-    }
-    // The key must be one a single message could name.
-    Resource::parse(&format!("{}/{name}", scope.key())).map_err(|e| e.to_string())?;
-    let namespace = scope.namespace();
-    match meta.namespace.as_deref() {
-        Some(ns) if !ns.is_empty() && ns != namespace => {
-            Err(format!("{name} is of namespace {ns}, not {namespace}"))
-        }
-        _ => Ok(name),
-    }
 }
 
 #[cfg(test)]

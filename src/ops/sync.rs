@@ -1,32 +1,26 @@
 //! meta-internal-sync: run a full MetaSync now, then ack.
 
-use crate::cloud::metasync::{MetaSync, RunKind};
-use crate::message::{self, Message, Operation};
-use crate::mqtt::Inbound;
-use crate::topics::Peer;
+use std::sync::Arc;
 
-use super::{report_store_error, Replies, Step};
+use crate::cloud::metasync::RunKind;
 
-/// meta-internal-sync: run a full MetaSync now, then ack.
-pub(super) fn sync_now(
-    replies: &Replies,
-    metasync: &MetaSync,
-    sender: Peer,
-    publish: Inbound,
-    msg: Message,
-) -> Step {
-    let (replies, metasync) = (replies.clone(), metasync.clone());
-    Box::pin(async move {
-        match metasync.run(RunKind::Full).await {
-            Ok(report) => {
-                tracing::info!(?report, "metasync on request");
-                let ack = message::ack(&msg);
-                replies.send(sender, ack, Operation::Response).await;
+use super::outcome::Outcome;
+use super::request::SyncRequest;
+use super::{Context, Later};
+
+impl SyncRequest {
+    pub(super) fn start(self, ctx: &Arc<Context>) -> Later {
+        let metasync = ctx.cloud.metasync.clone();
+        Box::pin(async move {
+            match metasync.run(RunKind::Full).await {
+                Ok(report) => {
+                    tracing::info!(?report, "metasync on request");
+                    Outcome::ack(&self.msg)
+                }
+                Err(e) => Outcome::store_failed(&self.msg, &e),
             }
-            Err(e) => report_store_error(&replies, sender, &msg, &e).await,
-        }
-        replies.publisher.ack(&publish);
-    })
+        })
+    }
 }
 
 #[cfg(test)]

@@ -4,75 +4,30 @@
 //! "Reconciliation"). With the digest, it is how a cloud finds what differs without resending
 //! anything.
 
-use serde::Deserialize;
+use std::sync::Arc;
 
-use crate::message::{self, Message, Operation};
-use crate::mqtt::Inbound;
-use crate::store::Store;
-use crate::topics::Peer;
+use crate::message::{self, Operation};
 
-use super::{refuse_message, respond, Replies, Step};
+use super::outcome::Outcome;
+use super::request::VersionsRequest;
+use super::{Context, Later};
 
-/// What a versions query asks: the page after this key (`None`: the first).
-pub(super) struct Asked {
-    after: Result<Option<String>, String>,
-}
-
-/// `Some` when `msg` is a versions query: a query of a scope whose content has
-/// `"versions": true`.
-pub(super) fn asked(msg: &Message) -> Option<Asked> {
-    #[derive(Deserialize)]
-    struct Content {
-        versions: Option<bool>,
-        #[serde(rename = "continue")]
-        token: Option<serde_json::Value>,
+impl VersionsRequest {
+    /// Runs in its place in the pipeline, after every earlier write is committed.
+    pub(super) fn start(self, ctx: &Arc<Context>) -> Later {
+        let ctx = ctx.clone();
+        Box::pin(async move { self.answer(&ctx).await })
     }
-    if msg.resource.name().is_some() || !msg.content_json().starts_with('{') {
-        return None;
-    }
-    let content: Content = serde_json::from_str(msg.content_json()).ok()?;
-    if content.versions != Some(true) {
-        return None;
-    }
-    let after = match content.token {
-        None | Some(serde_json::Value::Null) => Ok(None),
-        Some(serde_json::Value::String(key)) => Ok(Some(key)),
-        Some(other) => Err(format!(
-            "continue must be the string a page of versions gave, or null, not {other}"
-        )),
-    };
-    Some(Asked { after })
-}
 
-/// Answers one page of the scope's versions, the whole answer within `max_payload` bytes.
-pub(super) fn versions(
-    replies: &Replies,
-    store: &Store,
-    max_payload: usize,
-    sender: Peer,
-    publish: Inbound,
-    msg: Message,
-    asked: Asked,
-) -> Step {
-    let scope = msg.resource.key().to_owned();
-    let after = match asked.after {
-        Ok(None) => String::new(),
-        // A token is a key of the scope; one of another scope was not given out for this one.
-        Ok(Some(key)) if key.starts_with(&format!("{scope}/")) => key,
-        Ok(Some(key)) => {
-            let text = format!("continue {key:?} was not given out for the versions of {scope}");
-            return refuse_message(replies, sender, publish, &msg, text);
-        }
-        Err(text) => return refuse_message(replies, sender, publish, &msg, text),
-    };
-    let (replies, store) = (replies.clone(), store.clone());
-    Box::pin(async move {
+    async fn answer(self, ctx: &Context) -> Outcome {
+        let Self { msg, after } = self;
         // What the answer weighs without entries; the entries and the token get the rest.
         let bare = message::raw(r#"{"versions":{},"continue":null}"#.to_owned());
         let envelope = message::reply(&msg, Operation::Response, &bare).len();
-        let room = max_payload.saturating_sub(envelope);
+        let room = ctx.rules.max_payload.saturating_sub(envelope);
         let r = &msg.resource;
-        let content = store
+        let content = ctx
+            .store
             .versions(r.namespace(), r.rtype(), after, room)
             .await
             .map(|page| {
@@ -92,8 +47,8 @@ pub(super) fn versions(
                     serde_json::json!(token.flatten())
                 ))
             });
-        respond(&replies, sender, &publish, &msg, content).await;
-    })
+        Outcome::answer(&msg, content)
+    }
 }
 
 #[cfg(test)]
