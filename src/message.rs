@@ -471,26 +471,41 @@ pub fn build_with_id(
     resource: &str,
     content: &RawValue,
 ) -> Vec<u8> {
-    build_from(SOURCE, msg_id, parent_msg_id, operation, resource, content)
+    let header = header(msg_id, parent_msg_id);
+    assemble(header, SOURCE, operation, resource, content)
 }
 
-/// Builds a message with a chosen id and `route.source`.
+/// Builds a message with a chosen id and `route.source`, answering none.
 pub fn build_from(
     source: &str,
     msg_id: String,
-    parent_msg_id: Option<&str>,
+    operation: Operation,
+    resource: &str,
+    content: &RawValue,
+) -> Vec<u8> {
+    assemble(header(msg_id, None), source, operation, resource, content)
+}
+
+/// The header of a message MetaManager builds now.
+fn header(msg_id: String, parent_msg_id: Option<&str>) -> Header {
+    Header {
+        msg_id,
+        parent_msg_id: parent_msg_id.map(str::to_owned),
+        timestamp: now_millis(),
+        resourceversion: None,
+        sync: false,
+    }
+}
+
+fn assemble(
+    header: Header,
+    source: &str,
     operation: Operation,
     resource: &str,
     content: &RawValue,
 ) -> Vec<u8> {
     let msg = OutMessage {
-        header: Header {
-            msg_id,
-            parent_msg_id: parent_msg_id.map(str::to_owned),
-            timestamp: now_millis(),
-            resourceversion: None,
-            sync: false,
-        },
+        header,
         route: OutRoute {
             source,
             group: GROUP,

@@ -124,9 +124,12 @@ async fn list(
     // The first page is read before the answer starts, so a store that cannot be read is
     // an error status, not a cut-off body.
     let first = pager.next().await?;
-    Ok(list_page::stream(
-        scope, pager, first, version, limit, as_table,
-    ))
+    let answer = list_page::Answer {
+        version,
+        limit,
+        table: as_table,
+    };
+    Ok(list_page::stream(scope, pager, first, answer))
 }
 
 /// Where a watch starts, from `resourceVersion`, `sendInitialEvents` and

@@ -19,17 +19,23 @@ use crate::store::read::Row;
 /// one page of stored rows and one chunk, whatever the objects' sizes.
 const CHUNK_BYTES: usize = 64 * 1024;
 
+/// How a list is answered: as of the node's `version`, at most `limit` objects (the rest
+/// behind a `continue` token), as a Table when `table`.
+pub struct Answer {
+    pub version: u64,
+    pub limit: Option<usize>,
+    pub table: bool,
+}
+
 /// The answer to a list: `{"kind", "apiVersion", "items": [...], "metadata"}`, or with
 /// `table` a Table whose `rows` are the objects ([`super::table`]). The metadata comes last,
 /// since the `continue` token is known only at the end; JSON readers do not mind.
-pub fn stream(
-    scope: Scope,
-    pager: Pager,
-    first: Option<Page>,
-    version: u64,
-    limit: Option<usize>,
-    table: bool,
-) -> Response {
+pub fn stream(scope: Scope, pager: Pager, first: Option<Page>, answer: Answer) -> Response {
+    let Answer {
+        version,
+        limit,
+        table,
+    } = answer;
     let head = if table {
         format!(
             r#"{{"kind":"Table","apiVersion":"meta.k8s.io/v1","columnDefinitions":{},"rows":["#,

@@ -107,16 +107,8 @@ pub async fn create(
         Some(name) => name,
         None => generate_name(&mut object)?,
     };
-    write_object(
-        &state,
-        &kind,
-        &namespace,
-        &name,
-        object,
-        Verb::Create,
-        false,
-    )
-    .await
+    let how = Writing::of(kind, Verb::Create, false);
+    write_object(&state, &how, &namespace, &name, object).await
 }
 
 /// `PUT` of an object, or with `status` of its status.
@@ -159,16 +151,8 @@ async fn replace(
             metadata(&mut object)?.insert("name".into(), json!(name));
         }
     }
-    write_object(
-        &state,
-        &kind,
-        &namespace,
-        &name,
-        object,
-        Verb::Update,
-        status,
-    )
-    .await
+    let how = Writing::of(kind, Verb::Update, status);
+    write_object(&state, &how, &namespace, &name, object).await
 }
 
 /// The object a create or update sends, of the URL's kind and namespace, and that namespace.
@@ -183,19 +167,30 @@ fn object_for(
     Ok((object, namespace))
 }
 
+/// What a write does, and to which kind: `status`, only to the status of its object.
+struct Writing {
+    kind: Arc<Kind>,
+    verb: Verb,
+    status: bool,
+}
+
+impl Writing {
+    fn of(kind: Arc<Kind>, verb: Verb, status: bool) -> Self {
+        Self { kind, verb, status }
+    }
+}
+
 /// Writes `object` as `name` in `namespace`.
 async fn write_object(
     state: &HttpState,
-    kind: &Arc<Kind>,
+    how: &Writing,
     namespace: &str,
     name: &str,
     object: Map<String, Value>,
-    verb: Verb,
-    status: bool,
 ) -> Result<Response, ApiError> {
-    let resource = resource(state, kind, namespace, name).await?;
+    let resource = resource(state, &how.kind, namespace, name).await?;
     let content = Value::Object(object).to_string();
-    run(state, kind, verb, resource, content, status).await
+    run(state, how, resource, content).await
 }
 
 /// `PATCH` of an object, or with `status` of its status.
@@ -206,7 +201,13 @@ pub async fn patch(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    patch_object(state, path, query, headers, body, false).await
+    let request = PatchRequest {
+        path,
+        query,
+        headers,
+        body,
+    };
+    patch_object(state, request, false).await
 }
 
 pub async fn patch_status(
@@ -216,7 +217,21 @@ pub async fn patch_status(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    patch_object(state, path, query, headers, body, true).await
+    let request = PatchRequest {
+        path,
+        query,
+        headers,
+        body,
+    };
+    patch_object(state, request, true).await
+}
+
+/// A `PATCH` request, as received.
+struct PatchRequest {
+    path: HashMap<String, String>,
+    query: HashMap<String, String>,
+    headers: HeaderMap,
+    body: Bytes,
 }
 
 /// The patch types kube-apiserver takes, as the patch contents the cloud is sent: a merge
@@ -224,12 +239,15 @@ pub async fn patch_status(
 /// read as a merge patch, when that means the same (see [`not_a_merge_patch`]).
 async fn patch_object(
     state: HttpState,
-    path: HashMap<String, String>,
-    query: HashMap<String, String>,
-    headers: HeaderMap,
-    body: Bytes,
+    request: PatchRequest,
     status: bool,
 ) -> Result<Response, ApiError> {
+    let PatchRequest {
+        path,
+        query,
+        headers,
+        body,
+    } = request;
     let (target, kind) = begin(&state, path, &query, &body).await?;
     let content_type = headers
         .get(header::CONTENT_TYPE)
@@ -276,15 +294,8 @@ async fn patch_object(
     let namespace = target.namespace_of(&kind);
     let name = target.name.as_deref().unwrap_or_default();
     let resource = resource(&state, &kind, &namespace, name).await?;
-    run(
-        &state,
-        &kind,
-        Verb::Patch,
-        resource,
-        value.to_string(),
-        status,
-    )
-    .await
+    let how = Writing::of(kind, Verb::Patch, status);
+    run(&state, &how, resource, value.to_string()).await
 }
 
 /// `DELETE` of an object; the `DeleteOptions` body's `preconditions.uid`, if any, goes with it.
@@ -327,7 +338,8 @@ pub async fn delete(
         Some(uid) => json!({"metadata": {"uid": uid}}).to_string(),
         None => "null".to_owned(),
     };
-    run(&state, &kind, Verb::Delete, resource, content, false).await
+    let how = Writing::of(kind, Verb::Delete, false);
+    run(&state, &how, resource, content).await
 }
 
 /// Carries out the write and answers as kube-apiserver: 201 with the object for a create, 200
@@ -335,12 +347,12 @@ pub async fn delete(
 /// is the node's, checked and translated for the cloud ([`versions`]).
 async fn run(
     state: &HttpState,
-    kind: &Arc<Kind>,
-    verb: Verb,
+    how: &Writing,
     resource: Resource,
     content: String,
-    status: bool,
 ) -> Result<Response, ApiError> {
+    let Writing { kind, verb, status } = how;
+    let (verb, status) = (*verb, *status);
     let name = resource.name().unwrap_or_default().to_owned();
     let key = resource.key().to_owned();
     let content = if content.contains("resourceVersion") {

@@ -58,15 +58,17 @@ pub(super) fn start(links: OwnLinks, topics: Topics, inflight: budget::Limits) -
 
     let tasks = Tasks {
         receive: None,
-        send: tokio::spawn(subscribe_then_acknowledge(
-            receive_tx,
-            send_rx,
-            topics.clone(),
-            acks_rx,
-            delivery.clone(),
-            unacked.clone(),
-            state,
-        )),
+        send: tokio::spawn(
+            Acknowledger {
+                receive_tx,
+                publish_acks: send_rx,
+                acks: acks_rx,
+                delivery: delivery.clone(),
+                unacked: unacked.clone(),
+                state,
+            }
+            .subscribe_then_run(topics.clone()),
+        ),
         helpers: Vec::new(),
     };
     let link = Link {
@@ -85,100 +87,110 @@ pub(super) fn start(links: OwnLinks, topics: Topics, inflight: budget::Limits) -
     (link, Incoming(Source::InProcess(receiving)))
 }
 
-/// Subscribes the receiving link to the inbound topics and reports both sides up, then runs
-/// [`acknowledge`].
-async fn subscribe_then_acknowledge(
-    mut receive_tx: LinkTx,
+/// The task that acknowledges, in both directions: what it owns.
+struct Acknowledger {
+    /// The receiving link's way to the router: the subscription, then inbound acks.
+    receive_tx: LinkTx,
+    /// The sending link's notifications: the router's acks of MetaManager's publishes.
     publish_acks: LinkRx,
-    topics: Arc<Topics>,
+    /// Inbound acks asked for, each to be given once what was published before it is acked.
     acks: mpsc::UnboundedReceiver<PendingAck>,
     delivery: Arc<Delivery>,
     unacked: Arc<Unacked>,
     state: Arc<Connected>,
-) {
-    let filters = topics
-        .subscriptions()
-        .into_iter()
-        .map(|t| Filter {
-            path: t.to_owned(),
-            qos: QoS::AtLeastOnce,
-            nolocal: false,
-            preserve_retain: false,
-            // What an MQTT 3.1.1 subscription gets.
-            retain_forward_rule: RetainForwardRule::OnEverySubscribe,
-        })
-        .collect();
-    let subscribe = Subscribe { pkid: 1, filters };
-    if let Err(e) = receive_tx.send(Packet::Subscribe(subscribe, None)).await {
-        tracing::error!(error = %e, "cannot subscribe to the inbound topics on the embedded broker");
-        return;
-    }
-    tracing::info!("linked to the embedded broker in-process");
-    state.set(&state.receiving, true);
-    state.set(&state.sending, true);
-    acknowledge(publish_acks, receive_tx, acks, delivery, unacked, state).await;
 }
 
-/// Both directions of acknowledgement in one task: it reads the router's acks of the sending
-/// link's publishes, and gives the router the acks of inbound messages as soon as everything
-/// published before each was acknowledged, in the order they were asked for.
-///
-/// The client backend needs three tasks for this, because handing an ack to rumqttc may wait on
-/// its receive loop, which may wait on the budget these acks give back. Handing an ack to the
-/// router waits on nothing but the router, so here an ack is released the moment it is
-/// confirmed, without a hand-over between tasks.
-async fn acknowledge(
-    mut publish_acks: LinkRx,
-    mut receive_tx: LinkTx,
-    mut acks: mpsc::UnboundedReceiver<PendingAck>,
-    delivery: Arc<Delivery>,
-    unacked: Arc<Unacked>,
-    state: Arc<Connected>,
-) {
-    let mut pending: VecDeque<PendingAck> = VecDeque::new();
-    let mut asking = true;
-    loop {
-        tokio::select! {
-            notification = publish_acks.next() => match notification {
-                Ok(Some(Notification::Unschedule)) => {
-                    if publish_acks.wake().await.is_err() {
+impl Acknowledger {
+    /// Subscribes the receiving link to the inbound topics and reports both sides up, then runs
+    /// [`Self::run`].
+    async fn subscribe_then_run(mut self, topics: Arc<Topics>) {
+        let state = self.state.clone();
+        let receive_tx = &mut self.receive_tx;
+        let filters = topics
+            .subscriptions()
+            .into_iter()
+            .map(|t| Filter {
+                path: t.to_owned(),
+                qos: QoS::AtLeastOnce,
+                nolocal: false,
+                preserve_retain: false,
+                // What an MQTT 3.1.1 subscription gets.
+                retain_forward_rule: RetainForwardRule::OnEverySubscribe,
+            })
+            .collect();
+        let subscribe = Subscribe { pkid: 1, filters };
+        if let Err(e) = receive_tx.send(Packet::Subscribe(subscribe, None)).await {
+            tracing::error!(error = %e, "cannot subscribe to the inbound topics on the embedded broker");
+            return;
+        }
+        tracing::info!("linked to the embedded broker in-process");
+        state.set(&state.receiving, true);
+        state.set(&state.sending, true);
+        self.run().await;
+    }
+
+    /// Both directions of acknowledgement in one task: it reads the router's acks of the sending
+    /// link's publishes, and gives the router the acks of inbound messages as soon as everything
+    /// published before each was acknowledged, in the order they were asked for.
+    ///
+    /// The client backend needs three tasks for this, because handing an ack to rumqttc may wait on
+    /// its receive loop, which may wait on the budget these acks give back. Handing an ack to the
+    /// router waits on nothing but the router, so here an ack is released the moment it is
+    /// confirmed, without a hand-over between tasks.
+    async fn run(self) {
+        let Self {
+            mut receive_tx,
+            mut publish_acks,
+            mut acks,
+            delivery,
+            unacked,
+            state,
+        } = self;
+        let mut pending: VecDeque<PendingAck> = VecDeque::new();
+        let mut asking = true;
+        loop {
+            tokio::select! {
+                notification = publish_acks.next() => match notification {
+                    Ok(Some(Notification::Unschedule)) => {
+                        if publish_acks.wake().await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Some(other)) => {
+                        if let Some(Packet::PubAck(ack, _)) = Option::<Packet>::from(other) {
+                            delivery.acknowledged(ack.pkid);
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        state.set(&state.sending, false);
+                        tracing::error!(error = %e, "the embedded broker's router dropped MetaManager's sending link");
                         return;
                     }
-                }
-                Ok(Some(other)) => {
-                    if let Some(Packet::PubAck(ack, _)) = Option::<Packet>::from(other) {
-                        delivery.acknowledged(ack.pkid);
-                    }
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    state.set(&state.sending, false);
-                    tracing::error!(error = %e, "the embedded broker's router dropped MetaManager's sending link");
+                },
+                ack = acks.recv(), if asking => match ack {
+                    Some(ack) => pending.push_back(ack),
+                    None => asking = false,
+                },
+            }
+            while pending.front().is_some_and(|a| delivery.reached(a.after)) {
+                let Some(PendingAck { pkid, taken, .. }) = pending.pop_front() else {
+                    break;
+                };
+                drop(taken.permit);
+                let ack = PubAck {
+                    pkid,
+                    reason: PubAckReason::Success,
+                };
+                let sent = receive_tx.send(Packet::PubAck(ack, None)).await;
+                unacked.waiting.fetch_sub(1, Ordering::AcqRel);
+                if sent.is_err() {
+                    state.set(&state.receiving, false);
+                    tracing::error!(
+                        "the embedded broker's router dropped MetaManager's receiving link"
+                    );
                     return;
                 }
-            },
-            ack = acks.recv(), if asking => match ack {
-                Some(ack) => pending.push_back(ack),
-                None => asking = false,
-            },
-        }
-        while pending.front().is_some_and(|a| delivery.reached(a.after)) {
-            let Some(PendingAck { pkid, taken, .. }) = pending.pop_front() else {
-                break;
-            };
-            drop(taken.permit);
-            let ack = PubAck {
-                pkid,
-                reason: PubAckReason::Success,
-            };
-            let sent = receive_tx.send(Packet::PubAck(ack, None)).await;
-            unacked.waiting.fetch_sub(1, Ordering::AcqRel);
-            if sent.is_err() {
-                state.set(&state.receiving, false);
-                tracing::error!(
-                    "the embedded broker's router dropped MetaManager's receiving link"
-                );
-                return;
             }
         }
     }
