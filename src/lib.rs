@@ -5,8 +5,8 @@
 //! - [`config`]: the optional YAML file read into [`config::Settings`], which gathers each
 //!   part's settings; each part's settings struct, defaults and bounds live in the part
 //!   ([`mqtt::settings`], [`store::settings`], [`http::settings`], [`cloud::settings`]).
-//!   - [`config::bounds`]: what they share: the error that names the key, range checks, the
-//!     duration format, reading a file a key names.
+//! - [`settings_checks`]: what every part's settings share, below them all: the error that
+//!   names the key, range checks, the duration format, reading a file a key names.
 //! - [`bounded_read`]: the files config keys name (password, TLS, API tokens and policy), read
 //!   with a size cap; a secret others may read is warned about.
 //! - [`telemetry`]: logging set-up.
@@ -115,6 +115,7 @@ pub mod ops;
 pub mod patch;
 pub mod readiness;
 pub mod resource;
+pub mod settings_checks;
 pub mod shutdown;
 pub mod status;
 pub mod store;
