@@ -162,7 +162,11 @@ impl Parts {
             sync,
             settings.cloud_link.bridge_words(),
         );
-        let rules = Arc::new(ops::Rules::from_settings(settings));
+        let rules = Arc::new(ops::Rules::new(
+            &settings.node_id,
+            &settings.meta,
+            &settings.mqtt,
+        ));
         let ops = Arc::new(Ops::new(
             Arc::new(topics),
             replies.clone(),

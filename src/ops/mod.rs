@@ -311,13 +311,34 @@ pub(crate) mod testing {
     use serde_json::{json, Value};
 
     use super::{Ops, Replies, Rules};
+    use crate::cloud::settings::{CloudLinkSettings, MetaSettings};
     use crate::cloud::Cloud;
-    use crate::config::Settings;
     use crate::metrics::Metrics;
     use crate::mqtt::memory::{self, MemoryBroker, Published};
+    use crate::mqtt::settings::MqttSettings;
     use crate::mqtt::Incoming;
     use crate::store::Store;
     use crate::topics::{Peer, Topics};
+
+    /// The sections of the config file the operations are given, read as the file's are. Not
+    /// `crate::config::Settings`: that gathers the HTTP endpoint's settings too, and the
+    /// endpoint uses the operations.
+    #[derive(Default, serde::Deserialize)]
+    #[serde(default, deny_unknown_fields)]
+    struct Settings {
+        mqtt: MqttSettings,
+        meta: MetaSettings,
+        cloud_link: CloudLinkSettings,
+    }
+
+    impl Settings {
+        fn from_yaml(yaml: &str) -> Self {
+            if yaml.trim().is_empty() {
+                return Self::default();
+            }
+            serde_saphyr::from_str(yaml).expect("settings parse")
+        }
+    }
 
     /// The parts of a node the operations are given, each kept for the tests to look at.
     pub(crate) struct Harness {
@@ -341,7 +362,7 @@ pub(crate) mod testing {
         /// A harness whose settings are the defaults with `yaml` on top.
         pub async fn with_settings(yaml: &str) -> Self {
             let dir = tempfile::tempdir().expect("tempdir");
-            let settings = Settings::from_yaml(yaml).expect("settings parse");
+            let settings = Settings::from_yaml(yaml);
             let db = dir.path().join("m.db");
             let store = Store::open(&db, Default::default()).expect("store opens");
             let topics = Arc::new(
@@ -368,7 +389,8 @@ pub(crate) mod testing {
                 sync,
                 settings.cloud_link.bridge_words(),
             );
-            let rules = Arc::new(Rules::from_settings(&settings));
+            // The config file's default node name, which the rules have always had here.
+            let rules = Arc::new(Rules::new("edge-node", &settings.meta, &settings.mqtt));
             Self {
                 ops: Ops::new(
                     topics.clone(),
