@@ -51,6 +51,8 @@
 //!   - [`cloud::waiting`]: patches passed on to the cloud, waiting for its answer.
 //! - [`http`]: the local HTTP endpoint: `/healthz`, `/readyz`, `/metrics` and the API.
 //!   - [`http::settings`]: `http`: the listener, its bounds, HTTPS and the API's auth files.
+//!   - [`http::exporter`]: `/metrics`: the metrics rendered with the gauges read from their
+//!     sources (the store, the outbox, the remote queries, the cloud's state, the link).
 //!   - [`http::server`]: connections under a cap, with header and idle timeouts.
 //!   - [`http::caps`]: caps on concurrent requests and watches (429 over them).
 //!   - [`http::host`]: the `Host` check of a loopback listener (DNS rebinding).
@@ -71,8 +73,8 @@
 //!   - [`http::watch`]: watch streams fed by the store's change feed, and streaming lists.
 //!   - [`http::versions`]: a write's `resourceVersion`, the node's, checked and translated to
 //!     the cloud's.
-//! - [`metrics`]: the Prometheus metrics, and the [`metrics::Exporter`] that renders them with
-//!   the gauges read from their sources.
+//! - [`metrics`]: the Prometheus metrics every part counts into, below them all; the gauges'
+//!   values are handed in when rendering.
 //! - [`inspect`]: read-only access to a database for the `get`, `list` and `export` commands.
 //! - [`maintenance`]: the `backup` and `check` commands, on one snapshot of a running store.
 //!   - [`maintenance::backup`]: a verified copy by SQLite's online backup, renamed into place.
