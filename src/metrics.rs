@@ -7,6 +7,12 @@
 //! cannot drift from their source; what reads them sits above those parts, beside the endpoint
 //! (`crate::http::exporter`), and hands them in as [`Readings`]. So this module uses no other
 //! part of the crate, and every part may count into it.
+//!
+//! Every series whose label values are known is shown from start-up, at 0: the values of the
+//! label enums here ([`ErrorReason`], [`HeldBack`], [`SyncOutcome`], [`RemoteOutcome`]), and
+//! those the counting parts name ([`Metrics::known_received`], [`Metrics::known_replies`]). A
+//! series that appears only at its first increase reads as "no data" until then, and a `rate`
+//! or `increase` over it misses that first increase.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -390,7 +396,7 @@ impl Metrics {
             Family::<ReasonLabel, Counter>::default(),
         );
         let gauges = Gauges::register(&mut r);
-        Self {
+        let metrics = Self {
             registry,
             received,
             replies,
@@ -402,6 +408,46 @@ impl Metrics {
             held_back,
             gauges,
             mirrored: Mutex::new(mirrored),
+        };
+        metrics.label_values_at_zero();
+        metrics
+    }
+
+    /// Every series of the label enums, shown at 0 until counted.
+    fn label_values_at_zero(&self) {
+        for reason in ErrorReason::ALL {
+            at_zero(&self.errors, reason_label(reason.as_str()));
+        }
+        for reason in HeldBack::ALL {
+            at_zero(&self.held_back, reason_label(reason.as_str()));
+        }
+        for outcome in SyncOutcome::ALL {
+            at_zero(&self.metasync_runs, outcome_label(outcome.as_str()));
+        }
+        for outcome in RemoteOutcome::ALL {
+            at_zero(&self.remote_outcomes, outcome_label(outcome.as_str()));
+        }
+    }
+
+    /// Shows the messages from `topic` of each of `operations` at 0 until they are counted: the
+    /// operations it may send, which the parts that count them know.
+    pub fn known_received(&self, topic: &str, operations: &[&str]) {
+        for operation in operations {
+            let labels = TopicOperation {
+                topic: topic.to_owned(),
+                operation: (*operation).to_owned(),
+            };
+            at_zero(&self.received, labels);
+        }
+    }
+
+    /// Shows the replies of each of `operations` at 0 until they are counted.
+    pub fn known_replies(&self, operations: &[&str]) {
+        for operation in operations {
+            let labels = OperationLabel {
+                operation: (*operation).to_owned(),
+            };
+            at_zero(&self.replies, labels);
         }
     }
 
@@ -506,6 +552,12 @@ impl Metrics {
     }
 }
 
+/// Creates the series of `labels` in `family`, at 0, so that it is rendered before its first
+/// count.
+fn at_zero<L: Clone + Eq + std::hash::Hash>(family: &Family<L, Counter>, labels: L) {
+    let _created = family.get_or_create(&labels);
+}
+
 /// Brings a mirrored counter up to its source's `total`; never back, should a source start
 /// again from 0.
 fn advance(counter: &Counter, total: u64) {
@@ -558,13 +610,7 @@ mod tests {
     /// Each labelled family's help lists exactly the values the code counts under it.
     #[test]
     fn help_texts_list_every_label_value_the_code_has() {
-        let metrics = Metrics::default();
-        // A family is rendered once it has a series.
-        metrics.error(ErrorReason::Decode);
-        metrics.held_back(HeldBack::Stale);
-        metrics.metasync(SyncOutcome::Synced);
-        metrics.remote_query(RemoteOutcome::Answered, None);
-        let text = metrics.render(&Readings::default());
+        let text = Metrics::default().render(&Readings::default());
         let help = |family: &str| {
             text.lines()
                 .find(|l| l.starts_with(&format!("# HELP metamanager_{family} ")))
@@ -599,6 +645,61 @@ mod tests {
             ["answered", "error", "timeout", "disconnected", "refused"]
         );
         assert!(ErrorReason::ALL.contains(&ErrorReason::LeaseWhileDisconnected));
+    }
+
+    /// Before anything is counted, every series whose label values are known is there at 0;
+    /// counting moves the one series it names.
+    #[test]
+    fn known_series_are_shown_at_zero_until_counted() {
+        let metrics = Metrics::default();
+        metrics.known_received("edged", &["insert", "invalid"]);
+        metrics.known_replies(&["response", "error"]);
+        let fresh = scrape(&metrics.render(&Readings::default()));
+        let by_label = |name: &str, label: &str, values: Vec<&'static str>| {
+            values
+                .into_iter()
+                .map(|v| value(&fresh, name, &[(label, v)]))
+                .collect::<Vec<_>>()
+        };
+        let zeros = |n: usize| vec![Some(0.0); n];
+        let errors: Vec<_> = ErrorReason::ALL.iter().map(|r| r.as_str()).collect();
+        let held: Vec<_> = HeldBack::ALL.iter().map(|r| r.as_str()).collect();
+        let syncs: Vec<_> = SyncOutcome::ALL.iter().map(|r| r.as_str()).collect();
+        let remote: Vec<_> = RemoteOutcome::ALL.iter().map(|r| r.as_str()).collect();
+        for (name, label, values) in [
+            ("metamanager_errors_total", "reason", errors),
+            ("metamanager_messages_held_back_total", "reason", held),
+            ("metamanager_metasync_runs_total", "outcome", syncs),
+            ("metamanager_remote_queries_total", "outcome", remote),
+            (
+                "metamanager_replies_sent_total",
+                "operation",
+                vec!["response", "error"],
+            ),
+            (
+                "metamanager_outbox_dropped_messages_total",
+                "reason",
+                vec!["full", "expired"],
+            ),
+        ] {
+            let n = values.len();
+            assert_eq!(by_label(name, label, values), zeros(n), "{name}");
+        }
+        for operation in ["insert", "invalid"] {
+            let labels = [("topic", "edged"), ("operation", operation)];
+            let received = value(&fresh, "metamanager_messages_received_total", &labels);
+            assert_eq!(received, Some(0.0), "{operation}");
+        }
+
+        metrics.error(ErrorReason::Store);
+        metrics.received("edged", "insert");
+        let counted = scrape(&metrics.render(&Readings::default()));
+        let errors = "metamanager_errors_total";
+        assert_eq!(value(&counted, errors, &[("reason", "store")]), Some(1.0));
+        assert_eq!(value(&counted, errors, &[("reason", "decode")]), Some(0.0));
+        let received = "metamanager_messages_received_total";
+        let labels = [("topic", "edged"), ("operation", "insert")];
+        assert_eq!(value(&counted, received, &labels), Some(1.0));
     }
 
     /// A mirrored counter follows its source's total, and does not go back when a source
