@@ -97,7 +97,10 @@
 //! Each part is given what it uses when `app` builds it; nothing shares one object of
 //! everything. No source file imports, directly or through others, a file that imports it,
 //! with one allowance: the files in a folder may use what the folder's `mod.rs` holds, the
-//! part's shared core. CI checks it with `.ci/cycles.py`, which states the rule in full.
+//! part's shared core. Nor does a top-level module (a folder counted whole) use, through others,
+//! one that uses it: what parts share sits below them ([`settings_checks`], [`metrics`]), what
+//! reads from several sits above them ([`config`], [`http::exporter`], [`app`]). CI checks both
+//! with `.ci/cycles.py`, which states the rules in full.
 
 pub mod app;
 pub mod bounded_read;
