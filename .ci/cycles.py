@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Finds import cycles between the source files of a Rust crate; exits 1 when there is one.
+"""Finds import cycles between the source files of a Rust crate, and between its top-level
+modules; exits 1 when there is one.
 
 Usage: python3 .ci/cycles.py [--report-only] [CRATE_ROOT_FILE ...]   (default: src/lib.rs)
 
@@ -30,6 +31,16 @@ What counts as a file depending on another (the rule the CI check holds the code
   `store/writer.rs` -> `sent_patches.rs`) is found.
 - Comments, doc comments and string literals are not code: a doc link to `crate::x` is no
   dependency. Paths into other crates (`std::`, `tokio::`) are ignored.
+
+Between top-level modules, a second check with the same uses: each module the crate root
+declares is one node, with everything below it (a folder, or a `foo.rs` with its `foo/`
+children, and the inline modules in its files); the crate root's own file (`lib.rs`,
+`main.rs`, with the modules written inline in it) is no node. A module depends on another where
+one of its files uses what the other holds, so `a -> b -> a` is a cycle even when no file of
+it is: `a/x.rs` uses `b/p.rs` and `b/q.rs` uses `a/y.rs`. The parts then cannot be read, tested
+or changed one below the other; what both sides need goes down into a module of its own, and
+what reads from both goes up, beside what assembles them. The report names the modules and,
+for each step, one line that takes it.
 
 Not seen: what is reached with no path naming its module: a macro, a trait method, or a
 method from an `impl` block in another file (`self.apply_replace()` in `store/writer` runs
@@ -324,6 +335,32 @@ class Crate:
             found[(module.file, target.file)].append((line, "::".join(segments)))
         return found
 
+    def module_edges(self):
+        """{(from module, to module): [(file, line, path as written)]} between the top-level
+        modules, by name; the crate root's own file, and what is written inline in it, is no
+        module here."""
+        found = defaultdict(list)
+        for module, segments, line in self.uses:
+            target = self.resolve(module, segments)
+            if target is None:
+                continue
+            a, b = top_level(module), top_level(target)
+            if a is None or b is None or a is b:
+                continue
+            if self.root.file in (a.file, b.file):
+                continue
+            found[(a.name, b.name)].append((module.file, line, "::".join(segments)))
+        return found
+
+
+def top_level(module):
+    """The module the crate root declares that holds `module`, or None for the root itself."""
+    if module.parent is None:
+        return None
+    while module.parent.parent is not None:
+        module = module.parent
+    return module
+
 
 def ancestor_files(module):
     """The files of `module` and of the modules that hold it: what a file uses there is its
@@ -443,20 +480,38 @@ def shortest_cycle(component, succ):
     return component
 
 
+def cycles_of(edges):
+    """[(cycle, component, edges)] for every cycle of the graph of `edges` ({(a, b): ...})."""
+    succ = defaultdict(set)
+    nodes = set()
+    for a, b in edges:
+        succ[a].add(b)
+        nodes.update((a, b))
+    return [
+        (shortest_cycle(component, succ), component, edges)
+        for component in strongly_connected(nodes, succ)
+    ]
+
+
 def find_cycles(root_files):
-    """[(cycle as files, edges of the crate)] for every cycle of the crates, and load errors."""
+    """[(cycle as files, component, edges of the crate)] for every cycle between the crates'
+    files, and load errors."""
     cycles, errors = [], []
     for root in root_files:
         crate = Crate(root)
         errors.extend(crate.errors)
-        edges = crate.edges()
-        succ = defaultdict(set)
-        nodes = set()
-        for a, b in edges:
-            succ[a].add(b)
-            nodes.update((a, b))
-        for component in strongly_connected(nodes, succ):
-            cycles.append((shortest_cycle(component, succ), component, edges))
+        cycles.extend(cycles_of(crate.edges()))
+    return cycles, errors
+
+
+def find_module_cycles(root_files):
+    """[(cycle as module names, component, edges of the crate)] for every cycle between the
+    crates' top-level modules, and load errors."""
+    cycles, errors = [], []
+    for root in root_files:
+        crate = Crate(root)
+        errors.extend(crate.errors)
+        cycles.extend(cycles_of(crate.module_edges()))
     return cycles, errors
 
 
@@ -470,6 +525,16 @@ def report(cycles, out):
             print("  (files in the same tangle: " + ", ".join(component) + ")", file=out)
 
 
+def report_modules(cycles, out):
+    for cycle, component, edges in cycles:
+        print("module cycle: " + " -> ".join(cycle), file=out)
+        for a, b in zip(cycle, cycle[1:]):
+            file, line, written = edges[(a, b)][0]
+            print(f"  {a} -> {b}: {file}:{line}: {written}", file=out)
+        if len(component) > len(cycle) - 1:
+            print("  (modules in the same tangle: " + ", ".join(component) + ")", file=out)
+
+
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("roots", nargs="*", default=["src/lib.rs"])
@@ -478,12 +543,16 @@ def main(argv):
     )
     args = parser.parse_args(argv)
     cycles, errors = find_cycles(args.roots)
+    module_cycles, _ = find_module_cycles(args.roots)  # the same crates: the same errors
     for error in errors:
         print(error, file=sys.stderr)
     report(cycles, sys.stdout)
     if not cycles:
         print("no import cycles")
-    if errors or (cycles and not args.report_only):
+    report_modules(module_cycles, sys.stdout)
+    if not module_cycles:
+        print("no cycles between top-level modules")
+    if errors or ((cycles or module_cycles) and not args.report_only):
         return 1
     return 0
 

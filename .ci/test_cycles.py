@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Tests of .ci/cycles.py on tiny crates written to a temporary folder: one with cycles of each
-form the check must find, one that only looks like it has some."""
+"""Tests of .ci/cycles.py on tiny crates written to a temporary folder: crates with cycles of each
+form the check must find, between files and between top-level modules, and crates that only
+look like they have some."""
 
 import io
 import os
@@ -29,6 +30,13 @@ def found(lib):
     result, errors = cycles.find_cycles([lib])
     assert not errors, errors
     return sorted(sorted(os.path.relpath(f, src) for f in cycle[:-1]) for cycle, _, _ in result)
+
+
+def found_modules(lib):
+    """The cycles found between top-level modules, each as the sorted names of its modules."""
+    result, errors = cycles.find_module_cycles([lib])
+    assert not errors, errors
+    return sorted(sorted(cycle[:-1]) for cycle, _, _ in result)
 
 
 class Cycles(unittest.TestCase):
@@ -106,6 +114,96 @@ class Cycles(unittest.TestCase):
         text = out.getvalue()
         self.assertIn("a.rs:2: crate::b::B", text)
         self.assertIn("b.rs:4: crate::a::g", text)
+
+
+class ModuleCycles(unittest.TestCase):
+    # `a` is a folder; `b` is a `b.rs` with its `b/` children: each is one node.
+    TWO_WAY = {
+        "src/lib.rs": "pub mod a;\npub mod b;\n",
+        "src/a/mod.rs": "pub mod x;\npub mod y;\n",
+        "src/a/x.rs": "use crate::b::p::P;\npub fn f(_: P) {}\n",
+        "src/a/y.rs": "pub struct Y;\n",
+        "src/b.rs": "pub mod p;\npub mod q;\n",
+        "src/b/p.rs": "pub struct P;\n",
+        "src/b/q.rs": "\n\nfn g() { let _ = crate::a::y::Y; }\n",
+    }
+
+    def test_a_module_cycle_with_no_file_cycle_is_found(self):
+        lib = crate(self.TWO_WAY)
+        self.assertEqual(found(lib), [], "no file uses a file that uses it")
+        self.assertEqual(found_modules(lib), [["a", "b"]])
+
+    def test_the_report_names_the_modules_and_a_line_of_each_step(self):
+        result, _ = cycles.find_module_cycles([crate(self.TWO_WAY)])
+        out = io.StringIO()
+        cycles.report_modules(result, out)
+        text = out.getvalue()
+        self.assertIn("module cycle: a -> b -> a", text)
+        self.assertIn("a -> b: ", text)
+        self.assertIn("a/x.rs:1: crate::b::p::P", text)
+        self.assertIn("b/q.rs:3: crate::a::y::Y", text)
+
+    def test_a_cycle_through_three_modules_and_a_reexport_is_found(self):
+        lib = crate({
+            "src/lib.rs": "pub mod a;\npub mod b;\npub mod c;\n",
+            "src/a/mod.rs": "pub mod leaf;\nmod uses_b;\n",
+            "src/a/leaf.rs": "pub struct Leaf;\n",
+            "src/a/uses_b.rs": "use crate::b::B;\n",
+            "src/b/mod.rs": "mod inner;\npub use inner::B;\n",
+            "src/b/inner.rs": "pub struct B;\nfn f() { crate::c::g() }\n",
+            # Test code counts here too.
+            "src/c.rs": "pub fn g() {}\n#[cfg(test)]\nmod tests { use crate::a::leaf::Leaf; }\n",
+        })
+        self.assertEqual(found(lib), [])
+        self.assertEqual(found_modules(lib), [["a", "b", "c"]])
+
+    def test_the_command_exits_1_on_a_module_cycle_alone(self):
+        lib = crate(self.TWO_WAY)
+        out = io.StringIO()
+        saved, sys.stdout = sys.stdout, out
+        try:
+            self.assertEqual(cycles.main([lib]), 1)
+            self.assertEqual(cycles.main(["--report-only", lib]), 0)
+        finally:
+            sys.stdout = saved
+        self.assertIn("no import cycles", out.getvalue())
+        self.assertIn("module cycle: a -> b -> a", out.getvalue())
+
+
+class NoModuleCycles(unittest.TestCase):
+    def test_modules_used_one_way_and_the_crate_root_are_no_cycle(self):
+        lib = crate({
+            # The root uses every module and they use what it holds: the root is no node.
+            "src/lib.rs": (
+                "pub mod app;\npub mod low;\npub mod part;\npub use low::Low;\n"
+                "pub const NAME: &str = \"x\";\n"
+                "mod inline { use crate::app::run; }\n"
+                "#[cfg(test)]\nmod tests { use crate::{app, part}; }\n"
+            ),
+            "src/low.rs": "pub struct Low;\nfn f() -> &'static str { crate::NAME }\n",
+            # Within a module, files may use each other in both directions' modules' terms.
+            "src/part/mod.rs": "pub mod one;\npub mod two;\nuse crate::Low;\n",
+            "src/part/one.rs": "use super::two::Two;\nuse crate::low::Low;\n",
+            "src/part/two.rs": "pub struct Two;\nfn f() { crate::part::g() }\n",
+            "src/app.rs": "use crate::part::one;\npub fn run() { let _ = crate::Low; }\n",
+        })
+        self.assertEqual(found(lib), [])
+        self.assertEqual(found_modules(lib), [])
+
+    def test_the_command_exits_0_without_cycles_of_either_kind(self):
+        lib = crate({
+            "src/lib.rs": "pub mod a;\npub mod b;\n",
+            "src/a.rs": "pub struct A;\n",
+            "src/b/mod.rs": "mod c;\n",
+            "src/b/c.rs": "use crate::a::A;\n",
+        })
+        out = io.StringIO()
+        saved, sys.stdout = sys.stdout, out
+        try:
+            self.assertEqual(cycles.main([lib]), 0)
+        finally:
+            sys.stdout = saved
+        self.assertIn("no cycles between top-level modules", out.getvalue())
 
 
 class NoCycles(unittest.TestCase):

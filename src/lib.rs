@@ -5,8 +5,8 @@
 //! - [`config`]: the optional YAML file read into [`config::Settings`], which gathers each
 //!   part's settings; each part's settings struct, defaults and bounds live in the part
 //!   ([`mqtt::settings`], [`store::settings`], [`http::settings`], [`cloud::settings`]).
-//!   - [`config::bounds`]: what they share: the error that names the key, range checks, the
-//!     duration format, reading a file a key names.
+//! - [`settings_checks`]: what every part's settings share, below them all: the error that
+//!   names the key, range checks, the duration format, reading a file a key names.
 //! - [`bounded_read`]: the files config keys name (password, TLS, API tokens and policy), read
 //!   with a size cap; a secret others may read is warned about.
 //! - [`telemetry`]: logging set-up.
@@ -51,6 +51,8 @@
 //!   - [`cloud::waiting`]: patches passed on to the cloud, waiting for its answer.
 //! - [`http`]: the local HTTP endpoint: `/healthz`, `/readyz`, `/metrics` and the API.
 //!   - [`http::settings`]: `http`: the listener, its bounds, HTTPS and the API's auth files.
+//!   - [`http::exporter`]: `/metrics`: the metrics rendered with the gauges read from their
+//!     sources (the store, the outbox, the remote queries, the cloud's state, the link).
 //!   - [`http::server`]: connections under a cap, with header and idle timeouts.
 //!   - [`http::caps`]: caps on concurrent requests and watches (429 over them).
 //!   - [`http::host`]: the `Host` check of a loopback listener (DNS rebinding).
@@ -71,8 +73,8 @@
 //!   - [`http::watch`]: watch streams fed by the store's change feed, and streaming lists.
 //!   - [`http::versions`]: a write's `resourceVersion`, the node's, checked and translated to
 //!     the cloud's.
-//! - [`metrics`]: the Prometheus metrics, and the [`metrics::Exporter`] that renders them with
-//!   the gauges read from their sources.
+//! - [`metrics`]: the Prometheus metrics every part counts into, below them all; the gauges'
+//!   values are handed in when rendering.
 //! - [`inspect`]: read-only access to a database for the `get`, `list` and `export` commands.
 //! - [`maintenance`]: the `backup` and `check` commands, on one snapshot of a running store.
 //!   - [`maintenance::backup`]: a verified copy by SQLite's online backup, renamed into place.
@@ -95,7 +97,10 @@
 //! Each part is given what it uses when `app` builds it; nothing shares one object of
 //! everything. No source file imports, directly or through others, a file that imports it,
 //! with one allowance: the files in a folder may use what the folder's `mod.rs` holds, the
-//! part's shared core. CI checks it with `.ci/cycles.py`, which states the rule in full.
+//! part's shared core. Nor does a top-level module (a folder counted whole) use, through others,
+//! one that uses it: what parts share sits below them ([`settings_checks`], [`metrics`]), what
+//! reads from several sits above them ([`config`], [`http::exporter`], [`app`]). CI checks both
+//! with `.ci/cycles.py`, which states the rules in full.
 
 pub mod app;
 pub mod bounded_read;
@@ -115,6 +120,7 @@ pub mod ops;
 pub mod patch;
 pub mod readiness;
 pub mod resource;
+pub mod settings_checks;
 pub mod shutdown;
 pub mod status;
 pub mod store;

@@ -1,12 +1,20 @@
 //! Prometheus metrics: what an operator scrapes from `/metrics`.
 //!
 //! Counters and histograms are updated where things happen (operations, the remote-query task,
-//! MetaSync, the store's writer thread). Values that other parts already keep (outbox length
-//! and drops, pending remote queries, connection states, database size) are read at render
-//! time instead of being mirrored on every change, so they cannot drift from their source.
+//! MetaSync, the store's writer thread through [`StoreMetrics`]). Values that other parts
+//! already keep (outbox length and drops, pending remote queries, connection states, database
+//! size) are read from them at render time instead of being mirrored on every change, so they
+//! cannot drift from their source; what reads them sits above those parts, beside the endpoint
+//! (`crate::http::exporter`), and hands them in as [`Readings`]. So this module uses no other
+//! part of the crate, and every part may count into it.
+//!
+//! Every series whose label values are known is shown from start-up, at 0: the values of the
+//! label enums here ([`ErrorReason`], [`HeldBack`], [`SyncOutcome`], [`RemoteOutcome`]), and
+//! those the counting parts name ([`Metrics::known_received`], [`Metrics::known_replies`]). A
+//! series that appears only at its first increase reads as "no data" until then, and a `rate`
+//! or `increase` over it misses that first increase.
 
-use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
@@ -16,13 +24,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Metric, Registry, Unit};
-use tokio::sync::watch;
-
-use crate::cloud::outbox::Outbox;
-use crate::cloud::remote::RemoteQueries;
-use crate::cloud::state::CloudState;
-use crate::mqtt::Publisher;
-use crate::store::{Store, StoreMetrics};
 
 /// Every metric name starts with this.
 const PREFIX: &str = "metamanager";
@@ -143,6 +144,34 @@ label_values! {
     }
 }
 
+/// What the store's writer thread measures: how long commits take and how many changes each
+/// carries. [`Metrics`] registers the same histograms (they are handles onto shared values)
+/// and renders them with the rest.
+#[derive(Clone, Debug)]
+pub struct StoreMetrics {
+    commit_seconds: Histogram,
+    batch_size: Histogram,
+}
+
+impl Default for StoreMetrics {
+    fn default() -> Self {
+        Self {
+            // 100 µs to about 3 s: an fsync on flash is milliseconds, a stalled disk seconds.
+            commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            // 1 to 512, the writer's largest batch.
+            batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
+        }
+    }
+}
+
+impl StoreMetrics {
+    /// One committed transaction of `changes` changes that took `elapsed`.
+    pub fn commit(&self, elapsed: Duration, changes: usize) {
+        self.commit_seconds.observe(elapsed.as_secs_f64());
+        self.batch_size.observe(changes as f64);
+    }
+}
+
 /// A registry being filled: each metric registered under its name and help, and handed back
 /// to be kept.
 struct Registering<'a>(&'a mut Registry);
@@ -165,7 +194,7 @@ impl Registering<'_> {
     }
 }
 
-/// The gauges, set from their sources at render time (see [`Exporter::render`]).
+/// The gauges, set from their sources' [`Readings`] at render time (see [`Metrics::render`]).
 struct Gauges {
     outbox_len: Gauge,
     remote_pending: Gauge,
@@ -260,6 +289,28 @@ impl Mirrored {
     }
 }
 
+/// What other parts keep, read from them at render time: the gauges' values, and the totals the
+/// mirrored counters follow.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Readings {
+    pub outbox_messages: u64,
+    pub remote_queries_pending: u64,
+    pub cloud_connected: bool,
+    pub broker_connected: bool,
+    /// The database file and its write-ahead log, on disk.
+    pub database_bytes: u64,
+    pub store_full: bool,
+    pub store_used: u64,
+    /// `database.max_size`; 0 for none.
+    pub store_quota: u64,
+    pub outbox_dropped_full: u64,
+    pub outbox_dropped_expired: u64,
+    /// Publishes the link sent again to a broker that had started a new session.
+    pub resent_publishes: u64,
+    /// Messages the embedded broker's subscribers skipped.
+    pub embedded_broker_skipped: u64,
+}
+
 /// The node's counters, gauges and histograms.
 pub struct Metrics {
     registry: Registry,
@@ -345,7 +396,7 @@ impl Metrics {
             Family::<ReasonLabel, Counter>::default(),
         );
         let gauges = Gauges::register(&mut r);
-        Self {
+        let metrics = Self {
             registry,
             received,
             replies,
@@ -357,6 +408,46 @@ impl Metrics {
             held_back,
             gauges,
             mirrored: Mutex::new(mirrored),
+        };
+        metrics.label_values_at_zero();
+        metrics
+    }
+
+    /// Every series of the label enums, shown at 0 until counted.
+    fn label_values_at_zero(&self) {
+        for reason in ErrorReason::ALL {
+            at_zero(&self.errors, reason_label(reason.as_str()));
+        }
+        for reason in HeldBack::ALL {
+            at_zero(&self.held_back, reason_label(reason.as_str()));
+        }
+        for outcome in SyncOutcome::ALL {
+            at_zero(&self.metasync_runs, outcome_label(outcome.as_str()));
+        }
+        for outcome in RemoteOutcome::ALL {
+            at_zero(&self.remote_outcomes, outcome_label(outcome.as_str()));
+        }
+    }
+
+    /// Shows the messages from `topic` of each of `operations` at 0 until they are counted: the
+    /// operations it may send, which the parts that count them know.
+    pub fn known_received(&self, topic: &str, operations: &[&str]) {
+        for operation in operations {
+            let labels = TopicOperation {
+                topic: topic.to_owned(),
+                operation: (*operation).to_owned(),
+            };
+            at_zero(&self.received, labels);
+        }
+    }
+
+    /// Shows the replies of each of `operations` at 0 until they are counted.
+    pub fn known_replies(&self, operations: &[&str]) {
+        for operation in operations {
+            let labels = OperationLabel {
+                operation: (*operation).to_owned(),
+            };
+            at_zero(&self.replies, labels);
         }
     }
 
@@ -382,18 +473,14 @@ impl Metrics {
     /// A valid message was acked but held back, for `reason`.
     pub fn held_back(&self, reason: HeldBack) {
         self.held_back
-            .get_or_create(&ReasonLabel {
-                reason: reason.as_str().to_owned(),
-            })
+            .get_or_create(&reason_label(reason.as_str()))
             .inc();
     }
 
     /// Something went wrong, for `reason`.
     pub fn error(&self, reason: ErrorReason) {
         self.errors
-            .get_or_create(&ReasonLabel {
-                reason: reason.as_str().to_owned(),
-            })
+            .get_or_create(&reason_label(reason.as_str()))
             .inc();
     }
 
@@ -410,9 +497,7 @@ impl Metrics {
             self.remote_seconds.observe(elapsed.as_secs_f64());
         }
         self.remote_outcomes
-            .get_or_create(&OutcomeLabel {
-                outcome: outcome.as_str().to_owned(),
-            })
+            .get_or_create(&outcome_label(outcome.as_str()))
             .inc();
         match outcome {
             RemoteOutcome::Timeout => self.error(ErrorReason::RemoteTimeout),
@@ -425,68 +510,69 @@ impl Metrics {
     /// A MetaSync run ended: `synced`, `skipped` or `failed`.
     pub fn metasync(&self, outcome: SyncOutcome) {
         self.metasync_runs
-            .get_or_create(&OutcomeLabel {
-                outcome: outcome.as_str().to_owned(),
-            })
+            .get_or_create(&outcome_label(outcome.as_str()))
             .inc();
     }
-}
 
-/// What `/metrics` reads besides the counters: the gauges' and mirrored counters' sources,
-/// read at render time.
-#[derive(Clone)]
-pub struct Exporter {
-    pub metrics: Arc<Metrics>,
-    pub store: Store,
-    pub outbox: Outbox,
-    pub remote: Arc<RemoteQueries>,
-    pub cloud: CloudState,
-    pub broker_connected: watch::Receiver<bool>,
-    pub publisher: Publisher,
-}
-
-impl Exporter {
-    /// The Prometheus text exposition of every metric.
-    pub fn render(&self) -> String {
-        let m = &self.metrics;
-        let mirrored = m.mirrored.lock().unwrap_or_else(|p| p.into_inner());
-        m.gauges.outbox_len.set(gauge(self.outbox.len() as u64));
-        m.gauges.remote_pending.set(gauge(self.remote.len() as u64));
-        m.gauges
+    /// The Prometheus text exposition of every metric, with the gauges and mirrored counters
+    /// brought to what their sources keep (`readings`).
+    pub fn render(&self, readings: &Readings) -> String {
+        let mirrored = self.mirrored.lock().unwrap_or_else(|p| p.into_inner());
+        let gauges = &self.gauges;
+        gauges.outbox_len.set(gauge(readings.outbox_messages));
+        gauges
+            .remote_pending
+            .set(gauge(readings.remote_queries_pending));
+        gauges
             .cloud_connected
-            .set(i64::from(self.cloud.connected()));
-        m.gauges
+            .set(i64::from(readings.cloud_connected));
+        gauges
             .broker_connected
-            .set(i64::from(*self.broker_connected.borrow()));
-        m.gauges
-            .db_bytes
-            .set(gauge(database_bytes(self.store.path())));
-        let space = self.store.space();
-        m.gauges.store_full.set(i64::from(space.full().is_some()));
-        m.gauges.store_used.set(gauge(space.used()));
-        m.gauges.store_quota.set(gauge(space.limit()));
+            .set(i64::from(readings.broker_connected));
+        gauges.db_bytes.set(gauge(readings.database_bytes));
+        gauges.store_full.set(i64::from(readings.store_full));
+        gauges.store_used.set(gauge(readings.store_used));
+        gauges.store_quota.set(gauge(readings.store_quota));
         for (reason, total) in [
-            ("full", self.outbox.dropped_full()),
-            ("expired", self.outbox.dropped_expired()),
+            ("full", readings.outbox_dropped_full),
+            ("expired", readings.outbox_dropped_expired),
         ] {
-            let counter = mirrored.dropped.get_or_create(&ReasonLabel {
-                reason: reason.to_owned(),
-            });
-            counter.inc_by(total.saturating_sub(counter.get()));
+            advance(
+                &mirrored.dropped.get_or_create(&reason_label(reason)),
+                total,
+            );
         }
-        let resent = &mirrored.resent;
-        resent.inc_by(
-            self.publisher
-                .resent_publishes()
-                .saturating_sub(resent.get()),
-        );
-        let skipped = &mirrored.skipped;
-        skipped.inc_by(rumqttd::skipped_messages().saturating_sub(skipped.get()));
+        advance(&mirrored.resent, readings.resent_publishes);
+        advance(&mirrored.skipped, readings.embedded_broker_skipped);
         let mut out = String::new();
-        if let Err(e) = encode(&mut out, &m.registry) {
+        if let Err(e) = encode(&mut out, &self.registry) {
             tracing::warn!(error = %e, "could not encode metrics");
         }
         out
+    }
+}
+
+/// Creates the series of `labels` in `family`, at 0, so that it is rendered before its first
+/// count.
+fn at_zero<L: Clone + Eq + std::hash::Hash>(family: &Family<L, Counter>, labels: L) {
+    let _created = family.get_or_create(&labels);
+}
+
+/// Brings a mirrored counter up to its source's `total`; never back, should a source start
+/// again from 0.
+fn advance(counter: &Counter, total: u64) {
+    counter.inc_by(total.saturating_sub(counter.get()));
+}
+
+fn reason_label(reason: &str) -> ReasonLabel {
+    ReasonLabel {
+        reason: reason.to_owned(),
+    }
+}
+
+fn outcome_label(outcome: &str) -> OutcomeLabel {
+    OutcomeLabel {
+        outcome: outcome.to_owned(),
     }
 }
 
@@ -494,93 +580,37 @@ fn gauge(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-/// Bytes on disk of the database and its write-ahead log; a file that is missing counts 0.
-fn database_bytes(path: &Path) -> u64 {
-    let mut wal = path.as_os_str().to_owned();
-    wal.push("-wal");
-    [path, Path::new(&wal)]
-        .iter()
-        .filter_map(|p| std::fs::metadata(p).ok())
-        .map(|m| m.len())
-        .sum()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mqtt::memory::{self, MemoryBroker};
-    use crate::store::Write;
 
-    /// Every family the exposition must carry, as the parser names them.
-    const FAMILIES: &[&str] = &[
-        "metamanager_messages_received_total",
-        "metamanager_replies_sent_total",
-        "metamanager_errors_total",
-        "metamanager_store_commit_seconds",
-        "metamanager_store_batch_changes",
-        "metamanager_outbox_messages",
-        "metamanager_outbox_dropped_messages_total",
-        "metamanager_remote_queries_pending",
-        "metamanager_remote_query_duration_seconds",
-        "metamanager_remote_queries_total",
-        "metamanager_cloud_connected",
-        "metamanager_broker_connected",
-        "metamanager_database_size_bytes",
-        "metamanager_metasync_runs_total",
-    ];
-
-    /// An exporter over a real store in a temporary directory and an in-memory broker, with
-    /// what it must outlive.
-    fn exporter() -> (Exporter, MemoryBroker, tempfile::TempDir) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let db = dir.path().join("m.db");
-        let store = Store::open(&db, Default::default()).expect("store opens");
-        let topics = crate::topics::Topics::new("edge", "test-node");
-        let (link, _, broker) = memory::link(topics);
-        let cloud = CloudState::default();
-        let exporter = Exporter {
-            metrics: Arc::new(Metrics::new(store.metrics().clone())),
-            outbox: Outbox::new(store.clone(), link.publisher.clone(), cloud.clone()),
-            remote: Arc::new(RemoteQueries::new(Duration::from_secs(1))),
-            cloud,
-            broker_connected: link.connected.clone(),
-            publisher: link.publisher,
-            store,
-        };
-        (exporter, broker, dir)
+    fn scrape(text: &str) -> prometheus_parse::Scrape {
+        prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+            .expect("exposition parses")
     }
 
-    fn sample<'a>(
-        scrape: &'a prometheus_parse::Scrape,
+    /// The value of the sample of `name` whose labels include `labels`.
+    fn value(
+        scrape: &prometheus_parse::Scrape,
         name: &str,
-        label: (&str, &str),
-    ) -> Option<&'a prometheus_parse::Sample> {
+        labels: &[(&str, &str)],
+    ) -> Option<f64> {
         scrape
             .samples
             .iter()
-            .find(|s| s.metric == name && s.labels.get(label.0) == Some(label.1))
-    }
-
-    fn value(s: &prometheus_parse::Sample) -> f64 {
-        match s.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => v,
-            _ => f64::NAN,
-        }
+            .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => f64::NAN,
+            })
     }
 
     /// Each labelled family's help lists exactly the values the code counts under it.
-    #[tokio::test(flavor = "multi_thread")]
-    async fn help_texts_list_every_label_value_the_code_has() {
-        let (exporter, _broker, _dir) = exporter();
-        // A family is rendered once it has a series.
-        let metrics = &exporter.metrics;
-        metrics.error(ErrorReason::Decode);
-        metrics.held_back(HeldBack::Stale);
-        metrics.metasync(SyncOutcome::Synced);
-        metrics.remote_query(RemoteOutcome::Answered, None);
-        let text = exporter.render();
+    #[test]
+    fn help_texts_list_every_label_value_the_code_has() {
+        let text = Metrics::default().render(&Readings::default());
         let help = |family: &str| {
             text.lines()
                 .find(|l| l.starts_with(&format!("# HELP metamanager_{family} ")))
@@ -615,142 +645,91 @@ mod tests {
             ["answered", "error", "timeout", "disconnected", "refused"]
         );
         assert!(ErrorReason::ALL.contains(&ErrorReason::LeaseWhileDisconnected));
-        exporter.store.close().await;
     }
 
-    #[tokio::test(flavor = "multi_thread")]
-    async fn render_parses_as_prometheus_text_and_carries_every_family() {
-        let (exporter, _broker, _dir) = exporter();
-        let metrics = &exporter.metrics;
-        exporter
-            .store
-            .write(Write::Put {
-                key: "default/pod/a".into(),
-                rtype: "pod".into(),
-                value: r#"{"a":1}"#.into(),
-            })
-            .await
-            .expect("write commits");
-        metrics.received("edged", "insert");
-        metrics.received("edged", "invalid");
-        metrics.replied("response");
-        metrics.error(ErrorReason::Decode);
-        metrics.remote_query(RemoteOutcome::Timeout, Some(Duration::from_millis(20)));
-        metrics.metasync(SyncOutcome::Skipped);
-        exporter.cloud.report(crate::cloud::Source::Edgehub, true);
-
-        let text = exporter.render();
-        let lines = text.lines().map(|l| Ok(l.to_owned()));
-        let scrape = prometheus_parse::Scrape::parse(lines).expect("exposition parses");
-        for family in FAMILIES {
-            assert!(
-                text.contains(&format!("# TYPE {family}"))
-                    || text.contains(&format!("# TYPE {}", family.trim_end_matches("_total"))),
-                "family {family} missing from:\n{text}"
-            );
+    /// Before anything is counted, every series whose label values are known is there at 0;
+    /// counting moves the one series it names.
+    #[test]
+    fn known_series_are_shown_at_zero_until_counted() {
+        let metrics = Metrics::default();
+        metrics.known_received("edged", &["insert", "invalid"]);
+        metrics.known_replies(&["response", "error"]);
+        let fresh = scrape(&metrics.render(&Readings::default()));
+        let by_label = |name: &str, label: &str, values: Vec<&'static str>| {
+            values
+                .into_iter()
+                .map(|v| value(&fresh, name, &[(label, v)]))
+                .collect::<Vec<_>>()
+        };
+        let zeros = |n: usize| vec![Some(0.0); n];
+        let errors: Vec<_> = ErrorReason::ALL.iter().map(|r| r.as_str()).collect();
+        let held: Vec<_> = HeldBack::ALL.iter().map(|r| r.as_str()).collect();
+        let syncs: Vec<_> = SyncOutcome::ALL.iter().map(|r| r.as_str()).collect();
+        let remote: Vec<_> = RemoteOutcome::ALL.iter().map(|r| r.as_str()).collect();
+        for (name, label, values) in [
+            ("metamanager_errors_total", "reason", errors),
+            ("metamanager_messages_held_back_total", "reason", held),
+            ("metamanager_metasync_runs_total", "outcome", syncs),
+            ("metamanager_remote_queries_total", "outcome", remote),
+            (
+                "metamanager_replies_sent_total",
+                "operation",
+                vec!["response", "error"],
+            ),
+            (
+                "metamanager_outbox_dropped_messages_total",
+                "reason",
+                vec!["full", "expired"],
+            ),
+        ] {
+            let n = values.len();
+            assert_eq!(by_label(name, label, values), zeros(n), "{name}");
         }
-        let received = sample(
-            &scrape,
-            "metamanager_messages_received_total",
-            ("operation", "invalid"),
-        )
-        .expect("invalid counted");
-        assert_eq!(value(received), 1.0);
-        let errors = sample(
-            &scrape,
-            "metamanager_errors_total",
-            ("reason", "remote_timeout"),
-        )
-        .expect("timeout counted as an error");
-        assert_eq!(value(errors), 1.0);
-        let cloud = scrape
-            .samples
-            .iter()
-            .find(|s| s.metric == "metamanager_cloud_connected")
-            .expect("cloud gauge");
-        assert_eq!(value(cloud), 1.0);
-        let size = scrape
-            .samples
-            .iter()
-            .find(|s| s.metric == "metamanager_database_size_bytes")
-            .expect("size gauge");
-        assert!(value(size) > 0.0, "database size is read from disk");
-        assert!(
-            text.contains("metamanager_broker_resent_publishes_total 0"),
-            "resends are shown before they first happen:\n{text}"
-        );
-        assert!(
-            text.contains("metamanager_store_commit_seconds_count 1"),
-            "the writer recorded its commit:\n{text}"
-        );
-        exporter.store.close().await;
+        for operation in ["insert", "invalid"] {
+            let labels = [("topic", "edged"), ("operation", operation)];
+            let received = value(&fresh, "metamanager_messages_received_total", &labels);
+            assert_eq!(received, Some(0.0), "{operation}");
+        }
+
+        metrics.error(ErrorReason::Store);
+        metrics.received("edged", "insert");
+        let counted = scrape(&metrics.render(&Readings::default()));
+        let errors = "metamanager_errors_total";
+        assert_eq!(value(&counted, errors, &[("reason", "store")]), Some(1.0));
+        assert_eq!(value(&counted, errors, &[("reason", "decode")]), Some(0.0));
+        let received = "metamanager_messages_received_total";
+        let labels = [("topic", "edged"), ("operation", "insert")];
+        assert_eq!(value(&counted, received, &labels), Some(1.0));
     }
 
-    /// The outbox's "full" drops are counted by the store; `/metrics` shows that count, not
-    /// a sum of the counts seen at each render, and a source that starts again from 0 (another
-    /// store behind the same metrics) does not take the counter back.
-    #[tokio::test(flavor = "multi_thread")]
-    async fn mirrored_counters_advance_to_their_source_and_never_back() {
-        let (exporter, _broker, _dir) = exporter();
-        let dir = tempfile::tempdir().expect("tempdir");
-        let open = |file: &str| {
-            let options = crate::store::StoreOptions {
-                outbox_max: 1,
-                ..Default::default()
-            };
-            crate::store::Store::open(&dir.path().join(file), options).expect("store opens")
-        };
-        let queue = |store: crate::store::Store, keys: std::ops::Range<usize>| async move {
-            for i in keys {
-                let change = crate::store::Change {
-                    write: Some(Write::Put {
-                        key: format!("default/pod/p{i}"),
-                        rtype: "pod".into(),
-                        value: format!(r#"{{"n":{i}}}"#).into(),
-                    }),
-                    to_cloud: Some(crate::store::CloudMessage {
-                        resource: format!("default/pod/p{i}"),
-                        payload: bytes::Bytes::from_static(b"{}"),
-                        coalesce: false,
-                    }),
-                    ..Default::default()
-                };
-                store.write(change).await.expect("write commits");
-            }
-        };
-        let dropped_full = |exporter: &Exporter| {
-            let text = exporter.render();
-            let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
-                .expect("exposition parses");
+    /// A mirrored counter follows its source's total, and does not go back when a source
+    /// starts again from 0; the gauges show what they are handed.
+    #[test]
+    fn mirrored_counters_follow_their_source_and_never_go_back() {
+        let metrics = Metrics::default();
+        let dropped = |readings: Readings| {
+            let scrape = scrape(&metrics.render(&readings));
             let name = "metamanager_outbox_dropped_messages_total";
-            sample(&scrape, name, ("reason", "full")).map(value)
+            value(&scrape, name, &[("reason", "full")])
         };
-        // The outbox's counters are read from its own store.
-        let with_store = |exporter: &mut Exporter, store: crate::store::Store| {
-            let (publisher, cloud) = (exporter.publisher.clone(), exporter.cloud.clone());
-            exporter.outbox = Outbox::new(store.clone(), publisher, cloud);
-            std::mem::replace(&mut exporter.store, store)
+        let at = |full| Readings {
+            outbox_dropped_full: full,
+            ..Readings::default()
         };
-        let mut exporter = exporter;
-        let own = with_store(&mut exporter, open("a.db"));
-        // An outbox of one: every message queued after the first drops the oldest.
-        queue(exporter.store.clone(), 0..4).await;
-        assert_eq!(exporter.store.outbox_dropped_full(), 3);
-        assert_eq!(dropped_full(&exporter), Some(3.0));
+        assert_eq!(dropped(at(3)), Some(3.0));
+        assert_eq!(dropped(at(3)), Some(3.0), "a second render adds nothing");
+        assert_eq!(dropped(at(5)), Some(5.0));
+        assert_eq!(dropped(at(1)), Some(5.0), "never back");
+        let readings = Readings {
+            store_quota: 1 << 20,
+            store_full: true,
+            ..Readings::default()
+        };
+        let shown = scrape(&metrics.render(&readings));
         assert_eq!(
-            dropped_full(&exporter),
-            Some(3.0),
-            "a second render adds nothing"
+            value(&shown, "metamanager_store_quota_bytes", &[]),
+            Some(1048576.0)
         );
-        queue(exporter.store.clone(), 4..6).await;
-        assert_eq!(dropped_full(&exporter), Some(5.0));
-
-        let first = with_store(&mut exporter, open("b.db"));
-        queue(exporter.store.clone(), 0..2).await;
-        assert_eq!(exporter.store.outbox_dropped_full(), 1);
-        assert_eq!(dropped_full(&exporter), Some(5.0), "never back");
-        first.close().await;
-        exporter.store.close().await;
-        own.close().await;
+        assert_eq!(value(&shown, "metamanager_store_full", &[]), Some(1.0));
     }
 }

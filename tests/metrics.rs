@@ -1,9 +1,13 @@
-//! `/metrics` of the running binary after real MQTT traffic: the exposition parses as
-//! Prometheus text and the counters moved the way the messages say they should.
+//! `/metrics` of the running binary: on a fresh node, every series whose label values are known
+//! is there at 0; after real MQTT traffic, the exposition parses as Prometheus text and the
+//! counters moved the way the messages say they should.
 
 mod common;
 
 use common::{fixture, message, BrokerKind, Options, TestApp};
+use metamanager::message::Operation;
+use metamanager::metrics::{ErrorReason, HeldBack, RemoteOutcome, SyncOutcome};
+use metamanager::topics::Peer;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -119,4 +123,73 @@ async fn counters_move_with_mqtt_traffic() {
     assert!(commits.is_some_and(|c| c >= 1.0), "{text}");
     let size = value(&scrape, "metamanager_database_size_bytes", &[]);
     assert!(size.is_some_and(|s| s > 0.0), "{text}");
+}
+
+/// On a node that has done nothing yet, every counter whose label values are known is served at
+/// 0 with its HELP and TYPE: a series that appears only at its first increase reads as no data
+/// until then, and `rate` misses that increase. The values are the code's own.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fresh_node_serves_every_known_series_at_zero() {
+    let app = TestApp::spawn(Options::new(BrokerKind::Embedded))
+        .await
+        .expect("embedded broker needs nothing installed");
+    let (text, scrape) = scrape(app.http_port).await;
+
+    let mut series: Vec<(&str, Vec<(&str, &str)>)> = Vec::new();
+    let mut by = |family, label, values: Vec<&'static str>| {
+        series.extend(values.into_iter().map(|v| (family, vec![(label, v)])));
+    };
+    by(
+        "errors",
+        "reason",
+        ErrorReason::ALL.iter().map(|v| v.as_str()).collect(),
+    );
+    by(
+        "messages_held_back",
+        "reason",
+        HeldBack::ALL.iter().map(|v| v.as_str()).collect(),
+    );
+    by(
+        "metasync_runs",
+        "outcome",
+        SyncOutcome::ALL.iter().map(|v| v.as_str()).collect(),
+    );
+    by(
+        "remote_queries",
+        "outcome",
+        RemoteOutcome::ALL.iter().map(|v| v.as_str()).collect(),
+    );
+    by(
+        "replies_sent",
+        "operation",
+        vec![Operation::Response.as_str(), Operation::Error.as_str()],
+    );
+    by("outbox_dropped_messages", "reason", vec!["full", "expired"]);
+    let operations = Operation::ALL.iter().map(|o| o.as_str()).chain(["invalid"]);
+    for peer in [Peer::Edgehub, Peer::Edged] {
+        for operation in operations.clone() {
+            let labels = vec![("topic", peer.as_str()), ("operation", operation)];
+            series.push(("messages_received", labels));
+        }
+    }
+    series.push(("broker_resent_publishes", Vec::new()));
+    series.push(("embedded_broker_skipped_messages", Vec::new()));
+
+    for (family, labels) in &series {
+        let name = format!("metamanager_{family}");
+        assert!(
+            text.contains(&format!("# HELP {name} ")),
+            "no HELP of {name}:\n{text}"
+        );
+        assert!(
+            text.contains(&format!("# TYPE {name} counter\n")),
+            "no TYPE of {name}:\n{text}"
+        );
+        let sample = value(&scrape, &format!("{name}_total"), labels);
+        assert_eq!(
+            sample,
+            Some(0.0),
+            "{name}_total{labels:?} on a fresh node:\n{text}"
+        );
+    }
 }

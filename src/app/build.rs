@@ -12,8 +12,10 @@ use crate::cloud::Cloud;
 use crate::config::{ConfigError, Settings};
 use crate::descriptors;
 use crate::http::auth::Auth;
+use crate::http::exporter::Exporter;
 use crate::http::{self, HttpError};
-use crate::metrics::{Exporter, Metrics};
+use crate::message::Operation;
+use crate::metrics::Metrics;
 use crate::mqtt::settings::BrokerMode;
 use crate::mqtt::{Incoming, Link, LinkOptions};
 use crate::ops::api_write::ApiWrites;
@@ -22,7 +24,7 @@ use crate::readiness::{self, Readiness};
 use crate::status;
 use crate::store::{InstanceLock, Store, StoreError, StoreOptions};
 use crate::tls::{self, TlsError};
-use crate::topics::Topics;
+use crate::topics::{Peer, Topics};
 use crate::watchdog::{BrokerServing, BrokerUnresponsive, Watchdog};
 
 #[derive(Debug, thiserror::Error)]
@@ -146,7 +148,7 @@ impl Parts {
         store.track_delivery(link.publisher.delivery.clone());
         let replies = ops::Replies {
             publisher: link.publisher.clone(),
-            metrics: Arc::new(Metrics::new(store.metrics().clone())),
+            metrics: Arc::new(metrics(store, settings.cloud_link.state_topic.is_some())),
         };
         let remote_timeout = settings.meta.remote_query_timeout;
         let sync = SyncPlan {
@@ -162,7 +164,11 @@ impl Parts {
             sync,
             settings.cloud_link.bridge_words(),
         );
-        let rules = Arc::new(ops::Rules::from_settings(settings));
+        let rules = Arc::new(ops::Rules::new(
+            &settings.node_id,
+            &settings.meta,
+            &settings.mqtt,
+        ));
         let ctx = Arc::new(ops::Context::new(
             replies.clone(),
             store.clone(),
@@ -205,6 +211,25 @@ impl Parts {
             writes: ApiWrites::new(self.ctx.clone()),
         }
     }
+}
+
+/// The node's metrics, with the messages and replies the operations count shown at 0 from
+/// start-up, as the label enums' series are (see [`crate::metrics`]): either peer may send any
+/// operation, or what is no message (`invalid`); the bridge's state topic, when there is one,
+/// says connected or disconnected, or something else (`invalid`). `ops`'s request reading counts
+/// them; replies are responses and errors.
+fn metrics(store: &Store, bridge: bool) -> Metrics {
+    let metrics = Metrics::new(store.metrics().clone());
+    let mut operations: Vec<&str> = Operation::ALL.iter().map(|o| o.as_str()).collect();
+    operations.push("invalid");
+    for peer in [Peer::Edgehub, Peer::Edged] {
+        metrics.known_received(peer.as_str(), &operations);
+    }
+    if bridge {
+        metrics.known_received("bridge", &["connected", "disconnected", "invalid"]);
+    }
+    metrics.known_replies(&[Operation::Response.as_str(), Operation::Error.as_str()]);
+    metrics
 }
 
 /// What the files config keys name hold, read and checked before anything is created.

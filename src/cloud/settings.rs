@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use super::state::BridgeWords;
 
-use crate::config::bounds::{
+use crate::settings_checks::{
     self, at_most_bytes, duration_within, invalid, within, ConfigError, MIN_DURATION,
 };
 
@@ -130,7 +130,7 @@ pub struct OutboxSettings {
     /// Most messages kept; beyond it the oldest are dropped (and counted).
     pub max_messages: usize,
     /// Messages older than this are dropped instead of sent.
-    #[serde(deserialize_with = "bounds::duration")]
+    #[serde(deserialize_with = "settings_checks::duration")]
     pub max_age: Duration,
     /// Messages per second sent when the cloud comes back.
     pub drain_rate: u32,
@@ -167,14 +167,14 @@ impl OutboxSettings {
 #[serde(default, deny_unknown_fields)]
 pub struct MetaSettings {
     pub sync: SyncSettings,
-    #[serde(deserialize_with = "bounds::duration")]
+    #[serde(deserialize_with = "settings_checks::duration")]
     pub remote_query_timeout: Duration,
     /// Resource types that edged may fetch from the cloud when the node holds no copy.
     pub remote_types: Vec<String>,
     /// A stored service account token that expires within this is fetched again from the
     /// cloud when edged asks for it (while the cloud is connected), as KubeEdge refreshes
     /// tokens before their TTL runs out.
-    #[serde(deserialize_with = "bounds::duration")]
+    #[serde(deserialize_with = "settings_checks::duration")]
     pub token_refresh_before: Duration,
 }
 
@@ -187,12 +187,12 @@ pub struct SyncSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PodStatusSync {
-    #[serde(deserialize_with = "bounds::duration")]
+    #[serde(deserialize_with = "settings_checks::duration")]
     pub interval: Duration,
     /// The longest time between two full MetaSync runs (every stored status); the runs between
     /// send only what changed. `0`, or anything up to `interval`, makes every run a full one,
     /// as before this key existed.
-    #[serde(deserialize_with = "bounds::duration")]
+    #[serde(deserialize_with = "settings_checks::duration")]
     pub full_interval: Duration,
 }
 

@@ -6,25 +6,23 @@
 //!
 //! Each part's settings, with their defaults, bounds and `validate`, live beside the part:
 //! [`crate::mqtt::settings`], [`crate::store::settings`], [`crate::http::settings`] and
-//! [`crate::cloud::settings`] (`outbox`, `meta` and `cloud_link`). This module gathers them into
-//! [`Settings`] and reads the file; [`bounds`] holds what they share: the error that names the
-//! key, the range and length checks, the duration format, and reading a file a key names. Adding
+//! [`crate::cloud::settings`] (`outbox`, `meta` and `cloud_link`). This module only gathers them
+//! into [`Settings`] and reads the file; [`crate::settings_checks`], below every part, holds what
+//! they share: the error that names the key, the range and length checks, the duration format,
+//! and reading a file a key names. Adding
 //! a key to a section touches its part's `settings` file (and README.md and conf/edge.yaml),
 //! nothing here; a new section adds its field to [`Settings`].
-
-pub mod bounds;
 
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use bounds::topic_level;
-pub use bounds::ConfigError;
-
 use crate::bounded_read::{self, Holds};
 use crate::cloud::settings::{CloudLinkSettings, MetaSettings, OutboxSettings};
 use crate::http::settings::HttpSettings;
 use crate::mqtt::settings::MqttSettings;
+use crate::settings_checks::topic_level;
+pub use crate::settings_checks::ConfigError;
 use crate::store::settings::DatabaseSettings;
 use crate::topics::Topics;
 

@@ -24,7 +24,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use super::scope::ApiError;
-use crate::config::bounds::{read_named, ConfigError};
+use crate::settings_checks::{read_named, ConfigError};
 
 /// The group of every authenticated user.
 pub const AUTHENTICATED: &str = "system:authenticated";

@@ -16,17 +16,18 @@ use axum::{Json, Router};
 use tokio::net::TcpListener;
 use tokio::sync::watch as flag;
 
-use crate::metrics::Exporter;
 use crate::ops::api_write::ApiWrites;
 use crate::readiness::Readiness;
 use crate::shutdown::Shutdown;
 use crate::store::Store;
 use crate::watchdog::BrokerServing;
+use exporter::Exporter;
 
 pub mod accept;
 pub mod auth;
 pub mod caps;
 pub mod discovery;
+pub mod exporter;
 pub mod host;
 pub mod kinds;
 pub mod kube;

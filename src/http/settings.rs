@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::config::bounds::{
+use crate::settings_checks::{
     self, at_most_bytes, duration_within, invalid, within, ConfigError, MAX_HOST_BYTES,
     MIN_DURATION,
 };
@@ -31,10 +31,10 @@ pub struct HttpSettings {
     /// Connections open at once; over it, `503`. Kept to a quarter of the open-files limit.
     pub max_connections: usize,
     /// Time for a new connection's first request head; over it, `408`.
-    #[serde(deserialize_with = "bounds::duration")]
+    #[serde(deserialize_with = "settings_checks::duration")]
     pub header_timeout: Duration,
     /// Time a keep-alive connection may stay idle between requests.
-    #[serde(deserialize_with = "bounds::duration")]
+    #[serde(deserialize_with = "settings_checks::duration")]
     pub idle_timeout: Duration,
     /// API requests in progress at once, watches apart; over it, `429`.
     pub max_requests: usize,

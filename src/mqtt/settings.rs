@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::config::bounds::{
+use crate::settings_checks::{
     self, at_most_bytes, duration_within, invalid, read_named, topic_level, within, ConfigError,
     MAX_HOST_BYTES, MIN_DURATION,
 };
@@ -63,11 +63,11 @@ pub struct MqttSettings {
     /// Payload bytes received and not yet finished, at most (same effect).
     pub max_inflight_bytes: usize,
     /// How often the embedded broker is checked with a fresh connection.
-    #[serde(deserialize_with = "bounds::duration")]
+    #[serde(deserialize_with = "settings_checks::duration")]
     pub watchdog_interval: Duration,
     /// How long the embedded broker may fail that check before MetaManager exits (status 3)
     /// so that its service manager restarts it.
-    #[serde(deserialize_with = "bounds::duration")]
+    #[serde(deserialize_with = "settings_checks::duration")]
     pub watchdog_timeout: Duration,
 }
 

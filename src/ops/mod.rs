@@ -182,13 +182,34 @@ pub(crate) mod testing {
     use serde_json::{json, Value};
 
     use super::{Context, Ops, Replies, Rules};
+    use crate::cloud::settings::{CloudLinkSettings, MetaSettings};
     use crate::cloud::Cloud;
-    use crate::config::Settings;
     use crate::metrics::Metrics;
     use crate::mqtt::memory::{self, MemoryBroker, Published};
+    use crate::mqtt::settings::MqttSettings;
     use crate::mqtt::Incoming;
     use crate::store::Store;
     use crate::topics::{Peer, Topics};
+
+    /// The sections of the config file the operations are given, read as the file's are. Not
+    /// `crate::config::Settings`: that gathers the HTTP endpoint's settings too, and the
+    /// endpoint uses the operations.
+    #[derive(Default, serde::Deserialize)]
+    #[serde(default, deny_unknown_fields)]
+    struct Settings {
+        mqtt: MqttSettings,
+        meta: MetaSettings,
+        cloud_link: CloudLinkSettings,
+    }
+
+    impl Settings {
+        fn from_yaml(yaml: &str) -> Self {
+            if yaml.trim().is_empty() {
+                return Self::default();
+            }
+            serde_saphyr::from_str(yaml).expect("settings parse")
+        }
+    }
 
     /// The parts of a node the operations are given, each kept for the tests to look at.
     pub(crate) struct Harness {
@@ -198,8 +219,6 @@ pub(crate) mod testing {
         pub cloud: Cloud,
         pub replies: Replies,
         pub broker: MemoryBroker,
-        /// Kept for the exporter of the metrics tests.
-        pub connected: tokio::sync::watch::Receiver<bool>,
         incoming: Incoming,
         _dir: tempfile::TempDir,
     }
@@ -212,7 +231,7 @@ pub(crate) mod testing {
         /// A harness whose settings are the defaults with `yaml` on top.
         pub async fn with_settings(yaml: &str) -> Self {
             let dir = tempfile::tempdir().expect("tempdir");
-            let settings = Settings::from_yaml(yaml).expect("settings parse");
+            let settings = Settings::from_yaml(yaml);
             let db = dir.path().join("m.db");
             let store = Store::open(&db, Default::default()).expect("store opens");
             let topics = Arc::new(
@@ -239,7 +258,8 @@ pub(crate) mod testing {
                 sync,
                 settings.cloud_link.bridge_words(),
             );
-            let rules = Arc::new(Rules::from_settings(&settings));
+            // The config file's default node name, which the rules have always had here.
+            let rules = Arc::new(Rules::new("edge-node", &settings.meta, &settings.mqtt));
             let ctx = Context::new(replies.clone(), store.clone(), cloud.clone(), rules);
             Self {
                 ops: Ops::new(topics.clone(), Arc::new(ctx)),
@@ -248,7 +268,6 @@ pub(crate) mod testing {
                 cloud,
                 replies,
                 broker,
-                connected: link.connected.clone(),
                 incoming,
                 _dir: dir,
             }
@@ -351,7 +370,7 @@ pub(crate) mod testing {
 #[cfg(test)]
 mod tests {
     use super::testing::Harness;
-    use crate::metrics::Exporter;
+    use crate::metrics::Readings;
 
     /// Messages handled by the real operations code move the counters they should.
     #[tokio::test(flavor = "multi_thread")]
@@ -372,17 +391,8 @@ mod tests {
         ] {
             h.ops.dispatch(publish(topic, payload)).await.await;
         }
-        let Harness { cloud, replies, .. } = &h;
-        let exporter = Exporter {
-            metrics: replies.metrics.clone(),
-            store: h.store.clone(),
-            outbox: cloud.outbox.clone(),
-            remote: cloud.remote.clone(),
-            cloud: cloud.state.clone(),
-            broker_connected: h.connected.clone(),
-            publisher: replies.publisher.clone(),
-        };
-        let text = exporter.render();
+        // Only counters are read: the gauges' sources are not this test's.
+        let text = h.replies.metrics.render(&Readings::default());
         let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
             .expect("exposition parses");
         let count = |name: &str, labels: &[(&str, &str)]| {

@@ -10,8 +10,9 @@
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime};
 
+use crate::cloud::settings::MetaSettings;
 use crate::cloud::CloudState;
-use crate::config::Settings;
+use crate::mqtt::settings::MqttSettings;
 use crate::topics::Peer;
 
 /// What the node's settings say the operations and the API's writes follow, beside the rules
@@ -30,12 +31,14 @@ pub struct Rules {
 }
 
 impl Rules {
-    pub fn from_settings(settings: &Settings) -> Self {
+    /// From the sections that set them, not the whole file: `crate::config` gathers every
+    /// part's settings, the HTTP endpoint's among them, and the endpoint uses the operations.
+    pub fn new(node_id: &str, meta: &MetaSettings, mqtt: &MqttSettings) -> Self {
         Self {
-            node_id: settings.node_id.clone(),
-            remote_types: settings.meta.remote_types.iter().cloned().collect(),
-            token_refresh_before: settings.meta.token_refresh_before,
-            max_payload: settings.mqtt.max_payload_bytes,
+            node_id: node_id.to_owned(),
+            remote_types: meta.remote_types.iter().cloned().collect(),
+            token_refresh_before: meta.token_refresh_before,
+            max_payload: mqtt.max_payload_bytes,
         }
     }
 }

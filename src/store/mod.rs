@@ -30,18 +30,18 @@ use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 pub mod digest;
 mod feed;
 pub mod lock;
-mod metrics;
 pub mod read;
 pub mod settings;
 pub mod space;
 mod writer;
 
 use crate::delivery::Delivery;
+/// What the writer thread measures; counted into the node's metrics, below every part.
+pub use crate::metrics::StoreMetrics;
 
 pub use digest::{Digest, ScopeDigest};
 pub use feed::{Expired, Resume};
 pub use lock::{InstanceLock, LockError};
-pub use metrics::StoreMetrics;
 use settings::Synchronous;
 pub use space::{Full, Space};
 pub use writer::replace::{PendingForward, ReplaceSet, Replaced, ReplacedChange};

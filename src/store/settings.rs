@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use crate::config::bounds::{byte_size, invalid, ConfigError};
+use crate::settings_checks::{byte_size, invalid, ConfigError};
 
 /// The default quota: a node's store of a few hundred pods with their configmaps and secrets
 /// is a few MiB, 256 MiB holds about 50 000 objects of 4 KiB, and the rest of 8 GB of flash

@@ -1,7 +1,9 @@
 //! What every part's settings share: the error that names the offending key, the checks a key
 //! is held to (ranges, lengths, topic levels), the duration format, and reading a file a key
 //! names. Each part's settings struct, with its defaults and its `validate`, lives in that
-//! part's module; [`super::Settings`] gathers them.
+//! part's module; [`crate::config::Settings`] gathers them. Every part's settings use this
+//! module and it uses none of them (only [`crate::bounded_read`], below everything), so that
+//! `config` sits above the parts and nothing below it reaches back up.
 //!
 //! The upper bounds each part sets are far above any sensible setting; they exist so that a typo
 //! or a hostile file cannot overflow the arithmetic done with a value or ask for unbounded
