@@ -93,6 +93,35 @@ macro_rules! label_values {
 }
 
 label_values! {
+    /// What a write to the local API asked for.
+    pub enum ApiVerb {
+        Create => "create",
+        Update => "update",
+        Patch => "patch",
+        Delete => "delete",
+    }
+}
+
+label_values! {
+    /// How a write to the local API ended.
+    pub enum ApiWriteOutcome {
+        /// Carried out by the cloud.
+        Cloud => "cloud",
+        /// Taken here while the cloud is away (a status, an event).
+        Here => "here",
+        Conflict => "conflict",
+        NotFound => "not_found",
+        CloudError => "cloud_error",
+        Timeout => "timeout",
+        Unavailable => "unavailable",
+        Invalid => "invalid",
+        TooMany => "too_many",
+        Failed => "failed",
+        StorageFull => "storage_full",
+    }
+}
+
+label_values! {
     /// How a remote query ended.
     pub enum RemoteOutcome {
         Answered => "answered",
@@ -196,7 +225,11 @@ impl Registering<'_> {
 
 /// The gauges, set from their sources' [`Readings`] at render time (see [`Metrics::render`]).
 struct Gauges {
+    ready: Gauge,
     outbox_len: Gauge,
+    outbox_capacity: Gauge,
+    outbox_oldest_age: Gauge,
+    broker_serving: Gauge,
     remote_pending: Gauge,
     cloud_connected: Gauge,
     broker_connected: Gauge,
@@ -209,9 +242,30 @@ struct Gauges {
 impl Gauges {
     fn register(r: &mut Registering) -> Self {
         Self {
+            ready: r.metric(
+                "ready",
+                "1 while the node can handle messages: the store open and not full, the broker connections up and the embedded broker serving (what /readyz says, but for its fresh connection)",
+                Gauge::default(),
+            ),
             outbox_len: r.metric(
                 "outbox_messages",
                 "Messages waiting in the outbox for the cloud",
+                Gauge::default(),
+            ),
+            outbox_capacity: r.metric(
+                "outbox_capacity_messages",
+                "outbox.max_messages: past it, the oldest waiting message is dropped",
+                Gauge::default(),
+            ),
+            outbox_oldest_age: r.measured(
+                "outbox_oldest_message_age",
+                "Age of the oldest message waiting in the outbox; 0 when it is empty",
+                Unit::Seconds,
+                Gauge::default(),
+            ),
+            broker_serving: r.metric(
+                "embedded_broker_serving",
+                "1 while the embedded broker accepts new clients, as its watchdog last found (always 1 with an external broker); at 0 for broker.watchdog_timeout, MetaManager stops to be restarted",
                 Gauge::default(),
             ),
             remote_pending: r.metric(
@@ -293,7 +347,12 @@ impl Mirrored {
 /// mirrored counters follow.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Readings {
+    pub ready: bool,
     pub outbox_messages: u64,
+    /// `outbox.max_messages`.
+    pub outbox_capacity: u64,
+    pub outbox_oldest_age_seconds: u64,
+    pub broker_serving: bool,
     pub remote_queries_pending: u64,
     pub cloud_connected: bool,
     pub broker_connected: bool,
@@ -322,6 +381,7 @@ pub struct Metrics {
     api_writes: Family<ApiWriteLabel, Counter>,
     metasync_runs: Family<OutcomeLabel, Counter>,
     held_back: Family<ReasonLabel, Counter>,
+    digest_messages: Counter,
     gauges: Gauges,
     /// Held while rendering: mirrored counters are read, compared and advanced together.
     mirrored: Mutex<Mirrored>,
@@ -379,7 +439,11 @@ impl Metrics {
         );
         let api_writes = r.metric(
             "api_writes",
-            "Writes to the local API, by verb (create, update, patch, delete) and outcome (cloud: done by the cloud; here: status or event taken while it is away; conflict, not_found, cloud_error, timeout, unavailable, invalid, too_many, failed, storage_full)",
+            format!(
+                "Writes to the local API, by verb ({}) and outcome ({}; cloud: done by the cloud, here: a status or event taken while it is away)",
+                ApiVerb::listed(),
+                ApiWriteOutcome::listed()
+            ),
             Family::<ApiWriteLabel, Counter>::default(),
         );
         let metasync_runs = r.metric(
@@ -395,8 +459,14 @@ impl Metrics {
             ),
             Family::<ReasonLabel, Counter>::default(),
         );
+        let digest_messages = r.metric(
+            "digest_messages",
+            "Digest messages sent or queued for the cloud (one a MetaSync run, more when the digest is sent in parts)",
+            Counter::default(),
+        );
         let gauges = Gauges::register(&mut r);
         let metrics = Self {
+            digest_messages,
             registry,
             received,
             replies,
@@ -426,6 +496,11 @@ impl Metrics {
         }
         for outcome in RemoteOutcome::ALL {
             at_zero(&self.remote_outcomes, outcome_label(outcome.as_str()));
+        }
+        for verb in ApiVerb::ALL {
+            for outcome in ApiWriteOutcome::ALL {
+                at_zero(&self.api_writes, api_write_label(*verb, *outcome));
+            }
         }
     }
 
@@ -485,9 +560,9 @@ impl Metrics {
     }
 
     /// One write of the local API ended with `outcome` (see `metamanager_api_writes`).
-    pub fn api_write(&self, verb: &'static str, outcome: &'static str) {
+    pub fn api_write(&self, verb: ApiVerb, outcome: ApiWriteOutcome) {
         self.api_writes
-            .get_or_create(&ApiWriteLabel { verb, outcome })
+            .get_or_create(&api_write_label(verb, outcome))
             .inc();
     }
 
@@ -516,10 +591,23 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric, with the gauges and mirrored counters
     /// brought to what their sources keep (`readings`).
+    /// A digest of `parts` messages went to the cloud (or into the outbox for it).
+    pub fn digest_sent(&self, parts: usize) {
+        self.digest_messages.inc_by(parts as u64);
+    }
+
     pub fn render(&self, readings: &Readings) -> String {
         let mirrored = self.mirrored.lock().unwrap_or_else(|p| p.into_inner());
         let gauges = &self.gauges;
+        gauges.ready.set(i64::from(readings.ready));
         gauges.outbox_len.set(gauge(readings.outbox_messages));
+        gauges.outbox_capacity.set(gauge(readings.outbox_capacity));
+        gauges
+            .outbox_oldest_age
+            .set(gauge(readings.outbox_oldest_age_seconds));
+        gauges
+            .broker_serving
+            .set(i64::from(readings.broker_serving));
         gauges
             .remote_pending
             .set(gauge(readings.remote_queries_pending));
@@ -549,6 +637,13 @@ impl Metrics {
             tracing::warn!(error = %e, "could not encode metrics");
         }
         out
+    }
+}
+
+fn api_write_label(verb: ApiVerb, outcome: ApiWriteOutcome) -> ApiWriteLabel {
+    ApiWriteLabel {
+        verb: verb.as_str(),
+        outcome: outcome.as_str(),
     }
 }
 

@@ -1,12 +1,17 @@
 //! `/metrics` of the running binary: on a fresh node, every series whose label values are known
 //! is there at 0; after real MQTT traffic, the exposition parses as Prometheus text and the
-//! counters moved the way the messages say they should.
+//! counters moved the way the messages say they should. The alert rules in `conf/prometheus/`
+//! pass promtool's checks and unit tests, and they and the Grafana dashboard in `conf/grafana/`
+//! name only metrics a fresh node serves.
 
 mod common;
 
+use common::process::{skip, Requirement};
 use common::{fixture, message, BrokerKind, Options, TestApp};
 use metamanager::message::Operation;
-use metamanager::metrics::{ErrorReason, HeldBack, RemoteOutcome, SyncOutcome};
+use metamanager::metrics::{
+    ApiVerb, ApiWriteOutcome, ErrorReason, HeldBack, RemoteOutcome, SyncOutcome,
+};
 use metamanager::topics::Peer;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -172,7 +177,14 @@ async fn a_fresh_node_serves_every_known_series_at_zero() {
             series.push(("messages_received", labels));
         }
     }
+    for verb in ApiVerb::ALL {
+        for outcome in ApiWriteOutcome::ALL {
+            let labels = vec![("verb", verb.as_str()), ("outcome", outcome.as_str())];
+            series.push(("api_writes", labels));
+        }
+    }
     series.push(("broker_resent_publishes", Vec::new()));
+    series.push(("digest_messages", Vec::new()));
     series.push(("embedded_broker_skipped_messages", Vec::new()));
 
     for (family, labels) in &series {
@@ -192,4 +204,137 @@ async fn a_fresh_node_serves_every_known_series_at_zero() {
             "{name}_total{labels:?} on a fresh node:\n{text}"
         );
     }
+}
+
+const RULES: &str = "conf/prometheus/metamanager.rules.yml";
+const RULE_TESTS: &str = "conf/prometheus/metamanager.rules.test.yml";
+const DASHBOARD: &str = "conf/grafana/metamanager.json";
+
+fn repo_file(path: &str) -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The `metamanager_…` names a PromQL expression reads.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("metamanager_") {
+        let name: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[at + name.len()..];
+        names.push(name);
+    }
+    names
+}
+
+/// Every `expr` of the alert rules, and of the dashboard's panels.
+fn shipped_queries() -> Vec<(String, String)> {
+    let mut queries: Vec<(String, String)> = repo_file(RULES)
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("expr:"))
+        .map(|e| (RULES.to_owned(), e.trim().to_owned()))
+        .collect();
+    let dashboard: Value = serde_json::from_str(&repo_file(DASHBOARD)).expect("dashboard JSON");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    assert!(!panels.is_empty(), "the dashboard has panels");
+    for panel in panels {
+        for target in panel["targets"].as_array().expect("a panel's targets") {
+            let expr = target["expr"].as_str().expect("a target's expr");
+            queries.push((format!("{DASHBOARD}: {}", panel["title"]), expr.to_owned()));
+        }
+    }
+    queries
+}
+
+/// promtool accepts the rules and its unit tests of them pass: each alert fires on the series
+/// written to fire it, and not on the others.
+#[test]
+fn the_alert_rules_pass_promtools_checks_and_unit_tests() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/prometheus");
+    for args in [
+        vec!["check", "rules", "metamanager.rules.yml"],
+        vec!["test", "rules", "metamanager.rules.test.yml"],
+    ] {
+        let out = match std::process::Command::new("promtool")
+            .args(&args)
+            .current_dir(&dir)
+            .output()
+        {
+            Ok(out) => out,
+            Err(e) => {
+                skip(
+                    Requirement::Promtool,
+                    &format!("promtool cannot be run ({e}; apt-get install prometheus)"),
+                );
+                return;
+            }
+        };
+        assert!(
+            out.status.success(),
+            "promtool {args:?} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(
+        repo_file(RULE_TESTS).contains("metamanager.rules.yml"),
+        "the unit tests load the rules"
+    );
+}
+
+/// Every metric the alert rules and the dashboard read is served by a node that has done
+/// nothing yet: no alert or panel waits for a first event to have a series, and none names a
+/// metric that does not exist. A node that is up is ready and says its outbox's bound.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_alert_and_dashboard_query_names_a_metric_a_fresh_node_serves() {
+    let app = TestApp::spawn(Options::new(BrokerKind::Embedded))
+        .await
+        .expect("embedded broker needs nothing installed");
+    let (text, scrape) = scrape(app.http_port).await;
+    // As the text names them (a histogram's `_bucket`, `_sum` and `_count`), as PromQL does.
+    let served: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    let queries = shipped_queries();
+    let mut missing = Vec::new();
+    for (source, expr) in &queries {
+        let names = metric_names(expr);
+        assert!(
+            !names.is_empty() || expr.starts_with("up{"),
+            "{source}: {expr}"
+        );
+        for name in names {
+            if !served.contains(name.as_str()) {
+                missing.push(format!("{source}: {name} in {expr}"));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "queries name metrics a fresh node does not serve:\n{}\n\n{text}",
+        missing.join("\n")
+    );
+    assert_eq!(
+        value(&scrape, "metamanager_ready", &[]),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(&scrape, "metamanager_outbox_capacity_messages", &[]),
+        Some(10_000.0),
+        "outbox.max_messages' default"
+    );
+    assert_eq!(
+        value(
+            &scrape,
+            "metamanager_outbox_oldest_message_age_seconds",
+            &[]
+        ),
+        Some(0.0)
+    );
 }

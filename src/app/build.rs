@@ -137,6 +137,8 @@ impl App {
 struct Parts {
     replies: ops::Replies,
     cloud: Cloud,
+    /// `outbox.max_messages`, which `/metrics` shows beside the outbox's length.
+    outbox_capacity: usize,
     ctx: Arc<ops::Context>,
     ops: Arc<Ops>,
 }
@@ -179,6 +181,7 @@ impl Parts {
         Self {
             replies,
             cloud,
+            outbox_capacity: settings.outbox.max_messages,
             ctx,
             ops,
         }
@@ -203,6 +206,8 @@ impl Parts {
                 cloud: self.cloud.state.clone(),
                 broker_connected: link.connected.clone(),
                 publisher: link.publisher.clone(),
+                serving: serving.clone(),
+                outbox_capacity: self.outbox_capacity,
             },
             broker_connected: link.connected.clone(),
             serving: serving.clone(),

@@ -201,6 +201,7 @@ impl MetaSync {
             self.plan.max_payload,
         )
         .await?;
+        self.metrics.digest_sent(digest_parts);
         let report = Report::Synced {
             full,
             namespaces,

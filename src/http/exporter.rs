@@ -14,6 +14,7 @@ use crate::cloud::state::CloudState;
 use crate::metrics::{Metrics, Readings};
 use crate::mqtt::Publisher;
 use crate::store::Store;
+use crate::watchdog::BrokerServing;
 
 /// What `/metrics` reads besides the counters: the gauges' and mirrored counters' sources,
 /// read at render time.
@@ -26,22 +27,33 @@ pub struct Exporter {
     pub cloud: CloudState,
     pub broker_connected: watch::Receiver<bool>,
     pub publisher: Publisher,
+    /// Whether the embedded broker accepts new clients, as its watchdog last found.
+    pub serving: BrokerServing,
+    /// `outbox.max_messages`.
+    pub outbox_capacity: usize,
 }
 
 impl Exporter {
     /// The Prometheus text exposition of every metric.
-    pub fn render(&self) -> String {
-        self.metrics.render(&self.read())
+    pub async fn render(&self) -> String {
+        self.metrics.render(&self.read().await)
     }
 
     /// What the sources keep now.
-    fn read(&self) -> Readings {
+    async fn read(&self) -> Readings {
         let space = self.store.space();
+        let broker_connected = *self.broker_connected.borrow();
+        let serving = self.serving.get();
+        let ready = self.store.is_open() && space.full().is_none() && broker_connected && serving;
         Readings {
+            ready,
             outbox_messages: self.outbox.len() as u64,
+            outbox_capacity: self.outbox_capacity as u64,
+            outbox_oldest_age_seconds: self.oldest_waiting().await,
+            broker_serving: serving,
             remote_queries_pending: self.remote.len() as u64,
             cloud_connected: self.cloud.connected(),
-            broker_connected: *self.broker_connected.borrow(),
+            broker_connected,
             database_bytes: database_bytes(self.store.path()),
             store_full: space.full().is_some(),
             store_used: space.used(),
@@ -51,6 +63,24 @@ impl Exporter {
             resent_publishes: self.publisher.resent_publishes(),
             embedded_broker_skipped: rumqttd::skipped_messages(),
         }
+    }
+}
+
+impl Exporter {
+    /// Seconds since the oldest message waiting in the outbox was queued; 0 when none waits
+    /// (or it cannot be read: the store's own error is counted where it is met).
+    async fn oldest_waiting(&self) -> u64 {
+        if self.outbox.is_empty() {
+            return 0;
+        }
+        let oldest = match self.store.outbox_batch(1).await {
+            Ok(batch) => batch.first().map(|entry| entry.created_ms),
+            Err(_) => None,
+        };
+        let now = crate::message::now_millis();
+        oldest.map_or(0, |created| {
+            (now.saturating_sub(created) / 1000).max(0) as u64
+        })
     }
 }
 
@@ -109,6 +139,8 @@ mod tests {
             broker_connected: link.connected.clone(),
             publisher: link.publisher,
             store,
+            serving: crate::watchdog::BrokerServing::default(),
+            outbox_capacity: 10_000,
         };
         (exporter, broker, dir)
     }
@@ -154,7 +186,7 @@ mod tests {
         metrics.metasync(SyncOutcome::Skipped);
         exporter.cloud.report(crate::cloud::Source::Edgehub, true);
 
-        let text = exporter.render();
+        let text = exporter.render().await;
         let lines = text.lines().map(|l| Ok(l.to_owned()));
         let scrape = prometheus_parse::Scrape::parse(lines).expect("exposition parses");
         for family in FAMILIES {
@@ -233,8 +265,7 @@ mod tests {
                 store.write(change).await.expect("write commits");
             }
         };
-        let dropped_full = |exporter: &Exporter| {
-            let text = exporter.render();
+        let dropped_full = |text: String| {
             let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
                 .expect("exposition parses");
             let name = "metamanager_outbox_dropped_messages_total";
@@ -251,19 +282,23 @@ mod tests {
         // An outbox of one: every message queued after the first drops the oldest.
         queue(exporter.store.clone(), 0..4).await;
         assert_eq!(exporter.store.outbox_dropped_full(), 3);
-        assert_eq!(dropped_full(&exporter), Some(3.0));
+        assert_eq!(dropped_full(exporter.render().await), Some(3.0));
         assert_eq!(
-            dropped_full(&exporter),
+            dropped_full(exporter.render().await),
             Some(3.0),
             "a second render adds nothing"
         );
         queue(exporter.store.clone(), 4..6).await;
-        assert_eq!(dropped_full(&exporter), Some(5.0));
+        assert_eq!(dropped_full(exporter.render().await), Some(5.0));
 
         let first = with_store(&mut exporter, open("b.db"));
         queue(exporter.store.clone(), 0..2).await;
         assert_eq!(exporter.store.outbox_dropped_full(), 1);
-        assert_eq!(dropped_full(&exporter), Some(5.0), "never back");
+        assert_eq!(
+            dropped_full(exporter.render().await),
+            Some(5.0),
+            "never back"
+        );
         first.close().await;
         exporter.store.close().await;
         own.close().await;

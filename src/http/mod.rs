@@ -228,7 +228,7 @@ async fn no_openapi() -> scope::ApiError {
 async fn metrics(State(ctx): State<Arc<Context>>) -> Response {
     (
         [(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)],
-        ctx.exporter.render(),
+        ctx.exporter.render().await,
     )
         .into_response()
 }

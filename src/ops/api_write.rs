@@ -26,6 +26,7 @@ use crate::cloud::outbox;
 use crate::cloud::remote::{Answer, TooManyPending};
 use crate::cloud::waiting::{Target, WaitingPatch};
 use crate::message::{self, Message, Operation, API_SOURCE};
+use crate::metrics::{ApiVerb, ApiWriteOutcome};
 use crate::patch::{OpFailure, Patch, PatchError};
 use crate::resource::rtype as rtypes;
 use crate::resource::{self, Resource};
@@ -106,12 +107,13 @@ pub enum WriteError {
 }
 
 impl Verb {
-    fn as_str(self) -> &'static str {
+    /// Its `verb` label in `metamanager_api_writes`.
+    fn label(self) -> ApiVerb {
         match self {
-            Verb::Create => "create",
-            Verb::Update => "update",
-            Verb::Patch => "patch",
-            Verb::Delete => "delete",
+            Verb::Create => ApiVerb::Create,
+            Verb::Update => ApiVerb::Update,
+            Verb::Patch => ApiVerb::Patch,
+            Verb::Delete => ApiVerb::Delete,
         }
     }
 
@@ -128,17 +130,17 @@ impl Verb {
 
 impl WriteError {
     /// Its `outcome` label in `metamanager_api_writes`.
-    fn outcome(&self) -> &'static str {
+    fn outcome(&self) -> ApiWriteOutcome {
         match self {
-            WriteError::Conflict { .. } | WriteError::Modified { .. } => "conflict",
-            WriteError::NotFound { .. } => "not_found",
-            WriteError::Cloud { .. } => "cloud_error",
-            WriteError::Timeout { .. } => "timeout",
-            WriteError::Unavailable(_) => "unavailable",
-            WriteError::TooMany(_) => "too_many",
-            WriteError::Invalid(_) => "invalid",
-            WriteError::Store { .. } | WriteError::Failed { .. } => "failed",
-            WriteError::StorageFull(_) => "storage_full",
+            WriteError::Conflict { .. } | WriteError::Modified { .. } => ApiWriteOutcome::Conflict,
+            WriteError::NotFound { .. } => ApiWriteOutcome::NotFound,
+            WriteError::Cloud { .. } => ApiWriteOutcome::CloudError,
+            WriteError::Timeout { .. } => ApiWriteOutcome::Timeout,
+            WriteError::Unavailable(_) => ApiWriteOutcome::Unavailable,
+            WriteError::TooMany(_) => ApiWriteOutcome::TooMany,
+            WriteError::Invalid(_) => ApiWriteOutcome::Invalid,
+            WriteError::Store { .. } | WriteError::Failed { .. } => ApiWriteOutcome::Failed,
+            WriteError::StorageFull(_) => ApiWriteOutcome::StorageFull,
         }
     }
 
@@ -183,7 +185,7 @@ impl ApiWrites {
     /// Carries out `write`: through the cloud while it is there, else locally when the edge
     /// owns what it changes; counted in `metamanager_api_writes`.
     pub async fn write(&self, write: ApiWrite) -> Result<Written, WriteError> {
-        let verb = write.verb.as_str();
+        let verb = write.verb.label();
         // A full store takes deletes, which make room, and refuses the rest before the cloud
         // is asked: what the cloud accepted could not be kept here.
         let full = self
@@ -197,8 +199,8 @@ impl ApiWrites {
             None => carry_out(&self.ctx, write).await,
         };
         let outcome = match &result {
-            Ok(_) if by_cloud => "cloud",
-            Ok(_) => "here",
+            Ok(_) if by_cloud => ApiWriteOutcome::Cloud,
+            Ok(_) => ApiWriteOutcome::Here,
             Err(e) => e.outcome(),
         };
         self.ctx.replies.metrics.api_write(verb, outcome);

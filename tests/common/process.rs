@@ -73,17 +73,20 @@ pub enum Requirement {
     Tmpfs,
     /// A private network namespace, for ports a test must own (root, `unshare`).
     Netns,
+    /// Prometheus's promtool, for the alert rules' unit tests.
+    Promtool,
 }
 
 impl Requirement {
     /// Every requirement, so that a test can check `.ci/run` requires each.
-    pub const ALL: [Requirement; 6] = [
+    pub const ALL: [Requirement; 7] = [
         Requirement::Mosquitto,
         Requirement::RabbitMq,
         Requirement::Kubectl,
         Requirement::PythonK8s,
         Requirement::Tmpfs,
         Requirement::Netns,
+        Requirement::Promtool,
     ];
 
     /// The variable that turns a skip into a failure.
@@ -95,6 +98,7 @@ impl Requirement {
             Requirement::PythonK8s => "METAMANAGER_REQUIRE_PYTHON_K8S",
             Requirement::Tmpfs => "METAMANAGER_REQUIRE_TMPFS",
             Requirement::Netns => "METAMANAGER_REQUIRE_NETNS",
+            Requirement::Promtool => "METAMANAGER_REQUIRE_PROMTOOL",
         }
     }
 
