@@ -406,7 +406,7 @@ impl Store {
             source,
         };
         let conn = Connection::open(path).map_err(open_err)?;
-        writer::prepare(&conn, options.synchronous.as_str()).map_err(open_err)?;
+        writer::schema::prepare(&conn, options.synchronous.as_str()).map_err(open_err)?;
         let counted = digest::backfill(&conn).map_err(open_err)?;
         if counted > 0 {
             tracing::info!(
@@ -414,9 +414,9 @@ impl Store {
                 "counted stored objects into the digest (once, for rows written without their resourceVersion column)"
             );
         }
-        let run = writer::start_run(&conn).map_err(open_err)?;
-        let (last_change, recent) = writer::recorded_changes(&conn).map_err(open_err)?;
-        writer::number_objects(&conn, last_change).map_err(open_err)?;
+        let run = writer::schema::start_run(&conn).map_err(open_err)?;
+        let (last_change, recent) = writer::schema::recorded_changes(&conn).map_err(open_err)?;
+        writer::schema::number_objects(&conn, last_change).map_err(open_err)?;
         let shared = Arc::new(Shared {
             space: Space::new(options.max_size),
             commits: AtomicU64::default(),

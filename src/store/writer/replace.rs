@@ -1,7 +1,7 @@
 //! `replace`: the cloud's complete set of one scope (`ns/type`), applied in one transaction.
 //!
 //! The set is walked in key order beside the keys the scope holds, and every object goes through
-//! the writer's own single-write step ([`super::apply_write`]): an object of the set is written
+//! the writer's own single-write step ([`super::write::apply_write`]): an object of the set is written
 //! as an `update` would be (stored when absent or different, held back when the stored one has
 //! a higher numeric resourceVersion, left alone when equal), a stored object the set lacks is
 //! deleted. So each resulting change is numbered, recorded in `changes` and sent on the change
@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 
+use super::write::{apply_write, feed_event, Meta};
 use super::{BatchEffects, Writer};
 use crate::store::{ChangeKind, Outcome, Write};
 
@@ -192,13 +193,12 @@ impl Writer {
             };
             // Always read the removed object (edged is sent it), but let the feed keep it only
             // while somebody watches, as for a single delete.
-            let (outcome, mut seen) = super::apply_write(
-                &self.conn,
-                &write,
-                true,
-                &mut effect.digest,
-                self.next_change,
-            )?;
+            let meta = Meta {
+                conn: &self.conn,
+                deltas: &mut effect.digest,
+                number: self.next_change,
+            };
+            let (outcome, mut seen) = apply_write(meta, &write, true)?;
             let removed = seen.before.take();
             seen.before = removed.clone().filter(|_| watched);
             seen.watched = watched;
@@ -210,7 +210,7 @@ impl Writer {
                 }
                 _ => {}
             }
-            let Some(mut event) = super::feed_event(&write, outcome, seen) else {
+            let Some(mut event) = feed_event(&write, outcome, seen) else {
                 continue;
             };
             self.record_change(&mut event)?;

@@ -1,0 +1,415 @@
+//! The writer's loop: whatever is queued, taken as one batch into one transaction (group
+//! commit: one fsync for many messages, none held back for company), each job applied by its
+//! own step, and the batch's effects made known only once it is on disk.
+//!
+//! Here too are the rollbacks, which must leave nothing of a failed batch or change behind: the
+//! database returns to the transaction's start or the change's savepoint, the writer's
+//! counters to the one value ([`Counters`]) taken there, and the batch's marks and releases
+//! wait for the next transaction.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use super::{BatchEffects, Done, Writer};
+use crate::store::space::{self, Full};
+use crate::store::{Job, StoreError};
+
+/// Most changes committed in one transaction; bounds the latency a batch adds to its first.
+const MAX_BATCH: usize = 512;
+/// Ids recorded between two prunings of the window.
+const PRUNE_EVERY: usize = 1_000;
+
+/// The counters of the writer that a rolled-back batch or change must put back, as one value
+/// (see [`Writer::counters`]).
+#[derive(Clone, Copy)]
+struct Counters {
+    outbox_rows: i64,
+    recorded_since_prune: usize,
+    changes_since_prune: usize,
+    next_change: u64,
+}
+
+/// The settle marks and releases a batch took, put back for the next one when it rolls back.
+struct Pending {
+    marks: Vec<(u64, String)>,
+    released: Vec<String>,
+}
+
+/// Each job of `batch` failed with `text`.
+fn every_one_failed(batch: &[Job], text: String) -> Tried {
+    Tried::Done(
+        batch
+            .iter()
+            .map(|_| Err(StoreError::Commit(text.clone())))
+            .collect(),
+    )
+}
+
+/// Each job of `batch` refused for want of room.
+fn every_one_refused(batch: &[Job], full: Full) -> Vec<Result<Done, StoreError>> {
+    batch
+        .iter()
+        .map(|_| Err(StoreError::StorageFull(full.clone())))
+        .collect()
+}
+
+/// How an attempt at a batch ended: committed (or failed) with an outcome per job, or rolled
+/// back whole for want of room.
+enum Tried {
+    Done(Vec<Result<Done, StoreError>>),
+    NoRoom(Full),
+}
+
+impl Job {
+    /// Tells the submitter, who may have stopped waiting. Each job's outcome comes from its
+    /// own kind of apply ([`Writer::apply_job`]), so the pairs always match.
+    fn answer(self, outcome: Result<Done, StoreError>) {
+        let mismatch = || StoreError::Task("a job was given another kind's outcome".into());
+        match self {
+            Job::Change { done, .. } => {
+                let _ = done.send(outcome.and_then(|d| match d {
+                    Done::Applied(a) => Ok(a),
+                    Done::Replaced(_) | Done::Maintained => Err(mismatch()),
+                }));
+            }
+            Job::Replace { done, .. } => {
+                let _ = done.send(outcome.and_then(|d| match d {
+                    Done::Replaced(r) => Ok(r),
+                    Done::Applied(_) | Done::Maintained => Err(mismatch()),
+                }));
+            }
+            Job::Maintain => {}
+        }
+    }
+}
+
+impl Writer {
+    pub fn run(mut self, mut jobs: mpsc::Receiver<Job>) {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        // No timer anywhere: the writer sleeps only while nothing is queued, and takes what is
+        // queued at the moment it wakes. A lone change is committed at once; under load the
+        // queue fills while the previous commit's fsync runs, and the next batch takes it all.
+        // Periodic work runs between batches, never inside one.
+        let mut maintain = false;
+        while let Some(first) = jobs.blocking_recv() {
+            let mut next = Some(first);
+            while let Some(job) = next.take() {
+                match job {
+                    Job::Maintain => maintain = true,
+                    job => batch.push(job),
+                }
+                if batch.len() < MAX_BATCH {
+                    next = jobs.try_recv().ok();
+                }
+            }
+            if !batch.is_empty() {
+                let outcomes = self.commit_batch(&batch);
+                for (job, outcome) in batch.drain(..).zip(outcomes) {
+                    job.answer(outcome);
+                }
+            }
+            if std::mem::take(&mut maintain) {
+                self.maintain();
+            }
+        }
+        // Closing: whatever the broker acknowledged since the last commit is recorded before
+        // the database closes, so a clean stop leaves nothing unsettled that was forwarded.
+        let marks = self.take_settle_marks();
+        let released = self.take_releases();
+        if !marks.is_empty() || !released.is_empty() {
+            let flushed = self
+                .begin_batch(&marks, &released)
+                .and_then(|()| self.conn.execute_batch("COMMIT"));
+            if let Err(e) = flushed {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                tracing::warn!(error = %e, marks = marks.len(), "could not record settled message ids at close");
+            }
+        }
+        if let Err(e) = self.conn.pragma_update(None, "wal_checkpoint", "TRUNCATE") {
+            tracing::warn!(error = %e, "final WAL checkpoint failed");
+        }
+        // The write connection closes (with its final checkpoint) before the claim ends: the
+        // next MetaManager never writes beside it.
+        let Writer { conn, lock, .. } = self;
+        drop(conn);
+        drop(lock);
+    }
+
+    /// Commits a batch. The common case runs every change straight into one transaction;
+    /// only when one fails is the transaction rolled back and the batch run again with a
+    /// savepoint per change, so that the failure is isolated without paying for savepoints
+    /// every time. A batch that does not fit (past the quota, or refused by the disk) is rolled
+    /// back whole and run again guarded by the limit it met: each change alone, those that need
+    /// room and do not fit refused with [`StoreError::StorageFull`], the others (deletes among
+    /// them) committed. Nothing is half-applied: a refused change is rolled back to its
+    /// savepoint.
+    fn commit_batch(&mut self, batch: &[Job]) -> Vec<Result<Done, StoreError>> {
+        let guard = self.guard_while_full();
+        let outcomes = match self.try_batch(batch, guard.as_ref()) {
+            Tried::Done(outcomes) => outcomes,
+            Tried::NoRoom(full) if guard.is_none() => {
+                self.make_room(&full);
+                match self.try_batch(batch, Some(&full)) {
+                    Tried::Done(outcomes) => outcomes,
+                    Tried::NoRoom(full) => every_one_refused(batch, full),
+                }
+            }
+            Tried::NoRoom(full) => every_one_refused(batch, full),
+        };
+        self.follow_room(batch, &outcomes);
+        outcomes
+    }
+
+    /// One attempt at a batch, unguarded (`guard` `None`) or guarded by the limit the first
+    /// attempt met.
+    fn try_batch(&mut self, batch: &[Job], guard: Option<&Full>) -> Tried {
+        let started = Instant::now();
+        let start = self.counters();
+        let pending = Pending {
+            marks: self.take_settle_marks(),
+            released: self.take_releases(),
+        };
+        if let Err(e) = self.begin_batch(&pending.marks, &pending.released) {
+            return every_one_failed(batch, e.to_string());
+        }
+        let pages_at_start = match self.shared.space.limit() > 0 {
+            true => self.pages_at_start(),
+            false => None,
+        };
+        let mut effect = BatchEffects::default();
+        let outcomes = match guard {
+            Some(full) => self.apply_isolated(batch, &mut effect, Some(full)),
+            None => match self.apply_unguarded(batch, &mut effect, start, &pending) {
+                Ok(outcomes) => outcomes,
+                Err(tried) => return tried,
+            },
+        };
+        if guard.is_none() {
+            let no_room = outcomes.iter().find_map(|o| match o {
+                Err(StoreError::StorageFull(full)) => Some(full.clone()),
+                _ => None,
+            });
+            // The quota, for the batch as a whole; guarded, each change was measured alone.
+            let no_room = no_room.or_else(|| self.past_quota(pages_at_start));
+            if let Some(full) = no_room {
+                self.abandon_batch(start, &pending);
+                return Tried::NoRoom(full);
+            }
+        }
+        if let Err(tried) = self.commit(batch, &mut effect, start, &pending) {
+            return tried;
+        }
+        self.metrics.commit(started.elapsed(), batch.len());
+        self.announce(batch.len(), effect);
+        Tried::Done(outcomes)
+    }
+
+    /// The batch straight into the open transaction; when a change fails, the transaction is
+    /// rolled back and the batch run again with a savepoint per change. A change the disk
+    /// refuses ends the attempt: the batch is tried again guarded.
+    fn apply_unguarded(
+        &mut self,
+        batch: &[Job],
+        effect: &mut BatchEffects,
+        start: Counters,
+        pending: &Pending,
+    ) -> Result<Vec<Result<Done, StoreError>>, Tried> {
+        let fast: rusqlite::Result<Vec<Done>> = batch
+            .iter()
+            .map(|job| self.apply_job(job, effect))
+            .collect();
+        let e = match fast {
+            Ok(applied) => return Ok(applied.into_iter().map(Ok).collect()),
+            Err(e) => e,
+        };
+        let _ = self.conn.execute_batch("ROLLBACK");
+        self.forget_pages();
+        self.restore(start);
+        *effect = BatchEffects::default();
+        if space::is_disk_full(&e) {
+            self.requeue_settle_marks(&pending.marks);
+            self.requeue_releases(&pending.released);
+            return Err(Tried::NoRoom(self.disk_full()));
+        }
+        if let Err(e) = self.begin_batch(&pending.marks, &pending.released) {
+            return Err(every_one_failed(batch, e.to_string()));
+        }
+        Ok(self.apply_isolated(batch, effect, None))
+    }
+
+    /// The digest's one write per scope the batch changed, the pruning when due, and the
+    /// commit; a failure rolls the batch back whole. Without the digest's write the batch
+    /// cannot commit, or the digest would no longer match the store.
+    fn commit(
+        &mut self,
+        batch: &[Job],
+        effect: &mut BatchEffects,
+        start: Counters,
+        pending: &Pending,
+    ) -> Result<(), Tried> {
+        let failed = match effect.digest.flush(&self.conn) {
+            Err(e) => Some((e, "updating the digest failed")),
+            Ok(()) => {
+                self.prune_when_due();
+                self.conn
+                    .execute_batch("COMMIT")
+                    .err()
+                    .map(|e| (e, "store commit failed"))
+            }
+        };
+        let Some((e, what)) = failed else {
+            return Ok(());
+        };
+        self.abandon_batch(start, pending);
+        if space::is_disk_full(&e) {
+            return Err(Tried::NoRoom(self.disk_full()));
+        }
+        let text = e.to_string();
+        tracing::error!(error = %text, changes = batch.len(), "{what}");
+        Err(every_one_failed(batch, text))
+    }
+
+    /// The counters a rollback must put back, taken before a batch or a change.
+    fn counters(&self) -> Counters {
+        Counters {
+            outbox_rows: self.outbox_rows,
+            recorded_since_prune: self.recorded_since_prune,
+            changes_since_prune: self.changes_since_prune,
+            next_change: self.next_change,
+        }
+    }
+
+    /// Puts the counters back as [`Writer::counters`] took them, all of them.
+    fn restore(&mut self, counters: Counters) {
+        self.outbox_rows = counters.outbox_rows;
+        self.recorded_since_prune = counters.recorded_since_prune;
+        self.changes_since_prune = counters.changes_since_prune;
+        self.next_change = counters.next_change;
+    }
+
+    /// Prunes the remembered message ids and the change history, each once it has grown by
+    /// [`PRUNE_EVERY`], inside the batch's transaction; a failure costs only the pruning.
+    fn prune_when_due(&mut self) {
+        if self.recorded_since_prune >= PRUNE_EVERY {
+            if let Err(e) = self.prune_processed() {
+                tracing::warn!(error = %e, "pruning remembered message ids failed");
+            }
+            self.recorded_since_prune = 0;
+        }
+        if self.changes_since_prune >= PRUNE_EVERY {
+            if let Err(e) = self.prune_changes() {
+                tracing::warn!(error = %e, "pruning the change history failed");
+            }
+            self.changes_since_prune = 0;
+        }
+    }
+
+    /// Makes a committed batch known: the counters, the outbox's length and its sender, and
+    /// the change feed. Only after the commit, so nothing announces what is not on disk.
+    fn announce(&self, changes: usize, effect: BatchEffects) {
+        self.shared.commits.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .committed_changes
+            .fetch_add(changes as u64, Ordering::Relaxed);
+        if effect.touched {
+            self.publish_outbox_len();
+            if effect.dropped > 0 {
+                self.shared
+                    .outbox_dropped_full
+                    .fetch_add(effect.dropped, Ordering::Relaxed);
+                tracing::warn!(
+                    dropped = effect.dropped,
+                    max = self.outbox_max,
+                    "outbox full: oldest messages for the cloud dropped"
+                );
+            }
+            self.shared.outbox_changed.notify_one();
+        }
+        self.shared.feed.publish(effect.events);
+    }
+
+    /// Opens a batch's transaction and applies the settle marks and releases taken for it
+    /// before the batch's own changes, so that a redelivery in this batch already sees the
+    /// original settled when its forward was handed on before the redelivery arrived, and a
+    /// message sent again after it could not be passed on is handled again. When the
+    /// transaction cannot be opened, the marks and releases wait for the next one.
+    fn begin_batch(&self, marks: &[(u64, String)], released: &[String]) -> rusqlite::Result<()> {
+        if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
+            self.requeue_settle_marks(marks);
+            self.requeue_releases(released);
+            return Err(e);
+        }
+        self.apply_settle_marks(marks);
+        self.apply_releases(released);
+        Ok(())
+    }
+
+    /// Rolls back a batch that could not be committed: the writer's counters return to where
+    /// the batch found them, and its marks and releases wait for the next transaction.
+    fn abandon_batch(&mut self, start: Counters, pending: &Pending) {
+        let _ = self.conn.execute_batch("ROLLBACK");
+        self.forget_pages();
+        self.restore(start);
+        self.requeue_settle_marks(&pending.marks);
+        self.requeue_releases(&pending.released);
+    }
+
+    /// Each change in its own savepoint: a failing one is rolled back alone. Guarded by a
+    /// limit the batch met (`guard`), a change that needs room is refused without being tried
+    /// when the disk is full, and rolled back when it takes the live data past the quota.
+    fn apply_isolated(
+        &mut self,
+        batch: &[Job],
+        effect: &mut BatchEffects,
+        guard: Option<&Full>,
+    ) -> Vec<Result<Done, StoreError>> {
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for job in batch {
+            if let Some(full @ Full::Disk { .. }) = guard {
+                if job.needs_room() {
+                    outcomes.push(Err(StoreError::StorageFull(full.clone())));
+                    continue;
+                }
+            }
+            let measure = matches!(guard, Some(Full::Quota { .. })) && job.needs_room();
+            let pages_before = match measure {
+                true => space::pages_in_use(&self.conn).ok(),
+                false => None,
+            };
+            let before = self.counters();
+            let events_before = effect.events.len();
+            let digest_before = effect.digest.len();
+            let applied = self
+                .conn
+                .execute_batch("SAVEPOINT change")
+                .and_then(|()| self.apply_job(job, effect))
+                .map_err(|e| self.no_room_or(e))
+                .and_then(|a| match self.past_quota(pages_before) {
+                    Some(full) => Err(StoreError::StorageFull(full)),
+                    None => Ok(a),
+                })
+                .and_then(|a| {
+                    self.conn
+                        .execute_batch("RELEASE change")
+                        .map(|()| a)
+                        .map_err(|e| self.no_room_or(e))
+                });
+            match applied {
+                Ok(a) => outcomes.push(Ok(a)),
+                Err(e) => {
+                    let _ = self
+                        .conn
+                        .execute_batch("ROLLBACK TO change; RELEASE change");
+                    self.forget_pages();
+                    self.restore(before);
+                    effect.events.truncate(events_before);
+                    effect.digest.truncate(digest_before);
+                    outcomes.push(Err(e));
+                }
+            }
+        }
+        outcomes
+    }
+}
