@@ -224,9 +224,7 @@ impl Writer {
             Ok(applied) => return Ok(applied.into_iter().map(Ok).collect()),
             Err(e) => e,
         };
-        let _ = self.conn.execute_batch("ROLLBACK");
-        self.forget_pages();
-        self.restore(start);
+        self.roll_back("ROLLBACK", start);
         *effect = BatchEffects::default();
         if space::is_disk_full(&e) {
             self.requeue_settle_marks(&pending.marks);
@@ -279,6 +277,15 @@ impl Writer {
             changes_since_prune: self.changes_since_prune,
             next_change: self.next_change,
         }
+    }
+
+    /// Rolls the database back by `statement` (the transaction, or a change's savepoint) and
+    /// the writer's counters with it, whole, to `to`, taken there: every rollback of a batch or
+    /// a change goes through here, so none puts back only some of them.
+    fn roll_back(&mut self, statement: &str, to: Counters) {
+        let _ = self.conn.execute_batch(statement);
+        self.forget_pages();
+        self.restore(to);
     }
 
     /// Puts the counters back as [`Writer::counters`] took them, all of them.
@@ -349,9 +356,7 @@ impl Writer {
     /// Rolls back a batch that could not be committed: the writer's counters return to where
     /// the batch found them, and its marks and releases wait for the next transaction.
     fn abandon_batch(&mut self, start: Counters, pending: &Pending) {
-        let _ = self.conn.execute_batch("ROLLBACK");
-        self.forget_pages();
-        self.restore(start);
+        self.roll_back("ROLLBACK", start);
         self.requeue_settle_marks(&pending.marks);
         self.requeue_releases(&pending.released);
     }
@@ -378,9 +383,7 @@ impl Writer {
                 true => space::pages_in_use(&self.conn).ok(),
                 false => None,
             };
-            let before = self.counters();
-            let events_before = effect.events.len();
-            let digest_before = effect.digest.len();
+            let (before, effects_before) = (self.counters(), effect.mark());
             let applied = self
                 .conn
                 .execute_batch("SAVEPOINT change")
@@ -399,17 +402,58 @@ impl Writer {
             match applied {
                 Ok(a) => outcomes.push(Ok(a)),
                 Err(e) => {
-                    let _ = self
-                        .conn
-                        .execute_batch("ROLLBACK TO change; RELEASE change");
-                    self.forget_pages();
-                    self.restore(before);
-                    effect.events.truncate(events_before);
-                    effect.digest.truncate(digest_before);
+                    self.roll_back("ROLLBACK TO change; RELEASE change", before);
+                    effect.rewind(effects_before);
                     outcomes.push(Err(e));
                 }
             }
         }
         outcomes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use rusqlite::Connection;
+
+    use crate::store::{Change, CloudMessage, Store, StoreOptions};
+
+    /// A change rolled back to its savepoint leaves nothing of itself among the batch's
+    /// effects: the outbox row its message pushed out is still there, and no drop is counted.
+    #[tokio::test]
+    async fn a_change_rolled_back_to_its_savepoint_counts_no_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        let options = StoreOptions {
+            outbox_max: 1,
+            ..StoreOptions::default()
+        };
+        let store = Store::open(&path, options).unwrap();
+        let change = |id: &str| Change {
+            msg_id: Some(id.into()),
+            to_cloud: Some(CloudMessage {
+                resource: format!("ns/pod/{id}"),
+                payload: Bytes::from_static(b"{}"),
+                coalesce: false,
+            }),
+            ..Change::default()
+        };
+        assert!(store.write(change("first")).await.unwrap().queued);
+        // Fails after its message went into the outbox, which pushed the first one out.
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(
+                "CREATE TRIGGER reject_bad BEFORE INSERT ON processed WHEN NEW.msg_id = 'bad'
+                 BEGIN SELECT RAISE(ABORT, 'rejected by test trigger'); END;",
+            )
+            .unwrap();
+        let err = store.write(change("bad")).await.unwrap_err().to_string();
+        assert!(err.contains("rejected by test trigger"), "{err}");
+        assert_eq!(store.outbox_dropped_full(), 0);
+        assert_eq!(store.outbox_len(), 1);
+        let kept = store.outbox_batch(10).await.unwrap();
+        assert_eq!(kept.len(), 1);
+        store.close().await;
     }
 }

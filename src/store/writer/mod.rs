@@ -84,11 +84,44 @@ pub(super) struct Writer {
 /// and the changes for the change feed.
 #[derive(Default)]
 pub(super) struct BatchEffects {
+    /// The outbox changed: its length is published and its sender woken.
     touched: bool,
+    /// Messages for the cloud dropped because the outbox was full.
     dropped: u64,
     pub events: Vec<StoreEvent>,
     /// The batch's changes to the digest, written once before the commit.
     pub digest: Deltas,
+}
+
+/// How far a batch's effects had got before a change, for putting them back when the change
+/// is rolled back to its savepoint (see [`BatchEffects::mark`]).
+#[derive(Clone, Copy)]
+struct EffectsMark {
+    touched: bool,
+    dropped: u64,
+    events: usize,
+    digest: usize,
+}
+
+impl BatchEffects {
+    /// Where the effects stand, taken before a change.
+    fn mark(&self) -> EffectsMark {
+        EffectsMark {
+            touched: self.touched,
+            dropped: self.dropped,
+            events: self.events.len(),
+            digest: self.digest.len(),
+        }
+    }
+
+    /// Forgets what was added since `mark`: a rolled-back change announces nothing, and the
+    /// outbox rows it dropped were not dropped.
+    fn rewind(&mut self, mark: EffectsMark) {
+        self.touched = mark.touched;
+        self.dropped = mark.dropped;
+        self.events.truncate(mark.events);
+        self.digest.truncate(mark.digest);
+    }
 }
 
 /// What one job did, for its submitter.
