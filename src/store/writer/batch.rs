@@ -414,10 +414,14 @@ impl Writer {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
     use bytes::Bytes;
     use rusqlite::Connection;
 
-    use crate::store::{Change, CloudMessage, Store, StoreOptions};
+    use crate::store::tests::put;
+    use crate::store::{Change, ChangeKind, CloudMessage, Outcome, Store, StoreOptions, Write};
 
     /// A change rolled back to its savepoint leaves nothing of itself among the batch's
     /// effects: the outbox row its message pushed out is still there, and no drop is counted.
@@ -454,6 +458,178 @@ mod tests {
         assert_eq!(store.outbox_len(), 1);
         let kept = store.outbox_batch(10).await.unwrap();
         assert_eq!(kept.len(), 1);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn one_failed_write_does_not_sink_its_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        let store = Store::open(&path, StoreOptions::default()).unwrap();
+        // A real SQLite failure for one key only.
+        let other = Connection::open(&path).unwrap();
+        other
+            .execute_batch(
+                "CREATE TRIGGER reject_bad BEFORE INSERT ON meta WHEN NEW.key = 'ns/pod/bad'
+                 BEGIN SELECT RAISE(ABORT, 'rejected by test trigger'); END;",
+            )
+            .unwrap();
+        // Hold the write lock so the writer stalls on its first batch while the next three
+        // writes queue up behind it and are then committed together.
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let seed = store.submit(put("ns/pod/seed", "{}")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let before = store.submit(put("ns/pod/a", "{}")).await.unwrap();
+        let bad = store.submit(put("ns/pod/bad", "{}")).await.unwrap();
+        let after = store.submit(put("ns/pod/b", "{}")).await.unwrap();
+        other.execute_batch("COMMIT").unwrap();
+        assert_eq!(seed.await.unwrap().unwrap().outcome, Outcome::Stored);
+        assert_eq!(before.await.unwrap().unwrap().outcome, Outcome::Stored);
+        let err = bad.await.unwrap().unwrap_err().to_string();
+        assert!(err.contains("rejected by test trigger"), "{err}");
+        assert_eq!(after.await.unwrap().unwrap().outcome, Outcome::Stored);
+        let keys: Vec<String> = store
+            .list("ns", "pod")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(keys, ["ns/pod/a", "ns/pod/b", "ns/pod/seed"]);
+        store.close().await;
+    }
+
+    /// A patch sees what was queued before it in the same transaction; one that cannot be
+    /// applied fails alone, and a patch that changed the object is a MODIFIED change.
+    #[tokio::test]
+    async fn a_patch_builds_on_the_writes_before_it_in_its_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        let store = Store::open(&path, StoreOptions::default()).unwrap();
+        let mut feed = store.subscribe_changes();
+        let patch = |key: &str, content: &str| Write::Patch {
+            key: key.into(),
+            rtype: "pod".into(),
+            patch: Arc::new(
+                crate::patch::Patch::parse(content.as_bytes(), "pod", 1 << 20).expect("a patch"),
+            ),
+        };
+        // Stall the writer on its first write while the others queue up behind it.
+        let other = Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let seed = store.submit(put("ns/pod/seed", "{}")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let update = Write::PutIfChanged {
+            key: "ns/pod/p".into(),
+            rtype: "pod".into(),
+            value: Bytes::from_static(br#"{"spec":{},"status":{"phase":"Pending"}}"#),
+        };
+        let queued = [
+            update,
+            patch("ns/pod/p", r#"{"status":{"phase":"Running"}}"#),
+            patch(
+                "ns/pod/p",
+                r#"[{"op":"test","path":"/status/phase","value":"Pending"}]"#,
+            ),
+            patch("ns/pod/absent", r#"{"status":{"phase":"Running"}}"#),
+            put("ns/pod/b", "{}"),
+        ];
+        let mut pending = Vec::new();
+        for write in queued {
+            pending.push(store.submit(write).await.unwrap());
+        }
+        other.execute_batch("COMMIT").unwrap();
+        seed.await.unwrap().unwrap();
+        let mut outcomes = Vec::new();
+        for p in pending {
+            outcomes.push(p.await.unwrap().unwrap().outcome);
+        }
+        let failed = crate::patch::PatchError::Operation {
+            op: 0,
+            failure: crate::patch::OpFailure::TestFailed,
+        };
+        assert_eq!(
+            outcomes,
+            [
+                Outcome::Stored,
+                Outcome::Patched { changed: true },
+                Outcome::Rejected(failed),
+                Outcome::Absent,
+                Outcome::Stored,
+            ]
+        );
+        assert_eq!(store.commits(), (2, 6), "the rest in one transaction");
+        let running = r#"{"spec":{},"status":{"phase":"Running"}}"#;
+        assert_eq!(
+            store.get("ns/pod/p").await.unwrap().as_deref(),
+            Some(running)
+        );
+        assert_eq!(store.get("ns/pod/absent").await.unwrap(), None);
+        let mut seen = Vec::new();
+        while let Ok(e) = feed.try_recv() {
+            seen.push((e.kind, e.key.clone(), e.value.clone()));
+        }
+        let b = |s: &'static str| Some(Bytes::from_static(s.as_bytes()));
+        assert_eq!(
+            seen[1..],
+            [
+                (
+                    ChangeKind::Added,
+                    "ns/pod/p".into(),
+                    b(r#"{"spec":{},"status":{"phase":"Pending"}}"#)
+                ),
+                (ChangeKind::Modified, "ns/pod/p".into(), b(running)),
+                (ChangeKind::Added, "ns/pod/b".into(), b("{}")),
+            ]
+        );
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_lone_write_is_committed_without_waiting_for_company() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("m.db"), StoreOptions::default()).unwrap();
+        // Nothing else is queued or will be: if the writer held a batch open for more
+        // writes, this would never resolve.
+        let applied = store.write(put("ns/pod/alone", "{}")).await.unwrap();
+        assert_eq!(applied.outcome, Outcome::Stored);
+        assert_eq!(
+            store.commits(),
+            (1, 1),
+            "committed on its own, in its own transaction"
+        );
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn queued_writes_share_a_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        let store = Store::open(&path, StoreOptions::default()).unwrap();
+        // Stall the writer on its first write while 100 more queue up behind it.
+        let other = Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let first = store.submit(put("ns/pod/first", "{}")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut rest = Vec::new();
+        for i in 0..100 {
+            rest.push(
+                store
+                    .submit(put(&format!("ns/pod/p{i}"), "{}"))
+                    .await
+                    .unwrap(),
+            );
+        }
+        other.execute_batch("COMMIT").unwrap();
+        first.await.unwrap().unwrap();
+        for r in rest {
+            r.await.unwrap().unwrap();
+        }
+        assert_eq!(
+            store.commits(),
+            (2, 101),
+            "one commit for the first, one for the rest"
+        );
         store.close().await;
     }
 }

@@ -209,3 +209,255 @@ fn is_current(
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+
+    use crate::store::tests::put;
+    use crate::store::writer::tests::{again, dup, with_id, write_in_new_run};
+    use crate::store::{Change, CloudMessage, Outcome, Store, StoreOptions, Write};
+
+    #[tokio::test]
+    async fn a_message_for_the_cloud_that_needs_its_object_is_not_queued_without_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("m.db"), StoreOptions::default()).unwrap();
+        let change = |needs_object: bool| Change {
+            write: Some(Write::Patch {
+                key: "ns/pod/absent".into(),
+                rtype: "pod".into(),
+                patch: Arc::new(
+                    crate::patch::Patch::parse(br#"{"status":{}}"#, "pod", 1 << 20).unwrap(),
+                ),
+            }),
+            to_cloud: Some(CloudMessage {
+                resource: "ns/pod/absent".into(),
+                payload: bytes::Bytes::from_static(b"{}"),
+                coalesce: false,
+            }),
+            to_cloud_needs_object: needs_object,
+            ..Change::default()
+        };
+        let applied = store.write(change(true)).await.unwrap();
+        assert_eq!(applied.outcome, Outcome::Absent);
+        assert!(!applied.queued);
+        assert_eq!(store.outbox_len(), 0);
+        // An edged patch of an absent object is passed on all the same.
+        let applied = store.write(change(false)).await.unwrap();
+        assert!(applied.queued);
+        assert_eq!(store.outbox_len(), 1);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_redelivered_patch_is_current_while_applying_it_again_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        let patch = |key: &str| {
+            let content = br#"{"status":{"phase":"Running"}}"#;
+            Some(Write::Patch {
+                key: key.into(),
+                rtype: "pod".into(),
+                patch: Arc::new(crate::patch::Patch::parse(content, "pod", 1 << 20).unwrap()),
+            })
+        };
+        let outcome = |c: Change| {
+            let path = path.clone();
+            async move { write_in_new_run(&path, c).await.outcome }
+        };
+        write_in_new_run(&path, put("ns/pod/p", "{}")).await;
+        let first = write_in_new_run(&path, with_id("x", patch("ns/pod/p"))).await;
+        assert_eq!(first.outcome, Outcome::Patched { changed: true });
+        assert!(!first.settled(), "a patch is passed on");
+        assert_eq!(
+            outcome(with_id("x", patch("ns/pod/p"))).await,
+            dup(false, true)
+        );
+        write_in_new_run(&path, put("ns/pod/p", r#"{"status":{"phase":"Failed"}}"#)).await;
+        assert_eq!(
+            outcome(with_id("x", patch("ns/pod/p"))).await,
+            dup(false, false),
+            "superseded"
+        );
+        // Of an absent object, nothing was changed: always current.
+        assert_eq!(
+            outcome(with_id("y", patch("ns/pod/q"))).await,
+            Outcome::Absent
+        );
+        assert_eq!(
+            outcome(with_id("y", patch("ns/pod/q"))).await,
+            dup(false, true)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_redelivered_json_patch_that_changed_its_object_is_current_until_a_later_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        // Not idempotent: applied again, it would add a second condition.
+        let add = || {
+            let content =
+                br#"[{"op":"add","path":"/status/conditions/-","value":{"type":"Ready"}}]"#;
+            Some(Write::Patch {
+                key: "ns/pod/p".into(),
+                rtype: "pod".into(),
+                patch: Arc::new(crate::patch::Patch::parse(content, "pod", 1 << 20).unwrap()),
+            })
+        };
+        write_in_new_run(&path, put("ns/pod/p", r#"{"status":{"conditions":[]}}"#)).await;
+        let first = write_in_new_run(&path, with_id("x", add())).await;
+        assert_eq!(first.outcome, Outcome::Patched { changed: true });
+        // Its forward was never handed on (a crash): the redelivery is still in effect.
+        let again = write_in_new_run(&path, with_id("x", add())).await;
+        assert_eq!(again.outcome, dup(false, true), "passed on again, not lost");
+        write_in_new_run(&path, put("ns/pod/p", "{}")).await;
+        let later = write_in_new_run(&path, with_id("x", add())).await;
+        assert_eq!(
+            later.outcome,
+            dup(false, false),
+            "superseded by a later change"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_duplicate_reports_whether_its_change_is_still_the_stored_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        // Each write in a run of its own: every repeat below is one from before a restart.
+        let outcome = |c: Change| {
+            let path = path.clone();
+            async move { write_in_new_run(&path, c).await.outcome }
+        };
+        let pod = "ns/pod/p";
+        let update = |v: &str| Write::PutIfChanged {
+            key: pod.into(),
+            rtype: "pod".into(),
+            value: Bytes::copy_from_slice(v.as_bytes()),
+        };
+        let delete = |uid: Option<&str>| Write::Delete {
+            key: pod.into(),
+            uid: uid.map(Into::into),
+        };
+        let x = r#"{"metadata":{"uid":"u1"},"spec":{"v":1}}"#;
+        let y = r#"{"metadata":{"uid":"u1"},"spec":{"v":2}}"#;
+
+        // Insert X: a redelivery is current while X is stored, whatever its key order.
+        assert_eq!(
+            outcome(with_id("a", Some(put(pod, x)))).await,
+            Outcome::Stored
+        );
+        assert_eq!(
+            outcome(with_id("a", Some(put(pod, x)))).await,
+            dup(false, true)
+        );
+        // Update to Y supersedes it; the update itself is current.
+        assert_eq!(
+            outcome(with_id("b", Some(update(y)))).await,
+            Outcome::Stored
+        );
+        assert_eq!(
+            outcome(with_id("a", Some(put(pod, x)))).await,
+            dup(false, false)
+        );
+        let y_reordered = r#"{"spec":{"v":2},"metadata":{"uid":"u1"}}"#;
+        assert_eq!(
+            outcome(with_id("b", Some(update(y_reordered)))).await,
+            dup(false, true)
+        );
+        // A delete with the pod's uid removes it and supersedes both.
+        assert_eq!(
+            outcome(with_id("c", Some(delete(Some("u1"))))).await,
+            Outcome::Deleted
+        );
+        assert_eq!(
+            outcome(with_id("a", Some(put(pod, x)))).await,
+            dup(false, false)
+        );
+        assert_eq!(
+            outcome(with_id("b", Some(update(y)))).await,
+            dup(false, false)
+        );
+        assert_eq!(
+            outcome(with_id("c", Some(delete(Some("u1"))))).await,
+            dup(false, true)
+        );
+        // Another pod of the same name: the delete of u1 is still in effect, a delete
+        // without uid is not.
+        let other = r#"{"metadata":{"uid":"u2"}}"#;
+        assert_eq!(
+            outcome(with_id("d", Some(put(pod, other)))).await,
+            Outcome::Stored
+        );
+        assert_eq!(
+            outcome(with_id("c", Some(delete(Some("u1"))))).await,
+            dup(false, true)
+        );
+        assert_eq!(
+            outcome(with_id("e", Some(delete(None)))).await,
+            Outcome::Deleted
+        );
+        assert_eq!(
+            outcome(with_id("d", Some(put(pod, other)))).await,
+            dup(false, false)
+        );
+        assert_eq!(
+            outcome(with_id("e", Some(delete(None)))).await,
+            dup(false, true)
+        );
+        // A message that writes nothing cannot be superseded.
+        assert_eq!(outcome(with_id("f", None)).await, Outcome::Recorded);
+        assert_eq!(outcome(with_id("f", None)).await, dup(false, true));
+        // An update that changed nothing is settled at once.
+        assert_eq!(
+            outcome(with_id("g", Some(put(pod, x)))).await,
+            Outcome::Stored
+        );
+        assert_eq!(
+            outcome(with_id("h", Some(update(x)))).await,
+            Outcome::Unchanged
+        );
+        assert_eq!(
+            outcome(with_id("h", Some(update(x)))).await,
+            dup(true, false)
+        );
+    }
+
+    #[tokio::test]
+    async fn copies_in_one_run_are_acked_only_however_close_and_after_a_restart_by_the_rule() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        let store = Store::open(&path, StoreOptions::default()).unwrap();
+        // Three copies queued back to back: the first forward is not even handed on yet.
+        let copy = || with_id("a", Some(put("ns/pod/a", r#"{"v":1}"#)));
+        let pending = [
+            store.submit(copy()).await.unwrap(),
+            store.submit(copy()).await.unwrap(),
+            store.submit(copy()).await.unwrap(),
+        ];
+        let mut outcomes = Vec::new();
+        for p in pending {
+            outcomes.push(p.await.unwrap().unwrap());
+        }
+        assert_eq!(outcomes[0].outcome, Outcome::Stored);
+        assert!(
+            !outcomes[0].settled(),
+            "the first copy's forward is to come"
+        );
+        for later in &outcomes[1..] {
+            assert_eq!(later.outcome, again(false));
+            assert!(later.settled(), "nothing for a later copy to pass on");
+        }
+        // Its forward never acknowledged before the restart: a repeat then is passed on,
+        // while its change is still the stored state.
+        store.close().await;
+        let store = Store::open(&path, StoreOptions::default()).unwrap();
+        let after = store.write(copy()).await.unwrap();
+        assert_eq!(after.outcome, dup(false, true));
+        assert!(!after.settled());
+        // And once more in this run: acked only.
+        assert_eq!(store.write(copy()).await.unwrap().outcome, again(false));
+        store.close().await;
+    }
+}

@@ -131,3 +131,63 @@ pub(super) enum Done {
     /// Periodic work, which no submitter waits for.
     Maintained,
 }
+
+#[cfg(test)]
+mod tests {
+    //! Helpers for the tests of the writer's files.
+
+    use std::path::Path;
+
+    use rusqlite::{Connection, OptionalExtension};
+
+    use crate::store::{Applied, Change, Outcome, Store, StoreOptions, Write};
+
+    /// Writes `change` in a run of its own (the store opened for it, closed after): a repeat
+    /// written so is one from before a restart.
+    pub(super) async fn write_in_new_run(path: &Path, change: impl Into<Change>) -> Applied {
+        let store = Store::open(path, StoreOptions::default()).unwrap();
+        let applied = store.write(change).await.unwrap();
+        store.close().await;
+        applied
+    }
+
+    /// A change of the message `id`.
+    pub(super) fn with_id(id: &str, write: Option<Write>) -> Change {
+        Change {
+            msg_id: Some(id.into()),
+            write,
+            ..Change::default()
+        }
+    }
+
+    /// The settled flag recorded for the message `id`, read beside the store.
+    pub(super) fn settled_flag(path: &Path, id: &str) -> Option<bool> {
+        Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap()
+            .query_row(
+                "SELECT settled FROM processed WHERE msg_id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .optional()
+            .unwrap()
+    }
+
+    /// A repeat of an id from an earlier run.
+    pub(super) const fn dup(settled: bool, current: bool) -> Outcome {
+        Outcome::Duplicate {
+            this_run: false,
+            settled,
+            current,
+        }
+    }
+
+    /// A repeat of an id recorded in this run.
+    pub(super) const fn again(settled: bool) -> Outcome {
+        Outcome::Duplicate {
+            this_run: true,
+            settled,
+            current: false,
+        }
+    }
+}

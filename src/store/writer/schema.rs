@@ -162,3 +162,73 @@ pub(in crate::store) fn recorded_changes(
     })?;
     Ok((last, rows.collect::<rusqlite::Result<_>>()?))
 }
+
+#[cfg(test)]
+mod tests {
+    use rusqlite::Connection;
+
+    use crate::store::tests::put;
+    use crate::store::writer::tests::{dup, settled_flag, with_id};
+    use crate::store::{Store, StoreOptions};
+
+    #[tokio::test]
+    async fn objects_of_a_database_from_before_change_numbers_are_numbered_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        {
+            // KubeEdge's table, and MetaManager's before objects carried change numbers.
+            let old = Connection::open(&path).unwrap();
+            old.execute_batch(
+                "CREATE TABLE meta (key TEXT PRIMARY KEY, type TEXT NOT NULL, value TEXT NOT NULL);
+                 INSERT INTO meta VALUES ('ns/pod/p', 'pod', '{\"v\":1}');",
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path, StoreOptions::default()).unwrap();
+        let position = store.feed_position();
+        let row = store.get_row("ns/pod/p").await.unwrap().unwrap();
+        assert_eq!(row.version, position, "numbered the feed's position");
+        assert_eq!(row.value, r#"{"v":1}"#, "the stored value untouched");
+        let (_live, backlog) = store.changes_since(row.version).unwrap();
+        assert!(backlog.is_empty(), "a watch from it resumes");
+        store.close().await;
+        let store = Store::open(&path, StoreOptions::default()).unwrap();
+        assert_eq!(
+            store.get_row("ns/pod/p").await.unwrap().unwrap().version,
+            position,
+            "numbered once"
+        );
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_database_without_the_settled_flag_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        {
+            // The schema of the first version that remembered message ids.
+            let old = Connection::open(&path).unwrap();
+            old.execute_batch(
+                "CREATE TABLE meta (key TEXT PRIMARY KEY, type TEXT NOT NULL, value TEXT NOT NULL);
+                 CREATE TABLE processed (seq INTEGER PRIMARY KEY, msg_id TEXT NOT NULL UNIQUE);
+                 INSERT INTO meta VALUES ('ns/pod/p', 'pod', '{\"v\":2}');
+                 INSERT INTO processed (msg_id) VALUES ('old-insert');",
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path, StoreOptions::default()).unwrap();
+        let redelivered = with_id("old-insert", Some(put("ns/pod/p", r#"{"v":1}"#)));
+        assert_eq!(
+            store.write(redelivered).await.unwrap().outcome,
+            dup(false, false),
+            "an id from before the flag is unsettled, and checked against the stored state"
+        );
+        store.write(with_id("new", None)).await.unwrap();
+        store.settle("new", 0);
+        store.close().await;
+        assert_eq!(settled_flag(&path, "new"), Some(true));
+        // Opening again finds the column and leaves it alone.
+        let store = Store::open(&path, StoreOptions::default()).unwrap();
+        store.close().await;
+    }
+}

@@ -88,3 +88,98 @@ impl Writer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use crate::delivery::Delivery;
+    use crate::store::tests::put;
+    use crate::store::writer::tests::{again, dup, settled_flag, with_id};
+    use crate::store::{Outcome, Store, StoreOptions};
+
+    #[tokio::test]
+    async fn settle_marks_ride_the_next_commit_and_are_flushed_on_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        let store = Store::open(&path, StoreOptions::default()).unwrap();
+        let first = store
+            .write(with_id("a", Some(put("ns/pod/a", "{}"))))
+            .await
+            .unwrap();
+        assert!(!first.settled(), "a forward is still to come");
+        store.settle("a", 0);
+        assert_eq!(store.commits(), (1, 1), "a mark costs no commit of its own");
+        assert_eq!(settled_flag(&path, "a"), Some(false));
+
+        // The next commit carries the mark, before its own changes: a redelivery in it
+        // already sees the original settled.
+        let repeat = store
+            .write(with_id("a", Some(put("ns/pod/a", "{}"))))
+            .await
+            .unwrap();
+        assert_eq!(repeat.outcome, again(true));
+        assert!(repeat.settled());
+        assert_eq!(store.commits(), (2, 2));
+        assert_eq!(settled_flag(&path, "a"), Some(true));
+
+        store
+            .write(with_id("b", Some(put("ns/pod/b", "{}"))))
+            .await
+            .unwrap();
+        store.settle("b", 0);
+        store.settle("never-seen", 0);
+        store.close().await;
+        assert_eq!(settled_flag(&path, "b"), Some(true), "flushed on close");
+        assert_eq!(settled_flag(&path, "never-seen"), None);
+    }
+
+    #[tokio::test]
+    async fn a_mark_waits_for_the_broker_to_acknowledge_the_forward() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        let store = Store::open(&path, StoreOptions::default()).unwrap();
+        let delivery = Arc::new(Delivery::default());
+        store.track_delivery(delivery.clone());
+        store
+            .write(with_id("a", Some(put("ns/pod/a", "{}"))))
+            .await
+            .unwrap();
+        delivery.queue();
+        delivery.sent(1);
+        store.settle("a", delivery.mark());
+        // Handed on, not acknowledged: a commit leaves it unsettled.
+        store
+            .write(with_id("b", Some(put("ns/pod/b", "{}"))))
+            .await
+            .unwrap();
+        assert_eq!(settled_flag(&path, "a"), Some(false));
+        delivery.acknowledged(1);
+        store
+            .write(with_id("c", Some(put("ns/pod/c", "{}"))))
+            .await
+            .unwrap();
+        assert_eq!(settled_flag(&path, "a"), Some(true));
+        // Not acknowledged by the close: it stays unsettled.
+        delivery.queue();
+        delivery.sent(2);
+        store.settle("b", delivery.mark());
+        store.close().await;
+        assert_eq!(settled_flag(&path, "b"), Some(false));
+    }
+
+    #[tokio::test]
+    async fn a_released_id_is_handled_again_when_it_comes_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("m.db"), StoreOptions::default()).unwrap();
+        let copy = || with_id("a", Some(put("ns/pod/a", r#"{"v":1}"#)));
+        assert_eq!(store.write(copy()).await.unwrap().outcome, Outcome::Stored);
+        store.release("a");
+        assert_eq!(
+            store.write(copy()).await.unwrap().outcome,
+            dup(false, true),
+            "not passed on the first time: the copy sent again is"
+        );
+        store.close().await;
+    }
+}

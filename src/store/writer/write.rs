@@ -294,3 +294,196 @@ impl Writer {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+
+    use crate::store::tests::put;
+    use crate::store::{read, ChangeKind, Outcome, Store, StoreOptions, Write};
+
+    #[tokio::test]
+    async fn update_compares_as_json() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("m.db"), StoreOptions::default()).unwrap();
+        let w = |v: &str| Write::PutIfChanged {
+            key: "ns/configmap/c".into(),
+            rtype: "configmap".into(),
+            value: Bytes::copy_from_slice(v.as_bytes()),
+        };
+        assert_eq!(
+            store.write(w(r#"{"a":1,"b":2}"#)).await.unwrap().outcome,
+            Outcome::Stored
+        );
+        assert_eq!(
+            store.write(w(r#"{"b":2, "a":1}"#)).await.unwrap().outcome,
+            Outcome::Unchanged
+        );
+        assert_eq!(
+            store.write(w(r#"{"b":3,"a":1}"#)).await.unwrap().outcome,
+            Outcome::Stored
+        );
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn delete_respects_uid() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("m.db"), StoreOptions::default()).unwrap();
+        store
+            .write(put("ns/pod/p", r#"{"metadata":{"uid":"u1"}}"#))
+            .await
+            .unwrap();
+        let del = |uid: &str| Write::Delete {
+            key: "ns/pod/p".into(),
+            uid: Some(uid.into()),
+        };
+        assert_eq!(
+            store.write(del("u2")).await.unwrap().outcome,
+            Outcome::UidMismatch
+        );
+        assert!(store.get("ns/pod/p").await.unwrap().is_some());
+        assert_eq!(
+            store.write(del("u1")).await.unwrap().outcome,
+            Outcome::Deleted
+        );
+        assert_eq!(
+            store.write(del("u1")).await.unwrap().outcome,
+            Outcome::Absent
+        );
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn the_change_feed_reports_committed_changes_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("m.db"), StoreOptions::default()).unwrap();
+        let mut feed = store.subscribe_changes();
+        store.write(put("ns/pod/p", r#"{"a":1}"#)).await.unwrap();
+        store.write(put("ns/pod/p", r#"{"a":2}"#)).await.unwrap();
+        let same = Write::PutIfChanged {
+            key: "ns/pod/p".into(),
+            rtype: "pod".into(),
+            value: Bytes::from_static(br#"{"a": 2}"#),
+        };
+        assert_eq!(store.write(same).await.unwrap().outcome, Outcome::Unchanged);
+        let del = |key: &str| Write::Delete {
+            key: key.into(),
+            uid: None,
+        };
+        store.write(del("ns/pod/absent")).await.unwrap();
+        store.write(del("ns/pod/p")).await.unwrap();
+        let mut seen = Vec::new();
+        while let Ok(e) = feed.try_recv() {
+            seen.push((e.kind, e.key.clone(), e.rtype.clone(), e.value.clone()));
+        }
+        let b = |s: &'static str| Some(Bytes::from_static(s.as_bytes()));
+        assert_eq!(
+            seen,
+            [
+                (
+                    ChangeKind::Added,
+                    "ns/pod/p".into(),
+                    "pod".into(),
+                    b(r#"{"a":1}"#)
+                ),
+                (
+                    ChangeKind::Modified,
+                    "ns/pod/p".into(),
+                    "pod".into(),
+                    b(r#"{"a":2}"#)
+                ),
+                (
+                    ChangeKind::Deleted,
+                    "ns/pod/p".into(),
+                    "pod".into(),
+                    b(r#"{"a":2}"#)
+                ),
+            ]
+        );
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn each_object_carries_the_number_of_its_last_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("m.db"), StoreOptions::default()).unwrap();
+        let version = |store: &Store, key: &'static str| {
+            let store = store.clone();
+            async move { store.get_row(key).await.unwrap().map(|r| r.version) }
+        };
+        store.write(put("ns/pod/a", r#"{"a":1}"#)).await.unwrap();
+        let added = store.feed_position();
+        assert_eq!(version(&store, "ns/pod/a").await, Some(added));
+        store.write(put("ns/pod/b", r#"{"b":1}"#)).await.unwrap();
+        assert_eq!(
+            version(&store, "ns/pod/a").await,
+            Some(added),
+            "not moved by b"
+        );
+        let same = Write::PutIfChanged {
+            key: "ns/pod/a".into(),
+            rtype: "pod".into(),
+            value: Bytes::from_static(br#"{"a": 1}"#),
+        };
+        assert_eq!(store.write(same).await.unwrap().outcome, Outcome::Unchanged);
+        assert_eq!(
+            version(&store, "ns/pod/a").await,
+            Some(added),
+            "nothing changed"
+        );
+        let patch = crate::patch::Patch::parse(br#"{"a":2}"#, "pod", 1 << 20).unwrap();
+        store
+            .write(Write::Patch {
+                key: "ns/pod/a".into(),
+                rtype: "pod".into(),
+                patch: Arc::new(patch),
+            })
+            .await
+            .unwrap();
+        let patched = store.feed_position();
+        assert!(patched > added);
+        assert_eq!(version(&store, "ns/pod/a").await, Some(patched));
+        let page = store
+            .page(
+                read::Range::OfType("pod".into()),
+                String::new(),
+                10,
+                1 << 20,
+            )
+            .await
+            .unwrap();
+        let versions: Vec<u64> = page.iter().map(|r| r.version).collect();
+        assert_eq!(versions, [patched, patched - 1]);
+        store.close().await;
+        // The numbers outlive a restart, and go on growing.
+        let store = Store::open(&dir.path().join("m.db"), StoreOptions::default()).unwrap();
+        assert_eq!(version(&store, "ns/pod/a").await, Some(patched));
+        store.write(put("ns/pod/b", r#"{"b":2}"#)).await.unwrap();
+        assert_eq!(version(&store, "ns/pod/b").await, Some(patched + 1));
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn changes_nobody_watches_are_numbered_but_carry_no_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("m.db"), StoreOptions::default()).unwrap();
+        let before = store.feed_position();
+        for value in [r#"{"a":1}"#, r#"{"a":2}"#] {
+            store.write(put("ns/configmap/c", value)).await.unwrap();
+        }
+        let (_live, backlog) = store.changes_since(before).unwrap();
+        assert_eq!(backlog.len(), 2);
+        assert_eq!(backlog[0].key, "ns/configmap/c");
+        assert_eq!(backlog[0].value, None, "no payload kept without a watcher");
+        let kinds: Vec<ChangeKind> = backlog.iter().map(|e| e.kind).collect();
+        assert_eq!(
+            kinds,
+            [ChangeKind::Added, ChangeKind::Modified],
+            "a change of a stored key is MODIFIED, watched or not"
+        );
+        store.close().await;
+    }
+}
