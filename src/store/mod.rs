@@ -16,6 +16,19 @@
 //!
 //! One writer per database also holds across processes: a store is opened only with the claim
 //! of [`lock`], which its writer thread holds until it has closed the database.
+//!
+//! This file is the facade, [`Store`], with what its parts share: the errors, the options, the
+//! writer's queue of jobs and the counters it keeps for everyone else. The parts:
+//! - [`change`]: what a write is and what it did, the types callers build and read;
+//! - [`open`]: opening a store, up to the writer thread's start;
+//! - [`writer`]: the writer thread, the only code that writes (its jobs listed there);
+//! - [`read`]: the queries that only read, shared with the commands that read a database;
+//! - [`feed`]: the change feed, for watchers;
+//! - [`digest`]: per scope, the count and hash of the objects, kept with every write;
+//! - [`space`]: the quota and the storage-full state;
+//! - [`lock`]: the claim on the database, one MetaManager per file;
+//! - [`settings`]: the `database` settings;
+//! - [`metrics`]: the commits' measurements.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -24,13 +37,15 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use bytes::Bytes;
-use rusqlite::{Connection, OptionalExtension};
+use rusqlite::Connection;
 use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 
+mod change;
 pub mod digest;
 mod feed;
 pub mod lock;
 mod metrics;
+mod open;
 pub mod read;
 pub mod settings;
 pub mod space;
@@ -38,6 +53,10 @@ mod writer;
 
 use crate::delivery::Delivery;
 
+pub use change::{
+    Applied, Change, ChangeKind, CloudMessage, OutboxEntry, Outcome, SentPatch, StoreEvent, Write,
+    MAX_SENT_PATCHES,
+};
 pub use digest::{Digest, ScopeDigest};
 pub use feed::{Expired, Resume};
 pub use lock::{InstanceLock, LockError};
@@ -105,182 +124,7 @@ impl Default for StoreOptions {
     }
 }
 
-/// One change to the `meta` table.
-#[derive(Debug, Clone)]
-pub enum Write {
-    /// Insert, replacing any old value. `value` is JSON text, usually a slice of the received
-    /// message: shared, not copied.
-    Put {
-        key: String,
-        rtype: String,
-        value: Bytes,
-    },
-    /// Store only when `value` differs, compared as JSON, from what is stored.
-    PutIfChanged {
-        key: String,
-        rtype: String,
-        value: Bytes,
-    },
-    /// Remove `key`; with `uid`, only when the stored object's `metadata.uid` is that uid.
-    Delete { key: String, uid: Option<String> },
-    /// Apply `patch` to the value stored under `key` at this point of the transaction, so that
-    /// it builds on every change queued before it; store the result when it differs. Nothing
-    /// when `key` is absent. Shared: a redelivery check applies it again.
-    Patch {
-        key: String,
-        rtype: String,
-        patch: Arc<crate::patch::Patch>,
-    },
-}
-
-impl Write {
-    /// The key the write changes.
-    pub fn key(&self) -> &str {
-        match self {
-            Write::Put { key, .. }
-            | Write::PutIfChanged { key, .. }
-            | Write::Delete { key, .. }
-            | Write::Patch { key, .. } => key,
-        }
-    }
-}
-
-/// Patches waiting for the cloud's answer, at most: past it the oldest is forgotten, in the
-/// `sent_patches` table as in the cloud side's memory, which holds the same list.
-pub const MAX_SENT_PATCHES: usize = 4096;
-
-/// A patch passed on to the cloud, by its msg_id, and the object its answer is stored as.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SentPatch {
-    pub msg_id: String,
-    pub key: String,
-    pub rtype: String,
-}
-
-/// A message for the cloud, kept in the outbox until the cloud is back.
-#[derive(Debug, Clone)]
-pub struct CloudMessage {
-    pub resource: String,
-    pub payload: Bytes,
-    /// An update: replaces any queued update of the same resource.
-    pub coalesce: bool,
-}
-
-/// Everything one inbound message changes, committed together.
-#[derive(Debug, Clone, Default)]
-pub struct Change {
-    /// The message's id, remembered so that a redelivery is recognised and not applied twice.
-    pub msg_id: Option<String>,
-    pub write: Option<Write>,
-    /// Queued in the outbox, in the same transaction, unless the write changed nothing.
-    pub to_cloud: Option<CloudMessage>,
-    /// `to_cloud` only when the write found its object: not after a patch or delete of an
-    /// absent key (an edged patch is passed on then; the local API's is refused).
-    pub to_cloud_needs_object: bool,
-    /// Outbox entries that have been sent (or dropped), to remove.
-    pub outbox_done: Vec<i64>,
-    /// A patch passed on to the cloud whose answer is to be stored: kept with the change, so
-    /// that an answer after a restart still finds it (not when the patch is rejected).
-    pub remember_patch: Option<SentPatch>,
-    /// The id of a patch whose answer came: no longer waited for.
-    pub forget_patch: Option<String>,
-    /// A replace's forwards to edged (rows of `forwards`, first and last), which the broker
-    /// has acknowledged: no longer to send after a restart.
-    pub forwards_done: Option<(i64, i64)>,
-}
-
-impl From<Write> for Change {
-    fn from(write: Write) -> Self {
-        Self {
-            write: Some(write),
-            ..Self::default()
-        }
-    }
-}
-
-/// What a committed write did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Stored,
-    Unchanged,
-    /// An update older than the stored object, by `metadata.resourceVersion`: held back,
-    /// nothing stored or passed on (see [`resource_version_is_older`]).
-    Stale,
-    Deleted,
-    /// Delete or patch of a key that was not stored.
-    Absent,
-    /// Delete whose uid did not match the stored object's; nothing was removed.
-    UidMismatch,
-    /// The message id was seen before: nothing was applied again.
-    ///
-    /// `this_run`: the id was recorded since this MetaManager started, so the first copy is
-    /// being handled or was handled, and passes on what there is to pass on: this copy is only
-    /// acked, however close behind the first it came. `settled` and `current` are looked at
-    /// only for an id from an earlier run (before a restart).
-    ///
-    /// `settled`: nothing is left to pass on for the original (a no-op, its message for the
-    /// cloud is in the outbox, or its forward was acknowledged by the broker and recorded with
-    /// [`Store::settle`]). `current`, looked at only when not settled: the original's change is
-    /// still the stored state (an insert or update whose content equals the stored value as
-    /// JSON, a delete whose key, or pod of that uid, is absent, or a message that changes
-    /// nothing in `meta`), so passing it on again cannot undo a later change.
-    Duplicate {
-        this_run: bool,
-        settled: bool,
-        current: bool,
-    },
-    /// Only the message id was recorded (a change with no write).
-    Recorded,
-    /// A patch was applied to the stored object; `changed`: the result differed and was stored.
-    Patched {
-        changed: bool,
-    },
-    /// A patch could not be applied: nothing was stored, queued, or remembered of the message,
-    /// so a redelivery is tried again.
-    Rejected(crate::patch::PatchError),
-}
-
-impl Outcome {
-    /// Whether what rides with the write is kept: its message for the cloud, its waiting
-    /// patch's row. Not after a rejected write, nor, when the change `needs_object`
-    /// ([`Change::to_cloud_needs_object`]), after one that found none.
-    pub fn keeps_riders(&self, needs_object: bool) -> bool {
-        match self {
-            Outcome::Rejected(_) => false,
-            Outcome::Absent => !needs_object,
-            _ => true,
-        }
-    }
-}
-
-/// The result of one committed change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Applied {
-    pub outcome: Outcome,
-    /// Its message for the cloud went into the outbox.
-    pub queued: bool,
-    /// The number the change to `meta` got in the change feed, when it made one.
-    pub change: Option<u64>,
-}
-
-impl Applied {
-    /// Whether nothing is left to pass on for the message: it changed nothing, its message for
-    /// the cloud is in the outbox, or it is a repeat of a message handled in this run or of a
-    /// settled one. The writer
-    /// records a new message's id with this flag; the others are settled by their caller with
-    /// [`Store::settle`] once the broker has acknowledged their forward.
-    pub fn settled(&self) -> bool {
-        self.queued
-            || matches!(
-                self.outcome,
-                Outcome::Unchanged
-                    | Outcome::Stale
-                    | Outcome::Duplicate { settled: true, .. }
-                    | Outcome::Duplicate { this_run: true, .. }
-            )
-    }
-}
-
+/// Resolves after the commit with what the change did (see [`Store::submit`]).
 pub type Committed = oneshot::Receiver<Result<Applied, StoreError>>;
 
 /// What the writer thread is given: one message's change, or a whole replace.
@@ -297,45 +141,6 @@ enum Job {
     },
     /// Compaction, and while the store is full a look for room (see [`Store::maintain`]).
     Maintain,
-}
-
-/// A queued message for the cloud.
-#[derive(Debug, Clone)]
-pub struct OutboxEntry {
-    pub seq: i64,
-    pub created_ms: i64,
-    pub payload: Bytes,
-}
-
-/// What a committed change did to a key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChangeKind {
-    Added,
-    Modified,
-    Deleted,
-}
-
-/// One committed change to the `meta` table, as the change feed reports it.
-#[derive(Debug, Clone)]
-pub struct StoreEvent {
-    /// Its number in the feed, increasing by one per change.
-    pub seq: u64,
-    pub kind: ChangeKind,
-    pub key: String,
-    pub rtype: String,
-    /// JSON text: the new value, or for a deletion the last stored one. `None` when nobody
-    /// watched at the time: the feed then keeps no payloads (a 1 MB object updated a thousand
-    /// times would otherwise be held a thousand times), and a watcher that later resumes over
-    /// this change reads the key's current value instead.
-    pub value: Option<Bytes>,
-}
-
-impl StoreEvent {
-    /// What the feed's history counts against its byte budget for this change.
-    pub fn size(&self) -> usize {
-        const OVERHEAD: usize = 64;
-        OVERHEAD + self.key.len() + self.rtype.len() + self.value.as_ref().map_or(0, Bytes::len)
-    }
 }
 
 /// Counters the writer keeps for everyone else.
@@ -383,98 +188,6 @@ struct Inner {
 }
 
 impl Store {
-    /// Claims the database for this process ([`InstanceLock`]), then opens it as
-    /// [`Store::open_locked`] does.
-    pub fn open(path: &Path, options: StoreOptions) -> Result<Self, StoreError> {
-        Self::open_locked(InstanceLock::acquire(path)?, options)
-    }
-
-    /// Opens (or creates) the database `lock` claims and starts the writer thread, which holds
-    /// the lock until it has closed the database: a store cannot exist without the claim, so
-    /// no second writer can. An existing file is checked read-only first: one that is not a
-    /// SQLite database, or whose tables cannot be read, stops here with an error naming it, and
-    /// is never modified.
-    pub fn open_locked(lock: InstanceLock, options: StoreOptions) -> Result<Self, StoreError> {
-        // Owned: the lock itself moves to the writer thread.
-        let database = lock.database().to_owned();
-        let path = database.as_path();
-        if path.exists() {
-            check_existing(path)?;
-        }
-        let open_err = |source| StoreError::Open {
-            path: path.to_owned(),
-            source,
-        };
-        let conn = Connection::open(path).map_err(open_err)?;
-        writer::schema::prepare(&conn, options.synchronous.as_str()).map_err(open_err)?;
-        let counted = digest::backfill(&conn).map_err(open_err)?;
-        if counted > 0 {
-            tracing::info!(
-                objects = counted,
-                "counted stored objects into the digest (once, for rows written without their resourceVersion column)"
-            );
-        }
-        let run = writer::schema::start_run(&conn).map_err(open_err)?;
-        let (last_change, recent) = writer::schema::recorded_changes(&conn).map_err(open_err)?;
-        writer::schema::number_objects(&conn, last_change).map_err(open_err)?;
-        let shared = Arc::new(Shared {
-            space: Space::new(options.max_size),
-            commits: AtomicU64::default(),
-            committed_changes: AtomicU64::default(),
-            outbox_len: AtomicUsize::default(),
-            outbox_dropped_full: AtomicU64::default(),
-            outbox_changed: Notify::default(),
-            feed: feed::Feed::new(last_change, recent),
-            settle: Mutex::default(),
-            released: Mutex::default(),
-            delivery: OnceLock::default(),
-        });
-        let mut writer = writer::Writer {
-            conn,
-            shared: shared.clone(),
-            outbox_max: options.outbox_max,
-            recorded_since_prune: 0,
-            outbox_rows: 0,
-            metrics: options.metrics.clone(),
-            lock,
-            next_change: last_change + 1,
-            changes_since_prune: 0,
-            run,
-            wal: space::wal_path(path),
-            dir: path
-                .parent()
-                .filter(|d| !d.as_os_str().is_empty())
-                .unwrap_or(Path::new("."))
-                .to_owned(),
-            reserve: space::reserve_path(path),
-            reserve_tried: std::cell::Cell::new(None),
-            pages_known: std::cell::Cell::new(None),
-            wal_known: std::cell::Cell::new(0),
-            measured_at: std::cell::Cell::new(None),
-        };
-        writer.count_outbox().map_err(open_err)?;
-        writer.measure();
-        if !writer.restore_reserve() {
-            tracing::warn!(path = %space::reserve_path(path).display(), "no room on the disk for the reserve that keeps deletes possible when it is full");
-        }
-        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-        let writer = std::thread::Builder::new()
-            .name("store-writer".into())
-            .spawn(move || writer.run(rx))
-            .map_err(|e| StoreError::Task(format!("cannot start the writer thread: {e}")))?;
-        Ok(Self {
-            inner: Arc::new(Inner {
-                path: path.to_owned(),
-                jobs: Mutex::new(Some(tx)),
-                writer: Mutex::new(Some(writer)),
-                readers: Mutex::new(Vec::new()),
-                read_slots: tokio::sync::Semaphore::new(MAX_IDLE_READERS),
-                shared,
-                metrics: options.metrics,
-            }),
-        })
-    }
-
     pub fn path(&self) -> &Path {
         &self.inner.path
     }
@@ -877,38 +590,6 @@ pub fn object_uid(json: &str) -> Option<String> {
     crate::resource::metadata_uid(json).ok().flatten()
 }
 
-/// Reads an existing file without writing to it, so that a damaged file is reported, not
-/// "repaired" by SQLite's first write.
-fn check_existing(path: &Path) -> Result<(), StoreError> {
-    let unusable = |reason: String| StoreError::Unusable {
-        path: path.to_owned(),
-        reason,
-    };
-    let conn = read::open(path).map_err(|e| unusable(e.to_string()))?;
-    let tables: Vec<String> = conn
-        .prepare("SELECT name FROM sqlite_master WHERE type = 'table'")
-        .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
-        .map_err(|e| unusable(e.to_string()))?;
-    if tables.iter().any(|t| t == "meta") {
-        // Touch both ends of the key index and the table, where damage shows first.
-        for sql in [
-            "SELECT key FROM meta ORDER BY key LIMIT 1",
-            "SELECT key FROM meta ORDER BY key DESC LIMIT 1",
-            "SELECT value FROM meta ORDER BY rowid DESC LIMIT 1",
-        ] {
-            conn.query_row(sql, [], |_| Ok(()))
-                .optional()
-                .map_err(|e| unusable(e.to_string()))?;
-        }
-    } else if !tables.is_empty() {
-        return Err(unusable(format!(
-            "it has tables ({}) but no `meta` table",
-            tables.join(", ")
-        )));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1163,19 +844,5 @@ mod tests {
         assert_eq!(scopes, digest_of(&all_rows(&path)));
         assert_eq!(scopes.len(), 2);
         store.close().await;
-    }
-
-    #[test]
-    fn refuses_a_file_that_is_not_a_database() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("m.db");
-        let garbage = vec![0x5au8; 8192];
-        std::fs::write(&path, &garbage).unwrap();
-        let err = match Store::open(&path, StoreOptions::default()) {
-            Ok(_) => panic!("opened a file that is not a database"),
-            Err(e) => e.to_string(),
-        };
-        assert!(err.contains("m.db"), "{err}");
-        assert_eq!(std::fs::read(&path).unwrap(), garbage);
     }
 }

@@ -91,7 +91,7 @@ pub(in crate::store) fn prepare(conn: &Connection, synchronous: &str) -> rusqlit
 
 /// Numbers this run: one more than the last run recorded in the database. A repeat of an id
 /// recorded by this run is never passed on again; one recorded by an earlier run is, by the
-/// restart rule (see [`Outcome::Duplicate`]).
+/// restart rule (see [`crate::store::Outcome::Duplicate`]).
 pub(in crate::store) fn start_run(conn: &Connection) -> rusqlite::Result<i64> {
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS runs (
