@@ -18,7 +18,7 @@ use crate::store::{Job, StoreError};
 
 /// Most changes committed in one transaction; bounds the latency a batch adds to its first.
 const MAX_BATCH: usize = 512;
-/// Ids recorded between two prunings of the window.
+/// Ids, and changes, recorded between two prunings of their tables.
 const PRUNE_EVERY: usize = 1_000;
 
 /// The counters of the writer that a rolled-back batch or change must put back, as one value
@@ -276,6 +276,19 @@ impl Writer {
             recorded_since_prune: self.recorded_since_prune,
             changes_since_prune: self.changes_since_prune,
             next_change: self.next_change,
+        }
+    }
+
+    /// Applies one job inside the open transaction, by its kind.
+    pub(super) fn apply_job(
+        &mut self,
+        job: &Job,
+        effect: &mut BatchEffects,
+    ) -> rusqlite::Result<Done> {
+        match job {
+            Job::Change { change, .. } => self.apply(change, effect).map(Done::Applied),
+            Job::Replace { set, .. } => self.apply_replace(set, effect).map(Done::Replaced),
+            Job::Maintain => Ok(Done::Maintained),
         }
     }
 

@@ -1,30 +1,22 @@
-//! One message's change, applied in the batch's transaction: the redelivery check on its id,
-//! its write, its message for the cloud, its waiting patch, and its id recorded, so that all of
-//! them are on disk together or none is.
+//! One message's change, applied in the batch's transaction: the redelivery check on its id
+//! (with [`is_current`] for a repeat from an earlier run), its write, its message for the cloud,
+//! its waiting patch, and its id recorded, so that all of them are on disk together or none is.
+//! The remembered ids are pruned here too, to the last [`DEDUPE_WINDOW`].
 
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::write::{apply_write, feed_event, same_json, stored_value, text, Meta};
-use super::{BatchEffects, Done, Writer, DEDUPE_WINDOW};
+use super::{BatchEffects, Writer, DEDUPE_WINDOW};
 use crate::patch::Patched;
-use crate::store::{object_uid, Applied, Change, Job, Outcome, Write};
+use crate::store::{object_uid, Applied, Change, Outcome, Write};
 
 impl Writer {
-    /// Applies one job inside the open transaction, by its kind.
-    pub(super) fn apply_job(
-        &mut self,
-        job: &Job,
-        effect: &mut BatchEffects,
-    ) -> rusqlite::Result<Done> {
-        match job {
-            Job::Change { change, .. } => self.apply(change, effect).map(Done::Applied),
-            Job::Replace { set, .. } => self.apply_replace(set, effect).map(Done::Replaced),
-            Job::Maintain => Ok(Done::Maintained),
-        }
-    }
-
     /// Applies one message's change; a repeat of a recorded id is reported, not applied again.
-    fn apply(&mut self, change: &Change, effect: &mut BatchEffects) -> rusqlite::Result<Applied> {
+    pub(super) fn apply(
+        &mut self,
+        change: &Change,
+        effect: &mut BatchEffects,
+    ) -> rusqlite::Result<Applied> {
         if let Some(id) = &change.msg_id {
             if let Some(duplicate) = self.duplicate(id, change)? {
                 return Ok(duplicate);
