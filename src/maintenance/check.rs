@@ -212,6 +212,45 @@ struct Sum {
     hash: u64,
 }
 
+/// One row of `meta`, as the check reads it.
+struct ObjectRow {
+    key: String,
+    /// For a counted row: its `rv`, and its object's `metadata.resourceVersion`.
+    versions: Option<(String, String)>,
+    /// Its change number, when change numbers are checked.
+    number: Option<i64>,
+}
+
+impl ObjectRow {
+    /// The query of every row: the `rv` and change number read as null where the database
+    /// lacks them, or (`numbered` false) no history to check them against.
+    fn query(schema: &Schema, numbered: bool) -> String {
+        format!(
+            "SELECT key, value, {}, {} FROM meta",
+            if schema.rv { "rv" } else { "NULL" },
+            if schema.change_seq && numbered {
+                "change_seq"
+            } else {
+                "NULL"
+            }
+        )
+    }
+
+    fn read(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        let value = bytes(row.get_ref(1)?);
+        let rv = optional_text(row.get_ref(2)?);
+        // Only a counted row's version is compared, so only then is the value scanned.
+        let actual = rv
+            .as_ref()
+            .map(|_| digest::resource_version(value).into_owned());
+        Ok(Self {
+            key: text(row.get_ref(0)?),
+            versions: rv.zip(actual),
+            number: row.get::<_, Option<i64>>(3).ok().flatten(),
+        })
+    }
+}
+
 impl Run<'_> {
     fn read(&self, step: &'static str) -> impl Fn(rusqlite::Error) -> CheckError {
         let path = self.db.to_owned();
@@ -304,17 +343,8 @@ impl Run<'_> {
             .query_row("SELECT count(*) FROM meta", [], |r| r.get(0))
             .map_err(self.read("counting the objects"))?;
         let total = total.max(0) as u64;
-        let sql = format!(
-            "SELECT key, value, {}, {} FROM meta",
-            if schema.rv { "rv" } else { "NULL" },
-            if schema.change_seq && history.is_some() {
-                "change_seq"
-            } else {
-                "NULL"
-            }
-        );
         let mut stmt = conn
-            .prepare(&sql)
+            .prepare(&ObjectRow::query(schema, history.is_some()))
             .map_err(self.read("reading the objects"))?;
         let mut recorded = match schema.changes {
             true => Some(
@@ -333,59 +363,10 @@ impl Run<'_> {
                 Ok(None) => break,
                 Err(e) => return Err(self.read("reading the objects")(e)),
             };
-            let columns = (|| {
-                let value = bytes(row.get_ref(1)?);
-                let rv = optional_text(row.get_ref(2)?);
-                // Only a counted row's version is compared, so only then is the value scanned.
-                let actual = rv
-                    .as_ref()
-                    .map(|_| digest::resource_version(value).into_owned());
-                Ok::<_, rusqlite::Error>((
-                    text(row.get_ref(0)?),
-                    rv.zip(actual),
-                    row.get::<_, Option<i64>>(3).ok().flatten(),
-                ))
-            })();
-            let (key, versions, number) = columns.map_err(self.read("reading the objects"))?;
-            match versions {
-                Some((rv, actual)) => {
-                    if actual != rv {
-                        self.found.report(
-                            "rv",
-                            &key,
-                            &format!(
-                                "the row's rv is {rv:?}, its object's metadata.resourceVersion is {actual:?}"
-                            ),
-                        )?;
-                    }
-                    let sum = sums.entry(digest::scope_of(&key).to_owned()).or_default();
-                    sum.count += 1;
-                    sum.hash = sum.hash.wrapping_add(digest::term(&key, &rv));
-                }
-                None => self.checked.uncounted += 1,
-            }
-            if let (Some(number), Some((first, last))) = (number, history) {
-                let missing = match recorded.as_mut() {
-                    Some(recorded) if (first..=last).contains(&number) => !recorded
-                        .exists([number])
-                        .map_err(self.read("reading the recorded changes"))?,
-                    _ => false,
-                };
-                if number > last {
-                    self.found.report(
-                        "change",
-                        &key,
-                        &format!("numbered {number}, after the last recorded change {last}"),
-                    )?;
-                } else if missing {
-                    self.found.report(
-                        "change",
-                        &key,
-                        &format!(
-                            "numbered {number}, but that change is missing from the recorded history ({first} to {last})"
-                        ),
-                    )?;
-                }
+            let object = ObjectRow::read(row).map_err(self.read("reading the objects"))?;
+            self.object_version(&object, &mut sums)?;
+            if let (Some(number), Some(history)) = (object.number, history) {
+                self.object_number(&object.key, number, history, recorded.as_mut())?;
             }
             done += 1;
             if done.is_multiple_of(PROGRESS_ROWS) {
@@ -396,6 +377,66 @@ impl Run<'_> {
         self.progress.finish();
         self.checked.objects = done;
         Ok(sums)
+    }
+
+    /// A counted row's `rv` against its object's version, and its term added to its scope's
+    /// sum; a row not counted yet is only counted as such.
+    fn object_version(
+        &mut self,
+        object: &ObjectRow,
+        sums: &mut HashMap<String, Sum>,
+    ) -> Result<(), CheckError> {
+        let Some((rv, actual)) = &object.versions else {
+            self.checked.uncounted += 1;
+            return Ok(());
+        };
+        let key = &object.key;
+        if actual != rv {
+            self.found.report(
+                "rv",
+                key,
+                &format!(
+                    "the row's rv is {rv:?}, its object's metadata.resourceVersion is {actual:?}"
+                ),
+            )?;
+        }
+        let sum = sums.entry(digest::scope_of(key).to_owned()).or_default();
+        sum.count += 1;
+        sum.hash = sum.hash.wrapping_add(digest::term(key, rv));
+        Ok(())
+    }
+
+    /// An object's change `number` against the recorded history (`first` to `last`): not past
+    /// its end, and within it, recorded (looked up with `recorded`, when there is a table).
+    fn object_number(
+        &mut self,
+        key: &str,
+        number: i64,
+        (first, last): (i64, i64),
+        recorded: Option<&mut rusqlite::Statement<'_>>,
+    ) -> Result<(), CheckError> {
+        let missing = match recorded {
+            Some(recorded) if (first..=last).contains(&number) => !recorded
+                .exists([number])
+                .map_err(self.read("reading the recorded changes"))?,
+            _ => false,
+        };
+        if number > last {
+            self.found.report(
+                "change",
+                key,
+                &format!("numbered {number}, after the last recorded change {last}"),
+            )?;
+        } else if missing {
+            self.found.report(
+                "change",
+                key,
+                &format!(
+                    "numbered {number}, but that change is missing from the recorded history ({first} to {last})"
+                ),
+            )?;
+        }
+        Ok(())
     }
 
     /// The `digest` table against the sums of the objects.

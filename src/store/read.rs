@@ -209,7 +209,7 @@ pub fn json_string_len(s: &str) -> usize {
 
 /// The keys of `rtypes` changed after the change number `after` up to `through`, each once with
 /// the number of its last change in that range, in key order; `None` when the recorded history
-/// (the last [`super::feed::FEED_DEPTH`] changes) no longer reaches back to `after`. Reads only
+/// (the last [`super::feed::HISTORY_CHANGES`] changes) no longer reaches back to `after`. Reads only
 /// the `changes` rows of the range, so it costs nothing while nothing changes.
 pub fn changed_keys(
     c: &Connection,

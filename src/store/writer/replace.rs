@@ -1,7 +1,7 @@
 //! `replace`: the cloud's complete set of one scope (`ns/type`), applied in one transaction.
 //!
 //! The set is walked in key order beside the keys the scope holds, and every object goes through
-//! the writer's own single-write step ([`super::apply_write`]): an object of the set is written
+//! the writer's own single-write step ([`super::write::apply_write`]): an object of the set is written
 //! as an `update` would be (stored when absent or different, held back when the stored one has
 //! a higher numeric resourceVersion, left alone when equal), a stored object the set lacks is
 //! deleted. So each resulting change is numbered, recorded in `changes` and sent on the change
@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 
+use super::write::{apply_write, feed_event, Meta};
 use super::{BatchEffects, Writer};
 use crate::store::{ChangeKind, Outcome, Write};
 
@@ -148,6 +149,65 @@ enum Next<'a> {
     Delete(String),
 }
 
+impl Next<'_> {
+    /// The write that brings the key to the set's state (an `update` of an object of the set,
+    /// a delete of a key it lacks), and the object it stores.
+    fn write(self, rtype: &str) -> (Write, Option<Bytes>) {
+        match self {
+            Next::Put(key, value) => (
+                Write::PutIfChanged {
+                    key: key.clone(),
+                    rtype: rtype.to_owned(),
+                    value: value.clone(),
+                },
+                Some(value.clone()),
+            ),
+            Next::Delete(key) => (Write::Delete { key, uid: None }, None),
+        }
+    }
+}
+
+/// The scope's keys in key order: each object of `set`, and each of the `stored` keys (in key
+/// order) the set lacks.
+fn walk(set: &ReplaceSet, stored: Vec<String>) -> impl Iterator<Item = Next<'_>> {
+    let mut gone = stored
+        .into_iter()
+        .filter(|k| !set.items.contains_key(k))
+        .peekable();
+    let mut items = set.items.iter().peekable();
+    std::iter::from_fn(move || {
+        // Both sequences are in key order (SQLite's and Rust's string order are both
+        // bytewise), and no key is in both: merging them walks the scope in key order.
+        match (items.peek(), gone.peek()) {
+            (Some((key, _)), Some(old)) if old < *key => gone.next().map(Next::Delete),
+            (Some(_), _) => items.next().map(|(k, v)| Next::Put(k, v)),
+            (None, Some(_)) => gone.next().map(Next::Delete),
+            (None, None) => None,
+        }
+    })
+}
+
+impl Replaced {
+    /// Counts what one key's write did, and keeps the change it made, if any, for edged.
+    fn count(&mut self, outcome: Outcome, change: Option<ReplacedChange>) {
+        match outcome {
+            Outcome::Unchanged => self.unchanged += 1,
+            Outcome::Stale => {
+                self.unchanged += 1;
+                self.kept_newer += 1;
+            }
+            _ => {}
+        }
+        let Some(change) = change else { return };
+        match change.kind {
+            ChangeKind::Added => self.inserted += 1,
+            ChangeKind::Modified => self.updated += 1,
+            ChangeKind::Deleted => self.deleted += 1,
+        }
+        self.changes.push(change);
+    }
+}
+
 impl Writer {
     /// Applies `set` inside the open transaction (the caller's savepoint rolls back all of it
     /// on a failure).
@@ -162,76 +222,53 @@ impl Writer {
             .prepare_cached("SELECT key FROM meta WHERE key >= ?1 AND key < ?2 ORDER BY key")?
             .query_map([start, end], |r| r.get(0))?
             .collect::<rusqlite::Result<_>>()?;
-        let mut gone = stored
-            .into_iter()
-            .filter(|k| !set.items.contains_key(k))
-            .peekable();
-        let mut items = set.items.iter().peekable();
         let watched = self.shared.feed.watched();
         let mut done = Replaced::default();
-        loop {
-            // Both sequences are in key order (SQLite's and Rust's string order are both
-            // bytewise), and no key is in both: merging them walks the scope in key order.
-            let next = match (items.peek(), gone.peek()) {
-                (Some((key, _)), Some(old)) if old < *key => gone.next().map(Next::Delete),
-                (Some(_), _) => items.next().map(|(k, v)| Next::Put(k, v)),
-                (None, Some(_)) => gone.next().map(Next::Delete),
-                (None, None) => None,
-            };
-            let Some(next) = next else { break };
-            let (write, value) = match next {
-                Next::Put(key, value) => (
-                    Write::PutIfChanged {
-                        key: key.clone(),
-                        rtype: set.rtype.clone(),
-                        value: value.clone(),
-                    },
-                    Some(value.clone()),
-                ),
-                Next::Delete(key) => (Write::Delete { key, uid: None }, None),
-            };
-            // Always read the removed object (edged is sent it), but let the feed keep it only
-            // while somebody watches, as for a single delete.
-            let (outcome, mut seen) = super::apply_write(
-                &self.conn,
-                &write,
-                true,
-                &mut effect.digest,
-                self.next_change,
-            )?;
-            let removed = seen.before.take();
-            seen.before = removed.clone().filter(|_| watched);
-            seen.watched = watched;
-            match outcome {
-                Outcome::Unchanged => done.unchanged += 1,
-                Outcome::Stale => {
-                    done.unchanged += 1;
-                    done.kept_newer += 1;
-                }
-                _ => {}
-            }
-            let Some(mut event) = super::feed_event(&write, outcome, seen) else {
-                continue;
-            };
-            self.record_change(&mut event)?;
-            let kind = event.kind;
-            effect.events.push(event);
-            match kind {
-                ChangeKind::Added => done.inserted += 1,
-                ChangeKind::Modified => done.updated += 1,
-                ChangeKind::Deleted => done.deleted += 1,
-            }
-            let value = value
-                .or_else(|| removed.map(Bytes::from))
-                .unwrap_or_default();
-            done.changes.push(ReplacedChange {
-                kind,
-                key: write.key().to_owned(),
-                value,
-            });
+        for next in walk(set, stored) {
+            let (write, value) = next.write(&set.rtype);
+            let (outcome, change) = self.replace_key(&write, value, watched, effect)?;
+            done.count(outcome, change);
         }
         done.forwards = self.record_forwards(&done.changes)?;
         Ok(done)
+    }
+
+    /// One key of the walk, through the single-write step as a single message's write goes:
+    /// the change it made, if any, numbered and recorded, and returned for edged with the
+    /// object stored (`value`) or removed.
+    fn replace_key(
+        &mut self,
+        write: &Write,
+        value: Option<Bytes>,
+        watched: bool,
+        effect: &mut BatchEffects,
+    ) -> rusqlite::Result<(Outcome, Option<ReplacedChange>)> {
+        // Always read the removed object (edged is sent it), but let the feed keep it only
+        // while somebody watches, as for a single delete.
+        let meta = Meta {
+            conn: &self.conn,
+            deltas: &mut effect.digest,
+            number: self.next_change,
+        };
+        let (outcome, mut seen) = apply_write(meta, write, true)?;
+        let removed = seen.before.take();
+        seen.before = removed.clone().filter(|_| watched);
+        seen.watched = watched;
+        let Some(mut event) = feed_event(write, outcome, seen) else {
+            return Ok((outcome, None));
+        };
+        self.record_change(&mut event)?;
+        let kind = event.kind;
+        effect.events.push(event);
+        let value = value
+            .or_else(|| removed.map(Bytes::from))
+            .unwrap_or_default();
+        let change = ReplacedChange {
+            kind,
+            key: write.key().to_owned(),
+            value,
+        };
+        Ok((outcome, Some(change)))
     }
 
     /// Records a replace's forwards in its transaction, so that a crash between its commit
