@@ -19,7 +19,7 @@ pub(super) fn sync_now(
     Box::pin(async move {
         match metasync.run(RunKind::Full).await {
             Ok(report) => {
-                tracing::info!(?report, "metasync on request");
+                tracing::info!(%report, "metasync on request");
                 let ack = message::ack(&msg);
                 replies.send(sender, ack, Operation::Response).await;
             }
