@@ -206,3 +206,73 @@ fn a_stopped_broker_is_logged_as_stopped_not_as_a_takeover() {
     assert!(!text.contains("takeover"), "{text}");
     assert!(!text.contains("another client connected"), "{text}");
 }
+
+/// An earlier version's database (rows without their `rv` column) is counted into the digest
+/// once at start-up; with stderr not a terminal, the count's progress is logged now and then
+/// (each `--progress-every`), in the log's own format.
+#[cfg(unix)]
+#[test]
+fn the_start_up_digest_count_logs_its_progress() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("m.db");
+    let config = dir.path().join("edge.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "mqtt:\n  port: 0\ndatabase:\n  path: {}\nhttp:\n  enabled: false\n",
+            db.display()
+        ),
+    )
+    .expect("config written");
+    // A first start makes the tables.
+    let log = dir.path().join("first.log");
+    let child = spawn_json(&config, &log);
+    wait_for(&log, "metamanager starting");
+    stop(child, &log);
+    let conn = rusqlite::Connection::open(&db).expect("open");
+    conn.execute_batch(
+        "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 19999)
+         INSERT INTO meta (key, type, value)
+         SELECT printf('default/configmap/old-%05d', i), 'configmap',
+                '{\"metadata\":{\"resourceVersion\":\"' || i || '\"}}' FROM n;",
+    )
+    .expect("rows without rv");
+    drop(conn);
+
+    let log = dir.path().join("second.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_metamanager"))
+        .args([
+            "--log-format",
+            "json",
+            "--progress-every",
+            "1ms",
+            "--config",
+        ])
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("the binary runs");
+    wait_for(&log, "metamanager starting");
+    let lines = stop(child, &log);
+    let progress: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l["message"].as_str())
+        .filter(|m| m.starts_with("counting stored objects into the digest: "))
+        .collect();
+    assert!(!progress.is_empty(), "{lines:?}");
+    assert!(
+        progress.iter().all(|m| m.ends_with(" of 20 000 objects)")),
+        "{progress:?}"
+    );
+    let counted = lines
+        .iter()
+        .find(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("counted stored objects into the digest"))
+        })
+        .expect("the count's last line");
+    assert_eq!(counted["objects"], 20_000);
+}
