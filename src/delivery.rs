@@ -128,7 +128,7 @@ impl Delivery {
                 .or_else(|| queued.pop_front())
             {
                 Some(seq) => order.push_back(seq),
-                None => tracing::warn!(?pkid, "a publish to send again has no number"),
+                None => tracing::warn!(pkid, "a publish to send again has no number"),
             }
         }
         order.extend(queued);

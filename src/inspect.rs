@@ -11,6 +11,8 @@ use rusqlite::Connection;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
+use crate::maintenance::{failure_of, Failure};
+use crate::progress::Progress;
 use crate::resource::{Resource, ResourceError};
 use crate::store::read;
 
@@ -34,6 +36,36 @@ pub enum InspectError {
     #[error("{0} names one object; list needs namespace/type")]
     NotAList(String),
 }
+
+impl InspectError {
+    /// What the failure means for the exit status: a wrong argument (the database named among
+    /// them: missing, not MetaManager's, or damaged, which `check` tells more of) or a failed
+    /// read or write. The reader of the output going away is neither: see
+    /// [`InspectError::is_closed_output`].
+    pub fn failure(&self) -> Failure {
+        let of = |e| match failure_of(e, Failure::BadInput) {
+            Failure::Io => Failure::Io,
+            Failure::BadInput | Failure::Damaged => Failure::BadInput,
+        };
+        match self {
+            Self::Open { source, .. } => of(source),
+            Self::Read(e) => of(e),
+            Self::Output(_) => Failure::Io,
+            Self::Missing { .. } | Self::Resource(_) | Self::NotAnObject(_) | Self::NotAList(_) => {
+                Failure::BadInput
+            }
+        }
+    }
+
+    /// Whether whoever read the output stopped reading (`export | head`).
+    pub fn is_closed_output(&self) -> bool {
+        matches!(self, Self::Output(e) if e.kind() == std::io::ErrorKind::BrokenPipe)
+    }
+}
+
+/// Objects written between two progress updates of `export`: a bar's redraw costs more than a
+/// line of output.
+const PROGRESS_EVERY: usize = 1024;
 
 /// One stored object, as `export` and `list` print it: one JSON object a line.
 #[derive(Serialize)]
@@ -73,25 +105,47 @@ impl Inspector {
         Ok(read::get(&self.conn, r.key())?)
     }
 
+    /// Writes the stored value of `namespace/type/name` and a line end; whether it is stored.
+    pub fn print(&self, resource: &str, out: &mut impl Write) -> Result<bool, InspectError> {
+        let Some(value) = self.get(resource)? else {
+            return Ok(false);
+        };
+        writeln!(out, "{value}")?;
+        out.flush()?;
+        Ok(true)
+    }
+
     /// Writes every object of `namespace/type`, in key order, as JSON lines; returns how many.
     pub fn list(&self, resource: &str, out: &mut impl Write) -> Result<usize, InspectError> {
         let r = Resource::parse(resource)?;
         if r.name().is_some() {
             return Err(InspectError::NotAList(resource.to_owned()));
         }
-        self.write_rows(Some((r.namespace(), r.rtype())), out)
+        self.write_rows(Some((r.namespace(), r.rtype())), out, |_| {})
     }
 
-    /// Writes every stored object, in key order, as JSON lines; returns how many.
-    pub fn export(&self, out: &mut impl Write) -> Result<usize, InspectError> {
-        self.write_rows(None, out)
+    /// Writes every stored object, in key order, as JSON lines, telling `progress` how far it
+    /// got; returns how many. The objects are one snapshot, counted first.
+    pub fn export(&self, out: &mut impl Write, progress: &Progress) -> Result<usize, InspectError> {
+        let snapshot = self.conn.unchecked_transaction()?;
+        let total: i64 = snapshot.query_row("SELECT count(*) FROM meta", [], |r| r.get(0))?;
+        let total = total.max(0) as u64;
+        let count = self.write_rows(None, out, |done| {
+            if done % PROGRESS_EVERY == 0 {
+                progress.update(done as u64, total, "objects");
+            }
+        })?;
+        progress.update(count as u64, total.max(count as u64), "objects");
+        Ok(count)
     }
 
     fn write_rows(
         &self,
         within: Option<(&str, &str)>,
         out: &mut impl Write,
+        written: impl Fn(usize),
     ) -> Result<usize, InspectError> {
+        let mut done = 0;
         let count = read::for_each(&self.conn, within, |key, rtype, value| {
             // Stored values are JSON; one that is not is shown as a JSON string, not dropped.
             let raw = RawValue::from_string(value.clone())
@@ -104,6 +158,8 @@ impl Inspector {
             })
             .map_err(std::io::Error::other)?;
             writeln!(out, "{line}")?;
+            done += 1;
+            written(done);
             Ok::<_, InspectError>(())
         })?;
         out.flush()?;
@@ -146,7 +202,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let inspector = Inspector::open(&database(dir.path())).expect("open");
         let mut out = Vec::new();
-        assert_eq!(inspector.export(&mut out).expect("export"), 5);
+        let progress = Progress::lines("export");
+        assert_eq!(inspector.export(&mut out, &progress).expect("export"), 5);
         let text = String::from_utf8(out).expect("utf-8");
         for line in text.lines() {
             serde_json::from_str::<serde_json::Value>(line).expect("each line is JSON");

@@ -79,6 +79,8 @@
 //! - [`maintenance`]: the `backup` and `check` commands, on one snapshot of a running store.
 //!   - [`maintenance::backup`]: a verified copy by SQLite's online backup, renamed into place.
 //!   - [`maintenance::check`]: SQLite's integrity check and the store's invariants.
+//! - [`progress`]: how a long command (`backup`, `check`, `export`) or the start-up digest count
+//!   shows how far it got: a bar on a terminal, a line now and then otherwise.
 //! - [`status`]: the status object on the status topic.
 //! - [`shutdown`]: the one signal every task stops on.
 //! - [`store`]: SQLite with one writer thread (group commit) and reads beside it, its own
@@ -118,6 +120,7 @@ pub mod metrics;
 pub mod mqtt;
 pub mod ops;
 pub mod patch;
+pub mod progress;
 pub mod readiness;
 pub mod resource;
 pub mod settings_checks;

@@ -1,12 +1,13 @@
 //! The `metamanager` binary: parse the command line, load settings, run until signalled.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use metamanager::config::Settings;
-use metamanager::inspect::Inspector;
+use metamanager::inspect::{InspectError, Inspector};
 use metamanager::maintenance::{self, backup::BackupOptions, Failure, Progress};
 use metamanager::telemetry::LogFormat;
 
@@ -24,6 +25,12 @@ struct Cli {
     /// Log line format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
+    /// How often a progress line is written when stderr is not a terminal: by backup, check
+    /// and export, and by the service while it counts an earlier version's objects into the
+    /// digest at start-up (e.g. 5s, 500ms).
+    #[arg(long, value_name = "DURATION", default_value = "5s", global = true,
+          value_parser = humantime::parse_duration)]
+    progress_every: Duration,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -65,18 +72,34 @@ enum Command {
 #[derive(Subcommand)]
 enum Inspect {
     /// Print the stored object NAMESPACE/TYPE/NAME as JSON.
+    #[command(after_help = INSPECT_HELP)]
     Get {
         #[arg(value_name = "NAMESPACE/TYPE/NAME")]
         resource: String,
     },
     /// Print every stored object of NAMESPACE/TYPE, one JSON line each ({"key","type","value"}).
+    #[command(after_help = INSPECT_HELP)]
     List {
         #[arg(value_name = "NAMESPACE/TYPE")]
         resource: String,
     },
     /// Print every stored object, one JSON line each ({"key","type","value"}).
+    ///
+    /// Progress goes to stderr: a bar on a terminal (unless stdout is that terminal too), else
+    /// a line every --progress-every; the last line says how many objects were written.
+    #[command(after_help = INSPECT_HELP)]
     Export,
 }
+
+const INSPECT_HELP: &str = "\
+Exit status:
+  0    printed (export: also an empty store)
+  1    get: the object is not stored; list: nothing is stored under NAMESPACE/TYPE
+  2    bad arguments or config, or a database that is missing, cannot be opened, or is not
+       MetaManager's (or is damaged: run `metamanager check`)
+  4    an I/O failure reading the database or writing the output (disk full)
+  141  (killed by SIGPIPE) stdout closed before everything was written (`export | head`),
+       as for cat or grep; nothing is printed on stderr";
 
 const BACKUP_HELP: &str = "\
 Restore: stop MetaManager, put the copy in place of database.path, remove any -wal and -shm
@@ -115,12 +138,17 @@ const BROKER_UNRESPONSIVE: u8 = 3;
 /// Exit status of `check` when it found a problem, and of `backup` when the copy was not
 /// right.
 const PROBLEM_FOUND: u8 = 1;
-/// Exit status of `backup` and `check` when reading or writing a file failed.
+/// Exit status of `backup` and `check` when reading or writing a file failed, and of `get`,
+/// `list` and `export` when reading the database or writing the output did.
 const IO_FAILED: u8 = 4;
+/// Exit status of `get`, `list` and `export` when stdout closed early and SIGPIPE could not
+/// end them (see [`end_on_closed_output`]): what a shell reports for SIGPIPE, 128 + 13.
+const CLOSED_OUTPUT: u8 = 141;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     metamanager::telemetry::init(cli.log_format);
+    metamanager::progress::set_line_every(cli.progress_every);
     let settings = match &cli.config {
         Some(path) => Settings::from_file(path),
         None => Settings::from_yaml(""),
@@ -183,38 +211,68 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs a read-only command against the database at `db`.
+/// Runs a read-only command against the database at `db`, printing to stdout.
 fn inspect(db: &Path, command: Inspect) -> ExitCode {
-    let result = Inspector::open(db).and_then(|inspector| {
-        let mut out = std::io::stdout().lock();
-        match &command {
-            Inspect::Get { resource } => inspector.get(resource).map(|value| {
-                value.map(|v| {
-                    println!("{v}");
-                    1
-                })
-            }),
-            Inspect::List { resource } => inspector.list(resource, &mut out).map(Some),
-            Inspect::Export => inspector.export(&mut out).map(Some),
-        }
+    end_on_closed_output();
+    // Buffered: an export of a large store is then a write per 64 KiB, not one per line.
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
+    let result = Inspector::open(db).and_then(|inspector| match &command {
+        Inspect::Get { resource } => inspector.print(resource, &mut out).map(usize::from),
+        Inspect::List { resource } => inspector.list(resource, &mut out),
+        Inspect::Export => export(&inspector, &mut out),
     });
-    // A database that cannot be opened or read (missing, not MetaManager's) is a bad argument.
     match (result, &command) {
-        (Ok(Some(0)), Inspect::List { resource }) => {
-            eprintln!("metamanager: no objects stored under {resource}");
-            ExitCode::from(NOT_FOUND)
-        }
-        (Ok(None), Inspect::Get { resource }) => {
+        (Ok(0), Inspect::Get { resource }) => {
             eprintln!("metamanager: {resource} is not stored");
             ExitCode::from(NOT_FOUND)
         }
+        (Ok(0), Inspect::List { resource }) => {
+            eprintln!("metamanager: no objects stored under {resource}");
+            ExitCode::from(NOT_FOUND)
+        }
         (Ok(_), _) => ExitCode::SUCCESS,
+        // Only when SIGPIPE is blocked: as quiet as the signal would have been.
+        (Err(e), _) if e.is_closed_output() => ExitCode::from(CLOSED_OUTPUT),
         (Err(e), _) => {
             eprintln!("metamanager: {e}");
-            ExitCode::from(BAD_INPUT)
+            exit_status(e.failure())
         }
     }
 }
+
+/// `export` with its progress on stderr, and a last line that says what it wrote.
+fn export(inspector: &Inspector, out: &mut impl Write) -> Result<usize, InspectError> {
+    let progress = Progress::beside_stdout("export");
+    let started = Instant::now();
+    let exported = inspector.export(out, &progress);
+    progress.finish();
+    if let Ok(n) = &exported {
+        progress.note(&format!(
+            "wrote {} objects in {:.1} s",
+            maintenance::grouped(*n as u64),
+            started.elapsed().as_secs_f64()
+        ));
+    }
+    exported
+}
+
+/// Makes a write to a closed stdout end the command as it ends cat or grep: killed by SIGPIPE,
+/// which a shell reports as status 141 and prints nothing for, and `set -o pipefail` counts as
+/// a failure (the output was cut short, so success would be untrue; the reader chose to stop,
+/// so an error message would be noise). Rust's runtime ignores SIGPIPE so that a write returns
+/// an error instead; the printing commands restore its default action before they write. The
+/// service never does: a client that goes away must not end it.
+#[cfg(unix)]
+fn end_on_closed_output() {
+    // SAFETY: `signal` with `SIG_DFL` only sets the disposition of SIGPIPE; no handler runs
+    // code of ours, and no other thread has been started to race with it.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+#[cfg(not(unix))]
+fn end_on_closed_output() {}
 
 fn exit_status(failure: Failure) -> ExitCode {
     ExitCode::from(match failure {

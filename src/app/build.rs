@@ -96,7 +96,7 @@ impl App {
         // Each listener's connections are capped to its share of the descriptors (see
         // `descriptors`), so that a flood of clients cannot starve the database and the links.
         let open_files = descriptors::open_files_limit();
-        tracing::info!(open_files = ?open_files, "file descriptor limit");
+        tracing::info!(open_files, "file descriptor limit");
         let topics = Topics::new(&settings.mqtt.topic_prefix, &settings.node_id)
             .with_bridge_state(settings.cloud_link.state_topic.clone());
         let (broker, link, inbound) = Broker::join(
@@ -466,7 +466,10 @@ impl Broker {
         tracing::info!(
             node_id = %settings.node_id,
             %broker,
-            mode = ?settings.mqtt.mode,
+            mode = match settings.mqtt.mode {
+                BrokerMode::Embedded => "embedded",
+                BrokerMode::External => "external",
+            },
             "metamanager starting"
         );
     }

@@ -48,6 +48,26 @@ pub enum Report {
     },
 }
 
+/// How a run is logged: `full run: 2 namespaces, 14 statuses, 0 removed, digest in 1 messages`.
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Skipped => f.write_str("skipped: the cloud is disconnected"),
+            Self::Synced {
+                full,
+                namespaces,
+                statuses,
+                removed,
+                digest_parts,
+            } => write!(
+                f,
+                "{} run: {namespaces} namespaces, {statuses} statuses, {removed} removed, digest in {digest_parts} messages",
+                if *full { "full" } else { "changes-only" },
+            ),
+        }
+    }
+}
+
 /// Which run to make.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RunKind {
@@ -209,7 +229,7 @@ impl MetaSync {
             removed,
             digest_parts,
         };
-        tracing::debug!(?report, "metasync");
+        tracing::debug!(%report, "metasync");
         Ok(report)
     }
 
@@ -330,7 +350,7 @@ impl MetaSync {
             };
             match self.run(kind).await {
                 Ok(report) if kind == RunKind::Full => {
-                    tracing::info!(?report, "metasync: cloud connected");
+                    tracing::info!(%report, "metasync: cloud connected");
                 }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "metasync failed"),

@@ -336,7 +336,7 @@ pub async fn check(State(auth): State<Arc<Auth>>, request: Request, next: Next) 
     };
     let asked = attributes(request.method(), path);
     if !auth.authorize(&user, &asked) {
-        tracing::info!(user = %user.name, ?asked, "API request forbidden by the policy");
+        tracing::info!(user = %user.name, method = %request.method(), path, "API request forbidden by the policy");
         return ApiError::Forbidden(format!(
             "user {:?} may not do this: {} {path}",
             user.name,

@@ -133,7 +133,10 @@ impl Listener {
         stop: Shutdown,
     ) {
         let addr = self.local_addr();
-        tracing::info!(addr = ?addr, "HTTP endpoint listening");
+        tracing::info!(
+            addr = addr.map(tracing::field::display),
+            "HTTP endpoint listening"
+        );
         let who = ctx.auth.clone();
         let state = HttpState {
             ctx: Arc::new(ctx),

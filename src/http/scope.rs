@@ -161,11 +161,8 @@ impl Scope {
     ) -> Result<Self, ApiError> {
         let param = |name: &str| params.get(name).map_or("", String::as_str);
         let labels = LabelSelector::parse(param("labelSelector")).map_err(ApiError::BadRequest)?;
-        let fields = FieldSelector::parse(
-            param("fieldSelector"),
-            kind.rtype == crate::resource::rtype::POD,
-        )
-        .map_err(ApiError::BadRequest)?;
+        let fields = FieldSelector::parse(param("fieldSelector"), &kind.rtype)
+            .map_err(ApiError::BadRequest)?;
         // A cluster-scoped kind has no namespace, whatever segment it is stored under.
         let namespace = namespace.filter(|_| kind.namespaced);
         Ok(Self {

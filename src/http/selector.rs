@@ -3,9 +3,11 @@
 //!
 //! Label selectors are equality-based (`a=b`, `a==b`, `a!=b`) and set-based (`a in (x,y)`,
 //! `a notin (x,y)`, `a`, `!a`), comma-separated, all of which must hold. Field selectors take
-//! `metadata.name` and `metadata.namespace` for every kind and, for pods, `spec.nodeName` and
-//! `status.phase`: the ones node agents and kubectl use (a kubelet lists its pods with
-//! `spec.nodeName=NODE`).
+//! `metadata.name` and `metadata.namespace` for every kind and the fields kube-apiserver adds
+//! for two kinds: for pods `spec.nodeName` and `status.phase` (a kubelet lists its pods with
+//! `spec.nodeName=NODE`), for events the object they are about, their reason, source and type
+//! (`kubectl describe` lists an object's events by `involvedObject.name`, `.namespace`, `.kind`
+//! and `.uid`).
 
 use serde_json::{Map, Value};
 
@@ -153,12 +155,74 @@ impl LabelSelector {
     }
 }
 
+/// The fields a pod adds to metadata's: (label, where in the object).
+const POD_FIELDS: &[(&str, &[&str])] = &[
+    ("spec.nodeName", &["/spec/nodeName"]),
+    ("status.phase", &["/status/phase"]),
+];
+
+/// The fields an event adds, as kube-apiserver has them for core `v1` events. One stored
+/// `event` type holds both kinds of event (core and `events.k8s.io/v1`, which renamed
+/// `involvedObject` to `regarding` and `reportingComponent` to `reportingController`), so each
+/// field is read from either shape, and both groups' labels are taken on both kinds.
+/// `source` is `source.component`, or the reporting controller when that is empty, as there.
+const EVENT_FIELDS: &[(&str, &[&str])] = &[
+    ("involvedObject.kind", REGARDING_KIND),
+    ("involvedObject.namespace", REGARDING_NAMESPACE),
+    ("involvedObject.name", REGARDING_NAME),
+    ("involvedObject.uid", REGARDING_UID),
+    ("involvedObject.apiVersion", REGARDING_API_VERSION),
+    ("involvedObject.resourceVersion", REGARDING_VERSION),
+    ("involvedObject.fieldPath", REGARDING_FIELD_PATH),
+    ("regarding.kind", REGARDING_KIND),
+    ("regarding.namespace", REGARDING_NAMESPACE),
+    ("regarding.name", REGARDING_NAME),
+    ("regarding.uid", REGARDING_UID),
+    ("regarding.apiVersion", REGARDING_API_VERSION),
+    ("regarding.resourceVersion", REGARDING_VERSION),
+    ("regarding.fieldPath", REGARDING_FIELD_PATH),
+    ("reason", &["/reason"]),
+    ("reportingComponent", REPORTING),
+    ("reportingController", REPORTING),
+    (
+        "source",
+        &[
+            "/source/component",
+            "/deprecatedSource/component",
+            "/reportingComponent",
+            "/reportingController",
+        ],
+    ),
+    ("type", &["/type"]),
+];
+const REGARDING_KIND: &[&str] = &["/involvedObject/kind", "/regarding/kind"];
+const REGARDING_NAMESPACE: &[&str] = &["/involvedObject/namespace", "/regarding/namespace"];
+const REGARDING_NAME: &[&str] = &["/involvedObject/name", "/regarding/name"];
+const REGARDING_UID: &[&str] = &["/involvedObject/uid", "/regarding/uid"];
+const REGARDING_API_VERSION: &[&str] = &["/involvedObject/apiVersion", "/regarding/apiVersion"];
+const REGARDING_VERSION: &[&str] = &[
+    "/involvedObject/resourceVersion",
+    "/regarding/resourceVersion",
+];
+const REGARDING_FIELD_PATH: &[&str] = &["/involvedObject/fieldPath", "/regarding/fieldPath"];
+const REPORTING: &[&str] = &["/reportingComponent", "/reportingController"];
+
+/// The fields of `rtype` beyond `metadata.name` and `metadata.namespace`.
+fn fields_of(rtype: &str) -> &'static [(&'static str, &'static [&'static str])] {
+    match rtype {
+        crate::resource::rtype::POD => POD_FIELDS,
+        crate::resource::rtype::EVENT => EVENT_FIELDS,
+        _ => &[],
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Field {
     Name,
     Namespace,
-    NodeName,
-    Phase,
+    /// A field of the object: the first of these JSON pointers that holds a string that is not
+    /// empty; none is "", as an absent field is in Kubernetes.
+    Object(&'static [&'static str]),
 }
 
 /// `fieldSelector`.
@@ -168,8 +232,9 @@ pub struct FieldSelector {
 }
 
 impl FieldSelector {
-    /// `pods`: whether the list is of pods, which have two more fields.
-    pub fn parse(text: &str, pods: bool) -> Result<Self, String> {
+    /// `rtype`: the stored type listed, which decides the fields beyond metadata's.
+    pub fn parse(text: &str, rtype: &str) -> Result<Self, String> {
+        let own = fields_of(rtype);
         let mut parsed = Vec::new();
         for term in requirements(text)? {
             let Some((key, equal, value)) = equality(term) else {
@@ -180,14 +245,10 @@ impl FieldSelector {
             let field = match key {
                 "metadata.name" => Field::Name,
                 "metadata.namespace" => Field::Namespace,
-                "spec.nodeName" if pods => Field::NodeName,
-                "status.phase" if pods => Field::Phase,
-                other => {
-                    return Err(format!(
-                        "field label not supported: {other:?} (metadata.name and \
-                         metadata.namespace are, and for pods spec.nodeName and status.phase)"
-                    ))
-                }
+                other => match own.iter().find(|(label, _)| *label == other) {
+                    Some((_, paths)) => Field::Object(paths),
+                    None => return Err(not_supported(other, rtype, own)),
+                },
             };
             parsed.push((field, equal, value.to_owned()));
         }
@@ -203,12 +264,26 @@ impl FieldSelector {
             let have = match field {
                 Field::Name => name,
                 Field::Namespace => namespace,
-                Field::NodeName => object["spec"]["nodeName"].as_str().unwrap_or(""),
-                Field::Phase => object["status"]["phase"].as_str().unwrap_or(""),
+                Field::Object(paths) => paths
+                    .iter()
+                    .filter_map(|p| object.pointer(p).and_then(Value::as_str))
+                    .find(|v| !v.is_empty())
+                    .unwrap_or(""),
             };
             (have == want) == *equal
         })
     }
+}
+
+/// kube-apiserver's words for an unknown field (`field label not supported: …`), with the
+/// fields this kind has.
+fn not_supported(label: &str, rtype: &str, own: &[(&str, &[&str])]) -> String {
+    let mut known = vec!["metadata.name", "metadata.namespace"];
+    known.extend(own.iter().map(|(label, _)| *label));
+    format!(
+        "field label not supported: {label:?} (a {rtype} has {})",
+        known.join(", ")
+    )
 }
 
 #[cfg(test)]
@@ -261,21 +336,73 @@ mod tests {
     #[test]
     fn field_terms() {
         let pod = json!({"spec": {"nodeName": "edge-node"}, "status": {"phase": "Running"}});
-        let f =
-            FieldSelector::parse("metadata.name=a,metadata.namespace!=kube-system", false).unwrap();
+        let f = FieldSelector::parse(
+            "metadata.name=a,metadata.namespace!=kube-system",
+            "configmap",
+        )
+        .unwrap();
         assert!(f.matches("a", "default", &pod));
         assert!(!f.matches("b", "default", &pod));
         assert!(!f.matches("a", "kube-system", &pod));
-        assert!(FieldSelector::parse("metadata.name", false).is_err());
+        assert!(FieldSelector::parse("metadata.name", "pod").is_err());
 
         // Pods have two more: what a node agent lists its pods by.
-        assert!(FieldSelector::parse("spec.nodeName=x", false).is_err());
+        assert!(FieldSelector::parse("spec.nodeName=x", "configmap").is_err());
         let mine =
-            FieldSelector::parse("spec.nodeName=edge-node,status.phase!=Failed", true).unwrap();
+            FieldSelector::parse("spec.nodeName=edge-node,status.phase!=Failed", "pod").unwrap();
         assert!(mine.matches("p", "default", &pod));
         assert!(!mine.matches("p", "default", &json!({"spec": {"nodeName": "other"}})));
-        let unscheduled = FieldSelector::parse("spec.nodeName=", true).unwrap();
+        let unscheduled = FieldSelector::parse("spec.nodeName=", "pod").unwrap();
         assert!(unscheduled.matches("p", "default", &json!({"spec": {}})));
         assert!(!unscheduled.matches("p", "default", &pod));
+    }
+
+    #[test]
+    fn event_terms_are_what_kubectl_describe_asks() {
+        let core = json!({"involvedObject": {"kind": "ConfigMap", "name": "demo",
+            "namespace": "default", "uid": "u-1"}, "reason": "Synced", "type": "Normal",
+            "source": {"component": ""}, "reportingComponent": "edged"});
+        let describe = "involvedObject.name=demo,involvedObject.namespace=default,\
+                        involvedObject.kind=ConfigMap,involvedObject.uid=u-1";
+        let f = FieldSelector::parse(describe, "event").unwrap();
+        assert!(f.matches("demo.1", "default", &core));
+        assert!(!f.matches(
+            "demo.1",
+            "default",
+            &json!({"involvedObject": {"name": "demo"}})
+        ));
+        // `source`: the component, else the reporting controller, as kube-apiserver has it.
+        let by = |s: &str| {
+            FieldSelector::parse(s, "event")
+                .unwrap()
+                .matches("e", "default", &core)
+        };
+        assert!(by(
+            "source=edged,reportingComponent=edged,reason=Synced,type!=Warning"
+        ));
+        assert!(by("involvedObject.fieldPath=,involvedObject.apiVersion="));
+
+        // An events.k8s.io/v1 event, found by either group's names.
+        let v1 = json!({"regarding": {"kind": "Node", "name": "edge-node"},
+            "reportingController": "kubelet", "deprecatedSource": {"component": "kubelet"}});
+        for s in [
+            "involvedObject.kind=Node,involvedObject.name=edge-node",
+            "regarding.name=edge-node",
+            "reportingComponent=kubelet,source=kubelet",
+        ] {
+            assert!(
+                FieldSelector::parse(s, "event")
+                    .unwrap()
+                    .matches("e", "", &v1),
+                "{s}"
+            );
+        }
+
+        let refused = FieldSelector::parse("involvedObject.name=x", "configmap").unwrap_err();
+        assert!(
+            refused.starts_with("field label not supported: \"involvedObject.name\""),
+            "{refused}"
+        );
+        assert!(FieldSelector::parse("involvedObject.size=1", "event").is_err());
     }
 }

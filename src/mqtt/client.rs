@@ -421,6 +421,9 @@ struct Reconnect {
     client_id: String,
     delay: Duration,
     connected_at: Option<Instant>,
+    /// Whether the broker closed the last connection soon after accepting it, when it closed
+    /// it: one close says nothing of why, what the broker does next does.
+    closed_soon: Option<bool>,
 }
 
 impl Reconnect {
@@ -429,6 +432,7 @@ impl Reconnect {
             client_id,
             delay: BACKOFF_START,
             connected_at: None,
+            closed_soon: None,
         }
     }
 
@@ -437,9 +441,16 @@ impl Reconnect {
         self.connected_at = Some(Instant::now());
     }
 
+    /// Logs the failure `e` by its likely cause. A broker that closes the connection and then
+    /// refuses new ones has stopped. One that closes it soon after accepting it, accepts the
+    /// next and closes that one soon too, is throwing MetaManager out: another client takes
+    /// its client id over, or the broker refuses one of its subscriptions. A single close soon
+    /// after connecting is no sign of either (a broker stopped then would look the same).
     async fn failed(&mut self, e: &ConnectionError, was_up: bool) {
         let lasted = self.connected_at.take().map(|at| at.elapsed());
         let closed_soon = matches!(lasted, Some(d) if d < STABLE_AFTER) && closed_by_peer(e);
+        let closed = (lasted.is_some() && closed_by_peer(e)).then_some(closed_soon);
+        let before = std::mem::replace(&mut self.closed_soon, closed);
         let cap = if closed_soon {
             TAKEOVER_BACKOFF_CAP
         } else {
@@ -449,13 +460,15 @@ impl Reconnect {
             BACKOFF_CAP
         };
         let retry_in = self.delay;
-        if closed_soon {
+        if closed_soon && before == Some(true) {
             tracing::warn!(
                 client_id = %self.client_id,
                 ?retry_in,
                 "the broker closed the connection soon after accepting it: another client connected with client id {} (session takeover), or the broker refuses this client or one of its subscriptions (RabbitMQ closes the connection of a client that subscribes to a topic it may not read, cloud_link.state_topic included); backing off",
                 self.client_id
             );
+        } else if before.is_some() && refused(e) {
+            tracing::warn!(client_id = %self.client_id, reason = %describe(e), ?retry_in, "the MQTT broker has stopped: it closed the connection and refuses new ones");
         } else if was_up {
             tracing::warn!(client_id = %self.client_id, reason = %describe(e), ?retry_in, "lost MQTT broker connection");
         } else {
@@ -479,6 +492,15 @@ fn closed_by_peer(e: &ConnectionError) -> bool {
         _ => false,
     }
 }
+/// Whether nothing listens at the broker's address (any more).
+fn refused(e: &ConnectionError) -> bool {
+    let io = match e {
+        ConnectionError::MqttState(StateError::Io(io)) | ConnectionError::Io(io) => io,
+        _ => return false,
+    };
+    io.kind() == std::io::ErrorKind::ConnectionRefused
+}
+
 /// An operator-facing reason for a connection failure.
 fn describe(e: &ConnectionError) -> String {
     use rumqttc::ConnectReturnCode as Code;

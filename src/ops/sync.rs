@@ -14,7 +14,7 @@ impl SyncRequest {
         Box::pin(async move {
             match metasync.run(RunKind::Full).await {
                 Ok(report) => {
-                    tracing::info!(?report, "metasync on request");
+                    tracing::info!(%report, "metasync on request");
                     Outcome::ack(&self.msg)
                 }
                 Err(e) => Outcome::store_failed(&self.msg, &e),

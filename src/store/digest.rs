@@ -170,7 +170,21 @@ pub(super) fn prepare(conn: &Connection) -> rusqlite::Result<()> {
 
 /// Gives every row with a null `rv` its `rv`, and counts it into the digest; a chunk per
 /// transaction. Once, at open: after that the writer keeps both. Returns the rows counted.
+/// Shows its progress: on an earlier version's large database it is minutes of start-up.
 pub(super) fn backfill(conn: &Connection) -> rusqlite::Result<u64> {
+    let uncounted: u64 = conn.query_row("SELECT count(*) FROM meta WHERE rv IS NULL", [], |r| {
+        r.get::<_, i64>(0).map(|n| n.max(0) as u64)
+    })?;
+    if uncounted == 0 {
+        return Ok(0);
+    }
+    let progress = crate::progress::Progress::in_log("counting stored objects into the digest");
+    let counted = backfill_chunks(conn, |done| progress.update(done, uncounted, "objects"));
+    progress.finish();
+    counted
+}
+
+fn backfill_chunks(conn: &Connection, progress: impl Fn(u64)) -> rusqlite::Result<u64> {
     let mut total = 0u64;
     loop {
         conn.execute_batch("BEGIN IMMEDIATE")?;
@@ -180,7 +194,10 @@ pub(super) fn backfill(conn: &Connection) -> rusqlite::Result<u64> {
         });
         match counted {
             Ok(0) => return Ok(total),
-            Ok(n) => total += n as u64,
+            Ok(n) => {
+                total += n as u64;
+                progress(total);
+            }
             Err(e) => {
                 let _ = conn.execute_batch("ROLLBACK");
                 return Err(e);

@@ -400,9 +400,9 @@ pub fn broker_port(log: &str) -> Option<u16> {
     port_after(log, "metamanager starting", "broker=")
 }
 
-/// The HTTP port in `HTTP endpoint listening addr=Some(HOST:PORT)`.
+/// The HTTP port in `HTTP endpoint listening addr=HOST:PORT`.
 pub fn http_port(log: &str) -> Option<u16> {
-    port_after(log, "HTTP endpoint listening", "addr=Some(")
+    port_after(log, "HTTP endpoint listening", "addr=")
 }
 
 fn port_after(log: &str, line_has: &str, key: &str) -> Option<u16> {
