@@ -173,6 +173,23 @@ label_values! {
     }
 }
 
+impl StoreMetrics {
+    /// Registers the writer thread's histograms: handles onto the values it moves.
+    fn register(&self, r: &mut Registering) {
+        r.measured(
+            "store_commit",
+            "Time one store transaction (a group-commit batch) took to commit",
+            Unit::Seconds,
+            self.commit_seconds.clone(),
+        );
+        r.metric(
+            "store_batch_changes",
+            "Changes committed together in one store transaction",
+            self.batch_size.clone(),
+        );
+    }
+}
+
 /// What the store's writer thread measures: how long commits take and how many changes each
 /// carries. [`Metrics`] registers the same histograms (they are handles onto shared values)
 /// and renders them with the rest.
@@ -413,17 +430,7 @@ impl Metrics {
             format!("Errors, by reason ({})", ErrorReason::listed()),
             Family::<ReasonLabel, Counter>::default(),
         );
-        r.measured(
-            "store_commit",
-            "Time one store transaction (a group-commit batch) took to commit",
-            Unit::Seconds,
-            store.commit_seconds.clone(),
-        );
-        r.metric(
-            "store_batch_changes",
-            "Changes committed together in one store transaction",
-            store.batch_size.clone(),
-        );
+        store.register(&mut r);
         let mirrored = Mirrored::register(&mut r);
         // 5 ms to about 80 s: the default remote_query_timeout is 60 s.
         let remote_seconds = r.measured(

@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::broker::{self, BrokerError, BrokerOptions, EmbeddedBroker, DEFAULT_MAX_CONNECTIONS};
 use crate::cloud::metasync::SyncPlan;
 use crate::cloud::settings::OutboxSettings;
-use crate::cloud::Cloud;
+use crate::cloud::{Cloud, CloudPlan};
 use crate::config::{ConfigError, Settings};
 use crate::descriptors;
 use crate::http::auth::Auth;
@@ -99,15 +99,14 @@ impl App {
         tracing::info!(open_files, "file descriptor limit");
         let topics = Topics::new(&settings.mqtt.topic_prefix, &settings.node_id)
             .with_bridge_state(settings.cloud_link.state_topic.clone());
-        let (broker, link, inbound) = Broker::join(
-            &settings,
-            files.credentials,
-            files.mqtt_tls,
-            listeners.broker,
+        let joining = Joining {
+            credentials: files.credentials,
+            tls: files.mqtt_tls,
+            given: listeners.broker,
             open_files,
-            topics.clone(),
-        )
-        .await?;
+            topics: topics.clone(),
+        };
+        let (broker, link, inbound) = Broker::join(&settings, joining).await?;
         let parts = Parts::new(&settings, topics, &store, &link);
         let serving = BrokerServing::default();
         broker.log_start(&settings);
@@ -152,20 +151,16 @@ impl Parts {
             publisher: link.publisher.clone(),
             metrics: Arc::new(metrics(store, settings.cloud_link.state_topic.is_some())),
         };
-        let remote_timeout = settings.meta.remote_query_timeout;
-        let sync = SyncPlan {
-            node_id: settings.node_id.clone(),
-            max_payload: settings.mqtt.max_payload_bytes,
-            full_interval: settings.meta.sync.podstatus.full_interval,
+        let plan = CloudPlan {
+            remote_timeout: settings.meta.remote_query_timeout,
+            sync: SyncPlan {
+                node_id: settings.node_id.clone(),
+                max_payload: settings.mqtt.max_payload_bytes,
+                full_interval: settings.meta.sync.podstatus.full_interval,
+            },
+            bridge: settings.cloud_link.bridge_words(),
         };
-        let cloud = Cloud::new(
-            store,
-            &link.publisher,
-            replies.metrics.clone(),
-            remote_timeout,
-            sync,
-            settings.cloud_link.bridge_words(),
-        );
+        let cloud = Cloud::new(store, &link.publisher, replies.metrics.clone(), plan);
         let rules = Arc::new(ops::Rules::new(
             &settings.node_id,
             &settings.meta,
@@ -345,29 +340,33 @@ enum Broker {
     External(Box<LinkOptions>),
 }
 
+/// What joining the broker takes besides the settings: the credentials and TLS the files gave,
+/// the broker's listener when the caller bound it, the descriptor limit, the node's topics.
+struct Joining {
+    credentials: Option<(String, String)>,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    given: Option<std::net::TcpListener>,
+    open_files: Option<usize>,
+    topics: Topics,
+}
+
 impl Broker {
     /// Starts the embedded broker (on the caller's listener, when given) or joins the external
     /// one, and starts MetaManager's link to it.
     async fn join(
         settings: &Settings,
-        credentials: Option<(String, String)>,
-        tls: Option<Arc<rustls::ClientConfig>>,
-        given: Option<std::net::TcpListener>,
-        open_files: Option<usize>,
-        topics: Topics,
+        joining: Joining,
     ) -> Result<(Self, Link, Incoming), AppError> {
         let client_id = format!("metamanager-{}", settings.node_id);
         if settings.mqtt.mode == BrokerMode::Embedded {
-            return Self::start_embedded(
-                settings,
-                client_id,
-                credentials,
-                given,
-                open_files,
-                topics,
-            )
-            .await;
+            return Self::start_embedded(settings, client_id, joining).await;
         }
+        let Joining {
+            credentials,
+            tls,
+            topics,
+            ..
+        } = joining;
         let mqtt = &settings.mqtt;
         // The sending connection may have an account of its own.
         let publish_credentials = credentials
@@ -390,11 +389,15 @@ impl Broker {
     async fn start_embedded(
         settings: &Settings,
         client_id: String,
-        credentials: Option<(String, String)>,
-        given: Option<std::net::TcpListener>,
-        open_files: Option<usize>,
-        topics: Topics,
+        joining: Joining,
     ) -> Result<(Self, Link, Incoming), AppError> {
+        let Joining {
+            credentials,
+            given,
+            open_files,
+            topics,
+            ..
+        } = joining;
         // Fresh for every start: only this process can use its client ids on its own broker,
         // and its watchdog probes with them.
         let own_credentials = ("metamanager".to_string(), uuid::Uuid::new_v4().to_string());

@@ -48,19 +48,29 @@ pub struct Cloud {
     pub replaces: Arc<replaces::Replaces>,
 }
 
+/// How the cloud side works, from the settings: how long remote queries wait for the cloud,
+/// how MetaSync runs, and the bridge's state payloads when a bridge reports the cloud.
+pub struct CloudPlan {
+    pub remote_timeout: Duration,
+    pub sync: metasync::SyncPlan,
+    pub bridge: Option<state::BridgeWords>,
+}
+
 impl Cloud {
     /// The cloud side of the node whose store is `store`, disconnected until edgehub (or the
-    /// bridge, with `bridge`'s payloads) says otherwise: what goes out goes with `publisher`,
-    /// remote queries wait at most `remote_timeout`, MetaSync runs by `sync`, and the patches
-    /// the store says still wait for an answer wait on.
+    /// bridge) says otherwise, working by `plan`: what goes out goes with `publisher`, and the
+    /// patches the store says still wait for an answer wait on.
     pub fn new(
         store: &Store,
         publisher: &Publisher,
         metrics: Arc<Metrics>,
-        remote_timeout: Duration,
-        sync: metasync::SyncPlan,
-        bridge: Option<state::BridgeWords>,
+        plan: CloudPlan,
     ) -> Self {
+        let CloudPlan {
+            remote_timeout,
+            sync,
+            bridge,
+        } = plan;
         let rows = store.sent_patches().unwrap_or_else(|e| {
             tracing::warn!(error = %e, "cannot read which patches wait for the cloud's answer; their answers will not be stored");
             Vec::new()

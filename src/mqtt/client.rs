@@ -106,16 +106,19 @@ pub(super) fn start(options: LinkOptions, topics: Topics) -> (Link, Incoming) {
     let budget = InboundBudget::new(options.inflight);
 
     let tasks = Tasks {
-        receive: Some(tokio::spawn(receive_loop_task(
-            nodelay(receive_loop),
-            receiver.clone(),
-            topics.clone(),
-            budget,
-            unacked.clone(),
-            inbound_tx,
-            state.clone(),
-            options.client_id.clone(),
-        ))),
+        receive: Some(tokio::spawn(
+            ReceiveLoop {
+                eventloop: nodelay(receive_loop),
+                client: receiver.clone(),
+                topics: topics.clone(),
+                budget,
+                unacked: unacked.clone(),
+                inbound: inbound_tx,
+                state: state.clone(),
+                client_id: options.client_id.clone(),
+            }
+            .run(),
+        )),
         send: tokio::spawn(send_loop_task(
             nodelay(send_loop),
             deliveries.clone(),
@@ -202,59 +205,76 @@ fn nodelay(mut eventloop: EventLoop) -> EventLoop {
     eventloop
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn receive_loop_task(
-    mut eventloop: EventLoop,
+/// The receiving connection's task: what it owns.
+struct ReceiveLoop {
+    eventloop: EventLoop,
+    /// The receiving connection's client, for its subscriptions.
     client: AsyncClient,
     topics: Arc<Topics>,
     budget: Arc<InboundBudget>,
     unacked: Arc<Unacked>,
+    /// To the dispatcher.
     inbound: mpsc::UnboundedSender<Inbound>,
     state: Arc<Connected>,
     client_id: String,
-) {
-    let mut reconnect = Reconnect::new(client_id);
-    loop {
-        match eventloop.poll().await {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                reconnect.connected("receiving");
-                unacked.connected();
-                subscribe(&client, &topics);
-                state.set(&state.receiving, true);
-            }
-            Ok(Event::Incoming(Packet::Publish(publish))) => {
-                // With the budget spent, wait here: the broker keeps what is not read.
-                let permit = budget.acquire(publish.payload.len()).await;
-                let pkid = (publish.qos != QoS::AtMostOnce).then_some(publish.pkid);
-                let message = Inbound {
-                    topic: publish.topic,
-                    payload: publish.payload,
-                    receipt: unacked.received(pkid, permit),
-                };
-                if let Err(refused) = inbound.send(message) {
-                    // Shutting down: leave it unacknowledged, for the broker to send again.
-                    unacked.take(refused.0.receipt);
+}
+
+impl ReceiveLoop {
+    async fn run(self) {
+        let Self {
+            mut eventloop,
+            client,
+            topics,
+            budget,
+            unacked,
+            inbound,
+            state,
+            client_id,
+        } = self;
+        let mut reconnect = Reconnect::new(client_id);
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    reconnect.connected("receiving");
+                    unacked.connected();
+                    subscribe(&client, &topics);
+                    state.set(&state.receiving, true);
                 }
-            }
-            Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                for topic in refused_filters(&topics, &ack) {
-                    tracing::error!(
-                        topic,
-                        "the broker refused the subscription (may the account read the topic?)"
-                    );
+                Ok(Event::Incoming(Packet::Publish(publish))) => {
+                    // With the budget spent, wait here: the broker keeps what is not read.
+                    let permit = budget.acquire(publish.payload.len()).await;
+                    let pkid = (publish.qos != QoS::AtMostOnce).then_some(publish.pkid);
+                    let message = Inbound {
+                        topic: publish.topic,
+                        payload: publish.payload,
+                        receipt: unacked.received(pkid, permit),
+                    };
+                    if let Err(refused) = inbound.send(message) {
+                        // Shutting down: leave it unacknowledged, for the broker to send again.
+                        unacked.take(refused.0.receipt);
+                    }
                 }
-            }
-            Ok(Event::Outgoing(Outgoing::Disconnect)) => {
-                state.set(&state.receiving, false);
-                // Give the DISCONNECT packet a chance to be flushed.
-                let _ = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
-                return;
-            }
-            Ok(_) => {}
-            Err(ConnectionError::RequestsDone) => return,
-            Err(e) => {
-                let was_up = state.set(&state.receiving, false);
-                reconnect.failed(&e, was_up).await;
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    for topic in refused_filters(&topics, &ack) {
+                        tracing::error!(
+                            topic,
+                            "the broker refused the subscription (may the account read the topic?)"
+                        );
+                    }
+                }
+                Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                    state.set(&state.receiving, false);
+                    // Give the DISCONNECT packet a chance to be flushed.
+                    let _ =
+                        tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
+                    return;
+                }
+                Ok(_) => {}
+                Err(ConnectionError::RequestsDone) => return,
+                Err(e) => {
+                    let was_up = state.set(&state.receiving, false);
+                    reconnect.failed(&e, was_up).await;
+                }
             }
         }
     }

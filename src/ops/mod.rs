@@ -244,20 +244,16 @@ pub(crate) mod testing {
                 metrics: Arc::new(Metrics::new(store.metrics().clone())),
                 publisher: link.publisher.clone(),
             };
-            let timeout = settings.meta.remote_query_timeout;
-            let sync = crate::cloud::metasync::SyncPlan {
-                node_id: "test-node".into(),
-                max_payload: settings.mqtt.max_payload_bytes,
-                full_interval: settings.meta.sync.podstatus.full_interval,
+            let plan = crate::cloud::CloudPlan {
+                remote_timeout: settings.meta.remote_query_timeout,
+                sync: crate::cloud::metasync::SyncPlan {
+                    node_id: "test-node".into(),
+                    max_payload: settings.mqtt.max_payload_bytes,
+                    full_interval: settings.meta.sync.podstatus.full_interval,
+                },
+                bridge: settings.cloud_link.bridge_words(),
             };
-            let cloud = Cloud::new(
-                &store,
-                &link.publisher,
-                replies.metrics.clone(),
-                timeout,
-                sync,
-                settings.cloud_link.bridge_words(),
-            );
+            let cloud = Cloud::new(&store, &link.publisher, replies.metrics.clone(), plan);
             // The config file's default node name, which the rules have always had here.
             let rules = Arc::new(Rules::new("edge-node", &settings.meta, &settings.mqtt));
             let ctx = Context::new(replies.clone(), store.clone(), cloud.clone(), rules);
