@@ -32,10 +32,13 @@
 //!   cluster-scoped object.
 //! - [`patch`]: applying a `patch` operation's merge patch or JSON Patch to a stored object,
 //!   with the status lists of pods and nodes merged by key.
-//! - [`ops`]: what each operation does, one file per operation, each split into an immediate part
-//!   and an ordered step; each is given the handles it uses ([`ops::Replies`], the store, the
-//!   [`cloud::Cloud`] side, [`ops::Rules`]), and the API's writes have
-//!   [`ops::api_write::ApiWrites`].
+//! - [`ops`]: what MetaManager does with each message, in three parts: `ops::request` reads it
+//!   once into a typed request, one variant per operation holding its valid input (every
+//!   refusal of malformed input is there); the operation, one file each, is a method on its
+//!   request that takes one borrowed [`ops::Context`] (the replies, the store, the
+//!   [`cloud::Cloud`] side, [`ops::Rules`]) and ends in an outcome; `ops::outcome` turns the
+//!   outcome into the reply and the broker ack, the one place a message is acknowledged. The
+//!   API's writes share the context through [`ops::api_write::ApiWrites`].
 //! - [`cloud`]: the cloud side, everything kept and done for the cloud, reached through edgehub.
 //!   - [`cloud::state`]: whether the cloud is connected, as edgehub and, when configured, a
 //!     bridge's state topic say.
@@ -92,9 +95,13 @@
 //!   - [`store::settings`]: `database`: the file, how hard each commit insists on the disk,
 //!     and the quota (`max_size`).
 //!   - [`store::space`]: the store's room on disk: the quota's measure and the storage-full
-//!     state every side reads; the writer's side of it (refusing what needs room, the disk
-//!     reserve, compaction) is its `room` module. A replace's forwards to edged are recorded
-//!     in its transaction until the broker has them.
+//!     state every side reads.
+//!   - `store::writer`: the writer thread, split by job: `schema` (tables and migrations),
+//!     `batch` (the group-commit loop; a rollback puts the writer's counters back whole),
+//!     `message` (one message's change: duplicates, settling), `write` (the write step of each
+//!     kind of write), `outbox`, `settle` (the settle marks and releases), `replace` (a whole
+//!     scope in one transaction; its forwards to edged recorded until the broker has them) and
+//!     `room` (refusing what needs room, the disk reserve, compaction).
 //!
 //! Each part is given what it uses when `app` builds it; nothing shares one object of
 //! everything. No source file imports, directly or through others, a file that imports it,

@@ -1,13 +1,13 @@
 //! What MetaManager does with each operation, one file per operation.
 //!
 //! A message's way through, in three parts:
-//! 1. [`request::read`] reads it once into a [`request::Request`], one variant per operation
+//! 1. `request::read` reads it once into a `request::Request`, one variant per operation
 //!    holding exactly its valid input. Every refusal of malformed input is made there.
 //! 2. The request's operation starts: it checks what depends on the node's state at that
 //!    moment (a lease while the cloud is away, a replace out of sequence) and queues its store
-//!    write at once, then returns the rest of its work, which ends in an [`Outcome`]: what
+//!    write at once, then returns the rest of its work, which ends in an `Outcome`: what
 //!    happened, not how to answer it.
-//! 3. [`Context::finish`] (in `outcome`) acts on the outcome: the reply to the sender, then
+//! 3. `Context::finish` (in `outcome`) acts on the outcome: the reply to the sender, then
 //!    the broker ack. It is the one place a received message is acknowledged.
 //!
 //! The ordering invariant, enforced here and nowhere else: messages are submitted in arrival
