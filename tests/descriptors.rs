@@ -42,7 +42,7 @@ fn out_of_descriptors_neither_listener_spins_and_both_recover() {
     let (broker, http) = mm.wait_for_log(Duration::from_secs(20), "both ports", |log| {
         Some((process::broker_port(log)?, process::http_port(log)?))
     });
-    assert!(mm.log().contains("open_files=Some(128)"), "{}", mm.log());
+    assert!(mm.log().contains("open_files=128"), "{}", mm.log());
 
     // Idle connections, more than the process has descriptors: the kernel completes them,
     // the listeners accept until they run out, and the rest wait in the backlogs.
