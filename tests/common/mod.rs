@@ -7,6 +7,7 @@
 
 pub mod kubectl;
 pub mod lockdown;
+pub mod markdown;
 pub mod process;
 pub mod rabbitmq;
 pub mod scenarios;
