@@ -5,6 +5,7 @@
 //! stopped by [`process`], which the bench shares.
 #![allow(dead_code)]
 
+pub mod guide;
 pub mod kubectl;
 pub mod lockdown;
 pub mod markdown;
