@@ -84,21 +84,16 @@ fn available(need: Requirement) -> bool {
 }
 
 fn namespaces_work() -> bool {
+    let Ok(dir) = tempfile::tempdir() else {
+        return false;
+    };
+    let script = "PATH=\"$PATH:/usr/sbin:/sbin\"; ip link set lo up \
+                  && mount -t tmpfs tmpfs \"$1\" && mkdir \"$1/u\" \"$1/w\" \
+                  && mount -t overlay overlay -o lowerdir=/etc,upperdir=\"$1/u\",workdir=\"$1/w\" /etc";
     Command::new("unshare")
-        .args([
-            "--net",
-            "--mount",
-            "--pid",
-            "--fork",
-            "--kill-child",
-            "sh",
-            "-c",
-        ])
-        .arg(
-            "PATH=\"$PATH:/usr/sbin:/sbin\"; ip link set lo up && d=$(mktemp -d) \
-             && mount -t tmpfs tmpfs \"$d\" && mkdir \"$d/u\" \"$d/w\" \
-             && mount -t overlay overlay -o lowerdir=/etc,upperdir=\"$d/u\",workdir=\"$d/w\" /etc",
-        )
+        .args(["--net", "--mount", "--pid", "--fork", "--kill-child"])
+        .args(["sh", "-c", script, "sh"])
+        .arg(dir.path())
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
