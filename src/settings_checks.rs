@@ -7,7 +7,7 @@
 //!
 //! The upper bounds each part sets are far above any sensible setting; they exist so that a typo
 //! or a hostile file cannot overflow the arithmetic done with a value or ask for unbounded
-//! memory. README.md lists them.
+//! memory. docs/configuration.md lists them.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -233,7 +233,7 @@ fn a_closed_pipe_ends_get_list_and_export_quietly_by_sigpipe() {
     assert!(out.stderr.is_empty(), "{out:?}");
 }
 
-/// One status per cause, as `--help` and the README list them.
+/// One status per cause, as `--help` and docs/operating.md list them.
 #[cfg(unix)]
 #[test]
 fn each_cause_has_its_exit_status() {

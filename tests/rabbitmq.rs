@@ -226,7 +226,7 @@ async fn received_before(eventloop: &mut EventLoop, topic: &str, id: &str) -> Ve
 /// the session queues of that client id, and RabbitMQ 3.10 says so with CONNACK 3 (server
 /// unavailable), with a clean session or not. Refused, it reads nothing; nothing is lost, and
 /// MetaManager goes on serving. (RabbitMQ 3.10 registers the client id before it checks the
-/// queues, so MetaManager's connection is dropped once and it reconnects: see the README.)
+/// queues, so MetaManager's connection is dropped once and it reconnects: see docs/rabbitmq.md.)
 /// With its own id, edged still reads only its own topics.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn takeover_refused_with_per_node_accounts() {

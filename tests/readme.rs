@@ -1,7 +1,7 @@
 //! What a newcomer reads in README.md holds against the real binary: the walkthrough, pasted as
 //! one script, gets the replies it shows (per topic, in the order shown; on the embedded broker
-//! and on mosquitto), and the metrics table names every metric `/metrics` serves, with its type,
-//! and no other. A sample of topics.md's examples (connect, bad input) gets its outputs too.
+//! and on mosquitto), and the metrics table of docs/operating.md names every metric `/metrics`
+//! serves, with its type, and no other. A sample of topics.md's examples (connect, bad input) gets its outputs too.
 //!
 //! A reply is compared as shown, field by field, where the docs cut it short (`…`) too: a reader
 //! copies a field's value, not just the ids. Only the values each run makes afresh are not (see
@@ -572,10 +572,13 @@ fn the_walkthrough_answers_as_shown_on_mosquitto() {
     assert_walkthrough(&output);
 }
 
-/// Name and type of every metric in the README's table.
+/// Where the metrics table is.
+const METRICS_DOC: &str = "docs/operating.md";
+
+/// Name and type of every metric in the metrics table.
 fn metrics_table() -> BTreeMap<String, String> {
-    let text = readme();
-    let metrics = section(&text, "### Metrics");
+    let text = doc(METRICS_DOC);
+    let metrics = section(&text, "## Metrics");
     metrics
         .lines()
         .filter(|l| l.starts_with("| `metamanager_"))
@@ -586,7 +589,7 @@ fn metrics_table() -> BTreeMap<String, String> {
         .collect()
 }
 
-/// Name and type of every metric `/metrics` serves, named as the README names them (a
+/// Name and type of every metric `/metrics` serves, named as the table names them (a
 /// counter with its `_total`).
 async fn served_metrics(http_port: u16) -> BTreeMap<String, String> {
     let (status, _, body) = common::http(http_port, "GET", "/metrics").await;
@@ -664,10 +667,13 @@ async fn the_metrics_table_lists_every_served_metric_and_no_other() {
     let extra: Vec<_> = table.keys().filter(|n| !served.contains_key(*n)).collect();
     assert!(
         missing.is_empty() && extra.is_empty(),
-        "README.md's metrics table lacks {missing:?} and names {extra:?}, which /metrics does not serve"
+        "{METRICS_DOC}'s metrics table lacks {missing:?} and names {extra:?}, which /metrics does not serve"
     );
     for (name, kind) in &served {
-        assert_eq!(&table[name], kind, "type of {name} in README.md's table");
+        assert_eq!(
+            &table[name], kind,
+            "type of {name} in {METRICS_DOC}'s table"
+        );
     }
 }
 

@@ -221,7 +221,7 @@ both_brokers!(
 );
 
 /// Churn at the defaults: 3 000 pods written, then all deleted. Within a minute or two the
-/// database files come back near what an empty store takes, as README.md's bound says.
+/// database files come back near what an empty store takes, as docs/guarantees.md's bound says.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_churn_the_files_come_back_to_the_live_data() {
     let app = TestApp::embedded().await;

@@ -10,7 +10,7 @@
 //! into [`Settings`] and reads the file; [`crate::settings_checks`], below every part, holds what
 //! they share: the error that names the key, the range and length checks, the duration format,
 //! and reading a file a key names. Adding
-//! a key to a section touches its part's `settings` file (and README.md and conf/edge.yaml),
+//! a key to a section touches its part's `settings` file (and docs/configuration.md and conf/edge.yaml),
 //! nothing here; a new section adds its field to [`Settings`].
 
 use std::path::{Path, PathBuf};
@@ -108,7 +108,7 @@ impl Settings {
     /// Checks what serde's types cannot express: the rules of each key, and an upper bound on
     /// every number and duration, so that no value can overflow the arithmetic done with it or
     /// ask for unbounded memory. Each part checks its own keys, in the order of the file's
-    /// sections, so the first bad key is the one reported; README.md lists the bounds.
+    /// sections, so the first bad key is the one reported; docs/configuration.md lists the bounds.
     pub fn validate(&self) -> Result<(), ConfigError> {
         topic_level("node_id", &self.node_id, MAX_NODE_ID_BYTES)?;
         self.mqtt.validate()?;

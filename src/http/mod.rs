@@ -73,7 +73,7 @@ pub struct Context {
     pub writes: ApiWrites,
 }
 
-/// The endpoint's bounds, from the `http` config keys (see the README's Limits).
+/// The endpoint's bounds, from the `http` config keys (see docs/limits.md).
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub connections: server::ConnectionLimits,

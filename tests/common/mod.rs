@@ -5,8 +5,10 @@
 //! stopped by [`process`], which the bench shares.
 #![allow(dead_code)]
 
+pub mod guide;
 pub mod kubectl;
 pub mod lockdown;
+pub mod markdown;
 pub mod process;
 pub mod rabbitmq;
 pub mod scenarios;
