@@ -233,8 +233,8 @@ impl Patch {
         // Read once to refuse what is no patch before anything is queued; the tree is dropped.
         read_body(&content)?;
         let lists = match target {
-            "pod" => POD_LISTS,
-            "node" => NODE_LISTS,
+            crate::resource::rtype::POD => POD_LISTS,
+            crate::resource::rtype::NODE => NODE_LISTS,
             _ => &[],
         };
         Ok(Self {

@@ -10,7 +10,7 @@ use common::process::{skip, Requirement};
 use common::{fixture, message, BrokerKind, Options, TestApp};
 use metamanager::message::Operation;
 use metamanager::metrics::{
-    ApiVerb, ApiWriteOutcome, ErrorReason, HeldBack, RemoteOutcome, SyncOutcome,
+    ApiVerb, ApiWriteOutcome, DropReason, ErrorReason, HeldBack, RemoteOutcome, SyncOutcome,
 };
 use metamanager::topics::Peer;
 use serde_json::Value;
@@ -169,7 +169,11 @@ async fn a_fresh_node_serves_every_known_series_at_zero() {
         "operation",
         vec![Operation::Response.as_str(), Operation::Error.as_str()],
     );
-    by("outbox_dropped_messages", "reason", vec!["full", "expired"]);
+    by(
+        "outbox_dropped_messages",
+        "reason",
+        DropReason::ALL.iter().map(|v| v.as_str()).collect(),
+    );
     let operations = Operation::ALL.iter().map(|o| o.as_str()).chain(["invalid"]);
     for peer in [Peer::Edgehub, Peer::Edged] {
         for operation in operations.clone() {

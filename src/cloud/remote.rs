@@ -24,9 +24,9 @@ pub const MAX_ASKERS: usize = 8192;
 /// The cloud's answer, handed to the query or request waiting for it.
 pub struct Answer {
     pub message: Message,
-    /// Dropped once the waiter has handled the answer (stored what it carries, answered its
-    /// askers): the answer's own step waits for that before it settles and acknowledges it,
-    /// so that an answer is never acknowledged to the broker before it is stored.
+    /// Told once the waiter has handled the answer (stored what it carries, answered its
+    /// askers), or dropped if it never does: the answer is acknowledged to the broker only
+    /// then, so never before it is stored.
     pub taken: oneshot::Sender<()>,
 }
 

@@ -44,9 +44,11 @@ impl AnswerRequest {
             }
             let id = msg.msg_id().to_owned();
             match ctx.cloud.remote.complete(msg) {
-                // Handled when the waiter lets go of it, stored and answered.
                 Completion::Claimed(handled) => {
-                    let _ = handled.await;
+                    return Outcome::Handed {
+                        handled,
+                        msg_id: id,
+                    }
                 }
                 Completion::Receipt => {}
                 Completion::Unclaimed => {

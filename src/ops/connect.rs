@@ -7,6 +7,8 @@ use super::request::ConnectRequest;
 use super::Context;
 
 impl ConnectRequest {
+    /// Records the report at once: nothing is stored, so nothing waits for a commit, and what
+    /// acts on the cloud coming and going follows the state it sets.
     pub(super) fn apply(self, ctx: &Context) -> Outcome {
         ctx.cloud.report(self.source, self.connected);
         Outcome::Quiet

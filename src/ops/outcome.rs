@@ -5,7 +5,10 @@
 //! before it has the broker deliver the message again, which the store's record of handled ids
 //! makes harmless, while an ack before the reply could lose the reply for good.
 
+use std::sync::Arc;
+
 use serde_json::value::RawValue;
+use tokio::sync::oneshot;
 
 use crate::message::{self, Message, Operation};
 use crate::metrics::ErrorReason;
@@ -28,6 +31,14 @@ pub(super) enum Outcome {
     Failed {
         reason: Option<ErrorReason>,
         reply: Vec<u8>,
+    },
+    /// A cloud's answer, taken by the query or write waiting for it, which stores what it
+    /// carries: acknowledged, and `msg_id` settled, once that waiter is done with it
+    /// (`handled` ends). That wait runs beside the pipeline, so that no later message waits
+    /// for it, and the answer is still never acknowledged before it is stored.
+    Handed {
+        handled: oneshot::Receiver<()>,
+        msg_id: String,
     },
 }
 
@@ -122,10 +133,24 @@ pub(super) struct Envelope {
 
 impl Context {
     /// The end of every message's step: the reply `outcome` calls for, then the broker ack.
-    pub(super) async fn finish(&self, envelope: Envelope, outcome: Outcome) {
+    pub(super) async fn finish(self: &Arc<Self>, envelope: Envelope, outcome: Outcome) {
         let Envelope { from, publish } = envelope;
         let replies = &self.replies;
         match outcome {
+            Outcome::Handed { handled, msg_id } => {
+                let ctx = Arc::clone(self);
+                tokio::spawn(async move {
+                    if handled.await.is_err() {
+                        tracing::debug!(
+                            msg_id,
+                            "a cloud answer came as the wait for it ended; acked, not passed on"
+                        );
+                    }
+                    ctx.settle(&msg_id);
+                    ctx.replies.publisher.ack(&publish);
+                });
+                return;
+            }
             Outcome::Quiet | Outcome::Refused(Refusal::Unanswerable) => {}
             Outcome::Response(reply) => {
                 if let Some(to) = from {

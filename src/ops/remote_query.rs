@@ -70,8 +70,8 @@ pub(super) async fn remote_query(
             Err(_) => answer.try_recv().ok(),
         };
         match answered {
-            // `taken` is dropped once the answer is stored and every asker answered: the
-            // answer's own step then settles and acknowledges it.
+            // Told once the answer is stored and every asker answered: the answer's own step
+            // then settles and acknowledges it.
             Some(Answer { message, taken }) => {
                 let outcome = match message.operation {
                     Operation::Error => RemoteOutcome::Error,
@@ -79,7 +79,7 @@ pub(super) async fn remote_query(
                 };
                 replies.metrics.remote_query(outcome, Some(sent.elapsed()));
                 fill_from_cloud(&replies, &store, &key, &askers, message).await;
-                drop(taken);
+                let _ = taken.send(());
             }
             None => {
                 replies
@@ -268,11 +268,12 @@ mod tests {
     async fn the_cloud_is_asked_and_its_answer_is_stored_and_given_to_edged() {
         let mut h = Harness::new().await;
         h.connect_cloud().await;
-        h.handle(
-            Peer::Edged,
-            message("q-1", "query", "default/configmap/c", Value::Null),
-        )
-        .await;
+        let asked = h
+            .handle(
+                Peer::Edged,
+                message("q-1", "query", "default/configmap/c", Value::Null),
+            )
+            .await;
         let ask = h.published_to(Peer::Edgehub).await.json();
         assert_eq!(ask["route"]["operation"], "query");
         assert_eq!(ask["route"]["resource"], "default/configmap/c");
@@ -283,10 +284,15 @@ mod tests {
             "route": {"source": "cloud", "group": "meta", "operation": "response", "resource": "default/configmap/c"},
             "content": [configmap("c")],
         });
-        h.handle(Peer::Edgehub, answer.to_string()).await;
+        let answered = h.handle(Peer::Edgehub, answer.to_string()).await;
         let reply = h.published_to(Peer::Edged).await.json();
         assert_eq!(reply["header"]["parent_msg_id"], "q-1");
         assert_eq!(reply["content"], json!([configmap("c")]));
         assert_eq!(h.stored("default/configmap/c").await, Some(configmap("c")));
+        // The query is acked once asked; the answer once stored and answered, beside the
+        // pipeline.
+        let acked = [h.broker.acked().await, h.broker.acked().await];
+        assert!(acked.contains(&asked), "the query is acked: {acked:?}");
+        assert!(acked.contains(&answered), "the answer is acked: {acked:?}");
     }
 }

@@ -9,6 +9,7 @@ use super::request::SyncRequest;
 use super::{Context, Later};
 
 impl SyncRequest {
+    /// Runs in its place in the pipeline, so that the run sees every earlier change committed.
     pub(super) fn start(self, ctx: &Arc<Context>) -> Later {
         let metasync = ctx.cloud.metasync.clone();
         Box::pin(async move {

@@ -18,7 +18,6 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
-use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -28,150 +27,12 @@ use prometheus_client::registry::{Metric, Registry, Unit};
 /// Every metric name starts with this.
 const PREFIX: &str = "metamanager";
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct TopicOperation {
-    topic: String,
-    operation: String,
-}
+mod labels;
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct OperationLabel {
-    operation: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ReasonLabel {
-    reason: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct OutcomeLabel {
-    outcome: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ApiWriteLabel {
-    verb: &'static str,
-    outcome: &'static str,
-}
-
-/// The values of a metric's label, one variant each: the label's text, and every value in
-/// order, from which the metric's help text lists them, so the two cannot drift apart.
-macro_rules! label_values {
-    (
-        $(#[$meta:meta])*
-        pub enum $name:ident {
-            $($(#[$vmeta:meta])* $variant:ident => $value:literal),+ $(,)?
-        }
-    ) => {
-        $(#[$meta])*
-        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-        pub enum $name {
-            $($(#[$vmeta])* $variant),+
-        }
-
-        impl $name {
-            /// Every value, in the order the help text lists them.
-            pub const ALL: &'static [$name] = &[$($name::$variant),+];
-
-            pub fn as_str(self) -> &'static str {
-                match self {
-                    $($name::$variant => $value),+
-                }
-            }
-
-            /// The values, comma-separated, for the metric's help text.
-            pub fn listed() -> String {
-                Self::ALL
-                    .iter()
-                    .map(|v| v.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            }
-        }
-    };
-}
-
-label_values! {
-    /// What a write to the local API asked for.
-    pub enum ApiVerb {
-        Create => "create",
-        Update => "update",
-        Patch => "patch",
-        Delete => "delete",
-    }
-}
-
-label_values! {
-    /// How a write to the local API ended.
-    pub enum ApiWriteOutcome {
-        /// Carried out by the cloud.
-        Cloud => "cloud",
-        /// Taken here while the cloud is away (a status, an event).
-        Here => "here",
-        Conflict => "conflict",
-        NotFound => "not_found",
-        CloudError => "cloud_error",
-        Timeout => "timeout",
-        Unavailable => "unavailable",
-        Invalid => "invalid",
-        TooMany => "too_many",
-        Failed => "failed",
-        StorageFull => "storage_full",
-    }
-}
-
-label_values! {
-    /// How a remote query ended.
-    pub enum RemoteOutcome {
-        Answered => "answered",
-        Error => "error",
-        Timeout => "timeout",
-        Disconnected => "disconnected",
-        Refused => "refused",
-    }
-}
-
-label_values! {
-    /// Why something counted in `metamanager_errors_total` went wrong.
-    pub enum ErrorReason {
-        /// A message that is not a valid MetaManager message.
-        Decode => "decode",
-        /// A valid message that asks for something MetaManager refuses.
-        Invalid => "invalid",
-        /// A store write or read failed.
-        Store => "store",
-        /// A write refused because the store is full (see [`crate::store::space`]).
-        StorageFull => "storage_full",
-        /// A MetaSync run failed.
-        Metasync => "metasync",
-        RemoteTimeout => "remote_timeout",
-        RemoteDisconnected => "remote_disconnected",
-        RemoteRefused => "remote_refused",
-        /// A lease from edged while the cloud is away (see [`crate::ops`]'s per-type rules).
-        LeaseWhileDisconnected => "lease_while_disconnected",
-    }
-}
-
-label_values! {
-    /// Why a valid message was acked but neither stored nor passed on.
-    pub enum HeldBack {
-        /// An update older than the stored object, by resourceVersion.
-        Stale => "stale",
-        /// A msg_id handled before in this run.
-        Repeat => "repeat",
-    }
-}
-
-label_values! {
-    /// How a MetaSync run ended.
-    pub enum SyncOutcome {
-        Synced => "synced",
-        /// The cloud was disconnected; nothing was sent.
-        Skipped => "skipped",
-        Failed => "failed",
-    }
-}
+pub use labels::{
+    ApiVerb, ApiWriteOutcome, DropReason, ErrorReason, HeldBack, RemoteOutcome, SyncOutcome,
+};
+use labels::{ApiWriteLabel, OperationLabel, OutcomeLabel, ReasonLabel, TopicOperation};
 
 impl StoreMetrics {
     /// Registers the writer thread's histograms: handles onto the values it moves.
@@ -282,7 +143,7 @@ impl Gauges {
             ),
             broker_serving: r.metric(
                 "embedded_broker_serving",
-                "1 while the embedded broker accepts new clients, as its watchdog last found (always 1 with an external broker); at 0 for broker.watchdog_timeout, MetaManager stops to be restarted",
+                "1 while the embedded broker accepts new clients, as its watchdog last found (always 1 with an external broker); at 0 for mqtt.watchdog_timeout, MetaManager stops to be restarted",
                 Gauge::default(),
             ),
             remote_pending: r.metric(
@@ -292,7 +153,7 @@ impl Gauges {
             ),
             cloud_connected: r.metric(
                 "cloud_connected",
-                "1 when edgehub last reported the cloud as connected",
+                "1 when the cloud counts as connected: edgehub last reported it connected (and, with cloud_link.state_topic, the bridge's link is up)",
                 Gauge::default(),
             ),
             broker_connected: r.metric(
@@ -353,7 +214,7 @@ impl Mirrored {
             ),
             dropped: r.metric(
                 "outbox_dropped_messages",
-                "Outbox messages dropped, by reason (full, expired)",
+                format!("Outbox messages dropped, by reason ({})", DropReason::listed()),
                 Family::default(),
             ),
         }
@@ -596,13 +457,13 @@ impl Metrics {
             .inc();
     }
 
-    /// The Prometheus text exposition of every metric, with the gauges and mirrored counters
-    /// brought to what their sources keep (`readings`).
     /// A digest of `parts` messages went to the cloud (or into the outbox for it).
     pub fn digest_sent(&self, parts: usize) {
         self.digest_messages.inc_by(parts as u64);
     }
 
+    /// The Prometheus text exposition of every metric, with the gauges and mirrored counters
+    /// brought to what their sources keep (`readings`).
     pub fn render(&self, readings: &Readings) -> String {
         let mirrored = self.mirrored.lock().unwrap_or_else(|p| p.into_inner());
         let gauges = &self.gauges;
@@ -629,11 +490,13 @@ impl Metrics {
         gauges.store_used.set(gauge(readings.store_used));
         gauges.store_quota.set(gauge(readings.store_quota));
         for (reason, total) in [
-            ("full", readings.outbox_dropped_full),
-            ("expired", readings.outbox_dropped_expired),
+            (DropReason::Full, readings.outbox_dropped_full),
+            (DropReason::Expired, readings.outbox_dropped_expired),
         ] {
             advance(
-                &mirrored.dropped.get_or_create(&reason_label(reason)),
+                &mirrored
+                    .dropped
+                    .get_or_create(&reason_label(reason.as_str())),
                 total,
             );
         }
@@ -781,7 +644,7 @@ mod tests {
             (
                 "metamanager_outbox_dropped_messages_total",
                 "reason",
-                vec!["full", "expired"],
+                DropReason::ALL.iter().map(|r| r.as_str()).collect(),
             ),
         ] {
             let n = values.len();
