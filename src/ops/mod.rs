@@ -153,7 +153,9 @@ impl Ops {
         let envelope = Envelope { from, publish };
         Box::pin(async move {
             let outcome = later.await;
-            ctx.finish(envelope, outcome).await;
+            // Boxed once reached, so that a step waiting in the queue (up to 4096 of them in a
+            // burst) does not carry room for the reply's send beside its operation's own.
+            Box::pin(ctx.finish(envelope, outcome)).await;
         })
     }
 }
