@@ -16,43 +16,13 @@ use serde_json::Value;
 fn json_log_lines_carry_level_and_message() {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = common::free_port();
-    let config = dir.path().join("edge.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "mqtt:\n  port: {port}\ndatabase:\n  path: {}\nhttp:\n  enabled: false\n",
-            dir.path().join("m.db").display()
-        ),
-    )
-    .expect("config written");
+    let config = config_in(dir.path(), &format!("port: {port}"), "enabled: false");
     let log = dir.path().join("stderr.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_metamanager"))
-        .args(["--log-format", "json", "--config"])
-        .arg(&config)
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log file"))
-        .spawn()
-        .expect("the binary runs");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline
-        && !std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("metamanager starting")
-    {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let child = spawn_json(&config, &log);
+    wait_for(&log, "metamanager starting");
     // SIGTERM, so the shutdown lines are logged too.
-    let _ = Command::new("kill").arg(child.id().to_string()).status();
-    let status = child.wait().expect("exits");
-    assert!(status.success(), "{status:?}");
-
-    let text = std::fs::read_to_string(&log).expect("log read");
-    let lines: Vec<Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .collect();
-    assert!(lines.len() >= 3, "start-up and shutdown logged:\n{text}");
+    let lines = stop(child, &log);
+    assert!(lines.len() >= 3, "start-up and shutdown logged: {lines:?}");
     for line in &lines {
         assert!(line["level"].is_string(), "{line}");
         assert!(line["message"].is_string(), "{line}");
@@ -68,6 +38,20 @@ fn an_unknown_log_format_is_a_bad_argument() {
         .output()
         .expect("the binary runs");
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// `edge.yaml` in `dir`: the `mqtt` and `http` keys given (one line each, unindented), the
+/// database `m.db` beside it.
+fn config_in(dir: &Path, mqtt: &str, http: &str) -> std::path::PathBuf {
+    let config = dir.join("edge.yaml");
+    let db = dir.join("m.db");
+    let yaml = format!(
+        "mqtt:\n  {}\ndatabase:\n  path: {}\nhttp:\n  {http}\n",
+        mqtt.replace('\n', "\n  "),
+        db.display()
+    );
+    std::fs::write(&config, yaml).expect("config written");
+    config
 }
 
 /// MetaManager on `config`, logging JSON to `log`.
@@ -125,15 +109,7 @@ fn assert_plain_fields(lines: &[Value]) {
 #[test]
 fn start_up_and_stop_fields_are_plain_values() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("edge.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "mqtt:\n  port: 0\ndatabase:\n  path: {}\nhttp:\n  listen: 127.0.0.1:0\n",
-            dir.path().join("m.db").display()
-        ),
-    )
-    .expect("config written");
+    let config = config_in(dir.path(), "port: 0", "listen: 127.0.0.1:0");
     let log = dir.path().join("stderr.log");
     let child = spawn_json(&config, &log);
     wait_for(&log, "HTTP endpoint listening");
@@ -162,16 +138,8 @@ fn a_stopped_broker_is_logged_as_stopped_not_as_a_takeover() {
     };
     let mut mosquitto = Mosquitto::start(&binary);
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("edge.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "mqtt:\n  mode: external\n  host: 127.0.0.1\n  port: {}\ndatabase:\n  path: {}\nhttp:\n  enabled: false\n",
-            mosquitto.port,
-            dir.path().join("m.db").display()
-        ),
-    )
-    .expect("config written");
+    let mqtt = format!("mode: external\nhost: 127.0.0.1\nport: {}", mosquitto.port);
+    let config = config_in(dir.path(), &mqtt, "enabled: false");
     let log = dir.path().join("stderr.log");
     let child = spawn_json(&config, &log);
     let connected = |text: &str| text.matches("connected to MQTT broker").count() >= 2;
@@ -215,15 +183,7 @@ fn a_stopped_broker_is_logged_as_stopped_not_as_a_takeover() {
 fn the_start_up_digest_count_logs_its_progress() {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("m.db");
-    let config = dir.path().join("edge.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "mqtt:\n  port: 0\ndatabase:\n  path: {}\nhttp:\n  enabled: false\n",
-            db.display()
-        ),
-    )
-    .expect("config written");
+    let config = config_in(dir.path(), "port: 0", "enabled: false");
     // A first start makes the tables.
     let log = dir.path().join("first.log");
     let child = spawn_json(&config, &log);

@@ -5,13 +5,13 @@
 use std::sync::Arc;
 
 use crate::cloud::remote::Completion;
-use crate::store::{Change, StoreError};
+use crate::store::Change;
 use crate::topics::Peer;
 
 use super::forward::{forward, PassOn};
 use super::outcome::Outcome;
 use super::request::AnswerRequest;
-use super::{Context, Later};
+use super::{applied, now, Context, Later};
 
 impl AnswerRequest {
     /// Queues what the answer stores (the object of a patch's answer) and records its id;
@@ -23,13 +23,13 @@ impl AnswerRequest {
             ..ctx.cloud.patches.answer(&msg).unwrap_or_default()
         };
         let stores = change.write.is_some();
-        let committed = match ctx.store.submit(change).await {
-            Ok(c) => c,
-            Err(e) => return super::now(Outcome::store_failed(&msg, &e)),
+        let committed = match ctx.queue(&msg, change).await {
+            Ok(committed) => committed,
+            Err(outcome) => return now(outcome),
         };
         let ctx = ctx.clone();
         Box::pin(async move {
-            let applied = committed.await.unwrap_or(Err(StoreError::Closed));
+            let applied = applied(committed).await;
             if stores {
                 return match applied {
                     Ok(applied) => {

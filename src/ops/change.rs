@@ -5,13 +5,13 @@ use std::sync::Arc;
 use crate::cloud::metasync::MetaSync;
 use crate::message::Message;
 use crate::metrics::{ErrorReason, HeldBack};
-use crate::store::{Applied, Change, Outcome as Stored, StoreError};
+use crate::store::{Applied, Change, Outcome as Stored};
 use crate::topics::Peer;
 
 use super::forward::{coalesces, forward, queue_for_cloud, PassOn};
 use super::outcome::{Outcome, Refusal};
 use super::request::ChangeRequest;
-use super::{now, rules, Context, Later};
+use super::{applied, now, rules, Context, Later};
 
 impl ChangeRequest {
     /// Queues the write, and the message for the cloud when it must wait; the rest, once
@@ -38,13 +38,13 @@ impl ChangeRequest {
             to_cloud: queue_for_cloud(&ctx.cloud.outbox, from.other(), &msg, &payload, coalesce),
             ..Change::default()
         };
-        let committed = match ctx.store.submit(change).await {
-            Ok(c) => c,
-            Err(e) => return now(Outcome::store_failed(&msg, &e)),
+        let committed = match ctx.queue(&msg, change).await {
+            Ok(committed) => committed,
+            Err(outcome) => return now(outcome),
         };
         let ctx = ctx.clone();
         Box::pin(async move {
-            let applied = match committed.await.unwrap_or(Err(StoreError::Closed)) {
+            let applied = match applied(committed).await {
                 Ok(applied) => applied,
                 Err(e) => return Outcome::store_failed(&msg, &e),
             };

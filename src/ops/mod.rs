@@ -57,10 +57,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use crate::cloud::Cloud;
-use crate::message::Operation;
+use crate::message::{Message, Operation};
 use crate::metrics::Metrics;
 use crate::mqtt::{Inbound, Publisher};
-use crate::store::Store;
+use crate::store::{Applied, Change, Committed, Store, StoreError};
 use crate::topics::{Peer, Topics};
 
 use outcome::{Envelope, Outcome};
@@ -102,6 +102,13 @@ impl Context {
         }
     }
 
+    /// Queues `change`, which `msg` asked for: what its step awaits, or the outcome of a store
+    /// that takes nothing now.
+    async fn queue(&self, msg: &Message, change: Change) -> Result<Committed, Outcome> {
+        let queued = self.store.submit(change).await;
+        queued.map_err(|e| Outcome::store_failed(msg, &e))
+    }
+
     /// Marks `msg_id` settled in the store once what was just handed to the MQTT client (its
     /// forward) is acknowledged by the broker: with the store's first commit after that. A
     /// forward still waiting in the client dies with the process, so until then the id stays
@@ -124,6 +131,11 @@ pub type Step = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// The rest of an operation, after its write is queued: what it comes to.
 type Later = Pin<Box<dyn Future<Output = Outcome> + Send>>;
+
+/// What a queued change came to: the store's answer, or `Closed` if the writer ended first.
+async fn applied(committed: Committed) -> Result<Applied, StoreError> {
+    committed.await.unwrap_or(Err(StoreError::Closed))
+}
 
 /// An operation that ended before anything was queued.
 fn now(outcome: Outcome) -> Later {

@@ -18,13 +18,13 @@ use crate::cloud::waiting::{Target, WaitingPatch};
 use crate::message::Message;
 use crate::metrics::ErrorReason;
 use crate::patch::Patch;
-use crate::store::{Applied, Change, Committed, Outcome as Stored, StoreError, Write};
+use crate::store::{Applied, Change, Committed, Outcome as Stored, Write};
 use crate::topics::Peer;
 
 use super::forward::{forward, queue_for_cloud, PassOn};
 use super::outcome::{Outcome, Refusal};
 use super::request::PatchRequest;
-use super::{now, rules, Context, Later};
+use super::{applied, now, rules, Context, Later};
 
 impl PatchRequest {
     /// Queues the patch (applied by the writer thread against the object as stored then), and
@@ -65,9 +65,9 @@ impl PatchRequest {
         } else {
             (change, None)
         };
-        let committed = match ctx.store.submit(change).await {
+        let committed = match ctx.queue(&msg, change).await {
             Ok(committed) => committed,
-            Err(e) => return now(Outcome::store_failed(&msg, &e)),
+            Err(outcome) => return now(outcome),
         };
         let patched = Patched {
             from,
@@ -95,7 +95,7 @@ impl Patched {
     /// Once committed: a patch that did not apply is refused; else it is passed on and
     /// answered `OK`.
     async fn after_commit(self, ctx: Arc<Context>, committed: Committed) -> Outcome {
-        let result = committed.await.unwrap_or(Err(StoreError::Closed));
+        let result = applied(committed).await;
         if let (Some(waiting), Ok(applied)) = (self.waiting, &result) {
             waiting.committed(applied);
         }

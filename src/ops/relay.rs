@@ -2,13 +2,13 @@
 
 use std::sync::Arc;
 
-use crate::store::{Change, StoreError};
+use crate::store::Change;
 use crate::topics::Peer;
 
 use super::forward::{coalesces, forward, queue_for_cloud, PassOn};
 use super::outcome::Outcome;
 use super::request::{RelayRequest, WriteKind};
-use super::{now, Context, Later};
+use super::{applied, now, Context, Later};
 
 impl RelayRequest {
     /// Queues the object a response carries, and the message for the cloud when it must
@@ -27,13 +27,13 @@ impl RelayRequest {
             to_cloud,
             ..Change::default()
         };
-        let committed = match ctx.store.submit(change).await {
-            Ok(c) => c,
-            Err(e) => return now(Outcome::store_failed(&msg, &e)),
+        let committed = match ctx.queue(&msg, change).await {
+            Ok(committed) => committed,
+            Err(outcome) => return now(outcome),
         };
         let ctx = ctx.clone();
         Box::pin(async move {
-            match committed.await.unwrap_or(Err(StoreError::Closed)) {
+            match applied(committed).await {
                 Ok(applied) => {
                     let to = PassOn::Cloud { coalesce: false };
                     if forward(&ctx, to, &msg, &payload, applied).await {
