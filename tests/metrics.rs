@@ -342,3 +342,146 @@ async fn every_alert_and_dashboard_query_names_a_metric_a_fresh_node_serves() {
         Some(0.0)
     );
 }
+
+/// GET `path` (already encoded) of a local HTTP server, its body as JSON. HTTP/1.0, so that the
+/// answer is not chunked.
+async fn get_json(port: u16, path: &str) -> Option<Value> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let request = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.ok()?;
+    let response = String::from_utf8(response).ok()?;
+    let (_, body) = response.split_once("\r\n\r\n")?;
+    serde_json::from_str(body).ok()
+}
+
+/// `text` as a URL query value.
+fn url_encoded(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// The way an operator meets the rules and the dashboard: a real Prometheus (Debian's
+/// `prometheus` package, which carries promtool too) scrapes a fresh node with the rules loaded.
+/// The target is up, every rule loads healthy, and every dashboard query (its variables filled
+/// in as Grafana would) evaluates without error; the `Node` variable finds the node.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_real_prometheus_scrapes_a_node_and_evaluates_the_rules_and_the_dashboard() {
+    let probe = std::process::Command::new("prometheus")
+        .arg("--version")
+        .output();
+    if probe.is_err() {
+        skip(
+            Requirement::Promtool,
+            "prometheus is not installed (apt-get install prometheus)",
+        );
+        return;
+    }
+    let app = TestApp::spawn(Options::new(BrokerKind::Embedded))
+        .await
+        .expect("embedded broker needs nothing installed");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(RULES);
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: metamanager\n    static_configs:\n      - targets: [\"127.0.0.1:{}\"]\n",
+            rules.display(),
+            app.http_port
+        ),
+    )
+    .expect("config written");
+    let port = common::free_port();
+    let mut prometheus = std::process::Command::new("prometheus")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("prometheus runs");
+    let outcome = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        // Scraped, and the rules evaluated at least once.
+        loop {
+            let targets = get_json(port, "/api/v1/targets").await;
+            let up = targets.as_ref().is_some_and(|t| {
+                t["data"]["activeTargets"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|t| t["health"] == "up"))
+            });
+            let rules = get_json(port, "/api/v1/rules").await;
+            let evaluated = rules.as_ref().is_some_and(|r| {
+                r["data"]["groups"][0]["lastEvaluation"]
+                    .as_str()
+                    .is_some_and(|t| !t.starts_with("0001"))
+            });
+            if up && evaluated {
+                break rules.unwrap_or_default();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    let rules = match outcome {
+        Ok(rules) => rules,
+        Err(_) => {
+            let _ = prometheus.kill();
+            panic!("prometheus did not scrape the node and evaluate the rules within 60 s");
+        }
+    };
+    let mut failures = Vec::new();
+    let loaded: Vec<&Value> = rules["data"]["groups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|g| g["rules"].as_array().into_iter().flatten())
+        .collect();
+    let in_file = repo_file(RULES).matches("- alert:").count();
+    if loaded.len() != in_file {
+        failures.push(format!("{} rules loaded of {in_file}", loaded.len()));
+    }
+    for rule in &loaded {
+        if rule["health"] != "ok" {
+            failures.push(format!("rule {}: {}", rule["name"], rule["lastError"]));
+        }
+    }
+    for (source, expr) in shipped_queries() {
+        let expr = expr
+            .replace("$instance", ".*")
+            .replace("$__rate_interval", "1m");
+        let path = format!("/api/v1/query?query={}", url_encoded(&expr));
+        let answer = get_json(port, &path).await.unwrap_or_default();
+        if answer["status"] != "success" {
+            failures.push(format!("{source}: {expr}: {answer}"));
+        }
+    }
+    let instances = get_json(
+        port,
+        "/api/v1/label/instance/values?match[]=metamanager_ready",
+    )
+    .await
+    .unwrap_or_default();
+    let node = format!("127.0.0.1:{}", app.http_port);
+    if !instances["data"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|i| i == node.as_str()))
+    {
+        failures.push(format!("the Node variable's query finds {instances}"));
+    }
+    let _ = prometheus.kill();
+    let _ = prometheus.wait();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
