@@ -298,9 +298,22 @@ impl TestApp {
         // of one account would take each other's client id in turn.
         self.client = Peer::dummy();
         self.client = Peer::connect_as(self.port, self.options.peer_login.clone()).await;
-        self.client
-            .wait_for("metamanager/status", |v| v["state"] == "online")
-            .await;
+        // RabbitMQ stores a retained message a moment after routing it: a subscription made in
+        // between gets neither the message nor, yet, its retained copy. Subscribing again
+        // fetches the copy (mosquitto and the embedded broker answer the first time).
+        let online = |v: &Value| v["state"] == "online";
+        for _ in 0..4 {
+            let within = Duration::from_secs(3);
+            if let Some(_status) = self
+                .client
+                .try_wait_for("metamanager/status", online, within)
+                .await
+            {
+                return;
+            }
+            self.client.resubscribe("metamanager/status").await;
+        }
+        self.client.wait_for("metamanager/status", online).await;
     }
 
     fn log_path(&self) -> PathBuf {
@@ -600,26 +613,49 @@ impl Peer {
     /// The first message on `topic` (a suffix after `edge/NODE/`) that satisfies `pred`,
     /// among those set aside earlier or arriving within [`WAIT`]; others are set aside.
     pub async fn wait_for(&mut self, topic: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        match self.try_wait_for(topic, &pred, WAIT).await {
+            Some(v) => v,
+            None => panic!(
+                "nothing on {topic} matched within {WAIT:?}; saw: {:#?}",
+                self.seen
+            ),
+        }
+    }
+
+    /// As [`Peer::wait_for`], giving up after `within`.
+    pub async fn try_wait_for(
+        &mut self,
+        topic: &str,
+        pred: impl Fn(&Value) -> bool,
+        within: Duration,
+    ) -> Option<Value> {
         // Messages set aside while waiting for something else count too, so callers need not
         // know in which order two replies arrive.
         if let Some(i) = self.seen.iter().position(|(t, v)| t == topic && pred(v)) {
-            return self.seen.remove(i).1;
+            return Some(self.seen.remove(i).1);
         }
-        let deadline = tokio::time::Instant::now() + WAIT;
+        let deadline = tokio::time::Instant::now() + within;
         loop {
             let next = tokio::time::timeout_at(deadline, self.received.recv()).await;
             match next {
                 Ok(Some((t, v))) => {
                     if t == topic && pred(&v) {
-                        return v;
+                        return Some(v);
                     }
                     self.seen.push((t, v));
                 }
-                _ => panic!(
-                    "nothing on {topic} matched within {WAIT:?}; saw: {:#?}",
-                    self.seen
-                ),
+                _ => return None,
             }
+        }
+    }
+
+    /// Subscribes to `topic` (a suffix after `edge/NODE/`) again, which has the broker send its
+    /// retained message again.
+    pub async fn resubscribe(&self, topic: &str) {
+        if let Some(client) = &self.client {
+            let _ = client
+                .subscribe(format!("edge/{NODE}/{topic}"), QoS::AtLeastOnce)
+                .await;
         }
     }
 
