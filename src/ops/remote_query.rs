@@ -168,7 +168,9 @@ async fn fill_from_cloud(
 
 /// Stores each object of the cloud's answer to the query of `resource` (at `key` when one
 /// object was asked for, else by its name), all submitted before any is waited for; the
-/// objects' JSON, in the answer's order. An object not stored is still answered.
+/// objects' JSON, in the answer's order. An object not stored is still answered. An object
+/// older than the one stored meanwhile (the cloud pushed an update between taking its answer and
+/// the answer's arrival) is held back, as any stale update is, and answered as stored.
 async fn store_answer(
     store: &Store,
     key: &str,
@@ -190,25 +192,31 @@ async fn store_answer(
                 .map(|r| r.key().to_owned()),
         };
         if let Some(object_key) = object_key {
-            let write = Write::Put {
-                key: object_key,
+            let write = Write::PutIfChanged {
+                key: object_key.clone(),
                 rtype: resource.rtype().to_owned(),
                 value: json.clone().into(),
             };
             if let Ok(committed) = store.submit(write).await {
-                pending.push(committed);
+                pending.push((answered.len(), object_key, committed));
             }
         }
         answered.push(json);
     }
-    for committed in pending {
+    for (at, object_key, committed) in pending {
         match committed.await.unwrap_or(Err(StoreError::Closed)) {
+            Ok(applied) if applied.outcome == crate::store::Outcome::Stale => {
+                tracing::info!(resource = %object_key, "the cloud's answer is older than the object stored meanwhile; answering with the stored one");
+                if let Ok(Some(stored)) = store.get(&object_key).await {
+                    answered[at] = stored;
+                }
+            }
+            Ok(_) => {}
             // The store logs its full state once; not once per answer.
             Err(StoreError::StorageFull(_)) => {}
             Err(e) => {
                 tracing::warn!(resource = %key, error = %e, "could not store the cloud's answer; answering edged anyway");
             }
-            Ok(_) => {}
         }
     }
     answered
@@ -294,5 +302,49 @@ mod tests {
         let acked = [h.broker.acked().await, h.broker.acked().await];
         assert!(acked.contains(&asked), "the query is acked: {acked:?}");
         assert!(acked.contains(&answered), "the answer is acked: {acked:?}");
+    }
+
+    /// The cloud can change an object between taking its answer and the answer's arrival: an
+    /// update pushed meanwhile reaches the node first. The late answer must not overwrite it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_answer_older_than_an_update_stored_meanwhile_is_not_stored() {
+        let at = |rv: &str| {
+            let mut c = configmap("c");
+            c["metadata"]["resourceVersion"] = json!(rv);
+            c
+        };
+        let mut h = Harness::new().await;
+        h.connect_cloud().await;
+        h.handle(
+            Peer::Edged,
+            message("q-1", "query", "default/configmap/c", Value::Null),
+        )
+        .await;
+        let ask = h.published_to(Peer::Edgehub).await.json();
+        let asked_id = ask["header"]["msg_id"].as_str().unwrap().to_owned();
+
+        h.handle(
+            Peer::Edgehub,
+            message("u-1", "update", "default/configmap/c", at("6")),
+        )
+        .await;
+        h.published_to(Peer::Edged).await;
+        h.published_to(Peer::Edgehub).await;
+        assert_eq!(h.stored("default/configmap/c").await, Some(at("6")));
+
+        let answer = json!({
+            "header": {"msg_id": "cloud-1", "parent_msg_id": asked_id},
+            "route": {"source": "cloud", "group": "meta", "operation": "response", "resource": "default/configmap/c"},
+            "content": [at("5")],
+        });
+        h.handle(Peer::Edgehub, answer.to_string()).await;
+        let reply = h.published_to(Peer::Edged).await.json();
+        assert_eq!(reply["header"]["parent_msg_id"], "q-1");
+        assert_eq!(
+            reply["content"],
+            json!([at("6")]),
+            "edged gets the newer object"
+        );
+        assert_eq!(h.stored("default/configmap/c").await, Some(at("6")));
     }
 }
