@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::{
     answer_as_cloud, ask_for_a_remote_secret, cloud_answers, count_rows, fixture, forwarded_query,
-    message, msg_id, retained_status, BrokerKind, Options, TestApp,
+    message, msg_id, retained_status, write_as_cloud, BrokerKind, Options, TestApp,
 };
 use serde_json::{json, Value};
 
@@ -324,6 +324,30 @@ async fn remote_query_answered_by_the_cloud_is_stored(kind: BrokerKind) {
         .filter(|(t, v)| t.ends_with("to/edgehub") && v["route"]["operation"] == "query")
         .count();
     assert_eq!(asks, 0, "second query went to the cloud: {seen:#?}");
+}
+
+/// The cloud takes its answer, then the object changes and the cloud pushes the update, which
+/// reaches the node before the answer does: the late answer leaves the newer object stored, and
+/// edged is answered with it.
+async fn a_late_remote_answer_leaves_an_update_stored_meanwhile(kind: BrokerKind) {
+    let Some(mut app) = app(kind).await else {
+        return;
+    };
+    let (key, query, asked) = ask_for_a_remote_secret(&mut app).await;
+    let answered = fixture("secret.json");
+    let mut updated = answered.clone();
+    updated["metadata"]["resourceVersion"] = json!("480778");
+    updated["data"]["password"] = json!("bmV3LXBhc3N3b3Jk");
+    write_as_cloud(&mut app, "update", key, updated.clone()).await;
+
+    let reply = cloud_answers(&mut app, &asked, &query, answered).await;
+    assert_eq!(reply["route"]["operation"], "response");
+    assert_eq!(
+        reply["content"],
+        json!([updated]),
+        "edged gets the newer secret"
+    );
+    assert_eq!(app.client.query("edged", key).await, json!([updated]));
 }
 
 /// Only the cloud completes a remote query: an answer on edged's topic that names the forwarded
@@ -786,6 +810,7 @@ both_brokers!(
     unclaimed_cloud_response_and_error_go_to_edged,
     connect_state_shows_in_status,
     remote_query_answered_by_the_cloud_is_stored,
+    a_late_remote_answer_leaves_an_update_stored_meanwhile,
     a_remote_answer_from_edged_does_not_complete_the_query,
     concurrent_remote_queries_all_get_their_answers,
     remote_query_error_is_relayed_and_nothing_stored,
