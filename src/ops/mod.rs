@@ -338,6 +338,23 @@ pub(crate) mod testing {
             published
         }
 
+        /// The cloud's `operation` of `object` at `key`, handled: its forward to edged and its
+        /// `OK` to edgehub taken. The publish's packet id, for its broker ack.
+        pub async fn cloud_writes(
+            &mut self,
+            msg_id: &str,
+            operation: &str,
+            key: &str,
+            object: Value,
+        ) -> u16 {
+            let pkid = self
+                .handle(Peer::Edgehub, message(msg_id, operation, key, object))
+                .await;
+            self.published_to(Peer::Edged).await;
+            self.published_to(Peer::Edgehub).await;
+            pkid
+        }
+
         pub async fn stored(&self, key: &str) -> Option<Value> {
             let json = self.store.get(key).await.expect("store reads")?;
             Some(serde_json::from_str(&json).expect("stored JSON"))
@@ -348,13 +365,8 @@ pub(crate) mod testing {
     /// settled.
     pub(crate) async fn with_pod_p() -> Harness {
         let mut h = Harness::new().await;
-        h.handle(
-            Peer::Edgehub,
-            message("i-1", "insert", "default/pod/p", pod("p")),
-        )
-        .await;
-        h.published_to(Peer::Edged).await;
-        h.published_to(Peer::Edgehub).await;
+        h.cloud_writes("i-1", "insert", "default/pod/p", pod("p"))
+            .await;
         h.broker.acked().await;
         h
     }
